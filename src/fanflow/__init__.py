@@ -1,0 +1,116 @@
+"""fanflow: run many LLM calls at once, within limits, without losing work.
+
+Layers (imports only point down; see DESIGN.md):
+
+    interfaces  fanflow.* (this module), the CLI
+    patterns    map, as_completed, call, gather, race        (fanflow.patterns)
+    engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
+    providers   function(), and HTTP adapters                  (fanflow.providers)
+    testing     ScriptedLLM                                    (fanflow.testing)
+
+This module only re-exports; implementation lives in private modules.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from ._exceptions import (
+    AllFailed,
+    AuthenticationError,
+    BadRequest,
+    BatchError,
+    BudgetExceeded,
+    CallTimeout,
+    ConfigError,
+    ContentFiltered,
+    FanflowError,
+    NotFound,
+    Overloaded,
+    ParseError,
+    PermissionDenied,
+    ProtocolError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeout,
+    QuorumNotMet,
+    QuotaExceeded,
+    RateLimited,
+    ServerError,
+    Skipped,
+    TemplateError,
+    is_retryable,
+)
+from ._limits import Limits
+from ._llm import LLM, BaseLLM
+from ._retry import RetryPolicy
+from ._sync import run
+from ._types import (
+    Attempt,
+    BatchResult,
+    CallRecord,
+    Message,
+    Request,
+    Response,
+    Status,
+    Summary,
+    Usage,
+)
+from .patterns import Call, ResultStream, as_completed, call, gather, map, race
+from .providers import function
+
+try:
+    __version__ = _version("fanflow")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    from ._version import __version__
+
+__all__ = [
+    "LLM",
+    "AllFailed",
+    "Attempt",
+    "AuthenticationError",
+    "BadRequest",
+    "BaseLLM",
+    "BatchError",
+    "BatchResult",
+    "BudgetExceeded",
+    "Call",
+    "CallRecord",
+    "CallTimeout",
+    "ConfigError",
+    "ContentFiltered",
+    "FanflowError",
+    "Limits",
+    "Message",
+    "NotFound",
+    "Overloaded",
+    "ParseError",
+    "PermissionDenied",
+    "ProtocolError",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderTimeout",
+    "QuorumNotMet",
+    "QuotaExceeded",
+    "RateLimited",
+    "Request",
+    "Response",
+    "ResultStream",
+    "RetryPolicy",
+    "ServerError",
+    "Skipped",
+    "Status",
+    "Summary",
+    "TemplateError",
+    "Usage",
+    "__version__",
+    "as_completed",
+    "call",
+    "function",
+    "gather",
+    "is_retryable",
+    "map",
+    "race",
+    "run",
+]

@@ -1,0 +1,416 @@
+"""The engine: one call from admission to its terminal status.
+
+For each call: fill in the handle's defaults, then for each attempt wait for admission
+(the pattern's gate, then the handle's lane), send it under the per-attempt timeout,
+and on a retryable error wait a backoff (never less than the server's Retry-After)
+before the next. With ``hedge_after``, a second attempt starts if the first has not
+answered in that time; the first success wins and the other is cancelled. An overall
+``deadline`` bounds everything, admission waits and backoffs included.
+
+All waiting goes through the event loop (``asyncio.sleep``, ``asyncio.timeout``), so
+tests run it in virtual time. ``asyncio.CancelledError`` always propagates: cancelling
+a pattern cancels its calls' tasks, and never turns into a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ._events import (
+    AttemptFailed,
+    AttemptStarted,
+    CallEnded,
+    CallStarted,
+    Hook,
+    emit,
+)
+from ._exceptions import CallTimeout, ConfigError, ParseError, ProviderError, is_retryable
+from ._limits import Gate, Lane
+from ._llm import LLM, BaseLLM, lane_of
+from ._retry import DEFAULT_RETRY, RetryPolicy
+from ._types import Attempt, CallRecord, Request, Response, Status, Usage
+
+__all__ = ["CallOptions", "execute", "status_of"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """Per-pattern options for the calls it makes.
+
+    Args:
+        timeout: seconds per attempt (None: the handle's; the handle's None: no limit).
+        retry: the retry policy (None: the handle's, else the default policy).
+        hedge_after: seconds after which a duplicate attempt starts (None: no hedging).
+        deadline: absolute event-loop time by which every call must end.
+        hooks: callables receiving each event.
+        gate: the pattern's own concurrency gate (None: only the handle's limit).
+    """
+
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    hedge_after: float | None = None
+    deadline: float | None = None
+    hooks: tuple[Hook, ...] = ()
+    gate: Gate | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}; use None")
+        if self.hedge_after is not None and self.hedge_after <= 0:
+            raise ConfigError(
+                f"hedge_after must be > 0 seconds, got {self.hedge_after}; use None for no hedging"
+            )
+
+
+def make_options(
+    *,
+    concurrency: int | None = None,
+    timeout: float | None = None,
+    deadline: float | None = None,
+    retry: RetryPolicy | None = None,
+    hedge_after: float | None = None,
+    hooks: Sequence[Hook] = (),
+) -> CallOptions:
+    """Build the options of one pattern call; ``deadline`` is in seconds from now."""
+    if deadline is not None and deadline <= 0:
+        raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
+    deadline_at = None
+    if deadline is not None:
+        deadline_at = asyncio.get_running_loop().time() + deadline
+    return CallOptions(
+        timeout=timeout,
+        retry=retry,
+        hedge_after=hedge_after,
+        deadline=deadline_at,
+        hooks=tuple(hooks),
+        gate=Gate(concurrency) if concurrency is not None else None,
+    )
+
+
+def status_of(error: BaseException) -> Status:
+    """The terminal status that an error stands for."""
+    if isinstance(error, CallTimeout):
+        return Status.TIMED_OUT
+    if isinstance(error, asyncio.CancelledError):
+        return Status.CANCELLED
+    return Status.FAILED
+
+
+class _Call(Generic[T]):
+    """The state of one call while it runs (not public: ``execute`` returns a record)."""
+
+    __slots__ = (
+        "attempts",
+        "deadline",
+        "hooks",
+        "index",
+        "label",
+        "lane",
+        "llm",
+        "loop",
+        "number",
+        "opts",
+        "request",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        llm: LLM,
+        request: Request,
+        opts: CallOptions,
+        index: int | None,
+        label: str | None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.llm = llm
+        self.request = request
+        self.opts = opts
+        self.index = index
+        self.label = label
+        self.hooks = opts.hooks
+        self.deadline = opts.deadline
+        self.lane: Lane = lane_of(llm)
+        self.timeout = opts.timeout
+        if self.timeout is None and isinstance(llm, BaseLLM):
+            self.timeout = llm.timeout
+        self.attempts: list[Attempt] = []
+        self.number = 0
+
+    # -- admission ----------------------------------------------------------------
+
+    async def _admit(self) -> None:
+        gate = self.opts.gate
+        if gate is not None:
+            await gate.acquire()
+        try:
+            await self.lane.acquire()
+        except BaseException:
+            if gate is not None:
+                gate.release()
+            raise
+
+    def _leave(self) -> None:
+        self.lane.release()
+        gate = self.opts.gate
+        if gate is not None:
+            gate.release()
+
+    # -- one attempt --------------------------------------------------------------
+
+    async def attempt(
+        self, *, hedge: bool, wait_before: float, sent: asyncio.Event | None = None
+    ) -> Response:
+        loop = self.loop
+        self.number += 1
+        number = self.number
+        deadline = self.deadline
+        if deadline is None:
+            await self._admit()
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._admit()
+            except TimeoutError:
+                now = loop.time()
+                error = CallTimeout(
+                    f"{self._who()} was still waiting for a concurrency slot when the "
+                    "deadline passed; raise the deadline or the concurrency",
+                )
+                self.attempts.append(
+                    Attempt(number, now, now, Status.TIMED_OUT, error, hedge, wait_before)
+                )
+                raise error from None
+        start = loop.time()
+        if sent is not None:
+            sent.set()
+        if self.hooks:
+            emit(
+                self.hooks,
+                AttemptStarted(start, self.request, self.index, self.label, number, hedge),
+            )
+        try:
+            limit = None if self.timeout is None else start + self.timeout
+            if deadline is not None and (limit is None or deadline < limit):
+                limit = deadline
+            if limit is None:
+                response = await self.llm.complete(self.request)
+            else:
+                cm = asyncio.timeout_at(limit)
+                try:
+                    async with cm:
+                        response = await self.llm.complete(self.request)
+                except TimeoutError:
+                    if not cm.expired():
+                        raise  # the model itself raised TimeoutError: not ours
+                    raise self._timeout_error(limit == deadline) from None
+        except asyncio.CancelledError:
+            self.attempts.append(
+                Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
+            )
+            raise
+        except BaseException as exc:
+            self.attempts.append(
+                Attempt(number, start, loop.time(), status_of(exc), exc, hedge, wait_before)
+            )
+            raise
+        finally:
+            self._leave()
+        self.attempts.append(
+            Attempt(number, start, loop.time(), Status.SUCCEEDED, None, hedge, wait_before)
+        )
+        return response
+
+    def _who(self) -> str:
+        return f"item {self.index}" if self.index is not None else "the call"
+
+    def _timeout_error(self, by_deadline: bool) -> CallTimeout:
+        if by_deadline:
+            return CallTimeout(
+                f"{self._who()} did not finish before the deadline; raise deadline= "
+                "or lower the work per call",
+            )
+        return CallTimeout(
+            f"{self._who()}: attempt {self.number} got no answer within "
+            f"{self.timeout:g} s; raise timeout= if the model is just slow",
+            timeout=self.timeout,
+        )
+
+    async def hedged(self, hedge_after: float, wait_before: float) -> Response:
+        """Run an attempt; if it has not answered ``hedge_after`` seconds after it was
+        sent, start a duplicate. The first success wins; the other is cancelled."""
+        sent = asyncio.Event()
+        primary = asyncio.ensure_future(
+            self.attempt(hedge=False, wait_before=wait_before, sent=sent)
+        )
+        tasks: set[asyncio.Future[Response]] = {primary}
+        try:
+            waiter = asyncio.ensure_future(sent.wait())
+            try:
+                await asyncio.wait({primary, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if not primary.done():
+                await asyncio.wait({primary}, timeout=hedge_after)
+            if primary.done():
+                return primary.result()
+            tasks.add(asyncio.ensure_future(self.attempt(hedge=True, wait_before=0.0)))
+            last_error: BaseException | None = None
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        return task.result()
+                    last_error = error
+            assert last_error is not None
+            raise last_error
+        finally:
+            for task in tasks:
+                task.cancel()
+            # Wait for the loser to stop; its outcome is already in the attempts. (gather
+            # still propagates a cancellation of this task itself.)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the whole call -------------------------------------------------------------
+
+    async def run(self, parse: Callable[[Response], T] | None) -> CallRecord[T]:
+        loop = self.loop
+        llm = self.llm
+        policy = self.opts.retry
+        if policy is None:
+            policy = llm.retry if isinstance(llm, BaseLLM) and llm.retry else DEFAULT_RETRY
+        hedge_after = self.opts.hedge_after
+        start = loop.time()
+        if self.hooks:
+            emit(self.hooks, CallStarted(start, self.request, self.index, self.label))
+        wait_before = 0.0
+        error: BaseException
+        while True:
+            if self.deadline is not None and loop.time() >= self.deadline:
+                error = CallTimeout(
+                    f"{self._who()} was not started before the deadline passed; "
+                    "raise deadline= or the concurrency"
+                )
+                break
+            try:
+                if hedge_after is None:
+                    response = await self.attempt(hedge=False, wait_before=wait_before)
+                else:
+                    response = await self.hedged(hedge_after, wait_before)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc
+                wait: float | None = None
+                if is_retryable(exc) and len(self._tries()) < policy.attempts:
+                    retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
+                    wait = policy.backoff(len(self._tries()), retry_after)
+                    if self.deadline is not None and loop.time() + wait >= self.deadline:
+                        wait = None  # the deadline would pass while waiting: stop now
+                if self.hooks:
+                    emit(
+                        self.hooks,
+                        AttemptFailed(
+                            loop.time(),
+                            self.request,
+                            self.index,
+                            self.label,
+                            self.number,
+                            exc,
+                            wait,
+                        ),
+                    )
+                if wait is None:
+                    break
+                wait_before = wait
+                await asyncio.sleep(wait)
+                continue
+            return self._finish(start, response, parse)
+        record: CallRecord[T] = CallRecord(
+            status=status_of(error),
+            request=self.request,
+            error=error,
+            attempts=tuple(self.attempts),
+            start=start,
+            end=loop.time(),
+            label=self.label,
+            index=self.index,
+        )
+        if self.hooks:
+            emit(self.hooks, CallEnded(record.end or start, record))
+        return record
+
+    def _tries(self) -> list[Attempt]:
+        """Attempts that count against the retry budget (hedges do not)."""
+        return [a for a in self.attempts if not a.hedge]
+
+    def _finish(
+        self, start: float, response: Response, parse: Callable[[Response], T] | None
+    ) -> CallRecord[T]:
+        end = self.loop.time()
+        status = Status.SUCCEEDED
+        value: Any = response
+        error: BaseException | None = None
+        if parse is not None:
+            try:
+                value = parse(response)
+            except Exception as exc:
+                status, value = Status.FAILED, None
+                error = ParseError(
+                    f"{self._who()}: the model answered but its reply could not be used: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                error.__cause__ = exc
+        record: CallRecord[T] = CallRecord(
+            status=status,
+            request=self.request,
+            value=value,
+            error=error,
+            attempts=tuple(self.attempts),
+            start=start,
+            end=end,
+            usage=response.usage if response.usage is not None else Usage(),
+            cost=response.cost,
+            label=self.label,
+            index=self.index,
+            response=response,
+        )
+        if self.hooks:
+            emit(self.hooks, CallEnded(end, record))
+        return record
+
+
+async def execute(
+    llm: LLM,
+    request: Request,
+    opts: CallOptions = CallOptions(),
+    *,
+    index: int | None = None,
+    label: str | None = None,
+    parse: Callable[[Response], T] | None = None,
+) -> CallRecord[T]:
+    """Run one call to its terminal status and return its record.
+
+    Failures are data: the record holds the error. Only cancellation propagates.
+
+    Args:
+        llm: the model.
+        request: the request (the handle's defaults are filled in first).
+        opts: the pattern's options.
+        index: the item index, for records, events and messages.
+        label: a free-form label (worker, step) for records and events.
+        parse: turns the response into the record's value; if it raises, the call
+            ends as failed with the reason (the model's answer stays in ``response``).
+    """
+    if isinstance(llm, BaseLLM):
+        request = llm.prepare(request)
+    return await _Call[T](llm, request, opts, index, label).run(parse)

@@ -1,0 +1,260 @@
+"""The fanflow error tree.
+
+Every error fanflow raises or records is a :class:`FanflowError`::
+
+    FanflowError
+    ├── ProviderError                  a model call failed (``status_code``, ``retryable``)
+    │   ├── RateLimited                429; ``retry_after`` seconds when the server said
+    │   ├── ProviderTimeout            the provider (or an attempt) took too long
+    │   ├── ServerError                5xx, 408, 409
+    │   │   └── Overloaded             529 / "overloaded"
+    │   ├── ProviderConnectionError    refused, reset, DNS
+    │   ├── ProtocolError              the reply was not the expected format
+    │   ├── BadRequest                 400, 413, 422 (not retryable)
+    │   ├── AuthenticationError        401 (not retryable)
+    │   ├── PermissionDenied           403 (not retryable)
+    │   ├── NotFound                   404 (not retryable)
+    │   ├── ContentFiltered            refused by a content filter (not retryable)
+    │   └── QuotaExceeded              429 whose body says the spend/quota is used up
+    ├── CallTimeout                    a call ran past its timeout or the deadline
+    ├── ParseError                     the model answered but the reply was unusable
+    ├── TemplateError                  an item lacks a field the prompt template needs
+    ├── ConfigError                    an option is invalid (raised at construction)
+    ├── BatchError                     opt-in: raised by ``BatchResult.raise_for_errors``
+    ├── AllFailed                      every alternative failed (``race``; ``failures``)
+    ├── QuorumNotMet                   fewer successes than a pattern's quorum
+    ├── BudgetExceeded                 the budget cannot cover the next call
+    └── Skipped                        an item was not run (budget, deadline, upstream)
+
+Whether to retry is decided by one function, :func:`is_retryable`, which reads the
+``retryable`` attribute, never the message text. All errors pickle (they cross process
+boundaries with the Ray backend); each keeps its constructor arguments in ``args``.
+
+Messages say what happened, to which item, and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "AllFailed",
+    "AuthenticationError",
+    "BadRequest",
+    "BatchError",
+    "BudgetExceeded",
+    "CallTimeout",
+    "ConfigError",
+    "ContentFiltered",
+    "FanflowError",
+    "NotFound",
+    "Overloaded",
+    "ParseError",
+    "PermissionDenied",
+    "ProtocolError",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderTimeout",
+    "QuorumNotMet",
+    "QuotaExceeded",
+    "RateLimited",
+    "ServerError",
+    "Skipped",
+    "TemplateError",
+    "is_retryable",
+]
+
+
+class FanflowError(Exception):
+    """Base of every fanflow error."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild without calling __init__ (subclasses take keyword-only arguments),
+        # restoring args and attributes: every error round-trips through pickle.
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_error(
+    cls: type[FanflowError], args: tuple[Any, ...], state: dict[str, Any]
+) -> FanflowError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
+# --------------------------------------------------------------------------- providers
+
+
+class ProviderError(FanflowError):
+    """A model call failed.
+
+    Args:
+        message: what happened and what to do (never contains secrets).
+        status_code: the HTTP status, when there was one.
+        retry_after: seconds the server asked us to wait, when it said.
+    """
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+
+class RateLimited(ProviderError):
+    """The provider answered 429 Too Many Requests. ``retry_after`` is in seconds."""
+
+    retryable = True
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer in time."""
+
+    retryable = True
+
+
+class ServerError(ProviderError):
+    """The provider failed on its side (5xx, 408, 409)."""
+
+    retryable = True
+
+
+class Overloaded(ServerError):
+    """The provider is overloaded (529)."""
+
+    retryable = True
+
+
+class ProviderConnectionError(ProviderError):
+    """The connection was refused, reset or could not be made."""
+
+    retryable = True
+
+
+class ProtocolError(ProviderError):
+    """The provider's reply was not in the expected format."""
+
+    retryable = True
+
+
+class BadRequest(ProviderError):
+    """The provider rejected the request as malformed (400, 413, 422)."""
+
+
+class AuthenticationError(ProviderError):
+    """The API key was missing or wrong (401)."""
+
+
+class PermissionDenied(ProviderError):
+    """The key may not use this model or endpoint (403)."""
+
+
+class NotFound(ProviderError):
+    """The model or endpoint does not exist (404)."""
+
+
+class ContentFiltered(ProviderError):
+    """The provider's content filter refused the request or the reply."""
+
+
+class QuotaExceeded(ProviderError):
+    """The account's spend or quota limit is reached; waiting will not help."""
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether a failed attempt may be retried. The one place that decides it."""
+    if isinstance(error, ProviderError):
+        return error.retryable
+    if isinstance(error, CallTimeout):
+        return True
+    # A connection-level OSError from a user's own callable: retry, like a reset.
+    return isinstance(error, ConnectionError)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class CallTimeout(FanflowError):
+    """A call ran past its per-attempt timeout or the overall deadline."""
+
+    def __init__(self, message: str, *, timeout: float | None = None) -> None:
+        super().__init__(message, timeout)
+        self.timeout = timeout
+
+
+class ParseError(FanflowError):
+    """The model answered, but the pattern could not use the reply (parse, schema)."""
+
+
+class TemplateError(FanflowError):
+    """An item lacks a field that the prompt template needs."""
+
+    def __init__(self, message: str, *, field: str | None = None, index: int | None = None):
+        super().__init__(message, field, index)
+        self.field = field
+        self.index = index
+
+
+class ConfigError(FanflowError, ValueError):
+    """An option is invalid. Raised at construction, with the fix in the message."""
+
+
+class Skipped(FanflowError):
+    """An item was not run (budget spent, deadline passed, or an upstream step failed)."""
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+class BatchError(FanflowError):
+    """Some items of a batch failed (raised only by ``BatchResult.raise_for_errors``)."""
+
+    def __init__(self, errors: Mapping[int, BaseException], total: int) -> None:
+        first = min(errors)
+        msg = (
+            f"{len(errors)} of {total} items failed; first: item {first}: "
+            f"{type(errors[first]).__name__}: {errors[first]}"
+        )
+        super().__init__(msg, dict(errors), total)
+        self.errors = dict(errors)
+        self.total = total
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class AllFailed(FanflowError):
+    """Every alternative failed. ``failures`` holds each one's error, in order."""
+
+    def __init__(self, message: str, failures: Sequence[BaseException]) -> None:
+        lines = [message]
+        lines += [f"  [{i}] {type(e).__name__}: {e}" for i, e in enumerate(failures)]
+        super().__init__("\n".join(lines), list(failures))
+        self.failures = list(failures)
+
+
+class QuorumNotMet(FanflowError):
+    """Fewer calls succeeded than the pattern's quorum requires."""
+
+    def __init__(self, message: str, *, succeeded: int, required: int, metadata: Any = None):
+        super().__init__(message, succeeded, required, metadata)
+        self.succeeded = succeeded
+        self.required = required
+        self.metadata = metadata
+
+
+class BudgetExceeded(FanflowError):
+    """The budget cannot cover the next call."""

@@ -1,0 +1,148 @@
+"""The LLM protocol and the base of fanflow's handles.
+
+Anything with ``async def complete(self, request) -> Response`` is an :class:`LLM`.
+``complete`` makes exactly one attempt; the engine adds admission, timeouts, retries and
+hedging around it. Handles made by fanflow derive from :class:`BaseLLM`, which owns the
+limits, retry policy and timeout that belong to one API key and model: every pattern
+using the same handle shares the same lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from ._exceptions import ConfigError
+from ._limits import Lane, LaneStatistics, Limits
+from ._retry import RetryPolicy
+from ._types import Request, Response
+
+__all__ = ["LLM", "BaseLLM"]
+
+_REQUEST_PARAMS = frozenset(
+    f.name for f in fields(Request) if f.name not in ("messages", "sample", "metadata")
+)
+
+
+@runtime_checkable
+class LLM(Protocol):
+    """Anything that can answer a :class:`Request` with one attempt."""
+
+    async def complete(self, request: Request) -> Response: ...
+
+
+class BaseLLM(ABC):
+    """Base of fanflow's LLM handles.
+
+    Args:
+        model: the model name filled into requests that name none.
+        limits: the handle's limits, shared by every pattern using it.
+        retry: the handle's retry policy (a pattern's ``retry=`` overrides it).
+        timeout: seconds per attempt (a pattern's ``timeout=`` overrides it).
+        defaults: request parameters filled in when a request leaves them unset
+            (``temperature``, ``max_tokens``, ``seed``, ``stop``, ``top_p``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {timeout}; use None for none")
+        unknown = set(defaults or {}) - _REQUEST_PARAMS
+        if unknown:
+            raise ConfigError(
+                f"unknown request defaults {sorted(unknown)}; use any of {sorted(_REQUEST_PARAMS)}"
+            )
+        self.model = model
+        self.limits = limits if limits is not None else Limits()
+        self.retry = retry
+        self.timeout = timeout
+        self.defaults: dict[str, Any] = dict(defaults or {})
+        if model is not None:
+            self.defaults.setdefault("model", model)
+        self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Lane] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._last: tuple[asyncio.AbstractEventLoop, Lane] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Lanes are live state of one event loop; a copy in another process starts fresh.
+        state = self.__dict__.copy()
+        state["_lanes"] = None
+        state["_last"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lanes = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"fanflow.{type(self).__name__}(model={self.model!r})"
+
+    @abstractmethod
+    async def complete(self, request: Request) -> Response:
+        """Make one attempt at ``request``. Raise a ``ProviderError`` on failure."""
+
+    def prepare(self, request: Request) -> Request:
+        """Fill this handle's defaults into the fields the request leaves unset."""
+        if not self.defaults:
+            return request
+        changes = {k: v for k, v in self.defaults.items() if getattr(request, k) is None}
+        if not changes:
+            return request
+        if "stop" in changes and changes["stop"] is not None:
+            changes["stop"] = tuple(changes["stop"])
+        return request.with_options(**changes)
+
+    def lane(self) -> Lane:
+        """This handle's limiter on the running event loop."""
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0] is loop:
+            return last[1]
+        lane = self._lanes.get(loop)
+        if lane is None:
+            lane = self._lanes[loop] = Lane(self.limits)
+        self._last = (loop, lane)
+        return lane
+
+    def statistics(self) -> LaneStatistics:
+        """Admission statistics of this handle on the running event loop."""
+        return self.lane().statistics()
+
+    async def aclose(self) -> None:  # noqa: B027 - optional: most handles hold nothing
+        """Release resources (connections, worker threads). Safe to call twice."""
+
+    async def __aenter__(self) -> BaseLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _PlainLane:
+    """Lanes for LLMs that are not BaseLLM handles: one unlimited lane per loop."""
+
+    lanes: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Lane]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+
+def lane_of(llm: LLM) -> Lane:
+    if isinstance(llm, BaseLLM):
+        return llm.lane()
+    loop = asyncio.get_running_loop()
+    lane = _PlainLane.lanes.get(loop)
+    if lane is None:
+        lane = _PlainLane.lanes[loop] = Lane(Limits())
+    return lane

@@ -1,0 +1,374 @@
+"""Core value types: what goes to a model, what comes back, and what happened.
+
+Everything here is small, typed and immutable where possible, so that records can be
+shared between tasks, hooks, stores and (later) processes without copying or locking.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
+from typing import Any, Generic, Literal, TypeVar
+
+__all__ = [
+    "Attempt",
+    "BatchResult",
+    "CallRecord",
+    "Message",
+    "Request",
+    "Response",
+    "Status",
+    "Summary",
+    "Usage",
+]
+
+T = TypeVar("T")
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class Status(enum.StrEnum):
+    """The terminal status of one call or one item. Every input ends with exactly one."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message."""
+
+    role: Role
+    content: str
+
+
+def _freeze_json(value: Any) -> Any:
+    """Return a JSON-compatible, order-independent form of ``value`` for hashing."""
+    if isinstance(value, Mapping):
+        return {
+            str(k): _freeze_json(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+        }
+    if isinstance(value, list | tuple):
+        return [_freeze_json(v) for v in value]
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request to a chat model.
+
+    Build one from a prompt with :meth:`Request.of`, or pass ``messages`` directly.
+    ``metadata`` travels with the request (to hooks, records and stores) but is not
+    part of its identity. ``sample`` is the salt that makes sample *i* of a vote a
+    different call from sample *j*, while a retry of sample *i* keeps the same key.
+    """
+
+    messages: tuple[Message, ...]
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    top_p: float | None = None
+    response_format: Mapping[str, Any] | None = None
+    sample: int = 0
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def of(
+        cls,
+        prompt: str,
+        *,
+        system: str | None = None,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        top_p: float | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        sample: int = 0,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Request:
+        """Build a request from a user prompt and an optional system prompt."""
+        messages: list[Message] = []
+        if system is not None:
+            messages.append(Message("system", system))
+        messages.append(Message("user", prompt))
+        return cls(
+            messages=tuple(messages),
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=tuple(stop) if stop is not None else None,
+            top_p=top_p,
+            response_format=response_format,
+            sample=sample,
+            metadata=dict(metadata) if metadata else {},
+        )
+
+    @property
+    def prompt(self) -> str:
+        """The text of the last user message ('' if there is none)."""
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.content
+        return ""
+
+    @property
+    def system(self) -> str | None:
+        """The text of the system messages joined by blank lines, or None."""
+        parts = [m.content for m in self.messages if m.role == "system"]
+        return "\n\n".join(parts) if parts else None
+
+    def with_options(self, **changes: Any) -> Request:
+        """Return a copy with the given fields changed (``dataclasses.replace``)."""
+        return replace(self, **changes)
+
+    def canonical(self) -> dict[str, Any]:
+        """The canonical form that identifies this request (metadata excluded)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "metadata":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "messages":
+                value = [[m.role, m.content] for m in value]
+            out[f.name] = _freeze_json(value)
+        return out
+
+    @cached_property
+    def key(self) -> str:
+        """Stable idempotency key: sha256 of the canonical form (sample salt included).
+
+        Computed once, on first use; cheap requests that never need a key never pay for it.
+        """
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts reported by the provider (or estimated, when ``estimated`` is set)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.estimated or other.estimated,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What a model returned for one request."""
+
+    text: str
+    usage: Usage = field(default_factory=Usage)
+    model: str | None = None
+    finish_reason: str | None = None
+    latency: float | None = None
+    cost: float | None = None
+    time_to_first_token: float | None = None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt of a call: when it ran, how it ended, and whether it was a hedge."""
+
+    number: int
+    start: float
+    end: float
+    status: Status
+    error: BaseException | None = None
+    hedge: bool = False
+    wait_before: float = 0.0
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class CallRecord(Generic[T]):
+    """Everything that happened to one call (or one item of a batch).
+
+    ``value`` is the result on success (a :class:`Response` for raw calls, the parsed
+    output for patterns); ``error`` the exception otherwise. Times are event-loop
+    times (``loop.time()``), so they are exact in virtual-time tests.
+    """
+
+    status: Status
+    request: Request | None = None
+    value: T | None = None
+    error: BaseException | None = None
+    attempts: tuple[Attempt, ...] = ()
+    start: float | None = None
+    end: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost: float | None = None
+    label: str | None = None
+    index: int | None = None
+    response: Response | None = field(default=None, repr=False)
+    cached: bool = False
+
+    @property
+    def key(self) -> str | None:
+        return self.request.key if self.request is not None else None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.SUCCEEDED
+
+    @property
+    def retries(self) -> int:
+        """Attempts beyond the first that were not hedges."""
+        return sum(1 for a in self.attempts[1:] if not a.hedge)
+
+    @property
+    def latency(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Totals over a batch."""
+
+    items: int
+    succeeded: int
+    failed: int
+    timed_out: int
+    cancelled: int
+    skipped: int
+    calls: int
+    retries: int
+    usage: Usage
+    cost: float | None
+    makespan: float
+    busy_time: float
+
+    @property
+    def speedup(self) -> float | None:
+        """Sum of call latencies over makespan: how much faster than one after another."""
+        return self.busy_time / self.makespan if self.makespan > 0 else None
+
+
+class BatchResult(Generic[T]):
+    """Outputs of a batch in input order, with one record per item.
+
+    ``outputs[i]`` is item *i*'s value, or ``None`` if it did not succeed.
+    ``status[i]`` is its terminal status and ``errors`` maps failed indices to errors.
+    """
+
+    __slots__ = ("_summary", "makespan", "records")
+
+    def __init__(self, records: Sequence[CallRecord[T]], *, makespan: float = 0.0) -> None:
+        self.records: tuple[CallRecord[T], ...] = tuple(records)
+        self.makespan = makespan
+        self._summary: Summary | None = None
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"fanflow.BatchResult(items={s.items}, succeeded={s.succeeded}, "
+            f"failed={s.items - s.succeeded}, makespan={s.makespan:.3f})"
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[T | None]:
+        return iter(self.outputs)
+
+    def __getitem__(self, index: int) -> T | None:
+        return self.records[index].value
+
+    @property
+    def outputs(self) -> list[T | None]:
+        return [r.value for r in self.records]
+
+    @property
+    def status(self) -> dict[int, Status]:
+        return {i: r.status for i, r in enumerate(self.records)}
+
+    @property
+    def errors(self) -> dict[int, BaseException]:
+        return {i: r.error for i, r in enumerate(self.records) if r.error is not None}
+
+    @property
+    def ok(self) -> bool:
+        """True when every item succeeded."""
+        return all(r.status is Status.SUCCEEDED for r in self.records)
+
+    def raise_for_errors(self) -> None:
+        """Raise the first item's error, if any item failed (opt-in raising)."""
+        from ._exceptions import BatchError
+
+        errors = self.errors
+        if errors:
+            raise BatchError(errors, len(self.records))
+
+    @property
+    def summary(self) -> Summary:
+        if self._summary is None:
+            self._summary = summarize(self.records, makespan=self.makespan)
+        return self._summary
+
+
+def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary:
+    """Add up a sequence of records."""
+    counts = dict.fromkeys(Status, 0)
+    usage = Usage()
+    cost: float | None = 0.0
+    calls = retries = 0
+    busy = 0.0
+    for r in records:
+        counts[r.status] += 1
+        usage = usage + r.usage
+        if r.cost is None:
+            if r.attempts and not r.cached:
+                cost = None
+        elif cost is not None:
+            cost += r.cost
+        calls += len(r.attempts)
+        retries += r.retries
+        if r.latency is not None and not r.cached:
+            busy += r.latency
+    return Summary(
+        items=len(records),
+        succeeded=counts[Status.SUCCEEDED],
+        failed=counts[Status.FAILED],
+        timed_out=counts[Status.TIMED_OUT],
+        cancelled=counts[Status.CANCELLED],
+        skipped=counts[Status.SKIPPED],
+        calls=calls,
+        retries=retries,
+        usage=usage,
+        cost=cost,
+        makespan=makespan,
+        busy_time=busy,
+    )
