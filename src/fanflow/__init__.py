@@ -6,6 +6,7 @@ Layers (imports only point down; see DESIGN.md):
     patterns    map, as_completed, call, gather, race        (fanflow.patterns)
     engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
     providers   function(), and HTTP adapters                  (fanflow.providers)
+    store       Store (SQLite cache + jobs), JSONL/Parquet sinks (fanflow.store)
     testing     ScriptedLLM                                    (fanflow.testing)
 
 This module only re-exports; implementation lives in private modules.
@@ -39,6 +40,7 @@ from ._exceptions import (
     RateLimited,
     ServerError,
     Skipped,
+    StoreError,
     TemplateError,
     is_retryable,
 )
@@ -59,6 +61,7 @@ from ._types import (
 )
 from .patterns import Call, ResultStream, as_completed, call, gather, map, race
 from .providers import function
+from .store import JsonlSink, ParquetSink, Store
 
 try:
     __version__ = _version("fanflow")
@@ -81,10 +84,12 @@ __all__ = [
     "ConfigError",
     "ContentFiltered",
     "FanflowError",
+    "JsonlSink",
     "Limits",
     "Message",
     "NotFound",
     "Overloaded",
+    "ParquetSink",
     "ParseError",
     "PermissionDenied",
     "ProtocolError",
@@ -101,6 +106,8 @@ __all__ = [
     "ServerError",
     "Skipped",
     "Status",
+    "Store",
+    "StoreError",
     "Summary",
     "TemplateError",
     "Usage",
