@@ -109,6 +109,7 @@ class _Call(Generic[T]):
     __slots__ = (
         "attempts",
         "deadline",
+        "handle",
         "hooks",
         "index",
         "label",
@@ -137,10 +138,11 @@ class _Call(Generic[T]):
         self.label = label
         self.hooks = opts.hooks
         self.deadline = opts.deadline
-        self.lane: Lane = lane_of(llm)
+        self.handle = llm if isinstance(llm, BaseLLM) else None
+        self.lane: Lane = self.handle.lane() if self.handle is not None else lane_of(llm)
         self.timeout = opts.timeout
-        if self.timeout is None and isinstance(llm, BaseLLM):
-            self.timeout = llm.timeout
+        if self.timeout is None and self.handle is not None:
+            self.timeout = self.handle.timeout
         self.attempts: list[Attempt] = []
         self.number = 0
 
@@ -151,7 +153,8 @@ class _Call(Generic[T]):
         if gate is not None:
             await gate.acquire()
         try:
-            await self.lane.acquire()
+            if not self.lane.try_acquire():
+                await self.lane.acquire()
         except BaseException:
             if gate is not None:
                 gate.release()
@@ -173,7 +176,8 @@ class _Call(Generic[T]):
         number = self.number
         deadline = self.deadline
         if deadline is None:
-            await self._admit()
+            if self.opts.gate is not None or not self.lane.try_acquire():
+                await self._admit()
         else:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -284,10 +288,10 @@ class _Call(Generic[T]):
 
     async def run(self, parse: Callable[[Response], T] | None) -> CallRecord[T]:
         loop = self.loop
-        llm = self.llm
         policy = self.opts.retry
         if policy is None:
-            policy = llm.retry if isinstance(llm, BaseLLM) and llm.retry else DEFAULT_RETRY
+            handle = self.handle
+            policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
         hedge_after = self.opts.hedge_after
         start = loop.time()
         if self.hooks:
@@ -339,7 +343,7 @@ class _Call(Generic[T]):
             status=status_of(error),
             request=self.request,
             error=error,
-            attempts=tuple(self.attempts),
+            attempts=self._ordered_attempts(),
             start=start,
             end=loop.time(),
             label=self.label,
@@ -348,6 +352,10 @@ class _Call(Generic[T]):
         if self.hooks:
             emit(self.hooks, CallEnded(record.end or start, record))
         return record
+
+    def _ordered_attempts(self) -> tuple[Attempt, ...]:
+        # Attempts are appended as they end; a record lists them as they were started.
+        return tuple(sorted(self.attempts, key=lambda a: a.number))
 
     def _tries(self) -> list[Attempt]:
         """Attempts that count against the retry budget (hedges do not)."""
@@ -375,7 +383,7 @@ class _Call(Generic[T]):
             request=self.request,
             value=value,
             error=error,
-            attempts=tuple(self.attempts),
+            attempts=self._ordered_attempts(),
             start=start,
             end=end,
             usage=response.usage if response.usage is not None else Usage(),
@@ -413,4 +421,6 @@ async def execute(
     """
     if isinstance(llm, BaseLLM):
         request = llm.prepare(request)
-    return await _Call[T](llm, request, opts, index, label).run(parse)
+    # Not _Call[T](...): calling a subscripted generic goes through typing's slow path.
+    call: _Call[T] = _Call(llm, request, opts, index, label)
+    return await call.run(parse)

@@ -245,7 +245,7 @@ class CallRecord(Generic[T]):
     @property
     def retries(self) -> int:
         """Attempts beyond the first that were not hedges."""
-        return sum(1 for a in self.attempts[1:] if not a.hedge)
+        return max(0, sum(1 for a in self.attempts if not a.hedge) - 1)
 
     @property
     def latency(self) -> float | None:

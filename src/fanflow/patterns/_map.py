@@ -221,7 +221,8 @@ async def map(
     loop = asyncio.get_running_loop()
     size = len(items) if isinstance(items, Sequence) else None
     opts = make_options(
-        concurrency=concurrency,
+        # The workers already bound the items in flight; only hedges add attempts.
+        concurrency=concurrency if hedge_after is not None else None,
         timeout=timeout,
         deadline=deadline,
         retry=retry,
@@ -369,7 +370,7 @@ def as_completed(
 
     def make_batch(deliver: Callable[[CallRecord[Any]], Any]) -> _Batch[Any]:
         opts = make_options(
-            concurrency=concurrency,
+            concurrency=concurrency if hedge_after is not None else None,
             timeout=timeout,
             deadline=deadline,
             retry=retry,
