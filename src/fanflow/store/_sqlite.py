@@ -5,7 +5,8 @@ can share it. Reads (one indexed lookup per call) run inline on the caller's thr
 through their own connection. Writes go to one writer thread that commits whatever has
 queued up in one transaction ("group commit", as databases do with their logs): under
 load, thousands of calls share a handful of commits, and a caller waits for exactly the
-commit that holds its row. See docs/decisions/0030-store-sqlite.md for the measurements.
+commit that holds its row. The measurements are in
+docs/decisions/0030-store-sqlite-writer-thread.md.
 
 ``synchronous=NORMAL`` in WAL mode keeps every committed transaction across a crash of
 the process (SIGKILL included); only a power cut may lose the last few commits. Pass
@@ -548,9 +549,9 @@ class Store:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._writer.submit(ops, _Waiter(loop=loop, future=future))
-        # Shield: a caller cancelled while waiting leaves the write queued; it still
-        # lands (and close() waits for it), so nothing finished is lost.
-        await asyncio.shield(future)
+        # A caller cancelled while waiting cancels only this future: the write stays
+        # queued and still lands (close() waits for it), so nothing finished is lost.
+        await future
 
     async def save(self, record: CallRecord[Any], *, key: str, item: ItemRef | None) -> None:
         """Commit a call's response under ``key`` (unless it came from the store) and,
