@@ -290,3 +290,39 @@ async def test_hooks_see_cache_hits(store: Store) -> None:
     ended = [e for e in events if isinstance(e, CallEnded)]
     assert len(ended) == 1
     assert ended[0].record.cached
+
+
+async def test_cancelling_a_job_keeps_what_finished_and_says_how_to_resume(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    gate = asyncio.Event()
+
+    async def answer(request: Request) -> str:
+        if request.prompt.endswith(("0", "1", "2")):
+            return "quick"
+        await gate.wait()  # the rest hang until cancelled
+        return "never"
+
+    llm = fanflow.function(answer, name="hang")
+    got = []
+    stream = fanflow.as_completed(llm, "{input}", ITEMS[:6], store=store, job="stop")
+    async with stream as results:
+        async for record in results:
+            got.append(record.index)
+            if len(got) == 3:
+                break  # leaving the block cancels the three calls still in flight
+    assert sorted(got) == [0, 1, 2]
+    assert [i.index for i in store.items("stop")] == [0, 1, 2]
+    assert "job 'stop' was interrupted; 3 items finished" in caplog.text
+    assert str(store.path) in caplog.text
+
+
+def test_store_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(fanflow.ConfigError, match="timeout"):
+        Store(tmp_path / "s.db", timeout=-1)
+    with pytest.raises(fanflow.ConfigError, match="max_batch"):
+        Store(tmp_path / "s.db", max_batch=0)
+    with Store(tmp_path / "s.db", durability="full", max_batch=1) as store:
+        assert store.jobs() == []
