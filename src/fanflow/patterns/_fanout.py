@@ -20,7 +20,7 @@ from typing import Any, Literal
 from .._engine import make_options
 from .._events import Hook
 from .._exceptions import ConfigError, QuorumNotMet
-from .._llm import LLM
+from .._llm import LLM, BaseLLM
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Status
 from ._common import (
@@ -212,6 +212,8 @@ async def fan_out(
                 metadata={"pattern": "fan_out", "worker": i, "focus": focuses[i]},
             )
         )
+    if isinstance(llm, BaseLLM):  # keys as the engine (and a store) will see them
+        requests = [llm.prepare(r) for r in requests]
     done: dict[str, CallRecord[Any]] = {}
     if previous is not None:
         done = {w.record.key: w.record for w in previous.workers if w.ok and w.record.key}
