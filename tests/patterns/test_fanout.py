@@ -140,9 +140,7 @@ async def test_worker_keys_are_stable_and_previous_reruns_only_failed() -> None:
     llm = ScriptedLLM(by_focus, failures={1: BadRequest("flaky")})
     first = await fanflow.fan_out(llm, "t", focus=AREAS[:3], aggregate="concat")
     assert [w.ok for w in first.workers] == [True, False, True]
-    again = await fanflow.fan_out(
-        llm, "t", focus=AREAS[:3], aggregate="concat", previous=first
-    )
+    again = await fanflow.fan_out(llm, "t", focus=AREAS[:3], aggregate="concat", previous=first)
     assert llm.calls == 4  # three, then only the failed one
     assert llm.requests[3].key == llm.requests[1].key
     assert all(w.ok for w in again.workers)

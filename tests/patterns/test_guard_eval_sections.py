@@ -59,7 +59,9 @@ async def test_guard_failure_is_decided_by_fail_closed(fail_closed: bool, allowe
         result = await fanflow.guarded(answer, "q", guard=guard, fail_closed=fail_closed)
         assert result.flagged is None
         assert result.allowed is allowed
-        assert result.output == ("the answer" if allowed else "Sorry, I can't help with that request.")
+        assert result.output == (
+            "the answer" if allowed else "Sorry, I can't help with that request."
+        )
         assert result.guard_error is not None
     assert isinstance(result.guard_error, ParseError)
 

@@ -47,9 +47,7 @@ async def test_tie_goes_to_the_answer_seen_first() -> None:
 
 
 async def test_failures_are_excluded_and_reported() -> None:
-    result = await fanflow.vote(
-        by_sample(["x", "y", BadRequest("refused"), "x", "x"]), "?", n=5
-    )
+    result = await fanflow.vote(by_sample(["x", "y", BadRequest("refused"), "x", "x"]), "?", n=5)
     assert (result.winner, result.count, result.n_counted) == ("x", 3, 4)
     assert result.confidence == 3 / 4
     assert list(result.failures) == [2]
