@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import fanflow
 from fanflow import BadRequest, QuorumNotMet, Request, Status
+from fanflow.events import CallEnded
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -157,3 +160,26 @@ async def test_quorum_error_metadata_can_be_passed_back_as_previous() -> None:
     )
     assert llm.calls == 5
     assert result.outputs == ["out[a0]", "out[a1]", "out[a2]"]
+
+
+async def test_handle_limits_and_hooks_apply_to_workers(looptime: float) -> None:
+    llm = ScriptedLLM(by_focus, latency=1.0, limits=fanflow.Limits(concurrency=2))
+    events: list[object] = []
+    result = await fanflow.fan_out(llm, "t", focus=AREAS, aggregate="concat", hooks=[events.append])
+    assert looptime == 2.0  # four workers through a lane of two
+    assert llm.max_in_flight == 2
+    ended = [e for e in events if isinstance(e, CallEnded)]
+    assert sorted(e.record.label for e in ended) == [f"worker {i}" for i in range(4)]
+    assert result.summary.calls == 4
+
+
+async def test_cancelling_fan_out_cancels_its_workers(looptime: float) -> None:
+    llm = ScriptedLLM(by_focus, latency=10.0)
+    task = asyncio.create_task(fanflow.fan_out(llm, "t", focus=AREAS))
+    await asyncio.sleep(1.0)
+    assert llm.in_flight == 4
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert llm.in_flight == 0
+    assert looptime == 1.0
