@@ -5,8 +5,8 @@ Layers (imports only point down; see DESIGN.md):
     interfaces  fanflow.* (this module), the CLI
     patterns    map, as_completed, call, gather, race        (fanflow.patterns)
     engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
-    providers   function(), and HTTP adapters                  (fanflow.providers)
-    testing     ScriptedLLM                                    (fanflow.testing)
+    providers   function(), openai(), anthropic()              (fanflow.providers)
+    testing     ScriptedLLM, SimServer                         (fanflow.testing)
 
 This module only re-exports; implementation lives in private modules.
 """
@@ -51,6 +51,7 @@ from ._types import (
     BatchResult,
     CallRecord,
     Message,
+    RateLimitState,
     Request,
     Response,
     Status,
@@ -58,7 +59,7 @@ from ._types import (
     Usage,
 )
 from .patterns import Call, ResultStream, as_completed, call, gather, map, race
-from .providers import function
+from .providers import anthropic, function, openai
 
 try:
     __version__ = _version("fanflow")
@@ -93,6 +94,7 @@ __all__ = [
     "ProviderTimeout",
     "QuorumNotMet",
     "QuotaExceeded",
+    "RateLimitState",
     "RateLimited",
     "Request",
     "Response",
@@ -105,12 +107,14 @@ __all__ = [
     "TemplateError",
     "Usage",
     "__version__",
+    "anthropic",
     "as_completed",
     "call",
     "function",
     "gather",
     "is_retryable",
     "map",
+    "openai",
     "race",
     "run",
 ]

@@ -198,8 +198,9 @@ class SimServer:
 
     Args:
         latency: seconds before a reply starts (time to first token).
-        per_token: seconds per output token, added to the latency (and between the
-            chunks of a stream).
+        per_token: seconds per output token, added to the latency. A stream sends word
+            *i* at ``latency + i * per_token`` (so the first token comes at
+            ``latency + per_token`` and the last when a plain reply would).
         jitter: up to this many seconds added to each latency, drawn uniformly from a
             generator seeded with ``seed``.
         seed: seed of the jitter and of the fault draws.
@@ -583,11 +584,16 @@ class SimServer:
         delay = self.latency + (self._rng.uniform(0.0, self.jitter) if self.jitter else 0.0)
         ident = f"sim{next(self._ids)}"
         if sim.stream:
-            chunks = (openai_chunks if api == "openai" else anthropic_chunks)(sim, done, ident)
-            gap = self.slow_delay if fault == "slow_stream" else self.per_token
+            make = openai_chunks if api == "openai" else anthropic_chunks
+            chunks, first = make(sim, done, ident)
+            if fault == "slow_stream":
+                gaps = [0.0] + [self.slow_delay] * (len(chunks) - 1)
+            else:  # each word takes per_token: the first arrives at latency + per_token
+                words = range(first, first + done.output_tokens)
+                gaps = [self.per_token if i in words else 0.0 for i in range(len(chunks))]
             if delay > 0:
                 await asyncio.sleep(delay)
-            return await self._stream(request, chunks, gap, headers, "text/event-stream")
+            return await self._stream(request, chunks, gaps, headers, "text/event-stream")
         delay += self.per_token * done.output_tokens
         if delay > 0:
             await asyncio.sleep(delay)
@@ -595,7 +601,8 @@ class SimServer:
         if fault == "slow_stream":
             step = max(1, len(payload) // 8)
             parts = [payload[i : i + step] for i in range(0, len(payload), step)]
-            return await self._stream(request, parts, self.slow_delay, headers, "application/json")
+            gaps = [0.0] + [self.slow_delay] * (len(parts) - 1)
+            return await self._stream(request, parts, gaps, headers, "application/json")
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
         self._second(loop.time())[4] += 1
@@ -608,7 +615,7 @@ class SimServer:
         self,
         request: web.BaseRequest,
         chunks: list[bytes],
-        gap: float,
+        gaps: list[float],
         headers: list[tuple[str, str]],
         content_type: str,
     ) -> web.StreamResponse:
@@ -619,8 +626,8 @@ class SimServer:
         if content_type == "text/event-stream":
             response.headers["Cache-Control"] = "no-cache"
         await response.prepare(request)
-        for i, chunk in enumerate(chunks):
-            if i and gap > 0:
+        for gap, chunk in zip(gaps, chunks, strict=True):
+            if gap > 0:
                 await asyncio.sleep(gap)
             await response.write(chunk)
         await response.write_eof()

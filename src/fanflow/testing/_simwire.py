@@ -209,8 +209,9 @@ def openai_body(request: SimRequest, c: Completion, ident: str) -> bytes:
     ).encode()
 
 
-def openai_chunks(request: SimRequest, c: Completion, ident: str) -> list[bytes]:
-    """The SSE events of a streamed reply: role, one per word, finish, usage, [DONE]."""
+def openai_chunks(request: SimRequest, c: Completion, ident: str) -> tuple[list[bytes], int]:
+    """The SSE events of a streamed reply (role, one per word, finish, usage, [DONE]),
+    and the index of the first word's event."""
     created = int(time.time())
     head = f'{{"id":"chatcmpl-{ident}","object":"chat.completion.chunk","created":{created},'
     head += f'"model":{_dumps(request.model)},"system_fingerprint":"fp_fanflow_sim",'
@@ -232,7 +233,7 @@ def openai_chunks(request: SimRequest, c: Completion, ident: str) -> list[bytes]
         )
         out.append(f'data: {head}"choices":[],{usage}}}\n\n'.encode())
     out.append(b"data: [DONE]\n\n")
-    return out
+    return out, 1
 
 
 _OPENAI_CODES = {
@@ -283,7 +284,8 @@ def _sse(event: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {event}\ndata: {_dumps(data)}\n\n".encode()
 
 
-def anthropic_chunks(request: SimRequest, c: Completion, ident: str) -> list[bytes]:
+def anthropic_chunks(request: SimRequest, c: Completion, ident: str) -> tuple[list[bytes], int]:
+    """The SSE events of a streamed reply, and the index of the first word's event."""
     message: dict[str, Any] = {
         "id": f"msg_{ident}",
         "type": "message",
@@ -323,7 +325,7 @@ def anthropic_chunks(request: SimRequest, c: Completion, ident: str) -> list[byt
         )
     )
     out.append(_sse("message_stop", {"type": "message_stop"}))
-    return out
+    return out, 3
 
 
 _ANTHROPIC_TYPES = {
