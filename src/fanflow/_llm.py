@@ -10,9 +10,10 @@ using the same handle shares the same lane.
 from __future__ import annotations
 
 import asyncio
+import uuid
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -74,6 +75,9 @@ class BaseLLM(ABC):
             weakref.WeakKeyDictionary()
         )
         self._last: tuple[asyncio.AbstractEventLoop, Lane] | None = None
+        # Who this handle's limits belong to, the same in every copy of it (pickled to
+        # other processes too): the Ray backend's cluster-wide limiter is keyed by it.
+        self.limit_id = uuid.uuid4().hex
 
     def __getstate__(self) -> dict[str, Any]:
         # Lanes are live state of one event loop; a copy in another process starts fresh.
@@ -112,7 +116,8 @@ class BaseLLM(ABC):
             return last[1]
         lane = self._lanes.get(loop)
         if lane is None:
-            lane = self._lanes[loop] = Lane(self.limits)
+            make = _lane_factory
+            lane = self._lanes[loop] = Lane(self.limits) if make is None else make(self)
         self._last = (loop, lane)
         return lane
 
@@ -128,6 +133,18 @@ class BaseLLM(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+# How this process makes a handle's lane (None: a plain local Lane). The Ray backend sets
+# it in its worker processes, so every handle's lane there draws from the cluster-wide
+# limiter; it is read only when a lane is made, never on the path of a call.
+_lane_factory: Callable[[BaseLLM], Lane] | None = None
+
+
+def set_lane_factory(factory: Callable[[BaseLLM], Lane] | None) -> None:
+    """Make this process's new lanes with ``factory`` (None: plain local lanes)."""
+    global _lane_factory
+    _lane_factory = factory
 
 
 class _PlainLane:

@@ -18,6 +18,7 @@ from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM, BaseLLM
 from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
+from ..backends import RayBackend, resolve_backend
 from ..store import Sink, Store
 from ._jobs import Durability
 from ._prompt import Prompt, build_request
@@ -167,47 +168,7 @@ class _Batch(Generic[T]):
             if got is None:
                 return
             index, item = got
-            try:
-                request = build_request(
-                    self.prompt, item, index, system=self.system, params=self.params
-                )
-            except Exception as exc:
-                record: CallRecord[T] = CallRecord(
-                    status=Status.FAILED, error=exc, index=index, label=self.label
-                )
-                if self.opts.hooks:
-                    now = asyncio.get_running_loop().time()
-                    record = CallRecord(
-                        status=Status.FAILED,
-                        error=exc,
-                        index=index,
-                        label=self.label,
-                        start=now,
-                        end=now,
-                    )
-                    emit(self.opts.hooks, CallEnded(now, record))
-                if self.durable is not None:
-                    await self.durable.settle(record, item)
-            else:
-                if self.durable is None:
-                    record = await execute(
-                        self.llm,
-                        request,
-                        self.opts,
-                        index=index,
-                        label=self.label,
-                        parse=self.parse,
-                    )
-                else:
-                    record = await self.durable.run(
-                        self.llm,
-                        request,
-                        self.opts,
-                        index=index,
-                        item=item,
-                        label=self.label,
-                        parse=self.parse,
-                    )
+            record = await self.run_item(index, item)
             if self.durable is not None:
                 self.durable.emit(record, item)
             delivered = self.deliver(record)
@@ -215,6 +176,44 @@ class _Batch(Generic[T]):
                 await delivered
             if self.fail_fast and record.status is not Status.SUCCEEDED:
                 raise _FailFast(record)
+
+    async def run_item(self, index: int, item: Any) -> CallRecord[T]:
+        """Run one item to its record (committed to the store first, if there is one)."""
+        try:
+            request = build_request(
+                self.prompt, item, index, system=self.system, params=self.params
+            )
+        except Exception as exc:
+            record: CallRecord[T] = CallRecord(
+                status=Status.FAILED, error=exc, index=index, label=self.label
+            )
+            if self.opts.hooks:
+                now = asyncio.get_running_loop().time()
+                record = CallRecord(
+                    status=Status.FAILED,
+                    error=exc,
+                    index=index,
+                    label=self.label,
+                    start=now,
+                    end=now,
+                )
+                emit(self.opts.hooks, CallEnded(now, record))
+            if self.durable is not None:
+                await self.durable.settle(record, item)
+            return record
+        if self.durable is None:
+            return await execute(
+                self.llm, request, self.opts, index=index, label=self.label, parse=self.parse
+            )
+        return await self.durable.run(
+            self.llm,
+            request,
+            self.opts,
+            index=index,
+            item=item,
+            label=self.label,
+            parse=self.parse,
+        )
 
 
 def _params(**kwargs: Any) -> dict[str, Any]:
@@ -244,6 +243,7 @@ async def map(
     only_failed: bool = False,
     cache: bool = True,
     sink: Sink | str | os.PathLike[str] | None = None,
+    backend: str | RayBackend = "local",
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
@@ -281,10 +281,37 @@ async def map(
             except for the job's own succeeded items).
         sink: stream each finished item to a file: a path (``.jsonl``, ``.parquet``)
             or a sink (:class:`fanflow.JsonlSink`, :class:`fanflow.ParquetSink`).
+        backend: where the calls run: ``"local"`` (this process's event loop) or
+            ``"ray"`` / :class:`fanflow.RayBackend` (shards of items on Ray workers, each
+            running this engine, under one cluster-wide limit per handle; needs
+            ``pip install 'fanflow[ray]'``). The result is the same either way.
 
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
     """
+    if resolve_backend(backend) is not None:
+        from ..backends._ray import map_on_ray
+
+        return await map_on_ray(
+            backend,
+            llm,
+            prompt,
+            items,
+            concurrency=concurrency,
+            timeout=timeout,
+            deadline=deadline,
+            retry=retry,
+            hedge_after=hedge_after,
+            system=system,
+            params=_params(temperature=temperature, max_tokens=max_tokens, seed=seed),
+            parse=parse or _text,
+            hooks=hooks,
+            label=label,
+            fail_fast=fail_fast,
+            durable=Durability.of(
+                store=store, job=job, only_failed=only_failed, cache=cache, sink=sink
+            ),
+        )
     loop = asyncio.get_running_loop()
     size = len(items) if isinstance(items, Sequence) else None
     opts = make_options(

@@ -18,6 +18,7 @@ from .._events import Hook
 from .._exceptions import ConfigError
 from .._sync import run as run_sync
 from .._types import Status
+from ..backends import RayBackend, resolve_backend
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, RunResult, Step
 from ._skill import Skill
@@ -117,6 +118,9 @@ class Pool:
         max_flows: the most items in progress at once (their calls also share each
             model handle's own limits).
         hooks: receive every call's events.
+        backend: ``"local"`` (this event loop) or ``"ray"`` / :class:`fanflow.RayBackend`
+            (inputs sharded over Ray workers; ``max_flows`` and each handle's limits then
+            hold for the whole cluster; needs ``pip install 'fanflow[ray]'``).
     """
 
     def __init__(
@@ -126,7 +130,9 @@ class Pool:
         max_flows: int = 10,
         *,
         hooks: Sequence[Hook] = (),
+        backend: str | RayBackend = "local",
     ) -> None:
+        self.backend = resolve_backend(backend)
         if max_flows < 1:
             raise ConfigError(f"max_flows must be >= 1, got {max_flows}")
         for i, item in enumerate(inputs):
@@ -193,6 +199,9 @@ class Pool:
         for i in todo:
             self._results[i] = None
         queue = iter(todo)
+        if self.backend is not None:
+            await self._arun_on_ray(todo)
+            queue = iter(())
 
         async def worker() -> None:
             for i in queue:
@@ -215,6 +224,21 @@ class Pool:
             items=items,
             records=tuple(c for r in items for c in r.records),
             makespan=now() - started,
+        )
+
+    async def _arun_on_ray(self, todo: list[int]) -> None:
+        from ..backends._ray import run_pool_on_ray
+
+        def deliver(index: int, result: RunResult) -> None:
+            self._results[index] = result
+
+        await run_pool_on_ray(
+            self.backend,
+            self._run,
+            [(i, self.inputs[i]) for i in todo],
+            max_flows=self.max_flows,
+            hooks=self.hooks,
+            deliver=deliver,
         )
 
     def _tracker(self, index: int) -> Callable[[str, bool], None]:

@@ -1,0 +1,695 @@
+"""The Ray backend: shards of a batch on Ray workers, each running fanflow's engine.
+
+The driver (the process that called ``map`` or ``Pool.arun``) pulls items lazily, cuts
+them into shards and streams each shard to one of ``workers`` Ray actors
+(``FanflowWorker``), two shards per worker at a time so a worker never idles between
+shards. A worker runs its shard on its own event loop with the local engine, many calls
+in flight (``_Batch.run_item`` for ``map``, the chain/flow for ``Pool``), and streams
+results back as they finish, batched by whatever finished since the last message (a
+Ray streaming generator). The driver puts them in input order and emits the workers'
+events to the caller's hooks, so records, statuses, errors, progress and the summary
+are those of the local backend.
+
+Limits: every worker's lane for a handle leases its concurrency from one broker actor
+(``_limiter.py``), so the limit holds for the whole cluster.
+
+Worker death: when a worker dies (its process killed, its node lost), Ray fails its
+shards' streams; the driver re-queues the items of those shards that had not come back
+and replaces the worker. Items that came back are never run again; an item that was in
+flight when the worker died runs again elsewhere (with ``store=``, a call that had
+completed was committed first and is served from the store instead of repeated).
+
+Ray itself is imported only here, and only when a batch asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import importlib
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from .._engine import make_options
+from .._events import Event, Hook, emit
+from .._exceptions import ConfigError, FanflowError
+from .._limits import Gate, Lane
+from .._llm import LLM, BaseLLM, set_lane_factory
+from .._retry import RetryPolicy
+from .._types import BatchResult, CallRecord, Response, Status
+from ..patterns._jobs import Durability
+from ..patterns._map import _Batch, _FailFast, _Source, _window
+from ..patterns._prompt import Prompt
+from ..store import Store
+from . import RayBackend, resolve_backend
+from ._limiter import GlobalLane, LimitBroker, SlotLease, needs_broker
+
+__all__ = ["map_on_ray", "run_pool_on_ray"]
+
+INSTALL = "pip install 'fanflow[ray]'"
+BROKER_NAME = "fanflow-limits"
+_IN_FLIGHT_PER_WORKER = 2  # shards per worker at once: the next one is ready at a tail
+
+
+def import_ray() -> ModuleType:
+    """Ray, or a clear error saying how to install it."""
+    try:
+        return importlib.import_module("ray")
+    except ImportError as exc:
+        raise ConfigError(
+            f"backend='ray' needs Ray, which is not installed; install it with: {INSTALL}"
+        ) from exc
+
+
+def _connect(backend: RayBackend) -> ModuleType:
+    ray = import_ray()
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = dict(backend.ray_init or {})
+        if backend.address is not None:
+            kwargs["address"] = backend.address
+        ray.init(**kwargs)
+    return ray
+
+
+# --------------------------------------------------------------------------- actors
+
+
+class _BrokerActor:
+    """The :class:`LimitBroker` of the cluster, as a Ray actor."""
+
+    def __init__(self) -> None:
+        self.broker = LimitBroker()
+
+    async def acquire(self, handle_id: str, limits: Any, worker: str) -> bool:
+        return await self.broker.acquire(handle_id, limits, worker)
+
+    async def release(self, handle_id: str, worker: str) -> None:
+        self.broker.release(handle_id, worker)
+
+    async def forget(self, worker: str) -> int:
+        return self.broker.forget(worker)
+
+    async def statistics(self, handle_id: str) -> Any:
+        return self.broker.statistics(handle_id)
+
+
+# The shard a worker's task is running, so its events go back with its results.
+_OUT: contextvars.ContextVar[_Out] = contextvars.ContextVar("fanflow_ray_out")
+
+
+@dataclass
+class _Out:
+    results: list[tuple[int, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pending(self) -> bool:
+        return bool(self.results or self.events)
+
+    def take(self) -> tuple[list[tuple[int, Any]], list[Event]]:
+        chunk = (self.results, self.events)
+        self.results, self.events = [], []
+        return chunk
+
+
+def _collect(event: Event) -> None:
+    out = _OUT.get(None)
+    if out is not None:
+        out.events.append(event)
+
+
+class FanflowWorker:
+    """One worker process of a batch: runs shards with the local engine."""
+
+    def __init__(self, worker_id: str, broker: Any, work_box: list[Any], window: int) -> None:
+        self.worker_id = worker_id
+        self.broker = broker
+        self.work_box = work_box
+        self.window = window
+        self.work: _Work | None = None
+        self.gate: Gate | None = None
+        self.leases: list[SlotLease] = []
+        set_lane_factory(self._lane)
+
+    def _lane(self, handle: BaseLLM) -> Lane:
+        limits = handle.limits
+        if not needs_broker(limits):
+            return Lane(limits)
+        broker, worker, handle_id = self.broker, self.worker_id, handle.limit_id
+
+        async def ask() -> bool:
+            granted: bool = await broker.acquire.remote(handle_id, limits, worker)
+            return granted
+
+        def give_back() -> None:
+            broker.release.remote(handle_id, worker)
+
+        lease = SlotLease(ask, give_back)
+        self.leases.append(lease)
+        return GlobalLane(limits, lease)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def _ready(self) -> _Work:
+        if self.work is None:
+            work: _Work = await self.work_box[0]
+            if self.work is None:  # another shard may have got there first
+                await work.start(self.window)
+                self.work = work
+                self.gate = Gate(self.window)
+        return self.work
+
+    async def shard(
+        self, pairs: list[tuple[int, Any]], prior: dict[int, Any]
+    ) -> AsyncIterator[tuple[list[tuple[int, Any]], list[Event]]]:
+        """Run a shard; yield (results, events) as items finish."""
+        work = await self._ready()
+        gate = self.gate
+        assert gate is not None
+        out = _Out()
+        it = iter(pairs)
+
+        async def lane() -> None:
+            while True:
+                await gate.acquire()
+                try:
+                    got = next(it, None)
+                    if got is None:
+                        return
+                    index, item = got
+                    result = await work.run_one(index, item, prior.get(index))
+                    out.results.append((index, result))
+                    out.wake.set()
+                finally:
+                    gate.release()
+
+        async def lanes() -> None:
+            _OUT.set(out)
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(self.window, len(pairs))):
+                    tg.create_task(lane())
+
+        task = asyncio.get_running_loop().create_task(lanes())
+        try:
+            while not task.done() or out.pending():
+                if not out.pending():
+                    waiter = asyncio.ensure_future(out.wake.wait())
+                    try:
+                        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+                    out.wake.clear()
+                    continue
+                yield out.take()
+            task.result()  # a bug or a store failure: raise it in the driver
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def close(self) -> None:
+        for lease in self.leases:
+            await lease.aclose()
+        if self.work is not None:
+            await self.work.close()
+
+
+# --------------------------------------------------------------------------- work
+
+
+class _Work:
+    """What a worker does with each item of a batch."""
+
+    async def start(self, window: int) -> None:
+        """Build the per-process state (on the worker's event loop)."""
+
+    async def run_one(self, index: int, item: Any, prior: Any) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the per-process state."""
+
+
+@dataclass(frozen=True)
+class _StoreSpec:
+    path: str
+    timeout: float
+    job: str | None
+    only_failed: bool
+    cache: bool
+
+
+class _MapWork(_Work):
+    def __init__(
+        self,
+        llm: LLM,
+        prompt: Prompt,
+        *,
+        timeout: float | None,
+        deadline_wall: float | None,
+        retry: RetryPolicy | None,
+        hedge_after: float | None,
+        system: str | None,
+        params: dict[str, Any],
+        parse: Callable[[Response], Any],
+        events: bool,
+        label: str | None,
+        store: _StoreSpec | None,
+    ) -> None:
+        self.llm = llm
+        self.prompt = prompt
+        self.timeout = timeout
+        self.deadline_wall = deadline_wall
+        self.retry = retry
+        self.hedge_after = hedge_after
+        self.system = system
+        self.params = params
+        self.parse = parse
+        self.events = events
+        self.label = label
+        self.store = store
+        self._batch: _Batch[Any] | None = None
+        self._durable: Durability | None = None
+
+    async def start(self, window: int) -> None:
+        deadline = None
+        if self.deadline_wall is not None:
+            # Wall clocks agree across machines (NTP); loop clocks need not.
+            deadline = max(self.deadline_wall - time.time(), 1e-9)
+        opts = make_options(
+            concurrency=window if self.hedge_after is not None else None,
+            timeout=self.timeout,
+            deadline=deadline,
+            retry=self.retry,
+            hedge_after=self.hedge_after,
+            hooks=(_collect,) if self.events else (),
+        )
+        spec = self.store
+        if spec is not None:
+            self._durable = Durability(
+                store=Store(spec.path, timeout=spec.timeout),
+                job=spec.job,
+                only_failed=spec.only_failed,
+                cache=spec.cache,
+                sink=None,
+            )
+        self._batch = _Batch[Any](
+            self.llm,
+            self.prompt,
+            (),
+            opts=opts,
+            workers=window,
+            parse=self.parse,
+            deliver=lambda record: None,
+            system=self.system,
+            params=self.params,
+            label=self.label,
+            fail_fast=False,
+            durable=self._durable,
+        )
+
+    async def run_one(self, index: int, item: Any, prior: Any) -> CallRecord[Any]:
+        assert self._batch is not None
+        if prior is not None and self._durable is not None:
+            self._durable.prior[index] = prior
+        return await self._batch.run_item(index, item)
+
+    async def close(self) -> None:
+        if self._durable is not None and self._durable.store is not None:
+            await self._durable.store.aclose()
+        if isinstance(self.llm, BaseLLM):
+            await self.llm.aclose()
+
+
+class _PoolWork(_Work):
+    def __init__(self, runner: Any, events: bool) -> None:
+        self.runner = runner
+        self.events = events
+
+    async def run_one(self, index: int, item: Any, prior: Any) -> Any:
+        hooks: tuple[Hook, ...] = (_collect,) if self.events else ()
+        return await self.runner.execute(item, index=index, hooks=hooks)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class _Pairs:
+    """A source of (index, item) pairs that are already numbered (a pool's inputs)."""
+
+    is_async = False
+
+    def __init__(self, pairs: Sequence[tuple[int, Any]]) -> None:
+        self._it = iter(pairs)
+        self.seen = 0
+
+    def next_sync(self) -> tuple[int, Any] | None:
+        got = next(self._it, None)
+        if got is not None:
+            self.seen += 1
+        return got
+
+    async def next(self) -> tuple[int, Any] | None:  # pragma: no cover - is_async is False
+        return self.next_sync()
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    worker_id: str
+    generation: int = 0
+
+
+def _remote_error(ray: ModuleType, exc: BaseException) -> BaseException | None:
+    """The user's or fanflow's own error inside a Ray task error (None: not one)."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            return cause
+    return None
+
+
+class _Driver:
+    """Streams shards of a batch to Ray workers and hands back what they return."""
+
+    def __init__(
+        self,
+        backend: RayBackend,
+        work: _Work,
+        items: Any,
+        *,
+        window: int,
+        workers: int | None,
+        on_chunk: Callable[[list[tuple[int, Any]], list[Event], dict[int, Any]], None],
+        prior: Callable[[int], Any],
+        numbered: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.work = work
+        self.source: _Source | _Pairs = _Pairs(items) if numbered else _Source(items)
+        self.window = window
+        self.n_workers = workers
+        self.on_chunk = on_chunk
+        self.prior = prior
+        self.retry: deque[list[tuple[int, Any]]] = deque()
+        self.exhausted = False
+        self.running = 0
+        self.changed = asyncio.Event()
+        self.restarts = 0
+
+    async def run(self) -> int:
+        """Run every item; return how many the source gave."""
+        backend = self.backend
+        ray = _connect(backend)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n = self.n_workers or backend.workers or max(cpus, 1)
+        self.max_restarts = (
+            backend.max_worker_restarts if backend.max_worker_restarts is not None else 2 * n
+        )
+        self.shard_size = backend.shard_size or min(max(2 * self.window, 16), 2048)
+        broker_cls = ray.remote(_BrokerActor)
+        self.broker = broker_cls.options(
+            name=BROKER_NAME, get_if_exists=True, num_cpus=0, max_concurrency=100_000
+        ).remote()
+        self.worker_cls = ray.remote(FanflowWorker)
+        self.work_box = [ray.put(self.work)]
+        self.ray = ray
+        slots = [self._new_slot() for _ in range(n)]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for slot in slots:
+                    for _ in range(_IN_FLIGHT_PER_WORKER):
+                        tg.create_task(self._feed(slot))
+        except BaseExceptionGroup as group:
+            errors = group.exceptions
+            first = next((e for e in errors if isinstance(e, _FailFast)), errors[0])
+            raise first from None
+        finally:
+            await self._stop(slots)
+        return self.source.seen
+
+    def _new_slot(self) -> _Slot:
+        worker_id = uuid.uuid4().hex
+        options: dict[str, Any] = {
+            "num_cpus": self.backend.worker_cpus,
+            "max_concurrency": 100_000,
+            "scheduling_strategy": "SPREAD",
+        }
+        actor = self.worker_cls.options(**options).remote(
+            worker_id, self.broker, self.work_box, self.window
+        )
+        return _Slot(actor, worker_id)
+
+    async def _stop(self, slots: Sequence[_Slot]) -> None:
+        ray = self.ray
+        closing = [slot.actor.close.remote() for slot in slots]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 10.0)
+        for slot in slots:
+            with contextlib.suppress(Exception):
+                ray.kill(slot.actor)
+            self.broker.forget.remote(slot.worker_id)
+
+    async def _next_shard(self) -> list[tuple[int, Any]] | None:
+        while True:
+            if self.retry:
+                return self.retry.popleft()
+            if not self.exhausted:
+                shard: list[tuple[int, Any]] = []
+                source = self.source
+                while len(shard) < self.shard_size:
+                    got = await source.next() if source.is_async else source.next_sync()
+                    if got is None:
+                        self.exhausted = True
+                        break
+                    shard.append(got)
+                if shard:
+                    return shard
+            if self.running == 0:
+                return None
+            # Shards are still out: one may come back unfinished from a dead worker.
+            self.changed.clear()
+            await self.changed.wait()
+
+    async def _feed(self, slot: _Slot) -> None:
+        while True:
+            shard = await self._next_shard()
+            if shard is None:
+                self.changed.set()
+                return
+            self.running += 1
+            try:
+                await self._run_shard(slot, shard)
+            finally:
+                self.running -= 1
+                self.changed.set()
+
+    async def _run_shard(self, slot: _Slot, shard: list[tuple[int, Any]]) -> None:
+        ray = self.ray
+        generation = slot.generation
+        items = dict(shard)
+        prior = {i: p for i in items if (p := self.prior(i)) is not None}
+        stream = slot.actor.shard.remote(shard, prior)
+        try:
+            async for ref in stream:
+                results, events = await ref
+                for index, _ in results:
+                    items.pop(index, None)
+                self.on_chunk(results, events, items)
+        except ray.exceptions.RayActorError:
+            # The worker died: what it did not return runs again elsewhere.
+            remainder = [(i, item) for i, item in shard if i in items]
+            if remainder:
+                self.retry.appendleft(remainder)
+            self._replace(slot, generation)
+        except ray.exceptions.RayTaskError as exc:
+            cause = _remote_error(ray, exc)
+            if cause is None:
+                raise
+            raise cause from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                ray.cancel(stream)
+            raise
+
+    def _replace(self, slot: _Slot, generation: int) -> None:
+        if slot.generation != generation:
+            return  # the other shard of this worker already replaced it
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise FanflowError(
+                f"{self.restarts} Ray workers died during this batch (more than "
+                f"max_worker_restarts={self.max_restarts}); see the Ray logs for why "
+                "(out of memory?). Items that finished are in the store if you passed "
+                "store= and job=; run again to resume"
+            )
+        self.broker.forget.remote(slot.worker_id)
+        new = self._new_slot()
+        slot.actor, slot.worker_id = new.actor, new.worker_id
+        slot.generation += 1
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal positive shares (fewer if total < parts)."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _workers_for(backend: RayBackend, limit: int | None) -> tuple[int | None, int | None]:
+    """How many workers, and each one's window, when a per-batch limit must be split."""
+    if limit is None:
+        return backend.workers, None
+    n = backend.workers
+    if n is None:
+        ray = import_ray()
+        if ray.is_initialized():
+            n = int(ray.cluster_resources().get("CPU", 1))
+        else:
+            n = os.cpu_count() or 1
+    shares = _split(limit, n)
+    # Every worker gets the smallest share, so the sum never exceeds the limit.
+    return len(shares), min(shares)
+
+
+async def map_on_ray(
+    backend: object,
+    llm: LLM,
+    prompt: Prompt,
+    items: Any,
+    *,
+    concurrency: int | None,
+    timeout: float | None,
+    deadline: float | None,
+    retry: RetryPolicy | None,
+    hedge_after: float | None,
+    system: str | None,
+    params: dict[str, Any],
+    parse: Callable[[Response], Any],
+    hooks: Sequence[Hook],
+    label: str | None,
+    fail_fast: bool,
+    durable: Durability | None,
+) -> BatchResult[Any]:
+    """``fanflow.map`` on Ray (see :func:`fanflow.map` for the arguments)."""
+    ray_backend = resolve_backend(backend)
+    assert ray_backend is not None
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
+    if deadline is not None and deadline <= 0:
+        raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
+    _connect(ray_backend)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    workers, window = _workers_for(ray_backend, concurrency)
+    if window is None:
+        window = _window(llm, None, None)
+    store = None
+    if durable is not None and durable.store is not None:
+        store = _StoreSpec(
+            str(durable.store.path),
+            durable.store.timeout,
+            durable.job,
+            durable.only_failed,
+            durable.cache,
+        )
+    work = _MapWork(
+        llm,
+        prompt,
+        timeout=timeout,
+        deadline_wall=None if deadline is None else time.time() + deadline,
+        retry=retry,
+        hedge_after=hedge_after,
+        system=system,
+        params=params,
+        parse=parse,
+        events=bool(hooks),
+        label=label,
+        store=store,
+    )
+    records: dict[int, CallRecord[Any]] = {}
+
+    def on_chunk(
+        results: list[tuple[int, Any]], events: list[Event], items: dict[int, Any]
+    ) -> None:
+        for event in events:
+            emit(hooks, event)
+        for index, record in results:
+            records[index] = record
+            if durable is not None:
+                durable.emit(record, items.get(index))
+            if fail_fast and record.status is not Status.SUCCEEDED:
+                raise _FailFast(record)
+
+    def prior(index: int) -> Any:
+        return durable.prior.get(index) if durable is not None else None
+
+    driver = _Driver(
+        ray_backend,
+        work,
+        items,
+        window=window,
+        workers=workers,
+        on_chunk=on_chunk,
+        prior=prior,
+    )
+    size = len(items) if isinstance(items, Sequence) else None
+    try:
+        if durable is None:
+            await driver.run()
+        else:
+            await durable.around(driver.run, size)
+    except _FailFast as stop:
+        if stop.record.error is not None:
+            raise stop.record.error from None
+        raise  # pragma: no cover - a non-succeeded record always has an error
+    seen = driver.source.seen
+    missing = [i for i in range(seen) if i not in records]
+    if missing:  # pragma: no cover - a broken promise, loudly
+        raise FanflowError(f"internal error: items {missing[:10]} ended with no status")
+    return BatchResult([records[i] for i in range(seen)], makespan=loop.time() - start)
+
+
+async def run_pool_on_ray(
+    backend: object,
+    runner: Any,
+    todo: Sequence[tuple[int, Any]],
+    *,
+    max_flows: int,
+    hooks: Sequence[Hook],
+    deliver: Callable[[int, Any], None],
+) -> None:
+    """Run a pool's inputs on Ray; ``deliver(index, RunResult)`` as each ends."""
+    ray_backend = resolve_backend(backend)
+    assert ray_backend is not None
+    _connect(ray_backend)
+    workers, window = _workers_for(ray_backend, max_flows)
+    assert window is not None
+
+    def on_chunk(
+        results: list[tuple[int, Any]], events: list[Event], items: dict[int, Any]
+    ) -> None:
+        for event in events:
+            emit(hooks, event)
+        for index, result in results:
+            deliver(index, result)
+
+    driver = _Driver(
+        ray_backend,
+        _PoolWork(runner, bool(hooks)),
+        list(todo),
+        window=window,
+        workers=workers,
+        on_chunk=on_chunk,
+        prior=lambda index: None,
+        numbered=True,
+    )
+    await driver.run()
