@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fanflow
+import fanflow.backends
 import fanflow.events
 import fanflow.patterns
 import fanflow.providers
@@ -10,7 +11,14 @@ import fanflow.testing
 
 
 def test_all_matches_public_names() -> None:
-    for module in (fanflow, fanflow.events, fanflow.patterns, fanflow.providers, fanflow.testing):
+    for module in (
+        fanflow,
+        fanflow.backends,
+        fanflow.events,
+        fanflow.patterns,
+        fanflow.providers,
+        fanflow.testing,
+    ):
         public = {
             name
             for name in dir(module)

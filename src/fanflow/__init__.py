@@ -63,6 +63,7 @@ from ._types import (
     Summary,
     Usage,
 )
+from .backends import RayBackend
 from .patterns import (
     BestOfNResult,
     Call,
@@ -151,6 +152,7 @@ __all__ = [
     "QuotaExceeded",
     "RateLimitState",
     "RateLimited",
+    "RayBackend",
     "Request",
     "Response",
     "ResultStream",

@@ -48,7 +48,7 @@ from ..patterns._jobs import Durability
 from ..patterns._map import _Batch, _FailFast, _Source, _window
 from ..patterns._prompt import Prompt
 from ..store import Store
-from . import RayBackend, resolve_backend
+from ._config import RayBackend, resolve_backend
 from ._limiter import GlobalLane, LimitBroker, SlotLease, needs_broker
 
 __all__ = ["map_on_ray", "run_pool_on_ray"]
@@ -342,6 +342,24 @@ class _PoolWork(_Work):
 
 # --------------------------------------------------------------------------- driver
 
+# The broker of the cluster this process is connected to, kept referenced for the life
+# of the connection: Ray ends an actor, even a named one, once no handle to it is left,
+# and the broker must outlive one batch (two batches sharing a handle share its limit).
+_BROKER: tuple[str, Any] | None = None
+
+
+def _broker(ray: ModuleType) -> Any:
+    global _BROKER
+    job = ray.get_runtime_context().get_job_id()
+    if _BROKER is None or _BROKER[0] != job:
+        actor = (
+            ray.remote(_BrokerActor)
+            .options(name=BROKER_NAME, get_if_exists=True, num_cpus=0, max_concurrency=100_000)
+            .remote()
+        )
+        _BROKER = (job, actor)
+    return _BROKER[1]
+
 
 class _Pairs:
     """A source of (index, item) pairs that are already numbered (a pool's inputs)."""
@@ -416,10 +434,7 @@ class _Driver:
             backend.max_worker_restarts if backend.max_worker_restarts is not None else 2 * n
         )
         self.shard_size = backend.shard_size or min(max(2 * self.window, 16), 2048)
-        broker_cls = ray.remote(_BrokerActor)
-        self.broker = broker_cls.options(
-            name=BROKER_NAME, get_if_exists=True, num_cpus=0, max_concurrency=100_000
-        ).remote()
+        self.broker = _broker(ray)
         self.worker_cls = ray.remote(FanflowWorker)
         self.work_box = [ray.put(self.work)]
         self.ray = ray
@@ -440,6 +455,8 @@ class _Driver:
     def _new_slot(self) -> _Slot:
         worker_id = uuid.uuid4().hex
         options: dict[str, Any] = {
+            # Named, so operators (and tests) can find a batch's workers in the cluster.
+            "name": f"fanflow-worker-{worker_id}",
             "num_cpus": self.backend.worker_cpus,
             "max_concurrency": 100_000,
             "scheduling_strategy": "SPREAD",

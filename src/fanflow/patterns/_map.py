@@ -18,7 +18,7 @@ from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM, BaseLLM
 from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
-from ..backends import RayBackend, resolve_backend
+from ..backends._config import RayBackend, resolve_backend
 from ..store import Sink, Store
 from ._jobs import Durability
 from ._prompt import Prompt, build_request

@@ -18,7 +18,7 @@ from .._events import Hook
 from .._exceptions import ConfigError
 from .._sync import run as run_sync
 from .._types import Status
-from ..backends import RayBackend, resolve_backend
+from ..backends._config import RayBackend, resolve_backend
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, RunResult, Step
 from ._skill import Skill

@@ -1,0 +1,70 @@
+"""The ``backend=`` option of batch patterns: ``"local"``, ``"ray"`` or a RayBackend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .._exceptions import ConfigError
+
+__all__ = ["RayBackend", "resolve_backend"]
+
+
+@dataclass(frozen=True)
+class RayBackend:
+    """Run a batch on Ray: shards of items on worker processes, one limit for all.
+
+    Args:
+        address: the cluster to join (``"auto"``, ``"ray://head:10001"``, ...). None:
+            the cluster Ray is already connected to, else ``RAY_ADDRESS``, else a local
+            Ray instance is started (and kept for the rest of the process).
+        workers: worker processes (each runs many calls at once on its own event
+            loop). None: one per CPU of the cluster.
+        shard_size: items sent to a worker at a time. None: twice the items a worker
+            runs at once, between 16 and 2,048. Smaller shards balance better and lose
+            less on a crash; larger ones cost fewer messages.
+        worker_cpus: CPUs Ray reserves for each worker (0: workers are packed by
+            count alone; LLM calls mostly wait on the network).
+        max_worker_restarts: worker processes that may die (killed, node lost) and be
+            replaced during one batch before it fails; None: twice ``workers``.
+        ray_init: extra keyword arguments for ``ray.init`` when fanflow starts or
+            joins the cluster (``runtime_env``, ``namespace``, ...).
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    shard_size: int | None = None
+    worker_cpus: float = 0.0
+    max_worker_restarts: int | None = None
+    ray_init: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}; use None for one per CPU")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.worker_cpus < 0:
+            raise ConfigError(f"worker_cpus must be >= 0, got {self.worker_cpus}")
+        if self.max_worker_restarts is not None and self.max_worker_restarts < 0:
+            raise ConfigError(f"max_worker_restarts must be >= 0, got {self.max_worker_restarts}")
+
+    def __repr__(self) -> str:
+        return (
+            f"fanflow.RayBackend(address={self.address!r}, workers={self.workers}, "
+            f"shard_size={self.shard_size})"
+        )
+
+
+def resolve_backend(backend: object) -> RayBackend | None:
+    """The Ray backend a ``backend=`` argument asks for, or None for the local one.
+
+    Raises:
+        ConfigError: an unknown backend.
+    """
+    if backend == "local" or backend is None:
+        return None
+    if backend == "ray":
+        return RayBackend()
+    if isinstance(backend, RayBackend):
+        return backend
+    raise ConfigError(f"unknown backend {backend!r}; use 'local', 'ray' or fanflow.RayBackend(...)")

@@ -1,0 +1,231 @@
+"""The Ray backend on a local Ray cluster (started here, 2 CPUs) against SimServer.
+
+Ray workers are separate processes, so these tests run in real time (no looptime):
+latencies are a few milliseconds, every wait is on state (SimServer's counters, the
+batch's own completion) and bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import fanflow
+import fanflow.events
+from fanflow import Limits, RayBackend
+from fanflow.testing import SimServer
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.timeout(180)
+
+ITEMS = [f"item {i}" for i in range(60)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # This test module cannot be imported by the workers: send its functions by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _handle(server: SimServer, limits: Limits | None = None) -> fanflow.BaseLLM:
+    return fanflow.openai(
+        "sim", base_url=server.url, api_key="sk-test-SECRET", limits=limits, retry=None
+    )
+
+
+def _shape(result: fanflow.BatchResult[Any]) -> list[tuple[Any, ...]]:
+    """What must be identical between backends: per item, status, output and error."""
+    return [
+        (
+            r.index,
+            r.status,
+            r.value,
+            type(r.error).__name__ if r.error else None,
+            str(r.error) if r.error else None,
+            r.usage,
+            len(r.attempts),
+        )
+        for r in result.records
+    ]
+
+
+async def test_results_are_identical_to_the_local_backend() -> None:
+    items: list[Any] = [{"text": t} for t in ITEMS]
+    items[7] = {"wrong": "field"}  # a bad input: TemplateError, no call
+    faults: Any = {"item 3$": "quota", "item 11$": ["500", "503"], "item 42$": "quota"}
+    async with SimServer(latency=0.002, fault_on=faults) as server:
+        llm = _handle(server)
+        local = await fanflow.map(llm, "Say {text}", items, max_tokens=20)
+        server.reset()  # the scripted faults of item 11 start again
+        events: list[Any] = []
+        remote = await fanflow.map(
+            llm,
+            "Say {text}",
+            items,
+            max_tokens=20,
+            backend=RayBackend(workers=2, shard_size=7),
+            hooks=[events.append],
+        )
+        await llm.aclose()
+    assert _shape(remote) == _shape(local)
+    assert remote.status[3] is fanflow.Status.FAILED
+    assert remote.records[11].ok
+    assert remote.records[11].retries == 2
+    assert isinstance(remote.errors[3], fanflow.QuotaExceeded)
+    assert isinstance(remote.errors[7], fanflow.TemplateError)
+    assert remote.summary.succeeded == local.summary.succeeded == 57
+    assert remote.summary.calls == local.summary.calls
+    # Progress: the workers' events reach the caller's hooks, one CallEnded per item.
+    ended = [e.record.index for e in events if isinstance(e, fanflow.events.CallEnded)]
+    assert sorted(ended) == list(range(len(items)))
+    assert "sk-test-SECRET" not in repr(remote.records) + repr(remote.errors)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_one_concurrency_limit_for_all_workers(workers: int) -> None:
+    # The server refuses (429) a 4th request in flight. The handle's limit is 3: each
+    # worker alone may run 3, so only a cluster-wide limit keeps the server at 3.
+    async with SimServer(latency=0.01, max_in_flight=3) as server:
+        llm = _handle(server, Limits(concurrency=3))
+        result = await fanflow.map(
+            llm, "Say {input}", ITEMS, backend=RayBackend(workers=workers, shard_size=5)
+        )
+        await llm.aclose()
+        stats = server.stats()
+    assert result.ok, [str(e) for e in result.errors.values()][:1]
+    assert result.outputs == [f"echo: Say {t}" for t in ITEMS]
+    assert stats.responses == {200: len(ITEMS)}  # zero 429s
+    assert stats.max_in_flight == 3  # the limit was used, not undershot
+
+
+async def test_map_concurrency_is_split_between_workers() -> None:
+    async with SimServer(latency=0.01) as server:
+        llm = _handle(server)
+        result = await fanflow.map(
+            llm, "Say {input}", ITEMS, concurrency=5, backend=RayBackend(workers=2)
+        )
+        await llm.aclose()
+        stats = server.stats()
+    assert result.ok
+    assert 1 <= stats.max_in_flight <= 5
+
+
+def _worker_pids() -> list[int]:
+    names = [n for n in ray.util.list_named_actors() if n.startswith("fanflow-worker-")]
+    pids = []
+    for name in names:
+        try:
+            pids.append(ray.get(ray.get_actor(name).pid.remote(), timeout=10))
+        except Exception:
+            continue
+    return pids
+
+
+async def _wait_for(condition: Any, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        # Polls another process's state (the server's counters), not a local event.
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+async def test_a_killed_worker_loses_nothing(tmp_path: Any, with_store: bool) -> None:
+    n = 240
+    items = [f"item {i}" for i in range(n)]
+    async with SimServer(latency=0.01) as server:
+        llm = _handle(server, Limits(concurrency=8))
+        store = fanflow.Store(tmp_path / "store.db") if with_store else None
+        task = asyncio.ensure_future(
+            fanflow.map(
+                llm,
+                "Say {input}",
+                items,
+                backend=RayBackend(workers=2, shard_size=20),
+                store=store,
+                job="kill" if with_store else None,
+            )
+        )
+        await _wait_for(lambda: server.stats().responses.get(200, 0) >= n // 4)
+        pids = await asyncio.to_thread(_worker_pids)
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        result = await asyncio.wait_for(task, 120)
+        await llm.aclose()
+        sent = collections.Counter(r.prompt for r in server.requests)
+        if store is not None:
+            info = store.job("kill")
+            store.close()
+    assert not task.cancelled()
+    assert [r.index for r in result.records] == list(range(n))  # every item, once
+    assert result.ok
+    assert result.outputs == [f"echo: Say {t}" for t in items]
+    assert set(sent) == {f"Say {t}" for t in items}
+    repeated = [p for p, c in sent.items() if c > 1]
+    # Only calls in flight on the killed worker (at most the limit, 8) can run twice.
+    assert len(repeated) <= 8, repeated
+    if with_store:
+        assert info is not None
+        assert info.succeeded == n
+
+
+async def test_pool_runs_on_ray_like_locally() -> None:
+    async with SimServer(latency=0.002) as server:
+        llm = _handle(server, Limits(concurrency=4))
+        chain = fanflow.Chain(
+            [
+                fanflow.Step(fanflow.Skill(llm, "Summarize {text}", name="summary"), output="s"),
+                fanflow.Step(_shout, output="loud"),
+            ]
+        )
+        inputs = [{"text": f"doc {i}"} for i in range(25)]
+        local = await fanflow.Pool(chain, inputs, max_flows=4).arun()
+        pool = fanflow.Pool(chain, inputs, max_flows=4, backend=RayBackend(workers=2))
+        remote = await pool.arun()
+        await llm.aclose()
+    assert remote.outputs == local.outputs
+    assert remote.outputs[3] == "ECHO: SUMMARIZE DOC 3"
+    assert pool.status.succeeded == 25
+    assert len(remote.records) == len(local.records)
+
+
+def _shout(s: str) -> str:
+    return s.upper()
+
+
+async def test_a_bad_prompt_function_fails_its_item_like_locally() -> None:
+    async with SimServer() as server:
+        llm = _handle(server)
+        result = await fanflow.map(
+            llm, _prompt_or_fail, ["a", "b", "boom"], backend=RayBackend(workers=1)
+        )
+        await llm.aclose()
+    assert result.outputs[:2] == ["echo: A", "echo: B"]
+    assert result.status[2] is fanflow.Status.FAILED
+    assert "no boom" in str(result.errors[2])
+
+
+def _prompt_or_fail(item: str) -> str:
+    if item == "boom":
+        raise ValueError("no boom please")
+    return item.upper()
+
+
+async def test_fail_fast_raises_the_first_failure() -> None:
+    async with SimServer(fault_on={"item 5$": "quota"}) as server:
+        llm = _handle(server)
+        with pytest.raises(fanflow.QuotaExceeded):
+            await fanflow.map(llm, "{input}", ITEMS, fail_fast=True, backend=RayBackend(workers=1))
+        await llm.aclose()
