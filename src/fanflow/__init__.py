@@ -58,7 +58,7 @@ from ._types import (
     Usage,
 )
 from .patterns import Call, ResultStream, as_completed, call, gather, map, race
-from .providers import function
+from .providers import function, local
 
 try:
     __version__ = _version("fanflow")
@@ -110,6 +110,7 @@ __all__ = [
     "function",
     "gather",
     "is_retryable",
+    "local",
     "map",
     "race",
     "run",
