@@ -103,7 +103,9 @@ class Instance:
             bos_token=model._model.token_get_text(bos) if bos != -1 else "",
             stop_token_ids=[eos],
         )
-        self.n_ctx = model.n_ctx()
+        # llama.cpp may round the context up, but the Python side's buffers hold only what
+        # was asked for: the smaller of the two is what fits.
+        self.n_ctx = min(settings.n_ctx, model.n_ctx())
         self.name = settings.path.stem
 
     def close(self) -> None:
