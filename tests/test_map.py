@@ -259,3 +259,23 @@ def test_every_item_ends_once_and_in_order(
         )
         assert result.status[i] is expected
         assert result.outputs[i] == (f"out-{i}" if expected is Status.SUCCEEDED else None)
+
+
+async def test_template_errors_for_bad_format_and_bad_callable() -> None:
+    llm = ScriptedLLM()
+    result = await fanflow.map(llm, "{0}", [{"a": 1}])
+    assert isinstance(result.errors[0], fanflow.TemplateError)
+    assert "could not be filled" in str(result.errors[0])
+    bad = await fanflow.map(llm, lambda item: 3, ["x"])  # type: ignore[arg-type,return-value]
+    assert "returned int; return a str or a fanflow.Request" in str(bad.errors[0])
+    text = await fanflow.map(llm, lambda item: f"Q: {item}", ["x"], system="s")
+    assert text.outputs == ["echo: Q: x"]
+    assert llm.requests[-1].system == "s"
+
+
+def test_run_raises_the_error_of_the_work() -> None:
+    async def boom() -> None:
+        raise fanflow.ConfigError("nope")
+
+    with pytest.raises(fanflow.ConfigError, match="nope"):
+        fanflow.run(boom())

@@ -15,7 +15,7 @@ a pattern cancels its calls' tasks, and never turns into a retry.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -355,6 +355,8 @@ class _Call(Generic[T]):
 
     def _ordered_attempts(self) -> tuple[Attempt, ...]:
         # Attempts are appended as they end; a record lists them as they were started.
+        if len(self.attempts) == 1:
+            return (self.attempts[0],)
         return tuple(sorted(self.attempts, key=lambda a: a.number))
 
     def _tries(self) -> list[Attempt]:
@@ -397,7 +399,7 @@ class _Call(Generic[T]):
         return record
 
 
-async def execute(
+def execute(
     llm: LLM,
     request: Request,
     opts: CallOptions = CallOptions(),
@@ -405,8 +407,8 @@ async def execute(
     index: int | None = None,
     label: str | None = None,
     parse: Callable[[Response], T] | None = None,
-) -> CallRecord[T]:
-    """Run one call to its terminal status and return its record.
+) -> Coroutine[Any, Any, CallRecord[T]]:
+    """Run one call to its terminal status and return its record (await the result).
 
     Failures are data: the record holds the error. Only cancellation propagates.
 
@@ -422,5 +424,7 @@ async def execute(
     if isinstance(llm, BaseLLM):
         request = llm.prepare(request)
     # Not _Call[T](...): calling a subscripted generic goes through typing's slow path.
+    # Return run()'s coroutine rather than awaiting it here: one frame fewer per call,
+    # which matters when 10,000 calls are in flight (fewer objects for the GC to scan).
     call: _Call[T] = _Call(llm, request, opts, index, label)
-    return await call.run(parse)
+    return call.run(parse)
