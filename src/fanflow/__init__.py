@@ -7,8 +7,9 @@ Layers (imports only point down; see DESIGN.md):
                 fan_out, vote, best_of_n, guarded, evaluate, sections,
                 ParallelCalls, Skill, Step, Chain, Flow, Pool
     engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
-    providers   function(), and HTTP adapters                  (fanflow.providers)
-    testing     ScriptedLLM                                    (fanflow.testing)
+    providers   function(), openai(), anthropic()              (fanflow.providers)
+    store       Store (SQLite cache + jobs), JSONL/Parquet sinks (fanflow.store)
+    testing     ScriptedLLM, SimServer                         (fanflow.testing)
 
 This module only re-exports; implementation lives in private modules.
 """
@@ -42,6 +43,7 @@ from ._exceptions import (
     ServerError,
     Skipped,
     StepInputError,
+    StoreError,
     TemplateError,
     is_retryable,
 )
@@ -54,6 +56,7 @@ from ._types import (
     BatchResult,
     CallRecord,
     Message,
+    RateLimitState,
     Request,
     Response,
     Status,
@@ -96,7 +99,8 @@ from .patterns import (
     sections,
     vote,
 )
-from .providers import function, local
+from .providers import anthropic, function, local, openai
+from .store import JsonlSink, ParquetSink, Store
 
 try:
     __version__ = _version("fanflow")
@@ -126,12 +130,14 @@ __all__ = [
     "Flow",
     "GuardedResult",
     "ItemStatus",
+    "JsonlSink",
     "Limits",
     "Message",
     "NotFound",
     "Overloaded",
     "ParallelCalls",
     "ParallelCallsResult",
+    "ParquetSink",
     "ParseError",
     "PermissionDenied",
     "Pool",
@@ -143,6 +149,7 @@ __all__ = [
     "ProviderTimeout",
     "QuorumNotMet",
     "QuotaExceeded",
+    "RateLimitState",
     "RateLimited",
     "Request",
     "Response",
@@ -159,12 +166,15 @@ __all__ = [
     "Step",
     "StepInputError",
     "StepRecord",
+    "Store",
+    "StoreError",
     "Summary",
     "TemplateError",
     "Usage",
     "VoteResult",
     "Worker",
     "__version__",
+    "anthropic",
     "as_completed",
     "best_of_n",
     "call",
@@ -176,6 +186,7 @@ __all__ = [
     "is_retryable",
     "local",
     "map",
+    "openai",
     "race",
     "run",
     "sections",

@@ -5,9 +5,8 @@ SmolLM2 model on a free loopback port. fanflow's patterns (map, vote, fan_out) r
 against it over HTTP, and their results must equal the same requests sent one by one,
 at temperature 0 with a fixed seed: real replies and the server's own usage numbers.
 
-The client is a minimal raw-HTTP one (``_raw_openai.RawOpenAI``) because
-``fanflow.openai`` had not landed on main when these tests were written; swap it in by
-replacing ``RawOpenAI(host, port, ...)`` with ``fanflow.openai(base_url=...)``.
+The client is ``fanflow.openai(base_url=...)``, the same handle users point at any
+OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -16,14 +15,12 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 import fanflow
 from fanflow.providers.local import default_model_path
-
-from ._raw_openai import RawOpenAI
 
 HOST = "127.0.0.1"
 GREEDY = {"temperature": 0.0, "seed": 7}
@@ -78,22 +75,29 @@ def server() -> Iterator[int]:
         proc.stderr.close()
 
 
-def client(port: int, concurrency: int = 4) -> RawOpenAI:
-    return RawOpenAI(
-        HOST,
-        port,
-        model="smollm2",
-        limits=fanflow.Limits(concurrency=concurrency),
-        defaults={"max_tokens": 8, **GREEDY},
+@pytest.fixture
+async def llm(server: int) -> AsyncIterator[fanflow.providers.OpenAILLM]:
+    handle = fanflow.openai(
+        "smollm2",
+        base_url=f"http://{HOST}:{server}/v1",
+        limits=fanflow.Limits(concurrency=4),
+        max_tokens=8,
+        temperature=0.0,
+        seed=7,
     )
+    async with handle:
+        yield handle
 
 
-async def one_by_one(llm: RawOpenAI, requests: list[fanflow.Request]) -> list[fanflow.Response]:
+async def one_by_one(
+    llm: fanflow.providers.OpenAILLM, requests: list[fanflow.Request]
+) -> list[fanflow.Response]:
     return [await llm.complete(llm.prepare(r)) for r in requests]
 
 
-async def test_map_equals_sequential_calls_with_real_usage(server: int) -> None:
-    llm = client(server)
+async def test_map_equals_sequential_calls_with_real_usage(
+    llm: fanflow.providers.OpenAILLM,
+) -> None:
     prompt = "Name a colour that rhymes with {word}."
     items = [{"word": w} for w in ("bed", "blue", "bright", "clean", "mellow", "stack")]
     result = await fanflow.map(llm, prompt, items, **GREEDY)  # type: ignore[arg-type]
@@ -110,8 +114,7 @@ async def test_map_equals_sequential_calls_with_real_usage(server: int) -> None:
     assert llm.statistics().concurrency.max_in_flight == 4
 
 
-async def test_vote_equals_sequential_samples(server: int) -> None:
-    llm = client(server)
+async def test_vote_equals_sequential_samples(llm: fanflow.providers.OpenAILLM) -> None:
     task = "What is 2 + 3? Answer with a number."
     result = await fanflow.vote(llm, task, n=3, temperature=0.0)
     [reference] = await one_by_one(llm, [fanflow.Request.of(task, temperature=0.0)])
@@ -125,8 +128,7 @@ async def test_vote_equals_sequential_samples(server: int) -> None:
     assert reference.text.strip()
 
 
-async def test_fan_out_equals_sequential_calls(server: int) -> None:
-    llm = client(server)
+async def test_fan_out_equals_sequential_calls(llm: fanflow.providers.OpenAILLM) -> None:
     task = "Give one tip for writing clear code."
     focus = ["naming", "testing", "comments"]
     result = await fanflow.fan_out(
