@@ -119,13 +119,28 @@ class SlotLease:
     """A worker's share of one handle's cluster-wide concurrency.
 
     Args:
+        limit: the handle's concurrency limit: a worker never holds or asks for more
+            slots than that, so it cannot queue ahead of other workers at the broker.
         ask: waits for one slot from the broker (True when granted).
         give_back: returns one slot to the broker (fire and forget).
     """
 
-    __slots__ = ("_ask", "_asking", "_give_back", "_reuses", "_tasks", "_waiters", "held", "used")
+    __slots__ = (
+        "_ask",
+        "_asking",
+        "_give_back",
+        "_limit",
+        "_reuses",
+        "_tasks",
+        "_waiters",
+        "held",
+        "used",
+    )
 
-    def __init__(self, ask: Callable[[], Awaitable[bool]], give_back: Callable[[], None]) -> None:
+    def __init__(
+        self, limit: int, ask: Callable[[], Awaitable[bool]], give_back: Callable[[], None]
+    ) -> None:
+        self._limit = limit
         self._ask = ask
         self._give_back = give_back
         self.held = 0  # slots leased from the broker
@@ -175,7 +190,7 @@ class SlotLease:
 
     def _ask_more(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._asking < len(self._waiters):
+        while self._asking < len(self._waiters) and self.held + self._asking < self._limit:
             self._asking += 1
             task = loop.create_task(self._one_more())
             self._tasks.add(task)

@@ -151,7 +151,8 @@ class FanflowWorker:
         def give_back() -> None:
             broker.release.remote(handle_id, worker)
 
-        lease = SlotLease(ask, give_back)
+        assert limits.concurrency is not None
+        lease = SlotLease(limits.concurrency, ask, give_back)
         self.leases.append(lease)
         return GlobalLane(limits, lease)
 

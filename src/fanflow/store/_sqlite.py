@@ -377,6 +377,7 @@ class Store:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.path = Path(path) if path is not None else DEFAULT_PATH
         self.timeout = timeout
+        self._options = (durability, max_batch)
         self._hits = 0
         self._misses = 0
         self._closed = False
@@ -393,6 +394,11 @@ class Store:
 
     def __repr__(self) -> str:
         return f"fanflow.Store({str(self.path)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy in another process (a Ray worker) opens the same file.
+        durability, max_batch = self._options
+        return (_reopen, (str(self.path), self.timeout, durability, max_batch))
 
     # -- opening ---------------------------------------------------------------------
 
@@ -655,6 +661,10 @@ class Store:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _reopen(path: str, timeout: float, durability: Any, max_batch: int) -> Store:
+    return Store(path, timeout=timeout, durability=durability, max_batch=max_batch)
 
 
 def _item_op(record: CallRecord[Any], item: ItemRef, key: str | None, now: float) -> Op:

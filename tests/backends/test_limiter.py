@@ -1,0 +1,156 @@
+"""The cluster-wide limiter without a cluster: the broker and workers' leases on one loop.
+
+Each "worker" is a :class:`SlotLease` whose ``ask``/``give_back`` call the broker
+directly (in Ray they are actor calls); virtual time makes call durations exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+
+import pytest
+
+import fanflow
+from fanflow import ConfigError, Limits
+from fanflow.backends._config import resolve_backend
+from fanflow.backends._limiter import REUSE, GlobalLane, LimitBroker, SlotLease
+
+pytestmark = pytest.mark.looptime
+
+LIMITS = Limits(concurrency=3)
+
+
+def _lease(broker: LimitBroker, worker: str, gave: list[str] | None = None) -> SlotLease:
+    async def ask() -> bool:
+        await asyncio.sleep(0.001)  # a round trip to the broker actor
+        return await broker.acquire("h", LIMITS, worker)
+
+    def give_back() -> None:
+        if gave is not None:
+            gave.append(worker)
+        broker.release("h", worker)
+
+    return SlotLease(3, ask, give_back)
+
+
+async def test_workers_together_never_exceed_the_limit_and_use_all_of_it() -> None:
+    broker = LimitBroker()
+    lanes = [GlobalLane(LIMITS, _lease(broker, f"w{i}")) for i in range(4)]
+    rng = random.Random(1)
+    in_flight = peak = done = 0
+
+    async def call(lane: GlobalLane) -> None:
+        nonlocal in_flight, peak, done
+        if not lane.try_acquire():
+            await lane.acquire()
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(rng.choice([0.5, 1.0, 2.0]))
+        in_flight -= 1
+        done += 1
+        lane.release()
+
+    async with asyncio.TaskGroup() as tg:
+        for lane in lanes:
+            for _ in range(25):
+                tg.create_task(call(lane))
+    stats = broker.statistics("h")
+    assert stats is not None
+    assert done == 100
+    assert peak == 3
+    assert stats.max_leased == 3
+    assert stats.leased == 0  # every slot went back
+    for lane in lanes:
+        await lane.lease.aclose()
+
+
+async def test_a_busy_worker_lets_the_others_have_a_turn() -> None:
+    broker = LimitBroker()
+    gave: list[str] = []
+    a, b = _lease(broker, "a", gave), _lease(broker, "b", gave)
+    order: list[str] = []
+
+    async def call(lease: SlotLease, name: str) -> None:
+        await lease.take()
+        order.append(name)
+        await asyncio.sleep(1.0)
+        lease.give()
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(3 * REUSE):
+            tg.create_task(call(a, "a"))
+        await asyncio.sleep(0.1)  # a holds all 3 slots, with many calls queued
+        tg.create_task(call(b, "b"))
+    # b got a slot after at most REUSE reuses of one of a's slots, not after all of a.
+    assert order.index("b") <= 3 + REUSE
+    assert "a" in gave
+
+
+async def test_a_dead_workers_slots_are_reclaimed() -> None:
+    broker = LimitBroker()
+    dead, alive = _lease(broker, "dead"), _lease(broker, "alive")
+    for _ in range(3):
+        await dead.take()  # and never gives them back: its process was killed
+    waiting = asyncio.ensure_future(alive.take())
+    await asyncio.sleep(5)
+    assert not waiting.done()
+    assert broker.forget("dead") == 3
+    await asyncio.wait_for(waiting, 1)
+    stats = broker.statistics("h")
+    assert stats is not None
+    assert stats.by_worker == {"alive": 1}
+    # A request from the dead worker that arrives late is refused, not leaked.
+    assert await broker.acquire("h", LIMITS, "dead") is False
+    alive.give()
+    await dead.aclose()
+    await alive.aclose()
+
+
+async def test_cancelling_a_waiting_call_takes_no_slot() -> None:
+    broker = LimitBroker()
+    lease = _lease(broker, "w")
+    for _ in range(3):
+        await lease.take()
+    waiter = asyncio.ensure_future(lease.take())
+    await asyncio.sleep(1)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    for _ in range(3):
+        lease.give()
+    await asyncio.sleep(1)
+    stats = broker.statistics("h")
+    assert stats is not None
+    assert stats.leased == 0
+    assert lease.held == lease.used == 0
+    await lease.aclose()
+
+
+async def test_an_unreachable_broker_fails_the_call_that_asked() -> None:
+    async def ask() -> bool:
+        raise ConnectionError("broker actor died")
+
+    lease = SlotLease(3, ask, lambda: None)
+    with pytest.raises(ConnectionError):
+        await lease.take()
+    await lease.aclose()
+
+
+async def test_without_ray_installed_the_error_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    llm = fanflow.function(lambda request: "x")
+    with pytest.raises(ConfigError, match=r"pip install 'fanflow\[ray\]'"):
+        await fanflow.map(llm, "{input}", ["a"], backend="ray")
+
+
+def test_unknown_backends_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"use 'local', 'ray' or fanflow\.RayBackend"):
+        resolve_backend("dask")
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
+        fanflow.RayBackend(workers=0)
+    with pytest.raises(ConfigError, match="unknown backend"):
+        fanflow.Pool(lambda x: x, [{"x": 1}], backend="spark")
