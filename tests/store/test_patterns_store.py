@@ -111,6 +111,28 @@ async def test_every_pattern_serves_its_calls_from_the_store_the_second_time(
     assert [r.value for r in second] == [r.value for r in first]
 
 
+async def test_call_gather_and_race_go_through_the_store(store: Store) -> None:
+    llm = ScriptedLLM(latency=1.0)
+    first = await fanflow.gather(
+        fanflow.call(llm, "a", store=store), fanflow.call(llm, "b", store=store), settled=True
+    )
+    assert not any(r.cached for r in first)
+    again = await fanflow.gather(
+        fanflow.call(llm, "a", store=store), fanflow.call(llm, "b", store=store), settled=True
+    )
+    assert [(r.index, r.cached, r.value.text) for r in again] == [
+        (0, True, "echo: a"),
+        (1, True, "echo: b"),
+    ]
+    won = await fanflow.race(fanflow.call(llm, "c"), fanflow.call(llm, "a", store=store))
+    assert won.text == "echo: a"  # served at once, so it won
+    assert (await fanflow.call(llm, "a", store=store)).text == "echo: a"
+    fresh = await fanflow.call(llm, "a", store=store, cache=False).record()
+    assert not fresh.cached
+    # The model saw a and b once, then a again for cache=False (c lost the race).
+    assert [r.prompt for r in llm.requests if r.prompt != "c"] == ["a", "b", "a"]
+
+
 async def test_without_a_store_nothing_is_cached() -> None:
     llm = ScriptedLLM(numbered)
     await fanflow.vote(llm, "q", n=3)
