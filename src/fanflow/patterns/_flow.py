@@ -16,6 +16,9 @@ Input keys are checked before anything runs: a missing key fails the item at onc
 a :class:`fanflow.StepInputError` naming the step and the key.
 
 Sync functions run on the event loop thread (keep them quick; make slow I/O async).
+
+Model calls are made by skills only, so a skill's ``store=`` (or a pool's, which
+overrides it) covers every model call of a chain or flow.
 """
 
 from __future__ import annotations
