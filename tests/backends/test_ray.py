@@ -229,3 +229,27 @@ async def test_fail_fast_raises_the_first_failure() -> None:
         with pytest.raises(fanflow.QuotaExceeded):
             await fanflow.map(llm, "{input}", ITEMS, fail_fast=True, backend=RayBackend(workers=1))
         await llm.aclose()
+
+
+async def test_a_pool_job_on_ray_is_replayed_from_the_store(tmp_path: Any) -> None:
+    async with SimServer(latency=0.002) as server:
+        llm = _handle(server, Limits(concurrency=4))
+        skill = fanflow.Skill(llm, "Summarize {text}", name="summary")
+        inputs = [{"text": f"doc {i}"} for i in range(12)]
+        with fanflow.Store(tmp_path / "pool.db") as store:
+            first = await fanflow.Pool(
+                skill, inputs, max_flows=4, store=store, job="p", backend=RayBackend(workers=2)
+            ).arun()
+            sent = server.stats().requests
+            again = await fanflow.Pool(
+                skill, inputs, max_flows=4, store=store, job="p", backend=RayBackend(workers=2)
+            ).arun()
+            info = store.job("p")
+        await llm.aclose()
+    assert first.outputs == again.outputs
+    assert first.outputs[5] == "echo: Summarize doc 5"
+    assert sent == 12
+    assert server.stats().requests == 12  # the second run made no call
+    assert all(r.cached for r in again.records)
+    assert info is not None
+    assert info.succeeded == 12

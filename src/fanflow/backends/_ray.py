@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -332,13 +332,23 @@ class _MapWork(_Work):
 
 
 class _PoolWork(_Work):
-    def __init__(self, runner: Any, events: bool) -> None:
+    def __init__(self, runner: Any, events: bool, store: Store | None, cache: bool) -> None:
         self.runner = runner
         self.events = events
+        self.store = store  # pickled as its path: the worker opens the same file
+        self.cache = cache
 
     async def run_one(self, index: int, item: Any, prior: Any) -> Any:
+        # ``prior`` is True for an input that succeeded in an earlier run of the job:
+        # it is replayed from the store whatever ``cache`` says.
         hooks: tuple[Hook, ...] = (_collect,) if self.events else ()
-        return await self.runner.execute(item, index=index, hooks=hooks)
+        return await self.runner.execute(
+            item, index=index, hooks=hooks, store=self.store, cache=self.cache or bool(prior)
+        )
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.aclose()
 
 
 # --------------------------------------------------------------------------- driver
@@ -408,7 +418,7 @@ class _Driver:
         *,
         window: int,
         workers: int | None,
-        on_chunk: Callable[[list[tuple[int, Any]], list[Event], dict[int, Any]], None],
+        on_chunk: Callable[[list[tuple[int, Any]], list[Event], dict[int, Any]], Awaitable[None]],
         prior: Callable[[int], Any],
         numbered: bool = False,
     ) -> None:
@@ -522,7 +532,7 @@ class _Driver:
                 results, events = await ref
                 for index, _ in results:
                     items.pop(index, None)
-                self.on_chunk(results, events, items)
+                await self.on_chunk(results, events, items)
         except ray.exceptions.RayActorError:
             # The worker died: what it did not return runs again elsewhere.
             remainder = [(i, item) for i, item in shard if i in items]
@@ -635,7 +645,7 @@ async def map_on_ray(
     )
     records: dict[int, CallRecord[Any]] = {}
 
-    def on_chunk(
+    async def on_chunk(
         results: list[tuple[int, Any]], events: list[Event], items: dict[int, Any]
     ) -> None:
         for event in events:
@@ -683,31 +693,34 @@ async def run_pool_on_ray(
     *,
     max_flows: int,
     hooks: Sequence[Hook],
-    deliver: Callable[[int, Any], None],
+    store: Store | None,
+    cache: bool,
+    replay: Callable[[int], bool],
+    deliver: Callable[[int, Any], Awaitable[None]],
 ) -> None:
-    """Run a pool's inputs on Ray; ``deliver(index, RunResult)`` as each ends."""
+    """Run a pool's inputs on Ray; ``await deliver(index, RunResult)`` as each ends."""
     ray_backend = resolve_backend(backend)
     assert ray_backend is not None
     _connect(ray_backend)
     workers, window = _workers_for(ray_backend, max_flows)
     assert window is not None
 
-    def on_chunk(
+    async def on_chunk(
         results: list[tuple[int, Any]], events: list[Event], items: dict[int, Any]
     ) -> None:
         for event in events:
             emit(hooks, event)
         for index, result in results:
-            deliver(index, result)
+            await deliver(index, result)
 
     driver = _Driver(
         ray_backend,
-        _PoolWork(runner, bool(hooks)),
+        _PoolWork(runner, bool(hooks), store, cache),
         list(todo),
         window=window,
         workers=workers,
         on_chunk=on_chunk,
-        prior=lambda index: None,
+        prior=lambda index: True if replay(index) else None,
         numbered=True,
     )
     await driver.run()
