@@ -15,7 +15,7 @@ import pytest
 import fanflow
 from fanflow import ConfigError, Limits
 from fanflow.backends._config import resolve_backend
-from fanflow.backends._limiter import REUSE, GlobalLane, LimitBroker, SlotLease
+from fanflow.backends._limiter import LINGER, REUSE, GlobalLane, LimitBroker, SlotLease
 
 pytestmark = pytest.mark.looptime
 
@@ -56,6 +56,7 @@ async def test_workers_together_never_exceed_the_limit_and_use_all_of_it() -> No
         for lane in lanes:
             for _ in range(25):
                 tg.create_task(call(lane))
+    await asyncio.sleep(LINGER)  # spare slots linger that long, then go back
     stats = broker.statistics("h")
     assert stats is not None
     assert done == 100
@@ -154,3 +155,26 @@ def test_unknown_backends_are_refused() -> None:
         fanflow.RayBackend(workers=0)
     with pytest.raises(ConfigError, match="unknown backend"):
         fanflow.Pool(lambda x: x, [{"x": 1}], backend="spark")
+
+
+async def test_a_spare_slot_lingers_for_the_next_call_then_goes_back() -> None:
+    broker = LimitBroker()
+    asks = 0
+
+    async def ask() -> bool:
+        nonlocal asks
+        asks += 1
+        return await broker.acquire("h", LIMITS, "w")
+
+    lease = SlotLease(3, ask, lambda: broker.release("h", "w"))
+    await lease.take()
+    lease.give()
+    assert lease.try_take()  # reused at once: no second round trip
+    lease.give()
+    assert asks == 1
+    await asyncio.sleep(LINGER)
+    stats = broker.statistics("h")
+    assert stats is not None
+    assert stats.leased == 0
+    assert lease.held == 0
+    await lease.aclose()
