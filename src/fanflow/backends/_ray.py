@@ -125,17 +125,44 @@ def _collect(event: Event) -> None:
         out.events.append(event)
 
 
-class FanflowWorker:
-    """One worker process of a batch: runs shards with the local engine."""
+class _Run:
+    """One batch's state in a worker process (a worker serves batch after batch)."""
 
-    def __init__(self, worker_id: str, broker: Any, work_box: list[Any], window: int) -> None:
+    def __init__(self, work_box: list[Any], window: int) -> None:
+        self.window = window
+        self.gate = Gate(window)
+        self.leases: list[SlotLease] = []
+        self.ready = asyncio.ensure_future(self._load(work_box))
+
+    async def _load(self, work_box: list[Any]) -> _Work:
+        work: _Work = await work_box[0]
+        await work.start(self.window)
+        return work
+
+    async def close(self) -> None:
+        for lease in self.leases:
+            await lease.aclose()
+        if not self.ready.done():
+            self.ready.cancel()
+        with contextlib.suppress(BaseException):
+            await (await self.ready).close()
+
+
+# The batch a worker's task belongs to, so the lanes it makes are closed with it.
+_RUN: contextvars.ContextVar[_Run] = contextvars.ContextVar("fanflow_ray_run")
+
+
+class FanflowWorker:
+    """One worker process: runs shards of batches with the local engine.
+
+    A driver keeps its workers for the life of its Ray connection, so only its first
+    batch pays for starting them (a second or two per process).
+    """
+
+    def __init__(self, worker_id: str, broker: Any) -> None:
         self.worker_id = worker_id
         self.broker = broker
-        self.work_box = work_box
-        self.window = window
-        self.work: _Work | None = None
-        self.gate: Gate | None = None
-        self.leases: list[SlotLease] = []
+        self.runs: dict[str, _Run] = {}
         set_lane_factory(self._lane)
 
     def _lane(self, handle: BaseLLM) -> Lane:
@@ -153,28 +180,28 @@ class FanflowWorker:
 
         assert limits.concurrency is not None
         lease = SlotLease(limits.concurrency, ask, give_back)
-        self.leases.append(lease)
+        run = _RUN.get(None)
+        if run is not None:
+            run.leases.append(lease)
         return GlobalLane(limits, lease)
 
     async def pid(self) -> int:
         return os.getpid()
 
-    async def _ready(self) -> _Work:
-        if self.work is None:
-            work: _Work = await self.work_box[0]
-            if self.work is None:  # another shard may have got there first
-                await work.start(self.window)
-                self.work = work
-                self.gate = Gate(self.window)
-        return self.work
-
     async def shard(
-        self, pairs: list[tuple[int, Any]], prior: dict[int, Any]
+        self,
+        run_id: str,
+        work_box: list[Any],
+        window: int,
+        pairs: list[tuple[int, Any]],
+        prior: dict[int, Any],
     ) -> AsyncIterator[tuple[list[tuple[int, Any]], list[Event]]]:
-        """Run a shard; yield (results, events) as items finish."""
-        work = await self._ready()
-        gate = self.gate
-        assert gate is not None
+        """Run a shard of batch ``run_id``; yield (results, events) as items finish."""
+        run = self.runs.get(run_id)
+        if run is None:
+            run = self.runs[run_id] = _Run(work_box, window)
+        work = await asyncio.shield(run.ready)
+        gate = run.gate
         out = _Out()
         it = iter(pairs)
 
@@ -194,8 +221,9 @@ class FanflowWorker:
 
         async def lanes() -> None:
             _OUT.set(out)
+            _RUN.set(run)
             async with asyncio.TaskGroup() as tg:
-                for _ in range(min(self.window, len(pairs))):
+                for _ in range(min(run.window, len(pairs))):
                     tg.create_task(lane())
 
         task = asyncio.get_running_loop().create_task(lanes())
@@ -217,11 +245,11 @@ class FanflowWorker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def close(self) -> None:
-        for lease in self.leases:
-            await lease.aclose()
-        if self.work is not None:
-            await self.work.close()
+    async def end_run(self, run_id: str) -> None:
+        """Batch ``run_id`` is over: give back its slots, close its handles and store."""
+        run = self.runs.pop(run_id, None)
+        if run is not None:
+            await run.close()
 
 
 # --------------------------------------------------------------------------- work
@@ -398,6 +426,46 @@ class _Slot:
     generation: int = 0
 
 
+# The workers of the cluster this process is connected to, kept between batches.
+_WORKERS: tuple[str, float, list[_Slot]] | None = None
+
+
+def _workers(ray: ModuleType, broker: Any, n: int, cpus: float) -> list[_Slot]:
+    """``n`` workers of this driver (started now if there are fewer)."""
+    global _WORKERS
+    job = ray.get_runtime_context().get_job_id()
+    if _WORKERS is None or _WORKERS[0] != job or _WORKERS[1] != cpus:
+        _WORKERS = (job, cpus, [])
+    pool = _WORKERS[2]
+    while len(pool) < n:
+        pool.append(_new_slot(ray, broker, cpus))
+    return pool[:n]
+
+
+def _new_slot(ray: ModuleType, broker: Any, cpus: float) -> _Slot:
+    worker_id = uuid.uuid4().hex
+    actor = (
+        ray.remote(FanflowWorker)
+        .options(
+            # Named, so operators (and tests) can find the workers in the cluster.
+            name=f"fanflow-worker-{worker_id}",
+            num_cpus=cpus,
+            max_concurrency=100_000,
+            scheduling_strategy="SPREAD",
+        )
+        .remote(worker_id, broker)
+    )
+    return _Slot(actor, worker_id)
+
+
+def worker_pids() -> list[int]:
+    """The process ids of this driver's Ray workers, in the order batches use them."""
+    if _WORKERS is None:
+        return []
+    ray = import_ray()
+    return [int(ray.get(slot.actor.pid.remote(), timeout=30)) for slot in _WORKERS[2]]
+
+
 def _remote_error(ray: ModuleType, exc: BaseException) -> BaseException | None:
     """The user's or fanflow's own error inside a Ray task error (None: not one)."""
     if isinstance(exc, ray.exceptions.RayTaskError):
@@ -446,10 +514,10 @@ class _Driver:
         )
         self.shard_size = backend.shard_size or min(max(2 * self.window, 16), 2048)
         self.broker = _broker(ray)
-        self.worker_cls = ray.remote(FanflowWorker)
         self.work_box = [ray.put(self.work)]
+        self.run_id = uuid.uuid4().hex
         self.ray = ray
-        slots = [self._new_slot() for _ in range(n)]
+        slots = _workers(ray, self.broker, n, backend.worker_cpus)
         try:
             async with asyncio.TaskGroup() as tg:
                 for slot in slots:
@@ -463,29 +531,10 @@ class _Driver:
             await self._stop(slots)
         return self.source.seen
 
-    def _new_slot(self) -> _Slot:
-        worker_id = uuid.uuid4().hex
-        options: dict[str, Any] = {
-            # Named, so operators (and tests) can find a batch's workers in the cluster.
-            "name": f"fanflow-worker-{worker_id}",
-            "num_cpus": self.backend.worker_cpus,
-            "max_concurrency": 100_000,
-            "scheduling_strategy": "SPREAD",
-        }
-        actor = self.worker_cls.options(**options).remote(
-            worker_id, self.broker, self.work_box, self.window
-        )
-        return _Slot(actor, worker_id)
-
     async def _stop(self, slots: Sequence[_Slot]) -> None:
-        ray = self.ray
-        closing = [slot.actor.close.remote() for slot in slots]
+        ending = [slot.actor.end_run.remote(self.run_id) for slot in slots]
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 10.0)
-        for slot in slots:
-            with contextlib.suppress(Exception):
-                ray.kill(slot.actor)
-            self.broker.forget.remote(slot.worker_id)
+            await asyncio.wait_for(asyncio.gather(*ending, return_exceptions=True), 30.0)
 
     async def _next_shard(self) -> list[tuple[int, Any]] | None:
         while True:
@@ -526,7 +575,7 @@ class _Driver:
         generation = slot.generation
         items = dict(shard)
         prior = {i: p for i in items if (p := self.prior(i)) is not None}
-        stream = slot.actor.shard.remote(shard, prior)
+        stream = slot.actor.shard.remote(self.run_id, self.work_box, self.window, shard, prior)
         try:
             async for ref in stream:
                 results, events = await ref
@@ -561,7 +610,9 @@ class _Driver:
                 "store= and job=; run again to resume"
             )
         self.broker.forget.remote(slot.worker_id)
-        new = self._new_slot()
+        with contextlib.suppress(Exception):
+            self.ray.kill(slot.actor)
+        new = _new_slot(self.ray, self.broker, self.backend.worker_cpus)
         slot.actor, slot.worker_id = new.actor, new.worker_id
         slot.generation += 1
 
