@@ -16,6 +16,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from ._budget import Budget
 from ._exceptions import (
     AllFailed,
     AuthenticationError,
@@ -37,13 +38,15 @@ from ._exceptions import (
     QuorumNotMet,
     QuotaExceeded,
     RateLimited,
+    RequestTooLarge,
     ServerError,
     Skipped,
     TemplateError,
     is_retryable,
 )
-from ._limits import Limits
+from ._limits import Adaptive, Limits
 from ._llm import LLM, BaseLLM
+from ._pricing import Price
 from ._retry import RetryPolicy
 from ._sync import run
 from ._types import (
@@ -57,7 +60,17 @@ from ._types import (
     Summary,
     Usage,
 )
-from .patterns import Call, ResultStream, as_completed, call, gather, map, race
+from .patterns import (
+    Call,
+    Estimate,
+    ResultStream,
+    as_completed,
+    call,
+    estimate,
+    gather,
+    map,
+    race,
+)
 from .providers import function
 
 try:
@@ -67,6 +80,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "LLM",
+    "Adaptive",
     "AllFailed",
     "Attempt",
     "AuthenticationError",
@@ -74,12 +88,14 @@ __all__ = [
     "BaseLLM",
     "BatchError",
     "BatchResult",
+    "Budget",
     "BudgetExceeded",
     "Call",
     "CallRecord",
     "CallTimeout",
     "ConfigError",
     "ContentFiltered",
+    "Estimate",
     "FanflowError",
     "Limits",
     "Message",
@@ -87,6 +103,7 @@ __all__ = [
     "Overloaded",
     "ParseError",
     "PermissionDenied",
+    "Price",
     "ProtocolError",
     "ProviderConnectionError",
     "ProviderError",
@@ -95,6 +112,7 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "Request",
+    "RequestTooLarge",
     "Response",
     "ResultStream",
     "RetryPolicy",
@@ -107,6 +125,7 @@ __all__ = [
     "__version__",
     "as_completed",
     "call",
+    "estimate",
     "function",
     "gather",
     "is_retryable",

@@ -1,43 +1,172 @@
-"""Admission: how many calls a handle may have in flight.
+"""Admission: how many calls a handle may have in flight, and how fast they may go.
 
 A :class:`Limits` is configuration (frozen); a :class:`Lane` is the live state that
 enforces it for one handle on one event loop. Every pattern using a handle shares its
 lane, so two maps running at once stay within one limit together.
 
-The gate is a FIFO semaphore whose limit can change while it is in use (the adaptive
-controller of the limits work moves it); ``asyncio.Semaphore`` cannot do that.
+A lane has up to three parts, and a handle with no limits pays only for the first:
+
+- the gate: a FIFO semaphore whose limit can change while it is in use (the adaptive
+  controller and the ramp-up after a pause move it; ``asyncio.Semaphore`` cannot);
+- rate buckets (``rpm``, ``tpm``, ``input_tpm``, ``output_tpm``; see :mod:`._rate`):
+  each admission reserves an estimated cost and learns *when* it may send; after the
+  reply the reservation is settled against the reported usage;
+- reactions to the server: a 429 (or 529) with Retry-After pauses the whole lane until
+  then and afterwards ramps up from one call in flight (TCP slow start, RFC 5681)
+  instead of releasing every waiter at once; rate-limit headers slow sends down when
+  ``remaining`` runs low and hold them until the reset when it runs out; with
+  ``Limits.adaptive()`` an AIMD controller moves the in-flight limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
+from ._rate import RateBucket, Slot, aimd_decrease, aimd_increase
 
-__all__ = ["Gate", "GateStatistics", "Lane", "LaneStatistics", "Limits"]
+__all__ = [
+    "Adaptive",
+    "Gate",
+    "GateStatistics",
+    "Lane",
+    "LaneStatistics",
+    "Limits",
+    "Permit",
+]
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}; use None for no limit")
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Settings of the adaptive concurrency controller (AIMD, as TCP congestion
+    avoidance): +``increase`` in-flight calls per round trip while calls succeed, times
+    ``decrease`` on a 429/529 (at most once per round trip), within ``[min, max]``.
+
+    Args:
+        initial: the in-flight limit to start from.
+        min: the lowest in-flight limit.
+        max: the highest in-flight limit.
+        increase: calls added per round trip of successes.
+        decrease: the factor applied on an overload signal (0 < decrease < 1).
+    """
+
+    initial: int = 8
+    min: int = 1
+    max: int = 1000
+    increase: float = 1.0
+    decrease: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.initial <= self.max:
+            raise ConfigError(
+                f"adaptive limits need 1 <= min <= initial <= max, got min={self.min}, "
+                f"initial={self.initial}, max={self.max}"
+            )
+        if not 0 < self.decrease < 1:
+            raise ConfigError(f"decrease must be in (0, 1), got {self.decrease}")
+        if not self.increase > 0:
+            raise ConfigError(f"increase must be > 0, got {self.increase}")
+
+    def __repr__(self) -> str:
+        return (
+            f"fanflow.Adaptive(initial={self.initial}, min={self.min}, max={self.max}, "
+            f"increase={self.increase:g}, decrease={self.decrease:g})"
+        )
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Limits of one LLM handle.
+    """Limits of one LLM handle, shared by every pattern that uses it.
 
     Args:
         concurrency: the most calls in flight at once; None for no limit.
+        rpm: requests per minute (per ``period``); None for no limit.
+        tpm: tokens (input + output) per minute; None for no limit.
+        input_tpm: input tokens per minute, for APIs that count them apart.
+        output_tpm: output tokens per minute, for APIs that count them apart.
+        burst: seconds of budget that may be sent at once (default 1.0: a 6,000 RPM
+            limit sends at most about 100 requests together, then paces evenly). 0
+            spaces every send evenly.
+        period: the window of the rate limits in seconds (60: per minute).
+        controller: settings of the adaptive concurrency controller (made by
+            :meth:`Limits.adaptive`); None for a fixed concurrency.
     """
 
     concurrency: int | None = None
+    rpm: float | None = None
+    tpm: float | None = None
+    input_tpm: float | None = None
+    output_tpm: float | None = None
+    burst: float = 1.0
+    period: float = 60.0
+    controller: Adaptive | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(
                 f"concurrency must be >= 1, got {self.concurrency}; use None for no limit"
             )
+        for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
+            _positive(name, getattr(self, name))
+        if not self.burst >= 0:
+            raise ConfigError(f"burst must be >= 0 seconds, got {self.burst}")
+        if not self.period > 0:
+            raise ConfigError(f"period must be > 0 seconds, got {self.period}")
+
+    @classmethod
+    def adaptive(
+        cls,
+        *,
+        initial: int = 8,
+        min: int = 1,
+        max: int = 1000,
+        increase: float = 1.0,
+        decrease: float = 0.75,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        input_tpm: float | None = None,
+        output_tpm: float | None = None,
+    ) -> Limits:
+        """Limits for a server whose capacity is unknown: the in-flight limit starts at
+        ``initial`` and finds the server's capacity by itself (see :class:`Adaptive`).
+        Known rate limits may still be given and are enforced as usual."""
+        return cls(
+            rpm=rpm,
+            tpm=tpm,
+            input_tpm=input_tpm,
+            output_tpm=output_tpm,
+            controller=Adaptive(initial, min, max, increase, decrease),
+        )
 
     def __repr__(self) -> str:
-        return f"fanflow.Limits(concurrency={self.concurrency})"
+        parts = [f"concurrency={self.concurrency}"]
+        for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}={value:g}")
+        if self.controller is not None:
+            parts.append(f"controller={self.controller!r}")
+        return f"fanflow.Limits({', '.join(parts)})"
+
+    @property
+    def rated(self) -> bool:
+        """Whether any rate limit (rpm, tpm, input_tpm, output_tpm) is set."""
+        return (
+            self.rpm is not None
+            or self.tpm is not None
+            or self.input_tpm is not None
+            or self.output_tpm is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,29 +257,321 @@ class Gate:
         )
 
 
+class Permit:
+    """What one admitted attempt reserved in its lane's rate buckets."""
+
+    __slots__ = ("input", "output", "slots")
+
+    def __init__(self, input: int, output: int, slots: list[tuple[RateBucket, Slot, int]]):
+        self.input = input
+        self.output = output
+        self.slots = slots
+
+
+# Which part of a request a token bucket counts.
+_TOTAL, _INPUT, _OUTPUT, _REQUESTS = 0, 1, 2, 3
+
+# Rate-limit headers: below this share of the limit remaining, sends are spread evenly
+# over the time left until the reset instead of going at full speed.
+_LOW_REMAINING = 0.1
+
+
+def _cost(kind: int, input: int, output: int) -> int:
+    if kind == _TOTAL:
+        return input + output
+    if kind == _INPUT:
+        return input
+    if kind == _OUTPUT:
+        return output
+    return 1
+
+
 @dataclass(frozen=True, slots=True)
 class LaneStatistics:
     """A snapshot of a handle's admission state."""
 
     concurrency: GateStatistics
+    paused_until: float | None = None
+    pauses: int = 0
+    rate_limited: int = 0
+    adaptive_limit: float | None = None
 
 
 class Lane:
     """The live limiter of one handle on one event loop."""
 
-    __slots__ = ("gate", "limits")
+    __slots__ = (
+        "_buckets",
+        "_cap",
+        "_cap_goal",
+        "_hint_interval",
+        "_hint_next",
+        "_hint_until",
+        "_last_cost",
+        "_last_cut",
+        "_level",
+        "_pause_until",
+        "_pauses",
+        "_rate_limited",
+        "_tokens_in_flight",
+        "controller",
+        "gate",
+        "limits",
+        "metered",
+        "needs_tokens",
+    )
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.gate = Gate(limits.concurrency)
+        self.controller = limits.controller
+        self._level: float | None = None
+        concurrency = limits.concurrency
+        if self.controller is not None:
+            self._level = float(self.controller.initial)
+            concurrency = self.controller.initial
+        self.gate = Gate(concurrency)
+        buckets: list[tuple[RateBucket, int]] = []
+        for name, kind in (
+            ("rpm", _REQUESTS),
+            ("tpm", _TOTAL),
+            ("input_tpm", _INPUT),
+            ("output_tpm", _OUTPUT),
+        ):
+            limit = getattr(limits, name)
+            if limit is not None:
+                buckets.append((RateBucket(name, limit, limits.period, limits.burst), kind))
+        self._buckets = buckets
+        self.metered = bool(buckets)
+        self.needs_tokens = any(kind != _REQUESTS for _, kind in buckets)
+        self._pause_until = 0.0
+        self._pauses = 0
+        self._rate_limited = 0
+        self._cap: int | None = None
+        self._cap_goal: int | None = None
+        self._last_cut = -math.inf
+        self._hint_until = -math.inf
+        self._hint_next = -math.inf
+        self._hint_interval = 0.0
+        self._tokens_in_flight = 0
+        self._last_cost = 0
 
-    async def acquire(self) -> None:
-        """Wait until one more call may be sent."""
+    def __repr__(self) -> str:
+        return f"fanflow.Lane({self.limits!r})"
+
+    # -- admission ----------------------------------------------------------------
+
+    def check(self, input: int, output: int, who: str) -> None:
+        """Raise at once if a request of this size can never be admitted.
+
+        Raises:
+            RequestTooLarge: it needs more tokens than a bucket allows per period.
+        """
+        for bucket, kind in self._buckets:
+            cost = _cost(kind, input, output)
+            if not bucket.fits(cost):
+                raise RequestTooLarge(
+                    f"{who} needs an estimated {cost:,} tokens ({input:,} in, "
+                    f"{output:,} out) but {bucket.name}={bucket.limit:,g} allows at most "
+                    f"{bucket.limit:,g} per {self.limits.period:g} s, so it can never be "
+                    f"sent; raise {bucket.name}=, lower max_tokens= or shorten the prompt"
+                )
+
+    async def acquire(self, tokens: tuple[int, int] | None = None) -> Permit | None:
+        """Wait until one more call may be sent; reserve its cost in the rate buckets.
+
+        Args:
+            tokens: the estimated (input, output) tokens, when the lane counts tokens.
+
+        Returns:
+            The reservation to pass to :meth:`finish` (None when nothing is metered).
+        """
         await self.gate.acquire()
+        try:
+            if self.metered:
+                return await self._schedule(tokens or (0, 0))
+            if self._pause_until:
+                await self._wait_pause()
+        except BaseException:
+            self.gate.release()
+            raise
+        return None
+
+    async def _wait_pause(self) -> None:
+        loop = asyncio.get_running_loop()
+        # The pause may be extended while we sleep, so look again after each sleep.
+        while (delay := self._pause_until - loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+
+    async def _schedule(self, tokens: tuple[int, int]) -> Permit:
+        loop = asyncio.get_running_loop()
+        input, output = tokens
+        while True:
+            now = loop.time()
+            t = max(now, self._pause_until)
+            if now < self._hint_until and self._hint_next > t:
+                t = self._hint_next
+            for bucket, kind in self._buckets:
+                t = bucket.send_time(t, _cost(kind, input, output))
+            slots = [
+                (bucket, bucket.reserve(t, _cost(kind, input, output)), kind)
+                for bucket, kind in self._buckets
+            ]
+            if now < self._hint_until:
+                self._hint_next = t + self._hint_interval
+            pause = self._pause_until
+            try:
+                if t > now:
+                    await asyncio.sleep(t - now)
+            except BaseException:
+                for bucket, slot, _ in slots:
+                    bucket.cancel(slot)
+                raise
+            if self._pause_until <= pause or self._pause_until <= loop.time():
+                break
+            # A pause began while we waited: our slot would be sent later than it was
+            # booked, which the windows would not see. Give it back and book again.
+            for bucket, slot, _ in slots:
+                bucket.cancel(slot)
+        self._tokens_in_flight += input + output
+        self._last_cost = input + output
+        return Permit(input, output, slots)
 
     def release(self) -> None:
-        """A call admitted by :meth:`acquire` has ended."""
+        """A call admitted by :meth:`acquire` has ended (no outcome to learn from)."""
         self.gate.release()
 
+    def finish(
+        self,
+        permit: Permit | None,
+        start: float,
+        response: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """An attempt admitted by :meth:`acquire` has ended: settle its reservation
+        against the reported usage and learn from the outcome.
+
+        Args:
+            permit: what :meth:`acquire` returned.
+            start: when the attempt was sent.
+            response: the :class:`fanflow.Response`, on success.
+            error: the attempt's error, on failure (None for a cancellation).
+        """
+        if permit is not None:
+            self._tokens_in_flight -= permit.input + permit.output
+            if response is not None:
+                self._settle(permit, response.usage)
+        if response is not None:
+            if self._cap is not None:
+                self._ramp()
+            if self.controller is not None:
+                self._grow()
+            state = getattr(response, "rate_limit", None)
+            if state is not None:
+                self._observe(state)
+        elif error is not None and isinstance(error, RateLimited | Overloaded):
+            self._overloaded(error, start)
+        self.gate.release()
+
+    def _settle(self, permit: Permit, usage: Any) -> None:
+        input, output = usage.input_tokens, usage.output_tokens
+        if input + output <= 0:
+            return  # the provider reported no usage: keep the estimate
+        for bucket, slot, kind in permit.slots:
+            if kind != _REQUESTS:
+                bucket.settle(slot, _cost(kind, input, output))
+
+    # -- reactions ------------------------------------------------------------------
+
+    def _limit(self) -> int | None:
+        base: int | None = self.limits.concurrency
+        if self._level is not None:
+            base = int(self._level)
+        cap = self._cap
+        if cap is None:
+            return base
+        return cap if base is None else min(base, cap)
+
+    def _ramp(self) -> None:
+        assert self._cap is not None
+        self._cap += 1  # one more per success: doubles every round trip
+        goal = self._cap_goal
+        base = self.limits.concurrency if self._level is None else int(self._level)
+        if (goal is not None and self._cap >= goal) or (base is not None and self._cap >= base):
+            self._cap = None
+        self.gate.set_limit(self._limit())
+
+    def _grow(self) -> None:
+        assert self.controller is not None
+        assert self._level is not None
+        c = self.controller
+        old = int(self._level)
+        self._level = aimd_increase(self._level, c.increase, c.max)
+        if int(self._level) != old:
+            self.gate.set_limit(self._limit())
+
+    def _overloaded(self, error: RateLimited | Overloaded, start: float) -> None:
+        now = asyncio.get_running_loop().time()
+        self._rate_limited += 1
+        c = self.controller
+        if c is not None and self._level is not None and start >= self._last_cut:
+            # Cut once per round trip: attempts sent before the last cut saw the old limit.
+            self._level = aimd_decrease(self._level, c.decrease, c.min)
+            self._last_cut = now
+            self.gate.set_limit(self._limit())
+        state = getattr(error, "rate_limit", None)
+        if state is not None:
+            self._observe(state)
+        if error.retry_after is not None and error.retry_after > 0:
+            self.pause(now + error.retry_after)
+
+    def pause(self, until: float) -> None:
+        """Send nothing before ``until`` (a 429's Retry-After), then ramp up from one
+        call in flight, one more per success, back to the limit."""
+        if until > self._pause_until:
+            self._pause_until = until
+        self._pauses += 1
+        stats = self.gate.statistics()
+        goal = self._limit()
+        self._cap_goal = max(stats.in_flight, 1) if goal is None else goal
+        self._cap = 1
+        self.gate.set_limit(self._limit())
+
+    def _hold(self, until: float) -> None:
+        """Send nothing before ``until`` (a rate-limit reset), without a ramp."""
+        if until > self._pause_until:
+            self._pause_until = until
+
+    def _observe(self, state: Any) -> None:
+        """Steer by the server's rate-limit headers (a ``RateLimitState``)."""
+        now = asyncio.get_running_loop().time()
+        in_flight = self.gate.statistics().in_flight - 1  # the others, maybe not counted
+        pairs = (
+            ("requests", 1, in_flight),
+            ("tokens", max(self._last_cost, 1), self._tokens_in_flight),
+        )
+        for what, cost, pending in pairs:
+            remaining = getattr(state, f"remaining_{what}", None)
+            reset = getattr(state, f"reset_{what}", None)
+            if remaining is None or reset is None or reset <= 0:
+                continue
+            left = remaining - pending
+            if left < cost:
+                self._hold(now + reset)
+                continue
+            limit = getattr(state, f"limit_{what}", None)
+            if limit and remaining < _LOW_REMAINING * limit:
+                interval = reset * cost / left
+                if now >= self._hint_until or interval > self._hint_interval:
+                    self._hint_interval = interval
+                self._hint_until = now + reset
+                self._hint_next = max(self._hint_next, now)
+
     def statistics(self) -> LaneStatistics:
-        return LaneStatistics(concurrency=self.gate.statistics())
+        pause = self._pause_until
+        return LaneStatistics(
+            concurrency=self.gate.statistics(),
+            paused_until=pause if pause else None,
+            pauses=self._pauses,
+            rate_limited=self._rate_limited,
+            adaptive_limit=self._level,
+        )

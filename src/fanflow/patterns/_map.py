@@ -8,13 +8,22 @@ concurrency, not with the input (``as_completed``; ``map`` keeps one record per 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Generic, TypeVar
 
+from .._budget import Budget, as_budget
 from .._engine import CallOptions, execute, make_options
 from .._events import CallEnded, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM, BaseLLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
 from ._prompt import Prompt, build_request
@@ -189,6 +198,8 @@ async def map(
     hooks: Sequence[Hook] = (),
     label: str | None = None,
     fail_fast: bool = False,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
@@ -214,6 +225,11 @@ async def map(
         label: a label for every record (for reports and stores).
         fail_fast: all-or-nothing: the first failure cancels the other items and is
             raised. By default a failure is data (``result.errors``).
+        budget: the most to spend on this call: dollars (a number) or a
+            :class:`fanflow.Budget` (``Budget(tokens=...)``; share one between calls to
+            cap a whole job). Each attempt reserves its expected cost first; items the
+            budget cannot cover end as ``skipped`` with ``BudgetExceeded``.
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
@@ -227,6 +243,8 @@ async def map(
         retry=retry,
         hedge_after=hedge_after,
         hooks=hooks,
+        budget=as_budget(budget),
+        prices=prices,
     )
     records: list[CallRecord[Any] | None] = [None] * size if size is not None else []
 
@@ -353,11 +371,14 @@ def as_completed(
     parse: Callable[[Response], Any] | None = None,
     hooks: Sequence[Hook] = (),
     label: str | None = None,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
 
     ``items`` may be an endless (async) iterator: items are pulled only as workers free
     up, and at most about twice the concurrency of records wait to be consumed.
+    ``budget`` and ``prices`` are as for :func:`map`.
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
@@ -366,6 +387,7 @@ def as_completed(
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
     size = len(items) if isinstance(items, Sequence) else None
+    cap = as_budget(budget)
 
     def make_batch(deliver: Callable[[CallRecord[Any]], Any]) -> _Batch[Any]:
         opts = make_options(
@@ -375,6 +397,8 @@ def as_completed(
             retry=retry,
             hedge_after=hedge_after,
             hooks=hooks,
+            budget=cap,
+            prices=prices,
         )
         return _Batch[Any](
             llm,
