@@ -64,7 +64,7 @@ class Adaptive:
     min: int = 1
     max: int = 1000
     increase: float = 1.0
-    decrease: float = 0.75
+    decrease: float = 0.9
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.initial <= self.max:
@@ -131,7 +131,7 @@ class Limits:
         min: int = 1,
         max: int = 1000,
         increase: float = 1.0,
-        decrease: float = 0.75,
+        decrease: float = 0.9,
         rpm: float | None = None,
         tpm: float | None = None,
         input_tpm: float | None = None,

@@ -95,15 +95,16 @@ class RateBucket:
         """The earliest time >= t at which the window has room for ``cost``."""
         log = self._log
         total = self._sum
-        horizon = t - self.period
+        period = self.period
         i = 0
         n = len(log)
-        # Slots at or before t - period have left every window that ends at or after t.
-        while i < n and log[i].time <= horizon:
+        # A slot has left the window ending at t when slot.time + period <= t (always
+        # this expression, so the float rounding is the same in every comparison).
+        while i < n and log[i].time + period <= t:
             total -= log[i].cost
             i += 1
         while total + cost > self.limit and i < n:
-            t = log[i].time + self.period
+            t = log[i].time + period
             total -= log[i].cost
             i += 1
         return t
@@ -113,8 +114,8 @@ class RateBucket:
         self.tat = max(self.tat, time) + cost / self.rate
         self._last = time
         log = self._log
-        horizon = time - self.period
-        while log and log[0].time <= horizon:
+        period = self.period
+        while log and log[0].time + period <= time:
             old = log.popleft()
             old.live = False
             self._sum -= old.cost
@@ -147,7 +148,7 @@ class RateBucket:
 
     def in_window(self, now: float) -> float:
         """Units counted in the window ending at ``now`` (for statistics and tests)."""
-        return sum(s.cost for s in self._log if now - self.period < s.time <= now)
+        return sum(s.cost for s in self._log if s.time <= now < s.time + self.period)
 
 
 # --------------------------------------------------------------------------- adaptive
