@@ -389,17 +389,23 @@ class Lane:
         try:
             if self.metered:
                 return await self._schedule(tokens or (0, 0))
-            if self._pause_until:
-                await self._wait_pause()
+            if self._pause_until or self._hint_interval:
+                await self._wait_steer()
         except BaseException:
             self.gate.release()
             raise
         return None
 
-    async def _wait_pause(self) -> None:
+    async def _wait_steer(self) -> None:
+        """Wait out a pause and the pacing asked for by rate-limit headers."""
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        t = self._pause_until
+        if now < self._hint_until:
+            t = max(t, self._hint_next)
+            self._hint_next = max(t, now) + self._hint_interval
         # The pause may be extended while we sleep, so look again after each sleep.
-        while (delay := self._pause_until - loop.time()) > 0:  # noqa: ASYNC110
+        while (delay := max(t, self._pause_until) - loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(delay)
 
     async def _schedule(self, tokens: tuple[int, int]) -> Permit:
@@ -461,8 +467,8 @@ class Lane:
             if response is not None:
                 self._settle(permit, response.usage)
         if response is not None:
-            if self._cap is not None:
-                self._ramp()
+            if self._cap is not None and start >= self._pause_until:
+                self._ramp()  # only calls sent after the pause tell us it is safe
             if self.controller is not None:
                 self._grow()
             state = getattr(response, "rate_limit", None)

@@ -8,7 +8,9 @@ The prompt is counted by tiktoken's ``o200k_base`` encoding when tiktoken is ins
 *and* its encoding file is already in tiktoken's cache: tiktoken downloads encodings at
 first use, which fails offline (checked on this machine: a ``ConnectionError``), so
 fanflow never lets it try. Otherwise it uses the documented rule of thumb "one token is
-about four characters of English text" (OpenAI's tokenizer guide), rounded up, plus the
+about four characters of English text" (OpenAI's tokenizer guide), rounded up, for ASCII
+text, and one token per character outside ASCII (where tokenizers spend a token or more
+per character: CJK, emoji), plus the
 chat format's overhead of 3 tokens per message and 3 to prime the reply (OpenAI
 cookbook, "How to count tokens with tiktoken"). See docs/decisions/0041-token-estimates.md.
 """
@@ -60,12 +62,22 @@ def _offline_encoder() -> Callable[[str], int] | None:
     return count
 
 
+def _heuristic(text: str) -> int:
+    if text.isascii():
+        return -(-len(text) // _CHARS_PER_TOKEN)
+    # Outside ASCII (accents, CJK, emoji) tokenizers spend about a token per character
+    # or more; count each such character as one so reservations stay on the safe side.
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return -(-ascii_chars // _CHARS_PER_TOKEN) + len(text) - ascii_chars
+
+
 def estimate_tokens(text: str) -> int:
-    """Estimated tokens in ``text`` (tiktoken offline if available, else chars / 4)."""
+    """Estimated tokens in ``text`` (tiktoken offline if available, else a heuristic:
+    four ASCII characters per token, one token per other character)."""
     counter = _offline_encoder()
     if counter is not None:
         return counter(text)
-    return -(-len(text) // _CHARS_PER_TOKEN)
+    return _heuristic(text)
 
 
 def request_tokens(request: Request) -> tuple[int, int]:
@@ -74,12 +86,9 @@ def request_tokens(request: Request) -> tuple[int, int]:
     Output is the request's ``max_tokens`` (the most it may use), else
     :data:`DEFAULT_OUTPUT_TOKENS`.
     """
-    counter = _offline_encoder()
+    count = _offline_encoder() or _heuristic
     n = _PRIMING
     for message in request.messages:
-        content = message.content
-        n += _PER_MESSAGE + (
-            counter(content) if counter is not None else -(-len(content) // _CHARS_PER_TOKEN)
-        )
+        n += _PER_MESSAGE + count(message.content)
     output = request.max_tokens if request.max_tokens is not None else DEFAULT_OUTPUT_TOKENS
     return n, output

@@ -74,9 +74,7 @@ def test_aimd_bounds() -> None:
     assert aimd_decrease(1.5, 0.5, 1.0) == 1.0
 
 
-arrival = st.tuples(
-    st.floats(min_value=0.0, max_value=5.0), st.integers(min_value=1, max_value=50)
-)
+arrival = st.tuples(st.floats(min_value=0.0, max_value=5.0), st.integers(min_value=1, max_value=50))
 
 
 @settings(max_examples=200, deadline=None)
