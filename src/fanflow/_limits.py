@@ -210,10 +210,18 @@ class Gate:
     def _has_room(self) -> bool:
         return self._limit is None or self._in_flight < self._limit
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now and nobody is queued before us."""
+        if not self._waiters and (self._limit is None or self._in_flight < self._limit):
+            self._in_flight += 1
+            if self._in_flight > self._max_in_flight:
+                self._max_in_flight = self._in_flight
+            return True
+        return False
+
     async def acquire(self) -> None:
         """Wait for a slot. Cancellation while waiting takes no slot."""
-        if not self._waiters and self._has_room():
-            self._take()
+        if self.try_acquire():
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -313,6 +321,7 @@ class Lane:
         "_pause_until",
         "_pauses",
         "_rate_limited",
+        "_simple",
         "_tokens_in_flight",
         "controller",
         "gate",
@@ -354,9 +363,17 @@ class Lane:
         self._hint_interval = 0.0
         self._tokens_in_flight = 0
         self._last_cost = 0
+        self._simple = not self.metered  # cleared for good once the server steers us
 
     def __repr__(self) -> str:
         return f"fanflow.Lane({self.limits!r})"
+
+    def try_acquire(self) -> bool:
+        """Admit one more call now if nothing is metered or steered and a slot is free.
+
+        The fast path of the engine: a handle with no rate limits does no bucket work.
+        """
+        return self._simple and self.gate.try_acquire()
 
     # -- admission ----------------------------------------------------------------
 
@@ -535,6 +552,7 @@ class Lane:
         call in flight, one more per success, back to the limit."""
         if until > self._pause_until:
             self._pause_until = until
+        self._simple = False
         self._pauses += 1
         stats = self.gate.statistics()
         goal = self._limit()
@@ -544,6 +562,7 @@ class Lane:
 
     def _hold(self, until: float) -> None:
         """Send nothing before ``until`` (a rate-limit reset), without a ramp."""
+        self._simple = False
         if until > self._pause_until:
             self._pause_until = until
 
@@ -566,6 +585,7 @@ class Lane:
                 continue
             limit = getattr(state, f"limit_{what}", None)
             if limit and remaining < _LOW_REMAINING * limit:
+                self._simple = False
                 interval = reset * cost / left
                 if now >= self._hint_until or interval > self._hint_interval:
                     self._hint_interval = interval
