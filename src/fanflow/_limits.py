@@ -549,11 +549,14 @@ class Lane:
 
     def pause(self, until: float) -> None:
         """Send nothing before ``until`` (a 429's Retry-After), then ramp up from one
-        call in flight, one more per success, back to the limit."""
+        call in flight, one more per success, back to the limit. (With the adaptive
+        controller, its own additive increase after the cut is the ramp.)"""
         if until > self._pause_until:
             self._pause_until = until
         self._simple = False
         self._pauses += 1
+        if self.controller is not None:
+            return
         stats = self.gate.statistics()
         goal = self._limit()
         self._cap_goal = max(stats.in_flight, 1) if goal is None else goal
