@@ -578,15 +578,15 @@ class Lane:
             ("tokens", max(self._last_cost, 1), self._tokens_in_flight),
         )
         for what, cost, pending in pairs:
-            remaining = getattr(state, f"remaining_{what}", None)
-            reset = getattr(state, f"reset_{what}", None)
+            remaining = getattr(state, f"{what}_remaining", None)
+            reset = getattr(state, f"{what}_reset", None)
             if remaining is None or reset is None or reset <= 0:
                 continue
             left = remaining - pending
             if left < cost:
                 self._hold(now + reset)
                 continue
-            limit = getattr(state, f"limit_{what}", None)
+            limit = getattr(state, f"{what}_limit", None)
             if limit and remaining < _LOW_REMAINING * limit:
                 self._simple = False
                 interval = reset * cost / left

@@ -145,12 +145,12 @@ async def test_cancelling_a_waiter_gives_back_its_reservation(looptime: float) -
 class _State:
     """A stand-in for the providers' RateLimitState (same attribute names)."""
 
-    limit_requests: int | None = None
-    remaining_requests: int | None = None
-    reset_requests: float | None = None
-    limit_tokens: int | None = None
-    remaining_tokens: int | None = None
-    reset_tokens: float | None = None
+    requests_limit: int | None = None
+    requests_remaining: int | None = None
+    requests_reset: float | None = None
+    tokens_limit: int | None = None
+    tokens_remaining: int | None = None
+    tokens_reset: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ async def test_headers_with_nothing_remaining_hold_sends_until_the_reset(
     looptime: float,
 ) -> None:
     def reply(request: Request) -> Response:
-        state = _State(limit_requests=100, remaining_requests=0, reset_requests=7.0)
+        state = _State(requests_limit=100, requests_remaining=0, requests_reset=7.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1))
@@ -174,7 +174,7 @@ async def test_headers_with_little_remaining_spread_the_rest_evenly(
     looptime: float,
 ) -> None:
     def reply(request: Request) -> Response:
-        state = _State(limit_requests=100, remaining_requests=5, reset_requests=10.0)
+        state = _State(requests_limit=100, requests_remaining=5, requests_reset=10.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
@@ -239,3 +239,14 @@ def test_limits_validate_with_the_fix_in_the_message() -> None:
         Limits.adaptive(initial=0)
     assert repr(Limits(rpm=60, tpm=1000)) == "fanflow.Limits(concurrency=None, rpm=60, tpm=1000)"
     assert "fanflow.Adaptive(" in repr(Limits.adaptive())
+
+
+async def test_headers_with_too_few_tokens_left_hold_until_the_reset(looptime: float) -> None:
+    def reply(request: Request) -> Response:
+        state = _State(tokens_limit=10_000, tokens_remaining=20, tokens_reset=3.0)
+        return _Reply("ok", usage=Usage(5, 5), rate_limit=state)
+
+    # Metered: each call reserves 7 + 50 = 57 tokens, more than the 20 remaining.
+    llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1, tpm=1_000_000))
+    await fanflow.map(llm, "{input}", ["a", "b"], max_tokens=50)
+    assert llm.started_at == [0.0, 4.0]
