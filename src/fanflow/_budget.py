@@ -7,6 +7,10 @@ used goes back. An attempt that failed still counts: its estimated prompt is cha
 (the server read it), and an attempt cut off by a timeout or a cancellation keeps its
 whole reservation (the server may have produced the reply anyway).
 
+The budget holds as long as estimates are upper bounds (replies never exceed
+``max_tokens``); a prompt the estimate undercounts is charged in full, so the spend can
+pass the cap by at most the undercount of the calls in flight.
+
 When the budget cannot cover an attempt and no other reservation is pending (none can
 give anything back), the attempt is refused with :class:`fanflow.BudgetExceeded` and
 its item ends as ``skipped``. If reservations are pending, the attempt waits for them
@@ -155,7 +159,7 @@ class Budget:
 
     def _fmt(self, amount: float) -> str:
         if self.unit == "usd":
-            return f"${amount:.4f}"
+            return f"${amount:.6f}"
         return f"{amount:,.0f} tokens"
 
     def statistics(self) -> BudgetStatistics:

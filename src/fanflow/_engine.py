@@ -263,10 +263,17 @@ class _Call(Generic[T]):
                     permit, reserved = await self._admit()
             except TimeoutError:
                 now = loop.time()
-                error = CallTimeout(
-                    f"{self._who()} was still waiting for a concurrency slot when the "
-                    "deadline passed; raise the deadline or the concurrency",
-                )
+                if self.lane.metered or self.opts.budget is not None:
+                    error = CallTimeout(
+                        f"{self._who()} was still waiting for admission (a concurrency "
+                        "slot, its turn under the rate limits, or budget) when the deadline "
+                        "passed; raise the deadline, or expect the limits to take longer",
+                    )
+                else:
+                    error = CallTimeout(
+                        f"{self._who()} was still waiting for a concurrency slot when the "
+                        "deadline passed; raise the deadline or the concurrency",
+                    )
                 self.attempts.append(
                     Attempt(number, now, now, Status.TIMED_OUT, error, hedge, wait_before)
                 )

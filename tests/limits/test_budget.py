@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import fanflow
@@ -124,3 +126,31 @@ async def test_budget_rejects_a_bad_value() -> None:
     llm = ScriptedLLM()
     with pytest.raises(fanflow.ConfigError, match="budget= must be dollars"):
         await fanflow.map(llm, "{input}", ["a"], budget="lots")  # type: ignore[arg-type]
+
+
+async def test_a_cancelled_call_keeps_its_reservation_charged(looptime: float) -> None:
+    llm = ScriptedLLM(_usage(5, 5), latency=10.0)
+    budget = Budget(tokens=1000)
+    task = asyncio.ensure_future(fanflow.map(llm, "{input}", ["a"], max_tokens=5, budget=budget))
+    await asyncio.sleep(1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Sent and cut off: the server may have answered, so the whole estimate counts.
+    assert budget.spent == 12
+    assert budget.statistics().reserved == 0
+
+
+async def test_a_call_waiting_for_budget_can_be_cancelled(looptime: float) -> None:
+    llm = ScriptedLLM(_usage(5, 5), latency=10.0)
+    budget = Budget(tokens=20)  # room for one reservation (12) at a time
+    task = asyncio.ensure_future(
+        fanflow.map(llm, "{input}", ["a", "b"], max_tokens=5, budget=budget)
+    )
+    await asyncio.sleep(1.0)
+    assert llm.calls == 1  # "b" waits for "a" to settle
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert budget.statistics().reserved == 0
+    assert budget.spent == 12

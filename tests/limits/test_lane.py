@@ -250,3 +250,34 @@ async def test_headers_with_too_few_tokens_left_hold_until_the_reset(looptime: f
     llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1, tpm=1_000_000))
     await fanflow.map(llm, "{input}", ["a", "b"], max_tokens=50)
     assert llm.started_at == [0.0, 4.0]
+
+
+async def test_a_deadline_while_waiting_for_the_rate_says_so(looptime: float) -> None:
+    llm = ScriptedLLM(latency=0.1, limits=Limits(rpm=60, burst=0.0))
+    result = await fanflow.map(llm, "{input}", ["a", "b", "c"], deadline=1.5)
+    assert [r.status for r in result.records] == [
+        fanflow.Status.SUCCEEDED,
+        fanflow.Status.SUCCEEDED,
+        fanflow.Status.TIMED_OUT,
+    ]
+    assert "turn under the rate limits" in str(result.records[2].error)
+    assert looptime == 1.5
+    # The timed-out call's reservation was given back: the next send is at t=2, not 3.
+    await fanflow.call(llm, "d")
+    assert llm.started_at[-1] == 2.0
+
+
+async def test_a_529_cuts_the_adaptive_limit_once_per_round_trip(looptime: float) -> None:
+    llm = ScriptedLLM(
+        latency=1.0,
+        failures={i: Fault.overloaded(after=0.5) for i in range(3)},
+        limits=Limits.adaptive(initial=10, decrease=0.5),
+        retry=RetryPolicy.none(),
+    )
+    await fanflow.map(llm, "{input}", [str(i) for i in range(10)])
+    stats = llm.statistics()
+    assert stats.rate_limited == 3
+    # Three 529s from the same round trip cut once: 10 -> 5, then 7 successes add about
+    # 1/5 each (6.3). Three cuts would have left 1.25, and 7 successes bring that to 4.1.
+    assert stats.adaptive_limit is not None
+    assert 5.0 <= stats.adaptive_limit <= 6.5
