@@ -7,8 +7,9 @@ Layers (imports only point down; see DESIGN.md):
                 fan_out, vote, best_of_n, guarded, evaluate, sections,
                 ParallelCalls, Skill, Step, Chain, Flow, Pool
     engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
-    providers   function(), and HTTP adapters                  (fanflow.providers)
-    testing     ScriptedLLM                                    (fanflow.testing)
+    providers   function(), openai(), anthropic()              (fanflow.providers)
+    store       Store (SQLite cache + jobs), JSONL/Parquet sinks (fanflow.store)
+    testing     ScriptedLLM, SimServer                         (fanflow.testing)
 
 This module only re-exports; implementation lives in private modules.
 """
@@ -44,6 +45,7 @@ from ._exceptions import (
     ServerError,
     Skipped,
     StepInputError,
+    StoreError,
     TemplateError,
     is_retryable,
 )
@@ -57,6 +59,7 @@ from ._types import (
     BatchResult,
     CallRecord,
     Message,
+    RateLimitState,
     Request,
     Response,
     Status,
@@ -101,7 +104,8 @@ from .patterns import (
     sections,
     vote,
 )
-from .providers import function
+from .providers import anthropic, function, openai
+from .store import JsonlSink, ParquetSink, Store
 
 try:
     __version__ = _version("fanflow")
@@ -134,12 +138,14 @@ __all__ = [
     "Flow",
     "GuardedResult",
     "ItemStatus",
+    "JsonlSink",
     "Limits",
     "Message",
     "NotFound",
     "Overloaded",
     "ParallelCalls",
     "ParallelCallsResult",
+    "ParquetSink",
     "ParseError",
     "PermissionDenied",
     "Pool",
@@ -152,6 +158,7 @@ __all__ = [
     "ProviderTimeout",
     "QuorumNotMet",
     "QuotaExceeded",
+    "RateLimitState",
     "RateLimited",
     "Request",
     "RequestTooLarge",
@@ -169,12 +176,15 @@ __all__ = [
     "Step",
     "StepInputError",
     "StepRecord",
+    "Store",
+    "StoreError",
     "Summary",
     "TemplateError",
     "Usage",
     "VoteResult",
     "Worker",
     "__version__",
+    "anthropic",
     "as_completed",
     "best_of_n",
     "call",
@@ -186,6 +196,7 @@ __all__ = [
     "guarded",
     "is_retryable",
     "map",
+    "openai",
     "race",
     "run",
     "sections",

@@ -21,6 +21,7 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     ├── TemplateError                  an item lacks a field the prompt template needs
     │   └── StepInputError             a chain/flow step's input key is missing (``step``)
     ├── ConfigError                    an option is invalid (raised at construction)
+    ├── StoreError                     the result store cannot be read or written
     ├── BatchError                     opt-in: raised by ``BatchResult.raise_for_errors``
     ├── AllFailed                      every alternative failed (``race``; ``failures``)
     ├── QuorumNotMet                   fewer successes than a pattern's quorum
@@ -38,7 +39,10 @@ Messages say what happened, to which item, and what to do.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._types import RateLimitState
 
 __all__ = [
     "AllFailed",
@@ -65,6 +69,7 @@ __all__ = [
     "ServerError",
     "Skipped",
     "StepInputError",
+    "StoreError",
     "TemplateError",
     "is_retryable",
 ]
@@ -101,9 +106,14 @@ class ProviderError(FanflowError):
         message: what happened and what to do (never contains secrets).
         status_code: the HTTP status, when there was one.
         retry_after: seconds the server asked us to wait, when it said.
+
+    Attributes:
+        rate_limit: the rate-limit headers of the failed HTTP response, when it had any
+            (a limiter reads them; see :class:`fanflow.RateLimitState`).
     """
 
     retryable: bool = False
+    rate_limit: RateLimitState | None = None
 
     def __init__(
         self,
@@ -226,6 +236,18 @@ class StepInputError(TemplateError):
 
 class ConfigError(FanflowError, ValueError):
     """An option is invalid. Raised at construction, with the fix in the message."""
+
+
+class StoreError(FanflowError):
+    """The result store cannot be opened, read or written (corrupt, locked, unwritable).
+
+    ``path`` names the file. fanflow never runs on without persistence when a store was
+    asked for: the pattern stops with this error instead.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message, path)
+        self.path = path
 
 
 class Skipped(FanflowError):

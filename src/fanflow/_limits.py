@@ -570,9 +570,16 @@ class Lane:
             self._pause_until = until
 
     def _observe(self, state: Any) -> None:
-        """Steer by the server's rate-limit headers (a ``RateLimitState``)."""
+        """Steer by the server's rate-limit headers (a ``RateLimitState``).
+
+        The hosted APIs' buckets refill continuously and ``reset`` is the time until the
+        bucket is full again, so with the limit known the refill rate is
+        ``(limit - remaining) / reset``: when too little remains for the calls in flight
+        and the next one, hold sends until enough has refilled (at most ``reset``); when
+        less than 10% remains, space sends at the refill rate.
+        """
         now = asyncio.get_running_loop().time()
-        in_flight = self.gate.statistics().in_flight - 1  # the others, maybe not counted
+        in_flight = self.gate._in_flight - 1  # the others: the server may not count them yet
         pairs = (
             ("requests", 1, in_flight),
             ("tokens", max(self._last_cost, 1), self._tokens_in_flight),
@@ -582,14 +589,16 @@ class Lane:
             reset = getattr(state, f"{what}_reset", None)
             if remaining is None or reset is None or reset <= 0:
                 continue
+            limit = getattr(state, f"{what}_limit", None)
+            rate = (limit - remaining) / reset if limit and limit > remaining else None
             left = remaining - pending
             if left < cost:
-                self._hold(now + reset)
+                wait = reset if rate is None else min(reset, (cost - left) / rate)
+                self._hold(now + wait)
                 continue
-            limit = getattr(state, f"{what}_limit", None)
             if limit and remaining < _LOW_REMAINING * limit:
                 self._simple = False
-                interval = reset * cost / left
+                interval = cost / rate if rate else reset * cost / left
                 if now >= self._hint_until or interval > self._hint_interval:
                     self._hint_interval = interval
                 self._hint_until = now + reset

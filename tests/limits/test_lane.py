@@ -158,28 +158,40 @@ class _Reply(Response):
     rate_limit: Any = None
 
 
-async def test_headers_with_nothing_remaining_hold_sends_until_the_reset(
+async def test_headers_with_nothing_remaining_hold_sends_until_it_refills(
     looptime: float,
 ) -> None:
     def reply(request: Request) -> Response:
-        state = _State(requests_limit=100, requests_remaining=0, requests_reset=7.0)
+        # Full again in 8 s: 8 requests refill at 1 per second.
+        state = _State(requests_limit=8, requests_remaining=0, requests_reset=8.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1))
     await fanflow.map(llm, "{input}", ["a", "b"])
-    assert llm.started_at == [0.0, 8.0]  # answered at 1, then waited for the 7 s reset
+    assert llm.started_at == [0.0, 2.0]  # answered at 1, then waited 1 s for one request
 
 
-async def test_headers_with_little_remaining_spread_the_rest_evenly(
+async def test_headers_without_a_limit_hold_until_the_reset(looptime: float) -> None:
+    def reply(request: Request) -> Response:
+        state = _State(requests_remaining=0, requests_reset=7.0)
+        return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
+
+    llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1))
+    await fanflow.map(llm, "{input}", ["a", "b"])
+    assert llm.started_at == [0.0, 8.0]
+
+
+async def test_headers_with_little_remaining_pace_at_the_refill_rate(
     looptime: float,
 ) -> None:
     def reply(request: Request) -> Response:
-        state = _State(requests_limit=100, requests_remaining=5, requests_reset=10.0)
+        # 5 of 100 left, full in 19 s: refilling at 5 per second.
+        state = _State(requests_limit=100, requests_remaining=5, requests_reset=19.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
-    await fanflow.map(llm, "{input}", ["a", "b", "c"])
-    assert llm.started_at == [0.0, 0.0, 2.0]  # 5 left over 10 s: one per 2 s
+    await fanflow.map(llm, "{input}", ["a", "b", "c", "d"])
+    assert llm.started_at == [0.0, 0.0, 0.2, 0.4]
 
 
 class _CapacityServer(fanflow.BaseLLM):
@@ -243,7 +255,7 @@ def test_limits_validate_with_the_fix_in_the_message() -> None:
 
 async def test_headers_with_too_few_tokens_left_hold_until_the_reset(looptime: float) -> None:
     def reply(request: Request) -> Response:
-        state = _State(tokens_limit=10_000, tokens_remaining=20, tokens_reset=3.0)
+        state = _State(tokens_remaining=20, tokens_reset=3.0)
         return _Reply("ok", usage=Usage(5, 5), rate_limit=state)
 
     # Metered: each call reserves 7 + 50 = 57 tokens, more than the 20 remaining.
