@@ -266,14 +266,22 @@ class Gate:
 
 
 class Permit:
-    """What one admitted attempt reserved in its lane's rate buckets."""
+    """What one admitted attempt holds: its reservations in the lane's rate buckets and,
+    while the lane ramps up after a pause, a slot of the ramp's gate."""
 
-    __slots__ = ("input", "output", "slots")
+    __slots__ = ("input", "output", "ramp", "slots")
 
-    def __init__(self, input: int, output: int, slots: list[tuple[RateBucket, Slot, int]]):
+    def __init__(
+        self,
+        input: int,
+        output: int,
+        slots: list[tuple[RateBucket, Slot, int]],
+        ramp: Gate | None = None,
+    ):
         self.input = input
         self.output = output
         self.slots = slots
+        self.ramp = ramp
 
 
 # Which part of a request a token bucket counts.
@@ -310,8 +318,6 @@ class Lane:
 
     __slots__ = (
         "_buckets",
-        "_cap",
-        "_cap_goal",
         "_hint_interval",
         "_hint_next",
         "_hint_until",
@@ -320,6 +326,8 @@ class Lane:
         "_level",
         "_pause_until",
         "_pauses",
+        "_ramp",
+        "_ramp_goal",
         "_rate_limited",
         "_simple",
         "_tokens_in_flight",
@@ -355,8 +363,10 @@ class Lane:
         self._pause_until = 0.0
         self._pauses = 0
         self._rate_limited = 0
-        self._cap: int | None = None
-        self._cap_goal: int | None = None
+        # After a pause: a gate over the calls sent since, widened by one per success
+        # until it reaches ``_ramp_goal``; calls already in flight do not count.
+        self._ramp: Gate | None = None
+        self._ramp_goal = 1
         self._last_cut = -math.inf
         self._hint_until = -math.inf
         self._hint_next = -math.inf
@@ -403,15 +413,25 @@ class Lane:
             The reservation to pass to :meth:`finish` (None when nothing is metered).
         """
         await self.gate.acquire()
+        ramp = self._ramp
         try:
-            if self.metered:
-                return await self._schedule(tokens or (0, 0))
-            if self._pause_until or self._hint_interval:
-                await self._wait_steer()
+            if ramp is not None:
+                await ramp.acquire()
+            try:
+                if self.metered:
+                    permit = await self._schedule(tokens or (0, 0))
+                    permit.ramp = ramp
+                    return permit
+                if self._pause_until or self._hint_interval:
+                    await self._wait_steer()
+            except BaseException:
+                if ramp is not None:
+                    ramp.release()
+                raise
         except BaseException:
             self.gate.release()
             raise
-        return None
+        return None if ramp is None else Permit(0, 0, [], ramp)
 
     async def _wait_steer(self) -> None:
         """Wait out a pause and the pacing asked for by rate-limit headers."""
@@ -483,9 +503,12 @@ class Lane:
             self._tokens_in_flight -= permit.input + permit.output
             if response is not None:
                 self._settle(permit, response.usage)
+            ramp = permit.ramp
+            if ramp is not None:
+                if response is not None and ramp is self._ramp:
+                    self._widen(ramp)
+                ramp.release()
         if response is not None:
-            if self._cap is not None and start >= self._pause_until:
-                self._ramp()  # only calls sent after the pause tell us it is safe
             if self.controller is not None:
                 self._grow()
             state = getattr(response, "rate_limit", None)
@@ -506,22 +529,18 @@ class Lane:
     # -- reactions ------------------------------------------------------------------
 
     def _limit(self) -> int | None:
-        base: int | None = self.limits.concurrency
         if self._level is not None:
-            base = int(self._level)
-        cap = self._cap
-        if cap is None:
-            return base
-        return cap if base is None else min(base, cap)
+            return int(self._level)
+        return self.limits.concurrency
 
-    def _ramp(self) -> None:
-        assert self._cap is not None
-        self._cap += 1  # one more per success: doubles every round trip
-        goal = self._cap_goal
-        base = self.limits.concurrency if self._level is None else int(self._level)
-        if (goal is not None and self._cap >= goal) or (base is not None and self._cap >= base):
-            self._cap = None
-        self.gate.set_limit(self._limit())
+    def _widen(self, ramp: Gate) -> None:
+        """One more call after each success: the ramp doubles every round trip."""
+        limit = (ramp.limit or 0) + 1
+        if limit >= self._ramp_goal:
+            self._ramp = None
+            ramp.set_limit(None)  # the ramp is over: everyone waiting may go
+        else:
+            ramp.set_limit(limit)
 
     def _grow(self) -> None:
         assert self.controller is not None
@@ -548,20 +567,23 @@ class Lane:
             self.pause(now + error.retry_after)
 
     def pause(self, until: float) -> None:
-        """Send nothing before ``until`` (a 429's Retry-After), then ramp up from one
-        call in flight, one more per success, back to the limit. (With the adaptive
-        controller, its own additive increase after the cut is the ramp.)"""
+        """Send nothing before ``until`` (a 429's Retry-After), then ramp up: one new
+        call in flight, one more per success, until the limit (or, with no limit, as
+        many as were in flight at the 429). Calls sent before the pause do not count.
+        (With the adaptive controller, its own additive increase after the cut is the
+        ramp.)"""
         if until > self._pause_until:
             self._pause_until = until
         self._simple = False
         self._pauses += 1
         if self.controller is not None:
             return
-        stats = self.gate.statistics()
         goal = self._limit()
-        self._cap_goal = max(stats.in_flight, 1) if goal is None else goal
-        self._cap = 1
-        self.gate.set_limit(self._limit())
+        self._ramp_goal = max(self.gate._in_flight, 2) if goal is None else goal
+        if self._ramp is None:
+            self._ramp = Gate(1)
+        else:
+            self._ramp.set_limit(1)
 
     def _hold(self, until: float) -> None:
         """Send nothing before ``until`` (a rate-limit reset), without a ramp."""
