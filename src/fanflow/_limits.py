@@ -284,6 +284,9 @@ class Permit:
         self.ramp = ramp
 
 
+# Sends due within this many seconds go now (timers may fire a hair early).
+_EPSILON = 1e-9
+
 # Which part of a request a token bucket counts.
 _TOTAL, _INPUT, _OUTPUT, _REQUESTS = 0, 1, 2, 3
 
@@ -329,8 +332,11 @@ class Lane:
         "_ramp",
         "_ramp_goal",
         "_rate_limited",
+        "_sent",
         "_simple",
         "_tokens_in_flight",
+        "_turn",
+        "_wake",
         "controller",
         "gate",
         "limits",
@@ -374,6 +380,9 @@ class Lane:
         self._tokens_in_flight = 0
         self._last_cost = 0
         self._simple = not self.metered  # cleared for good once the server steers us
+        self._turn = asyncio.Lock()  # FIFO turns under the rate buckets
+        self._sent = 0  # calls admitted and not yet finished (waiting ones excluded)
+        self._wake: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"fanflow.Lane({self.limits!r})"
@@ -383,7 +392,10 @@ class Lane:
 
         The fast path of the engine: a handle with no rate limits does no bucket work.
         """
-        return self._simple and self.gate.try_acquire()
+        if self._simple and self.gate.try_acquire():
+            self._sent += 1
+            return True
+        return False
 
     # -- admission ----------------------------------------------------------------
 
@@ -421,6 +433,7 @@ class Lane:
                 if self.metered:
                     permit = await self._schedule(tokens or (0, 0))
                     permit.ramp = ramp
+                    self._sent += 1
                     return permit
                 if self._pause_until or self._hint_interval:
                     await self._wait_steer()
@@ -431,6 +444,7 @@ class Lane:
         except BaseException:
             self.gate.release()
             raise
+        self._sent += 1
         return None if ramp is None else Permit(0, 0, [], ramp)
 
     async def _wait_steer(self) -> None:
@@ -446,41 +460,44 @@ class Lane:
             await asyncio.sleep(delay)
 
     async def _schedule(self, tokens: tuple[int, int]) -> Permit:
+        """Wait for this call's turn under the rate buckets, then reserve its cost.
+
+        Calls take turns in FIFO order (one lock); only the head of the queue sleeps,
+        until the time the buckets allow. A settlement that gives tokens back, or a
+        pause, changes that time, so the head wakes on every settlement and looks again
+        rather than sleeping to a time computed from stale reservations.
+        """
         loop = asyncio.get_running_loop()
         input, output = tokens
-        while True:
-            now = loop.time()
-            t = max(now, self._pause_until)
-            if now < self._hint_until and self._hint_next > t:
-                t = self._hint_next
-            for bucket, kind in self._buckets:
-                t = bucket.send_time(t, _cost(kind, input, output))
-            slots = [
-                (bucket, bucket.reserve(t, _cost(kind, input, output)), kind)
-                for bucket, kind in self._buckets
-            ]
+        costs = [(bucket, _cost(kind, input, output), kind) for bucket, kind in self._buckets]
+        async with self._turn:
+            while True:
+                now = loop.time()
+                t = max(now, self._pause_until)
+                if now < self._hint_until and self._hint_next > t:
+                    t = self._hint_next
+                for bucket, cost, _ in costs:
+                    t = bucket.send_time(t, cost)
+                if t - now <= _EPSILON:
+                    break
+                wake: asyncio.Future[None] = loop.create_future()
+                self._wake = wake
+                try:
+                    await asyncio.wait((wake,), timeout=t - now)
+                finally:
+                    self._wake = None
+                    if not wake.done():
+                        wake.cancel()
+            slots = [(bucket, bucket.reserve(now, cost), kind) for bucket, cost, kind in costs]
             if now < self._hint_until:
-                self._hint_next = t + self._hint_interval
-            pause = self._pause_until
-            try:
-                if t > now:
-                    await asyncio.sleep(t - now)
-            except BaseException:
-                for bucket, slot, _ in slots:
-                    bucket.cancel(slot)
-                raise
-            if self._pause_until <= pause or self._pause_until <= loop.time():
-                break
-            # A pause began while we waited: our slot would be sent later than it was
-            # booked, which the windows would not see. Give it back and book again.
-            for bucket, slot, _ in slots:
-                bucket.cancel(slot)
+                self._hint_next = now + self._hint_interval
         self._tokens_in_flight += input + output
         self._last_cost = input + output
         return Permit(input, output, slots)
 
     def release(self) -> None:
         """A call admitted by :meth:`acquire` has ended (no outcome to learn from)."""
+        self._sent -= 1
         self.gate.release()
 
     def finish(
@@ -516,6 +533,7 @@ class Lane:
                 self._observe(state)
         elif error is not None and isinstance(error, RateLimited | Overloaded):
             self._overloaded(error, start)
+        self._sent -= 1
         self.gate.release()
 
     def _settle(self, permit: Permit, usage: Any) -> None:
@@ -525,6 +543,9 @@ class Lane:
         for bucket, slot, kind in permit.slots:
             if kind != _REQUESTS:
                 bucket.settle(slot, _cost(kind, input, output))
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)  # tokens came back: the head of the queue may go sooner
 
     # -- reactions ------------------------------------------------------------------
 
@@ -579,7 +600,7 @@ class Lane:
         if self.controller is not None:
             return
         goal = self._limit()
-        self._ramp_goal = max(self.gate._in_flight, 2) if goal is None else goal
+        self._ramp_goal = max(self._sent, 2) if goal is None else goal
         if self._ramp is None:
             self._ramp = Gate(1)
         else:
@@ -601,7 +622,7 @@ class Lane:
         less than 10% remains, space sends at the refill rate.
         """
         now = asyncio.get_running_loop().time()
-        in_flight = self.gate._in_flight - 1  # the others: the server may not count them yet
+        in_flight = self._sent - 1  # the others sent: the server may not count them yet
         pairs = (
             ("requests", 1, in_flight),
             ("tokens", max(self._last_cost, 1), self._tokens_in_flight),

@@ -29,6 +29,10 @@ from collections import deque
 
 __all__ = ["RateBucket", "Slot", "aimd_decrease", "aimd_increase", "gcra_send_time"]
 
+# A slot leaves the window this long after ``period``: clocks and timers are not exact to
+# the last bit (a timer may fire a hair early), and a window edge must never be shared.
+_GUARD = 1e-4
+
 
 def gcra_send_time(tat: float, now: float, cost: float, rate: float, burst: float) -> float:
     """The earliest time >= ``now`` at which ``cost`` units conform to the GCRA.
@@ -98,13 +102,13 @@ class RateBucket:
         period = self.period
         i = 0
         n = len(log)
-        # A slot has left the window ending at t when slot.time + period <= t (always
-        # this expression, so the float rounding is the same in every comparison).
-        while i < n and log[i].time + period <= t:
+        # A slot has left the window ending at t when slot.time + period + guard <= t
+        # (always this expression, so the float rounding is the same everywhere).
+        while i < n and log[i].time + period + _GUARD <= t:
             total -= log[i].cost
             i += 1
         while total + cost > self.limit and i < n:
-            t = log[i].time + period
+            t = log[i].time + period + _GUARD
             total -= log[i].cost
             i += 1
         return t
@@ -115,7 +119,7 @@ class RateBucket:
         self._last = time
         log = self._log
         period = self.period
-        while log and log[0].time + period <= time:
+        while log and log[0].time + period + _GUARD <= time:
             old = log.popleft()
             old.live = False
             self._sum -= old.cost
