@@ -17,7 +17,11 @@ Scenarios (N calls, 100 ms latency, concurrency 100, as in issue 4):
 3. Limits unknown, server capacity C requests/s: ``Limits.adaptive()`` vs the naive loop.
    Target: throughput after warm-up >= 0.9 C; 429s counted.
 
-(When SimServer lands on main, the same scenarios run against it over loopback HTTP.)
+Then the same claims on the wire: ``fanflow.openai`` against ``fanflow.testing.SimServer``
+over loopback HTTP, on a virtual-time loop (looptime), so minutes of traffic take a second
+and the CPU of the machine does not blur the ratios. SimServer's buckets hold a whole
+minute of budget (a burst of ``rpm`` at once), so a naive loop gets a head start there;
+``Limits(burst=60)`` tells fanflow a server allows that.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ import math
 import os
 import time
 
+import looptime
+
 import fanflow
 from fanflow import Limits, Request, Response, RetryPolicy, Usage
 from fanflow._tokens import request_tokens
+from fanflow.testing import SimServer as WireServer
 
 LATENCY = 0.1
 CONCURRENCY = 100
@@ -172,6 +179,107 @@ def unknown(n: int, capacity_rps: float) -> None:
         )
 
 
+# --------------------------------------------------------------------------- on the wire
+
+
+async def _wire_run(
+    server_kw: dict[str, float], limits: Limits | None, n: int, max_tokens: int | None
+) -> tuple[float, dict[int, int], list[int]]:
+    """Run N calls through fanflow (``limits``) or a naive loop (None) against SimServer."""
+    loop = asyncio.get_running_loop()
+    async with WireServer(reply="a b c d e", keep_requests=False, **server_kw) as server:  # type: ignore[arg-type]
+        llm = fanflow.openai(
+            "gpt-sim",
+            base_url=server.url,
+            api_key="sk-bench",
+            limits=limits,
+            retry=RetryPolicy(attempts=100, seed=1),
+        )
+        async with llm:
+            start = loop.time()
+            items = [str(i) for i in range(n)]
+            if limits is not None:
+                result = await fanflow.map(llm, "item {input}", items, max_tokens=max_tokens)
+                assert result.ok, result.errors
+            else:
+                semaphore = asyncio.Semaphore(CONCURRENCY)
+
+                async def one(item: str) -> None:
+                    request = llm.prepare(Request.of(f"item {item}", max_tokens=max_tokens))
+                    async with semaphore:
+                        while True:
+                            try:
+                                await llm.complete(request)
+                                return
+                            except fanflow.RateLimited as exc:
+                                await asyncio.sleep(exc.retry_after or 1.0)
+
+                await asyncio.gather(*(one(i) for i in items))
+            makespan = loop.time() - start
+        stats = server.stats()
+    completed = [s.completed for s in stats.timeline]
+    return makespan, dict(stats.responses), completed
+
+
+def wire(quick: bool) -> None:
+    n = 600 if quick else 1200
+    per_call = 7  # SimServer counts words: "item 17" (2) + "a b c d e" (5)
+    print("\n# On the wire: fanflow.openai -> SimServer over loopback HTTP, virtual time")
+    scenarios: list[tuple[str, dict[str, float], float, list[tuple[str, Limits | None]]]] = [
+        (
+            "RPM-bound (rpm=600)",
+            {"rpm": 600, "latency": LATENCY},
+            10.0,
+            [
+                ("naive semaphore + retry", None),
+                ("fanflow Limits(rpm=600)", Limits(concurrency=CONCURRENCY, rpm=600)),
+                ("fanflow ... burst=60", Limits(concurrency=CONCURRENCY, rpm=600, burst=60)),
+            ],
+        ),
+        (
+            f"TPM-bound (tpm={600 * per_call})",
+            {"tpm": 600 * per_call, "latency": LATENCY},
+            10.0,
+            [
+                ("naive semaphore + retry", None),
+                ("fanflow Limits(tpm=...)", Limits(concurrency=CONCURRENCY, tpm=600 * per_call)),
+            ],
+        ),
+    ]
+    for title, server_kw, rate, runs in scenarios:
+        print(f"\n## {title}: N={n}, lower bound N/rate = {n / rate:.1f} s")
+        for label, limits in runs:
+            loop = looptime.new_event_loop(start=0)
+            try:
+                makespan, responses, _ = loop.run_until_complete(_wire_run(server_kw, limits, n, 5))
+            finally:
+                loop.close()
+            print(
+                f"{label:26s} makespan {makespan:7.1f} s  makespan/(N/rate) "
+                f"{makespan / (n / rate):5.3f}  429s at server {responses.get(429, 0):6d}"
+            )
+    capacity = 30.0
+    print(f"\n## limits unknown: SimServer max_in_flight=30, 1 s latency (C = 30/s), N={n * 2}")
+    for label, limits in (
+        ("naive semaphore + retry", None),
+        ("fanflow adaptive", Limits.adaptive()),
+    ):
+        loop = looptime.new_event_loop(start=0)
+        try:
+            makespan, responses, completed = loop.run_until_complete(
+                _wire_run({"max_in_flight": 30, "latency": 1.0}, limits, n * 2, None)
+            )
+        finally:
+            loop.close()
+        steady = completed[len(completed) // 4 : -2]
+        throughput = sum(steady) / len(steady)
+        print(
+            f"{label:26s} makespan {makespan:7.1f} s  throughput after warm-up "
+            f"{throughput:5.1f}/s = {throughput / capacity:5.3f} C  "
+            f"429s at server {responses.get(429, 0):6d}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
@@ -182,6 +290,7 @@ def main() -> None:
     per_call = tokens_per_call()
     known("TPM-bound, limits known", n, rpm=None, tpm=6000 * per_call)
     unknown(n * 2, capacity_rps=100)
+    wire(args.quick)
 
 
 if __name__ == "__main__":
