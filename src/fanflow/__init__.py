@@ -104,7 +104,7 @@ from .patterns import (
     sections,
     vote,
 )
-from .providers import anthropic, function, openai
+from .providers import anthropic, function, local, openai
 from .store import JsonlSink, ParquetSink, Store
 
 try:
@@ -195,6 +195,7 @@ __all__ = [
     "gather",
     "guarded",
     "is_retryable",
+    "local",
     "map",
     "openai",
     "race",
