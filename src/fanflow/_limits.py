@@ -7,15 +7,18 @@ lane, so two maps running at once stay within one limit together.
 A lane has up to three parts, and a handle with no limits pays only for the first:
 
 - the gate: a FIFO semaphore whose limit can change while it is in use (the adaptive
-  controller and the ramp-up after a pause move it; ``asyncio.Semaphore`` cannot);
+  controller moves it; ``asyncio.Semaphore`` cannot);
 - rate buckets (``rpm``, ``tpm``, ``input_tpm``, ``output_tpm``; see :mod:`._rate`):
-  each admission reserves an estimated cost and learns *when* it may send; after the
-  reply the reservation is settled against the reported usage;
+  calls take FIFO turns; each waits until the buckets have room for its estimated cost,
+  reserves it, and after the reply settles it against the reported usage;
 - reactions to the server: a 429 (or 529) with Retry-After pauses the whole lane until
-  then and afterwards ramps up from one call in flight (TCP slow start, RFC 5681)
-  instead of releasing every waiter at once; rate-limit headers slow sends down when
-  ``remaining`` runs low and hold them until the reset when it runs out; with
+  then and afterwards ramps up, one new call in flight and one more per success (TCP
+  slow start, RFC 5681), instead of releasing every waiter at once; rate-limit headers
+  space sends when ``remaining`` runs low and hold them while it is used up; with
   ``Limits.adaptive()`` an AIMD controller moves the in-flight limit.
+
+Handles with no rate limits take the engine's fast path (:meth:`Lane.try_acquire`): no
+bucket work, no token estimate, until the server first asks them to slow down.
 """
 
 from __future__ import annotations
@@ -307,7 +310,15 @@ def _cost(kind: int, input: int, output: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class LaneStatistics:
-    """A snapshot of a handle's admission state."""
+    """A snapshot of a handle's admission state.
+
+    Attributes:
+        concurrency: the gate (in flight, waiting, limit).
+        paused_until: event-loop time until which sends were last held (None: never).
+        pauses: 429/529 answers with a Retry-After that paused the lane.
+        rate_limited: 429/529 answers seen.
+        adaptive_limit: the adaptive controller's in-flight limit (None: not adaptive).
+    """
 
     concurrency: GateStatistics
     paused_until: float | None = None
