@@ -44,9 +44,16 @@ async def _stats_over_http(server: SimServer) -> dict[str, Any]:
         return data
 
 
-async def test_rpm_at_the_servers_limit_draws_no_429(looptime: float) -> None:
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_rpm_at_the_servers_limit_draws_no_429(looptime: float, api: str) -> None:
     async with SimServer(rpm=120, latency=0.5, reply="ok") as server:
-        async with _openai(server, Limits(rpm=120)) as llm:
+        if api == "openai":
+            handle = _openai(server, Limits(rpm=120))
+        else:
+            handle = fanflow.anthropic(
+                "claude-sim", base_url=server.root, api_key="sk-ant", limits=Limits(rpm=120)
+            )
+        async with handle as llm:
             items = [str(i) for i in range(300)]
             result = await fanflow.map(llm, "item {input}", items)
         stats = await _stats_over_http(server)
@@ -148,3 +155,20 @@ async def test_a_budget_is_never_exceeded_under_concurrency(looptime: float) -> 
     assert result.summary.skipped == 400 - stats.requests
     skipped = [r for r in result.records if r.status is Status.SKIPPED]
     assert all(isinstance(r.error, fanflow.BudgetExceeded) for r in skipped)
+
+
+async def test_rate_limit_headers_steer_a_handle_that_was_told_no_limits(
+    looptime: float,
+) -> None:
+    # The client knows nothing of the server's 60 RPM; the x-ratelimit-* headers on each
+    # reply say how much is left and when it refills, and the lane slows down before
+    # the bucket runs dry instead of learning it from 429s.
+    async with SimServer(rpm=60, latency=0.5, reply="ok") as server:
+        async with _openai(server, Limits(concurrency=4)) as llm:
+            items = [str(i) for i in range(150)]
+            result = await fanflow.map(llm, "item {input}", items)
+        stats = server.stats()
+    assert result.ok
+    assert stats.responses == {200: 150}  # not one 429
+    # 60 at once from the full bucket, then one a second as it refills: about 90 s.
+    assert result.makespan <= 1.05 * 90 + 1
