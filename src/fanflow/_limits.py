@@ -157,6 +157,10 @@ class Limits:
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name}={value:g}")
+        if self.burst != 1.0:
+            parts.append(f"burst={self.burst:g}")
+        if self.period != 60.0:
+            parts.append(f"period={self.period:g}")
         if self.controller is not None:
             parts.append(f"controller={self.controller!r}")
         return f"fanflow.Limits({', '.join(parts)})"
