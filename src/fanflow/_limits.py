@@ -101,6 +101,9 @@ class Limits:
             limit sends at most about 100 requests together, then paces evenly). 0
             spaces every send evenly.
         period: the window of the rate limits in seconds (60: per minute).
+        refund: after a reply, give back the reserved tokens it did not use (True).
+            Use False for a server that charges ``max_tokens`` when the request arrives
+            and never gives it back; overruns are charged either way.
         controller: settings of the adaptive concurrency controller (made by
             :meth:`Limits.adaptive`); None for a fixed concurrency.
     """
@@ -112,6 +115,7 @@ class Limits:
     output_tpm: float | None = None
     burst: float = 1.0
     period: float = 60.0
+    refund: bool = True
     controller: Adaptive | None = None
 
     def __post_init__(self) -> None:
@@ -555,9 +559,12 @@ class Lane:
         input, output = usage.input_tokens, usage.output_tokens
         if input + output <= 0:
             return  # the provider reported no usage: keep the estimate
+        refund = self.limits.refund
         for bucket, slot, kind in permit.slots:
             if kind != _REQUESTS:
-                bucket.settle(slot, _cost(kind, input, output))
+                cost = _cost(kind, input, output)
+                if refund or cost > slot.cost:
+                    bucket.settle(slot, cost)
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)  # tokens came back: the head of the queue may go sooner

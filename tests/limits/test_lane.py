@@ -72,6 +72,16 @@ async def test_tokens_are_reserved_then_settled_against_usage(looptime: float) -
     assert lane.statistics().concurrency.in_flight == 0
 
 
+async def test_without_refunds_the_reservation_stands(looptime: float) -> None:
+    # As above, but for a server that charges max_tokens up front: nothing comes back,
+    # so the second call waits for the whole 108-token reservation (10.8 s of debt).
+    llm = ScriptedLLM(_reply(0), latency=1.0, limits=Limits(tpm=600, refund=False))
+    request = Request.of("x" * 8, max_tokens=100)
+    await fanflow.call(llm, request)
+    await fanflow.call(llm, request)
+    assert llm.started_at == [0.0, 10.8]
+
+
 async def test_token_budget_per_minute_holds(looptime: float, max_in_window: Any) -> None:
     llm = ScriptedLLM(_reply(40), latency=1.0, limits=Limits(tpm=3000))
     items = [str(i) for i in range(150)]
