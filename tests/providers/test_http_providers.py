@@ -306,3 +306,20 @@ def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:
         # each fanflow.run had its own loop; each closed its session when the loop ended
         assert len(llm._sessions._by_loop) == 0
         assert server.stats().requests == 2
+
+
+async def test_virtual_time_never_fires_a_timeout_early_over_real_sockets() -> None:
+    """A reply due 1 ms before the timeout always wins; 1 ms after always loses.
+
+    Under looptime the clock jumps when the loop is idle; real loopback I/O must not let
+    it jump past a reply that is already on the wire (the server writes in this loop).
+    """
+    retry = RetryPolicy.none()
+    async with SimServer(latency=0.999) as fast, SimServer(latency=1.001) as slow:
+        on_time = make_openai(fast, timeout=1.0, retry=retry)
+        late = make_openai(slow, timeout=1.0, retry=retry)
+        async with on_time, late:
+            ok = await fanflow.map(on_time, "{i}", [{"i": i} for i in range(200)], concurrency=50)
+            bad = await fanflow.map(late, "{i}", [{"i": i} for i in range(20)], concurrency=20)
+    assert ok.ok
+    assert set(bad.status.values()) == {fanflow.Status.TIMED_OUT}
