@@ -3,9 +3,12 @@
 Layers (imports only point down; see DESIGN.md):
 
     interfaces  fanflow.* (this module), the CLI
-    patterns    map, as_completed, call, gather, race        (fanflow.patterns)
+    patterns    map, as_completed, call, gather, race,       (fanflow.patterns)
+                fan_out, vote, best_of_n, guarded, evaluate, sections,
+                ParallelCalls, Skill, Step, Chain, Flow, Pool
     engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
     providers   function(), openai(), anthropic()              (fanflow.providers)
+    store       Store (SQLite cache + jobs), JSONL/Parquet sinks (fanflow.store)
     testing     ScriptedLLM, SimServer                         (fanflow.testing)
 
 This module only re-exports; implementation lives in private modules.
@@ -13,7 +16,7 @@ This module only re-exports; implementation lives in private modules.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from ._exceptions import (
@@ -39,6 +42,8 @@ from ._exceptions import (
     RateLimited,
     ServerError,
     Skipped,
+    StepInputError,
+    StoreError,
     TemplateError,
     is_retryable,
 )
@@ -58,12 +63,48 @@ from ._types import (
     Summary,
     Usage,
 )
-from .patterns import Call, ResultStream, as_completed, call, gather, map, race
+from .patterns import (
+    BestOfNResult,
+    Call,
+    Chain,
+    Evaluation,
+    FanOutResult,
+    Flow,
+    GuardedResult,
+    ItemStatus,
+    ParallelCalls,
+    ParallelCallsResult,
+    Pool,
+    PoolResult,
+    PoolStatus,
+    ResultStream,
+    RunResult,
+    Score,
+    SectionsResult,
+    Skill,
+    SkillResult,
+    Step,
+    StepRecord,
+    VoteResult,
+    Worker,
+    as_completed,
+    best_of_n,
+    call,
+    evaluate,
+    fan_out,
+    gather,
+    guarded,
+    map,
+    race,
+    sections,
+    vote,
+)
 from .providers import anthropic, function, openai
+from .store import JsonlSink, ParquetSink, Store
 
 try:
     __version__ = _version("fanflow")
-except PackageNotFoundError:  # running from a source tree that is not installed
+except _PackageNotFoundError:  # running from a source tree that is not installed
     from ._version import __version__
 
 __all__ = [
@@ -75,19 +116,33 @@ __all__ = [
     "BaseLLM",
     "BatchError",
     "BatchResult",
+    "BestOfNResult",
     "BudgetExceeded",
     "Call",
     "CallRecord",
     "CallTimeout",
+    "Chain",
     "ConfigError",
     "ContentFiltered",
+    "Evaluation",
+    "FanOutResult",
     "FanflowError",
+    "Flow",
+    "GuardedResult",
+    "ItemStatus",
+    "JsonlSink",
     "Limits",
     "Message",
     "NotFound",
     "Overloaded",
+    "ParallelCalls",
+    "ParallelCallsResult",
+    "ParquetSink",
     "ParseError",
     "PermissionDenied",
+    "Pool",
+    "PoolResult",
+    "PoolStatus",
     "ProtocolError",
     "ProviderConnectionError",
     "ProviderError",
@@ -100,21 +155,39 @@ __all__ = [
     "Response",
     "ResultStream",
     "RetryPolicy",
+    "RunResult",
+    "Score",
+    "SectionsResult",
     "ServerError",
+    "Skill",
+    "SkillResult",
     "Skipped",
     "Status",
+    "Step",
+    "StepInputError",
+    "StepRecord",
+    "Store",
+    "StoreError",
     "Summary",
     "TemplateError",
     "Usage",
+    "VoteResult",
+    "Worker",
     "__version__",
     "anthropic",
     "as_completed",
+    "best_of_n",
     "call",
+    "evaluate",
+    "fan_out",
     "function",
     "gather",
+    "guarded",
     "is_retryable",
     "map",
     "openai",
     "race",
     "run",
+    "sections",
+    "vote",
 ]

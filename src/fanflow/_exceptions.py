@@ -19,7 +19,9 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     ├── CallTimeout                    a call ran past its timeout or the deadline
     ├── ParseError                     the model answered but the reply was unusable
     ├── TemplateError                  an item lacks a field the prompt template needs
+    │   └── StepInputError             a chain/flow step's input key is missing (``step``)
     ├── ConfigError                    an option is invalid (raised at construction)
+    ├── StoreError                     the result store cannot be read or written
     ├── BatchError                     opt-in: raised by ``BatchResult.raise_for_errors``
     ├── AllFailed                      every alternative failed (``race``; ``failures``)
     ├── QuorumNotMet                   fewer successes than a pattern's quorum
@@ -64,6 +66,8 @@ __all__ = [
     "RateLimited",
     "ServerError",
     "Skipped",
+    "StepInputError",
+    "StoreError",
     "TemplateError",
     "is_retryable",
 ]
@@ -216,8 +220,32 @@ class TemplateError(FanflowError):
         self.index = index
 
 
+class StepInputError(TemplateError):
+    """A chain or flow step needs an input key that is not there; names step and key."""
+
+    def __init__(
+        self, message: str, *, step: str, field: str | None = None, index: int | None = None
+    ):
+        FanflowError.__init__(self, message, step, field, index)
+        self.step = step
+        self.field = field
+        self.index = index
+
+
 class ConfigError(FanflowError, ValueError):
     """An option is invalid. Raised at construction, with the fix in the message."""
+
+
+class StoreError(FanflowError):
+    """The result store cannot be opened, read or written (corrupt, locked, unwritable).
+
+    ``path`` names the file. fanflow never runs on without persistence when a store was
+    asked for: the pattern stops with this error instead.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message, path)
+        self.path = path
 
 
 class Skipped(FanflowError):
