@@ -138,6 +138,12 @@ def test_429_variants() -> None:
         assert "waiting will not help" in str(error)
 
 
+def test_retry_after_on_5xx_is_kept() -> None:
+    assert _error(503, b"{}", {"retry-after": "4"}).retry_after == 4.0
+    assert _error(529, b"{}", {"retry-after-ms": "1500"}).retry_after == 1.5
+    assert _error(500, b"{}").retry_after is None
+
+
 def test_odd_bodies() -> None:
     assert "<html>bad gateway</html>" in str(_error(502, b"<html>bad gateway</html>"))
     assert "(empty body)" in str(_error(500, b""))

@@ -298,6 +298,15 @@ async def test_one_pool_per_loop_reopened_after_aclose(server: SimServer) -> Non
     assert second.closed
 
 
+async def test_a_pickled_handle_works(server: SimServer) -> None:
+    async with make_openai(server, max_tokens=5) as llm:
+        await fanflow.call(llm, "warm the pool")
+        copy = pickle.loads(pickle.dumps(llm))
+    async with copy:
+        assert (await fanflow.call(copy, "again")).text == "echo: again"
+    assert (copy.url, copy.defaults, repr(copy)) == (llm.url, llm.defaults, repr(llm))
+
+
 def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:
     with SimServer() as server:
         llm = make_openai(server)

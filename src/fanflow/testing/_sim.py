@@ -108,7 +108,16 @@ class _Bucket:
 
 @dataclass(frozen=True, slots=True)
 class SimSecond:
-    """What SimServer saw during one second (since start or the last reset)."""
+    """What SimServer saw during one second (since start or the last reset).
+
+    Attributes:
+        second: whole seconds since the server started (or was reset).
+        requests: chat requests that arrived.
+        admitted: requests that passed the limits (in flight, RPM, TPM).
+        rate_limited: requests refused with 429 by those limits (injected 429s excluded).
+        tokens: input + output tokens charged to the TPM bucket.
+        completed: successful replies whose last byte was sent in this second.
+    """
 
     second: int
     requests: int = 0
