@@ -45,6 +45,7 @@ async def server() -> AsyncIterator[SimServer]:
             "^e500": "500",
             "^e503": "503",
             "^e529": "529",
+            "^e429": "429",
             "^quota": "quota",
             "^junk": "malformed",
             "^reset": "reset",
@@ -126,6 +127,7 @@ async def test_stream_collects_text_and_time_to_first_token(factory: Factory) ->
         ("e500", fanflow.ServerError, 500, True),
         ("e503", fanflow.ServerError, 503, True),
         ("e529", fanflow.Overloaded, 529, True),
+        ("e429", fanflow.RateLimited, 429, True),
         ("quota", fanflow.QuotaExceeded, 429, False),
         ("junk", fanflow.ProtocolError, None, True),
         ("reset", fanflow.ProviderConnectionError, None, True),
@@ -147,6 +149,8 @@ async def test_faults_are_classified(
     assert fanflow.is_retryable(info.value) is retryable
     if prompt == "e500":
         assert "The server had an error while processing your request" in str(info.value)
+    if prompt == "e429":
+        assert info.value.retry_after == 1.0  # retry-after-ms wins over retry-after
     if prompt == "quota":
         assert "quota" in str(info.value) or "usage limits" in str(info.value)
 
@@ -305,6 +309,13 @@ async def test_a_pickled_handle_works(server: SimServer) -> None:
     async with copy:
         assert (await fanflow.call(copy, "again")).text == "echo: again"
     assert (copy.url, copy.defaults, repr(copy)) == (llm.url, llm.defaults, repr(llm))
+
+
+async def test_a_handle_never_closed_is_closed_with_its_loop(server: SimServer) -> None:
+    # No aclose(): the loop's shutdown_asyncgens closes the pool when the test's loop
+    # ends, so filterwarnings=error sees no "Unclosed client session".
+    llm = make_openai(server)
+    assert (await fanflow.call(llm, "left open")).text == "echo: left open"
 
 
 def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:
