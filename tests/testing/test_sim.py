@@ -116,7 +116,9 @@ async def test_rpm_bucket_answers_429_with_headers(http: aiohttp.ClientSession) 
         assert (await post(http, server.url + CHAT, chat("x")))[0] == 429
         assert loop.time() - t0 == 1.0
         stats = server.stats()
+        arrivals = [r.at - server.requests[0].at for r in server.requests]
     assert stats.responses == {200: 61, 429: 2}
+    assert arrivals == [0.0] * 61 + [1.0, 1.0]  # the test's own virtual clock
     assert [(s.second, s.admitted, s.rate_limited) for s in stats.timeline] == [
         (0, 60, 1),
         (1, 1, 1),

@@ -562,7 +562,7 @@ class SimServer:
             return self._error(api, 400, "anthropic-version: header is required")
         index = self._c.requests - 1
         try:
-            sim = parse_request(api, body, index)
+            sim = parse_request(api, body, index, now)
         except WireError as exc:
             return self._error(api, exc.status, exc.message)
         if self.keep_requests:
