@@ -492,21 +492,19 @@ class SimServer:
         c.in_flight += 1
         if c.in_flight > c.max_in_flight:
             c.max_in_flight = c.in_flight
-        status = 0
         try:
             response = await self._chat(api, request)
-            status = response.status
-            return response
-        except asyncio.CancelledError:
-            c.disconnects += 1
-            raise
-        except ConnectionResetError:
+        except asyncio.CancelledError:  # the client went away (handler_cancellation)
             c.disconnects += 1
             raise
         finally:
             c.in_flight -= 1
-            if status:
-                c.responses[status] = c.responses.get(status, 0) + 1
+        if isinstance(response, _Gone):
+            if response.by_client:
+                c.disconnects += 1
+        else:
+            c.responses[response.status] = c.responses.get(response.status, 0) + 1
+        return response
 
     async def _other(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == "/stats" and request.method == "GET":
@@ -634,12 +632,15 @@ class SimServer:
             response.headers[k] = v
         if content_type == "text/event-stream":
             response.headers["Cache-Control"] = "no-cache"
-        await response.prepare(request)
-        for gap, chunk in zip(gaps, chunks, strict=True):
-            if gap > 0:
-                await asyncio.sleep(gap)
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for gap, chunk in zip(gaps, chunks, strict=True):
+                if gap > 0:
+                    await asyncio.sleep(gap)
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:  # the client closed the connection mid-reply
+            return _Gone(by_client=True)
         assert self._loop is not None
         self._second(self._loop.time())[4] += 1
         return response
@@ -766,11 +767,20 @@ class SimServer:
             finally:
                 self._hangs.discard(fut)
             _reset(request)
-            raise ConnectionResetError("SimServer closed a hung request")
+            return _Gone(by_client=False)
         if fault == "reset":
             _reset(request)
-            raise ConnectionResetError("SimServer reset the connection (injected)")
+            return _Gone(by_client=False)
         return None
+
+
+class _Gone(web.Response):
+    """Returned when the connection is already closed: aiohttp's write of it fails
+    quietly (no error log), and SimServer counts no response for it."""
+
+    def __init__(self, *, by_client: bool) -> None:
+        super().__init__(status=499)
+        self.by_client = by_client
 
 
 def _reset(request: web.BaseRequest) -> None:
