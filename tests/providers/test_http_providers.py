@@ -155,6 +155,15 @@ async def test_faults_are_classified(
         assert "quota" in str(info.value) or "usage limits" in str(info.value)
 
 
+async def test_malformed_stream_event_is_a_protocol_error(
+    server: SimServer, factory: Factory
+) -> None:
+    async with factory(server, stream=True) as llm:
+        with pytest.raises(fanflow.ProtocolError, match="bad stream event") as info:
+            await llm.complete(llm.prepare(Request.of("junk")))
+    assert info.value.retryable
+
+
 async def test_retries_then_succeeds_through_the_engine(factory: Factory) -> None:
     async with SimServer(fault_on={"x": ["500", "529"]}) as server, factory(server) as llm:
         record = await fanflow.call(

@@ -223,7 +223,8 @@ class SimServer:
             kinds are in :data:`FAULTS`: ``"500"``, ``"503"``, ``"529"``, ``"429"``,
             ``"quota"`` (a 429 saying the quota is spent), ``"hang"`` (never answer),
             ``"reset"`` (reset the connection), ``"malformed"`` (a 200 that is not
-            JSON), ``"slow_stream"`` (the body trickles, ``slow_delay`` per chunk).
+            JSON; in a stream, an event that is not JSON), ``"slow_stream"`` (the body
+            trickles, ``slow_delay`` per chunk).
         fault_on: faults scripted by request: ``{regex: kind}`` for every prompt that
             matches, ``{regex: [kind, kind]}`` for the first matches only (then normal
             replies), or ``fn(SimRequest) -> kind | None``.
@@ -598,6 +599,8 @@ class SimServer:
             else:  # each word takes per_token: the first arrives at latency + per_token
                 words = range(first, first + done.output_tokens)
                 gaps = [self.per_token if i in words else 0.0 for i in range(len(chunks))]
+            if fault == "malformed":  # an event whose data is not JSON
+                chunks[first] = b'data: {"choices": [{"delta": \n\n'
             if delay > 0:
                 await asyncio.sleep(delay)
             return await self._stream(request, chunks, gaps, headers, "text/event-stream")
