@@ -621,7 +621,8 @@ class SimServer:
             if delay > 0:
                 await asyncio.sleep(delay)
             streamed = await self._stream(request, chunks, gaps, headers, "text/event-stream")
-            self._completed(sim)
+            if not isinstance(streamed, _Gone):
+                self._completed(sim)
             return streamed
         delay += self.per_token * done.output_tokens
         if delay > 0:
@@ -632,7 +633,8 @@ class SimServer:
             parts = [payload[i : i + step] for i in range(0, len(payload), step)]
             gaps = [0.0] + [self.slow_delay] * (len(parts) - 1)
             streamed = await self._stream(request, parts, gaps, headers, "application/json")
-            self._completed(sim)
+            if not isinstance(streamed, _Gone):
+                self._completed(sim)
             return streamed
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
@@ -640,8 +642,11 @@ class SimServer:
         response = web.Response(body=payload, content_type="application/json")
         for k, v in headers:
             response.headers[k] = v
-        await response.prepare(request)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:  # the client closed the connection before the reply
+            return _Gone(by_client=True)
         self._completed(sim)
         return response
 
