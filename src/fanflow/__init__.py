@@ -19,6 +19,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from ._budget import Budget
 from ._exceptions import (
     AllFailed,
     AuthenticationError,
@@ -40,6 +41,7 @@ from ._exceptions import (
     QuorumNotMet,
     QuotaExceeded,
     RateLimited,
+    RequestTooLarge,
     ServerError,
     Skipped,
     StepInputError,
@@ -47,8 +49,9 @@ from ._exceptions import (
     TemplateError,
     is_retryable,
 )
-from ._limits import Limits
+from ._limits import Adaptive, Limits
 from ._llm import LLM, BaseLLM
+from ._pricing import Price
 from ._retry import RetryPolicy
 from ._sync import run
 from ._types import (
@@ -68,6 +71,7 @@ from .patterns import (
     BestOfNResult,
     Call,
     Chain,
+    Estimate,
     Evaluation,
     FanOutResult,
     Flow,
@@ -91,6 +95,7 @@ from .patterns import (
     as_completed,
     best_of_n,
     call,
+    estimate,
     evaluate,
     fan_out,
     gather,
@@ -110,6 +115,7 @@ except _PackageNotFoundError:  # running from a source tree that is not installe
 
 __all__ = [
     "LLM",
+    "Adaptive",
     "AllFailed",
     "Attempt",
     "AuthenticationError",
@@ -118,6 +124,7 @@ __all__ = [
     "BatchError",
     "BatchResult",
     "BestOfNResult",
+    "Budget",
     "BudgetExceeded",
     "Call",
     "CallRecord",
@@ -125,6 +132,7 @@ __all__ = [
     "Chain",
     "ConfigError",
     "ContentFiltered",
+    "Estimate",
     "Evaluation",
     "FanOutResult",
     "FanflowError",
@@ -144,6 +152,7 @@ __all__ = [
     "Pool",
     "PoolResult",
     "PoolStatus",
+    "Price",
     "ProtocolError",
     "ProviderConnectionError",
     "ProviderError",
@@ -154,6 +163,7 @@ __all__ = [
     "RateLimited",
     "RayBackend",
     "Request",
+    "RequestTooLarge",
     "Response",
     "ResultStream",
     "RetryPolicy",
@@ -180,6 +190,7 @@ __all__ = [
     "as_completed",
     "best_of_n",
     "call",
+    "estimate",
     "evaluate",
     "fan_out",
     "function",
