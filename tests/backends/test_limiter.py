@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import fanflow
-from fanflow import ConfigError, Limits
+from fanflow import ConfigError, Limits, Response, Usage
 from fanflow.backends._config import resolve_backend
 from fanflow.backends._limiter import LINGER, REUSE, GlobalLane, LimitBroker, SlotLease
 
@@ -37,7 +37,8 @@ def _lease(broker: LimitBroker, worker: str, gave: list[str] | None = None) -> S
 
 async def test_workers_together_never_exceed_the_limit_and_use_all_of_it() -> None:
     broker = LimitBroker()
-    lanes = [GlobalLane(LIMITS, _lease(broker, f"w{i}")) for i in range(4)]
+    leases = [_lease(broker, f"w{i}") for i in range(4)]
+    lanes = [GlobalLane(LIMITS, lease, None) for lease in leases]
     rng = random.Random(1)
     in_flight = peak = done = 0
 
@@ -63,8 +64,8 @@ async def test_workers_together_never_exceed_the_limit_and_use_all_of_it() -> No
     assert peak == 3
     assert stats.max_leased == 3
     assert stats.leased == 0  # every slot went back
-    for lane in lanes:
-        await lane.lease.aclose()
+    for lease in leases:
+        await lease.aclose()
 
 
 async def test_a_busy_worker_lets_the_others_have_a_turn() -> None:
@@ -178,3 +179,81 @@ async def test_a_spare_slot_lingers_for_the_next_call_then_goes_back() -> None:
     assert stats.leased == 0
     assert lease.held == 0
     await lease.aclose()
+
+
+class _DirectGrants:
+    """The broker's rate buckets reached over a simulated round trip of ``rtt``."""
+
+    def __init__(self, broker: LimitBroker, limits: Limits, rtt: float = 0.002) -> None:
+        self.broker = broker
+        self.limits = limits
+        self.rtt = rtt
+        self.given_back = 0
+
+    async def grant(self, costs: list[int]) -> tuple[float, int]:
+        await asyncio.sleep(self.rtt / 2)
+        now = asyncio.get_running_loop().time()
+        granted = self.broker.grant("h", self.limits, costs, now)
+        await asyncio.sleep(self.rtt / 2)
+        return granted
+
+    def settle(self, grant: int, costs: list[int] | None) -> None:
+        if costs is not None and not any(costs):
+            self.given_back += 1
+        self.broker.settle("h", grant, costs)
+
+
+def _max_in_window(times: list[float], period: float) -> int:
+    times = sorted(times)
+    best = 0
+    j = 0
+    for i, t in enumerate(times):
+        while times[j] <= t - period:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+async def test_rate_grants_keep_all_workers_within_one_limit(workers: int) -> None:
+    limits = Limits(rpm=60, tpm=1200)  # per minute: 1 request/s, 20 tokens/s
+    broker = LimitBroker()
+    lanes = [GlobalLane(limits, None, _DirectGrants(broker, limits)) for _ in range(workers)]
+    sent: list[tuple[float, int]] = []
+    loop = asyncio.get_running_loop()
+
+    async def call(lane: GlobalLane) -> None:
+        permit = await lane.acquire((8, 10))  # estimated: 18 tokens
+        now = loop.time()
+        sent.append((now, 15))  # the reply used 15 (refunded: 3)
+        await asyncio.sleep(0.5)
+        lane.finish(permit, now, Response("x", usage=Usage(7, 8)))
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(90):
+            tg.create_task(call(lanes[i % workers]))
+    times = [t for t, _ in sent]
+    # Never more than the limit in any 60 s at the server, whatever the workers.
+    assert _max_in_window(times, 60.0) <= 60
+    tokens_in_window = max(sum(c for u, c in sent if t - 60.0 < u <= t) for t in times)
+    assert tokens_in_window <= 1200
+    # ... and the limit is used: 90 calls need the burst then ~1 per s.
+    assert max(times) < 60 * 1.02 + 30
+    stats = broker.statistics("h")
+    assert stats is not None
+    assert stats.grants == 90
+
+
+async def test_a_grant_that_cannot_be_used_in_time_goes_back_and_is_booked_again() -> None:
+    limits = Limits(rpm=600)
+    broker = LimitBroker()
+    grants = _DirectGrants(broker, limits, rtt=1.0)  # a round trip longer than the lease
+    lane = GlobalLane(limits, None, grants)
+    permit = asyncio.ensure_future(lane.acquire())
+    await asyncio.sleep(0.5)
+    assert not permit.done()
+    grants.rtt = 0.002  # the broker answers quickly again
+    got = await asyncio.wait_for(permit, 10)
+    assert got is not None
+    assert grants.given_back >= 1
+    lane.finish(got, 0.0, Response("x", usage=Usage(1, 1)))

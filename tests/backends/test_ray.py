@@ -112,6 +112,25 @@ async def test_one_concurrency_limit_for_all_workers(workers: int) -> None:
     assert stats.max_in_flight == 3  # the limit was used, not undershot
 
 
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_one_rate_limit_for_all_workers(workers: int) -> None:
+    # The server allows 20 requests per second (a bucket of 20); so does the handle.
+    # Each worker alone would send 20 at once and then 20/s: only one limit for the
+    # cluster keeps the server from refusing.
+    n = 50
+    async with SimServer(latency=0.002, rpm=20, period=1.0) as server:
+        llm = _handle(server, Limits(rpm=20, period=1.0))
+        result = await fanflow.map(
+            llm, "Say {input}", ITEMS[:n], backend=RayBackend(workers=workers, shard_size=5)
+        )
+        await llm.aclose()
+        stats = server.stats()
+    assert result.ok, [str(e) for e in result.errors.values()][:1]
+    assert stats.responses == {200: n}  # zero 429s
+    # The limit is used: 20 at once, then about 20/s (less a lease per window).
+    assert result.summary.makespan < 2.5 + 1.0
+
+
 async def test_map_concurrency_is_split_between_workers() -> None:
     async with SimServer(latency=0.01) as server:
         llm = _handle(server)

@@ -1,5 +1,16 @@
 """One limit for a whole cluster: a broker that leases admission to workers' lanes.
 
+Rates (``rpm``, ``tpm``, ``input_tpm``, ``output_tpm``) are granted per call: a worker's
+lane asks the broker for its call's cost; the broker books it in the handle's rate
+buckets (the same :class:`~fanflow._rate.RateBucket` as a local lane, so the same GCRA
+spacing and sliding window) at the earliest time they allow, and answers "send in
+``delay`` seconds". Clocks of different machines need not agree: the worker sends
+``delay`` after the answer arrived, which is never before the booked time, and gives the
+grant back unused if it could not send within :func:`lease_time` of it (its event loop
+lagged). The broker's window is ``period + lease`` long, so sends that happen up to a
+lease after their booked time still never put more than the limit into any ``period``
+seconds at the server. After the reply, the worker settles the tokens actually used.
+
 A handle's limits belong to its API key, not to a process, so on Ray every worker's lane
 for the same handle draws from one :class:`LimitBroker` (kept in one Ray actor, keyed by
 the handle's ``limit_id``). Concurrency is leased one slot at a time: a worker asks for a
@@ -25,11 +36,23 @@ import asyncio
 import contextlib
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from .._limits import Gate, Lane, LaneStatistics, Limits
+from .._limits import _REQUESTS, Gate, Lane, Limits, Permit, _cost
+from .._rate import RateBucket, Slot
 
-__all__ = ["LINGER", "REUSE", "BrokerStatistics", "GlobalLane", "LimitBroker", "SlotLease"]
+__all__ = [
+    "LINGER",
+    "REUSE",
+    "BrokerStatistics",
+    "GlobalLane",
+    "LeasedGate",
+    "LimitBroker",
+    "SlotLease",
+    "lease_time",
+    "needs_broker",
+]
 
 # A worker passes a leased slot on to at most this many of its own calls in a row, then
 # gives it back and asks again, behind the other workers already waiting.
@@ -38,6 +61,15 @@ REUSE = 8
 # the worker's next item usually asks for one within a loop turn or two, and keeping
 # it saves that call a round trip to the broker.
 LINGER = 0.005
+
+
+def lease_time(period: float) -> float:
+    """How late after its booked time a granted send may still go: long enough for a
+    round trip to the broker under load, short against the period (0.25 s of 60 s)."""
+    return max(0.05, min(0.25, 0.02 * period))
+
+
+_RATES = (("rpm", _REQUESTS), ("tpm", 0), ("input_tpm", 1), ("output_tpm", 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +81,24 @@ class BrokerStatistics:
     max_leased: int
     waiting: int
     by_worker: dict[str, int]
+    grants: int = 0
 
 
 class _Shared:
-    __slots__ = ("gate", "held")
+    __slots__ = ("buckets", "gate", "grants", "held", "next_grant")
 
-    def __init__(self, limit: int | None) -> None:
-        self.gate = Gate(limit)
+    def __init__(self, limits: Limits) -> None:
+        self.gate = Gate(limits.concurrency)
         self.held: Counter[str] = Counter()
+        # The window is a lease longer than the period: see the module docstring.
+        period = limits.period + lease_time(limits.period)
+        self.buckets = [
+            RateBucket(name, getattr(limits, name), period, limits.burst)
+            for name, _ in _RATES
+            if getattr(limits, name) is not None
+        ]
+        self.grants: dict[int, list[Slot]] = {}
+        self.next_grant = 0
 
 
 class LimitBroker:
@@ -69,7 +111,7 @@ class LimitBroker:
     def _shared(self, handle_id: str, limits: Limits) -> _Shared:
         shared = self._handles.get(handle_id)
         if shared is None:
-            shared = self._handles[handle_id] = _Shared(limits.concurrency)
+            shared = self._handles[handle_id] = _Shared(limits)
         return shared
 
     async def acquire(self, handle_id: str, limits: Limits, worker: str) -> bool:
@@ -105,6 +147,40 @@ class LimitBroker:
             freed += n
         return freed
 
+    def grant(
+        self, handle_id: str, limits: Limits, costs: list[int], now: float
+    ) -> tuple[float, int]:
+        """Book one send of ``costs`` (one per rate limit, in the order of ``_RATES``
+        that are set) at the earliest time the handle's buckets allow.
+
+        Returns:
+            (seconds from ``now`` until the send may go, the grant's id).
+        """
+        shared = self._shared(handle_id, limits)
+        t = now
+        for bucket, cost in zip(shared.buckets, costs, strict=True):
+            t = bucket.send_time(t, cost)
+        slots = [
+            bucket.reserve(t, cost) for bucket, cost in zip(shared.buckets, costs, strict=True)
+        ]
+        shared.next_grant += 1
+        shared.grants[shared.next_grant] = slots
+        return t - now, shared.next_grant
+
+    def settle(self, handle_id: str, grant: int, costs: list[int] | None) -> None:
+        """A granted send ended: correct its booked costs to ``costs`` (the reported
+        usage; None keeps the booking), or give it all back if it was never sent
+        (``costs`` of zeros)."""
+        shared = self._handles.get(handle_id)
+        if shared is None:
+            return
+        slots = shared.grants.pop(grant, None)
+        if slots is None or costs is None:
+            return
+        for bucket, slot, cost in zip(shared.buckets, slots, costs, strict=True):
+            if cost != slot.cost:
+                bucket.settle(slot, cost)
+
     def statistics(self, handle_id: str) -> BrokerStatistics | None:
         shared = self._handles.get(handle_id)
         if shared is None:
@@ -116,6 +192,7 @@ class LimitBroker:
             max_leased=gate.max_in_flight,
             waiting=gate.waiting,
             by_worker={w: n for w, n in shared.held.items() if n},
+            grants=shared.next_grant,
         )
 
 
@@ -247,35 +324,149 @@ class SlotLease:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class GlobalLane(Lane):
-    """A handle's lane in a Ray worker: its concurrency slots come from the broker.
-
-    Everything else a lane does for this process stays local.
-    """
+class LeasedGate(Gate):
+    """A lane's gate whose slots are also leased from the broker: the lane's own limit
+    (the ramp after a pause, the adaptive controller) and the cluster's both hold."""
 
     __slots__ = ("lease",)
 
-    def __init__(self, limits: Limits, lease: SlotLease) -> None:
-        super().__init__(replace(limits, concurrency=None))
-        self.limits = limits
+    def __init__(self, limit: int | None, lease: SlotLease) -> None:
+        super().__init__(limit)
         self.lease = lease
+
+    # Gate's own methods call self.try_acquire()/self.release(), which here also take
+    # and give the lease; so the local half is spelled out with Gate's methods.
+
+    def try_acquire(self) -> bool:
+        if not Gate.try_acquire(self):
+            return False
+        if self.lease.try_take():
+            return True
+        Gate.release(self)
+        return False
+
+    async def acquire(self) -> None:
+        if not Gate.try_acquire(self):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    Gate.release(self)  # handed a local slot just as we were cancelled
+                else:
+                    self._remove(fut)
+                raise
+        try:
+            await self.lease.take()
+        except BaseException:
+            Gate.release(self)
+            raise
+
+    def release(self) -> None:
+        self.lease.give()
+        Gate.release(self)
+
+
+class _Grants(Protocol):
+    """How a worker's lane reaches the broker's rate buckets (actor calls in Ray)."""
+
+    async def grant(self, costs: list[int]) -> tuple[float, int]: ...
+
+    def settle(self, grant: int, costs: list[int] | None) -> None: ...
+
+
+class GlobalPermit(Permit):
+    """A permit whose rate reservation lives at the broker (``grant``)."""
+
+    __slots__ = ("grant",)
+
+    def __init__(self, input: int, output: int, grant: int) -> None:
+        super().__init__(input, output, [])
+        self.grant = grant
+
+
+class GlobalLane(Lane):
+    """A handle's lane in a Ray worker: concurrency slots and rate grants come from the
+    broker; pauses after a 429, header pacing and the adaptive controller stay local.
+
+    Args:
+        limits: the handle's limits.
+        lease: the worker's share of the handle's concurrency (None: no limit).
+        grants: the broker's rate buckets (None: no rate limit).
+    """
+
+    __slots__ = ("grants", "lease_time")
+
+    def __init__(self, limits: Limits, lease: SlotLease | None, grants: _Grants | None) -> None:
+        super().__init__(limits)
+        if lease is not None:
+            self.gate = LeasedGate(self.gate.limit, lease)
+        self.grants = grants
+        self.lease_time = lease_time(limits.period)
 
     def __repr__(self) -> str:
         return f"fanflow.GlobalLane({self.limits!r})"
 
-    def try_acquire(self) -> bool:
-        return self.lease.try_take()
+    def _costs(self, input: int, output: int) -> list[int]:
+        return [_cost(kind, input, output) for _, kind in self._buckets]
 
-    async def acquire(self) -> None:
-        await self.lease.take()
+    async def _schedule(self, tokens: tuple[int, int]) -> Permit:
+        grants = self.grants
+        assert grants is not None
+        loop = asyncio.get_running_loop()
+        input, output = tokens
+        costs = self._costs(input, output)
+        while True:
+            await self._wait_steer()  # this worker's own pause (429) and header pacing
+            asked = loop.time()
+            delay, grant = await grants.grant(costs)
+            # The broker booked the send at (its now) + delay, and its now fell between
+            # asking and answering: sending ``delay`` after the answer is never early,
+            # and the send must go before asked + delay + lease to stay in its booking.
+            send_at = loop.time() + delay
+            latest = asked + delay + self.lease_time
+            pause = self._pause_until
+            try:
+                if send_at > loop.time():
+                    await asyncio.sleep(send_at - loop.time())
+            except BaseException:
+                grants.settle(grant, [0] * len(costs))  # never sent: give it back
+                raise
+            now = loop.time()
+            if now <= latest and not (self._pause_until > pause and self._pause_until > now):
+                break
+            # Too late for its booking (the loop lagged), or a pause began: book again.
+            grants.settle(grant, [0] * len(costs))
+        self._tokens_in_flight += input + output
+        self._last_cost = input + output
+        return GlobalPermit(input, output, grant)
 
-    def release(self) -> None:
-        self.lease.give()
+    def _settle(self, permit: Permit, usage: Any) -> None:
+        if not isinstance(permit, GlobalPermit) or self.grants is None:
+            return
+        input, output = usage.input_tokens, usage.output_tokens
+        if input + output <= 0:
+            self.grants.settle(permit.grant, None)  # no usage reported: keep the estimate
+            return
+        booked = self._costs(permit.input, permit.output)
+        actual = self._costs(input, output)
+        if not self.limits.refund:
+            actual = [max(a, b) for a, b in zip(actual, booked, strict=True)]
+        self.grants.settle(permit.grant, actual)
 
-    def statistics(self) -> LaneStatistics:
-        return super().statistics()
+    def finish(
+        self,
+        permit: Permit | None,
+        start: float,
+        response: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        if isinstance(permit, GlobalPermit) and response is None and self.grants is not None:
+            self.grants.settle(permit.grant, None)  # sent: its booking stands
+        super().finish(permit, start, response, error)
 
 
 def needs_broker(limits: Limits) -> bool:
     """Whether a handle's limits must be enforced cluster-wide."""
-    return limits.concurrency is not None
+    return limits.concurrency is not None or limits.rated

@@ -93,6 +93,13 @@ class _BrokerActor:
     async def release(self, handle_id: str, worker: str) -> None:
         self.broker.release(handle_id, worker)
 
+    async def grant(self, handle_id: str, limits: Any, costs: list[int]) -> tuple[float, int]:
+        now = asyncio.get_running_loop().time()
+        return self.broker.grant(handle_id, limits, costs, now)
+
+    async def settle(self, handle_id: str, grant: int, costs: list[int] | None) -> None:
+        self.broker.settle(handle_id, grant, costs)
+
     async def forget(self, worker: str) -> int:
         return self.broker.forget(worker)
 
@@ -148,6 +155,24 @@ class _Run:
             await (await self.ready).close()
 
 
+class _BrokerGrants:
+    """A lane's way to the broker's rate buckets for one handle."""
+
+    def __init__(self, broker: Any, handle_id: str, limits: Any) -> None:
+        self.broker = broker
+        self.handle_id = handle_id
+        self.limits = limits
+
+    async def grant(self, costs: list[int]) -> tuple[float, int]:
+        granted: tuple[float, int] = await self.broker.grant.remote(
+            self.handle_id, self.limits, costs
+        )
+        return granted
+
+    def settle(self, grant: int, costs: list[int] | None) -> None:
+        self.broker.settle.remote(self.handle_id, grant, costs)
+
+
 # The batch a worker's task belongs to, so the lanes it makes are closed with it.
 _RUN: contextvars.ContextVar[_Run] = contextvars.ContextVar("fanflow_ray_run")
 
@@ -178,12 +203,14 @@ class FanflowWorker:
         def give_back() -> None:
             broker.release.remote(handle_id, worker)
 
-        assert limits.concurrency is not None
-        lease = SlotLease(limits.concurrency, ask, give_back)
-        run = _RUN.get(None)
-        if run is not None:
-            run.leases.append(lease)
-        return GlobalLane(limits, lease)
+        lease = None
+        if limits.concurrency is not None:
+            lease = SlotLease(limits.concurrency, ask, give_back)
+            run = _RUN.get(None)
+            if run is not None:
+                run.leases.append(lease)
+        grants = _BrokerGrants(broker, handle_id, limits) if limits.rated else None
+        return GlobalLane(limits, lease, grants)
 
     async def pid(self) -> int:
         return os.getpid()

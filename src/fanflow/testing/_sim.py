@@ -85,24 +85,26 @@ def _echo(request: SimRequest) -> str:
 
 @dataclass(slots=True)
 class _Bucket:
-    """A continuously refilling token bucket (capacity ``limit``, refill ``limit``/60 s)."""
+    """A continuously refilling token bucket (capacity ``limit``, refill ``limit`` per
+    ``period`` seconds)."""
 
     limit: int
     level: float
     at: float
+    period: float = 60.0
 
     def refill(self, now: float) -> None:
-        rate = self.limit / 60.0
+        rate = self.limit / self.period
         self.level = min(float(self.limit), self.level + (now - self.at) * rate)
         self.at = now
 
     def wait_for(self, amount: int) -> float:
         """Seconds until ``amount`` is available (0 if it is now)."""
         missing = amount - self.level
-        return 0.0 if missing <= 0 else missing / (self.limit / 60.0)
+        return 0.0 if missing <= 0 else missing / (self.limit / self.period)
 
     def view(self) -> BucketView:
-        reset = (self.limit - self.level) / (self.limit / 60.0)
+        reset = (self.limit - self.level) / (self.limit / self.period)
         return BucketView(self.limit, max(0, int(self.level)), reset)
 
 
@@ -228,6 +230,9 @@ class SimServer:
         seed: seed of the jitter and of the fault draws.
         rpm: requests per minute (a token bucket, as the hosted APIs do); None: no limit.
         tpm: tokens (input + output) per minute; None: no limit.
+        period: the window of ``rpm`` and ``tpm`` in seconds (60: per minute). A
+            shorter one makes real-time tests of rate limits quick (``rpm=20,
+            period=1.0``: 20 requests per second, a burst of 20).
         max_in_flight: requests handled at once beyond which the server answers 429.
         reply: the reply text: a string, ``{regex: text}`` matched on the prompt (first
             match wins; unmatched prompts get the echo), or ``fn(SimRequest) -> str``.
@@ -266,6 +271,7 @@ class SimServer:
         rpm: int | None = None,
         tpm: int | None = None,
         max_in_flight: int | None = None,
+        period: float = 60.0,
         reply: ReplySpec | None = None,
         faults: Mapping[str, float] | None = None,
         fault_on: FaultSpec | None = None,
@@ -289,6 +295,9 @@ class SimServer:
         self.rpm = rpm
         self.tpm = tpm
         self.max_in_flight = max_in_flight
+        if not period > 0:
+            raise ValueError(f"period must be > 0 seconds, got {period}")
+        self.period = period
         self.slow_delay = slow_delay
         self.models = frozenset(models) if models is not None else None
         self._api_key = api_key
@@ -463,8 +472,9 @@ class SimServer:
         self.requests = []
         self._rng = random.Random(self.seed)
         self._fault_seq = {k: list(v) for k, v in self._fault_seq_init.items()}
-        self._req_bucket = _Bucket(self.rpm, float(self.rpm), now) if self.rpm else None
-        self._tok_bucket = _Bucket(self.tpm, float(self.tpm), now) if self.tpm else None
+        period = self.period
+        self._req_bucket = _Bucket(self.rpm, float(self.rpm), now, period) if self.rpm else None
+        self._tok_bucket = _Bucket(self.tpm, float(self.tpm), now, period) if self.tpm else None
 
     def reset(self) -> None:
         """Clear counters, recorded requests, buckets and scripted fault sequences."""
