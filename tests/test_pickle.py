@@ -56,6 +56,10 @@ def _run_result() -> fanflow.RunResult:
 
 
 SAMPLES: dict[str, Callable[[], Any]] = {
+    "Adaptive": lambda: fanflow.Adaptive(initial=4, max=64),
+    "Budget": lambda: fanflow.Budget(usd=1.5, prices={"m": fanflow.Price(1.0, 2.0)}),
+    "Estimate": lambda: fanflow.Estimate(10, 200, 100, 0.01, ("x",)),
+    "Price": lambda: fanflow.Price(input=0.5, output=1.5),
     "Attempt": lambda: fanflow.Attempt(2, 1.0, 2.0, Status.FAILED, fanflow.ServerError("x")),
     "BaseLLM": _llm,
     "BatchResult": lambda: fanflow.BatchResult(
@@ -88,7 +92,7 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     ),
     "ItemStatus": lambda: fanflow.ItemStatus(1, "failed", (), fanflow.ServerError("x")),
     "JsonlSink": lambda: fanflow.JsonlSink("out.jsonl", ordered=True),
-    "Limits": lambda: fanflow.Limits(concurrency=3),
+    "Limits": lambda: fanflow.Limits(concurrency=3, rpm=600, tpm=10_000, period=30.0),
     "Message": lambda: fanflow.Message("user", "hi"),
     "ParallelCalls": lambda: fanflow.ParallelCalls(_llm(), 3, system="s"),
     "ParallelCallsResult": lambda: fanflow.ParallelCallsResult(
@@ -135,7 +139,10 @@ SAMPLES: dict[str, Callable[[], Any]] = {
 LIVE = {"ResultStream", "Store", "LLM"}
 # Values that hold no error, handle or function, so their copies compare equal.
 VALUES = {
+    "Adaptive",
+    "Estimate",
     "Limits",
+    "Price",
     "Message",
     "PoolStatus",
     "RateLimitState",

@@ -262,3 +262,28 @@ async def test_a_pool_job_on_ray_is_replayed_from_the_store(tmp_path: Any) -> No
     assert all(r.cached for r in again.records)
     assert info is not None
     assert info.succeeded == 12
+
+
+async def test_as_completed_streams_records_from_the_workers() -> None:
+    async with SimServer(latency=0.002) as server:
+        llm = _handle(server, Limits(concurrency=4))
+        seen: list[int] = []
+        async with fanflow.as_completed(
+            llm, "Say {input}", ITEMS, backend=RayBackend(workers=2, shard_size=6)
+        ) as stream:
+            async for record in stream:
+                assert record.ok
+                assert record.value == f"echo: Say {ITEMS[record.index]}"
+                seen.append(record.index)
+        await llm.aclose()
+    assert sorted(seen) == list(range(len(ITEMS)))
+
+
+async def test_budgets_are_refused_on_ray_until_they_are_cluster_wide() -> None:
+    llm = fanflow.function(_echo)
+    with pytest.raises(fanflow.ConfigError, match="budget= is not supported"):
+        await fanflow.map(llm, "{input}", ["a"], budget=1.0, backend="ray")
+
+
+def _echo(request: fanflow.Request) -> str:
+    return request.prompt

@@ -32,11 +32,12 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from .._budget import Budget
 from .._engine import make_options
 from .._events import Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError
@@ -51,7 +52,7 @@ from ..store import Store
 from ._config import RayBackend, resolve_backend
 from ._limiter import GlobalLane, LimitBroker, SlotLease, needs_broker
 
-__all__ = ["map_on_ray", "run_pool_on_ray"]
+__all__ = ["RayMapBatch", "map_on_ray", "run_pool_on_ray", "worker_pids"]
 
 INSTALL = "pip install 'fanflow[ray]'"
 BROKER_NAME = "fanflow-limits"
@@ -311,7 +312,7 @@ class _MapWork(_Work):
         prompt: Prompt,
         *,
         timeout: float | None,
-        deadline_wall: float | None,
+        deadline_wall: float | None,  # set when the batch starts
         retry: RetryPolicy | None,
         hedge_after: float | None,
         system: str | None,
@@ -320,6 +321,7 @@ class _MapWork(_Work):
         events: bool,
         label: str | None,
         store: _StoreSpec | None,
+        prices: Mapping[str, Any] | None = None,
     ) -> None:
         self.llm = llm
         self.prompt = prompt
@@ -333,6 +335,7 @@ class _MapWork(_Work):
         self.events = events
         self.label = label
         self.store = store
+        self.prices = prices
         self._batch: _Batch[Any] | None = None
         self._durable: Durability | None = None
 
@@ -348,6 +351,7 @@ class _MapWork(_Work):
             retry=self.retry,
             hedge_after=self.hedge_after,
             hooks=(_collect,) if self.events else (),
+            prices=self.prices,
         )
         spec = self.store
         if spec is not None:
@@ -666,102 +670,146 @@ def _workers_for(backend: RayBackend, limit: int | None) -> tuple[int | None, in
     return len(shares), min(shares)
 
 
+class RayMapBatch:
+    """A map's items on Ray, each record handed to ``deliver`` as it comes back (the
+    Ray counterpart of ``patterns._map._Batch``: ``map`` and ``as_completed`` use it)."""
+
+    def __init__(
+        self,
+        backend: object,
+        llm: LLM,
+        prompt: Prompt,
+        items: Any,
+        *,
+        deliver: Callable[[CallRecord[Any]], Any],
+        concurrency: int | None,
+        timeout: float | None,
+        deadline: float | None,
+        retry: RetryPolicy | None,
+        hedge_after: float | None,
+        system: str | None,
+        params: dict[str, Any],
+        parse: Callable[[Response], Any],
+        hooks: Sequence[Hook],
+        label: str | None,
+        fail_fast: bool,
+        durable: Durability | None,
+        budget: Budget | None,
+        prices: Mapping[str, Any] | None,
+    ) -> None:
+        ray_backend = resolve_backend(backend)
+        assert ray_backend is not None
+        if budget is not None:
+            raise ConfigError(
+                "budget= is not supported with backend='ray' yet (each worker would keep "
+                "its own and together they could spend it several times over); cap the "
+                "job with a budget on the local backend, or split it into smaller batches"
+            )
+        if concurrency is not None and concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
+        if deadline is not None and deadline <= 0:
+            raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
+        _connect(ray_backend)
+        self.backend = ray_backend
+        self.items = items
+        self.deliver = deliver
+        self.deadline = deadline
+        self.hooks = tuple(hooks)
+        self.fail_fast = fail_fast
+        self.durable = durable
+        self.n_workers, window = _workers_for(ray_backend, concurrency)
+        self.window = window if window is not None else _window(llm, None, None)
+        self.workers = self.window  # what ResultStream sizes its queue by
+        store = None
+        if durable is not None and durable.store is not None:
+            store = _StoreSpec(
+                str(durable.store.path),
+                durable.store.timeout,
+                durable.job,
+                durable.only_failed,
+                durable.cache,
+            )
+        self.work = _MapWork(
+            llm,
+            prompt,
+            timeout=timeout,
+            deadline_wall=None,
+            retry=retry,
+            hedge_after=hedge_after,
+            system=system,
+            params=params,
+            parse=parse,
+            events=bool(hooks),
+            label=label,
+            store=store,
+            prices=prices,
+        )
+        self.seen = 0
+
+    async def run(self) -> None:
+        """Run every item; raise the first failure's error with ``fail_fast``."""
+        durable = self.durable
+        if self.deadline is not None:
+            self.work.deadline_wall = time.time() + self.deadline
+
+        async def on_chunk(
+            results: list[tuple[int, Any]], events: list[Event], items: dict[int, Any]
+        ) -> None:
+            for event in events:
+                emit(self.hooks, event)
+            for index, record in results:
+                if durable is not None:
+                    durable.emit(record, items.get(index))
+                delivered = self.deliver(record)
+                if delivered is not None:
+                    await delivered
+                if self.fail_fast and record.status is not Status.SUCCEEDED:
+                    raise _FailFast(record)
+
+        def prior(index: int) -> Any:
+            return durable.prior.get(index) if durable is not None else None
+
+        driver = _Driver(
+            self.backend,
+            self.work,
+            self.items,
+            window=self.window,
+            workers=self.n_workers,
+            on_chunk=on_chunk,
+            prior=prior,
+        )
+        size = len(self.items) if isinstance(self.items, Sequence) else None
+        try:
+            if durable is None:
+                await driver.run()
+            else:
+                await durable.around(driver.run, size)
+        except _FailFast as stop:
+            if stop.record.error is not None:
+                raise stop.record.error from None
+            raise  # pragma: no cover - a non-succeeded record always has an error
+        finally:
+            self.seen = driver.source.seen
+
+
 async def map_on_ray(
-    backend: object,
-    llm: LLM,
-    prompt: Prompt,
-    items: Any,
-    *,
-    concurrency: int | None,
-    timeout: float | None,
-    deadline: float | None,
-    retry: RetryPolicy | None,
-    hedge_after: float | None,
-    system: str | None,
-    params: dict[str, Any],
-    parse: Callable[[Response], Any],
-    hooks: Sequence[Hook],
-    label: str | None,
-    fail_fast: bool,
-    durable: Durability | None,
+    backend: object, llm: LLM, prompt: Prompt, items: Any, **options: Any
 ) -> BatchResult[Any]:
     """``fanflow.map`` on Ray (see :func:`fanflow.map` for the arguments)."""
-    ray_backend = resolve_backend(backend)
-    assert ray_backend is not None
-    if concurrency is not None and concurrency < 1:
-        raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
-    if deadline is not None and deadline <= 0:
-        raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
-    _connect(ray_backend)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    workers, window = _workers_for(ray_backend, concurrency)
-    if window is None:
-        window = _window(llm, None, None)
-    store = None
-    if durable is not None and durable.store is not None:
-        store = _StoreSpec(
-            str(durable.store.path),
-            durable.store.timeout,
-            durable.job,
-            durable.only_failed,
-            durable.cache,
-        )
-    work = _MapWork(
-        llm,
-        prompt,
-        timeout=timeout,
-        deadline_wall=None if deadline is None else time.time() + deadline,
-        retry=retry,
-        hedge_after=hedge_after,
-        system=system,
-        params=params,
-        parse=parse,
-        events=bool(hooks),
-        label=label,
-        store=store,
-    )
     records: dict[int, CallRecord[Any]] = {}
 
-    async def on_chunk(
-        results: list[tuple[int, Any]], events: list[Event], items: dict[int, Any]
-    ) -> None:
-        for event in events:
-            emit(hooks, event)
-        for index, record in results:
-            records[index] = record
-            if durable is not None:
-                durable.emit(record, items.get(index))
-            if fail_fast and record.status is not Status.SUCCEEDED:
-                raise _FailFast(record)
+    def deliver(record: CallRecord[Any]) -> None:
+        assert record.index is not None
+        records[record.index] = record
 
-    def prior(index: int) -> Any:
-        return durable.prior.get(index) if durable is not None else None
-
-    driver = _Driver(
-        ray_backend,
-        work,
-        items,
-        window=window,
-        workers=workers,
-        on_chunk=on_chunk,
-        prior=prior,
-    )
-    size = len(items) if isinstance(items, Sequence) else None
-    try:
-        if durable is None:
-            await driver.run()
-        else:
-            await durable.around(driver.run, size)
-    except _FailFast as stop:
-        if stop.record.error is not None:
-            raise stop.record.error from None
-        raise  # pragma: no cover - a non-succeeded record always has an error
-    seen = driver.source.seen
-    missing = [i for i in range(seen) if i not in records]
+    loop = asyncio.get_running_loop()
+    batch = RayMapBatch(backend, llm, prompt, items, deliver=deliver, **options)
+    start = loop.time()
+    await batch.run()
+    missing = [i for i in range(batch.seen) if i not in records]
     if missing:  # pragma: no cover - a broken promise, loudly
         raise FanflowError(f"internal error: items {missing[:10]} ended with no status")
-    return BatchResult([records[i] for i in range(seen)], makespan=loop.time() - start)
+    return BatchResult([records[i] for i in range(batch.seen)], makespan=loop.time() - start)
 
 
 async def run_pool_on_ray(

@@ -17,7 +17,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .._budget import Budget, as_budget
 from .._engine import CallOptions, execute, make_options
@@ -327,6 +327,8 @@ async def map(
             durable=Durability.of(
                 store=store, job=job, only_failed=only_failed, cache=cache, sink=sink
             ),
+            budget=as_budget(budget),
+            prices=prices,
         )
     loop = asyncio.get_running_loop()
     size = len(items) if isinstance(items, Sequence) else None
@@ -375,6 +377,14 @@ async def map(
     return BatchResult([r for r in records if r is not None], makespan=loop.time() - start)
 
 
+class _Runs(Protocol):
+    """What a result stream drives: a local ``_Batch`` or the Ray backend's batch."""
+
+    workers: int
+
+    async def run(self) -> None: ...
+
+
 class ResultStream(Generic[T]):
     """Records of a batch as they complete (``async for record in stream``).
 
@@ -382,7 +392,7 @@ class ResultStream(Generic[T]):
     leaving the block early cancels the items still in flight and waits for them.
     """
 
-    def __init__(self, make_batch: Callable[[Callable[[CallRecord[T]], Any]], _Batch[T]]):
+    def __init__(self, make_batch: Callable[[Callable[[CallRecord[T]], Any]], _Runs]):
         self._make_batch = make_batch
         self._queue: asyncio.Queue[CallRecord[T] | None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -400,7 +410,7 @@ class ResultStream(Generic[T]):
         assert self._queue is not None
         await self._queue.put(record)
 
-    async def _produce(self, batch: _Batch[T]) -> None:
+    async def _produce(self, batch: _Runs) -> None:
         assert self._queue is not None
         try:
             await batch.run()
@@ -477,6 +487,7 @@ def as_completed(
     sink: Sink | str | os.PathLike[str] | None = None,
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
+    backend: str | RayBackend = "local",
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
 
@@ -484,7 +495,8 @@ def as_completed(
     up, and at most about twice the concurrency of records wait to be consumed.
     ``store``, ``job``, ``only_failed``, ``cache`` and ``sink`` are as for :func:`map`;
     a record is yielded only after it is committed to the store.
-    ``budget`` and ``prices`` are as for :func:`map`.
+    ``budget``, ``prices`` and ``backend`` are as for :func:`map` (on Ray, records
+    stream back from the workers as they finish).
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
@@ -495,6 +507,33 @@ def as_completed(
     size = len(items) if isinstance(items, Sequence) else None
     durable = Durability.of(store=store, job=job, only_failed=only_failed, cache=cache, sink=sink)
     cap = as_budget(budget)
+    if resolve_backend(backend) is not None:
+        from ..backends._ray import RayMapBatch
+
+        def make_ray_batch(deliver: Callable[[CallRecord[Any]], Any]) -> RayMapBatch:
+            return RayMapBatch(
+                backend,
+                llm,
+                prompt,
+                items,
+                deliver=deliver,
+                concurrency=concurrency,
+                timeout=timeout,
+                deadline=deadline,
+                retry=retry,
+                hedge_after=hedge_after,
+                system=system,
+                params=_params(temperature=temperature, max_tokens=max_tokens, seed=seed),
+                parse=parse or _text,
+                hooks=hooks,
+                label=label,
+                fail_fast=False,
+                durable=durable,
+                budget=cap,
+                prices=prices,
+            )
+
+        return ResultStream(make_ray_batch)
 
     def make_batch(deliver: Callable[[CallRecord[Any]], Any]) -> _Batch[Any]:
         opts = make_options(
