@@ -8,6 +8,10 @@ Bound: ceil(N / capacity) x latency. Printed: the start-up (a first batch of 2 i
 which starts the workers; they then serve later batches), makespan, makespan / bound
 (1.00 is perfect), 429s counted at the server (must be 0: one limit for all workers).
 
+Scenario A2 (a rate limit binds): the server allows ``--rate`` requests per second (a
+token bucket of that size, as the hosted APIs), the handle ``Limits(rpm=rate,
+period=1.0)``. Bound: (N - rate) / rate seconds (the first ``rate`` go at once).
+
 Scenario B (overhead): a server with no latency and no limit, 64 calls in flight: the
 wall time per item on Ray minus the local one is what Ray adds per item (shipping items
 and records between processes, the limit broker); a batch of 2 items shows the fixed
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=16)
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--overhead-items", type=int, default=2000)
+    parser.add_argument("--rate", type=int, default=200, help="A2: requests per second")
+    parser.add_argument("--rate-items", type=int, default=1200)
     parser.add_argument("--quick", action="store_true", help="workers 1 and 2 only")
     args = parser.parse_args()
     import ray
@@ -129,6 +135,32 @@ def main() -> None:
                 local_outputs = result.outputs
             assert result.outputs == local_outputs
             print(f"| {name} | {startup:.2f} | {wall:.2f} | {wall / bound:.3f} | {refused(port)} |")
+    finally:
+        server.kill()
+        server.wait()
+
+    port += 1
+    rate = args.rate
+    n_rate = args.rate_items
+    server = start_server(port, "--latency", str(args.latency), "--rpm", str(rate), "--period", "1")
+    # The server's bucket starts full (a burst of ``rate``), then refills at rate/s.
+    bound_r = (n_rate - rate) / rate
+    limits_r = Limits(rpm=rate, period=1.0)
+    print(
+        f"\nA2. {n_rate} items, server: {rate} requests per second (a token bucket of "
+        f"{rate}), handle Limits(rpm={rate}, period=1.0); bound (N - burst) / rate = "
+        f"{bound_r:.2f} s"
+    )
+    print("| backend | makespan s | makespan / bound | 429s at the server |")
+    print("|---|---|---|---|")
+    try:
+        for name, backend in [("local", "local")] + [
+            (f"ray, {w} worker{'s' * (w > 1)}", RayBackend(workers=w)) for w in worker_counts
+        ]:
+            time.sleep(1.5)  # let the server's bucket fill up again
+            reset(port)
+            wall, result = asyncio.run(run(port, items[:n_rate], limits_r, backend, None))
+            print(f"| {name} | {wall:.2f} | {wall / bound_r:.3f} | {refused(port)} |")
     finally:
         server.kill()
         server.wait()

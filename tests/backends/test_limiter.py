@@ -15,7 +15,15 @@ import pytest
 import fanflow
 from fanflow import ConfigError, Limits, Response, Usage
 from fanflow.backends._config import resolve_backend
-from fanflow.backends._limiter import LINGER, REUSE, GlobalLane, LimitBroker, SlotLease
+from fanflow.backends._limiter import (
+    LINGER,
+    REUSE,
+    GlobalLane,
+    GrantQueue,
+    LimitBroker,
+    SlotLease,
+    lease_time,
+)
 
 pytestmark = pytest.mark.looptime
 
@@ -181,23 +189,24 @@ async def test_a_spare_slot_lingers_for_the_next_call_then_goes_back() -> None:
     await lease.aclose()
 
 
-class _DirectGrants:
+class _DirectGrants(GrantQueue):
     """The broker's rate buckets reached over a simulated round trip of ``rtt``."""
 
     def __init__(self, broker: LimitBroker, limits: Limits, rtt: float = 0.002) -> None:
+        super().__init__(self._direct, self._settle, lease_time(limits.period))
         self.broker = broker
         self.limits = limits
         self.rtt = rtt
         self.given_back = 0
 
-    async def grant(self, costs: list[int]) -> tuple[float, int]:
+    async def _direct(self, costs: list[list[int]]) -> list[tuple[float, int]]:
         await asyncio.sleep(self.rtt / 2)
         now = asyncio.get_running_loop().time()
-        granted = self.broker.grant("h", self.limits, costs, now)
+        granted = self.broker.grant_many("h", self.limits, costs, now)
         await asyncio.sleep(self.rtt / 2)
         return granted
 
-    def settle(self, grant: int, costs: list[int] | None) -> None:
+    def _settle(self, grant: int, costs: list[int] | None) -> None:
         if costs is not None and not any(costs):
             self.given_back += 1
         self.broker.settle("h", grant, costs)
@@ -257,3 +266,26 @@ async def test_a_grant_that_cannot_be_used_in_time_goes_back_and_is_booked_again
     assert got is not None
     assert grants.given_back >= 1
     lane.finish(got, 0.0, Response("x", usage=Usage(1, 1)))
+
+
+async def test_many_calls_asking_at_once_share_few_messages_and_waste_no_grant() -> None:
+    limits = Limits(rpm=200, period=1.0)
+    broker = LimitBroker()
+    grants = _DirectGrants(broker, limits, rtt=0.01)
+    lane = GlobalLane(limits, None, grants)
+    loop = asyncio.get_running_loop()
+    sent: list[float] = []
+
+    async def call() -> None:
+        permit = await lane.acquire()
+        sent.append(loop.time())
+        lane.finish(permit, loop.time(), Response("x", usage=Usage(1, 1)))
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(1000):
+            tg.create_task(call())
+    # Bookings go a lease ahead at most: about one message per 50 ms, not per call.
+    assert grants.messages <= 150
+    assert grants.given_back == 0  # every answer came back within its lease
+    assert _max_in_window(sent, 1.0) <= 200
+    assert max(sent) < (1000 - 200) / 200 * 1.05 + 0.5

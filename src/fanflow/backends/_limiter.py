@@ -37,7 +37,7 @@ import contextlib
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .._limits import _REQUESTS, Gate, Lane, Limits, Permit, _cost
 from .._rate import RateBucket, Slot
@@ -47,6 +47,7 @@ __all__ = [
     "REUSE",
     "BrokerStatistics",
     "GlobalLane",
+    "GrantQueue",
     "LeasedGate",
     "LimitBroker",
     "SlotLease",
@@ -166,6 +167,30 @@ class LimitBroker:
         shared.next_grant += 1
         shared.grants[shared.next_grant] = slots
         return t - now, shared.next_grant
+
+    def grant_many(
+        self, handle_id: str, limits: Limits, costs: list[list[int]], now: float
+    ) -> list[tuple[float, int]]:
+        """:meth:`grant` for several sends in one message, booked in order, but only
+        those due within a lease from now: for the first one due later, and the rest,
+        the answer is (seconds until it would be due, 0), nothing booked; ask again.
+
+        Booking only the near future keeps a late answer cheap: a grant given back
+        frees its time for the next booking, while a queue of bookings far ahead would
+        keep every later send behind it.
+        """
+        shared = self._shared(handle_id, limits)
+        horizon = lease_time(limits.period)
+        answers: list[tuple[float, int]] = []
+        for i, cost in enumerate(costs):
+            t = now
+            for bucket, c in zip(shared.buckets, cost, strict=True):
+                t = bucket.send_time(t, c)
+            if t - now > horizon:
+                answers.extend([(t - now, 0)] * (len(costs) - i))
+                break
+            answers.append(self.grant(handle_id, limits, cost, now))
+        return answers
 
     def settle(self, handle_id: str, grant: int, costs: list[int] | None) -> None:
         """A granted send ended: correct its booked costs to ``costs`` (the reported
@@ -368,12 +393,85 @@ class LeasedGate(Gate):
         Gate.release(self)
 
 
-class _Grants(Protocol):
-    """How a worker's lane reaches the broker's rate buckets (actor calls in Ray)."""
+class GrantQueue:
+    """A worker's way to the broker's rate buckets for one handle.
 
-    async def grant(self, costs: list[int]) -> tuple[float, int]: ...
+    Calls ask for grants through one queue, and the queue sends whatever has gathered
+    in one message (up to ``max_batch``) with one message in flight at a time. So a
+    thousand calls asking at once cost a few messages, and each answer comes back
+    within about one round trip of its message being sent, which the lease needs
+    (a grant whose answer took longer than a lease could never be used in time).
 
-    def settle(self, grant: int, costs: list[int] | None) -> None: ...
+    Args:
+        grant_many: books a list of sends; returns (delay, grant id) for each, with
+            id 0 for a send not booked because it is due more than ``horizon`` away.
+        settle: corrects (or with zeros gives back) one grant; fire and forget.
+        horizon: how far ahead the broker books (the lease).
+    """
+
+    def __init__(
+        self,
+        grant_many: Callable[[list[list[int]]], Awaitable[list[tuple[float, int]]]],
+        settle: Callable[[int, list[int] | None], None],
+        horizon: float,
+        max_batch: int = 256,
+    ) -> None:
+        self._grant_many = grant_many
+        self._horizon = horizon
+        self.settle = settle
+        self._max_batch = max_batch
+        self._queue: deque[tuple[list[int], asyncio.Future[tuple[float, int, float]]]] = deque()
+        self._pump: asyncio.Task[None] | None = None
+        self.messages = 0
+
+    async def grant(self, costs: list[int]) -> tuple[float, int, float]:
+        """Book one send; return (delay, grant id, when the booking message was sent)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[float, int, float]] = loop.create_future()
+        self._queue.append((costs, fut))
+        if self._pump is None:
+            self._pump = loop.create_task(self._run())
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch = [
+                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
+                ]
+                asked = loop.time()
+                self.messages += 1
+                try:
+                    answers = await self._grant_many([costs for costs, _ in batch])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                later: list[tuple[list[int], asyncio.Future[tuple[float, int, float]]]] = []
+                due = 0.0
+                for (costs, fut), (delay, grant) in zip(batch, answers, strict=True):
+                    if grant == 0:  # not due yet: ask again, first in line
+                        if not fut.done():
+                            later.append((costs, fut))
+                        due = delay
+                    elif fut.done():  # the call was cancelled meanwhile: give it back
+                        self.settle(grant, [0] * len(costs))
+                    else:
+                        fut.set_result((delay, grant, asked))
+                if later:
+                    self._queue.extendleft(reversed(later))
+                    await asyncio.sleep(max(due - self._horizon, 0.001))
+        finally:
+            self._pump = None
+
+    async def aclose(self) -> None:
+        pump = self._pump
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
 
 
 class GlobalPermit(Permit):
@@ -398,7 +496,7 @@ class GlobalLane(Lane):
 
     __slots__ = ("grants", "lease_time")
 
-    def __init__(self, limits: Limits, lease: SlotLease | None, grants: _Grants | None) -> None:
+    def __init__(self, limits: Limits, lease: SlotLease | None, grants: GrantQueue | None) -> None:
         super().__init__(limits)
         if lease is not None:
             self.gate = LeasedGate(self.gate.limit, lease)
@@ -419,8 +517,7 @@ class GlobalLane(Lane):
         costs = self._costs(input, output)
         while True:
             await self._wait_steer()  # this worker's own pause (429) and header pacing
-            asked = loop.time()
-            delay, grant = await grants.grant(costs)
+            delay, grant, asked = await grants.grant(costs)
             # The broker booked the send at (its now) + delay, and its now fell between
             # asking and answering: sending ``delay`` after the answer is never early,
             # and the send must go before asked + delay + lease to stay in its booking.

@@ -50,7 +50,14 @@ from ..patterns._map import _Batch, _FailFast, _Source, _window
 from ..patterns._prompt import Prompt
 from ..store import Store
 from ._config import RayBackend, resolve_backend
-from ._limiter import GlobalLane, LimitBroker, SlotLease, needs_broker
+from ._limiter import (
+    GlobalLane,
+    GrantQueue,
+    LimitBroker,
+    SlotLease,
+    lease_time,
+    needs_broker,
+)
 
 __all__ = ["RayMapBatch", "map_on_ray", "run_pool_on_ray", "worker_pids"]
 
@@ -94,9 +101,11 @@ class _BrokerActor:
     async def release(self, handle_id: str, worker: str) -> None:
         self.broker.release(handle_id, worker)
 
-    async def grant(self, handle_id: str, limits: Any, costs: list[int]) -> tuple[float, int]:
+    async def grant_many(
+        self, handle_id: str, limits: Any, costs: list[list[int]]
+    ) -> list[tuple[float, int]]:
         now = asyncio.get_running_loop().time()
-        return self.broker.grant(handle_id, limits, costs, now)
+        return self.broker.grant_many(handle_id, limits, costs, now)
 
     async def settle(self, handle_id: str, grant: int, costs: list[int] | None) -> None:
         self.broker.settle(handle_id, grant, costs)
@@ -140,6 +149,7 @@ class _Run:
         self.window = window
         self.gate = Gate(window)
         self.leases: list[SlotLease] = []
+        self.grants: list[GrantQueue] = []
         self.ready = asyncio.ensure_future(self._load(work_box))
 
     async def _load(self, work_box: list[Any]) -> _Work:
@@ -150,28 +160,12 @@ class _Run:
     async def close(self) -> None:
         for lease in self.leases:
             await lease.aclose()
+        for grants in self.grants:
+            await grants.aclose()
         if not self.ready.done():
             self.ready.cancel()
         with contextlib.suppress(BaseException):
             await (await self.ready).close()
-
-
-class _BrokerGrants:
-    """A lane's way to the broker's rate buckets for one handle."""
-
-    def __init__(self, broker: Any, handle_id: str, limits: Any) -> None:
-        self.broker = broker
-        self.handle_id = handle_id
-        self.limits = limits
-
-    async def grant(self, costs: list[int]) -> tuple[float, int]:
-        granted: tuple[float, int] = await self.broker.grant.remote(
-            self.handle_id, self.limits, costs
-        )
-        return granted
-
-    def settle(self, grant: int, costs: list[int] | None) -> None:
-        self.broker.settle.remote(self.handle_id, grant, costs)
 
 
 # The batch a worker's task belongs to, so the lanes it makes are closed with it.
@@ -210,7 +204,22 @@ class FanflowWorker:
             run = _RUN.get(None)
             if run is not None:
                 run.leases.append(lease)
-        grants = _BrokerGrants(broker, handle_id, limits) if limits.rated else None
+        grants = None
+        if limits.rated:
+
+            async def grant_many(costs: list[list[int]]) -> list[tuple[float, int]]:
+                answers: list[tuple[float, int]] = await broker.grant_many.remote(
+                    handle_id, limits, costs
+                )
+                return answers
+
+            def settle(grant: int, costs: list[int] | None) -> None:
+                broker.settle.remote(handle_id, grant, costs)
+
+            grants = GrantQueue(grant_many, settle, lease_time(limits.period))
+            run = _RUN.get(None)
+            if run is not None:
+                run.grants.append(grants)
         return GlobalLane(limits, lease, grants)
 
     async def pid(self) -> int:

@@ -859,6 +859,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tpm", type=int, default=None)
     parser.add_argument("--max-in-flight", type=int, default=None)
     parser.add_argument(
+        "--period", type=float, default=60.0, help="seconds of --rpm/--tpm (default 60)"
+    )
+    parser.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -880,6 +883,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rpm=args.rpm,
         tpm=args.tpm,
         max_in_flight=args.max_in_flight,
+        period=args.period,
         faults=faults,
         keep_requests=False,
     )
