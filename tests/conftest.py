@@ -9,17 +9,29 @@ timeout finishes instantly and exactly. ``filterwarnings = error`` (pyproject) t
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 
 @pytest.fixture(autouse=True)
 async def no_leftover_tasks() -> AsyncIterator[None]:
-    """Fail an async test that leaves tasks running on its loop (promise 6)."""
-    yield
-    current = asyncio.current_task()
-    # Give cancelled tasks one turn to finish their cleanup, as the loop would.
-    await asyncio.sleep(0)
-    leftover = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-    assert not leftover, f"tasks left running after the test: {leftover}"
+    """Fail an async test that leaves tasks running, or makes the loop report an error
+    ("Task was destroyed but it is pending", "exception was never retrieved"): promise 6."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        yield
+        current = asyncio.current_task()
+        # Give cancelled tasks one turn to finish their cleanup, as the loop would.
+        await asyncio.sleep(0)
+        leftover = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        assert not leftover, f"tasks left running after the test: {leftover}"
+        gc.collect()  # destroyed-while-pending tasks report from their finalizer
+        assert not reported, f"the event loop reported errors: {reported}"
+    finally:
+        loop.set_exception_handler(previous)

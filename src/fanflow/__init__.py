@@ -13,7 +13,7 @@ This module only re-exports; implementation lives in private modules.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from ._exceptions import (
@@ -62,7 +62,7 @@ from .providers import function
 
 try:
     __version__ = _version("fanflow")
-except PackageNotFoundError:  # running from a source tree that is not installed
+except _PackageNotFoundError:  # running from a source tree that is not installed
     from ._version import __version__
 
 __all__ = [

@@ -15,7 +15,7 @@ a pattern cancels its calls' tasks, and never turns into a retry.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -109,6 +109,7 @@ class _Call(Generic[T]):
     __slots__ = (
         "attempts",
         "deadline",
+        "handle",
         "hooks",
         "index",
         "label",
@@ -137,10 +138,11 @@ class _Call(Generic[T]):
         self.label = label
         self.hooks = opts.hooks
         self.deadline = opts.deadline
-        self.lane: Lane = lane_of(llm)
+        self.handle = llm if isinstance(llm, BaseLLM) else None
+        self.lane: Lane = self.handle.lane() if self.handle is not None else lane_of(llm)
         self.timeout = opts.timeout
-        if self.timeout is None and isinstance(llm, BaseLLM):
-            self.timeout = llm.timeout
+        if self.timeout is None and self.handle is not None:
+            self.timeout = self.handle.timeout
         self.attempts: list[Attempt] = []
         self.number = 0
 
@@ -151,7 +153,8 @@ class _Call(Generic[T]):
         if gate is not None:
             await gate.acquire()
         try:
-            await self.lane.acquire()
+            if not self.lane.try_acquire():
+                await self.lane.acquire()
         except BaseException:
             if gate is not None:
                 gate.release()
@@ -173,7 +176,8 @@ class _Call(Generic[T]):
         number = self.number
         deadline = self.deadline
         if deadline is None:
-            await self._admit()
+            if self.opts.gate is not None or not self.lane.try_acquire():
+                await self._admit()
         else:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -284,10 +288,10 @@ class _Call(Generic[T]):
 
     async def run(self, parse: Callable[[Response], T] | None) -> CallRecord[T]:
         loop = self.loop
-        llm = self.llm
         policy = self.opts.retry
         if policy is None:
-            policy = llm.retry if isinstance(llm, BaseLLM) and llm.retry else DEFAULT_RETRY
+            handle = self.handle
+            policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
         hedge_after = self.opts.hedge_after
         start = loop.time()
         if self.hooks:
@@ -339,7 +343,7 @@ class _Call(Generic[T]):
             status=status_of(error),
             request=self.request,
             error=error,
-            attempts=tuple(self.attempts),
+            attempts=self._ordered_attempts(),
             start=start,
             end=loop.time(),
             label=self.label,
@@ -348,6 +352,12 @@ class _Call(Generic[T]):
         if self.hooks:
             emit(self.hooks, CallEnded(record.end or start, record))
         return record
+
+    def _ordered_attempts(self) -> tuple[Attempt, ...]:
+        # Attempts are appended as they end; a record lists them as they were started.
+        if len(self.attempts) == 1:
+            return (self.attempts[0],)
+        return tuple(sorted(self.attempts, key=lambda a: a.number))
 
     def _tries(self) -> list[Attempt]:
         """Attempts that count against the retry budget (hedges do not)."""
@@ -375,7 +385,7 @@ class _Call(Generic[T]):
             request=self.request,
             value=value,
             error=error,
-            attempts=tuple(self.attempts),
+            attempts=self._ordered_attempts(),
             start=start,
             end=end,
             usage=response.usage if response.usage is not None else Usage(),
@@ -389,7 +399,7 @@ class _Call(Generic[T]):
         return record
 
 
-async def execute(
+def execute(
     llm: LLM,
     request: Request,
     opts: CallOptions = CallOptions(),
@@ -397,8 +407,8 @@ async def execute(
     index: int | None = None,
     label: str | None = None,
     parse: Callable[[Response], T] | None = None,
-) -> CallRecord[T]:
-    """Run one call to its terminal status and return its record.
+) -> Coroutine[Any, Any, CallRecord[T]]:
+    """Run one call to its terminal status and return its record (await the result).
 
     Failures are data: the record holds the error. Only cancellation propagates.
 
@@ -413,4 +423,8 @@ async def execute(
     """
     if isinstance(llm, BaseLLM):
         request = llm.prepare(request)
-    return await _Call[T](llm, request, opts, index, label).run(parse)
+    # Not _Call[T](...): calling a subscripted generic goes through typing's slow path.
+    # Return run()'s coroutine rather than awaiting it here: one frame fewer per call,
+    # which matters when 10,000 calls are in flight (fewer objects for the GC to scan).
+    call: _Call[T] = _Call(llm, request, opts, index, label)
+    return call.run(parse)

@@ -81,10 +81,18 @@ class Gate:
     def _has_room(self) -> bool:
         return self._limit is None or self._in_flight < self._limit
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now and nobody is queued before us."""
+        if not self._waiters and (self._limit is None or self._in_flight < self._limit):
+            self._in_flight += 1
+            if self._in_flight > self._max_in_flight:
+                self._max_in_flight = self._in_flight
+            return True
+        return False
+
     async def acquire(self) -> None:
         """Wait for a slot. Cancellation while waiting takes no slot."""
-        if not self._waiters and self._has_room():
-            self._take()
+        if self.try_acquire():
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -143,6 +151,10 @@ class Lane:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.gate = Gate(limits.concurrency)
+
+    def try_acquire(self) -> bool:
+        """Admit one more call now if possible, without waiting."""
+        return self.gate.try_acquire()
 
     async def acquire(self) -> None:
         """Wait until one more call may be sent."""

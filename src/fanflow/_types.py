@@ -11,7 +11,6 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from functools import cached_property
 from typing import Any, Generic, Literal, TypeVar
 
 __all__ = [
@@ -65,7 +64,22 @@ def _freeze_json(value: Any) -> Any:
     return repr(value)
 
 
-@dataclass(frozen=True)
+class _FrozenDict(dict[str, Any]):
+    """A read-only dict that pickles (``types.MappingProxyType`` does not)."""
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("Request.metadata is read-only; build a new request instead")
+
+    __setitem__ = __delitem__ = update = clear = pop = popitem = setdefault = _readonly  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_FrozenDict, (dict(self),))
+
+
+_NO_METADATA: Mapping[str, Any] = _FrozenDict()
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """A request to a chat model.
 
@@ -84,7 +98,11 @@ class Request:
     top_p: float | None = None
     response_format: Mapping[str, Any] | None = None
     sample: int = 0
-    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # A factory returning one shared read-only mapping: no dict allocated per request.
+    metadata: Mapping[str, Any] = field(
+        default_factory=lambda: _NO_METADATA, compare=False, hash=False
+    )
+    _key: str | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
     def of(
@@ -103,12 +121,9 @@ class Request:
         metadata: Mapping[str, Any] | None = None,
     ) -> Request:
         """Build a request from a user prompt and an optional system prompt."""
-        messages: list[Message] = []
-        if system is not None:
-            messages.append(Message("system", system))
-        messages.append(Message("user", prompt))
+        user = Message("user", prompt)
         return cls(
-            messages=tuple(messages),
+            messages=(user,) if system is None else (Message("system", system), user),
             model=model,
             temperature=temperature,
             max_tokens=max_tokens,
@@ -117,7 +132,7 @@ class Request:
             top_p=top_p,
             response_format=response_format,
             sample=sample,
-            metadata=dict(metadata) if metadata else {},
+            metadata=_FrozenDict(metadata) if metadata else _NO_METADATA,
         )
 
     @property
@@ -142,7 +157,7 @@ class Request:
         """The canonical form that identifies this request (metadata excluded)."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "metadata":
+            if f.name in ("metadata", "_key"):
                 continue
             value = getattr(self, f.name)
             if f.name == "messages":
@@ -150,14 +165,18 @@ class Request:
             out[f.name] = _freeze_json(value)
         return out
 
-    @cached_property
+    @property
     def key(self) -> str:
         """Stable idempotency key: sha256 of the canonical form (sample salt included).
 
         Computed once, on first use; cheap requests that never need a key never pay for it.
         """
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        key = self._key
+        if key is None:
+            blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+            key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+            object.__setattr__(self, "_key", key)  # a cache, not a change of value
+        return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +230,7 @@ class Attempt:
         return self.end - self.start
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallRecord(Generic[T]):
     """Everything that happened to one call (or one item of a batch).
 
@@ -245,7 +264,7 @@ class CallRecord(Generic[T]):
     @property
     def retries(self) -> int:
         """Attempts beyond the first that were not hedges."""
-        return sum(1 for a in self.attempts[1:] if not a.hedge)
+        return max(0, sum(1 for a in self.attempts if not a.hedge) - 1)
 
     @property
     def latency(self) -> float | None:

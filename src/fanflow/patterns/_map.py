@@ -63,19 +63,29 @@ class _Source:
         else:
             self._it = iter(items)
 
+    @property
+    def is_async(self) -> bool:
+        return self._ait is not None
+
+    def next_sync(self) -> tuple[int, Any] | None:
+        """The next item of a sync iterable (no coroutine: this is the hot path)."""
+        try:
+            item = next(self._it)
+        except StopIteration:
+            return None
+        index = self._index
+        self._index += 1
+        return index, item
+
     async def next(self) -> tuple[int, Any] | None:
         if self._ait is None:
+            return self.next_sync()
+        assert self._lock is not None
+        async with self._lock:
             try:
-                item = next(self._it)
-            except StopIteration:
+                item = await anext(self._ait)
+            except StopAsyncIteration:
                 return None
-        else:
-            assert self._lock is not None
-            async with self._lock:
-                try:
-                    item = await anext(self._ait)
-                except StopAsyncIteration:
-                    return None
         index = self._index
         self._index += 1
         return index, item
@@ -132,8 +142,9 @@ class _Batch(Generic[T]):
 
     async def _worker(self) -> None:
         source = self.source
+        is_async = source.is_async
         while True:
-            got = await source.next()
+            got = await source.next() if is_async else source.next_sync()
             if got is None:
                 return
             index, item = got
@@ -221,7 +232,8 @@ async def map(
     loop = asyncio.get_running_loop()
     size = len(items) if isinstance(items, Sequence) else None
     opts = make_options(
-        concurrency=concurrency,
+        # The workers already bound the items in flight; only hedges add attempts.
+        concurrency=concurrency if hedge_after is not None else None,
         timeout=timeout,
         deadline=deadline,
         retry=retry,
@@ -369,7 +381,7 @@ def as_completed(
 
     def make_batch(deliver: Callable[[CallRecord[Any]], Any]) -> _Batch[Any]:
         opts = make_options(
-            concurrency=concurrency,
+            concurrency=concurrency if hedge_after is not None else None,
             timeout=timeout,
             deadline=deadline,
             retry=retry,

@@ -1,0 +1,131 @@
+"""Engine benchmarks (issue 2), printed as ratios against baselines measured in this run.
+
+    python benchmarks/engine.py [--quick]
+
+1. CPU per call: fanflow.map over a zero-latency async function vs a bare
+   asyncio.Semaphore + gather loop over the same function (target: <= 3x).
+2. 10,000 calls in flight with 1 s latency: makespan / 1 s (target: <= 1.10).
+3. 1,000,000 items through as_completed from a generator: resident memory after 10% of
+   the items vs at the end (target: flat, ratio ~1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import time
+from collections.abc import Iterator
+
+import fanflow
+
+
+async def _zero(request: fanflow.Request) -> str:
+    return "ok"
+
+
+async def _bare_zero(item: int) -> str:
+    return "ok"
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def bare_loop(n: int, concurrency: int) -> float:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> str:
+        async with sem:
+            return await _bare_zero(i)
+
+    start = time.process_time()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return time.process_time() - start
+
+
+async def fanflow_map(n: int, concurrency: int) -> float:
+    llm = fanflow.function(_zero)
+    start = time.process_time()
+    result = await fanflow.map(llm, "{input}", range(n), concurrency=concurrency)
+    elapsed = time.process_time() - start
+    assert result.summary.succeeded == n
+    return elapsed
+
+
+async def in_flight(n: int, latency: float) -> float:
+    async def slow(request: fanflow.Request) -> str:
+        await asyncio.sleep(latency)
+        return "ok"
+
+    llm = fanflow.function(slow)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    result = await fanflow.map(llm, "{input}", range(n), concurrency=n)
+    assert result.ok
+    return loop.time() - start
+
+
+async def bare_in_flight(n: int, latency: float) -> float:
+    async def one(i: int) -> str:
+        await asyncio.sleep(latency)
+        return "ok"
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return loop.time() - start
+
+
+async def streamed_memory(n: int) -> tuple[float, float, int]:
+    def items() -> Iterator[int]:
+        yield from range(n)
+
+    llm = fanflow.function(_zero)
+    early = 0.0
+    count = 0
+    async with fanflow.as_completed(llm, "{input}", items(), concurrency=100) as results:
+        async for _record in results:
+            count += 1
+            if count == n // 10:
+                gc.collect()
+                early = rss_mib()
+    gc.collect()
+    return early, rss_mib(), count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    args = parser.parse_args()
+    n_cpu = 5_000 if args.quick else 50_000
+    n_flight = 1_000 if args.quick else 10_000
+    n_stream = 20_000 if args.quick else 1_000_000
+
+    print(f"# fanflow engine benchmark (cores: {os.cpu_count()})")
+    # Warm up, then take the best of three runs of each (noise on a shared machine).
+    asyncio.run(bare_loop(1000, 100))
+    asyncio.run(fanflow_map(1000, 100))
+    bare = min(asyncio.run(bare_loop(n_cpu, 100)) for _ in range(3))
+    ours = min(asyncio.run(fanflow_map(n_cpu, 100)) for _ in range(3))
+    print(f"cpu/call bare semaphore+gather: {bare / n_cpu * 1e6:8.1f} us")
+    print(f"cpu/call fanflow.map:           {ours / n_cpu * 1e6:8.1f} us")
+    print(f"ratio fanflow/bare:             {ours / bare:8.2f}  (target <= 3.0)")
+
+    bare_makespan = asyncio.run(bare_in_flight(n_flight, 1.0))
+    makespan = asyncio.run(in_flight(n_flight, 1.0))
+    print(f"{n_flight} in flight, 1 s latency: bare gather {bare_makespan:.3f} s")
+    print(f"{n_flight} in flight, 1 s latency: fanflow.map {makespan:.3f} s")
+    print(f"ratio makespan/1 s:             {makespan / 1.0:8.3f}  (target <= 1.10)")
+
+    early, late, count = asyncio.run(streamed_memory(n_stream))
+    print(f"as_completed over {count} generated items:")
+    print(f"  RSS {early:.1f} MiB at 10% of the items, {late:.1f} MiB at the end")
+    print(f"ratio RSS end/10%:              {late / early:8.3f}  (target ~1.0: flat)")
+
+
+if __name__ == "__main__":
+    main()
