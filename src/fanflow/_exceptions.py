@@ -19,6 +19,7 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     ├── CallTimeout                    a call ran past its timeout or the deadline
     ├── ParseError                     the model answered but the reply was unusable
     ├── TemplateError                  an item lacks a field the prompt template needs
+    │   └── StepInputError             a chain/flow step's input key is missing (``step``)
     ├── ConfigError                    an option is invalid (raised at construction)
     ├── BatchError                     opt-in: raised by ``BatchResult.raise_for_errors``
     ├── AllFailed                      every alternative failed (``race``; ``failures``)
@@ -61,6 +62,7 @@ __all__ = [
     "RateLimited",
     "ServerError",
     "Skipped",
+    "StepInputError",
     "TemplateError",
     "is_retryable",
 ]
@@ -204,6 +206,18 @@ class TemplateError(FanflowError):
 
     def __init__(self, message: str, *, field: str | None = None, index: int | None = None):
         super().__init__(message, field, index)
+        self.field = field
+        self.index = index
+
+
+class StepInputError(TemplateError):
+    """A chain or flow step needs an input key that is not there; names step and key."""
+
+    def __init__(
+        self, message: str, *, step: str, field: str | None = None, index: int | None = None
+    ):
+        FanflowError.__init__(self, message, step, field, index)
+        self.step = step
         self.field = field
         self.index = index
 

@@ -1,0 +1,229 @@
+"""``Pool``: run a skill, chain or flow over many inputs, each at its own pace.
+
+Up to ``max_flows`` inputs are in progress at once. Each moves through its steps on
+its own: input 7 may be on step 3 while input 2 is still on step 1; there is no
+barrier between steps. Results come back in input order. ``pool.status`` shows
+counts and each input's state (and current step) at any moment, and
+``pool.run(only_failed=True)`` runs again only the inputs that did not succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .._events import Hook
+from .._exceptions import ConfigError
+from .._sync import run as run_sync
+from .._types import Status
+from ._common import PatternResult, now
+from ._flow import Chain, Flow, RunResult, Step
+from ._skill import Skill
+
+__all__ = ["ItemStatus", "Pool", "PoolResult", "PoolStatus"]
+
+State = Literal["pending", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped"]
+
+
+@dataclass(frozen=True)
+class ItemStatus:
+    """One input's state; ``steps`` names the steps running now (empty when idle)."""
+
+    index: int
+    state: State
+    steps: tuple[str, ...] = ()
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, repr=False)
+class PoolStatus:
+    """Counts and per-input state of a pool, at the moment it was read."""
+
+    total: int
+    pending: int
+    running: int
+    succeeded: int
+    failed: int
+    items: tuple[ItemStatus, ...] = field(default=())
+
+    def __repr__(self) -> str:
+        return (
+            f"fanflow.PoolStatus(total={self.total}, pending={self.pending}, "
+            f"running={self.running}, succeeded={self.succeeded}, failed={self.failed})"
+        )
+
+    @property
+    def completed(self) -> int:
+        """Inputs that succeeded."""
+        return self.succeeded
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class PoolResult(PatternResult):
+    """Every input's :class:`RunResult`, in input order."""
+
+    items: tuple[RunResult, ...]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> RunResult:
+        return self.items[index]
+
+    @property
+    def outputs(self) -> list[Any]:
+        """Each input's output (None where it did not succeed), in input order."""
+        return [r.output if r.ok else None for r in self.items]
+
+    @property
+    def status(self) -> dict[int, Status]:
+        return {i: r.status for i, r in enumerate(self.items)}
+
+    @property
+    def errors(self) -> dict[int, BaseException]:
+        return {i: r.error for i, r in enumerate(self.items) if r.error is not None}
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.items)
+
+
+class _Single:
+    """A skill or a function as a one-step runner."""
+
+    def __init__(self, runner: Skill | Callable[..., Any]) -> None:
+        name = runner.name if isinstance(runner, Skill) else getattr(runner, "__name__", "step")
+        self.chain = Chain([Step(runner, output=str(name))])
+
+    async def execute(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        index: int | None,
+        hooks: Sequence[Hook],
+        on_step: Callable[[str, bool], None] | None = None,
+    ) -> RunResult:
+        return await self.chain.execute(inputs, index=index, hooks=hooks, on_step=on_step)
+
+
+class Pool:
+    """Run ``runner`` over every input, up to ``max_flows`` at once.
+
+    Args:
+        runner: a :class:`Skill`, :class:`Chain`, :class:`Flow`, or a sync/async function.
+        inputs: one dict per item.
+        max_flows: the most items in progress at once (their calls also share each
+            model handle's own limits).
+        hooks: receive every call's events.
+    """
+
+    def __init__(
+        self,
+        runner: Skill | Chain | Flow | Callable[..., Any],
+        inputs: Sequence[Mapping[str, Any]],
+        max_flows: int = 10,
+        *,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        if max_flows < 1:
+            raise ConfigError(f"max_flows must be >= 1, got {max_flows}")
+        for i, item in enumerate(inputs):
+            if not isinstance(item, Mapping):
+                raise ConfigError(
+                    f"pool input {i} is a {type(item).__name__}; each input must be a dict "
+                    "of the keys the runner reads"
+                )
+        self.runner = runner
+        self._run: Chain | Flow | _Single = (
+            runner if isinstance(runner, Chain | Flow) else _Single(runner)
+        )
+        self.inputs = [dict(item) for item in inputs]
+        self.max_flows = max_flows
+        self.hooks = tuple(hooks)
+        self._results: list[RunResult | None] = [None] * len(self.inputs)
+        self._running: list[list[str]] = [[] for _ in self.inputs]
+
+    def __repr__(self) -> str:
+        s = self.status
+        return (
+            f"fanflow.Pool(items={s.total}, max_flows={self.max_flows}, "
+            f"succeeded={s.succeeded}, failed={s.failed})"
+        )
+
+    @property
+    def status(self) -> PoolStatus:
+        """Counts and each input's state now (safe to read while the pool runs)."""
+        items = []
+        for i, result in enumerate(self._results):
+            steps = tuple(self._running[i])
+            if steps:
+                items.append(ItemStatus(i, "running", steps))
+            elif result is None:
+                items.append(ItemStatus(i, "pending"))
+            else:
+                items.append(ItemStatus(i, result.status.value, (), result.error))
+        count = dict.fromkeys(("pending", "running", "succeeded"), 0)
+        for it in items:
+            if it.state in count:
+                count[it.state] += 1
+        return PoolStatus(
+            total=len(items),
+            pending=count["pending"],
+            running=count["running"],
+            succeeded=count["succeeded"],
+            failed=len(items) - sum(count.values()),
+            items=tuple(items),
+        )
+
+    def run(self, *, only_failed: bool = False) -> PoolResult:
+        """Synchronous :meth:`arun` (works inside a running loop too)."""
+        return run_sync(lambda: self.arun(only_failed=only_failed))
+
+    async def arun(self, *, only_failed: bool = False) -> PoolResult:
+        """Run every input (or, with ``only_failed``, those that did not succeed).
+
+        Returns:
+            A :class:`PoolResult` over all inputs, in input order (results of inputs not
+            run again are the earlier ones).
+        """
+        started = now()
+        todo = [i for i, r in enumerate(self._results) if not only_failed or r is None or not r.ok]
+        for i in todo:
+            self._results[i] = None
+        queue = iter(todo)
+
+        async def worker() -> None:
+            for i in queue:
+                self._results[i] = await self._run.execute(
+                    self.inputs[i],
+                    index=i,
+                    hooks=self.hooks,
+                    on_step=self._tracker(i),
+                )
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(self.max_flows, len(todo))):
+                    tg.create_task(worker())
+        finally:
+            for steps in self._running:
+                steps.clear()
+        items = tuple(r for r in self._results if r is not None)
+        return PoolResult(
+            items=items,
+            records=tuple(c for r in items for c in r.records),
+            makespan=now() - started,
+        )
+
+    def _tracker(self, index: int) -> Callable[[str, bool], None]:
+        running = self._running[index]
+
+        def track(name: str, started: bool) -> None:
+            if started:
+                running.append(name)
+            else:
+                running.remove(name)
+
+        return track

@@ -1,0 +1,219 @@
+"""``Skill``: one LLM step, a prompt template over an input dict, optionally structured.
+
+With ``output=`` a pydantic model, the model's JSON schema goes into the system prompt
+and ``response_format``; the reply is parsed and validated, and an invalid reply is
+retried with the validation error appended to the conversation (up to
+``validation_retries`` more calls). The value is then the model instance. pydantic is
+not a dependency of fanflow: a model class is recognised by its ``model_validate_json``.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._engine import execute, make_options
+from .._events import Hook
+from .._exceptions import ConfigError, ParseError
+from .._llm import LLM
+from .._retry import RetryPolicy
+from .._sync import run as run_sync
+from .._types import CallRecord, Message, Request, Response, Status
+from ._parsing import find_json
+from ._prompt import render
+
+__all__ = ["Skill", "SkillResult", "template_fields"]
+
+
+def template_fields(template: str) -> list[str]:
+    """The top-level field names a ``str.format`` template uses, in order, unique."""
+    names: list[str] = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None or name == "":
+            continue
+        base = name.split(".", 1)[0].split("[", 1)[0]
+        if base not in names:
+            names.append(base)
+    return names
+
+
+def _is_model(output: Any) -> bool:
+    return isinstance(output, type) and callable(getattr(output, "model_validate_json", None))
+
+
+def _model_parser(model: Any) -> Callable[[Response], Any]:
+    def parse(response: Response) -> Any:
+        data = find_json(response.text)
+        if data is None:
+            raise ValueError("the reply contains no JSON object")
+        return model.model_validate_json(json.dumps(data))
+
+    return parse
+
+
+@dataclass(frozen=True, repr=False)
+class SkillResult:
+    """One run of a skill: its value or error, and every call it made.
+
+    ``calls`` has more than one record when a reply failed validation and was retried.
+    """
+
+    status: Status
+    value: Any = None
+    error: BaseException | None = None
+    calls: tuple[CallRecord[Any], ...] = field(default=())
+
+    def __repr__(self) -> str:
+        return f"fanflow.SkillResult(status={self.status.value}, calls={len(self.calls)})"
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.SUCCEEDED
+
+
+class Skill:
+    """One LLM step: a prompt template filled from an input dict.
+
+    Args:
+        llm: the model.
+        prompt: a template over the input's keys (``"Summarize: {text}"``).
+        system: a system prompt.
+        output: how to read the reply: None (the text), a pydantic model class (parsed,
+            validated, retried with the error; the value is the instance) or a function
+            ``fn(text) -> value`` (retried the same way if it raises).
+        name: a label for records (default: the prompt's first words).
+        temperature, max_tokens, seed: request parameters.
+        timeout: seconds per attempt. retry: the retry policy for provider errors.
+        validation_retries: further calls allowed after an invalid reply.
+        hooks: receive every call's events.
+
+    Call it: ``await skill({"text": ...})`` or ``await skill(text=...)`` returns the
+    value or raises the error; :meth:`arun` returns a :class:`SkillResult` instead.
+    """
+
+    def __init__(
+        self,
+        llm: LLM,
+        prompt: str,
+        *,
+        system: str | None = None,
+        output: Any = None,
+        name: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        validation_retries: int = 2,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        if validation_retries < 0:
+            raise ConfigError(f"validation_retries must be >= 0, got {validation_retries}")
+        if output is not None and not callable(output):
+            raise ConfigError(
+                f"output must be a pydantic model class or a function, got {output!r}"
+            )
+        self.llm = llm
+        self.prompt = prompt
+        self.output = output
+        self.name = name or " ".join(prompt.split()[:3])
+        self.fields = template_fields(prompt)
+        self.timeout = timeout
+        self.retry = retry
+        self.validation_retries = validation_retries
+        self.hooks = tuple(hooks)
+        self.params: dict[str, Any] = {
+            k: v
+            for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
+            if v is not None
+        }
+        self._parse: Callable[[Response], Any] | None = None
+        self._again = "Reply again with the corrected answer only."
+        if _is_model(output):
+            schema = json.dumps(output.model_json_schema(), separators=(",", ":"))
+            instruction = f"Reply with one JSON object only, matching this JSON schema: {schema}"
+            system = f"{system}\n\n{instruction}" if system else instruction
+            self.params["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": output.__name__, "schema": output.model_json_schema()},
+            }
+            self._parse = _model_parser(output)
+            self._again = "Reply again with only the corrected JSON object."
+        elif output is not None:
+            user_parse = output
+
+            def parse(response: Response) -> Any:
+                return user_parse(response.text)
+
+            self._parse = parse
+        self.system = system
+
+    def __repr__(self) -> str:
+        return f"fanflow.Skill({self.name!r}, fields={self.fields})"
+
+    async def __call__(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Any:
+        result = await self.arun(inputs, **kwargs)
+        if result.error is not None:
+            raise result.error
+        return result.value
+
+    def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> SkillResult:
+        """Synchronous :meth:`arun` (works inside a running loop too)."""
+        return run_sync(lambda: self.arun(inputs, **kwargs))
+
+    async def arun(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> SkillResult:
+        """Run the skill on ``inputs`` (and/or keyword inputs); failures are data."""
+        merged = {**(inputs or {}), **kwargs}
+        return await self.execute(merged, index=None, label=self.name, hooks=())
+
+    async def execute(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        index: int | None,
+        label: str | None,
+        hooks: Sequence[Hook],
+    ) -> SkillResult:
+        """Run once on ``inputs`` (used by chains, flows and pools)."""
+        try:
+            prompt = render(self.prompt, inputs, index)
+        except Exception as exc:
+            return SkillResult(Status.FAILED, error=exc)
+        request = Request.of(
+            prompt,
+            system=self.system,
+            metadata={"pattern": "skill", "skill": self.name},
+            **self.params,
+        )
+        opts = make_options(timeout=self.timeout, retry=self.retry, hooks=self.hooks + tuple(hooks))
+        calls: list[CallRecord[Any]] = []
+        for _ in range(1 + (self.validation_retries if self._parse is not None else 0)):
+            record: CallRecord[Any] = await execute(
+                self.llm, request, opts, index=index, label=label, parse=self._parse or _text
+            )
+            calls.append(record)
+            if record.ok:
+                return SkillResult(Status.SUCCEEDED, value=record.value, calls=tuple(calls))
+            if not isinstance(record.error, ParseError) or record.response is None:
+                break
+            # Show the model its own reply and what was wrong with it, then ask again.
+            cause = record.error.__cause__ or record.error
+            request = request.with_options(
+                messages=(
+                    *request.messages,
+                    Message("assistant", record.response.text),
+                    Message(
+                        "user",
+                        f"That reply could not be used: {cause}\n{self._again}",
+                    ),
+                )
+            )
+        last = calls[-1]
+        return SkillResult(last.status, error=last.error, calls=tuple(calls))
+
+
+def _text(response: Response) -> str:
+    return response.text

@@ -1,0 +1,228 @@
+"""Self-consistency voting: sample a task several times, take the majority answer.
+
+Answers are normalised before counting (by default: whitespace collapsed, case folded,
+a trailing period dropped; or a function of yours, e.g. one that extracts the final
+answer). Failed samples are excluded from the count and reported.
+
+Tie rule: among answers with the top count, the winner is the one that first appeared
+at the lowest sample index. ``tied`` lists every answer sharing the top count.
+
+With ``early_stop=True`` samples are drawn in waves, and sampling stops after a wave
+once either the leader cannot be overtaken by the samples left, or the Beta stopping
+rule of Adaptive-Consistency (Aggarwal et al., EMNLP 2023) holds: with ``v1`` and ``v2``
+the counts of the two leading answers, ``P(p > 0.5) > threshold`` for
+``p ~ Beta(v1 + 1, v2 + 1)``. The paper reports up to 7.9x fewer samples for under
+0.1% accuracy lost at ``threshold=0.95``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .._engine import make_options
+from .._events import Hook
+from .._exceptions import AllFailed, ConfigError
+from .._llm import LLM
+from .._retry import RetryPolicy
+from .._types import CallRecord, Response, Status
+from ._common import PatternResult, now, run_calls, samples
+
+__all__ = ["VoteResult", "beta_confidence", "normalize_answer", "vote"]
+
+Normalize = Callable[[str], Any] | Literal["default"] | None
+StopReason = Literal["unbeatable", "beta"]
+
+
+def normalize_answer(text: str) -> str:
+    """The default normaliser: collapse whitespace, case-fold, drop a trailing period."""
+    return " ".join(text.split()).casefold().rstrip(".").strip()
+
+
+def beta_confidence(v1: int, v2: int) -> float:
+    """``P(p > 0.5)`` for ``p ~ Beta(v1 + 1, v2 + 1)`` (exact, for integer counts).
+
+    For integer ``a, b`` the regularised incomplete beta function is a binomial sum:
+    ``P(p <= 1/2) = sum_{j=a}^{a+b-1} C(a+b-1, j) / 2^(a+b-1)``.
+    """
+    a, b = v1 + 1, v2 + 1
+    m = a + b - 1
+    return float(sum(math.comb(m, j) for j in range(a)) / 2**m)
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class VoteResult(PatternResult):
+    """The majority answer, how sure it is, and every sample.
+
+    Attributes:
+        winner: the winning normalised answer.
+        confidence: ``count / n_counted`` (the winner's share of counted samples).
+        count: the winner's count.
+        n_counted: samples that succeeded and were counted.
+        distribution: count per normalised answer, most common first (ties in order of
+            first appearance).
+        tied: every answer sharing the top count (one element when there is no tie).
+        samples_used: samples drawn (counted + failed).
+        stopped_early: True when early stopping left samples undrawn.
+        stop_reason: ``"unbeatable"`` or ``"beta"`` when stopped early.
+        samples: the record of every sample, in sample order (value: normalised answer).
+    """
+
+    winner: Any
+    confidence: float
+    count: int
+    n_counted: int
+    distribution: dict[Any, int]
+    tied: tuple[Any, ...]
+    samples_used: int
+    stopped_early: bool = False
+    stop_reason: StopReason | None = None
+
+    @property
+    def samples(self) -> tuple[CallRecord[Any], ...]:
+        return self.records
+
+    @property
+    def failures(self) -> dict[int, BaseException]:
+        """Failed samples by sample index (excluded from the count)."""
+        return {i: r.error for i, r in enumerate(self.records) if r.error is not None and not r.ok}
+
+    @property
+    def tie(self) -> bool:
+        return len(self.tied) > 1
+
+
+def _tally(records: Sequence[CallRecord[Any]]) -> tuple[dict[Any, int], dict[Any, int]]:
+    counts: dict[Any, int] = {}
+    first: dict[Any, int] = {}
+    for i, r in enumerate(records):
+        if r.status is Status.SUCCEEDED:
+            counts[r.value] = counts.get(r.value, 0) + 1
+            first.setdefault(r.value, i)
+    return counts, first
+
+
+def _ranked(counts: dict[Any, int], first: dict[Any, int]) -> list[tuple[Any, int]]:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], first[kv[0]]))
+
+
+def _should_stop(ranked: list[tuple[Any, int]], left: int, threshold: float) -> StopReason | None:
+    if not ranked:
+        return None
+    v1 = ranked[0][1]
+    v2 = ranked[1][1] if len(ranked) > 1 else 0
+    if v1 > v2 + left:
+        return "unbeatable"
+    if beta_confidence(v1, v2) > threshold:
+        return "beta"
+    return None
+
+
+async def vote(
+    llm: LLM,
+    task: str,
+    *,
+    n: int = 5,
+    temperature: float | None = 0.7,
+    normalize: Normalize = "default",
+    early_stop: bool = False,
+    wave: int | None = None,
+    threshold: float = 0.95,
+    system: str | None = None,
+    timeout: float | None = None,
+    retry: RetryPolicy | None = None,
+    concurrency: int | None = None,
+    hooks: Sequence[Hook] = (),
+) -> VoteResult:
+    """Sample ``task`` up to ``n`` times and return the majority answer.
+
+    Args:
+        llm: the model.
+        task: the prompt.
+        n: the most samples to draw.
+        temperature: sampling temperature of every sample (None: the handle's).
+        normalize: ``"default"`` (:func:`normalize_answer`), None (exact text), or a
+            function of the reply text returning a hashable answer. If it raises, that
+            sample fails with a ``ParseError`` and is not counted.
+        early_stop: sample in waves and stop once the result is settled (see the module
+            docstring); ``samples_used`` says how many were drawn.
+        wave: samples per wave with ``early_stop`` (default: :func:`default_wave`).
+        threshold: the Beta rule's confidence threshold.
+        system: a system prompt.
+        timeout: seconds per attempt. retry: the retry policy.
+        concurrency: the most samples in flight. hooks: receive every call's events.
+
+    Returns:
+        A :class:`VoteResult`.
+
+    Raises:
+        AllFailed: no sample succeeded (each sample's error is listed).
+    """
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    if not 0.5 <= threshold < 1:
+        raise ConfigError(f"threshold must be in [0.5, 1), got {threshold}")
+    size = default_wave(n) if wave is None else wave
+    if size < 1:
+        raise ConfigError(f"wave must be >= 1, got {wave}")
+    if normalize == "default":
+        norm: Callable[[str], Any] | None = normalize_answer
+    elif normalize is None or callable(normalize):
+        norm = normalize
+    else:
+        raise ConfigError(f"normalize must be 'default', None or a function, got {normalize!r}")
+
+    def parse(response: Response) -> Any:
+        return norm(response.text) if norm is not None else response.text
+
+    started = now()
+    opts = make_options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    records: list[CallRecord[Any]] = []
+    reason: StopReason | None = None
+    while len(records) < n:
+        batch = range(len(records), n if not early_stop else min(n, len(records) + size))
+        requests = samples(
+            task, n, system=system, temperature=temperature, pattern="vote", role="sample"
+        )[batch.start : batch.stop]
+        labels = [f"sample {i}" for i in batch]
+        records += await run_calls(
+            llm, requests, opts, indices=list(batch), labels=labels, parse=parse
+        )
+        if early_stop and len(records) < n:
+            reason = _should_stop(_ranked(*_tally(records)), n - len(records), threshold)
+            if reason is not None:
+                break
+    counts, first = _tally(records)
+    ranked = _ranked(counts, first)
+    if not ranked:
+        raise AllFailed(
+            f"vote: all {len(records)} samples failed; nothing to count",
+            [r.error or RuntimeError(str(r.status)) for r in records],
+        )
+    winner, top = ranked[0]
+    counted = sum(counts.values())
+    return VoteResult(
+        winner=winner,
+        confidence=top / counted,
+        count=top,
+        n_counted=counted,
+        distribution=dict(ranked),
+        tied=tuple(answer for answer, c in ranked if c == top),
+        samples_used=len(records),
+        stopped_early=reason is not None,
+        stop_reason=reason,
+        records=tuple(records),
+        makespan=now() - started,
+    )
+
+
+def default_wave(n: int) -> int:
+    """Samples per early-stop wave: a majority of ``n`` for small ``n``, at most 5.
+
+    A first wave of ``ceil((n + 1) / 2)`` unanimous samples settles a small vote at
+    once; for large ``n``, waves of 5 let the Beta rule stop early (5 of 5 agreeing
+    gives ``P = 0.984``).
+    """
+    return max(1, min(n, math.ceil((n + 1) / 2), 5))
