@@ -19,6 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._exceptions import ConfigError
+from .._llm import BaseLLM
+from ._console import make_console, make_display, require_rich
+from ._io import BadLine
+from ._progress import ProgressStats, Tracker, render_summary
 from ._settings import OPTIONS, Settings, resolve_settings
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -84,30 +88,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command."""
-    parser = _Parser(
-        prog="fanflow",
-        description="Run many LLM calls at once, within limits, and combine the results.",
-    )
-    parser.add_argument("--version", action="version", version=f"fanflow {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
+def _add_map(sub: Any) -> None:
     p = sub.add_parser("map", help="run a prompt over every item of a file")
     p.add_argument(
         "input", metavar="INPUT", help="JSONL, CSV or text file (one item a line); - for stdin"
     )
     p.add_argument(
-        "-p",
-        "--prompt",
-        required=True,
+        "-p", "--prompt", required=True,
         help="template, e.g. 'Summarize: {text}' ({input} for text lines)",
-    )
-    p.add_argument("-o", "--output", metavar="OUT", help="JSONL (default: stdout) or .parquet file")
-    p.add_argument(
-        "--input-format", choices=("jsonl", "csv", "text"), help="default: from the extension"
-    )
+    )  # fmt: skip
+    _io_options(p)
     p.add_argument(
         "--order", choices=("input", "completion"), default="input", help="order of output rows"
     )
@@ -118,13 +108,67 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=_cmd_map)
 
-    p = sub.add_parser(
-        "report", help="an HTML run report (timeline, throughput, latency, failures)"
-    )
-    p.add_argument("source", metavar="NAME", help="a records file written by fanflow map --records")
+
+def _io_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", metavar="OUT", help="JSONL (default: stdout) or .parquet")
     p.add_argument(
-        "-o", "--output", default="report.html", metavar="HTML", help="default report.html"
+        "--input-format", choices=("jsonl", "csv", "text"), help="default: from the extension"
     )
+
+
+def _add_patterns(sub: Any) -> None:
+    for name, help_text in (
+        ("vote", "sample a task n times and print the majority answer"),
+        ("fanout", "send a task to several workers at once and merge their answers"),
+        ("best-of", "generate n candidates at once and let a judge pick the best"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("task", metavar="TASK", help="the prompt; - reads it from stdin")
+        if name == "fanout":
+            p.add_argument("--workers", type=int, help="how many workers (default: 3)")
+            p.add_argument(
+                "--focus", action="append", metavar="AREA", help="a worker's focus (repeat)"
+            )
+            p.add_argument(
+                "--aggregate", choices=("llm", "concat"), default="llm",
+                help="merge with the model (default) or concatenate",
+            )  # fmt: skip
+        else:
+            p.add_argument("-n", type=int, default=5 if name == "vote" else 3, help="samples")
+        if name == "vote":
+            p.add_argument("--early-stop", action="store_true", help="stop once settled")
+        if name == "best-of":
+            p.add_argument("--criteria", help="what the judge weighs, in words")
+        p.add_argument("--json", action="store_true", help="print every detail as JSON")
+        _model_options(p)
+        _common(p)
+        p.set_defaults(handler=_cmd_pattern, pattern=name.replace("best-of", "best"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command."""
+    parser = _Parser(
+        prog="fanflow",
+        description="Run many LLM calls at once, within limits, and combine the results.",
+    )
+    parser.add_argument("--version", action="version", version=f"fanflow {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _add_map(sub)
+    _add_patterns(sub)
+
+    p = sub.add_parser("run", help="run a pipeline (steps over items) from a YAML file")
+    p.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
+    p.add_argument("input", metavar="INPUT", nargs="?", help="the items (default: the file's)")
+    p.add_argument("--check", action="store_true", help="validate the pipeline and stop")
+    _io_options(p)
+    _model_options(p)
+    _common(p)
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("report", help="an HTML run report (timeline, throughput, latency)")
+    p.add_argument("source", metavar="NAME", help="a records file written by map --records")
+    p.add_argument("-o", "--output", default="report.html", metavar="HTML", help="report.html")
     p.add_argument("--png", metavar="PATH", help="also write the timeline as a PNG")
     p.add_argument("--title", help="the report's title")
     _common(p)
@@ -140,62 +184,99 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     return resolve_settings(_flags(args), env=env, config=args.config)
 
 
-def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from ._console import make_console, make_display, require_rich
-    from ._io import BadLine, count_items, detect_format, open_output, read_items
-    from ._mapcmd import check_template, run_map
-    from ._progress import Tracker, render_summary
+def _llm(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> BaseLLM:
     from ._providers import parse_sim_spec, resolve_llm
+
+    defaults = {"max_tokens": args.max_tokens} if args.max_tokens is not None else None
+    sim = parse_sim_spec(args.sim or env.get("FANFLOW_SIM"))
+    return resolve_llm(settings, env, sim=sim, defaults=defaults)
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class _Bad:
+    """Collects malformed input lines: prints the first few, counts them all."""
+
+    def __init__(self) -> None:
+        self.lines: list[BadLine] = []
+        self.note: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
+        self.tracker: Tracker | None = None
+
+    def __call__(self, line: BadLine) -> None:
+        self.lines.append(line)
+        if self.tracker is not None:
+            self.tracker.bad_lines += 1
+        if len(self.lines) <= MAX_BAD_LINES_SHOWN:
+            self.note(f"fanflow: {line}")
+        elif len(self.lines) == MAX_BAD_LINES_SHOWN + 1:
+            self.note("fanflow: more malformed lines follow; only their count is shown")
+
+
+def _finish(
+    args: argparse.Namespace,
+    console: Any,
+    stats: ProgressStats,
+    bad: _Bad,
+    *,
+    interrupted: bool,
+    failed: int,
+    items: int,
+    where: str | None = None,
+    unit: str = "items",
+) -> int:
+    if not args.quiet:
+        console.print(render_summary(stats, unit=unit))
+    if interrupted:
+        left = f", {stats.total - stats.done} were not run" if stats.total is not None else ""
+        wrote = f" and were written to {where}" if where else ""
+        console.print(
+            f"fanflow: interrupted; {stats.done} items finished{wrote}{left}. "
+            "Run the command again to redo the rest (resumable jobs come with --job)."
+        )
+        return EXIT_INTERRUPTED
+    problems = []
+    if failed:
+        problems.append(f"{failed} of {items} items failed (see 'error' in the rows)")
+    if bad.lines:
+        problems.append(f"{len(bad.lines)} malformed input lines were skipped")
+    if problems:
+        console.print("fanflow: " + "; ".join(problems))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from ._io import count_items, detect_format, open_output, read_items
+    from ._mapcmd import check_template, run_map
     from ._records import RecordsWriter
 
     require_rich()
     settings = _settings(args, env)
     check_template(args.prompt)
     fmt = detect_format(args.input, args.input_format)
-    llm = resolve_llm(settings, env, sim=parse_sim_spec(args.sim or env.get("FANFLOW_SIM")))
+    llm = _llm(args, env, settings)
     total = count_items(args.input, fmt)
-    bad: list[BadLine] = []
+    bad = _Bad()
     console = make_console()
-    mode = "none" if args.quiet else args.progress
-    loop_clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()  # noqa: E731
-    items_path = args.input
     records = RecordsWriter.open(args.records) if args.records else None
     writer = open_output(args.output)
-
     options: dict[str, Any] = {}
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
-    for name in ("system", "temperature", "max_tokens"):
+    for name in ("system", "temperature"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
 
-    async def go() -> tuple[Any, Any]:
-        tracker = Tracker(total, clock=loop_clock)
-        to_terminal = args.output in (None, "-") and sys.stdout.isatty()
-        display, note = make_display(
-            mode, console, tracker, interval=args.progress_interval, redirect_stdout=to_terminal
-        )
-
-        def on_bad(line: BadLine) -> None:
-            bad.append(line)
-            tracker.bad_lines += 1
-            if len(bad) <= MAX_BAD_LINES_SHOWN:
-                note(f"fanflow: {line}")
-            elif len(bad) == MAX_BAD_LINES_SHOWN + 1:
-                note("fanflow: more malformed lines follow; only their count is shown")
-
-        items = read_items(items_path, fmt, on_bad)
+    async def go() -> tuple[Any, ProgressStats]:
+        tracker = Tracker(total, clock=_loop_time)
+        display = _display(args, console, tracker, bad)
+        items = read_items(args.input, fmt, bad)
         outcome = await run_map(
-            llm,
-            args.prompt,
-            items,
-            tracker=tracker,
-            display=display,
-            writer=writer,
-            records=records,
-            order=args.order,
-            options=options,
-        )
+            llm, args.prompt, items, tracker=tracker, display=display, writer=writer,
+            records=records, order=args.order, options=options,
+        )  # fmt: skip
         return outcome, tracker.snapshot()
 
     try:
@@ -204,26 +285,109 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         writer.close()
         if records is not None:
             records.close()
-    if not args.quiet:
-        console.print(render_summary(stats))
     where = "standard output" if args.output in (None, "-") else args.output
-    if outcome.interrupted:
-        left = (stats.total - stats.done) if stats.total is not None else None
-        console.print(
-            f"fanflow: interrupted; {stats.done} items finished and were written to {where}"
-            + (f", {left} were not run" if left is not None else "")
-            + ". Run the command again to redo the rest (resumable jobs come with --job)."
-        )
+    return _finish(
+        args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,
+        items=stats.done, where=where,
+    )  # fmt: skip
+
+
+def _display(args: argparse.Namespace, console: Any, tracker: Tracker, bad: _Bad) -> Any:
+    mode = "none" if args.quiet else args.progress
+    to_terminal = getattr(args, "output", None) in (None, "-") and sys.stdout.isatty()
+    display, note = make_display(
+        mode, console, tracker, interval=args.progress_interval, redirect_stdout=to_terminal
+    )
+    bad.note = note
+    bad.tracker = tracker
+    return display
+
+
+def _cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from ._patterncmds import emit_answer, make_call, read_task, run_pattern
+
+    require_rich()
+    settings = _settings(args, env)
+    task = read_task(args.task)
+    llm = _llm(args, env, settings)
+    options: dict[str, Any] = {}
+    if settings.concurrency is not None:
+        options["concurrency"] = settings.concurrency
+    if args.system is not None:
+        options["system"] = args.system
+    if args.temperature is not None:
+        if args.pattern == "fanout":
+            options["temperatures"] = (args.temperature, args.temperature)
+        else:
+            options["temperature"] = args.temperature
+    call, expected, payload = make_call(args.pattern, llm, task, args, options)
+    console = make_console()
+
+    async def go() -> Any:
+        tracker = Tracker(expected, clock=_loop_time)
+        display = _display(args, console, tracker, _Bad())
+        return await run_pattern(call, tracker=tracker, display=display)
+
+    run = asyncio.run(go())
+    assert run.stats is not None
+    if run.result is not None:
+        text, data = payload(run.result)
+        emit_answer(text, data, as_json=args.json)
+    if not args.quiet:
+        console.print(render_summary(run.stats, title=f"fanflow {args.command}", unit="calls"))
+    if run.interrupted:
+        console.print("fanflow: interrupted; no answer. Run the command again.")
         return EXIT_INTERRUPTED
-    problems = []
-    if stats.failed:
-        problems.append(f"{stats.failed} of {stats.done} items failed (see 'error' in the rows)")
-    if bad:
-        problems.append(f"{len(bad)} malformed input lines were skipped")
-    if problems:
-        console.print("fanflow: " + "; ".join(problems))
+    if run.error is not None:
+        console.print(f"fanflow {args.command}: {type(run.error).__name__}: {run.error}")
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from ._io import detect_format, open_output, read_items
+    from ._pipeline import load_pipeline
+    from ._runpipe import build_runner, run_pipeline
+
+    pipe = load_pipeline(args.pipeline)
+    flags = {k: v for k, v in _flags(args).items() if v is not None}
+    base = resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
+    llms: dict[str | None, BaseLLM] = {None: _llm(args, env, base)}
+    for name, spec in pipe.models.items():
+        merged = resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
+        llms[name] = _llm(args, env, merged)
+    runner = build_runner(pipe, llms)
+    source = args.input or pipe.input
+    if source is None:
+        raise ConfigError(
+            f"{pipe.path}: no input; give INPUT after the pipeline or set 'input:' in the file"
+        )
+    if args.check:
+        print(f"fanflow: {pipe.path} is valid: {len(pipe.steps)} steps ({pipe.kind})")
+        return EXIT_OK
+    require_rich()
+    fmt = detect_format(source, args.input_format)
+    bad = _Bad()
+    items = list(read_items(source, fmt, bad))
+    writer = open_output(args.output or pipe.output)
+    console = make_console()
+
+    async def go() -> tuple[Any, ProgressStats]:
+        tracker = Tracker(len(items) * len(pipe.steps), clock=_loop_time)
+        display = _display(args, console, tracker, bad)
+        outcome = await run_pipeline(
+            pipe, runner, items, tracker=tracker, display=display, writer=writer
+        )
+        return outcome, tracker.snapshot()
+
+    try:
+        outcome, stats = asyncio.run(go())
+    finally:
+        writer.close()
+    return _finish(
+        args, console, stats, bad, interrupted=outcome.interrupted,
+        failed=outcome.items - outcome.succeeded, items=outcome.items, unit="calls",
+    )  # fmt: skip
 
 
 def _cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -232,10 +396,8 @@ def _cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     del env
     path = write_report(args.source, args.output, png=args.png, title=args.title)
     if not args.quiet:
-        print(
-            f"fanflow: report written to {path}" + (f" and {args.png}" if args.png else ""),
-            file=sys.stderr,
-        )
+        also = f" and {args.png}" if args.png else ""
+        print(f"fanflow: report written to {path}{also}", file=sys.stderr)
     return EXIT_OK
 
 

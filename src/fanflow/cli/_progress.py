@@ -241,7 +241,7 @@ def render_live(s: ProgressStats) -> Any:
     return outer
 
 
-def render_summary(s: ProgressStats, *, title: str = "fanflow summary") -> Any:
+def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: str = "items") -> Any:
     """The end-of-run table: items, outcomes, retries, 429s, tokens, cost, speed-up."""
     from rich import box
     from rich.table import Table

@@ -80,7 +80,7 @@ def _retry(settings: Settings) -> RetryPolicy | None:
     return RetryPolicy(attempts=settings.retries + 1)
 
 
-def _sim(settings: Settings, spec: SimSpec) -> BaseLLM:
+def _sim(settings: Settings, spec: SimSpec, defaults: Mapping[str, Any] | None) -> BaseLLM:
     from ..testing import Fault, ScriptedLLM
 
     failure: Any = Fault.server_error()
@@ -98,13 +98,18 @@ def _sim(settings: Settings, spec: SimSpec) -> BaseLLM:
         limits=_limits(settings),
         retry=_retry(settings),
         timeout=settings.timeout,
+        defaults=defaults,
     )
 
 
 def resolve_llm(
-    settings: Settings, env: Mapping[str, str], *, sim: SimSpec | None = None
+    settings: Settings,
+    env: Mapping[str, str],
+    *,
+    sim: SimSpec | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> BaseLLM:
-    """The handle the settings ask for.
+    """The handle the settings ask for; ``defaults`` fill requests' unset parameters.
 
     Raises:
         ConfigError: no provider could be chosen, or the chosen one is not available.
@@ -122,22 +127,26 @@ def resolve_llm(
         else:
             raise ConfigError(NO_PROVIDER)
     if provider == "sim":
-        return _sim(settings, sim or SimSpec())
+        return _sim(settings, sim or SimSpec(), defaults)
     factory = getattr(fanflow, provider, None)
     if factory is None:
         raise ConfigError(
             f"provider {provider!r} is not available in this fanflow build; "
             "use --provider sim to try the command offline"
         )
-    return _from_factory(factory, provider, settings)  # pragma: no cover - until providers land
+    return _from_factory(factory, provider, settings, defaults)
 
 
 def _local_available() -> bool:
     return getattr(fanflow, "local", None) is not None and False
 
 
-def _from_factory(factory: Any, provider: str, settings: Settings) -> BaseLLM:
+def _from_factory(
+    factory: Any, provider: str, settings: Settings, defaults: Mapping[str, Any] | None
+) -> BaseLLM:
     kwargs: dict[str, Any] = {"limits": _limits(settings), "timeout": settings.timeout}
+    if defaults:
+        kwargs["defaults"] = dict(defaults)
     if settings.model is not None:
         kwargs["model"] = settings.model
     if settings.base_url is not None:
