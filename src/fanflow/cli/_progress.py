@@ -249,9 +249,8 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
     table = Table(title=title, box=box.SIMPLE_HEAD, show_header=False, title_justify="left")
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row(
-        "items", f"{s.done}" + (f" of {s.total}" if s.total not in (None, s.done) else "")
-    )
+    of = f" of {s.total}" if s.total not in (None, s.done) else ""
+    table.add_row(unit, f"{s.done}{of}")
     table.add_row("succeeded", f"{s.succeeded}")
     table.add_row("failed", f"{s.failed}")
     for reason, n in s.failures.items():
