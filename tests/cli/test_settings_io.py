@@ -40,7 +40,7 @@ def test_explicit_config_and_fanflow_config_variable(tmp_path: Path) -> None:
     assert resolve_settings({}, env=env, cwd=tmp_path).timeout == 2.5
     with pytest.raises(ConfigError, match="from FANFLOW_CONFIG"):
         resolve_settings({}, env={"FANFLOW_CONFIG": str(tmp_path / "no.toml")}, cwd=tmp_path)
-    with pytest.raises(ConfigError, match="config file .* not found; check the --config path"):
+    with pytest.raises(ConfigError, match=r"config file .* not found; check the --config path"):
         resolve_settings({}, env={}, config="missing.toml", cwd=tmp_path)
 
 
@@ -110,7 +110,7 @@ def test_non_utf8_input_is_reported_not_raised(tmp_path: Path) -> None:
 
 
 def test_missing_input_fails_at_once(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="input file .*nope.txt not found"):
+    with pytest.raises(ConfigError, match=r"input file .*nope.txt not found"):
         read_items(str(tmp_path / "nope.txt"), "text", lambda b: None)
     with pytest.raises(ConfigError, match="is a directory"):
         read_items(str(tmp_path), "text", lambda b: None)
