@@ -25,6 +25,8 @@ def _instance(cls: type[BaseException]) -> BaseException:
         return ex.BatchError({3: ex.ServerError("x")}, 5)
     if cls is ex.CallTimeout:
         return ex.CallTimeout("late", timeout=2.0)
+    if cls is ex.StepInputError:
+        return ex.StepInputError("missing", step="summarize", field="text", index=2)
     if cls is ex.TemplateError:
         return ex.TemplateError("no field", field="text", index=3)
     return cls("message")

@@ -27,3 +27,17 @@ def test_every_decision_record_names_what_and_why() -> None:
     for record in records:
         text = record.read_text().lower()
         assert "why" in text or "because" in text, record.name
+
+
+def test_readme_python_example_runs() -> None:
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "the README should show a runnable Python example"
+    done = subprocess.run(
+        [sys.executable, "-c", blocks[0]], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "succeeded" in done.stdout

@@ -8,6 +8,7 @@ Layers (imports only point down; see DESIGN.md):
                 ParallelCalls, Skill, Step, Chain, Flow, Pool
     engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
     providers   function(), and HTTP adapters                  (fanflow.providers)
+    store       Store (SQLite cache + jobs), JSONL/Parquet sinks (fanflow.store)
     testing     ScriptedLLM                                    (fanflow.testing)
 
 This module only re-exports; implementation lives in private modules.
@@ -42,6 +43,7 @@ from ._exceptions import (
     ServerError,
     Skipped,
     StepInputError,
+    StoreError,
     TemplateError,
     is_retryable,
 )
@@ -97,6 +99,7 @@ from .patterns import (
     vote,
 )
 from .providers import function
+from .store import JsonlSink, ParquetSink, Store
 
 try:
     __version__ = _version("fanflow")
@@ -126,12 +129,14 @@ __all__ = [
     "Flow",
     "GuardedResult",
     "ItemStatus",
+    "JsonlSink",
     "Limits",
     "Message",
     "NotFound",
     "Overloaded",
     "ParallelCalls",
     "ParallelCallsResult",
+    "ParquetSink",
     "ParseError",
     "PermissionDenied",
     "Pool",
@@ -159,6 +164,8 @@ __all__ = [
     "Step",
     "StepInputError",
     "StepRecord",
+    "Store",
+    "StoreError",
     "Summary",
     "TemplateError",
     "Usage",

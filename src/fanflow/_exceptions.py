@@ -21,6 +21,7 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     ├── TemplateError                  an item lacks a field the prompt template needs
     │   └── StepInputError             a chain/flow step's input key is missing (``step``)
     ├── ConfigError                    an option is invalid (raised at construction)
+    ├── StoreError                     the result store cannot be read or written
     ├── BatchError                     opt-in: raised by ``BatchResult.raise_for_errors``
     ├── AllFailed                      every alternative failed (``race``; ``failures``)
     ├── QuorumNotMet                   fewer successes than a pattern's quorum
@@ -63,6 +64,7 @@ __all__ = [
     "ServerError",
     "Skipped",
     "StepInputError",
+    "StoreError",
     "TemplateError",
     "is_retryable",
 ]
@@ -224,6 +226,18 @@ class StepInputError(TemplateError):
 
 class ConfigError(FanflowError, ValueError):
     """An option is invalid. Raised at construction, with the fix in the message."""
+
+
+class StoreError(FanflowError):
+    """The result store cannot be opened, read or written (corrupt, locked, unwritable).
+
+    ``path`` names the file. fanflow never runs on without persistence when a store was
+    asked for: the pattern stops with this error instead.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message, path)
+        self.path = path
 
 
 class Skipped(FanflowError):

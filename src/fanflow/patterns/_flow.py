@@ -21,6 +21,7 @@ Sync functions run on the event loop thread (keep them quick; make slow I/O asyn
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .._events import Hook
 from .._exceptions import ConfigError, Skipped, StepInputError
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
+from .._util import is_async_callable
 from ._common import PatternResult, now
 from ._skill import Skill
 
@@ -204,7 +206,11 @@ class Step:
 
 
 async def _call_kw(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
-    result = fn(**kwargs)
+    # A step may do blocking work (fetch a URL with requests, parse a PDF): a sync
+    # function runs in a worker thread so the other items' steps keep going meanwhile.
+    if is_async_callable(fn):
+        return await fn(**kwargs)
+    result = await asyncio.to_thread(functools.partial(fn, **kwargs))
     if inspect.isawaitable(result):
         result = await result
     return result

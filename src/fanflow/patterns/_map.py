@@ -8,6 +8,7 @@ concurrency, not with the input (``as_completed``; ``map`` keeps one record per 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -17,6 +18,8 @@ from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM, BaseLLM
 from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
+from ..store import Sink, Store
+from ._jobs import Durability
 from ._prompt import Prompt, build_request
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
@@ -90,6 +93,11 @@ class _Source:
         self._index += 1
         return index, item
 
+    @property
+    def seen(self) -> int:
+        """How many items were handed out."""
+        return self._index
+
 
 class _FailFast(Exception):
     def __init__(self, record: CallRecord[Any]) -> None:
@@ -114,6 +122,8 @@ class _Batch(Generic[T]):
         params: dict[str, Any],
         label: str | None,
         fail_fast: bool,
+        durable: Durability | None = None,
+        size: int | None = None,
     ) -> None:
         self.llm = llm
         self.prompt = prompt
@@ -126,8 +136,16 @@ class _Batch(Generic[T]):
         self.params = params
         self.label = label
         self.fail_fast = fail_fast
+        self.durable = durable
+        self.size = size
 
     async def run(self) -> None:
+        if self.durable is None:
+            await self._run()
+        else:
+            await self.durable.around(self._run, self.size)
+
+    async def _run(self) -> int:
         try:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(self.workers):
@@ -139,6 +157,7 @@ class _Batch(Generic[T]):
             if isinstance(first, _FailFast) and first.record.error is not None:
                 raise first.record.error from None
             raise first from None
+        return self.source.seen
 
     async def _worker(self) -> None:
         source = self.source
@@ -167,10 +186,30 @@ class _Batch(Generic[T]):
                         end=now,
                     )
                     emit(self.opts.hooks, CallEnded(now, record))
+                if self.durable is not None:
+                    await self.durable.settle(record, item)
             else:
-                record = await execute(
-                    self.llm, request, self.opts, index=index, label=self.label, parse=self.parse
-                )
+                if self.durable is None:
+                    record = await execute(
+                        self.llm,
+                        request,
+                        self.opts,
+                        index=index,
+                        label=self.label,
+                        parse=self.parse,
+                    )
+                else:
+                    record = await self.durable.run(
+                        self.llm,
+                        request,
+                        self.opts,
+                        index=index,
+                        item=item,
+                        label=self.label,
+                        parse=self.parse,
+                    )
+            if self.durable is not None:
+                self.durable.emit(record, item)
             delivered = self.deliver(record)
             if delivered is not None:
                 await delivered
@@ -200,6 +239,11 @@ async def map(
     hooks: Sequence[Hook] = (),
     label: str | None = None,
     fail_fast: bool = False,
+    store: Store | None = None,
+    job: str | None = None,
+    only_failed: bool = False,
+    cache: bool = True,
+    sink: Sink | str | os.PathLike[str] | None = None,
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
@@ -225,6 +269,18 @@ async def map(
         label: a label for every record (for reports and stores).
         fail_fast: all-or-nothing: the first failure cancels the other items and is
             raised. By default a failure is data (``result.errors``).
+        store: a :class:`fanflow.Store`: each call is served from it when stored
+            before (a cache hit, costing nothing), else committed to it before the
+            item is reported.
+        job: a name under which the store records each item's terminal status.
+            Running the same job again resumes it: succeeded items come from the
+            store, the rest run (after a crash too).
+        only_failed: with ``job``, run only the items that failed before; succeeded
+            items come from the store, items never started end as ``skipped``.
+        cache: serve any request found in the store (False: call the model again,
+            except for the job's own succeeded items).
+        sink: stream each finished item to a file: a path (``.jsonl``, ``.parquet``)
+            or a sink (:class:`fanflow.JsonlSink`, :class:`fanflow.ParquetSink`).
 
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
@@ -262,6 +318,10 @@ async def map(
         params=_params(temperature=temperature, max_tokens=max_tokens, seed=seed),
         label=label,
         fail_fast=fail_fast,
+        durable=Durability.of(
+            store=store, job=job, only_failed=only_failed, cache=cache, sink=sink
+        ),
+        size=size,
     )
     await batch.run()
     missing = [i for i, r in enumerate(records) if r is None]
@@ -365,11 +425,18 @@ def as_completed(
     parse: Callable[[Response], Any] | None = None,
     hooks: Sequence[Hook] = (),
     label: str | None = None,
+    store: Store | None = None,
+    job: str | None = None,
+    only_failed: bool = False,
+    cache: bool = True,
+    sink: Sink | str | os.PathLike[str] | None = None,
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
 
     ``items`` may be an endless (async) iterator: items are pulled only as workers free
     up, and at most about twice the concurrency of records wait to be consumed.
+    ``store``, ``job``, ``only_failed``, ``cache`` and ``sink`` are as for :func:`map`;
+    a record is yielded only after it is committed to the store.
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
@@ -378,6 +445,7 @@ def as_completed(
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
     size = len(items) if isinstance(items, Sequence) else None
+    durable = Durability.of(store=store, job=job, only_failed=only_failed, cache=cache, sink=sink)
 
     def make_batch(deliver: Callable[[CallRecord[Any]], Any]) -> _Batch[Any]:
         opts = make_options(
@@ -400,6 +468,8 @@ def as_completed(
             params=_params(temperature=temperature, max_tokens=max_tokens, seed=seed),
             label=label,
             fail_fast=False,
+            durable=durable,
+            size=size,
         )
 
     return ResultStream(make_batch)

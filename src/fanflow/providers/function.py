@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -13,19 +12,11 @@ from .._limits import Limits
 from .._llm import BaseLLM
 from .._retry import RetryPolicy
 from .._types import Request, Response
+from .._util import is_async_callable
 
 __all__ = ["FunctionLLM", "function"]
 
 Fn = Callable[[Request], "str | Response | Awaitable[str | Response]"]
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
-    return call is not None and inspect.iscoroutinefunction(call)
 
 
 class FunctionLLM(BaseLLM):
@@ -48,7 +39,7 @@ class FunctionLLM(BaseLLM):
         super().__init__(model=None, limits=limits, retry=retry, timeout=timeout, defaults=defaults)
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
-        self._async = _is_async(fn)
+        self._async = is_async_callable(fn)
 
     def __repr__(self) -> str:
         return f"fanflow.function({self.name})"
