@@ -53,12 +53,13 @@ def test_live_display_on_a_terminal(tmp_path: Path, cli_env: Env) -> None:
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 40
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_finished_rows(tmp_path: Path, cli_env: Env) -> None:
-    (tmp_path / "in.txt").write_text("".join(f"item {i}\n" for i in range(400)))
-    child = spawn(
-        tmp_path, cli_env(None), "map", "in.txt", "-p", "{input}", "--provider", "sim",
-        "--sim", "latency=0.2", "--concurrency", "4", "-o", "out.jsonl",
+def test_ctrl_c_stops_cleanly_and_the_job_resumes(tmp_path: Path, cli_env: Env) -> None:
+    (tmp_path / "in.txt").write_text("".join(f"item {i}\n" for i in range(120)))
+    args = (
+        "map", "in.txt", "-p", "{input}", "--provider", "sim", "--sim", "latency=0.1",
+        "--concurrency", "4", "-o", "out.jsonl", "--job", "demo",
     )  # fmt: skip
+    child = spawn(tmp_path, cli_env(None), *args)
     child.expect(r"done [1-9]")  # some items have finished
     child.sendintr()
     child.expect(r"interrupted; (\d+) items finished")
@@ -66,12 +67,25 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rows(tmp_path: Path, cli_env: E
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
-    tail = ANSI.sub("", child.before or "")
+    tail = " ".join(ANSI.sub("", child.before or "").split())
     assert "were not run" in tail
-    assert "Run the command again" in tail
+    assert "Finished items are saved in job 'demo'; to resume: fanflow map in.txt" in tail
+    assert tail.rstrip().endswith("--job demo --resume")
+    assert "Traceback" not in tail and "Task was destroyed" not in tail
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    # Every finished item was written, and none twice; the ones in flight were cancelled.
+    # Every finished item was written, none twice; the ones in flight were cancelled.
+    assert len(rows) == finished < 120
     assert len({r["index"] for r in rows}) == len(rows)
-    assert sum(r["status"] == "succeeded" for r in rows) >= 1
-    assert len(rows) == finished
-    assert finished < 400
+
+    # Resuming repeats no finished call and completes the rest.
+    child = spawn(tmp_path, cli_env(None), *args, "--resume")
+    child.expect("fanflow summary")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    summary = ANSI.sub("", child.before or "")
+    requests = int(re.search(r"requests +(\d+)", summary).group(1))  # type: ignore[union-attr]
+    assert requests <= 120 - sum(r["status"] == "succeeded" for r in rows)
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(120))
+    assert all(r["status"] == "succeeded" for r in rows)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
+import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .._exceptions import ConfigError
@@ -104,6 +107,10 @@ def _add_map(sub: Any) -> None:
     p.add_argument(
         "--records", metavar="PATH", help="also write every call record (for fanflow report)"
     )
+    job = p.add_argument_group("resumable jobs (a SQLite store, --store or FANFLOW_STORE)")
+    job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
+    job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
+    job.add_argument("--only-failed", action="store_true", help="rerun only NAME's failures")
     _model_options(p)
     _common(p)
     p.set_defaults(handler=_cmd_map)
@@ -166,8 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=_cmd_run)
 
+    p = sub.add_parser("jobs", help="jobs in the store, their progress and failures")
+    p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    p.add_argument("name", nargs="?", metavar="NAME", help="the job to show")
+    p.add_argument("--store", metavar="PATH", help="the store (default .fanflow/store.db)")
+    p.add_argument("--limit", type=int, default=50, help="failures listed by show (50)")
+    _common(p)
+    p.set_defaults(handler=_cmd_jobs)
+
     p = sub.add_parser("report", help="an HTML run report (timeline, throughput, latency)")
-    p.add_argument("source", metavar="NAME", help="a records file written by map --records")
+    p.add_argument(
+        "source", metavar="NAME", help="a job name (map --job) or a file from map --records"
+    )
+    p.add_argument("--store", metavar="PATH", help="the store (default .fanflow/store.db)")
     p.add_argument("-o", "--output", default="report.html", metavar="HTML", help="report.html")
     p.add_argument("--png", metavar="PATH", help="also write the timeline as a PNG")
     p.add_argument("--title", help="the report's title")
@@ -225,16 +243,14 @@ def _finish(
     items: int,
     where: str | None = None,
     unit: str = "items",
+    resume: str = "Run the command again to redo the rest.",
 ) -> int:
     if not args.quiet:
         console.print(render_summary(stats, unit=unit))
     if interrupted:
         left = f", {stats.total - stats.done} were not run" if stats.total is not None else ""
         wrote = f" and were written to {where}" if where else ""
-        console.print(
-            f"fanflow: interrupted; {stats.done} items finished{wrote}{left}. "
-            "Run the command again to redo the rest (resumable jobs come with --job)."
-        )
+        console.print(f"fanflow: interrupted; {stats.done} items finished{wrote}{left}. {resume}")
         return EXIT_INTERRUPTED
     problems = []
     if failed:
@@ -250,7 +266,7 @@ def _finish(
 def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from ._io import count_items, detect_format, open_output, read_items
     from ._mapcmd import check_template, run_map
-    from ._records import RecordsWriter
+    from ._records import RecordsWriter, job_records_path
 
     require_rich()
     settings = _settings(args, env)
@@ -260,9 +276,17 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     total = count_items(args.input, fmt)
     bad = _Bad()
     console = make_console()
-    records = RecordsWriter.open(args.records) if args.records else None
-    writer = open_output(args.output)
     options: dict[str, Any] = {}
+    store = _open_store(settings, args) if args.job else None
+    if store is not None:
+        options.update(store=store, job=args.job, only_failed=args.only_failed)
+    if args.records:
+        records = RecordsWriter.open(args.records)
+    elif store is not None:
+        records = RecordsWriter.open(job_records_path(store.path, args.job), append=True)
+    else:
+        records = None
+    writer = open_output(args.output)
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
     for name in ("system", "temperature"):
@@ -280,16 +304,69 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return outcome, tracker.snapshot()
 
     try:
-        outcome, stats = asyncio.run(go())
+        with _library_warnings(console):
+            outcome, stats = asyncio.run(go())
     finally:
         writer.close()
         if records is not None:
             records.close()
+        if store is not None:
+            store.close()
     where = "standard output" if args.output in (None, "-") else args.output
     return _finish(
         args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,
-        items=stats.done, where=where,
+        items=stats.done, where=where, resume=_resume_hint(args),
     )  # fmt: skip
+
+
+def _open_store(settings: Settings, args: argparse.Namespace) -> Any:
+    from ..store import Store
+
+    if args.only_failed and not args.job:
+        raise ConfigError("--only-failed needs --job NAME (the job whose failures to rerun)")
+    store = Store(settings.store)
+    if (args.resume or args.only_failed) and store.job(args.job) is None:
+        known = ", ".join(j.name for j in store.jobs()[:10]) or "none"
+        store.close()
+        raise ConfigError(
+            f"no job {args.job!r} in {settings.store or '.fanflow/store.db'} (jobs: {known}); "
+            "run without --resume to start it"
+        )
+    return store
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    if not getattr(args, "job", None):
+        return "Run the command again to redo the rest; add --job NAME to make runs resumable."
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    command = shlex.join(["fanflow", *argv, "--resume"])
+    return f"Finished items are saved in job {args.job!r}; to resume: {command}"
+
+
+class _LibraryWarnings(logging.Handler):
+    """Shows the library's warnings on the console; the CLI says how to resume itself."""
+
+    def __init__(self, console: Any) -> None:
+        super().__init__(logging.WARNING)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "was interrupted" in str(record.msg):  # the Python-API phrasing of our hint
+            return
+        self.console.print(f"fanflow: {record.getMessage()}", markup=False)
+
+
+@contextlib.contextmanager
+def _library_warnings(console: Any) -> Iterator[None]:
+    logger = logging.getLogger("fanflow")
+    handler = _LibraryWarnings(console)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _display(args: argparse.Namespace, console: Any, tracker: Tracker, bad: _Bad) -> Any:
@@ -390,11 +467,42 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )  # fmt: skip
 
 
+def _report_source(args: argparse.Namespace, env: Mapping[str, str]) -> str:
+    """A records file as given, else the records of the job of that name."""
+    from ._records import job_records_path
+
+    if os.path.isfile(args.source):
+        return str(args.source)
+    settings = resolve_settings({"store": args.store}, env=env, config=args.config)
+    store_path = settings.store or ".fanflow/store.db"
+    path = job_records_path(store_path, args.source)
+    if not path.is_file():
+        raise ConfigError(
+            f"{args.source} is neither a records file nor a job with records in "
+            f"{store_path}; run fanflow map --job {args.source} first, or give the file "
+            "written by --records"
+        )
+    return str(path)
+
+
+def _cmd_jobs(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from ._jobs import list_jobs, show_job
+
+    require_rich()
+    settings = resolve_settings({"store": args.store}, env=env, config=args.config)
+    console = make_console(sys.stdout)
+    if args.action == "show":
+        if not args.name:
+            raise ConfigError("fanflow jobs show needs a job NAME; fanflow jobs lists them")
+        return show_job(console, settings.store, args.name, limit=args.limit)
+    return list_jobs(console, settings.store)
+
+
 def _cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from ._report import write_report
 
-    del env
-    path = write_report(args.source, args.output, png=args.png, title=args.title)
+    source = _report_source(args, env)
+    path = write_report(source, args.output, png=args.png, title=args.title)
     if not args.quiet:
         also = f" and {args.png}" if args.png else ""
         print(f"fanflow: report written to {path}{also}", file=sys.stderr)

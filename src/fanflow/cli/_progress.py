@@ -138,7 +138,7 @@ class Tracker:
                 self._failures[reason] += 1
             counts["input_tokens"] += record.usage.input_tokens
             counts["output_tokens"] += record.usage.output_tokens
-            if record.cost is not None:
+            if record.cost is not None and not record.cached:  # a store hit costs nothing
                 self._cost = (self._cost or 0.0) + record.cost
             if record.latency is not None and not record.cached:
                 self._busy += record.latency

@@ -10,13 +10,27 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from .._exceptions import ConfigError
 from .._types import CallRecord
 from ._progress import _is_429
 
-__all__ = ["AttemptRow", "CallRow", "RecordsWriter", "read_records", "record_to_json"]
+__all__ = [
+    "AttemptRow",
+    "CallRow",
+    "RecordsWriter",
+    "job_records_path",
+    "read_records",
+    "record_to_json",
+]
+
+
+def job_records_path(store_path: str | Path, job: str) -> Path:
+    """Where a job's call records live: ``records/<job>.jsonl`` beside the store file."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
+    return Path(store_path).parent / "records" / f"{safe}.jsonl"
 
 
 def _error_name(error: BaseException | None) -> str | None:
@@ -59,13 +73,16 @@ class RecordsWriter:
         self._stream = stream
 
     @classmethod
-    def open(cls, path: str) -> RecordsWriter:
+    def open(cls, path: str | Path, *, append: bool = False) -> RecordsWriter:
         try:
-            return cls(open(path, "w", encoding="utf-8"))
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return cls(open(path, "a" if append else "w", encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot write {path}: {exc.strerror}; check --records") from None
 
     def write(self, record: CallRecord[Any]) -> None:
+        if record.cached:  # served from the store: no call was made in this run
+            return
         self._stream.write(json.dumps(record_to_json(record)) + "\n")
 
     def close(self) -> None:

@@ -53,6 +53,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", float, "seconds per attempt", minimum=0.001),
     Option("retries", int, "retries after the first attempt (default 3)", minimum=0),
     Option("budget", float, "the most money to spend, in USD", minimum=0.0),
+    Option("store", str, "the result store for --job (default .fanflow/store.db)"),
 )  # fmt: skip
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -71,6 +72,7 @@ class Settings:
     timeout: float | None = None
     retries: int | None = None
     budget: float | None = None
+    store: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
