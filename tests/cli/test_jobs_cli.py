@@ -51,7 +51,8 @@ def test_job_errors(run: Run, tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("a\n")
     done = run("map", "in.txt", "-p", "{input}", "--provider", "sim", "--job", "x", "--resume")
     assert done.returncode == 2
-    assert "no job 'x'" in done.stderr and "run without --resume" in done.stderr
+    assert "no job 'x'" in done.stderr
+    assert "run without --resume" in done.stderr
     done = run("jobs")
     assert done.returncode == 0  # the failed --resume still created an empty store
     done = run("jobs", "show", "nope")

@@ -101,7 +101,7 @@ def test_report_from_a_run(run: Run, tmp_path: Path) -> None:
 def test_report_errors(run: Run, tmp_path: Path) -> None:
     done = run("report", "missing.jsonl")
     assert done.returncode == 2
-    assert "missing.jsonl cannot be read" in done.stderr
+    assert "missing.jsonl is neither a records file nor a job" in done.stderr
     (tmp_path / "bad.jsonl").write_text('{"status": "succeeded"}\nnot json\n')
     done = run("report", "bad.jsonl")
     assert done.returncode == 2
