@@ -7,9 +7,9 @@ Layers (imports only point down; see DESIGN.md):
                 fan_out, vote, best_of_n, guarded, evaluate, sections,
                 ParallelCalls, Skill, Step, Chain, Flow, Pool
     engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
-    providers   function(), and HTTP adapters                  (fanflow.providers)
+    providers   function(), openai(), anthropic()              (fanflow.providers)
     store       Store (SQLite cache + jobs), JSONL/Parquet sinks (fanflow.store)
-    testing     ScriptedLLM                                    (fanflow.testing)
+    testing     ScriptedLLM, SimServer                         (fanflow.testing)
 
 This module only re-exports; implementation lives in private modules.
 """
@@ -56,6 +56,7 @@ from ._types import (
     BatchResult,
     CallRecord,
     Message,
+    RateLimitState,
     Request,
     Response,
     Status,
@@ -98,7 +99,7 @@ from .patterns import (
     sections,
     vote,
 )
-from .providers import function
+from .providers import anthropic, function, openai
 from .store import JsonlSink, ParquetSink, Store
 
 try:
@@ -148,6 +149,7 @@ __all__ = [
     "ProviderTimeout",
     "QuorumNotMet",
     "QuotaExceeded",
+    "RateLimitState",
     "RateLimited",
     "Request",
     "Response",
@@ -172,6 +174,7 @@ __all__ = [
     "VoteResult",
     "Worker",
     "__version__",
+    "anthropic",
     "as_completed",
     "best_of_n",
     "call",
@@ -182,6 +185,7 @@ __all__ = [
     "guarded",
     "is_retryable",
     "map",
+    "openai",
     "race",
     "run",
     "sections",

@@ -38,7 +38,10 @@ Messages say what happened, to which item, and what to do.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._types import RateLimitState
 
 __all__ = [
     "AllFailed",
@@ -101,9 +104,14 @@ class ProviderError(FanflowError):
         message: what happened and what to do (never contains secrets).
         status_code: the HTTP status, when there was one.
         retry_after: seconds the server asked us to wait, when it said.
+
+    Attributes:
+        rate_limit: the rate-limit headers of the failed HTTP response, when it had any
+            (a limiter reads them; see :class:`fanflow.RateLimitState`).
     """
 
     retryable: bool = False
+    rate_limit: RateLimitState | None = None
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ __all__ = [
     "BatchResult",
     "CallRecord",
     "Message",
+    "RateLimitState",
     "Request",
     "Response",
     "Status",
@@ -200,6 +201,25 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitState:
+    """A provider's rate-limit headers on one response, in one shape for every API.
+
+    OpenAI's ``x-ratelimit-*`` and Anthropic's ``anthropic-ratelimit-*`` headers both
+    map here. ``*_reset`` are seconds from ``observed_at`` (the event-loop time the
+    response arrived) until that bucket is full again. A field is None when the server
+    did not send it.
+    """
+
+    requests_limit: int | None = None
+    requests_remaining: int | None = None
+    requests_reset: float | None = None
+    tokens_limit: int | None = None
+    tokens_remaining: int | None = None
+    tokens_reset: float | None = None
+    observed_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Response:
     """What a model returned for one request."""
 
@@ -211,6 +231,7 @@ class Response:
     cost: float | None = None
     time_to_first_token: float | None = None
     raw: Any = field(default=None, repr=False, compare=False)
+    rate_limit: RateLimitState | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,11 @@
-"""Providers: one adapter per API, each mapping a Request to a Response or an error."""
+"""Providers: one adapter per API, each mapping a Request to a Response or an error.
 
+``openai`` (Chat Completions and compatible servers) and ``anthropic`` (Messages) talk
+HTTP through the shared plumbing in ``_http.py``; ``function`` wraps any callable.
+"""
+
+from ._anthropic import AnthropicLLM, anthropic
+from ._openai import OpenAILLM, openai
 from .function import FunctionLLM, function
 
-__all__ = ["FunctionLLM", "function"]
+__all__ = ["AnthropicLLM", "FunctionLLM", "OpenAILLM", "anthropic", "function", "openai"]

@@ -1,8 +1,12 @@
 """Test helpers shipped for fanflow's tests and for users' own: fakes that need no network.
 
 ``ScriptedLLM`` is an in-process fake model with scripted latency and failures.
+``SimServer`` is an OpenAI- and Anthropic-compatible HTTP server on loopback, with
+latency, rate limits and faults, for testing real HTTP clients offline.
 """
 
 from ._scripted import Fault, ScriptedLLM
+from ._sim import FAULTS, SimSecond, SimServer, SimStats
+from ._simwire import SimRequest
 
-__all__ = ["Fault", "ScriptedLLM"]
+__all__ = ["FAULTS", "Fault", "ScriptedLLM", "SimRequest", "SimSecond", "SimServer", "SimStats"]

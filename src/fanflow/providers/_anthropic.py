@@ -1,0 +1,242 @@
+"""The Anthropic Messages API over HTTP.
+
+Wire translation only. What this API requires, and how a :class:`fanflow.Request` maps
+onto it: system messages go to the top-level ``system`` field; ``max_tokens`` is
+mandatory (the handle's default, else :data:`DEFAULT_MAX_TOKENS`); ``stop`` becomes
+``stop_sequences``; ``seed`` and ``response_format`` have no Messages API equivalent and
+are not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import aiohttp
+
+from .._exceptions import ConfigError, ContentFiltered
+from .._limits import Limits
+from .._retry import RetryPolicy
+from .._types import RateLimitState, Request, Response, Usage
+from ._http import HttpLLM, protocol_error, wall_clock
+from ._ratelimit import parse_anthropic
+
+__all__ = ["DEFAULT_MAX_TOKENS", "AnthropicLLM", "anthropic"]
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+API_VERSION = "2023-06-01"
+#: ``max_tokens`` sent when neither the request nor the handle sets one (the API needs it).
+DEFAULT_MAX_TOKENS = 1024
+
+
+class AnthropicLLM(HttpLLM):
+    """A handle on the Anthropic Messages API. Make one with :func:`fanflow.anthropic`."""
+
+    provider: ClassVar[str] = "anthropic"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        extra_body: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        base = base_url.rstrip("/").removesuffix("/v1")
+        super().__init__(model, base_url=base, api_key=api_key, **kwargs)
+        self.extra_body = dict(extra_body or {})
+        self.url = f"{self.base_url}/v1/messages"
+
+    def auth_headers(self) -> dict[str, str]:
+        out = {"anthropic-version": API_VERSION}
+        if self._secret is not None:
+            out["x-api-key"] = self._secret.reveal()
+        return out
+
+    def body(self, request: Request) -> dict[str, Any]:
+        system: list[str] = []
+        messages: list[dict[str, str]] = []
+        for m in request.messages:
+            if m.role == "system":
+                system.append(m.content)
+            else:
+                role = "assistant" if m.role == "assistant" else "user"
+                messages.append({"role": role, "content": m.content})
+        body: dict[str, Any] = {
+            "model": request.model or self.model,
+            "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
+            "messages": messages,
+        }
+        if system:
+            body["system"] = "\n\n".join(system)
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.stop is not None:
+            body["stop_sequences"] = list(request.stop)
+        if self.stream:
+            body["stream"] = True
+        if self.extra_body:
+            body.update(self.extra_body)
+        return body
+
+    def rate_limits(self, headers: Mapping[str, str], observed_at: float) -> RateLimitState | None:
+        return parse_anthropic(headers, observed_at, wall_clock())
+
+    def parse(self, raw: bytes, latency: float, rate_limit: RateLimitState | None) -> Response:
+        try:
+            data = json.loads(raw)
+            text = "".join(b.get("text", "") for b in data["content"] if b.get("type") == "text")
+            stop = data.get("stop_reason")
+            usage = data.get("usage") or {}
+            tokens = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+            model = data.get("model")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise protocol_error("anthropic", f"{type(exc).__name__}: {exc}") from None
+        _check_refusal(stop)
+        return Response(
+            text,
+            usage=tokens,
+            model=model,
+            finish_reason=stop,
+            latency=latency,
+            raw=data,
+            rate_limit=rate_limit,
+        )
+
+    async def read_stream(
+        self, content: aiohttp.StreamReader, start: float, headers: Mapping[str, str]
+    ) -> Response:
+        loop = asyncio.get_running_loop()
+        parts: list[str] = []
+        first: float | None = None
+        stop: str | None = None
+        model: str | None = None
+        input_tokens = output_tokens = 0
+        try:
+            async for line in content:
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[5:])
+                kind = event.get("type")
+                if kind == "content_block_delta":
+                    piece = event["delta"].get("text")
+                    if piece:
+                        if first is None:
+                            first = loop.time() - start
+                        parts.append(piece)
+                elif kind == "message_start":
+                    message = event["message"]
+                    model = message.get("model")
+                    input_tokens = (message.get("usage") or {}).get("input_tokens", 0)
+                elif kind == "message_delta":
+                    stop = event["delta"].get("stop_reason") or stop
+                    output_tokens = (event.get("usage") or {}).get("output_tokens", output_tokens)
+                elif kind == "message_stop":
+                    break
+                elif kind == "error":
+                    # An error after the 200 (e.g. overloaded mid-stream): classify its body.
+                    raise self.fail(529 if _overloaded(event) else 500, {}, line[5:], None)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise protocol_error("anthropic", f"bad stream event: {type(exc).__name__}") from None
+        end = loop.time()
+        _check_refusal(stop)
+        return Response(
+            "".join(parts),
+            usage=Usage(input_tokens, output_tokens),
+            model=model,
+            finish_reason=stop,
+            latency=end - start,
+            time_to_first_token=first,
+            rate_limit=self.rate_limits(headers, end),
+        )
+
+
+def _overloaded(event: Mapping[str, Any]) -> bool:
+    error = event.get("error")
+    return isinstance(error, Mapping) and error.get("type") == "overloaded_error"
+
+
+def _check_refusal(stop: str | None) -> None:
+    if stop == "refusal":
+        raise ContentFiltered(
+            "anthropic: the model refused to answer (stop_reason=refusal)", status_code=200
+        )
+
+
+def anthropic(
+    model: str,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float | None = 600.0,
+    retry: RetryPolicy | None = None,
+    limits: Limits | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    stop: Sequence[str] | None = None,
+    top_p: float | None = None,
+    stream: bool = False,
+    headers: Mapping[str, str] | None = None,
+    extra_body: Mapping[str, Any] | None = None,
+    connect_timeout: float | None = 10.0,
+) -> AnthropicLLM:
+    """A handle on the Anthropic Messages API.
+
+    Args:
+        model: the model name, e.g. ``"claude-sonnet-4-5"``.
+        base_url: the API's base URL (default: ``$ANTHROPIC_BASE_URL``, else Anthropic's).
+        api_key: the key (default: ``$ANTHROPIC_API_KEY``); required for Anthropic's own
+            endpoint. Never logged or shown.
+        timeout: seconds per attempt (None: no limit).
+        retry: the retry policy (default: :class:`fanflow.RetryPolicy` ()).
+        limits: the handle's limits, shared by every pattern using it.
+        temperature, max_tokens, stop, top_p: request defaults, used when a request leaves
+            them unset. ``max_tokens`` falls back to :data:`DEFAULT_MAX_TOKENS`, since the
+            API requires one.
+        stream: stream the reply and record the time to first token.
+        headers: extra HTTP headers for every request (e.g. ``anthropic-beta``).
+        extra_body: extra JSON fields for every request.
+        connect_timeout: seconds to establish a connection.
+
+    Returns:
+        The handle; close it with ``await llm.aclose()`` (or ``async with``).
+
+    Raises:
+        ConfigError: no API key for Anthropic's own endpoint.
+    """
+    base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
+    key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
+    if not key and base.rstrip("/").removesuffix("/v1") == DEFAULT_BASE_URL:
+        raise ConfigError(
+            "no Anthropic API key: pass api_key= or set ANTHROPIC_API_KEY "
+            "(or point base_url= at a server that needs none)"
+        )
+    defaults = {
+        k: v
+        for k, v in {
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "stop": stop,
+            "top_p": top_p,
+        }.items()
+        if v is not None
+    }
+    return AnthropicLLM(
+        model,
+        base_url=base,
+        api_key=key,
+        extra_body=extra_body,
+        stream=stream,
+        headers=headers,
+        connect_timeout=connect_timeout,
+        limits=limits,
+        retry=retry,
+        timeout=timeout,
+        defaults=defaults,
+    )

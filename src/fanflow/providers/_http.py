@@ -1,0 +1,375 @@
+"""HTTP plumbing shared by the API adapters: pooled sessions, errors, secrets.
+
+An adapter (``_openai.py``, ``_anthropic.py``) only translates between a
+:class:`fanflow.Request` and its API's JSON; everything about the connection lives here.
+
+- One ``aiohttp.ClientSession`` per handle **per event loop** (``fanflow.run`` may run work
+  on a fresh loop in another thread, and a session belongs to the loop that made it),
+  with a keep-alive pool that does not cap concurrency (admission is the engine's job).
+  A session is closed by :meth:`HttpLLM.aclose`, or when its loop shuts down: it is
+  held by an async generator, which ``asyncio.run`` closes in ``shutdown_asyncgens``.
+- Every failure becomes a classified :class:`fanflow.ProviderError` (DESIGN.md): status,
+  the server's own message, ``retry_after`` and the rate-limit headers.
+- API keys live in a :class:`Secret` and are scrubbed from every message we build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import weakref
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, ClassVar
+
+import aiohttp
+
+from .._exceptions import (
+    AuthenticationError,
+    BadRequest,
+    ContentFiltered,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    ProtocolError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeout,
+    QuotaExceeded,
+    RateLimited,
+    ServerError,
+)
+from .._limits import Limits
+from .._llm import BaseLLM
+from .._retry import RetryPolicy
+from .._types import RateLimitState, Request, Response
+from ._ratelimit import parse_retry_after, wait_from_state
+
+__all__ = ["HttpLLM", "Secret", "classify"]
+
+#: The wall clock, for absolute times in headers (HTTP dates, RFC 3339). A seam for tests.
+wall_clock: Callable[[], float] = time.time
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_QUOTA_WORDS = ("quota", "billing", "spend limit", "usage limit", "credit balance")
+_FILTER_CODES = ("content_filter", "content_policy_violation")
+
+
+class Secret:
+    """An API key that never shows itself in ``repr``, ``str`` or f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every occurrence of the key replaced by ``[redacted]``."""
+        if self._value and self._value in text:
+            return text.replace(self._value, "[redacted]")
+        return text
+
+    def __repr__(self) -> str:
+        return "Secret('[redacted]')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Secret, (self._value,))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _server_message(body: bytes) -> tuple[str, str | None]:
+    """The server's own message and error code/type from an error body (any API)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        text = body[:300].decode("utf-8", "replace").strip()
+        return (text or "(empty body)"), None
+    if isinstance(data, Mapping):
+        error = data.get("error", data)
+        if isinstance(error, Mapping):
+            message = error.get("message") or error.get("detail") or json.dumps(error)[:300]
+            code = error.get("code") or error.get("type")
+            return str(message), str(code) if code is not None else None
+        if isinstance(error, str):
+            return error, None
+    return json.dumps(data)[:300], None
+
+
+_ADVICE = {
+    RateLimited: "fanflow waits and retries; lower the concurrency or set limits= to avoid it",
+    QuotaExceeded: "the account's quota or spend limit is used up: waiting will not help; "
+    "check the plan and billing",
+    AuthenticationError: "check the API key (api_key= or the environment variable)",
+    PermissionDenied: "this key may not use this model or endpoint",
+    NotFound: "check the model name and base_url",
+    BadRequest: "the server rejected the request; fix the parameters named in its message",
+    ContentFiltered: "the provider's content filter refused this item",
+}
+
+
+def classify(
+    provider: str,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    secret: Secret | None,
+    rate_limit: RateLimitState | None,
+) -> ProviderError:
+    """The :class:`fanflow.ProviderError` for an HTTP error response.
+
+    429 -> ``RateLimited`` (``retry_after`` from ``retry-after-ms``, ``retry-after``, then
+    the reset headers) unless the body says a quota or spend limit was reached
+    (``QuotaExceeded``, not retryable); 408, 409, 5xx -> ``ServerError`` (529 and
+    Anthropic's ``overloaded_error``: ``Overloaded``); 400/413/422 -> ``BadRequest``
+    (``ContentFiltered`` for content-policy codes); 401, 403, 404 -> their own classes.
+    """
+    message, code = _server_message(body)
+    if secret is not None:
+        message = secret.scrub(message)
+    lowered = f"{message} {code or ''}".lower()
+    retry_after: float | None = None
+    cls: type[ProviderError]
+    if status == 429:
+        if code == "insufficient_quota" or any(w in lowered for w in _QUOTA_WORDS):
+            cls = QuotaExceeded
+        else:
+            cls = RateLimited
+            retry_after = parse_retry_after(headers, wall_clock())
+            if retry_after is None:
+                retry_after = wait_from_state(rate_limit)
+    elif status == 529 or code == "overloaded_error":
+        cls = Overloaded
+    elif status in (408, 409) or status >= 500:
+        cls = ServerError
+    elif status == 401:
+        cls = AuthenticationError
+    elif status == 403:
+        cls = PermissionDenied
+    elif status == 404:
+        cls = NotFound
+    elif code in _FILTER_CODES:
+        cls = ContentFiltered
+    elif status in (400, 413, 422):
+        cls = BadRequest
+    else:
+        cls = ProviderError
+    advice = _ADVICE.get(cls, "fanflow retries this" if cls.retryable else "not retried")
+    error = cls(
+        f"{provider} answered HTTP {status}: {message} ({advice})",
+        status_code=status,
+        retry_after=retry_after,
+    )
+    error.rate_limit = rate_limit
+    return error
+
+
+def connection_error(
+    provider: str, url: str, exc: BaseException, secret: Secret | None
+) -> ProviderError:
+    """A transport failure as a retryable error (the aiohttp exception is not chained:
+    its request info would carry the request's headers, key included)."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if secret is not None:
+        detail = secret.scrub(detail)
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return ProviderTimeout(f"{provider}: timed out connecting to {url} ({detail})")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return ProtocolError(
+            f"{provider}: the reply from {url} was cut off ({detail}); fanflow retries this"
+        )
+    return ProviderConnectionError(
+        f"{provider}: could not talk to {url} ({detail}); fanflow retries this. "
+        "If it persists, check that the server is up and base_url is right"
+    )
+
+
+def protocol_error(provider: str, what: str) -> ProtocolError:
+    return ProtocolError(
+        f"{provider}: the reply was not the expected JSON ({what}); fanflow retries this"
+    )
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class _Sessions:
+    """One ClientSession per event loop, each closed by ``aclose`` or with its loop."""
+
+    __slots__ = ("_by_loop", "_factory", "_last")
+
+    def __init__(self, factory: Callable[[], aiohttp.ClientSession]) -> None:
+        self._factory = factory
+        self._by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncIterator[None]]
+        ] = weakref.WeakKeyDictionary()
+        self._last: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
+
+    async def get(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0] is loop:
+            return last[1]
+        entry = self._by_loop.get(loop)
+        if entry is None:
+            session = self._factory()
+            keeper = self._keep(loop, session)
+            await anext(keeper)  # registers with the loop: shutdown_asyncgens closes it
+            entry = self._by_loop[loop] = (session, keeper)
+        self._last = (loop, entry[0])
+        return entry[0]
+
+    async def _keep(
+        self, loop: asyncio.AbstractEventLoop, session: aiohttp.ClientSession
+    ) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            self._by_loop.pop(loop, None)
+            if self._last is not None and self._last[0] is loop:
+                self._last = None
+            await session.close()
+
+    async def aclose(self) -> None:
+        """Close this loop's session now; ask other running loops to close theirs."""
+        loop = asyncio.get_running_loop()
+        for other, (_, keeper) in list(self._by_loop.items()):
+            if other is loop:
+                await keeper.aclose()  # type: ignore[attr-defined]
+            elif other.is_running() and not other.is_closed():
+                asyncio.run_coroutine_threadsafe(keeper.aclose(), other)  # type: ignore[attr-defined]
+
+
+class HttpLLM(BaseLLM):
+    """Base of the HTTP handles: a pooled session per loop, a key, a base URL."""
+
+    provider: ClassVar[str] = "http"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        stream: bool = False,
+        headers: Mapping[str, str] | None = None,
+        connect_timeout: float | None = 10.0,
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            model=model, limits=limits, retry=retry, timeout=timeout, defaults=defaults
+        )
+        self.base_url = base_url.rstrip("/")
+        self.stream = stream
+        self._secret = Secret(api_key) if api_key else None
+        self._headers = {"Content-Type": "application/json", **dict(headers or {})}
+        self._connect_timeout = connect_timeout
+        self._sessions = _Sessions(self._new_session)
+
+    def __repr__(self) -> str:
+        return f"fanflow.{self.provider}(model={self.model!r}, base_url={self.base_url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_sessions"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._sessions = _Sessions(self._new_session)
+
+    # -- what each API defines ----------------------------------------------------------
+
+    url: str
+
+    def auth_headers(self) -> dict[str, str]:
+        """The headers that carry the key (each API names its own)."""
+        return {}
+
+    @abstractmethod
+    def body(self, request: Request) -> dict[str, Any]:
+        """The JSON body for ``request`` (the handle's defaults already filled in)."""
+
+    @abstractmethod
+    def parse(self, raw: bytes, latency: float, rate_limit: RateLimitState | None) -> Response:
+        """The Response for a 200 body; raise ProtocolError if it is not the API's JSON."""
+
+    @abstractmethod
+    async def read_stream(
+        self, content: aiohttp.StreamReader, start: float, headers: Mapping[str, str]
+    ) -> Response:
+        """Collect a server-sent-event stream into a Response (with time to first token)."""
+
+    @abstractmethod
+    def rate_limits(self, headers: Mapping[str, str], observed_at: float) -> RateLimitState | None:
+        """The rate-limit headers of a response, if it has any."""
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def complete(self, request: Request) -> Response:
+        """POST one request; return its Response or raise a classified ProviderError."""
+        session = await self.session()
+        start = asyncio.get_running_loop().time()
+        payload = _dumps(self.body(request)).encode()
+        try:
+            async with session.post(self.url, data=payload) as resp:
+                status, headers = resp.status, resp.headers
+                if status == 200 and self.stream:
+                    return await self.read_stream(resp.content, start, headers)
+                raw = await resp.read()
+        except TRANSPORT_ERRORS as exc:
+            raise self.broken(self.url, exc) from None
+        end = asyncio.get_running_loop().time()
+        limits = self.rate_limits(headers, end)
+        if status != 200:
+            raise self.fail(status, headers, raw, limits)
+        return self.parse(raw, end - start, limits)
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers={**self._headers, **self.auth_headers()},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def session(self) -> aiohttp.ClientSession:
+        """This handle's session on the running loop (made on first use)."""
+        return await self._sessions.get()
+
+    async def aclose(self) -> None:
+        """Close the connection pool. The handle stays usable: a new pool opens on demand."""
+        await self._sessions.aclose()
+
+    def scrub(self, text: str) -> str:
+        return self._secret.scrub(text) if self._secret is not None else text
+
+    def fail(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        rate_limit: RateLimitState | None,
+    ) -> ProviderError:
+        return classify(
+            self.provider, status, headers, body, secret=self._secret, rate_limit=rate_limit
+        )
+
+    def broken(self, url: str, exc: BaseException) -> ProviderError:
+        return connection_error(self.provider, url, exc, self._secret)
+
+
+#: Exceptions of aiohttp that mean the transport failed (not the HTTP exchange).
+TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)

@@ -1,0 +1,245 @@
+"""The OpenAI Chat Completions API (and every server that speaks it) over HTTP.
+
+Wire translation only: Request -> JSON body, JSON (or a server-sent-event stream) ->
+Response. Connections, errors and secrets are in ``_http.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import aiohttp
+
+from .._exceptions import ConfigError, ContentFiltered
+from .._limits import Limits
+from .._retry import RetryPolicy
+from .._types import RateLimitState, Request, Response, Usage
+from ._http import HttpLLM, protocol_error
+from ._ratelimit import parse_openai
+
+__all__ = ["OpenAILLM", "openai"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class OpenAILLM(HttpLLM):
+    """A handle on an OpenAI-compatible Chat Completions endpoint. Make one with
+    :func:`fanflow.openai`."""
+
+    provider: ClassVar[str] = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        n: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, base_url=base_url, api_key=api_key, **kwargs)
+        if n is not None and n < 1:
+            raise ConfigError(f"n must be >= 1, got {n}")
+        self.n = n
+        self.extra_body = dict(extra_body or {})
+        self.url = f"{self.base_url}/chat/completions"
+
+    def auth_headers(self) -> dict[str, str]:
+        if self._secret is None:
+            return {}
+        return {"Authorization": f"Bearer {self._secret.reveal()}"}
+
+    def body(self, request: Request) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": request.model or self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop is not None:
+            body["stop"] = list(request.stop)
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.response_format is not None:
+            body["response_format"] = dict(request.response_format)
+        if self.n is not None:
+            body["n"] = self.n
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        if self.extra_body:
+            body.update(self.extra_body)
+        return body
+
+    def rate_limits(self, headers: Mapping[str, str], observed_at: float) -> RateLimitState | None:
+        return parse_openai(headers, observed_at)
+
+    def parse(self, raw: bytes, latency: float, rate_limit: RateLimitState | None) -> Response:
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+            finish = choice.get("finish_reason")
+            usage = data.get("usage") or {}
+            tokens = Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            model = data.get("model")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise protocol_error("openai", f"{type(exc).__name__}: {exc}") from None
+        _check_filter(finish)
+        return Response(
+            text,
+            usage=tokens,
+            model=model,
+            finish_reason=finish,
+            latency=latency,
+            raw=data,
+            rate_limit=rate_limit,
+        )
+
+    async def read_stream(
+        self, content: aiohttp.StreamReader, start: float, headers: Mapping[str, str]
+    ) -> Response:
+        loop = asyncio.get_running_loop()
+        parts: list[str] = []
+        first: float | None = None
+        finish: str | None = None
+        model: str | None = None
+        tokens = Usage()
+        try:
+            async for line in content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    message = self.scrub(str(chunk["error"].get("message", chunk["error"])))
+                    raise protocol_error("openai", f"error in stream: {message}")
+                model = chunk.get("model", model)
+                for choice in chunk.get("choices") or ():
+                    if choice.get("index", 0) != 0:
+                        continue
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        if first is None:
+                            first = loop.time() - start
+                        parts.append(piece)
+                    finish = choice.get("finish_reason") or finish
+                usage = chunk.get("usage")
+                if usage:
+                    tokens = Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise protocol_error("openai", f"bad stream event: {type(exc).__name__}") from None
+        end = loop.time()
+        _check_filter(finish)
+        return Response(
+            "".join(parts),
+            usage=tokens,
+            model=model,
+            finish_reason=finish,
+            latency=end - start,
+            time_to_first_token=first,
+            rate_limit=parse_openai(headers, end),
+        )
+
+
+def _check_filter(finish: str | None) -> None:
+    if finish == "content_filter":
+        raise ContentFiltered(
+            "openai: the content filter stopped the reply (finish_reason=content_filter)",
+            status_code=200,
+        )
+
+
+def openai(
+    model: str,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float | None = 600.0,
+    retry: RetryPolicy | None = None,
+    limits: Limits | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    top_p: float | None = None,
+    response_format: Mapping[str, Any] | None = None,
+    n: int | None = None,
+    stream: bool = False,
+    headers: Mapping[str, str] | None = None,
+    extra_body: Mapping[str, Any] | None = None,
+    connect_timeout: float | None = 10.0,
+) -> OpenAILLM:
+    """A handle on the OpenAI Chat Completions API, or any server that speaks it.
+
+    Works with OpenAI and with OpenAI-compatible servers (vLLM, llama.cpp's server,
+    Ollama, LM Studio, OpenRouter, ...): point ``base_url`` at them.
+
+    Args:
+        model: the model name, e.g. ``"gpt-4o-mini"``.
+        base_url: the API's base URL (default: ``$OPENAI_BASE_URL``, else OpenAI's).
+        api_key: the key (default: ``$OPENAI_API_KEY``). Required for OpenAI's own
+            endpoint; optional for other servers. Never logged or shown.
+        timeout: seconds per attempt (None: no limit).
+        retry: the retry policy (default: :class:`fanflow.RetryPolicy` ()).
+        limits: the handle's limits, shared by every pattern using it.
+        temperature, max_tokens, seed, stop, top_p, response_format: request defaults,
+            used when a request leaves them unset.
+        n: choices per request; ``Response.text`` is the first, all are in
+            ``Response.raw``.
+        stream: stream the reply (server-sent events) and record the time to first
+            token in ``Response.time_to_first_token``; the text is still collected whole.
+        headers: extra HTTP headers for every request.
+        extra_body: extra JSON fields for every request (vendor-specific options).
+        connect_timeout: seconds to establish a connection.
+
+    Returns:
+        The handle; close it with ``await llm.aclose()`` (or ``async with``).
+
+    Raises:
+        ConfigError: no API key for OpenAI's own endpoint, or an invalid option.
+    """
+    base = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+    if not key and base.rstrip("/") == DEFAULT_BASE_URL:
+        raise ConfigError(
+            "no OpenAI API key: pass api_key= or set OPENAI_API_KEY "
+            "(or point base_url= at a server that needs none)"
+        )
+    defaults = {
+        k: v
+        for k, v in {
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "stop": stop,
+            "top_p": top_p,
+            "response_format": response_format,
+        }.items()
+        if v is not None
+    }
+    return OpenAILLM(
+        model,
+        base_url=base,
+        api_key=key,
+        n=n,
+        extra_body=extra_body,
+        stream=stream,
+        headers=headers,
+        connect_timeout=connect_timeout,
+        limits=limits,
+        retry=retry,
+        timeout=timeout,
+        defaults=defaults,
+    )

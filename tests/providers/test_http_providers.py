@@ -1,0 +1,308 @@
+"""fanflow.openai and fanflow.anthropic against SimServer over real loopback HTTP.
+
+Virtual time (looptime): SimServer runs in the test's loop, so latencies, timeouts and
+Retry-After waits are exact and instant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+import fanflow
+from fanflow import Request, RetryPolicy
+from fanflow.providers import AnthropicLLM, OpenAILLM
+from fanflow.testing import SimServer
+
+pytestmark = pytest.mark.looptime
+
+Factory = Callable[..., OpenAILLM | AnthropicLLM]
+
+
+def make_openai(server: SimServer, **kw: Any) -> OpenAILLM:
+    return fanflow.openai("gpt-sim", base_url=server.url, api_key="sk-test", **kw)
+
+
+def make_anthropic(server: SimServer, **kw: Any) -> AnthropicLLM:
+    return fanflow.anthropic("claude-sim", base_url=server.root, api_key="sk-ant", **kw)
+
+
+@pytest.fixture(params=["openai", "anthropic"])
+def factory(request: pytest.FixtureRequest) -> Factory:
+    return {"openai": make_openai, "anthropic": make_anthropic}[request.param]  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[SimServer]:
+    async with SimServer(
+        fault_on={
+            "^e500": "500",
+            "^e503": "503",
+            "^e529": "529",
+            "^quota": "quota",
+            "^junk": "malformed",
+            "^reset": "reset",
+            "^hang": "hang",
+            "^slow": "slow_stream",
+        }
+    ) as s:
+        yield s
+
+
+async def test_success_and_parameters_passed_through(server: SimServer) -> None:
+    llm = make_openai(
+        server,
+        temperature=0.3,
+        max_tokens=50,
+        seed=7,
+        stop=["END"],
+        top_p=0.9,
+        n=2,
+        response_format={"type": "json_object"},
+    )
+    async with llm:
+        response = await fanflow.call(llm, Request.of("a b c", system="sys"))
+    assert response.text == "echo: a b c"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (4, 8)  # n=2
+    assert (response.model, response.finish_reason) == ("gpt-sim", "stop")
+    body = server.requests[0].body
+    assert body["messages"] == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "a b c"},
+    ]
+    assert {k: body[k] for k in ("temperature", "max_tokens", "seed", "stop", "top_p", "n")} == {
+        "temperature": 0.3,
+        "max_tokens": 50,
+        "seed": 7,
+        "stop": ["END"],
+        "top_p": 0.9,
+        "n": 2,
+    }
+    assert body["response_format"] == {"type": "json_object"}
+
+
+async def test_anthropic_system_and_max_tokens(server: SimServer) -> None:
+    async with make_anthropic(server, temperature=0.0, stop=["zz"]) as llm:
+        response = await fanflow.call(llm, Request.of("p q", system="be terse"))
+        capped = await fanflow.call(llm, Request.of("p q r", max_tokens=2))
+    body = server.requests[0].body
+    assert body["system"] == "be terse"
+    assert body["messages"] == [{"role": "user", "content": "p q"}]
+    assert body["max_tokens"] == 1024  # the API requires one: the documented default
+    assert body["stop_sequences"] == ["zz"]
+    assert (response.text, response.finish_reason) == ("echo: p q", "end_turn")
+    assert (capped.text, capped.finish_reason) == ("echo: p", "max_tokens")
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (4, 3)
+
+
+async def test_latency_is_measured_in_loop_time(factory: Factory) -> None:
+    async with SimServer(latency=0.25, per_token=0.05) as server, factory(server) as llm:
+        response = await fanflow.call(llm, "x y")  # 3 reply tokens
+    assert response.latency == pytest.approx(0.4)
+
+
+async def test_stream_collects_text_and_time_to_first_token(factory: Factory) -> None:
+    loop = asyncio.get_running_loop()
+    async with SimServer(latency=0.5, per_token=0.1) as server, factory(server, stream=True) as llm:
+        t0 = loop.time()
+        response = await fanflow.call(llm, "one two three")
+        took = loop.time() - t0
+    assert response.text == "echo: one two three"
+    assert response.time_to_first_token == pytest.approx(0.5 + 0.1)
+    assert took == pytest.approx(0.5 + 0.1 * 4)  # as long as the same reply unstreamed
+    assert response.usage.output_tokens == 4
+    assert server.requests[0].stream
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "status", "retryable"),
+    [
+        ("e500", fanflow.ServerError, 500, True),
+        ("e503", fanflow.ServerError, 503, True),
+        ("e529", fanflow.Overloaded, 529, True),
+        ("quota", fanflow.QuotaExceeded, 429, False),
+        ("junk", fanflow.ProtocolError, None, True),
+        ("reset", fanflow.ProviderConnectionError, None, True),
+    ],
+)
+async def test_faults_are_classified(
+    server: SimServer,
+    factory: Factory,
+    prompt: str,
+    error: type[fanflow.ProviderError],
+    status: int | None,
+    retryable: bool,
+) -> None:
+    async with factory(server) as llm:
+        with pytest.raises(error) as info:
+            await llm.complete(llm.prepare(Request.of(prompt)))
+    assert type(info.value) is error
+    assert info.value.status_code == status
+    assert fanflow.is_retryable(info.value) is retryable
+    if prompt == "e500":
+        assert "The server had an error while processing your request" in str(info.value)
+    if prompt == "quota":
+        assert "quota" in str(info.value) or "usage limits" in str(info.value)
+
+
+async def test_retries_then_succeeds_through_the_engine(factory: Factory) -> None:
+    async with SimServer(fault_on={"x": ["500", "529"]}) as server, factory(server) as llm:
+        record = await fanflow.call(
+            llm, "x", retry=RetryPolicy(attempts=3, initial=1.0, jitter=False)
+        ).record()
+    assert record.ok
+    assert [type(a.error).__name__ for a in record.attempts] == [
+        "ServerError",
+        "Overloaded",
+        "NoneType",
+    ]
+    assert [a.wait_before for a in record.attempts] == [0.0, 1.0, 2.0]
+
+
+async def test_rate_limit_headers_and_retry_after(factory: Factory) -> None:
+    loop = asyncio.get_running_loop()
+    async with SimServer(rpm=2, tpm=1000) as server, factory(server) as llm:
+        first = await fanflow.call(llm, "a")
+        await fanflow.call(llm, "a")
+        with pytest.raises(fanflow.RateLimited) as info:
+            await llm.complete(llm.prepare(Request.of("a")))
+        t0 = loop.time()
+        record = await fanflow.call(llm, "a", retry=RetryPolicy(attempts=2, initial=0.0)).record()
+    state = first.rate_limit
+    assert state is not None
+    assert (state.requests_limit, state.requests_remaining) == (2, 1)
+    assert (state.tokens_limit, state.tokens_remaining) == (1000, 997)
+    assert state.requests_reset == pytest.approx(30.0, abs=1.0)  # 1 request at 2/min
+    assert state.observed_at is not None
+    error = info.value
+    assert error.retry_after == pytest.approx(30.0, abs=1.0)
+    assert error.rate_limit is not None
+    assert error.rate_limit.requests_remaining == 0
+    assert record.ok
+    assert record.attempts[1].start - t0 == pytest.approx(error.retry_after, abs=1.0)
+
+
+async def test_per_attempt_timeout_on_a_hang_closes_the_request(
+    server: SimServer, factory: Factory
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with factory(server, timeout=5.0, retry=RetryPolicy.none()) as llm:
+        t0 = loop.time()
+        record = await fanflow.call(llm, "hang").record()
+        took = loop.time() - t0
+        await asyncio.sleep(0.01)  # the server notices the closed connection
+    assert record.status is fanflow.Status.TIMED_OUT
+    assert took == 5.0
+    stats = server.stats()
+    assert (stats.disconnects, stats.in_flight) == (1, 0)
+
+
+async def test_cancellation_closes_the_request(server: SimServer, factory: Factory) -> None:
+    async with factory(server) as llm:
+        task = asyncio.create_task(fanflow.call(llm, "hang")._result())
+        await asyncio.sleep(3.0)
+        assert server.stats().in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.01)
+    assert server.stats().disconnects == 1
+    assert server.stats().in_flight == 0
+
+
+async def test_connection_refused_is_retryable(factory: Factory) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    url = f"http://127.0.0.1:{port}"
+    llm = (
+        fanflow.openai("m", base_url=url + "/v1", api_key="k")
+        if factory is make_openai
+        else fanflow.anthropic("m", base_url=url, api_key="k")
+    )
+    async with llm:
+        with pytest.raises(fanflow.ProviderConnectionError) as info:
+            await llm.complete(llm.prepare(Request.of("x")))
+    assert info.value.retryable
+    assert "base_url" in str(info.value)
+
+
+async def test_slow_stream_trips_the_timeout(server: SimServer, factory: Factory) -> None:
+    async with factory(server, timeout=2.5, retry=RetryPolicy.none()) as llm:
+        record = await fanflow.call(llm, "slow down").record()
+    assert record.status is fanflow.Status.TIMED_OUT
+    assert record.attempts[0].duration == 2.5
+
+
+async def test_keys_never_leak(factory: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = "sk-very-secret-key-0123456789"
+    async with SimServer(api_key="sk-the-right-one") as server:
+        llm = (
+            fanflow.openai("m", base_url=server.url, api_key=key)
+            if factory is make_openai
+            else fanflow.anthropic("m", base_url=server.root, api_key=key)
+        )
+        async with llm:
+            record = await fanflow.call(llm, "x", retry=RetryPolicy.none()).record()
+    error = record.error
+    assert isinstance(error, fanflow.AuthenticationError)
+    assert "[redacted]" in str(error)  # SimServer echoed the key; we scrubbed it
+    for text in (str(error), repr(error), repr(record), repr(llm), str(vars(llm)), caplog.text):
+        assert key not in text
+    assert key.encode() not in pickle.dumps(error)
+    assert key not in repr(pickle.loads(pickle.dumps(error)))
+
+
+def test_environment_and_missing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    with pytest.raises(fanflow.ConfigError, match="OPENAI_API_KEY"):
+        fanflow.openai("gpt-4o-mini")
+    with pytest.raises(fanflow.ConfigError, match="ANTHROPIC_API_KEY"):
+        fanflow.anthropic("claude")
+    local = fanflow.openai("llama", base_url="http://127.0.0.1:8080/v1")  # no key needed
+    assert local.auth_headers() == {}
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/")
+    llm = fanflow.openai("gpt-4o-mini", timeout=3.0, max_tokens=9)
+    assert llm.url == "http://127.0.0.1:9/v1/chat/completions"
+    assert llm.auth_headers() == {"Authorization": "Bearer sk-env"}
+    assert (llm.timeout, llm.defaults["max_tokens"]) == (3.0, 9)
+    assert repr(llm) == "fanflow.openai(model='gpt-4o-mini', base_url='http://127.0.0.1:9/v1')"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-env")
+    claude = fanflow.anthropic("claude", base_url="http://127.0.0.1:9/v1")
+    assert claude.url == "http://127.0.0.1:9/v1/messages"
+    assert claude.auth_headers()["x-api-key"] == "sk-ant-env"
+
+
+async def test_one_pool_per_loop_reopened_after_aclose(server: SimServer) -> None:
+    llm = make_openai(server)
+    first = await llm.session()
+    assert await llm.session() is first
+    await llm.aclose()
+    assert first.closed
+    second = await llm.session()
+    assert second is not first
+    assert (await fanflow.call(llm, "again")).text == "echo: again"
+    await llm.aclose()
+    await llm.aclose()  # twice is fine
+    assert second.closed
+
+
+def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:
+    with SimServer() as server:
+        llm = make_openai(server)
+        texts = [fanflow.run(fanflow.call(llm, f"n{i}")).text for i in range(2)]
+        assert texts == ["echo: n0", "echo: n1"]
+        # each fanflow.run had its own loop; each closed its session when the loop ended
+        assert len(llm._sessions._by_loop) == 0
+        assert server.stats().requests == 2
