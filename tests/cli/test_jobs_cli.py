@@ -13,7 +13,7 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 def test_job_failures_listed_then_rerun_only_failed(run: Run, tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("".join(f"x{i}\n" for i in range(30)))
     common = ("map", "in.txt", "-p", "{input}", "--provider", "sim", "--job", "j1", "-q")
-    done = run(*common, "--sim", "latency=0.001,failure_rate=0.3,seed=7", "--retries", "0")
+    done = run(*common, "--sim", "latency=0.001,500=0.3,seed=7", "--retries", "0")
     assert done.returncode == 1
     first = [json.loads(x) for x in done.stdout.splitlines()]
     failed = [r["index"] for r in first if r["status"] != "succeeded"]

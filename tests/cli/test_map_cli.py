@@ -45,7 +45,7 @@ def test_jsonl_in_input_order_with_summary(run: Run, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     out = rows(done.stdout)
     assert [r["index"] for r in out] == list(range(30))
-    assert [r["output"] for r in out] == [f"sim: Say t{i}" for i in range(30)]
+    assert [r["output"] for r in out] == [f"echo: Say t{i}" for i in range(30)]
     assert all(r["status"] == "succeeded" for r in out)
     assert [r["line"] for r in out] == list(range(1, 31))
     # The summary goes to stderr, never into the results.
@@ -61,21 +61,21 @@ def test_csv_and_output_file(run: Run, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     out = rows((tmp_path / "out.jsonl").read_text())
-    assert [r["output"] for r in out] == ["sim: ann is 3", "sim: bob, jr is 4"]
+    assert [r["output"] for r in out] == ["echo: ann is 3", "echo: bob, jr is 4"]
     assert [r["line"] for r in out] == [2, 3]
 
 
 def test_text_from_stdin(run: Run) -> None:
     done = run("map", "-", "-p", "Upper: {input}", *SIM, stdin="one\n\ntwo\n")
     assert done.returncode == 0, done.stderr
-    assert [r["output"] for r in rows(done.stdout)] == ["sim: Upper: one", "sim: Upper: two"]
+    assert [r["output"] for r in rows(done.stdout)] == ["echo: Upper: one", "echo: Upper: two"]
 
 
 def test_malformed_lines_are_reported_counted_and_skipped(run: Run, tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text('{"text": "a"}\n{not json\n[1, 2]\n{"text": "b"}\n')
     done = run("map", "in.jsonl", "-p", "{text}", *SIM)
     assert done.returncode == 1
-    assert [r["output"] for r in rows(done.stdout)] == ["sim: a", "sim: b"]
+    assert [r["output"] for r in rows(done.stdout)] == ["echo: a", "echo: b"]
     assert "in.jsonl:2: not valid JSON" in done.stderr
     assert "in.jsonl:3: expected a JSON object or string, got list" in done.stderr
     assert "2 malformed input lines were skipped" in done.stderr
@@ -86,7 +86,7 @@ def test_bad_csv_row_names_its_line(run: Run, tmp_path: Path) -> None:
     done = run("map", "in.csv", "-p", "{a}{b}", *SIM)
     assert done.returncode == 1
     assert "in.csv:3: has 1 fields but the header has 2; skipped" in done.stderr
-    assert [r["output"] for r in rows(done.stdout)] == ["sim: 12", "sim: 45"]
+    assert [r["output"] for r in rows(done.stdout)] == ["echo: 12", "echo: 45"]
 
 
 def test_missing_template_field_fails_only_that_item(run: Run, tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def test_failures_after_retries_exit_1_with_count(run: Run, tmp_path: Path) -> N
     (tmp_path / "in.txt").write_text("".join(f"x{i}\n" for i in range(20)))
     done = run(
         "map", "in.txt", "-p", "{input}", "--provider", "sim",
-        "--sim", "latency=0.001,failure_rate=1", "--retries", "1",
+        "--sim", "latency=0.001,500=1", "--retries", "1",
     )  # fmt: skip
     assert done.returncode == 1
     assert all(r["status"] == "failed" for r in rows(done.stdout))
@@ -170,7 +170,7 @@ def test_parquet_output(run: Run, tmp_path: Path) -> None:
     assert done.returncode == 1
     table = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert [r["status"] for r in table] == ["succeeded", "failed"]
-    assert table[0]["output"] == "sim: a"
+    assert table[0]["output"] == "echo: a"
     assert json.loads(table[1]["input"]) == {"u": "b"}
     assert "TemplateError" in table[1]["error"]
 

@@ -63,7 +63,7 @@ def test_report_from_a_run(run: Run, tmp_path: Path) -> None:
     )
     done = run(
         "map", "in.jsonl", "-p", "{q}", "--provider", "sim", "--concurrency", "8",
-        "--sim", "latency=0.02,rate_limit_rate=0.2,seed=4", "--retries", "0",
+        "--sim", "latency=0.02,429=0.2,seed=4", "--retries", "0",
         "--records", "calls.jsonl", "-o", "out.jsonl", "-q",
     )  # fmt: skip
     assert done.returncode == 1  # some 429s with no retries, and one template error

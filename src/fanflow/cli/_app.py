@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .._exceptions import ConfigError
-from .._llm import BaseLLM
 from ._console import make_console, make_display, require_rich
 from ._io import BadLine
 from ._progress import ProgressStats, Tracker, render_summary
+from ._providers import ProviderPlan, open_llms
 from ._settings import OPTIONS, Settings, resolve_settings
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -202,12 +202,11 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     return resolve_settings(_flags(args), env=env, config=args.config)
 
 
-def _llm(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> BaseLLM:
-    from ._providers import parse_sim_spec, resolve_llm
+def _plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> ProviderPlan:
+    from ._providers import parse_sim_spec, plan_llm
 
-    defaults = {"max_tokens": args.max_tokens} if args.max_tokens is not None else None
     sim = parse_sim_spec(args.sim or env.get("FANFLOW_SIM"))
-    return resolve_llm(settings, env, sim=sim, defaults=defaults)
+    return plan_llm(settings, env, sim=sim, max_tokens=args.max_tokens)
 
 
 def _loop_time() -> float:
@@ -272,7 +271,7 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
     check_template(args.prompt)
     fmt = detect_format(args.input, args.input_format)
-    llm = _llm(args, env, settings)
+    plan = _plan(args, env, settings)
     total = count_items(args.input, fmt)
     bad = _Bad()
     console = make_console()
@@ -297,10 +296,11 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         tracker = Tracker(total, clock=_loop_time)
         display = _display(args, console, tracker, bad)
         items = read_items(args.input, fmt, bad)
-        outcome = await run_map(
-            llm, args.prompt, items, tracker=tracker, display=display, writer=writer,
-            records=records, order=args.order, options=options,
-        )  # fmt: skip
+        async with open_llms([plan]) as llms:
+            outcome = await run_map(
+                llms[0], args.prompt, items, tracker=tracker, display=display, writer=writer,
+                records=records, order=args.order, options=options,
+            )  # fmt: skip
         return outcome, tracker.snapshot()
 
     try:
@@ -386,7 +386,7 @@ def _cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     require_rich()
     settings = _settings(args, env)
     task = read_task(args.task)
-    llm = _llm(args, env, settings)
+    plan = _plan(args, env, settings)
     options: dict[str, Any] = {}
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
@@ -397,15 +397,19 @@ def _cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             options["temperatures"] = (args.temperature, args.temperature)
         else:
             options["temperature"] = args.temperature
-    call, expected, payload = make_call(args.pattern, llm, task, args, options)
+    call, expected, payload = make_call(args.pattern, task, args, options)
     console = make_console()
 
     async def go() -> Any:
         tracker = Tracker(expected, clock=_loop_time)
         display = _display(args, console, tracker, _Bad())
-        return await run_pattern(call, tracker=tracker, display=display)
+        async with open_llms([plan]) as llms:
+            return await run_pattern(
+                lambda hooks: call(llms[0], hooks), tracker=tracker, display=display
+            )
 
-    run = asyncio.run(go())
+    with _library_warnings(console):
+        run = asyncio.run(go())
     assert run.stats is not None
     if run.result is not None:
         text, data = payload(run.result)
@@ -429,11 +433,10 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     pipe = load_pipeline(args.pipeline)
     flags = {k: v for k, v in _flags(args).items() if v is not None}
     base = resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
-    llms: dict[str | None, BaseLLM] = {None: _llm(args, env, base)}
+    plans: dict[str | None, ProviderPlan] = {None: _plan(args, env, base)}
     for name, spec in pipe.models.items():
         merged = resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
-        llms[name] = _llm(args, env, merged)
-    runner = build_runner(pipe, llms)
+        plans[name] = _plan(args, env, merged)
     source = args.input or pipe.input
     if source is None:
         raise ConfigError(
@@ -452,13 +455,16 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     async def go() -> tuple[Any, ProgressStats]:
         tracker = Tracker(len(items) * len(pipe.steps), clock=_loop_time)
         display = _display(args, console, tracker, bad)
-        outcome = await run_pipeline(
-            pipe, runner, items, tracker=tracker, display=display, writer=writer
-        )
+        async with open_llms(list(plans.values())) as llms:
+            runner = build_runner(pipe, dict(zip(plans, llms, strict=True)))
+            outcome = await run_pipeline(
+                pipe, runner, items, tracker=tracker, display=display, writer=writer
+            )
         return outcome, tracker.snapshot()
 
     try:
-        outcome, stats = asyncio.run(go())
+        with _library_warnings(console):
+            outcome, stats = asyncio.run(go())
     finally:
         writer.close()
     return _finish(

