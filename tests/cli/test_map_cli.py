@@ -127,14 +127,29 @@ def test_failures_after_retries_exit_1_with_count(run: Run, tmp_path: Path) -> N
     ],
 )
 def test_usage_and_config_errors_exit_2(
-    run: Run, tmp_path: Path, args: list[str], message: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
 ) -> None:
+    # In process through main() (the entry point's function): these never start a loop.
+    from fanflow.cli import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "in.txt").write_text("a\n")
-    done = run(*args)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
-    assert done.stdout == ""
+    code = main(args, env={})
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
+    assert out == ""
+
+
+def test_usage_error_through_the_entry_point(run: Run) -> None:
+    done = run("map", "missing.txt", "-p", "{input}", *SIM)
+    assert done.returncode == 2
+    assert done.stderr == "fanflow map: error: input file missing.txt not found; check the path\n"
 
 
 def test_no_provider_says_how_to_configure_one(run: Run, tmp_path: Path) -> None:
@@ -202,3 +217,48 @@ def test_api_keys_never_printed(run: Run, tmp_path: Path) -> None:
     secret = "sk-test-DO-NOT-PRINT-1234567890"
     done = run("map", "in.txt", "-p", "{input}", *SIM, env={"OPENAI_API_KEY": secret})
     assert secret not in done.stdout + done.stderr
+
+
+def test_sim_command_serves_and_base_url_selects_an_openai_compatible_server(
+    run: Run, tmp_path: Path, cli_env: Callable[[object], dict[str, str]]
+) -> None:
+    import signal
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fanflow", "sim", "--port", "0", "--latency", "0.01"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(None),
+    )
+    try:
+        assert server.stdout is not None
+        url = json.loads(server.stdout.readline())["url"]
+        assert url.startswith("http://127.0.0.1:")
+        (tmp_path / "in.txt").write_text("a\nb\n")
+        # No provider and no API key: --base-url picks the OpenAI-compatible handle.
+        done = run("map", "in.txt", "-p", "x {input}", "--base-url", url, "--model", "m", "-q")
+        assert done.returncode == 0, done.stderr
+        assert [json.loads(x)["output"] for x in done.stdout.splitlines()] == [
+            "echo: x a",
+            "echo: x b",
+        ]
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=10) == 0
+        server.stdout.close()  # type: ignore[union-attr]
+        server.stderr.close()  # type: ignore[union-attr]
+
+
+def test_sim_command_usage_error(run: Run) -> None:
+    done = run("sim", "--bogus")
+    assert done.returncode == 2
+    assert "unrecognized arguments: --bogus" in done.stderr
+
+
+def test_openai_needs_a_model(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("a\n")
+    done = run("map", "in.txt", "-p", "{input}", env={"OPENAI_API_KEY": "sk-test-xyz"})
+    assert done.returncode == 2
+    assert "--model is needed for openai (e.g. --model gpt-4o-mini" in done.stderr
+    assert "sk-test-xyz" not in done.stderr

@@ -133,13 +133,21 @@ def test_run_pipeline_flow_with_named_model(run: Run, tmp_path: Path) -> None:
     ],
 )
 def test_pipeline_errors_name_line_and_field(
-    run: Run, tmp_path: Path, text: str, message: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    message: str,
 ) -> None:
+    from fanflow.cli import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "p.yaml").write_text(text)
-    done = run("run", "p.yaml", "in.txt", "--provider", "sim", "--check")
-    assert done.returncode == 2
-    assert message in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+    code = main(["run", "p.yaml", "in.txt", "--provider", "sim", "--check"], env={})
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert "Traceback" not in err
 
 
 def test_pipeline_check(run: Run, tmp_path: Path) -> None:

@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=_cmd_run)
 
+    # `fanflow sim ...` is handed to SimServer's own command line (see main()); this entry
+    # lists it in --help.
+    sub.add_parser("sim", help="start SimServer (fanflow sim --help for its options)")
+
     p = sub.add_parser("jobs", help="jobs in the store, their progress and failures")
     p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
     p.add_argument("name", nargs="?", metavar="NAME", help="the job to show")
@@ -504,6 +508,20 @@ def _cmd_jobs(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return list_jobs(console, settings.store)
 
 
+def _cmd_sim(argv: list[str]) -> int:
+    """Run :class:`fanflow.testing.SimServer` in the foreground until Ctrl-C."""
+    from ..testing._sim import main as sim_main
+
+    try:
+        sim_main(argv)
+    except SystemExit as exc:  # --help, or a usage error of SimServer's parser
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except (ValueError, OSError) as exc:
+        print(f"fanflow sim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def _cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from ._report import write_report
 
@@ -522,6 +540,9 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         argv: the arguments (default: ``sys.argv[1:]``).
         env: the environment (default: ``os.environ``).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        return _cmd_sim(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
