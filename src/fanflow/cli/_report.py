@@ -188,7 +188,7 @@ def _activity(plt: Any, rows: Sequence[CallRow], t0: float, span: float) -> Any:
     top.set_ylabel("requests in flight")
     top.set_title("Concurrency and throughput")
     top.grid(alpha=0.3)
-    bins = max(min(int(span) + 1, 120), 10)
+    bins = max(10, min(120, len(rows) // 5))
     width = span / bins if span > 0 else 1.0
     ends = [r.end - t0 for r in rows if r.end is not None and r.status == "succeeded"]
     failed = [r.end - t0 for r in rows if r.end is not None and r.status != "succeeded"]
