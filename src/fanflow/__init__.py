@@ -99,7 +99,7 @@ from .patterns import (
     sections,
     vote,
 )
-from .providers import anthropic, function, openai
+from .providers import anthropic, function, local, openai
 from .store import JsonlSink, ParquetSink, Store
 
 try:
@@ -184,6 +184,7 @@ __all__ = [
     "gather",
     "guarded",
     "is_retryable",
+    "local",
     "map",
     "openai",
     "race",

