@@ -121,14 +121,27 @@ class ProviderPlan:
             assert s.model is not None
             llm: BaseLLM = factory(s.model, **kwargs)
             return llm
-        local = getattr(fanflow, "local", None)
-        if local is None:
-            raise ConfigError(
-                "the embedded local model is not in this fanflow build; "
-                "pip install 'fanflow[local]', or use --provider sim to try offline"
-            )
-        built: BaseLLM = local(**kwargs)
+        # The embedded model (issue 8): --model, when given, is the path of a GGUF file.
+        if "max_tokens" in kwargs:
+            kwargs["defaults"] = {"max_tokens": kwargs.pop("max_tokens")}
+        built: BaseLLM = fanflow.local(s.model, **kwargs)
         return built
+
+
+def _local_model_installed() -> bool:
+    """Whether ``fanflow.local()`` can run: llama.cpp and the default model are installed."""
+    import importlib.metadata
+    import importlib.util
+
+    from ..providers.local import DEFAULT_PACKAGE
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:
+        importlib.metadata.distribution(DEFAULT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 _EXAMPLE_MODEL = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
@@ -154,7 +167,7 @@ def plan_llm(
             provider = "anthropic"
         elif settings.base_url:
             provider = "openai"
-        elif getattr(fanflow, "local", None) is not None:
+        elif _local_model_installed():
             provider = "local"
         else:
             raise ConfigError(NO_PROVIDER)
