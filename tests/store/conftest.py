@@ -1,132 +1,118 @@
-"""A loopback model server for the crash tests, and the child script that uses it.
+"""SimServer set up for the crash tests, and the child scripts that run jobs against it.
 
-The server answers a first batch of requests at once and holds the rest until
-released, so a test can kill the client while calls are in flight at a known point,
-without timing guesses. It counts every request per prompt (its stats are the judge
-of "no completed call was repeated").
+The server answers the first ``answer_first`` requests it receives and holds every later
+one (SimServer's ``hang`` fault) until :meth:`Holding.release`, so a test can kill the
+client while calls are in flight at a known point, without timing guesses. SimServer's
+per-prompt counts (``prompt_requests``, ``prompt_completed``) are the judge of "no
+completed call was repeated".
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import threading
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from fanflow.testing import SimRequest, SimServer, SimStats
 
-class HoldingServer:
-    """Answers the first ``answer_first`` requests; holds later ones until released."""
+
+class Holding:
+    """A SimServer (in a background thread) that holds requests after the first few."""
 
     def __init__(self, answer_first: int) -> None:
         self.answer_first = answer_first
-        self.lock = threading.Lock()
-        self.received: Counter[str] = Counter()
-        self.answered: list[str] = []
-        self.released = threading.Event()
-        server = self
+        self.holding = True
+        self.server = SimServer(fault_on=self._hold)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # keep the test output clean
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["prompt"]
-                with server.lock:
-                    server.received[prompt] += 1
-                    hold = len(server.answered) >= server.answer_first
-                    if not hold:
-                        server.answered.append(prompt)
-                if hold:
-                    server.released.wait()
-                    with server.lock:
-                        server.answered.append(prompt)
-                payload = json.dumps({"text": f"answer to {prompt}"}).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:  # the client is gone (killed or cancelled)
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    def _hold(self, request: SimRequest) -> str | None:
+        # Runs on the server's loop; the flag is flipped from the test's thread.
+        return "hang" if self.holding and request.index >= self.answer_first else None
 
     def release(self) -> None:
-        """Answer everything from now on, the held requests too."""
-        with self.lock:
-            self.answer_first = 10**9
-        self.released.set()
+        """Answer every request from now on (held ones stay held until their client goes)."""
+        self.holding = False
 
-    def answered_prompts(self) -> list[str]:
-        with self.lock:
-            return list(self.answered)
+    @property
+    def url(self) -> str:
+        return self.server.url
 
-    def __enter__(self) -> HoldingServer:
-        self.thread.start()
-        return self
+    def stats(self) -> SimStats:
+        return self.server.stats()
 
-    def __exit__(self, *exc: object) -> None:
-        self.released.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+
+@pytest.fixture
+def holding() -> Iterator[type[Holding]]:
+    opened: list[Holding] = []
+
+    def make(answer_first: int) -> Holding:
+        h = Holding(answer_first)
+        h.server.__enter__()
+        opened.append(h)
+        return h
+
+    yield make  # type: ignore[misc]
+    for h in opened:
+        h.server.__exit__(None, None, None)
 
 
 CHILD = r"""
 import asyncio, json, sys
 import fanflow
 
-port, store_path, out_path, n, job = (
-    int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-)
-
-
-async def ask(request):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        body = json.dumps({"prompt": request.prompt}).encode()
-        writer.write(
-            b"POST /complete HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
-        )
-        await writer.drain()
-        data = await reader.read()
-    finally:
-        writer.close()
-    return json.loads(data.partition(b"\r\n\r\n")[2])["text"]
+url, store_path, out_path, job = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5]
+n = int(sys.argv[4])
 
 
 async def main():
+    llm = fanflow.openai("sim-model", base_url=url)
     items = [{"id": f"id-{i}", "input": f"prompt {i}"} for i in range(n)]
-    with fanflow.Store(store_path) as store:
-        result = await fanflow.map(
-            fanflow.function(ask, name="sim"), "{input}", items,
-            concurrency=6, store=store, job=job, sink=out_path,
-        )
+    async with llm:
+        with fanflow.Store(store_path) as store:
+            result = await fanflow.map(
+                llm, "{input}", items, concurrency=6, store=store, job=job, sink=out_path,
+            )
     print(json.dumps({"succeeded": result.summary.succeeded, "calls": result.summary.calls}))
 
 
 asyncio.run(main())
 """
 
+FAN_OUT_CHILD = r"""
+import asyncio, json, sys
+import fanflow
 
-@pytest.fixture
-def child_script(tmp_path: Path) -> list[str]:
-    path = tmp_path / "child.py"
-    path.write_text(CHILD)
+url, store_path, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+areas = [f"area {i}" for i in range(workers)]
+
+
+async def main():
+    llm = fanflow.openai("sim-model", base_url=url)
+    async with llm:
+        with fanflow.Store(store_path) as store:
+            result = await fanflow.fan_out(
+                llm, "plan the launch", focus=areas, aggregate="concat",
+                min_success=1, store=store, job="launch",
+            )
+    print(json.dumps({"cached": [w.record.cached for w in result.workers]}))
+
+
+asyncio.run(main())
+"""
+
+
+def _script(tmp_path: Path, name: str, text: str) -> list[str]:
+    path = tmp_path / name
+    path.write_text(text)
     return [sys.executable, str(path)]
 
 
 @pytest.fixture
-def holding_server() -> type[HoldingServer]:
-    return HoldingServer
+def child_script(tmp_path: Path) -> list[str]:
+    return _script(tmp_path, "child.py", CHILD)
+
+
+@pytest.fixture
+def fan_out_script(tmp_path: Path) -> list[str]:
+    return _script(tmp_path, "fan_out_child.py", FAN_OUT_CHILD)

@@ -1,7 +1,8 @@
 """Real processes: SIGKILL mid-run then resume, Ctrl-C, and two processes on one store.
 
-These run the child script of conftest.py against a loopback server. They wait on state
-(lines in the output file), never on a guessed duration.
+The children run jobs with ``fanflow.openai`` against a SimServer on loopback (see
+conftest.py). They wait on state (lines in the output file, the server's counts), never
+on a guessed duration.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fanflow import Status, Store
 
 N = 40
 ANSWER_FIRST = 15
+PROMPTS = {f"prompt {i}" for i in range(N)}
 
 
 def complete_lines(path: Path) -> list[dict[str, Any]]:
@@ -49,40 +51,46 @@ def start(cmd: list[str], *args: Any) -> subprocess.Popen[str]:
 
 
 def test_sigkill_mid_run_then_resume_repeats_no_completed_call(
-    tmp_path: Path, child_script: list[str], holding_server: Any
+    tmp_path: Path, child_script: list[str], holding: Any
 ) -> None:
     db, out = tmp_path / "store.db", tmp_path / "out.jsonl"
-    with holding_server(answer_first=ANSWER_FIRST) as server:
-        proc = start(child_script, server.port, db, out, N, "crash")
-        # The server answered 15 calls and holds the next ones; wait until all 15 are
-        # reported (a line is written only after its commit), then kill -9 mid-flight.
-        wait_until(lambda: len(complete_lines(out)) >= ANSWER_FIRST, "15 lines", proc)
-        wait_until(lambda: sum(server.received.values()) > ANSWER_FIRST, "calls in flight", proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL
-        done_before = set(server.answered_prompts())
-        assert len(done_before) == ANSWER_FIRST
-        in_flight = {p for p in server.received if p not in done_before}
-        assert in_flight  # calls were in flight when the process died
-        # As if the kill had landed in the middle of writing a line:
-        with out.open("a") as f:
-            f.write('{"index": 39, "id": "id-39", "status": "succ')
-        server.release()
-        received_before = dict(server.received)
-        proc = start(child_script, server.port, db, out, N, "crash")
-        stdout, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == 0, stderr
-        # The server's own counts: no call it had answered (and the client had
-        # committed) was asked again; the ones in flight at the kill were.
-        asked_again = {p for p, n in server.received.items() if n > received_before.get(p, 0)}
-        assert not asked_again & done_before
-        assert in_flight <= asked_again
-        assert set(server.received) == {f"prompt {i}" for i in range(N)}
-        assert json.loads(stdout) == {"succeeded": N, "calls": N - ANSWER_FIRST}
+    sim = holding(answer_first=ANSWER_FIRST)
+    proc = start(child_script, sim.url, db, out, N, "crash")
+    # SimServer answered 15 calls and holds the next ones; wait until all 15 are
+    # reported (a line is written only after its commit) and 6 more are in flight
+    # (concurrency=6), then kill -9.
+    wait_until(lambda: len(complete_lines(out)) >= ANSWER_FIRST, "15 lines", proc)
+    wait_until(lambda: sim.stats().in_flight == 6, "6 calls in flight", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    before = sim.stats()
+    done_before = set(before.prompt_completed)
+    assert len(done_before) == ANSWER_FIRST
+    in_flight = set(before.prompt_requests) - done_before
+    assert len(in_flight) == 6  # calls were in flight when the process died
+    # As if the kill had landed in the middle of writing a line:
+    with out.open("a") as f:
+        f.write('{"index": 39, "id": "id-39", "status": "succ')
+    sim.release()
+    proc = start(child_script, sim.url, db, out, N, "crash")
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    after = sim.stats()
+    # SimServer's own counts: no call it had answered (and the client had committed)
+    # was asked again; the ones in flight at the kill were, and answered once.
+    asked_again = {
+        p for p, n in after.prompt_requests.items() if n > before.prompt_requests.get(p, 0)
+    }
+    assert not asked_again & done_before
+    assert in_flight <= asked_again
+    assert after.prompt_completed == dict.fromkeys(PROMPTS, 1)  # no reply was paid twice
+    assert after.responses == {200: N}
+    assert json.loads(stdout) == {"succeeded": N, "calls": N - ANSWER_FIRST}
     rows = complete_lines(out)
     assert sorted(r["index"] for r in rows) == list(range(N))  # each item exactly once
     assert all(r["status"] == "succeeded" for r in rows)
+    assert {r["output"] for r in rows} == {f"echo: {p}" for p in PROMPTS}
     assert out.read_text().endswith("\n")
     with Store(db) as store:
         info = store.job("crash")
@@ -90,20 +98,60 @@ def test_sigkill_mid_run_then_resume_repeats_no_completed_call(
         assert (info.total, info.succeeded, info.runs) == (N, N, 2)
 
 
+def test_fan_out_killed_mid_run_reruns_only_the_workers_that_did_not_finish(
+    tmp_path: Path, fan_out_script: list[str], holding: Any
+) -> None:
+    db = tmp_path / "store.db"
+    sim = holding(answer_first=2)  # 2 of 5 workers answer; 3 hang until the kill
+    proc = start(fan_out_script, sim.url, db, 5)
+
+    def two_committed() -> bool:
+        if not db.exists():
+            return False
+        with Store(db) as store:
+            info = store.job("launch")
+            return info is not None and info.succeeded == 2
+
+    wait_until(two_committed, "2 workers committed", proc)
+    wait_until(lambda: sim.stats().in_flight == 3, "3 workers in flight", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    before = sim.stats()
+    done_before = set(before.prompt_completed)
+    assert len(done_before) == 2
+    sim.release()
+    proc = start(fan_out_script, sim.url, db, 5)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    cached = json.loads(stdout)["cached"]
+    assert cached.count(True) == 2
+    after = sim.stats()
+    assert after.responses == {200: 5}  # 2 in the first process, 3 in the second
+    asked_again = {
+        p for p, n in after.prompt_requests.items() if n > before.prompt_requests.get(p, 0)
+    }
+    assert len(asked_again) == 3
+    assert not asked_again & done_before
+    with Store(db) as store:
+        info = store.job("launch")
+        assert info is not None
+        assert (info.total, info.succeeded, info.runs) == (5, 5, 2)
+
+
 def test_ctrl_c_commits_what_finished_and_says_how_to_resume(
-    tmp_path: Path, child_script: list[str], holding_server: Any
+    tmp_path: Path, child_script: list[str], holding: Any
 ) -> None:
     db, out = tmp_path / "store.db", tmp_path / "out.jsonl"
-    with holding_server(answer_first=10) as server:
-        proc = start(child_script, server.port, db, out, N, "interrupted")
-        wait_until(lambda: len(complete_lines(out)) >= 10, "10 lines", proc)
-        wait_until(lambda: sum(server.received.values()) >= 16, "6 calls in flight", proc)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)  # in-flight calls do not keep it alive
-        assert proc.returncode != 0
-        assert "job 'interrupted' was interrupted; 10 items finished" in stderr
-        assert "To resume, run it again with the same job=" in stderr
-        assert str(db) in stderr
+    sim = holding(answer_first=10)
+    proc = start(child_script, sim.url, db, out, N, "interrupted")
+    wait_until(lambda: len(complete_lines(out)) >= 10, "10 lines", proc)
+    wait_until(lambda: sim.stats().in_flight == 6, "6 calls in flight", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)  # in-flight calls do not keep it alive
+    assert proc.returncode != 0
+    assert "job 'interrupted' was interrupted; 10 items finished" in stderr
+    assert "To resume, run it again with the same job=" in stderr
+    assert str(db) in stderr
     with Store(db) as store:
         items = store.items("interrupted")
         assert len(items) == 10  # what finished is committed; in-flight calls left no row

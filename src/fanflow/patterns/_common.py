@@ -1,8 +1,10 @@
 """Plumbing shared by the composite patterns (fan_out, vote, best_of_n, ...).
 
-Every pattern sends its calls through :func:`fanflow._engine.execute`, so limits,
-retries, timeouts, hooks and records behave the same everywhere; this module only
-starts several of them at once and adds up what happened.
+Every pattern sends its calls through :func:`fanflow._durable.execute_stored` (the
+engine's :func:`fanflow._engine.execute`, plus the result store when the pattern was
+given ``store=``), so limits, retries, timeouts, hooks, records and caching behave the
+same everywhere; this module only starts several of them at once and adds up what
+happened.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-from .._engine import CallOptions, execute, status_of
+from .._durable import ResultStore, execute_stored
+from .._engine import CallOptions, status_of
 from .._llm import LLM
 from .._types import CallRecord, Request, Response, Status, Summary, summarize
+from ._jobs import Durability
 
 __all__ = [
     "PatternResult",
@@ -54,27 +58,43 @@ async def run_calls(
     labels: Sequence[str | None] | None = None,
     indices: Sequence[int] | None = None,
     parse: Callable[[Response], Any] | None = None,
+    store: ResultStore | None = None,
+    cache: bool = True,
+    durable: Durability | None = None,
 ) -> list[CallRecord[Any]]:
     """Run requests at once through the engine; one record each, in argument order.
+
+    With ``store``, each call is served from it when stored before (``cached=True``,
+    unless ``cache`` is False) and committed to it before its record is returned. With
+    ``durable`` (a job), each request is an item of that job: its terminal status is
+    recorded, and an item that succeeded in an earlier run is always served from the
+    store.
 
     Failures are data (the engine never raises but for cancellation); cancelling the
     caller cancels every call (a task group waits until they have stopped).
     """
     parse = parse or text_of
     async with asyncio.TaskGroup() as tg:
-        tasks = [
-            tg.create_task(
-                execute(
+        tasks = []
+        for i, request in enumerate(requests):
+            index = indices[i] if indices is not None else i
+            label = labels[i] if labels is not None else None
+            if durable is not None:
+                call = durable.run(
+                    llm, request, opts, index=index, item=None, label=label, parse=parse
+                )
+            else:
+                call = execute_stored(
                     llm,
                     request,
                     opts,
-                    index=indices[i] if indices is not None else i,
-                    label=labels[i] if labels is not None else None,
+                    store=store,
+                    index=index,
+                    label=label,
                     parse=parse,
+                    reuse=cache,
                 )
-            )
-            for i, request in enumerate(requests)
-        ]
+            tasks.append(tg.create_task(call))
     return [t.result() for t in tasks]
 
 

@@ -18,6 +18,7 @@ from .._exceptions import ConfigError
 from .._llm import LLM
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
+from ..store import Store
 from ._common import PatternResult, RecordView, now, run_calls
 from ._parsing import find_json, find_number
 
@@ -106,6 +107,8 @@ async def evaluate(
     retry: RetryPolicy | None = None,
     concurrency: int | None = None,
     hooks: Sequence[Hook] = (),
+    store: Store | None = None,
+    cache: bool = True,
 ) -> Evaluation:
     """Score ``content`` on every criterion at once, one call per criterion.
 
@@ -119,6 +122,11 @@ async def evaluate(
         system: a system prompt. temperature: the graders' temperature.
         timeout: seconds per attempt. retry: the retry policy.
         concurrency: the most criteria in flight. hooks: receive every call's events.
+        store: a :class:`fanflow.Store` for every call it makes: a call stored before
+            is served from it (``cached=True``, costing nothing), a new one is committed
+            before it counts.
+        cache: serve calls found in the store (False: ask the model again and store
+            the new replies).
 
     Returns:
         An :class:`Evaluation`; a criterion whose call or score failed is data there.
@@ -139,7 +147,15 @@ async def evaluate(
         )
         for c in criteria
     ]
-    records = await run_calls(llm, requests, opts, labels=list(criteria), parse=_reader(low, high))
+    records = await run_calls(
+        llm,
+        requests,
+        opts,
+        labels=list(criteria),
+        parse=_reader(low, high),
+        store=store,
+        cache=cache,
+    )
     return Evaluation(
         criteria=tuple(Score(c, r) for c, r in zip(criteria, records, strict=True)),
         records=tuple(records),

@@ -7,7 +7,10 @@ quorum (by default half the workers, rounded up) must succeed, or the pattern ra
 
 Workers are idempotent: worker *i*'s request carries ``sample=i``, so its key is a
 stable function of (task, worker index, temperature, focus). Passing the previous
-result as ``previous=`` re-runs only the workers that did not succeed.
+result as ``previous=`` re-runs only the workers that did not succeed; so does running
+the same fan-out again with the same ``store=`` (in another process too), since a
+succeeded worker's reply is committed there and failures are not. ``job="name"``
+records each worker's terminal status as an item of that job.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .._engine import make_options
+from .._engine import CallOptions, make_options
 from .._events import Hook
 from .._exceptions import ConfigError, QuorumNotMet
 from .._llm import LLM, BaseLLM
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Status
+from ..store import Store
 from ._common import (
     PatternResult,
     RecordView,
@@ -33,6 +37,7 @@ from ._common import (
     run_calls,
     run_function,
 )
+from ._jobs import Durability
 
 __all__ = ["DEFAULT_AGGREGATE_PROMPT", "FanOutResult", "Worker", "fan_out"]
 
@@ -159,6 +164,9 @@ async def fan_out(
     retry: RetryPolicy | None = None,
     concurrency: int | None = None,
     hooks: Sequence[Hook] = (),
+    store: Store | None = None,
+    cache: bool = True,
+    job: str | None = None,
 ) -> FanOutResult:
     """Send ``task`` to several workers at once and merge what they answer.
 
@@ -185,6 +193,14 @@ async def fan_out(
         retry: the retry policy (None: the handle's).
         concurrency: the most workers in flight at once (None: the handle's limit).
         hooks: receive every call's events.
+        store: a :class:`fanflow.Store` for every call (workers and aggregator): a call
+            stored before is served from it (``cached=True``, costing nothing), a new
+            one is committed before it counts. Running the same fan-out again with the
+            same store re-runs only the workers that did not succeed.
+        cache: serve calls found in the store (False: ask the model again, except for
+            the job's own succeeded workers).
+        job: a name under which the store records each worker's terminal status
+            (workers are the job's items, by worker index); needs ``store``.
 
     Returns:
         A :class:`FanOutResult`.
@@ -194,6 +210,11 @@ async def fan_out(
             each failed worker's error and ``metadata`` is the :class:`FanOutResult`.
     """
     n = _worker_count(workers, focus)
+    durable = (
+        Durability(store=store, job=job, only_failed=False, cache=cache, sink=None)
+        if job is not None
+        else None
+    )
     required = math.ceil(n / 2) if min_success is None else min_success
     if not 1 <= required <= n:
         raise ConfigError(f"min_success must be between 1 and workers={n}, got {min_success}")
@@ -225,13 +246,28 @@ async def fan_out(
         retry=retry,
         hooks=hooks,
     )
-    fresh = await run_calls(
-        llm,
-        [requests[i] for i in todo],
-        opts,
-        indices=todo,
-        labels=[f"worker {i}" for i in todo],
-    )
+    fresh: list[CallRecord[Any]] = []
+
+    async def run_workers() -> int:
+        fresh[:] = await run_calls(
+            llm,
+            [requests[i] for i in todo],
+            opts,
+            indices=todo,
+            labels=[f"worker {i}" for i in todo],
+            store=store,
+            cache=cache,
+            durable=durable,
+        )
+        if durable is not None:
+            for record in fresh:
+                durable.emit(record, None)
+        return n
+
+    if durable is None:
+        await run_workers()
+    else:
+        await durable.around(run_workers, n)
     by_index = dict(zip(todo, fresh, strict=True))
     crew = tuple(
         Worker(i, temps[i], focuses[i], by_index.get(i) or reused(done[requests[i].key]))
@@ -254,7 +290,13 @@ async def fan_out(
             metadata=result,
         )
     answer, how, record, error = await _aggregate(
-        llm if aggregate is None else aggregate, task, ok, aggregate_prompt, timeout, retry, hooks
+        llm if aggregate is None else aggregate,
+        task,
+        ok,
+        aggregate_prompt,
+        make_options(timeout=timeout, retry=retry, hooks=hooks),
+        store,
+        cache,
     )
     return FanOutResult(
         answer=answer,
@@ -298,9 +340,9 @@ async def _aggregate(
     task: str,
     ok: Sequence[Worker],
     prompt: str,
-    timeout: float | None,
-    retry: RetryPolicy | None,
-    hooks: Sequence[Hook],
+    opts: CallOptions,
+    store: Store | None,
+    cache: bool,
 ) -> tuple[str, Aggregation, CallRecord[Any] | None, BaseException | None]:
     outputs = [w.output for w in ok if w.output is not None]
     if len(ok) == 1:
@@ -312,8 +354,14 @@ async def _aggregate(
             prompt.format(task=task, outputs=_listing(ok)),
             metadata={"pattern": "fan_out", "role": "aggregator"},
         )
-        opts = make_options(timeout=timeout, retry=retry, hooks=hooks)
-        [record] = await run_calls(aggregate, [request], opts, labels=["aggregator"])  # type: ignore[arg-type]
+        [record] = await run_calls(
+            aggregate,  # type: ignore[arg-type]
+            [request],
+            opts,
+            labels=["aggregator"],
+            store=store,
+            cache=cache,
+        )
         how: Aggregation = "llm"
     else:
         assert callable(aggregate)

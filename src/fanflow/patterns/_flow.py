@@ -16,6 +16,9 @@ Input keys are checked before anything runs: a missing key fails the item at onc
 a :class:`fanflow.StepInputError` naming the step and the key.
 
 Sync functions run on the event loop thread (keep them quick; make slow I/O async).
+
+Model calls are made by skills only, so a skill's ``store=`` (or a pool's, which
+overrides it) covers every model call of a chain or flow.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .._exceptions import ConfigError, Skipped, StepInputError
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
 from .._util import is_async_callable
+from ..store import Store
 from ._common import PatternResult, now
 from ._skill import Skill
 
@@ -180,17 +184,25 @@ class Step:
         return {k: v for k, v in context.items() if k in names}
 
     async def execute(
-        self, context: Mapping[str, Any], *, index: int | None, hooks: Sequence[Hook]
+        self,
+        context: Mapping[str, Any],
+        *,
+        index: int | None,
+        hooks: Sequence[Hook],
+        store: Store | None = None,
+        cache: bool | None = None,
     ) -> StepRecord:
         start = now()
         args = self.arguments(context)
         runner = self.runner
         calls: tuple[CallRecord[Any], ...] = ()
         if isinstance(runner, Skill):
-            got = await runner.execute(args, index=index, label=self.name, hooks=hooks)
+            got = await runner.execute(
+                args, index=index, label=self.name, hooks=hooks, store=store, cache=cache
+            )
             status, value, error, calls = got.status, got.value, got.error, got.calls
         elif isinstance(runner, Chain | Flow):
-            sub = await runner.execute(args, index=index, hooks=hooks)
+            sub = await runner.execute(args, index=index, hooks=hooks, store=store, cache=cache)
             status, value, error, calls = sub.status, sub.output, sub.error, sub.records
         else:
             try:
@@ -261,7 +273,10 @@ class _Graph:
         index: int | None,
         hooks: Sequence[Hook],
         on_step: OnStep | None = None,
+        store: Store | None = None,
+        cache: bool | None = None,
     ) -> RunResult:
+        """Run the steps over ``inputs`` (``store``/``cache``: a pool's, for its skills)."""
         started = now()
         context = dict(inputs)
         problem = self.check(context.keys(), index)
@@ -300,7 +315,9 @@ class _Graph:
                         continue
                     if on_step is not None:
                         on_step(step.name, True)
-                    task = loop.create_task(step.execute(context, index=index, hooks=hooks))
+                    task = loop.create_task(
+                        step.execute(context, index=index, hooks=hooks, store=store, cache=cache)
+                    )
                     running[task] = i
 
         try:

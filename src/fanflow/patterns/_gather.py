@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Generator, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
-from .._engine import execute, make_options, status_of
+from .._durable import execute_stored
+from .._engine import make_options, status_of
 from .._events import Hook
 from .._exceptions import AllFailed, CallTimeout
 from .._llm import LLM
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response, Status
+from ..store import Store
 
 __all__ = ["Call", "call", "gather", "race"]
 
@@ -25,12 +28,21 @@ class Call:
     attempt of it; awaiting it directly raises the call's error when it fails.
     """
 
-    __slots__ = ("_kwargs", "llm", "request")
+    __slots__ = ("_cache", "_kwargs", "_store", "llm", "request")
 
-    def __init__(self, llm: LLM, request: Request, kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        request: Request,
+        kwargs: dict[str, Any],
+        store: Store | None = None,
+        cache: bool = True,
+    ) -> None:
         self.llm = llm
         self.request = request
         self._kwargs = kwargs
+        self._store = store
+        self._cache = cache
 
     def __repr__(self) -> str:
         return f"fanflow.Call({self.request.prompt[:40]!r})"
@@ -39,7 +51,9 @@ class Call:
         """Run the call and return its record (failures are data)."""
         opts = make_options(**self._kwargs)
         label = self.request.metadata.get("label") if self.request.metadata else None
-        return await execute(self.llm, self.request, opts, label=label)
+        return await execute_stored(
+            self.llm, self.request, opts, store=self._store, reuse=self._cache, label=label
+        )
 
     async def _result(self) -> Response:
         record = await self.record()
@@ -65,11 +79,16 @@ def call(
     retry: RetryPolicy | None = None,
     hedge_after: float | None = None,
     hooks: Sequence[Hook] = (),
+    store: Store | None = None,
+    cache: bool = True,
 ) -> Call:
     """One call through the engine (admission, timeout, retries, hedging).
 
     ``await fanflow.call(llm, "...")`` returns the :class:`Response` or raises the
     call's error after its retries. Pass calls to :func:`gather` or :func:`race`.
+    With ``store=`` (a :class:`fanflow.Store`) a call stored before is served from it
+    (its record says ``cached=True``; ``cache=False`` asks the model again) and a new
+    one is committed before it is returned.
     """
     if isinstance(prompt, Request):
         request = prompt
@@ -84,27 +103,13 @@ def call(
         "hedge_after": hedge_after,
         "hooks": tuple(hooks),
     }
-    return Call(llm, request, kwargs)
+    return Call(llm, request, kwargs, store, cache)
 
 
 async def _outcome(aw: Awaitable[Any], index: int) -> CallRecord[Any]:
     """Run a Call or any awaitable to a record (failures are data)."""
     if isinstance(aw, Call):
-        record = await aw.record()
-        return CallRecord(
-            status=record.status,
-            request=record.request,
-            value=record.value,
-            error=record.error,
-            attempts=record.attempts,
-            start=record.start,
-            end=record.end,
-            usage=record.usage,
-            cost=record.cost,
-            label=record.label,
-            index=index,
-            response=record.response,
-        )
+        return replace(await aw.record(), index=index)
     loop = asyncio.get_running_loop()
     start = loop.time()
     try:

@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from .._engine import execute, make_options
+from .._durable import execute_stored
+from .._engine import CallOptions, make_options
 from .._events import Hook
 from .._llm import LLM
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response, Status
+from ..store import Store
 from ._common import PatternResult, is_llm, now, run_function, text_of
 from ._parsing import find_json
 
@@ -90,7 +92,15 @@ class GuardedResult(PatternResult):
         return self.guard.error
 
 
-async def _check(guard: Guard, llm: LLM, query: str, prompt: str, opts: Any) -> CallRecord[Any]:
+async def _check(
+    guard: Guard,
+    llm: LLM,
+    query: str,
+    prompt: str,
+    opts: CallOptions,
+    store: Store | None,
+    cache: bool,
+) -> CallRecord[Any]:
     if guard is None or is_llm(guard):
         request = Request.of(
             prompt.format(query=query),
@@ -98,7 +108,9 @@ async def _check(guard: Guard, llm: LLM, query: str, prompt: str, opts: Any) -> 
             metadata={"pattern": "guarded", "role": "guard"},
         )
         model: Any = llm if guard is None else guard
-        return await execute(model, request, opts, label="guard", parse=_verdict)
+        return await execute_stored(
+            model, request, opts, store=store, reuse=cache, label="guard", parse=_verdict
+        )
     record = await run_function(cast(Callable[..., Any], guard), query, label="guard")
     if record.ok and not isinstance(record.value, bool):
         error = TypeError(
@@ -121,6 +133,8 @@ async def guarded(
     timeout: float | None = None,
     retry: RetryPolicy | None = None,
     hooks: Sequence[Hook] = (),
+    store: Store | None = None,
+    cache: bool = True,
 ) -> GuardedResult:
     """Answer ``query`` while a guard checks it; withhold the answer if flagged.
 
@@ -134,6 +148,11 @@ async def guarded(
         fail_closed: when the guard fails: True withholds the answer, False allows it.
         system: a system prompt for the answer.
         timeout: seconds per attempt. retry: the retry policy. hooks: receive events.
+        store: a :class:`fanflow.Store` for every call it makes: a call stored before
+            is served from it (``cached=True``, costing nothing), a new one is committed
+            before it counts.
+        cache: serve calls found in the store (False: ask the model again and store
+            the new replies).
 
     Returns:
         A :class:`GuardedResult`.
@@ -142,8 +161,10 @@ async def guarded(
     opts = make_options(timeout=timeout, retry=retry, hooks=hooks)
     request = Request.of(query, system=system, metadata={"pattern": "guarded", "role": "answer"})
     loop = asyncio.get_running_loop()
-    answer_task = loop.create_task(execute(llm, request, opts, label="answer", parse=text_of))
-    guard_task = loop.create_task(_check(guard, llm, query, guard_prompt, opts))
+    answer_task = loop.create_task(
+        execute_stored(llm, request, opts, store=store, reuse=cache, label="answer", parse=text_of)
+    )
+    guard_task = loop.create_task(_check(guard, llm, query, guard_prompt, opts, store, cache))
     try:
         checked = await guard_task
         flagged: bool | None = checked.value if checked.ok else None

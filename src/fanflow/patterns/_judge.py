@@ -22,6 +22,7 @@ from .._exceptions import AllFailed, ConfigError
 from .._llm import LLM
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
+from ..store import Store
 from ._common import PatternResult, describe, now, run_calls, samples
 from ._parsing import find_number
 
@@ -89,6 +90,8 @@ async def best_of_n(
     retry: RetryPolicy | None = None,
     concurrency: int | None = None,
     hooks: Sequence[Hook] = (),
+    store: Store | None = None,
+    cache: bool = True,
 ) -> BestOfNResult:
     """Generate ``n`` candidates at once and let a judge pick the best.
 
@@ -104,6 +107,11 @@ async def best_of_n(
         system: a system prompt for the candidates.
         timeout: seconds per attempt. retry: the retry policy.
         concurrency: the most candidates in flight. hooks: receive every call's events.
+        store: a :class:`fanflow.Store` for every call it makes: a call stored before
+            is served from it (``cached=True``, costing nothing), a new one is committed
+            before it counts.
+        cache: serve calls found in the store (False: ask the model again and store
+            the new replies).
 
     Returns:
         A :class:`BestOfNResult`.
@@ -118,7 +126,14 @@ async def best_of_n(
     requests = samples(
         task, n, system=system, temperature=temperature, pattern="best_of_n", role="candidate"
     )
-    candidates = await run_calls(llm, requests, opts, labels=[f"candidate {i}" for i in range(n)])
+    candidates = await run_calls(
+        llm,
+        requests,
+        opts,
+        labels=[f"candidate {i}" for i in range(n)],
+        store=store,
+        cache=cache,
+    )
     ok = [r for r in candidates if r.ok]
     if not ok:
         raise AllFailed(
@@ -159,7 +174,13 @@ async def best_of_n(
 
     judge_opts = make_options(timeout=timeout, retry=retry, hooks=hooks)
     [judged] = await run_calls(
-        judge or llm, [judge_request], judge_opts, labels=["judge"], parse=choose
+        judge or llm,
+        [judge_request],
+        judge_opts,
+        labels=["judge"],
+        parse=choose,
+        store=store,
+        cache=cache,
     )
     if not judged.ok:
         return result(ok[0], "fallback", f"the judge failed: {describe(judged)}", judged)

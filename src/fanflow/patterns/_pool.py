@@ -5,6 +5,13 @@ its own: input 7 may be on step 3 while input 2 is still on step 1; there is no
 barrier between steps. Results come back in input order. ``pool.status`` shows
 counts and each input's state (and current step) at any moment, and
 ``pool.run(only_failed=True)`` runs again only the inputs that did not succeed.
+
+With ``store=`` every model call of every skill goes through the store; with
+``job="name"`` the store also records each input's terminal status, so
+``store.job(name)`` shows progress and failures, and a run in another process (after
+a crash, say) knows which inputs succeeded: those are replayed with every model call
+served from the store (their plain-function steps run again, as they are not
+stored), the others run.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from typing import Any, Literal
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._sync import run as run_sync
-from .._types import Status
+from .._types import CallRecord, Status
+from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, RunResult, Step
+from ._jobs import Durability
 from ._skill import Skill
 
 __all__ = ["ItemStatus", "Pool", "PoolResult", "PoolStatus"]
@@ -104,8 +113,12 @@ class _Single:
         index: int | None,
         hooks: Sequence[Hook],
         on_step: Callable[[str, bool], None] | None = None,
+        store: Store | None = None,
+        cache: bool | None = None,
     ) -> RunResult:
-        return await self.chain.execute(inputs, index=index, hooks=hooks, on_step=on_step)
+        return await self.chain.execute(
+            inputs, index=index, hooks=hooks, on_step=on_step, store=store, cache=cache
+        )
 
 
 class Pool:
@@ -117,6 +130,15 @@ class Pool:
         max_flows: the most items in progress at once (their calls also share each
             model handle's own limits).
         hooks: receive every call's events.
+        store: a :class:`fanflow.Store` for every model call of every skill (it
+            overrides the skills' own): a call stored before is served from it
+            (``cached=True``), a new one is committed before it counts.
+        cache: serve calls found in the store (False: ask the model again, except for
+            the job's own succeeded inputs).
+        job: a name under which the store records each input's terminal status (the
+            inputs are the job's items; an input's ``"id"`` key, if any, is its id);
+            needs ``store``. Running a pool with the same job again, in any process,
+            replays the inputs that succeeded from the store and runs the rest.
     """
 
     def __init__(
@@ -126,6 +148,9 @@ class Pool:
         max_flows: int = 10,
         *,
         hooks: Sequence[Hook] = (),
+        store: Store | None = None,
+        cache: bool = True,
+        job: str | None = None,
     ) -> None:
         if max_flows < 1:
             raise ConfigError(f"max_flows must be >= 1, got {max_flows}")
@@ -142,6 +167,11 @@ class Pool:
         self.inputs = [dict(item) for item in inputs]
         self.max_flows = max_flows
         self.hooks = tuple(hooks)
+        self.store = store
+        self.cache = cache
+        self.job = job
+        # Checks the store/job combination now rather than at the first run.
+        Durability(store=store, job=job, only_failed=False, cache=cache, sink=None)
         self._results: list[RunResult | None] = [None] * len(self.inputs)
         self._running: list[list[str]] = [[] for _ in self.inputs]
 
@@ -184,6 +214,9 @@ class Pool:
     async def arun(self, *, only_failed: bool = False) -> PoolResult:
         """Run every input (or, with ``only_failed``, those that did not succeed).
 
+        With a ``job``, an input that succeeded in an earlier run of the job (in this
+        process or another) is replayed from the store: no model call is repeated.
+
         Returns:
             A :class:`PoolResult` over all inputs, in input order (results of inputs not
             run again are the earlier ones).
@@ -193,20 +226,42 @@ class Pool:
         for i in todo:
             self._results[i] = None
         queue = iter(todo)
+        durable = (
+            Durability(
+                store=self.store, job=self.job, only_failed=False, cache=self.cache, sink=None
+            )
+            if self.job is not None
+            else None
+        )
 
         async def worker() -> None:
             for i in queue:
-                self._results[i] = await self._run.execute(
+                replay = durable is not None and _succeeded(durable, i)
+                result = await self._run.execute(
                     self.inputs[i],
                     index=i,
                     hooks=self.hooks,
                     on_step=self._tracker(i),
+                    store=self.store,
+                    cache=self.cache or replay,
                 )
+                if durable is not None:  # committed before the input counts as done
+                    item = _item_record(result, i)
+                    await durable.settle(item, self.inputs[i])
+                    durable.emit(item, self.inputs[i])
+                self._results[i] = result
 
-        try:
+        async def run_all() -> int:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(min(self.max_flows, len(todo))):
                     tg.create_task(worker())
+            return len(self.inputs)
+
+        try:
+            if durable is None:
+                await run_all()
+            else:
+                await durable.around(run_all, len(self.inputs))
         finally:
             for steps in self._running:
                 steps.clear()
@@ -227,3 +282,23 @@ class Pool:
                 running.remove(name)
 
         return track
+
+
+def _succeeded(durable: Durability, index: int) -> bool:
+    prior = durable.prior.get(index)
+    return prior is not None and prior[0] is Status.SUCCEEDED
+
+
+def _item_record(result: RunResult, index: int) -> CallRecord[Any]:
+    """One input's outcome as a job item: its status, error, and its calls' totals."""
+    summary = result.summary
+    return CallRecord(
+        status=result.status,
+        error=result.error,
+        start=result.start,
+        end=result.end,
+        usage=summary.usage,
+        cost=summary.cost,
+        index=index,
+        cached=bool(result.records) and all(r.cached for r in result.records),
+    )

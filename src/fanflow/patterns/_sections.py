@@ -19,6 +19,7 @@ from .._llm import LLM
 from .._retry import RetryPolicy
 from .._sync import run as run_sync
 from .._types import BatchResult, CallRecord, Request
+from ..store import Store
 from ._common import PatternResult, now, run_calls
 from ._map import map as map_items
 from ._prompt import render
@@ -83,6 +84,8 @@ async def sections(
     retry: RetryPolicy | None = None,
     concurrency: int | None = None,
     hooks: Sequence[Hook] = (),
+    store: Store | None = None,
+    cache: bool = True,
 ) -> SectionsResult:
     """Run one prompt per section at once, then optionally synthesise them.
 
@@ -97,6 +100,11 @@ async def sections(
         system: a system prompt. temperature: the sections' temperature.
         timeout: seconds per attempt. retry: the retry policy.
         concurrency: the most sections in flight. hooks: receive every call's events.
+        store: a :class:`fanflow.Store` for every call it makes: a call stored before
+            is served from it (``cached=True``, costing nothing), a new one is committed
+            before it counts.
+        cache: serve calls found in the store (False: ask the model again and store
+            the new replies).
 
     Returns:
         A :class:`SectionsResult`; failed sections are data there.
@@ -118,7 +126,7 @@ async def sections(
         )
         for name, prompt in named.items()
     ]
-    records = await run_calls(llm, requests, opts, labels=list(named))
+    records = await run_calls(llm, requests, opts, labels=list(named), store=store, cache=cache)
     by_name = dict(zip(named, records, strict=True))
     outputs = {name: r.value for name, r in by_name.items()}
     synthesis_record: CallRecord[str] | None = None
@@ -132,6 +140,8 @@ async def sections(
             [request],
             make_options(timeout=timeout, retry=retry, hooks=hooks),
             labels=["synthesis"],
+            store=store,
+            cache=cache,
         )
     return SectionsResult(
         sections=outputs,
@@ -170,6 +180,11 @@ class ParallelCalls:
         max_workers: the most branches in flight at once.
         system: a system prompt for every call.
         timeout: seconds per attempt. retry: the retry policy. hooks: receive events.
+        store: a :class:`fanflow.Store` for every call it makes: a call stored before
+            is served from it (``cached=True``, costing nothing), a new one is committed
+            before it counts.
+        cache: serve calls found in the store (False: ask the model again and store
+            the new replies).
 
     ``run`` is for synchronous code (it works inside a running loop too, as
     :func:`fanflow.run` does); ``arun`` is the async form.
@@ -184,6 +199,8 @@ class ParallelCalls:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         hooks: Sequence[Hook] = (),
+        store: Store | None = None,
+        cache: bool = True,
     ) -> None:
         if max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
@@ -193,6 +210,8 @@ class ParallelCalls:
         self.timeout = timeout
         self.retry = retry
         self.hooks = tuple(hooks)
+        self.store = store
+        self.cache = cache
 
     def __repr__(self) -> str:
         return f"fanflow.ParallelCalls(llm={self.llm!r}, max_workers={self.max_workers})"
@@ -235,6 +254,8 @@ class ParallelCalls:
             retry=self.retry,
             hooks=self.hooks,
             label="branch",
+            store=self.store,
+            cache=self.cache,
         )
         outputs: list[str | None] = list(branches.outputs)
         record: CallRecord[str] | None = None
@@ -246,7 +267,14 @@ class ParallelCalls:
                 metadata={"pattern": "parallel_calls", "role": "aggregate"},
             )
             opts = make_options(timeout=self.timeout, retry=self.retry, hooks=self.hooks)
-            [record] = await run_calls(self.llm, [request], opts, labels=["aggregate"])
+            [record] = await run_calls(
+                self.llm,
+                [request],
+                opts,
+                labels=["aggregate"],
+                store=self.store,
+                cache=self.cache,
+            )
         return ParallelCallsResult(
             outputs=outputs,
             aggregated=record.value if record is not None else None,

@@ -15,13 +15,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._engine import execute, make_options
+from .._durable import execute_stored
+from .._engine import make_options
 from .._events import Hook
 from .._exceptions import ConfigError, ParseError
 from .._llm import LLM
 from .._retry import RetryPolicy
 from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
+from ..store import Store
 from ._parsing import find_json
 from ._prompt import render
 
@@ -89,6 +91,10 @@ class Skill:
         timeout: seconds per attempt. retry: the retry policy for provider errors.
         validation_retries: further calls allowed after an invalid reply.
         hooks: receive every call's events.
+        store: a :class:`fanflow.Store` for its calls: a call stored before is served
+            from it (``cached=True``, costing nothing), a new one is committed before it
+            counts. A :class:`fanflow.Pool` given ``store=`` uses its own store instead.
+        cache: serve calls found in the store (False: ask the model again).
 
     Call it: ``await skill({"text": ...})`` or ``await skill(text=...)`` returns the
     value or raises the error; :meth:`arun` returns a :class:`SkillResult` instead.
@@ -109,6 +115,8 @@ class Skill:
         retry: RetryPolicy | None = None,
         validation_retries: int = 2,
         hooks: Sequence[Hook] = (),
+        store: Store | None = None,
+        cache: bool = True,
     ) -> None:
         if validation_retries < 0:
             raise ConfigError(f"validation_retries must be >= 0, got {validation_retries}")
@@ -125,6 +133,8 @@ class Skill:
         self.retry = retry
         self.validation_retries = validation_retries
         self.hooks = tuple(hooks)
+        self.store = store
+        self.cache = cache
         self.params: dict[str, Any] = {
             k: v
             for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
@@ -176,8 +186,13 @@ class Skill:
         index: int | None,
         label: str | None,
         hooks: Sequence[Hook],
+        store: Store | None = None,
+        cache: bool | None = None,
     ) -> SkillResult:
-        """Run once on ``inputs`` (used by chains, flows and pools)."""
+        """Run once on ``inputs`` (used by chains, flows and pools).
+
+        ``store`` and ``cache`` (a pool's) override the skill's own when given.
+        """
         try:
             prompt = render(self.prompt, inputs, index)
         except Exception as exc:
@@ -189,10 +204,19 @@ class Skill:
             **self.params,
         )
         opts = make_options(timeout=self.timeout, retry=self.retry, hooks=self.hooks + tuple(hooks))
+        store = store if store is not None else self.store
+        reuse = cache if cache is not None else self.cache
         calls: list[CallRecord[Any]] = []
         for _ in range(1 + (self.validation_retries if self._parse is not None else 0)):
-            record: CallRecord[Any] = await execute(
-                self.llm, request, opts, index=index, label=label, parse=self._parse or _text
+            record: CallRecord[Any] = await execute_stored(
+                self.llm,
+                request,
+                opts,
+                store=store,
+                reuse=reuse,
+                index=index,
+                label=label,
+                parse=self._parse or _text,
             )
             calls.append(record)
             if record.ok:

@@ -28,6 +28,7 @@ from .._exceptions import AllFailed, ConfigError
 from .._llm import LLM
 from .._retry import RetryPolicy
 from .._types import CallRecord, Response, Status
+from ..store import Store
 from ._common import PatternResult, now, run_calls, samples
 
 __all__ = ["VoteResult", "beta_confidence", "normalize_answer", "vote"]
@@ -135,6 +136,8 @@ async def vote(
     retry: RetryPolicy | None = None,
     concurrency: int | None = None,
     hooks: Sequence[Hook] = (),
+    store: Store | None = None,
+    cache: bool = True,
 ) -> VoteResult:
     """Sample ``task`` up to ``n`` times and return the majority answer.
 
@@ -153,6 +156,11 @@ async def vote(
         system: a system prompt.
         timeout: seconds per attempt. retry: the retry policy.
         concurrency: the most samples in flight. hooks: receive every call's events.
+        store: a :class:`fanflow.Store` for every call it makes: a call stored before
+            is served from it (``cached=True``, costing nothing), a new one is committed
+            before it counts.
+        cache: serve calls found in the store (False: ask the model again and store
+            the new replies).
 
     Returns:
         A :class:`VoteResult`.
@@ -188,7 +196,14 @@ async def vote(
         )[batch.start : batch.stop]
         labels = [f"sample {i}" for i in batch]
         records += await run_calls(
-            llm, requests, opts, indices=list(batch), labels=labels, parse=parse
+            llm,
+            requests,
+            opts,
+            indices=list(batch),
+            labels=labels,
+            parse=parse,
+            store=store,
+            cache=cache,
         )
         if early_stop and len(records) < n:
             reason = _should_stop(_ranked(*_tally(records)), n - len(records), threshold)

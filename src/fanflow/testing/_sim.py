@@ -132,6 +132,11 @@ class SimStats:
         disconnects: requests whose client went away before the reply was complete.
         faults: injected faults by kind.
         timeline: one entry per second with any activity, in order.
+        prompt_requests: requests received per prompt (the last user message), with
+            ``keep_requests`` on (else empty).
+        prompt_completed: replies sent in full per prompt (a 200 written to the end),
+            with ``keep_requests`` on: a test can prove that no answered prompt was
+            asked again.
     """
 
     requests: int
@@ -143,6 +148,8 @@ class SimStats:
     disconnects: int
     faults: Mapping[str, int]
     timeline: tuple[SimSecond, ...] = field(repr=False)
+    prompt_requests: Mapping[str, int] = field(default_factory=dict, repr=False)
+    prompt_completed: Mapping[str, int] = field(default_factory=dict, repr=False)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -165,6 +172,8 @@ class SimStats:
                 }
                 for s in self.timeline
             ],
+            "prompt_requests": dict(self.prompt_requests),
+            "prompt_completed": dict(self.prompt_completed),
         }
 
 
@@ -174,6 +183,8 @@ class _Counters:
         "faults",
         "in_flight",
         "max_in_flight",
+        "prompt_completed",
+        "prompt_requests",
         "requests",
         "responses",
         "timeline",
@@ -191,6 +202,8 @@ class _Counters:
         self.disconnects = 0
         self.faults: dict[str, int] = {}
         self.timeline: dict[int, list[int]] = {}  # second -> [req, adm, 429, tok, done]
+        self.prompt_requests: dict[str, int] = {}
+        self.prompt_completed: dict[str, int] = {}
 
 
 class SimServer:
@@ -463,6 +476,8 @@ class SimServer:
             disconnects=c.disconnects,
             faults=dict(c.faults),
             timeline=timeline,
+            prompt_requests=dict(c.prompt_requests),
+            prompt_completed=dict(c.prompt_completed),
         )
 
     def _second(self, now: float) -> list[int]:
@@ -558,6 +573,8 @@ class SimServer:
             return self._error(api, exc.status, exc.message)
         if self.keep_requests:
             self.requests.append(sim)
+            counts = self._c.prompt_requests
+            counts[sim.prompt] = counts.get(sim.prompt, 0) + 1
         if self.models is not None and sim.model not in self.models:
             return self._error(
                 api, 404, f"The model `{sim.model}` does not exist or you do not have access."
@@ -593,7 +610,9 @@ class SimServer:
                 gaps = [self.per_token if i in words else 0.0 for i in range(len(chunks))]
             if delay > 0:
                 await asyncio.sleep(delay)
-            return await self._stream(request, chunks, gaps, headers, "text/event-stream")
+            streamed = await self._stream(request, chunks, gaps, headers, "text/event-stream")
+            self._completed(sim)
+            return streamed
         delay += self.per_token * done.output_tokens
         if delay > 0:
             await asyncio.sleep(delay)
@@ -602,14 +621,24 @@ class SimServer:
             step = max(1, len(payload) // 8)
             parts = [payload[i : i + step] for i in range(0, len(payload), step)]
             gaps = [0.0] + [self.slow_delay] * (len(parts) - 1)
-            return await self._stream(request, parts, gaps, headers, "application/json")
+            streamed = await self._stream(request, parts, gaps, headers, "application/json")
+            self._completed(sim)
+            return streamed
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
         self._second(loop.time())[4] += 1
         response = web.Response(body=payload, content_type="application/json")
         for k, v in headers:
             response.headers[k] = v
+        await response.prepare(request)
+        await response.write_eof()
+        self._completed(sim)
         return response
+
+    def _completed(self, sim: SimRequest) -> None:
+        if self.keep_requests:
+            done = self._c.prompt_completed
+            done[sim.prompt] = done.get(sim.prompt, 0) + 1
 
     async def _stream(
         self,
