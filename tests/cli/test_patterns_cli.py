@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -155,3 +156,15 @@ def test_pipeline_check(run: Run, tmp_path: Path) -> None:
     done = run("run", "p.yaml", "--check")
     assert done.returncode == 0, done.stderr
     assert "p.yaml is valid: 2 steps (chain)" in done.stdout
+
+
+def test_run_pipeline_job_replays_from_the_store(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(PIPELINE)
+    (tmp_path / "items.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    first = run("run", "p.yaml", "--job", "pj", "--sim", "latency=0.01")
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"requests +4\b", first.stderr)
+    again = run("run", "p.yaml", "--job", "pj", "--resume", "--sim", "latency=0.01")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout  # same rows, every call served from the store
+    assert re.search(r"requests +0\b", again.stderr)

@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
     p.add_argument("input", metavar="INPUT", nargs="?", help="the items (default: the file's)")
     p.add_argument("--check", action="store_true", help="validate the pipeline and stop")
+    job = p.add_argument_group("resumable jobs (a SQLite store, --store or FANFLOW_STORE)")
+    job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
+    job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
+    p.set_defaults(only_failed=False)
     _io_options(p)
     _model_options(p)
     _common(p)
@@ -453,6 +457,8 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     fmt = detect_format(source, args.input_format)
     bad = _Bad()
     items = list(read_items(source, fmt, bad))
+    store = _open_store(base, args) if args.job else None
+    pool_options = {"store": store, "job": args.job} if store is not None else {}
     writer = open_output(args.output or pipe.output)
     console = make_console()
 
@@ -462,8 +468,9 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         async with open_llms(list(plans.values())) as llms:
             runner = build_runner(pipe, dict(zip(plans, llms, strict=True)))
             outcome = await run_pipeline(
-                pipe, runner, items, tracker=tracker, display=display, writer=writer
-            )
+                pipe, runner, items, tracker=tracker, display=display, writer=writer,
+                pool_options=pool_options,
+            )  # fmt: skip
         return outcome, tracker.snapshot()
 
     try:
@@ -471,9 +478,12 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             outcome, stats = asyncio.run(go())
     finally:
         writer.close()
+        if store is not None:
+            store.close()
     return _finish(
         args, console, stats, bad, interrupted=outcome.interrupted,
         failed=outcome.items - outcome.succeeded, items=outcome.items, unit="calls",
+        resume=_resume_hint(args),
     )  # fmt: skip
 
 

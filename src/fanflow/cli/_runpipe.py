@@ -66,12 +66,13 @@ async def run_pipeline(
     tracker: Tracker,
     display: Any,
     writer: OutputWriter,
+    pool_options: Mapping[str, Any] | None = None,
 ) -> PipelineOutcome:
     """Run every item through ``runner`` with :class:`fanflow.patterns.Pool`; write rows."""
     from ..patterns import Pool
 
     inputs = [i.value if isinstance(i.value, dict) else {"input": i.value} for i in items]
-    pool = Pool(runner, inputs, pipe.max_flows, hooks=[tracker])
+    pool = Pool(runner, inputs, pipe.max_flows, hooks=[tracker], **(pool_options or {}))
     outcome = PipelineOutcome(items=len(items))
     driver = asyncio.ensure_future(drive(display))
     try:
