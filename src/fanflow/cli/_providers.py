@@ -15,6 +15,7 @@ print them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,7 +105,7 @@ class ProviderPlan:
 
     def build(self, sim_url: str | None) -> BaseLLM:
         s = self.settings
-        kwargs: dict[str, Any] = {"limits": Limits(concurrency=s.concurrency)}
+        kwargs: dict[str, Any] = {"limits": _limits(s)}
         if s.timeout is not None:
             kwargs["timeout"] = s.timeout
         if s.retries is not None:
@@ -142,6 +143,19 @@ def _local_model_installed() -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
+
+
+def _limits(s: Settings) -> Limits:
+    limits: dict[str, Any] = {"concurrency": s.concurrency}
+    known = {f.name for f in dataclasses.fields(Limits)}
+    for name in ("rpm", "tpm"):
+        value = getattr(s, name)
+        if value is None:
+            continue
+        if name not in known:  # pragma: no cover - only before the limits work is merged
+            raise ConfigError(f"--{name} is not supported by this fanflow build yet")
+        limits[name] = value
+    return Limits(**limits)
 
 
 _EXAMPLE_MODEL = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
