@@ -19,6 +19,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from ._budget import Budget
 from ._exceptions import (
     AllFailed,
     AuthenticationError,
@@ -40,6 +41,7 @@ from ._exceptions import (
     QuorumNotMet,
     QuotaExceeded,
     RateLimited,
+    RequestTooLarge,
     ServerError,
     Skipped,
     StepInputError,
@@ -47,8 +49,9 @@ from ._exceptions import (
     TemplateError,
     is_retryable,
 )
-from ._limits import Limits
+from ._limits import Adaptive, Limits
 from ._llm import LLM, BaseLLM
+from ._pricing import Price
 from ._retry import RetryPolicy
 from ._sync import run
 from ._types import (
@@ -67,6 +70,7 @@ from .patterns import (
     BestOfNResult,
     Call,
     Chain,
+    Estimate,
     Evaluation,
     FanOutResult,
     Flow,
@@ -90,6 +94,7 @@ from .patterns import (
     as_completed,
     best_of_n,
     call,
+    estimate,
     evaluate,
     fan_out,
     gather,
@@ -109,6 +114,7 @@ except _PackageNotFoundError:  # running from a source tree that is not installe
 
 __all__ = [
     "LLM",
+    "Adaptive",
     "AllFailed",
     "Attempt",
     "AuthenticationError",
@@ -117,6 +123,7 @@ __all__ = [
     "BatchError",
     "BatchResult",
     "BestOfNResult",
+    "Budget",
     "BudgetExceeded",
     "Call",
     "CallRecord",
@@ -124,6 +131,7 @@ __all__ = [
     "Chain",
     "ConfigError",
     "ContentFiltered",
+    "Estimate",
     "Evaluation",
     "FanOutResult",
     "FanflowError",
@@ -143,6 +151,7 @@ __all__ = [
     "Pool",
     "PoolResult",
     "PoolStatus",
+    "Price",
     "ProtocolError",
     "ProviderConnectionError",
     "ProviderError",
@@ -152,6 +161,7 @@ __all__ = [
     "RateLimitState",
     "RateLimited",
     "Request",
+    "RequestTooLarge",
     "Response",
     "ResultStream",
     "RetryPolicy",
@@ -178,6 +188,7 @@ __all__ = [
     "as_completed",
     "best_of_n",
     "call",
+    "estimate",
     "evaluate",
     "fan_out",
     "function",

@@ -15,10 +15,11 @@ a pattern cancels its calls' tasks, and never turns into a retry.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ._budget import Budget
 from ._events import (
     AttemptFailed,
     AttemptStarted,
@@ -27,10 +28,20 @@ from ._events import (
     Hook,
     emit,
 )
-from ._exceptions import CallTimeout, ConfigError, ParseError, ProviderError, is_retryable
-from ._limits import Gate, Lane
+from ._exceptions import (
+    BudgetExceeded,
+    CallTimeout,
+    ConfigError,
+    ParseError,
+    ProviderError,
+    Skipped,
+    is_retryable,
+)
+from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
+from ._pricing import Price, cost_of
 from ._retry import DEFAULT_RETRY, RetryPolicy
+from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Request, Response, Status, Usage
 
 __all__ = ["CallOptions", "execute", "status_of"]
@@ -49,6 +60,8 @@ class CallOptions:
         deadline: absolute event-loop time by which every call must end.
         hooks: callables receiving each event.
         gate: the pattern's own concurrency gate (None: only the handle's limit).
+        budget: the spending cap the calls draw on (None: no cap).
+        prices: model prices beyond the built-in table, for costs and budgets.
     """
 
     timeout: float | None = None
@@ -57,6 +70,8 @@ class CallOptions:
     deadline: float | None = None
     hooks: tuple[Hook, ...] = ()
     gate: Gate | None = None
+    budget: Budget | None = None
+    prices: Mapping[str, Price] | None = None
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
@@ -75,6 +90,8 @@ def make_options(
     retry: RetryPolicy | None = None,
     hedge_after: float | None = None,
     hooks: Sequence[Hook] = (),
+    budget: Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> CallOptions:
     """Build the options of one pattern call; ``deadline`` is in seconds from now."""
     if deadline is not None and deadline <= 0:
@@ -91,6 +108,8 @@ def make_options(
         deadline=deadline_at,
         hooks=tuple(hooks),
         gate=Gate(concurrency) if concurrency is not None else None,
+        budget=budget.with_prices(prices) if budget is not None else None,
+        prices=dict(prices) if prices else None,
     )
 
 
@@ -100,6 +119,8 @@ def status_of(error: BaseException) -> Status:
         return Status.TIMED_OUT
     if isinstance(error, asyncio.CancelledError):
         return Status.CANCELLED
+    if isinstance(error, BudgetExceeded | Skipped):
+        return Status.SKIPPED
     return Status.FAILED
 
 
@@ -120,6 +141,7 @@ class _Call(Generic[T]):
         "opts",
         "request",
         "timeout",
+        "tokens",
     )
 
     def __init__(
@@ -145,26 +167,80 @@ class _Call(Generic[T]):
             self.timeout = self.handle.timeout
         self.attempts: list[Attempt] = []
         self.number = 0
+        self.tokens: tuple[int, int] | None = None
 
     # -- admission ----------------------------------------------------------------
 
-    async def _admit(self) -> None:
+    async def _admit(self) -> tuple[Permit | None, float | None]:
+        """Wait for admission; return the lane's permit and the budget reserved."""
+        lane = self.lane
+        budget = self.opts.budget
+        tokens = None
+        reserved = None
+        if lane.needs_tokens or budget is not None:
+            tokens = self._estimate()
+            if lane.needs_tokens:
+                lane.check(*tokens, self._who())
+            if budget is not None:
+                amount = budget.amount(self.request.model, *tokens)
+                reserved = await budget.reserve(amount, self._who())
         gate = self.opts.gate
-        if gate is not None:
-            await gate.acquire()
         try:
-            if not self.lane.try_acquire():
-                await self.lane.acquire()
-        except BaseException:
             if gate is not None:
-                gate.release()
+                await gate.acquire()
+            try:
+                permit = await lane.acquire(tokens if lane.needs_tokens else None)
+            except BaseException:
+                if gate is not None:
+                    gate.release()
+                raise
+        except BaseException:
+            if budget is not None and reserved is not None:
+                budget.settle(reserved, 0.0)  # never sent: nothing spent
             raise
+        return permit, reserved
 
-    def _leave(self) -> None:
-        self.lane.release()
+    def _estimate(self) -> tuple[int, int]:
+        tokens = self.tokens
+        if tokens is None:
+            tokens = self.tokens = request_tokens(self.request)
+        return tokens
+
+    def _leave(
+        self,
+        permit: Permit | None,
+        reserved: float | None,
+        start: float,
+        response: Response | None,
+        error: BaseException | None,
+    ) -> None:
+        self.lane.finish(permit, start, response, error)
+        if reserved is not None:
+            self._charge(reserved, response, error)
         gate = self.opts.gate
         if gate is not None:
             gate.release()
+
+    def _charge(
+        self, reserved: float, response: Response | None, error: BaseException | None
+    ) -> None:
+        """Settle a budget reservation: every attempt that was sent counts."""
+        budget = self.opts.budget
+        assert budget is not None
+        usage = response.usage if response is not None else None
+        if usage is not None and usage.total_tokens > 0:
+            model = response.model if response is not None and response.model else None
+            try:
+                actual = budget.amount(model or self.request.model, *_tokens_of(usage))
+            except BudgetExceeded:  # the reply names a model we have no price for
+                actual = reserved
+        elif response is None and error is not None and not isinstance(error, CallTimeout):
+            # The server answered with an error: it read the prompt, not a reply.
+            input_tokens, _ = self._estimate()
+            actual = budget.amount(self.request.model, input_tokens, 0)
+        else:
+            actual = reserved  # cut off (timeout, cancelled) or no usage reported
+        budget.settle(reserved, actual)
 
     # -- one attempt --------------------------------------------------------------
 
@@ -176,18 +252,28 @@ class _Call(Generic[T]):
         number = self.number
         deadline = self.deadline
         if deadline is None:
-            if self.opts.gate is not None or not self.lane.try_acquire():
-                await self._admit()
+            opts = self.opts
+            if opts.gate is None and opts.budget is None and self.lane.try_acquire():
+                permit, reserved = None, None  # the fast path: nothing to wait for
+            else:
+                permit, reserved = await self._admit()
         else:
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._admit()
+                    permit, reserved = await self._admit()
             except TimeoutError:
                 now = loop.time()
-                error = CallTimeout(
-                    f"{self._who()} was still waiting for a concurrency slot when the "
-                    "deadline passed; raise the deadline or the concurrency",
-                )
+                if self.lane.metered or self.opts.budget is not None:
+                    error = CallTimeout(
+                        f"{self._who()} was still waiting for admission (a concurrency "
+                        "slot, its turn under the rate limits, or budget) when the deadline "
+                        "passed; raise the deadline, or expect the limits to take longer",
+                    )
+                else:
+                    error = CallTimeout(
+                        f"{self._who()} was still waiting for a concurrency slot when the "
+                        "deadline passed; raise the deadline or the concurrency",
+                    )
                 self.attempts.append(
                     Attempt(number, now, now, Status.TIMED_OUT, error, hedge, wait_before)
                 )
@@ -200,6 +286,8 @@ class _Call(Generic[T]):
                 self.hooks,
                 AttemptStarted(start, self.request, self.index, self.label, number, hedge),
             )
+        response: Response | None = None
+        failure: BaseException | None = None
         try:
             limit = None if self.timeout is None else start + self.timeout
             if deadline is not None and (limit is None or deadline < limit):
@@ -221,12 +309,13 @@ class _Call(Generic[T]):
             )
             raise
         except BaseException as exc:
+            failure = exc
             self.attempts.append(
                 Attempt(number, start, loop.time(), status_of(exc), exc, hedge, wait_before)
             )
             raise
         finally:
-            self._leave()
+            self._leave(permit, reserved, start, response, failure)
         self.attempts.append(
             Attempt(number, start, loop.time(), Status.SUCCEEDED, None, hedge, wait_before)
         )
@@ -353,6 +442,15 @@ class _Call(Generic[T]):
             emit(self.hooks, CallEnded(record.end or start, record))
         return record
 
+    def _cost(self, response: Response) -> float | None:
+        """The response's own cost, else its usage at the model's price (None: unknown)."""
+        if response.cost is not None:
+            return response.cost
+        usage = response.usage
+        if usage is None or usage.total_tokens <= 0:
+            return None
+        return cost_of(response.model or self.request.model, usage, self.opts.prices)
+
     def _ordered_attempts(self) -> tuple[Attempt, ...]:
         # Attempts are appended as they end; a record lists them as they were started.
         if len(self.attempts) == 1:
@@ -389,7 +487,7 @@ class _Call(Generic[T]):
             start=start,
             end=end,
             usage=response.usage if response.usage is not None else Usage(),
-            cost=response.cost,
+            cost=self._cost(response),
             label=self.label,
             index=self.index,
             response=response,
@@ -428,3 +526,7 @@ def execute(
     # which matters when 10,000 calls are in flight (fewer objects for the GC to scan).
     call: _Call[T] = _Call(llm, request, opts, index, label)
     return call.run(parse)
+
+
+def _tokens_of(usage: Usage) -> tuple[int, int]:
+    return usage.input_tokens, usage.output_tokens

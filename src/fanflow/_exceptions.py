@@ -26,6 +26,7 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     ├── AllFailed                      every alternative failed (``race``; ``failures``)
     ├── QuorumNotMet                   fewer successes than a pattern's quorum
     ├── BudgetExceeded                 the budget cannot cover the next call
+    ├── RequestTooLarge                one request needs more than a rate limit allows
     └── Skipped                        an item was not run (budget, deadline, upstream)
 
 Whether to retry is decided by one function, :func:`is_retryable`, which reads the
@@ -64,6 +65,7 @@ __all__ = [
     "QuorumNotMet",
     "QuotaExceeded",
     "RateLimited",
+    "RequestTooLarge",
     "ServerError",
     "Skipped",
     "StepInputError",
@@ -294,3 +296,8 @@ class QuorumNotMet(FanflowError):
 
 class BudgetExceeded(FanflowError):
     """The budget cannot cover the next call."""
+
+
+class RequestTooLarge(FanflowError):
+    """One request needs more tokens than a rate limit allows per period: it could
+    never be sent, so it fails at once instead of waiting forever."""

@@ -1,43 +1,183 @@
-"""Admission: how many calls a handle may have in flight.
+"""Admission: how many calls a handle may have in flight, and how fast they may go.
 
 A :class:`Limits` is configuration (frozen); a :class:`Lane` is the live state that
 enforces it for one handle on one event loop. Every pattern using a handle shares its
 lane, so two maps running at once stay within one limit together.
 
-The gate is a FIFO semaphore whose limit can change while it is in use (the adaptive
-controller of the limits work moves it); ``asyncio.Semaphore`` cannot do that.
+A lane has up to three parts, and a handle with no limits pays only for the first:
+
+- the gate: a FIFO semaphore whose limit can change while it is in use (the adaptive
+  controller moves it; ``asyncio.Semaphore`` cannot);
+- rate buckets (``rpm``, ``tpm``, ``input_tpm``, ``output_tpm``; see :mod:`._rate`):
+  calls take FIFO turns; each waits until the buckets have room for its estimated cost,
+  reserves it, and after the reply settles it against the reported usage;
+- reactions to the server: a 429 (or 529) with Retry-After pauses the whole lane until
+  then and afterwards ramps up, one new call in flight and one more per success (TCP
+  slow start, RFC 5681), instead of releasing every waiter at once; rate-limit headers
+  space sends when ``remaining`` runs low and hold them while it is used up; with
+  ``Limits.adaptive()`` an AIMD controller moves the in-flight limit.
+
+Handles with no rate limits take the engine's fast path (:meth:`Lane.try_acquire`): no
+bucket work, no token estimate, until the server first asks them to slow down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
+from ._rate import RateBucket, Slot, aimd_decrease, aimd_increase
 
-__all__ = ["Gate", "GateStatistics", "Lane", "LaneStatistics", "Limits"]
+__all__ = [
+    "Adaptive",
+    "Gate",
+    "GateStatistics",
+    "Lane",
+    "LaneStatistics",
+    "Limits",
+    "Permit",
+]
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}; use None for no limit")
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Settings of the adaptive concurrency controller (AIMD, as TCP congestion
+    avoidance): +``increase`` in-flight calls per round trip while calls succeed, times
+    ``decrease`` on a 429/529 (at most once per round trip), within ``[min, max]``.
+
+    Args:
+        initial: the in-flight limit to start from.
+        min: the lowest in-flight limit.
+        max: the highest in-flight limit.
+        increase: calls added per round trip of successes.
+        decrease: the factor applied on an overload signal (0 < decrease < 1).
+    """
+
+    initial: int = 8
+    min: int = 1
+    max: int = 1000
+    increase: float = 1.0
+    decrease: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.initial <= self.max:
+            raise ConfigError(
+                f"adaptive limits need 1 <= min <= initial <= max, got min={self.min}, "
+                f"initial={self.initial}, max={self.max}"
+            )
+        if not 0 < self.decrease < 1:
+            raise ConfigError(f"decrease must be in (0, 1), got {self.decrease}")
+        if not self.increase > 0:
+            raise ConfigError(f"increase must be > 0, got {self.increase}")
+
+    def __repr__(self) -> str:
+        return (
+            f"fanflow.Adaptive(initial={self.initial}, min={self.min}, max={self.max}, "
+            f"increase={self.increase:g}, decrease={self.decrease:g})"
+        )
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Limits of one LLM handle.
+    """Limits of one LLM handle, shared by every pattern that uses it.
 
     Args:
         concurrency: the most calls in flight at once; None for no limit.
+        rpm: requests per minute (per ``period``); None for no limit.
+        tpm: tokens (input + output) per minute; None for no limit.
+        input_tpm: input tokens per minute, for APIs that count them apart.
+        output_tpm: output tokens per minute, for APIs that count them apart.
+        burst: seconds of budget that may be sent at once (default 1.0: a 6,000 RPM
+            limit sends at most about 100 requests together, then paces evenly). 0
+            spaces every send evenly.
+        period: the window of the rate limits in seconds (60: per minute).
+        refund: after a reply, give back the reserved tokens it did not use (True).
+            Use False for a server that charges ``max_tokens`` when the request arrives
+            and never gives it back; overruns are charged either way.
+        controller: settings of the adaptive concurrency controller (made by
+            :meth:`Limits.adaptive`); None for a fixed concurrency.
     """
 
     concurrency: int | None = None
+    rpm: float | None = None
+    tpm: float | None = None
+    input_tpm: float | None = None
+    output_tpm: float | None = None
+    burst: float = 1.0
+    period: float = 60.0
+    refund: bool = True
+    controller: Adaptive | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(
                 f"concurrency must be >= 1, got {self.concurrency}; use None for no limit"
             )
+        for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
+            _positive(name, getattr(self, name))
+        if not self.burst >= 0:
+            raise ConfigError(f"burst must be >= 0 seconds, got {self.burst}")
+        if not self.period > 0:
+            raise ConfigError(f"period must be > 0 seconds, got {self.period}")
+
+    @classmethod
+    def adaptive(
+        cls,
+        *,
+        initial: int = 8,
+        min: int = 1,
+        max: int = 1000,
+        increase: float = 1.0,
+        decrease: float = 0.9,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        input_tpm: float | None = None,
+        output_tpm: float | None = None,
+    ) -> Limits:
+        """Limits for a server whose capacity is unknown: the in-flight limit starts at
+        ``initial`` and finds the server's capacity by itself (see :class:`Adaptive`).
+        Known rate limits may still be given and are enforced as usual."""
+        return cls(
+            rpm=rpm,
+            tpm=tpm,
+            input_tpm=input_tpm,
+            output_tpm=output_tpm,
+            controller=Adaptive(initial, min, max, increase, decrease),
+        )
 
     def __repr__(self) -> str:
-        return f"fanflow.Limits(concurrency={self.concurrency})"
+        parts = [f"concurrency={self.concurrency}"]
+        for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}={value:g}")
+        if self.burst != 1.0:
+            parts.append(f"burst={self.burst:g}")
+        if self.period != 60.0:
+            parts.append(f"period={self.period:g}")
+        if self.controller is not None:
+            parts.append(f"controller={self.controller!r}")
+        return f"fanflow.Limits({', '.join(parts)})"
+
+    @property
+    def rated(self) -> bool:
+        """Whether any rate limit (rpm, tpm, input_tpm, output_tpm) is set."""
+        return (
+            self.rpm is not None
+            or self.tpm is not None
+            or self.input_tpm is not None
+            or self.output_tpm is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,33 +276,405 @@ class Gate:
         )
 
 
+class Permit:
+    """What one admitted attempt holds: its reservations in the lane's rate buckets and,
+    while the lane ramps up after a pause, a slot of the ramp's gate."""
+
+    __slots__ = ("input", "output", "ramp", "slots")
+
+    def __init__(
+        self,
+        input: int,
+        output: int,
+        slots: list[tuple[RateBucket, Slot, int]],
+        ramp: Gate | None = None,
+    ):
+        self.input = input
+        self.output = output
+        self.slots = slots
+        self.ramp = ramp
+
+
+# Sends due within this many seconds go now (timers may fire a hair early).
+_EPSILON = 1e-9
+
+# Which part of a request a token bucket counts.
+_TOTAL, _INPUT, _OUTPUT, _REQUESTS = 0, 1, 2, 3
+
+# Rate-limit headers: below this share of the limit remaining, sends are spread evenly
+# over the time left until the reset instead of going at full speed.
+_LOW_REMAINING = 0.1
+
+
+def _cost(kind: int, input: int, output: int) -> int:
+    if kind == _TOTAL:
+        return input + output
+    if kind == _INPUT:
+        return input
+    if kind == _OUTPUT:
+        return output
+    return 1
+
+
 @dataclass(frozen=True, slots=True)
 class LaneStatistics:
-    """A snapshot of a handle's admission state."""
+    """A snapshot of a handle's admission state.
+
+    Attributes:
+        concurrency: the gate (in flight, waiting, limit).
+        paused_until: event-loop time until which sends were last held (None: never).
+        pauses: 429/529 answers with a Retry-After that paused the lane.
+        rate_limited: 429/529 answers seen.
+        adaptive_limit: the adaptive controller's in-flight limit (None: not adaptive).
+    """
 
     concurrency: GateStatistics
+    paused_until: float | None = None
+    pauses: int = 0
+    rate_limited: int = 0
+    adaptive_limit: float | None = None
 
 
 class Lane:
     """The live limiter of one handle on one event loop."""
 
-    __slots__ = ("gate", "limits")
+    __slots__ = (
+        "_buckets",
+        "_hint_interval",
+        "_hint_next",
+        "_hint_until",
+        "_last_cost",
+        "_last_cut",
+        "_level",
+        "_pause_until",
+        "_pauses",
+        "_ramp",
+        "_ramp_goal",
+        "_rate_limited",
+        "_sent",
+        "_simple",
+        "_tokens_in_flight",
+        "_turn",
+        "_wake",
+        "controller",
+        "gate",
+        "limits",
+        "metered",
+        "needs_tokens",
+    )
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.gate = Gate(limits.concurrency)
+        self.controller = limits.controller
+        self._level: float | None = None
+        concurrency = limits.concurrency
+        if self.controller is not None:
+            self._level = float(self.controller.initial)
+            concurrency = self.controller.initial
+        self.gate = Gate(concurrency)
+        buckets: list[tuple[RateBucket, int]] = []
+        for name, kind in (
+            ("rpm", _REQUESTS),
+            ("tpm", _TOTAL),
+            ("input_tpm", _INPUT),
+            ("output_tpm", _OUTPUT),
+        ):
+            limit = getattr(limits, name)
+            if limit is not None:
+                buckets.append((RateBucket(name, limit, limits.period, limits.burst), kind))
+        self._buckets = buckets
+        self.metered = bool(buckets)
+        self.needs_tokens = any(kind != _REQUESTS for _, kind in buckets)
+        self._pause_until = 0.0
+        self._pauses = 0
+        self._rate_limited = 0
+        # After a pause: a gate over the calls sent since, widened by one per success
+        # until it reaches ``_ramp_goal``; calls already in flight do not count.
+        self._ramp: Gate | None = None
+        self._ramp_goal = 1
+        self._last_cut = -math.inf
+        self._hint_until = -math.inf
+        self._hint_next = -math.inf
+        self._hint_interval = 0.0
+        self._tokens_in_flight = 0
+        self._last_cost = 0
+        self._simple = not self.metered  # cleared for good once the server steers us
+        self._turn = asyncio.Lock()  # FIFO turns under the rate buckets
+        self._sent = 0  # calls admitted and not yet finished (waiting ones excluded)
+        self._wake: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"fanflow.Lane({self.limits!r})"
 
     def try_acquire(self) -> bool:
-        """Admit one more call now if possible, without waiting."""
-        return self.gate.try_acquire()
+        """Admit one more call now if nothing is metered or steered and a slot is free.
 
-    async def acquire(self) -> None:
-        """Wait until one more call may be sent."""
+        The fast path of the engine: a handle with no rate limits does no bucket work.
+        """
+        if self._simple and self.gate.try_acquire():
+            self._sent += 1
+            return True
+        return False
+
+    # -- admission ----------------------------------------------------------------
+
+    def check(self, input: int, output: int, who: str) -> None:
+        """Raise at once if a request of this size can never be admitted.
+
+        Raises:
+            RequestTooLarge: it needs more tokens than a bucket allows per period.
+        """
+        for bucket, kind in self._buckets:
+            cost = _cost(kind, input, output)
+            if not bucket.fits(cost):
+                raise RequestTooLarge(
+                    f"{who} needs an estimated {cost:,} tokens ({input:,} in, "
+                    f"{output:,} out) but {bucket.name}={bucket.limit:,g} allows at most "
+                    f"{bucket.limit:,g} per {self.limits.period:g} s, so it can never be "
+                    f"sent; raise {bucket.name}=, lower max_tokens= or shorten the prompt"
+                )
+
+    async def acquire(self, tokens: tuple[int, int] | None = None) -> Permit | None:
+        """Wait until one more call may be sent; reserve its cost in the rate buckets.
+
+        Args:
+            tokens: the estimated (input, output) tokens, when the lane counts tokens.
+
+        Returns:
+            The reservation to pass to :meth:`finish` (None when nothing is metered).
+        """
         await self.gate.acquire()
+        ramp = self._ramp
+        try:
+            if ramp is not None:
+                await ramp.acquire()
+            try:
+                if self.metered:
+                    permit = await self._schedule(tokens or (0, 0))
+                    permit.ramp = ramp
+                    self._sent += 1
+                    return permit
+                if self._pause_until or self._hint_interval:
+                    await self._wait_steer()
+            except BaseException:
+                if ramp is not None:
+                    ramp.release()
+                raise
+        except BaseException:
+            self.gate.release()
+            raise
+        self._sent += 1
+        return None if ramp is None else Permit(0, 0, [], ramp)
+
+    async def _wait_steer(self) -> None:
+        """Wait out a pause and the pacing asked for by rate-limit headers."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        t = self._pause_until
+        if now < self._hint_until:
+            t = max(t, self._hint_next)
+            self._hint_next = max(t, now) + self._hint_interval
+        # The pause may be extended while we sleep, so look again after each sleep.
+        while (delay := max(t, self._pause_until) - loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+
+    async def _schedule(self, tokens: tuple[int, int]) -> Permit:
+        """Wait for this call's turn under the rate buckets, then reserve its cost.
+
+        Calls take turns in FIFO order (one lock); only the head of the queue sleeps,
+        until the time the buckets allow. A settlement that gives tokens back, or a
+        pause, changes that time, so the head wakes on every settlement and looks again
+        rather than sleeping to a time computed from stale reservations.
+        """
+        loop = asyncio.get_running_loop()
+        input, output = tokens
+        costs = [(bucket, _cost(kind, input, output), kind) for bucket, kind in self._buckets]
+        async with self._turn:
+            while True:
+                now = loop.time()
+                t = max(now, self._pause_until)
+                if now < self._hint_until and self._hint_next > t:
+                    t = self._hint_next
+                for bucket, cost, _ in costs:
+                    t = bucket.send_time(t, cost)
+                if t - now <= _EPSILON:
+                    break
+                wake: asyncio.Future[None] = loop.create_future()
+                self._wake = wake
+                try:
+                    await asyncio.wait((wake,), timeout=t - now)
+                finally:
+                    self._wake = None
+                    if not wake.done():
+                        wake.cancel()
+            slots = [(bucket, bucket.reserve(now, cost), kind) for bucket, cost, kind in costs]
+            if now < self._hint_until:
+                self._hint_next = now + self._hint_interval
+        self._tokens_in_flight += input + output
+        self._last_cost = input + output
+        return Permit(input, output, slots)
 
     def release(self) -> None:
-        """A call admitted by :meth:`acquire` has ended."""
+        """A call admitted by :meth:`acquire` has ended (no outcome to learn from)."""
+        self._sent -= 1
         self.gate.release()
 
+    def finish(
+        self,
+        permit: Permit | None,
+        start: float,
+        response: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """An attempt admitted by :meth:`acquire` has ended: settle its reservation
+        against the reported usage and learn from the outcome.
+
+        Args:
+            permit: what :meth:`acquire` returned.
+            start: when the attempt was sent.
+            response: the :class:`fanflow.Response`, on success.
+            error: the attempt's error, on failure (None for a cancellation).
+        """
+        if permit is not None:
+            self._tokens_in_flight -= permit.input + permit.output
+            if response is not None:
+                self._settle(permit, response.usage)
+            ramp = permit.ramp
+            if ramp is not None:
+                if response is not None and ramp is self._ramp:
+                    self._widen(ramp)
+                ramp.release()
+        if response is not None:
+            if self.controller is not None:
+                self._grow()
+            state = getattr(response, "rate_limit", None)
+            if state is not None:
+                self._observe(state)
+        elif error is not None and isinstance(error, RateLimited | Overloaded):
+            self._overloaded(error, start)
+        self._sent -= 1
+        self.gate.release()
+
+    def _settle(self, permit: Permit, usage: Any) -> None:
+        input, output = usage.input_tokens, usage.output_tokens
+        if input + output <= 0:
+            return  # the provider reported no usage: keep the estimate
+        refund = self.limits.refund
+        for bucket, slot, kind in permit.slots:
+            if kind != _REQUESTS:
+                cost = _cost(kind, input, output)
+                if refund or cost > slot.cost:
+                    bucket.settle(slot, cost)
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)  # tokens came back: the head of the queue may go sooner
+
+    # -- reactions ------------------------------------------------------------------
+
+    def _limit(self) -> int | None:
+        if self._level is not None:
+            return int(self._level)
+        return self.limits.concurrency
+
+    def _widen(self, ramp: Gate) -> None:
+        """One more call after each success: the ramp doubles every round trip."""
+        limit = (ramp.limit or 0) + 1
+        if limit >= self._ramp_goal:
+            self._ramp = None
+            ramp.set_limit(None)  # the ramp is over: everyone waiting may go
+        else:
+            ramp.set_limit(limit)
+
+    def _grow(self) -> None:
+        assert self.controller is not None
+        assert self._level is not None
+        c = self.controller
+        old = int(self._level)
+        self._level = aimd_increase(self._level, c.increase, c.max)
+        if int(self._level) != old:
+            self.gate.set_limit(self._limit())
+
+    def _overloaded(self, error: RateLimited | Overloaded, start: float) -> None:
+        now = asyncio.get_running_loop().time()
+        self._rate_limited += 1
+        c = self.controller
+        if c is not None and self._level is not None and start >= self._last_cut:
+            # Cut once per round trip: attempts sent before the last cut saw the old limit.
+            self._level = aimd_decrease(self._level, c.decrease, c.min)
+            self._last_cut = now
+            self.gate.set_limit(self._limit())
+        state = getattr(error, "rate_limit", None)
+        if state is not None:
+            self._observe(state)
+        if error.retry_after is not None and error.retry_after > 0:
+            self.pause(now + error.retry_after)
+
+    def pause(self, until: float) -> None:
+        """Send nothing before ``until`` (a 429's Retry-After), then ramp up: one new
+        call in flight, one more per success, until the limit (or, with no limit, as
+        many as were in flight at the 429). Calls sent before the pause do not count.
+        (With the adaptive controller, its own additive increase after the cut is the
+        ramp.)"""
+        if until > self._pause_until:
+            self._pause_until = until
+        self._simple = False
+        self._pauses += 1
+        if self.controller is not None:
+            return
+        goal = self._limit()
+        self._ramp_goal = max(self._sent, 2) if goal is None else goal
+        if self._ramp is None:
+            self._ramp = Gate(1)
+        else:
+            self._ramp.set_limit(1)
+
+    def _hold(self, until: float) -> None:
+        """Send nothing before ``until`` (a rate-limit reset), without a ramp."""
+        self._simple = False
+        if until > self._pause_until:
+            self._pause_until = until
+
+    def _observe(self, state: Any) -> None:
+        """Steer by the server's rate-limit headers (a ``RateLimitState``).
+
+        The hosted APIs' buckets refill continuously and ``reset`` is the time until the
+        bucket is full again, so with the limit known the refill rate is
+        ``(limit - remaining) / reset``: when too little remains for the calls in flight
+        and the next one, hold sends until enough has refilled (at most ``reset``); when
+        less than 10% remains, space sends at the refill rate.
+        """
+        now = asyncio.get_running_loop().time()
+        in_flight = self._sent - 1  # the others sent: the server may not count them yet
+        pairs = (
+            ("requests", 1, in_flight),
+            ("tokens", max(self._last_cost, 1), self._tokens_in_flight),
+        )
+        for what, cost, pending in pairs:
+            remaining = getattr(state, f"{what}_remaining", None)
+            reset = getattr(state, f"{what}_reset", None)
+            if remaining is None or reset is None or reset <= 0:
+                continue
+            limit = getattr(state, f"{what}_limit", None)
+            rate = (limit - remaining) / reset if limit and limit > remaining else None
+            left = remaining - pending
+            if left < cost:
+                wait = reset if rate is None else min(reset, (cost - left) / rate)
+                self._hold(now + wait)
+                continue
+            if limit and remaining < _LOW_REMAINING * limit:
+                self._simple = False
+                interval = cost / rate if rate else reset * cost / left
+                if now >= self._hint_until or interval > self._hint_interval:
+                    self._hint_interval = interval
+                self._hint_until = now + reset
+                self._hint_next = max(self._hint_next, now)
+
     def statistics(self) -> LaneStatistics:
-        return LaneStatistics(concurrency=self.gate.statistics())
+        pause = self._pause_until
+        return LaneStatistics(
+            concurrency=self.gate.statistics(),
+            paused_until=pause if pause else None,
+            pauses=self._pauses,
+            rate_limited=self._rate_limited,
+            adaptive_limit=self._level,
+        )

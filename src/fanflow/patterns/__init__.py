@@ -1,6 +1,7 @@
 """Patterns: map/gather/race, fan-out, voting, best-of-N, guardrails, evaluation,
 sections, ParallelCalls, and multi-step Skill/Step/Chain/Flow run over many inputs by Pool."""
 
+from ._estimate import Estimate, estimate
 from ._evaluate import Evaluation, Score, evaluate
 from ._fanout import FanOutResult, Worker, fan_out
 from ._flow import Chain, Flow, RunResult, Step, StepRecord
@@ -17,6 +18,7 @@ __all__ = [
     "BestOfNResult",
     "Call",
     "Chain",
+    "Estimate",
     "Evaluation",
     "FanOutResult",
     "Flow",
@@ -40,6 +42,7 @@ __all__ = [
     "as_completed",
     "best_of_n",
     "call",
+    "estimate",
     "evaluate",
     "fan_out",
     "gather",

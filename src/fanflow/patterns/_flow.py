@@ -15,7 +15,8 @@ that depend on it; independent branches go on.
 Input keys are checked before anything runs: a missing key fails the item at once with
 a :class:`fanflow.StepInputError` naming the step and the key.
 
-Sync functions run on the event loop thread (keep them quick; make slow I/O async).
+Sync functions run in a worker thread (``asyncio.to_thread``), so a blocking step
+(fetching a URL with requests, say) does not hold up the other items.
 
 Model calls are made by skills only, so a skill's ``store=`` (or a pool's, which
 overrides it) covers every model call of a chain or flow.

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Generic, TypeVar
 
+from .._budget import Budget, as_budget
 from .._engine import CallOptions, execute, make_options
 from .._events import CallEnded, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM, BaseLLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
 from ..store import Sink, Store
@@ -244,6 +253,8 @@ async def map(
     only_failed: bool = False,
     cache: bool = True,
     sink: Sink | str | os.PathLike[str] | None = None,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
@@ -281,6 +292,11 @@ async def map(
             except for the job's own succeeded items).
         sink: stream each finished item to a file: a path (``.jsonl``, ``.parquet``)
             or a sink (:class:`fanflow.JsonlSink`, :class:`fanflow.ParquetSink`).
+        budget: the most to spend on this call: dollars (a number) or a
+            :class:`fanflow.Budget` (``Budget(tokens=...)``; share one between calls to
+            cap a whole job). Each attempt reserves its expected cost first; items the
+            budget cannot cover end as ``skipped`` with ``BudgetExceeded``.
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
@@ -295,6 +311,8 @@ async def map(
         retry=retry,
         hedge_after=hedge_after,
         hooks=hooks,
+        budget=as_budget(budget),
+        prices=prices,
     )
     records: list[CallRecord[Any] | None] = [None] * size if size is not None else []
 
@@ -430,6 +448,8 @@ def as_completed(
     only_failed: bool = False,
     cache: bool = True,
     sink: Sink | str | os.PathLike[str] | None = None,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
 
@@ -437,6 +457,7 @@ def as_completed(
     up, and at most about twice the concurrency of records wait to be consumed.
     ``store``, ``job``, ``only_failed``, ``cache`` and ``sink`` are as for :func:`map`;
     a record is yielded only after it is committed to the store.
+    ``budget`` and ``prices`` are as for :func:`map`.
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
@@ -446,6 +467,7 @@ def as_completed(
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
     size = len(items) if isinstance(items, Sequence) else None
     durable = Durability.of(store=store, job=job, only_failed=only_failed, cache=cache, sink=sink)
+    cap = as_budget(budget)
 
     def make_batch(deliver: Callable[[CallRecord[Any]], Any]) -> _Batch[Any]:
         opts = make_options(
@@ -455,6 +477,8 @@ def as_completed(
             retry=retry,
             hedge_after=hedge_after,
             hooks=hooks,
+            budget=cap,
+            prices=prices,
         )
         return _Batch[Any](
             llm,

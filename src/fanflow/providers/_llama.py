@@ -116,10 +116,13 @@ class Instance:
         """Apply the chat template and tokenize."""
         messages: Any = [{"role": m.role, "content": m.content} for m in request.messages]
         formatted = self.formatter(messages=messages)
-        return self.model.tokenize(
-            formatted.prompt.encode("utf-8"),
-            add_bos=not formatted.added_special,
-            special=True,
+        # list(...): typed whether or not llama_cpp's own stubs are installed.
+        return list(
+            self.model.tokenize(
+                formatted.prompt.encode("utf-8"),
+                add_bos=not formatted.added_special,
+                special=True,
+            )
         )
 
     def generate(self, request: Request, cancel: Cancel) -> Response:

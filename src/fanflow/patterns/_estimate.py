@@ -1,0 +1,86 @@
+"""Dry run: what a map would send and cost, before running it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._llm import LLM, BaseLLM
+from .._pricing import Price, price_of
+from .._tokens import request_tokens
+from ._prompt import Prompt, build_request
+
+__all__ = ["Estimate", "estimate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The expected size of a batch (one attempt per item, no retries).
+
+    ``output_tokens`` is an upper bound: each request's ``max_tokens`` (or the default
+    reservation when it sets none). ``cost`` is None when a model's price is unknown.
+    """
+
+    items: int
+    input_tokens: int
+    output_tokens: int
+    cost: float | None
+    unpriced_models: tuple[str | None, ...] = ()
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __repr__(self) -> str:
+        cost = "unknown" if self.cost is None else f"${self.cost:.4f}"
+        return (
+            f"fanflow.Estimate(items={self.items}, input_tokens={self.input_tokens}, "
+            f"output_tokens={self.output_tokens}, cost={cost})"
+        )
+
+
+def estimate(
+    llm: LLM,
+    prompt: Prompt,
+    items: Iterable[Any],
+    *,
+    system: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+    prices: Mapping[str, Price] | None = None,
+) -> Estimate:
+    """Expected tokens and cost of ``fanflow.map(llm, prompt, items, ...)``, without
+    sending anything. Takes the same prompt and request options as :func:`map`.
+
+    Prompt tokens are estimated as for rate limits (see ``docs/decisions/0041``);
+    output tokens are counted at ``max_tokens`` each, so the cost is an upper bound.
+
+    Raises:
+        TemplateError: an item lacks a field the prompt needs (as ``map`` would record).
+    """
+    params = {
+        k: v
+        for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
+        if v is not None
+    }
+    n = input_total = output_total = 0
+    cost: float | None = 0.0
+    unpriced: list[str | None] = []
+    for index, item in enumerate(items):
+        request = build_request(prompt, item, index, system=system, params=params)
+        if isinstance(llm, BaseLLM):
+            request = llm.prepare(request)
+        input_tokens, output_tokens = request_tokens(request)
+        n += 1
+        input_total += input_tokens
+        output_total += output_tokens
+        price = price_of(request.model, prices)
+        if price is None:
+            if request.model not in unpriced:
+                unpriced.append(request.model)
+            cost = None
+        elif cost is not None:
+            cost += price.cost(input_tokens, output_tokens)
+    return Estimate(n, input_total, output_total, cost, tuple(unpriced))
