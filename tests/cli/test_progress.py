@@ -35,7 +35,7 @@ async def test_snapshots_follow_the_engine_in_virtual_time() -> None:
     seen = {}
 
     async def watch() -> None:
-        for t in (0.5, 1.5, 4.0):
+        for t in (0.5, 3.5, 7.0):
             await asyncio.sleep(t - loop.time())
             seen[t] = tracker.snapshot()
 
@@ -44,22 +44,22 @@ async def test_snapshots_follow_the_engine_in_virtual_time() -> None:
     tracker.stop()
     await watcher
     at = seen[0.5]
-    # map runs one worker per slot: item 0 failed at t=0 and its worker waits 2 s;
-    # the other three workers send items 1..3.
-    assert (at.in_flight, at.retrying, at.done, at.queued) == (3, 1, 0, 0)
-    assert at.rate_limited == 1
-    assert at.retries == 1
-    at = seen[1.5]
-    assert (at.done, at.in_flight, at.retrying) == (3, 3, 1)
-    assert at.eta == pytest.approx((10 - 3) * 1.5 / 3)
+    # Item 0's first attempt got a 429 at t=0: its worker waits to retry, and the 429
+    # paused the whole lane until t=2, so items 1..3 wait for admission meanwhile.
+    assert (at.in_flight, at.retrying, at.done, at.queued) == (0, 1, 0, 3)
+    assert (at.rate_limited, at.retries, at.requests) == (1, 1, 1)
+    at = seen[3.5]
+    # After the pause the lane ramps up from one call in flight (1 at t=2, 2 at t=3).
+    assert (at.done, at.in_flight, at.retrying, at.queued) == (1, 2, 1, 1)
+    assert at.eta == pytest.approx((10 - 1) * 3.5 / 1)
     final = tracker.snapshot()
-    assert seen[4.0] == final  # stopped: the elapsed time stays at the makespan
+    assert seen[7.0] == final  # stopped: the elapsed time stays at the makespan
     assert result.ok
     assert (final.done, final.succeeded, final.failed) == (10, 10, 0)
     assert final.requests == 11
-    # Makespan: items 1-3, 4-6, then 7-9 with item 0's retry at t=2: 3 waves of 1 s.
-    assert final.elapsed == pytest.approx(3.0)
-    assert final.speedup == pytest.approx(result.summary.busy_time / 3.0)
+    # Calls started at t=2 (1), 3 (2), 4 (4) and 5 (2, the last ending at t=6).
+    assert final.elapsed == pytest.approx(6.0) == result.makespan
+    assert final.speedup == pytest.approx(result.summary.busy_time / 6.0)
     assert final.tokens == result.summary.usage.total_tokens
 
 
@@ -122,8 +122,8 @@ async def test_summary_table_rendering() -> None:
         "  429s                                1",
         "  tokens                9 (3 in, 6 out)",
         "  cost                              n/a",
-        "  makespan                         3.0s",
-        "  speed-up                         2.3x",
+        "  makespan                         5.0s",
+        "  speed-up                         2.2x",
     ]
     assert text.splitlines()[: len(expected)] == expected
 

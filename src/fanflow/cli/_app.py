@@ -251,13 +251,16 @@ def _finish(
     where: str | None = None,
     unit: str = "items",
     resume: str = "Run the command again to redo the rest.",
+    finished: int | None = None,
 ) -> int:
     if not args.quiet:
         console.print(render_summary(stats, unit=unit))
     if interrupted:
-        left = f", {stats.total - stats.done} were not run" if stats.total is not None else ""
+        # Calls cancelled by the interrupt end too (as "cancelled"), but did not finish.
+        done = stats.done - stats.failures.get("cancelled", 0) if finished is None else finished
+        left = f", {stats.total - done} were not run" if stats.total is not None else ""
         wrote = f" and were written to {where}" if where else ""
-        console.print(f"fanflow: interrupted; {stats.done} items finished{wrote}{left}. {resume}")
+        console.print(f"fanflow: interrupted; {done} items finished{wrote}{left}. {resume}")
         return EXIT_INTERRUPTED
     problems = []
     if failed:
@@ -323,7 +326,7 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     where = "standard output" if args.output in (None, "-") else args.output
     return _finish(
         args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,
-        items=stats.done, where=where, resume=_resume_hint(args),
+        items=stats.done, where=where, resume=_resume_hint(args), finished=outcome.written,
     )  # fmt: skip
 
 

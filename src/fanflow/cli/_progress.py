@@ -134,7 +134,10 @@ class Tracker:
             if record.status is Status.SUCCEEDED:
                 counts["succeeded"] += 1
             else:
-                reason = type(record.error).__name__ if record.error else str(record.status)
+                if record.status is Status.CANCELLED or record.error is None:
+                    reason = str(record.status)
+                else:
+                    reason = type(record.error).__name__
                 self._failures[reason] += 1
             counts["input_tokens"] += record.usage.input_tokens
             counts["output_tokens"] += record.usage.output_tokens
