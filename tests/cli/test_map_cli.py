@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_missing_template_field_fails_only_that_item(run: Run, tmp_path: Path) -
     out = rows(done.stdout)
     assert [r["status"] for r in out] == ["succeeded", "failed", "succeeded"]
     assert "no field 'text'" in str(out[1]["error"])
-    assert "1 of 3 items failed" in done.stderr
+    assert "1 of 3 items did not succeed" in done.stderr
     assert "TemplateError" in done.stderr  # failed by reason, in the summary
 
 
@@ -108,7 +109,7 @@ def test_failures_after_retries_exit_1_with_count(run: Run, tmp_path: Path) -> N
     )  # fmt: skip
     assert done.returncode == 1
     assert all(r["status"] == "failed" for r in rows(done.stdout))
-    assert "20 of 20 items failed" in done.stderr
+    assert "20 of 20 items did not succeed" in done.stderr
     assert "ServerError" in done.stderr
 
 
@@ -272,3 +273,48 @@ def test_openai_needs_a_model(run: Run, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--model is needed for openai (e.g. --model gpt-4o-mini" in done.stderr
     assert "sk-test-xyz" not in done.stderr
+
+
+def test_dry_run_numbers_match_the_library_estimate(run: Run, tmp_path: Path) -> None:
+    import fanflow
+
+    items = [{"text": "word " * (i % 7 + 1)} for i in range(100)]
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps(i) + "\n" for i in items) + '{"other": 1}\n'
+    )
+    done = run(
+        "map", "in.jsonl", "-p", "Summarize: {text}", "--base-url", "http://127.0.0.1:9/v1",
+        "--model", "gpt-4o-mini", "--max-tokens", "1000", "--rpm", "600", "--dry-run",
+    )  # fmt: skip
+    assert done.returncode == 1  # one item would fail its template, as the run would
+    expected = fanflow.estimate(
+        fanflow.function(lambda r: "", defaults={"model": "gpt-4o-mini", "max_tokens": 1000}),
+        "Summarize: {text}",
+        items,
+    )
+    price = fanflow.Price(0.15, 0.60)  # gpt-4o-mini, USD per million tokens
+    cost = price.cost(expected.input_tokens, 100 * 1000)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "dry run: 100 calls would be sent (one per item, before retries)"
+    assert lines[1] == f"  input tokens   ~{expected.input_tokens:,} (estimated)"
+    assert lines[2] == "  output tokens  at most 100,000 (max_tokens per call)"
+    assert lines[3] == f"  cost           at most ${cost:,.4f} (model gpt-4o-mini)"
+    assert expected.cost == pytest.approx(cost)
+    assert lines[4] == "  duration       at least 10.0s at these limits"  # 100 calls at 600 rpm
+    assert "1 items would fail (template)" in lines[5]
+    assert "line 101: item 100 has no field 'text'" in lines[6]
+
+
+def test_budget_skips_what_it_cannot_cover(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("".join(f"word {i}\n" for i in range(30)))
+    done = run(
+        "map", "in.txt", "-p", "Say {input}", "--provider", "sim", "--sim", "latency=0.01",
+        "--model", "gpt-4o-mini", "--max-tokens", "100", "--budget", "0.00008",
+        "--concurrency", "4",
+    )  # fmt: skip
+    assert done.returncode == 1
+    rows = [json.loads(x) for x in done.stdout.splitlines()]
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert 0 < len(skipped) < 30
+    assert all("BudgetExceeded" in r["error"] for r in skipped)
+    assert re.search(r"BudgetExceeded +%d" % len(skipped), done.stderr)

@@ -89,7 +89,7 @@ def test_run_pipeline_chain(run: Run, tmp_path: Path) -> None:
     assert rows[0]["output"] == "echo: Tone of: echo: Summarize:"
     assert rows[1]["failed_step"] == "summary"
     assert "needs key 'text'" in rows[1]["error"]
-    assert "1 of 3 items failed" in done.stderr
+    assert "1 of 3 items did not succeed" in done.stderr
 
 
 def test_run_pipeline_flow_with_named_model(run: Run, tmp_path: Path) -> None:

@@ -107,6 +107,9 @@ def _add_map(sub: Any) -> None:
     p.add_argument(
         "--records", metavar="PATH", help="also write every call record (for fanflow report)"
     )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print expected calls, tokens and cost; send nothing"
+    )
     job = p.add_argument_group("resumable jobs (a SQLite store, --store or FANFLOW_STORE)")
     job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
     job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
@@ -264,7 +267,7 @@ def _finish(
         return EXIT_INTERRUPTED
     problems = []
     if failed:
-        problems.append(f"{failed} of {items} items failed (see 'error' in the rows)")
+        problems.append(f"{failed} of {items} items did not succeed (see 'error' in the rows)")
     if bad.lines:
         problems.append(f"{len(bad.lines)} malformed input lines were skipped")
     if problems:
@@ -283,10 +286,17 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     check_template(args.prompt)
     fmt = detect_format(args.input, args.input_format)
     plan = _plan(args, env, settings)
+    options: dict[str, Any] = {}
+    for name in ("system", "temperature"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.dry_run:
+        return _dry_run(args, plan, fmt, options)
     total = count_items(args.input, fmt)
     bad = _Bad()
     console = make_console()
-    options: dict[str, Any] = {}
+    if settings.budget is not None:
+        options["budget"] = settings.budget
     store = _open_store(settings, args) if args.job else None
     if store is not None:
         options.update(store=store, job=args.job, only_failed=args.only_failed)
@@ -299,9 +309,6 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     writer = open_output(args.output)
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
-    for name in ("system", "temperature"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
 
     async def go() -> tuple[Any, ProgressStats]:
         tracker = Tracker(total, clock=_loop_time)
@@ -328,6 +335,28 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,
         items=stats.done, where=where, resume=_resume_hint(args), finished=outcome.written,
     )  # fmt: skip
+
+
+def _dry_run(
+    args: argparse.Namespace, plan: ProviderPlan, fmt: str, options: dict[str, Any]
+) -> int:
+    from ._io import read_items
+    from ._mapcmd import describe_dry_run, dry_run
+
+    bad = _Bad()
+    items = read_items(args.input, fmt, bad)
+
+    async def go() -> Any:
+        async with open_llms([plan]) as llms:  # nothing is sent: the handle fills defaults
+            return dry_run(llms[0], args.prompt, items, options)
+
+    result = asyncio.run(go())
+    s = plan.settings
+    for line in describe_dry_run(result, model=s.model or plan.provider, rpm=s.rpm, tpm=s.tpm):
+        print(line)
+    if bad.lines:
+        print(f"  {len(bad.lines)} malformed input lines would be skipped")
+    return EXIT_FAILED if result.template_errors or bad.lines else EXIT_OK
 
 
 def _open_store(settings: Settings, args: argparse.Namespace) -> Any:
@@ -398,6 +427,8 @@ def _cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
     task = read_task(args.task)
     plan = _plan(args, env, settings)
+    if settings.budget is not None:
+        raise ConfigError(f"--budget applies to fanflow map only, not {args.command}")
     options: dict[str, Any] = {}
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
@@ -444,6 +475,8 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     pipe = load_pipeline(args.pipeline)
     flags = {k: v for k, v in _flags(args).items() if v is not None}
     base = resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
+    if base.budget is not None:
+        raise ConfigError("--budget applies to fanflow map only, not to pipelines")
     plans: dict[str | None, ProviderPlan] = {None: _plan(args, env, base)}
     for name, spec in pipe.models.items():
         merged = resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)

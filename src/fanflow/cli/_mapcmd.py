@@ -119,3 +119,62 @@ async def run_map(
     outcome.written = writer.written
     outcome.not_run = len(pending)
     return outcome
+
+
+@dataclass
+class DryRun:
+    """What ``fanflow map --dry-run`` found: the library's estimate plus input problems."""
+
+    estimate: Any
+    template_errors: list[str]
+
+
+def dry_run(llm: BaseLLM, prompt: str, items: Iterator[Item], options: dict[str, Any]) -> DryRun:
+    """Estimate a map with :func:`fanflow.estimate` (nothing is sent).
+
+    Items whose template cannot be filled are counted apart, as the run would fail them.
+    """
+    from ..patterns import estimate
+    from ..patterns._prompt import render
+
+    errors: list[str] = []
+
+    def fillable() -> Iterator[Any]:
+        for index, item in enumerate(items):
+            try:
+                render(prompt, item.value, index)
+            except Exception as exc:
+                errors.append(f"line {item.line}: {exc}")
+                continue
+            yield item.value
+
+    params = {k: options[k] for k in ("system", "temperature") if k in options}
+    return DryRun(estimate(llm, prompt, fillable(), **params), errors)
+
+
+def describe_dry_run(
+    result: DryRun, *, model: str | None, rpm: float | None, tpm: float | None
+) -> list[str]:
+    """The lines ``--dry-run`` prints."""
+    from ._progress import format_duration
+
+    e = result.estimate
+    lines = [f"dry run: {e.items:,} calls would be sent (one per item, before retries)"]
+    lines.append(f"  input tokens   ~{e.input_tokens:,} (estimated)")
+    lines.append(f"  output tokens  at most {e.output_tokens:,} (max_tokens per call)")
+    if e.cost is None:
+        unpriced = ", ".join(repr(m) for m in e.unpriced_models) or repr(model)
+        lines.append(f"  cost           unknown: no price for model {unpriced}")
+    else:
+        lines.append(f"  cost           at most ${e.cost:,.4f} (model {model})")
+    bounds = []
+    if rpm:
+        bounds.append(e.items / rpm * 60.0)
+    if tpm:
+        bounds.append(e.total_tokens / tpm * 60.0)
+    if bounds:
+        lines.append(f"  duration       at least {format_duration(max(bounds))} at these limits")
+    if result.template_errors:
+        lines.append(f"  {len(result.template_errors)} items would fail (template):")
+        lines.extend(f"    {text}" for text in result.template_errors[:10])
+    return lines

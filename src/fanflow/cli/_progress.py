@@ -195,7 +195,9 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _cost(cost: float | None) -> str:
-    return "n/a" if cost is None else f"${cost:,.4f}"
+    if cost is None:
+        return "n/a"
+    return f"${cost:,.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.6f}"
 
 
 def _done(s: ProgressStats) -> str:

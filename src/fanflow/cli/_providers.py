@@ -15,7 +15,6 @@ print them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,16 +145,7 @@ def _local_model_installed() -> bool:
 
 
 def _limits(s: Settings) -> Limits:
-    limits: dict[str, Any] = {"concurrency": s.concurrency}
-    known = {f.name for f in dataclasses.fields(Limits)}
-    for name in ("rpm", "tpm"):
-        value = getattr(s, name)
-        if value is None:
-            continue
-        if name not in known:  # pragma: no cover - only before the limits work is merged
-            raise ConfigError(f"--{name} is not supported by this fanflow build yet")
-        limits[name] = value
-    return Limits(**limits)
+    return Limits(concurrency=s.concurrency, rpm=s.rpm, tpm=s.tpm)
 
 
 _EXAMPLE_MODEL = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
