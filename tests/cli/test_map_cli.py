@@ -317,4 +317,4 @@ def test_budget_skips_what_it_cannot_cover(run: Run, tmp_path: Path) -> None:
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert 0 < len(skipped) < 30
     assert all("BudgetExceeded" in r["error"] for r in skipped)
-    assert re.search(r"BudgetExceeded +%d" % len(skipped), done.stderr)
+    assert re.search(rf"BudgetExceeded +{len(skipped)}\b", done.stderr)
