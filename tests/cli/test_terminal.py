@@ -90,3 +90,23 @@ def test_ctrl_c_stops_cleanly_and_the_job_resumes(tmp_path: Path, cli_env: Env) 
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(120))
     assert all(r["status"] == "succeeded" for r in rows)
+
+
+def test_rows_to_the_same_terminal_print_above_the_panel(tmp_path: Path, cli_env: Env) -> None:
+    import io
+
+    (tmp_path / "in.txt").write_text("".join(f"{i}\n" for i in range(30)))
+    child = spawn(
+        tmp_path, cli_env(None), "map", "in.txt", "-p", "n {input}", "--provider", "sim",
+        "--sim", "latency=0.1", "--concurrency", "4",
+    )  # fmt: skip
+    child.logfile_read = io.StringIO()
+    child.expect("fanflow summary")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    screen = ANSI.sub("", child.logfile_read.getvalue()).replace("\r", "\n")
+    rows = [line for line in screen.split("\n") if '"index"' in line]
+    # Each result row is a whole line of its own, never glued to the panel's lines.
+    assert all(line.startswith("{") for line in rows), rows
+    assert sorted({json.loads(line)["index"] for line in rows}) == list(range(30))

@@ -12,6 +12,7 @@ Outputs: JSONL (the default, to standard output) or Parquet (``.parquet``, needs
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 FORMATS = ("jsonl", "csv", "text")
+
+# Stands for "standard output as it is at the time of the write".
+_STDOUT: IO[str] = io.StringIO()
 
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
@@ -197,7 +201,10 @@ class OutputWriter:
     def write(self, row: dict[str, Any]) -> None:
         self.written += 1
         if self._stream is not None:
-            self._stream.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            # Standard output is looked up at each write: the live display may route it
+            # above its panel while it runs (rich's redirect_stdout).
+            stream = sys.stdout if self._stream is _STDOUT else self._stream
+            stream.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             return
         self._rows.append(row)
         if len(self._rows) >= 1024:
@@ -229,13 +236,13 @@ class OutputWriter:
 
     def flush(self) -> None:
         if self._stream is not None:
-            self._stream.flush()
+            (sys.stdout if self._stream is _STDOUT else self._stream).flush()
 
     def close(self) -> None:
         if self._parquet is not None:
             self._flush_parquet()
             self._parquet.close()
-        elif self._stream is not None and self._stream is not sys.stdout:
+        elif self._stream is not None and self._stream is not _STDOUT:
             self._stream.close()
         else:
             self.flush()
@@ -244,7 +251,7 @@ class OutputWriter:
 def open_output(path: str | None) -> OutputWriter:
     """Open the output: JSONL to standard output (None or ``-``), a file, or Parquet."""
     if path is None or path == "-":
-        return OutputWriter(sys.stdout)
+        return OutputWriter(_STDOUT)
     if path.lower().endswith(".parquet"):
         try:
             import pyarrow as pa
