@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fanflow
+import fanflow.events
 from fanflow import Limits, RetryPolicy, Status
 from fanflow.testing import Fault, ScriptedLLM
 

@@ -10,7 +10,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Generic, Literal, TypeVar
 
 __all__ = [
@@ -151,8 +151,20 @@ class Request:
         return "\n\n".join(parts) if parts else None
 
     def with_options(self, **changes: Any) -> Request:
-        """Return a copy with the given fields changed (``dataclasses.replace``)."""
-        return replace(self, **changes)
+        """Return a copy with the given fields changed (as ``dataclasses.replace``).
+
+        Every call through a handle with defaults passes here (``BaseLLM.prepare``), so it
+        copies the slots directly instead of re-running ``__init__``: about 4x cheaper.
+        """
+        unknown = changes.keys() - _REQUEST_FIELDS
+        if unknown:
+            raise TypeError(f"Request has no field(s) {sorted(unknown)}")
+        new = object.__new__(type(self))
+        put = object.__setattr__  # frozen: fill the slots as __init__ would
+        for name in _REQUEST_FIELDS:
+            put(new, name, changes[name] if name in changes else getattr(self, name))
+        put(new, "_key", None)  # the cached key belongs to the old fields
+        return new
 
     def canonical(self) -> dict[str, Any]:
         """The canonical form that identifies this request (metadata excluded)."""
@@ -178,6 +190,9 @@ class Request:
             key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
             object.__setattr__(self, "_key", key)  # a cache, not a change of value
         return key
+
+
+_REQUEST_FIELDS = tuple(f.name for f in fields(Request) if f.name != "_key")
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,6 +138,12 @@ def test_429_variants() -> None:
         assert "waiting will not help" in str(error)
 
 
+def test_retry_after_on_5xx_is_kept() -> None:
+    assert _error(503, b"{}", {"retry-after": "4"}).retry_after == 4.0
+    assert _error(529, b"{}", {"retry-after-ms": "1500"}).retry_after == 1.5
+    assert _error(500, b"{}").retry_after is None
+
+
 def test_odd_bodies() -> None:
     assert "<html>bad gateway</html>" in str(_error(502, b"<html>bad gateway</html>"))
     assert "(empty body)" in str(_error(500, b""))
@@ -163,3 +169,28 @@ def test_secret_is_scrubbed_and_never_shown() -> None:
     assert pickle.loads(pickle.dumps(secret)).reveal() == "sk-abc-123"
     again = pickle.loads(pickle.dumps(error))
     assert (type(again), str(again), again.status_code) == (type(error), str(error), 401)
+
+
+def test_well_formed_json_of_the_wrong_shape_is_a_protocol_error() -> None:
+    openai = fanflow.openai("m", base_url="http://127.0.0.1:9/v1", api_key="k")
+    anthropic = fanflow.anthropic("m", base_url="http://127.0.0.1:9", api_key="k")
+    for llm, body in ((openai, b'{"choices": []}'), (anthropic, b'{"content": 3}')):
+        with pytest.raises(fanflow.ProtocolError, match="not the expected JSON") as info:
+            llm.parse(body, 0.1, None)
+        assert info.value.retryable
+    with pytest.raises(fanflow.ContentFiltered):
+        openai.parse(
+            b'{"choices": [{"message": {"content": ""}, "finish_reason": "content_filter"}]}',
+            0.1,
+            None,
+        )
+    with pytest.raises(fanflow.ContentFiltered):
+        anthropic.parse(b'{"content": [], "stop_reason": "refusal"}', 0.1, None)
+
+
+def test_public_names() -> None:
+    import fanflow.providers
+
+    assert {"AnthropicLLM", "OpenAILLM", "anthropic", "openai"} <= set(fanflow.providers.__all__)
+    assert {"openai", "anthropic", "RateLimitState"} <= set(fanflow.__all__)
+    assert fanflow.openai is fanflow.providers.openai

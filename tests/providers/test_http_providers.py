@@ -45,6 +45,7 @@ async def server() -> AsyncIterator[SimServer]:
             "^e500": "500",
             "^e503": "503",
             "^e529": "529",
+            "^e429": "429",
             "^quota": "quota",
             "^junk": "malformed",
             "^reset": "reset",
@@ -126,6 +127,7 @@ async def test_stream_collects_text_and_time_to_first_token(factory: Factory) ->
         ("e500", fanflow.ServerError, 500, True),
         ("e503", fanflow.ServerError, 503, True),
         ("e529", fanflow.Overloaded, 529, True),
+        ("e429", fanflow.RateLimited, 429, True),
         ("quota", fanflow.QuotaExceeded, 429, False),
         ("junk", fanflow.ProtocolError, None, True),
         ("reset", fanflow.ProviderConnectionError, None, True),
@@ -147,8 +149,19 @@ async def test_faults_are_classified(
     assert fanflow.is_retryable(info.value) is retryable
     if prompt == "e500":
         assert "The server had an error while processing your request" in str(info.value)
+    if prompt == "e429":
+        assert info.value.retry_after == 1.0  # retry-after-ms wins over retry-after
     if prompt == "quota":
         assert "quota" in str(info.value) or "usage limits" in str(info.value)
+
+
+async def test_malformed_stream_event_is_a_protocol_error(
+    server: SimServer, factory: Factory
+) -> None:
+    async with factory(server, stream=True) as llm:
+        with pytest.raises(fanflow.ProtocolError, match="bad stream event") as info:
+            await llm.complete(llm.prepare(Request.of("junk")))
+    assert info.value.retryable
 
 
 async def test_retries_then_succeeds_through_the_engine(factory: Factory) -> None:
@@ -301,6 +314,22 @@ async def test_one_pool_per_loop_reopened_after_aclose(server: SimServer) -> Non
     assert second.closed
 
 
+async def test_a_pickled_handle_works(server: SimServer) -> None:
+    async with make_openai(server, max_tokens=5) as llm:
+        await fanflow.call(llm, "warm the pool")
+        copy = pickle.loads(pickle.dumps(llm))
+    async with copy:
+        assert (await fanflow.call(copy, "again")).text == "echo: again"
+    assert (copy.url, copy.defaults, repr(copy)) == (llm.url, llm.defaults, repr(llm))
+
+
+async def test_a_handle_never_closed_is_closed_with_its_loop(server: SimServer) -> None:
+    # No aclose(): the loop's shutdown_asyncgens closes the pool when the test's loop
+    # ends, so filterwarnings=error sees no "Unclosed client session".
+    llm = make_openai(server)
+    assert (await fanflow.call(llm, "left open")).text == "echo: left open"
+
+
 def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:
     with SimServer() as server:
         llm = make_openai(server)
@@ -309,3 +338,20 @@ def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:
         # each fanflow.run had its own loop; each closed its session when the loop ended
         assert len(llm._sessions._by_loop) == 0
         assert server.stats().requests == 2
+
+
+async def test_virtual_time_never_fires_a_timeout_early_over_real_sockets() -> None:
+    """A reply due 1 ms before the timeout always wins; 1 ms after always loses.
+
+    Under looptime the clock jumps when the loop is idle; real loopback I/O must not let
+    it jump past a reply that is already on the wire (the server writes in this loop).
+    """
+    retry = RetryPolicy.none()
+    async with SimServer(latency=0.999) as fast, SimServer(latency=1.001) as slow:
+        on_time = make_openai(fast, timeout=1.0, retry=retry)
+        late = make_openai(slow, timeout=1.0, retry=retry)
+        async with on_time, late:
+            ok = await fanflow.map(on_time, "{i}", [{"i": i} for i in range(200)], concurrency=50)
+            bad = await fanflow.map(late, "{i}", [{"i": i} for i in range(20)], concurrency=20)
+    assert ok.ok
+    assert set(bad.status.values()) == {fanflow.Status.TIMED_OUT}

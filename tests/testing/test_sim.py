@@ -116,7 +116,9 @@ async def test_rpm_bucket_answers_429_with_headers(http: aiohttp.ClientSession) 
         assert (await post(http, server.url + CHAT, chat("x")))[0] == 429
         assert loop.time() - t0 == 1.0
         stats = server.stats()
+        arrivals = [r.at - server.requests[0].at for r in server.requests]
     assert stats.responses == {200: 61, 429: 2}
+    assert arrivals == [0.0] * 61 + [1.0, 1.0]  # the test's own virtual clock
     assert [(s.second, s.admitted, s.rate_limited) for s in stats.timeline] == [
         (0, 60, 1),
         (1, 1, 1),
@@ -339,3 +341,21 @@ def test_runs_in_a_thread_for_sync_code() -> None:
             body = json.loads(r.read())
         assert server.stats().requests == 1
     assert body["choices"][0]["message"]["content"] == "echo: sync"
+
+
+async def test_a_stream_left_midway_is_a_disconnect_not_a_completion(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with SimServer(fault_on={"slow": "slow_stream"}) as server:
+        with pytest.raises(TimeoutError):
+            async with (
+                asyncio.timeout(2.5),
+                http.post(server.url + CHAT, json=chat("slow", stream=True)) as r,
+            ):
+                await r.read()
+        await asyncio.sleep(5)  # the server's next write finds the connection closed
+        stats = server.stats()
+    assert stats.disconnects == 1
+    assert stats.responses == {}
+    assert stats.prompt_requests == {"slow": 1}
+    assert stats.prompt_completed == {}

@@ -57,7 +57,11 @@ _FILTER_CODES = ("content_filter", "content_policy_violation")
 
 
 class Secret:
-    """An API key that never shows itself in ``repr``, ``str`` or f-strings."""
+    """An API key that never shows itself in ``repr``, ``str`` or f-strings.
+
+    It does pickle with its value (a handle sent to a Ray worker must still work), so a
+    pickled handle is a secret too; records, errors and stores never hold a handle.
+    """
 
     __slots__ = ("_value",)
 
@@ -148,8 +152,10 @@ def classify(
                 retry_after = wait_from_state(rate_limit)
     elif status == 529 or code == "overloaded_error":
         cls = Overloaded
+        retry_after = parse_retry_after(headers, wall_clock())
     elif status in (408, 409) or status >= 500:
         cls = ServerError
+        retry_after = parse_retry_after(headers, wall_clock())  # a 503 may say when
     elif status == 401:
         cls = AuthenticationError
     elif status == 403:

@@ -108,7 +108,16 @@ class _Bucket:
 
 @dataclass(frozen=True, slots=True)
 class SimSecond:
-    """What SimServer saw during one second (since start or the last reset)."""
+    """What SimServer saw during one second (since start or the last reset).
+
+    Attributes:
+        second: whole seconds since the server started (or was reset).
+        requests: chat requests that arrived.
+        admitted: requests that passed the limits (in flight, RPM, TPM).
+        rate_limited: requests refused with 429 by those limits (injected 429s excluded).
+        tokens: input + output tokens charged to the TPM bucket.
+        completed: successful replies whose last byte was sent in this second.
+    """
 
     second: int
     requests: int = 0
@@ -227,7 +236,8 @@ class SimServer:
             kinds are in :data:`FAULTS`: ``"500"``, ``"503"``, ``"529"``, ``"429"``,
             ``"quota"`` (a 429 saying the quota is spent), ``"hang"`` (never answer),
             ``"reset"`` (reset the connection), ``"malformed"`` (a 200 that is not
-            JSON), ``"slow_stream"`` (the body trickles, ``slow_delay`` per chunk).
+            JSON; in a stream, an event that is not JSON), ``"slow_stream"`` (the body
+            trickles, ``slow_delay`` per chunk).
         fault_on: faults scripted by request: ``{regex: kind}`` for every prompt that
             matches, ``{regex: [kind, kind]}`` for the first matches only (then normal
             replies), or ``fn(SimRequest) -> kind | None``.
@@ -498,21 +508,19 @@ class SimServer:
         c.in_flight += 1
         if c.in_flight > c.max_in_flight:
             c.max_in_flight = c.in_flight
-        status = 0
         try:
             response = await self._chat(api, request)
-            status = response.status
-            return response
-        except asyncio.CancelledError:
-            c.disconnects += 1
-            raise
-        except ConnectionResetError:
+        except asyncio.CancelledError:  # the client went away (handler_cancellation)
             c.disconnects += 1
             raise
         finally:
             c.in_flight -= 1
-            if status:
-                c.responses[status] = c.responses.get(status, 0) + 1
+        if isinstance(response, _Gone):
+            if response.by_client:
+                c.disconnects += 1
+        else:
+            c.responses[response.status] = c.responses.get(response.status, 0) + 1
+        return response
 
     async def _other(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path == "/stats" and request.method == "GET":
@@ -568,7 +576,7 @@ class SimServer:
             return self._error(api, 400, "anthropic-version: header is required")
         index = self._c.requests - 1
         try:
-            sim = parse_request(api, body, index)
+            sim = parse_request(api, body, index, now)
         except WireError as exc:
             return self._error(api, exc.status, exc.message)
         if self.keep_requests:
@@ -608,10 +616,13 @@ class SimServer:
             else:  # each word takes per_token: the first arrives at latency + per_token
                 words = range(first, first + done.output_tokens)
                 gaps = [self.per_token if i in words else 0.0 for i in range(len(chunks))]
+            if fault == "malformed":  # an event whose data is not JSON
+                chunks[first] = b'data: {"choices": [{"delta": \n\n'
             if delay > 0:
                 await asyncio.sleep(delay)
             streamed = await self._stream(request, chunks, gaps, headers, "text/event-stream")
-            self._completed(sim)
+            if not isinstance(streamed, _Gone):
+                self._completed(sim)
             return streamed
         delay += self.per_token * done.output_tokens
         if delay > 0:
@@ -622,7 +633,8 @@ class SimServer:
             parts = [payload[i : i + step] for i in range(0, len(payload), step)]
             gaps = [0.0] + [self.slow_delay] * (len(parts) - 1)
             streamed = await self._stream(request, parts, gaps, headers, "application/json")
-            self._completed(sim)
+            if not isinstance(streamed, _Gone):
+                self._completed(sim)
             return streamed
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
@@ -630,8 +642,11 @@ class SimServer:
         response = web.Response(body=payload, content_type="application/json")
         for k, v in headers:
             response.headers[k] = v
-        await response.prepare(request)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:  # the client closed the connection before the reply
+            return _Gone(by_client=True)
         self._completed(sim)
         return response
 
@@ -654,12 +669,15 @@ class SimServer:
             response.headers[k] = v
         if content_type == "text/event-stream":
             response.headers["Cache-Control"] = "no-cache"
-        await response.prepare(request)
-        for gap, chunk in zip(gaps, chunks, strict=True):
-            if gap > 0:
-                await asyncio.sleep(gap)
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for gap, chunk in zip(gaps, chunks, strict=True):
+                if gap > 0:
+                    await asyncio.sleep(gap)
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:  # the client closed the connection mid-reply
+            return _Gone(by_client=True)
         assert self._loop is not None
         self._second(self._loop.time())[4] += 1
         return response
@@ -786,11 +804,20 @@ class SimServer:
             finally:
                 self._hangs.discard(fut)
             _reset(request)
-            raise ConnectionResetError("SimServer closed a hung request")
+            return _Gone(by_client=False)
         if fault == "reset":
             _reset(request)
-            raise ConnectionResetError("SimServer reset the connection (injected)")
+            return _Gone(by_client=False)
         return None
+
+
+class _Gone(web.Response):
+    """Returned when the connection is already closed: aiohttp's write of it fails
+    quietly (no error log), and SimServer counts no response for it."""
+
+    def __init__(self, *, by_client: bool) -> None:
+        super().__init__(status=499)
+        self.by_client = by_client
 
 
 def _reset(request: web.BaseRequest) -> None:

@@ -54,6 +54,8 @@ class SimRequest:
         max_tokens: the request's output cap, if any.
         stream: whether a server-sent-event stream was asked for.
         body: the parsed JSON body, as sent.
+        at: the server loop's time (``loop.time()``) when the request arrived; in a
+            test whose loop runs the server, the test's own (virtual) clock.
     """
 
     api: Api
@@ -64,6 +66,7 @@ class SimRequest:
     max_tokens: int | None
     stream: bool
     body: Mapping[str, Any] = field(repr=False)
+    at: float = 0.0
 
     @property
     def prompt(self) -> str:
@@ -89,7 +92,7 @@ class WireError(Exception):
         self.message = message
 
 
-def parse_request(api: Api, body: bytes, index: int) -> SimRequest:
+def parse_request(api: Api, body: bytes, index: int, at: float = 0.0) -> SimRequest:
     """Parse and validate a chat request body; raise :class:`WireError` on bad input."""
     try:
         data = json.loads(body)
@@ -138,6 +141,7 @@ def parse_request(api: Api, body: bytes, index: int) -> SimRequest:
         max_tokens=max_tokens,
         stream=bool(data.get("stream", False)),
         body=data,
+        at=at,
     )
 
 
