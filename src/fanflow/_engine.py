@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ._budget import Budget
+from ._budget import Budget, as_budget
 from ._events import (
     AttemptFailed,
     AttemptStarted,
@@ -90,10 +90,17 @@ def make_options(
     retry: RetryPolicy | None = None,
     hedge_after: float | None = None,
     hooks: Sequence[Hook] = (),
-    budget: Budget | None = None,
+    budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
 ) -> CallOptions:
-    """Build the options of one pattern call; ``deadline`` is in seconds from now."""
+    """Build the options of one pattern call; ``deadline`` is in seconds from now.
+
+    ``budget`` is a :class:`Budget` (used as given, so calls sharing it draw on one cap)
+    or a number of dollars (a new cap for these options alone). A pattern that builds
+    options more than once converts a number with ``as_budget`` first, so all its calls
+    share one cap.
+    """
+    cap = as_budget(budget)
     if deadline is not None and deadline <= 0:
         raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
     if concurrency is not None and concurrency < 1:
@@ -108,7 +115,7 @@ def make_options(
         deadline=deadline_at,
         hooks=tuple(hooks),
         gate=Gate(concurrency) if concurrency is not None else None,
-        budget=budget.with_prices(prices) if budget is not None else None,
+        budget=cap.with_prices(prices) if cap is not None else None,
         prices=dict(prices) if prices else None,
     )
 
