@@ -101,6 +101,9 @@ def make_options(
     share one cap.
     """
     cap = as_budget(budget)
+    if cap is not None:
+        # Records are priced as the budget charges them (its prices, then the call's).
+        prices = cap.with_prices(prices).prices
     if deadline is not None and deadline <= 0:
         raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
     if concurrency is not None and concurrency < 1:
@@ -115,7 +118,7 @@ def make_options(
         deadline=deadline_at,
         hooks=tuple(hooks),
         gate=Gate(concurrency) if concurrency is not None else None,
-        budget=cap.with_prices(prices) if cap is not None else None,
+        budget=cap,
         prices=dict(prices) if prices else None,
     )
 
