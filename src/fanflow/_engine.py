@@ -332,7 +332,10 @@ class _Call(Generic[T]):
         return response
 
     def _who(self) -> str:
-        return f"item {self.index}" if self.index is not None else "the call"
+        index, label = self.index, self.label
+        if index is None:
+            return "the call" if label is None else f"the {label!r} call"
+        return f"item {index}" if label is None else f"item {index} ({label})"
 
     def _timeout_error(self, by_deadline: bool) -> CallTimeout:
         if by_deadline:

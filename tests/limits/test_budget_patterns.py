@@ -77,6 +77,8 @@ async def test_fan_out_skips_workers_and_the_aggregator_then_concats(looptime: f
     assert result.aggregator is not None
     assert result.aggregator.status is Status.SKIPPED
     assert result.answer == "\n\n---\n\n".join(["blue"] * 3)
+    # The reason names what was skipped.
+    assert str(result.workers[3].error).startswith("item 3 (worker 3) was skipped: it needs")
     assert sum(r.cost or 0.0 for r in result.records) == 45
     assert llm.calls == 3
     assert looptime == 2.0
@@ -147,6 +149,7 @@ async def test_guarded_with_a_skipped_guard_lets_fail_closed_decide(looptime: fl
     assert result.allowed
     assert result.output == "blue"
     assert isinstance(result.guard_error, BudgetExceeded)
+    assert str(result.guard_error).startswith("the 'guard' call was skipped")
     _check(budget, result.records)
     closed = await fanflow.guarded(llm, "hi", budget=Budget(usd=30, prices=PRICES))
     assert closed.refused
@@ -275,6 +278,7 @@ async def test_one_budget_over_a_pool_of_20_items_never_overshoots(looptime: flo
         if not r.ok:
             assert isinstance(r.error, BudgetExceeded)
             assert r.failed_step in ("summarize", "title")
+            assert f"item {r.index} ({r.failed_step}) was skipped" in str(r.error)
             # A first step that ran keeps its value even though the item was skipped.
             assert (r.failed_step == "title") == ("summarize" in r.context)
     status = pool.status
