@@ -168,3 +168,16 @@ def test_run_pipeline_job_replays_from_the_store(run: Run, tmp_path: Path) -> No
     assert again.returncode == 0, again.stderr
     assert again.stdout == first.stdout  # same rows, every call served from the store
     assert re.search(r"requests +0\b", again.stderr)
+
+
+def test_vote_budget_too_small_skips_every_sample(run: Run) -> None:
+    done = run(
+        "vote", "Q", "-n", "3", "--provider", "sim", "--sim", "latency=0.01",
+        "--model", "gpt-4o-mini", "--max-tokens", "100", "--budget", "0.00001",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert re.search(r"BudgetExceeded +3", done.stderr)
+    assert re.search(r"requests +0\b", done.stderr)
+    assert re.search(r"speed-up +n/a", done.stderr)
+    assert "AllFailed" in done.stderr

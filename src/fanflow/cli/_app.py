@@ -427,13 +427,14 @@ def _cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
     task = read_task(args.task)
     plan = _plan(args, env, settings)
-    if settings.budget is not None:
-        raise ConfigError(f"--budget applies to fanflow map only, not {args.command}")
+
     options: dict[str, Any] = {}
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
     if args.system is not None:
         options["system"] = args.system
+    if settings.budget is not None:
+        options["budget"] = settings.budget
     if args.temperature is not None:
         if args.pattern == "fanout":
             options["temperatures"] = (args.temperature, args.temperature)
@@ -475,8 +476,6 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     pipe = load_pipeline(args.pipeline)
     flags = {k: v for k, v in _flags(args).items() if v is not None}
     base = resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
-    if base.budget is not None:
-        raise ConfigError("--budget applies to fanflow map only, not to pipelines")
     plans: dict[str | None, ProviderPlan] = {None: _plan(args, env, base)}
     for name, spec in pipe.models.items():
         merged = resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
@@ -494,7 +493,9 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     bad = _Bad()
     items = list(read_items(source, fmt, bad))
     store = _open_store(base, args) if args.job else None
-    pool_options = {"store": store, "job": args.job} if store is not None else {}
+    pool_options: dict[str, Any] = {"store": store, "job": args.job} if store is not None else {}
+    if base.budget is not None:
+        pool_options["budget"] = base.budget  # one cap over every call of the run
     writer = open_output(args.output or pipe.output)
     console = make_console()
 

@@ -268,7 +268,7 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
     table.add_row("tokens", f"{s.tokens:,} ({s.input_tokens:,} in, {s.output_tokens:,} out)")
     table.add_row("cost", _cost(s.cost))
     table.add_row("makespan", format_duration(s.elapsed))
-    speedup = s.speedup
+    speedup = s.speedup if s.requests else None  # nothing was sent: no speed-up to show
     table.add_row("speed-up", "n/a" if speedup is None else f"{speedup:.1f}x")
     return table
 

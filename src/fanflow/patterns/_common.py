@@ -10,14 +10,17 @@ happened.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
+from .._budget import Budget, as_budget
 from .._durable import ResultStore, execute_stored
-from .._engine import CallOptions, status_of
+from .._engine import CallOptions, make_options, status_of
 from .._llm import LLM
+from .._pricing import Price
 from .._types import CallRecord, Request, Response, Status, Summary, summarize
 from ._jobs import Durability
 
@@ -25,6 +28,7 @@ __all__ = [
     "PatternResult",
     "call_user",
     "is_llm",
+    "options_with",
     "run_calls",
     "text_of",
 ]
@@ -48,6 +52,14 @@ async def call_user(fn: Callable[..., Any], *args: Any) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def options_with(
+    budget: float | Budget | None, prices: Mapping[str, Price] | None
+) -> Callable[..., CallOptions]:
+    """``make_options`` bound to one budget: every call of a pattern (workers,
+    aggregator, judge, ...) draws on the same cap, even when ``budget`` is a number."""
+    return functools.partial(make_options, budget=as_budget(budget), prices=prices)
 
 
 async def run_calls(
