@@ -282,3 +282,15 @@ def test_run_raises_the_error_of_the_work() -> None:
 
     with pytest.raises(fanflow.ConfigError, match="nope"):
         fanflow.run(boom())
+
+
+async def test_speedup_counts_time_answering_not_time_queueing(looptime: float) -> None:
+    # 10 calls of 1 s through a handle that runs 2 at once: 5 s, and the honest speed-up is
+    # 2x (10 s of work in 5 s), not the sum of queue-inflated latencies over 5 s.
+    llm = ScriptedLLM(latency=1.0, limits=Limits(concurrency=2))
+    result = await fanflow.map(llm, "{input}", range(10), concurrency=10)
+    assert float(looptime) == 5.0
+    assert result.summary.busy_time == pytest.approx(10.0)
+    assert result.summary.speedup == pytest.approx(2.0)
+    assert result.records[9].latency == pytest.approx(5.0)  # queued 4 s, answered in 1 s
+    assert result.records[9].busy_time == pytest.approx(1.0)

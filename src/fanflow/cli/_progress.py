@@ -143,8 +143,7 @@ class Tracker:
             counts["output_tokens"] += record.usage.output_tokens
             if record.cost is not None and not record.cached:  # a store hit costs nothing
                 self._cost = (self._cost or 0.0) + record.cost
-            if record.latency is not None and not record.cached:
-                self._busy += record.latency
+            self._busy += record.busy_time  # attempts only: queueing is not work
 
     def stop(self) -> None:
         """Freeze the elapsed time (the makespan) at now."""

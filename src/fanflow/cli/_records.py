@@ -123,6 +123,13 @@ class CallRow:
             return None
         return self.end - self.start
 
+    @property
+    def busy_time(self) -> float:
+        """Time spent being answered (attempts only; queueing and backoff excluded)."""
+        if self.attempts:
+            return sum(a.end - a.start for a in self.attempts)
+        return self.latency or 0.0
+
 
 def read_records(path: str) -> Iterator[CallRow]:
     """Read a records file written by ``--records``.

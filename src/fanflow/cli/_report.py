@@ -80,7 +80,7 @@ def summarize_rows(rows: Sequence[CallRow]) -> ReportSummary:
         output_tokens=sum(r.output_tokens for r in rows),
         cost=sum(costs) if costs else None,
         makespan=(max(ends) - min(starts)) if starts and ends else 0.0,
-        busy_time=sum(r.latency or 0.0 for r in rows),
+        busy_time=sum(r.busy_time for r in rows),
     )
 
 

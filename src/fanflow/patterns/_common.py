@@ -150,8 +150,8 @@ def describe(record: CallRecord[Any]) -> str:
 class PatternResult:
     """What a pattern did: every call it made (``records``) and how long it took.
 
-    ``summary`` adds the calls up (tokens, retries, failures, ``busy_time`` = the sum
-    of call latencies); ``speedup`` is that sum over the pattern's ``makespan``.
+    ``summary`` adds the calls up (tokens, retries, failures, ``busy_time`` = the time
+    spent answering calls, queueing excluded); ``speedup`` is that over ``makespan``.
     """
 
     records: tuple[CallRecord[Any], ...] = field(default=(), repr=False)
