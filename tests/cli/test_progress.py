@@ -45,12 +45,13 @@ async def test_snapshots_follow_the_engine_in_virtual_time() -> None:
     await watcher
     at = seen[0.5]
     # Item 0's first attempt got a 429 at t=0: its worker waits to retry, and the 429
-    # paused the whole lane until t=2, so items 1..3 wait for admission meanwhile.
-    assert (at.in_flight, at.retrying, at.done, at.queued) == (0, 1, 0, 3)
+    # paused the whole lane until t=2, so the other workers' items (2 workers per slot:
+    # 8 for the handle's 4) wait for admission meanwhile.
+    assert (at.in_flight, at.retrying, at.done, at.queued) == (0, 1, 0, 7)
     assert (at.rate_limited, at.retries, at.requests) == (1, 1, 1)
     at = seen[3.5]
     # After the pause the lane ramps up from one call in flight (1 at t=2, 2 at t=3).
-    assert (at.done, at.in_flight, at.retrying, at.queued) == (1, 2, 1, 1)
+    assert (at.done, at.in_flight, at.retrying, at.queued) == (1, 2, 1, 5)
     assert at.eta == pytest.approx((10 - 1) * 3.5 / 1)
     final = tracker.snapshot()
     assert seen[7.0] == final  # stopped: the elapsed time stays at the makespan
@@ -91,7 +92,8 @@ async def test_live_panel_rendering_with_a_fake_clock() -> None:
     await task
     lines = text.splitlines()
     assert lines[0].endswith("10/20 50%  ETA 2.5s")
-    assert lines[1] == "done 10  failed 0  retrying 0  in flight 5  queued 0"
+    # 10 workers for the handle's 5 slots: 5 in flight, 5 waiting for a slot.
+    assert lines[1] == "done 10  failed 0  retrying 0  in flight 5  queued 5"
     # 15 requests in 2.5 s; 10 calls x (2 + 3) tokens.
     assert lines[2] == "6.0 req/s  20 tok/s  cost n/a  elapsed 2.5s"
 
