@@ -37,6 +37,17 @@ async def main() -> None:
     if skipped:
         print("first skip:", skipped[0].error)
 
+    # One Budget caps every call of a pattern (here 5 workers and the aggregator) and can
+    # be shared by several patterns; what it cannot cover is skipped, the rest is kept.
+    short = ScriptedLLM("blue", latency=0.05, defaults={"max_tokens": 5})
+    budget = fanflow.Budget(tokens=60)
+    fanned = await fanflow.fan_out(short, "Name a colour", workers=5, budget=budget)
+    ran = sum(w.ok for w in fanned.workers)
+    print(
+        f"fan_out: {ran} of 5 workers ran, merged by {fanned.aggregation} "
+        f"({budget.spent:.0f} of 60 tokens spent)"
+    )
+
 
 if __name__ == "__main__":
     asyncio.run(main())

@@ -174,8 +174,8 @@ async def test_as_completed_pulls_items_lazily() -> None:
             count += 1
             if count == 50:
                 break
-    # Only the workers' items and a small queue of finished records were pulled.
-    assert pulled <= 50 + 10 + 10 + 1
+    # Only the workers' items (2 per slot) and a small queue of records were pulled.
+    assert pulled <= 50 + 20 + 20 + 1
     assert llm.in_flight == 0
 
 
@@ -282,3 +282,28 @@ def test_run_raises_the_error_of_the_work() -> None:
 
     with pytest.raises(fanflow.ConfigError, match="nope"):
         fanflow.run(boom())
+
+
+async def test_speedup_counts_time_answering_not_time_queueing(looptime: float) -> None:
+    # 10 calls of 1 s through a handle that runs 2 at once: 5 s, and the honest speed-up is
+    # 2x (10 s of work in 5 s), not the sum of queue-inflated latencies over 5 s.
+    llm = ScriptedLLM(latency=1.0, limits=Limits(concurrency=2))
+    result = await fanflow.map(llm, "{input}", range(10), concurrency=10)
+    assert float(looptime) == 5.0
+    assert result.summary.busy_time == pytest.approx(10.0)
+    assert result.summary.speedup == pytest.approx(2.0)
+    assert result.records[9].latency == pytest.approx(5.0)  # queued 4 s, answered in 1 s
+    assert result.records[9].busy_time == pytest.approx(1.0)
+
+
+async def test_an_item_in_backoff_does_not_idle_its_slot(looptime: float) -> None:
+    # Item 0 fails at t=0 and waits 10 s; meanwhile both slots keep working on the rest:
+    # items 1-5 end by t=3, not t=5 as they would if item 0's worker held its slot.
+    llm = ScriptedLLM(latency=1.0, failures={0: Fault.server_error()})
+    result = await fanflow.map(
+        llm, "{input}", range(6), concurrency=2, retry=RetryPolicy(initial=10.0, jitter=False)
+    )
+    assert result.ok
+    assert llm.max_in_flight == 2
+    assert max(r.end or 0 for r in result.records[1:]) == 3.0
+    assert result.records[0].end == 11.0

@@ -92,6 +92,11 @@ class Budget:
     def spent(self) -> float:
         return self._spent
 
+    @property
+    def prices(self) -> Mapping[str, Price] | None:
+        """The prices this budget knows beyond the built-in table."""
+        return self._prices
+
     def with_prices(self, prices: Mapping[str, Price] | None) -> Budget:
         """Use ``prices`` for models the budget has no price for (a pattern's prices=)."""
         if prices:

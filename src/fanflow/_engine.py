@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ._budget import Budget
+from ._budget import Budget, as_budget
 from ._events import (
     AttemptFailed,
     AttemptStarted,
@@ -90,10 +90,20 @@ def make_options(
     retry: RetryPolicy | None = None,
     hedge_after: float | None = None,
     hooks: Sequence[Hook] = (),
-    budget: Budget | None = None,
+    budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
 ) -> CallOptions:
-    """Build the options of one pattern call; ``deadline`` is in seconds from now."""
+    """Build the options of one pattern call; ``deadline`` is in seconds from now.
+
+    ``budget`` is a :class:`Budget` (used as given, so calls sharing it draw on one cap)
+    or a number of dollars (a new cap for these options alone). A pattern that builds
+    options more than once converts a number with ``as_budget`` first, so all its calls
+    share one cap.
+    """
+    cap = as_budget(budget)
+    if cap is not None:
+        # Records are priced as the budget charges them (its prices, then the call's).
+        prices = cap.with_prices(prices).prices
     if deadline is not None and deadline <= 0:
         raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
     if concurrency is not None and concurrency < 1:
@@ -108,7 +118,7 @@ def make_options(
         deadline=deadline_at,
         hooks=tuple(hooks),
         gate=Gate(concurrency) if concurrency is not None else None,
-        budget=budget.with_prices(prices) if budget is not None else None,
+        budget=cap,
         prices=dict(prices) if prices else None,
     )
 
@@ -322,7 +332,10 @@ class _Call(Generic[T]):
         return response
 
     def _who(self) -> str:
-        return f"item {self.index}" if self.index is not None else "the call"
+        index, label = self.index, self.label
+        if index is None:
+            return "the call" if label is None else f"the {label!r} call"
+        return f"item {index}" if label is None else f"item {index} ({label})"
 
     def _timeout_error(self, by_deadline: bool) -> CallTimeout:
         if by_deadline:

@@ -304,9 +304,24 @@ class CallRecord(Generic[T]):
 
     @property
     def latency(self) -> float | None:
+        """Seconds from the call's start to its end: queueing and backoff included."""
         if self.start is None or self.end is None:
             return None
         return self.end - self.start
+
+    @property
+    def busy_time(self) -> float:
+        """Seconds the call spent being answered: the sum of its attempts' durations.
+
+        Waiting for a concurrency slot, a rate limit or a backoff is not work: run one
+        after another, those waits would not happen. A cache hit did no work (0); a record
+        without attempts (a plain awaitable in ``gather``) counts its latency.
+        """
+        if self.attempts:
+            return sum(a.end - a.start for a in self.attempts)
+        if self.cached:
+            return 0.0
+        return self.latency or 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +343,8 @@ class Summary:
 
     @property
     def speedup(self) -> float | None:
-        """Sum of call latencies over makespan: how much faster than one after another."""
+        """Time spent answering calls (``busy_time``) over makespan: how much faster the
+        batch ran than the same calls one after another."""
         return self.busy_time / self.makespan if self.makespan > 0 else None
 
 
@@ -411,8 +427,7 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
             cost += r.cost
         calls += len(r.attempts)
         retries += r.retries
-        if r.latency is not None and not r.cached:
-            busy += r.latency
+        busy += r.busy_time
     return Summary(
         items=len(records),
         succeeded=counts[Status.SUCCEEDED],

@@ -400,7 +400,15 @@ class _MapWork(_Work):
 
 
 class _PoolWork(_Work):
-    def __init__(self, runner: Any, events: bool, store: Store | None, cache: bool) -> None:
+    def __init__(
+        self,
+        runner: Any,
+        events: bool,
+        store: Store | None,
+        cache: bool,
+        prices: Mapping[str, Any] | None,
+    ) -> None:
+        self.prices = prices
         self.runner = runner
         self.events = events
         self.store = store  # pickled as its path: the worker opens the same file
@@ -411,7 +419,12 @@ class _PoolWork(_Work):
         # it is replayed from the store whatever ``cache`` says.
         hooks: tuple[Hook, ...] = (_collect,) if self.events else ()
         return await self.runner.execute(
-            item, index=index, hooks=hooks, store=self.store, cache=self.cache or bool(prior)
+            item,
+            index=index,
+            hooks=hooks,
+            store=self.store,
+            cache=self.cache or bool(prior),
+            prices=self.prices,
         )
 
     async def close(self) -> None:
@@ -657,6 +670,15 @@ class _Driver:
         slot.generation += 1
 
 
+def _refuse_budget(budget: Budget | None) -> None:
+    if budget is not None:
+        raise ConfigError(
+            "budget= is not supported with backend='ray' yet (each worker would keep its "
+            "own and together they could spend it several times over); cap the job with "
+            "a budget on the local backend, or split it into smaller batches"
+        )
+
+
 def _split(total: int, parts: int) -> list[int]:
     """``total`` split into ``parts`` near-equal positive shares (fewer if total < parts)."""
     parts = max(1, min(parts, total))
@@ -708,12 +730,7 @@ class RayMapBatch:
     ) -> None:
         ray_backend = resolve_backend(backend)
         assert ray_backend is not None
-        if budget is not None:
-            raise ConfigError(
-                "budget= is not supported with backend='ray' yet (each worker would keep "
-                "its own and together they could spend it several times over); cap the "
-                "job with a budget on the local backend, or split it into smaller batches"
-            )
+        _refuse_budget(budget)
         if concurrency is not None and concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
         if deadline is not None and deadline <= 0:
@@ -832,10 +849,13 @@ async def run_pool_on_ray(
     cache: bool,
     replay: Callable[[int], bool],
     deliver: Callable[[int, Any], Awaitable[None]],
+    budget: Budget | None = None,
+    prices: Mapping[str, Any] | None = None,
 ) -> None:
     """Run a pool's inputs on Ray; ``await deliver(index, RunResult)`` as each ends."""
     ray_backend = resolve_backend(backend)
     assert ray_backend is not None
+    _refuse_budget(budget)
     _connect(ray_backend)
     workers, window = _workers_for(ray_backend, max_flows)
     assert window is not None
@@ -850,7 +870,7 @@ async def run_pool_on_ray(
 
     driver = _Driver(
         ray_backend,
-        _PoolWork(runner, bool(hooks), store, cache),
+        _PoolWork(runner, bool(hooks), store, cache, prices),
         list(todo),
         window=window,
         workers=workers,

@@ -10,14 +10,17 @@ happened.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
+from .._budget import Budget, as_budget
 from .._durable import ResultStore, execute_stored
-from .._engine import CallOptions, status_of
+from .._engine import CallOptions, make_options, status_of
 from .._llm import LLM
+from .._pricing import Price
 from .._types import CallRecord, Request, Response, Status, Summary, summarize
 from ._jobs import Durability
 
@@ -25,6 +28,7 @@ __all__ = [
     "PatternResult",
     "call_user",
     "is_llm",
+    "options_with",
     "run_calls",
     "text_of",
 ]
@@ -48,6 +52,14 @@ async def call_user(fn: Callable[..., Any], *args: Any) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def options_with(
+    budget: float | Budget | None, prices: Mapping[str, Price] | None
+) -> Callable[..., CallOptions]:
+    """``make_options`` bound to one budget: every call of a pattern (workers,
+    aggregator, judge, ...) draws on the same cap, even when ``budget`` is a number."""
+    return functools.partial(make_options, budget=as_budget(budget), prices=prices)
 
 
 async def run_calls(
@@ -138,8 +150,8 @@ def describe(record: CallRecord[Any]) -> str:
 class PatternResult:
     """What a pattern did: every call it made (``records``) and how long it took.
 
-    ``summary`` adds the calls up (tokens, retries, failures, ``busy_time`` = the sum
-    of call latencies); ``speedup`` is that sum over the pattern's ``makespan``.
+    ``summary`` adds the calls up (tokens, retries, failures, ``busy_time`` = the time
+    spent answering calls, queueing excluded); ``speedup`` is that over ``makespan``.
     """
 
     records: tuple[CallRecord[Any], ...] = field(default=(), repr=False)

@@ -8,18 +8,19 @@ kept in its record); the other criteria are unaffected.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._engine import make_options
+from .._budget import Budget
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._llm import LLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import Store
-from ._common import PatternResult, RecordView, now, run_calls
+from ._common import PatternResult, RecordView, now, options_with, run_calls
 from ._parsing import find_json, find_number
 
 __all__ = ["DEFAULT_EVALUATE_PROMPT", "Evaluation", "Score", "evaluate"]
@@ -109,6 +110,8 @@ async def evaluate(
     hooks: Sequence[Hook] = (),
     store: Store | None = None,
     cache: bool = True,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> Evaluation:
     """Score ``content`` on every criterion at once, one call per criterion.
 
@@ -127,6 +130,11 @@ async def evaluate(
             before it counts.
         cache: serve calls found in the store (False: ask the model again and store
             the new replies).
+        budget: the most its calls may spend together: dollars (a number) or a
+            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
+            attempt reserves its expected cost first; calls the budget cannot cover end
+            ``skipped`` with ``BudgetExceeded``.
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Returns:
         An :class:`Evaluation`; a criterion whose call or score failed is data there.
@@ -137,7 +145,8 @@ async def evaluate(
     if low >= high:
         raise ConfigError(f"scale must be (low, high) with low < high, got {scale}")
     started = now()
-    opts = make_options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    options = options_with(budget, prices)
+    opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
     requests = [
         Request.of(
             prompt.format(criterion=c, content=content, low=low, high=high),

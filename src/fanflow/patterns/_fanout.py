@@ -16,14 +16,16 @@ records each worker's terminal status as an item of that job.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .._engine import CallOptions, make_options
+from .._budget import Budget
+from .._engine import CallOptions
 from .._events import Hook
 from .._exceptions import ConfigError, QuorumNotMet
 from .._llm import LLM, BaseLLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Status
 from ..store import Store
@@ -33,6 +35,7 @@ from ._common import (
     describe,
     is_llm,
     now,
+    options_with,
     reused,
     run_calls,
     run_function,
@@ -167,6 +170,8 @@ async def fan_out(
     store: Store | None = None,
     cache: bool = True,
     job: str | None = None,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> FanOutResult:
     """Send ``task`` to several workers at once and merge what they answer.
 
@@ -201,6 +206,12 @@ async def fan_out(
             the job's own succeeded workers).
         job: a name under which the store records each worker's terminal status
             (workers are the job's items, by worker index); needs ``store``.
+        budget: the most its calls may spend together: dollars (a number) or a
+            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
+            attempt reserves its expected cost first; calls the budget cannot cover end
+            ``skipped`` with ``BudgetExceeded`` (an aggregator that is skipped falls back to
+            concat, and ``aggregation_error`` says so).
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Returns:
         A :class:`FanOutResult`.
@@ -239,12 +250,9 @@ async def fan_out(
     if previous is not None:
         done = {w.record.key: w.record for w in previous.workers if w.ok and w.record.key}
     todo = [i for i in range(n) if requests[i].key not in done]
-    opts = make_options(
-        concurrency=concurrency,
-        timeout=timeout,
-        deadline=worker_timeout,
-        retry=retry,
-        hooks=hooks,
+    options = options_with(budget, prices)
+    opts = options(
+        concurrency=concurrency, timeout=timeout, deadline=worker_timeout, retry=retry, hooks=hooks
     )
     fresh: list[CallRecord[Any]] = []
 
@@ -294,7 +302,7 @@ async def fan_out(
         task,
         ok,
         aggregate_prompt,
-        make_options(timeout=timeout, retry=retry, hooks=hooks),
+        options(timeout=timeout, retry=retry, hooks=hooks),
         store,
         cache,
     )

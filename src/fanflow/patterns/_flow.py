@@ -19,7 +19,11 @@ Sync functions run in a worker thread (``asyncio.to_thread``), so a blocking ste
 (fetching a URL with requests, say) does not hold up the other items.
 
 Model calls are made by skills only, so a skill's ``store=`` (or a pool's, which
-overrides it) covers every model call of a chain or flow.
+overrides it) covers every model call of a chain or flow. Likewise ``budget=`` given to
+a chain, flow or pool caps every model call of every step together (it overrides the
+skills' own); a step the budget cannot cover ends ``skipped`` with
+:class:`fanflow.BudgetExceeded`, and so does its run (the steps that depend on it are
+skipped, the finished ones keep their values).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from .._budget import Budget, as_budget
 from .._events import Hook
 from .._exceptions import ConfigError, Skipped, StepInputError
+from .._pricing import Price
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
 from .._util import is_async_callable
@@ -192,6 +198,8 @@ class Step:
         hooks: Sequence[Hook],
         store: Store | None = None,
         cache: bool | None = None,
+        budget: Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
     ) -> StepRecord:
         start = now()
         args = self.arguments(context)
@@ -199,11 +207,26 @@ class Step:
         calls: tuple[CallRecord[Any], ...] = ()
         if isinstance(runner, Skill):
             got = await runner.execute(
-                args, index=index, label=self.name, hooks=hooks, store=store, cache=cache
+                args,
+                index=index,
+                label=self.name,
+                hooks=hooks,
+                store=store,
+                cache=cache,
+                budget=budget,
+                prices=prices,
             )
             status, value, error, calls = got.status, got.value, got.error, got.calls
         elif isinstance(runner, Chain | Flow):
-            sub = await runner.execute(args, index=index, hooks=hooks, store=store, cache=cache)
+            sub = await runner.execute(
+                args,
+                index=index,
+                hooks=hooks,
+                store=store,
+                cache=cache,
+                budget=budget,
+                prices=prices,
+            )
             status, value, error, calls = sub.status, sub.output, sub.error, sub.records
         else:
             try:
@@ -234,9 +257,18 @@ class _Graph:
 
     kind = "flow"
 
-    def __init__(self, steps: Sequence[Step], deps: list[set[int]]) -> None:
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        deps: list[set[int]],
+        budget: float | Budget | None,
+        prices: Mapping[str, Price] | None,
+    ) -> None:
         self.steps = tuple(steps)
         self.deps = deps
+        as_budget(budget)  # a bad value fails here rather than at the first run
+        self.budget = budget
+        self.prices = prices
         produced = {s.output for s in self.steps}
         self.required_keys: list[str] = []
         for s in self.steps:
@@ -276,9 +308,18 @@ class _Graph:
         on_step: OnStep | None = None,
         store: Store | None = None,
         cache: bool | None = None,
+        budget: Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
     ) -> RunResult:
-        """Run the steps over ``inputs`` (``store``/``cache``: a pool's, for its skills)."""
+        """Run the steps over ``inputs``.
+
+        ``store``/``cache``/``budget``/``prices`` (an enclosing pool's or flow's) apply
+        to its skills; without ``budget``, the graph's own (a number: a new cap for this
+        run) caps every step.
+        """
         started = now()
+        cap = as_budget(budget if budget is not None else self.budget)
+        prices = prices if prices is not None else self.prices
         context = dict(inputs)
         problem = self.check(context.keys(), index)
         if problem is not None:
@@ -317,7 +358,15 @@ class _Graph:
                     if on_step is not None:
                         on_step(step.name, True)
                     task = loop.create_task(
-                        step.execute(context, index=index, hooks=hooks, store=store, cache=cache)
+                        step.execute(
+                            context,
+                            index=index,
+                            hooks=hooks,
+                            store=store,
+                            cache=cache,
+                            budget=cap,
+                            prices=prices,
+                        )
                     )
                     running[task] = i
 
@@ -340,7 +389,9 @@ class _Graph:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
         steps = tuple(done[i] for i in range(len(self.steps)))
-        bad = [s for s in steps if s.status not in (Status.SUCCEEDED, Status.SKIPPED)]
+        # A step skipped because a step it needs did not succeed is not the cause; one
+        # skipped for its own reason (the budget) is.
+        bad = [s for s in steps if not s.ok and not _skipped_for_upstream(s)]
         first_bad = bad[0] if bad else None
         calls = tuple(c for s in steps for c in s.calls)
         return RunResult(
@@ -359,6 +410,10 @@ class _Graph:
 
     def _output(self, steps: Sequence[StepRecord]) -> Any:
         return {s.output: s.value for s in steps}
+
+
+def _skipped_for_upstream(step: StepRecord) -> bool:
+    return step.status is Status.SKIPPED and type(step.error) is Skipped
 
 
 def _missing(
@@ -393,6 +448,10 @@ class Chain(_Graph):
 
     Args:
         steps: the :class:`Step` objects, in order.
+        budget: the most one run may spend, every step's calls together: dollars (a
+            new cap for each run) or a :class:`fanflow.Budget` (shared by every run and
+            whatever else is given it). It overrides the skills' own.
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     ``await chain.arun({"url": ...})`` (or ``chain.run(...)`` from sync code) returns
     a :class:`RunResult` whose ``output`` is the last step's value.
@@ -400,7 +459,13 @@ class Chain(_Graph):
 
     kind = "chain"
 
-    def __init__(self, steps: Sequence[Step]) -> None:
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        *,
+        budget: float | Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
+    ) -> None:
         _unique_outputs(steps, "chain")
         for i, s in enumerate(steps):
             if s.after:
@@ -418,7 +483,8 @@ class Chain(_Graph):
                         step=s.name,
                         field=key,
                     )
-        super().__init__(steps, [{i - 1} if i else set() for i in range(len(steps))])
+        chained = [{i - 1} if i else set() for i in range(len(steps))]
+        super().__init__(steps, chained, budget, prices)
 
     def _output(self, steps: Sequence[StepRecord]) -> Any:
         return steps[-1].value
@@ -432,6 +498,10 @@ class Flow(_Graph):
 
     Args:
         steps: the :class:`Step` objects (any order).
+        budget: the most one run may spend, every step's calls together: dollars (a
+            new cap for each run) or a :class:`fanflow.Budget` (shared by every run and
+            whatever else is given it). It overrides the skills' own.
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Raises:
         ConfigError: two steps share an output key, ``after=`` names an unknown key, or
@@ -440,7 +510,13 @@ class Flow(_Graph):
 
     kind = "flow"
 
-    def __init__(self, steps: Sequence[Step]) -> None:
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        *,
+        budget: float | Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
+    ) -> None:
         _unique_outputs(steps, "flow")
         producer = {s.output: i for i, s in enumerate(steps)}
         deps: list[set[int]] = []
@@ -455,7 +531,7 @@ class Flow(_Graph):
                 wanted.add(producer[key])
             deps.append(wanted)
         _no_cycle(steps, deps)
-        super().__init__(steps, deps)
+        super().__init__(steps, deps, budget, prices)
 
 
 def _no_cycle(steps: Sequence[Step], deps: list[set[int]]) -> None:

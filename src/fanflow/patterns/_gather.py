@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Generator, Sequence
+from collections.abc import Awaitable, Generator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from .._budget import Budget, as_budget
 from .._durable import execute_stored
 from .._engine import make_options, status_of
 from .._events import Hook
 from .._exceptions import AllFailed, CallTimeout
 from .._llm import LLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response, Status
 from ..store import Store
@@ -81,6 +83,8 @@ def call(
     hooks: Sequence[Hook] = (),
     store: Store | None = None,
     cache: bool = True,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> Call:
     """One call through the engine (admission, timeout, retries, hedging).
 
@@ -89,6 +93,12 @@ def call(
     With ``store=`` (a :class:`fanflow.Store`) a call stored before is served from it
     (its record says ``cached=True``; ``cache=False`` asks the model again) and a new
     one is committed before it is returned.
+
+    ``budget=`` (dollars, or a :class:`fanflow.Budget`) caps what the call may spend,
+    retries included; pass one ``Budget`` to every call of a :func:`gather` or
+    :func:`race` to cap them together. A call the budget cannot cover ends ``skipped``
+    with :class:`fanflow.BudgetExceeded`. ``prices=`` adds model prices
+    (``{model: fanflow.Price}``) to the built-in table.
     """
     if isinstance(prompt, Request):
         request = prompt
@@ -102,6 +112,8 @@ def call(
         "retry": retry,
         "hedge_after": hedge_after,
         "hooks": tuple(hooks),
+        "budget": as_budget(budget),
+        "prices": prices,
     }
     return Call(llm, request, kwargs, store, cache)
 

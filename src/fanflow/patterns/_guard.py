@@ -11,18 +11,20 @@ two latencies when the query is allowed; the result reports the saving.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from .._budget import Budget
 from .._durable import execute_stored
-from .._engine import CallOptions, make_options
+from .._engine import CallOptions
 from .._events import Hook
 from .._llm import LLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response, Status
 from ..store import Store
-from ._common import PatternResult, is_llm, now, run_function, text_of
+from ._common import PatternResult, is_llm, now, options_with, run_function, text_of
 from ._parsing import find_json
 
 __all__ = ["DEFAULT_GUARD_PROMPT", "DEFAULT_REFUSAL", "GuardedResult", "guarded", "read_verdict"]
@@ -135,6 +137,8 @@ async def guarded(
     hooks: Sequence[Hook] = (),
     store: Store | None = None,
     cache: bool = True,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> GuardedResult:
     """Answer ``query`` while a guard checks it; withhold the answer if flagged.
 
@@ -153,12 +157,19 @@ async def guarded(
             before it counts.
         cache: serve calls found in the store (False: ask the model again and store
             the new replies).
+        budget: the most its calls may spend together: dollars (a number) or a
+            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
+            attempt reserves its expected cost first; calls the budget cannot cover end
+            ``skipped`` with ``BudgetExceeded`` (a skipped guard counts as a failed guard:
+            ``fail_closed`` decides).
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Returns:
         A :class:`GuardedResult`.
     """
     started = now()
-    opts = make_options(timeout=timeout, retry=retry, hooks=hooks)
+    options = options_with(budget, prices)
+    opts = options(timeout=timeout, retry=retry, hooks=hooks)
     request = Request.of(query, system=system, metadata={"pattern": "guarded", "role": "answer"})
     loop = asyncio.get_running_loop()
     answer_task = loop.create_task(

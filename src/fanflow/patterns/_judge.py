@@ -12,18 +12,19 @@ judge's reply can crash the pattern.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .._engine import make_options
+from .._budget import Budget
 from .._events import Hook
 from .._exceptions import AllFailed, ConfigError
 from .._llm import LLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import Store
-from ._common import PatternResult, describe, now, run_calls, samples
+from ._common import PatternResult, describe, now, options_with, run_calls, samples
 from ._parsing import find_number
 
 __all__ = ["DEFAULT_JUDGE_PROMPT", "BestOfNResult", "best_of_n", "parse_choice"]
@@ -92,6 +93,8 @@ async def best_of_n(
     hooks: Sequence[Hook] = (),
     store: Store | None = None,
     cache: bool = True,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> BestOfNResult:
     """Generate ``n`` candidates at once and let a judge pick the best.
 
@@ -112,6 +115,12 @@ async def best_of_n(
             before it counts.
         cache: serve calls found in the store (False: ask the model again and store
             the new replies).
+        budget: the most its calls may spend together: dollars (a number) or a
+            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
+            attempt reserves its expected cost first; calls the budget cannot cover end
+            ``skipped`` with ``BudgetExceeded`` (a skipped judge falls back to the first
+            candidate, and ``fallback_reason`` says so).
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Returns:
         A :class:`BestOfNResult`.
@@ -122,7 +131,8 @@ async def best_of_n(
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
     started = now()
-    opts = make_options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    options = options_with(budget, prices)
+    opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
     requests = samples(
         task, n, system=system, temperature=temperature, pattern="best_of_n", role="candidate"
     )
@@ -172,7 +182,7 @@ async def best_of_n(
     def choose(response: Response) -> int | None:
         return parse_choice(response.text, len(ok))
 
-    judge_opts = make_options(timeout=timeout, retry=retry, hooks=hooks)
+    judge_opts = options(timeout=timeout, retry=retry, hooks=hooks)
     [judged] = await run_calls(
         judge or llm,
         [judge_request],

@@ -47,11 +47,18 @@ def _text(response: Response) -> str:
     return response.text
 
 
+# Workers per concurrency slot. Slots are taken per attempt (the pattern's gate, the
+# handle's lane), so an item waiting out a backoff holds its worker but not its slot; the
+# spare workers pull the next items meanwhile and the slot does not sit idle. Memory stays
+# proportional to the concurrency.
+WORKERS_PER_SLOT = 2
+
+
 def _window(llm: LLM, concurrency: int | None, size: int | None) -> int:
     if concurrency is not None:
-        n = concurrency
+        n = concurrency * WORKERS_PER_SLOT
     elif isinstance(llm, BaseLLM) and llm.limits.concurrency is not None:
-        n = llm.limits.concurrency
+        n = llm.limits.concurrency * WORKERS_PER_SLOT
     else:
         n = DEFAULT_WINDOW
     if size is not None:
@@ -333,8 +340,8 @@ async def map(
     loop = asyncio.get_running_loop()
     size = len(items) if isinstance(items, Sequence) else None
     opts = make_options(
-        # The workers already bound the items in flight; only hedges add attempts.
-        concurrency=concurrency if hedge_after is not None else None,
+        # Workers outnumber slots (see WORKERS_PER_SLOT): the gate bounds what is in flight.
+        concurrency=concurrency,
         timeout=timeout,
         deadline=deadline,
         retry=retry,
@@ -537,7 +544,7 @@ def as_completed(
 
     def make_batch(deliver: Callable[[CallRecord[Any]], Any]) -> _Batch[Any]:
         opts = make_options(
-            concurrency=concurrency if hedge_after is not None else None,
+            concurrency=concurrency,
             timeout=timeout,
             deadline=deadline,
             retry=retry,

@@ -21,8 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .._budget import Budget, as_budget
 from .._events import Hook
 from .._exceptions import ConfigError
+from .._pricing import Price
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
 from ..backends._config import RayBackend, resolve_backend
@@ -116,9 +118,18 @@ class _Single:
         on_step: Callable[[str, bool], None] | None = None,
         store: Store | None = None,
         cache: bool | None = None,
+        budget: Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
     ) -> RunResult:
         return await self.chain.execute(
-            inputs, index=index, hooks=hooks, on_step=on_step, store=store, cache=cache
+            inputs,
+            index=index,
+            hooks=hooks,
+            on_step=on_step,
+            store=store,
+            cache=cache,
+            budget=budget,
+            prices=prices,
         )
 
 
@@ -140,6 +151,13 @@ class Pool:
             inputs are the job's items; an input's ``"id"`` key, if any, is its id);
             needs ``store``. Running a pool with the same job again, in any process,
             replays the inputs that succeeded from the store and runs the rest.
+        budget: the most one run of the pool may spend, every model call of every step
+            of every input together: dollars (a new cap for each run) or a
+            :class:`fanflow.Budget` (shared by every run and whatever else is given
+            it). It overrides the skills' and chains' own. An input whose step the
+            budget cannot cover ends ``skipped`` with ``BudgetExceeded`` (its finished
+            steps keep their values); inputs already done keep their results.
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
         backend: ``"local"`` (this event loop) or ``"ray"`` / :class:`fanflow.RayBackend`
             (inputs sharded over Ray workers; ``max_flows`` and each handle's limits then
             hold for the whole cluster; needs ``pip install 'fanflow[ray]'``).
@@ -155,6 +173,8 @@ class Pool:
         store: Store | None = None,
         cache: bool = True,
         job: str | None = None,
+        budget: float | Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
         backend: str | RayBackend = "local",
     ) -> None:
         self.backend = resolve_backend(backend)
@@ -176,6 +196,9 @@ class Pool:
         self.store = store
         self.cache = cache
         self.job = job
+        as_budget(budget)  # a bad value fails here rather than at the first run
+        self.budget = budget
+        self.prices = prices
         # Checks the store/job combination now rather than at the first run.
         Durability(store=store, job=job, only_failed=False, cache=cache, sink=None)
         self._results: list[RunResult | None] = [None] * len(self.inputs)
@@ -232,6 +255,7 @@ class Pool:
         for i in todo:
             self._results[i] = None
         queue = iter(todo)
+        cap = as_budget(self.budget)  # one cap for every input of this run
         durable = (
             Durability(
                 store=self.store, job=self.job, only_failed=False, cache=self.cache, sink=None
@@ -257,6 +281,8 @@ class Pool:
                     on_step=self._tracker(i),
                     store=self.store,
                     cache=self.cache or replay,
+                    budget=cap,
+                    prices=self.prices,
                 )
                 await finish(i, result)
 
@@ -274,6 +300,8 @@ class Pool:
                     cache=self.cache,
                     replay=lambda i: durable is not None and _succeeded(durable, i),
                     deliver=finish,
+                    budget=cap,
+                    prices=self.prices,
                 )
                 return len(self.inputs)
             async with asyncio.TaskGroup() as tg:

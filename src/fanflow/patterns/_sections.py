@@ -12,15 +12,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._budget import Budget, as_budget
 from .._engine import make_options
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._llm import LLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._sync import run as run_sync
 from .._types import BatchResult, CallRecord, Request
 from ..store import Store
-from ._common import PatternResult, now, run_calls
+from ._common import PatternResult, now, options_with, run_calls
 from ._map import map as map_items
 from ._prompt import render
 
@@ -86,6 +88,8 @@ async def sections(
     hooks: Sequence[Hook] = (),
     store: Store | None = None,
     cache: bool = True,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> SectionsResult:
     """Run one prompt per section at once, then optionally synthesise them.
 
@@ -105,6 +109,12 @@ async def sections(
             before it counts.
         cache: serve calls found in the store (False: ask the model again and store
             the new replies).
+        budget: the most its calls may spend together: dollars (a number) or a
+            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
+            attempt reserves its expected cost first; calls the budget cannot cover end
+            ``skipped`` with ``BudgetExceeded`` (a skipped synthesis leaves ``synthesis``
+            None; ``output`` joins the sections).
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Returns:
         A :class:`SectionsResult`; failed sections are data there.
@@ -116,7 +126,8 @@ async def sections(
     if not named:
         raise ConfigError("sections needs at least one prompt")
     started = now()
-    opts = make_options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    options = options_with(budget, prices)
+    opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
     requests = [
         Request.of(
             prompt if input is None else render(prompt, input, None),
@@ -138,7 +149,7 @@ async def sections(
         [synthesis_record] = await run_calls(
             synthesize,
             [request],
-            make_options(timeout=timeout, retry=retry, hooks=hooks),
+            options(timeout=timeout, retry=retry, hooks=hooks),
             labels=["synthesis"],
             store=store,
             cache=cache,
@@ -185,6 +196,11 @@ class ParallelCalls:
             before it counts.
         cache: serve calls found in the store (False: ask the model again and store
             the new replies).
+        budget: the most one run may spend, branches and aggregate together: dollars
+            (a new cap for each run) or a :class:`fanflow.Budget` (shared by every run
+            and whatever else is given it). Branches it cannot cover end ``skipped``
+            with ``BudgetExceeded``; so does an aggregate call (``aggregated`` is None).
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     ``run`` is for synchronous code (it works inside a running loop too, as
     :func:`fanflow.run` does); ``arun`` is the async form.
@@ -201,6 +217,8 @@ class ParallelCalls:
         hooks: Sequence[Hook] = (),
         store: Store | None = None,
         cache: bool = True,
+        budget: float | Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
     ) -> None:
         if max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
@@ -212,6 +230,9 @@ class ParallelCalls:
         self.hooks = tuple(hooks)
         self.store = store
         self.cache = cache
+        as_budget(budget)  # a bad value fails here rather than at the first run
+        self.budget = budget
+        self.prices = prices
 
     def __repr__(self) -> str:
         return f"fanflow.ParallelCalls(llm={self.llm!r}, max_workers={self.max_workers})"
@@ -244,6 +265,7 @@ class ParallelCalls:
             A :class:`ParallelCallsResult`.
         """
         started = now()
+        cap = as_budget(self.budget)
         branches = await map_items(
             self.llm,
             branch_prompt,
@@ -256,6 +278,8 @@ class ParallelCalls:
             label="branch",
             store=self.store,
             cache=self.cache,
+            budget=cap,
+            prices=self.prices,
         )
         outputs: list[str | None] = list(branches.outputs)
         record: CallRecord[str] | None = None
@@ -266,7 +290,13 @@ class ParallelCalls:
                 system=self.system,
                 metadata={"pattern": "parallel_calls", "role": "aggregate"},
             )
-            opts = make_options(timeout=self.timeout, retry=self.retry, hooks=self.hooks)
+            opts = make_options(
+                timeout=self.timeout,
+                retry=self.retry,
+                hooks=self.hooks,
+                budget=cap,
+                prices=self.prices,
+            )
             [record] = await run_calls(
                 self.llm,
                 [request],

@@ -15,11 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._budget import Budget, as_budget
 from .._durable import execute_stored
 from .._engine import make_options
 from .._events import Hook
 from .._exceptions import ConfigError, ParseError
 from .._llm import LLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
@@ -95,6 +97,12 @@ class Skill:
             from it (``cached=True``, costing nothing), a new one is committed before it
             counts. A :class:`fanflow.Pool` given ``store=`` uses its own store instead.
         cache: serve calls found in the store (False: ask the model again).
+        budget: the most one run may spend, validation retries included: dollars (a
+            new cap for each run) or a :class:`fanflow.Budget` (shared by every run and
+            whatever else is given it). A call it cannot cover ends ``skipped`` with
+            ``BudgetExceeded``. A chain, flow or pool given ``budget=`` uses its own
+            instead.
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Call it: ``await skill({"text": ...})`` or ``await skill(text=...)`` returns the
     value or raises the error; :meth:`arun` returns a :class:`SkillResult` instead.
@@ -117,6 +125,8 @@ class Skill:
         hooks: Sequence[Hook] = (),
         store: Store | None = None,
         cache: bool = True,
+        budget: float | Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
     ) -> None:
         if validation_retries < 0:
             raise ConfigError(f"validation_retries must be >= 0, got {validation_retries}")
@@ -135,6 +145,9 @@ class Skill:
         self.hooks = tuple(hooks)
         self.store = store
         self.cache = cache
+        as_budget(budget)  # a bad value fails here rather than at the first run
+        self.budget = budget
+        self.prices = prices
         self.params: dict[str, Any] = {
             k: v
             for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
@@ -188,10 +201,13 @@ class Skill:
         hooks: Sequence[Hook],
         store: Store | None = None,
         cache: bool | None = None,
+        budget: Budget | None = None,
+        prices: Mapping[str, Price] | None = None,
     ) -> SkillResult:
         """Run once on ``inputs`` (used by chains, flows and pools).
 
-        ``store`` and ``cache`` (a pool's) override the skill's own when given.
+        ``store``, ``cache``, ``budget`` and ``prices`` (a pool's, chain's or flow's)
+        override the skill's own when given.
         """
         try:
             prompt = render(self.prompt, inputs, index)
@@ -203,7 +219,13 @@ class Skill:
             metadata={"pattern": "skill", "skill": self.name},
             **self.params,
         )
-        opts = make_options(timeout=self.timeout, retry=self.retry, hooks=self.hooks + tuple(hooks))
+        opts = make_options(
+            timeout=self.timeout,
+            retry=self.retry,
+            hooks=self.hooks + tuple(hooks),
+            budget=budget if budget is not None else self.budget,
+            prices=prices if prices is not None else self.prices,
+        )
         store = store if store is not None else self.store
         reuse = cache if cache is not None else self.cache
         calls: list[CallRecord[Any]] = []

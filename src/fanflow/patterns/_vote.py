@@ -18,18 +18,19 @@ the counts of the two leading answers, ``P(p > 0.5) > threshold`` for
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .._engine import make_options
+from .._budget import Budget
 from .._events import Hook
-from .._exceptions import AllFailed, ConfigError
+from .._exceptions import AllFailed, BudgetExceeded, ConfigError
 from .._llm import LLM
+from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import CallRecord, Response, Status
 from ..store import Store
-from ._common import PatternResult, now, run_calls, samples
+from ._common import PatternResult, now, options_with, run_calls, samples
 
 __all__ = ["VoteResult", "beta_confidence", "normalize_answer", "vote"]
 
@@ -65,7 +66,7 @@ class VoteResult(PatternResult):
         distribution: count per normalised answer, most common first (ties in order of
             first appearance).
         tied: every answer sharing the top count (one element when there is no tie).
-        samples_used: samples drawn (counted + failed).
+        samples_used: samples drawn (counted + failed; not those the budget skipped).
         stopped_early: True when early stopping left samples undrawn.
         stop_reason: ``"unbeatable"`` or ``"beta"`` when stopped early.
         samples: the record of every sample, in sample order (value: normalised answer).
@@ -138,6 +139,8 @@ async def vote(
     hooks: Sequence[Hook] = (),
     store: Store | None = None,
     cache: bool = True,
+    budget: float | Budget | None = None,
+    prices: Mapping[str, Price] | None = None,
 ) -> VoteResult:
     """Sample ``task`` up to ``n`` times and return the majority answer.
 
@@ -161,6 +164,11 @@ async def vote(
             before it counts.
         cache: serve calls found in the store (False: ask the model again and store
             the new replies).
+        budget: the most its calls may spend together: dollars (a number) or a
+            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
+            attempt reserves its expected cost first; calls the budget cannot cover end
+            ``skipped`` with ``BudgetExceeded`` and are not counted.
+        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
     Returns:
         A :class:`VoteResult`.
@@ -186,7 +194,8 @@ async def vote(
         return norm(response.text) if norm is not None else response.text
 
     started = now()
-    opts = make_options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    options = options_with(budget, prices)
+    opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
     records: list[CallRecord[Any]] = []
     reason: StopReason | None = None
     while len(records) < n:
@@ -205,6 +214,8 @@ async def vote(
             store=store,
             cache=cache,
         )
+        if any(isinstance(r.error, BudgetExceeded) for r in records):
+            break  # the budget is spent: later waves would be skipped too
         if early_stop and len(records) < n:
             reason = _should_stop(_ranked(*_tally(records)), n - len(records), threshold)
             if reason is not None:
@@ -225,7 +236,7 @@ async def vote(
         n_counted=counted,
         distribution=dict(ranked),
         tied=tuple(answer for answer, c in ranked if c == top),
-        samples_used=len(records),
+        samples_used=sum(1 for r in records if r.status is not Status.SKIPPED),
         stopped_early=reason is not None,
         stop_reason=reason,
         records=tuple(records),

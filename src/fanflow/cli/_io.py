@@ -1,0 +1,283 @@
+"""Reading items from files and writing results.
+
+Inputs: JSONL (one JSON object or string per line), CSV (a header row, then one item per
+row) or plain text (one item per line); ``-`` reads standard input. A malformed line or row
+is reported as ``file:line: reason``, counted and skipped: it never stops the run.
+
+Outputs: JSONL (the default, to standard output) or Parquet (``.parquet``, needs
+``pyarrow``). Each output row says which item it answers (``index``, ``line``), its
+``status``, its ``output`` and, when it failed, its ``error``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+from .._exceptions import ConfigError
+from .._types import CallRecord
+
+__all__ = [
+    "FORMATS",
+    "BadLine",
+    "Item",
+    "OutputWriter",
+    "count_items",
+    "detect_format",
+    "open_output",
+    "read_items",
+    "result_row",
+]
+
+FORMATS = ("jsonl", "csv", "text")
+
+# Stands for "standard output as it is at the time of the write".
+_STDOUT: IO[str] = io.StringIO()
+
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A line of the input that could not be read as an item."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}; skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One input item and the line it came from (1-based)."""
+
+    line: int
+    value: Any
+
+
+def detect_format(path: str, explicit: str | None) -> str:
+    """The input format: ``explicit`` if given, else from the file's extension."""
+    if explicit is not None:
+        if explicit not in FORMATS:
+            raise ConfigError(f"unknown input format {explicit!r}; use one of {', '.join(FORMATS)}")
+        return explicit
+    if path == "-":
+        return "text"
+    return _EXTENSIONS.get(Path(path).suffix.lower(), "text")
+
+
+def _open_input(path: str) -> TextIO:
+    if path == "-":
+        return sys.stdin
+    try:
+        return open(path, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise ConfigError(f"input file {path} not found; check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"input {path} is a directory; give a JSONL, CSV or text file") from None
+    except OSError as exc:
+        raise ConfigError(f"input file {path} cannot be read: {exc.strerror}") from None
+
+
+def _jsonl(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            on_bad(BadLine(name, number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(value, dict | str):
+            kind = type(value).__name__
+            on_bad(BadLine(name, number, f"expected a JSON object or string, got {kind}"))
+            continue
+        yield Item(number, value)
+
+
+def _csv(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+    reader = csv.reader(stream)
+    header: list[str] | None = None
+    while True:
+        start = reader.line_num + 1  # a quoted field may span lines: report the first
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            on_bad(BadLine(name, start, f"not valid CSV ({exc})"))
+            continue
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if header is None:
+            header = [cell.strip() for cell in row]
+            continue
+        if len(row) != len(header):
+            on_bad(BadLine(name, start, f"has {len(row)} fields but the header has {len(header)}"))
+            continue
+        yield Item(start, dict(zip(header, row, strict=True)))
+
+
+def _text(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+    del name, on_bad  # every non-blank line is an item
+    for number, line in enumerate(stream, start=1):
+        text = line.rstrip("\r\n")
+        if text.strip():
+            yield Item(number, text)
+
+
+_READERS = {"jsonl": _jsonl, "csv": _csv, "text": _text}
+
+
+def read_items(path: str, fmt: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+    """Yield the items of ``path`` lazily; report malformed lines to ``on_bad``.
+
+    The file is opened before the first item is asked for, so a missing file is a
+    :class:`ConfigError` raised by this call, not later.
+    """
+    stream = _open_input(path)
+    name = "<stdin>" if path == "-" else path
+
+    def generate() -> Iterator[Item]:
+        try:
+            yield from _READERS[fmt](stream, name, on_bad)
+        except UnicodeDecodeError as exc:
+            on_bad(BadLine(name, 0, f"is not UTF-8 text ({exc.reason}); the rest is skipped"))
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
+
+    return generate()
+
+
+def count_items(path: str, fmt: str) -> int | None:
+    """A cheap first pass to know the total for the ETA (None for standard input)."""
+    if path == "-":
+        return None
+    n = 0
+    for _ in read_items(path, fmt, lambda bad: None):
+        n += 1
+    return n
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    return f"{type(error).__name__}: {error}"
+
+
+def result_row(item: Item, record: CallRecord[Any]) -> dict[str, Any]:
+    """The output row of one item."""
+    row: dict[str, Any] = {
+        "index": record.index,
+        "line": item.line,
+        "input": item.value,
+        "status": str(record.status),
+        "output": record.value,
+    }
+    if record.error is not None:
+        row["error"] = _error_text(record.error)
+    return row
+
+
+class OutputWriter:
+    """Writes result rows as JSONL or Parquet."""
+
+    def __init__(self, stream: IO[str] | None, parquet: Any = None, path: str = "-") -> None:
+        self._stream = stream
+        self._parquet = parquet
+        self._rows: list[dict[str, Any]] = []
+        self.path = path
+        self.written = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.written += 1
+        if self._stream is not None:
+            # Standard output is looked up at each write: the live display may route it
+            # above its panel while it runs (rich's redirect_stdout).
+            stream = sys.stdout if self._stream is _STDOUT else self._stream
+            stream.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            return
+        self._rows.append(row)
+        if len(self._rows) >= 1024:
+            self._flush_parquet()
+
+    def _flush_parquet(self) -> None:
+        if not self._rows:
+            return
+        import pyarrow as pa
+
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "index": r["index"],
+                    "line": r["line"],
+                    "input": json.dumps(r["input"], ensure_ascii=False),
+                    "status": r["status"],
+                    "output": None
+                    if r["output"] is None
+                    else (r["output"] if isinstance(r["output"], str) else json.dumps(r["output"])),
+                    "error": r.get("error"),
+                }
+                for r in self._rows
+            ],
+            schema=self._parquet.schema,
+        )
+        self._parquet.write_table(table)
+        self._rows.clear()
+
+    def flush(self) -> None:
+        if self._stream is not None:
+            (sys.stdout if self._stream is _STDOUT else self._stream).flush()
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._flush_parquet()
+            self._parquet.close()
+        elif self._stream is not None and self._stream is not _STDOUT:
+            self._stream.close()
+        else:
+            self.flush()
+
+
+def open_output(path: str | None) -> OutputWriter:
+    """Open the output: JSONL to standard output (None or ``-``), a file, or Parquet."""
+    if path is None or path == "-":
+        return OutputWriter(_STDOUT)
+    if path.lower().endswith(".parquet"):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(
+                "writing Parquet needs pyarrow: pip install 'fanflow[parquet]' "
+                "(or write JSONL: -o results.jsonl)"
+            ) from None
+        schema = pa.schema(
+            [
+                ("index", pa.int64()),
+                ("line", pa.int64()),
+                ("input", pa.string()),
+                ("status", pa.string()),
+                ("output", pa.string()),
+                ("error", pa.string()),
+            ]
+        )
+        try:
+            writer = pq.ParquetWriter(path, schema)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc}") from None
+        return OutputWriter(None, writer, path)
+    try:
+        stream = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by the writer
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}; check the -o path") from None
+    return OutputWriter(stream, path=path)

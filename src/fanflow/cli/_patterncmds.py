@@ -1,0 +1,172 @@
+"""``fanflow vote``, ``fanflow fanout`` and ``fanflow best-of``: one pattern, one task.
+
+Thin adapters over :func:`fanflow.patterns.vote`, :func:`~fanflow.patterns.fan_out` and
+:func:`~fanflow.patterns.best_of_n`: the answer goes to standard output (``--json`` for
+every detail), progress and the summary to standard error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .._events import Hook
+from .._exceptions import AllFailed, ConfigError, QuorumNotMet
+from .._llm import BaseLLM
+from .._types import CallRecord
+from ._progress import ProgressStats, Tracker, drive
+
+__all__ = ["PatternRun", "best_of_payload", "fanout_payload", "run_pattern", "vote_payload"]
+
+R = TypeVar("R")
+
+
+@dataclass
+class PatternRun:
+    """How a single-pattern command ended."""
+
+    result: Any = None
+    error: BaseException | None = None
+    interrupted: bool = False
+    stats: ProgressStats | None = None
+
+
+async def run_pattern(
+    make: Callable[[list[Hook]], Awaitable[Any]],
+    *,
+    tracker: Tracker,
+    display: Any,
+) -> PatternRun:
+    """Await the pattern with the tracker as its hook, driving the display meanwhile."""
+    out = PatternRun()
+    driver = asyncio.ensure_future(drive(display))
+    try:
+        out.result = await make([tracker])
+    except (AllFailed, QuorumNotMet) as exc:
+        out.error = exc
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        out.interrupted = True
+    finally:
+        tracker.stop()
+        driver.cancel()
+        await asyncio.gather(driver, return_exceptions=True)
+    out.stats = tracker.snapshot()
+    return out
+
+
+def read_task(task: str) -> str:
+    """The task text: the argument, or standard input for ``-``."""
+    text = sys.stdin.read() if task == "-" else task
+    if not text.strip():
+        raise ConfigError("the task is empty; give the prompt as an argument or on stdin (-)")
+    return text
+
+
+def _record(r: CallRecord[Any] | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    return {
+        "status": str(r.status),
+        "error": None if r.error is None else f"{type(r.error).__name__}: {r.error}",
+        "latency": r.latency,
+    }
+
+
+def vote_payload(result: Any) -> tuple[str, dict[str, Any]]:
+    """(the answer text, the JSON form) of a :class:`fanflow.patterns.VoteResult`."""
+    payload = {
+        "winner": result.winner,
+        "confidence": result.confidence,
+        "count": result.count,
+        "counted": result.n_counted,
+        "samples_used": result.samples_used,
+        "tied": list(result.tied),
+        "distribution": [[str(k), v] for k, v in result.distribution.items()],
+        "stopped_early": result.stopped_early,
+    }
+    return str(result.winner), payload
+
+
+def fanout_payload(result: Any) -> tuple[str, dict[str, Any]]:
+    """(the answer text, the JSON form) of a :class:`fanflow.patterns.FanOutResult`."""
+    payload = {
+        "answer": result.answer,
+        "aggregation": result.aggregation,
+        "workers": [{"output": w.output, **(_record(w.record) or {})} for w in result.workers],
+        "aggregation_error": None
+        if result.aggregation_error is None
+        else str(result.aggregation_error),
+    }
+    return result.answer or "", payload
+
+
+def best_of_payload(result: Any) -> tuple[str, dict[str, Any]]:
+    """(the answer text, the JSON form) of a :class:`fanflow.patterns.BestOfNResult`."""
+    payload = {
+        "best": result.best,
+        "index": result.index,
+        "selection": result.selection,
+        "fallback_reason": result.fallback_reason,
+        "candidates": [{"output": c.value, **(_record(c) or {})} for c in result.candidates],
+        "judge_reply": result.judge_reply,
+    }
+    return result.best, payload
+
+
+Call = Callable[[BaseLLM, list[Hook]], Awaitable[Any]]
+
+
+def make_call(
+    command: str, task: str, args: Any, options: Mapping[str, Any]
+) -> tuple[Call, int, Callable[[Any], tuple[str, dict[str, Any]]]]:
+    """The pattern call of ``command``, its expected number of calls, and its payload.
+
+    The call takes the handle, which is opened later on the command's event loop.
+    """
+    from ..patterns import best_of_n, fan_out, vote
+
+    if command == "vote":
+        if args.n < 1:
+            raise ConfigError(f"-n must be >= 1, got {args.n}")
+
+        def go_vote(llm: BaseLLM, hooks: list[Hook]) -> Awaitable[Any]:
+            return vote(llm, task, n=args.n, early_stop=args.early_stop, hooks=hooks, **options)
+
+        return go_vote, args.n, vote_payload
+    if command == "fanout":
+        focus = args.focus or None
+        workers = args.workers if args.workers is not None else (len(focus) if focus else 3)
+        if workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {workers}")
+        aggregate: Any = "concat" if args.aggregate == "concat" else None
+
+        def go_fan(llm: BaseLLM, hooks: list[Hook]) -> Awaitable[Any]:
+            return fan_out(
+                llm, task, workers=workers, focus=focus, aggregate=aggregate, hooks=hooks,
+                **options,
+            )  # fmt: skip
+
+        return go_fan, workers + (aggregate is None), fanout_payload
+    if args.n < 1:
+        raise ConfigError(f"-n must be >= 1, got {args.n}")
+
+    def go_best(llm: BaseLLM, hooks: list[Hook]) -> Awaitable[Any]:
+        extra = {"criteria": args.criteria} if args.criteria else {}
+        return best_of_n(llm, task, n=args.n, hooks=hooks, **extra, **options)
+
+    return go_best, args.n + 1, best_of_payload
+
+
+def emit_answer(text: str, payload: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,357 @@
+"""Live progress and the end-of-run summary, driven only by the engine's events.
+
+A :class:`Tracker` is a hook: it folds each event (``CallStarted``, ``AttemptStarted``,
+``AttemptFailed``, ``CallEnded``) into counters and hands out frozen
+:class:`ProgressStats` snapshots. The displays only read snapshots: a rich ``Live`` panel
+on a terminal, a log line every few seconds elsewhere (CI, pipes), nothing with
+``--quiet``. Time comes from an injected clock (the event loop's), so the rendering is
+tested with a fake clock and a fixed-width console, as rich's own ``tests/test_progress.py``
+does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+from .._events import AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
+from .._exceptions import RateLimited
+from .._types import Status
+
+__all__ = [
+    "LiveDisplay",
+    "PlainDisplay",
+    "ProgressStats",
+    "Tracker",
+    "format_duration",
+    "plain_line",
+    "render_live",
+    "render_summary",
+]
+
+_QUEUED, _SENDING, _BACKOFF = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressStats:
+    """A snapshot of a run, as the displays see it."""
+
+    total: int | None
+    elapsed: float
+    started: int = 0
+    done: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    queued: int = 0
+    in_flight: int = 0
+    retrying: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = None
+    busy_time: float = 0.0
+    failures: Mapping[str, int] = field(default_factory=dict)
+    bad_lines: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until every item is done at the rate so far (None: unknown)."""
+        if self.total is None or self.done == 0 or self.elapsed <= 0:
+            return None
+        return max(self.total - self.done, 0) * self.elapsed / self.done
+
+    @property
+    def speedup(self) -> float | None:
+        """Sum of call latencies over the elapsed time (vs. one call after another)."""
+        return self.busy_time / self.elapsed if self.elapsed > 0 else None
+
+
+def _is_429(error: BaseException) -> bool:
+    return isinstance(error, RateLimited) or getattr(error, "status_code", None) == 429
+
+
+class Tracker:
+    """A hook that counts what the engine reports.
+
+    Args:
+        total: the number of items, when known (for the ETA).
+        clock: the time source (the event loop's ``time``); read for ``elapsed``.
+    """
+
+    def __init__(self, total: int | None, *, clock: Callable[[], float]) -> None:
+        self.total = total
+        self._clock = clock
+        self._start = clock()
+        self._end: float | None = None
+        self._state: dict[int, int] = {}
+        self._counts = Counter[str]()
+        self._failures = Counter[str]()
+        self._cost: float | None = None
+        self._busy = 0.0
+        self.bad_lines = 0
+
+    def __repr__(self) -> str:
+        return f"fanflow.cli.Tracker(done={self._counts['done']}, total={self.total})"
+
+    def __call__(self, event: Event) -> None:
+        counts = self._counts
+        if isinstance(event, CallStarted):
+            counts["started"] += 1
+            self._state[id(event.request)] = _QUEUED
+        elif isinstance(event, AttemptStarted):
+            counts["requests"] += 1
+            self._state[id(event.request)] = _SENDING
+        elif isinstance(event, AttemptFailed):
+            if event.wait is not None:
+                counts["retries"] += 1
+                self._state[id(event.request)] = _BACKOFF
+            else:
+                self._state[id(event.request)] = _QUEUED  # about to end
+            if _is_429(event.error):
+                counts["rate_limited"] += 1
+        elif isinstance(event, CallEnded):
+            record = event.record
+            if record.request is not None:
+                self._state.pop(id(record.request), None)
+            counts["done"] += 1
+            if record.status is Status.SUCCEEDED:
+                counts["succeeded"] += 1
+            else:
+                if record.status is Status.CANCELLED or record.error is None:
+                    reason = str(record.status)
+                else:
+                    reason = type(record.error).__name__
+                self._failures[reason] += 1
+            counts["input_tokens"] += record.usage.input_tokens
+            counts["output_tokens"] += record.usage.output_tokens
+            if record.cost is not None and not record.cached:  # a store hit costs nothing
+                self._cost = (self._cost or 0.0) + record.cost
+            self._busy += record.busy_time  # attempts only: queueing is not work
+
+    def stop(self) -> None:
+        """Freeze the elapsed time (the makespan) at now."""
+        if self._end is None:
+            self._end = self._clock()
+
+    def snapshot(self) -> ProgressStats:
+        """The counts now."""
+        c = self._counts
+        states = Counter(self._state.values())
+        end = self._end if self._end is not None else self._clock()
+        return ProgressStats(
+            total=self.total,
+            elapsed=end - self._start,
+            started=c["started"],
+            done=c["done"],
+            succeeded=c["succeeded"],
+            failed=c["done"] - c["succeeded"],
+            queued=states[_QUEUED],
+            in_flight=states[_SENDING],
+            retrying=states[_BACKOFF],
+            requests=c["requests"],
+            retries=c["retries"],
+            rate_limited=c["rate_limited"],
+            input_tokens=c["input_tokens"],
+            output_tokens=c["output_tokens"],
+            cost=self._cost,
+            busy_time=self._busy,
+            failures=dict(self._failures.most_common()),
+            bad_lines=self.bad_lines,
+        )
+
+
+# -- formatting -----------------------------------------------------------------------
+
+
+def format_duration(seconds: float | None) -> str:
+    """``42.0s``, ``3m05s``, ``2h01m``; ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _cost(cost: float | None) -> str:
+    if cost is None:
+        return "n/a"
+    return f"${cost:,.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.6f}"
+
+
+def _done(s: ProgressStats) -> str:
+    return f"{s.done}/{s.total}" if s.total is not None else f"{s.done}"
+
+
+def plain_line(s: ProgressStats) -> str:
+    """One log line for non-terminal output."""
+    return (
+        f"fanflow: {_done(s)} done, {s.failed} failed, {s.retrying} retrying, "
+        f"{s.in_flight} in flight | {s.requests_per_second:.1f} req/s, "
+        f"{s.tokens_per_second:,.0f} tok/s, cost {_cost(s.cost)} | "
+        f"elapsed {format_duration(s.elapsed)}, ETA {format_duration(s.eta)}"
+    )
+
+
+def render_live(s: ProgressStats) -> Any:
+    """The rich renderable of the live panel."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column()
+    grid.add_column()
+    pct = f"{100 * s.done / s.total:.0f}%" if s.total else ""
+    grid.add_row(
+        ProgressBar(total=s.total or None, completed=s.done, width=30),
+        Text(f"{_done(s)} {pct}  ETA {format_duration(s.eta)}"),
+    )
+    line = Text()
+    line.append(f"done {s.succeeded}", style="green")
+    line.append("  ")
+    line.append(f"failed {s.failed}", style="red" if s.failed else "")
+    line.append("  ")
+    line.append(f"retrying {s.retrying}", style="yellow" if s.retrying else "")
+    line.append(f"  in flight {s.in_flight}  queued {s.queued}")
+    rates = Text(
+        f"{s.requests_per_second:.1f} req/s  {s.tokens_per_second:,.0f} tok/s  "
+        f"cost {_cost(s.cost)}  elapsed {format_duration(s.elapsed)}"
+    )
+    outer = Table.grid()
+    outer.add_row(grid)
+    outer.add_row(line)
+    outer.add_row(rates)
+    return outer
+
+
+def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: str = "items") -> Any:
+    """The end-of-run table: items, outcomes, retries, 429s, tokens, cost, speed-up."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    of = f" of {s.total}" if s.total not in (None, s.done) else ""
+    table.add_row(unit, f"{s.done}{of}")
+    table.add_row("succeeded", f"{s.succeeded}")
+    table.add_row("failed", f"{s.failed}")
+    for reason, n in s.failures.items():
+        table.add_row(f"  {reason}", f"{n}")
+    if s.bad_lines:
+        table.add_row("input lines skipped", f"{s.bad_lines}")
+    table.add_row("requests", f"{s.requests}")
+    table.add_row("retries", f"{s.retries}")
+    table.add_row("429s", f"{s.rate_limited}")
+    table.add_row("tokens", f"{s.tokens:,} ({s.input_tokens:,} in, {s.output_tokens:,} out)")
+    table.add_row("cost", _cost(s.cost))
+    table.add_row("makespan", format_duration(s.elapsed))
+    speedup = s.speedup if s.requests else None  # nothing was sent: no speed-up to show
+    table.add_row("speed-up", "n/a" if speedup is None else f"{speedup:.1f}x")
+    return table
+
+
+# -- displays ----------------------------------------------------------------------------
+
+
+class Display(Protocol):
+    def start(self) -> None: ...
+    def refresh(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class LiveDisplay:
+    """A rich ``Live`` panel, refreshed by :func:`drive` from the event loop."""
+
+    interval = 0.1
+
+    def __init__(self, console: Any, tracker: Tracker, *, redirect_stdout: bool = False) -> None:
+        from rich.live import Live
+
+        self.tracker = tracker
+        # Results go to stdout: only route them above the panel when stdout is this same
+        # terminal; a redirected stdout (``> out.jsonl``) must get the bare rows.
+        self._live = Live(
+            console=console,
+            auto_refresh=False,
+            transient=False,
+            redirect_stdout=redirect_stdout,
+            redirect_stderr=False,
+        )
+
+    def start(self) -> None:
+        self._live.start()
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._live.update(render_live(self.tracker.snapshot()), refresh=True)
+
+    def stop(self) -> None:
+        self.refresh()
+        self._live.stop()
+
+
+class PlainDisplay:
+    """A log line every ``interval`` seconds (for CI logs and pipes)."""
+
+    def __init__(self, stream: IO[str], tracker: Tracker, *, interval: float = 10.0) -> None:
+        self.tracker = tracker
+        self.stream = stream
+        self.interval = interval
+
+    def start(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        self.stream.write(plain_line(self.tracker.snapshot()) + "\n")
+        self.stream.flush()
+
+    def stop(self) -> None:
+        pass
+
+
+class QuietDisplay:
+    """Nothing at all (``--quiet``)."""
+
+    interval = 3600.0
+
+    def start(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+async def drive(display: LiveDisplay | PlainDisplay | QuietDisplay) -> None:
+    """Refresh ``display`` periodically until cancelled."""
+    display.start()
+    try:
+        while True:
+            await asyncio.sleep(display.interval)
+            display.refresh()
+    finally:
+        display.stop()

@@ -1,0 +1,204 @@
+"""Choosing and opening the model handles of a command (a thin adapter over fanflow's
+handles).
+
+With ``--provider`` the choice is explicit. Without it: an API key in the environment
+(``OPENAI_API_KEY``, then ``ANTHROPIC_API_KEY``), then ``--base-url`` (any
+OpenAI-compatible server), then the embedded local model, else an error that says how to
+configure one. ``sim`` starts :class:`fanflow.testing.SimServer` on loopback inside the
+command and talks to it with :func:`fanflow.openai` over real HTTP, so demos and tests
+run offline through the same code path as a hosted API.
+
+API keys are never settings: the handles read them from their own variables and never
+print them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fanflow
+
+from .._exceptions import ConfigError
+from .._limits import Limits
+from .._llm import BaseLLM
+from .._retry import RetryPolicy
+from ._settings import Settings
+
+__all__ = ["ProviderPlan", "SimSpec", "open_llms", "parse_sim_spec", "plan_llm"]
+
+NO_PROVIDER = (
+    "no model is configured; set OPENAI_API_KEY or ANTHROPIC_API_KEY, or pass "
+    "--base-url URL for an OpenAI-compatible server, or install the local model "
+    "(pip install 'fanflow[local]'), or use --provider sim for a simulated model"
+)
+
+_SIM_NUMBERS = {
+    "latency": float,
+    "per_token": float,
+    "jitter": float,
+    "seed": int,
+    "rpm": int,
+    "tpm": int,
+    "max_in_flight": int,
+}
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """Knobs of the simulated server: ``--sim latency=0.05,rpm=600,500=0.1,reply=ok``.
+
+    Keys are SimServer's arguments (latency, per_token, jitter, seed, rpm, tpm,
+    max_in_flight, reply) and fault kinds with their probability (``500=0.1``,
+    ``429=0.05``, ``hang=0.01``, ...).
+    """
+
+    options: Mapping[str, Any] = field(default_factory=lambda: {"latency": 0.05})
+    faults: Mapping[str, float] = field(default_factory=dict)
+
+
+def parse_sim_spec(spec: str | None) -> SimSpec:
+    """Parse ``key=value,key=value`` into a :class:`SimSpec`."""
+    from ..testing import FAULTS
+
+    if not spec:
+        return SimSpec()
+    options: dict[str, Any] = {"latency": 0.05}
+    faults: dict[str, float] = {}
+    keys = ", ".join([*_SIM_NUMBERS, "reply"])
+    for part in spec.split(","):
+        key, sep, raw = part.partition("=")
+        key, raw = key.strip().replace("-", "_"), raw.strip()
+        if not sep:
+            raise ConfigError(
+                f"--sim: cannot read {part!r}; write key=value pairs separated by commas "
+                f"(keys: {keys}; faults: {', '.join(FAULTS)})"
+            )
+        try:
+            if key == "reply":
+                options[key] = raw
+            elif key in _SIM_NUMBERS:
+                options[key] = _SIM_NUMBERS[key](raw)
+            elif key in FAULTS:
+                faults[key] = float(raw)
+            else:
+                raise ConfigError(
+                    f"--sim: unknown key {key!r}; use {keys}, or a fault kind "
+                    f"({', '.join(FAULTS)}) with its probability"
+                )
+        except ValueError:
+            raise ConfigError(f"--sim: {key} must be a number, got {raw!r}") from None
+    return SimSpec(options, faults)
+
+
+@dataclass(frozen=True)
+class ProviderPlan:
+    """A checked choice of handle, opened later on the command's event loop."""
+
+    provider: str
+    settings: Settings
+    max_tokens: int | None = None
+    sim: SimSpec | None = None
+
+    def build(self, sim_url: str | None) -> BaseLLM:
+        s = self.settings
+        kwargs: dict[str, Any] = {"limits": _limits(s)}
+        if s.timeout is not None:
+            kwargs["timeout"] = s.timeout
+        if s.retries is not None:
+            kwargs["retry"] = RetryPolicy(attempts=s.retries + 1)
+        if self.max_tokens is not None:
+            kwargs["max_tokens"] = self.max_tokens
+        if self.provider == "sim":
+            assert sim_url is not None
+            return fanflow.openai(s.model or "sim", base_url=sim_url, **kwargs)
+        if self.provider in ("openai", "anthropic"):
+            factory = fanflow.openai if self.provider == "openai" else fanflow.anthropic
+            if s.base_url is not None:
+                kwargs["base_url"] = s.base_url
+            assert s.model is not None
+            llm: BaseLLM = factory(s.model, **kwargs)
+            return llm
+        # The embedded model (issue 8): --model, when given, is the path of a GGUF file.
+        if "max_tokens" in kwargs:
+            kwargs["defaults"] = {"max_tokens": kwargs.pop("max_tokens")}
+        built: BaseLLM = fanflow.local(s.model, **kwargs)
+        return built
+
+
+def _local_model_installed() -> bool:
+    """Whether ``fanflow.local()`` can run: llama.cpp and the default model are installed."""
+    import importlib.metadata
+    import importlib.util
+
+    from ..providers.local import DEFAULT_PACKAGE
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:
+        importlib.metadata.distribution(DEFAULT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _limits(s: Settings) -> Limits:
+    return Limits(concurrency=s.concurrency, rpm=s.rpm, tpm=s.tpm)
+
+
+_EXAMPLE_MODEL = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
+
+
+def plan_llm(
+    settings: Settings,
+    env: Mapping[str, str],
+    *,
+    sim: SimSpec | None = None,
+    max_tokens: int | None = None,
+) -> ProviderPlan:
+    """Choose the handle the settings ask for (nothing is opened yet).
+
+    Raises:
+        ConfigError: no provider could be chosen, or it lacks what it needs.
+    """
+    provider = settings.provider
+    if provider is None:
+        if env.get("OPENAI_API_KEY"):
+            provider = "openai"
+        elif env.get("ANTHROPIC_API_KEY"):
+            provider = "anthropic"
+        elif settings.base_url:
+            provider = "openai"
+        elif _local_model_installed():
+            provider = "local"
+        else:
+            raise ConfigError(NO_PROVIDER)
+    if provider in _EXAMPLE_MODEL and settings.model is None:
+        raise ConfigError(
+            f"--model is needed for {provider} (e.g. --model {_EXAMPLE_MODEL[provider]}, "
+            "or FANFLOW_MODEL)"
+        )
+    return ProviderPlan(provider, settings, max_tokens, sim if provider == "sim" else None)
+
+
+@contextlib.asynccontextmanager
+async def open_llms(plans: Sequence[ProviderPlan]) -> AsyncIterator[list[BaseLLM]]:
+    """Open the handles of ``plans`` (one SimServer for all ``sim`` plans); close them."""
+    async with contextlib.AsyncExitStack() as stack:
+        sim_url: str | None = None
+        sims = [p.sim for p in plans if p.provider == "sim"]
+        if sims:
+            from ..testing import SimServer
+
+            spec = sims[0] or SimSpec()
+            server = SimServer(**spec.options, faults=spec.faults, keep_requests=False)
+            await stack.enter_async_context(server)
+            sim_url = server.url
+        llms = []
+        for plan in plans:
+            llm = plan.build(sim_url)
+            stack.push_async_callback(llm.aclose)
+            llms.append(llm)
+        yield llms

@@ -1,0 +1,178 @@
+"""Call records as JSON lines, for ``fanflow report`` (``fanflow map --records FILE``).
+
+One line per call: its item index, label, status, start/end (event-loop seconds), each
+attempt (start, end, status, error type, whether it was a 429 or a hedge), tokens and
+cost. Error messages are kept short and never hold secrets (fanflow's errors never do).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .._exceptions import ConfigError
+from .._types import CallRecord
+from ._progress import _is_429
+
+__all__ = [
+    "AttemptRow",
+    "CallRow",
+    "RecordsWriter",
+    "job_records_path",
+    "read_records",
+    "record_to_json",
+]
+
+
+def job_records_path(store_path: str | Path, job: str) -> Path:
+    """Where a job's call records live: ``records/<job>.jsonl`` beside the store file."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
+    return Path(store_path).parent / "records" / f"{safe}.jsonl"
+
+
+def _error_name(error: BaseException | None) -> str | None:
+    return None if error is None else type(error).__name__
+
+
+def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
+    """The JSON form of one call record."""
+    return {
+        "index": record.index,
+        "label": record.label,
+        "status": str(record.status),
+        "start": record.start,
+        "end": record.end,
+        "input_tokens": record.usage.input_tokens,
+        "output_tokens": record.usage.output_tokens,
+        "cost": record.cost,
+        "cached": record.cached,
+        "error": _error_name(record.error),
+        "message": None if record.error is None else str(record.error)[:300],
+        "attempts": [
+            {
+                "number": a.number,
+                "start": a.start,
+                "end": a.end,
+                "status": str(a.status),
+                "error": _error_name(a.error),
+                "rate_limited": a.error is not None and _is_429(a.error),
+                "hedge": a.hedge,
+            }
+            for a in record.attempts
+        ],
+    }
+
+
+class RecordsWriter:
+    """Appends call records to a JSONL file as they end."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    @classmethod
+    def open(cls, path: str | Path, *, append: bool = False) -> RecordsWriter:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return cls(open(path, "a" if append else "w", encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc.strerror}; check --records") from None
+
+    def write(self, record: CallRecord[Any]) -> None:
+        if record.cached:  # served from the store: no call was made in this run
+            return
+        self._stream.write(json.dumps(record_to_json(record)) + "\n")
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    """One attempt as the report sees it."""
+
+    start: float
+    end: float
+    status: str
+    error: str | None
+    rate_limited: bool
+    hedge: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CallRow:
+    """One call as the report sees it."""
+
+    index: int | None
+    label: str | None
+    status: str
+    start: float | None
+    end: float | None
+    input_tokens: int
+    output_tokens: int
+    cost: float | None
+    error: str | None
+    message: str | None
+    attempts: tuple[AttemptRow, ...]
+
+    @property
+    def latency(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        return self.end - self.start
+
+    @property
+    def busy_time(self) -> float:
+        """Time spent being answered (attempts only; queueing and backoff excluded)."""
+        if self.attempts:
+            return sum(a.end - a.start for a in self.attempts)
+        return self.latency or 0.0
+
+
+def read_records(path: str) -> Iterator[CallRow]:
+    """Read a records file written by ``--records``.
+
+    Raises:
+        ConfigError: the file is missing or a line is not a call record (named by line).
+    """
+    try:
+        stream = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigError(f"records file {path} cannot be read: {exc.strerror}") from None
+    with stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                attempts = tuple(
+                    AttemptRow(
+                        float(a["start"]),
+                        float(a["end"]),
+                        str(a["status"]),
+                        a.get("error"),
+                        bool(a.get("rate_limited")),
+                        bool(a.get("hedge")),
+                    )
+                    for a in d.get("attempts", ())
+                )
+                yield CallRow(
+                    index=d.get("index"),
+                    label=d.get("label"),
+                    status=str(d["status"]),
+                    start=d.get("start"),
+                    end=d.get("end"),
+                    input_tokens=int(d.get("input_tokens") or 0),
+                    output_tokens=int(d.get("output_tokens") or 0),
+                    cost=d.get("cost"),
+                    error=d.get("error"),
+                    message=d.get("message"),
+                    attempts=attempts,
+                )
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(
+                    f"{path}:{number}: not a fanflow call record ({type(exc).__name__}: {exc}); "
+                    "give a file written by --records"
+                ) from None

@@ -1,0 +1,173 @@
+"""Settings of a run: from flags, then ``FANFLOW_*`` environment variables, then a config
+file, then defaults, in that order (the first that sets a value wins).
+
+The config file is TOML (read with the standard library's ``tomllib``): ``--config PATH``,
+else ``$FANFLOW_CONFIG``, else ``./fanflow.toml`` when it exists. Keys are the long flag
+names (``concurrency = 16``, ``base-url = "http://..."``). API keys are never settings:
+they stay in the provider's own environment variables and are never printed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._exceptions import ConfigError
+
+__all__ = ["OPTIONS", "Option", "Settings", "resolve_settings"]
+
+PROVIDERS = ("openai", "anthropic", "local", "sim")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting that may come from a flag, the environment or the config file."""
+
+    name: str
+    kind: Callable[[str], Any]
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "FANFLOW_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("provider", str, "openai, anthropic, local or sim (default: from the environment)",
+           choices=PROVIDERS),
+    Option("model", str, "the model name"),
+    Option("base_url", str, "an OpenAI-compatible server's URL"),
+    Option("concurrency", int, "the most calls in flight at once", minimum=1),
+    Option("rpm", int, "requests per minute allowed", minimum=1),
+    Option("tpm", int, "tokens per minute allowed", minimum=1),
+    Option("timeout", float, "seconds per attempt", minimum=0.001),
+    Option("retries", int, "retries after the first attempt (default 3)", minimum=0),
+    Option("budget", float, "the most money to spend, in USD", minimum=0.0),
+    Option("store", str, "the result store for --job (default .fanflow/store.db)"),
+)  # fmt: skip
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings; ``sources`` says where each set value came from."""
+
+    provider: str | None = None
+    model: str | None = None
+    base_url: str | None = None
+    concurrency: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout: float | None = None
+    retries: int | None = None
+    budget: float | None = None
+    store: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+def _convert(option: Option, raw: Any, where: str) -> Any:
+    fix = f"set {option.flag} to a valid value"
+    kind = getattr(option.kind, "__name__", "a value")
+    bad = ConfigError(f"{where}: {option.name} must be {kind}, got {raw!r}; {fix}")
+    if isinstance(raw, bool) or (option.kind is str and not isinstance(raw, str)):
+        raise bad
+    if option.kind is int and isinstance(raw, float) and not raw.is_integer():
+        raise bad
+    try:
+        value = option.kind(raw)
+    except (TypeError, ValueError):
+        raise bad from None
+    if option.minimum is not None and value < option.minimum:
+        raise ConfigError(
+            f"{where}: {option.name} must be >= {option.minimum:g}, got {value!r}; {fix}"
+        )
+    if option.choices is not None and value not in option.choices:
+        raise ConfigError(
+            f"{where}: unknown {option.name} {value!r}; use one of {', '.join(option.choices)}"
+        )
+    return value
+
+
+def _config_path(explicit: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {explicit} not found; check the --config path")
+        return path
+    from_env = env.get("FANFLOW_CONFIG")
+    if from_env:
+        path = Path(from_env)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {from_env} (from FANFLOW_CONFIG) not found; fix or unset it"
+            )
+        return path
+    default = cwd / "fanflow.toml"
+    return default if default.is_file() else None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read a config file into ``{option name: value}``, validating every key."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}; fix the file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    out: dict[str, Any] = {}
+    for key, raw in data.items():
+        name = key.replace("-", "_")
+        option = _BY_NAME.get(name)
+        if option is None:
+            known = ", ".join(o.flag[2:] for o in OPTIONS)
+            raise ConfigError(f"{path}: unknown setting {key!r}; known settings: {known}")
+        out[name] = _convert(option, raw, f"{path}: {key}")
+    return out
+
+
+def resolve_settings(
+    flags: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    config: str | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Merge flags, ``FANFLOW_*`` variables and the config file (in that order).
+
+    Args:
+        flags: option name to value given on the command line (None: not given).
+        env: the environment (default: ``os.environ``).
+        config: an explicit config file path (``--config``).
+        cwd: where to look for ``fanflow.toml`` (default: the working directory).
+
+    Raises:
+        ConfigError: a value is invalid; the message names where it came from.
+    """
+    env = os.environ if env is None else env
+    path = _config_path(config, env, cwd or Path.cwd())
+    from_file = read_config(path) if path is not None else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in OPTIONS:
+        flag_value = flags.get(option.name)
+        if flag_value is not None:
+            values[option.name] = _convert(option, flag_value, option.flag)
+            sources[option.name] = "flag"
+        elif env.get(option.env, "") != "":
+            values[option.name] = _convert(option, env[option.env], option.env)
+            sources[option.name] = "env"
+        elif option.name in from_file:
+            values[option.name] = from_file[option.name]
+            sources[option.name] = str(path)
+    return Settings(**values, sources=sources)

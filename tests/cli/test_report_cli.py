@@ -1,0 +1,112 @@
+"""``fanflow report``: a records file to one self-contained HTML page and a timeline PNG."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import subprocess
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from fanflow.cli._report import TIMELINE_SIZE
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+class Page(HTMLParser):
+    """Collects what a reader of the report sees: headings, images, table cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[str] = []
+        self.images: list[dict[str, str | None]] = []
+        self.cells: list[str] = []
+        self.external: list[str] = []
+        self._tag: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._tag = tag
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a)
+        for key in ("src", "href"):
+            value = a.get(key)
+            if value and not value.startswith("data:"):
+                self.external.append(value)
+
+    def handle_data(self, data: str) -> None:
+        if self._tag in ("h1", "h2"):
+            self.headings.append(data.strip())
+        elif self._tag == "td":
+            self.cells.append(data.strip())
+
+    def handle_endtag(self, tag: str) -> None:
+        self._tag = None
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_report_from_a_run(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"q": f"question {i}"}) + "\n" for i in range(40)) + '{"x": 1}\n'
+    )
+    done = run(
+        "map", "in.jsonl", "-p", "{q}", "--provider", "sim", "--concurrency", "8",
+        "--sim", "latency=0.02,429=0.2,seed=4", "--retries", "0",
+        "--records", "calls.jsonl", "-o", "out.jsonl", "-q",
+    )  # fmt: skip
+    assert done.returncode == 1  # some 429s with no retries, and one template error
+    records = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert len(records) == 41
+    limited = sum(r["attempts"][0]["rate_limited"] for r in records if r["attempts"])
+    assert limited >= 1
+
+    done = run("report", "calls.jsonl", "-o", "report.html", "--png", "timeline.png")
+    assert done.returncode == 0, done.stderr
+    page = Page()
+    page.feed((tmp_path / "report.html").read_text())
+    assert page.headings[:2] == ["fanflow run report: calls.jsonl", "Summary"]
+    for heading in ("Timeline", "In flight and throughput", "Latency", "Tokens and cost"):
+        assert heading in page.headings
+    assert page.external == []  # self-contained: every image is embedded
+    assert len(page.images) == 4
+    for img in page.images:
+        src = img["src"] or ""
+        assert src.startswith("data:image/png;base64,")
+        w, h = png_size(base64.b64decode(src.split(",", 1)[1]))
+        assert w > 300
+        assert h > 200
+    cells = page.cells
+    assert cells[cells.index("items") + 1] == "41"
+    assert cells[cells.index("429s") + 1] == str(limited)
+    assert "TemplateError" in cells
+    assert "RateLimited" in cells
+
+    data = (tmp_path / "timeline.png").read_bytes()
+    assert len(data) > 5000
+    assert png_size(data) == TIMELINE_SIZE
+
+
+def test_report_errors(run: Run, tmp_path: Path) -> None:
+    done = run("report", "missing.jsonl")
+    assert done.returncode == 2
+    assert "missing.jsonl is neither a records file nor a job" in done.stderr
+    (tmp_path / "bad.jsonl").write_text('{"status": "succeeded"}\nnot json\n')
+    done = run("report", "bad.jsonl")
+    assert done.returncode == 2
+    assert "bad.jsonl:2: not a fanflow call record" in done.stderr
+    (tmp_path / "empty.jsonl").write_text("\n")
+    done = run("report", "empty.jsonl")
+    assert done.returncode == 2
+    assert "holds no call records" in done.stderr
