@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -287,3 +289,25 @@ async def test_budgets_are_refused_on_ray_until_they_are_cluster_wide() -> None:
 
 def _echo(request: fanflow.Request) -> str:
     return request.prompt
+
+
+def test_the_cli_joins_the_cluster_with_ray_address(tmp_path: Any) -> None:
+    items = [{"text": f"t{i}"} for i in range(20)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    address = ray.get_runtime_context().gcs_address
+    # Ray's own settings (its auth mode) pass through; fanflow's do not.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FANFLOW_")}
+    args = ["map", "in.jsonl", "-p", "Say {text}", "--provider", "sim", "--sim", "latency=0.01"]
+    done = subprocess.run(
+        [sys.executable, "-m", "fanflow", *args, "--concurrency", "4", "--ray-address", address],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    out = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert [r["output"] for r in out] == [f"echo: Say t{i}" for i in range(20)]
+    assert "succeeded" in done.stderr  # the summary, from the workers' events

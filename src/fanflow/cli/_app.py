@@ -114,6 +114,16 @@ def _add_map(sub: Any) -> None:
     job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
     job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
     job.add_argument("--only-failed", action="store_true", help="rerun only NAME's failures")
+    scale = p.add_argument_group("scale-out on Ray (pip install 'fanflow[ray]')")
+    scale.add_argument(
+        "--backend", choices=("local", "ray"), default="local",
+        help="run the calls here (default) or on Ray workers, under one limit for all",
+    )  # fmt: skip
+    scale.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="join this Ray cluster (implies --backend ray; default: RAY_ADDRESS, else a "
+        "local Ray instance is started)",
+    )  # fmt: skip
     _model_options(p)
     _common(p)
     p.set_defaults(handler=_cmd_map)
@@ -309,6 +319,10 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     writer = open_output(args.output)
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
+    if args.backend == "ray" or args.ray_address is not None:
+        from ..backends import RayBackend
+
+        options["backend"] = RayBackend(address=args.ray_address)
 
     async def go() -> tuple[Any, ProgressStats]:
         tracker = Tracker(total, clock=_loop_time)
