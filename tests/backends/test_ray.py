@@ -281,14 +281,34 @@ async def test_as_completed_streams_records_from_the_workers() -> None:
     assert sorted(seen) == list(range(len(ITEMS)))
 
 
-async def test_budgets_are_refused_on_ray_until_they_are_cluster_wide() -> None:
-    llm = fanflow.function(_echo)
-    with pytest.raises(fanflow.ConfigError, match="budget= is not supported"):
-        await fanflow.map(llm, "{input}", ["a"], budget=1.0, backend="ray")
-
-
-def _echo(request: fanflow.Request) -> str:
-    return request.prompt
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_one_budget_for_all_workers(workers: int) -> None:
+    budget = fanflow.Budget(tokens=120)
+    async with SimServer(latency=0.002) as server:
+        llm = _handle(server, Limits(concurrency=4))
+        result = await fanflow.map(
+            llm,
+            "Say {input}",
+            ITEMS,
+            max_tokens=6,
+            budget=budget,
+            backend=RayBackend(workers=workers, shard_size=4),
+        )
+        await llm.aclose()
+        used = server.stats().tokens_in + server.stats().tokens_out
+    ran = [r for r in result.records if r.ok]
+    skipped = [r for r in result.records if r.status is fanflow.Status.SKIPPED]
+    assert ran
+    assert skipped
+    assert len(ran) + len(skipped) == len(ITEMS)
+    # One cap for the cluster: what the server counted fits in it, and the caller's
+    # budget object shows what the workers spent together.
+    assert used <= 120
+    assert budget.spent == sum(r.usage.total_tokens for r in ran) <= 120
+    assert budget.statistics().skipped == len(skipped)
+    error = skipped[0].error
+    assert type(error) is fanflow.BudgetExceeded  # the plain error, not Ray's wrapper
+    assert "raise budget= to run it" in str(error)
 
 
 def test_the_cli_joins_the_cluster_with_ray_address(tmp_path: Any) -> None:

@@ -39,6 +39,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._budget import Budget
+from .._exceptions import BudgetExceeded
 from .._limits import _REQUESTS, Gate, Lane, Limits, Permit, _cost
 from .._rate import RateBucket, Slot
 
@@ -46,13 +48,17 @@ __all__ = [
     "LINGER",
     "REUSE",
     "BrokerStatistics",
+    "BudgetSpec",
     "GlobalLane",
     "GrantQueue",
     "LeasedGate",
     "LimitBroker",
+    "RemoteBudget",
     "SlotLease",
+    "budget_of",
     "lease_time",
     "needs_broker",
+    "spec_of",
 ]
 
 # A worker passes a leased slot on to at most this many of its own calls in a row, then
@@ -108,6 +114,28 @@ class LimitBroker:
     def __init__(self) -> None:
         self._handles: dict[str, _Shared] = {}
         self._dead: set[str] = set()
+        self._budgets: dict[str, Budget] = {}
+
+    # A budget shared by every worker of a batch (``budget=`` on Ray).
+
+    def open_budget(self, spec: BudgetSpec) -> None:
+        self._budgets.setdefault(spec.budget_id, budget_of(spec))
+
+    async def reserve_budget(self, budget_id: str, amount: float, who: str) -> float:
+        return await self._budgets[budget_id].reserve(amount, who)
+
+    def settle_budget(self, budget_id: str, reserved: float, actual: float) -> None:
+        budget = self._budgets.get(budget_id)
+        if budget is not None:
+            budget.settle(reserved, actual)
+
+    def close_budget(self, budget_id: str) -> tuple[float, int]:
+        """Forget a batch's budget; return what it spent and how many calls it skipped."""
+        budget = self._budgets.pop(budget_id, None)
+        if budget is None:
+            return 0.0, 0
+        stats = budget.statistics()
+        return stats.spent, stats.skipped
 
     def _shared(self, handle_id: str, limits: Limits) -> _Shared:
         shared = self._handles.get(handle_id)
@@ -562,6 +590,77 @@ class GlobalLane(Lane):
         if isinstance(permit, GlobalPermit) and response is None and self.grants is not None:
             self.grants.settle(permit.grant, None)  # sent: its booking stands
         super().finish(permit, start, response, error)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSpec:
+    """What a worker needs to build its view of a cluster-wide budget."""
+
+    budget_id: str
+    unit: str
+    limit: float
+    prices: dict[str, Any] | None
+    spent: float = 0.0
+
+
+def spec_of(budget: Budget, budget_id: str) -> BudgetSpec:
+    prices = budget._prices
+    return BudgetSpec(
+        budget_id, budget.unit, budget.limit, dict(prices) if prices else None, budget.spent
+    )
+
+
+def budget_of(spec: BudgetSpec) -> Budget:
+    """A budget with the spec's cap, prices and what was spent before (for the broker)."""
+    if spec.unit == "usd":
+        budget = Budget(usd=spec.limit, prices=spec.prices)
+    else:
+        budget = Budget(tokens=int(spec.limit), prices=spec.prices)
+    budget.settle(0.0, spec.spent)
+    return budget
+
+
+class RemoteBudget(Budget):
+    """A worker's view of a budget kept by the broker: every worker's calls reserve and
+    settle against the one budget there, so together they never spend more than it.
+    Prices are applied here (``amount``), the arithmetic of the cap at the broker.
+
+    Args:
+        spec: the budget's unit, cap and prices.
+        reserve: reserves at the broker (raises ``BudgetExceeded``, maybe wrapped).
+        settle: settles at the broker; fire and forget.
+    """
+
+    __slots__ = ("_remote_reserve", "_remote_settle")
+
+    def __init__(
+        self,
+        spec: BudgetSpec,
+        reserve: Callable[[float, str], Awaitable[float]],
+        settle: Callable[[float, float], None],
+    ) -> None:
+        if spec.unit == "usd":
+            super().__init__(usd=spec.limit, prices=spec.prices)
+        else:
+            super().__init__(tokens=int(spec.limit), prices=spec.prices)
+        self._remote_reserve = reserve
+        self._remote_settle = settle
+
+    async def reserve(self, amount: float, who: str) -> float:
+        try:
+            return await self._remote_reserve(amount, who)
+        except BudgetExceeded as exc:
+            # Ray wraps a remote error in a class of its own: raise the plain one.
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, BudgetExceeded):
+                raise cause from None
+            raise
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self._remote_settle(reserved, actual)
 
 
 def needs_broker(limits: Limits) -> bool:

@@ -51,12 +51,15 @@ from ..patterns._prompt import Prompt
 from ..store import Store
 from ._config import RayBackend, resolve_backend
 from ._limiter import (
+    BudgetSpec,
     GlobalLane,
     GrantQueue,
     LimitBroker,
+    RemoteBudget,
     SlotLease,
     lease_time,
     needs_broker,
+    spec_of,
 )
 
 __all__ = ["RayMapBatch", "map_on_ray", "run_pool_on_ray", "worker_pids"]
@@ -113,6 +116,18 @@ class _BrokerActor:
     async def forget(self, worker: str) -> int:
         return self.broker.forget(worker)
 
+    async def open_budget(self, spec: BudgetSpec) -> None:
+        self.broker.open_budget(spec)
+
+    async def reserve_budget(self, budget_id: str, amount: float, who: str) -> float:
+        return await self.broker.reserve_budget(budget_id, amount, who)
+
+    async def settle_budget(self, budget_id: str, reserved: float, actual: float) -> None:
+        self.broker.settle_budget(budget_id, reserved, actual)
+
+    async def close_budget(self, budget_id: str) -> tuple[float, int]:
+        return self.broker.close_budget(budget_id)
+
     async def statistics(self, handle_id: str) -> Any:
         return self.broker.statistics(handle_id)
 
@@ -145,8 +160,9 @@ def _collect(event: Event) -> None:
 class _Run:
     """One batch's state in a worker process (a worker serves batch after batch)."""
 
-    def __init__(self, work_box: list[Any], window: int) -> None:
+    def __init__(self, work_box: list[Any], window: int, broker: Any) -> None:
         self.window = window
+        self.broker = broker
         self.gate = Gate(window)
         self.leases: list[SlotLease] = []
         self.grants: list[GrantQueue] = []
@@ -154,8 +170,22 @@ class _Run:
 
     async def _load(self, work_box: list[Any]) -> _Work:
         work: _Work = await work_box[0]
-        await work.start(self.window)
+        await work.start(self.window, self._budget(work.budget))
         return work
+
+    def _budget(self, spec: BudgetSpec | None) -> Budget | None:
+        if spec is None:
+            return None
+        broker, budget_id = self.broker, spec.budget_id
+
+        async def reserve(amount: float, who: str) -> float:
+            reserved: float = await broker.reserve_budget.remote(budget_id, amount, who)
+            return reserved
+
+        def settle(reserved: float, actual: float) -> None:
+            broker.settle_budget.remote(budget_id, reserved, actual)
+
+        return RemoteBudget(spec, reserve, settle)
 
     async def close(self) -> None:
         for lease in self.leases:
@@ -236,7 +266,7 @@ class FanflowWorker:
         """Run a shard of batch ``run_id``; yield (results, events) as items finish."""
         run = self.runs.get(run_id)
         if run is None:
-            run = self.runs[run_id] = _Run(work_box, window)
+            run = self.runs[run_id] = _Run(work_box, window, self.broker)
         work = await asyncio.shield(run.ready)
         gate = run.gate
         out = _Out()
@@ -295,7 +325,10 @@ class FanflowWorker:
 class _Work:
     """What a worker does with each item of a batch."""
 
-    async def start(self, window: int) -> None:
+    # The batch's budget, kept by the broker (set by the driver before sending the work).
+    budget: BudgetSpec | None = None
+
+    async def start(self, window: int, budget: Budget | None) -> None:
         """Build the per-process state (on the worker's event loop)."""
 
     async def run_one(self, index: int, item: Any, prior: Any) -> Any:
@@ -348,7 +381,7 @@ class _MapWork(_Work):
         self._batch: _Batch[Any] | None = None
         self._durable: Durability | None = None
 
-    async def start(self, window: int) -> None:
+    async def start(self, window: int, budget: Budget | None) -> None:
         deadline = None
         if self.deadline_wall is not None:
             # Wall clocks agree across machines (NTP); loop clocks need not.
@@ -360,6 +393,7 @@ class _MapWork(_Work):
             retry=self.retry,
             hedge_after=self.hedge_after,
             hooks=(_collect,) if self.events else (),
+            budget=budget,
             prices=self.prices,
         )
         spec = self.store
@@ -409,6 +443,7 @@ class _PoolWork(_Work):
         prices: Mapping[str, Any] | None,
     ) -> None:
         self.prices = prices
+        self.cap: Budget | None = None
         self.runner = runner
         self.events = events
         self.store = store  # pickled as its path: the worker opens the same file
@@ -424,8 +459,12 @@ class _PoolWork(_Work):
             hooks=hooks,
             store=self.store,
             cache=self.cache or bool(prior),
+            budget=self.cap,
             prices=self.prices,
         )
+
+    async def start(self, window: int, budget: Budget | None) -> None:
+        self.cap = budget
 
     async def close(self) -> None:
         if self.store is not None:
@@ -542,7 +581,9 @@ class _Driver:
         on_chunk: Callable[[list[tuple[int, Any]], list[Event], dict[int, Any]], Awaitable[None]],
         prior: Callable[[int], Any],
         numbered: bool = False,
+        budget: Budget | None = None,
     ) -> None:
+        self.budget = budget
         self.backend = backend
         self.work = work
         self.source: _Source | _Pairs = _Pairs(items) if numbered else _Source(items)
@@ -567,6 +608,11 @@ class _Driver:
         )
         self.shard_size = backend.shard_size or min(max(2 * self.window, 16), 2048)
         self.broker = _broker(ray)
+        spec = None
+        if self.budget is not None:
+            spec = spec_of(self.budget, uuid.uuid4().hex)
+            await self.broker.open_budget.remote(spec)
+            self.work.budget = spec
         self.work_box = [ray.put(self.work)]
         self.run_id = uuid.uuid4().hex
         self.ray = ray
@@ -582,6 +628,11 @@ class _Driver:
             raise first from None
         finally:
             await self._stop(slots)
+            if spec is not None and self.budget is not None:
+                spent, skipped = await self.broker.close_budget.remote(spec.budget_id)
+                # The caller's budget shows what the cluster spent and skipped.
+                self.budget.settle(0.0, spent - spec.spent)
+                self.budget._skipped += skipped
         return self.source.seen
 
     async def _stop(self, slots: Sequence[_Slot]) -> None:
@@ -670,15 +721,6 @@ class _Driver:
         slot.generation += 1
 
 
-def _refuse_budget(budget: Budget | None) -> None:
-    if budget is not None:
-        raise ConfigError(
-            "budget= is not supported with backend='ray' yet (each worker would keep its "
-            "own and together they could spend it several times over); cap the job with "
-            "a budget on the local backend, or split it into smaller batches"
-        )
-
-
 def _split(total: int, parts: int) -> list[int]:
     """``total`` split into ``parts`` near-equal positive shares (fewer if total < parts)."""
     parts = max(1, min(parts, total))
@@ -730,7 +772,7 @@ class RayMapBatch:
     ) -> None:
         ray_backend = resolve_backend(backend)
         assert ray_backend is not None
-        _refuse_budget(budget)
+        self.budget = budget
         if concurrency is not None and concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
         if deadline is not None and deadline <= 0:
@@ -803,6 +845,7 @@ class RayMapBatch:
             workers=self.n_workers,
             on_chunk=on_chunk,
             prior=prior,
+            budget=self.budget,
         )
         size = len(self.items) if isinstance(self.items, Sequence) else None
         try:
@@ -855,7 +898,6 @@ async def run_pool_on_ray(
     """Run a pool's inputs on Ray; ``await deliver(index, RunResult)`` as each ends."""
     ray_backend = resolve_backend(backend)
     assert ray_backend is not None
-    _refuse_budget(budget)
     _connect(ray_backend)
     workers, window = _workers_for(ray_backend, max_flows)
     assert window is not None
@@ -877,5 +919,6 @@ async def run_pool_on_ray(
         on_chunk=on_chunk,
         prior=lambda index: True if replay(index) else None,
         numbered=True,
+        budget=budget,
     )
     await driver.run()
