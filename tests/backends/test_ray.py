@@ -281,6 +281,24 @@ async def test_as_completed_streams_records_from_the_workers() -> None:
     assert sorted(seen) == list(range(len(ITEMS)))
 
 
+async def test_a_sink_gets_every_item_with_its_id(tmp_path: Any) -> None:
+    items = [{"id": f"doc-{i}", "text": f"t{i}"} for i in range(30)]
+    async with SimServer(latency=0.002) as server:
+        llm = _handle(server, Limits(concurrency=4))
+        await fanflow.map(
+            llm,
+            "Say {text}",
+            items,
+            sink=tmp_path / "out.jsonl",
+            backend=RayBackend(workers=2, shard_size=4),
+        )
+        await llm.aclose()
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted((r["index"], r["id"], r["output"]) for r in rows) == [
+        (i, f"doc-{i}", f"echo: Say t{i}") for i in range(30)
+    ]
+
+
 @pytest.mark.parametrize("workers", [2, 4])
 async def test_one_budget_for_all_workers(workers: int) -> None:
     budget = fanflow.Budget(tokens=120)

@@ -683,9 +683,9 @@ class _Driver:
         try:
             async for ref in stream:
                 results, events = await ref
+                await self.on_chunk(results, events, items)
                 for index, _ in results:
                     items.pop(index, None)
-                await self.on_chunk(results, events, items)
         except ray.exceptions.RayActorError:
             # The worker died: what it did not return runs again elsewhere.
             remainder = [(i, item) for i, item in shard if i in items]
