@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,27 @@ def wait_until(condition: Callable[[], bool], what: str, proc: subprocess.Popen[
         time.sleep(0.01)
 
 
+_children: list[subprocess.Popen[str]] = []
+
+
 def start(cmd: list[str], *args: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [*cmd, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    _children.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _reap_children() -> Iterator[None]:
+    """Kill every child a test started that is still running when it ends (a failed
+    assertion or a timeout must not leave a job running on the machine)."""
+    yield
+    while _children:
+        proc = _children.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def test_sigkill_mid_run_then_resume_repeats_no_completed_call(
@@ -193,9 +210,17 @@ def test_two_processes_share_one_store(tmp_path: Path) -> None:
         start([sys.executable, str(script)], db, "a", n, a_ready, b_ready),
         start([sys.executable, str(script)], db, "b", n, b_ready, a_ready),
     ]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0, stderr
+    try:
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 0, stderr
+    finally:
+        # Whatever happened (a failure, a timeout, an interrupt), leave no child behind:
+        # each waits for the other's ready file and would otherwise run on forever.
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
