@@ -19,48 +19,37 @@ and replaces the worker. Items that came back are never run again; an item that 
 flight when the worker died runs again elsewhere (with ``store=``, a call that had
 completed was committed first and is served from the store instead of repeated).
 
-Ray itself is imported only here, and only when a batch asks for it.
+This module is the driver; the worker and broker actors are in ``_worker.py``. Ray
+itself is imported only here, and only when a batch asks for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import importlib
 import os
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from .._budget import Budget
-from .._engine import make_options
 from .._events import Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError
-from .._limits import Gate, Lane
-from .._llm import LLM, BaseLLM, set_lane_factory
+from .._llm import LLM
 from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
 from ..patterns._jobs import Durability
-from ..patterns._map import _Batch, _FailFast, _Source, _window
+from ..patterns._map import _FailFast, _Source, _window
 from ..patterns._prompt import Prompt
 from ..store import Store
 from ._config import RayBackend, resolve_backend
-from ._limiter import (
-    BudgetSpec,
-    GlobalLane,
-    GrantQueue,
-    LimitBroker,
-    RemoteBudget,
-    SlotLease,
-    lease_time,
-    needs_broker,
-    spec_of,
-)
+from ._limiter import spec_of
+from ._worker import BrokerActor, FanflowWorker, MapWork, PoolWork, StoreSpec, Work
 
 __all__ = ["RayMapBatch", "map_on_ray", "run_pool_on_ray", "worker_pids"]
 
@@ -89,388 +78,6 @@ def _connect(backend: RayBackend) -> ModuleType:
     return ray
 
 
-# --------------------------------------------------------------------------- actors
-
-
-class _BrokerActor:
-    """The :class:`LimitBroker` of the cluster, as a Ray actor."""
-
-    def __init__(self) -> None:
-        self.broker = LimitBroker()
-
-    async def acquire(self, handle_id: str, limits: Any, worker: str) -> bool:
-        return await self.broker.acquire(handle_id, limits, worker)
-
-    async def release(self, handle_id: str, worker: str) -> None:
-        self.broker.release(handle_id, worker)
-
-    async def grant_many(
-        self, handle_id: str, limits: Any, costs: list[list[int]]
-    ) -> list[tuple[float, int]]:
-        now = asyncio.get_running_loop().time()
-        return self.broker.grant_many(handle_id, limits, costs, now)
-
-    async def settle(self, handle_id: str, grant: int, costs: list[int] | None) -> None:
-        self.broker.settle(handle_id, grant, costs)
-
-    async def forget(self, worker: str) -> int:
-        return self.broker.forget(worker)
-
-    async def open_budget(self, spec: BudgetSpec) -> None:
-        self.broker.open_budget(spec)
-
-    async def reserve_budget(self, budget_id: str, amount: float, who: str) -> float:
-        return await self.broker.reserve_budget(budget_id, amount, who)
-
-    async def settle_budget(self, budget_id: str, reserved: float, actual: float) -> None:
-        self.broker.settle_budget(budget_id, reserved, actual)
-
-    async def close_budget(self, budget_id: str) -> tuple[float, int]:
-        return self.broker.close_budget(budget_id)
-
-    async def statistics(self, handle_id: str) -> Any:
-        return self.broker.statistics(handle_id)
-
-
-# The shard a worker's task is running, so its events go back with its results.
-_OUT: contextvars.ContextVar[_Out] = contextvars.ContextVar("fanflow_ray_out")
-
-
-@dataclass
-class _Out:
-    results: list[tuple[int, Any]] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def pending(self) -> bool:
-        return bool(self.results or self.events)
-
-    def take(self) -> tuple[list[tuple[int, Any]], list[Event]]:
-        chunk = (self.results, self.events)
-        self.results, self.events = [], []
-        return chunk
-
-
-def _collect(event: Event) -> None:
-    out = _OUT.get(None)
-    if out is not None:
-        out.events.append(event)
-
-
-class _Run:
-    """One batch's state in a worker process (a worker serves batch after batch)."""
-
-    def __init__(self, work_box: list[Any], window: int, broker: Any) -> None:
-        self.window = window
-        self.broker = broker
-        self.gate = Gate(window)
-        self.leases: list[SlotLease] = []
-        self.grants: list[GrantQueue] = []
-        self.ready = asyncio.ensure_future(self._load(work_box))
-
-    async def _load(self, work_box: list[Any]) -> _Work:
-        work: _Work = await work_box[0]
-        await work.start(self.window, self._budget(work.budget))
-        return work
-
-    def _budget(self, spec: BudgetSpec | None) -> Budget | None:
-        if spec is None:
-            return None
-        broker, budget_id = self.broker, spec.budget_id
-
-        async def reserve(amount: float, who: str) -> float:
-            reserved: float = await broker.reserve_budget.remote(budget_id, amount, who)
-            return reserved
-
-        def settle(reserved: float, actual: float) -> None:
-            broker.settle_budget.remote(budget_id, reserved, actual)
-
-        return RemoteBudget(spec, reserve, settle)
-
-    async def close(self) -> None:
-        for lease in self.leases:
-            await lease.aclose()
-        for grants in self.grants:
-            await grants.aclose()
-        if not self.ready.done():
-            self.ready.cancel()
-        with contextlib.suppress(BaseException):
-            await (await self.ready).close()
-
-
-# The batch a worker's task belongs to, so the lanes it makes are closed with it.
-_RUN: contextvars.ContextVar[_Run] = contextvars.ContextVar("fanflow_ray_run")
-
-
-class FanflowWorker:
-    """One worker process: runs shards of batches with the local engine.
-
-    A driver keeps its workers for the life of its Ray connection, so only its first
-    batch pays for starting them (a second or two per process).
-    """
-
-    def __init__(self, worker_id: str, broker: Any) -> None:
-        self.worker_id = worker_id
-        self.broker = broker
-        self.runs: dict[str, _Run] = {}
-        set_lane_factory(self._lane)
-
-    def _lane(self, handle: BaseLLM) -> Lane:
-        limits = handle.limits
-        if not needs_broker(limits):
-            return Lane(limits)
-        broker, worker, handle_id = self.broker, self.worker_id, handle.limit_id
-
-        async def ask() -> bool:
-            granted: bool = await broker.acquire.remote(handle_id, limits, worker)
-            return granted
-
-        def give_back() -> None:
-            broker.release.remote(handle_id, worker)
-
-        lease = None
-        if limits.concurrency is not None:
-            lease = SlotLease(limits.concurrency, ask, give_back)
-            run = _RUN.get(None)
-            if run is not None:
-                run.leases.append(lease)
-        grants = None
-        if limits.rated:
-
-            async def grant_many(costs: list[list[int]]) -> list[tuple[float, int]]:
-                answers: list[tuple[float, int]] = await broker.grant_many.remote(
-                    handle_id, limits, costs
-                )
-                return answers
-
-            def settle(grant: int, costs: list[int] | None) -> None:
-                broker.settle.remote(handle_id, grant, costs)
-
-            grants = GrantQueue(grant_many, settle, lease_time(limits.period))
-            run = _RUN.get(None)
-            if run is not None:
-                run.grants.append(grants)
-        return GlobalLane(limits, lease, grants)
-
-    async def pid(self) -> int:
-        return os.getpid()
-
-    async def shard(
-        self,
-        run_id: str,
-        work_box: list[Any],
-        window: int,
-        pairs: list[tuple[int, Any]],
-        prior: dict[int, Any],
-    ) -> AsyncIterator[tuple[list[tuple[int, Any]], list[Event]]]:
-        """Run a shard of batch ``run_id``; yield (results, events) as items finish."""
-        run = self.runs.get(run_id)
-        if run is None:
-            run = self.runs[run_id] = _Run(work_box, window, self.broker)
-        work = await asyncio.shield(run.ready)
-        gate = run.gate
-        out = _Out()
-        it = iter(pairs)
-
-        async def lane() -> None:
-            while True:
-                await gate.acquire()
-                try:
-                    got = next(it, None)
-                    if got is None:
-                        return
-                    index, item = got
-                    result = await work.run_one(index, item, prior.get(index))
-                    out.results.append((index, result))
-                    out.wake.set()
-                finally:
-                    gate.release()
-
-        async def lanes() -> None:
-            _OUT.set(out)
-            _RUN.set(run)
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(min(run.window, len(pairs))):
-                    tg.create_task(lane())
-
-        task = asyncio.get_running_loop().create_task(lanes())
-        try:
-            while not task.done() or out.pending():
-                if not out.pending():
-                    waiter = asyncio.ensure_future(out.wake.wait())
-                    try:
-                        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        waiter.cancel()
-                    out.wake.clear()
-                    continue
-                yield out.take()
-            task.result()  # a bug or a store failure: raise it in the driver
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    async def end_run(self, run_id: str) -> None:
-        """Batch ``run_id`` is over: give back its slots, close its handles and store."""
-        run = self.runs.pop(run_id, None)
-        if run is not None:
-            await run.close()
-
-
-# --------------------------------------------------------------------------- work
-
-
-class _Work:
-    """What a worker does with each item of a batch."""
-
-    # The batch's budget, kept by the broker (set by the driver before sending the work).
-    budget: BudgetSpec | None = None
-
-    async def start(self, window: int, budget: Budget | None) -> None:
-        """Build the per-process state (on the worker's event loop)."""
-
-    async def run_one(self, index: int, item: Any, prior: Any) -> Any:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Release the per-process state."""
-
-
-@dataclass(frozen=True)
-class _StoreSpec:
-    path: str
-    timeout: float
-    job: str | None
-    only_failed: bool
-    cache: bool
-
-
-class _MapWork(_Work):
-    def __init__(
-        self,
-        llm: LLM,
-        prompt: Prompt,
-        *,
-        timeout: float | None,
-        deadline_wall: float | None,  # set when the batch starts
-        retry: RetryPolicy | None,
-        hedge_after: float | None,
-        system: str | None,
-        params: dict[str, Any],
-        parse: Callable[[Response], Any],
-        events: bool,
-        label: str | None,
-        store: _StoreSpec | None,
-        prices: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.llm = llm
-        self.prompt = prompt
-        self.timeout = timeout
-        self.deadline_wall = deadline_wall
-        self.retry = retry
-        self.hedge_after = hedge_after
-        self.system = system
-        self.params = params
-        self.parse = parse
-        self.events = events
-        self.label = label
-        self.store = store
-        self.prices = prices
-        self._batch: _Batch[Any] | None = None
-        self._durable: Durability | None = None
-
-    async def start(self, window: int, budget: Budget | None) -> None:
-        deadline = None
-        if self.deadline_wall is not None:
-            # Wall clocks agree across machines (NTP); loop clocks need not.
-            deadline = max(self.deadline_wall - time.time(), 1e-9)
-        opts = make_options(
-            concurrency=window if self.hedge_after is not None else None,
-            timeout=self.timeout,
-            deadline=deadline,
-            retry=self.retry,
-            hedge_after=self.hedge_after,
-            hooks=(_collect,) if self.events else (),
-            budget=budget,
-            prices=self.prices,
-        )
-        spec = self.store
-        if spec is not None:
-            self._durable = Durability(
-                store=Store(spec.path, timeout=spec.timeout),
-                job=spec.job,
-                only_failed=spec.only_failed,
-                cache=spec.cache,
-                sink=None,
-            )
-        self._batch = _Batch[Any](
-            self.llm,
-            self.prompt,
-            (),
-            opts=opts,
-            workers=window,
-            parse=self.parse,
-            deliver=lambda record: None,
-            system=self.system,
-            params=self.params,
-            label=self.label,
-            fail_fast=False,
-            durable=self._durable,
-        )
-
-    async def run_one(self, index: int, item: Any, prior: Any) -> CallRecord[Any]:
-        assert self._batch is not None
-        if prior is not None and self._durable is not None:
-            self._durable.prior[index] = prior
-        return await self._batch.run_item(index, item)
-
-    async def close(self) -> None:
-        if self._durable is not None and self._durable.store is not None:
-            await self._durable.store.aclose()
-        if isinstance(self.llm, BaseLLM):
-            await self.llm.aclose()
-
-
-class _PoolWork(_Work):
-    def __init__(
-        self,
-        runner: Any,
-        events: bool,
-        store: Store | None,
-        cache: bool,
-        prices: Mapping[str, Any] | None,
-    ) -> None:
-        self.prices = prices
-        self.cap: Budget | None = None
-        self.runner = runner
-        self.events = events
-        self.store = store  # pickled as its path: the worker opens the same file
-        self.cache = cache
-
-    async def run_one(self, index: int, item: Any, prior: Any) -> Any:
-        # ``prior`` is True for an input that succeeded in an earlier run of the job:
-        # it is replayed from the store whatever ``cache`` says.
-        hooks: tuple[Hook, ...] = (_collect,) if self.events else ()
-        return await self.runner.execute(
-            item,
-            index=index,
-            hooks=hooks,
-            store=self.store,
-            cache=self.cache or bool(prior),
-            budget=self.cap,
-            prices=self.prices,
-        )
-
-    async def start(self, window: int, budget: Budget | None) -> None:
-        self.cap = budget
-
-    async def close(self) -> None:
-        if self.store is not None:
-            await self.store.aclose()
-
-
 # --------------------------------------------------------------------------- driver
 
 # The broker of the cluster this process is connected to, kept referenced for the life
@@ -484,7 +91,7 @@ def _broker(ray: ModuleType) -> Any:
     job = ray.get_runtime_context().get_job_id()
     if _BROKER is None or _BROKER[0] != job:
         actor = (
-            ray.remote(_BrokerActor)
+            ray.remote(BrokerActor)
             .options(name=BROKER_NAME, get_if_exists=True, num_cpus=0, max_concurrency=100_000)
             .remote()
         )
@@ -573,7 +180,7 @@ class _Driver:
     def __init__(
         self,
         backend: RayBackend,
-        work: _Work,
+        work: Work,
         items: Any,
         *,
         window: int,
@@ -790,14 +397,14 @@ class RayMapBatch:
         self.workers = self.window  # what ResultStream sizes its queue by
         store = None
         if durable is not None and durable.store is not None:
-            store = _StoreSpec(
+            store = StoreSpec(
                 str(durable.store.path),
                 durable.store.timeout,
                 durable.job,
                 durable.only_failed,
                 durable.cache,
             )
-        self.work = _MapWork(
+        self.work = MapWork(
             llm,
             prompt,
             timeout=timeout,
@@ -912,7 +519,7 @@ async def run_pool_on_ray(
 
     driver = _Driver(
         ray_backend,
-        _PoolWork(runner, bool(hooks), store, cache, prices),
+        PoolWork(runner, bool(hooks), store, cache, prices),
         list(todo),
         window=window,
         workers=workers,
