@@ -185,8 +185,9 @@ async def test_a_killed_worker_loses_nothing(tmp_path: Any, with_store: bool) ->
     assert result.outputs == [f"echo: Say {t}" for t in items]
     assert set(sent) == {f"Say {t}" for t in items}
     repeated = [p for p, c in sent.items() if c > 1]
-    # Only calls in flight on the killed worker (at most the limit, 8) can run twice.
-    assert len(repeated) <= 8, repeated
+    # Only calls in flight on the killed worker (at most the limit, 8), or finished but
+    # not yet streamed back when it died (a message's worth), can run twice.
+    assert len(repeated) <= 2 * 8, repeated
     if with_store:
         assert info is not None
         assert info.succeeded == n
