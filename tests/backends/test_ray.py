@@ -205,8 +205,15 @@ async def test_pool_runs_on_ray_like_locally() -> None:
         inputs = [{"text": f"doc {i}"} for i in range(25)]
         local = await fanflow.Pool(chain, inputs, max_flows=4).arun()
         pool = fanflow.Pool(chain, inputs, max_flows=4, backend=RayBackend(workers=2))
+        running: list[tuple[str, ...]] = []
+
+        def watch(event: Any) -> None:  # pool.status while the workers run it
+            running.extend(i.steps for i in pool.status.items if i.state == "running")
+
+        pool.hooks = (watch,)
         remote = await pool.arun()
         await llm.aclose()
+    assert ("s",) in running  # the steps the workers are on show in pool.status
     assert remote.outputs == local.outputs
     assert remote.outputs[3] == "ECHO: SUMMARIZE DOC 3"
     assert pool.status.succeeded == 25

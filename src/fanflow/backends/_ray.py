@@ -49,7 +49,15 @@ from ..patterns._prompt import Prompt
 from ..store import Store
 from ._config import RayBackend, resolve_backend
 from ._limiter import spec_of
-from ._worker import BrokerActor, FanflowWorker, MapWork, PoolWork, StoreSpec, Work
+from ._worker import (
+    BrokerActor,
+    FanflowWorker,
+    MapWork,
+    PoolWork,
+    StepMoved,
+    StoreSpec,
+    Work,
+)
 
 __all__ = ["RayMapBatch", "map_on_ray", "run_pool_on_ray", "worker_pids"]
 
@@ -185,7 +193,9 @@ class _Driver:
         *,
         window: int,
         workers: int | None,
-        on_chunk: Callable[[list[tuple[int, Any]], list[Event], dict[int, Any]], Awaitable[None]],
+        on_chunk: Callable[
+            [list[tuple[int, Any]], list[Event | StepMoved], dict[int, Any]], Awaitable[None]
+        ],
         prior: Callable[[int], Any],
         numbered: bool = False,
         budget: Budget | None = None,
@@ -428,10 +438,11 @@ class RayMapBatch:
             self.work.deadline_wall = time.time() + self.deadline
 
         async def on_chunk(
-            results: list[tuple[int, Any]], events: list[Event], items: dict[int, Any]
+            results: list[tuple[int, Any]], events: list[Event | StepMoved], items: dict[int, Any]
         ) -> None:
             for event in events:
-                emit(self.hooks, event)
+                if not isinstance(event, StepMoved):  # map has no steps; for the type
+                    emit(self.hooks, event)
             for index, record in results:
                 if durable is not None:
                     durable.emit(record, items.get(index))
@@ -501,8 +512,10 @@ async def run_pool_on_ray(
     deliver: Callable[[int, Any], Awaitable[None]],
     budget: Budget | None = None,
     prices: Mapping[str, Any] | None = None,
+    on_step: Callable[[int, str, bool], None] | None = None,
 ) -> None:
-    """Run a pool's inputs on Ray; ``await deliver(index, RunResult)`` as each ends."""
+    """Run a pool's inputs on Ray; ``await deliver(index, RunResult)`` as each ends;
+    ``on_step(index, step, started)`` as the workers move inputs through steps."""
     ray_backend = resolve_backend(backend)
     assert ray_backend is not None
     _connect(ray_backend)
@@ -510,10 +523,14 @@ async def run_pool_on_ray(
     assert window is not None
 
     async def on_chunk(
-        results: list[tuple[int, Any]], events: list[Event], items: dict[int, Any]
+        results: list[tuple[int, Any]], events: list[Event | StepMoved], items: dict[int, Any]
     ) -> None:
         for event in events:
-            emit(hooks, event)
+            if isinstance(event, StepMoved):
+                if on_step is not None:
+                    on_step(event.index, event.step, event.started)
+            else:
+                emit(hooks, event)
         for index, result in results:
             await deliver(index, result)
 

@@ -42,7 +42,15 @@ from ._limiter import (
     needs_broker,
 )
 
-__all__ = ["BrokerActor", "FanflowWorker", "MapWork", "PoolWork", "StoreSpec", "Work"]
+__all__ = [
+    "BrokerActor",
+    "FanflowWorker",
+    "MapWork",
+    "PoolWork",
+    "StepMoved",
+    "StoreSpec",
+    "Work",
+]
 
 # --------------------------------------------------------------------------- actors
 
@@ -94,13 +102,13 @@ _OUT: contextvars.ContextVar[_Out] = contextvars.ContextVar("fanflow_ray_out")
 @dataclass
 class _Out:
     results: list[tuple[int, Any]] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    events: list[Event | StepMoved] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def pending(self) -> bool:
         return bool(self.results or self.events)
 
-    def take(self) -> tuple[list[tuple[int, Any]], list[Event]]:
+    def take(self) -> tuple[list[tuple[int, Any]], list[Event | StepMoved]]:
         chunk = (self.results, self.events)
         self.results, self.events = [], []
         return chunk
@@ -110,6 +118,15 @@ def _collect(event: Event) -> None:
     out = _OUT.get(None)
     if out is not None:
         out.events.append(event)
+
+
+@dataclass(frozen=True, slots=True)
+class StepMoved:
+    """A pool input's step started or ended in a worker (for ``Pool.status``)."""
+
+    index: int
+    step: str
+    started: bool
 
 
 class _Run:
@@ -217,7 +234,7 @@ class FanflowWorker:
         window: int,
         pairs: list[tuple[int, Any]],
         prior: dict[int, Any],
-    ) -> AsyncIterator[tuple[list[tuple[int, Any]], list[Event]]]:
+    ) -> AsyncIterator[tuple[list[tuple[int, Any]], list[Event | StepMoved]]]:
         """Run a shard of batch ``run_id``; yield (results, events) as items finish."""
         run = self.runs.get(run_id)
         if run is None:
@@ -408,10 +425,17 @@ class PoolWork(Work):
         # ``prior`` is True for an input that succeeded in an earlier run of the job:
         # it is replayed from the store whatever ``cache`` says.
         hooks: tuple[Hook, ...] = (_collect,) if self.events else ()
+        out = _OUT.get(None)
+
+        def on_step(step: str, started: bool) -> None:
+            if out is not None:
+                out.events.append(StepMoved(index, step, started))
+
         return await self.runner.execute(
             item,
             index=index,
             hooks=hooks,
+            on_step=on_step,
             store=self.store,
             cache=self.cache or bool(prior),
             budget=self.cap,

@@ -286,6 +286,10 @@ class Pool:
                 )
                 await finish(i, result)
 
+        async def ray_finish(i: int, result: RunResult) -> None:
+            self._running[i].clear()  # steps of an attempt on a worker that died
+            await finish(i, result)
+
         async def run_all() -> int:
             if self.backend is not None:
                 from ..backends._ray import run_pool_on_ray
@@ -299,9 +303,10 @@ class Pool:
                     store=self.store,
                     cache=self.cache,
                     replay=lambda i: durable is not None and _succeeded(durable, i),
-                    deliver=finish,
+                    deliver=ray_finish,
                     budget=cap,
                     prices=self.prices,
+                    on_step=self._moved,
                 )
                 return len(self.inputs)
             async with asyncio.TaskGroup() as tg:
@@ -323,6 +328,14 @@ class Pool:
             records=tuple(c for r in items for c in r.records),
             makespan=now() - started,
         )
+
+    def _moved(self, index: int, step: str, started: bool) -> None:
+        """A Ray worker moved input ``index`` into or out of ``step``."""
+        running = self._running[index]
+        if started:
+            running.append(step)
+        elif step in running:
+            running.remove(step)
 
     def _tracker(self, index: int) -> Callable[[str, bool], None]:
         running = self._running[index]
