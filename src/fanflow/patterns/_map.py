@@ -12,6 +12,7 @@ import os
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Mapping,
@@ -193,35 +194,24 @@ class _Batch(Generic[T]):
             if self.fail_fast and record.status is not Status.SUCCEEDED:
                 raise _FailFast(record)
 
-    async def run_item(self, index: int, item: Any) -> CallRecord[T]:
-        """Run one item to its record (committed to the store first, if there is one)."""
+    def run_item(self, index: int, item: Any) -> Awaitable[CallRecord[T]]:
+        """Run one item to its record (committed to the store first, if there is one).
+
+        Not ``async def``: the common case hands back ``execute``'s coroutine itself, one
+        frame fewer per item in flight (10,000 in flight means 10,000 fewer frames for
+        the GC to scan). Await the result.
+        """
         try:
             request = build_request(
                 self.prompt, item, index, system=self.system, params=self.params
             )
         except Exception as exc:
-            record: CallRecord[T] = CallRecord(
-                status=Status.FAILED, error=exc, index=index, label=self.label
-            )
-            if self.opts.hooks:
-                now = asyncio.get_running_loop().time()
-                record = CallRecord(
-                    status=Status.FAILED,
-                    error=exc,
-                    index=index,
-                    label=self.label,
-                    start=now,
-                    end=now,
-                )
-                emit(self.opts.hooks, CallEnded(now, record))
-            if self.durable is not None:
-                await self.durable.settle(record, item)
-            return record
+            return self._bad_item(index, item, exc)
         if self.durable is None:
-            return await execute(
+            return execute(
                 self.llm, request, self.opts, index=index, label=self.label, parse=self.parse
             )
-        return await self.durable.run(
+        return self.durable.run(
             self.llm,
             request,
             self.opts,
@@ -230,6 +220,26 @@ class _Batch(Generic[T]):
             label=self.label,
             parse=self.parse,
         )
+
+    async def _bad_item(self, index: int, item: Any, exc: Exception) -> CallRecord[T]:
+        """The record of an item whose request could not be built (a template error)."""
+        record: CallRecord[T] = CallRecord(
+            status=Status.FAILED, error=exc, index=index, label=self.label
+        )
+        if self.opts.hooks:
+            now = asyncio.get_running_loop().time()
+            record = CallRecord(
+                status=Status.FAILED,
+                error=exc,
+                index=index,
+                label=self.label,
+                start=now,
+                end=now,
+            )
+            emit(self.opts.hooks, CallEnded(now, record))
+        if self.durable is not None:
+            await self.durable.settle(record, item)
+        return record
 
 
 def _params(**kwargs: Any) -> dict[str, Any]:
