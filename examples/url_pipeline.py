@@ -7,8 +7,9 @@ Runs offline: fetching is simulated (0.1-0.3 s) and ScriptedLLM answers in 0.2 s
 from __future__ import annotations
 
 import asyncio
+import re
 
-from fanflow import Chain, Pool, Skill, Step
+from fanflow import Chain, Pool, Request, Skill, Step
 from fanflow.testing import ScriptedLLM
 
 
@@ -17,8 +18,19 @@ async def fetch(url: str) -> str:
     return f"<html><h1>{url}</h1><p>Content of {url}.</p></html>"
 
 
+def fake_model(request: Request) -> str:
+    """A stand-in for a real model: turns the tags into markdown, or keeps one sentence."""
+    instruction, _, text = request.prompt.partition(":")
+    text = text.strip()
+    if instruction.startswith("Convert"):
+        text = re.sub(r"<h1>(.*?)</h1>", r"# \1\n\n", text)
+        return re.sub(r"<[^>]+>", "", text).strip()
+    body = text.splitlines()[-1]
+    return f"One page: {body}"
+
+
 async def main() -> None:
-    llm = ScriptedLLM(lambda r: r.prompt.split(":", 1)[1].strip()[:60], latency=0.2)
+    llm = ScriptedLLM(fake_model, latency=0.2)
     chain = Chain(
         [
             Step(fetch, output="html", inputs={"url": "url"}),
