@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -294,19 +295,20 @@ class FanflowWorker:
 # --------------------------------------------------------------------------- work
 
 
-class Work:
+class Work(ABC):
     """What a worker does with each item of a batch."""
 
     # The batch's budget, kept by the broker (set by the driver before sending the work).
     budget: BudgetSpec | None = None
 
-    async def start(self, window: int, budget: Budget | None) -> None:
+    async def start(self, window: int, budget: Budget | None) -> None:  # noqa: B027 - optional
         """Build the per-process state (on the worker's event loop)."""
 
+    @abstractmethod
     async def run_one(self, index: int, item: Any, prior: Any) -> Any:
-        raise NotImplementedError
+        """Run one item to its record."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional
         """Release the per-process state."""
 
 
