@@ -21,7 +21,7 @@ from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
-from ._http import HttpLLM, protocol_error, wall_clock
+from ._http import HttpLLM, StreamText, protocol_error, wall_clock
 from ._ratelimit import parse_anthropic
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicLLM", "anthropic"]
@@ -112,24 +112,16 @@ class AnthropicLLM(HttpLLM):
     async def read_stream(
         self, content: aiohttp.StreamReader, start: float, headers: Mapping[str, str]
     ) -> Response:
-        loop = asyncio.get_running_loop()
-        parts: list[str] = []
-        first: float | None = None
+        stream = StreamText(start)
         stop: str | None = None
         model: str | None = None
         input_tokens = output_tokens = 0
         try:
-            async for line in content:
-                if not line.startswith(b"data:"):
-                    continue
-                event = json.loads(line[5:])
+            async for data in stream.events(content):
+                event = json.loads(data)
                 kind = event.get("type")
                 if kind == "content_block_delta":
-                    piece = event["delta"].get("text")
-                    if piece:
-                        if first is None:
-                            first = loop.time() - start
-                        parts.append(piece)
+                    stream.add(event["delta"].get("text"))
                 elif kind == "message_start":
                     message = event["message"]
                     model = message.get("model")
@@ -141,18 +133,18 @@ class AnthropicLLM(HttpLLM):
                     break
                 elif kind == "error":
                     # An error after the 200 (e.g. overloaded mid-stream): classify its body.
-                    raise self.fail(529 if _overloaded(event) else 500, {}, line[5:], None)
+                    raise self.fail(529 if _overloaded(event) else 500, {}, data, None)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise protocol_error("anthropic", f"bad stream event: {type(exc).__name__}") from None
-        end = loop.time()
+        end = asyncio.get_running_loop().time()
         _check_refusal(stop)
         return Response(
-            "".join(parts),
+            stream.text,
             usage=Usage(input_tokens, output_tokens),
             model=model,
             finish_reason=stop,
             latency=end - start,
-            time_to_first_token=first,
+            time_to_first_token=stream.first,
             rate_limit=self.rate_limits(headers, end),
         )
 

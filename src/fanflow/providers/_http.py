@@ -46,7 +46,7 @@ from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response
 from ._ratelimit import parse_retry_after, wait_from_state
 
-__all__ = ["HttpLLM", "Secret", "classify"]
+__all__ = ["HttpLLM", "Secret", "StreamText", "classify"]
 
 #: The wall clock, for absolute times in headers (HTTP dates, RFC 3339). A seam for tests.
 wall_clock: Callable[[], float] = time.time
@@ -205,6 +205,36 @@ def protocol_error(provider: str, what: str) -> ProtocolError:
 
 
 # --------------------------------------------------------------------------- sessions
+
+
+class StreamText:
+    """What every streamed reply needs, whatever its API: the ``data:`` payloads of the
+    server-sent events, the text pieces in order, and when the first piece arrived."""
+
+    __slots__ = ("_loop", "_parts", "_start", "first")
+
+    def __init__(self, start: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._start = start
+        self._parts: list[str] = []
+        self.first: float | None = None  # seconds from the request to the first text
+
+    @staticmethod
+    async def events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+        """The payload of each ``data:`` line, in order (other SSE lines are skipped)."""
+        async for line in content:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+
+    def add(self, piece: str | None) -> None:
+        if piece:
+            if self.first is None:
+                self.first = self._loop.time() - self._start
+            self._parts.append(piece)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
 
 
 class _Sessions:

@@ -18,7 +18,7 @@ from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
-from ._http import HttpLLM, protocol_error
+from ._http import HttpLLM, StreamText, protocol_error
 from ._ratelimit import parse_openai
 
 __all__ = ["OpenAILLM", "openai"]
@@ -108,17 +108,12 @@ class OpenAILLM(HttpLLM):
     async def read_stream(
         self, content: aiohttp.StreamReader, start: float, headers: Mapping[str, str]
     ) -> Response:
-        loop = asyncio.get_running_loop()
-        parts: list[str] = []
-        first: float | None = None
+        stream = StreamText(start)
         finish: str | None = None
         model: str | None = None
         tokens = Usage()
         try:
-            async for line in content:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
+            async for data in stream.events(content):
                 if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
@@ -129,26 +124,22 @@ class OpenAILLM(HttpLLM):
                 for choice in chunk.get("choices") or ():
                     if choice.get("index", 0) != 0:
                         continue
-                    piece = (choice.get("delta") or {}).get("content")
-                    if piece:
-                        if first is None:
-                            first = loop.time() - start
-                        parts.append(piece)
+                    stream.add((choice.get("delta") or {}).get("content"))
                     finish = choice.get("finish_reason") or finish
                 usage = chunk.get("usage")
                 if usage:
                     tokens = Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise protocol_error("openai", f"bad stream event: {type(exc).__name__}") from None
-        end = loop.time()
+        end = asyncio.get_running_loop().time()
         _check_filter(finish)
         return Response(
-            "".join(parts),
+            stream.text,
             usage=tokens,
             model=model,
             finish_reason=finish,
             latency=end - start,
-            time_to_first_token=first,
+            time_to_first_token=stream.first,
             rate_limit=parse_openai(headers, end),
         )
 
