@@ -49,7 +49,7 @@ from ._exceptions import (
     TemplateError,
     is_retryable,
 )
-from ._limits import Adaptive, Limits
+from ._limits import Adaptive, Limits, Pacing
 from ._llm import LLM, BaseLLM
 from ._pricing import Price
 from ._retry import RetryPolicy
@@ -71,19 +71,20 @@ from .patterns import (
     BestOfNResult,
     Call,
     Chain,
-    Estimate,
-    Evaluation,
+    EstimateResult,
+    EvaluateResult,
     FanOutResult,
     Flow,
+    FlowResult,
     GuardedResult,
     ItemStatus,
+    Options,
     ParallelCalls,
     ParallelCallsResult,
     Pool,
     PoolResult,
     PoolStatus,
     ResultStream,
-    RunResult,
     Score,
     SectionsResult,
     Skill,
@@ -103,8 +104,10 @@ from .patterns import (
     map,
     race,
     sections,
+    split_text,
     vote,
 )
+from .patterns import __getattr__ as __getattr__  # the old result names, deprecated
 from .providers import anthropic, function, local, openai
 from .store import JsonlSink, ParquetSink, Store
 
@@ -132,18 +135,21 @@ __all__ = [
     "Chain",
     "ConfigError",
     "ContentFiltered",
-    "Estimate",
-    "Evaluation",
+    "EstimateResult",
+    "EvaluateResult",
     "FanOutResult",
     "FanflowError",
     "Flow",
+    "FlowResult",
     "GuardedResult",
     "ItemStatus",
     "JsonlSink",
     "Limits",
     "Message",
     "NotFound",
+    "Options",
     "Overloaded",
+    "Pacing",
     "ParallelCalls",
     "ParallelCallsResult",
     "ParquetSink",
@@ -167,7 +173,6 @@ __all__ = [
     "Response",
     "ResultStream",
     "RetryPolicy",
-    "RunResult",
     "Score",
     "SectionsResult",
     "ServerError",
@@ -203,5 +208,6 @@ __all__ = [
     "race",
     "run",
     "sections",
+    "split_text",
     "vote",
 ]
