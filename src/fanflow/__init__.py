@@ -93,6 +93,7 @@ from .patterns import (
     StepRecord,
     VoteResult,
     Worker,
+    _renamed,
     as_completed,
     best_of_n,
     call,
@@ -107,9 +108,10 @@ from .patterns import (
     split_text,
     vote,
 )
-from .patterns import __getattr__ as __getattr__  # the old result names, deprecated
 from .providers import anthropic, function, local, openai
 from .store import JsonlSink, ParquetSink, Store
+
+__getattr__ = _renamed(__name__)  # the old result names, deprecated for one release
 
 try:
     __version__ = _version("fanflow")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -220,7 +221,10 @@ def resolve(
         given[new] = given.pop(old)
     for name in given:
         if name not in OPTION_NAMES and name not in allowed:
-            raise TypeError(_unknown(pattern, name, allowed))
+            # The pattern's own parameters are suggestions too (``max_flow``).
+            code = sys._getframe(1).f_code
+            params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+            raise TypeError(_unknown(pattern, name, (*allowed, *params)))
     _check(given)
     budget = given.get("budget")
     return Resolved(
