@@ -44,10 +44,11 @@ class Call:
         call did not set itself.
         """
         own = self._options.start()
-        opts = own.calls()
         store, cache = own.store, own.cache
-        if outer is not None:
-            opts = outer.fill(opts, own.given)
+        if outer is None:
+            opts = own.calls()
+        else:
+            opts = outer.fill(own.calls() if own.given else outer.engine, own.given)
             store = own.store if "store" in own.given else outer.options.store
             cache = own.cache if "cache" in own.given else outer.options.cache
         label = self.request.metadata.get("label") if self.request.metadata else None

@@ -14,6 +14,7 @@ docs/decisions/0110-one-options-vocabulary.md.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import sys
 import warnings
@@ -106,6 +107,8 @@ class Resolved:
 
     def start(self) -> Resolved:
         """These options for one run: a budget given as a number is a new cap."""
+        if self.budget_spec is None or isinstance(self.budget_spec, Budget):
+            return self  # nothing to renew (the common case: no copy)
         return replace(self, budget=as_budget(self.budget_spec))
 
     def calls(self, **override: Any) -> CallOptions:
@@ -155,8 +158,12 @@ class Shared:
     def fill(self, own: CallOptions, given: frozenset[str]) -> CallOptions:
         """``own`` (a call's options) with what the call did not set taken from here."""
         outer = self.engine
-        return replace(
-            fill(own, given, outer),
+        if not given:
+            return outer  # the call set nothing of its own (the common case: no copy)
+        return fill(
+            own,
+            given,
+            outer,
             budget=own.budget if "budget" in given else outer.budget,
             # A budget prices its calls (make_options), so the call's prices go with it.
             prices=own.prices if {"prices", "budget"} & given else outer.prices,
@@ -164,13 +171,16 @@ class Shared:
         )
 
 
-def fill(own: CallOptions, given: frozenset[str], outer: CallOptions | None) -> CallOptions:
+def fill(
+    own: CallOptions, given: frozenset[str], outer: CallOptions | None, **also: Any
+) -> CallOptions:
     """``own`` with the timing options it was not given (``given``: the option names it
     was) taken from an enclosing run's ``outer``: its timeout, retry, hedging, deadline
     (the sooner of the two applies) and concurrency gate. Budget, prices and hooks
-    travel separately (an enclosing pool's budget overrides a skill's own)."""
+    travel separately (an enclosing pool's budget overrides a skill's own); ``also``
+    sets further fields in the same copy."""
     if outer is None:
-        return own
+        return replace(own, **also) if also else own
     deadline = own.deadline if "deadline" in given else None
     if outer.deadline is not None:
         deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
@@ -181,6 +191,7 @@ def fill(own: CallOptions, given: frozenset[str], outer: CallOptions | None) -> 
         retry=own.retry if "retry" in given else outer.retry,
         hedge_after=own.hedge_after if "hedge_after" in given else outer.hedge_after,
         gate=own.gate if "concurrency" in given else outer.gate,
+        **also,
     )
 
 
@@ -206,6 +217,8 @@ def resolve(
         TypeError: an unknown option (with the closest valid name), as Python does.
         ConfigError: a value out of range, with the fix.
     """
+    if not options:
+        return _defaults(pattern)
     given = dict(options)
     for old, new in (renamed or {}).items():
         if old not in given:
@@ -244,6 +257,12 @@ def resolve(
         job=given.get("job"),
         sink=given.get("sink"),
     )
+
+
+@functools.cache
+def _defaults(pattern: str) -> Resolved:
+    """A pattern's options when it is given none (immutable, so shared)."""
+    return Resolved(pattern=pattern)
 
 
 def _unknown(pattern: str, name: str, allowed: Sequence[str]) -> str:
