@@ -284,6 +284,15 @@ async def test_foreign_models_are_rejected_at_once_with_the_fix(model: Any, fix:
         assert model.seen == []  # nothing was sent, and nothing failed per item
 
 
+async def test_a_foreign_model_as_aggregator_or_guard_is_rejected_too() -> None:
+    llm = ScriptedLLM()
+    with pytest.raises(fanflow.ConfigError, match="aggregate is a AgenerateModel object"):
+        await fanflow.fan_out(llm, "t", aggregate=AgenerateModel())  # type: ignore[arg-type]
+    with pytest.raises(fanflow.ConfigError, match=r"guard is a LangChain-style chat model"):
+        await fanflow.guarded(llm, "q", guard=ChatModel())  # type: ignore[arg-type]
+    assert llm.calls == 0
+
+
 async def test_function_adapts_an_agenerate_model_and_a_chat_model() -> None:
     """The one-line fix works: ``llm = fanflow.function(model)``."""
     model = AgenerateModel()

@@ -27,6 +27,7 @@ __all__ = [
     "PatternResult",
     "call_user",
     "check_model",
+    "check_model_or_function",
     "durably",
     "is_llm",
     "run_calls",
@@ -79,6 +80,16 @@ def check_model(obj: object, pattern: str, role: str = "llm") -> None:
         f"{pattern}: {role} is {what}, not a fanflow model; wrap it once: "
         f"{role} = fanflow.function(model)"
     )
+
+
+def check_model_or_function(obj: object, pattern: str, role: str) -> None:
+    """For a role that takes a model or a plain function (an aggregator, a guard):
+    reject another library's model object, with the fix, rather than call it."""
+    if is_llm(obj):
+        return
+    foreign = any(callable(getattr(obj, name, None)) for name in ("agenerate", "ainvoke"))
+    if foreign or not callable(obj):
+        check_model(obj, pattern, role)
 
 
 async def call_user(fn: Callable[..., Any], *args: Any) -> Any:

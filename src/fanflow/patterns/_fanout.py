@@ -29,6 +29,7 @@ from ._common import (
     PatternResult,
     RecordView,
     check_model,
+    check_model_or_function,
     describe,
     durably,
     is_llm,
@@ -201,6 +202,8 @@ async def fan_out(
     """
     o = resolve("fan_out", options)
     check_model(llm, "fan_out")
+    if aggregate is not None and aggregate != "concat":
+        check_model_or_function(aggregate, "fan_out", "aggregate")
     n = _worker_count(workers, focus)
     limits = _worker_timeouts(worker_timeout, n)
     durable = o.durability()

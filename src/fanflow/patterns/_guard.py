@@ -23,6 +23,7 @@ from .._types import CallRecord, Request, Response, Status
 from ._common import (
     PatternResult,
     check_model,
+    check_model_or_function,
     durably,
     is_llm,
     now,
@@ -185,6 +186,8 @@ async def guarded(
     """
     o = resolve("guarded", options)
     check_model(llm, "guarded")
+    if guard is not None:
+        check_model_or_function(guard, "guarded", "guard")
     durable = o.durability()
     return await durably(
         durable,
