@@ -263,3 +263,13 @@ def test_seed_spellings_of_concurrency_stay() -> None:
     assert fanflow.Pool(lambda x: x, [{"x": 1}], concurrency=3).max_flows == 3
     with pytest.raises(fanflow.ConfigError, match="same option; pass one"):
         fanflow.Pool(lambda x: x, [{"x": 1}], max_flows=3, concurrency=4)
+
+
+def test_classes_still_show_their_options_as_attributes() -> None:
+    llm = ScriptedLLM()
+    skill = fanflow.Skill(llm, "{x}", timeout=3.0, budget=2.0)
+    assert (skill.timeout, skill.budget, skill.store, skill.cache) == (3.0, 2.0, None, True)  # type: ignore[attr-defined]
+    calls = fanflow.ParallelCalls(llm, 3, hooks=[print])
+    assert calls.hooks == (print,)  # type: ignore[attr-defined]
+    chain = fanflow.Chain([fanflow.Step(skill, output="y")], budget=5.0)
+    assert (chain.budget, chain.prices) == (5.0, None)  # type: ignore[attr-defined]

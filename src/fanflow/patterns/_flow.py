@@ -45,7 +45,7 @@ from .._types import CallRecord, Status
 from .._util import is_async_callable
 from ..store import Store
 from ._common import PatternResult, now
-from ._options import Options, Resolved, fill, resolve
+from ._options import Options, Resolved, fill, option_attributes, resolve
 from ._skill import Skill
 
 __all__ = ["Chain", "Flow", "FlowResult", "Step", "StepRecord"]
@@ -258,6 +258,7 @@ async def _call_kw(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
     return result
 
 
+@option_attributes("budget", "prices")
 class _Graph:
     """Steps with dependencies, run as soon as their dependencies are done."""
 

@@ -18,9 +18,9 @@ import functools
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 from .._budget import Budget, as_budget
 from .._engine import CallOptions, make_options
@@ -31,7 +31,15 @@ from .._retry import RetryPolicy
 from ..store import Sink, Store
 from ._jobs import Durability
 
-__all__ = ["OPTION_NAMES", "Options", "Resolved", "Shared", "fill", "resolve"]
+__all__ = [
+    "OPTION_NAMES",
+    "Options",
+    "Resolved",
+    "Shared",
+    "fill",
+    "option_attributes",
+    "resolve",
+]
 
 
 class Options(TypedDict, total=False):
@@ -257,6 +265,27 @@ def resolve(
         job=given.get("job"),
         sink=given.get("sink"),
     )
+
+
+T = TypeVar("T")
+
+
+def option_attributes(*names: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: the named options, given at construction and kept in
+    ``self.options``, read back as attributes (``skill.timeout``, ``calls.budget``: the
+    budget as given), as these classes had them before the options were gathered."""
+
+    def decorate(cls: type[T]) -> type[T]:
+        for name in names:
+            field_name = "budget_spec" if name == "budget" else name
+
+            def get(self: Any, field_name: str = field_name) -> Any:
+                return getattr(self.options, field_name)
+
+            setattr(cls, name, property(get, doc=f"The ``{name}`` option (read-only)."))
+        return cls
+
+    return decorate
 
 
 @functools.cache

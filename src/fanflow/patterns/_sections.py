@@ -22,7 +22,7 @@ from .._types import BatchResult, CallRecord, Request
 from ._combine import CodeAggregator, Splitter, aggregator, chunks_of
 from ._common import PatternResult, check_model, now, run_calls, run_function, run_items
 from ._map import map as map_items
-from ._options import Options, resolve
+from ._options import Options, option_attributes, resolve
 from ._prompt import render
 
 __all__ = [
@@ -183,6 +183,7 @@ class ParallelCallsResult(PatternResult):
     chunks: tuple[Any, ...] = field(default=(), repr=False)
 
 
+@option_attributes("timeout", "retry", "hooks", "store", "cache", "budget", "prices")
 class ParallelCalls:
     """Run one branch prompt over many chunks at once, then aggregate the outputs.
 

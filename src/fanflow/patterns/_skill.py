@@ -26,7 +26,7 @@ from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
 from ..store import Store
 from ._common import check_model
-from ._options import Options, fill, resolve
+from ._options import Options, fill, option_attributes, resolve
 from ._parsing import find_json
 from ._prompt import render
 
@@ -79,6 +79,7 @@ class SkillResult:
         return self.status is Status.SUCCEEDED
 
 
+@option_attributes("timeout", "retry", "hooks", "store", "cache", "budget", "prices")
 class Skill:
     """One LLM step: a prompt template filled from an input dict.
 
