@@ -86,6 +86,7 @@ async def test_function_guard(looptime: float) -> None:
 def test_read_verdict() -> None:
     assert read_verdict("UNSAFE") is True
     assert read_verdict("This is safe.") is False
+    assert read_verdict("This is not safe.") is True
     assert read_verdict('{"flagged": true}') is True
     assert read_verdict('{"safe": true}') is False
     with pytest.raises(ValueError, match=r"neither SAFE/UNSAFE nor YES/NO: 'dunno'"):

@@ -103,7 +103,12 @@ def _guard_says(reply: str) -> ScriptedLLM:
 
 @pytest.mark.parametrize(
     ("reply", "allowed"),
-    [("YES - it is a harmless question.", True), ("NO. It asks how to hurt someone.", False)],
+    [
+        ("YES - it is a harmless question.", True),
+        ("NO. It asks how to hurt someone.", False),
+        ("No - it is not safe to answer.", False),
+        ("**Yes**, this is safe.", True),
+    ],
 )
 async def test_a_guard_answering_yes_or_no_is_read(reply: str, allowed: bool) -> None:
     """A guard prompt "Answer YES or NO with brief explanation."."""

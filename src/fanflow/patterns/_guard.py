@@ -49,10 +49,11 @@ Guard = LLM | Callable[[str], Any] | None
 def read_verdict(text: str) -> bool:
     """True if a guard's reply flags the query, False if it clears it.
 
-    Reads ``{"flagged": true}`` / ``{"safe": false}`` JSON, else the words UNSAFE /
-    SAFE (UNSAFE wins when both appear), else a reply that starts with YES or NO, read
-    as the answer to "is it safe to answer?" (YES clears the query, NO flags it). A
-    guard that asks the opposite question ("is it harmful?") passes its own reader:
+    Reads ``{"flagged": true}`` / ``{"safe": false}`` JSON, else a reply that starts
+    with YES or NO, read as the answer to "is it safe to answer?" (YES clears the query,
+    NO flags it), else the words UNSAFE / SAFE (UNSAFE or "not safe" wins when both
+    appear). A guard that asks the opposite question ("is it harmful?") passes its own
+    reader:
     ``guarded(..., verdict=lambda text: text.strip().upper().startswith("YES"))``.
     Raises ValueError, quoting the reply, for anything else.
     """
@@ -61,14 +62,14 @@ def read_verdict(text: str) -> bool:
         for key, flags in (("flagged", True), ("unsafe", True), ("safe", False)):
             if isinstance(data.get(key), bool):
                 return bool(data[key]) is flags
+    first = _YES_NO.match(text)
+    if first is not None:  # the answer comes first: "NO - it is not safe."
+        return first.group(1).casefold() == "no"
     lowered = text.casefold()
-    if "unsafe" in lowered:
+    if "unsafe" in lowered or _NOT_SAFE.search(lowered):
         return True
     if "safe" in lowered:
         return False
-    first = _YES_NO.match(text)
-    if first is not None:
-        return first.group(1).casefold() == "no"
     raise ValueError(
         f"the guard's reply says neither SAFE/UNSAFE nor YES/NO: {text[:200]!r}; make the "
         "guard prompt ask for one of them, or pass verdict=fn(text) -> bool (True flags)"
@@ -77,6 +78,7 @@ def read_verdict(text: str) -> bool:
 
 # YES or NO as the reply's first word ("YES - it is a harmless question.").
 _YES_NO = re.compile(r"\W*(yes|no)\b", re.IGNORECASE)
+_NOT_SAFE = re.compile(r"\bnot\s+safe\b")
 
 
 def _reader(verdict: Callable[[str], bool] | None) -> Callable[[Response], bool]:
