@@ -213,6 +213,14 @@ async def test_parallel_calls_merge_and_vote_and_a_function() -> None:
         await fanflow.ParallelCalls(voter).arun(["1"], aggregate="sum")  # type: ignore[arg-type]
 
 
+async def test_parallel_calls_say_what_to_pass() -> None:
+    calls = fanflow.ParallelCalls(ScriptedLLM())
+    with pytest.raises(fanflow.ConfigError, match="pass either chunks or text=.*not neither"):
+        await calls.arun()
+    with pytest.raises(fanflow.ConfigError, match="not both"):
+        await calls.arun(["a"], text="a")
+
+
 def test_split_text_alone() -> None:
     assert fanflow.split_text("a\n\nb\n\n\nc") == ["a", "b", "c"]
     assert fanflow.split_text("one two three four", 9) == ["one two", "three", "four"]

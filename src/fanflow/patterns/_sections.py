@@ -277,7 +277,10 @@ class ParallelCalls:
             A :class:`ParallelCallsResult`.
         """
         if (chunks is None) == (text is None):
-            raise ConfigError("ParallelCalls.run: pass chunks or text= (to be split), not both")
+            raise ConfigError(
+                "ParallelCalls.run: pass either chunks or text= (a text to split), not "
+                + ("both" if chunks is not None else "neither")
+            )
         if split is not None and text is None:
             raise ConfigError("ParallelCalls.run: split= divides text=; pass text=")
         if aggregate is not None and aggregate_prompt is not None:
