@@ -215,7 +215,7 @@ async def test_parallel_calls_merge_and_vote_and_a_function() -> None:
 
 async def test_parallel_calls_say_what_to_pass() -> None:
     calls = fanflow.ParallelCalls(ScriptedLLM())
-    with pytest.raises(fanflow.ConfigError, match="pass either chunks or text=.*not neither"):
+    with pytest.raises(fanflow.ConfigError, match=r"pass either chunks or text=.*not neither"):
         await calls.arun()
     with pytest.raises(fanflow.ConfigError, match="not both"):
         await calls.arun(["a"], text="a")
