@@ -202,8 +202,8 @@ class ParallelCalls:
             with ``BudgetExceeded``; so does an aggregate call (``aggregated`` is None).
         prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
 
-    ``run`` is for synchronous code (it works inside a running loop too, as
-    :func:`fanflow.run` does); ``arun`` is the async form.
+    ``run`` is for synchronous code (scripts and notebook cells, the rule of
+    :func:`fanflow.run`); ``arun`` is the async form.
     """
 
     def __init__(
