@@ -192,6 +192,8 @@ def test_parallel_calls_run_from_sync_code() -> None:
     assert result.aggregated is None
 
 
-async def test_parallel_calls_run_inside_a_running_loop() -> None:
-    result = fanflow.ParallelCalls(ScriptedLLM(lambda r: r.prompt[::-1])).run(["ab"])
-    assert result.outputs == ["ba"]
+async def test_parallel_calls_run_inside_async_code_says_to_await() -> None:
+    # In a notebook it runs (tests/test_sync.py); in other async code it would block
+    # the running loop, so it refuses with the fix.
+    with pytest.raises(fanflow.ConfigError, match=r"await skill\.arun\(\)"):
+        fanflow.ParallelCalls(ScriptedLLM(lambda r: r.prompt[::-1])).run(["ab"])

@@ -15,12 +15,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-from .._durable import ResultStore, execute_stored
+from .._durable import Durability, execute_stored
 from .._engine import CallOptions, status_of
 from .._exceptions import ConfigError
 from .._llm import LLM
 from .._types import CallRecord, Request, Response, Status, Summary, summarize
-from ._jobs import Durability
+from ..store import ResultStore
 from ._options import Resolved
 
 __all__ = [

@@ -296,7 +296,7 @@ class _Graph:
         return f"fanflow.{type(self).__name__}({names})"
 
     def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> FlowResult:
-        """Synchronous :meth:`arun` (works inside a running loop too)."""
+        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
         return run_sync(lambda: self.arun(inputs, **kwargs))
 
     async def arun(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> FlowResult:

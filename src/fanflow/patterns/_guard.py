@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Unpack, cast
 
-from .._durable import execute_stored
+from .._durable import Durability, execute_stored
 from .._llm import LLM
 from .._types import CallRecord, Request, Response, Status
 from ._common import (
@@ -30,7 +30,6 @@ from ._common import (
     run_function,
     text_of,
 )
-from ._jobs import Durability
 from ._options import Options, Resolved, resolve
 from ._parsing import find_json
 

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict, TypeVar
 
 from .._budget import Budget, as_budget
+from .._durable import Durability
 from .._engine import CallOptions, make_options
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._pricing import Price
 from .._retry import RetryPolicy
 from ..store import Sink, Store
-from ._jobs import Durability
 
 __all__ = [
     "OPTION_NAMES",

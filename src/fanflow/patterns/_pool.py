@@ -16,23 +16,23 @@ stored), the others run.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Unpack
 
 from .._budget import Budget
+from .._durable import Durability
 from .._engine import CallOptions
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._pricing import Price
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
-from ..backends._config import RayBackend, resolve_backend
+from ..backends._base import Backend, PoolSpec
+from ..backends._config import resolve_backend
 from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, FlowResult, Step
-from ._jobs import Durability
 from ._options import Options, resolve
 from ._skill import Skill
 
@@ -244,7 +244,7 @@ class Pool:
         inputs: Sequence[Mapping[str, Any]],
         max_flows: int | None = None,
         *,
-        backend: str | RayBackend = "local",
+        backend: str | Backend = "local",
         **options: Unpack[Options],
     ) -> None:
         self.backend = resolve_backend(backend)
@@ -309,7 +309,7 @@ class Pool:
         )
 
     def run(self, *, only_failed: bool = False) -> PoolResult:
-        """Synchronous :meth:`arun` (works inside a running loop too)."""
+        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
         return run_sync(lambda: self.arun(only_failed=only_failed))
 
     async def arun(self, *, only_failed: bool = False) -> PoolResult:
@@ -326,7 +326,6 @@ class Pool:
         todo = [i for i, r in enumerate(self._results) if not only_failed or r is None or not r.ok]
         for i in todo:
             self._results[i] = None
-        queue = iter(todo)
         o = self.options.start()
         cap = o.budget  # one cap for every input of this run
         shared = o.calls(budget=None, hooks=())  # one deadline for the whole run
@@ -339,48 +338,25 @@ class Pool:
                 durable.emit(item, self.inputs[i])
             self._results[i] = result
 
-        async def worker() -> None:
-            for i in queue:
-                replay = durable is not None and _succeeded(durable, i)
-                result = await self._run.execute(
-                    self.inputs[i],
-                    index=i,
-                    hooks=self.hooks,
-                    on_step=self._tracker(i),
-                    store=self.store,
-                    cache=self.cache or replay,
-                    budget=cap,
-                    prices=self.prices,
-                    shared=shared,
-                )
-                await finish(i, result)
-
-        async def ray_finish(i: int, result: FlowResult) -> None:
+        async def delivered(i: int, result: FlowResult) -> None:
             self._running[i].clear()  # steps of an attempt on a worker that died
             await finish(i, result)
 
-        async def run_all() -> int:
-            if self.backend is not None:
-                from ..backends._ray import run_pool_on_ray
+        spec = PoolSpec(
+            runner=self._run,
+            todo=[(i, self.inputs[i]) for i in todo],
+            max_flows=self.max_flows,
+            hooks=self.hooks,
+            store=self.store,
+            cache=self.cache,
+            replay=lambda i: durable is not None and _succeeded(durable, i),
+            budget=cap,
+            prices=self.prices,
+            shared=shared,
+        )
 
-                await run_pool_on_ray(
-                    self.backend,
-                    self._run,
-                    [(i, self.inputs[i]) for i in todo],
-                    max_flows=self.max_flows,
-                    hooks=self.hooks,
-                    store=self.store,
-                    cache=self.cache,
-                    replay=lambda i: durable is not None and _succeeded(durable, i),
-                    deliver=ray_finish,
-                    budget=cap,
-                    prices=self.prices,
-                    on_step=self._moved,
-                )
-                return len(self.inputs)
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(min(self.max_flows, len(todo))):
-                    tg.create_task(worker())
+        async def run_all() -> int:
+            await self.backend.run_pool(spec, delivered, self._moved)
             return len(self.inputs)
 
         try:
@@ -399,23 +375,12 @@ class Pool:
         )
 
     def _moved(self, index: int, step: str, started: bool) -> None:
-        """A Ray worker moved input ``index`` into or out of ``step``."""
+        """The backend moved input ``index`` into or out of ``step``."""
         running = self._running[index]
         if started:
             running.append(step)
         elif step in running:
             running.remove(step)
-
-    def _tracker(self, index: int) -> Callable[[str, bool], None]:
-        running = self._running[index]
-
-        def track(name: str, started: bool) -> None:
-            if started:
-                running.append(name)
-            else:
-                running.remove(name)
-
-        return track
 
 
 def _succeeded(durable: Durability, index: int) -> bool:

@@ -197,8 +197,8 @@ class ParallelCalls:
             every run. An aggregate call the budget cannot cover leaves ``aggregated``
             None.
 
-    ``run`` is for synchronous code (it works inside a running loop too, as
-    :func:`fanflow.run` does); ``arun`` is the async form.
+    ``run`` is for synchronous code (scripts and notebook cells, the rule of
+    :func:`fanflow.run`); ``arun`` is the async form.
     """
 
     def __init__(

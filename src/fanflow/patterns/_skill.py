@@ -166,7 +166,7 @@ class Skill:
         return result.value
 
     def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> SkillResult:
-        """Synchronous :meth:`arun` (works inside a running loop too)."""
+        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
         return run_sync(lambda: self.arun(inputs, **kwargs))
 
     async def arun(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> SkillResult:
