@@ -193,7 +193,7 @@ class _Call(Generic[T]):
                 lane.check(*tokens, self._who())
             if budget is not None:
                 amount = budget.amount(self.request.model, *tokens)
-                reserved = await budget.reserve(amount, self._who())
+                reserved = await budget.reserve(amount, self._who(), tokens[1])
         gate = self.opts.gate
         try:
             if gate is not None:

@@ -108,5 +108,5 @@ def test_report_errors(run: Run, tmp_path: Path) -> None:
     assert "bad.jsonl:2: not a fanflow call record" in done.stderr
     (tmp_path / "empty.jsonl").write_text("\n")
     done = run("report", "empty.jsonl")
-    assert done.returncode == 2
-    assert "holds no call records" in done.stderr
+    assert done.returncode == 3  # nothing to draw: the documented "no items" code
+    assert "holds no call records: the run made no calls" in done.stderr
