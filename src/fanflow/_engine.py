@@ -39,6 +39,7 @@ from ._exceptions import (
 )
 from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
+from ._log import log_attempt_failed, log_attempt_sent, log_succeeded
 from ._pricing import Price, cost_of
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._tokens import request_tokens
@@ -291,6 +292,7 @@ class _Call(Generic[T]):
         start = loop.time()
         if sent is not None:
             sent.set()
+        log_attempt_sent(self._who, number, self.request, hedge=hedge)
         if self.hooks:
             emit(
                 self.hooks,
@@ -326,9 +328,11 @@ class _Call(Generic[T]):
             raise
         finally:
             self._leave(permit, reserved, start, response, failure)
+        end = loop.time()
         self.attempts.append(
-            Attempt(number, start, loop.time(), Status.SUCCEEDED, None, hedge, wait_before)
+            Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before)
         )
+        log_succeeded(self._who, number, end - start)
         return response
 
     def _who(self) -> str:
@@ -422,6 +426,7 @@ class _Call(Generic[T]):
                     wait = policy.backoff(len(self._tries()), retry_after)
                     if self.deadline is not None and loop.time() + wait >= self.deadline:
                         wait = None  # the deadline would pass while waiting: stop now
+                log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
                     emit(
                         self.hooks,

@@ -40,7 +40,8 @@ __all__ = [
     "finish",
     "flags",
     "io_options",
-    "library_warnings",
+    "library_log",
+    "log_level",
     "loop_time",
     "model_options",
     "open_store",
@@ -79,6 +80,30 @@ def common_options(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds between plain progress lines (default 10)",
     )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log what the library does: -v retries, 429s and pauses; -vv every attempt",
+    )
+    group.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="the fanflow logger's level (overrides -v; default: warning); keys and "
+        "prompts are never logged",
+    )
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """The ``fanflow`` logger's level from ``--log-level`` or ``-v``/``-vv``."""
+    if getattr(args, "log_level", None):
+        return int(getattr(logging, str(args.log_level).upper()))
+    verbose = int(getattr(args, "verbose", 0) or 0)
+    return max(logging.WARNING - 10 * verbose, logging.DEBUG)
 
 
 def model_options(parser: argparse.ArgumentParser) -> None:
@@ -244,37 +269,45 @@ def resume_hint(args: argparse.Namespace) -> str:
     return f"Finished items are saved in job {args.job!r}; to resume{key}: {command}"
 
 
-class _LibraryWarnings(logging.Handler):
-    """Shows the library's warnings on the console; the CLI says how to resume itself."""
+class _LibraryLog(logging.Handler):
+    """Shows the library's log on the console (above a live panel); the CLI says how to
+    resume itself, so the library's own resume hint is left out."""
 
-    def __init__(self, console: Any) -> None:
-        super().__init__(logging.WARNING)
+    def __init__(self, console: Any, level: int) -> None:
+        super().__init__(level)
         self.console = console
 
     def emit(self, record: logging.LogRecord) -> None:
         if "was interrupted" in str(record.msg):  # the Python-API phrasing of our hint
             return
-        self.console.print(f"fanflow: {for_cli(record.getMessage())}", markup=False)
+        kind = "" if record.levelno >= logging.WARNING else f"{record.levelname.lower()}: "
+        self.console.print(f"fanflow: {kind}{for_cli(record.getMessage())}", markup=False)
 
 
 @contextlib.contextmanager
-def library_warnings(console: Any) -> Iterator[None]:
+def library_log(console: Any, level: int = logging.WARNING) -> Iterator[None]:
+    """Send the ``fanflow`` logger's records at ``level`` and above to ``console``."""
     logger = logging.getLogger("fanflow")
-    handler = _LibraryWarnings(console)
+    handler = _LibraryLog(console, level)
     logger.addHandler(handler)
     propagate, logger.propagate = logger.propagate, False
+    old_level = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+        logger.setLevel(old_level)
 
 
-def run_then_close(go: Callable[[], Coroutine[Any, Any, R]], console: Any, *closing: Any) -> R:
-    """Run ``go()`` on a new event loop (library warnings shown on ``console``), then close
-    every one of ``closing`` that is not None, whatever happened."""
+def run_then_close(
+    go: Callable[[], Coroutine[Any, Any, R]], args: argparse.Namespace, console: Any, *closing: Any
+) -> R:
+    """Run ``go()`` on a new event loop (the library's log shown on ``console`` at the
+    level ``args`` ask), then close every one of ``closing`` that is not None."""
     try:
-        with library_warnings(console):
+        with library_log(console, log_level(args)):
             return asyncio.run(go())
     finally:
         for thing in closing:

@@ -273,7 +273,7 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             )  # fmt: skip
         return outcome, tracker.snapshot()
 
-    outcome, stats = _base.run_then_close(go, console, writer, records, store)
+    outcome, stats = _base.run_then_close(go, args, console, writer, records, store)
     where = "standard output" if args.output in (None, "-") else args.output
     return _base.finish(
         args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,

@@ -245,8 +245,7 @@ def cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 lambda hooks: call(llms[0], hooks), tracker=tracker, display=display
             )
 
-    with _base.library_warnings(console):
-        run = asyncio.run(go())
+    run = _base.run_then_close(go, args, console)
     assert run.stats is not None
     if run.result is not None:
         text, data = payload(run.result)

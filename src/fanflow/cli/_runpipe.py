@@ -161,7 +161,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             )  # fmt: skip
         return outcome, tracker.snapshot()
 
-    outcome, stats = _base.run_then_close(go, console, writer, store)
+    outcome, stats = _base.run_then_close(go, args, console, writer, store)
     return _base.finish(
         args, console, stats, bad, interrupted=outcome.interrupted,
         failed=outcome.items - outcome.succeeded, items=outcome.items, unit="calls",
