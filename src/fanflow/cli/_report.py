@@ -187,7 +187,7 @@ def _timeline(plt: Any, rows: Sequence[CallRow], t0: float) -> Any:
     legend.append(
         Line2D([], [], color="black", marker="x", linestyle="none", label="429 / not sent")
     )
-    ax.legend(handles=legend, loc="upper right", fontsize=8)
+    ax.legend(handles=legend, loc="upper right", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -233,7 +233,7 @@ def _activity(plt: Any, rows: Sequence[CallRow], t0: float, span: float) -> Any:
     )
     bottom.set_ylabel("calls finished per second")
     bottom.set_xlabel("seconds since the first call")
-    bottom.legend(fontsize=8)
+    bottom.legend(fontsize=9)
     bottom.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -247,7 +247,7 @@ def _latency(plt: Any, rows: Sequence[CallRow]) -> Any:
         for q, style in ((0.5, "--"), (0.95, ":")):
             v = lat[min(int(q * len(lat)), len(lat) - 1)]
             ax.axvline(v, color="black", linestyle=style, label=f"p{int(q * 100)} {v:.3f}s")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=9)
     else:
         ax.text(0.5, 0.5, "no successful calls", ha="center", va="center")
     ax.set_xlabel("call latency, seconds (retries and waits included)")
@@ -282,7 +282,9 @@ def _tokens(plt: Any, rows: Sequence[CallRow], t0: float) -> Any:
     ax.set_xlabel("seconds since the first call")
     ax.set_ylabel("tokens so far")
     ax.set_title("Tokens and cost")
-    ax.legend(fontsize=8, loc="upper left")
+    # One legend for both axes, so the dashed cost line is named too.
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=9, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -325,6 +327,7 @@ img.chart { max-width: 100%; height: auto; box-sizing: border-box; border: 1px s
 table { border-collapse: collapse; margin: .5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; font-size: 14px; }
 td.input { max-width: 40em; overflow-wrap: anywhere; }
+td.id { white-space: nowrap; }
 .row { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(560px, 100%), 1fr));
        gap: 1em; }
 .row > div { min-width: 0; }
@@ -386,7 +389,7 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline: Chart | None =
             ]
         ),
         "failures",
-        classes={3: "input"},
+        classes={2: "id", 3: "input"},
     )
     more = (
         f"<p>{len(failed) - MAX_FAILURES_LISTED} more failures are not listed.</p>"
