@@ -274,3 +274,54 @@ def test_verbose_logs_retries_and_attempts_never_the_key(run: Run, tmp_path: Pat
     for done in (quiet, info, debug):
         assert KEY not in done.stderr + done.stdout
         assert "prompt:" not in done.stderr
+
+
+# -- pipelines: --check finds fields that nothing provides ----------------------------------
+
+PIPELINE = """\
+input: items.jsonl
+settings:
+  provider: sim
+steps:
+  - name: summary
+    prompt: "Summarize: {text}"
+  - name: tone
+    prompt: "Tone of: {summry}"
+"""
+
+
+def test_check_finds_a_field_nothing_provides_and_suggests_the_name(
+    run: Run, tmp_path: Path
+) -> None:
+    (tmp_path / "p.yaml").write_text(PIPELINE)
+    (tmp_path / "items.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    for extra in (("--check",), ("-q",)):  # and a run stops before any call
+        done = run("run", "p.yaml", *extra, "--sim", "latency=0.01")
+        assert done.returncode == 2, done.stderr
+        assert "p.yaml:7: steps[1] (tone): the prompt's {summry} is not a field" in done.stderr
+        assert "available: text, summary" in done.stderr
+        assert "did you mean 'summary'?" in done.stderr
+        assert done.stdout == ""
+    fixed = PIPELINE.replace("{summry}", "{summary}")
+    (tmp_path / "p.yaml").write_text(fixed)
+    done = run("run", "p.yaml", "--check")
+    assert done.returncode == 0, done.stderr
+    assert "is valid: 2 steps (chain)" in done.stdout
+    # In a chain a step sees only earlier steps; an input field typo is caught the same way.
+    swapped = fixed.replace("{text}", "{tone}")
+    (tmp_path / "p.yaml").write_text(swapped)
+    done = run("run", "p.yaml", "--check")
+    assert done.returncode == 2
+    assert "the prompt's {tone} is not a field of the input nor the output of an earlier" in (
+        done.stderr
+    )
+    (tmp_path / "p.yaml").write_text(fixed.replace("{text}", "{txt}"))
+    assert "did you mean 'text'?" in run("run", "p.yaml", "--check").stderr
+
+
+def test_check_suggests_a_mistyped_step_key(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(PIPELINE.replace('prompt: "Tone', 'promt: "Tone'))
+    (tmp_path / "items.jsonl").write_text('{"text": "a"}\n')
+    done = run("run", "p.yaml", "--check")
+    assert done.returncode == 2
+    assert "steps[1].promt: unknown step field; did you mean 'prompt'?" in done.stderr

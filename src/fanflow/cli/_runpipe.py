@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,9 +121,23 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(handler=cmd_run)
 
 
+# How many items the field check looks at: a field none of them has is a typo or a
+# missing step, not an odd item.
+SAMPLE = 100
+
+
+def input_keys(items: Sequence[Item]) -> list[str]:
+    """The fields the items provide (``input`` for text lines), in order of first use."""
+    keys: dict[str, None] = {}
+    for item in items:
+        value = item.value
+        keys.update(dict.fromkeys(value if isinstance(value, dict) else ("input",)))
+    return list(keys)
+
+
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from ._io import detect_format, open_output, read_items
-    from ._pipeline import load_pipeline
+    from ._pipeline import check_fields, load_pipeline
 
     pipe = load_pipeline(args.pipeline)
     flags = {k: v for k, v in _base.flags(args).items() if v is not None}
@@ -136,13 +151,21 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise ConfigError(
             f"{pipe.path}: no input; give INPUT after the pipeline or set 'input:' in the file"
         )
+    fmt = detect_format(source, args.input_format)
+    if args.check and source != "-" and not os.path.isfile(source):
+        print(
+            f"fanflow: {pipe.path} is valid: {len(pipe.steps)} steps ({pipe.kind}); its "
+            f"prompts' fields were not checked against the input ({source} not found)"
+        )
+        return _base.EXIT_OK
+    bad = _base.Bad()
+    items = list(read_items(source, fmt, bad))
+    if items:  # every field of every prompt must be given, before any call is sent
+        check_fields(pipe, input_keys(items[:SAMPLE]))
     if args.check:
         print(f"fanflow: {pipe.path} is valid: {len(pipe.steps)} steps ({pipe.kind})")
         return _base.EXIT_OK
     require_rich()
-    fmt = detect_format(source, args.input_format)
-    bad = _base.Bad()
-    items = list(read_items(source, fmt, bad))
     store = _base.open_store(base, args) if args.job else None
     pool_options: dict[str, Any] = {"store": store, "job": args.job} if store is not None else {}
     if base.budget is not None:
