@@ -325,3 +325,35 @@ def test_check_suggests_a_mistyped_step_key(run: Run, tmp_path: Path) -> None:
     done = run("run", "p.yaml", "--check")
     assert done.returncode == 2
     assert "steps[1].promt: unknown step field; did you mean 'prompt'?" in done.stderr
+
+
+# -- prices ------------------------------------------------------------------------------------
+
+
+def test_price_flag_prices_a_model(run: Run, tmp_path: Path) -> None:
+    items(tmp_path / "in.jsonl", 4)
+    dry = ("map", "in.jsonl", "-p", "{t}", "--provider", "sim", "--model", "my-model")
+    done = run(*dry, "--dry-run")
+    assert "cost           unknown: no price for model 'my-model'" in done.stdout
+    assert "--price MODEL=IN/OUT" in done.stdout
+    done = run(*dry, "--dry-run", "--price", "my-model=1000000/0")  # $1 per input token
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"cost\s+at most \$\d+\.\d{4} \(model my-model\)", done.stdout)
+    (tmp_path / "prices.toml").write_text('[models]\n"my-model" = { input = 1, output = 2 }\n')
+    done = run(*dry, "--price", "prices.toml", "-q", "--sim", "latency=0.001")
+    assert done.returncode == 0, done.stderr
+    done = run(*dry, "--price", "my-model=cheap")
+    assert done.returncode == 2
+    assert "--price my-model=cheap: write MODEL=INPUT/OUTPUT" in done.stderr
+
+
+def test_price_flag_feeds_the_budget(run: Run, tmp_path: Path) -> None:
+    items(tmp_path / "in.jsonl", 2)
+    done = run(
+        "map", "in.jsonl", "-p", "{t}", *SIM, "--model", "my-model", "--budget", "1", "-q",
+        "--price", "my-model=1000000/1000000",  # $1 a token: no call fits in $1
+    )  # fmt: skip
+    assert done.returncode == 1
+    errors = [str(r["error"]) for r in rows(done.stdout)]
+    # Priced by --price (without it: "the price of model 'my-model' is unknown").
+    assert all(e.startswith("BudgetExceeded") and "needs an estimated $" in e for e in errors)

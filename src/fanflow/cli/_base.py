@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 from .._exceptions import ConfigError
+from .._pricing import Price, load_prices
 from ._console import make_display
 from ._io import BadLine
 from ._progress import ProgressStats, Tracker, render_summary
@@ -46,6 +47,7 @@ __all__ = [
     "model_options",
     "open_store",
     "plan",
+    "prices",
     "resume_hint",
     "run_then_close",
     "settings",
@@ -128,6 +130,14 @@ def model_options(parser: argparse.ArgumentParser) -> None:
         help="the API key (default: FANFLOW_API_KEY, else OPENAI_API_KEY or "
         "ANTHROPIC_API_KEY); never printed",
     )
+    group.add_argument(
+        "--price",
+        action="append",
+        metavar="MODEL=IN/OUT",
+        help="a model's price in USD per million input/output tokens (e.g. "
+        "gpt-5=1.25/10), or a prices file (.toml, the format of fanflow's prices.toml); "
+        "repeat for more; overrides the built-in table",
+    )
     group.add_argument("--system", help="a system prompt for every call")
     group.add_argument("--temperature", type=float, help="sampling temperature")
     group.add_argument("--max-tokens", type=int, metavar="N", help="output token limit per call")
@@ -161,6 +171,28 @@ def plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -
 
     sim = parse_sim_spec(args.sim or env.get("FANFLOW_SIM"))
     return plan_llm(settings, env, sim=sim, max_tokens=args.max_tokens, api_key=args.api_key)
+
+
+def prices(args: argparse.Namespace) -> dict[str, Price] | None:
+    """The prices given with ``--price`` (None when none were)."""
+    specs: list[str] = getattr(args, "price", None) or []
+    out: dict[str, Price] = {}
+    for spec in specs:
+        model, sep, value = spec.partition("=")
+        if not sep:
+            out.update(load_prices(spec))
+            continue
+        parts = value.split("/")
+        try:
+            if not model.strip() or len(parts) != 2:
+                raise ValueError(spec)
+            out[model.strip()] = Price(float(parts[0]), float(parts[1]))
+        except ValueError:
+            raise ConfigError(
+                f"--price {spec}: write MODEL=INPUT/OUTPUT in USD per million tokens "
+                "(e.g. --price gpt-5=1.25/10), or give a prices file (.toml)"
+            ) from None
+    return out or None
 
 
 def loop_time() -> float:

@@ -154,7 +154,7 @@ def dry_run(llm: BaseLLM, prompt: str, items: Iterator[Item], options: dict[str,
                 continue
             yield item.value
 
-    params = {k: options[k] for k in ("system", "temperature") if k in options}
+    params = {k: options[k] for k in ("system", "temperature", "prices") if k in options}
     return DryRun(estimate(llm, prompt, fillable(), **params), errors)
 
 
@@ -170,7 +170,10 @@ def describe_dry_run(
     lines.append(f"  output tokens  at most {e.output_tokens:,} (max_tokens per call)")
     if e.cost is None:
         unpriced = ", ".join(repr(m) for m in e.unpriced_models) or repr(model)
-        lines.append(f"  cost           unknown: no price for model {unpriced}")
+        lines.append(
+            f"  cost           unknown: no price for model {unpriced} (give one: "
+            "--price MODEL=IN/OUT)"
+        )
     else:
         lines.append(f"  cost           at most ${e.cost:,.4f} (model {model})")
     bounds = []
@@ -238,6 +241,9 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for name in ("system", "temperature"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    prices = _base.prices(args)
+    if prices:
+        options["prices"] = prices
     if args.dry_run:
         return _dry_run(args, plan, fmt, options)
     total = count_items(args.input, fmt)

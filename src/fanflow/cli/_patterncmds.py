@@ -229,6 +229,9 @@ def cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         options["system"] = args.system
     if settings.budget is not None:
         options["budget"] = settings.budget
+    prices = _base.prices(args)
+    if prices:
+        options["prices"] = prices
     if args.temperature is not None:
         if args.pattern == "fanout":
             options["temperatures"] = (args.temperature, args.temperature)

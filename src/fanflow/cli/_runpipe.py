@@ -170,6 +170,9 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     pool_options: dict[str, Any] = {"store": store, "job": args.job} if store is not None else {}
     if base.budget is not None:
         pool_options["budget"] = base.budget  # one cap over every call of the run
+    prices = _base.prices(args)
+    if prices:
+        pool_options["prices"] = prices
     writer = open_output(args.output or pipe.output)
     console = make_console()
 
