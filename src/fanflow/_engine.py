@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from ._budget import Budget, as_budget
 from ._events import (
+    AMBIENT_HOOKS,
     AttemptFailed,
     AttemptStarted,
     CallEnded,
@@ -117,7 +118,7 @@ def make_options(
         retry=retry,
         hedge_after=hedge_after,
         deadline=deadline_at,
-        hooks=tuple(hooks),
+        hooks=(*hooks, *AMBIENT_HOOKS.get()),
         gate=Gate(concurrency) if concurrency is not None else None,
         budget=cap,
         prices=dict(prices) if prices else None,

@@ -13,7 +13,7 @@ __all__ = ["run"]
 T = TypeVar("T")
 
 
-def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
+def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]], *, progress: bool = False) -> T:
     """Run an awaitable to completion from synchronous code and return its result.
 
     ``fanflow.run(fanflow.map(llm, "...", items))`` works in a script (a new event loop
@@ -22,11 +22,15 @@ def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
 
     Args:
         awaitable: a coroutine, or a no-argument function returning one.
+        progress: show every call it makes live, as the ``fanflow`` command does: rich's
+            panel on a terminal or in Jupyter (when rich is installed), else a plain
+            line on standard error every few seconds and at the end. Every pattern
+            also takes ``progress=True``.
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_as_coroutine(awaitable))
+        return asyncio.run(_as_coroutine(awaitable, progress))
     # A loop runs in this thread (Jupyter): we may not block it re-entrantly, so run the
     # work on a fresh loop in another thread. Handles keep one lane per loop, so limits
     # stay correct; this thread waits, which is what a sync call promises.
@@ -35,7 +39,7 @@ def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
 
     def target() -> None:
         try:
-            box["value"] = ctx.run(asyncio.run, _as_coroutine(awaitable))
+            box["value"] = ctx.run(asyncio.run, _as_coroutine(awaitable, progress))
         except BaseException as exc:
             box["error"] = exc
 
@@ -47,7 +51,14 @@ def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
     return box["value"]  # type: ignore[no-any-return]
 
 
-async def _as_coroutine(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
+async def _as_coroutine(
+    awaitable: Awaitable[T] | Callable[[], Awaitable[T]], progress: bool = False
+) -> T:
     if callable(awaitable) and not isinstance(awaitable, Awaitable):
         awaitable = awaitable()
-    return await awaitable
+    if not progress:
+        return await awaitable
+    from ._progress import show_progress
+
+    async with show_progress():
+        return await awaitable

@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 from .._exceptions import ConfigError
 from .._pricing import Price, load_prices
+from .._progress import ProgressStats, Tracker, render_summary
 from ._console import make_display
 from ._io import BadLine
-from ._progress import ProgressStats, Tracker, render_summary
 from ._providers import SIM_EXAMPLE, ProviderPlan, sim_keys
 from ._settings import OPTIONS, Settings, for_cli, resolve_settings
 

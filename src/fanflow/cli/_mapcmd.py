@@ -17,12 +17,12 @@ from typing import Any
 
 from .._exceptions import ConfigError
 from .._llm import BaseLLM
+from .._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, Tracker, drive
 from .._types import CallRecord
 from ..patterns import as_completed
 from . import _base
 from ._console import make_console, require_rich
 from ._io import Item, OutputWriter, result_row
-from ._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, Tracker, drive
 from ._providers import ProviderPlan, open_llms
 from ._records import RecordsWriter, item_fields
 
@@ -162,7 +162,7 @@ def describe_dry_run(
     result: DryRun, *, model: str | None, rpm: float | None, tpm: float | None
 ) -> list[str]:
     """The lines ``--dry-run`` prints."""
-    from ._progress import format_duration
+    from .._progress import format_duration
 
     e = result.estimate
     lines = [f"dry run: {e.items:,} calls would be sent (one per item, before retries)"]

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 from .._events import Hook
 from .._exceptions import AllFailed, ConfigError, QuorumNotMet
 from .._llm import BaseLLM
+from .._progress import ProgressStats, Tracker, drive, render_summary
 from .._types import CallRecord
 from . import _base
 from ._console import make_console, require_rich
-from ._progress import ProgressStats, Tracker, drive, render_summary
 from ._providers import open_llms
 from ._settings import for_cli
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._exceptions import ConfigError
+from .._progress import _is_429
 from .._types import CallRecord
-from ._progress import _is_429
 from ._settings import for_cli
 
 __all__ = [

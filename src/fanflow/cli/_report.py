@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
+from .._progress import format_duration
 from . import _base
-from ._progress import format_duration
 from ._records import CallRow, read_records
 from ._settings import resolve_settings
 

@@ -12,12 +12,12 @@ from typing import Any
 
 from .._exceptions import ConfigError
 from .._llm import BaseLLM
+from .._progress import ProgressStats, Tracker, drive
 from .._types import Status
 from . import _base
 from ._console import make_console, require_rich
 from ._io import Item, OutputWriter
 from ._pipeline import Pipeline
-from ._progress import ProgressStats, Tracker, drive
 from ._providers import ProviderPlan, open_llms
 from ._settings import resolve_settings
 

@@ -17,6 +17,7 @@ from .._events import Hook
 from .._exceptions import ConfigError
 from .._llm import LLM
 from .._pricing import Price
+from .._progress import with_progress
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import Store
@@ -95,6 +96,7 @@ def _reader(low: int, high: int) -> Any:
     return read
 
 
+@with_progress
 async def evaluate(
     llm: LLM,
     content: str,
@@ -112,6 +114,7 @@ async def evaluate(
     cache: bool = True,
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
 ) -> Evaluation:
     """Score ``content`` on every criterion at once, one call per criterion.
 

@@ -26,6 +26,7 @@ from .._events import Hook
 from .._exceptions import ConfigError, QuorumNotMet
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
+from .._progress import with_progress
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Status
 from ..store import Store
@@ -150,6 +151,7 @@ def _listing(workers: Sequence[Worker]) -> str:
     return "\n\n".join(parts)
 
 
+@with_progress
 async def fan_out(
     llm: LLM,
     task: str,
@@ -172,6 +174,7 @@ async def fan_out(
     job: str | None = None,
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
 ) -> FanOutResult:
     """Send ``task`` to several workers at once and merge what they answer.
 
@@ -198,6 +201,8 @@ async def fan_out(
         retry: the retry policy (None: the handle's).
         concurrency: the most workers in flight at once (None: the handle's limit).
         hooks: receive every call's events.
+        progress: show the calls live while they run (rich on a terminal or in
+            Jupyter, else plain lines on standard error), as ``fanflow map`` does.
         store: a :class:`fanflow.Store` for every call (workers and aggregator): a call
             stored before is served from it (``cached=True``, costing nothing), a new
             one is committed before it counts. Running the same fan-out again with the

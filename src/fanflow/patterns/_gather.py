@@ -14,6 +14,7 @@ from .._events import Hook
 from .._exceptions import AllFailed, CallTimeout
 from .._llm import LLM
 from .._pricing import Price
+from .._progress import with_progress
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response, Status
 from ..store import Store
@@ -144,7 +145,10 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def gather(*calls: Awaitable[Any], settled: bool = False) -> list[Any]:
+@with_progress
+async def gather(
+    *calls: Awaitable[Any], settled: bool = False, progress: bool = False
+) -> list[Any]:
     """Run calls at once.
 
     Args:
@@ -177,7 +181,8 @@ async def gather(*calls: Awaitable[Any], settled: bool = False) -> list[Any]:
             await _cancel_all(tasks)
 
 
-async def race(*calls: Awaitable[Any], timeout: float | None = None) -> Any:
+@with_progress
+async def race(*calls: Awaitable[Any], timeout: float | None = None, progress: bool = False) -> Any:
     """Run calls at once; the first *success* wins and the others are cancelled.
 
     Args:

@@ -21,6 +21,7 @@ from .._engine import CallOptions
 from .._events import Hook
 from .._llm import LLM
 from .._pricing import Price
+from .._progress import with_progress
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response, Status
 from ..store import Store
@@ -123,6 +124,7 @@ async def _check(
     return record
 
 
+@with_progress
 async def guarded(
     llm: LLM,
     query: str,
@@ -139,6 +141,7 @@ async def guarded(
     cache: bool = True,
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
 ) -> GuardedResult:
     """Answer ``query`` while a guard checks it; withhold the answer if flagged.
 

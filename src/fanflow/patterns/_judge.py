@@ -21,6 +21,7 @@ from .._events import Hook
 from .._exceptions import AllFailed, ConfigError
 from .._llm import LLM
 from .._pricing import Price
+from .._progress import with_progress
 from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import Store
@@ -77,6 +78,7 @@ class BestOfNResult(PatternResult):
         return response.text if response is not None else None
 
 
+@with_progress
 async def best_of_n(
     llm: LLM,
     task: str,
@@ -95,6 +97,7 @@ async def best_of_n(
     cache: bool = True,
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
 ) -> BestOfNResult:
     """Generate ``n`` candidates at once and let a judge pick the best.
 

@@ -26,6 +26,7 @@ from .._events import CallEnded, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
+from .._progress import with_progress
 from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
 from ..backends._config import RayBackend, resolve_backend
@@ -246,6 +247,7 @@ def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+@with_progress
 async def map(
     llm: LLM,
     prompt: Prompt,
@@ -272,6 +274,7 @@ async def map(
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
     backend: str | RayBackend = "local",
+    progress: bool = False,
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
@@ -294,6 +297,8 @@ async def map(
         parse: turns each response into its output (default: the response text). If it
             raises, that item fails with the reason.
         hooks: callables that receive each :mod:`event <fanflow.events>`.
+        progress: show the calls live while they run (rich on a terminal or in
+            Jupyter, else plain lines on standard error), as ``fanflow map`` does.
         label: a label for every record (for reports and stores).
         fail_fast: all-or-nothing: the first failure cancels the other items and is
             raised. By default a failure is data (``result.errors``).

@@ -18,6 +18,7 @@ from .._events import Hook
 from .._exceptions import ConfigError
 from .._llm import LLM
 from .._pricing import Price
+from .._progress import with_progress
 from .._retry import RetryPolicy
 from .._sync import run as run_sync
 from .._types import BatchResult, CallRecord, Request
@@ -73,6 +74,7 @@ def _joined(outputs: Mapping[str, str | None]) -> str:
     return "\n\n".join(f"## {name}\n{text}" for name, text in outputs.items() if text is not None)
 
 
+@with_progress
 async def sections(
     llm: LLM,
     prompts_or_sections: Sequence[str] | Mapping[str, str],
@@ -90,6 +92,7 @@ async def sections(
     cache: bool = True,
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
 ) -> SectionsResult:
     """Run one prompt per section at once, then optionally synthesise them.
 

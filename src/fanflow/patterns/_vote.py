@@ -27,6 +27,7 @@ from .._events import Hook
 from .._exceptions import AllFailed, BudgetExceeded, ConfigError
 from .._llm import LLM
 from .._pricing import Price
+from .._progress import with_progress
 from .._retry import RetryPolicy
 from .._types import CallRecord, Response, Status
 from ..store import Store
@@ -122,6 +123,7 @@ def _should_stop(ranked: list[tuple[Any, int]], left: int, threshold: float) -> 
     return None
 
 
+@with_progress
 async def vote(
     llm: LLM,
     task: str,
@@ -141,6 +143,7 @@ async def vote(
     cache: bool = True,
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
 ) -> VoteResult:
     """Sample ``task`` up to ``n`` times and return the majority answer.
 
