@@ -57,6 +57,7 @@ async def test_without_progress_nothing_is_printed(capsys: pytest.CaptureFixture
         lambda llm: fanflow.guarded(llm, "answer", progress=True),
         lambda llm: fanflow.sections(llm, ["intro", "end"], progress=True),
         lambda llm: fanflow.evaluate(llm, "text", criteria=["clear"], progress=True),
+        lambda llm: fanflow.ParallelCalls(llm).arun(["a", "b"], progress=True),
     ],
 )
 async def test_every_pattern_takes_progress(pattern, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]

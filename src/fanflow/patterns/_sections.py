@@ -245,15 +245,22 @@ class ParallelCalls:
         chunks: Sequence[Any],
         branch_prompt: str = "{input}",
         aggregate_prompt: str | None = None,
+        *,
+        progress: bool = False,
     ) -> ParallelCallsResult:
         """Synchronous :meth:`arun`."""
-        return run_sync(lambda: self.arun(chunks, branch_prompt, aggregate_prompt))
+        return run_sync(
+            lambda: self.arun(chunks, branch_prompt, aggregate_prompt, progress=progress)
+        )
 
+    @with_progress
     async def arun(
         self,
         chunks: Sequence[Any],
         branch_prompt: str = "{input}",
         aggregate_prompt: str | None = None,
+        *,
+        progress: bool = False,
     ) -> ParallelCallsResult:
         """Run ``branch_prompt`` over every chunk, then ``aggregate_prompt`` once.
 
