@@ -514,7 +514,7 @@ async def run_pool_on_ray(
     prices: Mapping[str, Any] | None = None,
     on_step: Callable[[int, str, bool], None] | None = None,
 ) -> None:
-    """Run a pool's inputs on Ray; ``await deliver(index, RunResult)`` as each ends;
+    """Run a pool's inputs on Ray; ``await deliver(index, FlowResult)`` as each ends;
     ``on_step(index, step, started)`` as the workers move inputs through steps."""
     ray_backend = resolve_backend(backend)
     assert ray_backend is not None

@@ -8,30 +8,27 @@ concurrency, not with the input (``as_completed``; ``map`` keeps one record per 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
-    Mapping,
     Sequence,
 )
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, Unpack
 
-from .._budget import Budget, as_budget
+from .._budget import as_budget
 from .._engine import CallOptions, execute, make_options
-from .._events import CallEnded, Hook, emit
-from .._exceptions import ConfigError, FanflowError
+from .._events import CallEnded, emit
+from .._exceptions import FanflowError
 from .._llm import LLM, BaseLLM
-from .._pricing import Price
 from .._progress import with_progress
-from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
 from ..backends._config import RayBackend, resolve_backend
-from ..store import Sink, Store
+from ._common import check_model
 from ._jobs import Durability
+from ._options import Options, resolve
 from ._prompt import Prompt, build_request
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
@@ -253,28 +250,17 @@ async def map(
     prompt: Prompt,
     items: Items,
     *,
-    concurrency: int | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    retry: RetryPolicy | None = None,
-    hedge_after: float | None = None,
     system: str | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
     parse: Callable[[Response], Any] | None = None,
-    hooks: Sequence[Hook] = (),
     label: str | None = None,
     fail_fast: bool = False,
-    store: Store | None = None,
-    job: str | None = None,
     only_failed: bool = False,
-    cache: bool = True,
-    sink: Sink | str | os.PathLike[str] | None = None,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
     backend: str | RayBackend = "local",
     progress: bool = False,
+    **options: Unpack[Options],
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
@@ -283,50 +269,36 @@ async def map(
         prompt: a template (``"Summarize: {text}"``; ``{input}`` for plain-text items) or
             a callable that builds a :class:`fanflow.Request` (or prompt text) from an item.
         items: strings or dicts, as a sequence or a (async) iterator.
-        concurrency: the most items in flight for this call (the handle's own limit
-            still applies); None for the handle's limit alone.
-        timeout: seconds per attempt (None: the handle's).
-        deadline: seconds from now by which every item must end; items not done by
-            then end as ``timed_out``.
-        retry: the retry policy (None: the handle's, else the default).
-        hedge_after: start a duplicate attempt after this many seconds (None: off).
         system: a system prompt for every request.
         temperature: sampling temperature for every request.
         max_tokens: output token limit for every request.
         seed: sampling seed for every request.
         parse: turns each response into its output (default: the response text). If it
             raises, that item fails with the reason.
-        hooks: callables that receive each :mod:`event <fanflow.events>`.
-        progress: show the calls live while they run (rich on a terminal or in
-            Jupyter, else plain lines on standard error), as ``fanflow map`` does.
         label: a label for every record (for reports and stores).
         fail_fast: all-or-nothing: the first failure cancels the other items and is
             raised. By default a failure is data (``result.errors``).
-        store: a :class:`fanflow.Store`: each call is served from it when stored
-            before (a cache hit, costing nothing), else committed to it before the
-            item is reported.
-        job: a name under which the store records each item's terminal status.
-            Running the same job again resumes it: succeeded items come from the
-            store, the rest run (after a crash too).
         only_failed: with ``job``, run only the items that failed before; succeeded
             items come from the store, items never started end as ``skipped``.
-        cache: serve any request found in the store (False: call the model again,
-            except for the job's own succeeded items).
-        sink: stream each finished item to a file: a path (``.jsonl``, ``.parquet``)
-            or a sink (:class:`fanflow.JsonlSink`, :class:`fanflow.ParquetSink`).
-        budget: the most to spend on this call: dollars (a number) or a
-            :class:`fanflow.Budget` (``Budget(tokens=...)``; share one between calls to
-            cap a whole job). Each attempt reserves its expected cost first; items the
-            budget cannot cover end as ``skipped`` with ``BudgetExceeded``.
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
         backend: where the calls run: ``"local"`` (this process's event loop) or
             ``"ray"`` / :class:`fanflow.RayBackend` (shards of items on Ray workers, each
             running this engine, under one cluster-wide limit per handle; needs
             ``pip install 'fanflow[ray]'``). The result is the same either way.
+        **options: the call options (:class:`fanflow.Options`): ``concurrency`` is the
+            most items in flight; ``deadline`` ends the items not done by then as
+            ``timed_out``; with ``store`` each item's call is committed before it is
+            reported; with ``job`` (and ``store``) running the same job again resumes
+            it; ``sink`` streams each finished item to a file; items the ``budget``
+            cannot cover end ``skipped``.
 
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
     """
+    o = resolve("map", options)
+    check_model(llm, "map")
+    concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
+    hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
+    store, job, cache, sink = o.store, o.job, o.cache, o.sink
     if resolve_backend(backend) is not None:
         from ..backends._ray import map_on_ray
 
@@ -490,42 +462,33 @@ def as_completed(
     prompt: Prompt,
     items: Items,
     *,
-    concurrency: int | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    retry: RetryPolicy | None = None,
-    hedge_after: float | None = None,
     system: str | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
     parse: Callable[[Response], Any] | None = None,
-    hooks: Sequence[Hook] = (),
     label: str | None = None,
-    store: Store | None = None,
-    job: str | None = None,
     only_failed: bool = False,
-    cache: bool = True,
-    sink: Sink | str | os.PathLike[str] | None = None,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
     backend: str | RayBackend = "local",
+    **options: Unpack[Options],
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
 
     ``items`` may be an endless (async) iterator: items are pulled only as workers free
     up, and at most about twice the concurrency of records wait to be consumed.
-    ``store``, ``job``, ``only_failed``, ``cache`` and ``sink`` are as for :func:`map`;
-    a record is yielded only after it is committed to the store.
-    ``budget``, ``prices`` and ``backend`` are as for :func:`map` (on Ray, records
-    stream back from the workers as they finish).
+    The arguments are those of :func:`map` but ``fail_fast``, and the same call options
+    (:class:`fanflow.Options`); a record is yielded only after it is committed to the
+    store (on Ray, records stream back from the workers as they finish).
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
         then ``async for record in results:`` (``record.index``, ``record.value``).
     """
-    if concurrency is not None and concurrency < 1:
-        raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
+    o = resolve("as_completed", options)
+    check_model(llm, "as_completed")
+    concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
+    hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
+    store, job, cache, sink = o.store, o.job, o.cache, o.sink
     size = len(items) if isinstance(items, Sequence) else None
     durable = Durability.of(store=store, job=job, only_failed=only_failed, cache=cache, sink=sink)
     cap = as_budget(budget)
