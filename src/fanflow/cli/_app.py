@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .._exceptions import ConfigError
+from .._exceptions import CircuitOpen, ConfigError, TemplateError
 from ._console import make_console, make_display, require_rich
 from ._io import BadLine
 from ._progress import ProgressStats, Tracker, render_summary
@@ -286,6 +286,22 @@ def _finish(
     return EXIT_OK
 
 
+def _tripped(llms: Sequence[Any]) -> list[CircuitOpen]:
+    """The breakers that stopped a run's handles (each one's error says what to fix)."""
+    return [b for llm in llms if (b := llm.breaker.tripped) is not None]
+
+
+def _stopped(
+    args: argparse.Namespace, console: Any, stats: ProgressStats, stops: list[CircuitOpen]
+) -> int:
+    """A run its breaker stopped: exit 2 with one message saying what to fix."""
+    if not args.quiet:
+        console.print(render_summary(stats))
+    reason = str(stops[0]).removeprefix("not sent: ")
+    console.print(f"fanflow: stopped early, the remaining items were not sent (skipped): {reason}")
+    return EXIT_USAGE
+
+
 def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from ._io import count_items, detect_format, open_output, read_items
     from ._mapcmd import check_template, run_map
@@ -333,7 +349,10 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 llms[0], args.prompt, items, tracker=tracker, display=display, writer=writer,
                 records=records, order=args.order, options=options,
             )  # fmt: skip
+            stops.extend(_tripped(llms))
         return outcome, tracker.snapshot()
+
+    stops: list[CircuitOpen] = []
 
     try:
         with _library_warnings(console):
@@ -344,6 +363,8 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             records.close()
         if store is not None:
             store.close()
+    if stops and not outcome.interrupted:
+        return _stopped(args, console, stats, stops)
     where = "standard output" if args.output in (None, "-") else args.output
     return _finish(
         args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,
@@ -522,7 +543,10 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 pipe, runner, items, tracker=tracker, display=display, writer=writer,
                 pool_options=pool_options,
             )  # fmt: skip
+            stops.extend(_tripped(llms))
         return outcome, tracker.snapshot()
+
+    stops: list[CircuitOpen] = []
 
     try:
         with _library_warnings(console):
@@ -531,6 +555,8 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         writer.close()
         if store is not None:
             store.close()
+    if stops and not outcome.interrupted:
+        return _stopped(args, console, stats, stops)
     return _finish(
         args, console, stats, bad, interrupted=outcome.interrupted,
         failed=outcome.items - outcome.succeeded, items=outcome.items, unit="calls",
@@ -612,7 +638,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     try:
         return handler(args, os.environ if env is None else env)
-    except ConfigError as exc:
+    except (ConfigError, TemplateError) as exc:
         print(f"fanflow {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
