@@ -8,12 +8,11 @@ small reorder buffer), and feeds the engine's events to the progress display.
 from __future__ import annotations
 
 import asyncio
-import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, TemplateError
 from .._llm import BaseLLM
 from .._types import CallRecord
 from ..patterns import as_completed
@@ -25,16 +24,15 @@ __all__ = ["MapOutcome", "check_template", "run_map"]
 
 
 def check_template(template: str) -> None:
-    """Reject a template that no item could fill (unbalanced braces), before any call."""
+    """Reject a template that is not valid (fanflow's template rules), before any call."""
+    from ..patterns._prompt import parse_template
+
     if not template.strip():
         raise ConfigError("--prompt is empty; give a template such as 'Summarize: {text}'")
     try:
-        list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ConfigError(
-            f"--prompt is not a valid template ({exc}); name fields as {{field}} and "
-            "write {{ and }} for literal braces"
-        ) from None
+        parse_template(template, "--prompt")
+    except TemplateError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from .._types import CallRecord, Request, Response
 from ..store import Store
 from ._common import PatternResult, RecordView, now, options_with, run_calls
 from ._parsing import find_json, find_number
+from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_EVALUATE_PROMPT", "Evaluation", "Score", "evaluate"]
 
@@ -144,12 +145,14 @@ async def evaluate(
     low, high = scale
     if low >= high:
         raise ConfigError(f"scale must be (low, high) with low < high, got {scale}")
+    fields = ("criterion", "content", "low", "high")
+    check_fields(prompt, fields, "evaluate's prompt")
     started = now()
     options = options_with(budget, prices)
     opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
     requests = [
         Request.of(
-            prompt.format(criterion=c, content=content, low=low, high=high),
+            fill(prompt, dict(zip(fields, (c, content, low, high), strict=True))),
             system=system,
             temperature=temperature,
             metadata={"pattern": "evaluate", "criterion": c},

@@ -26,6 +26,7 @@ from .._types import CallRecord, Request, Response, Status
 from ..store import Store
 from ._common import PatternResult, is_llm, now, options_with, run_function, text_of
 from ._parsing import find_json
+from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_GUARD_PROMPT", "DEFAULT_REFUSAL", "GuardedResult", "guarded", "read_verdict"]
 
@@ -105,7 +106,7 @@ async def _check(
 ) -> CallRecord[Any]:
     if guard is None or is_llm(guard):
         request = Request.of(
-            prompt.format(query=query),
+            fill(prompt, {"query": query}, "guard_prompt"),
             temperature=0.0,
             metadata={"pattern": "guarded", "role": "guard"},
         )
@@ -167,6 +168,7 @@ async def guarded(
     Returns:
         A :class:`GuardedResult`.
     """
+    check_fields(guard_prompt, ("query",), "guard_prompt")
     started = now()
     options = options_with(budget, prices)
     opts = options(timeout=timeout, retry=retry, hooks=hooks)

@@ -8,7 +8,9 @@ concurrency, not with the input (``as_completed``; ``map`` keeps one record per 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+from collections import deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -31,7 +33,7 @@ from .._types import BatchResult, CallRecord, Response, Status
 from ..backends._config import RayBackend, resolve_backend
 from ..store import Sink, Store
 from ._jobs import Durability
-from ._prompt import Prompt, build_request
+from ._prompt import FIRST_ITEMS, Prompt, build_request, check_first_items, parse_template
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
 
@@ -70,13 +72,14 @@ def _window(llm: LLM, concurrency: int | None, size: int | None) -> int:
 class _Source:
     """Hands out (index, item) pairs from a sync or async iterable, one at a time."""
 
-    __slots__ = ("_ait", "_index", "_it", "_lock")
+    __slots__ = ("_ait", "_index", "_it", "_lock", "_peeked")
 
     def __init__(self, items: Items) -> None:
         self._index = 0
         self._it: Any = None
         self._ait: AsyncIterator[Any] | None = None
         self._lock: asyncio.Lock | None = None
+        self._peeked: deque[Any] = deque()  # async items read ahead by peek()
         if isinstance(items, AsyncIterable):
             self._ait = aiter(items)
             # An async generator may not be advanced by two workers at once.
@@ -87,6 +90,20 @@ class _Source:
     @property
     def is_async(self) -> bool:
         return self._ait is not None
+
+    async def peek(self, n: int) -> list[Any]:
+        """The first ``n`` items (fewer if there are fewer), still to be handed out."""
+        if self._ait is None:
+            first = list(itertools.islice(self._it, n))
+            self._it = itertools.chain(first, self._it)
+            return first
+        peeked = self._peeked
+        while len(peeked) < n:
+            try:
+                peeked.append(await anext(self._ait))
+            except StopAsyncIteration:
+                break
+        return list(peeked)
 
     def next_sync(self) -> tuple[int, Any] | None:
         """The next item of a sync iterable (no coroutine: this is the hot path)."""
@@ -103,10 +120,13 @@ class _Source:
             return self.next_sync()
         assert self._lock is not None
         async with self._lock:
-            try:
-                item = await anext(self._ait)
-            except StopAsyncIteration:
-                return None
+            if self._peeked:
+                item = self._peeked.popleft()
+            else:
+                try:
+                    item = await anext(self._ait)
+                except StopAsyncIteration:
+                    return None
         index = self._index
         self._index += 1
         return index, item
@@ -158,6 +178,9 @@ class _Batch(Generic[T]):
         self.size = size
 
     async def run(self) -> None:
+        # Before the first call: a field that none of the first items has is a mistake
+        # in the template (TemplateError), not one failure per item.
+        check_first_items(self.prompt, await self.source.peek(FIRST_ITEMS))
         if self.durable is None:
             await self._run()
         else:
@@ -322,6 +345,8 @@ async def map(
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
     """
+    if isinstance(prompt, str):
+        parse_template(prompt)  # a bad template fails here, before any call
     if resolve_backend(backend) is not None:
         from ..backends._ray import map_on_ray
 
@@ -521,6 +546,8 @@ def as_completed(
     """
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
+    if isinstance(prompt, str):
+        parse_template(prompt)  # a bad template fails here, before any call
     size = len(items) if isinstance(items, Sequence) else None
     durable = Durability.of(store=store, job=job, only_failed=only_failed, cache=cache, sink=sink)
     cap = as_budget(budget)

@@ -24,7 +24,7 @@ from .._types import BatchResult, CallRecord, Request
 from ..store import Store
 from ._common import PatternResult, now, options_with, run_calls
 from ._map import map as map_items
-from ._prompt import render
+from ._prompt import check_fields, fill, render
 
 __all__ = [
     "DEFAULT_SYNTHESIS_PROMPT",
@@ -125,6 +125,8 @@ async def sections(
         named = {f"section {i}": p for i, p in enumerate(prompts_or_sections)}
     if not named:
         raise ConfigError("sections needs at least one prompt")
+    if synthesize is not None:
+        check_fields(synthesis_prompt, ("sections",), "synthesis_prompt")
     started = now()
     options = options_with(budget, prices)
     opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
@@ -143,7 +145,7 @@ async def sections(
     synthesis_record: CallRecord[str] | None = None
     if synthesize is not None and any(r.ok for r in records):
         request = Request.of(
-            synthesis_prompt.format(sections=_joined(outputs)),
+            fill(synthesis_prompt, {"sections": _joined(outputs)}, "synthesis_prompt"),
             metadata={"pattern": "sections", "role": "synthesis"},
         )
         [synthesis_record] = await run_calls(
@@ -264,6 +266,8 @@ class ParallelCalls:
         Returns:
             A :class:`ParallelCallsResult`.
         """
+        if aggregate_prompt is not None:
+            check_fields(aggregate_prompt, ("input",), "aggregate_prompt")
         started = now()
         cap = as_budget(self.budget)
         branches = await map_items(
