@@ -193,3 +193,19 @@ async def test_a_field_every_item_lacks_is_found_before_any_call() -> None:
     # Peeking consumes nothing: an async source still yields every item, in order.
     result = await fanflow.map(llm, "{text}", arows())
     assert result.outputs == ["echo: t0", "echo: t1", "echo: t2"]
+
+
+async def test_a_pool_refuses_a_key_none_of_its_first_inputs_has() -> None:
+    from fanflow.patterns import Chain, Pool, Skill, Step
+    from fanflow.testing import ScriptedLLM
+
+    llm = ScriptedLLM()
+    chain = Chain([Step(Skill(llm, "Summarize: {txt}", name="summary"), output="summary")])
+    pool = Pool(chain, [{"text": f"t{i}"} for i in range(50)])
+    with pytest.raises(fanflow.StepInputError, match=r"needs key 'txt'.*none of the first 8"):
+        await pool.arun()
+    assert llm.calls == 0
+    # Inputs of which some have the key run as before: the others fail alone.
+    mixed = Pool(chain, [{"txt": "a"}, {"text": "b"}])
+    result = await mixed.arun()
+    assert [r.status for r in result.items] == [Status.SUCCEEDED, Status.FAILED]

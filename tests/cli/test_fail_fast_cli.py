@@ -108,3 +108,15 @@ def test_one_store_two_base_urls_each_server_answers(run: Run, tmp_path: Path) -
         assert cli(b.url, "second") == ["from B"] * 3  # not A's answers from the store
         assert cli(a.url, "third") == ["from A"] * 3  # A's own answers: from the store
         assert (a.stats().requests, b.stats().requests) == (3, 3)
+
+
+def test_a_pipeline_key_no_row_has_is_found_before_any_call(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("steps:\n  - {name: summary, prompt: 'Summarize: {txt}'}\n")
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    with SimServer() as server:
+        done = run("run", "p.yaml", "in.jsonl", *openai_args(server.url))
+        assert server.stats().requests == 0
+    assert done.returncode == 2, done.stderr
+    assert "needs key 'txt'" in done.stderr
+    assert "none of the first 2 inputs has 'txt'; nothing was sent" in done.stderr
+    assert "Traceback" not in done.stderr

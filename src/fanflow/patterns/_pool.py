@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from .._budget import Budget, as_budget
 from .._events import Hook
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, StepInputError
 from .._pricing import Price
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
@@ -32,6 +32,7 @@ from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, RunResult, Step
 from ._jobs import Durability
+from ._prompt import FIRST_ITEMS
 from ._skill import Skill
 
 __all__ = ["ItemStatus", "Pool", "PoolResult", "PoolStatus"]
@@ -236,6 +237,29 @@ class Pool:
             items=tuple(items),
         )
 
+    def _check_first_inputs(self, first: Sequence[Mapping[str, Any]]) -> None:
+        """A key that the runner needs from its input and that none of the first inputs
+        has is a mistake in the steps (or the data), found before any call (issue 13.2;
+        the rule of ``patterns._prompt.check_first_items``)."""
+        chain = self._run.chain if isinstance(self._run, _Single) else self._run
+        if not first:
+            return
+        have = sorted({str(k) for item in first for k in item})
+        for key in chain.required_keys:
+            if not any(key in item for item in first):
+                error = chain.check(have, None)  # names the step that needs it
+                assert error is not None
+                which = (
+                    "the only input lacks"
+                    if len(first) == 1
+                    else (f"none of the first {len(first)} inputs has")
+                )
+                raise StepInputError(
+                    f"{error} ({which} {key!r}; nothing was sent)",
+                    step=error.step,
+                    field=key,
+                )
+
     def run(self, *, only_failed: bool = False) -> PoolResult:
         """Synchronous :meth:`arun` (works inside a running loop too)."""
         return run_sync(lambda: self.arun(only_failed=only_failed))
@@ -252,6 +276,7 @@ class Pool:
         """
         started = now()
         todo = [i for i, r in enumerate(self._results) if not only_failed or r is None or not r.ok]
+        self._check_first_inputs([self.inputs[i] for i in todo[:FIRST_ITEMS]])
         for i in todo:
             self._results[i] = None
         queue = iter(todo)
