@@ -1,0 +1,100 @@
+"""Fail fast (issue 13.2): requests a batch sends when every call must fail the same way,
+with the handle's breaker against the same handle with its breaker off, in this run.
+
+    python benchmarks/fail_fast.py [--items 300] [--concurrency 8]
+
+SimServer counts the requests (connection attempts, for nothing listening, are counted
+from the records' attempts). Virtual time (looptime): the retries' backoff costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import looptime
+
+import fanflow
+from fanflow.testing import SimServer
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wrong_key(items: list[str], c: int, breaker: bool) -> int:
+    async with (
+        SimServer(api_key="sk-right") as server,
+        fanflow.openai("m", base_url=server.url, api_key="sk-wrong") as llm,
+    ):
+        if not breaker:
+            llm.breaker = None  # type: ignore[assignment]
+        await fanflow.map(llm, "{input}", items, concurrency=c)
+    return server.stats().requests
+
+
+async def _quota(items: list[str], c: int, breaker: bool) -> int:
+    async with (
+        SimServer(fault_on={"": "quota"}) as server,
+        fanflow.openai("m", base_url=server.url, api_key="k") as llm,
+    ):
+        if not breaker:
+            llm.breaker = None  # type: ignore[assignment]
+        await fanflow.map(llm, "{input}", items, concurrency=c)
+    return server.stats().requests
+
+
+async def _unknown_model(items: list[str], c: int, breaker: bool) -> int:
+    async with (
+        SimServer(models=["good"]) as server,
+        fanflow.openai("missing", base_url=server.url, api_key="k") as llm,
+    ):
+        if not breaker:
+            llm.breaker = None  # type: ignore[assignment]
+        await fanflow.map(llm, "{input}", items, concurrency=c)
+    return server.stats().requests
+
+
+async def _nothing_listening(items: list[str], c: int, breaker: bool) -> int:
+    llm = fanflow.openai("m", base_url=f"http://127.0.0.1:{_free_port()}/v1", api_key="k")
+    async with llm:
+        if not breaker:
+            llm.breaker = None  # type: ignore[assignment]
+        result = await fanflow.map(llm, "{input}", items, concurrency=c)
+    return sum(len(r.attempts) for r in result.records)
+
+
+SCENARIOS: dict[str, Callable[[list[str], int, bool], Awaitable[int]]] = {
+    "wrong key (401)": _wrong_key,
+    "quota spent (429 quota)": _quota,
+    "unknown model (404)": _unknown_model,
+    "nothing listening (refused)": _nothing_listening,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--items", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    items = [f"row {i}" for i in range(args.items)]
+    print(f"{args.items} items, concurrency {args.concurrency}, default retry policy")
+    print(f"{'scenario':30} {'breaker off':>12} {'breaker on':>11} {'ratio':>7}")
+    for name, scenario in SCENARIOS.items():
+        counts: list[Any] = []
+        for breaker in (False, True):
+            loop = looptime.new_event_loop(start=0.0)
+            try:
+                counts.append(loop.run_until_complete(scenario(items, args.concurrency, breaker)))
+            finally:
+                loop.close()
+        off, on = counts
+        print(f"{name:30} {off:>12} {on:>11} {on / off:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
