@@ -229,10 +229,12 @@ class Breaker:
 def _stop(kind: str, scope: Scope, cause: BaseException, count: int) -> CircuitOpen:
     model = scope[1] if scope[0] == "model" else None
     fix = _FIX[kind].format(model=repr(model))
+    # The cause's own advice may say "fanflow retries this": no longer true, so cut it.
+    last = str(cause).split("; fanflow retries this")[0]
     error = CircuitOpen(
-        f"not sent: {fix}. fanflow stopped sending after {count} calls in a row failed "
+        f"not sent: {fix}. fanflow stopped sending after {count} attempts in a row failed "
         f"this way; fix it and run again (with a job, finished items are kept). "
-        f"Last error: {type(cause).__name__}: {cause}",
+        f"Last error: {type(cause).__name__}: {last}",
         kind=kind,
     )
     error.__cause__ = cause
