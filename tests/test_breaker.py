@@ -209,3 +209,34 @@ async def test_a_pool_refuses_a_key_none_of_its_first_inputs_has() -> None:
     mixed = Pool(chain, [{"txt": "a"}, {"text": "b"}])
     result = await mixed.arun()
     assert [r.status for r in result.items] == [Status.SUCCEEDED, Status.FAILED]
+
+
+async def test_with_no_concurrency_limit_a_cold_handle_still_stops_early() -> None:
+    """No limit anywhere: without the cold start, all 300 would be in flight before the
+    first 401 came back."""
+    from fanflow._breaker import COLD_CALLS, COLD_WAIT
+
+    async with (
+        SimServer(api_key="sk-right", latency=0.2) as server,
+        fanflow.openai("m", base_url=server.url, api_key="sk-wrong") as llm,
+    ):
+        result = await fanflow.map(llm, "{input}", ITEMS)
+    assert server.stats().requests <= COLD_CALLS
+    assert statuses(result)[Status.SKIPPED] >= len(ITEMS) - COLD_CALLS
+    # A right key: the first answers take their time (2 s here); the rest waited at most
+    # COLD_WAIT for them, once, and then all went at once.
+    async with (
+        SimServer(latency=2.0) as server,
+        fanflow.openai("m", base_url=server.url, api_key="k") as llm,
+    ):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await fanflow.map(llm, "{input}", ITEMS)
+        first = loop.time() - start
+        start = loop.time()
+        again = await fanflow.map(llm, "{input}", ITEMS)  # warm now: no wait at all
+        second = loop.time() - start
+    assert result.ok
+    assert again.ok
+    assert first == pytest.approx(2.0 + COLD_WAIT)
+    assert second == pytest.approx(2.0)

@@ -25,6 +25,13 @@ it trips finish as they will; a call is stopped before each attempt and again on
 admitted, so a wrong key costs about the calls in flight (the concurrency) plus three,
 not one request per item.
 
+A new HTTP handle starts *cold*: its first :data:`COLD_CALLS` (16) calls go, and the
+rest wait for one of them to answer (at most :data:`COLD_WAIT`, 1 s, extended while
+only failures that may trip it come back). Without it, a batch with no concurrency limit
+puts every item in flight before the first 401 returns, and nothing could stop it. It
+costs at most one second once per handle, only when more than 16 calls start before the
+first answer; a success, any other answer, or a trip ends it (so does ``reset()``).
+
 A tripped breaker does not poison the handle: once :data:`PROBE_AFTER` seconds have
 passed since it tripped (or since the last probe), the next call goes as a probe while
 the others wait for its outcome. If it succeeds (or fails some other way: the server
@@ -61,6 +68,12 @@ TRIP_AFTER = 3
 CONNECT_ATTEMPTS = 3
 #: Seconds after a trip (or a failed probe) before one call is let through as a probe.
 PROBE_AFTER = 10.0
+#: A new HTTP handle sends this many calls first; the rest wait for their first answer.
+COLD_CALLS = 16
+#: ... but at most this long (longer only while those answers are failures that trip).
+COLD_WAIT = 1.0
+#: How many times COLD_WAIT is extended while only such failures come back.
+COLD_EXTENSIONS = 3
 
 Scope = tuple[str, str | None]
 
@@ -118,14 +131,35 @@ class Breaker:
     object that stands for one call (the engine's own), so a probe is let through.
     """
 
-    __slots__ = ("_open", "_streaks", "active", "trips")
+    __slots__ = (
+        "_cold",
+        "_cold_calls",
+        "_cold_deadline",
+        "_cold_extended",
+        "_cold_limit",
+        "_open",
+        "_streaks",
+        "_warm",
+        "active",
+        "trips",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, cold_start: int | None = None) -> None:
+        """Args:
+        cold_start: send only this many calls until the first answer comes back
+            (see the module docstring); None: no cold start.
+        """
         self._streaks: dict[Scope, int] = {}
         self._open: dict[Scope, _Trip] = {}
-        #: True while anything is counted or open: the engine reads only this flag on
-        #: its fast path.
-        self.active = False
+        self._cold_limit = cold_start
+        self._cold = cold_start is not None
+        self._cold_calls: set[int] = set()  # ids of the calls let through while cold
+        self._cold_deadline: float | None = None
+        self._cold_extended = 0
+        self._warm: asyncio.Event | None = None
+        #: True while anything is counted or open (or it is cold): the engine reads
+        #: only this flag on its fast path.
+        self.active = self._cold
         #: How many times it has tripped (failed probes included).
         self.trips = 0
 
@@ -146,7 +180,41 @@ class Breaker:
             trip.settle()
         self._streaks.clear()
         self._open.clear()
+        self._warm_up()
         self.active = False
+
+    def _warm_up(self) -> None:
+        """The first answers are in: every call may go (the cold start is over)."""
+        if self._cold:
+            self._cold = False
+            self._cold_calls.clear()
+            if self._warm is not None:
+                self._warm.set()
+                self._warm = None
+            self.active = bool(self._open or self._streaks)
+
+    async def _wait_while_cold(self, call: object) -> None:
+        loop = asyncio.get_running_loop()
+        ident = id(call)
+        limit = self._cold_limit or 0
+        while self._cold:
+            if ident in self._cold_calls or len(self._cold_calls) < limit:
+                self._cold_calls.add(ident)
+                return
+            if self._cold_deadline is None:
+                self._cold_deadline = loop.time() + COLD_WAIT
+            if self._warm is None:
+                self._warm = asyncio.Event()
+            try:
+                async with asyncio.timeout_at(self._cold_deadline):
+                    await self._warm.wait()
+            except TimeoutError:
+                if self._streaks and self._cold_extended < COLD_EXTENSIONS:
+                    # Only failures that may trip it came back so far: hold on.
+                    self._cold_extended += 1
+                    self._cold_deadline = loop.time() + COLD_WAIT
+                else:  # the answers are just slow: stop holding the rest back
+                    self._warm_up()
 
     def _blocking(self, request: Request, call: object) -> _Trip | None:
         for scope in (("handle", None), ("model", request.model)):
@@ -155,9 +223,13 @@ class Breaker:
                 return trip
         return None
 
-    async def admit(self, request: Request, call: object) -> CircuitOpen | None:
-        """Wait while a probe is out; then the error to skip ``request`` with, or None
-        to send it (as the probe, when one is due)."""
+    async def admit(
+        self, request: Request, call: object, *, admitted: bool = False
+    ) -> CircuitOpen | None:
+        """Wait while a probe is out (or, before admission, while the handle is cold);
+        then the error to skip ``request`` with, or None to send it."""
+        if self._cold and not admitted:
+            await self._wait_while_cold(call)
         loop = asyncio.get_running_loop()
         while (trip := self._blocking(request, call)) is not None:
             now = loop.time()
@@ -184,6 +256,7 @@ class Breaker:
         """An attempt of ``call`` failed with ``error`` (``attempt`` counts from 1)."""
         fatal = fatal_scope(error, request)
         if fatal is None:
+            self._warm_up()  # an answer that does not trip it: the rest may go
             # A probe that failed some other way reached the server: that cause is gone.
             for scope, opened in list(self._open.items()):
                 if opened.prober is not None and opened.prober is call:
@@ -206,9 +279,11 @@ class Breaker:
             return
         self._open[scope] = _Trip(kind, _stop(kind, scope, error, count), now + PROBE_AFTER)
         self.trips += 1
+        self._warm_up()  # the calls held back go on to be skipped
 
     def succeeded(self, request: Request) -> None:
         """An attempt at ``request`` succeeded: the key, the endpoint and its model work."""
+        self._warm_up()
         for scope in (("handle", None), ("model", request.model)):
             trip = self._open.pop(scope, None)
             if trip is not None:
@@ -217,13 +292,11 @@ class Breaker:
         self.active = bool(self._open or self._streaks)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {}  # a copy in another process starts closed
+        # A copy in another process starts closed (and cold, if this one was made so).
+        return {"cold_start": self._cold_limit}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._streaks = {}
-        self._open = {}
-        self.active = False
-        self.trips = 0
+        Breaker.__init__(self, cold_start=state.get("cold_start"))
 
 
 def _stop(kind: str, scope: Scope, cause: BaseException, count: int) -> CircuitOpen:

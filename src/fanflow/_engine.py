@@ -295,7 +295,7 @@ class _Call(Generic[T]):
         breaker = self.breaker
         if breaker is not None and breaker.active:
             try:
-                stop = await breaker.admit(self.request, self)
+                stop = await breaker.admit(self.request, self, admitted=True)
             except BaseException:
                 self._unsent(permit, reserved, loop.time())
                 raise

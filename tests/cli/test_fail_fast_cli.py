@@ -120,3 +120,16 @@ def test_a_pipeline_key_no_row_has_is_found_before_any_call(run: Run, tmp_path: 
     assert "needs key 'txt'" in done.stderr
     assert "none of the first 2 inputs has 'txt'; nothing was sent" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_wrong_key_with_the_default_limits(run: Run, tmp_path: Path) -> None:
+    """No --concurrency: the handle's cold start keeps the first wave small."""
+    (tmp_path / "in.txt").write_text("".join(f"row {i}\n" for i in range(300)))
+    with SimServer(api_key="sk-right") as server:
+        done = run(
+            "map", "in.txt", "-p", "{input}", *openai_args(server.url), "-o", "out.jsonl",
+            env={"OPENAI_API_KEY": "sk-wrong-key-123456"},
+        )  # fmt: skip
+        sent = server.stats().requests
+    assert done.returncode == 2, done.stderr
+    assert sent <= 16, sent  # fanflow._breaker.COLD_CALLS, not 300

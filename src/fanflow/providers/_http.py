@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from .._breaker import COLD_CALLS, Breaker
 from .._exceptions import (
     AuthenticationError,
     BadRequest,
@@ -382,6 +383,9 @@ class HttpLLM(BaseLLM):
         self._headers = {"Content-Type": "application/json", **dict(headers or {})}
         self._connect_timeout = connect_timeout
         self._sessions = _Sessions(self._new_session)
+        # Wrong keys, URLs and model names are an HTTP matter: a new handle starts cold
+        # (its first calls answer before a whole batch is sent; see fanflow._breaker).
+        self.breaker = Breaker(cold_start=COLD_CALLS)
 
     def __repr__(self) -> str:
         return f"fanflow.{self.provider}(model={self.model!r}, base_url={self.base_url!r})"
