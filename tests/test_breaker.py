@@ -240,3 +240,28 @@ async def test_with_no_concurrency_limit_a_cold_handle_still_stops_early() -> No
     assert again.ok
     assert first == pytest.approx(2.0 + COLD_WAIT)
     assert second == pytest.approx(2.0)
+
+
+def test_a_handle_cold_when_its_loop_ended_still_works_on_a_new_loop() -> None:
+    """Interrupted during its cold start (the held calls cancelled with their loop), the
+    handle is used again from a fresh event loop (as fanflow.run does)."""
+    from fanflow.testing import SimServer as Server
+
+    with Server(latency=1.0) as server:
+        llm = fanflow.openai("m", base_url=server.url, api_key="k")
+
+        async def interrupted() -> None:
+            task = asyncio.ensure_future(fanflow.map(llm, "{input}", ITEMS[:40]))
+            await asyncio.sleep(0.2)  # 16 sent, 24 held back, no answer yet
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await llm.aclose()
+
+        asyncio.run(interrupted())
+        server_fast = Server()
+        with server_fast:
+            again = fanflow.openai("m", base_url=server_fast.url, api_key="k")
+            again.breaker = llm.breaker  # the same breaker, still cold, on a new loop
+            result = fanflow.run(fanflow.map(again, "{input}", ITEMS[:40]))
+    assert result.ok

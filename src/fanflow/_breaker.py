@@ -203,7 +203,9 @@ class Breaker:
                 return
             if self._cold_deadline is None:
                 self._cold_deadline = loop.time() + COLD_WAIT
-            if self._warm is None:
+            if self._warm is None or getattr(self._warm, "_loop", None) not in (None, loop):
+                # (a new one if the last was made on another loop, e.g. an earlier
+                # fanflow.run that ended while cold: an Event belongs to one loop)
                 self._warm = asyncio.Event()
             try:
                 async with asyncio.timeout_at(self._cold_deadline):
