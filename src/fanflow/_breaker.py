@@ -247,6 +247,9 @@ class Breaker:
                 return error
             settled = trip.settled
             assert settled is not None
+            if getattr(settled, "_loop", None) not in (None, loop):
+                trip.settle()  # the probe ran on a loop that is gone: it will not report
+                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(trip.probe_at):
                     await settled.wait()  # the probe's outcome decides for this call too
