@@ -25,6 +25,7 @@ from ._exceptions import (
     AuthenticationError,
     BadRequest,
     BatchError,
+    BatchIncomplete,
     BudgetExceeded,
     CallTimeout,
     ConfigError,
@@ -66,7 +67,7 @@ from ._types import (
     Summary,
     Usage,
 )
-from .backends import RayBackend
+from .backends import BatchOptions, RayBackend
 from .patterns import (
     BestOfNResult,
     Call,
@@ -122,6 +123,8 @@ __all__ = [
     "BadRequest",
     "BaseLLM",
     "BatchError",
+    "BatchIncomplete",
+    "BatchOptions",
     "BatchResult",
     "BestOfNResult",
     "Budget",

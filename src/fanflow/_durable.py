@@ -26,7 +26,14 @@ from ._exceptions import ParseError
 from ._llm import LLM, BaseLLM
 from ._types import CallRecord, Request, Response, Status, Usage
 
-__all__ = ["ItemRef", "ResultStore", "cache_key", "cached_record", "execute_stored"]
+__all__ = [
+    "ItemRef",
+    "ResultStore",
+    "cache_key",
+    "cached_record",
+    "execute_stored",
+    "namespace_of",
+]
 
 T = TypeVar("T")
 
@@ -64,14 +71,19 @@ def cache_key(llm: LLM, request: Request) -> str:
     ``cache_namespace`` string to separate entries further (per endpoint, say); the
     namespace is hashed, never stored.
     """
-    namespace = getattr(llm, "cache_namespace", None)
-    if not isinstance(namespace, str):
-        cls = type(llm)
-        model = getattr(llm, "model", None)
-        name = getattr(llm, "name", None)
-        namespace = f"{cls.__module__}.{cls.__qualname__}|{model}|{name}"
-    blob = f"{namespace}\n{request.key}".encode()
+    blob = f"{namespace_of(llm)}\n{request.key}".encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def namespace_of(llm: LLM) -> str:
+    """The cache namespace of a handle (see :func:`cache_key`)."""
+    namespace = getattr(llm, "cache_namespace", None)
+    if isinstance(namespace, str):
+        return namespace
+    cls = type(llm)
+    model = getattr(llm, "model", None)
+    name = getattr(llm, "name", None)
+    return f"{cls.__module__}.{cls.__qualname__}|{model}|{name}"
 
 
 def cached_record(

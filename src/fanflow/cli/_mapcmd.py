@@ -167,6 +167,11 @@ def describe_dry_run(
         lines.append(f"  cost           unknown: no price for model {unpriced}")
     else:
         lines.append(f"  cost           at most ${e.cost:,.4f} (model {model})")
+        if e.batch_cost is not None:
+            lines.append(
+                f"  batch cost     at most ${e.batch_cost:,.4f} with --batch "
+                f"(saves ${e.cost - e.batch_cost:,.4f}; answers within 24 h)"
+            )
     bounds = []
     if rpm:
         bounds.append(e.items / rpm * 60.0)

@@ -28,6 +28,7 @@ from .._llm import LLM, BaseLLM
 from .._pricing import Price
 from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Response, Status
+from ..backends._batch import BatchOptions, Mode
 from ..backends._config import RayBackend, resolve_backend
 from ..store import Sink, Store
 from ._jobs import Durability
@@ -242,6 +243,13 @@ class _Batch(Generic[T]):
         return record
 
 
+def _batched(pattern: Callable[..., Any], args: dict[str, Any]) -> Any:
+    """``pattern(**args)`` with ``mode="batch"``/``"auto"``: the batch backend's seam."""
+    from ..backends._batchrun import run_map, stream
+
+    return run_map(pattern, args) if pattern is map else stream(pattern, args)
+
+
 def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -272,6 +280,8 @@ async def map(
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
     backend: str | RayBackend = "local",
+    mode: Mode = "realtime",
+    batch: BatchOptions | None = None,
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
@@ -318,10 +328,19 @@ async def map(
             ``"ray"`` / :class:`fanflow.RayBackend` (shards of items on Ray workers, each
             running this engine, under one cluster-wide limit per handle; needs
             ``pip install 'fanflow[ray]'``). The result is the same either way.
+        mode: ``"realtime"`` (one HTTP call per item), ``"batch"`` (through the
+            provider's batch API at its batch price: OpenAI's Batch API, Anthropic's
+            Message Batches; ``record.batch_id`` names the batch) or ``"auto"``
+            (batches, and what is still unanswered as ``deadline`` nears goes in real
+            time, within the handle's limits). ``timeout`` and ``concurrency`` then
+            apply to the real-time calls only.
+        batch: how batches are sized and polled (:class:`fanflow.BatchOptions`).
 
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
     """
+    if mode != "realtime":  # the batch backend runs this map over a batching handle
+        return await _batched(map, dict(locals()))  # type: ignore[no-any-return]
     if resolve_backend(backend) is not None:
         from ..backends._ray import map_on_ray
 
@@ -370,7 +389,7 @@ async def map(
         records[index] = record
 
     start = loop.time()
-    batch = _Batch[Any](
+    runner = _Batch[Any](
         llm,
         prompt,
         items,
@@ -387,7 +406,7 @@ async def map(
         ),
         size=size,
     )
-    await batch.run()
+    await runner.run()
     missing = [i for i, r in enumerate(records) if r is None]
     if missing:  # pragma: no cover - a broken promise, loudly
         raise FanflowError(f"internal error: items {missing[:10]} ended with no status")
@@ -505,6 +524,8 @@ def as_completed(
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
     backend: str | RayBackend = "local",
+    mode: Mode = "realtime",
+    batch: BatchOptions | None = None,
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
 
@@ -513,12 +534,15 @@ def as_completed(
     ``store``, ``job``, ``only_failed``, ``cache`` and ``sink`` are as for :func:`map`;
     a record is yielded only after it is committed to the store.
     ``budget``, ``prices`` and ``backend`` are as for :func:`map` (on Ray, records
-    stream back from the workers as they finish).
+    stream back from the workers as they finish); so are ``mode`` and ``batch``
+    (records stream as their batches land).
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
         then ``async for record in results:`` (``record.index``, ``record.value``).
     """
+    if mode != "realtime":
+        return _batched(as_completed, dict(locals()))  # type: ignore[no-any-return]
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
     size = len(items) if isinstance(items, Sequence) else None

@@ -18,6 +18,7 @@ from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
+from ._batchapi import BatchAPI, OpenAIBatches
 from ._http import HttpLLM, StreamText, protocol_error
 from ._ratelimit import parse_openai
 
@@ -48,6 +49,10 @@ class OpenAILLM(HttpLLM):
         self.n = n
         self.extra_body = dict(extra_body or {})
         self.url = f"{self.base_url}/chat/completions"
+
+    def batches(self) -> BatchAPI:
+        """This handle's batch endpoints (used by ``mode="batch"``)."""
+        return OpenAIBatches(self)
 
     def auth_headers(self) -> dict[str, str]:
         if self._secret is None:
