@@ -269,3 +269,38 @@ async def test_auto_with_a_deadline_too_short_for_any_batch_goes_real_time(
     assert (result.summary.batched, result.summary.realtime) == (0, 10)
     assert stats.batches == 0
     assert "no time for a batch" in caplog.text
+
+
+# --------------------------------------------------------------------------- Pool
+
+
+async def test_pool_batches_its_model_steps_and_runs_the_rest_as_usual() -> None:
+    def shout(text: str) -> str:
+        return text.upper()
+
+    async with SimServer(batches=SimBatches(time=20.0)) as server:
+        llm = _openai(server)
+        chain = fanflow.Chain(
+            [
+                fanflow.Step(fanflow.Skill(llm, "say {x}", timeout=1.0), output="said"),
+                fanflow.Step(shout, output="loud", inputs={"text": "said"}),
+            ]
+        )
+        pool = fanflow.Pool(chain, [{"x": i} for i in range(8)], max_flows=2, mode="batch")
+        result = await pool.arun()
+        await llm.aclose()
+        stats = server.stats()
+    assert result.outputs == [f"ECHO: SAY {i}" for i in range(8)]
+    model_calls = [r for r in result.records if r.response is not None]
+    assert len(model_calls) == 8
+    assert len({r.batch_id for r in model_calls}) == 1  # all 8 in flight, one batch
+    assert stats.requests == 0
+    assert (stats.batches, stats.batch_requests) == (1, 8)
+
+
+def test_pool_without_a_batch_capable_model_is_refused() -> None:
+    fn = fanflow.function(lambda request: "x")
+    with pytest.raises(ConfigError, match="needs a model step whose handle has a batch API"):
+        fanflow.Pool(fanflow.Skill(fn, "say {x}"), [{"x": 1}], mode="batch")
+    with pytest.raises(ConfigError, match="for map and as_completed"):
+        fanflow.Pool(fanflow.Skill(fn, "say {x}"), [{"x": 1}], mode="auto")  # type: ignore[arg-type]

@@ -105,6 +105,10 @@ class BatchOptions:
     def __repr__(self) -> str:
         return f"fanflow.BatchOptions(poll={self.poll}, max_poll={self.max_poll})"
 
+    def cap(self) -> int:
+        """Requests per batch when the provider is not known yet (the smallest limit)."""
+        return self.max_requests or 50_000
+
 
 def batch_api_of(llm: LLM, mode: str) -> BatchAPI:
     """The batch endpoints of ``llm``, or a ConfigError saying why there are none."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from .._exceptions import ConfigError
-from .._llm import BaseLLM
+from .._llm import LLM, BaseLLM
 from .._pricing import Price
 from ..store import Store
 from ._batch import (
@@ -30,7 +31,7 @@ from ._batch import (
 )
 from ._config import resolve_backend
 
-__all__ = ["batched", "check_mode"]
+__all__ = ["batched", "check_mode", "pool_batching", "swapped"]
 
 log = logging.getLogger("fanflow")
 
@@ -169,3 +170,74 @@ class _Within:
     async def run(self) -> None:
         async with batched(self._args) as out:
             await self._make(out).run()
+
+
+# --------------------------------------------------------------------------- Pool
+
+#: While a Pool runs with mode="batch": the batching handle for each model handle.
+_SWAP: ContextVar[Callable[[LLM], LLM] | None] = ContextVar("fanflow_batch_swap", default=None)
+
+
+def swapped(llm: LLM) -> LLM:
+    """The handle a model step calls: ``llm``, or its batching handle in a batch Pool."""
+    swap = _SWAP.get()
+    return llm if swap is None else swap(llm)
+
+
+def check_pool_mode(mode: str, llms: Iterable[LLM], backend: object) -> None:
+    """Refuse a Pool's ``mode`` that cannot work, before anything runs."""
+    if mode == "realtime":
+        return
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; use 'realtime' or 'batch'")
+    if mode == "auto":
+        raise ConfigError("mode='auto' is for map and as_completed; use mode='batch' in a Pool")
+    if resolve_backend(backend) is not None:
+        raise ConfigError("mode='batch' runs on the local backend; drop backend='ray'")
+    handles = list(llms)
+    if not any(callable(getattr(llm, "batches", None)) for llm in handles):
+        raise ConfigError(
+            "mode='batch' needs a model step whose handle has a batch API "
+            "(fanflow.openai(...) or fanflow.anthropic(...)); this pool's steps use "
+            f"{', '.join(repr(x) for x in handles) or 'no model'}. Use mode='realtime'"
+        )
+
+
+@contextlib.asynccontextmanager
+async def pool_batching(
+    store: Store | None, options: BatchOptions | None, prices: Mapping[str, Price] | None
+) -> AsyncIterator[None]:
+    """Model steps of a Pool go through batches while the block runs: one queue per
+    handle with a batch API (steps on other handles stay real time)."""
+    opts = options or BatchOptions()
+    journal: Journal = store if store is not None else MemoryJournal()
+    wrapped: dict[int, BatchLLM] = {}
+
+    def swap(llm: LLM) -> LLM:
+        got = wrapped.get(id(llm))
+        if got is not None:
+            return got
+        if not isinstance(llm, BaseLLM) or not callable(getattr(llm, "batches", None)):
+            return llm
+        api = batch_api_of(llm, "batch")
+        queue = BatchQueue(api, journal, opts)
+        window = 2 * min(opts.max_requests or api.max_requests, api.max_requests)
+        made = wrapped[id(llm)] = BatchLLM(
+            llm,
+            queue,
+            window=window,
+            prices=prices,
+            realtime_timeout=llm.timeout,
+            realtime_concurrency=None,
+        )
+        return made
+
+    token = _SWAP.set(swap)
+    try:
+        yield
+    finally:
+        _SWAP.reset(token)
+        for made in wrapped.values():
+            await made.queue.__aexit__(None, None, None)
+            if isinstance(journal, MemoryJournal):
+                await made.queue.cancel_running()

@@ -49,6 +49,7 @@ def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
         "output_tokens": record.usage.output_tokens,
         "cost": record.cost,
         "cached": record.cached,
+        "batch_id": record.batch_id,
         "error": _error_name(record.error),
         "message": None if record.error is None else str(record.error)[:300],
         "attempts": [

@@ -17,6 +17,7 @@ stored), the others run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,6 +28,8 @@ from .._exceptions import ConfigError
 from .._pricing import Price
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
+from ..backends._batch import BatchOptions
+from ..backends._batchrun import check_pool_mode, pool_batching
 from ..backends._config import RayBackend, resolve_backend
 from ..store import Store
 from ._common import PatternResult, now
@@ -133,6 +136,15 @@ class _Single:
         )
 
 
+def _models(runner: Any) -> list[Any]:
+    """The model handles of a runner's skills, nested chains and flows included."""
+    if isinstance(runner, Skill):
+        return [runner.llm]
+    if isinstance(runner, Chain | Flow):
+        return [m for step in runner.steps for m in _models(step.runner)]
+    return []
+
+
 class Pool:
     """Run ``runner`` over every input, up to ``max_flows`` at once.
 
@@ -161,6 +173,11 @@ class Pool:
         backend: ``"local"`` (this event loop) or ``"ray"`` / :class:`fanflow.RayBackend`
             (inputs sharded over Ray workers; ``max_flows`` and each handle's limits then
             hold for the whole cluster; needs ``pip install 'fanflow[ray]'``).
+        mode: ``"batch"``: the model steps whose handle has a batch API (OpenAI,
+            Anthropic) go through the provider's batch API at its batch price; other
+            steps run as usual. Each input in progress holds one request in a batch, so
+            ``max_flows`` is raised to the number of inputs (at most twice a batch).
+        batch: how batches are sized and polled (:class:`fanflow.BatchOptions`).
     """
 
     def __init__(
@@ -176,7 +193,14 @@ class Pool:
         budget: float | Budget | None = None,
         prices: Mapping[str, Price] | None = None,
         backend: str | RayBackend = "local",
+        mode: Literal["realtime", "batch"] = "realtime",
+        batch: BatchOptions | None = None,
     ) -> None:
+        check_pool_mode(mode, _models(runner), backend)
+        self.mode = mode
+        self.batch = batch
+        if mode == "batch":
+            max_flows = max(max_flows, min(len(inputs), 2 * (batch or BatchOptions()).cap()))
         self.backend = resolve_backend(backend)
         if max_flows < 1:
             raise ConfigError(f"max_flows must be >= 1, got {max_flows}")
@@ -315,10 +339,15 @@ class Pool:
             return len(self.inputs)
 
         try:
-            if durable is None:
-                await run_all()
-            else:
-                await durable.around(run_all, len(self.inputs))
+            async with contextlib.AsyncExitStack() as stack:
+                if self.mode == "batch":
+                    await stack.enter_async_context(
+                        pool_batching(self.store, self.batch, self.prices)
+                    )
+                if durable is None:
+                    await run_all()
+                else:
+                    await durable.around(run_all, len(self.inputs))
         finally:
             for steps in self._running:
                 steps.clear()

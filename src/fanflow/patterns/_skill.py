@@ -25,6 +25,7 @@ from .._pricing import Price
 from .._retry import RetryPolicy
 from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
+from ..backends._batchrun import swapped
 from ..store import Store
 from ._parsing import find_json
 from ._prompt import render
@@ -219,8 +220,10 @@ class Skill:
             metadata={"pattern": "skill", "skill": self.name},
             **self.params,
         )
+        llm = swapped(self.llm)  # a batching handle while a Pool runs with mode="batch"
         opts = make_options(
-            timeout=self.timeout,
+            # A batched attempt waits for its batch: the skill's timeout is for real time.
+            timeout=self.timeout if llm is self.llm else None,
             retry=self.retry,
             hooks=self.hooks + tuple(hooks),
             budget=budget if budget is not None else self.budget,
@@ -231,7 +234,7 @@ class Skill:
         calls: list[CallRecord[Any]] = []
         for _ in range(1 + (self.validation_retries if self._parse is not None else 0)):
             record: CallRecord[Any] = await execute_stored(
-                self.llm,
+                llm,
                 request,
                 opts,
                 store=store,
