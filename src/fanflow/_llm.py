@@ -39,6 +39,9 @@ class LLM(Protocol):
 class BaseLLM(ABC):
     """Base of fanflow's LLM handles.
 
+    ``batch_priced`` is True for a handle whose calls go through a provider batch API (a
+    budget reserves them at the batch price).
+
     Args:
         model: the model name filled into requests that name none.
         limits: the handle's limits, shared by every pattern using it.
@@ -47,6 +50,8 @@ class BaseLLM(ABC):
         defaults: request parameters filled in when a request leaves them unset
             (``temperature``, ``max_tokens``, ``seed``, ``stop``, ``top_p``, ...).
     """
+
+    batch_priced: ClassVar[bool] = False
 
     def __init__(
         self,

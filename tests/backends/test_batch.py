@@ -304,3 +304,38 @@ def test_pool_without_a_batch_capable_model_is_refused() -> None:
         fanflow.Pool(fanflow.Skill(fn, "say {x}"), [{"x": 1}], mode="batch")
     with pytest.raises(ConfigError, match="for map and as_completed"):
         fanflow.Pool(fanflow.Skill(fn, "say {x}"), [{"x": 1}], mode="auto")  # type: ignore[arg-type]
+
+
+async def test_a_budget_reserves_and_charges_batched_calls_at_the_batch_price() -> None:
+    items = [f"item {i}" for i in range(10)]
+    async with SimServer() as server:
+        llm = _openai(server, max_tokens=20)
+        expected = fanflow.estimate(llm, "{input}", items, prices=PRICES)
+        assert expected.cost is not None
+        assert expected.batch_cost == pytest.approx(expected.cost / 2)
+        # Enough for every item at the batch price, half of them in real time.
+        budget = fanflow.Budget(usd=expected.batch_cost * 1.01, prices=PRICES)
+        result = await fanflow.map(llm, "{input}", items, mode="batch", budget=budget)
+        await llm.aclose()
+    assert result.ok
+    assert budget.spent == pytest.approx(sum(r.cost or 0.0 for r in result.records))
+    assert result.summary.cost == pytest.approx(budget.spent)
+
+
+async def test_a_batch_the_provider_fails_fails_its_items_with_the_reason() -> None:
+    """SimServer takes at most 2 requests a batch; told 5, fanflow's batch is failed."""
+    async with SimServer(batches=SimBatches(max_requests=2)) as server:
+        opts = BatchOptions(max_requests=5)
+        llm = _openai(server)
+        result = await fanflow.map(llm, "{input}", list("abc"), mode="batch", batch=opts)
+        anthropic = _anthropic(server)
+        refused = await fanflow.map(anthropic, "{input}", list("abc"), mode="batch", batch=opts)
+        await llm.aclose()
+        await anthropic.aclose()
+    for r in result.records:
+        assert isinstance(r.error, fanflow.BadRequest)
+        assert "failed: too_many_requests" in str(r.error)
+        assert r.batch_id is not None
+    for r in refused.records:
+        assert isinstance(r.error, fanflow.BadRequest)
+        assert "at most 2 requests per batch" in str(r.error)

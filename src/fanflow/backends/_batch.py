@@ -562,6 +562,8 @@ class BatchLLM(BaseLLM):
     """A handle whose attempts go through a provider batch (or real time, after an
     ``auto`` switch). Made by the batch backend around the caller's handle."""
 
+    batch_priced = True
+
     def __init__(
         self,
         inner: BaseLLM,

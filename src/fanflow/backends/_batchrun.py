@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextvars import ContextVar
 from typing import Any
 
+from .._budget import Budget
 from .._exceptions import ConfigError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
@@ -83,6 +84,9 @@ async def batched(args: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
     max_requests = min(options.max_requests or api.max_requests, api.max_requests)
     window = 2 * max_requests if size is None else max(1, min(size, 2 * max_requests))
     prices: Mapping[str, Price] | None = args.get("prices")
+    budget = args.get("budget")
+    if isinstance(budget, Budget):  # records are priced as the budget charges them
+        prices = budget.with_prices(prices).prices
     queue = BatchQueue(api, journal, options)
     wrapped = BatchLLM(
         llm,
