@@ -339,3 +339,74 @@ async def test_a_batch_the_provider_fails_fails_its_items_with_the_reason() -> N
     for r in refused.records:
         assert isinstance(r.error, fanflow.BadRequest)
         assert "at most 2 requests per batch" in str(r.error)
+
+
+async def test_batch_endpoint_faults_are_retried_without_a_second_batch() -> None:
+    """A lost create reply (the batch exists; the client saw a reset) is found again by
+    its token (OpenAI's metadata), so the retry does not submit the items twice."""
+    faults = {"upload": ["500"], "create": ["lost"], "poll": ["503", "reset"], "results": ["429"]}
+    async with SimServer(batches=SimBatches(control_faults=faults)) as server:
+        llm = _openai(server, retry=fanflow.RetryPolicy(jitter=False))
+        result = await fanflow.map(llm, "{input}", ["a", "b"], mode="batch")
+        await llm.aclose()
+        stats = server.stats()
+    assert result.outputs == ["echo: a", "echo: b"]
+    assert (stats.batches, stats.batch_requests) == (1, 2)
+    assert stats.faults["batch:lost"] == 1
+
+
+async def test_anthropic_batch_endpoint_faults_are_retried() -> None:
+    faults = {"create": ["529"], "poll": ["500"], "results": ["reset"]}
+    async with SimServer(batches=SimBatches(control_faults=faults)) as server:
+        llm = _anthropic(server, retry=fanflow.RetryPolicy(jitter=False))
+        result = await fanflow.map(llm, "{input}", ["a", "b"], mode="batch")
+        await llm.aclose()
+        stats = server.stats()
+    assert result.outputs == ["echo: a", "echo: b"]
+    assert (stats.batches, stats.batch_requests) == (1, 2)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+async def test_a_batch_created_just_before_a_crash_is_found_by_its_token(tmp_path: Any) -> None:
+    """The journal held only the intent (the process died while the batch was being
+    created): the next run finds the batch by the token in its metadata, not anew."""
+    from fanflow._durable import cache_key
+    from fanflow.backends._batch import INTENT, BatchQueue, MemoryJournal
+    from fanflow.backends._batch import BatchOptions as Opts
+
+    items = ["a", "b", "c"]
+    async with SimServer(batches=SimBatches(time=5.0)) as server:
+        llm = _openai(server)
+        with fanflow.Store(tmp_path / "s.db") as store:
+            # What the crashed run did: commit the intent, then create the batch.
+            requests = [llm.prepare(fanflow.Request.of(x)) for x in items]
+            keys = [cache_key(llm, r) for r in requests]
+            await store.record_batch(f"{INTENT}tok1", "openai", keys)
+            queue = BatchQueue(llm.batches(), MemoryJournal(), Opts())
+            lines = [queue.api.line(k, r) for k, r in zip(keys, requests, strict=True)]
+            await llm.batches().submit(lines, {"fanflow_token": "tok1"})
+            result = await fanflow.map(llm, "{input}", items, mode="batch", store=store)
+            assert store.open_batches() == []
+        await llm.aclose()
+        stats = server.stats()
+    assert result.outputs == ["echo: a", "echo: b", "echo: c"]
+    assert (stats.batches, stats.batch_requests) == (1, 3)
+
+
+async def test_an_intent_with_no_batch_behind_it_is_submitted_once(tmp_path: Any) -> None:
+    from fanflow._durable import cache_key
+    from fanflow.backends._batch import INTENT
+
+    async with SimServer() as server:
+        llm = _openai(server)
+        with fanflow.Store(tmp_path / "s.db") as store:
+            key = cache_key(llm, llm.prepare(fanflow.Request.of("a")))
+            await store.record_batch(f"{INTENT}never-created", "openai", [key])
+            result = await fanflow.map(llm, "{input}", ["a", "b"], mode="batch", store=store)
+        await llm.aclose()
+        stats = server.stats()
+    assert result.ok
+    assert [len(r.attempts) for r in result.records] == [1, 1]
+    assert stats.batch_prompts == {"a": 1, "b": 1}  # "a" sent once, after the lookup

@@ -88,7 +88,8 @@ def _committed_batches(db: Path) -> list[str]:
         return []
     try:
         with sqlite3.connect(db) as conn:
-            return [r[0] for r in conn.execute("SELECT id FROM batches")]
+            rows = conn.execute("SELECT id FROM batches WHERE id NOT LIKE 'intent:%'")
+            return [r[0] for r in rows]
     except sqlite3.OperationalError:  # the table is not there yet
         return []
 

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
@@ -49,6 +50,9 @@ from .._retry import DEFAULT_RETRY
 from .._tokens import request_tokens
 from .._types import Request, Response
 from ..providers._batchapi import BatchAPI, BatchLine, BatchState
+
+#: Journal ids of batches being created: ``intent:<token>`` until the provider's id is known.
+INTENT = "intent:"
 
 __all__ = ["BatchLLM", "BatchOptions", "BatchQueue", "Mode", "batch_api_of"]
 
@@ -230,6 +234,8 @@ class BatchQueue:
         self._pending_bytes = 0
         self._waiting: dict[str, dict[str, list[asyncio.Future[BatchLine | None]]]] = {}
         self._polling: set[str] = set()
+        self._followed: set[str] = set()
+        self._requests: dict[str, Request] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flush: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
@@ -290,9 +296,26 @@ class BatchQueue:
                 if stored is not None:
                     return BatchLine(key, "succeeded", response=stored)
             else:
-                return await self._attach(batch_id, key)
+                return await self._attach(batch_id, key, request)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[BatchLine | None] = loop.create_future()
+        too_large = self._enqueue(key, request, [fut])
+        if too_large is not None:
+            return too_large
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if key in self._pending and fut in self._pending[key].futures:
+                self._pending[key].futures.remove(fut)
+                if not self._pending[key].futures:
+                    gone = self._pending.pop(key)
+                    self._pending_bytes -= len(gone.line) + 1
+            raise
+
+    def _enqueue(
+        self, key: str, request: Request, futures: list[asyncio.Future[BatchLine | None]]
+    ) -> BatchLine | None:
+        """Add ``request`` to the next batch (its line, if it is too large for one)."""
         entry = self._pending.get(key)
         if entry is None:
             line = self.api.line(key, request)
@@ -308,20 +331,13 @@ class BatchQueue:
                 )
             entry = self._pending[key] = _Entry(key, line, tokens=sum(request_tokens(request)))
             self._pending_bytes += len(line) + 1
-        entry.futures.append(fut)
+        entry.futures.extend(futures)
         if len(self._pending) >= self.max_requests or self._pending_bytes >= self.max_bytes:
             self._flush_now()
         elif self._flush is None:
+            loop = asyncio.get_running_loop()
             self._flush = loop.call_later(self.options.linger, self._flush_now)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if key in self._pending and fut in self._pending[key].futures:
-                self._pending[key].futures.remove(fut)
-                if not self._pending[key].futures:
-                    gone = self._pending.pop(key)
-                    self._pending_bytes -= len(gone.line) + 1
-            raise
+        return None
 
     def _flush_now(self) -> None:
         if self._flush is not None:
@@ -357,15 +373,41 @@ class BatchQueue:
                 log.info("fanflow: %s failed (%s); retrying in %.1f s", what, exc, wait)
                 await asyncio.sleep(wait)
 
+    async def _create(self, lines: list[bytes], token: str) -> BatchState:
+        """Create a batch, retrying transient errors. Before a retry, a batch whose
+        create reply was lost is looked for by its token (OpenAI keeps metadata), so a
+        retry never submits the same requests twice where the API allows telling."""
+        metadata = {"fanflow_token": token}
+        policy = self.api.llm.retry or DEFAULT_RETRY
+        number = 0
+        while True:
+            number += 1
+            try:
+                return await self.api.submit(lines, metadata)
+            except ProviderError as exc:
+                if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
+                    raise
+                wait = policy.backoff(number, exc.retry_after)
+                log.info("fanflow: submitting a batch failed (%s); retrying in %.1f s", exc, wait)
+                await asyncio.sleep(wait)
+                with contextlib.suppress(ProviderError):
+                    found = await self.api.find(token)
+                    if found is not None:
+                        return found
+
     async def _run(self, entries: list[_Entry]) -> None:
         keys = [e.key for e in entries]
         waiting = {e.key: e.futures for e in entries}
+        provider = self.api.llm.provider
+        token = uuid.uuid4().hex
+        intent = f"{INTENT}{token}"
         try:
-            state = await self._control(
-                "submitting a batch",
-                lambda: self.api.submit([e.line for e in entries], {"fanflow": "1"}),
-            )
+            # The intent first: a process killed while the batch is being created finds
+            # it again by its token on restart (where the API keeps metadata).
+            await self.journal.record_batch(intent, provider, keys)
+            state = await self._create([e.line for e in entries], token)
         except ProviderError as exc:
+            await self.journal.settle_batch(intent, "not created", [], keys)
             line = BatchLine("", "errored", error=exc)
             _resolve(waiting, lambda _key: line)
             return
@@ -373,7 +415,7 @@ class BatchQueue:
             _cancel(waiting)
             raise
         # Committed before anything else: a restart finds this batch and polls it.
-        await self.journal.record_batch(state.id, self.api.llm.provider, keys)
+        await self._adopt(intent, state.id, keys)
         self.stats.batches += 1
         self.stats.submitted += len(keys)
         self._waiting[state.id] = waiting
@@ -382,10 +424,16 @@ class BatchQueue:
             self._spawn(self._cancel_batch(state.id))
         await self._follow(state)
 
-    async def _attach(self, batch_id: str, key: str) -> BatchLine | None:
+    async def _adopt(self, intent: str, batch_id: str, keys: list[str]) -> None:
+        """Commit the batch id for ``keys`` and close the intent it came from."""
+        await self.journal.record_batch(batch_id, self.api.llm.provider, keys)
+        await self.journal.settle_batch(intent, "created", [], [])
+
+    async def _attach(self, batch_id: str, key: str, request: Request) -> BatchLine | None:
         """Wait for ``key``'s line in a batch submitted before (by an earlier run)."""
         fut: asyncio.Future[BatchLine | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(batch_id, {}).setdefault(key, []).append(fut)
+        self._requests[key] = request
         if batch_id not in self._polling:
             self._polling.add(batch_id)
             self.stats.resumed += 1
@@ -395,6 +443,29 @@ class BatchQueue:
     async def _resume(self, batch_id: str) -> None:
         await asyncio.sleep(0)  # let the other requests of this run attach first
         try:
+            if batch_id.startswith(INTENT):
+                found = await self._control(
+                    "looking for a batch", lambda: self.api.find(batch_id[len(INTENT) :])
+                )
+                keys = list(self._waiting.get(batch_id, {}))
+                if found is None:  # never created (or the API cannot tell): send again
+                    await self.journal.settle_batch(batch_id, "not found", [], keys)
+                    self._polling.discard(batch_id)
+                    for key, futures in self._waiting.pop(batch_id, {}).items():
+                        too_large = self._enqueue(key, self._requests.pop(key), futures)
+                        for fut in futures if too_large is not None else ():
+                            if not fut.done():
+                                fut.set_result(too_large)
+                    return
+                await self._adopt(batch_id, found.id, keys)
+                self._polling.discard(batch_id)
+                self._polling.add(found.id)
+                moved = self._waiting.pop(batch_id, {})
+                for key, futures in moved.items():
+                    self._waiting.setdefault(found.id, {}).setdefault(key, []).extend(futures)
+                if found.id in self._followed:
+                    return
+                batch_id = found.id
             state = await self._control("polling a batch", lambda: self.api.poll(batch_id))
         except ProviderError as exc:
             self._fail_batch(batch_id, exc)
@@ -415,6 +486,7 @@ class BatchQueue:
         loop = asyncio.get_running_loop()
         start = loop.time()
         batch_id = state.id
+        self._followed.add(batch_id)
         try:
             wait = self.options.poll
             while not state.ended:

@@ -111,6 +111,12 @@ class BatchAPI(ABC):
     async def cancel(self, batch_id: str) -> BatchState:
         """Ask the provider to stop the batch; return its state."""
 
+    async def find(self, token: str) -> BatchState | None:
+        """The batch submitted with ``metadata={"fanflow_token": token}``, if the provider
+        has one (after a create whose reply was lost). None when the API keeps no
+        metadata (Anthropic)."""
+        return None
+
     # -- plumbing -----------------------------------------------------------------
 
     async def _send(
@@ -208,6 +214,14 @@ class OpenAIBatches(BatchAPI):
 
     async def poll(self, batch_id: str) -> BatchState:
         return self._state(await self._json("GET", f"{self.llm.base_url}/batches/{batch_id}"))
+
+    async def find(self, token: str) -> BatchState | None:
+        data = await self._json("GET", f"{self.llm.base_url}/batches?limit=100")
+        for batch in data.get("data") or () if isinstance(data, dict) else ():
+            metadata = batch.get("metadata") if isinstance(batch, dict) else None
+            if isinstance(metadata, dict) and metadata.get("fanflow_token") == token:
+                return self._state(batch)
+        return None
 
     async def cancel(self, batch_id: str) -> BatchState:
         url = f"{self.llm.base_url}/batches/{batch_id}/cancel"

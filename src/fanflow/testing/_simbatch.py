@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,19 @@ from ._simwire import (
 
 if TYPE_CHECKING:
     from ._sim import SimServer
+
+
+def _reset(request: web.BaseRequest) -> None:
+    from ._sim import _reset as reset
+
+    reset(request)
+
+
+def _gone() -> web.Response:
+    from ._sim import _Gone
+
+    return _Gone(by_client=False)
+
 
 __all__ = ["SimBatches"]
 
@@ -69,6 +83,10 @@ _LINE_ERRORS = {
 }
 
 
+_OPERATIONS = ("upload", "create", "poll", "results", "cancel")
+_CONTROL_FAULTS = ("500", "503", "529", "429", "reset", "lost")
+
+
 @dataclass(frozen=True, slots=True)
 class SimBatches:
     """How SimServer's batch endpoints behave.
@@ -86,6 +104,12 @@ class SimBatches:
             200 MB, 256 MB).
         unknown_lines: extra result lines with custom ids nobody sent, per batch.
         duplicate_lines: write each successful result line twice.
+        control_faults: faults of the batch endpoints themselves, by operation
+            (``"upload"``, ``"create"``, ``"poll"``, ``"results"``, ``"cancel"``): each
+            call takes the next fault of its list (then answers normally). Kinds:
+            ``"500"``, ``"503"``, ``"529"``, ``"429"``, ``"reset"`` (the connection is
+            reset before anything is done) and ``"lost"`` (the operation is done, then
+            the connection is reset: the reply is lost).
     """
 
     time: float = 1.0
@@ -96,8 +120,17 @@ class SimBatches:
     max_bytes: int | None = None
     unknown_lines: int = 0
     duplicate_lines: bool = False
+    control_faults: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for op, kinds in self.control_faults.items():
+            if op not in _OPERATIONS:
+                raise ValueError(f"unknown batch operation {op!r}; use {', '.join(_OPERATIONS)}")
+            for kind in kinds:
+                if kind not in _CONTROL_FAULTS:
+                    raise ValueError(
+                        f"unknown batch endpoint fault {kind!r}; use {', '.join(_CONTROL_FAULTS)}"
+                    )
         for name in ("time", "validate_time", "cancel_time"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
@@ -164,10 +197,12 @@ class BatchDesk:
         self.lines_submitted = 0
         self.prompt_submissions: dict[str, int] = {}
         self.cancels = 0
+        self._control_used: dict[str, int] = {}
 
     def reset_counts(self) -> None:
         self.created = self.lines_submitted = self.cancels = 0
         self.prompt_submissions = {}
+        self._control_used = {}
 
     # -- routing ------------------------------------------------------------------
 
@@ -184,14 +219,42 @@ class BatchDesk:
         if api == "anthropic" and "anthropic-version" not in request.headers:
             return self._error(api, 400, "anthropic-version: header is required")
         parts = path.strip("/").split("/")
+        fault = self._control_fault(_operation(method, parts))
+        if fault in ("500", "503", "529", "429"):
+            self._count_fault(fault)
+            return self._error(api, int(fault), "The server had an error (injected).")
+        if fault == "reset":
+            self._count_fault(fault)
+            _reset(request)
+            return _gone()
         try:
             if api == "anthropic":
-                return await self._anthropic(request, method, parts[3:])
-            if parts[1] == "files":
-                return await self._files(request, method, parts[2:])
-            return await self._openai(request, method, parts[2:])
+                response = await self._anthropic(request, method, parts[3:])
+            elif parts[1] == "files":
+                response = await self._files(request, method, parts[2:])
+            else:
+                response = await self._openai(request, method, parts[2:])
         except WireError as exc:
             return self._error(api, exc.status, exc.message)
+        if fault == "lost":  # done, but the reply never arrives
+            self._count_fault(fault)
+            _reset(request)
+            return _gone()
+        return response
+
+    def _control_fault(self, op: str | None) -> str | None:
+        if op is None:
+            return None
+        used = self._control_used.get(op, 0)
+        kinds = self.config.control_faults.get(op, ())
+        if used >= len(kinds):
+            return None
+        self._control_used[op] = used + 1
+        return kinds[used]
+
+    def _count_fault(self, kind: str) -> None:
+        faults = self.server._c.faults
+        faults[f"batch:{kind}"] = faults.get(f"batch:{kind}", 0) + 1
 
     def _error(self, api: Api, status: int, message: str) -> web.Response:
         return web.Response(
@@ -712,6 +775,20 @@ class BatchDesk:
                 out.append(_dumps({"custom_id": line.custom_id, "result": {"type": kind}}).encode())
         out.extend(self._extra())
         return b"\n".join(out) + b"\n"
+
+
+def _operation(method: str, parts: list[str]) -> str | None:
+    """Which batch operation a request is (for ``control_faults``)."""
+    if parts[1] == "files":
+        if method == "POST":
+            return "upload"
+        return "results" if parts[-1] == "content" else None
+    rest = parts[3:] if parts[1] == "messages" else parts[2:]
+    if method == "POST":
+        return "cancel" if rest[1:] == ["cancel"] else "create" if not rest else None
+    if rest[1:] == ["results"]:
+        return "results"
+    return "poll" if len(rest) == 1 else None
 
 
 def _err(code: str, line: int | None, message: str) -> dict[str, Any]:
