@@ -1,15 +1,22 @@
 """fanflow: run many LLM calls at once, within limits, without losing work.
 
-Layers (imports only point down; see DESIGN.md):
+Layers (imports only point down; docs/architecture.md draws them, and
+tests/test_layers.py fails on an upward import or an import loop):
 
-    interfaces  fanflow.* (this module), the CLI
+    interfaces  fanflow.* (this module), the CLI               (fanflow.cli)
     patterns    map, as_completed, call, gather, race,       (fanflow.patterns)
                 fan_out, vote, best_of_n, guarded, evaluate, sections,
                 ParallelCalls, Skill, Step, Chain, Flow, Pool
-    engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
-    providers   function(), openai(), anthropic()              (fanflow.providers)
-    store       Store (SQLite cache + jobs), JSONL/Parquet sinks (fanflow.store)
+    backends    where a batch runs: local, Ray, provider batch APIs; the Backend protocol
+                (fanflow.backends)
+    durability  store-backed calls, a batch's job and sink     (_durable)
+    store       store protocols, Store (SQLite), sinks         (fanflow.store)
+    providers   function(), openai(), anthropic(), local()     (fanflow.providers)
     testing     ScriptedLLM, SimServer                         (fanflow.testing)
+    engine      admission, attempts, retries, hedging, budgets (_engine, _limits, _llm)
+    core        types, errors, events, backoff, rates, run()   (_types, _exceptions, ...)
+
+Providers, store and testing sit side by side and never import each other.
 
 This module only re-exports; implementation lives in private modules.
 """
@@ -67,7 +74,7 @@ from ._types import (
     Summary,
     Usage,
 )
-from .backends import BatchOptions, RayBackend
+from .backends import BatchBackend, BatchOptions, RayBackend
 from .patterns import (
     BestOfNResult,
     Call,
@@ -122,6 +129,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequest",
     "BaseLLM",
+    "BatchBackend",
     "BatchError",
     "BatchIncomplete",
     "BatchOptions",

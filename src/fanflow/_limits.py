@@ -28,13 +28,14 @@ import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
 from ._rate import RateBucket, Slot, aimd_decrease, aimd_increase
 
 __all__ = [
     "Adaptive",
+    "Admission",
     "Gate",
     "GateStatistics",
     "Lane",
@@ -316,6 +317,27 @@ def _cost(kind: int, input: int, output: int) -> int:
     return 1
 
 
+class Admission(Protocol):
+    """Where a lane books its calls' rate limits, when not in its own buckets.
+
+    A :class:`Lane` given none books ``rpm``/``tpm``/... in its own rate buckets (this
+    process's view of the limit). The Ray backend gives its workers' lanes one that
+    books at the cluster-wide broker instead (``backends/_limiter.py``). Either way the
+    lane keeps its concurrency gate, its pauses after a 429 and its header pacing.
+    """
+
+    async def book(self, lane: Lane, tokens: tuple[int, int]) -> Permit:
+        """Wait until a call of ``tokens`` (input, output) may be sent, and reserve it.
+        ``lane.wait_unpaused()`` and ``lane.paused_until`` say when the lane itself
+        holds sends; ``lane.costs(...)`` is the call's cost in each rate limit."""
+        ...
+
+    def settle(self, lane: Lane, permit: Permit, usage: Any | None) -> None:
+        """A booked call ended: correct its booking to ``usage`` (the reply's reported
+        usage), or keep it (None: failed, timed out, or cancelled after sending)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class LaneStatistics:
     """A snapshot of a handle's admission state.
@@ -336,9 +358,15 @@ class LaneStatistics:
 
 
 class Lane:
-    """The live limiter of one handle on one event loop."""
+    """The live limiter of one handle on one event loop.
+
+    Args:
+        limits: the handle's limits.
+        admission: where rate limits are booked (None: in this lane's own buckets).
+    """
 
     __slots__ = (
+        "_admission",
         "_buckets",
         "_hint_interval",
         "_hint_next",
@@ -363,8 +391,9 @@ class Lane:
         "needs_tokens",
     )
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, admission: Admission | None = None) -> None:
         self.limits = limits
+        self._admission = admission
         self.controller = limits.controller
         self._level: float | None = None
         concurrency = limits.concurrency
@@ -450,7 +479,7 @@ class Lane:
                 await ramp.acquire()
             try:
                 if self.metered:
-                    permit = await self._schedule(tokens or (0, 0))
+                    permit = await self._book(tokens or (0, 0))
                     permit.ramp = ramp
                     self._sent += 1
                     return permit
@@ -465,6 +494,28 @@ class Lane:
             raise
         self._sent += 1
         return None if ramp is None else Permit(0, 0, [], ramp)
+
+    @property
+    def paused_until(self) -> float:
+        """Event-loop time before which this lane sends nothing (0.0: never paused)."""
+        return self._pause_until
+
+    def costs(self, input: int, output: int) -> list[int]:
+        """A call's cost in each rate limit that is set, in the order rpm, tpm,
+        input_tpm, output_tpm."""
+        return [_cost(kind, input, output) for _, kind in self._buckets]
+
+    async def wait_unpaused(self) -> None:
+        """Wait out a pause (a 429's Retry-After) and the pacing of rate-limit headers."""
+        await self._wait_steer()
+
+    async def _book(self, tokens: tuple[int, int]) -> Permit:
+        if self._admission is None:
+            return await self._schedule(tokens)
+        permit = await self._admission.book(self, tokens)
+        self._tokens_in_flight += permit.input + permit.output
+        self._last_cost = permit.input + permit.output
+        return permit
 
     async def _wait_steer(self) -> None:
         """Wait out a pause and the pacing asked for by rate-limit headers."""
@@ -537,7 +588,9 @@ class Lane:
         """
         if permit is not None:
             self._tokens_in_flight -= permit.input + permit.output
-            if response is not None:
+            if self._admission is not None:
+                self._admission.settle(self, permit, None if response is None else response.usage)
+            elif response is not None:
                 self._settle(permit, response.usage)
             ramp = permit.ramp
             if ramp is not None:

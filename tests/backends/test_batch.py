@@ -59,6 +59,19 @@ async def test_batch_mode_answers_in_input_order_at_the_batch_price(api: str) ->
     assert 30.5 <= elapsed <= 30.5 + 3.1
 
 
+async def test_the_batch_backend_can_be_passed_as_any_backend() -> None:
+    """``mode="batch"`` is shorthand for ``backend=fanflow.BatchBackend("batch")``."""
+    async with SimServer() as server:
+        llm = _openai(server)
+        backend = fanflow.BatchBackend("batch", BatchOptions(linger=0.1))
+        assert isinstance(backend, fanflow.backends.Backend)
+        result = await fanflow.map(llm, "{input}", ["a", "b"], backend=backend)
+        await llm.aclose()
+        stats = server.stats()
+    assert result.outputs == ["echo: a", "echo: b"]
+    assert (stats.batches, stats.requests) == (1, 0)
+
+
 async def test_polling_follows_openai_progress_to_the_end() -> None:
     """With progress reported, the poll lands close to the predicted end."""
     loop = asyncio.get_running_loop()
@@ -204,6 +217,8 @@ async def test_bad_options_are_refused() -> None:
             await fanflow.map(llm, "{input}", ["a"], mode="auto")
         with pytest.raises(ConfigError, match="hedge_after"):
             await fanflow.map(llm, "{input}", ["a"], mode="batch", hedge_after=1.0)
+        with pytest.raises(ConfigError, match="chooses the batch backend"):
+            await fanflow.map(llm, "{input}", ["a"], mode="batch", backend="ray")
         await llm.aclose()
         assert server.stats().batches == 0
 

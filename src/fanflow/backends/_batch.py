@@ -39,8 +39,9 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
+from .._batchapi import BatchAPI, BatchLine, BatchState
 from .._durable import cache_key, namespace_of
 from .._exceptions import BadRequest, BatchIncomplete, ConfigError, ProviderError, is_retryable
 from .._limits import Limits
@@ -49,7 +50,6 @@ from .._pricing import Price, price_of
 from .._retry import DEFAULT_RETRY
 from .._tokens import request_tokens
 from .._types import Request, Response
-from ..providers._batchapi import BatchAPI, BatchLine, BatchState
 
 #: Journal ids of batches being created: ``intent:<token>`` until the provider's id is known.
 INTENT = "intent:"
@@ -133,6 +133,7 @@ def batch_api_of(llm: LLM, mode: str) -> BatchAPI:
 # --------------------------------------------------------------------------- journal
 
 
+@runtime_checkable
 class Journal(Protocol):
     """Where submitted batches are committed (``fanflow.Store`` implements it)."""
 
@@ -324,7 +325,7 @@ class BatchQueue:
                     key,
                     "errored",
                     error=BadRequest(
-                        f"{self.api.llm.provider}: the request is {len(line):,} bytes as a batch "
+                        f"{self.api.provider}: the request is {len(line):,} bytes as a batch "
                         f"line, more than a batch may hold ({self.max_bytes:,} bytes); shorten "
                         "it or send it with mode='realtime'"
                     ),
@@ -398,7 +399,7 @@ class BatchQueue:
     async def _run(self, entries: list[_Entry]) -> None:
         keys = [e.key for e in entries]
         waiting = {e.key: e.futures for e in entries}
-        provider = self.api.llm.provider
+        provider = self.api.provider
         token = uuid.uuid4().hex
         intent = f"{INTENT}{token}"
         try:
@@ -426,7 +427,7 @@ class BatchQueue:
 
     async def _adopt(self, intent: str, batch_id: str, keys: list[str]) -> None:
         """Commit the batch id for ``keys`` and close the intent it came from."""
-        await self.journal.record_batch(batch_id, self.api.llm.provider, keys)
+        await self.journal.record_batch(batch_id, self.api.provider, keys)
         await self.journal.settle_batch(intent, "created", [], [])
 
     async def _attach(self, batch_id: str, key: str, request: Request) -> BatchLine | None:
@@ -538,7 +539,7 @@ class BatchQueue:
                 return replace(line, batch_id=batch_id)
             if state.failed_reason is not None:
                 error = BadRequest(
-                    f"{self.api.llm.provider}: batch {batch_id} failed: {state.failed_reason}"
+                    f"{self.api.provider}: batch {batch_id} failed: {state.failed_reason}"
                 )
                 error.batch_id = batch_id  # type: ignore[attr-defined]
                 return BatchLine(key, "errored", error=error, batch_id=batch_id)
@@ -679,7 +680,7 @@ class BatchLLM(BaseLLM):
         if line.error is not None:
             raise line.error
         raise BatchIncomplete(
-            f"{self.queue.api.llm.provider}: batch {line.batch_id} ended ({line.kind}) before "
+            f"{self.queue.api.provider}: batch {line.batch_id} ended ({line.kind}) before "
             "answering this request; fanflow sends it again",
             batch_id=line.batch_id,
         )

@@ -1,9 +1,11 @@
-"""``mode="batch"`` / ``mode="auto"`` for ``map`` and ``as_completed``.
+"""The batch backend: ``mode="batch"`` / ``mode="auto"`` behind the Backend seam.
 
-The pattern is run as usual over a :class:`~fanflow.backends._batch.BatchLLM` that wraps
+:class:`BatchBackend` implements :class:`~fanflow.backends.Backend`: a map's batch is
+the local backend's batch over a :class:`~fanflow.backends._batch.BatchLLM` that wraps
 the caller's handle, inside the life of one :class:`BatchQueue` (and, for ``auto``, a
 watcher that moves what is left to real time before the deadline). Nothing else of the
-pattern changes: records, order, stores and sinks are the real-time ones.
+pattern changes: records, order, stores and sinks are the real-time ones. A Pool's model
+steps reach their batching handle through a context variable (:func:`swapped`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import Any
 
-from .._budget import Budget
 from .._exceptions import ConfigError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
-from ..store import Store
+from ._base import BatchRun, Deliver, MapSpec, PoolSpec
 from ._batch import (
     MODES,
     BatchLLM,
@@ -30,82 +32,147 @@ from ._batch import (
     batch_api_of,
     realtime_reserve,
 )
-from ._config import resolve_backend
+from ._local import LOCAL
 
-__all__ = ["batched", "check_mode", "pool_batching", "swapped"]
+__all__ = ["BatchBackend", "batch_backend", "check_pool_mode", "pool_batching", "swapped"]
 
 log = logging.getLogger("fanflow")
 
 
-def check_mode(args: Mapping[str, Any]) -> BatchOptions:
-    """Validate the options of a batched pattern call (before anything is sent)."""
-    mode = args["mode"]
+class BatchBackend:
+    """Runs the model calls of ``map``, ``as_completed`` and ``Pool`` through the
+    providers' batch APIs (``mode="batch"`` / ``"auto"`` make one; or pass
+    ``backend=fanflow.BatchBackend(...)``).
+
+    Args:
+        mode: ``"batch"`` (every call through a batch) or ``"auto"`` (batches, and what
+            is still unanswered as the call's ``deadline`` nears goes in real time).
+        options: how batches are sized and polled.
+    """
+
+    def __init__(self, mode: str = "batch", options: BatchOptions | None = None) -> None:
+        if mode not in ("batch", "auto"):
+            raise ConfigError(f"unknown mode {mode!r}; use 'realtime', 'batch' or 'auto'")
+        self.mode = mode
+        self.options = options or BatchOptions()
+
+    def __repr__(self) -> str:
+        return f"fanflow.BatchBackend(mode={self.mode!r})"
+
+    def check(self, llm: LLM, *, deadline: float | None, hedge_after: float | None) -> None:
+        """Refuse what cannot work, before anything is sent."""
+        mode, options = self.mode, self.options
+        batch_api_of(llm, mode)
+        if hedge_after is not None:
+            raise ConfigError(
+                f"hedge_after has no meaning with mode={mode!r} (a batched request is sent "
+                "once); drop it"
+            )
+        if mode == "auto" and deadline is None:
+            raise ConfigError(
+                "mode='auto' needs deadline= (seconds): items go into batches and move to "
+                "real time when the deadline nears; use mode='batch' for no deadline"
+            )
+        if mode == "batch" and deadline is not None and deadline <= options.linger + options.poll:
+            raise ConfigError(
+                f"deadline={deadline:g} s is shorter than any batch could meet (it is "
+                f"collected for {options.linger:g} s and first polled after "
+                f"{options.poll:g} s); use mode='auto' to send what a batch cannot do in "
+                "real time, or mode='realtime'"
+            )
+
+    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
+        self.check(spec.llm, deadline=spec.deadline, hedge_after=spec.hedge_after)
+        return _BatchedRun(self, spec, deliver)
+
+    async def run_pool(
+        self,
+        spec: PoolSpec,
+        deliver: Callable[[int, Any], Awaitable[None]],
+        on_step: Callable[[int, str, bool], None],
+    ) -> None:
+        if self.mode != "batch":
+            raise ConfigError("mode='auto' is for map and as_completed; use mode='batch' in a Pool")
+        async with pool_batching(spec.store, self.options, spec.prices):
+            await LOCAL.run_pool(spec, deliver, on_step)
+
+
+def batch_backend(
+    mode: str,
+    options: BatchOptions | None,
+    backend: object,
+    llm: LLM,
+    *,
+    deadline: float | None,
+    hedge_after: float | None,
+) -> BatchBackend:
+    """The backend of ``mode="batch"``/``"auto"`` (checked now, before anything runs)."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; use 'realtime', 'batch' or 'auto'")
-    llm = args["llm"]
-    batch_api_of(llm, mode)
-    if not isinstance(llm, BaseLLM):  # pragma: no cover - batch_api_of needs a handle
-        raise ConfigError(f"mode={mode!r} needs a fanflow handle, got {llm!r}")
-    if resolve_backend(args.get("backend")) is not None:
-        raise ConfigError(f"mode={mode!r} runs on the local backend; drop backend='ray'")
-    if args.get("hedge_after") is not None:
-        raise ConfigError(
-            f"hedge_after has no meaning with mode={mode!r} (a batched request is sent "
-            "once); drop it"
-        )
-    options = args.get("batch") or BatchOptions()
-    deadline = args.get("deadline")
-    if mode == "auto" and deadline is None:
-        raise ConfigError(
-            "mode='auto' needs deadline= (seconds): items go into batches and move to real "
-            "time when the deadline nears; use mode='batch' for no deadline"
-        )
-    if mode == "batch" and deadline is not None and deadline <= options.linger + options.poll:
-        raise ConfigError(
-            f"deadline={deadline:g} s is shorter than any batch could meet (it is collected "
-            f"for {options.linger:g} s and first polled after {options.poll:g} s); use "
-            "mode='auto' to send what a batch cannot do in real time, or mode='realtime'"
-        )
-    return options
+    if backend not in ("local", None):
+        raise ConfigError(f"mode={mode!r} chooses the batch backend; drop backend={backend!r}")
+    made = BatchBackend(mode, options)
+    made.check(llm, deadline=deadline, hedge_after=hedge_after)
+    return made
+
+
+class _BatchedRun:
+    """A map's batch on the batch backend: the local backend's, over a batching handle,
+    inside the life of one batch queue (and, for ``auto``, the deadline watcher)."""
+
+    def __init__(self, backend: BatchBackend, spec: MapSpec, deliver: Deliver) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.deliver = deliver
+        api = batch_api_of(spec.llm, backend.mode)
+        size = spec.size
+        per_batch = min(backend.options.max_requests or api.max_requests, api.max_requests)
+        self.window = 2 * per_batch if size is None else max(1, min(size, 2 * per_batch))
+        self.workers = self.window
+        self._seen = 0
+
+    @property
+    def seen(self) -> int:
+        return self._seen
+
+    async def run(self) -> None:
+        async with _batched(self.backend, self.spec, self.window) as spec:
+            inner = LOCAL.map_batch(spec, self.deliver)
+            try:
+                await inner.run()
+            finally:
+                self._seen = inner.seen
 
 
 @contextlib.asynccontextmanager
-async def batched(args: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """The pattern's arguments with the handle swapped for a batching one, valid while
-    the block runs (the queue and, for ``auto``, the deadline watcher live as long)."""
-    options = check_mode(args)
-    mode = args["mode"]
-    llm: BaseLLM = args["llm"]
+async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIterator[MapSpec]:
+    """``spec`` with the handle swapped for a batching one, valid while the block runs."""
+    options, mode = backend.options, backend.mode
+    llm = spec.llm
+    assert isinstance(llm, BaseLLM)  # batch_api_of checked it
     api = batch_api_of(llm, mode)
-    store = args.get("store")
-    journal: Journal = store if isinstance(store, Store) else MemoryJournal()
-    items = args["items"]
-    size = len(items) if isinstance(items, Sequence) else None
-    max_requests = min(options.max_requests or api.max_requests, api.max_requests)
-    window = 2 * max_requests if size is None else max(1, min(size, 2 * max_requests))
-    prices: Mapping[str, Price] | None = args.get("prices")
-    budget = args.get("budget")
-    if isinstance(budget, Budget):  # records are priced as the budget charges them
-        prices = budget.with_prices(prices).prices
+    store = spec.durable.store if spec.durable is not None else None
+    journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
+    prices = spec.prices
+    if spec.budget is not None:  # records are priced as the budget charges them
+        prices = spec.budget.with_prices(prices).prices
     queue = BatchQueue(api, journal, options)
     wrapped = BatchLLM(
         llm,
         queue,
         window=window,
         prices=prices,
-        realtime_timeout=args.get("timeout") or llm.timeout,
-        realtime_concurrency=args.get("concurrency"),
+        realtime_timeout=spec.timeout or llm.timeout,
+        realtime_concurrency=spec.concurrency,
     )
-    out = dict(args)
-    out.update(llm=wrapped, mode="realtime", timeout=None, concurrency=None, batch=None)
     async with queue:
         watcher = None
         if mode == "auto":
-            loop = asyncio.get_running_loop()
-            deadline_at = loop.time() + float(args["deadline"])
-            watcher = asyncio.ensure_future(_watch(queue, llm, deadline_at, options, size))
+            assert spec.deadline is not None
+            deadline_at = asyncio.get_running_loop().time() + spec.deadline
+            watcher = asyncio.ensure_future(_watch(queue, llm, deadline_at, options, spec.size))
         try:
-            yield out
+            yield replace(spec, llm=wrapped, timeout=None, concurrency=None)
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -142,40 +209,6 @@ async def _watch(
         await asyncio.sleep(min(at - now, options.poll))
 
 
-async def run_map(map_fn: Callable[..., Awaitable[Any]], args: Mapping[str, Any]) -> Any:
-    """``map(**args)`` in batch mode."""
-    async with batched(args) as out:
-        return await map_fn(**out)
-
-
-def stream(as_completed_fn: Callable[..., Any], args: Mapping[str, Any]) -> Any:
-    """``as_completed(**args)`` in batch mode: a ResultStream whose runner lives inside
-    the batch context."""
-    from ..patterns._map import ResultStream
-
-    check_mode(args)
-
-    def make(deliver: Callable[[Any], Any]) -> _Within:
-        return _Within(args, lambda out: as_completed_fn(**out)._make_batch(deliver))
-
-    return ResultStream(make)
-
-
-class _Within:
-    """A pattern's runner that runs inside the batch context."""
-
-    #: Records buffered for the consumer (the stream's queue size).
-    workers = 1024
-
-    def __init__(self, args: Mapping[str, Any], make: Callable[[dict[str, Any]], Any]) -> None:
-        self._args = args
-        self._make = make
-
-    async def run(self) -> None:
-        async with batched(self._args) as out:
-            await self._make(out).run()
-
-
 # --------------------------------------------------------------------------- Pool
 
 #: While a Pool runs with mode="batch": the batching handle for each model handle.
@@ -196,8 +229,8 @@ def check_pool_mode(mode: str, llms: Iterable[LLM], backend: object) -> None:
         raise ConfigError(f"unknown mode {mode!r}; use 'realtime' or 'batch'")
     if mode == "auto":
         raise ConfigError("mode='auto' is for map and as_completed; use mode='batch' in a Pool")
-    if resolve_backend(backend) is not None:
-        raise ConfigError("mode='batch' runs on the local backend; drop backend='ray'")
+    if backend not in ("local", None):
+        raise ConfigError(f"mode={mode!r} chooses the batch backend; drop backend={backend!r}")
     handles = list(llms)
     if not any(callable(getattr(llm, "batches", None)) for llm in handles):
         raise ConfigError(
@@ -209,12 +242,12 @@ def check_pool_mode(mode: str, llms: Iterable[LLM], backend: object) -> None:
 
 @contextlib.asynccontextmanager
 async def pool_batching(
-    store: Store | None, options: BatchOptions | None, prices: Mapping[str, Price] | None
+    store: object, options: BatchOptions | None, prices: Mapping[str, Price] | None
 ) -> AsyncIterator[None]:
     """Model steps of a Pool go through batches while the block runs: one queue per
     handle with a batch API (steps on other handles stay real time)."""
     opts = options or BatchOptions()
-    journal: Journal = store if store is not None else MemoryJournal()
+    journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
     wrapped: dict[int, BatchLLM] = {}
 
     def swap(llm: LLM) -> LLM:

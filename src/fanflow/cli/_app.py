@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
 from ._console import make_console, make_display, require_rich
@@ -27,6 +27,9 @@ from ._io import BadLine
 from ._progress import ProgressStats, Tracker, render_summary
 from ._providers import ProviderPlan, open_llms
 from ._settings import OPTIONS, Settings, resolve_settings
+
+if TYPE_CHECKING:
+    from ..store import JobStore
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -345,7 +348,7 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.records:
         records = RecordsWriter.open(args.records)
     elif store is not None:
-        records = RecordsWriter.open(job_records_path(store.path, args.job), append=True)
+        records = RecordsWriter.open(job_records_path(store.location, args.job), append=True)
     else:
         records = None
     writer = open_output(args.output)
@@ -411,7 +414,7 @@ def _dry_run(
     return EXIT_FAILED if result.template_errors or bad.lines else EXIT_OK
 
 
-def _open_store(settings: Settings, args: argparse.Namespace) -> Any:
+def _open_store(settings: Settings, args: argparse.Namespace) -> JobStore:
     from ..store import Store
 
     if args.only_failed and not args.job:

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from .._budget import Budget, as_budget
-from .._durable import ResultStore, execute_stored
+from .._durable import Durability, execute_stored
 from .._engine import CallOptions, make_options, status_of
 from .._llm import LLM
 from .._pricing import Price
 from .._types import CallRecord, Request, Response, Status, Summary, summarize
-from ._jobs import Durability
+from ..store import ResultStore
 
 __all__ = [
     "PatternResult",

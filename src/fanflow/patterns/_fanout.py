@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .._budget import Budget
+from .._durable import Durability
 from .._engine import CallOptions
 from .._events import Hook
 from .._exceptions import ConfigError, QuorumNotMet
@@ -40,7 +41,6 @@ from ._common import (
     run_calls,
     run_function,
 )
-from ._jobs import Durability
 
 __all__ = ["DEFAULT_AGGREGATE_PROMPT", "FanOutResult", "Worker", "fan_out"]
 

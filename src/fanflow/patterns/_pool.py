@@ -16,25 +16,24 @@ stored), the others run.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .._budget import Budget, as_budget
+from .._durable import Durability
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._pricing import Price
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
+from ..backends._base import Backend, PoolSpec
 from ..backends._batch import BatchOptions
-from ..backends._batchrun import check_pool_mode, pool_batching
-from ..backends._config import RayBackend, resolve_backend
+from ..backends._batchrun import BatchBackend, check_pool_mode
+from ..backends._config import resolve_backend
 from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, RunResult, Step
-from ._jobs import Durability
 from ._skill import Skill
 
 __all__ = ["ItemStatus", "Pool", "PoolResult", "PoolStatus"]
@@ -192,14 +191,13 @@ class Pool:
         job: str | None = None,
         budget: float | Budget | None = None,
         prices: Mapping[str, Price] | None = None,
-        backend: str | RayBackend = "local",
+        backend: str | Backend = "local",
         mode: Literal["realtime", "batch"] = "realtime",
         batch: BatchOptions | None = None,
     ) -> None:
         check_pool_mode(mode, _models(runner), backend)
-        self.mode = mode
-        self.batch = batch
         if mode == "batch":
+            backend = BatchBackend("batch", batch)
             max_flows = max(max_flows, min(len(inputs), 2 * (batch or BatchOptions()).cap()))
         self.backend = resolve_backend(backend)
         if max_flows < 1:
@@ -261,7 +259,7 @@ class Pool:
         )
 
     def run(self, *, only_failed: bool = False) -> PoolResult:
-        """Synchronous :meth:`arun` (works inside a running loop too)."""
+        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
         return run_sync(lambda: self.arun(only_failed=only_failed))
 
     async def arun(self, *, only_failed: bool = False) -> PoolResult:
@@ -278,7 +276,6 @@ class Pool:
         todo = [i for i, r in enumerate(self._results) if not only_failed or r is None or not r.ok]
         for i in todo:
             self._results[i] = None
-        queue = iter(todo)
         cap = as_budget(self.budget)  # one cap for every input of this run
         durable = (
             Durability(
@@ -295,59 +292,31 @@ class Pool:
                 durable.emit(item, self.inputs[i])
             self._results[i] = result
 
-        async def worker() -> None:
-            for i in queue:
-                replay = durable is not None and _succeeded(durable, i)
-                result = await self._run.execute(
-                    self.inputs[i],
-                    index=i,
-                    hooks=self.hooks,
-                    on_step=self._tracker(i),
-                    store=self.store,
-                    cache=self.cache or replay,
-                    budget=cap,
-                    prices=self.prices,
-                )
-                await finish(i, result)
-
-        async def ray_finish(i: int, result: RunResult) -> None:
+        async def delivered(i: int, result: RunResult) -> None:
             self._running[i].clear()  # steps of an attempt on a worker that died
             await finish(i, result)
 
-        async def run_all() -> int:
-            if self.backend is not None:
-                from ..backends._ray import run_pool_on_ray
+        spec = PoolSpec(
+            runner=self._run,
+            todo=[(i, self.inputs[i]) for i in todo],
+            max_flows=self.max_flows,
+            hooks=self.hooks,
+            store=self.store,
+            cache=self.cache,
+            replay=lambda i: durable is not None and _succeeded(durable, i),
+            budget=cap,
+            prices=self.prices,
+        )
 
-                await run_pool_on_ray(
-                    self.backend,
-                    self._run,
-                    [(i, self.inputs[i]) for i in todo],
-                    max_flows=self.max_flows,
-                    hooks=self.hooks,
-                    store=self.store,
-                    cache=self.cache,
-                    replay=lambda i: durable is not None and _succeeded(durable, i),
-                    deliver=ray_finish,
-                    budget=cap,
-                    prices=self.prices,
-                    on_step=self._moved,
-                )
-                return len(self.inputs)
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(min(self.max_flows, len(todo))):
-                    tg.create_task(worker())
+        async def run_all() -> int:
+            await self.backend.run_pool(spec, delivered, self._moved)
             return len(self.inputs)
 
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if self.mode == "batch":
-                    await stack.enter_async_context(
-                        pool_batching(self.store, self.batch, self.prices)
-                    )
-                if durable is None:
-                    await run_all()
-                else:
-                    await durable.around(run_all, len(self.inputs))
+            if durable is None:
+                await run_all()
+            else:
+                await durable.around(run_all, len(self.inputs))
         finally:
             for steps in self._running:
                 steps.clear()
@@ -359,23 +328,12 @@ class Pool:
         )
 
     def _moved(self, index: int, step: str, started: bool) -> None:
-        """A Ray worker moved input ``index`` into or out of ``step``."""
+        """The backend moved input ``index`` into or out of ``step``."""
         running = self._running[index]
         if started:
             running.append(step)
         elif step in running:
             running.remove(step)
-
-    def _tracker(self, index: int) -> Callable[[str, bool], None]:
-        running = self._running[index]
-
-        def track(name: str, started: bool) -> None:
-            if started:
-                running.append(name)
-            else:
-                running.remove(name)
-
-        return track
 
 
 def _succeeded(durable: Durability, index: int) -> bool:

@@ -19,103 +19,31 @@ batch.
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from .._batchapi import BatchAPI, BatchLine, BatchState
 from .._exceptions import ProtocolError, ProviderError
 from .._types import Request, Response, Usage
 
 if TYPE_CHECKING:
     from ._http import HttpLLM
 
-__all__ = ["BatchAPI", "BatchLine", "BatchState"]
+__all__ = ["AnthropicBatches", "BatchAPI", "BatchLine", "BatchState", "OpenAIBatches"]
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
-LineKind = Literal["succeeded", "errored", "expired", "canceled"]
 
+class HttpBatchAPI(BatchAPI):
+    """A batch API over a handle's HTTP plumbing."""
 
-@dataclass(frozen=True, slots=True)
-class BatchState:
-    """One batch as the provider last reported it, in one shape for both APIs.
-
-    Attributes:
-        id: the provider's batch id.
-        status: the provider's own status word (``in_progress``, ``ended``, ...).
-        ended: processing has ended (completed, expired, cancelled or failed): its
-            results can be read.
-        total: requests in the batch.
-        done: requests processed so far (succeeded + errored), when the API reports
-            progress (OpenAI does; Anthropic tallies only at the end).
-        failed_reason: why the whole batch failed (validation), or None.
-        refs: where the results are (file ids, or the results URL).
-    """
-
-    id: str
-    status: str
-    ended: bool
-    total: int
-    done: int = 0
-    failed_reason: str | None = None
-    refs: tuple[str | None, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class BatchLine:
-    """The result of one request of a batch.
-
-    ``kind`` is ``succeeded`` (``response`` set), ``errored`` (``error`` set, classified
-    like a real-time error), ``expired`` or ``canceled`` (never processed).
-    """
-
-    custom_id: str
-    kind: LineKind
-    response: Response | None = None
-    error: ProviderError | None = None
-    batch_id: str | None = None
-
-
-class BatchAPI(ABC):
-    """A handle's batch endpoints (made by ``handle.batches()``)."""
-
-    #: Documented limits per batch: requests, and bytes of the file or body.
-    max_requests: ClassVar[int]
-    max_bytes: ClassVar[int]
-    #: What each request line costs beyond its own body (for size accounting).
-    line_overhead: ClassVar[int] = 128
+    llm: HttpLLM
 
     def __init__(self, llm: HttpLLM) -> None:
+        super().__init__(llm)
         self.llm = llm
-
-    @abstractmethod
-    def line(self, custom_id: str, request: Request) -> bytes:
-        """One request as it goes into the batch (a JSONL line, or a JSON object)."""
-
-    @abstractmethod
-    async def submit(self, lines: Sequence[bytes], metadata: Mapping[str, str]) -> BatchState:
-        """Create a batch of ``lines``; return its first state."""
-
-    @abstractmethod
-    async def poll(self, batch_id: str) -> BatchState:
-        """The batch's current state."""
-
-    @abstractmethod
-    async def results(self, state: BatchState) -> list[BatchLine]:
-        """Every result line of an ended batch (lines that are not JSON are skipped)."""
-
-    @abstractmethod
-    async def cancel(self, batch_id: str) -> BatchState:
-        """Ask the provider to stop the batch; return its state."""
-
-    async def find(self, token: str) -> BatchState | None:
-        """The batch submitted with ``metadata={"fanflow_token": token}``, if the provider
-        has one (after a create whose reply was lost). None when the API keeps no
-        metadata (Anthropic)."""
-        return None
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -174,7 +102,7 @@ def _lines(raw: bytes) -> list[dict[str, Any]]:
     return out
 
 
-class OpenAIBatches(BatchAPI):
+class OpenAIBatches(HttpBatchAPI):
     """OpenAI's Batch API for ``/v1/chat/completions``."""
 
     max_requests = 50_000
@@ -285,7 +213,7 @@ class OpenAIBatches(BatchAPI):
         return BatchLine(custom_id, "errored", error=self._line_error(400, {"error": message}))
 
 
-class AnthropicBatches(BatchAPI):
+class AnthropicBatches(HttpBatchAPI):
     """Anthropic's Message Batches."""
 
     max_requests = 100_000

@@ -27,8 +27,6 @@ import itertools
 import json
 import random
 import re
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +36,7 @@ from typing import Any, Literal, TypeAlias
 from aiohttp import web
 
 from ._simbatch import BatchDesk, SimBatches
+from ._simhttp import _Gone, _reset
 from ._simwire import (
     Api,
     BucketView,
@@ -853,27 +852,6 @@ class SimServer:
             _reset(request)
             return _Gone(by_client=False)
         return None
-
-
-class _Gone(web.Response):
-    """Returned when the connection is already closed: aiohttp's write of it fails
-    quietly (no error log), and SimServer counts no response for it."""
-
-    def __init__(self, *, by_client: bool) -> None:
-        super().__init__(status=499)
-        self.by_client = by_client
-
-
-def _reset(request: web.BaseRequest) -> None:
-    """Close the connection with a TCP RST (SO_LINGER 0), as a crashed proxy would."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -30,10 +30,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from ._simhttp import _Gone, _reset
 from ._simwire import (
     Api,
     WireError,
@@ -45,19 +46,8 @@ from ._simwire import (
     parse_request,
 )
 
-if TYPE_CHECKING:
-    from ._sim import SimServer
-
-
-def _reset(request: web.BaseRequest) -> None:
-    from ._sim import _reset as reset
-
-    reset(request)
-
 
 def _gone() -> web.Response:
-    from ._sim import _Gone
-
     return _Gone(by_client=False)
 
 
@@ -187,7 +177,8 @@ class _File:
 class BatchDesk:
     """The batch endpoints of one SimServer (state, routing, wire shapes)."""
 
-    def __init__(self, server: SimServer, config: SimBatches) -> None:
+    def __init__(self, server: Any, config: SimBatches) -> None:
+        # ``server`` is the SimServer (not imported here: it imports this module).
         self.server = server
         self.config = config
         self.batches: dict[str, _Batch] = {}
@@ -264,7 +255,7 @@ class BatchDesk:
     def _now(self) -> float:
         loop = self.server._loop
         assert loop is not None
-        return loop.time()
+        return float(loop.time())
 
     def _wall(self, at: float) -> float:
         """The Unix time of a server loop time (for the objects' timestamps)."""
