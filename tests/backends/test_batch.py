@@ -425,3 +425,14 @@ async def test_an_intent_with_no_batch_behind_it_is_submitted_once(tmp_path: Any
     assert result.ok
     assert [len(r.attempts) for r in result.records] == [1, 1]
     assert stats.batch_prompts == {"a": 1, "b": 1}  # "a" sent once, after the lookup
+
+
+async def test_a_batch_file_of_several_megabytes_goes_in_one_piece() -> None:
+    items = [f"{i} " + "word " * 100 for i in range(5000)]  # ~3 MB of JSONL
+    async with SimServer(keep_requests=False) as server:
+        llm = _openai(server)
+        result = await fanflow.map(llm, "{input}", items, mode="batch")
+        await llm.aclose()
+        stats = server.stats()
+    assert result.ok
+    assert (stats.batches, stats.batch_requests) == (1, 5000)

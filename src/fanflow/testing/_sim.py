@@ -76,6 +76,9 @@ FaultSpec: TypeAlias = (
     "Mapping[str, FaultKind | Sequence[FaultKind]] | Callable[[SimRequest], FaultKind | None]"
 )
 
+#: The largest request body SimServer reads (a batch body or file at the APIs' limit).
+_MAX_BODY = 300 * 1024 * 1024
+
 _PATHS: dict[str, Api] = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic"}
 
 
@@ -420,7 +423,20 @@ class SimServer:
             raise RuntimeError("SimServer is already running")
         self._loop = asyncio.get_running_loop()
         self._reset_state()
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        loop = self._loop
+
+        def make_request(
+            message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+        ) -> web.BaseRequest:
+            # Batch files and bodies are up to 256 MB; aiohttp's default cap is 1 MB.
+            assert loop is not None
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, loop, client_max_size=_MAX_BODY
+            )
+
+        server = web.Server(
+            self._handle, handler_cancellation=True, access_log=None, request_factory=make_request
+        )
         runner = web.ServerRunner(server, shutdown_timeout=0.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
