@@ -415,6 +415,9 @@ class BatchQueue:
         except asyncio.CancelledError:
             _cancel(waiting)
             raise
+        except Exception as exc:  # a bug or a store error: fail the items, never hang them
+            _resolve(waiting, _failed(self.api.provider, exc))
+            return
         # Committed before anything else: a restart finds this batch and polls it.
         await self._adopt(intent, state.id, keys)
         self.stats.batches += 1
@@ -471,6 +474,10 @@ class BatchQueue:
         except ProviderError as exc:
             self._fail_batch(batch_id, exc)
             return
+        except Exception as exc:  # a bug or a store error: fail the items, never hang them
+            self._polling.discard(batch_id)
+            _resolve(self._waiting.pop(batch_id, {}), _failed(self.api.provider, exc))
+            return
         await self._follow(state)
 
     def _next_poll(self, state: BatchState, elapsed: float) -> float:
@@ -484,6 +491,14 @@ class BatchQueue:
         return min(max(wait, opts.poll), opts.max_poll)
 
     async def _follow(self, state: BatchState) -> None:
+        try:
+            await self._follow_to_end(state)
+        except Exception as exc:  # a bug or a store error: fail the items, never hang them
+            waiting = self._waiting.pop(state.id, {})
+            self._polling.discard(state.id)
+            _resolve(waiting, _failed(self.api.provider, exc))
+
+    async def _follow_to_end(self, state: BatchState) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         batch_id = state.id
@@ -620,6 +635,17 @@ def _resolve(
         for fut in futures:
             if not fut.done():
                 fut.set_result(line)
+
+
+def _failed(provider: str, exc: Exception) -> Callable[[str], BatchLine]:
+    """The line of every request of a batch that failed on our side."""
+    error = ProviderError(
+        f"{provider}: the batch could not be followed ({type(exc).__name__}: {exc}); its "
+        "id is in the store's journal if there is one, and a rerun of the job polls it again"
+    )
+    error.__cause__ = exc
+    line = BatchLine("", "errored", error=error)
+    return lambda _key: line
 
 
 def _cancel(waiting: Mapping[str, list[asyncio.Future[BatchLine | None]]]) -> None:

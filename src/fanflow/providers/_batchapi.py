@@ -18,6 +18,7 @@ batch.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -122,7 +123,8 @@ class OpenAIBatches(HttpBatchAPI):
         form.add_field("purpose", "batch")
         form.add_field(
             "file",
-            b"\n".join(lines) + b"\n",
+            # A stream, not bytes: aiohttp sends a file of many megabytes in chunks.
+            io.BytesIO(b"\n".join(lines) + b"\n"),
             filename="fanflow-batch.jsonl",
             content_type="application/jsonl",
         )
@@ -229,7 +231,7 @@ class AnthropicBatches(HttpBatchAPI):
         return f"{self.llm.base_url}/v1/messages/batches"
 
     async def submit(self, lines: Sequence[bytes], metadata: Mapping[str, str]) -> BatchState:
-        body = b'{"requests":[' + b",".join(lines) + b"]}"
+        body = io.BytesIO(b'{"requests":[' + b",".join(lines) + b"]}")
         return self._state(await self._json("POST", self._url, data=body))
 
     async def poll(self, batch_id: str) -> BatchState:
