@@ -138,7 +138,9 @@ async def test_a_retryable_line_error_goes_into_a_new_batch() -> None:
     assert stats.batch_prompts == {"ok": 1, "flaky": 2, "broke": 1}
 
 
-async def test_expired_batches_resubmit_what_they_left_and_keep_each_failure() -> None:
+async def test_expired_batches_resubmit_what_they_left_and_keep_each_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """4 items over 10 s, expiring at 5 s: each batch answers only its first half."""
     retry = fanflow.RetryPolicy(attempts=3, jitter=False, initial=1.0)
     async with SimServer(batches=SimBatches(time=10.0, expire_after=5.0)) as server:
@@ -156,6 +158,7 @@ async def test_expired_batches_resubmit_what_they_left_and_keep_each_failure() -
     assert failed[0].batch_id is not None
     assert stats.batches == 3  # 4 requests, then the 2 left, then the last one
     assert stats.batch_requests == 7
+    assert "1 of 4 items have no answer (1 BatchIncomplete)" in caplog.text
 
 
 async def test_unknown_and_duplicate_output_lines_lose_nothing(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import replace
@@ -21,6 +22,7 @@ from typing import Any
 from .._exceptions import ConfigError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
+from .._types import CallRecord, Status
 from ._base import BatchRun, Deliver, MapSpec, PoolSpec
 from ._batch import (
     MODES,
@@ -136,12 +138,27 @@ class _BatchedRun:
         return self._seen
 
     async def run(self) -> None:
+        missing: Counter[str] = Counter()
+
+        def deliver(record: CallRecord[Any]) -> Awaitable[None] | None:
+            if record.status is not Status.SUCCEEDED:
+                missing[type(record.error).__name__ if record.error else str(record.status)] += 1
+            return self.deliver(record)
+
         async with _batched(self.backend, self.spec, self.window) as spec:
-            inner = LOCAL.map_batch(spec, self.deliver)
+            inner = LOCAL.map_batch(spec, deliver)
             try:
                 await inner.run()
             finally:
                 self._seen = inner.seen
+        if missing:  # never a partial result without saying so (each record says why)
+            log.warning(
+                "fanflow: %d of %d items have no answer (%s); their records say why "
+                "(result.errors); rerun the job with only_failed=True to try them again",
+                sum(missing.values()),
+                self._seen,
+                ", ".join(f"{n} {reason}" for reason, n in missing.most_common()),
+            )
 
 
 @contextlib.asynccontextmanager
