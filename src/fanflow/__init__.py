@@ -57,7 +57,7 @@ from ._exceptions import (
     TemplateError,
     is_retryable,
 )
-from ._limits import Adaptive, Limits
+from ._limits import Adaptive, Limits, Pacing
 from ._llm import LLM, BaseLLM
 from ._pricing import Price
 from ._retry import RetryPolicy
@@ -79,19 +79,20 @@ from .patterns import (
     BestOfNResult,
     Call,
     Chain,
-    Estimate,
-    Evaluation,
+    EstimateResult,
+    EvaluateResult,
     FanOutResult,
     Flow,
+    FlowResult,
     GuardedResult,
     ItemStatus,
+    Options,
     ParallelCalls,
     ParallelCallsResult,
     Pool,
     PoolResult,
     PoolStatus,
     ResultStream,
-    RunResult,
     Score,
     SectionsResult,
     Skill,
@@ -100,6 +101,7 @@ from .patterns import (
     StepRecord,
     VoteResult,
     Worker,
+    _renamed,
     as_completed,
     best_of_n,
     call,
@@ -111,10 +113,13 @@ from .patterns import (
     map,
     race,
     sections,
+    split_text,
     vote,
 )
 from .providers import anthropic, function, local, openai
 from .store import JsonlSink, ParquetSink, Store
+
+__getattr__ = _renamed(__name__)  # the old result names, deprecated for one release
 
 try:
     __version__ = _version("fanflow")
@@ -143,18 +148,21 @@ __all__ = [
     "Chain",
     "ConfigError",
     "ContentFiltered",
-    "Estimate",
-    "Evaluation",
+    "EstimateResult",
+    "EvaluateResult",
     "FanOutResult",
     "FanflowError",
     "Flow",
+    "FlowResult",
     "GuardedResult",
     "ItemStatus",
     "JsonlSink",
     "Limits",
     "Message",
     "NotFound",
+    "Options",
     "Overloaded",
+    "Pacing",
     "ParallelCalls",
     "ParallelCallsResult",
     "ParquetSink",
@@ -178,7 +186,6 @@ __all__ = [
     "Response",
     "ResultStream",
     "RetryPolicy",
-    "RunResult",
     "Score",
     "SectionsResult",
     "ServerError",
@@ -214,5 +221,6 @@ __all__ = [
     "race",
     "run",
     "sections",
+    "split_text",
     "vote",
 ]

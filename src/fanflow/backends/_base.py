@@ -51,6 +51,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from .._budget import Budget
 from .._durable import Durability
+from .._engine import CallOptions
 from .._events import Hook
 from .._llm import LLM
 from .._pricing import Price
@@ -117,7 +118,7 @@ class PoolSpec:
 
     Attributes:
         runner: what runs one input: ``await runner.execute(item, index=, hooks=,
-            on_step=, store=, cache=, budget=, prices=)`` returns its ``RunResult``
+            on_step=, store=, cache=, budget=, prices=)`` returns its ``FlowResult``
             (a ``Chain``, a ``Flow``, or a wrapped function; it pickles).
         todo: the inputs to run, as (index, input) pairs.
         max_flows: the most inputs in progress at once (across the whole backend).
@@ -128,6 +129,8 @@ class PoolSpec:
             calls are then served from the store whatever ``cache`` says).
         budget: one spending cap for the whole run.
         prices: model prices beyond the built-in table.
+        shared: call options every skill without its own takes (timeout, retry,
+            hedge_after, one deadline for the whole run); the local backend applies them.
     """
 
     runner: Any
@@ -139,6 +142,7 @@ class PoolSpec:
     replay: Callable[[int], bool] = lambda index: False
     budget: Budget | None = None
     prices: Mapping[str, Price] | None = None
+    shared: CallOptions | None = None
 
 
 @runtime_checkable

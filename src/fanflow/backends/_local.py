@@ -293,6 +293,7 @@ class LocalBackend:
                     cache=spec.cache or spec.replay(index),
                     budget=spec.budget,
                     prices=spec.prices,
+                    shared=spec.shared,
                 )
                 await deliver(index, result)
 

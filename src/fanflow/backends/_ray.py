@@ -458,7 +458,7 @@ async def run_pool_on_ray(
     deliver: Callable[[int, Any], Awaitable[None]],
     on_step: Callable[[int, str, bool], None],
 ) -> None:
-    """Run a pool's inputs on Ray; ``await deliver(index, RunResult)`` as each ends;
+    """Run a pool's inputs on Ray; ``await deliver(index, FlowResult)`` as each ends;
     ``on_step(index, step, started)`` as the workers move inputs through steps."""
     _connect(backend)
     workers, per_worker = _workers_for(backend, spec.max_flows)

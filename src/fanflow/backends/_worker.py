@@ -138,7 +138,7 @@ class _Run:
         self.gate = Gate(window)
         self.leases: list[SlotLease] = []
         self.grants: list[GrantQueue] = []
-        self.ready = asyncio.ensure_future(self._load(work_box))
+        self.ready = asyncio.get_running_loop().create_task(self._load(work_box))
 
     async def _load(self, work_box: list[Any]) -> Work:
         work: Work = await work_box[0]
@@ -265,15 +265,17 @@ class FanflowWorker:
                 for _ in range(min(run.window, len(pairs))):
                     tg.create_task(lane())
 
-        task = asyncio.get_running_loop().create_task(lanes())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(lanes())
         try:
             while not task.done() or out.pending():
                 if not out.pending():
-                    waiter = asyncio.ensure_future(out.wake.wait())
+                    waiter = loop.create_task(out.wake.wait())
                     try:
                         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        waiter.cancel()
+                        waiter.cancel()  # kept and awaited: nothing outlives this turn
+                        await asyncio.gather(waiter, return_exceptions=True)
                     out.wake.clear()
                     continue
                 yield out.take()

@@ -9,27 +9,24 @@ with the input (``as_completed``; ``map`` keeps one record per item).
 from __future__ import annotations
 
 import asyncio
-import os
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, Unpack
 
-from .._budget import Budget, as_budget
+from .._budget import as_budget
 from .._durable import Durability
-from .._events import Hook
-from .._exceptions import ConfigError, FanflowError
+from .._exceptions import FanflowError
 from .._llm import LLM
-from .._pricing import Price
-from .._retry import RetryPolicy
 from .._types import BatchResult, CallRecord, Request, Response
 from ..backends._base import Backend, BatchRun, Deliver, Items, MapSpec
 from ..backends._batch import BatchOptions, Mode
 from ..backends._batchrun import batch_backend
 from ..backends._config import resolve_backend
 from ..backends._local import DEFAULT_WINDOW
-from ..store import Sink, Store
+from ._common import check_model
+from ._options import Options, resolve
 from ._prompt import Prompt, build_request
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
@@ -78,29 +75,18 @@ async def map(
     prompt: Prompt,
     items: Items,
     *,
-    concurrency: int | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    retry: RetryPolicy | None = None,
-    hedge_after: float | None = None,
     system: str | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
     parse: Callable[[Response], Any] | None = None,
-    hooks: Sequence[Hook] = (),
     label: str | None = None,
     fail_fast: bool = False,
-    store: Store | None = None,
-    job: str | None = None,
     only_failed: bool = False,
-    cache: bool = True,
-    sink: Sink | str | os.PathLike[str] | None = None,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
     backend: str | Backend = "local",
     mode: Mode = "realtime",
     batch: BatchOptions | None = None,
+    **options: Unpack[Options],
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
@@ -109,40 +95,17 @@ async def map(
         prompt: a template (``"Summarize: {text}"``; ``{input}`` for plain-text items) or
             a callable that builds a :class:`fanflow.Request` (or prompt text) from an item.
         items: strings or dicts, as a sequence or a (async) iterator.
-        concurrency: the most items in flight for this call (the handle's own limit
-            still applies); None for the handle's limit alone.
-        timeout: seconds per attempt (None: the handle's).
-        deadline: seconds from now by which every item must end; items not done by
-            then end as ``timed_out``.
-        retry: the retry policy (None: the handle's, else the default).
-        hedge_after: start a duplicate attempt after this many seconds (None: off).
         system: a system prompt for every request.
         temperature: sampling temperature for every request.
         max_tokens: output token limit for every request.
         seed: sampling seed for every request.
         parse: turns each response into its output (default: the response text). If it
             raises, that item fails with the reason.
-        hooks: callables that receive each :mod:`event <fanflow.events>`.
         label: a label for every record (for reports and stores).
         fail_fast: all-or-nothing: the first failure cancels the other items and is
             raised. By default a failure is data (``result.errors``).
-        store: a :class:`fanflow.Store`: each call is served from it when stored
-            before (a cache hit, costing nothing), else committed to it before the
-            item is reported.
-        job: a name under which the store records each item's terminal status.
-            Running the same job again resumes it: succeeded items come from the
-            store, the rest run (after a crash too).
         only_failed: with ``job``, run only the items that failed before; succeeded
             items come from the store, items never started end as ``skipped``.
-        cache: serve any request found in the store (False: call the model again,
-            except for the job's own succeeded items).
-        sink: stream each finished item to a file: a path (``.jsonl``, ``.parquet``)
-            or a sink (:class:`fanflow.JsonlSink`, :class:`fanflow.ParquetSink`).
-        budget: the most to spend on this call: dollars (a number) or a
-            :class:`fanflow.Budget` (``Budget(tokens=...)``; share one between calls to
-            cap a whole job). Each attempt reserves its expected cost first; items the
-            budget cannot cover end as ``skipped`` with ``BudgetExceeded``.
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
         backend: where the calls run: ``"local"`` (this process's event loop) or
             ``"ray"`` / :class:`fanflow.RayBackend` (shards of items on Ray workers, each
             running this engine, under one cluster-wide limit per handle; needs
@@ -156,10 +119,21 @@ async def map(
             apply to the real-time calls only. Shorthand for
             ``backend=fanflow.BatchBackend(mode, batch)``.
         batch: how batches are sized and polled (:class:`fanflow.BatchOptions`).
+        **options: the call options (:class:`fanflow.Options`): ``concurrency`` is the
+            most items in flight; ``deadline`` ends the items not done by then as
+            ``timed_out``; with ``store`` each item's call is committed before it is
+            reported; with ``job`` (and ``store``) running the same job again resumes
+            it; ``sink`` streams each finished item to a file; items the ``budget``
+            cannot cover end ``skipped``.
 
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
     """
+    o = resolve("map", options)
+    check_model(llm, "map")
+    concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
+    hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
+    store, job, cache, sink = o.store, o.job, o.cache, o.sink
     spec = MapSpec(
         llm=llm,
         build=_Template(
@@ -340,45 +314,36 @@ def as_completed(
     prompt: Prompt,
     items: Items,
     *,
-    concurrency: int | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    retry: RetryPolicy | None = None,
-    hedge_after: float | None = None,
     system: str | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
     parse: Callable[[Response], Any] | None = None,
-    hooks: Sequence[Hook] = (),
     label: str | None = None,
-    store: Store | None = None,
-    job: str | None = None,
     only_failed: bool = False,
-    cache: bool = True,
-    sink: Sink | str | os.PathLike[str] | None = None,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
     backend: str | Backend = "local",
     mode: Mode = "realtime",
     batch: BatchOptions | None = None,
+    **options: Unpack[Options],
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
 
     ``items`` may be an endless (async) iterator: items are pulled only as workers free
     up, and at most about twice the concurrency of records wait to be consumed.
-    ``store``, ``job``, ``only_failed``, ``cache`` and ``sink`` are as for :func:`map`;
-    a record is yielded only after it is committed to the store.
-    ``budget``, ``prices`` and ``backend`` are as for :func:`map` (on Ray, records
-    stream back from the workers as they finish); so are ``mode`` and ``batch``
-    (records stream as their batches land).
+    The arguments are those of :func:`map` but ``fail_fast``, and the same call options
+    (:class:`fanflow.Options`); a record is yielded only after it is committed to the
+    store (on Ray, records stream back from the workers as they finish; with ``mode``
+    ``"batch"``/``"auto"``, as their batches land).
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
         then ``async for record in results:`` (``record.index``, ``record.value``).
     """
-    if concurrency is not None and concurrency < 1:
-        raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
+    o = resolve("as_completed", options)
+    check_model(llm, "as_completed")
+    concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
+    hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
+    store, job, cache, sink = o.store, o.job, o.cache, o.sink
     spec = MapSpec(
         llm=llm,
         build=_Template(
