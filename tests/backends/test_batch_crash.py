@@ -27,10 +27,13 @@ CHILD = """
 import asyncio, json, sys
 import fanflow
 
-url, path = sys.argv[1], sys.argv[2]
+url, path, api = sys.argv[1], sys.argv[2], sys.argv[4]
 
 async def main():
-    llm = fanflow.openai("gpt-sim", base_url=url, api_key="sk-test")
+    if api == "openai":
+        llm = fanflow.openai("gpt-sim", base_url=url, api_key="sk-test")
+    else:
+        llm = fanflow.anthropic("claude-sim", base_url=url, api_key="sk-test")
     store = fanflow.Store(path)
     opts = fanflow.BatchOptions(poll=0.05, max_poll=0.2, linger=0.05)
     items = [f"prompt {i}" for i in range(int(sys.argv[3]))]
@@ -62,9 +65,9 @@ def _reap() -> Iterator[None]:
         proc.communicate()
 
 
-def _start(url: str, db: Path) -> subprocess.Popen[str]:
+def _start(url: str, db: Path, api: str = "openai") -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, url, str(db), str(N)],
+        [sys.executable, "-c", CHILD, url, str(db), str(N), api],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -94,12 +97,16 @@ def _committed_batches(db: Path) -> list[str]:
         return []
 
 
-def test_sigkill_while_a_batch_runs_then_resume_polls_the_same_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_sigkill_while_a_batch_runs_then_resume_polls_the_same_batch(
+    tmp_path: Path, api: str
+) -> None:
     db = tmp_path / "store.db"
     # The batch takes 10 minutes until the child is dead; then 1 s (the resumed run
     # finds it ended at its first poll).
     with SimServer(batches=SimBatches(time=600.0)) as server:
-        proc = _start(server.url, db)
+        url = server.url if api == "openai" else server.root
+        proc = _start(url, db, api)
         _wait(lambda: len(_committed_batches(db)) == 1, "the batch committed", proc)
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -108,7 +115,7 @@ def test_sigkill_while_a_batch_runs_then_resume_polls_the_same_batch(tmp_path: P
         assert (before.batches, before.batch_requests) == (1, N)
         assert before.prompt_completed == {}  # nothing answered yet
         server.set_batches(SimBatches(time=1.0))
-        proc = _start(server.url, db)
+        proc = _start(url, db, api)
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr
         after = server.stats()
