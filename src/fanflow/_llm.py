@@ -39,7 +39,7 @@ class LLM(Protocol):
 class BaseLLM(ABC):
     """Base of fanflow's LLM handles.
 
-    ``batch_priced`` is True for a handle whose calls go through a provider batch API (a
+    ``batch_priced`` is True while a handle's calls go through a provider batch API (a
     budget reserves them at the batch price).
 
     Args:
@@ -50,8 +50,6 @@ class BaseLLM(ABC):
         defaults: request parameters filled in when a request leaves them unset
             (``temperature``, ``max_tokens``, ``seed``, ``stop``, ``top_p``, ...).
     """
-
-    batch_priced: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -101,6 +99,11 @@ class BaseLLM(ABC):
     @abstractmethod
     async def complete(self, request: Request) -> Response:
         """Make one attempt at ``request``. Raise a ``ProviderError`` on failure."""
+
+    @property
+    def batch_priced(self) -> bool:
+        """Whether the next call is priced at a batch API's rate (a budget reserves it so)."""
+        return False
 
     def prepare(self, request: Request) -> Request:
         """Fill this handle's defaults into the fields the request leaves unset."""

@@ -439,3 +439,24 @@ async def test_a_batch_file_of_several_megabytes_goes_in_one_piece() -> None:
         stats = server.stats()
     assert result.ok
     assert (stats.batches, stats.batch_requests) == (1, 5000)
+
+
+async def test_after_an_auto_switch_calls_are_priced_as_real_time() -> None:
+    from fanflow.backends._batch import BatchLLM, BatchQueue, MemoryJournal
+
+    async with SimServer() as server:
+        llm = _openai(server)
+        queue = BatchQueue(llm.batches(), MemoryJournal(), BatchOptions())
+        wrapped = BatchLLM(
+            llm, queue, window=10, prices=None, realtime_timeout=None, realtime_concurrency=None
+        )
+        async with queue:
+            assert wrapped.batch_priced  # a budget reserves at the batch price
+            queue.switch()
+            assert not wrapped.batch_priced  # and at the real-time price after the switch
+            response = await wrapped.complete(llm.prepare(fanflow.Request.of("x")))
+        await llm.aclose()
+        stats = server.stats()
+    assert response.text == "echo: x"
+    assert response.batch_id is None
+    assert (stats.requests, stats.batches) == (1, 0)

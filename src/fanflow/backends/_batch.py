@@ -205,6 +205,7 @@ class QueueStatistics:
     unknown_lines: int = 0
     duplicate_lines: int = 0
     moved_to_realtime: int = 0
+    answered_twice: int = 0
     switched_at: float | None = None
 
 
@@ -543,6 +544,15 @@ class BatchQueue:
         ]
         done_keys = {k for k, _, _ in answered}
         unanswered = [k for k in known if k not in done_keys]
+        late = len(done_keys - known) if self.switched else 0
+        if late:  # answered by the batch after they had moved to real time: paid twice
+            self.stats.answered_twice += late
+            log.warning(
+                "fanflow: cancelled batch %s still answered %d requests already sent in real "
+                "time (paid twice; the answers are kept in the store)",
+                batch_id,
+                late,
+            )
         # Answers are committed before they are handed out (promise 5).
         await self.journal.settle_batch(batch_id, state.status, answered, unanswered)
 
@@ -661,8 +671,6 @@ class BatchLLM(BaseLLM):
     """A handle whose attempts go through a provider batch (or real time, after an
     ``auto`` switch). Made by the batch backend around the caller's handle."""
 
-    batch_priced = True
-
     def __init__(
         self,
         inner: BaseLLM,
@@ -690,6 +698,11 @@ class BatchLLM(BaseLLM):
 
     def __repr__(self) -> str:
         return f"fanflow.BatchLLM({self.inner!r})"
+
+    @property
+    def batch_priced(self) -> bool:
+        """Batch price until an ``auto`` switch sends the rest in real time."""
+        return not self.queue.switched
 
     @property
     def cache_namespace(self) -> str:
