@@ -460,3 +460,16 @@ async def test_after_an_auto_switch_calls_are_priced_as_real_time() -> None:
     assert response.text == "echo: x"
     assert response.batch_id is None
     assert (stats.requests, stats.batches) == (1, 0)
+
+
+async def test_a_slow_cancel_sends_the_items_in_real_time_after_two_polls() -> None:
+    """The cancel takes 5 s to land, longer than the 2 s fanflow waits for it: every item
+    goes in real time, and the run still ends before the deadline."""
+    batches = SimBatches(time=100.0, cancel_time=5.0)
+    async with SimServer(latency=1.0, batches=batches) as server:
+        result, elapsed = await _auto(server, 80.0, 5)
+        stats = server.stats()
+    assert result.ok
+    assert elapsed < 80.0
+    assert (result.summary.batched, result.summary.realtime) == (0, 10)
+    assert (stats.requests, stats.batch_cancels) == (10, 1)

@@ -778,7 +778,8 @@ class BatchLLM(BaseLLM):
 
 def realtime_reserve(llm: BaseLLM, n: int, options: BatchOptions, tokens: int = 0) -> float:
     """Seconds real-time calls need for ``n`` requests (``tokens`` in all) within the
-    handle's limits, with a margin: when ``auto`` must move to real time."""
+    handle's limits, with margins: ``auto`` moves to real time this long before the
+    deadline."""
     if options.reserve is not None:
         return options.reserve
     if n <= 0:
@@ -792,4 +793,6 @@ def realtime_reserve(llm: BaseLLM, n: int, options: BatchOptions, tokens: int = 
         need = max(need, n / limits.rpm * limits.period + latency)
     if limits.tpm is not None and tokens:
         need = max(need, tokens / limits.tpm * limits.period + latency)
-    return need * 1.25 + options.poll
+    # A margin of a quarter, one poll to see the switch, two polls of grace for what the
+    # cancelled batches answered before the cancel took hold.
+    return need * 1.25 + 3 * options.poll
