@@ -473,3 +473,23 @@ async def test_a_slow_cancel_sends_the_items_in_real_time_after_two_polls() -> N
     assert elapsed < 80.0
     assert (result.summary.batched, result.summary.realtime) == (0, 10)
     assert (stats.requests, stats.batch_cancels) == (10, 1)
+
+
+async def test_a_journalled_batch_the_provider_does_not_know_is_submitted_again(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fanflow._durable import cache_key
+
+    async with SimServer() as server:
+        llm = _openai(server)
+        with fanflow.Store(tmp_path / "s.db") as store:
+            key = cache_key(llm, llm.prepare(fanflow.Request.of("a")))
+            await store.record_batch("batch_from_elsewhere", "openai", [key])
+            result = await fanflow.map(llm, "{input}", ["a", "b"], mode="batch", store=store)
+            assert store.batch_of(key) is not None
+            assert store.open_batches() == []
+        await llm.aclose()
+        stats = server.stats()
+    assert result.outputs == ["echo: a", "echo: b"]
+    assert stats.batch_prompts == {"a": 1, "b": 1}
+    assert "batch_from_elsewhere" in caplog.text

@@ -43,7 +43,14 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
 from .._durable import cache_key, namespace_of
-from .._exceptions import BadRequest, BatchIncomplete, ConfigError, ProviderError, is_retryable
+from .._exceptions import (
+    BadRequest,
+    BatchIncomplete,
+    ConfigError,
+    NotFound,
+    ProviderError,
+    is_retryable,
+)
 from .._limits import Limits
 from .._llm import LLM, BaseLLM
 from .._pricing import Price, price_of
@@ -454,13 +461,7 @@ class BatchQueue:
                 )
                 keys = list(self._waiting.get(batch_id, {}))
                 if found is None:  # never created (or the API cannot tell): send again
-                    await self.journal.settle_batch(batch_id, "not found", [], keys)
-                    self._polling.discard(batch_id)
-                    for key, futures in self._waiting.pop(batch_id, {}).items():
-                        too_large = self._enqueue(key, self._requests.pop(key), futures)
-                        for fut in futures if too_large is not None else ():
-                            if not fut.done():
-                                fut.set_result(too_large)
+                    await self._resubmit(batch_id)
                     return
                 await self._adopt(batch_id, found.id, keys)
                 self._polling.discard(batch_id)
@@ -471,7 +472,17 @@ class BatchQueue:
                 if found.id in self._followed:
                     return
                 batch_id = found.id
-            state = await self._control("polling a batch", lambda: self.api.poll(batch_id))
+            try:
+                state = await self._control("polling a batch", lambda: self.api.poll(batch_id))
+            except NotFound:  # a journal from another endpoint or account: send again
+                log.warning(
+                    "fanflow: batch %s in the store's journal is unknown to %s; its requests "
+                    "are submitted again",
+                    batch_id,
+                    self.api.provider,
+                )
+                await self._resubmit(batch_id)
+                return
         except ProviderError as exc:
             self._fail_batch(batch_id, exc)
             return
@@ -480,6 +491,18 @@ class BatchQueue:
             _resolve(self._waiting.pop(batch_id, {}), _failed(self.api.provider, exc))
             return
         await self._follow(state)
+
+    async def _resubmit(self, batch_id: str) -> None:
+        """Forget a journalled batch that does not exist; its waiting requests go into
+        the next batch."""
+        waiting = self._waiting.pop(batch_id, {})
+        await self.journal.settle_batch(batch_id, "not found", [], list(waiting))
+        self._polling.discard(batch_id)
+        for key, futures in waiting.items():
+            too_large = self._enqueue(key, self._requests.pop(key), futures)
+            for fut in futures if too_large is not None else ():
+                if not fut.done():
+                    fut.set_result(too_large)
 
     def _next_poll(self, state: BatchState, elapsed: float) -> float:
         """Seconds to the next poll: a tenth of the time the batch has run, within
