@@ -442,7 +442,8 @@ async def test_a_batch_file_of_several_megabytes_goes_in_one_piece() -> None:
 
 
 async def test_after_an_auto_switch_calls_are_priced_as_real_time() -> None:
-    from fanflow.backends._batch import BatchLLM, BatchQueue, MemoryJournal
+    from fanflow.backends._batch import BatchQueue, MemoryJournal
+    from fanflow.backends._batchllm import BatchLLM
 
     async with SimServer() as server:
         llm = _openai(server)

@@ -1,8 +1,8 @@
 """The batch backend: patterns' model calls through the providers' batch APIs.
 
-``fanflow.map(llm, prompt, items, mode="batch")`` runs the same engine over a
-:class:`BatchLLM`: a handle whose one "attempt" puts the request into a provider batch
-and waits for its line. So records are made exactly as for real-time calls (status,
+``fanflow.map(llm, prompt, items, mode="batch")`` runs the same engine over a batching
+handle (``BatchLLM``, in ``_batchllm.py``) whose one "attempt" puts the request into a
+provider batch and waits for its line. So records are made exactly as for real-time calls (status,
 usage, attempts, events, store, sinks), with the batch price as the cost and the batch
 id in ``record.batch_id``.
 
@@ -35,25 +35,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
-from .._durable import cache_key, namespace_of
 from .._exceptions import (
     BadRequest,
-    BatchIncomplete,
     ConfigError,
     NotFound,
     ProviderError,
     is_retryable,
 )
-from .._limits import Limits
-from .._llm import LLM, BaseLLM
-from .._pricing import Price, price_of
+from .._llm import LLM
 from .._retry import DEFAULT_RETRY
 from .._tokens import request_tokens
 from .._types import Request, Response
@@ -61,7 +56,7 @@ from .._types import Request, Response
 #: Journal ids of batches being created: ``intent:<token>`` until the provider's id is known.
 INTENT = "intent:"
 
-__all__ = ["BatchLLM", "BatchOptions", "BatchQueue", "Mode", "batch_api_of"]
+__all__ = ["BatchOptions", "BatchQueue", "Journal", "MemoryJournal", "Mode", "batch_api_of"]
 
 log = logging.getLogger("fanflow")
 
@@ -685,137 +680,3 @@ def _cancel(waiting: Mapping[str, list[asyncio.Future[BatchLine | None]]]) -> No
     for futures in waiting.values():
         for fut in futures:
             fut.cancel()
-
-
-# --------------------------------------------------------------------------- handle
-
-
-class BatchLLM(BaseLLM):
-    """A handle whose attempts go through a provider batch (or real time, after an
-    ``auto`` switch). Made by the batch backend around the caller's handle."""
-
-    def __init__(
-        self,
-        inner: BaseLLM,
-        queue: BatchQueue,
-        *,
-        window: int,
-        prices: Mapping[str, Price] | None,
-        realtime_timeout: float | None,
-        realtime_concurrency: int | None,
-    ) -> None:
-        super().__init__(
-            model=inner.model,
-            limits=Limits(concurrency=window),
-            retry=inner.retry,
-            timeout=None,  # an attempt waits for its batch, however long it takes
-        )
-        self.defaults = dict(inner.defaults)
-        self.inner = inner
-        self.queue = queue
-        self.prices = prices
-        self.realtime_timeout = realtime_timeout
-        self._gate = (
-            asyncio.Semaphore(realtime_concurrency) if realtime_concurrency is not None else None
-        )
-
-    def __repr__(self) -> str:
-        return f"fanflow.BatchLLM({self.inner!r})"
-
-    @property
-    def batch_priced(self) -> bool:
-        """Batch price until an ``auto`` switch sends the rest in real time."""
-        return not self.queue.switched
-
-    @property
-    def cache_namespace(self) -> str:
-        """The caller's handle's: a batched answer is its model's answer."""
-        return namespace_of(self.inner)
-
-    async def complete(self, request: Request) -> Response:
-        key = cache_key(self.inner, request)
-        line = await self.queue.submit(key, request)
-        if line is None:
-            return await self._realtime(request)
-        if line.kind == "succeeded" and line.response is not None:
-            return self._priced(request, line.response)
-        if line.error is not None:
-            raise line.error
-        raise BatchIncomplete(
-            f"{self.queue.api.provider}: batch {line.batch_id} ended ({line.kind}) before "
-            "answering this request; fanflow sends it again",
-            batch_id=line.batch_id,
-        )
-
-    def _priced(self, request: Request, response: Response) -> Response:
-        model = response.model or request.model
-        price = price_of(model, self.prices)
-        if price is None or response.usage is None:
-            return response
-        usage = response.usage
-        full = price.cost(usage.input_tokens, usage.output_tokens)
-        cost = price.batch_cost(usage.input_tokens, usage.output_tokens)
-        return Response(
-            response.text,
-            usage=usage,
-            model=response.model,
-            finish_reason=response.finish_reason,
-            latency=response.latency,
-            cost=cost,
-            raw=response.raw,
-            batch_id=response.batch_id,
-            saved=full - cost,
-        )
-
-    async def _realtime(self, request: Request) -> Response:
-        """One real-time attempt through the caller's handle, within its limits."""
-        inner = self.inner
-        lane = inner.lane()
-        tokens = request_tokens(request) if lane.needs_tokens else None
-        if self._gate is not None:
-            await self._gate.acquire()
-        try:
-            permit = await lane.acquire(tokens)
-            start = asyncio.get_running_loop().time()
-            response: Response | None = None
-            error: BaseException | None = None
-            try:
-                if self.realtime_timeout is None:
-                    response = await inner.complete(request)
-                else:
-                    async with asyncio.timeout(self.realtime_timeout):
-                        response = await inner.complete(request)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                lane.finish(permit, start, response, error)
-            return response
-        finally:
-            if self._gate is not None:
-                self._gate.release()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-def realtime_reserve(llm: BaseLLM, n: int, options: BatchOptions, tokens: int = 0) -> float:
-    """Seconds real-time calls need for ``n`` requests (``tokens`` in all) within the
-    handle's limits, with margins: ``auto`` moves to real time this long before the
-    deadline."""
-    if options.reserve is not None:
-        return options.reserve
-    if n <= 0:
-        return 0.0
-    limits = llm.limits
-    latency = options.realtime_latency
-    need = latency
-    if limits.concurrency is not None:
-        need = max(need, math.ceil(n / limits.concurrency) * latency)
-    if limits.rpm is not None:
-        need = max(need, n / limits.rpm * limits.period + latency)
-    if limits.tpm is not None and tokens:
-        need = max(need, tokens / limits.tpm * limits.period + latency)
-    # A margin of a quarter, one poll to see the switch, two polls of grace for what the
-    # cancelled batches answered before the cancel took hold.
-    return need * 1.25 + 3 * options.poll

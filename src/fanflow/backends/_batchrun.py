@@ -26,14 +26,13 @@ from .._types import CallRecord, Status
 from ._base import BatchRun, Deliver, MapSpec, PoolSpec
 from ._batch import (
     MODES,
-    BatchLLM,
     BatchOptions,
     BatchQueue,
     Journal,
     MemoryJournal,
     batch_api_of,
-    realtime_reserve,
 )
+from ._batchllm import BatchLLM, realtime_reserve
 from ._local import LOCAL
 
 __all__ = ["BatchBackend", "batch_backend", "check_pool_mode", "pool_batching", "swapped"]
