@@ -24,6 +24,7 @@ from .._budget import Budget, as_budget
 from .._engine import CallOptions, execute, make_options
 from .._events import CallEnded, Hook, emit
 from .._exceptions import ConfigError, FanflowError
+from .._limits import DEFAULT_CONCURRENCY
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
 from .._retry import RetryPolicy
@@ -38,8 +39,9 @@ __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
 T = TypeVar("T")
 
 # With no concurrency limit anywhere (neither the call's nor the handle's), a batch runs
-# at most this many items at once, so an unbounded iterator cannot exhaust memory.
-DEFAULT_WINDOW = 1024
+# at most this many items at once, so an unbounded iterator cannot exhaust memory: the
+# default concurrency, one constant (fanflow.DEFAULT_CONCURRENCY).
+DEFAULT_WINDOW = DEFAULT_CONCURRENCY
 
 Items = Iterable[Any] | AsyncIterable[Any]
 

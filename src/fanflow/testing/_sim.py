@@ -234,6 +234,10 @@ class SimServer:
             shorter one makes real-time tests of rate limits quick (``rpm=20,
             period=1.0``: 20 requests per second, a burst of 20).
         max_in_flight: requests handled at once beyond which the server answers 429.
+        arrival_jitter: up to this many seconds (uniform, seeded) between a request's
+            arrival and its check against ``rpm``/``tpm``: the network and the client's
+            event loop running late, so a client paced exactly at the limit meets an
+            empty bucket now and then, as it would at a hosted API.
         reply: the reply text: a string, ``{regex: text}`` matched on the prompt (first
             match wins; unmatched prompts get the echo), or ``fn(SimRequest) -> str``.
             Default: ``"echo: <prompt>"``. ``max_tokens`` and stop sequences apply.
@@ -272,6 +276,7 @@ class SimServer:
         tpm: int | None = None,
         max_in_flight: int | None = None,
         period: float = 60.0,
+        arrival_jitter: float = 0.0,
         reply: ReplySpec | None = None,
         faults: Mapping[str, float] | None = None,
         fault_on: FaultSpec | None = None,
@@ -282,7 +287,12 @@ class SimServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        for name, value in (("latency", latency), ("per_token", per_token), ("jitter", jitter)):
+        for name, value in (
+            ("latency", latency),
+            ("per_token", per_token),
+            ("jitter", jitter),
+            ("arrival_jitter", arrival_jitter),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {value}")
         for name, limit in (("rpm", rpm), ("tpm", tpm), ("max_in_flight", max_in_flight)):
@@ -298,6 +308,8 @@ class SimServer:
         if not period > 0:
             raise ValueError(f"period must be > 0 seconds, got {period}")
         self.period = period
+        self.arrival_jitter = arrival_jitter
+        self._arrival_rng = random.Random(seed + 1)  # apart from the fault draws
         self.slow_delay = slow_delay
         self.models = frozenset(models) if models is not None else None
         self._api_key = api_key
@@ -598,6 +610,9 @@ class SimServer:
                 api, 404, f"The model `{sim.model}` does not exist or you do not have access."
             )
         done = complete(sim, self._reply(sim))
+        if self.arrival_jitter:
+            await asyncio.sleep(self._arrival_rng.uniform(0.0, self.arrival_jitter))
+            now = loop.time()
         # ---- limits: in flight, then requests, then tokens (nothing charged on a 429)
         limited = self._limit(api, sim, done.input_tokens + done.output_tokens, now)
         if limited is not None:
