@@ -238,6 +238,10 @@ class SimServer:
             arrival and its check against ``rpm``/``tpm``: the network and the client's
             event loop running late, so a client paced exactly at the limit meets an
             empty bucket now and then, as it would at a hosted API.
+        connect_delay: seconds by which the first request on each new connection reaches
+            the limits late (the TCP and TLS handshakes to a distant API). A client's
+            first burst opens many connections at once and lands late on a full bucket,
+            whose refill meanwhile is lost; requests on warm connections then catch up.
         reply: the reply text: a string, ``{regex: text}`` matched on the prompt (first
             match wins; unmatched prompts get the echo), or ``fn(SimRequest) -> str``.
             Default: ``"echo: <prompt>"``. ``max_tokens`` and stop sequences apply.
@@ -277,6 +281,7 @@ class SimServer:
         max_in_flight: int | None = None,
         period: float = 60.0,
         arrival_jitter: float = 0.0,
+        connect_delay: float = 0.0,
         reply: ReplySpec | None = None,
         faults: Mapping[str, float] | None = None,
         fault_on: FaultSpec | None = None,
@@ -292,6 +297,7 @@ class SimServer:
             ("per_token", per_token),
             ("jitter", jitter),
             ("arrival_jitter", arrival_jitter),
+            ("connect_delay", connect_delay),
         ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {value}")
@@ -309,6 +315,9 @@ class SimServer:
             raise ValueError(f"period must be > 0 seconds, got {period}")
         self.period = period
         self.arrival_jitter = arrival_jitter
+        self.connect_delay = connect_delay
+        # Connections seen (by their handler, kept so that an id is never reused).
+        self._connections: dict[int, object] = {}
         self._arrival_rng = random.Random(seed + 1)  # apart from the fault draws
         self.slow_delay = slow_delay
         self.models = frozenset(models) if models is not None else None
@@ -610,8 +619,14 @@ class SimServer:
                 api, 404, f"The model `{sim.model}` does not exist or you do not have access."
             )
         done = complete(sim, self._reply(sim))
+        late = 0.0
+        if self.connect_delay and id(request.protocol) not in self._connections:
+            self._connections[id(request.protocol)] = request.protocol
+            late = self.connect_delay
         if self.arrival_jitter:
-            await asyncio.sleep(self._arrival_rng.uniform(0.0, self.arrival_jitter))
+            late += self._arrival_rng.uniform(0.0, self.arrival_jitter)
+        if late:
+            await asyncio.sleep(late)
             now = loop.time()
         # ---- limits: in flight, then requests, then tokens (nothing charged on a 429)
         limited = self._limit(api, sim, done.input_tokens + done.output_tokens, now)
