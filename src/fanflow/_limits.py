@@ -629,7 +629,7 @@ class Lane:
                 self._grow(now)
             state = getattr(response, "rate_limit", None)
             if state is not None:
-                self._observe(state)
+                self._observe(state, start)
         elif error is not None and isinstance(error, RateLimited | Overloaded):
             self._overloaded(error, start)
         self._sent -= 1
@@ -708,7 +708,7 @@ class Lane:
                 bucket.widen_margin(min(_MAX_MARGIN, bucket.margin + _MARGIN_STEP))
         state = getattr(error, "rate_limit", None)
         if state is not None:
-            self._observe(state)
+            self._observe(state, start)
         if c is None and error.retry_after is not None and error.retry_after > 0:
             self.pause(now + min(error.retry_after, MAX_PAUSE))
 
@@ -739,17 +739,21 @@ class Lane:
         if until > self._pause_until:
             self._pause_until = until
 
-    def _observe(self, state: Any) -> None:
-        """Steer by the server's rate-limit headers (a ``RateLimitState``).
+    def _observe(self, state: Any, start: float) -> None:
+        """Steer by the server's rate-limit headers (a ``RateLimitState``) of a reply to
+        an attempt sent at ``start``.
 
         The hosted APIs' buckets refill continuously and ``reset`` is the time until the
         bucket is full again, so with the limit known the refill rate is
-        ``(limit - remaining) / reset``: when too little remains for the calls in flight
-        and the next one, hold sends until enough has refilled (at most ``reset``); when
-        less than 10% remains, space sends at the refill rate.
+        ``(limit - remaining) / reset``. ``remaining`` was counted when the request
+        arrived; since then the calls sent after it have taken their share and the
+        bucket has refilled for as long. When too little is left for the next call,
+        hold sends until enough has refilled (at most ``reset``); when less than 10%
+        remains, space sends at the refill rate less the margin.
         """
         now = asyncio.get_running_loop().time()
         in_flight = self._sent - 1  # the others sent: the server may not count them yet
+        elapsed = max(0.0, now - start)
         pairs = (
             ("requests", 1, in_flight),
             ("tokens", max(self._last_cost, 1), self._tokens_in_flight),
@@ -762,13 +766,18 @@ class Lane:
             limit = getattr(state, f"{what}_limit", None)
             rate = (limit - remaining) / reset if limit and limit > remaining else None
             left = remaining - pending
+            if rate is not None and limit:
+                left = min(float(limit), left + rate * elapsed)
             if left < cost:
                 wait = reset if rate is None else min(reset, (cost - left) / rate)
                 self._hold(now + wait)
                 continue
             if limit and remaining < _LOW_REMAINING * limit:
                 self._simple = False
-                interval = cost / rate if rate else reset * cost / left
+                if rate:
+                    interval = cost / (rate * (1.0 - self.limits.margin))
+                else:
+                    interval = reset * cost / left
                 if now >= self._hint_until or interval > self._hint_interval:
                     self._hint_interval = interval
                 self._hint_until = now + reset

@@ -181,9 +181,23 @@ async def test_headers_with_nothing_remaining_hold_sends_until_it_refills(
         state = _State(requests_limit=8, requests_remaining=0, requests_reset=8.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
+    # The headers count at the request's arrival: with no latency the reply says
+    # "nothing left" as of now, so the next call waits 1 s for one request to refill.
+    llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
+    await fanflow.map(llm, "{input}", ["a", "b"])
+    assert llm.started_at == [0.0, 1.0]
+
+
+async def test_headers_count_the_refill_since_the_request_arrived(looptime: float) -> None:
+    def reply(request: Request) -> Response:
+        state = _State(requests_limit=8, requests_remaining=0, requests_reset=8.0)
+        return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
+
+    # "Nothing left" was counted when the request arrived, 1 s before the reply: one
+    # request has refilled since, so the next call goes at once.
     llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1))
     await fanflow.map(llm, "{input}", ["a", "b"])
-    assert llm.started_at == [0.0, 2.0]  # answered at 1, then waited 1 s for one request
+    assert llm.started_at == [0.0, 1.0]
 
 
 async def test_headers_without_a_limit_hold_until_the_reset(looptime: float) -> None:
@@ -206,7 +220,9 @@ async def test_headers_with_little_remaining_pace_at_the_refill_rate(
 
     llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
     await fanflow.map(llm, "{input}", ["a", "b", "c", "d"])
-    assert llm.started_at == [0.0, 0.0, 0.2, 0.4]
+    # At the refill rate less the 3% margin: one every 1 / (5 x 0.97) s.
+    step = 1 / (5 * 0.97)
+    assert llm.started_at == pytest.approx([0.0, 0.0, step, 2 * step], abs=1e-5)
 
 
 class _CapacityServer(fanflow.BaseLLM):

@@ -34,6 +34,7 @@ async def _run(limits: Limits, jitter: float, connect: float = 0.15) -> tuple[in
         latency=0.2,
         arrival_jitter=jitter,
         connect_delay=connect,
+        rate_headers=False,  # pacing alone: the headers would steer fanflow too
         keep_requests=False,
         seed=3,
     ) as server:
@@ -75,7 +76,9 @@ async def test_a_429_widens_the_margin_until_the_server_stops_refusing(
 ) -> None:
     # fanflow thinks the limit is 10% higher than it is: the server refuses some, each
     # round of 429s widens the margin by 2%, and the refusals stop.
-    async with SimServer(rpm=RATE, period=1.0, latency=0.2, keep_requests=False) as server:
+    async with SimServer(
+        rpm=RATE, period=1.0, latency=0.2, rate_headers=False, keep_requests=False
+    ) as server:
         llm = fanflow.openai(
             "gpt-sim",
             base_url=server.url,

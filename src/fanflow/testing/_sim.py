@@ -242,6 +242,9 @@ class SimServer:
             the limits late (the TCP and TLS handshakes to a distant API). A client's
             first burst opens many connections at once and lands late on a full bucket,
             whose refill meanwhile is lost; requests on warm connections then catch up.
+        rate_headers: send the rate-limit headers (``x-ratelimit-*`` /
+            ``anthropic-ratelimit-*``) with ``rpm``/``tpm``; False for a server that
+            only answers 429 (nginx's ``limit_req``, many gateways).
         reply: the reply text: a string, ``{regex: text}`` matched on the prompt (first
             match wins; unmatched prompts get the echo), or ``fn(SimRequest) -> str``.
             Default: ``"echo: <prompt>"``. ``max_tokens`` and stop sequences apply.
@@ -282,6 +285,7 @@ class SimServer:
         period: float = 60.0,
         arrival_jitter: float = 0.0,
         connect_delay: float = 0.0,
+        rate_headers: bool = True,
         reply: ReplySpec | None = None,
         faults: Mapping[str, float] | None = None,
         fault_on: FaultSpec | None = None,
@@ -316,6 +320,7 @@ class SimServer:
         self.period = period
         self.arrival_jitter = arrival_jitter
         self.connect_delay = connect_delay
+        self.rate_headers = rate_headers
         # Connections seen (by their handler, kept so that an id is never reused).
         self._connections: dict[int, object] = {}
         self._arrival_rng = random.Random(seed + 1)  # apart from the fault draws
@@ -770,7 +775,7 @@ class SimServer:
 
     def _limit_headers(self, api: Api) -> list[tuple[str, str]]:
         rb, tb = self._req_bucket, self._tok_bucket
-        if rb is None and tb is None:
+        if (rb is None and tb is None) or not self.rate_headers:
             return []
         return limit_headers(
             api,
