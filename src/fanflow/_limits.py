@@ -84,7 +84,7 @@ class Adaptive:
     initial: int | None = 8
     min: int = 1
     max: int = 1000
-    probe: float = 0.01
+    probe: float = 0.005
     decrease: float = 0.9
 
     def __post_init__(self) -> None:
@@ -175,7 +175,7 @@ class Limits:
         initial: int | None = 8,
         min: int = 1,
         max: int = 1000,
-        probe: float = 0.01,
+        probe: float = 0.005,
         decrease: float = 0.9,
         rpm: float | None = None,
         tpm: float | None = None,
