@@ -134,6 +134,10 @@ def make_options(
     )
 
 
+class _HedgeWon(Exception):
+    """Raised in an attempt that lost the race to its duplicate (never leaves _Call)."""
+
+
 def status_of(error: BaseException) -> Status:
     """The terminal status that an error stands for."""
     if isinstance(error, CallTimeout):
@@ -150,8 +154,11 @@ class _Call(Generic[T]):
 
     __slots__ = (
         "attempts",
+        "cm",
         "deadline",
         "handle",
+        "hedge_delay",
+        "hedge_task",
         "hooks",
         "index",
         "label",
@@ -164,6 +171,7 @@ class _Call(Generic[T]):
         "requeues",
         "timeout",
         "tokens",
+        "won",
     )
 
     def __init__(
@@ -191,6 +199,11 @@ class _Call(Generic[T]):
         self.number = 0
         self.requeues = 0
         self.tokens: tuple[int, int] | None = None
+        # The hedging policy's state for the current attempt (see _spawn_hedge).
+        self.hedge_delay: float | None = None
+        self.cm: asyncio.Timeout | None = None
+        self.hedge_task: asyncio.Task[Response | None] | None = None
+        self.won: Response | None = None
 
     # -- admission ----------------------------------------------------------------
 
@@ -315,18 +328,32 @@ class _Call(Generic[T]):
             limit = None if self.timeout is None else start + self.timeout
             if deadline is not None and (limit is None or deadline < limit):
                 limit = deadline
-            if limit is None:
+            delay = self.hedge_delay
+            if limit is None and (delay is None or hedge):
                 response = await self.llm.complete(self.request)
             else:
                 cm = asyncio.timeout_at(limit)
+                timer = None
+                if delay is not None and not hedge:
+                    # The hedging policy: a duplicate if this attempt is still running
+                    # ``delay`` after it was sent; if the duplicate wins, it expires this
+                    # attempt's timeout (asyncio's own race-free cancellation).
+                    self.cm = cm
+                    timer = loop.call_at(start + delay, self._spawn_hedge)
                 try:
                     async with cm:
                         response = await self.llm.complete(self.request)
                 except TimeoutError:
                     if not cm.expired():
                         raise  # the model itself raised TimeoutError: not ours
+                    if self.won is not None and cm is self.cm:
+                        raise _HedgeWon from None
                     raise self._timeout_error(limit == deadline) from None
-        except asyncio.CancelledError:
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                        self.cm = None
+        except (asyncio.CancelledError, _HedgeWon):
             self.attempts.append(
                 Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
             )
@@ -362,12 +389,9 @@ class _Call(Generic[T]):
             timeout=self.timeout,
         )
 
-    async def hedged(
-        self, hedge_after: float, wait_before: float, *, capped: bool = False
-    ) -> Response:
+    async def hedged(self, hedge_after: float, wait_before: float) -> Response:
         """Run an attempt; if it has not answered ``hedge_after`` seconds after it was
-        sent, start a duplicate. The first success wins; the other is cancelled.
-        ``capped``: the hedging policy's duplicate, only if its cap allows one."""
+        sent, start a duplicate. The first success wins; the other is cancelled."""
         sent = asyncio.Event()
         primary = asyncio.ensure_future(
             self.attempt(hedge=False, wait_before=wait_before, sent=sent)
@@ -383,8 +407,6 @@ class _Call(Generic[T]):
                 await asyncio.wait({primary}, timeout=hedge_after)
             if primary.done():
                 return primary.result()
-            if capped and not self.lane.hedger.allow():
-                return await primary
             tasks.add(asyncio.ensure_future(self.attempt(hedge=True, wait_before=0.0)))
             last_error: BaseException | None = None
             pending = set(tasks)
@@ -436,11 +458,8 @@ class _Call(Generic[T]):
                     response = await self.hedged(hedge_after, wait_before)
                 elif hedger is not None:
                     hedger.calls += 1
-                    delay = hedger.delay()
-                    if delay is None:
-                        response = await self.attempt(hedge=False, wait_before=wait_before)
-                    else:
-                        response = await self.hedged(delay, wait_before, capped=True)
+                    self.hedge_delay = hedger.delay()
+                    response = await self._policy_attempt(wait_before)
                 else:
                     response = await self.attempt(hedge=False, wait_before=wait_before)
             except asyncio.CancelledError:
@@ -480,6 +499,52 @@ class _Call(Generic[T]):
         if self.hooks:
             emit(self.hooks, CallEnded(record.end or start, record))
         return record
+
+    async def _policy_attempt(self, wait_before: float) -> Response:
+        """An attempt under the hedging policy: the first success of it and its
+        duplicate (if :meth:`_spawn_hedge` started one) wins."""
+        self._clear_hedge()
+        try:
+            response = await self.attempt(hedge=False, wait_before=wait_before)
+        except _HedgeWon:
+            assert self.won is not None
+            return self.won
+        except Exception:
+            task = self.hedge_task
+            if task is None:
+                raise
+            won = await task  # the duplicate may still succeed
+            if won is None:
+                raise
+            return won
+        finally:
+            task = self.hedge_task
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return response
+
+    def _clear_hedge(self) -> None:
+        self.won = None
+        self.hedge_task = None
+
+    def _spawn_hedge(self) -> None:
+        """The attempt is slower than the handle's hedging delay: start a duplicate,
+        if the policy's cap allows one."""
+        if self.cm is None or not self.lane.hedger.allow():
+            return
+        self.hedge_task = self.loop.create_task(self._hedge())
+
+    async def _hedge(self) -> Response | None:
+        try:
+            response = await self.attempt(hedge=True, wait_before=0.0)
+        except Exception:
+            return None  # recorded in the attempts; the first attempt goes on
+        self.won = response
+        cm = self.cm
+        if cm is not None and not cm.expired():
+            cm.reschedule(self.loop.time())  # stop the first attempt: the duplicate won
+        return response
 
     def _wait_after(self, exc: Exception, policy: RetryPolicy, seen: int) -> float | None:
         """How long to wait before the next attempt after ``exc`` (None: stop now).
