@@ -199,7 +199,7 @@ class _Call(Generic[T]):
         self.number = 0
         self.requeues = 0
         self.tokens: tuple[int, int] | None = None
-        # The hedging policy's state for the current attempt (see _spawn_hedge).
+        # The hedging policy's state for the current attempt (see spawn_hedge).
         self.hedge_delay: float | None = None
         self.cm: asyncio.Timeout | None = None
         self.hedge_task: asyncio.Task[Response | None] | None = None
@@ -333,13 +333,13 @@ class _Call(Generic[T]):
                 response = await self.llm.complete(self.request)
             else:
                 cm = asyncio.timeout_at(limit)
-                timer = None
-                if delay is not None and not hedge:
+                watched = delay is not None and not hedge
+                if watched:
                     # The hedging policy: a duplicate if this attempt is still running
                     # ``delay`` after it was sent; if the duplicate wins, it expires this
                     # attempt's timeout (asyncio's own race-free cancellation).
                     self.cm = cm
-                    timer = loop.call_at(start + delay, self._spawn_hedge)
+                    self.lane.hedger.watch(self, start + (delay or 0.0))
                 try:
                     async with cm:
                         response = await self.llm.complete(self.request)
@@ -350,8 +350,8 @@ class _Call(Generic[T]):
                         raise _HedgeWon from None
                     raise self._timeout_error(limit == deadline) from None
                 finally:
-                    if timer is not None:
-                        timer.cancel()
+                    if watched:
+                        self.lane.hedger.unwatch(self)
                         self.cm = None
         except (asyncio.CancelledError, _HedgeWon):
             self.attempts.append(
@@ -502,7 +502,7 @@ class _Call(Generic[T]):
 
     async def _policy_attempt(self, wait_before: float) -> Response:
         """An attempt under the hedging policy: the first success of it and its
-        duplicate (if :meth:`_spawn_hedge` started one) wins."""
+        duplicate (if :meth:`spawn_hedge` started one) wins."""
         self._clear_hedge()
         try:
             response = await self.attempt(hedge=False, wait_before=wait_before)
@@ -528,7 +528,7 @@ class _Call(Generic[T]):
         self.won = None
         self.hedge_task = None
 
-    def _spawn_hedge(self) -> None:
+    def spawn_hedge(self) -> None:
         """The attempt is slower than the handle's hedging delay: start a duplicate,
         if the policy's cap allows one."""
         if self.cm is None or not self.lane.hedger.allow():

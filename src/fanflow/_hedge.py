@@ -5,12 +5,19 @@ the first has been outstanding longer than a high quantile of the latencies seen
 the tail shrinks for a few percent more calls. A :class:`Hedger` belongs to one lane (one
 handle on one event loop): it keeps the latencies of the handle's last successful
 attempts and a count of calls and hedges, so duplicates stay under a share of the calls.
-Pure bookkeeping: no clock, no sleeping; the engine asks it and does the waiting.
+
+It also watches the running attempts with one timer for them all (:meth:`Hedger.watch`):
+a timer per call would cost a heap push and a cancellation on every call, for the few
+that ever need a duplicate. The timer fires at most every eighth of the delay, so a
+duplicate may start up to 12.5% late.
 """
 
 from __future__ import annotations
 
-__all__ = ["HEDGE_EXTRA", "HEDGE_QUANTILE", "Hedger"]
+import asyncio
+from typing import Protocol
+
+__all__ = ["HEDGE_EXTRA", "HEDGE_QUANTILE", "Hedger", "Watched"]
 
 # A duplicate goes once an attempt is slower than this quantile of the handle's recent
 # successful attempts, and never before this multiple of their median.
@@ -27,12 +34,20 @@ _WARMUP = 32
 _REFRESH = 64
 
 
-class Hedger:
-    """Recent latencies of one handle and the hedges it has sent."""
+class Watched(Protocol):
+    """A running attempt that may get a duplicate."""
 
-    __slots__ = ("_delay", "_fresh", "_i", "_lat", "calls", "hedges")
+    def spawn_hedge(self) -> None: ...
+
+
+class Hedger:
+    """Recent latencies of one handle, the hedges it has sent, the attempts it watches."""
+
+    __slots__ = ("_delay", "_fresh", "_i", "_lat", "_running", "_timer", "calls", "hedges")
 
     def __init__(self) -> None:
+        self._running: dict[Watched, float] = {}  # attempt -> when it is due (FIFO)
+        self._timer: asyncio.TimerHandle | None = None
         self._lat: list[float] = []
         self._i = 0
         self._fresh = 0
@@ -56,6 +71,31 @@ class Hedger:
     def delay(self) -> float | None:
         """Seconds after which an attempt gets a duplicate (None: not enough data)."""
         return self._delay
+
+    def watch(self, attempt: Watched, due: float) -> None:
+        """Call ``attempt.spawn_hedge()`` at about ``due`` unless :meth:`unwatch` first."""
+        self._running[attempt] = due
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(due, self._sweep)
+
+    def unwatch(self, attempt: Watched) -> None:
+        self._running.pop(attempt, None)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        running = self._running
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = now
+        while running:
+            attempt, due = next(iter(running.items()))
+            if due > now + 1e-6:
+                break
+            del running[attempt]
+            attempt.spawn_hedge()
+        if running:
+            step = (self._delay or 0.0) / 8
+            self._timer = loop.call_at(max(due, now + step), self._sweep)
 
     def allow(self) -> bool:
         """Take one hedge if the cap allows it."""
