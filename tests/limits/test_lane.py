@@ -323,6 +323,6 @@ async def test_a_burst_of_529s_cuts_to_what_the_server_kept_in_flight(looptime: 
     # Each 529 sets the limit to decrease x the calls still in flight, never raising it:
     # 0.5 x 9, then 0.5 x 8, then 0.5 x 7 = 3.5 (three compounding cuts would have left
     # 1.25). That level is remembered; above it the 7 successes half a second later
-    # probe by 1% per second: 3.5 x 1.005.
-    assert stats.adaptive_limit == pytest.approx(3.5 * 1.005)
+    # probe by 0.5% per second: 3.5 x (1 + 0.005 x 0.5).
+    assert stats.adaptive_limit == pytest.approx(3.5 * (1 + 0.005 * 0.5))
     assert stats.concurrency.limit == 4
