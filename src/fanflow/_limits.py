@@ -30,21 +30,24 @@ import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
 from ._hedge import Hedger
+from ._log import log_pause
 from ._rate import RateBucket, Slot
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_LIMITS",
     "Adaptive",
+    "Admission",
     "Gate",
     "GateStatistics",
     "Lane",
     "LaneStatistics",
     "Limits",
+    "Pacing",
     "Permit",
 ]
 
@@ -107,6 +110,38 @@ class Adaptive:
 
 
 @dataclass(frozen=True)
+class Pacing:
+    """Settings of the delay-based throttle: sends are spaced by a delay that is
+    multiplied by ``backoff`` on a 429/529 and by ``recover`` after each success, within
+    ``[min, max]`` seconds (the throttler often written by hand around an LLM client).
+
+    Args:
+        initial: the delay between sends to start from, in seconds.
+        min: the smallest delay (> 0, so a backoff can grow it again).
+        max: the largest delay.
+        backoff: the factor on an overload signal (> 1).
+        recover: the factor after a success (0 < recover < 1).
+    """
+
+    initial: float = 0.1
+    min: float = 0.01
+    max: float = 10.0
+    backoff: float = 2.0
+    recover: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min <= self.initial <= self.max:
+            raise ConfigError(
+                f"pacing needs 0 < min <= initial <= max seconds, got min={self.min}, "
+                f"initial={self.initial}, max={self.max}"
+            )
+        if not self.backoff > 1:
+            raise ConfigError(f"backoff must be > 1, got {self.backoff}")
+        if not 0 < self.recover < 1:
+            raise ConfigError(f"recover must be in (0, 1), got {self.recover}")
+
+
+@dataclass(frozen=True)
 class Limits:
     """Limits of one LLM handle, shared by every pattern that uses it.
 
@@ -128,6 +163,8 @@ class Limits:
             and never gives it back; overruns are charged either way.
         controller: settings of the adaptive concurrency controller (made by
             :meth:`Limits.adaptive`); None for a fixed concurrency.
+        pacing: settings of the delay-based throttle (made by :meth:`Limits.paced`);
+            None for none.
     """
 
     concurrency: int | None = None
@@ -140,6 +177,7 @@ class Limits:
     refund: bool = True
     controller: Adaptive | None = None
     margin: float = 0.03
+    pacing: Pacing | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
@@ -193,6 +231,21 @@ class Limits:
             controller=Adaptive(initial, min, max, probe, decrease),
         )
 
+    @classmethod
+    def paced(
+        cls,
+        *,
+        initial: float = 0.1,
+        min: float = 0.01,
+        max: float = 10.0,
+        backoff: float = 2.0,
+        recover: float = 0.9,
+        concurrency: int | None = None,
+    ) -> Limits:
+        """Limits that space sends by a delay: times ``backoff`` on a 429/529, times
+        ``recover`` after each success, within ``[min, max]`` (see :class:`Pacing`)."""
+        return cls(concurrency=concurrency, pacing=Pacing(initial, min, max, backoff, recover))
+
     def __repr__(self) -> str:
         parts = [f"concurrency={self.concurrency}"]
         for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
@@ -207,6 +260,8 @@ class Limits:
             parts.append(f"period={self.period:g}")
         if self.controller is not None:
             parts.append(f"controller={self.controller!r}")
+        if self.pacing is not None:
+            parts.append(f"pacing={self.pacing!r}")
         return f"fanflow.Limits({', '.join(parts)})"
 
     @property
@@ -372,6 +427,27 @@ def _cost(kind: int, input: int, output: int) -> int:
     return 1
 
 
+class Admission(Protocol):
+    """Where a lane books its calls' rate limits, when not in its own buckets.
+
+    A :class:`Lane` given none books ``rpm``/``tpm``/... in its own rate buckets (this
+    process's view of the limit). The Ray backend gives its workers' lanes one that
+    books at the cluster-wide broker instead (``backends/_limiter.py``). Either way the
+    lane keeps its concurrency gate, its pauses after a 429 and its header pacing.
+    """
+
+    async def book(self, lane: Lane, tokens: tuple[int, int]) -> Permit:
+        """Wait until a call of ``tokens`` (input, output) may be sent, and reserve it.
+        ``lane.wait_unpaused()`` and ``lane.paused_until`` say when the lane itself
+        holds sends; ``lane.costs(...)`` is the call's cost in each rate limit."""
+        ...
+
+    def settle(self, lane: Lane, permit: Permit, usage: Any | None) -> None:
+        """A booked call ended: correct its booking to ``usage`` (the reply's reported
+        usage), or keep it (None: failed, timed out, or cancelled after sending)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class LaneStatistics:
     """A snapshot of a handle's admission state.
@@ -385,6 +461,7 @@ class LaneStatistics:
             or not yet woken by a 429/529).
         margin: the share of the rate limits left unused now (learned from 429s).
         hedges: duplicate attempts started by the hedging policy.
+        delay: the delay-based throttle's delay between sends (None: not paced).
     """
 
     concurrency: GateStatistics
@@ -394,13 +471,21 @@ class LaneStatistics:
     adaptive_limit: float | None = None
     margin: float = 0.0
     hedges: int = 0
+    delay: float | None = None
 
 
 class Lane:
-    """The live limiter of one handle on one event loop."""
+    """The live limiter of one handle on one event loop.
+
+    Args:
+        limits: the handle's limits.
+        admission: where rate limits are booked (None: in this lane's own buckets).
+    """
 
     __slots__ = (
+        "_admission",
         "_buckets",
+        "_delay",
         "_floor",
         "_grown_at",
         "_hint_interval",
@@ -409,6 +494,7 @@ class Lane:
         "_last_cost",
         "_last_cut",
         "_level",
+        "_pace_next",
         "_pause_until",
         "_pauses",
         "_ramp",
@@ -425,11 +511,13 @@ class Lane:
         "limits",
         "metered",
         "needs_tokens",
+        "pacing",
         "successes",
     )
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, admission: Admission | None = None) -> None:
         self.limits = limits
+        self._admission = admission
         self.controller = limits.controller
         self._level: float | None = None
         concurrency = limits.concurrency
@@ -470,7 +558,12 @@ class Lane:
         self._hint_interval = 0.0
         self._tokens_in_flight = 0
         self._last_cost = 0
-        self._simple = not self.metered  # cleared for good once the server steers us
+        # The delay-based throttle (Limits.paced): the delay now, the next send time.
+        self.pacing = limits.pacing
+        self._delay = self.pacing.initial if self.pacing is not None else 0.0
+        self._pace_next = -math.inf
+        # Cleared for good once the server steers us.
+        self._simple = not self.metered and self.pacing is None
         self._turn = asyncio.Lock()  # FIFO turns under the rate buckets
         self._sent = 0  # calls admitted and not yet finished (waiting ones excluded)
         self._wake: asyncio.Future[None] | None = None
@@ -527,11 +620,11 @@ class Lane:
                 await ramp.acquire()
             try:
                 if self.metered:
-                    permit = await self._schedule(tokens or (0, 0))
+                    permit = await self._book(tokens or (0, 0))
                     permit.ramp = ramp
                     self._sent += 1
                     return permit
-                if self._pause_until or self._hint_interval:
+                if self._pause_until or self._hint_interval or self.pacing is not None:
                     await self._wait_steer()
             except BaseException:
                 if ramp is not None:
@@ -543,6 +636,28 @@ class Lane:
         self._sent += 1
         return None if ramp is None else Permit(0, 0, [], ramp)
 
+    @property
+    def paused_until(self) -> float:
+        """Event-loop time before which this lane sends nothing (0.0: never paused)."""
+        return self._pause_until
+
+    def costs(self, input: int, output: int) -> list[int]:
+        """A call's cost in each rate limit that is set, in the order rpm, tpm,
+        input_tpm, output_tpm."""
+        return [_cost(kind, input, output) for _, kind in self._buckets]
+
+    async def wait_unpaused(self) -> None:
+        """Wait out a pause (a 429's Retry-After) and the pacing of rate-limit headers."""
+        await self._wait_steer()
+
+    async def _book(self, tokens: tuple[int, int]) -> Permit:
+        if self._admission is None:
+            return await self._schedule(tokens)
+        permit = await self._admission.book(self, tokens)
+        self._tokens_in_flight += permit.input + permit.output
+        self._last_cost = permit.input + permit.output
+        return permit
+
     async def _wait_steer(self) -> None:
         """Wait out a pause and the pacing asked for by rate-limit headers."""
         loop = asyncio.get_running_loop()
@@ -551,6 +666,9 @@ class Lane:
         if now < self._hint_until:
             t = max(t, self._hint_next)
             self._hint_next = max(t, now) + self._hint_interval
+        if self.pacing is not None:
+            t = max(t, self._pace_next)
+            self._pace_next = max(t, now) + self._delay
         # The pause may be extended while we sleep, so look again after each sleep.
         while (delay := max(t, self._pause_until) - loop.time()) > _EPSILON:  # noqa: ASYNC110
             await asyncio.sleep(delay)
@@ -572,6 +690,8 @@ class Lane:
                 t = max(now, self._pause_until)
                 if now < self._hint_until and self._hint_next > t:
                     t = self._hint_next
+                if self._pace_next > t:
+                    t = self._pace_next
                 for bucket, cost, _ in costs:
                     t = bucket.send_time(t, cost)
                 if t - now <= _EPSILON:
@@ -587,6 +707,8 @@ class Lane:
             slots = [(bucket, bucket.reserve(now, cost), kind) for bucket, cost, kind in costs]
             if now < self._hint_until:
                 self._hint_next = now + self._hint_interval
+            if self.pacing is not None:
+                self._pace_next = now + self._delay
         self._tokens_in_flight += input + output
         self._last_cost = input + output
         return Permit(input, output, slots)
@@ -614,7 +736,9 @@ class Lane:
         """
         if permit is not None:
             self._tokens_in_flight -= permit.input + permit.output
-            if response is not None:
+            if self._admission is not None:
+                self._admission.settle(self, permit, None if response is None else response.usage)
+            elif response is not None:
                 self._settle(permit, response.usage)
             ramp = permit.ramp
             if ramp is not None:
@@ -627,6 +751,8 @@ class Lane:
             self.hedger.observe(now - start)
             if self._level is not None:
                 self._grow(now)
+            if self.pacing is not None:
+                self._delay = max(self.pacing.min, self._delay * self.pacing.recover)
             state = getattr(response, "rate_limit", None)
             if state is not None:
                 self._observe(state, start)
@@ -687,6 +813,8 @@ class Lane:
     def _overloaded(self, error: RateLimited | Overloaded, start: float) -> None:
         now = asyncio.get_running_loop().time()
         self._rate_limited += 1
+        if self.pacing is not None:
+            self._delay = min(self.pacing.max, self._delay * self.pacing.backoff)
         c = self.controller
         if c is not None:
             # The calls still in flight are the ones the server accepted (a rejection
@@ -710,6 +838,7 @@ class Lane:
         if state is not None:
             self._observe(state, start)
         if c is None and error.retry_after is not None and error.retry_after > 0:
+            log_pause(error.retry_after, error)
             self.pause(now + min(error.retry_after, MAX_PAUSE))
 
     def pause(self, until: float) -> None:
@@ -793,4 +922,5 @@ class Lane:
             adaptive_limit=self._level,
             margin=max((b.margin for b, _ in self._buckets), default=0.0),
             hedges=self.hedger.hedges,
+            delay=self._delay if self.pacing is not None else None,
         )
