@@ -99,11 +99,12 @@ def bare_httpx(keepalive: int | None) -> Callable[[str, int], Awaitable[tuple[Ru
     return setup
 
 
-async def fanflow_map(url: str, c: int) -> tuple[Run, Close]:
-    """fanflow.map over N items with a fanflow.openai handle."""
+async def fanflow_map(url: str, c: int, hedge: bool | None = None) -> tuple[Run, Close]:
+    """fanflow.map over N items with a fanflow.openai handle (its defaults)."""
     import fanflow
 
-    llm = fanflow.openai("sim", base_url=url, api_key="sk-bench")
+    retry = None if hedge is None else fanflow.RetryPolicy(hedge=hedge)
+    llm = fanflow.openai("sim", base_url=url, api_key="sk-bench", retry=retry)
 
     async def run(n: int) -> None:
         items = [{"i": i} for i in range(n)]
@@ -137,6 +138,10 @@ async def openai_sdk(url: str, c: int) -> tuple[Run, Close]:
 VARIANTS: dict[str, tuple[str, Callable[[str, int], Awaitable[tuple[Run, Close]]]]] = {
     "aiohttp": ("bare aiohttp + semaphore (baseline)", bare_aiohttp),
     "fanflow": ("fanflow.map + fanflow.openai", fanflow_map),
+    "nohedge": (
+        "... with RetryPolicy(hedge=False)",
+        lambda url, c: fanflow_map(url, c, hedge=False),
+    ),
     "httpx20": ("bare httpx + semaphore, keep-alive 20", bare_httpx(20)),
     "httpx": ("bare httpx + semaphore, keep-alive = C", bare_httpx(None)),
     "sdk": ("official openai SDK + semaphore", openai_sdk),

@@ -123,7 +123,13 @@ async def test_nothing_listening_retries_a_few_times_then_trips() -> None:
 
 async def test_the_breaker_does_not_poison_a_handle_reused_after_the_fix() -> None:
     port = free_port()
-    llm = fanflow.openai("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k")
+    # No hedging (on by default for HTTP handles): the request count below is exact.
+    llm = fanflow.openai(
+        "m",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key="k",
+        retry=fanflow.RetryPolicy(hedge=False),
+    )
     async with llm:
         first = await fanflow.map(llm, "{input}", ITEMS[:50], concurrency=C)
         assert statuses(first)[Status.SKIPPED] > 0

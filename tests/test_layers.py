@@ -52,6 +52,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._events": "core",
     "fanflow.events": "core",
     "fanflow._rate": "core",
+    "fanflow._hedge": "core",
     "fanflow._retry": "core",
     "fanflow._sync": "core",
     "fanflow._log": "core",

@@ -25,7 +25,15 @@ async def test_attempts_retries_429s_and_pauses_are_logged_without_key_or_prompt
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="fanflow")
     async with SimServer(api_key=KEY, fault_on={"private": ["429"]}) as server:
-        llm = fanflow.openai("m", base_url=server.url, api_key=KEY, retry=RetryPolicy(attempts=3))
+        # Fixed limits: a 429 pauses the handle (the adaptive default lowers its limit
+        # instead, and only the refused call waits).
+        llm = fanflow.openai(
+            "m",
+            base_url=server.url,
+            api_key=KEY,
+            retry=RetryPolicy(attempts=3),
+            limits=fanflow.Limits(),
+        )
         async with llm:
             result = await fanflow.map(llm, "{q}", [{"q": PROMPT}])
     assert result.outputs == [f"echo: {PROMPT}"]

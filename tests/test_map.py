@@ -115,9 +115,10 @@ async def test_retries_happen_inside_map_and_are_counted(looptime: float) -> Non
     assert result.ok
     assert result.summary.retries == 1
     assert result.summary.calls == 3
-    # The 429 at t=0 paused the whole lane for its Retry-After (2 s); then the lane ramps
-    # up from one call in flight: one call runs 2..3, the other 3..4.
-    assert looptime == 4.0
+    # The 429 at t=0 holds only its own call, for exactly its Retry-After (2 s): the
+    # handle's default limits do not pause the lane, they lower its in-flight limit
+    # (to 1: 0.9 x the one other call in flight). That call runs 0..1, the retry 2..3.
+    assert looptime == 3.0
 
 
 async def test_deadline_times_out_what_is_not_done(looptime: float) -> None:

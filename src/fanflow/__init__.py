@@ -58,7 +58,7 @@ from ._exceptions import (
     TemplateError,
     is_retryable,
 )
-from ._limits import Adaptive, Limits, Pacing
+from ._limits import DEFAULT_CONCURRENCY, DEFAULT_LIMITS, Adaptive, Limits, Pacing
 from ._llm import LLM, BaseLLM
 from ._pricing import Price
 from ._retry import RetryPolicy
@@ -128,6 +128,8 @@ except _PackageNotFoundError:  # running from a source tree that is not installe
     from ._version import __version__
 
 __all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_LIMITS",
     "LLM",
     "Adaptive",
     "AllFailed",

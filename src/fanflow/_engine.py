@@ -3,8 +3,12 @@
 For each call: fill in the handle's defaults, then for each attempt wait for admission
 (the pattern's gate, then the handle's lane), send it under the per-attempt timeout,
 and on a retryable error wait a backoff (never less than the server's Retry-After)
-before the next. With ``hedge_after``, a second attempt starts if the first has not
-answered in that time; the first success wins and the other is cancelled. An overall
+before the next. A 429/529 answered while the handle's other calls were succeeding was
+caused by the handle's own load: it waits exactly the Retry-After and does not use up an
+attempt (decision 0132). With ``hedge_after``, a second attempt starts if the first has
+not answered in that time; with the hedging policy (HTTP handles, by default), once it
+is slower than a high quantile of the handle's recent latencies, within a cap of extra
+calls (decision 0133). The first success wins and the other is cancelled. An overall
 ``deadline`` bounds everything, admission waits and backoffs included.
 
 All waiting goes through the event loop (``asyncio.sleep``, ``asyncio.timeout``), so
@@ -15,6 +19,7 @@ a pattern cancels its calls' tasks, and never turns into a retry.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -34,8 +39,10 @@ from ._exceptions import (
     CallTimeout,
     CircuitOpen,
     ConfigError,
+    Overloaded,
     ParseError,
     ProviderError,
+    RateLimited,
     Skipped,
     is_retryable,
 )
@@ -50,6 +57,10 @@ from ._types import Attempt, CallRecord, Request, Response, Status, Usage
 __all__ = ["CallOptions", "execute", "status_of"]
 
 T = TypeVar("T")
+
+# The most 429/529s one call may have requeued without using up an attempt (the
+# deadline bounds them too).
+MAX_REQUEUES = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +137,10 @@ def make_options(
     )
 
 
+class _HedgeWon(Exception):
+    """Raised in an attempt that lost the race to its duplicate (never leaves _Call)."""
+
+
 def status_of(error: BaseException) -> Status:
     """The terminal status that an error stands for."""
     if isinstance(error, CallTimeout):
@@ -143,8 +158,11 @@ class _Call(Generic[T]):
     __slots__ = (
         "attempts",
         "breaker",
+        "cm",
         "deadline",
         "handle",
+        "hedge_delay",
+        "hedge_task",
         "hooks",
         "index",
         "label",
@@ -154,8 +172,10 @@ class _Call(Generic[T]):
         "number",
         "opts",
         "request",
+        "requeues",
         "timeout",
         "tokens",
+        "won",
     )
 
     def __init__(
@@ -182,7 +202,13 @@ class _Call(Generic[T]):
             self.timeout = self.handle.timeout
         self.attempts: list[Attempt] = []
         self.number = 0
+        self.requeues = 0
         self.tokens: tuple[int, int] | None = None
+        # The hedging policy's state for the current attempt (see spawn_hedge).
+        self.hedge_delay: float | None = None
+        self.cm: asyncio.Timeout | None = None
+        self.hedge_task: asyncio.Task[Response | None] | None = None
+        self.won: Response | None = None
 
     # -- admission ----------------------------------------------------------------
 
@@ -321,18 +347,32 @@ class _Call(Generic[T]):
             limit = None if self.timeout is None else start + self.timeout
             if deadline is not None and (limit is None or deadline < limit):
                 limit = deadline
-            if limit is None:
+            delay = self.hedge_delay
+            if limit is None and (delay is None or hedge):
                 response = await self.llm.complete(self.request)
             else:
                 cm = asyncio.timeout_at(limit)
+                watched = delay is not None and not hedge
+                if watched:
+                    # The hedging policy: a duplicate if this attempt is still running
+                    # ``delay`` after it was sent; if the duplicate wins, it expires this
+                    # attempt's timeout (asyncio's own race-free cancellation).
+                    self.cm = cm
+                    self.lane.hedger.watch(self, start + (delay or 0.0))
                 try:
                     async with cm:
                         response = await self.llm.complete(self.request)
                 except TimeoutError:
                     if not cm.expired():
                         raise  # the model itself raised TimeoutError: not ours
+                    if self.won is not None and cm is self.cm:
+                        raise _HedgeWon from None
                     raise self._timeout_error(limit == deadline) from None
-        except asyncio.CancelledError:
+                finally:
+                    if watched:
+                        self.lane.hedger.unwatch(self)
+                        self.cm = None
+        except (asyncio.CancelledError, _HedgeWon):
             self.attempts.append(
                 Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
             )
@@ -430,10 +470,15 @@ class _Call(Generic[T]):
     async def run(self, parse: Callable[[Response], T] | None) -> CallRecord[T]:
         loop = self.loop
         policy = self.opts.retry
+        handle = self.handle
         if policy is None:
-            handle = self.handle
             policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
         hedge_after = self.opts.hedge_after
+        hedger = None
+        if hedge_after is None and handle is not None:
+            hedge = policy.hedge if policy.hedge is not None else handle.hedges
+            if hedge:
+                hedger = self.lane.hedger
         start = loop.time()
         if self.hooks:
             emit(self.hooks, CallStarted(start, self.request, self.index, self.label))
@@ -453,11 +498,16 @@ class _Call(Generic[T]):
                     if not self.attempts:
                         error = stop
                     break
+            seen = self.lane.successes
             try:
-                if hedge_after is None:
-                    response = await self.attempt(hedge=False, wait_before=wait_before)
-                else:
+                if hedge_after is not None:
                     response = await self.hedged(hedge_after, wait_before)
+                elif hedger is not None:
+                    hedger.calls += 1
+                    self.hedge_delay = hedger.delay()
+                    response = await self._policy_attempt(wait_before)
+                else:
+                    response = await self.attempt(hedge=False, wait_before=wait_before)
             except asyncio.CancelledError:
                 raise
             except CircuitOpen as exc:  # stopped once admitted: this attempt was not made
@@ -466,12 +516,7 @@ class _Call(Generic[T]):
                 break
             except Exception as exc:
                 error = exc
-                wait: float | None = None
-                if is_retryable(exc) and len(self._tries()) < policy.attempts:
-                    retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
-                    wait = policy.backoff(len(self._tries()), retry_after)
-                    if self.deadline is not None and loop.time() + wait >= self.deadline:
-                        wait = None  # the deadline would pass while waiting: stop now
+                wait = self._wait_after(exc, policy, seen)
                 log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
                     emit(
@@ -506,6 +551,110 @@ class _Call(Generic[T]):
             emit(self.hooks, CallEnded(record.end or start, record))
         return record
 
+    async def _policy_attempt(self, wait_before: float) -> Response:
+        """An attempt under the hedging policy: the first success of it and its
+        duplicate (if :meth:`spawn_hedge` started one) wins."""
+        self._clear_hedge()
+        try:
+            response = await self.attempt(hedge=False, wait_before=wait_before)
+        except _HedgeWon:
+            assert self.won is not None
+            return self.won
+        except Exception:
+            task = self.hedge_task
+            if task is None:
+                raise
+            won = await task  # the duplicate may still succeed
+            if won is None:
+                raise
+            return won
+        finally:
+            task = self.hedge_task
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return response
+
+    def _clear_hedge(self) -> None:
+        self.won = None
+        self.hedge_task = None
+
+    def spawn_hedge(self) -> None:
+        """The attempt is slower than the handle's hedging delay: start a duplicate,
+        if the policy's cap allows one."""
+        if self.cm is None or not self.lane.hedger.allow():
+            return
+        self.hedge_task = self.loop.create_task(self._hedge())
+
+    async def _hedge(self) -> Response | None:
+        try:
+            response = await self.attempt(hedge=True, wait_before=0.0)
+        except Exception:
+            return None  # recorded in the attempts; the first attempt goes on
+        self.won = response
+        cm = self.cm
+        if cm is not None and not cm.expired():
+            cm.reschedule(self.loop.time())  # stop the first attempt: the duplicate won
+        return response
+
+    def _wait_after(self, exc: Exception, policy: RetryPolicy, seen: int) -> float | None:
+        """How long to wait before the next attempt after ``exc`` (None: stop now).
+
+        A 429/529 while the handle had other calls in flight, or while they succeeded
+        (``seen``: the handle's successes when this attempt began), is the handle's own
+        load: it is requeued without using up an attempt (at most ``MAX_REQUEUES``).
+        A Retry-After is waited exactly, never longer, and at most ``policy.max_wait``;
+        without a usable one, the backoff. The reason goes into the attempt's ``note``
+        when the wait is not simply what the server asked.
+        """
+        if not is_retryable(exc):
+            return None
+        overload = isinstance(exc, RateLimited | Overloaded)
+        lane = self.lane
+        shared = lane.in_flight > 0 or lane.successes > seen
+        if overload and shared and self.requeues < MAX_REQUEUES:
+            self.requeues += 1
+            self._annotate(requeued=True)
+        elif len(self._tries()) >= policy.attempts:
+            return None
+        asked = exc.retry_after if isinstance(exc, ProviderError) else None
+        note = None
+        if overload and asked is not None and asked > 0:
+            wait = asked  # the server said when: no more, no less
+        else:
+            wait = policy.backoff(max(1, len(self._tries())), asked)
+            if overload:
+                note = (
+                    f"no usable Retry-After (missing, zero, negative, a past date or "
+                    f"unreadable): waited {wait:.3g} s (backoff)"
+                )
+        if wait > policy.max_wait and asked is not None and asked > policy.max_wait:
+            note = (
+                f"the server asked to wait {asked:g} s (Retry-After); waited "
+                f"{policy.max_wait:g} s, the retry policy's max_wait"
+            )
+            wait = policy.max_wait
+        deadline = self.deadline
+        if deadline is not None and self.loop.time() + wait >= deadline:
+            self._annotate(note=f"the deadline would pass during the {wait:.3g} s wait: stopped")
+            return None
+        if note is not None:
+            self._annotate(note=note)
+        return wait
+
+    def _annotate(self, *, requeued: bool | None = None, note: str | None = None) -> None:
+        """Mark the attempt that just failed (the latest one that was not a hedge)."""
+        for i in range(len(self.attempts) - 1, -1, -1):
+            a = self.attempts[i]
+            if not a.hedge:
+                changes: dict[str, Any] = {}
+                if requeued is not None:
+                    changes["requeued"] = requeued
+                if note is not None:
+                    changes["note"] = note
+                self.attempts[i] = dataclasses.replace(a, **changes)
+                return
+
     def _cost(self, response: Response) -> float | None:
         """The response's own cost, else its usage at the model's price (None: unknown)."""
         if response.cost is not None:
@@ -522,8 +671,8 @@ class _Call(Generic[T]):
         return tuple(sorted(self.attempts, key=lambda a: a.number))
 
     def _tries(self) -> list[Attempt]:
-        """Attempts that count against the retry budget (hedges do not)."""
-        return [a for a in self.attempts if not a.hedge]
+        """Attempts that count against the retry budget (hedges and requeues do not)."""
+        return [a for a in self.attempts if not a.hedge and not a.requeued]
 
     def _finish(
         self, start: float, response: Response, parse: Callable[[Response], T] | None

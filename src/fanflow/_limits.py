@@ -11,11 +11,13 @@ A lane has up to three parts, and a handle with no limits pays only for the firs
 - rate buckets (``rpm``, ``tpm``, ``input_tpm``, ``output_tpm``; see :mod:`._rate`):
   calls take FIFO turns; each waits until the buckets have room for its estimated cost,
   reserves it, and after the reply settles it against the reported usage;
-- reactions to the server: a 429 (or 529) with Retry-After pauses the whole lane until
-  then and afterwards ramps up, one new call in flight and one more per success (TCP
-  slow start, RFC 5681), instead of releasing every waiter at once; rate-limit headers
-  space sends when ``remaining`` runs low and hold them while it is used up; with
-  ``Limits.adaptive()`` an AIMD controller moves the in-flight limit.
+- reactions to the server: with an adaptive controller (``Limits.adaptive()`` and the
+  handles' default) a 429/529 lowers the in-flight limit to what the server accepted and
+  only the rejected call waits its Retry-After; with fixed limits a 429 with
+  Retry-After pauses the whole lane for exactly that long and then resumes at half of
+  what was in flight, one more per success; a 429 in a lane with rate limits widens
+  their margin (decision 0130); rate-limit headers space sends when ``remaining`` runs
+  low and hold them while it is used up.
 
 Handles with no rate limits take the engine's fast path (:meth:`Lane.try_acquire`): no
 bucket work, no token estimate, until the server first asks them to slow down.
@@ -31,10 +33,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
+from ._hedge import Hedger
 from ._log import log_pause
-from ._rate import RateBucket, Slot, aimd_decrease, aimd_increase
+from ._rate import RateBucket, Slot
 
 __all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_LIMITS",
     "Adaptive",
     "Admission",
     "Gate",
@@ -52,41 +57,55 @@ def _positive(name: str, value: float | None) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}; use None for no limit")
 
 
+# The most calls a pattern puts in flight when neither it (``concurrency=``) nor its
+# handle (``Limits(concurrency=)``) sets a limit. The handle's default controller lowers
+# it as soon as the server pushes back (see DEFAULT_LIMITS).
+DEFAULT_CONCURRENCY = 1024
+
+
 @dataclass(frozen=True)
 class Adaptive:
-    """Settings of the adaptive concurrency controller (AIMD, as TCP congestion
-    avoidance): +``increase`` in-flight calls per round trip while calls succeed, times
-    ``decrease`` on a 429/529 (at most once per round trip), within ``[min, max]``.
+    """Settings of the adaptive concurrency controller (decision 0131).
+
+    It starts at ``initial`` calls in flight and, until the server first pushes back,
+    adds one per success (slow start: the limit doubles every round trip, RFC 5681).
+    On a 429/529 the limit drops to ``decrease`` x the calls still in flight (the calls
+    the server accepted: its capacity, measured), and that level is remembered. Below
+    it the limit climbs back in slow start; above it, by ``probe`` of itself per second
+    while the limit is in use, so a server at capacity sees a 429 every few tens of
+    seconds, not every round trip.
 
     Args:
-        initial: the in-flight limit to start from.
+        initial: the in-flight limit to start from; None starts with no limit, and the
+            controller takes over at the first 429/529 (the handles' default).
         min: the lowest in-flight limit.
         max: the highest in-flight limit.
-        increase: calls added per round trip of successes.
+        probe: growth above the remembered level, as a share of the limit per second.
         decrease: the factor applied on an overload signal (0 < decrease < 1).
     """
 
-    initial: int = 8
+    initial: int | None = 8
     min: int = 1
     max: int = 1000
-    increase: float = 1.0
+    probe: float = 0.005
     decrease: float = 0.9
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.initial <= self.max:
+        initial = self.max if self.initial is None else self.initial
+        if not 1 <= self.min <= initial <= self.max:
             raise ConfigError(
                 f"adaptive limits need 1 <= min <= initial <= max, got min={self.min}, "
                 f"initial={self.initial}, max={self.max}"
             )
         if not 0 < self.decrease < 1:
             raise ConfigError(f"decrease must be in (0, 1), got {self.decrease}")
-        if not self.increase > 0:
-            raise ConfigError(f"increase must be > 0, got {self.increase}")
+        if not 0 < self.probe <= 1:
+            raise ConfigError(f"probe must be in (0, 1] (a share per second), got {self.probe}")
 
     def __repr__(self) -> str:
         return (
             f"fanflow.Adaptive(initial={self.initial}, min={self.min}, max={self.max}, "
-            f"increase={self.increase:g}, decrease={self.decrease:g})"
+            f"probe={self.probe:g}, decrease={self.decrease:g})"
         )
 
 
@@ -132,9 +151,12 @@ class Limits:
         tpm: tokens (input + output) per minute; None for no limit.
         input_tpm: input tokens per minute, for APIs that count them apart.
         output_tpm: output tokens per minute, for APIs that count them apart.
-        burst: seconds of budget that may be sent at once (default 1.0: a 6,000 RPM
-            limit sends at most about 100 requests together, then paces evenly). 0
-            spaces every send evenly.
+        burst: seconds of budget that may be sent at once (default 0.5: a 6,000 RPM
+            limit sends at most 50 requests together, then paces evenly). 0 spaces every
+            send evenly. At most ``period``.
+        margin: the share of each rate limit left unused (default 0.03: pace at 97%),
+            so that the server's own limiter of the same size never runs dry under
+            arrival jitter (decision 0130). A 429 widens it by 0.02, up to 0.2.
         period: the window of the rate limits in seconds (60: per minute).
         refund: after a reply, give back the reserved tokens it did not use (True).
             Use False for a server that charges ``max_tokens`` when the request arrives
@@ -150,10 +172,11 @@ class Limits:
     tpm: float | None = None
     input_tpm: float | None = None
     output_tpm: float | None = None
-    burst: float = 1.0
+    burst: float = 0.5
     period: float = 60.0
     refund: bool = True
     controller: Adaptive | None = None
+    margin: float = 0.03
     pacing: Pacing | None = None
 
     def __post_init__(self) -> None:
@@ -167,15 +190,30 @@ class Limits:
             raise ConfigError(f"burst must be >= 0 seconds, got {self.burst}")
         if not self.period > 0:
             raise ConfigError(f"period must be > 0 seconds, got {self.period}")
+        if self.burst > self.period:
+            raise ConfigError(
+                f"burst={self.burst:g} s is more than the period ({self.period:g} s): "
+                f"it would send more than a whole period's limit at once; use at most "
+                f"burst={self.period:g}"
+            )
+        if not 0 <= self.margin < 0.5:
+            raise ConfigError(
+                f"margin must be in [0, 0.5) (a share of the rate left unused), got {self.margin}"
+            )
+        if self.concurrency is not None and self.controller is not None:
+            raise ConfigError(
+                "concurrency= and an adaptive controller contradict each other; use "
+                "Limits.adaptive(max=...) to cap what the controller may reach"
+            )
 
     @classmethod
     def adaptive(
         cls,
         *,
-        initial: int = 8,
+        initial: int | None = 8,
         min: int = 1,
         max: int = 1000,
-        increase: float = 1.0,
+        probe: float = 0.005,
         decrease: float = 0.9,
         rpm: float | None = None,
         tpm: float | None = None,
@@ -190,7 +228,7 @@ class Limits:
             tpm=tpm,
             input_tpm=input_tpm,
             output_tpm=output_tpm,
-            controller=Adaptive(initial, min, max, increase, decrease),
+            controller=Adaptive(initial, min, max, probe, decrease),
         )
 
     @classmethod
@@ -214,8 +252,10 @@ class Limits:
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name}={value:g}")
-        if self.burst != 1.0:
+        if self.burst != 0.5:
             parts.append(f"burst={self.burst:g}")
+        if self.margin != 0.03:
+            parts.append(f"margin={self.margin:g}")
         if self.period != 60.0:
             parts.append(f"period={self.period:g}")
         if self.controller is not None:
@@ -233,6 +273,12 @@ class Limits:
             or self.input_tpm is not None
             or self.output_tpm is not None
         )
+
+
+# A handle's limits when none are given: no limit until the server first answers 429 or
+# 529, then the adaptive controller holds the in-flight limit under the level where it
+# pushed back (decision 0131). Rate limits are never guessed: give rpm=/tpm= to pace.
+DEFAULT_LIMITS = Limits(controller=Adaptive(initial=None, max=DEFAULT_CONCURRENCY))
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,11 +396,21 @@ class Permit:
         self.ramp = ramp
 
 
-# Sends due within this many seconds go now (timers may fire a hair early).
-_EPSILON = 1e-9
+# Sends due within this many seconds go now: timers may fire a hair early, and a
+# virtual clock (looptime) steps in microseconds, so a shorter sleep would not advance
+# it and the wait would spin.
+_EPSILON = 1e-6
 
 # Which part of a request a token bucket counts.
 _TOTAL, _INPUT, _OUTPUT, _REQUESTS = 0, 1, 2, 3
+
+# A 429 in a lane with rate limits widens their margin by this much, up to the most.
+_MARGIN_STEP = 0.02
+_MAX_MARGIN = 0.2
+
+# The longest a 429's Retry-After pauses a whole lane (a server asking for an hour gets
+# this; the calls' own waits are bounded by their retry policy and deadline).
+MAX_PAUSE = 60.0
 
 # Rate-limit headers: below this share of the limit remaining, sends are spread evenly
 # over the time left until the reset instead of going at full speed.
@@ -401,7 +457,10 @@ class LaneStatistics:
         paused_until: event-loop time until which sends were last held (None: never).
         pauses: 429/529 answers with a Retry-After that paused the lane.
         rate_limited: 429/529 answers seen.
-        adaptive_limit: the adaptive controller's in-flight limit (None: not adaptive).
+        adaptive_limit: the adaptive controller's in-flight limit (None: not adaptive,
+            or not yet woken by a 429/529).
+        margin: the share of the rate limits left unused now (learned from 429s).
+        hedges: duplicate attempts started by the hedging policy.
         delay: the delay-based throttle's delay between sends (None: not paced).
     """
 
@@ -410,6 +469,8 @@ class LaneStatistics:
     pauses: int = 0
     rate_limited: int = 0
     adaptive_limit: float | None = None
+    margin: float = 0.0
+    hedges: int = 0
     delay: float | None = None
 
 
@@ -425,6 +486,8 @@ class Lane:
         "_admission",
         "_buckets",
         "_delay",
+        "_floor",
+        "_grown_at",
         "_hint_interval",
         "_hint_next",
         "_hint_until",
@@ -444,10 +507,12 @@ class Lane:
         "_wake",
         "controller",
         "gate",
+        "hedger",
         "limits",
         "metered",
         "needs_tokens",
         "pacing",
+        "successes",
     )
 
     def __init__(self, limits: Limits, admission: Admission | None = None) -> None:
@@ -456,9 +521,15 @@ class Lane:
         self.controller = limits.controller
         self._level: float | None = None
         concurrency = limits.concurrency
-        if self.controller is not None:
+        if self.controller is not None and self.controller.initial is not None:
             self._level = float(self.controller.initial)
             concurrency = self.controller.initial
+        # The level at which the server last pushed back (times ``decrease``): slow
+        # start below it, a slow probe above it.
+        self._floor = math.inf
+        self._grown_at = 0.0
+        self.successes = 0  # attempts that succeeded (the engine's requeue rule reads it)
+        self.hedger = Hedger()
         self.gate = Gate(concurrency)
         buckets: list[tuple[RateBucket, int]] = []
         for name, kind in (
@@ -469,7 +540,8 @@ class Lane:
         ):
             limit = getattr(limits, name)
             if limit is not None:
-                buckets.append((RateBucket(name, limit, limits.period, limits.burst), kind))
+                bucket = RateBucket(name, limit, limits.period, limits.burst, limits.margin)
+                buckets.append((bucket, kind))
         self._buckets = buckets
         self.metered = bool(buckets)
         self.needs_tokens = any(kind != _REQUESTS for _, kind in buckets)
@@ -498,6 +570,11 @@ class Lane:
 
     def __repr__(self) -> str:
         return f"fanflow.Lane({self.limits!r})"
+
+    @property
+    def in_flight(self) -> int:
+        """Calls admitted and not yet finished."""
+        return self._sent
 
     def try_acquire(self) -> bool:
         """Admit one more call now if nothing is metered or steered and a slot is free.
@@ -593,7 +670,7 @@ class Lane:
             t = max(t, self._pace_next)
             self._pace_next = max(t, now) + self._delay
         # The pause may be extended while we sleep, so look again after each sleep.
-        while (delay := max(t, self._pause_until) - loop.time()) > 0:  # noqa: ASYNC110
+        while (delay := max(t, self._pause_until) - loop.time()) > _EPSILON:  # noqa: ASYNC110
             await asyncio.sleep(delay)
 
     async def _schedule(self, tokens: tuple[int, int]) -> Permit:
@@ -669,13 +746,16 @@ class Lane:
                     self._widen(ramp)
                 ramp.release()
         if response is not None:
-            if self.controller is not None:
-                self._grow()
+            self.successes += 1
+            now = asyncio.get_running_loop().time()
+            self.hedger.observe(now - start)
+            if self._level is not None:
+                self._grow(now)
             if self.pacing is not None:
                 self._delay = max(self.pacing.min, self._delay * self.pacing.recover)
             state = getattr(response, "rate_limit", None)
             if state is not None:
-                self._observe(state)
+                self._observe(state, start)
         elif error is not None and isinstance(error, RateLimited | Overloaded):
             self._overloaded(error, start)
         self._sent -= 1
@@ -699,7 +779,7 @@ class Lane:
 
     def _limit(self) -> int | None:
         if self._level is not None:
-            return int(self._level)
+            return math.ceil(self._level - 1e-9)
         return self.limits.concurrency
 
     def _widen(self, ramp: Gate) -> None:
@@ -711,13 +791,23 @@ class Lane:
         else:
             ramp.set_limit(limit)
 
-    def _grow(self) -> None:
-        assert self.controller is not None
-        assert self._level is not None
+    def _grow(self, now: float) -> None:
+        """A success: widen the adaptive limit while it is in use (decision 0131)."""
         c = self.controller
-        old = int(self._level)
-        self._level = aimd_increase(self._level, c.increase, c.max)
-        if int(self._level) != old:
+        level = self._level
+        assert c is not None
+        assert level is not None
+        limit = self._limit()
+        if limit is not None and self._sent < limit and not self.gate._waiters:
+            self._grown_at = now  # the limit is not what holds us back: do not grow it
+            return
+        if level < self._floor:
+            level += 1.0  # slow start: one more per success, double per round trip
+        else:
+            level += level * c.probe * max(0.0, now - self._grown_at)
+        self._grown_at = now
+        self._level = min(float(c.max), level)
+        if self._limit() != limit:
             self.gate.set_limit(self._limit())
 
     def _overloaded(self, error: RateLimited | Overloaded, start: float) -> None:
@@ -726,24 +816,38 @@ class Lane:
         if self.pacing is not None:
             self._delay = min(self.pacing.max, self._delay * self.pacing.backoff)
         c = self.controller
-        if c is not None and self._level is not None and start >= self._last_cut:
-            # Cut once per round trip: attempts sent before the last cut saw the old limit.
-            self._level = aimd_decrease(self._level, c.decrease, c.min)
-            self._last_cut = now
+        if c is not None:
+            # The calls still in flight are the ones the server accepted (a rejection
+            # comes back at once): that is its capacity, measured. A burst of 429s
+            # lowers the level as its rejections return, never below that.
+            others = self._sent - 1
+            level = math.inf if self._level is None else self._level
+            level = max(float(c.min), min(level, c.decrease * others))
+            self._level = self._floor = level
+            self._grown_at = now
+            self._simple = False
             self.gate.set_limit(self._limit())
+        if isinstance(error, RateLimited) and self.metered and start >= self._last_cut:
+            # Our model of the server's rate limit was too generous: pace further under
+            # it (once per round of 429s: attempts sent before the last widening saw the
+            # old rate).
+            self._last_cut = now
+            for bucket, _ in self._buckets:
+                bucket.widen_margin(min(_MAX_MARGIN, bucket.margin + _MARGIN_STEP))
         state = getattr(error, "rate_limit", None)
         if state is not None:
-            self._observe(state)
-        if error.retry_after is not None and error.retry_after > 0:
+            self._observe(state, start)
+        if c is None and error.retry_after is not None and error.retry_after > 0:
             log_pause(error.retry_after, error)
-            self.pause(now + error.retry_after)
+            self.pause(now + min(error.retry_after, MAX_PAUSE))
 
     def pause(self, until: float) -> None:
-        """Send nothing before ``until`` (a 429's Retry-After), then ramp up: one new
-        call in flight, one more per success, until the limit (or, with no limit, as
-        many as were in flight at the 429). Calls sent before the pause do not count.
-        (With the adaptive controller, its own additive increase after the cut is the
-        ramp.)"""
+        """Send nothing before ``until`` (a 429's Retry-After), then resume at half the
+        limit (or, with no limit, half of what was in flight at the 429) and add one
+        call per success up to the whole (TCP fast recovery, RFC 5681, rather than slow
+        start from one call: the server asked for a pause, not for a fresh start).
+        Calls sent before the pause do not count. (The adaptive controller does not
+        pause the lane: it lowers its limit instead.)"""
         if until > self._pause_until:
             self._pause_until = until
         self._simple = False
@@ -752,10 +856,11 @@ class Lane:
             return
         goal = self._limit()
         self._ramp_goal = max(self._sent, 2) if goal is None else goal
+        start = max(1, self._ramp_goal // 2)
         if self._ramp is None:
-            self._ramp = Gate(1)
+            self._ramp = Gate(start)
         else:
-            self._ramp.set_limit(1)
+            self._ramp.set_limit(start)
 
     def _hold(self, until: float) -> None:
         """Send nothing before ``until`` (a rate-limit reset), without a ramp."""
@@ -763,17 +868,21 @@ class Lane:
         if until > self._pause_until:
             self._pause_until = until
 
-    def _observe(self, state: Any) -> None:
-        """Steer by the server's rate-limit headers (a ``RateLimitState``).
+    def _observe(self, state: Any, start: float) -> None:
+        """Steer by the server's rate-limit headers (a ``RateLimitState``) of a reply to
+        an attempt sent at ``start``.
 
         The hosted APIs' buckets refill continuously and ``reset`` is the time until the
         bucket is full again, so with the limit known the refill rate is
-        ``(limit - remaining) / reset``: when too little remains for the calls in flight
-        and the next one, hold sends until enough has refilled (at most ``reset``); when
-        less than 10% remains, space sends at the refill rate.
+        ``(limit - remaining) / reset``. ``remaining`` was counted when the request
+        arrived; since then the calls sent after it have taken their share and the
+        bucket has refilled for as long. When too little is left for the next call,
+        hold sends until enough has refilled (at most ``reset``); when less than 10%
+        remains, space sends at the refill rate less the margin.
         """
         now = asyncio.get_running_loop().time()
         in_flight = self._sent - 1  # the others sent: the server may not count them yet
+        elapsed = max(0.0, now - start)
         pairs = (
             ("requests", 1, in_flight),
             ("tokens", max(self._last_cost, 1), self._tokens_in_flight),
@@ -786,13 +895,18 @@ class Lane:
             limit = getattr(state, f"{what}_limit", None)
             rate = (limit - remaining) / reset if limit and limit > remaining else None
             left = remaining - pending
+            if rate is not None and limit:
+                left = min(float(limit), left + rate * elapsed)
             if left < cost:
                 wait = reset if rate is None else min(reset, (cost - left) / rate)
                 self._hold(now + wait)
                 continue
             if limit and remaining < _LOW_REMAINING * limit:
                 self._simple = False
-                interval = cost / rate if rate else reset * cost / left
+                if rate:
+                    interval = cost / (rate * (1.0 - self.limits.margin))
+                else:
+                    interval = reset * cost / left
                 if now >= self._hint_until or interval > self._hint_interval:
                     self._hint_interval = interval
                 self._hint_until = now + reset
@@ -806,5 +920,7 @@ class Lane:
             pauses=self._pauses,
             rate_limited=self._rate_limited,
             adaptive_limit=self._level,
+            margin=max((b.margin for b, _ in self._buckets), default=0.0),
+            hedges=self.hedger.hedges,
             delay=self._delay if self.pacing is not None else None,
         )

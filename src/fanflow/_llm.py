@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ._breaker import Breaker
 from ._exceptions import ConfigError
-from ._limits import Lane, LaneStatistics, Limits
+from ._limits import DEFAULT_LIMITS, Lane, LaneStatistics, Limits
 from ._retry import RetryPolicy
 from ._types import Request, Response
 
@@ -51,12 +51,20 @@ class BaseLLM(ABC):
 
     Args:
         model: the model name filled into requests that name none.
-        limits: the handle's limits, shared by every pattern using it.
+        limits: the handle's limits, shared by every pattern using it (default:
+            ``fanflow.DEFAULT_LIMITS``, no limit until the server answers 429/529, then
+            adaptive; ``Limits()`` for no limit at all).
         retry: the handle's retry policy (a pattern's ``retry=`` overrides it).
         timeout: seconds per attempt (a pattern's ``timeout=`` overrides it).
         defaults: request parameters filled in when a request leaves them unset
             (``temperature``, ``max_tokens``, ``seed``, ``stop``, ``top_p``, ...).
     """
+
+    # Whether the hedging policy is on when the retry policy leaves it to the handle
+    # (``RetryPolicy(hedge=None)``): on for remote APIs, where a duplicate costs one
+    # more request and cuts the tail; off for local models and Python functions, where
+    # it would double the work on the same machine (decision 0133).
+    hedges: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -75,7 +83,7 @@ class BaseLLM(ABC):
                 f"unknown request defaults {sorted(unknown)}; use any of {sorted(_REQUEST_PARAMS)}"
             )
         self.model = model
-        self.limits = limits if limits is not None else Limits()
+        self.limits = limits if limits is not None else DEFAULT_LIMITS
         self.retry = retry
         self.timeout = timeout
         self.defaults: dict[str, Any] = dict(defaults or {})

@@ -10,8 +10,12 @@ limits over shorter periods too ("6,000 RPM may be enforced as 100 per second"):
 1. **GCRA** (the Generic Cell Rate Algorithm of ATM networks, ITU-T I.371; the same
    scheduler as aiometer's ``max_per_second`` and the ``limits``/``redis-cell``
    libraries): sends are spaced evenly at ``rate`` per second, with a burst of at most
-   ``burst`` units (about one second of budget), never a whole minute's worth at once.
-   The state is one number, the theoretical arrival time (TAT).
+   ``burst`` units (half a second of budget by default), never a whole minute's worth at
+   once. The state is one number, the theoretical arrival time (TAT).
+   ``rate`` is the limit less a ``margin`` (3% by default; decision 0130): a limiter of
+   the same nominal size elsewhere (the server's bucket, nginx's ``limit_req``) then
+   gains a little budget every second, and the half of its burst we never use absorbs
+   the arrival jitter of the network and of our own event loop.
 2. **A sliding window** of ``period`` seconds (60 s for per-minute limits): the sum of
    the costs sent in any half-open window ``(x - period, x]`` never exceeds ``limit``.
    GCRA alone would let ``burst + limit`` through in the first minute.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["RateBucket", "Slot", "aimd_decrease", "aimd_increase", "gcra_send_time"]
+__all__ = ["RateBucket", "Slot", "gcra_send_time"]
 
 # A slot leaves the window this long after ``period``: clocks and timers are not exact to
 # the last bit (a timer may fire a hair early), and a window edge must never be shared.
@@ -68,18 +72,38 @@ class RateBucket:
         name: what is limited, for messages ("rpm", "tpm", ...).
         limit: units allowed per period.
         period: the window in seconds (60 for per-minute limits).
-        burst: seconds of budget that may go at once (capacity = rate * burst, at
-            least one unit); 0 spaces sends perfectly evenly.
+        burst: seconds of budget that may go at once (capacity = limit / period *
+            burst, at least one unit); 0 spaces sends perfectly evenly.
+        margin: the share of the rate left unused (0.03: pace at 97% of the limit).
     """
 
-    __slots__ = ("_last", "_log", "_sum", "burst", "limit", "name", "period", "rate", "tat")
+    __slots__ = (
+        "_last",
+        "_log",
+        "_sum",
+        "burst",
+        "limit",
+        "margin",
+        "name",
+        "period",
+        "rate",
+        "tat",
+    )
 
-    def __init__(self, name: str, limit: float, period: float = 60.0, burst: float = 1.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        limit: float,
+        period: float = 60.0,
+        burst: float = 1.0,
+        margin: float = 0.0,
+    ) -> None:
         self.name = name
         self.limit = limit
         self.period = period
-        self.rate = limit / period
-        self.burst = max(self.rate * burst, 1.0)
+        self.margin = margin
+        self.rate = limit / period * (1.0 - margin)
+        self.burst = max(limit / period * burst, 1.0)
         self.tat = float("-inf")
         self._last = float("-inf")  # the latest send time handed out (FIFO order)
         self._log: deque[Slot] = deque()
@@ -87,6 +111,12 @@ class RateBucket:
 
     def __repr__(self) -> str:
         return f"RateBucket({self.name}={self.limit:g}/{self.period:g}s, burst={self.burst:g})"
+
+    def widen_margin(self, margin: float) -> None:
+        """Pace further under the limit from now on (a margin learned from a 429)."""
+        if margin > self.margin:
+            self.margin = margin
+            self.rate = self.limit / self.period * (1.0 - margin)
 
     def send_time(self, now: float, cost: float) -> float:
         """When ``cost`` units may be sent, without reserving them."""
@@ -153,17 +183,3 @@ class RateBucket:
     def in_window(self, now: float) -> float:
         """Units counted in the window ending at ``now`` (for statistics and tests)."""
         return sum(s.cost for s in self._log if s.time <= now < s.time + self.period)
-
-
-# --------------------------------------------------------------------------- adaptive
-
-
-def aimd_increase(limit: float, increase: float, maximum: float) -> float:
-    """Additive increase: ``increase`` per round trip, i.e. ``increase / limit`` per
-    success (TCP congestion avoidance, RFC 5681)."""
-    return min(maximum, limit + increase / limit)
-
-
-def aimd_decrease(limit: float, factor: float, minimum: float) -> float:
-    """Multiplicative decrease on an overload signal (429, 529)."""
-    return max(minimum, limit * factor)

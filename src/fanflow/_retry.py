@@ -62,6 +62,11 @@ class RetryPolicy:
         max_wait: cap of the ceiling, seconds.
         jitter: full jitter when True; the ceiling itself when False.
         seed: seed of the jitter's random generator (None: unpredictable).
+        hedge: the hedging policy (decision 0133): a duplicate attempt once one is
+            slower than the 99th percentile of the handle's recent latencies (at least
+            1.5x their median), duplicates at most 5% of the calls, within the handle's
+            limits. None leaves it to the handle (on for HTTP APIs, off for local
+            models and functions); a pattern's ``hedge_after=`` replaces it.
     """
 
     attempts: int = 4
@@ -70,6 +75,7 @@ class RetryPolicy:
     max_wait: float = 30.0
     jitter: bool = True
     seed: int | None = None
+    hedge: bool | None = None
     _rng: random.Random = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:

@@ -260,7 +260,12 @@ class Response:
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """One attempt of a call: when it ran, how it ended, and whether it was a hedge."""
+    """One attempt of a call: when it ran, how it ended, and whether it was a hedge.
+
+    ``requeued`` marks a 429/529 that did not use up one of the call's attempts (the
+    handle's other calls were succeeding, so the rejection was the handle's own load);
+    ``note`` says why the wait after it was what it was, when that needs saying.
+    """
 
     number: int
     start: float
@@ -269,6 +274,8 @@ class Attempt:
     error: BaseException | None = None
     hedge: bool = False
     wait_before: float = 0.0
+    requeued: bool = False
+    note: str | None = None
 
     @property
     def duration(self) -> float:

@@ -246,8 +246,8 @@ async def test_rate_grants_keep_all_workers_within_one_limit(workers: int) -> No
     assert _max_in_window(times, 60.0) <= 60
     tokens_in_window = max(sum(c for u, c in sent if t - 60.0 < u <= t) for t in times)
     assert tokens_in_window <= 1200
-    # ... and the limit is used: 90 calls need the burst then ~1 per s.
-    assert max(times) < 60 * 1.02 + 30
+    # ... and the limit less its 3% margin is used: 90 calls at 0.97 per s.
+    assert max(times) < 90 / 0.97 + 1
     stats = broker.statistics("h")
     assert stats is not None
     assert stats.grants == 90
@@ -269,7 +269,9 @@ async def test_a_grant_that_cannot_be_used_in_time_goes_back_and_is_booked_again
 
 
 async def test_many_calls_asking_at_once_share_few_messages_and_waste_no_grant() -> None:
-    limits = Limits(rpm=200, period=1.0)
+    # A whole second of burst (the default is half): the batching of asks is measured
+    # against the numbers this test was written for.
+    limits = Limits(rpm=200, period=1.0, burst=1.0)
     broker = LimitBroker()
     grants = _DirectGrants(broker, limits, rtt=0.01)
     lane = GlobalLane(limits, None, grants)

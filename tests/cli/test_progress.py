@@ -50,17 +50,18 @@ async def test_snapshots_follow_the_engine_in_virtual_time() -> None:
     assert (at.in_flight, at.retrying, at.done, at.queued) == (0, 1, 0, 7)
     assert (at.rate_limited, at.retries, at.requests) == (1, 1, 1)
     at = seen[3.5]
-    # After the pause the lane ramps up from one call in flight (1 at t=2, 2 at t=3).
-    assert (at.done, at.in_flight, at.retrying, at.queued) == (1, 2, 1, 5)
-    assert at.eta == pytest.approx((10 - 1) * 3.5 / 1)
+    # After the pause the lane resumes at half its limit (2 at t=2, then 4 at t=3);
+    # item 0's retry queued behind the others.
+    assert (at.done, at.in_flight, at.retrying, at.queued) == (2, 4, 1, 3)
+    assert at.eta == pytest.approx((10 - 2) * 3.5 / 2)
     final = tracker.snapshot()
     assert seen[7.0] == final  # stopped: the elapsed time stays at the makespan
     assert result.ok
     assert (final.done, final.succeeded, final.failed) == (10, 10, 0)
     assert final.requests == 11
-    # Calls started at t=2 (1), 3 (2), 4 (4) and 5 (2, the last ending at t=6).
-    assert final.elapsed == pytest.approx(6.0) == result.makespan
-    assert final.speedup == pytest.approx(result.summary.busy_time / 6.0)
+    # Calls started at t=2 (2), 3 (4) and 4 (4, the last ending at t=5).
+    assert final.elapsed == pytest.approx(5.0) == result.makespan
+    assert final.speedup == pytest.approx(result.summary.busy_time / 5.0)
     assert final.tokens == result.summary.usage.total_tokens
 
 
@@ -124,9 +125,11 @@ async def test_summary_table_rendering() -> None:
         "  429s                                1",
         "  tokens                9 (3 in, 6 out)",
         "  cost                              n/a",
-        "  makespan                         5.0s",
-        # 6 s of attempts (a 2, b 0 + 2, boom 0, c 2) in 5 s: waits are not work.
-        "  speed-up                         1.2x",
+        # b's 429 at t=0 set the handle's in-flight limit to 2 (0.9 x the 2 calls still
+        # in flight, rounded up): b's retry, due at t=1, goes at t=2 and ends at 4.
+        "  makespan                         4.0s",
+        # 6 s of attempts (a 2, b 0 + 2, boom 0, c 2) in 4 s: waits are not work.
+        "  speed-up                         1.5x",
     ]
     assert text.splitlines()[: len(expected)] == expected
 

@@ -66,10 +66,12 @@ def test_report_from_a_run(run: Run, tmp_path: Path) -> None:
         "--sim", "latency=0.02,429=0.2,seed=4", "--retries", "0",
         "--records", "calls.jsonl", "-o", "out.jsonl", "-q",
     )  # fmt: skip
-    assert done.returncode == 1  # some 429s with no retries, and one template error
+    assert done.returncode == 1  # one template error
     records = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert len(records) == 41
-    limited = sum(r["attempts"][0]["rate_limited"] for r in records if r["attempts"])
+    # A 429 while other calls were in flight is requeued without using up the one
+    # attempt, so an item may have several.
+    limited = sum(a["rate_limited"] for r in records for a in r["attempts"])
     assert limited >= 1
 
     done = run("report", "calls.jsonl", "-o", "report.html", "--png", "timeline.png")
@@ -91,7 +93,8 @@ def test_report_from_a_run(run: Run, tmp_path: Path) -> None:
     assert cells[cells.index("items") + 1] == "41"
     assert cells[cells.index("429s") + 1] == str(limited)
     assert "TemplateError" in cells
-    assert "RateLimited" in cells
+    # The injected 429s came while other calls were in flight: requeued, none lost.
+    assert cells[cells.index("succeeded") + 1] == "40"
 
     data = (tmp_path / "timeline.png").read_bytes()
     assert len(data) > 5000

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fanflow._rate import RateBucket, aimd_decrease, aimd_increase, gcra_send_time
+from fanflow._rate import RateBucket, gcra_send_time
 
 
 def schedule(bucket: RateBucket, arrivals: list[tuple[float, float]]) -> list[float]:
@@ -68,11 +68,15 @@ def test_gcra_send_time_is_pure() -> None:
     assert gcra_send_time(tat=0.0, now=1.0, cost=1, rate=1.0, burst=3.0) == 1.0
 
 
-def test_aimd_bounds() -> None:
-    assert aimd_increase(10.0, 1.0, 100.0) == pytest.approx(10.1)
-    assert aimd_increase(100.0, 1.0, 100.0) == 100.0
-    assert aimd_decrease(10.0, 0.5, 1.0) == 5.0
-    assert aimd_decrease(1.5, 0.5, 1.0) == 1.0
+def test_margin_paces_under_the_limit_and_widens() -> None:
+    # 60 RPM with a 10% margin: one every 1/0.9 s after the first.
+    bucket = RateBucket("rpm", 60, burst=0.0, margin=0.1)
+    bucket.reserve(0.0, 1)
+    assert bucket.send_time(0.0, 1) == pytest.approx(1 / 0.9)
+    bucket.widen_margin(0.2)
+    assert bucket.rate == pytest.approx(0.8)
+    bucket.widen_margin(0.1)  # never narrows
+    assert bucket.margin == 0.2
 
 
 arrival = st.tuples(st.floats(min_value=0.0, max_value=5.0), st.integers(min_value=1, max_value=50))

@@ -102,7 +102,7 @@ class _Shared:
         # The window is a lease longer than the period: see the module docstring.
         period = limits.period + lease_time(limits.period)
         self.buckets = [
-            RateBucket(name, getattr(limits, name), period, limits.burst)
+            RateBucket(name, getattr(limits, name), period, limits.burst, limits.margin)
             for name in _RATES
             if getattr(limits, name) is not None
         ]

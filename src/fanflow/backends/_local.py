@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 from .._durable import Durability
 from .._engine import CallOptions, execute, make_options
 from .._events import CallEnded, emit
+from .._limits import DEFAULT_CONCURRENCY
 from .._llm import LLM, BaseLLM
 from .._types import CallRecord, Request, Response, Status
 from ._base import Deliver, FirstCheck, Items, MapSpec, PoolSpec
@@ -40,8 +41,9 @@ __all__ = [
 T = TypeVar("T")
 
 # With no concurrency limit anywhere (neither the call's nor the handle's), a batch runs
-# at most this many items at once, so an unbounded iterator cannot exhaust memory.
-DEFAULT_WINDOW = 1024
+# at most this many items at once, so an unbounded iterator cannot exhaust memory: the
+# default concurrency, one constant (fanflow.DEFAULT_CONCURRENCY).
+DEFAULT_WINDOW = DEFAULT_CONCURRENCY
 
 # Workers per concurrency slot. Slots are taken per attempt (the pattern's gate, the
 # handle's lane), so an item waiting out a backoff holds its worker but not its slot; the

@@ -371,6 +371,7 @@ class HttpLLM(BaseLLM):
     """Base of the HTTP handles: a pooled session per loop, a key, a base URL."""
 
     provider: ClassVar[str] = "http"
+    hedges: ClassVar[bool] = True  # a duplicate is one more request: the hedging policy
 
     def __init__(
         self,

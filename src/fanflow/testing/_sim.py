@@ -251,6 +251,17 @@ class SimServer:
             shorter one makes real-time tests of rate limits quick (``rpm=20,
             period=1.0``: 20 requests per second, a burst of 20).
         max_in_flight: requests handled at once beyond which the server answers 429.
+        arrival_jitter: up to this many seconds (uniform, seeded) between a request's
+            arrival and its check against ``rpm``/``tpm``: the network and the client's
+            event loop running late, so a client paced exactly at the limit meets an
+            empty bucket now and then, as it would at a hosted API.
+        connect_delay: seconds by which the first request on each new connection reaches
+            the limits late (the TCP and TLS handshakes to a distant API). A client's
+            first burst opens many connections at once and lands late on a full bucket,
+            whose refill meanwhile is lost; requests on warm connections then catch up.
+        rate_headers: send the rate-limit headers (``x-ratelimit-*`` /
+            ``anthropic-ratelimit-*``) with ``rpm``/``tpm``; False for a server that
+            only answers 429 (nginx's ``limit_req``, many gateways).
         reply: the reply text: a string, ``{regex: text}`` matched on the prompt (first
             match wins; unmatched prompts get the echo), or ``fn(SimRequest) -> str``.
             Default: ``"echo: <prompt>"``. ``max_tokens`` and stop sequences apply.
@@ -299,6 +310,9 @@ class SimServer:
         tpm: int | None = None,
         max_in_flight: int | None = None,
         period: float = 60.0,
+        arrival_jitter: float = 0.0,
+        connect_delay: float = 0.0,
+        rate_headers: bool = True,
         reply: ReplySpec | None = None,
         faults: Mapping[str, float] | None = None,
         fault_on: FaultSpec | None = None,
@@ -311,7 +325,13 @@ class SimServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        for name, value in (("latency", latency), ("per_token", per_token), ("jitter", jitter)):
+        for name, value in (
+            ("latency", latency),
+            ("per_token", per_token),
+            ("jitter", jitter),
+            ("arrival_jitter", arrival_jitter),
+            ("connect_delay", connect_delay),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {value}")
         for name, limit in (("rpm", rpm), ("tpm", tpm), ("max_in_flight", max_in_flight)):
@@ -327,6 +347,12 @@ class SimServer:
         if not period > 0:
             raise ValueError(f"period must be > 0 seconds, got {period}")
         self.period = period
+        self.arrival_jitter = arrival_jitter
+        self.connect_delay = connect_delay
+        self.rate_headers = rate_headers
+        # Connections seen (by their handler, kept so that an id is never reused).
+        self._connections: dict[int, object] = {}
+        self._arrival_rng = random.Random(seed + 1)  # apart from the fault draws
         self.slow_delay = slow_delay
         self.models = frozenset(models) if models is not None else None
         self._api_key = api_key
@@ -666,6 +692,15 @@ class SimServer:
                 api, 404, f"The model `{sim.model}` does not exist or you do not have access."
             )
         done = complete(sim, self._reply(sim))
+        late = 0.0
+        if self.connect_delay and id(request.protocol) not in self._connections:
+            self._connections[id(request.protocol)] = request.protocol
+            late = self.connect_delay
+        if self.arrival_jitter:
+            late += self._arrival_rng.uniform(0.0, self.arrival_jitter)
+        if late:
+            await asyncio.sleep(late)
+            now = loop.time()
         # ---- limits: in flight, then requests, then tokens (nothing charged on a 429)
         limited = self._limit(api, sim, done.input_tokens + done.output_tokens, now)
         if limited is not None:
@@ -808,7 +843,7 @@ class SimServer:
 
     def _limit_headers(self, api: Api) -> list[tuple[str, str]]:
         rb, tb = self._req_bucket, self._tok_bucket
-        if rb is None and tb is None:
+        if (rb is None and tb is None) or not self.rate_headers:
             return []
         return limit_headers(
             api,

@@ -1,0 +1,118 @@
+"""The hedging policy's measurements: when a duplicate attempt is worth sending.
+
+"The Tail at Scale" (Dean and Barroso, CACM 2013): send a second copy of a request once
+the first has been outstanding longer than a high quantile of the latencies seen, and
+the tail shrinks for a few percent more calls. A :class:`Hedger` belongs to one lane (one
+handle on one event loop): it keeps the latencies of the handle's last successful
+attempts and a count of calls and hedges, so duplicates stay under a share of the calls.
+
+It also watches the running attempts with one timer for them all (:meth:`Hedger.watch`):
+a timer per call would cost a heap push and a cancellation on every call, for the few
+that ever need a duplicate. The timer fires at most every eighth of the delay, so a
+duplicate may start up to 12.5% late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+__all__ = ["HEDGE_EXTRA", "HEDGE_QUANTILE", "Hedger", "Watched"]
+
+# A duplicate goes once an attempt is slower than this quantile of the handle's recent
+# successful attempts, and never before this multiple of their median.
+HEDGE_QUANTILE = 0.99
+HEDGE_MEDIAN_FACTOR = 1.5
+
+# Duplicates are at most this share of the calls started (the policy's cost cap).
+HEDGE_EXTRA = 0.05
+
+# Latencies kept (a ring) and needed before the policy trusts its quantile.
+_WINDOW = 512
+_WARMUP = 32
+# The quantile is recomputed after this many new latencies (a sort of the window).
+_REFRESH = 64
+
+
+class Watched(Protocol):
+    """A running attempt that may get a duplicate."""
+
+    def spawn_hedge(self) -> None: ...
+
+
+class Hedger:
+    """Recent latencies of one handle, the hedges it has sent, the attempts it watches."""
+
+    __slots__ = ("_delay", "_fresh", "_i", "_lat", "_running", "_timer", "calls", "hedges")
+
+    def __init__(self) -> None:
+        self._running: dict[Watched, float] = {}  # attempt -> when it is due (FIFO)
+        self._timer: asyncio.TimerHandle | None = None
+        self._lat: list[float] = []
+        self._i = 0
+        self._fresh = 0
+        self._delay: float | None = None
+        self.calls = 0  # first attempts started under the policy
+        self.hedges = 0  # duplicates started by the policy
+
+    def observe(self, latency: float) -> None:
+        """A successful attempt took ``latency`` seconds."""
+        lat = self._lat
+        if len(lat) < _WINDOW:
+            lat.append(latency)
+        else:
+            lat[self._i] = latency
+            self._i = (self._i + 1) % _WINDOW
+        self._fresh += 1
+        if self._fresh >= _REFRESH or (self._delay is None and len(lat) >= _WARMUP):
+            self._fresh = 0
+            self._delay = hedge_delay(lat)
+
+    def delay(self) -> float | None:
+        """Seconds after which an attempt gets a duplicate (None: not enough data)."""
+        return self._delay
+
+    def watch(self, attempt: Watched, due: float) -> None:
+        """Call ``attempt.spawn_hedge()`` at about ``due`` unless :meth:`unwatch` first."""
+        self._running[attempt] = due
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(due, self._sweep)
+
+    def unwatch(self, attempt: Watched) -> None:
+        self._running.pop(attempt, None)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        running = self._running
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = now
+        while running:
+            attempt, due = next(iter(running.items()))
+            if due > now + 1e-6:
+                break
+            del running[attempt]
+            attempt.spawn_hedge()
+        if running:
+            step = (self._delay or 0.0) / 8
+            self._timer = loop.call_at(max(due, now + step), self._sweep)
+
+    def allow(self) -> bool:
+        """Take one hedge if the cap allows it."""
+        if self.hedges + 1 > HEDGE_EXTRA * self.calls:
+            return False
+        self.hedges += 1
+        return True
+
+
+def hedge_delay(latencies: list[float]) -> float | None:
+    """The hedging delay for these latencies: their ``HEDGE_QUANTILE`` quantile, at
+    least ``HEDGE_MEDIAN_FACTOR`` times their median (a tight distribution, where the
+    quantile sits a hair above the median, would hedge calls that are merely average)."""
+    if len(latencies) < _WARMUP:
+        return None
+    ordered = sorted(latencies)
+    n = len(ordered)
+    high = ordered[min(n - 1, int(HEDGE_QUANTILE * n))]
+    median = ordered[n // 2]
+    return max(high, HEDGE_MEDIAN_FACTOR * median)
