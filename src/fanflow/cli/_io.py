@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, StoreError
 from .._types import CallRecord
 
 __all__ = [
@@ -74,11 +74,13 @@ def detect_format(path: str, explicit: str | None) -> str:
     return _EXTENSIONS.get(Path(path).suffix.lower(), "text")
 
 
-def _open_input(path: str) -> TextIO:
+def _open_input(path: str) -> IO[bytes] | TextIO:
     if path == "-":
-        return sys.stdin
+        # Bytes when there are any (so each line is decoded on its own); a replaced
+        # sys.stdin without a buffer (tests, embedding) is read as the text it is.
+        return getattr(sys.stdin, "buffer", sys.stdin)
     try:
-        return open(path, encoding="utf-8", newline="")
+        return open(path, "rb")
     except FileNotFoundError:
         raise ConfigError(f"input file {path} not found; check the path") from None
     except IsADirectoryError:
@@ -87,14 +89,64 @@ def _open_input(path: str) -> TextIO:
         raise ConfigError(f"input file {path} cannot be read: {exc.strerror}") from None
 
 
-def _jsonl(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
-    for number, line in enumerate(stream, start=1):
+class _Lines:
+    """The lines of an input, decoded one by one, with their numbers (1-based).
+
+    Each line is decoded on its own, so a line that is not UTF-8 is reported (by its
+    number, with the byte offset of the bad byte) and skipped, and the lines after it
+    are read as usual. A UTF-8 byte-order mark at the start of the file is dropped.
+    ``first`` is the number of the first line handed out since it was last reset (the
+    CSV reader uses it to name the line where a multi-line row starts).
+    """
+
+    def __init__(
+        self, stream: IO[bytes] | TextIO, name: str, on_bad: Callable[[BadLine], None]
+    ) -> None:
+        self._stream = stream
+        self._name = name
+        self._on_bad = on_bad
+        self.number = 0
+        self.first: int | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self._stream:
+            self.number += 1
+            if isinstance(raw, bytes):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    self._on_bad(
+                        BadLine(
+                            self._name,
+                            self.number,
+                            f"is not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason})",
+                        )
+                    )
+                    continue
+            else:
+                line = raw
+            if self.number == 1:
+                line = line.removeprefix("\ufeff")
+            if self.first is None:
+                self.first = self.number
+            yield line
+
+
+def _jsonl(lines: _Lines, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+    for line in lines:
+        number = lines.number
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             on_bad(BadLine(name, number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except ValueError as exc:  # a number too long to convert, say
+            on_bad(BadLine(name, number, f"not valid JSON ({exc})"))
+            continue
+        except RecursionError:
+            on_bad(BadLine(name, number, "not valid JSON (nested too deeply)"))
             continue
         if not isinstance(value, dict | str):
             kind = type(value).__name__
@@ -103,18 +155,19 @@ def _jsonl(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iter
         yield Item(number, value)
 
 
-def _csv(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
-    reader = csv.reader(stream)
+def _csv(lines: _Lines, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+    reader = csv.reader(lines)
     header: list[str] | None = None
     while True:
-        start = reader.line_num + 1  # a quoted field may span lines: report the first
+        lines.first = None  # a quoted field may span lines: report the first
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            on_bad(BadLine(name, start, f"not valid CSV ({exc})"))
+            on_bad(BadLine(name, lines.first or lines.number, f"not valid CSV ({exc})"))
             continue
+        start = lines.first or lines.number
         if not row or all(not cell.strip() for cell in row):
             continue
         if header is None:
@@ -126,12 +179,12 @@ def _csv(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterat
         yield Item(start, dict(zip(header, row, strict=True)))
 
 
-def _text(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+def _text(lines: _Lines, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
     del name, on_bad  # every non-blank line is an item
-    for number, line in enumerate(stream, start=1):
+    for line in lines:
         text = line.rstrip("\r\n")
         if text.strip():
-            yield Item(number, text)
+            yield Item(lines.number, text)
 
 
 _READERS = {"jsonl": _jsonl, "csv": _csv, "text": _text}
@@ -141,18 +194,17 @@ def read_items(path: str, fmt: str, on_bad: Callable[[BadLine], None]) -> Iterat
     """Yield the items of ``path`` lazily; report malformed lines to ``on_bad``.
 
     The file is opened before the first item is asked for, so a missing file is a
-    :class:`ConfigError` raised by this call, not later.
+    :class:`ConfigError` raised by this call, not later. A line that is not UTF-8 is
+    reported by its number and skipped like any other malformed line.
     """
     stream = _open_input(path)
     name = "<stdin>" if path == "-" else path
 
     def generate() -> Iterator[Item]:
         try:
-            yield from _READERS[fmt](stream, name, on_bad)
-        except UnicodeDecodeError as exc:
-            on_bad(BadLine(name, 0, f"is not UTF-8 text ({exc.reason}); the rest is skipped"))
+            yield from _READERS[fmt](_Lines(stream, name, on_bad), name, on_bad)
         finally:
-            if stream is not sys.stdin:
+            if path != "-":
                 stream.close()
 
     return generate()
@@ -199,7 +251,13 @@ class OutputWriter:
         self.written = 0
 
     def write(self, row: dict[str, Any]) -> None:
+        try:
+            self._write(row)
+        except OSError as exc:
+            raise self._failed(exc) from None
         self.written += 1
+
+    def _write(self, row: dict[str, Any]) -> None:
         if self._stream is not None:
             # Standard output is looked up at each write: the live display may route it
             # above its panel while it runs (rich's redirect_stdout).
@@ -209,6 +267,14 @@ class OutputWriter:
         self._rows.append(row)
         if len(self._rows) >= 1024:
             self._flush_parquet()
+
+    def _failed(self, exc: OSError) -> StoreError:
+        where = "standard output" if self._stream is _STDOUT else self.path
+        return StoreError(
+            f"cannot write the results to {where} ({exc.strerror or exc}); free disk space "
+            "(or choose another -o) and run again",
+            path=self.path,
+        )
 
     def _flush_parquet(self) -> None:
         if not self._rows:
@@ -239,13 +305,21 @@ class OutputWriter:
             (sys.stdout if self._stream is _STDOUT else self._stream).flush()
 
     def close(self) -> None:
-        if self._parquet is not None:
-            self._flush_parquet()
-            self._parquet.close()
-        elif self._stream is not None and self._stream is not _STDOUT:
-            self._stream.close()
-        else:
-            self.flush()
+        """Write what is buffered and close the file.
+
+        Raises:
+            StoreError: the rest could not be written (a full disk, say).
+        """
+        try:
+            if self._parquet is not None:
+                self._flush_parquet()
+                self._parquet.close()
+            elif self._stream is not None and self._stream is not _STDOUT:
+                self._stream.close()
+            else:
+                self.flush()
+        except OSError as exc:
+            raise self._failed(exc) from None
 
 
 def open_output(path: str | None) -> OutputWriter:
