@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shlex
@@ -21,8 +22,9 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, StoreError
 from ._console import make_console, make_display, require_rich
+from ._interrupt import Interrupts
 from ._io import BadLine
 from ._progress import ProgressStats, Tracker, render_summary
 from ._providers import ProviderPlan, open_llms
@@ -220,7 +222,27 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
-    return resolve_settings(_flags(args), env=env, config=args.config)
+    return _fit_open_files(args, resolve_settings(_flags(args), env=env, config=args.config))
+
+
+def _fit_open_files(args: argparse.Namespace, settings: Settings) -> Settings:
+    """Raise the open-file limit as far as allowed; if the concurrency asked for still
+    needs more connections than fit under it, lower it and say so once."""
+    from ..providers._openfiles import connection_cap, raise_open_file_limit
+
+    files = raise_open_file_limit()
+    cap = connection_cap(files.soft)
+    if settings.concurrency is None or settings.concurrency <= cap:
+        return settings
+    if not getattr(args, "open_files_noted", False):
+        args.open_files_noted = True
+        print(
+            f"fanflow: the open-file limit (ulimit -n) is {files.soft} and the hard limit "
+            f"({files.hard}) allows no more, so at most {cap} calls run at once instead of "
+            f"{settings.concurrency}; raise the hard limit to run more",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(settings, concurrency=cap)
 
 
 def _plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> ProviderPlan:
@@ -310,10 +332,15 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     store = _open_store(settings, args) if args.job else None
     if store is not None:
         options.update(store=store, job=args.job, only_failed=args.only_failed)
+
+    def warn(text: str) -> None:
+        console.print(f"fanflow: {text}", markup=False)
+
     if args.records:
-        records = RecordsWriter.open(args.records)
+        records = RecordsWriter.open(args.records, warn=warn)
     elif store is not None:
-        records = RecordsWriter.open(job_records_path(store.path, args.job), append=True)
+        path = job_records_path(store.path, args.job)
+        records = RecordsWriter.open(path, append=True, warn=warn)
     else:
         records = None
     writer = open_output(args.output)
@@ -337,18 +364,32 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     try:
         with _library_warnings(console):
-            outcome, stats = asyncio.run(go())
+            outcome, stats = args.interrupts.run(go)
     finally:
-        writer.close()
-        if records is not None:
-            records.close()
-        if store is not None:
-            store.close()
+        unfinished = _close_all(console, writer, records, store)
     where = "standard output" if args.output in (None, "-") else args.output
-    return _finish(
-        args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,
+    code = _finish(
+        args, console, stats, bad, interrupted=outcome.interrupted or args.interrupts.count > 0,
+        failed=stats.failed,
         items=stats.done, where=where, resume=_resume_hint(args), finished=outcome.written,
     )  # fmt: skip
+    return EXIT_USAGE if unfinished and code != EXIT_INTERRUPTED else code
+
+
+def _close_all(console: Any, writer: Any, records: Any, store: Any) -> bool:
+    """Close the output, the records and the store whatever happened; True if the
+    output could not be completed (a full disk, say). Never raises: the run's own
+    outcome (or error) is what the command reports."""
+    unfinished = False
+    for thing in (writer, records, store):
+        if thing is None:
+            continue
+        try:
+            thing.close()
+        except (OSError, StoreError) as exc:
+            console.print(f"fanflow: {exc}", markup=False)
+            unfinished = unfinished or thing is writer
+    return unfinished
 
 
 def _dry_run(
@@ -364,7 +405,7 @@ def _dry_run(
         async with open_llms([plan]) as llms:  # nothing is sent: the handle fills defaults
             return dry_run(llms[0], args.prompt, items, options)
 
-    result = asyncio.run(go())
+    result = args.interrupts.run(go)
     s = plan.settings
     for line in describe_dry_run(result, model=s.model or plan.provider, rpm=s.rpm, tpm=s.tpm):
         print(line)
@@ -466,14 +507,14 @@ def _cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             )
 
     with _library_warnings(console):
-        run = asyncio.run(go())
+        run = args.interrupts.run(go)
     assert run.stats is not None
     if run.result is not None:
         text, data = payload(run.result)
         emit_answer(text, data, as_json=args.json)
     if not args.quiet:
         console.print(render_summary(run.stats, title=f"fanflow {args.command}", unit="calls"))
-    if run.interrupted:
+    if run.interrupted or args.interrupts.count:
         console.print("fanflow: interrupted; no answer. Run the command again.")
         return EXIT_INTERRUPTED
     if run.error is not None:
@@ -489,10 +530,14 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     pipe = load_pipeline(args.pipeline)
     flags = {k: v for k, v in _flags(args).items() if v is not None}
-    base = resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
+    base = _fit_open_files(
+        args, resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
+    )
     plans: dict[str | None, ProviderPlan] = {None: _plan(args, env, base)}
     for name, spec in pipe.models.items():
-        merged = resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
+        merged = _fit_open_files(
+            args, resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
+        )
         plans[name] = _plan(args, env, merged)
     source = args.input or pipe.input
     if source is None:
@@ -526,27 +571,28 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     try:
         with _library_warnings(console):
-            outcome, stats = asyncio.run(go())
+            outcome, stats = args.interrupts.run(go)
     finally:
-        writer.close()
-        if store is not None:
-            store.close()
-    return _finish(
-        args, console, stats, bad, interrupted=outcome.interrupted,
+        unfinished = _close_all(console, writer, None, store)
+    code = _finish(
+        args, console, stats, bad, interrupted=outcome.interrupted or args.interrupts.count > 0,
         failed=outcome.items - outcome.succeeded, items=outcome.items, unit="calls",
         resume=_resume_hint(args),
     )  # fmt: skip
+    return EXIT_USAGE if unfinished and code != EXIT_INTERRUPTED else code
 
 
 def _report_source(args: argparse.Namespace, env: Mapping[str, str]) -> str:
     """A records file as given, else the records of the job of that name."""
-    from ._records import job_records_path
+    from ._records import job_records_path, legacy_job_records_path
 
     if os.path.isfile(args.source):
         return str(args.source)
     settings = resolve_settings({"store": args.store}, env=env, config=args.config)
     store_path = settings.store or ".fanflow/store.db"
     path = job_records_path(store_path, args.source)
+    if not path.is_file():  # a job recorded by an older fanflow
+        path = legacy_job_records_path(store_path, args.source)
     if not path.is_file():
         raise ConfigError(
             f"{args.source} is neither a records file nor a job with records in "
@@ -610,11 +656,17 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
+    args.interrupts = interrupts = Interrupts()
     try:
         return handler(args, os.environ if env is None else env)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
+        # A store that cannot be used (locked by a running job, full disk, damaged file)
+        # stops the command like a wrong option: nothing more can be done without a fix.
         print(f"fanflow {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("fanflow: interrupted", file=sys.stderr)
+        hint = _resume_hint(args) if args.command in ("map", "run") else "Run it again."
+        print(f"fanflow: interrupted. {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        interrupts.restore()

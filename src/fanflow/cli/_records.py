@@ -7,14 +7,18 @@ cost. Error messages are kept short and never hold secrets (fanflow's errors nev
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .._exceptions import ConfigError
 from .._types import CallRecord
+from ..store._lock import job_file_stem
 from ._progress import _is_429
 
 __all__ = [
@@ -22,15 +26,30 @@ __all__ = [
     "CallRow",
     "RecordsWriter",
     "job_records_path",
+    "legacy_job_records_path",
     "read_records",
     "record_to_json",
 ]
 
 
 def job_records_path(store_path: str | Path, job: str) -> Path:
-    """Where a job's call records live: ``records/<job>.jsonl`` beside the store file."""
+    """Where a job's call records live: ``records/<job>.jsonl`` beside the store file.
+
+    Distinct job names get distinct files (``x/y`` and ``x_y`` no longer share one):
+    names that are not plain file names get a hash of the exact name
+    (:func:`fanflow.store._lock.job_file_stem`).
+    """
+    return _records_dir(store_path) / f"{job_file_stem(job)}.jsonl"
+
+
+def legacy_job_records_path(store_path: str | Path, job: str) -> Path:
+    """Where earlier fanflow versions kept a job's records (two names could share it)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
-    return Path(store_path).parent / "records" / f"{safe}.jsonl"
+    return _records_dir(store_path) / f"{safe}.jsonl"
+
+
+def _records_dir(store_path: str | Path) -> Path:
+    return Path(store_path).parent / "records"
 
 
 def _error_name(error: BaseException | None) -> str | None:
@@ -67,26 +86,89 @@ def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
 
 
 class RecordsWriter:
-    """Appends call records to a JSONL file as they end."""
+    """Appends call records to a JSONL file as they end.
 
-    def __init__(self, stream: IO[str]) -> None:
+    The records are a by-product of the run, never a reason to stop it: if the disk
+    fills up, the first failed write is reported once (``warn``) and later records are
+    dropped; closing never raises. A torn last line left by such a failure (or by a
+    crash) is cut off when the file is opened again to append, as ``JsonlSink`` does.
+    """
+
+    def __init__(self, stream: IO[str], path: str | Path = "", warn: Warn | None = None) -> None:
         self._stream = stream
+        self.path = str(path)
+        self._warn: Warn = warn or _log_warning
+        self.failed: OSError | None = None
+        self.torn_bytes_removed = 0
 
     @classmethod
-    def open(cls, path: str | Path, *, append: bool = False) -> RecordsWriter:
+    def open(
+        cls, path: str | Path, *, append: bool = False, warn: Warn | None = None
+    ) -> RecordsWriter:
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            return cls(open(path, "a" if append else "w", encoding="utf-8"))
+            torn = _cut_torn_tail(Path(path)) if append else 0
+            stream = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+            writer = cls(stream, path, warn)
         except OSError as exc:
             raise ConfigError(f"cannot write {path}: {exc.strerror}; check --records") from None
+        writer.torn_bytes_removed = torn
+        return writer
 
     def write(self, record: CallRecord[Any]) -> None:
-        if record.cached:  # served from the store: no call was made in this run
+        if record.cached or self.failed is not None:  # cached: no call was made this run
             return
-        self._stream.write(json.dumps(record_to_json(record)) + "\n")
+        try:
+            self._stream.write(json.dumps(record_to_json(record)) + "\n")
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        if self.failed is None:
+            self.failed = exc
+            self._warn(
+                f"call records could not be written to {self.path} ({exc.strerror or exc}); "
+                "the run goes on without them (fanflow report will miss the later calls)"
+            )
 
     def close(self) -> None:
-        self._stream.close()
+        try:
+            self._stream.close()
+        except OSError as exc:  # the last buffered lines did not fit on the disk
+            self._fail(exc)
+            with contextlib.suppress(OSError):
+                self._stream.close()
+
+
+Warn = Callable[[str], None]
+
+
+def _log_warning(text: str) -> None:
+    logging.getLogger("fanflow").warning("%s", text)
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Remove a last line that has no newline (a write cut short); return its length."""
+    try:
+        f = open(path, "rb+")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return 0
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            if pos == end and chunk.endswith(b"\n"):
+                return 0
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                pos = pos - step + newline + 1
+                break
+            pos -= step
+        f.truncate(pos)
+        return end - pos
 
 
 @dataclass(frozen=True, slots=True)
