@@ -97,6 +97,20 @@ def test_a_torn_last_line_is_cut_when_the_file_is_opened_to_append(tmp_path: Pat
     assert path.read_text() == whole * 3
 
 
+def test_the_report_passes_over_a_torn_last_line(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("a\nb\n")
+    done = run("map", "in.txt", "-p", "{input}", *SIM, "--records", "calls.jsonl", "-q")
+    assert done.returncode == 0, done.stderr
+    with (tmp_path / "calls.jsonl").open("a") as f:
+        f.write('{"index": 2, "label": null, "sta')  # what a crash mid-write leaves
+    done = run("report", "calls.jsonl", "-o", "r.html")
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "calls.jsonl").write_text('{"status": "succeeded"}\nnot json\n{"status": "x"}\n')
+    done = run("report", "calls.jsonl", "-o", "r.html")
+    assert done.returncode == 2  # a bad line in the middle is still an error
+    assert "calls.jsonl:2: not a fanflow call record" in done.stderr
+
+
 @contextlib.contextmanager
 def _small_disk(folder: Path) -> Iterator[tuple[str, Callable[[], None] | None]]:
     """A 256 KiB tmpfs at ``folder`` where mounting is allowed (root), else nothing.

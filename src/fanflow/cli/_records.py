@@ -216,6 +216,9 @@ class CallRow:
 def read_records(path: str) -> Iterator[CallRow]:
     """Read a records file written by ``--records``.
 
+    A last line without its newline is a write cut short (a crash, a full disk): it is
+    not a record yet and is passed over (the job's next run cuts it off).
+
     Raises:
         ConfigError: the file is missing or a line is not a call record (named by line).
     """
@@ -254,6 +257,8 @@ def read_records(path: str) -> Iterator[CallRow]:
                     attempts=attempts,
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                if not line.endswith("\n") and isinstance(exc, json.JSONDecodeError):
+                    return  # a torn last line
                 raise ConfigError(
                     f"{path}:{number}: not a fanflow call record ({type(exc).__name__}: {exc}); "
                     "give a file written by --records"
