@@ -359,7 +359,9 @@ class Store:
     Pass it to a pattern (``fanflow.map(..., store=store)``): every call is looked up
     first (a hit costs nothing) and every completed call is committed before it is
     reported. With ``job="name"`` the store also records each item's terminal status,
-    so running the same job again resumes it, after a crash too.
+    so running the same job again resumes it, after a crash too. A job runs once at a
+    time: a run holds the job's lock (:meth:`lock_job`), and a second run of it, in this
+    or another process, is refused with a :class:`StoreError` naming the first.
 
     Args:
         path: the database file (default ``.fanflow/store.db`` under the current
