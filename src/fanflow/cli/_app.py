@@ -658,7 +658,10 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     args.interrupts = interrupts = Interrupts()
     try:
-        return handler(args, os.environ if env is None else env)
+        code = handler(args, os.environ if env is None else env)
+        if interrupts.count and code != EXIT_INTERRUPTED:  # Ctrl-C while it was finishing
+            raise KeyboardInterrupt
+        return code
     except (ConfigError, StoreError) as exc:
         # A store that cannot be used (locked by a running job, full disk, damaged file)
         # stops the command like a wrong option: nothing more can be done without a fix.
