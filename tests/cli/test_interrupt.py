@@ -110,3 +110,39 @@ def test_ctrl_c_at_random_moments_always_exits_130(tmp_path: Path, cli_env: Env)
         assert "Traceback" not in err, (moment, err)
         assert code == 130, (moment, err)
         assert "to resume: fanflow map in.txt" in err, (moment, err)
+
+
+# The same race for a Python user of fanflow.as_completed under plain asyncio.run.
+LIBRARY = r"""
+import asyncio, sys
+import fanflow
+
+exec(open(sys.argv[1]).read().split("from fanflow.cli import main")[0])  # the tripwire
+
+
+async def main():
+    llm = fanflow.function(lambda request: request.prompt, name="echo")
+    async with fanflow.as_completed(llm, "{input}", [str(i) for i in range(50)]) as stream:
+        async for record in stream:
+            await asyncio.sleep(0)
+
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("interrupted")
+assert not Tripwire.armed, "the race was not provoked"
+"""
+
+
+def test_as_completed_under_asyncio_run_survives_the_same_race(
+    tmp_path: Path, cli_env: Env
+) -> None:
+    (tmp_path / "race.py").write_text(RACE)
+    done = subprocess.run(
+        [sys.executable, "-c", LIBRARY, str(tmp_path / "race.py")],
+        cwd=tmp_path, env=cli_env(None), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout == "interrupted\n"
+    assert done.returncode == 0

@@ -8,6 +8,7 @@ concurrency, not with the input (``as_completed``; ``map`` keeps one record per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import (
     AsyncIterable,
@@ -425,7 +426,13 @@ class ResultStream(Generic[T]):
 
     async def _put(self, record: CallRecord[T]) -> None:
         assert self._queue is not None
-        await self._queue.put(record)
+        # asyncio.run's SIGINT handler (Python 3.11) runs between any two bytecodes: it
+        # can cancel the consumer's getter inside Queue._wakeup_next, between its done()
+        # check and set_result(), which then raises here. The record is already queued
+        # and the consumer is being cancelled: nothing to undo (issue 13;
+        # docs/decisions/0096-cli-ctrl-c-through-the-loop.md).
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await self._queue.put(record)
 
     async def _produce(self, batch: _Runs) -> None:
         assert self._queue is not None
