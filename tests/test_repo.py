@@ -41,3 +41,10 @@ def test_readme_python_example_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "succeeded" in done.stdout
+
+
+def test_readme_pattern_shapes_are_the_example_that_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "patterns_as_written.py").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "vote" in b]
+    assert block.strip() in example

@@ -159,6 +159,13 @@ class Budget:
             if not fut.done():
                 fut.set_result(None)
 
+    def absorb(self, spent: float, skipped: int) -> None:
+        """Count what calls elsewhere spent and skipped against a copy of this budget
+        (the Ray backend's workers draw on one kept by its broker), so this budget's
+        statistics show the whole batch."""
+        self.settle(0.0, spent)
+        self._skipped += skipped
+
     def _left(self) -> float:
         return max(self.limit - self._spent - self._reserved, 0.0)
 

@@ -352,22 +352,25 @@ class _Call(Generic[T]):
     async def hedged(self, hedge_after: float, wait_before: float) -> Response:
         """Run an attempt; if it has not answered ``hedge_after`` seconds after it was
         sent, start a duplicate. The first success wins; the other is cancelled."""
+        # Every task started here is kept and awaited before this returns (structured,
+        # as a task group would; a group cannot be used because one attempt's failure
+        # must not cancel the other).
+        loop = self.loop
         sent = asyncio.Event()
-        primary = asyncio.ensure_future(
-            self.attempt(hedge=False, wait_before=wait_before, sent=sent)
-        )
-        tasks: set[asyncio.Future[Response]] = {primary}
+        primary = loop.create_task(self.attempt(hedge=False, wait_before=wait_before, sent=sent))
+        tasks: set[asyncio.Task[Response]] = {primary}
         try:
-            waiter = asyncio.ensure_future(sent.wait())
+            waiter = loop.create_task(sent.wait())
             try:
                 await asyncio.wait({primary, waiter}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
+                await asyncio.gather(waiter, return_exceptions=True)
             if not primary.done():
                 await asyncio.wait({primary}, timeout=hedge_after)
             if primary.done():
                 return primary.result()
-            tasks.add(asyncio.ensure_future(self.attempt(hedge=True, wait_before=0.0)))
+            tasks.add(loop.create_task(self.attempt(hedge=True, wait_before=0.0)))
             last_error: BaseException | None = None
             pending = set(tasks)
             while pending:

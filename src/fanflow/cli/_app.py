@@ -20,7 +20,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError, StoreError
 from ._console import make_console, make_display, require_rich
@@ -29,6 +29,9 @@ from ._io import BadLine
 from ._progress import ProgressStats, Tracker, render_summary
 from ._providers import ProviderPlan, open_llms
 from ._settings import OPTIONS, Settings, resolve_settings
+
+if TYPE_CHECKING:
+    from ..store import JobStore
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -339,7 +342,7 @@ def _cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.records:
         records = RecordsWriter.open(args.records, warn=warn)
     elif store is not None:
-        path = job_records_path(store.path, args.job)
+        path = job_records_path(store.location, args.job)
         records = RecordsWriter.open(path, append=True, warn=warn)
     else:
         records = None
@@ -414,7 +417,7 @@ def _dry_run(
     return EXIT_FAILED if result.template_errors or bad.lines else EXIT_OK
 
 
-def _open_store(settings: Settings, args: argparse.Namespace) -> Any:
+def _open_store(settings: Settings, args: argparse.Namespace) -> JobStore:
     from ..store import Store
 
     if args.only_failed and not args.job:

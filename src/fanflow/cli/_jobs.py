@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
 from .._types import Status
 
+if TYPE_CHECKING:
+    from ..store import JobStore
+
 __all__ = ["list_jobs", "show_job"]
 
 
-def _store(path: str | None) -> Any:
+def _store(path: str | None) -> JobStore:
     from ..store import DEFAULT_PATH, Store
 
     where = Path(path) if path else DEFAULT_PATH
@@ -38,7 +41,7 @@ def list_jobs(console: Any, path: str | None) -> int:
     finally:
         store.close()
     if not jobs:
-        console.print(f"no jobs in {store.path}")
+        console.print(f"no jobs in {store.location}")
         return 0
     table = Table(box=box.SIMPLE_HEAD)
     for name in ("job", "total", "succeeded", "failed", "pending", "runs", "last run"):
@@ -67,7 +70,7 @@ def show_job(console: Any, path: str | None, name: str, *, limit: int) -> int:
         job = store.job(name)
         if job is None:
             known = ", ".join(j.name for j in store.jobs()[:10]) or "none"
-            raise ConfigError(f"no job {name!r} in {store.path} (jobs: {known})")
+            raise ConfigError(f"no job {name!r} in {store.location} (jobs: {known})")
         failures = store.items(name, status=[s for s in Status if s is not Status.SUCCEEDED])
     finally:
         store.close()

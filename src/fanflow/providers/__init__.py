@@ -5,8 +5,8 @@ HTTP through the shared plumbing in ``_http.py``; ``function`` wraps any callabl
 """
 
 from ._anthropic import AnthropicLLM, anthropic
+from ._function import FunctionLLM, function
 from ._openai import OpenAILLM, openai
-from .function import FunctionLLM, function
 from .local import LocalLLM, PoolStatistics, local
 
 __all__ = [
