@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
+from ._log import log_pause
 from ._rate import RateBucket, Slot, aimd_decrease, aimd_increase
 
 __all__ = [
@@ -734,6 +735,7 @@ class Lane:
         if state is not None:
             self._observe(state)
         if error.retry_after is not None and error.retry_after > 0:
+            log_pause(error.retry_after, error)
             self.pause(now + error.retry_after)
 
     def pause(self, until: float) -> None:

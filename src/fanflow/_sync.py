@@ -47,7 +47,7 @@ def in_notebook() -> bool:
     return callable(get) and get() is not None
 
 
-def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
+def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]], *, progress: bool = False) -> T:
     """Run an awaitable to completion from synchronous code and return its result.
 
     ``fanflow.run(fanflow.map(llm, "...", items))`` works in a script (a new event loop
@@ -57,6 +57,10 @@ def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
 
     Args:
         awaitable: a coroutine, or a no-argument function returning one.
+        progress: show every call it makes live, as the ``fanflow`` command does: rich's
+            panel on a terminal or in Jupyter (when rich is installed), else a plain
+            line on standard error every few seconds and at the end. Every pattern
+            also takes ``progress=True``.
 
     Raises:
         ConfigError: called on the thread of a running event loop that is not a
@@ -65,7 +69,7 @@ def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_as_coroutine(awaitable))
+        return asyncio.run(_as_coroutine(awaitable, progress))
     if not in_notebook():
         if inspect.iscoroutine(awaitable):
             awaitable.close()  # never run: no "coroutine was never awaited" warning
@@ -75,7 +79,7 @@ def run(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
             "that loop until the work is done. Await the work instead: "
             "'result = await fanflow.map(...)', 'await pool.arun()', 'await skill.arun()'"
         )
-    value: T = _Helper(awaitable).run()
+    value: T = _Helper(awaitable, progress).run()
     return value
 
 
@@ -86,8 +90,11 @@ class _Helper:
     which is what a sync call promises.
     """
 
-    def __init__(self, awaitable: Awaitable[Any] | Callable[[], Awaitable[Any]]) -> None:
+    def __init__(
+        self, awaitable: Awaitable[Any] | Callable[[], Awaitable[Any]], progress: bool = False
+    ) -> None:
         self.awaitable = awaitable
+        self.progress = progress
         self.lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -104,7 +111,7 @@ class _Helper:
                 raise asyncio.CancelledError
             self.loop = asyncio.get_running_loop()
             self.task = asyncio.current_task()
-        return await _as_coroutine(self.awaitable)
+        return await _as_coroutine(self.awaitable, self.progress)
 
     def _target(self, ctx: contextvars.Context) -> None:
         try:
@@ -149,7 +156,14 @@ class _Helper:
         return self.value
 
 
-async def _as_coroutine(awaitable: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
+async def _as_coroutine(
+    awaitable: Awaitable[T] | Callable[[], Awaitable[T]], progress: bool = False
+) -> T:
     if callable(awaitable) and not isinstance(awaitable, Awaitable):
         awaitable = awaitable()
-    return await awaitable
+    if not progress:
+        return await awaitable
+    from ._progress import show_progress
+
+    async with show_progress():
+        return await awaitable

@@ -2,7 +2,8 @@
 
 The contract (README, docs/errors.md): a line that cannot be an item is reported as
 ``file:line: reason; skipped`` and only that line is skipped; every other item is run;
-the exit code is 1 when a line was skipped or an item failed, else 0; never a traceback.
+the exit code is 1 when a line was skipped or an item failed, 3 when the file held no
+items at all, else 0; never a traceback.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def _check(path: Path, kinds: list[str], code: int, out: list[dict[str, object]]
     for n in bad:
         assert f"{path}:{n}: " in err
     failed = any(r["status"] != "succeeded" for r in out)
-    assert code == (1 if bad or failed else 0), err
+    # 1: a line skipped or an item failed; 3: the input held no items at all; else 0.
+    assert code == (1 if bad or failed else 3 if not items else 0), err
 
 
 _settings = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -75,7 +75,7 @@ def test_a_full_disk_is_reported_once_and_closing_never_raises() -> None:
     from fanflow._types import CallRecord, Status
 
     said: list[str] = []
-    writer = RecordsWriter(_FullDisk(), "records/j.jsonl", said.append)
+    writer = RecordsWriter(_FullDisk(), paths=["records/j.jsonl"], warn=said.append)
     record: CallRecord[str] = CallRecord(status=Status.SUCCEEDED, value="x", index=0)
     writer.write(record)
     writer.write(record)

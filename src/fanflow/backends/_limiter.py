@@ -123,8 +123,10 @@ class LimitBroker:
     def open_budget(self, spec: BudgetSpec) -> None:
         self._budgets.setdefault(spec.budget_id, budget_of(spec))
 
-    async def reserve_budget(self, budget_id: str, amount: float, who: str) -> float:
-        return await self._budgets[budget_id].reserve(amount, who)
+    async def reserve_budget(
+        self, budget_id: str, amount: float, who: str, output_tokens: int | None = None
+    ) -> float:
+        return await self._budgets[budget_id].reserve(amount, who, output_tokens)
 
     def settle_budget(self, budget_id: str, reserved: float, actual: float) -> None:
         budget = self._budgets.get(budget_id)
@@ -641,7 +643,7 @@ class RemoteBudget(Budget):
     def __init__(
         self,
         spec: BudgetSpec,
-        reserve: Callable[[float, str], Awaitable[float]],
+        reserve: Callable[[float, str, int | None], Awaitable[float]],
         settle: Callable[[float, float], None],
     ) -> None:
         if spec.unit == "usd":
@@ -651,9 +653,9 @@ class RemoteBudget(Budget):
         self._remote_reserve = reserve
         self._remote_settle = settle
 
-    async def reserve(self, amount: float, who: str) -> float:
+    async def reserve(self, amount: float, who: str, output_tokens: int | None = None) -> float:
         try:
-            return await self._remote_reserve(amount, who)
+            return await self._remote_reserve(amount, who, output_tokens)
         except BudgetExceeded as exc:
             # Ray wraps a remote error in a class of its own: raise the plain one.
             cause = getattr(exc, "cause", None)

@@ -82,8 +82,10 @@ class BrokerActor:
     async def open_budget(self, spec: BudgetSpec) -> None:
         self.broker.open_budget(spec)
 
-    async def reserve_budget(self, budget_id: str, amount: float, who: str) -> float:
-        return await self.broker.reserve_budget(budget_id, amount, who)
+    async def reserve_budget(
+        self, budget_id: str, amount: float, who: str, output_tokens: int | None = None
+    ) -> float:
+        return await self.broker.reserve_budget(budget_id, amount, who, output_tokens)
 
     async def settle_budget(self, budget_id: str, reserved: float, actual: float) -> None:
         self.broker.settle_budget(budget_id, reserved, actual)
@@ -150,8 +152,10 @@ class _Run:
             return None
         broker, budget_id = self.broker, spec.budget_id
 
-        async def reserve(amount: float, who: str) -> float:
-            reserved: float = await broker.reserve_budget.remote(budget_id, amount, who)
+        async def reserve(amount: float, who: str, output_tokens: int | None) -> float:
+            reserved: float = await broker.reserve_budget.remote(
+                budget_id, amount, who, output_tokens
+            )
             return reserved
 
         def settle(reserved: float, actual: float) -> None:

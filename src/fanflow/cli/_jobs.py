@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
 from .._types import Status
+from . import _base
+from ._console import make_console, require_rich
+from ._settings import resolve_settings
 
 if TYPE_CHECKING:
     from ..store import JobStore
 
-__all__ = ["list_jobs", "show_job"]
+__all__ = ["add_parser", "cmd_jobs", "list_jobs", "show_job"]
 
 
 def _store(path: str | None) -> JobStore:
@@ -96,3 +102,28 @@ def show_job(console: Any, path: str | None, name: str, *, limit: int) -> int:
         if len(failures) > limit:
             console.print(f"... and {len(failures) - limit} more (--limit N shows more)")
     return 0
+
+
+# -- the command: its arguments and its handler ------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("jobs", help="jobs in the store, their progress and failures")
+    p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    p.add_argument("name", nargs="?", metavar="NAME", help="the job to show")
+    p.add_argument("--store", metavar="PATH", help="the store (default .fanflow/store.db)")
+    p.add_argument("--limit", type=int, default=50, help="failures listed by show (50)")
+    _base.common_options(p)
+    p.set_defaults(handler=cmd_jobs)
+
+
+def cmd_jobs(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+
+    require_rich()
+    settings = resolve_settings({"store": args.store}, env=env, config=args.config)
+    console = make_console(sys.stdout)
+    if args.action == "show":
+        if not args.name:
+            raise ConfigError("fanflow jobs show needs a job NAME; fanflow jobs lists them")
+        return show_job(console, settings.store, args.name, limit=args.limit)
+    return list_jobs(console, settings.store)

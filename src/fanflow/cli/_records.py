@@ -11,20 +11,22 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .._exceptions import ConfigError
+from .._progress import _is_429
 from .._types import CallRecord
 from ..store._lock import job_file_stem
-from ._progress import _is_429
+from ._settings import for_cli
 
 __all__ = [
     "AttemptRow",
     "CallRow",
     "RecordsWriter",
+    "item_fields",
     "job_records_path",
     "legacy_job_records_path",
     "read_records",
@@ -56,9 +58,28 @@ def _error_name(error: BaseException | None) -> str | None:
     return None if error is None else type(error).__name__
 
 
-def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
-    """The JSON form of one call record."""
+# How much of an item's input a record keeps (the report's failures table shows it).
+INPUT_CHARS = 200
+
+
+def item_fields(line: int | None, value: Any) -> dict[str, Any]:
+    """The item a call answered, as a record keeps it: its line, its ``id`` field (when it
+    has one) and the start of its input."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    item_id = value.get("id") if isinstance(value, dict) else None
     return {
+        "line": line,
+        "id": None if item_id is None else str(item_id),
+        "input": text if len(text) <= INPUT_CHARS else text[: INPUT_CHARS - 1] + "…",
+    }
+
+
+def record_to_json(
+    record: CallRecord[Any], item: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The JSON form of one call record (``item``: from :func:`item_fields`)."""
+    return {
+        **(item or {}),
         "index": record.index,
         "label": record.label,
         "status": str(record.status),
@@ -69,7 +90,7 @@ def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
         "cost": record.cost,
         "cached": record.cached,
         "error": _error_name(record.error),
-        "message": None if record.error is None else str(record.error)[:300],
+        "message": None if record.error is None else for_cli(str(record.error))[:300],
         "attempts": [
             {
                 "number": a.number,
@@ -86,17 +107,20 @@ def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
 
 
 class RecordsWriter:
-    """Appends call records to a JSONL file as they end.
+    """Appends call records to JSONL files as they end (``--records FILE`` and, for a
+    job, the job's own records, so ``fanflow report JOB`` sees every run).
 
     The records are a by-product of the run, never a reason to stop it: if the disk
     fills up, the first failed write is reported once (``warn``) and later records are
     dropped; closing never raises. A torn last line left by such a failure (or by a
-    crash) is cut off when the file is opened again to append, as ``JsonlSink`` does.
+    crash) is cut off when a file is opened again to append, as ``JsonlSink`` does.
     """
 
-    def __init__(self, stream: IO[str], path: str | Path = "", warn: Warn | None = None) -> None:
-        self._stream = stream
-        self.path = str(path)
+    def __init__(
+        self, *streams: IO[str], paths: Sequence[str] = (), warn: Warn | None = None
+    ) -> None:
+        self._streams = streams
+        self._paths = list(paths) or ["the records file"] * len(streams)
         self._warn: Warn = warn or _log_warning
         self.failed: OSError | None = None
         self.torn_bytes_removed = 0
@@ -105,39 +129,55 @@ class RecordsWriter:
     def open(
         cls, path: str | Path, *, append: bool = False, warn: Warn | None = None
     ) -> RecordsWriter:
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            torn = _cut_torn_tail(Path(path)) if append else 0
-            stream = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
-            writer = cls(stream, path, warn)
-        except OSError as exc:
-            raise ConfigError(f"cannot write {path}: {exc.strerror}; check --records") from None
+        return cls.open_many([(path, append)], warn=warn)
+
+    @classmethod
+    def open_many(
+        cls, targets: Sequence[tuple[str | Path, bool]], *, warn: Warn | None = None
+    ) -> RecordsWriter:
+        """One writer for several files, each ``(path, append)``."""
+        streams: list[IO[str]] = []
+        torn = 0
+        for path, append in targets:
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                torn += _cut_torn_tail(Path(path)) if append else 0
+                streams.append(open(path, "a" if append else "w", encoding="utf-8"))  # noqa: SIM115 - closed by close()
+            except OSError as exc:
+                for stream in streams:
+                    stream.close()
+                raise ConfigError(f"cannot write {path}: {exc.strerror}; check --records") from None
+        writer = cls(*streams, paths=[str(path) for path, _ in targets], warn=warn)
         writer.torn_bytes_removed = torn
         return writer
 
-    def write(self, record: CallRecord[Any]) -> None:
+    def write(self, record: CallRecord[Any], item: Mapping[str, Any] | None = None) -> None:
         if record.cached or self.failed is not None:  # cached: no call was made this run
             return
-        try:
-            self._stream.write(json.dumps(record_to_json(record)) + "\n")
-        except OSError as exc:
-            self._fail(exc)
+        line = json.dumps(record_to_json(record, item), ensure_ascii=False) + "\n"
+        for stream, path in zip(self._streams, self._paths, strict=True):
+            try:
+                stream.write(line)
+            except OSError as exc:
+                self._fail(exc, path)
+                return
 
-    def _fail(self, exc: OSError) -> None:
+    def _fail(self, exc: OSError, path: str) -> None:
         if self.failed is None:
             self.failed = exc
             self._warn(
-                f"call records could not be written to {self.path} ({exc.strerror or exc}); "
+                f"call records could not be written to {path} ({exc.strerror or exc}); "
                 "the run goes on without them (fanflow report will miss the later calls)"
             )
 
     def close(self) -> None:
-        try:
-            self._stream.close()
-        except OSError as exc:  # the last buffered lines did not fit on the disk
-            self._fail(exc)
-            with contextlib.suppress(OSError):
-                self._stream.close()
+        for stream, path in zip(self._streams, self._paths, strict=True):
+            try:
+                stream.close()
+            except OSError as exc:  # the last buffered lines did not fit on the disk
+                self._fail(exc, path)
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 Warn = Callable[[str], None]
@@ -198,6 +238,9 @@ class CallRow:
     error: str | None
     message: str | None
     attempts: tuple[AttemptRow, ...]
+    line: int | None = None
+    id: str | None = None
+    input: str | None = None
 
     @property
     def latency(self) -> float | None:
@@ -255,6 +298,9 @@ def read_records(path: str) -> Iterator[CallRow]:
                     error=d.get("error"),
                     message=d.get("message"),
                     attempts=attempts,
+                    line=d.get("line"),
+                    id=d.get("id"),
+                    input=d.get("input"),
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 if not line.endswith("\n") and isinstance(exc, json.JSONDecodeError):

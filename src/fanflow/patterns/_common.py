@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ from .._durable import Durability, execute_stored
 from .._engine import CallOptions, status_of
 from .._exceptions import ConfigError
 from .._llm import LLM
+from .._repr import render, seconds, short
 from .._types import CallRecord, Request, Response, Status, Summary, summarize
 from ..store import ResultStore
 from ._options import Resolved
@@ -247,11 +248,20 @@ class PatternResult:
     records: tuple[CallRecord[Any], ...] = field(default=(), repr=False)
     makespan: float = 0.0
 
+    def _fields(self) -> Iterator[tuple[str, Any]]:
+        """The result's own fields (optional ones only when set), then its totals."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.repr and f.name != "makespan" and not (value is None and f.default is None):
+                yield f.name, value
+        yield "calls", len(self.records)
+        yield "makespan", round(self.makespan, 3)
+
     def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{f.name}={_short(getattr(self, f.name))}" for f in fields(self) if f.repr
-        )
-        return f"fanflow.{type(self).__name__}({shown})"
+        return render(type(self).__name__, ((name, _show(value)) for name, value in self._fields()))
+
+    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
+        yield from self._fields()
 
     @property
     def summary(self) -> Summary:
@@ -334,9 +344,14 @@ def spread(n: int, temperatures: tuple[float, float] | None) -> list[float | Non
     return [round(low + (high - low) * i / (n - 1), 6) for i in range(n)]
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _show(value: Any) -> str:
+    """A field of a pattern result: per-call views as their statuses, floats rounded,
+    long values shortened whole (:func:`fanflow._repr.short`)."""
+    if isinstance(value, tuple | list) and value and all(isinstance(v, RecordView) for v in value):
+        return "[" + ", ".join(v.status.value for v in value) + "]"
+    if isinstance(value, float) and not isinstance(value, bool):
+        return seconds(value)
+    return short(value)
 
 
 def chain_records(*groups: Iterable[CallRecord[Any] | None]) -> tuple[CallRecord[Any], ...]:

@@ -14,6 +14,7 @@ from typing import Any, Unpack
 
 from .._exceptions import ConfigError
 from .._llm import LLM
+from .._progress import with_progress
 from .._types import CallRecord, Request, Response
 from ._common import PatternResult, RecordView, check_model, now, run_items
 from ._options import Options, resolve
@@ -92,6 +93,7 @@ def _reader(low: int, high: int) -> Any:
     return read
 
 
+@with_progress
 async def evaluate(
     llm: LLM,
     content: str,
@@ -101,6 +103,7 @@ async def evaluate(
     prompt: str = DEFAULT_EVALUATE_PROMPT,
     system: str | None = None,
     temperature: float | None = 0.0,
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> EvaluateResult:
     """Score ``content`` on every criterion at once, one call per criterion.

@@ -23,6 +23,7 @@ from typing import Any, Literal, Unpack
 from .._engine import CallOptions
 from .._exceptions import ConfigError, QuorumNotMet
 from .._llm import LLM, BaseLLM
+from .._progress import with_progress
 from .._types import CallRecord, Request, Status
 from ..store import Store
 from ._common import (
@@ -147,6 +148,7 @@ def _listing(workers: Sequence[Worker]) -> str:
     return "\n\n".join(parts)
 
 
+@with_progress
 async def fan_out(
     llm: LLM,
     task: str,
@@ -160,6 +162,7 @@ async def fan_out(
     min_success: int | None = None,
     previous: FanOutResult | None = None,
     system: str | None = None,
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> FanOutResult:
     """Send ``task`` to several workers at once and merge what they answer.

@@ -11,6 +11,7 @@ from .._durable import execute_stored
 from .._engine import status_of
 from .._exceptions import AllFailed, CallTimeout
 from .._llm import LLM
+from .._progress import with_progress
 from .._types import CallRecord, Request, Response, Status
 from ._common import check_model
 from ._options import Options, Resolved, Shared, resolve
@@ -131,8 +132,12 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@with_progress
 async def gather(
-    *calls: Awaitable[Any], settled: bool = False, **options: Unpack[Options]
+    *calls: Awaitable[Any],
+    settled: bool = False,
+    progress: bool = False,
+    **options: Unpack[Options],
 ) -> list[Any]:
     """Run calls at once.
 
@@ -170,7 +175,8 @@ async def gather(
             await _cancel_all(tasks)
 
 
-async def race(*calls: Awaitable[Any], **options: Unpack[Options]) -> Any:
+@with_progress
+async def race(*calls: Awaitable[Any], progress: bool = False, **options: Unpack[Options]) -> Any:
     """Run calls at once; the first *success* wins and the others are cancelled.
 
     Args:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Unpack, cast
 
 from .._durable import Durability, execute_stored
 from .._llm import LLM
+from .._progress import with_progress
 from .._types import CallRecord, Request, Response, Status
 from ._common import (
     PatternResult,
@@ -153,6 +154,7 @@ async def _check(
     return record
 
 
+@with_progress
 async def guarded(
     llm: LLM,
     query: str,
@@ -163,6 +165,7 @@ async def guarded(
     fail_closed: bool = True,
     system: str | None = None,
     verdict: Callable[[str], bool] | None = None,
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> GuardedResult:
     """Answer ``query`` while a guard checks it; withhold the answer if flagged.

@@ -17,6 +17,7 @@ from typing import Any, Literal, Unpack
 
 from .._exceptions import AllFailed, ConfigError
 from .._llm import LLM
+from .._progress import with_progress
 from .._types import CallRecord, Request, Response
 from ._common import PatternResult, check_model, describe, now, run_calls, run_items, samples
 from ._options import Options, resolve
@@ -72,6 +73,7 @@ class BestOfNResult(PatternResult):
         return response.text if response is not None else None
 
 
+@with_progress
 async def best_of_n(
     llm: LLM,
     task: str,
@@ -82,6 +84,7 @@ async def best_of_n(
     judge_prompt: str = DEFAULT_JUDGE_PROMPT,
     temperature: float | None = 0.8,
     system: str | None = None,
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> BestOfNResult:
     """Generate ``n`` candidates at once and let a judge pick the best.

@@ -20,6 +20,7 @@ from .._budget import as_budget
 from .._durable import Durability
 from .._exceptions import FanflowError
 from .._llm import LLM
+from .._progress import with_progress
 from .._types import BatchResult, CallRecord, Request, Response
 from ..backends._base import Backend, BatchRun, Deliver, Items, MapSpec
 from ..backends._config import resolve_backend
@@ -54,6 +55,7 @@ def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+@with_progress
 async def map(
     llm: LLM,
     prompt: Prompt,
@@ -68,6 +70,7 @@ async def map(
     fail_fast: bool = False,
     only_failed: bool = False,
     backend: str | Backend = "local",
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.

@@ -26,6 +26,7 @@ from .._engine import CallOptions
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._pricing import Price
+from .._progress import with_progress
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
 from ..backends._base import Backend, PoolSpec
@@ -308,12 +309,15 @@ class Pool:
             items=tuple(items),
         )
 
-    def run(self, *, only_failed: bool = False) -> PoolResult:
+    def run(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
         """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
-        return run_sync(lambda: self.arun(only_failed=only_failed))
+        return run_sync(lambda: self.arun(only_failed=only_failed, progress=progress))
 
-    async def arun(self, *, only_failed: bool = False) -> PoolResult:
+    @with_progress
+    async def arun(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
         """Run every input (or, with ``only_failed``, those that did not succeed).
+
+        ``progress=True`` shows the calls live (as ``fanflow map`` does) while it runs.
 
         With a ``job``, an input that succeeded in an earlier run of the job (in this
         process or another) is replayed from the store: no model call is repeated.

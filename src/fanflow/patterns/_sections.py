@@ -17,6 +17,7 @@ from typing import Any, Unpack
 
 from .._exceptions import ConfigError
 from .._llm import LLM
+from .._progress import with_progress
 from .._sync import run as run_sync
 from .._types import BatchResult, CallRecord, Request
 from ._combine import CodeAggregator, Splitter, aggregator, chunks_of
@@ -72,6 +73,7 @@ def _joined(outputs: Mapping[str, str | None]) -> str:
     return "\n\n".join(f"## {name}\n{text}" for name, text in outputs.items() if text is not None)
 
 
+@with_progress
 async def sections(
     llm: LLM,
     prompts_or_sections: Sequence[str] | Mapping[str, str],
@@ -81,6 +83,7 @@ async def sections(
     synthesis_prompt: str = DEFAULT_SYNTHESIS_PROMPT,
     system: str | None = None,
     temperature: float | None = None,
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> SectionsResult:
     """Run one prompt per section at once, then synthesise them into one answer.
@@ -234,6 +237,7 @@ class ParallelCalls:
         aggregate: CodeAggregator | Callable[..., Any] | None = None,
         text: str | None = None,
         split: Splitter | None = None,
+        progress: bool = False,
     ) -> ParallelCallsResult:
         """Synchronous :meth:`arun`."""
         return run_sync(
@@ -244,9 +248,11 @@ class ParallelCalls:
                 aggregate=aggregate,
                 text=text,
                 split=split,
+                progress=progress,
             )
         )
 
+    @with_progress
     async def arun(
         self,
         chunks: Sequence[Any] | None = None,
@@ -256,6 +262,7 @@ class ParallelCalls:
         aggregate: CodeAggregator | Callable[..., Any] | None = None,
         text: str | None = None,
         split: Splitter | None = None,
+        progress: bool = False,
     ) -> ParallelCallsResult:
         """Run ``branch_prompt`` over every chunk, then aggregate the outputs once.
 

@@ -24,6 +24,7 @@ from typing import Any, Literal, Unpack
 
 from .._exceptions import AllFailed, BudgetExceeded, ConfigError
 from .._llm import LLM
+from .._progress import with_progress
 from .._types import CallRecord, Response, Status
 from ._common import (
     PatternResult,
@@ -147,6 +148,7 @@ def _should_stop(ranked: list[tuple[Any, int]], left: int, threshold: float) -> 
     return None
 
 
+@with_progress
 async def vote(
     llm: LLM | Sequence[LLM],
     task: str | Sequence[str],
@@ -159,6 +161,7 @@ async def vote(
     wave: int | None = None,
     threshold: float = 0.95,
     system: str | None = None,
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> VoteResult:
     """Sample ``task`` up to ``n`` times and return the majority answer.
