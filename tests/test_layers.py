@@ -61,6 +61,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._limits": "engine",
     "fanflow._llm": "engine",
     "fanflow._engine": "engine",
+    "fanflow._breaker": "engine",
     "fanflow._durable": "durability",
 }
 

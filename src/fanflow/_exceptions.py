@@ -28,6 +28,8 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     ├── BudgetExceeded                 the budget cannot cover the next call
     ├── RequestTooLarge                one request needs more than a rate limit allows
     └── Skipped                        an item was not run (budget, deadline, upstream)
+        └── CircuitOpen                not sent: the handle's breaker tripped (bad key,
+                                       unknown model, quota, nothing listening)
 
 Whether to retry is decided by one function, :func:`is_retryable`, which reads the
 ``retryable`` attribute, never the message text. All errors pickle (they cross process
@@ -51,6 +53,7 @@ __all__ = [
     "BatchError",
     "BudgetExceeded",
     "CallTimeout",
+    "CircuitOpen",
     "ConfigError",
     "ContentFiltered",
     "FanflowError",
@@ -153,9 +156,14 @@ class Overloaded(ServerError):
 
 
 class ProviderConnectionError(ProviderError):
-    """The connection was refused, reset or could not be made."""
+    """The connection was refused, reset or could not be made.
+
+    ``unreachable`` is True when no connection could be made at all (refused, no such
+    host), as opposed to one that broke: repeated, it trips the handle's breaker.
+    """
 
     retryable = True
+    unreachable: bool = False
 
 
 class ProtocolError(ProviderError):
@@ -252,6 +260,17 @@ class StoreError(FanflowError):
 
 class Skipped(FanflowError):
     """An item was not run (budget spent, deadline passed, or an upstream step failed)."""
+
+
+class CircuitOpen(Skipped):
+    """Not sent: the handle's breaker tripped, because every further call would fail the
+    same way (``kind``: ``"key"``, ``"quota"``, ``"forbidden"``, ``"missing"`` or
+    ``"unreachable"``). The message says what to fix; ``__cause__`` is the last error."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message, kind)
+        self.message = message
+        self.kind = kind
 
 
 # --------------------------------------------------------------------------- patterns

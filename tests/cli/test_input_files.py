@@ -105,13 +105,26 @@ def _run_in_process(path: Path, fmt: str, prompt: str) -> tuple[int, list[dict[s
     return code, rows(out.read_text(encoding="utf-8")), err.getvalue()
 
 
-def _check(path: Path, kinds: list[str], code: int, out: list[dict[str, object]], err: str) -> None:
+def _check(
+    path: Path,
+    kinds: list[str],
+    code: int,
+    out: list[dict[str, object]],
+    err: str,
+    refused: bool = False,
+) -> None:
+    """``refused``: no one of the first 8 items has the template's field, so the run is
+    refused before any call (exit 2, the field named); else every item is run."""
     assert "Traceback" not in err
     items = [n for n, k in enumerate(kinds, start=1) if k == "item"]
     bad = [n for n, k in enumerate(kinds, start=1) if k == "bad"]
-    assert [r["line"] for r in out] == items, err  # every item run, in input order
     for n in bad:
         assert f"{path}:{n}: " in err
+    if refused:
+        assert (code, out) == (2, []), err
+        assert "nothing was sent" in err
+        return
+    assert [r["line"] for r in out] == items, err  # every item run, in input order
     failed = any(r["status"] != "succeeded" for r in out)
     # 1: a line skipped or an item failed; 3: the input held no items at all; else 0.
     assert code == (1 if bad or failed else 3 if not items else 0), err
@@ -121,21 +134,37 @@ _settings = settings(max_examples=40, deadline=None, suppress_health_check=[Heal
 
 
 def _fuzz_lines(
-    lines: list[bytes], name: str, prompt: str, oracle: Callable[[bytes, bool], str]
+    lines: list[bytes],
+    name: str,
+    prompt: str,
+    oracle: Callable[[bytes, bool], str],
+    refused: bool = False,
 ) -> list[dict[str, object]]:
     """Run the lines as the file ``name``, check the promises, return the output rows."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / name
         path.write_bytes(b"".join(line + b"\n" for line in lines))
         code, out, err = _run_in_process(path, name.rsplit(".")[-1], prompt)
-        _check(path, [oracle(x, i == 0) for i, x in enumerate(lines)], code, out, err)
+        kinds = [oracle(x, i == 0) for i, x in enumerate(lines)]
+        _check(path, kinds, code, out, err, refused)
         return out
+
+
+def _no_text_field_in_first_items(lines: list[bytes]) -> bool:
+    """Whether items exist and none of the first 8 is an object with a ``text`` field."""
+    values = [
+        json.loads(_decode(x, i == 0) or "")
+        for i, x in enumerate(lines)
+        if _jsonl_oracle(x, i == 0) == "item"
+    ][:8]
+    return bool(values) and not any(isinstance(v, dict) and "text" in v for v in values)
 
 
 @_settings
 @given(st.lists(st.one_of(_valid_json_row, _junk_bytes, _json_ish, st.just(b"")), max_size=12))
 def test_fuzzed_jsonl_files(lines: list[bytes]) -> None:
-    out = _fuzz_lines(lines, "in.jsonl", "{text}", _jsonl_oracle)
+    refused = _no_text_field_in_first_items(lines)
+    out = _fuzz_lines(lines, "in.jsonl", "{text}", _jsonl_oracle, refused)
     for r in out:  # items with a text field all succeed; others fail by their template
         value = r["input"]
         if isinstance(value, dict) and isinstance(value.get("text"), str):

@@ -90,6 +90,7 @@ def test_emfile_is_reported_as_the_process_limit_not_the_server() -> None:
     assert "too many files open" in text
     assert f"ulimit -n, is {open_file_limits().soft}" in text
     assert "server is up" not in text
+    assert not getattr(error, "unreachable", False)  # the breaker must not read "nothing listening"
     assert not is_out_of_files(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
 
 

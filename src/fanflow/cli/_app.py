@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from .._exceptions import ConfigError, StoreError
+from .._exceptions import ConfigError, StoreError, TemplateError
 from . import _jobs, _mapcmd, _patterncmds, _report, _runpipe, _simcmd
 from ._base import (
     EXIT_BROKEN_PIPE,
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         if getattr(args, "output_unfinished", False):  # the results could not all be written
             return EXIT_USAGE
         return code
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, TemplateError) as exc:
         # A store that cannot be used (locked by a running job, full disk, damaged file)
         # stops the command like a wrong option: nothing more can be done without a fix.
         print(f"fanflow {args.command}: error: {for_cli(str(exc))}", file=sys.stderr)

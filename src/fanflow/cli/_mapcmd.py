@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import ConfigError
+from .._exceptions import CircuitOpen, ConfigError, TemplateError
 from .._llm import BaseLLM
 from .._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, Tracker, drive
 from .._types import CallRecord
@@ -30,16 +29,15 @@ __all__ = ["MapOutcome", "add_parser", "check_template", "cmd_map", "run_map"]
 
 
 def check_template(template: str) -> None:
-    """Reject a template that no item could fill (unbalanced braces), before any call."""
+    """Reject a template that is not valid (fanflow's template rules), before any call."""
+    from ..patterns._prompt import parse_template
+
     if not template.strip():
         raise ConfigError("--prompt is empty; give a template such as 'Summarize: {text}'")
     try:
-        list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ConfigError(
-            f"--prompt is not a valid template ({exc}); name fields as {{field}} and "
-            "write {{ and }} for literal braces"
-        ) from None
+        parse_template(template, "--prompt")
+    except TemplateError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass
@@ -281,9 +279,13 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 llms[0], args.prompt, items, tracker=tracker, display=display, writer=writer,
                 records=records, order=args.order, options=options,
             )  # fmt: skip
+            stops.extend(_base.tripped(llms))
         return outcome, tracker.snapshot()
 
+    stops: list[CircuitOpen] = []
     outcome, stats = _base.run_then_close(go, args, console, writer, records, store)
+    if stops and not outcome.interrupted:
+        return _base.stopped(args, console, stats, stops)
     where = "standard output" if args.output in (None, "-") else args.output
     return _base.finish(
         args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,

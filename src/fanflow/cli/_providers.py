@@ -148,7 +148,12 @@ class ProviderPlan:
             kwargs["max_tokens"] = self.max_tokens
         if self.provider == "sim":
             assert sim_url is not None
-            return fanflow.openai(s.model or "sim", base_url=sim_url, **kwargs)
+            sim = fanflow.openai(s.model or "sim", base_url=sim_url, **kwargs)
+            # Each run's server listens on a new port, but answers the same: one cache
+            # (so --job resumes). Its reply is all that changes what it answers.
+            reply = (self.sim or SimSpec()).options.get("reply")
+            sim.cache_endpoint = f"fanflow-sim(reply={reply!r})"
+            return sim
         if self.provider in ("openai", "anthropic"):
             assert s.model is not None
             if self.base_url is not None:

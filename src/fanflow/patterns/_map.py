@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import warnings
 import weakref
 from collections.abc import AsyncGenerator, Callable
@@ -22,12 +23,12 @@ from .._exceptions import FanflowError
 from .._llm import LLM
 from .._progress import with_progress
 from .._types import BatchResult, CallRecord, Request, Response
-from ..backends._base import Backend, BatchRun, Deliver, Items, MapSpec
+from ..backends._base import Backend, BatchRun, Deliver, FirstCheck, Items, MapSpec
 from ..backends._config import resolve_backend
 from ..backends._local import DEFAULT_WINDOW
 from ._common import check_model
 from ._options import Options, resolve
-from ._prompt import Prompt, build_request
+from ._prompt import FIRST_ITEMS, Prompt, build_request, check_first_items, parse_template
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
 
@@ -49,6 +50,13 @@ class _Template:
 
     def __call__(self, item: Any, index: int) -> Request:
         return build_request(self.prompt, item, index, system=self.system, params=self.params)
+
+
+def _first_check(prompt: Prompt) -> FirstCheck | None:
+    """The check of the first items a template needs (None for a callable prompt)."""
+    if not isinstance(prompt, str):
+        return None
+    return FirstCheck(FIRST_ITEMS, functools.partial(check_first_items, prompt))
 
 
 def _params(**kwargs: Any) -> dict[str, Any]:
@@ -108,6 +116,8 @@ async def map(
     """
     o = resolve("map", options)
     check_model(llm, "map")
+    if isinstance(prompt, str):
+        parse_template(prompt)  # a bad template fails here, before any call
     concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
     hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
     store, job, cache, sink = o.store, o.job, o.cache, o.sink
@@ -131,6 +141,7 @@ async def map(
         ),
         budget=as_budget(budget),
         prices=prices,
+        check_first=_first_check(prompt),
     )
     runner = resolve_backend(backend)
     loop = asyncio.get_running_loop()
@@ -321,6 +332,8 @@ def as_completed(
     """
     o = resolve("as_completed", options)
     check_model(llm, "as_completed")
+    if isinstance(prompt, str):
+        parse_template(prompt)  # a bad template fails here, before any call
     concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
     hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
     store, job, cache, sink = o.store, o.job, o.cache, o.sink
@@ -343,6 +356,7 @@ def as_completed(
         ),
         budget=as_budget(budget),
         prices=prices,
+        check_first=_first_check(prompt),
     )
     runner = resolve_backend(backend)
 

@@ -24,7 +24,7 @@ from .._budget import Budget
 from .._durable import Durability
 from .._engine import CallOptions
 from .._events import Hook
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, StepInputError
 from .._pricing import Price
 from .._progress import with_progress
 from .._sync import run as run_sync
@@ -35,6 +35,7 @@ from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, FlowResult, Step
 from ._options import Options, resolve
+from ._prompt import FIRST_ITEMS
 from ._skill import Skill
 
 __all__ = ["ItemStatus", "Pool", "PoolResult", "PoolStatus"]
@@ -309,6 +310,29 @@ class Pool:
             items=tuple(items),
         )
 
+    def _check_first_inputs(self, first: Sequence[Mapping[str, Any]]) -> None:
+        """A key that the runner needs from its input and that none of the first inputs
+        has is a mistake in the steps (or the data), found before any call (issue 13.2;
+        the rule of ``patterns._prompt.check_first_items``)."""
+        chain = self._run.chain if isinstance(self._run, _Single) else self._run
+        if not first:
+            return
+        have = sorted({str(k) for item in first for k in item})
+        for key in chain.required_keys:
+            if not any(key in item for item in first):
+                error = chain.check(have, None)  # names the step that needs it
+                assert error is not None
+                which = (
+                    "the only input lacks"
+                    if len(first) == 1
+                    else (f"none of the first {len(first)} inputs has")
+                )
+                raise StepInputError(
+                    f"{error} ({which} {key!r}; nothing was sent)",
+                    step=error.step,
+                    field=key,
+                )
+
     def run(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
         """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
         return run_sync(lambda: self.arun(only_failed=only_failed, progress=progress))
@@ -328,6 +352,7 @@ class Pool:
         """
         started = now()
         todo = [i for i, r in enumerate(self._results) if not only_failed or r is None or not r.ok]
+        self._check_first_inputs([self.inputs[i] for i in todo[:FIRST_ITEMS]])
         for i in todo:
             self._results[i] = None
         o = self.options.start()

@@ -10,7 +10,6 @@ not a dependency of fanflow: a model class is recognised by its ``model_validate
 from __future__ import annotations
 
 import json
-import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Unpack
@@ -28,21 +27,18 @@ from ..store import Store
 from ._common import check_model
 from ._options import Options, fill, option_attributes, resolve
 from ._parsing import find_json
-from ._prompt import render
+from ._prompt import parse_template, render
 
 __all__ = ["Skill", "SkillResult", "template_fields"]
 
 
 def template_fields(template: str) -> list[str]:
-    """The top-level field names a ``str.format`` template uses, in order, unique."""
-    names: list[str] = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is None or name == "":
-            continue
-        base = name.split(".", 1)[0].split("[", 1)[0]
-        if base not in names:
-            names.append(base)
-    return names
+    """The field names a template uses, in order, unique.
+
+    Raises:
+        TemplateError: it is not a valid template (see :func:`parse_template`).
+    """
+    return list(parse_template(template).fields)
 
 
 def _is_model(output: Any) -> bool:
@@ -128,7 +124,7 @@ class Skill:
         self.prompt = prompt
         self.output = output
         self.name = name or " ".join(prompt.split()[:3])
-        self.fields = template_fields(prompt)
+        self.fields = list(parse_template(prompt, f"the prompt of skill {self.name!r}").fields)
         self.validation_retries = validation_retries
         self.params: dict[str, Any] = {
             k: v

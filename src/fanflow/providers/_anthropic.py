@@ -51,6 +51,10 @@ class AnthropicLLM(HttpLLM):
         self.extra_body = dict(extra_body or {})
         self.url = f"{self.base_url}/v1/messages"
 
+    def cache_identity(self) -> dict[str, Any]:
+        identity = super().cache_identity()
+        return {**identity, "api_version": API_VERSION, "extra_body": self.extra_body}
+
     def auth_headers(self) -> dict[str, str]:
         out = {"anthropic-version": API_VERSION}
         if self._secret is not None:

@@ -65,6 +65,9 @@ class OpenAILLM(HttpLLM):
             return {"api-key": self._secret.reveal()}
         return {"Authorization": f"Bearer {self._secret.reveal()}"}
 
+    def cache_identity(self) -> dict[str, Any]:
+        return {**super().cache_identity(), "n": self.n, "extra_body": self.extra_body}
+
     def body(self, request: Request) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": request.model or self.model,

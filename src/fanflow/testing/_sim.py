@@ -71,6 +71,7 @@ FAULTS: tuple[str, ...] = (
     "slow_stream",
 )
 
+EchoKey: TypeAlias = Literal["json", "text", "partial"]
 ReplySpec: TypeAlias = "str | Mapping[str, str] | Callable[[SimRequest], str]"
 FaultSpec: TypeAlias = (
     "Mapping[str, FaultKind | Sequence[FaultKind]] | Callable[[SimRequest], FaultKind | None]"
@@ -248,8 +249,14 @@ class SimServer:
             replies), or ``fn(SimRequest) -> kind | None``.
         slow_delay: seconds between chunks of a ``slow_stream`` fault.
         api_key: when set, requests must carry it (``Authorization: Bearer`` or
-            ``x-api-key``) or get 401. The message echoes the wrong key in full, harsher
-            than the hosted APIs, so clients' redaction gets tested.
+            ``x-api-key``) or get 401. The message echoes the wrong key, harsher than
+            the hosted APIs, so clients' redaction gets tested (see ``echo_key``).
+        echo_key: how a 401 echoes the wrong key: ``"json"`` (the API's JSON error,
+            the key in full), ``"text"`` (a plain-text body, as a proxy might send,
+            with the key starting at byte 290, so a client that cuts the body at 300
+            bytes before redacting keeps its first 10 characters) or ``"partial"`` (the
+            JSON error with a cut key, its first and last 12 characters around
+            asterisks, as some APIs print keys: a redaction of the whole key misses it).
         models: when set, other model names get 404.
         keep_requests: record every request in ``server.requests`` (turn off for long
             runs: the list grows with every request).
@@ -277,6 +284,7 @@ class SimServer:
         fault_on: FaultSpec | None = None,
         slow_delay: float = 1.0,
         api_key: str | None = None,
+        echo_key: EchoKey = "json",
         models: Sequence[str] | None = None,
         keep_requests: bool = True,
         host: str = "127.0.0.1",
@@ -301,6 +309,9 @@ class SimServer:
         self.slow_delay = slow_delay
         self.models = frozenset(models) if models is not None else None
         self._api_key = api_key
+        if echo_key not in ("json", "text", "partial"):
+            raise ValueError(f"echo_key must be 'json', 'text' or 'partial', got {echo_key!r}")
+        self.echo_key = echo_key
         self.keep_requests = keep_requests
         self._reply = self._make_reply(reply)
         self._fault_rates = self._check_rates(faults or {})
@@ -560,6 +571,16 @@ class SimServer:
             response.headers[k] = v
         return response
 
+    def _unauthorised(self, api: Api, key: str) -> web.Response:
+        """The 401 for a wrong key, echoing it as ``echo_key`` says."""
+        if self.echo_key == "text":
+            head = "401 Unauthorized: the API key below is not valid. ".ljust(290, ".")
+            text = f"{head}{key}\nCheck the key and try again.\n"
+            return web.Response(status=401, text=text, content_type="text/plain")
+        if self.echo_key == "partial" and len(key) > 24:
+            key = f"{key[:12]}{'*' * (len(key) - 24)}{key[-12:]}"
+        return self._error(api, 401, f"Incorrect API key provided: {key}. Check your API key.")
+
     def _authorised(self, api: Api, request: web.BaseRequest) -> str | None:
         """None if the key is right, else the key that was sent (possibly empty)."""
         if self._api_key is None:
@@ -579,9 +600,7 @@ class SimServer:
         body = await request.read()
         wrong_key = self._authorised(api, request)
         if wrong_key is not None:
-            return self._error(
-                api, 401, f"Incorrect API key provided: {wrong_key}. Check your API key."
-            )
+            return self._unauthorised(api, wrong_key)
         if api == "anthropic" and "anthropic-version" not in request.headers:
             return self._error(api, 400, "anthropic-version: header is required")
         index = self._c.requests - 1
