@@ -60,6 +60,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._budget": "engine",
     "fanflow._limits": "engine",
     "fanflow._llm": "engine",
+    "fanflow._batchapi": "engine",
     "fanflow._engine": "engine",
     "fanflow._breaker": "engine",
     "fanflow._durable": "durability",

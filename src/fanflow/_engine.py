@@ -197,7 +197,8 @@ class _Call(Generic[T]):
             if lane.needs_tokens:
                 lane.check(*tokens, self._who())
             if budget is not None:
-                amount = budget.amount(self.request.model, *tokens)
+                batch = self.handle is not None and self.handle.batch_priced
+                amount = budget.amount(self.request.model, *tokens, batch=batch)
                 reserved = await budget.reserve(amount, self._who(), tokens[1])
         gate = self.opts.gate
         try:
@@ -246,7 +247,8 @@ class _Call(Generic[T]):
         if usage is not None and usage.total_tokens > 0:
             model = response.model if response is not None and response.model else None
             try:
-                actual = budget.amount(model or self.request.model, *_tokens_of(usage))
+                batch = response is not None and response.batch_id is not None
+                actual = budget.amount(model or self.request.model, *_tokens_of(usage), batch=batch)
             except BudgetExceeded:  # the reply names a model we have no price for
                 actual = reserved
         elif response is None and error is not None and not isinstance(error, CallTimeout):

@@ -15,7 +15,8 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     │   ├── PermissionDenied           403 (not retryable)
     │   ├── NotFound                   404 (not retryable)
     │   ├── ContentFiltered            refused by a content filter (not retryable)
-    │   └── QuotaExceeded              429 whose body says the spend/quota is used up
+    │   ├── QuotaExceeded              429 whose body says the spend/quota is used up
+    │   └── BatchIncomplete            a provider batch ended before answering (``batch_id``)
     ├── CallTimeout                    a call ran past its timeout or the deadline
     ├── ParseError                     the model answered but the reply was unusable
     ├── TemplateError                  an item lacks a field the prompt template needs
@@ -51,6 +52,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequest",
     "BatchError",
+    "BatchIncomplete",
     "BudgetExceeded",
     "CallTimeout",
     "CircuitOpen",
@@ -129,6 +131,25 @@ class ProviderError(FanflowError):
         self.message = message
         self.status_code = status_code
         self.retry_after = retry_after
+
+
+class BatchIncomplete(ProviderError):
+    """A provider batch ended (expired, cancelled, failed) before it answered this
+    request, or its results had no line for it. Retryable: the request goes into a new
+    batch (or real time, with ``mode="auto"``). ``batch_id`` names the batch."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        batch_id: str | None = None,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code, retry_after=retry_after)
+        self.batch_id = batch_id
 
 
 class RateLimited(ProviderError):

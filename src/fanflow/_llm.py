@@ -46,6 +46,9 @@ class LLM(Protocol):
 class BaseLLM(ABC):
     """Base of fanflow's LLM handles.
 
+    ``batch_priced`` is True while a handle's calls go through a provider batch API (a
+    budget reserves them at the batch price).
+
     Args:
         model: the model name filled into requests that name none.
         limits: the handle's limits, shared by every pattern using it.
@@ -125,6 +128,11 @@ class BaseLLM(ABC):
             "model": self.model,
             "name": getattr(self, "name", None),
         }
+
+    @property
+    def batch_priced(self) -> bool:
+        """Whether the next call is priced at a batch API's rate (a budget reserves it so)."""
+        return False
 
     def prepare(self, request: Request) -> Request:
         """Fill this handle's defaults into the fields the request leaves unset."""

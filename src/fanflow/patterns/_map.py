@@ -24,6 +24,8 @@ from .._llm import LLM
 from .._progress import with_progress
 from .._types import BatchResult, CallRecord, Request, Response
 from ..backends._base import Backend, BatchRun, Deliver, FirstCheck, Items, MapSpec
+from ..backends._batch import BatchOptions, Mode
+from ..backends._batchrun import batch_backend
 from ..backends._config import resolve_backend
 from ..backends._local import DEFAULT_WINDOW
 from ._common import check_model
@@ -59,6 +61,21 @@ def _first_check(prompt: Prompt) -> FirstCheck | None:
     return FirstCheck(FIRST_ITEMS, functools.partial(check_first_items, prompt))
 
 
+def _backend(
+    backend: str | Backend,
+    mode: Mode,
+    batch: BatchOptions | None,
+    llm: LLM,
+    *,
+    deadline: float | None,
+    hedge_after: float | None,
+) -> Backend:
+    """The backend ``backend=`` names, or the batch backend ``mode=`` asks for."""
+    if mode == "realtime":
+        return resolve_backend(backend)
+    return batch_backend(mode, batch, backend, llm, deadline=deadline, hedge_after=hedge_after)
+
+
 def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -78,6 +95,8 @@ async def map(
     fail_fast: bool = False,
     only_failed: bool = False,
     backend: str | Backend = "local",
+    mode: Mode = "realtime",
+    batch: BatchOptions | None = None,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> BatchResult[Any]:
@@ -104,6 +123,14 @@ async def map(
             running this engine, under one cluster-wide limit per handle; needs
             ``pip install 'fanflow[ray]'``), or any :class:`fanflow.backends.Backend`.
             The result is the same either way.
+        mode: ``"realtime"`` (one HTTP call per item), ``"batch"`` (through the
+            provider's batch API at its batch price: OpenAI's Batch API, Anthropic's
+            Message Batches; ``record.batch_id`` names the batch) or ``"auto"``
+            (batches, and what is still unanswered as ``deadline`` nears goes in real
+            time, within the handle's limits). ``timeout`` and ``concurrency`` then
+            apply to the real-time calls only. Shorthand for
+            ``backend=fanflow.BatchBackend(mode, batch)``.
+        batch: how batches are sized and polled (:class:`fanflow.BatchOptions`).
         **options: the call options (:class:`fanflow.Options`): ``concurrency`` is the
             most items in flight; ``deadline`` ends the items not done by then as
             ``timed_out``; with ``store`` each item's call is committed before it is
@@ -143,7 +170,7 @@ async def map(
         prices=prices,
         check_first=_first_check(prompt),
     )
-    runner = resolve_backend(backend)
+    runner = _backend(backend, mode, batch, llm, deadline=deadline, hedge_after=hedge_after)
     loop = asyncio.get_running_loop()
     size = spec.size
     records: list[CallRecord[Any] | None] = [None] * size if size is not None else []
@@ -155,9 +182,9 @@ async def map(
             records.append(None)
         records[index] = record
 
-    batch = runner.map_batch(spec, deliver)
+    run = runner.map_batch(spec, deliver)
     start = loop.time()
-    await batch.run()
+    await run.run()
     missing = [i for i, r in enumerate(records) if r is None]
     if missing:  # pragma: no cover - a broken promise, loudly
         raise FanflowError(f"internal error: items {missing[:10]} ended with no status")
@@ -316,6 +343,8 @@ def as_completed(
     label: str | None = None,
     only_failed: bool = False,
     backend: str | Backend = "local",
+    mode: Mode = "realtime",
+    batch: BatchOptions | None = None,
     **options: Unpack[Options],
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
@@ -324,7 +353,8 @@ def as_completed(
     up, and at most about twice the concurrency of records wait to be consumed.
     The arguments are those of :func:`map` but ``fail_fast``, and the same call options
     (:class:`fanflow.Options`); a record is yielded only after it is committed to the
-    store (on Ray, records stream back from the workers as they finish).
+    store (on Ray, records stream back from the workers as they finish; with ``mode``
+    ``"batch"``/``"auto"``, as their batches land).
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
@@ -358,7 +388,7 @@ def as_completed(
         prices=prices,
         check_first=_first_check(prompt),
     )
-    runner = resolve_backend(backend)
+    runner = _backend(backend, mode, batch, llm, deadline=deadline, hedge_after=hedge_after)
 
     def make_batch(deliver: Deliver) -> BatchRun:
         return runner.map_batch(spec, deliver)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Unpack
 
 from .._budget import Budget
@@ -23,6 +23,7 @@ from .._llm import LLM
 from .._pricing import Price
 from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
+from ..backends._batchrun import swapped
 from ..store import Store
 from ._common import check_model
 from ._options import Options, fill, option_attributes, resolve
@@ -209,12 +210,15 @@ class Skill:
             own.given,
             shared,
         )
+        llm = swapped(self.llm)  # a batching handle while a Pool runs with mode="batch"
+        if llm is not self.llm:  # a batched attempt waits for its batch: no attempt timeout
+            opts = replace(opts, timeout=None)
         store = store if store is not None else own.store
         reuse = cache if cache is not None else own.cache
         calls: list[CallRecord[Any]] = []
         for _ in range(1 + (self.validation_retries if self._parse is not None else 0)):
             record: CallRecord[Any] = await execute_stored(
-                self.llm,
+                llm,
                 request,
                 opts,
                 store=store,

@@ -21,6 +21,7 @@ from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
+from ._batchapi import AnthropicBatches, BatchAPI
 from ._http import HttpLLM, StreamText, protocol_error, wall_clock
 from ._ratelimit import parse_anthropic
 
@@ -54,6 +55,10 @@ class AnthropicLLM(HttpLLM):
     def cache_identity(self) -> dict[str, Any]:
         identity = super().cache_identity()
         return {**identity, "api_version": API_VERSION, "extra_body": self.extra_body}
+
+    def batches(self) -> BatchAPI:
+        """This handle's batch endpoints (used by ``mode="batch"``)."""
+        return AnthropicBatches(self)
 
     def auth_headers(self) -> dict[str, str]:
         out = {"anthropic-version": API_VERSION}

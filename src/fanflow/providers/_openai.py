@@ -19,6 +19,7 @@ from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
+from ._batchapi import BatchAPI, OpenAIBatches
 from ._http import HttpLLM, StreamText, protocol_error
 from ._ratelimit import parse_openai
 
@@ -55,6 +56,10 @@ class OpenAILLM(HttpLLM):
         self.url = f"{self.base_url}/chat/completions"
         if api_version is not None:
             self.url += "?" + urllib.parse.urlencode({"api-version": api_version})
+
+    def batches(self) -> BatchAPI:
+        """This handle's batch endpoints (used by ``mode="batch"``)."""
+        return OpenAIBatches(self)
 
     def auth_headers(self) -> dict[str, str]:
         if self._secret is None:

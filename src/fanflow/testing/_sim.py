@@ -27,8 +27,6 @@ import itertools
 import json
 import random
 import re
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +35,8 @@ from typing import Any, Literal, TypeAlias
 
 from aiohttp import web
 
+from ._simbatch import BatchDesk, SimBatches
+from ._simhttp import _Gone, _reset
 from ._simwire import (
     Api,
     BucketView,
@@ -53,7 +53,7 @@ from ._simwire import (
     retry_headers,
 )
 
-__all__ = ["FAULTS", "SimSecond", "SimServer", "SimStats"]
+__all__ = ["FAULTS", "SimBatches", "SimSecond", "SimServer", "SimStats"]
 
 FaultKind: TypeAlias = Literal[
     "500", "503", "529", "429", "quota", "hang", "reset", "malformed", "slow_stream"
@@ -76,6 +76,9 @@ ReplySpec: TypeAlias = "str | Mapping[str, str] | Callable[[SimRequest], str]"
 FaultSpec: TypeAlias = (
     "Mapping[str, FaultKind | Sequence[FaultKind]] | Callable[[SimRequest], FaultKind | None]"
 )
+
+#: The largest request body SimServer reads (a batch body or file at the APIs' limit).
+_MAX_BODY = 300 * 1024 * 1024
 
 _PATHS: dict[str, Api] = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic"}
 
@@ -148,7 +151,12 @@ class SimStats:
             ``keep_requests`` on (else empty).
         prompt_completed: replies sent in full per prompt (a 200 written to the end),
             with ``keep_requests`` on: a test can prove that no answered prompt was
-            asked again.
+            asked again (batch results count here too).
+        batches: batches created (OpenAI and Anthropic).
+        batch_requests: requests submitted in batches.
+        batch_cancels: batches whose cancellation was asked for.
+        batch_prompts: requests submitted in batches per prompt: a test can prove that
+            no item was submitted twice.
     """
 
     requests: int
@@ -162,6 +170,10 @@ class SimStats:
     timeline: tuple[SimSecond, ...] = field(repr=False)
     prompt_requests: Mapping[str, int] = field(default_factory=dict, repr=False)
     prompt_completed: Mapping[str, int] = field(default_factory=dict, repr=False)
+    batches: int = 0
+    batch_requests: int = 0
+    batch_cancels: int = 0
+    batch_prompts: Mapping[str, int] = field(default_factory=dict, repr=False)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -186,6 +198,10 @@ class SimStats:
             ],
             "prompt_requests": dict(self.prompt_requests),
             "prompt_completed": dict(self.prompt_completed),
+            "batches": self.batches,
+            "batch_requests": self.batch_requests,
+            "batch_cancels": self.batch_cancels,
+            "batch_prompts": dict(self.batch_prompts),
         }
 
 
@@ -260,6 +276,10 @@ class SimServer:
         models: when set, other model names get 404.
         keep_requests: record every request in ``server.requests`` (turn off for long
             runs: the list grows with every request).
+        batches: how the batch endpoints (OpenAI's Batch API, Anthropic's Message
+            Batches) behave: processing time, expiry, cancellation, limits
+            (:class:`SimBatches`; default ``SimBatches()``, 1 s per batch). Faults apply
+            per batched request as well.
         host: the address to listen on (loopback by default).
         port: the port (0: any free port).
 
@@ -287,6 +307,7 @@ class SimServer:
         echo_key: EchoKey = "json",
         models: Sequence[str] | None = None,
         keep_requests: bool = True,
+        batches: SimBatches | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -344,6 +365,8 @@ class SimServer:
         self._hangs: set[asyncio.Future[None]] = set()
         self._thread: threading.Thread | None = None
         self._thread_stop: asyncio.Event | None = None
+        self.batch_config = batches if batches is not None else SimBatches()
+        self._desk = BatchDesk(self, self.batch_config)
 
     # -- configuration helpers --------------------------------------------------------
 
@@ -411,7 +434,20 @@ class SimServer:
             raise RuntimeError("SimServer is already running")
         self._loop = asyncio.get_running_loop()
         self._reset_state()
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        loop = self._loop
+
+        def make_request(
+            message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+        ) -> web.BaseRequest:
+            # Batch files and bodies are up to 256 MB; aiohttp's default cap is 1 MB.
+            assert loop is not None
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, loop, client_max_size=_MAX_BODY
+            )
+
+        server = web.Server(
+            self._handle, handler_cancellation=True, access_log=None, request_factory=make_request
+        )
         runner = web.ServerRunner(server, shutdown_timeout=0.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
@@ -487,11 +523,18 @@ class SimServer:
         self._req_bucket = _Bucket(self.rpm, float(self.rpm), now, period) if self.rpm else None
         self._tok_bucket = _Bucket(self.tpm, float(self.tpm), now, period) if self.tpm else None
 
+    def set_batches(self, config: SimBatches) -> None:
+        """Change how the batch endpoints behave from now on (batches already created
+        follow the new processing time, measured from their creation)."""
+        self.batch_config = config
+        self._desk.config = config
+
     def reset(self) -> None:
         """Clear counters, recorded requests, buckets and scripted fault sequences."""
         in_flight = self._c.in_flight
         self._reset_state()
         self._c.in_flight = in_flight
+        self._desk.reset_counts()
 
     def stats(self) -> SimStats:
         """A snapshot of the counters."""
@@ -509,6 +552,10 @@ class SimServer:
             timeline=timeline,
             prompt_requests=dict(c.prompt_requests),
             prompt_completed=dict(c.prompt_completed),
+            batches=self._desk.created,
+            batch_requests=self._desk.lines_submitted,
+            batch_cancels=self._desk.cancels,
+            batch_prompts=dict(self._desk.prompt_submissions),
         )
 
     def _second(self, now: float) -> list[int]:
@@ -549,6 +596,8 @@ class SimServer:
         if request.path == "/stats/reset" and request.method == "POST":
             self.reset()
             return web.json_response({"ok": True})
+        if self._desk.handles(request.path):
+            return await self._desk.handle(request)
         return web.json_response(
             {"error": {"message": f"no route {request.method} {request.path}", "type": "none"}},
             status=404,
@@ -840,27 +889,6 @@ class SimServer:
         return None
 
 
-class _Gone(web.Response):
-    """Returned when the connection is already closed: aiohttp's write of it fails
-    quietly (no error log), and SimServer counts no response for it."""
-
-    def __init__(self, *, by_client: bool) -> None:
-        super().__init__(status=499)
-        self.by_client = by_client
-
-
-def _reset(request: web.BaseRequest) -> None:
-    """Close the connection with a TCP RST (SO_LINGER 0), as a crashed proxy would."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Run SimServer in the foreground: ``python -m fanflow.testing.sim --port 8000``."""
     import argparse
@@ -879,6 +907,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-in-flight", type=int, default=None)
     parser.add_argument(
         "--period", type=float, default=60.0, help="seconds of --rpm/--tpm (default 60)"
+    )
+    parser.add_argument(
+        "--batch-time", type=float, default=1.0, help="seconds a batch takes (default 1)"
     )
     parser.add_argument(
         "--fault",
@@ -905,6 +936,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         period=args.period,
         faults=faults,
         keep_requests=False,
+        batches=SimBatches(time=args.batch_time),
     )
 
     async def serve() -> None:
