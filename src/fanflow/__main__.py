@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python imports fanflow: nothing ran yet
+    raise SystemExit(130) from None
 
 raise SystemExit(main())

@@ -253,20 +253,27 @@ class Durability:
     async def around(self, run: Callable[[], Awaitable[int]], total: int | None) -> None:
         """Run the batch (``run`` returns how many inputs it saw) within this job."""
         store, job = self.store, self.job
-        if store is not None and job is not None:
-            self.prior = await store.start_job(job, total)
-        if self.sink is not None:
-            self.sink.open()
+        # One run of a job at a time (two would both call the model for every item):
+        # a second run is refused here, before any call, naming the process running it.
+        lock = store.lock_job(job) if store is not None and job is not None else None
         try:
-            seen = await run()
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            self._interrupted()
-            raise
-        finally:
+            if store is not None and job is not None:
+                self.prior = await store.start_job(job, total)
             if self.sink is not None:
-                self.sink.close()
-        if store is not None and job is not None:
-            await store.finish_job(job, seen)
+                self.sink.open()
+            try:
+                seen = await run()
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                self._interrupted()
+                raise
+            finally:
+                if self.sink is not None:
+                    self.sink.close()
+            if store is not None and job is not None:
+                await store.finish_job(job, seen)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _interrupted(self) -> None:
         if self.store is None or self.job is None:

@@ -131,6 +131,10 @@ def test_run_pipeline_flow_with_named_model(run: Run, tmp_path: Path) -> None:
         ("steps:\n  - prompt: x\n    after: [a]\n", "only a flow has 'after:'"),
         ("steps:\n  - prompt: '{x'\n", "steps[0].prompt: not a valid template"),
         ("steps: [\n", "p.yaml:2: not valid YAML"),
+        (
+            "steps: [a, b\n\n",
+            "p.yaml:1: not valid YAML: while parsing a flow sequence that is never",
+        ),
     ],
 )
 def test_pipeline_errors_name_line_and_field(

@@ -98,15 +98,48 @@ def test_text_reader_and_format_override(tmp_path: Path) -> None:
         detect_format("a.txt", "xml")
 
 
-def test_non_utf8_input_is_reported_not_raised(tmp_path: Path) -> None:
-    (tmp_path / "b.txt").write_bytes(b"fine\n\xff\xfe bad\n")
+def test_a_non_utf8_line_is_reported_by_number_and_only_it_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_bytes(b"fine\n\xff\xfe bad\nalso fine\n")
     got: list[BadLine] = []
-    values = [i.value for i in read_items(str(tmp_path / "b.txt"), "text", got.append)]
-    # The file is decoded in blocks, so the items before the bad block are kept and the
-    # rest of the file is reported (once) instead of crashing the run.
-    assert values == []
-    assert len(got) == 1
+    items = [(i.line, i.value) for i in read_items(str(tmp_path / "b.txt"), "text", got.append)]
+    assert items == [(1, "fine"), (3, "also fine")]
+    assert [(b.line, b.reason) for b in got] == [
+        (2, "is not UTF-8 text (byte 1 of the line: invalid start byte)")
+    ]
+    assert str(got[0]).startswith(f"{tmp_path / 'b.txt'}:2: is not UTF-8 text")
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "fmt"),
+    [
+        ("a.jsonl", [b'{"t": "a"}', b'{"t": "\xc3"}', b'{"t": "b"}', b'"c"', b'{"t": "d"}'], None),
+        ("a.csv", [b"t", b"a", b"b\xff", b"b", b"c", b"d"], None),
+        ("a.txt", [b"a", b"\xed\xa0\x80", b"b", b"c", b"d"], "text"),
+    ],
+)
+def test_each_format_keeps_every_valid_line_around_a_bad_one(
+    tmp_path: Path, name: str, lines: list[bytes], fmt: str | None
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    got: list[BadLine] = []
+    items = list(read_items(str(path), detect_format(str(path), fmt), got.append))
+    assert len(items) == 4
+    assert [b.line for b in got] == [3 if name.endswith(".csv") else 2]
     assert "is not UTF-8 text" in got[0].reason
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_item(tmp_path: Path) -> None:
+    items, bad = read(tmp_path, "a.jsonl", '\ufeff{"a": 1}\n')
+    assert items == [(1, {"a": 1})]
+    assert bad == []
+
+
+def test_json_nested_too_deeply_or_with_huge_numbers_is_a_bad_line(tmp_path: Path) -> None:
+    text = "[" * 100_000 + "]" * 100_000 + "\n" + "1" * 5000 + "\n" + '{"ok": 1}\n'
+    items, bad = read(tmp_path, "a.jsonl", text)
+    assert items == [(3, {"ok": 1})]
+    assert [line for line, _ in bad] == [1, 2]
 
 
 def test_missing_input_fails_at_once(tmp_path: Path) -> None:

@@ -31,8 +31,8 @@ def rows(path: Path, sql: str) -> list[Any]:
 
 
 def read_all(folder: Path) -> bytes:
-    """Every byte of every file in ``folder`` (the database, its WAL, anything else)."""
-    return b"".join(p.read_bytes() for p in folder.iterdir())
+    """Every byte of every file under ``folder`` (the database, its WAL, job locks...)."""
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
 
 
 ITEMS = [f"item {i}" for i in range(20)]

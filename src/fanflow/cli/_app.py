@@ -15,14 +15,16 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from .._exceptions import ConfigError, TemplateError
+from .._exceptions import ConfigError, StoreError, TemplateError
 from . import _jobs, _mapcmd, _patterncmds, _report, _runpipe, _simcmd
 from ._base import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     Parser,
+    resume_hint,
 )
+from ._interrupt import Interrupts
 from ._settings import for_cli
 
 __all__ = ["build_parser", "main"]
@@ -68,13 +70,22 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
+    args.interrupts = interrupts = Interrupts()
     try:
-        return handler(args, os.environ if env is None else env)
-    except (ConfigError, TemplateError) as exc:
+        code = handler(args, os.environ if env is None else env)
+        if interrupts.count and code != EXIT_INTERRUPTED:  # Ctrl-C while it was finishing
+            raise KeyboardInterrupt
+        if getattr(args, "output_unfinished", False):  # the results could not all be written
+            return EXIT_USAGE
+        return code
+    except (ConfigError, StoreError, TemplateError) as exc:
+        # A store that cannot be used (locked by a running job, full disk, damaged file)
+        # stops the command like a wrong option: nothing more can be done without a fix.
         print(f"fanflow {args.command}: error: {for_cli(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("fanflow: interrupted", file=sys.stderr)
+        hint = resume_hint(args) if args.command in ("map", "run") else "Run it again."
+        print(f"fanflow: interrupted. {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Our reader went away (`fanflow map ... | head -1`): end quietly. Standard output
@@ -83,3 +94,5 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    finally:
+        interrupts.restore()

@@ -13,17 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shlex
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._exceptions import CircuitOpen, ConfigError
+from .._exceptions import CircuitOpen, ConfigError, StoreError
 from .._pricing import Price, load_prices
 from .._progress import ProgressStats, Tracker, render_summary
 from ._console import make_display
-from ._io import BadLine
+from ._interrupt import Interrupts
+from ._io import BadLine, OutputWriter
 from ._providers import SIM_EXAMPLE, ProviderPlan, sim_keys
 from ._settings import OPTIONS, Settings, for_cli, resolve_settings
 
@@ -166,7 +168,36 @@ def flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
-    return resolve_settings(flags(args), env=env, config=args.config)
+    return fit_open_files(args, resolve_settings(flags(args), env=env, config=args.config))
+
+
+def fit_open_files(args: argparse.Namespace, settings: Settings) -> Settings:
+    """Raise the open-file limit as far as allowed; if the concurrency asked for still
+    needs more connections than fit under it, lower it and say so once
+    (docs/decisions/0097-open-file-limit.md)."""
+    from ..providers._openfiles import connection_cap, raise_open_file_limit
+
+    files = raise_open_file_limit()
+    cap = connection_cap(files.soft)
+    if settings.concurrency is None or settings.concurrency <= cap:
+        return settings
+    if not getattr(args, "open_files_noted", False):
+        args.open_files_noted = True
+        print(
+            f"fanflow: the open-file limit (ulimit -n) is {files.soft} and the hard limit "
+            f"({files.hard}) allows no more, so at most {cap} calls run at once instead of "
+            f"{settings.concurrency}; raise the hard limit to run more",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(settings, concurrency=cap)
+
+
+def interrupts(args: argparse.Namespace) -> Interrupts:
+    """The command's Ctrl-C handling (made by ``main``; one of its own otherwise)."""
+    found = getattr(args, "interrupts", None)
+    if not isinstance(found, Interrupts):
+        found = args.interrupts = Interrupts()
+    return found
 
 
 def plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> ProviderPlan:
@@ -239,6 +270,7 @@ def finish(
 
     ``empty`` names the input when it held no items at all (a warning, :data:`EXIT_EMPTY`).
     """
+    interrupted = interrupted or interrupts(args).count > 0
     if empty is not None and not interrupted and not bad.lines:
         console.print(f"fanflow: warning: {empty} holds no items; nothing was run", markup=False)
         return EXIT_EMPTY
@@ -359,14 +391,27 @@ def run_then_close(
     go: Callable[[], Coroutine[Any, Any, R]], args: argparse.Namespace, console: Any, *closing: Any
 ) -> R:
     """Run ``go()`` on a new event loop (the library's log shown on ``console`` at the
-    level ``args`` ask), then close every one of ``closing`` that is not None."""
+    level ``args`` ask), then close every one of ``closing`` that is not None.
+
+    Ctrl-C cancels ``go()`` between two callbacks of the loop (``_interrupt``). Closing
+    never raises: a thing that cannot be closed (a full disk) is one line on the console,
+    and if it was the output, ``args.output_unfinished`` is set (``main`` exits 2).
+    """
     try:
         with library_log(console, log_level(args)):
-            return asyncio.run(go())
+            return interrupts(args).run(go)
     finally:
         for thing in closing:
-            if thing is not None:
+            if thing is None:
+                continue
+            try:
                 thing.close()
+            except BrokenPipeError:
+                raise
+            except (OSError, StoreError) as exc:
+                console.print(f"fanflow: {exc}", markup=False)
+                if isinstance(thing, OutputWriter):
+                    args.output_unfinished = True
 
 
 def display(args: argparse.Namespace, console: Any, tracker: Tracker, bad: Bad) -> Any:

@@ -19,12 +19,12 @@ import io
 import itertools
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, StoreError
 from .._types import CallRecord
 
 __all__ = [
@@ -85,11 +85,13 @@ def detect_format(path: str, explicit: str | None) -> str:
     return _EXTENSIONS.get(Path(path).suffix.lower(), "text")
 
 
-def _open_input(path: str) -> TextIO:
+def _open_input(path: str) -> IO[bytes] | TextIO:
     if path == "-":
-        return sys.stdin
+        # Bytes when there are any (so each line is decoded on its own); a replaced
+        # sys.stdin without a buffer (tests, embedding) is read as the text it is.
+        return getattr(sys.stdin, "buffer", sys.stdin)
     try:
-        return open(path, encoding="utf-8", newline="")
+        return open(path, "rb")
     except FileNotFoundError:
         raise ConfigError(f"input file {path} not found; check the path") from None
     except IsADirectoryError:
@@ -98,8 +100,63 @@ def _open_input(path: str) -> TextIO:
         raise ConfigError(f"input file {path} cannot be read: {exc.strerror}") from None
 
 
-def _jsonl(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
-    for number, line in enumerate(stream, start=1):
+class _Lines:
+    """The lines of an input, decoded one by one, with their numbers (1-based).
+
+    Each line is decoded on its own, so a line that is not UTF-8 is reported (by its
+    number, with the byte offset of the bad byte) and skipped, and the lines after it
+    are read as usual. A UTF-8 byte-order mark at the start of the file is dropped.
+    ``number`` is the number of the line last handed out; ``first`` the number of the
+    first line handed out since it was last reset (the CSV reader uses it to name the
+    line where a multi-line row starts). Lines read ahead (``head``) are handed out first.
+    """
+
+    def __init__(
+        self, stream: IO[bytes] | TextIO, name: str, on_bad: Callable[[BadLine], None]
+    ) -> None:
+        self._stream = stream
+        self._name = name
+        self._on_bad = on_bad
+        self._read = 0
+        self._ahead: list[tuple[int, str]] = []
+        self.number = 0
+        self.first: int | None = None
+
+    def _decoded(self) -> Iterator[tuple[int, str]]:
+        for raw in self._stream:
+            self._read += 1
+            if isinstance(raw, bytes):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    reason = f"is not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason})"
+                    self._on_bad(BadLine(self._name, self._read, reason))
+                    continue
+            else:
+                line = raw
+            if self._read == 1:
+                line = line.removeprefix("\ufeff")
+            yield self._read, line
+
+    def head(self) -> list[str]:
+        """Read up to the first non-blank line (kept to be handed out again)."""
+        for number, line in self._decoded():
+            self._ahead.append((number, line))
+            if line.strip():
+                break
+        return [line for _, line in self._ahead]
+
+    def __iter__(self) -> Iterator[str]:
+        for number, line in itertools.chain(self._ahead, self._decoded()):
+            self.number = number
+            if self.first is None:
+                self.first = number
+            yield line
+
+
+def _jsonl(lines: _Lines, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+    for line in lines:
+        number = lines.number
         if not line.strip():
             continue
         try:
@@ -109,6 +166,12 @@ def _jsonl(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) 
             reason = exc.msg.removesuffix(" at")
             on_bad(BadLine(name, number, f"not valid JSON ({reason} at column {exc.colno})"))
             continue
+        except ValueError as exc:  # a number too long to convert, say
+            on_bad(BadLine(name, number, f"not valid JSON ({exc})"))
+            continue
+        except RecursionError:
+            on_bad(BadLine(name, number, "not valid JSON (nested too deeply)"))
+            continue
         if not isinstance(value, dict | str):
             kind = type(value).__name__
             on_bad(BadLine(name, number, f"expected a JSON object or string, got {kind}"))
@@ -116,18 +179,19 @@ def _jsonl(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) 
         yield Item(number, value)
 
 
-def _csv(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
-    reader = csv.reader(stream)
+def _csv(lines: _Lines, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+    reader = csv.reader(lines)
     header: list[str] | None = None
     while True:
-        start = reader.line_num + 1  # a quoted field may span lines: report the first
+        lines.first = None  # a quoted field may span lines: report the first
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            on_bad(BadLine(name, start, f"not valid CSV ({exc})"))
+            on_bad(BadLine(name, lines.first or lines.number, f"not valid CSV ({exc})"))
             continue
+        start = lines.first or lines.number
         if not row or all(not cell.strip() for cell in row):
             continue
         if header is None:
@@ -139,32 +203,28 @@ def _csv(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) ->
         yield Item(start, dict(zip(header, row, strict=True)))
 
 
-def _text(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+def _text(lines: _Lines, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
     del name, on_bad  # every non-blank line is an item
-    for number, line in enumerate(stream, start=1):
+    for line in lines:
         text = line.rstrip("\r\n")
         if text.strip():
-            yield Item(number, text)
+            yield Item(lines.number, text)
 
 
 _READERS = {"jsonl": _jsonl, "csv": _csv, "text": _text}
 
 
-def _sniff(stream: TextIO) -> tuple[str, Iterable[str]]:
-    """The format of ``stream`` (JSONL when its first non-blank line is a JSON object, else
-    text) and its lines, the ones read to decide included."""
-    head: list[str] = []
-    for line in stream:
-        head.append(line)
-        if line.strip():
-            break
+def _sniff(lines: _Lines) -> str:
+    """The format of the input (JSONL when its first non-blank line is a JSON object, else
+    text); the lines read to decide are handed out again."""
+    head = lines.head()
     fmt = "text"
     if head and head[-1].lstrip().startswith("{"):
         try:
             fmt = "jsonl" if isinstance(json.loads(head[-1]), dict) else "text"
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             fmt = "jsonl"  # meant as JSON: report the line, don't send it as text
-    return fmt, itertools.chain(head, stream)
+    return fmt
 
 
 def read_items(path: str, fmt: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
@@ -172,18 +232,19 @@ def read_items(path: str, fmt: str, on_bad: Callable[[BadLine], None]) -> Iterat
 
     The file is opened before the first item is asked for, so a missing file is a
     :class:`ConfigError` raised by this call, not later. ``fmt`` may be :data:`SNIFF`.
+    A line that is not UTF-8 is reported by its number and skipped like any other
+    malformed line.
     """
     stream = _open_input(path)
     name = "<stdin>" if path == "-" else path
 
     def generate() -> Iterator[Item]:
         try:
-            kind, lines = _sniff(stream) if fmt == SNIFF else (fmt, stream)
+            lines = _Lines(stream, name, on_bad)
+            kind = _sniff(lines) if fmt == SNIFF else fmt
             yield from _READERS[kind](lines, name, on_bad)
-        except UnicodeDecodeError as exc:
-            on_bad(BadLine(name, 0, f"is not UTF-8 text ({exc.reason}); the rest is skipped"))
         finally:
-            if stream is not sys.stdin:
+            if path != "-":
                 stream.close()
 
     return generate()
@@ -268,7 +329,23 @@ class OutputWriter:
             self._csv.writeheader()
 
     def write(self, row: dict[str, Any]) -> None:
+        try:
+            self._write(row)
+        except BrokenPipeError:
+            raise  # the reader went away (| head): the command ends quietly
+        except OSError as exc:
+            raise self._failed(exc) from None
         self.written += 1
+
+    def _failed(self, exc: OSError) -> StoreError:
+        where = "standard output" if self._stream is _STDOUT else self.path
+        return StoreError(
+            f"cannot write the results to {where} ({exc.strerror or exc}); free disk space "
+            "(or choose another -o) and run again",
+            path=self.path,
+        )
+
+    def _write(self, row: dict[str, Any]) -> None:
         if self._csv is not None:
             self._csv.writerow(flat_row(row))
             return
@@ -296,13 +373,23 @@ class OutputWriter:
             (sys.stdout if self._stream is _STDOUT else self._stream).flush()
 
     def close(self) -> None:
-        if self._parquet is not None:
-            self._flush_parquet()
-            self._parquet.close()
-        elif self._stream is not None and self._stream is not _STDOUT:
-            self._stream.close()
-        else:
-            self.flush()
+        """Write what is buffered and close the file.
+
+        Raises:
+            StoreError: the rest could not be written (a full disk, say).
+        """
+        try:
+            if self._parquet is not None:
+                self._flush_parquet()
+                self._parquet.close()
+            elif self._stream is not None and self._stream is not _STDOUT:
+                self._stream.close()
+            else:
+                self.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise self._failed(exc) from None
 
 
 def output_format(path: str) -> str:

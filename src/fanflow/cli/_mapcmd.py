@@ -294,7 +294,11 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         targets.append((args.records, False))
     if store is not None:  # the job's own records too, so `fanflow report JOB` has this run
         targets.append((job_records_path(store.location, args.job), True))
-    records = RecordsWriter.open_many(targets) if targets else None
+
+    def warn(text: str) -> None:
+        console.print(f"fanflow: {text}", markup=False)
+
+    records = RecordsWriter.open_many(targets, warn=warn) if targets else None
     writer = open_output(args.output)
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
@@ -349,7 +353,7 @@ def _dry_run(
         async with open_llms([plan]) as llms:  # nothing is sent: the handle fills defaults
             return dry_run(llms[0], args.prompt, items, options)
 
-    result = asyncio.run(go())
+    result = _base.interrupts(args).run(go)
     s = plan.settings
     for line in describe_dry_run(result, model=s.model or plan.provider, rpm=s.rpm, tpm=s.tpm):
         print(line)

@@ -255,7 +255,7 @@ def cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         emit_answer(text, data, as_json=args.json)
     if not args.quiet:
         console.print(render_summary(run.stats, title=f"fanflow {args.command}", unit="calls"))
-    if run.interrupted:
+    if run.interrupted or _base.interrupts(args).count:
         console.print("fanflow: interrupted; no answer. Run the command again.")
         return _base.EXIT_INTERRUPTED
     if run.error is not None:

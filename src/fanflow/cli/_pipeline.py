@@ -30,6 +30,7 @@ run over the items by ``Pool`` (see ``_runpipe``).
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,39 +94,164 @@ class Pipeline:
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
+# A pipeline is a page of settings and prompts: these bounds are far above any real one
+# and stop an alias bomb ("billion laughs": a few lines of anchors that expand to 10^9
+# values) or a nesting bomb before it costs time or memory.
+MAX_VALUES = 10_000
+MAX_DEPTH = 50
+
+
+@functools.cache
+def _loader_class() -> Any:
+    """PyYAML's safe loader, stopping at :data:`MAX_DEPTH` levels while it composes.
+
+    Its composer recurses once per level and its scanner does work per open level for
+    each token, so ``[[[[...`` 5,000 deep took seconds before a RecursionError; here it
+    stops at once, naming the line.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_DEPTH:
+                    raise RecursionError
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Loader
+
+
 class _Doc:
-    """The YAML document as plain values, plus the line of every key."""
+    """The YAML document as plain values, plus the line of every key.
+
+    PyYAML's safe loader builds plain values only: a tag such as
+    ``!!python/object/apply:os.system`` is never run, it is an error naming its line.
+    Aliases are allowed (``<<: *defaults`` is handy) but a recursive alias, or aliases
+    that expand to more than :data:`MAX_VALUES` values, are errors naming the line too.
+    """
 
     def __init__(self, path: str, text: str) -> None:
         import yaml
 
         self.path = path
         self.lines: dict[Path_, int] = {}
+        loader = _loader_class()(text)
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            node = loader.get_single_node()
+            if node is None:
+                raise ConfigError(f"{path}: the file is empty; a pipeline needs at least 'steps:'")
+            self._measure(node)
+            self._walk(node, ())
+            self.data = loader.construct_document(node)
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark
-            line = mark.line + 1 if mark is not None else 0
-            raise ConfigError(
-                f"{path}:{line}: not valid YAML: {exc.problem}; fix the syntax"
-            ) from None
+            raise ConfigError(self._yaml_error(exc)) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if node is None:
-            raise ConfigError(f"{path}: the file is empty; a pipeline needs at least 'steps:'")
-        self._walk(node, ())
-        self.data = yaml.SafeLoader(text).get_single_data()
+        except RecursionError:
+            line = loader.get_mark().line + 1  # where the reader had got to
+            raise ConfigError(
+                f"{path}:{line}: nested too deeply; a pipeline is a few levels of mappings "
+                "and lists"
+            ) from None
+        finally:
+            loader.dispose()
+
+    def _yaml_error(self, exc: Any) -> str:
+        """One line: the file, the line where the problem starts, what is wrong."""
+        problem = exc.problem or "not valid YAML"
+        mark = exc.problem_mark
+        context = exc.context_mark
+        opened = ("a quoted scalar", "a flow sequence", "a flow mapping")
+        if (
+            exc.context
+            and context is not None
+            and exc.context.endswith(opened)
+            and ("end of stream" in problem or "<stream end>" in problem)
+        ):
+            # An unclosed quote or bracket is found only at the end of the file: point
+            # at where it was opened instead.
+            line = context.line + 1
+            end = mark.line + 1 if mark is not None else line
+            return (
+                f"{self.path}:{line}: not valid YAML: {exc.context} that is never closed "
+                f"(the file ends at line {end}); close it on line {line}"
+            )
+        if type(exc).__name__ == "ConstructorError":
+            line = (mark or context).line + 1 if (mark or context) is not None else 0
+            return (
+                f"{self.path}:{line}: not allowed in a pipeline: {problem}; write plain "
+                "strings, numbers, lists and mappings (tags are never run)"
+            )
+        line = mark.line + 1 if mark is not None else 0
+        where = f" ({exc.context} on line {context.line + 1})" if exc.context and context else ""
+        return f"{self.path}:{line}: not valid YAML: {problem}{where}; fix the syntax"
+
+    def _measure(self, root: Any) -> None:
+        """Reject recursive aliases, deep nesting and alias bombs before anything walks
+        the document value by value.
+
+        The expanded size of each node is computed once per node (aliases share nodes),
+        so a bomb of 10**9 values costs as many steps as it has lines.
+        """
+        import yaml
+
+        sizes: dict[int, int] = {}
+        open_nodes: set[int] = set()
+
+        def size(node: Any, depth: int) -> int:
+            key = id(node)
+            if key in sizes:
+                return sizes[key]
+            line = node.start_mark.line + 1
+            if key in open_nodes:
+                raise ConfigError(
+                    f"{self.path}:{line}: a recursive alias (the value contains itself); "
+                    "write the value out instead"
+                )
+            if depth > MAX_DEPTH:
+                raise ConfigError(
+                    f"{self.path}:{line}: nested more than {MAX_DEPTH} levels deep; a "
+                    "pipeline is a few levels of mappings and lists"
+                )
+            open_nodes.add(key)
+            total = 1
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    total += size(k, depth + 1) + size(v, depth + 1)
+            elif isinstance(node, yaml.SequenceNode):
+                for v in node.value:
+                    total += size(v, depth + 1)
+            open_nodes.discard(key)
+            sizes[key] = total
+            return total
+
+        # Top-level entries one by one, so a bomb is named by the key it is under.
+        entries = root.value if isinstance(root, yaml.MappingNode) else [(None, root)]
+        total = 1
+        for k, v in entries:
+            total += (size(k, 1) if k is not None else 0) + size(v, 1)
+            if total > MAX_VALUES:
+                line = (k if k is not None else v).start_mark.line + 1
+                raise ConfigError(
+                    f"{self.path}:{line}: the aliases here expand to more than "
+                    f"{MAX_VALUES:,} values; a pipeline needs a few dozen (remove the "
+                    "nested aliases)"
+                )
 
     def _walk(self, node: Any, path: Path_) -> None:
         import yaml
 
-        self.lines[path] = node.start_mark.line + 1
+        self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
-                name = key.value if isinstance(key, yaml.ScalarNode) else str(key)
+                name = key.value if isinstance(key, yaml.ScalarNode) else "<key>"
                 self.lines[(*path, name)] = key.start_mark.line + 1
                 self._walk(value, (*path, name))
-                self.lines[(*path, name)] = key.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
             for i, value in enumerate(node.value):
                 self._walk(value, (*path, i))

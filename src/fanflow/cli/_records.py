@@ -7,8 +7,11 @@ cost. Error messages are kept short and never hold secrets (fanflow's errors nev
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -16,6 +19,7 @@ from typing import IO, Any
 from .._exceptions import ConfigError
 from .._progress import _is_429
 from .._types import CallRecord
+from ..store._lock import job_file_stem
 from ._settings import for_cli
 
 __all__ = [
@@ -24,15 +28,30 @@ __all__ = [
     "RecordsWriter",
     "item_fields",
     "job_records_path",
+    "legacy_job_records_path",
     "read_records",
     "record_to_json",
 ]
 
 
 def job_records_path(store_path: str | Path, job: str) -> Path:
-    """Where a job's call records live: ``records/<job>.jsonl`` beside the store file."""
+    """Where a job's call records live: ``records/<job>.jsonl`` beside the store file.
+
+    Distinct job names get distinct files (``x/y`` and ``x_y`` no longer share one):
+    names that are not plain file names get a hash of the exact name
+    (:func:`fanflow.store._lock.job_file_stem`).
+    """
+    return _records_dir(store_path) / f"{job_file_stem(job)}.jsonl"
+
+
+def legacy_job_records_path(store_path: str | Path, job: str) -> Path:
+    """Where earlier fanflow versions kept a job's records (two names could share it)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
-    return Path(store_path).parent / "records" / f"{safe}.jsonl"
+    return _records_dir(store_path) / f"{safe}.jsonl"
+
+
+def _records_dir(store_path: str | Path) -> Path:
+    return Path(store_path).parent / "records"
 
 
 def _error_name(error: BaseException | None) -> str | None:
@@ -90,39 +109,107 @@ def record_to_json(
 
 class RecordsWriter:
     """Appends call records to JSONL files as they end (``--records FILE`` and, for a
-    job, the job's own records, so ``fanflow report JOB`` sees every run)."""
+    job, the job's own records, so ``fanflow report JOB`` sees every run).
 
-    def __init__(self, *streams: IO[str]) -> None:
+    The records are a by-product of the run, never a reason to stop it: if the disk
+    fills up, the first failed write is reported once (``warn``) and later records are
+    dropped; closing never raises. A torn last line left by such a failure (or by a
+    crash) is cut off when a file is opened again to append, as ``JsonlSink`` does.
+    """
+
+    def __init__(
+        self, *streams: IO[str], paths: Sequence[str] = (), warn: Warn | None = None
+    ) -> None:
         self._streams = streams
+        self._paths = list(paths) or ["the records file"] * len(streams)
+        self._warn: Warn = warn or _log_warning
+        self.failed: OSError | None = None
+        self.torn_bytes_removed = 0
 
     @classmethod
-    def open(cls, path: str | Path, *, append: bool = False) -> RecordsWriter:
-        return cls.open_many([(path, append)])
+    def open(
+        cls, path: str | Path, *, append: bool = False, warn: Warn | None = None
+    ) -> RecordsWriter:
+        return cls.open_many([(path, append)], warn=warn)
 
     @classmethod
-    def open_many(cls, targets: Sequence[tuple[str | Path, bool]]) -> RecordsWriter:
+    def open_many(
+        cls, targets: Sequence[tuple[str | Path, bool]], *, warn: Warn | None = None
+    ) -> RecordsWriter:
         """One writer for several files, each ``(path, append)``."""
         streams: list[IO[str]] = []
+        torn = 0
         for path, append in targets:
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                torn += _cut_torn_tail(Path(path)) if append else 0
                 streams.append(open(path, "a" if append else "w", encoding="utf-8"))  # noqa: SIM115 - closed by close()
             except OSError as exc:
                 for stream in streams:
                     stream.close()
                 raise ConfigError(f"cannot write {path}: {exc.strerror}; check --records") from None
-        return cls(*streams)
+        writer = cls(*streams, paths=[str(path) for path, _ in targets], warn=warn)
+        writer.torn_bytes_removed = torn
+        return writer
 
     def write(self, record: CallRecord[Any], item: Mapping[str, Any] | None = None) -> None:
-        if record.cached:  # served from the store: no call was made in this run
+        if record.cached or self.failed is not None:  # cached: no call was made this run
             return
         line = json.dumps(record_to_json(record, item), ensure_ascii=False) + "\n"
-        for stream in self._streams:
-            stream.write(line)
+        for stream, path in zip(self._streams, self._paths, strict=True):
+            try:
+                stream.write(line)
+            except OSError as exc:
+                self._fail(exc, path)
+                return
+
+    def _fail(self, exc: OSError, path: str) -> None:
+        if self.failed is None:
+            self.failed = exc
+            self._warn(
+                f"call records could not be written to {path} ({exc.strerror or exc}); "
+                "the run goes on without them (fanflow report will miss the later calls)"
+            )
 
     def close(self) -> None:
-        for stream in self._streams:
-            stream.close()
+        for stream, path in zip(self._streams, self._paths, strict=True):
+            try:
+                stream.close()
+            except OSError as exc:  # the last buffered lines did not fit on the disk
+                self._fail(exc, path)
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+Warn = Callable[[str], None]
+
+
+def _log_warning(text: str) -> None:
+    logging.getLogger("fanflow").warning("%s", text)
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Remove a last line that has no newline (a write cut short); return its length."""
+    try:
+        f = open(path, "rb+")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return 0
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            if pos == end and chunk.endswith(b"\n"):
+                return 0
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                pos = pos - step + newline + 1
+                break
+            pos -= step
+        f.truncate(pos)
+        return end - pos
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +260,9 @@ class CallRow:
 def read_records(path: str) -> Iterator[CallRow]:
     """Read a records file written by ``--records``.
 
+    A last line without its newline is a write cut short (a crash, a full disk): it is
+    not a record yet and is passed over (the job's next run cuts it off).
+
     Raises:
         ConfigError: the file is missing or a line is not a call record (named by line).
     """
@@ -214,6 +304,8 @@ def read_records(path: str) -> Iterator[CallRow]:
                     input=d.get("input"),
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                if not line.endswith("\n") and isinstance(exc, json.JSONDecodeError):
+                    return  # a torn last line
                 raise ConfigError(
                     f"{path}:{number}: not a fanflow call record ({type(exc).__name__}: {exc}); "
                     "give a file written by --records"

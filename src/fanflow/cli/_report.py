@@ -475,13 +475,15 @@ class _Source:
 
 def _report_source(args: argparse.Namespace, env: Mapping[str, str]) -> _Source:
     """A records file as given, else the records of the job of that name."""
-    from ._records import job_records_path
+    from ._records import job_records_path, legacy_job_records_path
 
     if os.path.isfile(args.source):
         return _Source(str(args.source))
     settings = resolve_settings({"store": args.store}, env=env, config=args.config)
     store_path = settings.store or ".fanflow/store.db"
     path = job_records_path(store_path, args.source)
+    if not path.is_file():  # a job recorded by an older fanflow
+        path = legacy_job_records_path(store_path, args.source)
     if not path.is_file():
         raise ConfigError(
             f"{args.source} is neither a records file nor a job with records in "

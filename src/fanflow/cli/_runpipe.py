@@ -141,10 +141,14 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     pipe = load_pipeline(args.pipeline)
     flags = {k: v for k, v in _base.flags(args).items() if v is not None}
-    base = resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
+    base = _base.fit_open_files(
+        args, resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
+    )
     plans: dict[str | None, ProviderPlan] = {None: _base.plan(args, env, base)}
     for name, spec in pipe.models.items():
-        merged = resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
+        merged = _base.fit_open_files(
+            args, resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
+        )
         plans[name] = _base.plan(args, env, merged)
     source = args.input or pipe.input
     if source is None:

@@ -9,6 +9,7 @@ with the input (``as_completed``; ``map`` keeps one record per item).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import warnings
 import weakref
@@ -206,7 +207,13 @@ class _Producer(Generic[T]):
         self.task = asyncio.get_running_loop().create_task(self._produce(batch))
 
     async def put(self, record: CallRecord[T]) -> None:
-        await self.queue.put(record)
+        # asyncio.run's SIGINT handler (Python 3.11) runs between any two bytecodes: it
+        # can cancel the consumer's getter inside Queue._wakeup_next, between its done()
+        # check and set_result(), which then raises here. The record is already queued
+        # and the consumer is being cancelled: nothing to undo (issue 13;
+        # docs/decisions/0096-cli-ctrl-c-through-the-loop.md).
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await self.queue.put(record)
 
     async def _produce(self, batch: BatchRun) -> None:
         try:

@@ -48,6 +48,7 @@ from .._limits import Limits
 from .._llm import BaseLLM
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response
+from ._openfiles import connection_cap, is_out_of_files, open_file_limits
 from ._ratelimit import parse_retry_after, wait_from_state
 
 __all__ = ["HttpLLM", "Secret", "StreamText", "classify", "normalise_url"]
@@ -239,6 +240,15 @@ def connection_error(
     if isinstance(exc, aiohttp.ClientPayloadError):
         return ProtocolError(
             f"{provider}: the reply from {url} was cut off ({detail}); fanflow retries this"
+        )
+    if is_out_of_files(exc):
+        # The process's own limit, not the server: the advice must say so (issue 13).
+        # Not "unreachable" either: the breaker must not take it for nothing listening.
+        soft = open_file_limits().soft
+        return ProviderConnectionError(
+            f"{provider}: could not open a connection to {url}: this process has too many "
+            f"files open (its open-file limit, ulimit -n, is {soft}); fanflow retries this. "
+            "If it persists, lower the concurrency or raise the limit (ulimit -n)"
         )
     error = ProviderConnectionError(
         f"{provider}: could not talk to {url} ({detail}); fanflow retries this. "
@@ -472,7 +482,9 @@ class HttpLLM(BaseLLM):
         return self.parse(raw, end - start, limits)
 
     def _new_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
+        # Capped below the open-file limit: calls beyond it wait for a free connection
+        # instead of failing with "Too many open files" (see _openfiles).
+        connector = aiohttp.TCPConnector(limit=connection_cap(), keepalive_timeout=30.0)
         return aiohttp.ClientSession(
             connector=connector,
             headers={**self._headers, **self.auth_headers()},

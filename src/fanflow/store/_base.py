@@ -5,8 +5,9 @@ store layer types against these protocols, never against the SQLite class:
 
 - :class:`ResultStore`: the cache of responses by key, what one durable call needs
   (``fanflow._durable.execute_stored``);
-- :class:`JobStore`: that plus the journal of jobs' items, what a batch's durability
-  (``fanflow._durable.Durability``), the Ray backend and the CLI need.
+- :class:`JobStore`: that plus the journal of jobs' items and a lock per job (one run at
+  a time), what a batch's durability (``fanflow._durable.Durability``), the Ray backend
+  and the CLI need.
 
 A store that is given to ``backend="ray"`` is pickled to the worker processes: it must
 pickle to something that opens *the same* store there (``fanflow.Store`` pickles to its
@@ -21,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .._types import CallRecord, Response, Status, Usage
 
-__all__ = ["ItemInfo", "ItemRef", "JobInfo", "JobStore", "ResultStore"]
+__all__ = ["ItemInfo", "ItemRef", "JobInfo", "JobStore", "ResultStore", "RunLock"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,14 @@ class ResultStore(Protocol):
         ...
 
 
+class RunLock(Protocol):
+    """A job's lock for one run (:meth:`JobStore.lock_job`)."""
+
+    def release(self) -> None:
+        """Let the next run have the job. Safe to call twice."""
+        ...
+
+
 @runtime_checkable
 class JobStore(ResultStore, Protocol):
     """A result store that also keeps a journal of jobs and their items.
@@ -123,6 +132,12 @@ class JobStore(ResultStore, Protocol):
 
     async def save_item(self, record: CallRecord[Any], item: ItemRef) -> None:
         """Commit the terminal status of a job item that made no call (a bad input)."""
+        ...
+
+    def lock_job(self, name: str) -> RunLock:
+        """Take job ``name`` for one run; raise ``StoreError`` at once (naming the holder)
+        if another run, in this or another process, has it. Two runs of one job would
+        both call the model for every item (docs/decisions/0095-one-run-per-job.md)."""
         ...
 
     async def start_job(self, name: str, total: int | None) -> dict[int, tuple[Status, str | None]]:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from .._exceptions import ConfigError, StoreError
 from .._types import CallRecord, Response, Status, Usage
 from ._base import ItemInfo, ItemRef, JobInfo
+from ._lock import JobLock
 
 __all__ = ["DEFAULT_PATH", "ItemInfo", "JobInfo", "Store", "StoreStatistics"]
 
@@ -282,6 +283,19 @@ class _Writer:
                 loop.call_soon_threadsafe(_settle, futures, error)
 
 
+class _Busy(Exception):
+    """Another process held a lock SQLite would not wait for; opening is retried."""
+
+    def __init__(self, error: sqlite3.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 _OPEN: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
@@ -298,7 +312,9 @@ class Store:
     Pass it to a pattern (``fanflow.map(..., store=store)``): every call is looked up
     first (a hit costs nothing) and every completed call is committed before it is
     reported. With ``job="name"`` the store also records each item's terminal status,
-    so running the same job again resumes it, after a crash too.
+    so running the same job again resumes it, after a crash too. A job runs once at a
+    time: a run holds the job's lock (:meth:`lock_job`), and a second run of it, in this
+    or another process, is refused with a :class:`StoreError` naming the first.
 
     Args:
         path: the database file (default ``.fanflow/store.db`` under the current
@@ -335,6 +351,7 @@ class Store:
         self._misses = 0
         self._closed = False
         self._read_lock = threading.Lock()
+        self._locks: set[JobLock] = set()  # held until released or the store closes
         sync = "NORMAL" if durability == "normal" else "FULL"
         writer_conn = self._connect(sync, create=True)
         try:
@@ -361,6 +378,28 @@ class Store:
     # -- opening ---------------------------------------------------------------------
 
     def _connect(self, synchronous: str, *, create: bool) -> sqlite3.Connection:
+        """Open a connection in WAL mode (creating the schema first), waiting up to
+        ``timeout`` seconds for other processes.
+
+        SQLite's busy timeout does not cover all of opening: switching a new file to WAL
+        upgrades a read lock to a write lock, and SQLite answers "database is locked" at
+        once there rather than risk a deadlock (its busy handler is not called for that
+        upgrade). Two processes creating the same store at once hit exactly this, so the
+        whole opening is retried here until the timeout.
+        """
+        deadline = time.monotonic() + self.timeout
+        pause = 0.005
+        while True:
+            try:
+                return self._connect_once(synchronous, create=create)
+            except _Busy as busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _describe(self.path, busy.error, "opening it") from None
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.1)
+
+    def _connect_once(self, synchronous: str, *, create: bool) -> sqlite3.Connection:
         path = self.path
         conn: sqlite3.Connection | None = None
         try:
@@ -369,7 +408,9 @@ class Store:
             conn = sqlite3.connect(
                 path, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(
                     f"the fanflow store {path} could not switch to WAL mode (got {mode}); "
@@ -387,7 +428,23 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             if conn is not None:
                 conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                raise _Busy(exc) from None
             raise _describe(path, exc, "opening it") from None
+
+    def lock_job(self, name: str) -> JobLock:
+        """Take the lock of job ``name`` for a run (released by ``release()`` or close).
+
+        Raises:
+            StoreError: another run of the job (in this or another process) holds it;
+                the message names the process.
+        """
+        self._check_open()
+        lock = JobLock(self.path, name)
+        lock.acquire()
+        self._locks = {held for held in self._locks if held.held}
+        self._locks.add(lock)
+        return lock
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -635,6 +692,8 @@ class Store:
             return
         self._closed = True
         _OPEN.discard(self)
+        for lock in list(self._locks):
+            lock.release()
         writer = self._writer
         writer.queue.put(None)
         writer.thread.join()
