@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 import fanflow
-from fanflow.providers.local import default_model_path
+from fanflow.providers._local import default_model_path
 
 HOST = "127.0.0.1"
 GREEDY = {"temperature": 0.0, "seed": 7}
