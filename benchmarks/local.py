@@ -1,6 +1,6 @@
 """Local model benchmarks (issues 8 and 12), as ratios against baselines measured in this run.
 
-    python benchmarks/local.py [--quick] [--parts 1,2,3,4]
+    python benchmarks/local.py [--quick] [--parts 1,2,3,4] [--rounds N]
 
 1. Throughput of ``fanflow.local()`` (SmolLM2-135M-Instruct Q4_1) with 1, 2 and 4
    instances of one thread each: output tokens per second over a map, as a ratio to one
@@ -30,6 +30,8 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import fanflow
 from fanflow.providers._llama import Instance, Settings
@@ -97,24 +99,55 @@ class InProcessLocal(fanflow.BaseLLM):
             instance.close()
 
 
-async def timed_map(
-    llm: fanflow.BaseLLM, n: int, max_tokens: int
-) -> tuple[float, float, list[str | None]]:
-    """Output tokens per second of a map over ``n`` items, its makespan and outputs."""
+def cpu_seconds(llm: fanflow.BaseLLM) -> float:
+    """CPU time used so far by this process and, for ``fanflow.local()``, its workers
+    (from /proc: user + system time of each live worker)."""
+    total = time.process_time()
+    if isinstance(llm, fanflow.providers.LocalLLM):
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in llm.pool_statistics().pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+@dataclass
+class Run:
+    tokens: int
+    seconds: float
+    cpu: float
+    outputs: list[str | None]
+
+    @property
+    def rate(self) -> float:
+        """Output tokens per second of wall time."""
+        return self.tokens / self.seconds
+
+    @property
+    def per_cpu(self) -> float:
+        """Output tokens per CPU second (this process and its workers): what each token
+        costs, which other work on the machine disturbs much less than wall time."""
+        return self.tokens / self.cpu
+
+
+async def timed_map(llm: fanflow.BaseLLM, n: int, max_tokens: int) -> Run:
+    """A map over ``n`` items: output tokens, wall and CPU seconds, outputs."""
+    cpu = cpu_seconds(llm)
     start = time.perf_counter()
     result = await fanflow.map(
         llm, PROMPT, items(n), temperature=0.0, seed=1, max_tokens=max_tokens
     )
     elapsed = time.perf_counter() - start
+    cpu = cpu_seconds(llm) - cpu
     assert result.ok, result.errors
-    return result.summary.usage.output_tokens / elapsed, elapsed, result.outputs
+    return Run(result.summary.usage.output_tokens, elapsed, cpu, result.outputs)
 
 
 async def throughput(instances: int, n: int, max_tokens: int) -> tuple[float, float]:
     async with fanflow.local(instances=instances, threads=1) as llm:
         await llm.load()
-        tps, elapsed, _ = await timed_map(llm, n, max_tokens)
-    return tps, elapsed
+        run = await timed_map(llm, n, max_tokens)
+    return run.rate, run.seconds
 
 
 def plain_loop(n: int, max_tokens: int, cores: int) -> tuple[list[str], float]:
@@ -157,8 +190,7 @@ async def compare(
 ) -> None:
     """Tokens/s of two handles, loaded once each, over alternating rounds (A B B A ...)."""
     handles = {name_a: make_a(), name_b: make_b()}
-    rates: dict[str, list[float]] = {name_a: [], name_b: []}
-    outputs: dict[str, list[str | None]] = {}
+    runs: dict[str, list[Run]] = {name_a: [], name_b: []}
     try:
         for llm in handles.values():
             await llm.load()  # type: ignore[attr-defined]
@@ -166,24 +198,32 @@ async def compare(
         for r in range(rounds):
             order = [name_a, name_b] if r % 2 == 0 else [name_b, name_a]
             for name in order:
-                tps, elapsed, out = await timed_map(handles[name], n, max_tokens)
-                rates[name].append(tps)
-                outputs[name] = out
-                print(f"   round {r + 1} {name}: {tps:6.1f} tokens/s ({elapsed:.2f} s)")
+                run = await timed_map(handles[name], n, max_tokens)
+                runs[name].append(run)
+                print(
+                    f"   round {r + 1} {name}: {run.rate:6.1f} tokens/s ({run.seconds:.2f} s), "
+                    f"{run.per_cpu:6.1f} tokens per CPU-second ({run.cpu:.2f} CPU-s)"
+                )
     finally:
         for llm in handles.values():
             await llm.aclose()
-    a, b = statistics.median(rates[name_a]), statistics.median(rates[name_b])
-    print(f"   median {name_a}: {a:6.1f} tokens/s")
-    print(f"   median {name_b}: {b:6.1f} tokens/s")
-    same = outputs[name_a] == outputs[name_b]
-    print(f"   ratio {name_b} / {name_a}: {b / a:.3f}; same outputs: {same}")
+    a, b = runs[name_a], runs[name_b]
+    for label, unit, key in (
+        ("wall", "tokens/s", lambda run: run.rate),
+        ("CPU", "tokens per CPU-second", lambda run: run.per_cpu),
+    ):
+        ma, mb = statistics.median(map(key, a)), statistics.median(map(key, b))
+        print(
+            f"   median {label}: {name_a} {ma:6.1f}, {name_b} {mb:6.1f} {unit}; "
+            f"ratio {name_b} / {name_a}: {mb / ma:.3f}"
+        )
+    print(f"   same outputs: {a[-1].outputs == b[-1].outputs}")
 
 
-async def main(quick: bool, parts: set[int]) -> None:
+async def main(quick: bool, parts: set[int], rounds: int | None) -> None:
     cores = len(os.sched_getaffinity(0))
     n_tp, max_tokens = (8, 24) if quick else (24, 48)
-    rounds = 2 if quick else 6
+    rounds = rounds or (2 if quick else 8)
     default = fanflow.local()
     shape = (default.instances, default.threads)
     print(f"machine: {cores} cores; model: {default_model_path().name}; load: {os.getloadavg()}")
@@ -203,7 +243,8 @@ async def main(quick: bool, parts: set[int]) -> None:
         print(f"\n2. map over {n} items, max_tokens={map_tokens}")
         async with fanflow.local() as llm:
             await llm.load()
-            _, ff_s, ff_out = await timed_map(llm, n, map_tokens)
+            ff = await timed_map(llm, n, map_tokens)
+        ff_s, ff_out = ff.seconds, ff.outputs
         print(f"   fanflow.map, fanflow.local() ({shape[0]} x {shape[1]}): {ff_s:.2f} s")
         # Two baselines: a model on every core (what one would write), and on one core
         # (llama.cpp's threads spin-wait for each other, which costs a lot when other work
@@ -247,5 +288,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer items, for a smoke run")
     parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 3,4")
+    parser.add_argument("--rounds", type=int, help="rounds of parts 3 and 4 (default 8)")
     args = parser.parse_args()
-    asyncio.run(main(args.quick, {int(p) for p in args.parts.split(",")}))
+    asyncio.run(main(args.quick, {int(p) for p in args.parts.split(",")}, args.rounds))

@@ -9,6 +9,7 @@ the pytest process unharmed and no process left behind. These tests wait on real
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import fanflow
 
 from ._procs import alive, running, wait_for
 
+local_module = importlib.import_module("fanflow.providers._local")
 QUICK_RETRY = fanflow.RetryPolicy(attempts=4, initial=0.05)
 LONG = "Write a long, detailed essay about the history of the Roman Empire."
 
@@ -61,6 +63,27 @@ async def test_a_worker_killed_mid_generation_is_replaced_and_the_call_retried(
         again = await llm.complete(fanflow.Request.of(LONG, temperature=0.0, seed=7, max_tokens=40))
         assert again.text == record.value.text  # type: ignore[union-attr]
     assert not alive(replacement)  # aclose stopped it
+
+
+async def test_a_hung_worker_is_killed_when_its_call_is_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(local_module, "CANCEL_GRACE", 0.5)
+    async with fanflow.local(instances=1, threads=1) as llm:
+        await llm.load()
+        (victim,) = llm.pool_statistics().pids
+        call = asyncio.create_task(llm.complete(fanflow.Request.of(LONG, max_tokens=300)))
+        await wait_for(lambda: llm.pool_statistics().output_tokens > 0, "tokens to stream")
+        os.kill(victim, signal.SIGSTOP)  # hung: it will never read the cancel
+        call.cancel()  # as a timeout would
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        stats = llm.pool_statistics()
+        assert stats.restarts == 1
+        assert stats.pids == ()
+        assert not alive(victim)  # killed and reaped
+        response = await llm.complete(fanflow.Request.of("Hi", max_tokens=2))  # a new one
+        assert response.usage.output_tokens >= 1
 
 
 async def test_workers_that_keep_dying_while_loading_give_a_config_error() -> None:

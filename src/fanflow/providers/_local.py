@@ -59,6 +59,9 @@ DEFAULT_N_CTX = 2048
 MAX_DEFAULT_INSTANCES = 4
 # Workers that die before completing a first call, in a row, before calls fail for good.
 MAX_FRESH_DEATHS = 3
+# Seconds a cancelled call waits for its worker to stop before killing it as hung. A
+# generation stops before its next token; only a long prompt's prefill takes longer.
+CANCEL_GRACE = 30.0
 # Where the CPU's feature flags are read from (a module attribute, so tests can point it
 # at a file of fake flags).
 CPUINFO = Path("/proc/cpuinfo")
@@ -207,6 +210,13 @@ class _Job:
         if worker is not None:
             worker.cancel(self.number)
 
+    def kill_worker(self) -> None:
+        """Kill the worker running this job (it did not answer a cancel)."""
+        with self._lock:
+            worker = self.worker
+        if worker is not None:
+            worker.kill()
+
     def attach(self, worker: Worker) -> bool:
         """Record the worker that runs the job; False if the job was cancelled already."""
         with self._lock:
@@ -312,9 +322,12 @@ class LocalLLM(BaseLLM):
             response = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             # A queued job was cancelled with the future; a running one stops before its
-            # next token. Wait for it, so the worker is free when we return.
+            # next token. Wait for it, so the worker is free when we return; a worker
+            # that does not answer in CANCEL_GRACE seconds is hung in llama.cpp: kill it.
             job.cancel()
-            await _settled(future)
+            if not await _settled(future, CANCEL_GRACE):
+                job.kill_worker()
+                await _settled(future, None)
             raise
         assert response is not None  # None only for a job cancelled before it ran
         return Response(
@@ -440,7 +453,7 @@ class LocalLLM(BaseLLM):
     def _lost(self, worker: Worker, death: WorkerDied) -> ServerError | ConfigError:
         """The error for a call whose worker died; the next call starts a new worker."""
         self._forget(worker)
-        fresh = death.calls == 0
+        fresh = death.calls == 0 and not worker.killed
         with self._lock:
             self._restarts += 1
             if fresh:
@@ -482,14 +495,21 @@ def _stop_all(workers: Iterable[Worker]) -> None:
         worker.stop()
 
 
-async def _settled(job: concurrent.futures.Future[Response | None]) -> None:
-    """Wait until a thread-pool job has finished, whatever its outcome."""
+async def _settled(job: concurrent.futures.Future[Response | None], limit: float | None) -> bool:
+    """Wait until a thread-pool job has finished, whatever its outcome, for at most
+    ``limit`` seconds (None: no limit). Whether it finished."""
     if job.done():
-        return
+        return True
     waiter = asyncio.wrap_future(job)
-    await asyncio.wait([waiter])
+    await asyncio.wait([waiter], timeout=limit)
+    if not waiter.done():
+        # Drop the waiter, so its outcome is not reported as never retrieved (the job,
+        # already running, is not cancelled by this).
+        waiter.cancel()
+        return False
     if not waiter.cancelled():
         waiter.exception()  # retrieved, so asyncio does not log it as unhandled
+    return True
 
 
 def _check_gguf(path: Path) -> None:

@@ -128,6 +128,7 @@ class Worker:
         self.info: WorkerInfo | None = None
         self.calls = 0
         self.dead = False
+        self.killed = False  # by us, as hung
         self._send(list(sys.path))
         self._send(settings)
 
@@ -193,6 +194,12 @@ class Worker:
         """Ask the worker to stop job ``job`` before its next token (no-op if it is done)."""
         with contextlib.suppress(OSError):
             self._send(("cancel", job))
+
+    def kill(self) -> None:
+        """Kill the worker (SIGKILL): it is hung. The thread driving it then sees it die."""
+        self.killed = True
+        with contextlib.suppress(OSError):
+            self.process.kill()
 
     def stop(self, grace: float = EXIT_GRACE) -> None:
         """Ask the worker to exit; kill it if it has not within ``grace`` seconds. Reaps
