@@ -129,8 +129,10 @@ class Worker:
         self.calls = 0
         self.dead = False
         self.killed = False  # by us, as hung
-        self._send(list(sys.path))
-        self._send(settings)
+        # If the worker is already gone, wait_ready() finds out and says how it ended.
+        with contextlib.suppress(OSError):
+            self._send(list(sys.path))
+            self._send(settings)
 
     def __repr__(self) -> str:
         return f"<fanflow local worker pid={self.pid}>"
