@@ -213,9 +213,11 @@ async def compare(
         ("CPU", "tokens per CPU-second", lambda run: run.per_cpu),
     ):
         ma, mb = statistics.median(map(key, a)), statistics.median(map(key, b))
+        # Each round ran both back to back, so a round's ratio sees the same machine load.
+        paired = statistics.median(key(y) / key(x) for x, y in zip(a, b, strict=True))
         print(
             f"   median {label}: {name_a} {ma:6.1f}, {name_b} {mb:6.1f} {unit}; "
-            f"ratio {name_b} / {name_a}: {mb / ma:.3f}"
+            f"ratio {name_b} / {name_a}: {mb / ma:.3f} (median of per-round ratios {paired:.3f})"
         )
     print(f"   same outputs: {a[-1].outputs == b[-1].outputs}")
 

@@ -30,7 +30,7 @@ from .._types import Request, Response, Usage
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-__all__ = ["Instance", "Settings"]
+__all__ = ["Instance", "Settings", "extra_buffer_types"]
 
 # ChatML, for GGUF files that carry no chat template of their own.
 CHATML = (
@@ -94,7 +94,7 @@ class Instance:
 
         self._llama_cpp = llama_cpp
         log: list[str] = []
-        with _LOADING, _capture_log(llama_cpp, log), _extra_buffers(settings.extra_buffers):
+        with _LOADING, _capture_log(llama_cpp, log), extra_buffer_types(settings.extra_buffers):
             try:
                 self.model: Llama = llama_cpp.Llama(
                     model_path=str(settings.path),
@@ -224,8 +224,9 @@ def _first_stop(text: bytes, stops: list[bytes]) -> int | None:
 
 
 @contextlib.contextmanager
-def _extra_buffers(enabled: bool) -> Iterator[None]:
-    """Load models with llama.cpp's extra buffer types on or off.
+def extra_buffer_types(enabled: bool) -> Iterator[None]:
+    """Load models with llama.cpp's extra buffer types on or off, within this block, in
+    this process (a worker; or the llama.cpp server the end-to-end tests start).
 
     ``Llama()`` takes no argument for ``llama_model_params.use_extra_bufts``; it starts
     from ``llama_model_default_params()``, looked up on the ``llama_cpp.llama_cpp`` module
