@@ -65,6 +65,29 @@ async def test_a_worker_killed_mid_generation_is_replaced_and_the_call_retried(
     assert not alive(replacement)  # aclose stopped it
 
 
+async def test_a_crash_ends_only_the_attempt_on_that_worker() -> None:
+    async with fanflow.local(instances=2, threads=1, retry=QUICK_RETRY) as llm:
+        await llm.load()
+        victim = llm.pool_statistics().pids[0]
+        calls = [
+            asyncio.create_task(
+                fanflow.call(llm, LONG, temperature=0.0, seed=s, max_tokens=40).record()
+            )
+            for s in (1, 2)
+        ]
+        await wait_for(lambda: llm.pool_statistics().busy == 2, "both workers to start")
+        await wait_for(lambda: llm.pool_statistics().output_tokens > 4, "tokens to stream")
+        os.kill(victim, signal.SIGSEGV)
+        records = await asyncio.gather(*calls)
+        stats = llm.pool_statistics()
+    assert all(r.status is fanflow.Status.SUCCEEDED for r in records)
+    # The call on the other worker never noticed; the one on the victim ran again.
+    assert sorted(len(r.attempts) for r in records) == [1, 2]
+    assert stats.restarts == 1
+    assert victim not in stats.pids
+    assert len(stats.pids) == 2
+
+
 async def test_a_hung_worker_is_killed_when_its_call_is_cancelled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
