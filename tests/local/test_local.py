@@ -209,6 +209,13 @@ async def test_too_long_a_prompt_fails_once_with_a_clear_error() -> None:
     assert len(record.attempts) == 1  # not retryable
 
 
+async def test_metadata_stays_in_this_process(llm: LocalLLM) -> None:
+    # Metadata is for hooks and records; it need not cross to a worker, or pickle.
+    request = greedy("Hi", max_tokens=2).with_options(metadata={"callback": lambda: None})
+    response = await llm.complete(request)
+    assert response.usage.output_tokens >= 1
+
+
 async def test_response_format_is_refused_clearly(llm: LocalLLM) -> None:
     request = fanflow.Request.of("Hi", response_format={"type": "json_object"})
     with pytest.raises(fanflow.BadRequest, match="response_format"):

@@ -176,6 +176,8 @@ class Worker:
             WorkerDied: the worker ended during the call.
             FanflowError: the call failed in the worker (a too-long prompt, ...).
         """
+        if request.metadata:  # the model never reads it, and it need not pickle
+            request = request.with_options(metadata={})
         self._send(("job", job, request))
         while True:
             message = self._recv()
