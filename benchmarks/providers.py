@@ -9,8 +9,8 @@ the bare aiohttp loop, the baseline measured in the same run).
     python benchmarks/providers.py [--n 2000] [--concurrency 100] [--latency 0.1]
                                    [--repeat 3] [--only fanflow,aiohttp]
 
-Targets (DESIGN.md): makespan within 5% of the bound; fanflow's CPU per call at most
-1.25x the bare loop's.
+Targets (docs/architecture.md, "Performance targets"): makespan within 5% of the bound;
+fanflow's CPU per call at most 1.25x the bare loop's.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Any
 
 import fanflow
 from fanflow import CallRecord, Request, Response, Store
-from fanflow._durable import ItemRef
+from fanflow.store import ItemRef
 
 
 def make_llm(latency: float) -> fanflow.BaseLLM:

@@ -17,7 +17,8 @@ async def main() -> None:
     llm = ScriptedLLM(lambda r: LABELS[r.sample], latency=0.2)
     task = "Label this ticket as billing, shipping or other: 'I was charged twice.'"
     result = await fanflow.vote(llm, task, n=7)
-    print(f"winner {result.winner!r} with confidence {result.confidence:.2f}")
+    winner, confidence = result
+    print(f"winner {winner!r} with confidence {confidence:.2f}")
     print("distribution:", result.distribution)
     print(f"took {result.makespan:.2f} s; the calls one after another: {result.busy_time:.2f} s")
     early = await fanflow.vote(llm, task, n=7, early_stop=True)

@@ -31,6 +31,7 @@ async def main() -> None:
             "topics": "Main topics of: {input}",
         },
         input=TEXT,
+        synthesize=False,  # the sections alone; by default the model also combines them
     )
     for name, output in result.sections.items():
         print(f"{name:>9}: {output}")

@@ -42,7 +42,9 @@ async def main() -> None:
     pool = Pool(chain, inputs=[{"url": u} for u in urls], max_flows=10)
     result = await pool.arun()
     status = pool.status
-    print(f"{status.succeeded} of {status.total} URLs done, {status.failed} failed")
+    print(f"{status['completed']} of {status['total']} URLs done, {status['failed']} failed")
+    if status["failed"]:
+        print("failed:", [urls[i] for i in status.which("failed")])
     print("first summary:", result.outputs[0])
     steps = sum((s.latency or 0.0) for item in result.items for s in item.steps)
     print(f"took {result.makespan:.2f} s; the steps one after another: {steps:.2f} s")

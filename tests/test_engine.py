@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import fanflow
-from fanflow import RetryPolicy, Status
+from fanflow import Limits, RetryPolicy, Status
 from fanflow.events import AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
 from fanflow.testing import Fault, ScriptedLLM
 
@@ -227,3 +227,15 @@ def test_unknown_default_is_a_config_error() -> None:
 async def test_bad_options_are_rejected(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(fanflow.ConfigError, match=message):
         await fanflow.call(ScriptedLLM(), "x", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_hedged_call_has_stopped_every_task_it_started_when_it_returns(
+    looptime: float,
+) -> None:
+    # The attempt fails before it is sent (a request no token limit can ever admit), so
+    # the "sent" waiter is still pending when the attempt ends: it is cancelled and
+    # awaited before the call returns, not left for the loop to finish later.
+    llm = ScriptedLLM(limits=Limits(tpm=10))
+    record = await fanflow.call(llm, "x " * 200, hedge_after=1.0).record()
+    assert isinstance(record.error, fanflow.RequestTooLarge)
+    assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()

@@ -75,10 +75,10 @@ async def test_race_all_failing_carries_every_failure() -> None:
     assert "all 2 calls of the race failed" in str(info.value)
 
 
-async def test_race_timeout(looptime: float) -> None:
+async def test_race_deadline(looptime: float) -> None:
     llm = ScriptedLLM(latency=50.0)
     with pytest.raises(fanflow.CallTimeout, match="within 5 s"):
-        await fanflow.race(fanflow.call(llm, "a"), fanflow.call(llm, "b"), timeout=5.0)
+        await fanflow.race(fanflow.call(llm, "a"), fanflow.call(llm, "b"), deadline=5.0)
     assert looptime == 5.0
     assert llm.in_flight == 0
 

@@ -186,9 +186,49 @@ async def test_as_completed_over_an_async_iterator() -> None:
             yield f"x{i}"
 
     llm = ScriptedLLM(latency=(0.5, 2.0))
-    results = fanflow.as_completed(llm, "{input}", items(), concurrency=8)
-    got = {record.index: record.value async for record in results}
+    async with fanflow.as_completed(llm, "{input}", items(), concurrency=8) as results:
+        got = {record.index: record.value async for record in results}
     assert got == {i: f"echo: x{i}" for i in range(30)}
+
+
+def _other_tasks() -> set[asyncio.Task[object]]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+async def test_breaking_out_of_as_completed_without_async_with_leaks_nothing(
+    looptime: float,
+) -> None:
+    # The deprecated shape: 'async for' with no 'async with'. Breaking out drops the
+    # iterator; the loop closes it, which cancels the items in flight: no task is left
+    # and no further call is sent, although 1,000 items were waiting.
+    llm = ScriptedLLM(latency=lambda rng, r: 1.0 if r.prompt == "0" else 50.0)
+    stream = fanflow.as_completed(llm, "{input}", range(1000), concurrency=4)
+    with pytest.warns(DeprecationWarning, match="outside 'async with' is deprecated"):
+        records = aiter(stream)
+    del stream  # only the loop below holds the iterator, as in 'async for ... in f(...)'
+    async for record in records:
+        assert record.index == 0
+        break
+    del records
+    for _ in range(10):  # the loop's own clean-up of the dropped iterator, a few turns
+        await asyncio.sleep(0)
+    assert _other_tasks() == set()
+    assert llm.in_flight == 0
+    sent = llm.calls
+    assert sent <= 8  # the first four, and at most a window more: not the 1,000
+    await asyncio.sleep(500.0)
+    assert llm.calls == sent
+
+
+async def test_a_result_stream_is_iterated_once() -> None:
+    llm = ScriptedLLM(latency=lambda rng, r: 1.0 if r.prompt == "0" else 50.0)
+    async with fanflow.as_completed(llm, "{input}", range(5)) as results:
+        async for _ in results:
+            break
+        with pytest.raises(fanflow.FanflowError, match="iterated only once"):
+            async for _ in results:
+                pass
+    assert _other_tasks() == set()
 
 
 async def test_leaving_as_completed_early_cancels_in_flight_calls() -> None:
@@ -198,19 +238,13 @@ async def test_leaving_as_completed_early_cancels_in_flight_calls() -> None:
             assert record.index == 0
             break
     assert llm.in_flight == 0
+    assert _other_tasks() == set()  # the block waited for everything it started
 
 
 def test_map_runs_from_sync_code_with_run() -> None:
     llm = fanflow.function(lambda r: r.prompt[::-1])
     result = fanflow.run(fanflow.map(llm, "{input}", ["abc", "xy"]))
     assert result.outputs == ["cba", "yx"]
-
-
-async def test_run_works_inside_a_running_loop_like_jupyter() -> None:
-    llm = fanflow.function(lambda r: r.prompt.upper())
-    # A running loop (this test's) is in this thread: run() uses a fresh loop elsewhere.
-    result = fanflow.run(lambda: fanflow.map(llm, "{input}", ["a"]))
-    assert result.outputs == ["A"]
 
 
 # ---------------------------------------------------------------- properties

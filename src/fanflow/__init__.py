@@ -1,15 +1,21 @@
 """fanflow: run many LLM calls at once, within limits, without losing work.
 
-Layers (imports only point down; see DESIGN.md):
+Layers (imports only point down; docs/architecture.md draws them, and
+tests/test_layers.py fails on an upward import or an import loop):
 
-    interfaces  fanflow.* (this module), the CLI
+    interfaces  fanflow.* (this module), the CLI               (fanflow.cli)
     patterns    map, as_completed, call, gather, race,       (fanflow.patterns)
                 fan_out, vote, best_of_n, guarded, evaluate, sections,
                 ParallelCalls, Skill, Step, Chain, Flow, Pool
-    engine      admission, attempts, retries, hedging, events (_engine, _limits, _retry)
-    providers   function(), openai(), anthropic()              (fanflow.providers)
-    store       Store (SQLite cache + jobs), JSONL/Parquet sinks (fanflow.store)
+    backends    where a batch runs: local, Ray; the Backend protocol (fanflow.backends)
+    durability  store-backed calls, a batch's job and sink     (_durable)
+    store       store protocols, Store (SQLite), sinks         (fanflow.store)
+    providers   function(), openai(), anthropic(), local()     (fanflow.providers)
     testing     ScriptedLLM, SimServer                         (fanflow.testing)
+    engine      admission, attempts, retries, hedging, budgets (_engine, _limits, _llm)
+    core        types, errors, events, backoff, rates, run()   (_types, _exceptions, ...)
+
+Providers, store and testing sit side by side and never import each other.
 
 This module only re-exports; implementation lives in private modules.
 """
@@ -49,7 +55,7 @@ from ._exceptions import (
     TemplateError,
     is_retryable,
 )
-from ._limits import Adaptive, Limits
+from ._limits import Adaptive, Limits, Pacing
 from ._llm import LLM, BaseLLM
 from ._pricing import Price
 from ._retry import RetryPolicy
@@ -71,19 +77,20 @@ from .patterns import (
     BestOfNResult,
     Call,
     Chain,
-    Estimate,
-    Evaluation,
+    EstimateResult,
+    EvaluateResult,
     FanOutResult,
     Flow,
+    FlowResult,
     GuardedResult,
     ItemStatus,
+    Options,
     ParallelCalls,
     ParallelCallsResult,
     Pool,
     PoolResult,
     PoolStatus,
     ResultStream,
-    RunResult,
     Score,
     SectionsResult,
     Skill,
@@ -92,6 +99,7 @@ from .patterns import (
     StepRecord,
     VoteResult,
     Worker,
+    _renamed,
     as_completed,
     best_of_n,
     call,
@@ -103,10 +111,13 @@ from .patterns import (
     map,
     race,
     sections,
+    split_text,
     vote,
 )
 from .providers import anthropic, function, local, openai
 from .store import JsonlSink, ParquetSink, Store
+
+__getattr__ = _renamed(__name__)  # the old result names, deprecated for one release
 
 try:
     __version__ = _version("fanflow")
@@ -132,18 +143,21 @@ __all__ = [
     "Chain",
     "ConfigError",
     "ContentFiltered",
-    "Estimate",
-    "Evaluation",
+    "EstimateResult",
+    "EvaluateResult",
     "FanOutResult",
     "FanflowError",
     "Flow",
+    "FlowResult",
     "GuardedResult",
     "ItemStatus",
     "JsonlSink",
     "Limits",
     "Message",
     "NotFound",
+    "Options",
     "Overloaded",
+    "Pacing",
     "ParallelCalls",
     "ParallelCallsResult",
     "ParquetSink",
@@ -167,7 +181,6 @@ __all__ = [
     "Response",
     "ResultStream",
     "RetryPolicy",
-    "RunResult",
     "Score",
     "SectionsResult",
     "ServerError",
@@ -203,5 +216,6 @@ __all__ = [
     "race",
     "run",
     "sections",
+    "split_text",
     "vote",
 ]

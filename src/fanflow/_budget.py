@@ -122,9 +122,12 @@ class Budget:
             )
         return price.cost(input_tokens, output_tokens)
 
-    async def reserve(self, amount: float, who: str) -> float:
+    async def reserve(self, amount: float, who: str, output_tokens: int | None = None) -> float:
         """Reserve ``amount`` before an attempt; wait while pending reservations may
         still give something back.
+
+        ``output_tokens`` is the reply length the estimate assumed (the call's
+        ``max_tokens``); the message names it, as lowering it is often the fix.
 
         Raises:
             BudgetExceeded: the budget cannot cover it (the item is to be skipped).
@@ -132,10 +135,21 @@ class Budget:
         while self._spent + self._reserved + amount > self.limit:
             if self._reserved <= 0 or self._spent + amount > self.limit:
                 self._skipped += 1
+                assumed = (
+                    ""
+                    if output_tokens is None
+                    else f" (its prompt plus {output_tokens:,} output tokens, the max_tokens "
+                    "assumed per call)"
+                )
+                fix = (
+                    "raise budget="
+                    if output_tokens is None
+                    else "raise budget= or lower max_tokens="
+                )
                 raise BudgetExceeded(
-                    f"{who} was skipped: it needs an estimated {self._fmt(amount)} but the "
-                    f"budget of {self._fmt(self.limit)} has {self._fmt(self._left())} left "
-                    f"({self._fmt(self._spent)} spent); raise budget= to run it"
+                    f"{who} was skipped: it needs an estimated {self._fmt(amount)}{assumed} but "
+                    f"the budget of {self._fmt(self.limit)} has {self._fmt(self._left())} left "
+                    f"({self._fmt(self._spent)} spent); {fix} to run it"
                 )
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
@@ -158,6 +172,13 @@ class Budget:
             fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
+
+    def absorb(self, spent: float, skipped: int) -> None:
+        """Count what calls elsewhere spent and skipped against a copy of this budget
+        (the Ray backend's workers draw on one kept by its broker), so this budget's
+        statistics show the whole batch."""
+        self.settle(0.0, spent)
+        self._skipped += skipped
 
     def _left(self) -> float:
         return max(self.limit - self._spent - self._reserved, 0.0)

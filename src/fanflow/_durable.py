@@ -1,8 +1,10 @@
-"""Durable calls: serve a request from a result store, or run it and commit it first.
+"""Durability, in one place: calls served from a store or committed to it first, and a
+batch's store, job and sink.
 
-This is the engine's seam to persistence. It knows a store only by the
-:class:`ResultStore` protocol (``fanflow.Store`` is the SQLite implementation), and wraps
-:func:`fanflow._engine.execute` with two steps:
+This is the layer between the engine and the patterns. It knows a store only by the
+protocols of ``fanflow.store`` (:class:`~fanflow.store.ResultStore`,
+:class:`~fanflow.store.JobStore`; ``fanflow.Store`` is the SQLite implementation) and
+wraps :func:`fanflow._engine.execute` with two steps:
 
 1. before the call, look the request up by its *cache key*; a hit becomes a record with
    ``cached=True`` that costs nothing (no attempt, no tokens, no admission slot);
@@ -10,48 +12,34 @@ This is the engine's seam to persistence. It knows a store only by the
    and only then return the record: what the caller saw, the store has (promise 5).
 
 Every pattern that takes ``store=`` calls :func:`execute_stored` instead of ``execute``.
+Patterns and backends that run items (``map``, ``as_completed``, ``Pool``, ``fan_out``)
+hand each item to :meth:`Durability.run`: it decides whether the item's call may be
+served from the store (a succeeded item of the same job always is; any other item when
+``cache=True``), runs the rest through :func:`execute_stored`, and streams each finished
+item to the sink.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from ._engine import CallOptions, execute
 from ._events import CallEnded, emit
-from ._exceptions import ParseError
+from ._exceptions import ConfigError, ParseError, Skipped
 from ._llm import LLM, BaseLLM
 from ._types import CallRecord, Request, Response, Status, Usage
+from .store import ItemRef, JobStore, ResultStore, Sink, sink_for
 
-__all__ = ["ItemRef", "ResultStore", "cache_key", "cached_record", "execute_stored"]
+__all__ = ["Durability", "cache_key", "cached_record", "execute_stored", "input_id"]
+
+log = logging.getLogger("fanflow")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class ItemRef:
-    """Which job item a call belongs to, so its terminal status is committed with it."""
-
-    job: str
-    index: int
-    input_id: str | None = None
-
-
-@runtime_checkable
-class ResultStore(Protocol):
-    """What the engine needs of a result store (``fanflow.Store`` implements it)."""
-
-    def lookup(self, key: str) -> Response | None:
-        """The stored response for a cache key, or None."""
-        ...
-
-    async def save(self, record: CallRecord[Any], *, key: str, item: ItemRef | None) -> None:
-        """Commit ``record``'s response under ``key`` (unless it came from the store) and
-        the item's terminal status (if given); return only once it is committed."""
-        ...
 
 
 def cache_key(llm: LLM, request: Request) -> str:
@@ -170,3 +158,158 @@ async def execute_stored(
     if record.response is not None or item is not None:
         await store.save(record, key=key, item=item)
     return record
+
+
+def input_id(item: Any, index: int) -> Any:
+    """An item's id for sinks and stores: its ``id`` field if it has one, else its index."""
+    if isinstance(item, Mapping) and "id" in item:
+        return item["id"]
+    return index
+
+
+class Durability:
+    """The store, job and sink of one batch.
+
+    Args:
+        store: the result store (None: nothing is stored).
+        job: the job name under which items' statuses are recorded (needs ``store``).
+        only_failed: run only the items that did not succeed in the job's last runs;
+            succeeded items come from the store, never-started ones are skipped.
+        cache: serve any request found in the store (False: only the job's own
+            succeeded items are reused; other calls go to the model).
+        sink: where finished items are streamed (a path or a sink).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: JobStore | None,
+        job: str | None,
+        only_failed: bool,
+        cache: bool,
+        sink: Sink | str | os.PathLike[str] | None,
+    ) -> None:
+        if job is not None and store is None:
+            raise ConfigError(
+                f"job={job!r} needs a store to record its items; pass "
+                "store=fanflow.Store() (the default file is .fanflow/store.db)"
+            )
+        if job is not None and not job:
+            raise ConfigError("job must be a non-empty name, got ''")
+        if only_failed and job is None:
+            raise ConfigError(
+                "only_failed=True needs job= (and store=): it re-runs the failed items of that job"
+            )
+        self.store = store
+        self.job = job
+        self.only_failed = only_failed
+        self.cache = cache
+        self.sink = sink_for(sink) if sink is not None else None
+        self.prior: dict[int, tuple[Status, str | None]] = {}
+        self.finished = 0
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        store: JobStore | None,
+        job: str | None,
+        only_failed: bool,
+        cache: bool,
+        sink: Sink | str | os.PathLike[str] | None,
+    ) -> Durability | None:
+        """The batch's durability, or None when it has no store, job or sink."""
+        if store is None and job is None and sink is None and not only_failed:
+            return None
+        return cls(store=store, job=job, only_failed=only_failed, cache=cache, sink=sink)
+
+    async def around(self, run: Callable[[], Awaitable[int]], total: int | None) -> None:
+        """Run the batch (``run`` returns how many inputs it saw) within this job."""
+        store, job = self.store, self.job
+        if store is not None and job is not None:
+            self.prior = await store.start_job(job, total)
+        if self.sink is not None:
+            self.sink.open()
+        try:
+            seen = await run()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            self._interrupted()
+            raise
+        finally:
+            if self.sink is not None:
+                self.sink.close()
+        if store is not None and job is not None:
+            await store.finish_job(job, seen)
+
+    def _interrupted(self) -> None:
+        if self.store is None or self.job is None:
+            return
+        log.warning(
+            "fanflow: job %r was interrupted; %d items finished in this run and are saved "
+            "in %s. To resume, run it again with the same job= and store= (finished items "
+            "are not repeated); only_failed=True re-runs just the failures.",
+            self.job,
+            self.finished,
+            self.store.location,
+        )
+
+    async def run(
+        self,
+        llm: LLM,
+        request: Request,
+        opts: CallOptions,
+        *,
+        index: int,
+        item: Any,
+        label: str | None,
+        parse: Callable[[Response], T],
+    ) -> CallRecord[T]:
+        """Run one item: from the store if it may be reused, else through the engine."""
+        prior = self.prior.get(index)
+        succeeded_before = prior is not None and prior[0] is Status.SUCCEEDED
+        if self.only_failed and prior is None:
+            now = asyncio.get_running_loop().time()
+            return CallRecord(
+                status=Status.SKIPPED,
+                request=request,
+                error=Skipped(
+                    f"item {index} was not run: only_failed=True runs only the items of job "
+                    f"{self.job!r} that failed before; run without only_failed to run the rest"
+                ),
+                start=now,
+                end=now,
+                label=label,
+                index=index,
+            )
+        return await execute_stored(
+            llm,
+            request,
+            opts,
+            store=self.store,
+            index=index,
+            label=label,
+            parse=parse,
+            reuse=self.cache or succeeded_before,
+            item=self._ref(index, item),
+        )
+
+    def _ref(self, index: int, item: Any) -> ItemRef | None:
+        if self.job is None:
+            return None
+        ident = input_id(item, index)
+        return ItemRef(self.job, index, None if ident is None else str(ident))
+
+    async def settle(self, record: CallRecord[Any], item: Any) -> None:
+        """Record the status of an item that made no call (its input was bad)."""
+        assert record.index is not None
+        ref = self._ref(record.index, item)
+        if ref is not None and self.store is not None:
+            await self.store.save_item(record, ref)
+
+    def emit(self, record: CallRecord[Any], item: Any) -> None:
+        """Stream a finished (and committed) item to the sink."""
+        if record.status is Status.SUCCEEDED:
+            self.finished += 1
+        if self.sink is not None:
+            assert record.index is not None
+            self.sink.write(record, input_id(item, record.index))

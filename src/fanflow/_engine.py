@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from ._budget import Budget, as_budget
 from ._events import (
+    AMBIENT_HOOKS,
     AttemptFailed,
     AttemptStarted,
     CallEnded,
@@ -39,6 +40,7 @@ from ._exceptions import (
 )
 from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
+from ._log import log_attempt_failed, log_attempt_sent, log_succeeded
 from ._pricing import Price, cost_of
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._tokens import request_tokens
@@ -116,7 +118,7 @@ def make_options(
         retry=retry,
         hedge_after=hedge_after,
         deadline=deadline_at,
-        hooks=tuple(hooks),
+        hooks=(*hooks, *AMBIENT_HOOKS.get()),
         gate=Gate(concurrency) if concurrency is not None else None,
         budget=cap,
         prices=dict(prices) if prices else None,
@@ -193,7 +195,7 @@ class _Call(Generic[T]):
                 lane.check(*tokens, self._who())
             if budget is not None:
                 amount = budget.amount(self.request.model, *tokens)
-                reserved = await budget.reserve(amount, self._who())
+                reserved = await budget.reserve(amount, self._who(), tokens[1])
         gate = self.opts.gate
         try:
             if gate is not None:
@@ -291,6 +293,7 @@ class _Call(Generic[T]):
         start = loop.time()
         if sent is not None:
             sent.set()
+        log_attempt_sent(self._who, number, self.request, hedge=hedge)
         if self.hooks:
             emit(
                 self.hooks,
@@ -326,9 +329,11 @@ class _Call(Generic[T]):
             raise
         finally:
             self._leave(permit, reserved, start, response, failure)
+        end = loop.time()
         self.attempts.append(
-            Attempt(number, start, loop.time(), Status.SUCCEEDED, None, hedge, wait_before)
+            Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before)
         )
+        log_succeeded(self._who, number, end - start)
         return response
 
     def _who(self) -> str:
@@ -352,22 +357,25 @@ class _Call(Generic[T]):
     async def hedged(self, hedge_after: float, wait_before: float) -> Response:
         """Run an attempt; if it has not answered ``hedge_after`` seconds after it was
         sent, start a duplicate. The first success wins; the other is cancelled."""
+        # Every task started here is kept and awaited before this returns (structured,
+        # as a task group would; a group cannot be used because one attempt's failure
+        # must not cancel the other).
+        loop = self.loop
         sent = asyncio.Event()
-        primary = asyncio.ensure_future(
-            self.attempt(hedge=False, wait_before=wait_before, sent=sent)
-        )
-        tasks: set[asyncio.Future[Response]] = {primary}
+        primary = loop.create_task(self.attempt(hedge=False, wait_before=wait_before, sent=sent))
+        tasks: set[asyncio.Task[Response]] = {primary}
         try:
-            waiter = asyncio.ensure_future(sent.wait())
+            waiter = loop.create_task(sent.wait())
             try:
                 await asyncio.wait({primary, waiter}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
+                await asyncio.gather(waiter, return_exceptions=True)
             if not primary.done():
                 await asyncio.wait({primary}, timeout=hedge_after)
             if primary.done():
                 return primary.result()
-            tasks.add(asyncio.ensure_future(self.attempt(hedge=True, wait_before=0.0)))
+            tasks.add(loop.create_task(self.attempt(hedge=True, wait_before=0.0)))
             last_error: BaseException | None = None
             pending = set(tasks)
             while pending:
@@ -422,6 +430,7 @@ class _Call(Generic[T]):
                     wait = policy.backoff(len(self._tries()), retry_after)
                     if self.deadline is not None and loop.time() + wait >= self.deadline:
                         wait = None  # the deadline would pass while waiting: stop now
+                log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
                     emit(
                         self.hooks,

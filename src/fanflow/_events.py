@@ -7,6 +7,7 @@ raises is logged and ignored; it never fails a call.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, TypeAlias
 from ._types import CallRecord, Request
 
 __all__ = [
+    "AMBIENT_HOOKS",
     "AttemptFailed",
     "AttemptStarted",
     "CallEnded",
@@ -24,6 +26,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("fanflow")
+
+#: Hooks added to every pattern started in this context (``progress=True`` puts its
+#: tracker here; the engine's ``make_options`` reads it). Tasks inherit it.
+AMBIENT_HOOKS: contextvars.ContextVar[tuple[Hook, ...]] = contextvars.ContextVar(
+    "fanflow_ambient_hooks", default=()
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,18 +28,21 @@ import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
+from ._log import log_pause
 from ._rate import RateBucket, Slot, aimd_decrease, aimd_increase
 
 __all__ = [
     "Adaptive",
+    "Admission",
     "Gate",
     "GateStatistics",
     "Lane",
     "LaneStatistics",
     "Limits",
+    "Pacing",
     "Permit",
 ]
 
@@ -88,6 +91,38 @@ class Adaptive:
 
 
 @dataclass(frozen=True)
+class Pacing:
+    """Settings of the delay-based throttle: sends are spaced by a delay that is
+    multiplied by ``backoff`` on a 429/529 and by ``recover`` after each success, within
+    ``[min, max]`` seconds (the throttler often written by hand around an LLM client).
+
+    Args:
+        initial: the delay between sends to start from, in seconds.
+        min: the smallest delay (> 0, so a backoff can grow it again).
+        max: the largest delay.
+        backoff: the factor on an overload signal (> 1).
+        recover: the factor after a success (0 < recover < 1).
+    """
+
+    initial: float = 0.1
+    min: float = 0.01
+    max: float = 10.0
+    backoff: float = 2.0
+    recover: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min <= self.initial <= self.max:
+            raise ConfigError(
+                f"pacing needs 0 < min <= initial <= max seconds, got min={self.min}, "
+                f"initial={self.initial}, max={self.max}"
+            )
+        if not self.backoff > 1:
+            raise ConfigError(f"backoff must be > 1, got {self.backoff}")
+        if not 0 < self.recover < 1:
+            raise ConfigError(f"recover must be in (0, 1), got {self.recover}")
+
+
+@dataclass(frozen=True)
 class Limits:
     """Limits of one LLM handle, shared by every pattern that uses it.
 
@@ -106,6 +141,8 @@ class Limits:
             and never gives it back; overruns are charged either way.
         controller: settings of the adaptive concurrency controller (made by
             :meth:`Limits.adaptive`); None for a fixed concurrency.
+        pacing: settings of the delay-based throttle (made by :meth:`Limits.paced`);
+            None for none.
     """
 
     concurrency: int | None = None
@@ -117,6 +154,7 @@ class Limits:
     period: float = 60.0
     refund: bool = True
     controller: Adaptive | None = None
+    pacing: Pacing | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
@@ -155,6 +193,21 @@ class Limits:
             controller=Adaptive(initial, min, max, increase, decrease),
         )
 
+    @classmethod
+    def paced(
+        cls,
+        *,
+        initial: float = 0.1,
+        min: float = 0.01,
+        max: float = 10.0,
+        backoff: float = 2.0,
+        recover: float = 0.9,
+        concurrency: int | None = None,
+    ) -> Limits:
+        """Limits that space sends by a delay: times ``backoff`` on a 429/529, times
+        ``recover`` after each success, within ``[min, max]`` (see :class:`Pacing`)."""
+        return cls(concurrency=concurrency, pacing=Pacing(initial, min, max, backoff, recover))
+
     def __repr__(self) -> str:
         parts = [f"concurrency={self.concurrency}"]
         for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
@@ -167,6 +220,8 @@ class Limits:
             parts.append(f"period={self.period:g}")
         if self.controller is not None:
             parts.append(f"controller={self.controller!r}")
+        if self.pacing is not None:
+            parts.append(f"pacing={self.pacing!r}")
         return f"fanflow.Limits({', '.join(parts)})"
 
     @property
@@ -316,6 +371,27 @@ def _cost(kind: int, input: int, output: int) -> int:
     return 1
 
 
+class Admission(Protocol):
+    """Where a lane books its calls' rate limits, when not in its own buckets.
+
+    A :class:`Lane` given none books ``rpm``/``tpm``/... in its own rate buckets (this
+    process's view of the limit). The Ray backend gives its workers' lanes one that
+    books at the cluster-wide broker instead (``backends/_limiter.py``). Either way the
+    lane keeps its concurrency gate, its pauses after a 429 and its header pacing.
+    """
+
+    async def book(self, lane: Lane, tokens: tuple[int, int]) -> Permit:
+        """Wait until a call of ``tokens`` (input, output) may be sent, and reserve it.
+        ``lane.wait_unpaused()`` and ``lane.paused_until`` say when the lane itself
+        holds sends; ``lane.costs(...)`` is the call's cost in each rate limit."""
+        ...
+
+    def settle(self, lane: Lane, permit: Permit, usage: Any | None) -> None:
+        """A booked call ended: correct its booking to ``usage`` (the reply's reported
+        usage), or keep it (None: failed, timed out, or cancelled after sending)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class LaneStatistics:
     """A snapshot of a handle's admission state.
@@ -326,6 +402,7 @@ class LaneStatistics:
         pauses: 429/529 answers with a Retry-After that paused the lane.
         rate_limited: 429/529 answers seen.
         adaptive_limit: the adaptive controller's in-flight limit (None: not adaptive).
+        delay: the delay-based throttle's delay between sends (None: not paced).
     """
 
     concurrency: GateStatistics
@@ -333,19 +410,28 @@ class LaneStatistics:
     pauses: int = 0
     rate_limited: int = 0
     adaptive_limit: float | None = None
+    delay: float | None = None
 
 
 class Lane:
-    """The live limiter of one handle on one event loop."""
+    """The live limiter of one handle on one event loop.
+
+    Args:
+        limits: the handle's limits.
+        admission: where rate limits are booked (None: in this lane's own buckets).
+    """
 
     __slots__ = (
+        "_admission",
         "_buckets",
+        "_delay",
         "_hint_interval",
         "_hint_next",
         "_hint_until",
         "_last_cost",
         "_last_cut",
         "_level",
+        "_pace_next",
         "_pause_until",
         "_pauses",
         "_ramp",
@@ -361,10 +447,12 @@ class Lane:
         "limits",
         "metered",
         "needs_tokens",
+        "pacing",
     )
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, admission: Admission | None = None) -> None:
         self.limits = limits
+        self._admission = admission
         self.controller = limits.controller
         self._level: float | None = None
         concurrency = limits.concurrency
@@ -398,7 +486,12 @@ class Lane:
         self._hint_interval = 0.0
         self._tokens_in_flight = 0
         self._last_cost = 0
-        self._simple = not self.metered  # cleared for good once the server steers us
+        # The delay-based throttle (Limits.paced): the delay now, the next send time.
+        self.pacing = limits.pacing
+        self._delay = self.pacing.initial if self.pacing is not None else 0.0
+        self._pace_next = -math.inf
+        # Cleared for good once the server steers us.
+        self._simple = not self.metered and self.pacing is None
         self._turn = asyncio.Lock()  # FIFO turns under the rate buckets
         self._sent = 0  # calls admitted and not yet finished (waiting ones excluded)
         self._wake: asyncio.Future[None] | None = None
@@ -450,11 +543,11 @@ class Lane:
                 await ramp.acquire()
             try:
                 if self.metered:
-                    permit = await self._schedule(tokens or (0, 0))
+                    permit = await self._book(tokens or (0, 0))
                     permit.ramp = ramp
                     self._sent += 1
                     return permit
-                if self._pause_until or self._hint_interval:
+                if self._pause_until or self._hint_interval or self.pacing is not None:
                     await self._wait_steer()
             except BaseException:
                 if ramp is not None:
@@ -466,6 +559,28 @@ class Lane:
         self._sent += 1
         return None if ramp is None else Permit(0, 0, [], ramp)
 
+    @property
+    def paused_until(self) -> float:
+        """Event-loop time before which this lane sends nothing (0.0: never paused)."""
+        return self._pause_until
+
+    def costs(self, input: int, output: int) -> list[int]:
+        """A call's cost in each rate limit that is set, in the order rpm, tpm,
+        input_tpm, output_tpm."""
+        return [_cost(kind, input, output) for _, kind in self._buckets]
+
+    async def wait_unpaused(self) -> None:
+        """Wait out a pause (a 429's Retry-After) and the pacing of rate-limit headers."""
+        await self._wait_steer()
+
+    async def _book(self, tokens: tuple[int, int]) -> Permit:
+        if self._admission is None:
+            return await self._schedule(tokens)
+        permit = await self._admission.book(self, tokens)
+        self._tokens_in_flight += permit.input + permit.output
+        self._last_cost = permit.input + permit.output
+        return permit
+
     async def _wait_steer(self) -> None:
         """Wait out a pause and the pacing asked for by rate-limit headers."""
         loop = asyncio.get_running_loop()
@@ -474,6 +589,9 @@ class Lane:
         if now < self._hint_until:
             t = max(t, self._hint_next)
             self._hint_next = max(t, now) + self._hint_interval
+        if self.pacing is not None:
+            t = max(t, self._pace_next)
+            self._pace_next = max(t, now) + self._delay
         # The pause may be extended while we sleep, so look again after each sleep.
         while (delay := max(t, self._pause_until) - loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(delay)
@@ -495,6 +613,8 @@ class Lane:
                 t = max(now, self._pause_until)
                 if now < self._hint_until and self._hint_next > t:
                     t = self._hint_next
+                if self._pace_next > t:
+                    t = self._pace_next
                 for bucket, cost, _ in costs:
                     t = bucket.send_time(t, cost)
                 if t - now <= _EPSILON:
@@ -510,6 +630,8 @@ class Lane:
             slots = [(bucket, bucket.reserve(now, cost), kind) for bucket, cost, kind in costs]
             if now < self._hint_until:
                 self._hint_next = now + self._hint_interval
+            if self.pacing is not None:
+                self._pace_next = now + self._delay
         self._tokens_in_flight += input + output
         self._last_cost = input + output
         return Permit(input, output, slots)
@@ -537,7 +659,9 @@ class Lane:
         """
         if permit is not None:
             self._tokens_in_flight -= permit.input + permit.output
-            if response is not None:
+            if self._admission is not None:
+                self._admission.settle(self, permit, None if response is None else response.usage)
+            elif response is not None:
                 self._settle(permit, response.usage)
             ramp = permit.ramp
             if ramp is not None:
@@ -547,6 +671,8 @@ class Lane:
         if response is not None:
             if self.controller is not None:
                 self._grow()
+            if self.pacing is not None:
+                self._delay = max(self.pacing.min, self._delay * self.pacing.recover)
             state = getattr(response, "rate_limit", None)
             if state is not None:
                 self._observe(state)
@@ -597,6 +723,8 @@ class Lane:
     def _overloaded(self, error: RateLimited | Overloaded, start: float) -> None:
         now = asyncio.get_running_loop().time()
         self._rate_limited += 1
+        if self.pacing is not None:
+            self._delay = min(self.pacing.max, self._delay * self.pacing.backoff)
         c = self.controller
         if c is not None and self._level is not None and start >= self._last_cut:
             # Cut once per round trip: attempts sent before the last cut saw the old limit.
@@ -607,6 +735,7 @@ class Lane:
         if state is not None:
             self._observe(state)
         if error.retry_after is not None and error.retry_after > 0:
+            log_pause(error.retry_after, error)
             self.pause(now + error.retry_after)
 
     def pause(self, until: float) -> None:
@@ -677,4 +806,5 @@ class Lane:
             pauses=self._pauses,
             rate_limited=self._rate_limited,
             adaptive_limit=self._level,
+            delay=self._delay if self.pacing is not None else None,
         )

@@ -1,8 +1,11 @@
 """Prices of models, and the cost of a call.
 
-A small built-in table covers well-known models (list prices in US dollars per million
-tokens, standard tier, as published by OpenAI and Anthropic in 2025); users add or
-override prices with ``prices={"model": fanflow.Price(input=..., output=...)}``.
+A built-in table covers current models of OpenAI, Anthropic and Google (list prices in US
+dollars per million tokens, standard tier). It lives in a data file, ``prices.toml`` in
+the package, with the date it was checked and where each vendor publishes its prices:
+update that file, not code. Users add or override prices with
+``prices={"model": fanflow.Price(input=..., output=...)}`` (or a file of their own in the
+same format, :func:`load_prices`; on the command line ``--price``).
 
 A model is priced only when its name is in the table exactly, or is a dated snapshot of
 a name in it (``gpt-4o-2024-08-06``, ``claude-3-5-haiku-20241022``, ``...-latest``).
@@ -13,13 +16,17 @@ Anything else (``gpt-4o-audio-preview``, a fine-tune, a local model) costs ``Non
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
 
 from ._exceptions import ConfigError
 from ._types import Usage
 
-__all__ = ["PRICES", "Price", "cost_of", "price_of"]
+__all__ = ["PRICES", "Price", "cost_of", "load_prices", "price_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,28 +56,44 @@ class Price:
         return (input_tokens * self.input + output_tokens * self.output) / 1_000_000
 
 
-PRICES: Mapping[str, Price] = {
-    # OpenAI
-    "gpt-4o": Price(2.50, 10.00),
-    "gpt-4o-mini": Price(0.15, 0.60),
-    "gpt-4.1": Price(2.00, 8.00),
-    "gpt-4.1-mini": Price(0.40, 1.60),
-    "gpt-4.1-nano": Price(0.10, 0.40),
-    "gpt-4-turbo": Price(10.00, 30.00),
-    "gpt-3.5-turbo": Price(0.50, 1.50),
-    "o1": Price(15.00, 60.00),
-    "o3": Price(2.00, 8.00),
-    "o3-mini": Price(1.10, 4.40),
-    "o4-mini": Price(1.10, 4.40),
-    # Anthropic
-    "claude-opus-4": Price(15.00, 75.00),
-    "claude-sonnet-4": Price(3.00, 15.00),
-    "claude-3-7-sonnet": Price(3.00, 15.00),
-    "claude-3-5-sonnet": Price(3.00, 15.00),
-    "claude-3-5-haiku": Price(0.80, 4.00),
-    "claude-3-opus": Price(15.00, 75.00),
-    "claude-3-haiku": Price(0.25, 1.25),
-}
+def load_prices(source: str | Path | None = None) -> dict[str, Price]:
+    """Read a prices file (the format of fanflow's own ``prices.toml``).
+
+    Args:
+        source: a TOML file; None reads the table that ships with fanflow.
+
+    Raises:
+        ConfigError: the file cannot be read, or a price is not two numbers >= 0.
+    """
+    where = str(source) if source is not None else "fanflow/prices.toml"
+    try:
+        if source is None:
+            text = resources.files("fanflow").joinpath("prices.toml").read_text("utf-8")
+        else:
+            text = Path(source).read_text("utf-8")
+        data = tomllib.loads(text)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"prices file {where} cannot be read: {exc}") from None
+    table = data.get("models")
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f'{where}: no [models] table; write [models] then "model" = {{ input = 1.25, '
+            "output = 10.0 }} (dollars per million tokens)"
+        )
+    out: dict[str, Price] = {}
+    for model, entry in table.items():
+        try:
+            out[model] = Price(float(entry["input"]), float(entry["output"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: the price of {model!r} must be {{ input = <number>, output = "
+                f"<number> }} (dollars per million tokens), got {entry!r}"
+            ) from None
+    return out
+
+
+#: The built-in table, read from ``prices.toml`` (in the package) at import.
+PRICES: Mapping[str, Price] = MappingProxyType(load_prices())
 
 # A dated snapshot or alias of a base name: -2024-08-06, -20241022, -0125, -latest.
 _SNAPSHOT = re.compile(r"^(?P<base>.+?)-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest)$")

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Generic, Literal, TypeVar
 
+from ._repr import money, render, seconds, short
+
 __all__ = [
     "Attempt",
     "BatchResult",
@@ -289,6 +291,36 @@ class CallRecord(Generic[T]):
     response: Response | None = field(default=None, repr=False)
     cached: bool = False
 
+    def _fields(self) -> Iterator[tuple[str, Any, str]]:
+        """What a person wants to see: ``(name, value, text)``; loop timestamps left out."""
+        if self.index is not None:
+            yield "index", self.index, str(self.index)
+        if self.label is not None:
+            yield "label", self.label, repr(self.label)
+        yield "status", self.status, self.status.value
+        if self.error is not None:
+            yield "error", self.error, short(self.error)
+        elif self.value is not None:
+            yield "value", self.value, short(self.value)
+        yield "attempts", len(self.attempts), str(len(self.attempts))
+        latency = self.latency
+        if latency is not None:
+            yield "latency", round(latency, 3), seconds(latency)
+        if self.usage.total_tokens:
+            u = self.usage
+            yield "tokens", (u.input_tokens, u.output_tokens), f"{u.input_tokens}+{u.output_tokens}"
+        if self.cost is not None:
+            yield "cost", float(money(self.cost)), money(self.cost)
+        if self.cached:
+            yield "cached", True, "True"
+
+    def __repr__(self) -> str:
+        return render("CallRecord", ((name, text) for name, _, text in self._fields()))
+
+    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
+        for name, value, _ in self._fields():
+            yield name, value
+
     @property
     def key(self) -> str | None:
         return self.request.key if self.request is not None else None
@@ -346,6 +378,27 @@ class Summary:
         """Time spent answering calls (``busy_time``) over makespan: how much faster the
         batch ran than the same calls one after another."""
         return self.busy_time / self.makespan if self.makespan > 0 else None
+
+    def _fields(self) -> Iterator[tuple[str, Any, str]]:
+        for name in ("items", "succeeded", "failed", "timed_out", "cancelled", "skipped"):
+            n = getattr(self, name)
+            if n or name in ("items", "succeeded", "failed"):
+                yield name, n, str(n)
+        yield "calls", self.calls, str(self.calls)
+        yield "retries", self.retries, str(self.retries)
+        u = self.usage
+        yield "tokens", (u.input_tokens, u.output_tokens), f"{u.input_tokens}+{u.output_tokens}"
+        cost = None if self.cost is None else float(money(self.cost))
+        yield "cost", cost, "None" if self.cost is None else money(self.cost)
+        yield "makespan", round(self.makespan, 3), seconds(self.makespan)
+        yield "busy_time", round(self.busy_time, 3), seconds(self.busy_time)
+
+    def __repr__(self) -> str:
+        return render("Summary", ((name, text) for name, _, text in self._fields()))
+
+    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
+        for name, value, _ in self._fields():
+            yield name, value
 
 
 class BatchResult(Generic[T]):

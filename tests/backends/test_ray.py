@@ -334,7 +334,7 @@ async def test_one_budget_for_all_workers(workers: int) -> None:
     assert budget.statistics().skipped == len(skipped)
     error = skipped[0].error
     assert type(error) is fanflow.BudgetExceeded  # the plain error, not Ray's wrapper
-    assert "raise budget= to run it" in str(error)
+    assert "raise budget= or lower max_tokens= to run it" in str(error)
 
 
 def test_the_cli_joins_the_cluster_with_ray_address(tmp_path: Any) -> None:

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 import fanflow
-from fanflow.cli._progress import Tracker, format_duration, plain_line, render_live, render_summary
+from fanflow._progress import Tracker, format_duration, plain_line, render_live, render_summary
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime

@@ -108,5 +108,49 @@ def test_report_errors(run: Run, tmp_path: Path) -> None:
     assert "bad.jsonl:2: not a fanflow call record" in done.stderr
     (tmp_path / "empty.jsonl").write_text("\n")
     done = run("report", "empty.jsonl")
-    assert done.returncode == 2
-    assert "holds no call records" in done.stderr
+    assert done.returncode == 3  # nothing to draw: the documented "no items" code
+    assert "holds no call records: the run made no calls" in done.stderr
+
+
+def test_job_report_includes_a_records_run_names_the_job_and_lists_failed_items(
+    run: Run, tmp_path: Path
+) -> None:
+    lines = [json.dumps({"id": f"doc-{i}", "q": f"question {i}"}) for i in range(12)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    done = run(
+        "map", "in.jsonl", "-p", "{q}", "--provider", "sim", "--job", "j1", "--retries", "0",
+        "--sim", "latency=0.001,500=0.3,seed=3", "--records", "calls.jsonl", "-q",
+    )  # fmt: skip
+    assert done.returncode == 1
+    failed = [json.loads(x) for x in done.stdout.splitlines()]
+    failed = [r for r in failed if r["status"] != "succeeded"]
+    assert failed
+    # The run given --records FILE is in the job's own report too.
+    assert len((tmp_path / "calls.jsonl").read_text().splitlines()) == 12
+    done = run("report", "j1", "-o", "r.html")
+    assert done.returncode == 0, done.stderr
+    page = Page()
+    page.feed((tmp_path / "r.html").read_text())
+    assert page.headings[0] == "fanflow run report: job j1"
+    # The failures table says which item: its index, line, id and input.
+    first = failed[0]
+    at = page.cells.index(f"doc-{first['index']}")
+    assert page.cells[at - 2 : at + 2] == [
+        str(first["index"]),
+        str(first["line"]),
+        f"doc-{first['index']}",
+        json.dumps(first["input"]),
+    ]
+
+
+def test_report_of_a_job_served_entirely_from_the_cache(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("a\nb\nc\n")
+    common = ("map", "in.txt", "-p", "{input}", "--provider", "sim", "-q")
+    assert run(*common, "--job", "first").returncode == 0
+    assert run(*common, "--job", "again").returncode == 0  # the same calls: from the cache
+    done = run("report", "again")
+    assert done.returncode == 3
+    assert "job 'again' made no calls" in done.stderr
+    assert "served from the store's cache" in done.stderr
+    assert "--records" not in done.stderr
+    assert not (tmp_path / "report.html").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import fanflow
@@ -76,3 +78,47 @@ def test_dry_run_estimate() -> None:
     assert unknown.cost is None
     assert unknown.unpriced_models == ("mystery",)
     assert "cost=unknown" in repr(unknown)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-5", Price(1.25, 10.00)),
+        ("gpt-5-2025-08-07", Price(1.25, 10.00)),
+        ("gpt-5-mini", Price(0.25, 2.00)),
+        ("claude-sonnet-4-5", Price(3.00, 15.00)),
+        ("claude-sonnet-4-5-20250929", Price(3.00, 15.00)),
+        ("claude-haiku-4-5", Price(1.00, 5.00)),
+        ("gemini-2.5-flash", Price(0.30, 2.50)),
+    ],
+)
+def test_current_models_are_priced(model: str, expected: Price) -> None:
+    assert price_of(model) == expected
+
+
+def test_the_built_in_table_is_the_data_file(tmp_path: Path) -> None:
+    import tomllib
+    from importlib import resources
+
+    from fanflow._pricing import PRICES, load_prices
+
+    data = tomllib.loads(resources.files("fanflow").joinpath("prices.toml").read_text())
+    assert set(PRICES) == set(data["models"])
+    assert data["checked"]  # the date the table was last checked against the vendors
+    # A user's file in the same format; mistakes name the file and the model.
+    mine = tmp_path / "prices.toml"
+    mine.write_text('[models]\n"my-model" = { input = 1, output = 2 }\n')
+    assert load_prices(mine) == {"my-model": Price(1.0, 2.0)}
+    mine.write_text('[models]\n"my-model" = { input = "lots" }\n')
+    with pytest.raises(fanflow.ConfigError, match=r"prices.toml: the price of 'my-model' must"):
+        load_prices(mine)
+    mine.write_text("x = 1\n")
+    with pytest.raises(fanflow.ConfigError, match=r"no \[models\] table"):
+        load_prices(mine)
+
+
+def test_the_cli_suggests_only_priced_models() -> None:
+    from fanflow.cli._providers import _EXAMPLE_MODEL
+
+    for model in _EXAMPLE_MODEL.values():
+        assert price_of(model) is not None, model

@@ -6,16 +6,17 @@ import fanflow.patterns
 PATTERN_NAMES = {
     "BestOfNResult",
     "Chain",
-    "Evaluation",
+    "EvaluateResult",
     "FanOutResult",
     "Flow",
     "GuardedResult",
+    "Options",
     "ParallelCalls",
     "ParallelCallsResult",
     "Pool",
     "PoolResult",
     "PoolStatus",
-    "RunResult",
+    "FlowResult",
     "SectionsResult",
     "Skill",
     "SkillResult",
@@ -41,5 +42,5 @@ def test_patterns_are_exported_from_both_namespaces() -> None:
 
 def test_result_reprs_say_fanflow() -> None:
     result = fanflow.PoolResult(items=(), makespan=1.5)
-    assert repr(result) == "fanflow.PoolResult(makespan=1.5, items=())"
+    assert repr(result) == "fanflow.PoolResult(items=(), calls=0, makespan=1.500)"
     assert repr(fanflow.Step(len, output="n")) == "fanflow.Step('len', output='n')"

@@ -86,9 +86,10 @@ async def test_function_guard(looptime: float) -> None:
 def test_read_verdict() -> None:
     assert read_verdict("UNSAFE") is True
     assert read_verdict("This is safe.") is False
+    assert read_verdict("This is not safe.") is True
     assert read_verdict('{"flagged": true}') is True
     assert read_verdict('{"safe": true}') is False
-    with pytest.raises(ValueError, match="neither SAFE nor UNSAFE"):
+    with pytest.raises(ValueError, match=r"neither SAFE/UNSAFE nor YES/NO: 'dunno'"):
         read_verdict("dunno")
 
 
@@ -152,7 +153,7 @@ async def test_failed_section_is_data_and_not_synthesized() -> None:
     assert result.sections == {"section 0": "a", "section 1": None, "section 2": "c"}
     assert list(result.errors) == ["section 1"]
     assert "## section 1" not in synth.requests[0].prompt
-    plain = await fanflow.sections(llm, ["a", "c"])
+    plain = await fanflow.sections(llm, ["a", "c"], synthesize=False)
     assert plain.synthesis is None
     assert plain.output == "## section 0\na\n\n## section 1\nc"
 
@@ -191,6 +192,8 @@ def test_parallel_calls_run_from_sync_code() -> None:
     assert result.aggregated is None
 
 
-async def test_parallel_calls_run_inside_a_running_loop() -> None:
-    result = fanflow.ParallelCalls(ScriptedLLM(lambda r: r.prompt[::-1])).run(["ab"])
-    assert result.outputs == ["ba"]
+async def test_parallel_calls_run_inside_async_code_says_to_await() -> None:
+    # In a notebook it runs (tests/test_sync.py); in other async code it would block
+    # the running loop, so it refuses with the fix.
+    with pytest.raises(fanflow.ConfigError, match=r"await skill\.arun\(\)"):
+        fanflow.ParallelCalls(ScriptedLLM(lambda r: r.prompt[::-1])).run(["ab"])

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import pickle
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -312,6 +313,29 @@ async def test_one_pool_per_loop_reopened_after_aclose(server: SimServer) -> Non
     await llm.aclose()
     await llm.aclose()  # twice is fine
     assert second.closed
+
+
+async def test_aclose_waits_for_the_sessions_on_other_loops(server: SimServer) -> None:
+    llm = make_openai(server)
+    other = asyncio.new_event_loop()
+
+    def serve() -> None:
+        other.run_forever()
+        other.run_until_complete(other.shutdown_asyncgens())
+        other.close()
+
+    thread = threading.Thread(target=serve, name="other-loop", daemon=True)
+    thread.start()
+    try:
+        elsewhere = asyncio.run_coroutine_threadsafe(llm.session(), other).result(10)
+        here = await llm.session()
+        await llm.aclose()
+        # Both are closed when aclose() returns: the other loop's close was awaited.
+        assert here.closed
+        assert elsewhere.closed
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(10)
 
 
 async def test_a_pickled_handle_works(server: SimServer) -> None:

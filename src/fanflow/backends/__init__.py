@@ -1,14 +1,21 @@
 """Where a batch runs: locally (the default) or over a Ray cluster (``fanflow[ray]``).
 
-``fanflow.map(..., backend="ray")`` and ``Pool(..., backend="ray")`` split the items into
-shards and stream them to Ray worker processes, each running fanflow's own async engine
-on its shard, under one cluster-wide limit per model handle (``_ray.py`` drives the
-workers, ``_limiter.py`` is the cluster-wide limiter). Ray is imported only when a batch
-asks for it.
+``fanflow.map``, ``fanflow.as_completed`` and ``fanflow.Pool`` describe their batch (a
+:class:`MapSpec` or :class:`PoolSpec`) and hand it to one :class:`Backend`, the one
+their ``backend=`` names (``"local"``, ``"ray"``, a :class:`RayBackend`, or any object
+implementing :class:`Backend`). ``_base.py`` says what a backend must do; ``_local.py``
+is the reference (and holds the batch machinery: source, window, workers, fail-fast);
+``_ray.py`` drives Ray workers (``_worker.py``) under one cluster-wide limit per model
+handle (``_limiter.py``). Ray is imported only when a batch asks for it.
+
+Layer: below the patterns, above durability (``fanflow._durable``), the engine and the
+store protocols; nothing here imports ``fanflow.patterns``.
 """
 
 from __future__ import annotations
 
+from ._base import Backend, BatchRun, MapSpec, PoolSpec
 from ._config import RayBackend
+from ._local import LocalBackend
 
-__all__ = ["RayBackend"]
+__all__ = ["Backend", "BatchRun", "LocalBackend", "MapSpec", "PoolSpec", "RayBackend"]

@@ -1,11 +1,16 @@
-"""The ``backend=`` option of batch patterns: ``"local"``, ``"ray"`` or a RayBackend."""
+"""The ``backend=`` option of batch patterns: ``"local"``, ``"ray"``, a RayBackend, or
+any other :class:`~fanflow.backends.Backend`; :func:`resolve_backend` is the one place
+it is read."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import ConfigError
+from ._base import Backend, BatchRun, Deliver, MapSpec, PoolSpec
+from ._local import LOCAL
 
 __all__ = ["RayBackend", "resolve_backend"]
 
@@ -54,17 +59,38 @@ class RayBackend:
             f"shard_size={self.shard_size})"
         )
 
+    # The Backend protocol. Ray itself is imported only when a batch runs here.
 
-def resolve_backend(backend: object) -> RayBackend | None:
-    """The Ray backend a ``backend=`` argument asks for, or None for the local one.
+    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
+        from ._ray import RayMapBatch
+
+        return RayMapBatch(self, spec, deliver)
+
+    async def run_pool(
+        self,
+        spec: PoolSpec,
+        deliver: Callable[[int, Any], Awaitable[None]],
+        on_step: Callable[[int, str, bool], None],
+    ) -> None:
+        from ._ray import run_pool_on_ray
+
+        await run_pool_on_ray(self, spec, deliver, on_step)
+
+
+def resolve_backend(backend: object) -> Backend:
+    """The backend a ``backend=`` argument names: ``"local"`` (or None), ``"ray"``, a
+    :class:`RayBackend`, or any object that implements :class:`Backend`.
 
     Raises:
         ConfigError: an unknown backend.
     """
     if backend == "local" or backend is None:
-        return None
+        return LOCAL
     if backend == "ray":
         return RayBackend()
-    if isinstance(backend, RayBackend):
+    if isinstance(backend, Backend):
         return backend
-    raise ConfigError(f"unknown backend {backend!r}; use 'local', 'ray' or fanflow.RayBackend(...)")
+    raise ConfigError(
+        f"unknown backend {backend!r}; use 'local', 'ray', fanflow.RayBackend(...) or an "
+        "object with the fanflow.backends.Backend methods (map_batch, run_pool)"
+    )

@@ -41,12 +41,13 @@ from typing import Any
 
 from .._budget import Budget
 from .._exceptions import BudgetExceeded
-from .._limits import _REQUESTS, Gate, Lane, Limits, Permit, _cost
+from .._limits import Gate, Lane, Limits, Permit
 from .._rate import RateBucket, Slot
 
 __all__ = [
     "LINGER",
     "REUSE",
+    "BrokerAdmission",
     "BrokerStatistics",
     "BudgetSpec",
     "GlobalLane",
@@ -76,7 +77,8 @@ def lease_time(period: float) -> float:
     return max(0.05, min(0.25, 0.02 * period))
 
 
-_RATES = (("rpm", _REQUESTS), ("tpm", 0), ("input_tpm", 1), ("output_tpm", 2))
+# The rate limits in the order ``Lane.costs`` gives a call's costs.
+_RATES = ("rpm", "tpm", "input_tpm", "output_tpm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,7 @@ class _Shared:
         period = limits.period + lease_time(limits.period)
         self.buckets = [
             RateBucket(name, getattr(limits, name), period, limits.burst)
-            for name, _ in _RATES
+            for name in _RATES
             if getattr(limits, name) is not None
         ]
         self.grants: dict[int, list[Slot]] = {}
@@ -121,8 +123,10 @@ class LimitBroker:
     def open_budget(self, spec: BudgetSpec) -> None:
         self._budgets.setdefault(spec.budget_id, budget_of(spec))
 
-    async def reserve_budget(self, budget_id: str, amount: float, who: str) -> float:
-        return await self._budgets[budget_id].reserve(amount, who)
+    async def reserve_budget(
+        self, budget_id: str, amount: float, who: str, output_tokens: int | None = None
+    ) -> float:
+        return await self._budgets[budget_id].reserve(amount, who, output_tokens)
 
     def settle_budget(self, budget_id: str, reserved: float, actual: float) -> None:
         budget = self._budgets.get(budget_id)
@@ -503,55 +507,47 @@ class GrantQueue:
 
 
 class GlobalPermit(Permit):
-    """A permit whose rate reservation lives at the broker (``grant``)."""
+    """A permit whose rate reservation lives at the broker (``grant``, booked at
+    ``booked``, one cost per rate limit)."""
 
-    __slots__ = ("grant",)
+    __slots__ = ("booked", "grant")
 
-    def __init__(self, input: int, output: int, grant: int) -> None:
+    def __init__(self, input: int, output: int, grant: int, booked: list[int]) -> None:
         super().__init__(input, output, [])
         self.grant = grant
+        self.booked = booked
 
 
-class GlobalLane(Lane):
-    """A handle's lane in a Ray worker: concurrency slots and rate grants come from the
-    broker; pauses after a 429, header pacing and the adaptive controller stay local.
+class BrokerAdmission:
+    """A lane's rate admission booked at the broker (the lane's :class:`Admission`):
+    each send is granted by the cluster-wide buckets; the lane's own pause after a 429
+    and its header pacing still hold it back first.
 
     Args:
-        limits: the handle's limits.
-        lease: the worker's share of the handle's concurrency (None: no limit).
-        grants: the broker's rate buckets (None: no rate limit).
+        grants: the worker's way to the broker's rate buckets for the handle.
+        period: the period of the handle's rate limits (sets the lease).
     """
 
     __slots__ = ("grants", "lease_time")
 
-    def __init__(self, limits: Limits, lease: SlotLease | None, grants: GrantQueue | None) -> None:
-        super().__init__(limits)
-        if lease is not None:
-            self.gate = LeasedGate(self.gate.limit, lease)
+    def __init__(self, grants: GrantQueue, period: float) -> None:
         self.grants = grants
-        self.lease_time = lease_time(limits.period)
+        self.lease_time = lease_time(period)
 
-    def __repr__(self) -> str:
-        return f"fanflow.GlobalLane({self.limits!r})"
-
-    def _costs(self, input: int, output: int) -> list[int]:
-        return [_cost(kind, input, output) for _, kind in self._buckets]
-
-    async def _schedule(self, tokens: tuple[int, int]) -> Permit:
+    async def book(self, lane: Lane, tokens: tuple[int, int]) -> Permit:
         grants = self.grants
-        assert grants is not None
         loop = asyncio.get_running_loop()
         input, output = tokens
-        costs = self._costs(input, output)
+        costs = lane.costs(input, output)
         while True:
-            await self._wait_steer()  # this worker's own pause (429) and header pacing
+            await lane.wait_unpaused()  # this worker's own pause (429) and header pacing
             delay, grant, asked = await grants.grant(costs)
             # The broker booked the send at (its now) + delay, and its now fell between
             # asking and answering: sending ``delay`` after the answer is never early,
             # and the send must go before asked + delay + lease to stay in its booking.
             send_at = loop.time() + delay
             latest = asked + delay + self.lease_time
-            pause = self._pause_until
+            pause = lane.paused_until
             try:
                 if send_at > loop.time():
                     await asyncio.sleep(send_at - loop.time())
@@ -559,37 +555,45 @@ class GlobalLane(Lane):
                 grants.settle(grant, [0] * len(costs))  # never sent: give it back
                 raise
             now = loop.time()
-            if now <= latest and not (self._pause_until > pause and self._pause_until > now):
-                break
+            paused = lane.paused_until
+            if now <= latest and not (paused > pause and paused > now):
+                return GlobalPermit(input, output, grant, costs)
             # Too late for its booking (the loop lagged), or a pause began: book again.
             grants.settle(grant, [0] * len(costs))
-        self._tokens_in_flight += input + output
-        self._last_cost = input + output
-        return GlobalPermit(input, output, grant)
 
-    def _settle(self, permit: Permit, usage: Any) -> None:
-        if not isinstance(permit, GlobalPermit) or self.grants is None:
+    def settle(self, lane: Lane, permit: Permit, usage: Any | None) -> None:
+        if not isinstance(permit, GlobalPermit):
             return
-        input, output = usage.input_tokens, usage.output_tokens
-        if input + output <= 0:
-            self.grants.settle(permit.grant, None)  # no usage reported: keep the estimate
+        if usage is None or usage.input_tokens + usage.output_tokens <= 0:
+            self.grants.settle(permit.grant, None)  # sent: its booking stands
             return
-        booked = self._costs(permit.input, permit.output)
-        actual = self._costs(input, output)
-        if not self.limits.refund:
-            actual = [max(a, b) for a, b in zip(actual, booked, strict=True)]
+        actual = lane.costs(usage.input_tokens, usage.output_tokens)
+        if not lane.limits.refund:
+            actual = [max(a, b) for a, b in zip(actual, permit.booked, strict=True)]
         self.grants.settle(permit.grant, actual)
 
-    def finish(
-        self,
-        permit: Permit | None,
-        start: float,
-        response: Any = None,
-        error: BaseException | None = None,
-    ) -> None:
-        if isinstance(permit, GlobalPermit) and response is None and self.grants is not None:
-            self.grants.settle(permit.grant, None)  # sent: its booking stands
-        super().finish(permit, start, response, error)
+
+class GlobalLane(Lane):
+    """A handle's lane in a Ray worker: concurrency slots and rate grants come from the
+    broker; pauses after a 429, header pacing and the adaptive controller stay local.
+    It is a :class:`Lane` made with a leased gate and the broker's admission; it
+    overrides nothing.
+
+    Args:
+        limits: the handle's limits.
+        lease: the worker's share of the handle's concurrency (None: no limit).
+        grants: the broker's rate buckets (None: no rate limit).
+    """
+
+    __slots__ = ()
+
+    def __init__(self, limits: Limits, lease: SlotLease | None, grants: GrantQueue | None) -> None:
+        super().__init__(limits, None if grants is None else BrokerAdmission(grants, limits.period))
+        if lease is not None:
+            self.gate = LeasedGate(self.gate.limit, lease)
+
+    def __repr__(self) -> str:
+        return f"fanflow.GlobalLane({self.limits!r})"
 
 
 # --------------------------------------------------------------------------- budgets
@@ -607,7 +611,7 @@ class BudgetSpec:
 
 
 def spec_of(budget: Budget, budget_id: str) -> BudgetSpec:
-    prices = budget._prices
+    prices = budget.prices
     return BudgetSpec(
         budget_id, budget.unit, budget.limit, dict(prices) if prices else None, budget.spent
     )
@@ -639,7 +643,7 @@ class RemoteBudget(Budget):
     def __init__(
         self,
         spec: BudgetSpec,
-        reserve: Callable[[float, str], Awaitable[float]],
+        reserve: Callable[[float, str, int | None], Awaitable[float]],
         settle: Callable[[float, float], None],
     ) -> None:
         if spec.unit == "usd":
@@ -649,9 +653,9 @@ class RemoteBudget(Budget):
         self._remote_reserve = reserve
         self._remote_settle = settle
 
-    async def reserve(self, amount: float, who: str) -> float:
+    async def reserve(self, amount: float, who: str, output_tokens: int | None = None) -> float:
         try:
-            return await self._remote_reserve(amount, who)
+            return await self._remote_reserve(amount, who, output_tokens)
         except BudgetExceeded as exc:
             # Ray wraps a remote error in a class of its own: raise the plain one.
             cause = getattr(exc, "cause", None)

@@ -32,23 +32,22 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._budget import Budget
-from .._events import Event, Hook, emit
+from .._events import Event, emit
 from .._exceptions import ConfigError, FanflowError
-from .._llm import LLM
-from .._retry import RetryPolicy
-from .._types import BatchResult, CallRecord, Response, Status
-from ..patterns._jobs import Durability
-from ..patterns._map import _FailFast, _Source, _window
-from ..patterns._prompt import Prompt
-from ..store import Store
-from ._config import RayBackend, resolve_backend
+from .._types import Status
+from ._base import Deliver, MapSpec, PoolSpec
 from ._limiter import spec_of
+from ._local import FailFast, Source, window
+
+if TYPE_CHECKING:
+    # Type-only: ``RayBackend`` (the settings) imports this module when a batch runs.
+    from ._config import RayBackend
 from ._worker import (
     BrokerActor,
     FanflowWorker,
@@ -59,7 +58,7 @@ from ._worker import (
     Work,
 )
 
-__all__ = ["RayMapBatch", "map_on_ray", "run_pool_on_ray", "worker_pids"]
+__all__ = ["RayMapBatch", "run_pool_on_ray", "worker_pids"]
 
 INSTALL = "pip install 'fanflow[ray]'"
 BROKER_NAME = "fanflow-limits"
@@ -133,7 +132,11 @@ class _Slot:
     generation: int = 0
 
 
-# The workers of the cluster this process is connected to, kept between batches.
+# The workers of the cluster this process is connected to, kept between batches: starting
+# a worker process costs a second or two, so only a driver's first batch pays it. Keyed by
+# the Ray job (a new ray.init gets new workers) and the CPUs per worker. Module state, as
+# _BROKER, because it lives as long as the Ray connection, which is process-wide too;
+# owner: this module (_workers() makes them, worker_pids() reports them).
 _WORKERS: tuple[str, float, list[_Slot]] | None = None
 
 
@@ -203,7 +206,7 @@ class _Driver:
         self.budget = budget
         self.backend = backend
         self.work = work
-        self.source: _Source | _Pairs = _Pairs(items) if numbered else _Source(items)
+        self.source: Source | _Pairs = _Pairs(items) if numbered else Source(items)
         self.window = window
         self.n_workers = workers
         self.on_chunk = on_chunk
@@ -241,15 +244,14 @@ class _Driver:
                         tg.create_task(self._feed(slot))
         except BaseExceptionGroup as group:
             errors = group.exceptions
-            first = next((e for e in errors if isinstance(e, _FailFast)), errors[0])
+            first = next((e for e in errors if isinstance(e, FailFast)), errors[0])
             raise first from None
         finally:
             await self._stop(slots)
             if spec is not None and self.budget is not None:
                 spent, skipped = await self.broker.close_budget.remote(spec.budget_id)
                 # The caller's budget shows what the cluster spent and skipped.
-                self.budget.settle(0.0, spent - spec.spent)
-                self.budget._skipped += skipped
+                self.budget.absorb(spent - spec.spent, skipped)
         return self.source.seen
 
     async def _stop(self, slots: Sequence[_Slot]) -> None:
@@ -362,72 +364,44 @@ def _workers_for(backend: RayBackend, limit: int | None) -> tuple[int | None, in
 
 class RayMapBatch:
     """A map's items on Ray, each record handed to ``deliver`` as it comes back (the
-    Ray counterpart of ``patterns._map._Batch``: ``map`` and ``as_completed`` use it)."""
+    Ray counterpart of the local ``Batch``; ``RayBackend.map_batch`` makes it)."""
 
-    def __init__(
-        self,
-        backend: object,
-        llm: LLM,
-        prompt: Prompt,
-        items: Any,
-        *,
-        deliver: Callable[[CallRecord[Any]], Any],
-        concurrency: int | None,
-        timeout: float | None,
-        deadline: float | None,
-        retry: RetryPolicy | None,
-        hedge_after: float | None,
-        system: str | None,
-        params: dict[str, Any],
-        parse: Callable[[Response], Any],
-        hooks: Sequence[Hook],
-        label: str | None,
-        fail_fast: bool,
-        durable: Durability | None,
-        budget: Budget | None,
-        prices: Mapping[str, Any] | None,
-    ) -> None:
-        ray_backend = resolve_backend(backend)
-        assert ray_backend is not None
-        self.budget = budget
+    def __init__(self, backend: RayBackend, spec: MapSpec, deliver: Deliver) -> None:
+        concurrency, deadline = spec.concurrency, spec.deadline
+        self.budget = spec.budget
         if concurrency is not None and concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
         if deadline is not None and deadline <= 0:
             raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
-        _connect(ray_backend)
-        self.backend = ray_backend
-        self.items = items
+        _connect(backend)
+        self.backend = backend
+        self.items = spec.items
+        self.size = spec.size
         self.deliver = deliver
         self.deadline = deadline
-        self.hooks = tuple(hooks)
-        self.fail_fast = fail_fast
-        self.durable = durable
-        self.n_workers, window = _workers_for(ray_backend, concurrency)
-        self.window = window if window is not None else _window(llm, None, None)
+        self.hooks = spec.hooks
+        self.fail_fast = spec.fail_fast
+        durable = self.durable = spec.durable
+        self.n_workers, per_worker = _workers_for(backend, concurrency)
+        self.window = per_worker if per_worker is not None else window(spec.llm, None, None)
         self.workers = self.window  # what ResultStream sizes its queue by
         store = None
         if durable is not None and durable.store is not None:
-            store = StoreSpec(
-                str(durable.store.path),
-                durable.store.timeout,
-                durable.job,
-                durable.only_failed,
-                durable.cache,
-            )
+            # The store goes to the workers by the JobStore protocol: it pickles to
+            # something that opens the same store there.
+            store = StoreSpec(durable.store, durable.job, durable.only_failed, durable.cache)
         self.work = MapWork(
-            llm,
-            prompt,
-            timeout=timeout,
+            spec.llm,
+            spec.build,
+            timeout=spec.timeout,
             deadline_wall=None,
-            retry=retry,
-            hedge_after=hedge_after,
-            system=system,
-            params=params,
-            parse=parse,
-            events=bool(hooks),
-            label=label,
+            retry=spec.retry,
+            hedge_after=spec.hedge_after,
+            parse=spec.parse,
+            events=bool(spec.hooks),
+            label=spec.label,
             store=store,
-            prices=prices,
+            prices=spec.prices,
         )
         self.seen = 0
 
@@ -450,7 +424,7 @@ class RayMapBatch:
                 if delivered is not None:
                     await delivered
                 if self.fail_fast and record.status is not Status.SUCCEEDED:
-                    raise _FailFast(record)
+                    raise FailFast(record)
 
         def prior(index: int) -> Any:
             return durable.prior.get(index) if durable is not None else None
@@ -465,13 +439,12 @@ class RayMapBatch:
             prior=prior,
             budget=self.budget,
         )
-        size = len(self.items) if isinstance(self.items, Sequence) else None
         try:
             if durable is None:
                 await driver.run()
             else:
-                await durable.around(driver.run, size)
-        except _FailFast as stop:
+                await durable.around(driver.run, self.size)
+        except FailFast as stop:
             if stop.record.error is not None:
                 raise stop.record.error from None
             raise  # pragma: no cover - a non-succeeded record always has an error
@@ -479,70 +452,39 @@ class RayMapBatch:
             self.seen = driver.source.seen
 
 
-async def map_on_ray(
-    backend: object, llm: LLM, prompt: Prompt, items: Any, **options: Any
-) -> BatchResult[Any]:
-    """``fanflow.map`` on Ray (see :func:`fanflow.map` for the arguments)."""
-    records: dict[int, CallRecord[Any]] = {}
-
-    def deliver(record: CallRecord[Any]) -> None:
-        assert record.index is not None
-        records[record.index] = record
-
-    loop = asyncio.get_running_loop()
-    batch = RayMapBatch(backend, llm, prompt, items, deliver=deliver, **options)
-    start = loop.time()
-    await batch.run()
-    missing = [i for i in range(batch.seen) if i not in records]
-    if missing:  # pragma: no cover - a broken promise, loudly
-        raise FanflowError(f"internal error: items {missing[:10]} ended with no status")
-    return BatchResult([records[i] for i in range(batch.seen)], makespan=loop.time() - start)
-
-
 async def run_pool_on_ray(
-    backend: object,
-    runner: Any,
-    todo: Sequence[tuple[int, Any]],
-    *,
-    max_flows: int,
-    hooks: Sequence[Hook],
-    store: Store | None,
-    cache: bool,
-    replay: Callable[[int], bool],
+    backend: RayBackend,
+    spec: PoolSpec,
     deliver: Callable[[int, Any], Awaitable[None]],
-    budget: Budget | None = None,
-    prices: Mapping[str, Any] | None = None,
-    on_step: Callable[[int, str, bool], None] | None = None,
+    on_step: Callable[[int, str, bool], None],
 ) -> None:
-    """Run a pool's inputs on Ray; ``await deliver(index, RunResult)`` as each ends;
+    """Run a pool's inputs on Ray; ``await deliver(index, FlowResult)`` as each ends;
     ``on_step(index, step, started)`` as the workers move inputs through steps."""
-    ray_backend = resolve_backend(backend)
-    assert ray_backend is not None
-    _connect(ray_backend)
-    workers, window = _workers_for(ray_backend, max_flows)
-    assert window is not None
+    _connect(backend)
+    workers, per_worker = _workers_for(backend, spec.max_flows)
+    assert per_worker is not None
+    hooks = spec.hooks
 
     async def on_chunk(
         results: list[tuple[int, Any]], events: list[Event | StepMoved], items: dict[int, Any]
     ) -> None:
         for event in events:
             if isinstance(event, StepMoved):
-                if on_step is not None:
-                    on_step(event.index, event.step, event.started)
+                on_step(event.index, event.step, event.started)
             else:
                 emit(hooks, event)
         for index, result in results:
             await deliver(index, result)
 
     driver = _Driver(
-        ray_backend,
-        PoolWork(runner, bool(hooks), store, cache, prices),
-        list(todo),
-        window=window,
+        backend,
+        PoolWork(spec.runner, bool(hooks), spec.store, spec.cache, spec.prices),
+        list(spec.todo),
+        window=per_worker,
         workers=workers,
         on_chunk=on_chunk,
-        prior=lambda index: True if replay(index) else None,
+        prior=lambda index: True if spec.replay(index) else None,
         numbered=True,
-        budget=budget,
+        budget=spec.budget,
     )
     await driver.run()

@@ -22,16 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._budget import Budget
+from .._durable import Durability
 from .._engine import make_options
 from .._events import Event, Hook
 from .._limits import Gate, Lane
 from .._llm import LLM, BaseLLM, set_lane_factory
 from .._retry import RetryPolicy
-from .._types import CallRecord, Response
-from ..patterns._jobs import Durability
-from ..patterns._map import _Batch
-from ..patterns._prompt import Prompt
-from ..store import Store
+from .._types import CallRecord, Request, Response
+from ..store import JobStore
 from ._limiter import (
     BudgetSpec,
     GlobalLane,
@@ -42,6 +40,7 @@ from ._limiter import (
     lease_time,
     needs_broker,
 )
+from ._local import Batch
 
 __all__ = [
     "BrokerActor",
@@ -83,8 +82,10 @@ class BrokerActor:
     async def open_budget(self, spec: BudgetSpec) -> None:
         self.broker.open_budget(spec)
 
-    async def reserve_budget(self, budget_id: str, amount: float, who: str) -> float:
-        return await self.broker.reserve_budget(budget_id, amount, who)
+    async def reserve_budget(
+        self, budget_id: str, amount: float, who: str, output_tokens: int | None = None
+    ) -> float:
+        return await self.broker.reserve_budget(budget_id, amount, who, output_tokens)
 
     async def settle_budget(self, budget_id: str, reserved: float, actual: float) -> None:
         self.broker.settle_budget(budget_id, reserved, actual)
@@ -139,7 +140,7 @@ class _Run:
         self.gate = Gate(window)
         self.leases: list[SlotLease] = []
         self.grants: list[GrantQueue] = []
-        self.ready = asyncio.ensure_future(self._load(work_box))
+        self.ready = asyncio.get_running_loop().create_task(self._load(work_box))
 
     async def _load(self, work_box: list[Any]) -> Work:
         work: Work = await work_box[0]
@@ -151,8 +152,10 @@ class _Run:
             return None
         broker, budget_id = self.broker, spec.budget_id
 
-        async def reserve(amount: float, who: str) -> float:
-            reserved: float = await broker.reserve_budget.remote(budget_id, amount, who)
+        async def reserve(amount: float, who: str, output_tokens: int | None) -> float:
+            reserved: float = await broker.reserve_budget.remote(
+                budget_id, amount, who, output_tokens
+            )
             return reserved
 
         def settle(reserved: float, actual: float) -> None:
@@ -266,15 +269,17 @@ class FanflowWorker:
                 for _ in range(min(run.window, len(pairs))):
                     tg.create_task(lane())
 
-        task = asyncio.get_running_loop().create_task(lanes())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(lanes())
         try:
             while not task.done() or out.pending():
                 if not out.pending():
-                    waiter = asyncio.ensure_future(out.wake.wait())
+                    waiter = loop.create_task(out.wake.wait())
                     try:
                         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        waiter.cancel()
+                        waiter.cancel()  # kept and awaited: nothing outlives this turn
+                        await asyncio.gather(waiter, return_exceptions=True)
                     out.wake.clear()
                     continue
                 yield out.take()
@@ -314,8 +319,10 @@ class Work(ABC):
 
 @dataclass(frozen=True)
 class StoreSpec:
-    path: str
-    timeout: float
+    """A map's durability, for a worker: the store travels by pickling (the ``JobStore``
+    protocol: it pickles to something that opens the same store in the worker)."""
+
+    store: JobStore
     job: str | None
     only_failed: bool
     cache: bool
@@ -325,14 +332,12 @@ class MapWork(Work):
     def __init__(
         self,
         llm: LLM,
-        prompt: Prompt,
+        build: Callable[[Any, int], Request],
         *,
         timeout: float | None,
         deadline_wall: float | None,  # set when the batch starts
         retry: RetryPolicy | None,
         hedge_after: float | None,
-        system: str | None,
-        params: dict[str, Any],
         parse: Callable[[Response], Any],
         events: bool,
         label: str | None,
@@ -340,19 +345,17 @@ class MapWork(Work):
         prices: Mapping[str, Any] | None = None,
     ) -> None:
         self.llm = llm
-        self.prompt = prompt
+        self.build = build
         self.timeout = timeout
         self.deadline_wall = deadline_wall
         self.retry = retry
         self.hedge_after = hedge_after
-        self.system = system
-        self.params = params
         self.parse = parse
         self.events = events
         self.label = label
         self.store = store
         self.prices = prices
-        self._batch: _Batch[Any] | None = None
+        self._batch: Batch[Any] | None = None
         self._durable: Durability | None = None
 
     async def start(self, window: int, budget: Budget | None) -> None:
@@ -373,22 +376,20 @@ class MapWork(Work):
         spec = self.store
         if spec is not None:
             self._durable = Durability(
-                store=Store(spec.path, timeout=spec.timeout),
+                store=spec.store,
                 job=spec.job,
                 only_failed=spec.only_failed,
                 cache=spec.cache,
                 sink=None,
             )
-        self._batch = _Batch[Any](
+        self._batch = Batch[Any](
             self.llm,
-            self.prompt,
+            self.build,
             (),
             opts=opts,
             workers=window,
             parse=self.parse,
             deliver=lambda record: None,
-            system=self.system,
-            params=self.params,
             label=self.label,
             fail_fast=False,
             durable=self._durable,
@@ -412,7 +413,7 @@ class PoolWork(Work):
         self,
         runner: Any,
         events: bool,
-        store: Store | None,
+        store: JobStore | None,
         cache: bool,
         prices: Mapping[str, Any] | None,
     ) -> None:
@@ -420,7 +421,7 @@ class PoolWork(Work):
         self.cap: Budget | None = None
         self.runner = runner
         self.events = events
-        self.store = store  # pickled as its path: the worker opens the same file
+        self.store = store  # pickled: it opens the same store in the worker (JobStore)
         self.cache = cache
 
     async def run_one(self, index: int, item: Any, prior: Any) -> Any:

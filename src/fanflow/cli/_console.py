@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from .._exceptions import ConfigError
-from ._progress import LiveDisplay, PlainDisplay, QuietDisplay, Tracker
+from .._progress import LiveDisplay, PlainDisplay, QuietDisplay, Tracker
 
 __all__ = ["make_console", "make_display", "require_rich"]
 

@@ -1,11 +1,14 @@
 """Reading items from files and writing results.
 
 Inputs: JSONL (one JSON object or string per line), CSV (a header row, then one item per
-row) or plain text (one item per line); ``-`` reads standard input. A malformed line or row
-is reported as ``file:line: reason``, counted and skipped: it never stops the run.
+row) or plain text (one item per line); ``-`` reads standard input, which is JSONL when its
+first line is a JSON object and text otherwise (``--input-format`` decides when given).
+A malformed line or row is reported as ``file:line: reason``, counted and skipped: it
+never stops the run.
 
-Outputs: JSONL (the default, to standard output) or Parquet (``.parquet``, needs
-``pyarrow``). Each output row says which item it answers (``index``, ``line``), its
+Outputs, by the extension of ``-o``: JSONL (the default, to standard output; ``.jsonl``,
+``.ndjson``, ``.json``), CSV (``.csv``) or Parquet (``.parquet``, needs ``pyarrow``); any
+other extension is refused. Each output row says which item it answers (``index``, ``line``), its
 ``status``, its ``output`` and, when it failed, its ``error``.
 """
 
@@ -13,9 +16,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
@@ -24,18 +28,25 @@ from .._exceptions import ConfigError
 from .._types import CallRecord
 
 __all__ = [
+    "FLAT_COLUMNS",
     "FORMATS",
+    "OUTPUT_FORMATS",
+    "SNIFF",
     "BadLine",
     "Item",
     "OutputWriter",
     "count_items",
     "detect_format",
+    "flat_row",
     "open_output",
+    "output_format",
     "read_items",
     "result_row",
 ]
 
 FORMATS = ("jsonl", "csv", "text")
+# Standard input without --input-format: JSONL if its first line is a JSON object, else text.
+SNIFF = "sniff"
 
 # Stands for "standard output as it is at the time of the write".
 _STDOUT: IO[str] = io.StringIO()
@@ -70,7 +81,7 @@ def detect_format(path: str, explicit: str | None) -> str:
             raise ConfigError(f"unknown input format {explicit!r}; use one of {', '.join(FORMATS)}")
         return explicit
     if path == "-":
-        return "text"
+        return SNIFF
     return _EXTENSIONS.get(Path(path).suffix.lower(), "text")
 
 
@@ -87,14 +98,16 @@ def _open_input(path: str) -> TextIO:
         raise ConfigError(f"input file {path} cannot be read: {exc.strerror}") from None
 
 
-def _jsonl(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+def _jsonl(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
     for number, line in enumerate(stream, start=1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            on_bad(BadLine(name, number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            # json's own messages may end in "at" ("Invalid control character at").
+            reason = exc.msg.removesuffix(" at")
+            on_bad(BadLine(name, number, f"not valid JSON ({reason} at column {exc.colno})"))
             continue
         if not isinstance(value, dict | str):
             kind = type(value).__name__
@@ -103,7 +116,7 @@ def _jsonl(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iter
         yield Item(number, value)
 
 
-def _csv(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+def _csv(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
     reader = csv.reader(stream)
     header: list[str] | None = None
     while True:
@@ -126,7 +139,7 @@ def _csv(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterat
         yield Item(start, dict(zip(header, row, strict=True)))
 
 
-def _text(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
+def _text(stream: Iterable[str], name: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
     del name, on_bad  # every non-blank line is an item
     for number, line in enumerate(stream, start=1):
         text = line.rstrip("\r\n")
@@ -137,18 +150,36 @@ def _text(stream: TextIO, name: str, on_bad: Callable[[BadLine], None]) -> Itera
 _READERS = {"jsonl": _jsonl, "csv": _csv, "text": _text}
 
 
+def _sniff(stream: TextIO) -> tuple[str, Iterable[str]]:
+    """The format of ``stream`` (JSONL when its first non-blank line is a JSON object, else
+    text) and its lines, the ones read to decide included."""
+    head: list[str] = []
+    for line in stream:
+        head.append(line)
+        if line.strip():
+            break
+    fmt = "text"
+    if head and head[-1].lstrip().startswith("{"):
+        try:
+            fmt = "jsonl" if isinstance(json.loads(head[-1]), dict) else "text"
+        except json.JSONDecodeError:
+            fmt = "jsonl"  # meant as JSON: report the line, don't send it as text
+    return fmt, itertools.chain(head, stream)
+
+
 def read_items(path: str, fmt: str, on_bad: Callable[[BadLine], None]) -> Iterator[Item]:
     """Yield the items of ``path`` lazily; report malformed lines to ``on_bad``.
 
     The file is opened before the first item is asked for, so a missing file is a
-    :class:`ConfigError` raised by this call, not later.
+    :class:`ConfigError` raised by this call, not later. ``fmt`` may be :data:`SNIFF`.
     """
     stream = _open_input(path)
     name = "<stdin>" if path == "-" else path
 
     def generate() -> Iterator[Item]:
         try:
-            yield from _READERS[fmt](stream, name, on_bad)
+            kind, lines = _sniff(stream) if fmt == SNIFF else (fmt, stream)
+            yield from _READERS[kind](lines, name, on_bad)
         except UnicodeDecodeError as exc:
             on_bad(BadLine(name, 0, f"is not UTF-8 text ({exc.reason}); the rest is skipped"))
         finally:
@@ -171,7 +202,9 @@ def count_items(path: str, fmt: str) -> int | None:
 def _error_text(error: BaseException | None) -> str | None:
     if error is None:
         return None
-    return f"{type(error).__name__}: {error}"
+    from ._settings import for_cli
+
+    return for_cli(f"{type(error).__name__}: {error}")
 
 
 def result_row(item: Item, record: CallRecord[Any]) -> dict[str, Any]:
@@ -188,18 +221,55 @@ def result_row(item: Item, record: CallRecord[Any]) -> dict[str, Any]:
     return row
 
 
-class OutputWriter:
-    """Writes result rows as JSONL or Parquet."""
+# The columns of a flat (CSV or Parquet) output row; nested values are JSON text.
+FLAT_COLUMNS = ("index", "line", "input", "status", "output", "error")
+OUTPUT_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 
-    def __init__(self, stream: IO[str] | None, parquet: Any = None, path: str = "-") -> None:
+
+def _text_of(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def flat_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row with one scalar per column (:data:`FLAT_COLUMNS`), for CSV and Parquet."""
+    return {
+        "index": row["index"],
+        "line": row["line"],
+        "input": json.dumps(row["input"], ensure_ascii=False, default=str),
+        "status": row["status"],
+        "output": _text_of(row["output"]),
+        "error": row.get("error"),
+    }
+
+
+class OutputWriter:
+    """Writes result rows as JSONL, CSV or Parquet."""
+
+    def __init__(
+        self, stream: IO[str] | None, parquet: Any = None, path: str = "-", fmt: str = "jsonl"
+    ) -> None:
         self._stream = stream
         self._parquet = parquet
+        self._csv = csv.DictWriter(stream, FLAT_COLUMNS) if fmt == "csv" and stream else None
         self._rows: list[dict[str, Any]] = []
         self.path = path
         self.written = 0
+        if self._csv is not None:
+            self._csv.writeheader()
 
     def write(self, row: dict[str, Any]) -> None:
         self.written += 1
+        if self._csv is not None:
+            self._csv.writerow(flat_row(row))
+            return
         if self._stream is not None:
             # Standard output is looked up at each write: the live display may route it
             # above its panel while it runs (rich's redirect_stdout).
@@ -215,23 +285,8 @@ class OutputWriter:
             return
         import pyarrow as pa
 
-        table = pa.Table.from_pylist(
-            [
-                {
-                    "index": r["index"],
-                    "line": r["line"],
-                    "input": json.dumps(r["input"], ensure_ascii=False),
-                    "status": r["status"],
-                    "output": None
-                    if r["output"] is None
-                    else (r["output"] if isinstance(r["output"], str) else json.dumps(r["output"])),
-                    "error": r.get("error"),
-                }
-                for r in self._rows
-            ],
-            schema=self._parquet.schema,
-        )
-        self._parquet.write_table(table)
+        rows = [flat_row(r) for r in self._rows]
+        self._parquet.write_table(pa.Table.from_pylist(rows, schema=self._parquet.schema))
         self._rows.clear()
 
     def flush(self) -> None:
@@ -248,11 +303,30 @@ class OutputWriter:
             self.flush()
 
 
+def output_format(path: str) -> str:
+    """The output format of ``-o path``, from its extension.
+
+    Raises:
+        ConfigError: an extension fanflow does not write (rather than writing JSONL in it).
+    """
+    suffix = Path(path).suffix.lower()
+    fmt = OUTPUT_FORMATS.get(suffix)
+    if fmt is None:
+        known = ", ".join(OUTPUT_FORMATS)
+        what = f"extension {suffix!r}" if suffix else "no extension"
+        raise ConfigError(
+            f"-o {path}: {what}; fanflow writes {known} (e.g. -o results.jsonl), or - for "
+            "standard output"
+        )
+    return fmt
+
+
 def open_output(path: str | None) -> OutputWriter:
-    """Open the output: JSONL to standard output (None or ``-``), a file, or Parquet."""
+    """Open the output: JSONL to standard output (None or ``-``), else by extension."""
     if path is None or path == "-":
         return OutputWriter(_STDOUT)
-    if path.lower().endswith(".parquet"):
+    fmt = output_format(path)
+    if fmt == "parquet":
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -261,23 +335,17 @@ def open_output(path: str | None) -> OutputWriter:
                 "writing Parquet needs pyarrow: pip install 'fanflow[parquet]' "
                 "(or write JSONL: -o results.jsonl)"
             ) from None
-        schema = pa.schema(
-            [
-                ("index", pa.int64()),
-                ("line", pa.int64()),
-                ("input", pa.string()),
-                ("status", pa.string()),
-                ("output", pa.string()),
-                ("error", pa.string()),
-            ]
-        )
+        types = {"index": pa.int64(), "line": pa.int64()}
+        schema = pa.schema([(c, types.get(c, pa.string())) for c in FLAT_COLUMNS])
         try:
             writer = pq.ParquetWriter(path, schema)
         except OSError as exc:
             raise ConfigError(f"cannot write {path}: {exc}") from None
         return OutputWriter(None, writer, path)
     try:
-        stream = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by the writer
+        # newline="" lets the csv module write its own line ends (RFC 4180).
+        newline = "" if fmt == "csv" else None
+        stream = open(path, "w", encoding="utf-8", newline=newline)  # noqa: SIM115 - closed by the writer
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}; check the -o path") from None
-    return OutputWriter(stream, path=path)
+    return OutputWriter(stream, path=path, fmt=fmt)

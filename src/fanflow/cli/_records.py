@@ -8,19 +8,21 @@ cost. Error messages are kept short and never hold secrets (fanflow's errors nev
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .._exceptions import ConfigError
+from .._progress import _is_429
 from .._types import CallRecord
-from ._progress import _is_429
+from ._settings import for_cli
 
 __all__ = [
     "AttemptRow",
     "CallRow",
     "RecordsWriter",
+    "item_fields",
     "job_records_path",
     "read_records",
     "record_to_json",
@@ -37,9 +39,28 @@ def _error_name(error: BaseException | None) -> str | None:
     return None if error is None else type(error).__name__
 
 
-def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
-    """The JSON form of one call record."""
+# How much of an item's input a record keeps (the report's failures table shows it).
+INPUT_CHARS = 200
+
+
+def item_fields(line: int | None, value: Any) -> dict[str, Any]:
+    """The item a call answered, as a record keeps it: its line, its ``id`` field (when it
+    has one) and the start of its input."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    item_id = value.get("id") if isinstance(value, dict) else None
     return {
+        "line": line,
+        "id": None if item_id is None else str(item_id),
+        "input": text if len(text) <= INPUT_CHARS else text[: INPUT_CHARS - 1] + "…",
+    }
+
+
+def record_to_json(
+    record: CallRecord[Any], item: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The JSON form of one call record (``item``: from :func:`item_fields`)."""
+    return {
+        **(item or {}),
         "index": record.index,
         "label": record.label,
         "status": str(record.status),
@@ -50,7 +71,7 @@ def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
         "cost": record.cost,
         "cached": record.cached,
         "error": _error_name(record.error),
-        "message": None if record.error is None else str(record.error)[:300],
+        "message": None if record.error is None else for_cli(str(record.error))[:300],
         "attempts": [
             {
                 "number": a.number,
@@ -67,26 +88,40 @@ def record_to_json(record: CallRecord[Any]) -> dict[str, Any]:
 
 
 class RecordsWriter:
-    """Appends call records to a JSONL file as they end."""
+    """Appends call records to JSONL files as they end (``--records FILE`` and, for a
+    job, the job's own records, so ``fanflow report JOB`` sees every run)."""
 
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
+    def __init__(self, *streams: IO[str]) -> None:
+        self._streams = streams
 
     @classmethod
     def open(cls, path: str | Path, *, append: bool = False) -> RecordsWriter:
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            return cls(open(path, "a" if append else "w", encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot write {path}: {exc.strerror}; check --records") from None
+        return cls.open_many([(path, append)])
 
-    def write(self, record: CallRecord[Any]) -> None:
+    @classmethod
+    def open_many(cls, targets: Sequence[tuple[str | Path, bool]]) -> RecordsWriter:
+        """One writer for several files, each ``(path, append)``."""
+        streams: list[IO[str]] = []
+        for path, append in targets:
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                streams.append(open(path, "a" if append else "w", encoding="utf-8"))  # noqa: SIM115 - closed by close()
+            except OSError as exc:
+                for stream in streams:
+                    stream.close()
+                raise ConfigError(f"cannot write {path}: {exc.strerror}; check --records") from None
+        return cls(*streams)
+
+    def write(self, record: CallRecord[Any], item: Mapping[str, Any] | None = None) -> None:
         if record.cached:  # served from the store: no call was made in this run
             return
-        self._stream.write(json.dumps(record_to_json(record)) + "\n")
+        line = json.dumps(record_to_json(record, item), ensure_ascii=False) + "\n"
+        for stream in self._streams:
+            stream.write(line)
 
     def close(self) -> None:
-        self._stream.close()
+        for stream in self._streams:
+            stream.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +151,9 @@ class CallRow:
     error: str | None
     message: str | None
     attempts: tuple[AttemptRow, ...]
+    line: int | None = None
+    id: str | None = None
+    input: str | None = None
 
     @property
     def latency(self) -> float | None:
@@ -170,6 +208,9 @@ def read_records(path: str) -> Iterator[CallRow]:
                     error=d.get("error"),
                     message=d.get("message"),
                     attempts=attempts,
+                    line=d.get("line"),
+                    id=d.get("id"),
+                    input=d.get("input"),
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(

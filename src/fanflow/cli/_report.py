@@ -10,20 +10,32 @@ so the file opens anywhere with no network.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import io
+import os
+import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
-from ._progress import format_duration
+from .._progress import format_duration
+from . import _base
 from ._records import CallRow, read_records
+from ._settings import resolve_settings
 
-__all__ = ["TIMELINE_SIZE", "ReportSummary", "summarize_rows", "write_report"]
+__all__ = [
+    "TIMELINE_SIZE",
+    "ReportSummary",
+    "add_parser",
+    "cmd_report",
+    "summarize_rows",
+    "write_report",
+]
 
 # Size of the timeline PNG in pixels (width, height): figsize x dpi.
 TIMELINE_SIZE = (1200, 600)
@@ -97,10 +109,28 @@ def _pyplot() -> Any:
     return plt
 
 
-def _png(fig: Any) -> bytes:
+@dataclass(frozen=True)
+class Chart:
+    """A plot as PNG bytes, with its size and its smallest text in image pixels (so the
+    page can be checked for text a reader cannot read once the image is scaled)."""
+
+    png: bytes
+    width: int
+    height: int
+    min_text_px: float
+
+
+def _chart(fig: Any) -> Chart:
+    from matplotlib.text import Text
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
-    return buffer.getvalue()
+    sizes = [
+        t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()
+    ]
+    width, height = fig.get_size_inches() * _DPI
+    # Points to image pixels: 72 points an inch.
+    return Chart(buffer.getvalue(), round(width), round(height), min(sizes) * _DPI / 72)
 
 
 def _timeline(plt: Any, rows: Sequence[CallRow], t0: float) -> Any:
@@ -157,7 +187,7 @@ def _timeline(plt: Any, rows: Sequence[CallRow], t0: float) -> Any:
     legend.append(
         Line2D([], [], color="black", marker="x", linestyle="none", label="429 / not sent")
     )
-    ax.legend(handles=legend, loc="upper right", fontsize=8)
+    ax.legend(handles=legend, loc="upper right", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -203,7 +233,7 @@ def _activity(plt: Any, rows: Sequence[CallRow], t0: float, span: float) -> Any:
     )
     bottom.set_ylabel("calls finished per second")
     bottom.set_xlabel("seconds since the first call")
-    bottom.legend(fontsize=8)
+    bottom.legend(fontsize=9)
     bottom.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -217,7 +247,7 @@ def _latency(plt: Any, rows: Sequence[CallRow]) -> Any:
         for q, style in ((0.5, "--"), (0.95, ":")):
             v = lat[min(int(q * len(lat)), len(lat) - 1)]
             ax.axvline(v, color="black", linestyle=style, label=f"p{int(q * 100)} {v:.3f}s")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=9)
     else:
         ax.text(0.5, 0.5, "no successful calls", ha="center", va="center")
     ax.set_xlabel("call latency, seconds (retries and waits included)")
@@ -252,54 +282,77 @@ def _tokens(plt: Any, rows: Sequence[CallRow], t0: float) -> Any:
     ax.set_xlabel("seconds since the first call")
     ax.set_ylabel("tokens so far")
     ax.set_title("Tokens and cost")
-    ax.legend(fontsize=8, loc="upper left")
+    # One legend for both axes, so the dashed cost line is named too.
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=9, loc="upper left")
     fig.tight_layout()
     return fig
 
 
-def _img(data: bytes, alt: str) -> str:
-    encoded = base64.b64encode(data).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+def _img(chart: Chart, alt: str) -> str:
+    encoded = base64.b64encode(chart.png).decode("ascii")
+    return (
+        f'<img class="chart" alt="{html.escape(alt)}" width="{chart.width}" '
+        f'height="{chart.height}" data-min-text-px="{chart.min_text_px:.1f}" '
+        f'src="data:image/png;base64,{encoded}">'
+    )
 
 
-def _table(head: Iterable[str], body: Iterable[Iterable[Any]], cls: str) -> str:
+def _table(
+    head: Iterable[str],
+    body: Iterable[Iterable[Any]],
+    cls: str,
+    *,
+    classes: Mapping[int, str] | None = None,
+) -> str:
     h = "".join(f"<th>{html.escape(str(c))}</th>" for c in head)
+    td = {i: f'<td class="{c}">' for i, c in (classes or {}).items()}
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body
+        "<tr>"
+        + "".join(f"{td.get(i, '<td>')}{html.escape(str(c))}</td>" for i, c in enumerate(row))
+        + "</tr>"
+        for row in body
     )
     return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{rows}</tbody></table>'
 
 
+# Charts keep their natural size unless the page is narrower (then they scale down,
+# keeping their aspect). The latency and tokens charts sit side by side in a grid whose
+# columns are never much narrower than the charts' natural width (600 px): on a narrower
+# window they stack at full width instead of shrinking (their text would be unreadable).
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-img { max-width: 100%; border: 1px solid #ddd; margin: .5em 0; }
+body { font-family: system-ui, sans-serif; font-size: 16px; margin: 2em; color: #222; }
+img.chart { max-width: 100%; height: auto; box-sizing: border-box; border: 1px solid #ddd;
+            margin: .5em 0; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; font-size: 90%; }
-.row { display: flex; flex-wrap: wrap; gap: 1em; }
-.row img { max-width: 48%; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; font-size: 14px; }
+td.input { max-width: 40em; overflow-wrap: anywhere; }
+td.id { white-space: nowrap; }
+.row { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(560px, 100%), 1fr));
+       gap: 1em; }
+.row > div { min-width: 0; }
 """
 
 MAX_FAILURES_LISTED = 500
 
 
-def render_html(rows: Sequence[CallRow], *, title: str, timeline_png: bytes | None = None) -> str:
+def render_html(rows: Sequence[CallRow], *, title: str, timeline: Chart | None = None) -> str:
     """The report page (plots made here unless the timeline is given)."""
     plt = _pyplot()
     s = summarize_rows(rows)
     starts = [r.start for r in rows if r.start is not None]
     t0 = min(starts) if starts else 0.0
     figs = []
-    if timeline_png is None:
-        fig = _timeline(plt, rows, t0)
-        timeline_png = _png(fig)
-        plt.close(fig)
     for fig in (
+        *(() if timeline is not None else (_timeline(plt, rows, t0),)),
         _activity(plt, rows, t0, s.makespan),
         _latency(plt, rows),
         _tokens(plt, rows, t0),
     ):
-        figs.append(_png(fig))
+        figs.append(_chart(fig))
         plt.close(fig)
+    if timeline is None:
+        timeline = figs.pop(0)
     summary = [
         ("items", s.items),
         ("succeeded", s.succeeded),
@@ -319,10 +372,13 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline_png: bytes | No
     ]
     failed = [r for r in rows if r.status != "succeeded"]
     failures = _table(
-        ("item", "status", "error", "attempts", "message"),
+        ("item", "line", "id", "input", "status", "error", "attempts", "message"),
         (
             (
                 r.index if r.index is not None else "",
+                r.line if r.line is not None else "",
+                r.id or "",
+                r.input or "",
                 r.status,
                 r.error or "",
                 len(r.attempts),
@@ -333,6 +389,7 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline_png: bytes | No
             ]
         ),
         "failures",
+        classes={2: "id", 3: "input"},
     )
     more = (
         f"<p>{len(failed) - MAX_FAILURES_LISTED} more failures are not listed.</p>"
@@ -344,7 +401,7 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline_png: bytes | No
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{t}</title>'
         f"<style>{_STYLE}</style></head><body>\n<h1>{t}</h1>\n"
         f"<h2>Summary</h2>{_table(('what', 'value'), summary, 'summary')}\n"
-        f"<h2>Timeline</h2>{_img(timeline_png, 'timeline')}\n"
+        f"<h2>Timeline</h2>{_img(timeline, 'timeline')}\n"
         f"<h2>In flight and throughput</h2>{_img(figs[0], 'in flight and throughput')}\n"
         f'<div class="row"><div><h2>Latency</h2>{_img(figs[1], "latency distribution")}</div>'
         f"<div><h2>Tokens and cost</h2>{_img(figs[2], 'tokens and cost')}</div></div>\n"
@@ -354,27 +411,121 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline_png: bytes | No
 
 
 def write_report(
-    source: str, output: str, *, png: str | None = None, title: str | None = None
+    source: str | Sequence[CallRow],
+    output: str,
+    *,
+    png: str | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Write the HTML report of the run recorded in ``source`` (and the timeline PNG).
+    """Write the HTML report of a run (and the timeline PNG).
+
+    Args:
+        source: a records file written by ``--records``, or its rows.
+        output: the HTML file to write.
+        png: also write the timeline here.
+        title: the page's title (default: names the records file).
 
     Raises:
         ConfigError: the source cannot be read, or holds no calls.
     """
-    rows = list(read_records(source))
+    rows = list(read_records(source)) if isinstance(source, str) else list(source)
     if not rows:
-        raise ConfigError(f"{source} holds no call records; run fanflow map --records {source}")
+        raise ConfigError(f"{source} holds no call records: the run made no calls")
     plt = _pyplot()
     starts = [r.start for r in rows if r.start is not None]
     fig = _timeline(plt, rows, min(starts) if starts else 0.0)
-    timeline = _png(fig)
+    timeline = _chart(fig)
     plt.close(fig)
-    page = render_html(rows, title=title or f"fanflow run report: {source}", timeline_png=timeline)
+    default = f"fanflow run report: {source}" if isinstance(source, str) else "fanflow run report"
+    page = render_html(rows, title=title or default, timeline=timeline)
     out = Path(output)
     try:
         out.write_text(page, encoding="utf-8")
         if png is not None:
-            Path(png).write_bytes(timeline)
+            Path(png).write_bytes(timeline.png)
     except OSError as exc:
         raise ConfigError(f"cannot write the report: {exc}") from None
     return out
+
+
+# -- the command: its arguments and its handler ------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="an HTML run report (timeline, throughput, latency)")
+    p.add_argument(
+        "source", metavar="NAME", help="a job name (map --job) or a file from map --records"
+    )
+    p.add_argument("--store", metavar="PATH", help="the store (default .fanflow/store.db)")
+    p.add_argument("-o", "--output", default="report.html", metavar="HTML", help="report.html")
+    p.add_argument("--png", metavar="PATH", help="also write the timeline as a PNG")
+    p.add_argument("--title", help="the report's title")
+    _base.common_options(p)
+    p.set_defaults(handler=cmd_report)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What to report on: a records file, and the job it belongs to (if any)."""
+
+    path: str
+    job: str | None = None
+    store: str | None = None
+
+
+def _report_source(args: argparse.Namespace, env: Mapping[str, str]) -> _Source:
+    """A records file as given, else the records of the job of that name."""
+    from ._records import job_records_path
+
+    if os.path.isfile(args.source):
+        return _Source(str(args.source))
+    settings = resolve_settings({"store": args.store}, env=env, config=args.config)
+    store_path = settings.store or ".fanflow/store.db"
+    path = job_records_path(store_path, args.source)
+    if not path.is_file():
+        raise ConfigError(
+            f"{args.source} is neither a records file nor a job with records in "
+            f"{store_path}; run fanflow map --job {args.source} first, or give the file "
+            "written by --records"
+        )
+    return _Source(str(path), args.source, store_path)
+
+
+def _no_calls(source: _Source) -> str:
+    """Why a records file holds no calls, in words that are true of this source."""
+    if source.job is None:
+        return (
+            f"{source.path} holds no call records: the run made no calls (every item was "
+            "served from the cache, or it had no items); nothing to draw"
+        )
+    from ..store import Store
+
+    store = Store(source.store)
+    try:
+        job = store.job(source.job)
+    finally:
+        store.close()
+    done = "" if job is None else f"its {job.succeeded} finished items "
+    return (
+        f"job {source.job!r} made no calls: {done or 'its items '}were served from the "
+        f"store's cache, so there is nothing to draw; fanflow jobs show {source.job} "
+        "lists the job"
+    )
+
+
+def cmd_report(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    source = _report_source(args, env)
+    title = args.title or (
+        f"fanflow run report: job {source.job}"
+        if source.job
+        else f"fanflow run report: {source.path}"
+    )
+    rows = list(read_records(source.path))
+    if not rows:
+        print(f"fanflow report: {_no_calls(source)}", file=sys.stderr)
+        return _base.EXIT_EMPTY
+    path = write_report(rows, args.output, png=args.png, title=title)
+    if not args.quiet:
+        also = f" and {args.png}" if args.png else ""
+        print(f"fanflow: report written to {path}{also}", file=sys.stderr)
+    return _base.EXIT_OK

@@ -3,18 +3,25 @@ with ``Pool`` (a thin adapter: the patterns do the work)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._exceptions import ConfigError
 from .._llm import BaseLLM
+from .._progress import ProgressStats, Tracker, drive
 from .._types import Status
+from . import _base
+from ._console import make_console, require_rich
 from ._io import Item, OutputWriter
 from ._pipeline import Pipeline
-from ._progress import Tracker, drive
+from ._providers import ProviderPlan, open_llms
+from ._settings import resolve_settings
 
-__all__ = ["PipelineOutcome", "build_runner", "run_pipeline"]
+__all__ = ["PipelineOutcome", "add_parser", "build_runner", "cmd_run", "run_pipeline"]
 
 
 def build_runner(pipe: Pipeline, llms: Mapping[str | None, BaseLLM]) -> Any:
@@ -94,3 +101,96 @@ async def run_pipeline(
         outcome.succeeded += run.status is Status.SUCCEEDED
     writer.flush()
     return outcome
+
+
+# -- the command: its arguments and its handler ------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a pipeline (steps over items) from a YAML file")
+    p.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file")
+    p.add_argument("input", metavar="INPUT", nargs="?", help="the items (default: the file's)")
+    p.add_argument("--check", action="store_true", help="validate the pipeline and stop")
+    job = p.add_argument_group("resumable jobs (a SQLite store, --store or FANFLOW_STORE)")
+    job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
+    job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
+    p.set_defaults(only_failed=False)
+    _base.io_options(p)
+    _base.model_options(p)
+    _base.common_options(p)
+    p.set_defaults(handler=cmd_run)
+
+
+# How many items the field check looks at: a field none of them has is a typo or a
+# missing step, not an odd item.
+SAMPLE = 100
+
+
+def input_keys(items: Sequence[Item]) -> list[str]:
+    """The fields the items provide (``input`` for text lines), in order of first use."""
+    keys: dict[str, None] = {}
+    for item in items:
+        value = item.value
+        keys.update(dict.fromkeys(value if isinstance(value, dict) else ("input",)))
+    return list(keys)
+
+
+def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from ._io import detect_format, open_output, read_items
+    from ._pipeline import check_fields, load_pipeline
+
+    pipe = load_pipeline(args.pipeline)
+    flags = {k: v for k, v in _base.flags(args).items() if v is not None}
+    base = resolve_settings({**pipe.settings, **flags}, env=env, config=args.config)
+    plans: dict[str | None, ProviderPlan] = {None: _base.plan(args, env, base)}
+    for name, spec in pipe.models.items():
+        merged = resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
+        plans[name] = _base.plan(args, env, merged)
+    source = args.input or pipe.input
+    if source is None:
+        raise ConfigError(
+            f"{pipe.path}: no input; give INPUT after the pipeline or set 'input:' in the file"
+        )
+    fmt = detect_format(source, args.input_format)
+    if args.check and source != "-" and not os.path.isfile(source):
+        print(
+            f"fanflow: {pipe.path} is valid: {len(pipe.steps)} steps ({pipe.kind}); its "
+            f"prompts' fields were not checked against the input ({source} not found)"
+        )
+        return _base.EXIT_OK
+    bad = _base.Bad()
+    items = list(read_items(source, fmt, bad))
+    if items:  # every field of every prompt must be given, before any call is sent
+        check_fields(pipe, input_keys(items[:SAMPLE]))
+    if args.check:
+        print(f"fanflow: {pipe.path} is valid: {len(pipe.steps)} steps ({pipe.kind})")
+        return _base.EXIT_OK
+    require_rich()
+    store = _base.open_store(base, args) if args.job else None
+    pool_options: dict[str, Any] = {"store": store, "job": args.job} if store is not None else {}
+    if base.budget is not None:
+        pool_options["budget"] = base.budget  # one cap over every call of the run
+    prices = _base.prices(args)
+    if prices:
+        pool_options["prices"] = prices
+    writer = open_output(args.output or pipe.output)
+    console = make_console()
+
+    async def go() -> tuple[Any, ProgressStats]:
+        tracker = Tracker(len(items) * len(pipe.steps), clock=_base.loop_time)
+        display = _base.display(args, console, tracker, bad)
+        async with open_llms(list(plans.values())) as llms:
+            runner = build_runner(pipe, dict(zip(plans, llms, strict=True)))
+            outcome = await run_pipeline(
+                pipe, runner, items, tracker=tracker, display=display, writer=writer,
+                pool_options=pool_options,
+            )  # fmt: skip
+        return outcome, tracker.snapshot()
+
+    outcome, stats = _base.run_then_close(go, args, console, writer, store)
+    return _base.finish(
+        args, console, stats, bad, interrupted=outcome.interrupted,
+        failed=outcome.items - outcome.succeeded, items=outcome.items, unit="calls",
+        resume=_base.resume_hint(args),
+        empty=("standard input" if source == "-" else source) if not items else None,
+    )  # fmt: skip

@@ -10,6 +10,7 @@ they stay in the provider's own environment variables and are never printed.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 from .._exceptions import ConfigError
 
-__all__ = ["OPTIONS", "Option", "Settings", "resolve_settings"]
+__all__ = ["OPTIONS", "Option", "Settings", "for_cli", "resolve_settings"]
 
 PROVIDERS = ("openai", "anthropic", "local", "sim")
 
@@ -46,7 +47,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("provider", str, "openai, anthropic, local or sim (default: from the environment)",
            choices=PROVIDERS),
     Option("model", str, "the model name"),
-    Option("base_url", str, "an OpenAI-compatible server's URL"),
+    Option("base_url", str, "the server's URL; an OpenAI-compatible one unless "
+           "--provider anthropic (default: OPENAI_BASE_URL)"),
+    Option("api_version", str, "Azure OpenAI's api-version (the key then goes in the "
+           "api-key header)"),
     Option("concurrency", int, "the most calls in flight at once", minimum=1),
     Option("rpm", int, "requests per minute allowed", minimum=1),
     Option("tpm", int, "tokens per minute allowed", minimum=1),
@@ -58,6 +62,28 @@ OPTIONS: tuple[Option, ...] = (
 
 _BY_NAME = {o.name: o for o in OPTIONS}
 
+# The library's messages name its arguments ("raise timeout=", "pass api_key="); a
+# command-line user needs the flag. This is the one table from argument to flag.
+FLAG_OF_ARGUMENT: Mapping[str, str] = {
+    **{o.name: o.flag for o in OPTIONS},
+    "api_key": "--api-key",
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+    "system": "--system",
+    "prices": "--price",
+    "limits": "--concurrency, --rpm or --tpm",
+    "retry": "--retries",
+}
+# ``name=`` used as a name (followed by a space, punctuation or the end), not ``name=3``.
+_ARGUMENT = re.compile(
+    r"(?<![\w.-])(" + "|".join(map(re.escape, FLAG_OF_ARGUMENT)) + r")=(?![\w'\"{(\[])"
+)
+
+
+def for_cli(message: str) -> str:
+    """``message`` with the library's argument names (``timeout=``) as flags (``--timeout``)."""
+    return _ARGUMENT.sub(lambda m: FLAG_OF_ARGUMENT[m[1]], message)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -66,6 +92,7 @@ class Settings:
     provider: str | None = None
     model: str | None = None
     base_url: str | None = None
+    api_version: str | None = None
     concurrency: int | None = None
     rpm: int | None = None
     tpm: int | None = None

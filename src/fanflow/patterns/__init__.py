@@ -1,14 +1,28 @@
 """Patterns: map/gather/race, fan-out, voting, best-of-N, guardrails, evaluation,
-sections, ParallelCalls, and multi-step Skill/Step/Chain/Flow run over many inputs by Pool."""
+sections, ParallelCalls, and multi-step Skill/Step/Chain/Flow run over many inputs by Pool.
 
-from ._estimate import Estimate, estimate
-from ._evaluate import Evaluation, Score, evaluate
+Every pattern takes the same call options (:class:`Options`). A pattern's result is
+named after it: ``<Pattern>Result`` (``VoteResult``, ``EvaluateResult``, ``FlowResult``
+for a Chain or Flow run, ...). The exceptions: ``map`` returns a ``BatchResult`` (the
+engine's own type, shared with the Ray backend and the CLI), ``as_completed`` a
+``ResultStream``, ``call`` a ``Call`` (an awaitable, not yet run), and ``gather`` and
+``race`` the values of their calls.
+"""
+
+import warnings as _warnings
+from collections.abc import Callable as _Callable
+from typing import Any as _Any
+
+from ._combine import split_text
+from ._estimate import EstimateResult, estimate
+from ._evaluate import EvaluateResult, Score, evaluate
 from ._fanout import FanOutResult, Worker, fan_out
-from ._flow import Chain, Flow, RunResult, Step, StepRecord
+from ._flow import Chain, Flow, FlowResult, Step, StepRecord
 from ._gather import Call, call, gather, race
 from ._guard import GuardedResult, guarded
 from ._judge import BestOfNResult, best_of_n
 from ._map import ResultStream, as_completed, map
+from ._options import Options
 from ._pool import ItemStatus, Pool, PoolResult, PoolStatus
 from ._sections import ParallelCalls, ParallelCallsResult, SectionsResult, sections
 from ._skill import Skill, SkillResult
@@ -18,19 +32,20 @@ __all__ = [
     "BestOfNResult",
     "Call",
     "Chain",
-    "Estimate",
-    "Evaluation",
+    "EstimateResult",
+    "EvaluateResult",
     "FanOutResult",
     "Flow",
+    "FlowResult",
     "GuardedResult",
     "ItemStatus",
+    "Options",
     "ParallelCalls",
     "ParallelCallsResult",
     "Pool",
     "PoolResult",
     "PoolStatus",
     "ResultStream",
-    "RunResult",
     "Score",
     "SectionsResult",
     "Skill",
@@ -50,5 +65,30 @@ __all__ = [
     "map",
     "race",
     "sections",
+    "split_text",
     "vote",
 ]
+
+# Old names, kept for one release (see CHANGELOG.md).
+_RENAMED = {"Evaluation": "EvaluateResult", "Estimate": "EstimateResult", "RunResult": "FlowResult"}
+
+
+def _renamed(module: str) -> _Callable[[str], _Any]:
+    """A module ``__getattr__`` that serves the old names with a DeprecationWarning."""
+
+    def __getattr__(name: str) -> _Any:
+        new = _RENAMED.get(name)
+        if new is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        _warnings.warn(
+            f"{name} is deprecated and will be removed in the next release; use {new} "
+            "(the same class: results are named <Pattern>Result)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+
+    return __getattr__
+
+
+__getattr__ = _renamed(__name__)

@@ -10,26 +10,32 @@ happened.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-from .._budget import Budget, as_budget
-from .._durable import ResultStore, execute_stored
-from .._engine import CallOptions, make_options, status_of
+from .._durable import Durability, execute_stored
+from .._engine import CallOptions, status_of
+from .._exceptions import ConfigError
 from .._llm import LLM
-from .._pricing import Price
+from .._repr import render, seconds, short
 from .._types import CallRecord, Request, Response, Status, Summary, summarize
-from ._jobs import Durability
+from ..store import ResultStore
+from ._options import Resolved
 
 __all__ = [
     "PatternResult",
     "call_user",
+    "check_model",
+    "check_model_or_function",
+    "durably",
     "is_llm",
-    "options_with",
     "run_calls",
+    "run_items",
+    "sample",
+    "samples",
+    "spread",
     "text_of",
 ]
 
@@ -46,6 +52,47 @@ def is_llm(obj: object) -> bool:
     return callable(getattr(obj, "complete", None))
 
 
+def check_model(obj: object, pattern: str, role: str = "llm") -> None:
+    """Reject, before any call, an object that is not a fanflow model, with the fix.
+
+    Objects shaped like other libraries' models (``agenerate``, LangChain's
+    ``ainvoke``) and plain functions are wrapped once by :func:`fanflow.function`; a
+    pattern never guesses (docs/decisions/0112-foreign-models-rejected-with-the-fix.md).
+    """
+    if is_llm(obj):
+        return
+    kind = type(obj).__name__
+    if callable(getattr(obj, "agenerate", None)):
+        what = f"a {kind} object with agenerate()"
+    elif callable(getattr(obj, "ainvoke", None)):
+        what = f"a LangChain-style chat model ({kind}, with ainvoke())"
+    elif callable(obj):
+        raise ConfigError(
+            f"{pattern}: {role} is a function, not a fanflow model; wrap it once: "
+            f"{role} = fanflow.function(fn) (fn receives a fanflow.Request; "
+            "request.prompt is the text)"
+        )
+    else:
+        raise ConfigError(
+            f"{pattern}: {role} must be a fanflow model (fanflow.openai(...), "
+            f"fanflow.anthropic(...), fanflow.local(), fanflow.function(fn)), got {kind}"
+        )
+    raise ConfigError(
+        f"{pattern}: {role} is {what}, not a fanflow model; wrap it once: "
+        f"{role} = fanflow.function(model)"
+    )
+
+
+def check_model_or_function(obj: object, pattern: str, role: str) -> None:
+    """For a role that takes a model or a plain function (an aggregator, a guard):
+    reject another library's model object, with the fix, rather than call it."""
+    if is_llm(obj):
+        return
+    foreign = any(callable(getattr(obj, name, None)) for name in ("agenerate", "ainvoke"))
+    if foreign or not callable(obj):
+        check_model(obj, pattern, role)
+
+
 async def call_user(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a user's sync or async function and return its (awaited) result."""
     result = fn(*args)
@@ -54,19 +101,12 @@ async def call_user(fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
-def options_with(
-    budget: float | Budget | None, prices: Mapping[str, Price] | None
-) -> Callable[..., CallOptions]:
-    """``make_options`` bound to one budget: every call of a pattern (workers,
-    aggregator, judge, ...) draws on the same cap, even when ``budget`` is a number."""
-    return functools.partial(make_options, budget=as_budget(budget), prices=prices)
-
-
 async def run_calls(
     llm: LLM,
     requests: Sequence[Request],
-    opts: CallOptions,
+    opts: CallOptions | Sequence[CallOptions],
     *,
+    models: Sequence[LLM] | None = None,
     labels: Sequence[str | None] | None = None,
     indices: Sequence[int] | None = None,
     parse: Callable[[Response], Any] | None = None,
@@ -75,6 +115,9 @@ async def run_calls(
     durable: Durability | None = None,
 ) -> list[CallRecord[Any]]:
     """Run requests at once through the engine; one record each, in argument order.
+
+    ``models`` gives each request its own model (default: ``llm`` for every one), and
+    ``opts`` may be a sequence of options, one per request.
 
     With ``store``, each call is served from it when stored before (``cached=True``,
     unless ``cache`` is False) and committed to it before its record is returned. With
@@ -91,15 +134,17 @@ async def run_calls(
         for i, request in enumerate(requests):
             index = indices[i] if indices is not None else i
             label = labels[i] if labels is not None else None
+            model = models[i] if models is not None else llm
+            these = opts if isinstance(opts, CallOptions) else opts[i]
             if durable is not None:
                 call = durable.run(
-                    llm, request, opts, index=index, item=None, label=label, parse=parse
+                    model, request, these, index=index, item=None, label=label, parse=parse
                 )
             else:
                 call = execute_stored(
-                    llm,
+                    model,
                     request,
-                    opts,
+                    these,
                     store=store,
                     index=index,
                     label=label,
@@ -107,7 +152,53 @@ async def run_calls(
                     reuse=cache,
                 )
             tasks.append(tg.create_task(call))
-    return [t.result() for t in tasks]
+    records = [t.result() for t in tasks]
+    if durable is not None:
+        for record in records:
+            durable.emit(record, None)
+    return records
+
+
+async def run_items(
+    llm: LLM,
+    requests: Sequence[Request],
+    opts: CallOptions,
+    options: Resolved,
+    *,
+    labels: Sequence[str | None],
+    parse: Callable[[Response], Any] | None = None,
+) -> list[CallRecord[Any]]:
+    """A pattern's calls at once, each an item of its job and its sink (if it has
+    them), served from and committed to its store."""
+    durable = options.durability()
+    return await durably(
+        durable,
+        len(requests),
+        lambda: run_calls(
+            llm,
+            requests,
+            opts,
+            labels=labels,
+            parse=parse,
+            store=options.store,
+            cache=options.cache,
+            durable=durable,
+        ),
+    )
+
+
+async def durably(durable: Durability | None, total: int, body: Callable[[], Awaitable[T]]) -> T:
+    """Run a pattern's ``body`` within its job and sink (``total`` items), if any."""
+    if durable is None:
+        return await body()
+    out: list[T] = []
+
+    async def run() -> int:
+        out.append(await body())
+        return total
+
+    await durable.around(run, total)
+    return out[0]
 
 
 async def run_function(
@@ -157,11 +248,20 @@ class PatternResult:
     records: tuple[CallRecord[Any], ...] = field(default=(), repr=False)
     makespan: float = 0.0
 
+    def _fields(self) -> Iterator[tuple[str, Any]]:
+        """The result's own fields (optional ones only when set), then its totals."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.repr and f.name != "makespan" and not (value is None and f.default is None):
+                yield f.name, value
+        yield "calls", len(self.records)
+        yield "makespan", round(self.makespan, 3)
+
     def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{f.name}={_short(getattr(self, f.name))}" for f in fields(self) if f.repr
-        )
-        return f"fanflow.{type(self).__name__}({shown})"
+        return render(type(self).__name__, ((name, _show(value)) for name, value in self._fields()))
+
+    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
+        yield from self._fields()
 
     @property
     def summary(self) -> Summary:
@@ -210,20 +310,48 @@ def samples(
 ) -> list[Request]:
     """``n`` samples of one task: same prompt, ``sample=i`` so each has its own key."""
     return [
-        Request.of(
-            task,
-            system=system,
-            temperature=temperature,
-            sample=i,
-            metadata={"pattern": pattern, role: i},
-        )
+        sample(task, i, system=system, temperature=temperature, pattern=pattern, role=role)
         for i in range(n)
     ]
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def sample(
+    task: str,
+    i: int,
+    *,
+    system: str | None,
+    temperature: float | None,
+    pattern: str,
+    role: str,
+) -> Request:
+    """Sample ``i`` of a task (``sample=i`` gives it its own key)."""
+    return Request.of(
+        task,
+        system=system,
+        temperature=temperature,
+        sample=i,
+        metadata={"pattern": pattern, role: i},
+    )
+
+
+def spread(n: int, temperatures: tuple[float, float] | None) -> list[float | None]:
+    """``n`` temperatures spread evenly over ``(low, high)`` (both ends included)."""
+    if temperatures is None:
+        return [None] * n
+    low, high = temperatures
+    if n == 1:
+        return [low]
+    return [round(low + (high - low) * i / (n - 1), 6) for i in range(n)]
+
+
+def _show(value: Any) -> str:
+    """A field of a pattern result: per-call views as their statuses, floats rounded,
+    long values shortened whole (:func:`fanflow._repr.short`)."""
+    if isinstance(value, tuple | list) and value and all(isinstance(v, RecordView) for v in value):
+        return "[" + ", ".join(v.status.value for v in value) + "]"
+    if isinstance(value, float) and not isinstance(value, bool):
+        return seconds(value)
+    return short(value)
 
 
 def chain_records(*groups: Iterable[CallRecord[Any] | None]) -> tuple[CallRecord[Any], ...]:

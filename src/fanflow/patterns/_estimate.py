@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 from .._llm import LLM, BaseLLM
-from .._pricing import Price, price_of
+from .._pricing import price_of
 from .._tokens import request_tokens
+from ._options import Options, resolve
 from ._prompt import Prompt, build_request
 
-__all__ = ["Estimate", "estimate"]
+__all__ = ["EstimateResult", "estimate"]
 
 
 @dataclass(frozen=True, slots=True)
-class Estimate:
+class EstimateResult:
     """The expected size of a batch (one attempt per item, no retries).
+
+    Named ``Estimate`` before; that name still works for one release, with a
+    ``DeprecationWarning``.
 
     ``output_tokens`` is an upper bound: each request's ``max_tokens`` (or the default
     reservation when it sets none). ``cost`` is None when a model's price is unknown.
@@ -35,7 +39,7 @@ class Estimate:
     def __repr__(self) -> str:
         cost = "unknown" if self.cost is None else f"${self.cost:.4f}"
         return (
-            f"fanflow.Estimate(items={self.items}, input_tokens={self.input_tokens}, "
+            f"fanflow.EstimateResult(items={self.items}, input_tokens={self.input_tokens}, "
             f"output_tokens={self.output_tokens}, cost={cost})"
         )
 
@@ -49,10 +53,12 @@ def estimate(
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
-    prices: Mapping[str, Price] | None = None,
-) -> Estimate:
+    **options: Unpack[Options],
+) -> EstimateResult:
     """Expected tokens and cost of ``fanflow.map(llm, prompt, items, ...)``, without
-    sending anything. Takes the same prompt and request options as :func:`map`.
+    sending anything. Takes the same prompt and request options as :func:`map`, and the
+    same call options (:class:`fanflow.Options`); it reads only ``prices``, so a call's
+    options can be passed to both unchanged.
 
     Prompt tokens are estimated as for rate limits (see ``docs/decisions/0041``);
     output tokens are counted at ``max_tokens`` each, so the cost is an upper bound.
@@ -60,6 +66,7 @@ def estimate(
     Raises:
         TemplateError: an item lacks a field the prompt needs (as ``map`` would record).
     """
+    prices = resolve("estimate", options).prices
     params = {
         k: v
         for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
@@ -83,4 +90,4 @@ def estimate(
             cost = None
         elif cost is not None:
             cost += price.cost(input_tokens, output_tokens)
-    return Estimate(n, input_total, output_total, cost, tuple(unpriced))
+    return EstimateResult(n, input_total, output_total, cost, tuple(unpriced))

@@ -8,22 +8,19 @@ kept in its record); the other criteria are unaffected.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
-from .._budget import Budget
-from .._events import Hook
 from .._exceptions import ConfigError
 from .._llm import LLM
-from .._pricing import Price
-from .._retry import RetryPolicy
+from .._progress import with_progress
 from .._types import CallRecord, Request, Response
-from ..store import Store
-from ._common import PatternResult, RecordView, now, options_with, run_calls
+from ._common import PatternResult, RecordView, check_model, now, run_items
+from ._options import Options, resolve
 from ._parsing import find_json, find_number
 
-__all__ = ["DEFAULT_EVALUATE_PROMPT", "Evaluation", "Score", "evaluate"]
+__all__ = ["DEFAULT_EVALUATE_PROMPT", "EvaluateResult", "Score", "evaluate"]
 
 DEFAULT_EVALUATE_PROMPT = (
     "Rate the following content for {criterion} on a scale from {low} to {high}.\n\n"
@@ -52,8 +49,9 @@ class Score(RecordView):
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class Evaluation(PatternResult):
-    """Every criterion's :class:`Score`, in the order given."""
+class EvaluateResult(PatternResult):
+    """Every criterion's :class:`Score`, in the order given (named ``Evaluation``
+    before; that name still works for one release, with a ``DeprecationWarning``)."""
 
     criteria: tuple[Score, ...]
 
@@ -95,6 +93,7 @@ def _reader(low: int, high: int) -> Any:
     return read
 
 
+@with_progress
 async def evaluate(
     llm: LLM,
     content: str,
@@ -104,15 +103,9 @@ async def evaluate(
     prompt: str = DEFAULT_EVALUATE_PROMPT,
     system: str | None = None,
     temperature: float | None = 0.0,
-    timeout: float | None = None,
-    retry: RetryPolicy | None = None,
-    concurrency: int | None = None,
-    hooks: Sequence[Hook] = (),
-    store: Store | None = None,
-    cache: bool = True,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
-) -> Evaluation:
+    progress: bool = False,
+    **options: Unpack[Options],
+) -> EvaluateResult:
     """Score ``content`` on every criterion at once, one call per criterion.
 
     Args:
@@ -123,30 +116,21 @@ async def evaluate(
         prompt: the grader's prompt; ``{criterion}``, ``{content}``, ``{low}`` and
             ``{high}`` are filled in.
         system: a system prompt. temperature: the graders' temperature.
-        timeout: seconds per attempt. retry: the retry policy.
-        concurrency: the most criteria in flight. hooks: receive every call's events.
-        store: a :class:`fanflow.Store` for every call it makes: a call stored before
-            is served from it (``cached=True``, costing nothing), a new one is committed
-            before it counts.
-        cache: serve calls found in the store (False: ask the model again and store
-            the new replies).
-        budget: the most its calls may spend together: dollars (a number) or a
-            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
-            attempt reserves its expected cost first; calls the budget cannot cover end
-            ``skipped`` with ``BudgetExceeded``.
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`); ``concurrency`` is the
+            most criteria in flight.
 
     Returns:
-        An :class:`Evaluation`; a criterion whose call or score failed is data there.
+        An :class:`EvaluateResult`; a criterion whose call or score failed is data there.
     """
+    o = resolve("evaluate", options)
+    check_model(llm, "evaluate")
     if not criteria:
         raise ConfigError("evaluate needs at least one criterion")
     low, high = scale
     if low >= high:
         raise ConfigError(f"scale must be (low, high) with low < high, got {scale}")
     started = now()
-    options = options_with(budget, prices)
-    opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    o = o.start()
     requests = [
         Request.of(
             prompt.format(criterion=c, content=content, low=low, high=high),
@@ -156,16 +140,10 @@ async def evaluate(
         )
         for c in criteria
     ]
-    records = await run_calls(
-        llm,
-        requests,
-        opts,
-        labels=list(criteria),
-        parse=_reader(low, high),
-        store=store,
-        cache=cache,
+    records = await run_items(
+        llm, requests, o.calls(), o, labels=list(criteria), parse=_reader(low, high)
     )
-    return Evaluation(
+    return EvaluateResult(
         criteria=tuple(Score(c, r) for c, r in zip(criteria, records, strict=True)),
         records=tuple(records),
         makespan=now() - started,

@@ -16,31 +16,31 @@ records each worker's terminal status as an item of that job.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Unpack
 
-from .._budget import Budget
 from .._engine import CallOptions
-from .._events import Hook
 from .._exceptions import ConfigError, QuorumNotMet
 from .._llm import LLM, BaseLLM
-from .._pricing import Price
-from .._retry import RetryPolicy
+from .._progress import with_progress
 from .._types import CallRecord, Request, Status
 from ..store import Store
 from ._common import (
     PatternResult,
     RecordView,
+    check_model,
+    check_model_or_function,
     describe,
+    durably,
     is_llm,
     now,
-    options_with,
     reused,
     run_calls,
     run_function,
+    spread,
 )
-from ._jobs import Durability
+from ._options import Options, resolve
 
 __all__ = ["DEFAULT_AGGREGATE_PROMPT", "FanOutResult", "Worker", "fan_out"]
 
@@ -103,27 +103,25 @@ class FanOutResult(PatternResult):
 
     @property
     def failed(self) -> list[Worker]:
-        """Workers that did not succeed (failed, timed out or cancelled)."""
-        return [w for w in self.workers if w.status is not Status.SUCCEEDED]
+        """Workers that failed (cancelled and skipped ones included), not those that
+        timed out: ``succeeded``, ``failed`` and ``timed_out`` never overlap."""
+        return [w for w in self.workers if w.status not in (Status.SUCCEEDED, Status.TIMED_OUT)]
 
     @property
     def timed_out(self) -> list[Worker]:
+        """Workers that ran out of time (``worker_timeout``, ``deadline``, ``timeout``)."""
         return [w for w in self.workers if w.status is Status.TIMED_OUT]
+
+    @property
+    def unsuccessful(self) -> list[Worker]:
+        """Every worker that did not succeed: ``failed`` and ``timed_out`` together
+        (what ``failed`` meant before this release; see the CHANGELOG)."""
+        return [w for w in self.workers if w.status is not Status.SUCCEEDED]
 
     @property
     def outputs(self) -> list[str]:
         """The successful workers' outputs, in worker order."""
         return [w.output for w in self.workers if w.ok and w.output is not None]
-
-
-def spread(n: int, temperatures: tuple[float, float] | None) -> list[float | None]:
-    """``n`` temperatures spread evenly over ``(low, high)`` (both ends included)."""
-    if temperatures is None:
-        return [None] * n
-    low, high = temperatures
-    if n == 1:
-        return [low]
-    return [round(low + (high - low) * i / (n - 1), 6) for i in range(n)]
 
 
 def _worker_count(workers: int | None, focus: Sequence[str] | None) -> int:
@@ -150,6 +148,7 @@ def _listing(workers: Sequence[Worker]) -> str:
     return "\n\n".join(parts)
 
 
+@with_progress
 async def fan_out(
     llm: LLM,
     task: str,
@@ -159,19 +158,12 @@ async def fan_out(
     focus: Sequence[str] | None = None,
     aggregate: Aggregator = None,
     aggregate_prompt: str = DEFAULT_AGGREGATE_PROMPT,
-    worker_timeout: float | None = 15.0,
+    worker_timeout: float | Sequence[float | None] | None = 15.0,
     min_success: int | None = None,
     previous: FanOutResult | None = None,
     system: str | None = None,
-    timeout: float | None = None,
-    retry: RetryPolicy | None = None,
-    concurrency: int | None = None,
-    hooks: Sequence[Hook] = (),
-    store: Store | None = None,
-    cache: bool = True,
-    job: str | None = None,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
+    **options: Unpack[Options],
 ) -> FanOutResult:
     """Send ``task`` to several workers at once and merge what they answer.
 
@@ -188,30 +180,21 @@ async def fan_out(
             outputs are concatenated and ``aggregation_error`` says why.
         aggregate_prompt: the aggregator's prompt; ``{task}`` and ``{outputs}`` (every
             successful output, numbered) are filled in.
-        worker_timeout: seconds each worker may take in all, retries included (None: no
-            limit). A worker out of time ends ``timed_out``; the others go on.
+        worker_timeout: seconds each worker may take in all, retries included, counted
+            from the start of the fan-out: one number for every worker, or one per
+            worker (``[10, 10, 30]``; None: no limit). A worker out of time ends
+            ``timed_out``; the others go on. The call option ``deadline`` still bounds
+            every call; the earlier of the two applies.
         min_success: the quorum (default ``ceil(workers / 2)``).
         previous: an earlier result of the same fan-out: its successful workers whose
             request is unchanged are reused, only the others run again.
         system: a system prompt for the workers.
-        timeout: seconds per attempt (None: the handle's).
-        retry: the retry policy (None: the handle's).
-        concurrency: the most workers in flight at once (None: the handle's limit).
-        hooks: receive every call's events.
-        store: a :class:`fanflow.Store` for every call (workers and aggregator): a call
-            stored before is served from it (``cached=True``, costing nothing), a new
-            one is committed before it counts. Running the same fan-out again with the
-            same store re-runs only the workers that did not succeed.
-        cache: serve calls found in the store (False: ask the model again, except for
-            the job's own succeeded workers).
-        job: a name under which the store records each worker's terminal status
-            (workers are the job's items, by worker index); needs ``store``.
-        budget: the most its calls may spend together: dollars (a number) or a
-            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
-            attempt reserves its expected cost first; calls the budget cannot cover end
-            ``skipped`` with ``BudgetExceeded`` (an aggregator that is skipped falls back to
-            concat, and ``aggregation_error`` says so).
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`) of the workers and the
+            aggregator; ``concurrency`` is the most workers in flight. With ``store``,
+            running the same fan-out again re-runs only the workers that did not
+            succeed; with ``job``, workers are the job's items (by worker index). An
+            aggregator the budget cannot cover falls back to concat, and
+            ``aggregation_error`` says so.
 
     Returns:
         A :class:`FanOutResult`.
@@ -220,12 +203,13 @@ async def fan_out(
         QuorumNotMet: fewer than ``min_success`` workers succeeded; the message names
             each failed worker's error and ``metadata`` is the :class:`FanOutResult`.
     """
+    o = resolve("fan_out", options)
+    check_model(llm, "fan_out")
+    if aggregate is not None and aggregate != "concat":
+        check_model_or_function(aggregate, "fan_out", "aggregate")
     n = _worker_count(workers, focus)
-    durable = (
-        Durability(store=store, job=job, only_failed=False, cache=cache, sink=None)
-        if job is not None
-        else None
-    )
+    limits = _worker_timeouts(worker_timeout, n)
+    durable = o.durability()
     required = math.ceil(n / 2) if min_success is None else min_success
     if not 1 <= required <= n:
         raise ConfigError(f"min_success must be between 1 and workers={n}, got {min_success}")
@@ -250,32 +234,23 @@ async def fan_out(
     if previous is not None:
         done = {w.record.key: w.record for w in previous.workers if w.ok and w.record.key}
     todo = [i for i in range(n) if requests[i].key not in done]
-    options = options_with(budget, prices)
-    opts = options(
-        concurrency=concurrency, timeout=timeout, deadline=worker_timeout, retry=retry, hooks=hooks
-    )
-    fresh: list[CallRecord[Any]] = []
-
-    async def run_workers() -> int:
-        fresh[:] = await run_calls(
+    o = o.start()
+    opts = o.calls()
+    each = [_within(opts, started, limits[i]) for i in todo]
+    fresh = await durably(
+        durable,
+        n,
+        lambda: run_calls(
             llm,
             [requests[i] for i in todo],
-            opts,
+            each,
             indices=todo,
             labels=[f"worker {i}" for i in todo],
-            store=store,
-            cache=cache,
+            store=o.store,
+            cache=o.cache,
             durable=durable,
-        )
-        if durable is not None:
-            for record in fresh:
-                durable.emit(record, None)
-        return n
-
-    if durable is None:
-        await run_workers()
-    else:
-        await durable.around(run_workers, n)
+        ),
+    )
     by_index = dict(zip(todo, fresh, strict=True))
     crew = tuple(
         Worker(i, temps[i], focuses[i], by_index.get(i) or reused(done[requests[i].key]))
@@ -302,9 +277,9 @@ async def fan_out(
         task,
         ok,
         aggregate_prompt,
-        options(timeout=timeout, retry=retry, hooks=hooks),
-        store,
-        cache,
+        opts,
+        o.store,
+        o.cache,
     )
     return FanOutResult(
         answer=answer,
@@ -316,6 +291,36 @@ async def fan_out(
         records=tuple(w.record for w in crew) + ((record,) if record is not None else ()),
         makespan=now() - started,
     )
+
+
+def _worker_timeouts(
+    worker_timeout: float | Sequence[float | None] | None, n: int
+) -> list[float | None]:
+    """One time limit per worker (None: none), checked."""
+    if worker_timeout is None or isinstance(worker_timeout, int | float):
+        limits: list[float | None] = [worker_timeout] * n
+    else:
+        limits = list(worker_timeout)
+        if len(limits) != n:
+            raise ConfigError(
+                f"worker_timeout has {len(limits)} values for {n} workers; give one per "
+                "worker, or one number for all"
+            )
+    for i, limit in enumerate(limits):
+        if limit is not None and limit <= 0:
+            raise ConfigError(
+                f"worker_timeout of worker {i} must be > 0 seconds, got {limit}; use None "
+                "for no limit"
+            )
+    return limits
+
+
+def _within(opts: CallOptions, started: float, limit: float | None) -> CallOptions:
+    """``opts`` for one worker: its own time limit, or the deadline if that is sooner."""
+    if limit is None:
+        return opts
+    end = started + limit
+    return replace(opts, deadline=end if opts.deadline is None else min(end, opts.deadline))
 
 
 def _quorum_message(crew: Sequence[Worker], succeeded: int, required: int) -> str:

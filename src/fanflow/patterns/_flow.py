@@ -33,9 +33,10 @@ import functools
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, Unpack
 
-from .._budget import Budget, as_budget
+from .._budget import Budget
+from .._engine import CallOptions
 from .._events import Hook
 from .._exceptions import ConfigError, Skipped, StepInputError
 from .._pricing import Price
@@ -44,9 +45,10 @@ from .._types import CallRecord, Status
 from .._util import is_async_callable
 from ..store import Store
 from ._common import PatternResult, now
+from ._options import Options, Resolved, fill, option_attributes, resolve
 from ._skill import Skill
 
-__all__ = ["Chain", "Flow", "RunResult", "Step", "StepRecord"]
+__all__ = ["Chain", "Flow", "FlowResult", "Step", "StepRecord"]
 
 Runner: TypeAlias = "Skill | Chain | Flow | Callable[..., Any]"
 OnStep = Callable[[str, bool], None]
@@ -80,8 +82,9 @@ class StepRecord:
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
-class RunResult(PatternResult):
-    """One input's run through a chain, flow or skill.
+class FlowResult(PatternResult):
+    """One input's run through a chain, flow or skill (named ``RunResult`` before; that
+    name still works for one release, with a ``DeprecationWarning``).
 
     Attributes:
         status: ``succeeded`` when every step succeeded, else the first failed step's.
@@ -200,6 +203,7 @@ class Step:
         cache: bool | None = None,
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
+        shared: CallOptions | None = None,
     ) -> StepRecord:
         start = now()
         args = self.arguments(context)
@@ -215,6 +219,7 @@ class Step:
                 cache=cache,
                 budget=budget,
                 prices=prices,
+                shared=shared,
             )
             status, value, error, calls = got.status, got.value, got.error, got.calls
         elif isinstance(runner, Chain | Flow):
@@ -226,6 +231,7 @@ class Step:
                 cache=cache,
                 budget=budget,
                 prices=prices,
+                shared=shared,
             )
             status, value, error, calls = sub.status, sub.output, sub.error, sub.records
         else:
@@ -252,6 +258,7 @@ async def _call_kw(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
     return result
 
 
+@option_attributes("budget", "prices")
 class _Graph:
     """Steps with dependencies, run as soon as their dependencies are done."""
 
@@ -261,14 +268,11 @@ class _Graph:
         self,
         steps: Sequence[Step],
         deps: list[set[int]],
-        budget: float | Budget | None,
-        prices: Mapping[str, Price] | None,
+        options: Resolved,
     ) -> None:
         self.steps = tuple(steps)
         self.deps = deps
-        as_budget(budget)  # a bad value fails here rather than at the first run
-        self.budget = budget
-        self.prices = prices
+        self.options = options
         produced = {s.output for s in self.steps}
         self.required_keys: list[str] = []
         for s in self.steps:
@@ -291,11 +295,11 @@ class _Graph:
         names = [s.name for s in self.steps]
         return f"fanflow.{type(self).__name__}({names})"
 
-    def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> RunResult:
-        """Synchronous :meth:`arun` (works inside a running loop too)."""
+    def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> FlowResult:
+        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
         return run_sync(lambda: self.arun(inputs, **kwargs))
 
-    async def arun(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> RunResult:
+    async def arun(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> FlowResult:
         """Run the steps over one input dict (and/or keyword inputs); failures are data."""
         return await self.execute({**(inputs or {}), **kwargs}, index=None, hooks=())
 
@@ -310,20 +314,28 @@ class _Graph:
         cache: bool | None = None,
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
-    ) -> RunResult:
+        shared: CallOptions | None = None,
+    ) -> FlowResult:
         """Run the steps over ``inputs``.
 
         ``store``/``cache``/``budget``/``prices`` (an enclosing pool's or flow's) apply
-        to its skills; without ``budget``, the graph's own (a number: a new cap for this
-        run) caps every step.
+        to its skills, else the graph's own; without ``budget``, the graph's own (a
+        number: a new cap for this run) caps every step. The graph's timing options
+        (its own, else ``shared``'s) apply to every skill that sets none: one deadline
+        and one concurrency gate for the whole run.
         """
         started = now()
-        cap = as_budget(budget if budget is not None else self.budget)
-        prices = prices if prices is not None else self.prices
+        own = self.options.start()
+        cap = budget if budget is not None else own.budget
+        prices = prices if prices is not None else own.prices
+        store = store if store is not None else own.store
+        cache = cache if cache is not None else (own.cache if "cache" in own.given else None)
+        hooks = (*hooks, *own.hooks)
+        shared = fill(own.calls(budget=None, hooks=()), own.given, shared)
         context = dict(inputs)
         problem = self.check(context.keys(), index)
         if problem is not None:
-            return RunResult(
+            return FlowResult(
                 status=Status.FAILED,
                 error=problem,
                 failed_step=problem.step,
@@ -366,6 +378,7 @@ class _Graph:
                             cache=cache,
                             budget=cap,
                             prices=prices,
+                            shared=shared,
                         )
                     )
                     running[task] = i
@@ -394,7 +407,7 @@ class _Graph:
         bad = [s for s in steps if not s.ok and not _skipped_for_upstream(s)]
         first_bad = bad[0] if bad else None
         calls = tuple(c for s in steps for c in s.calls)
-        return RunResult(
+        return FlowResult(
             status=Status.SUCCEEDED if first_bad is None else first_bad.status,
             output=self._output(steps) if first_bad is None else None,
             error=first_bad.error if first_bad is not None else None,
@@ -448,13 +461,14 @@ class Chain(_Graph):
 
     Args:
         steps: the :class:`Step` objects, in order.
-        budget: the most one run may spend, every step's calls together: dollars (a
-            new cap for each run) or a :class:`fanflow.Budget` (shared by every run and
-            whatever else is given it). It overrides the skills' own.
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`) of one run: ``budget``
+            caps every step's calls together (a number: a new cap for each run) and,
+            with ``prices``, ``store`` and ``cache``, overrides the skills' own; the
+            other options apply to every skill that sets none (one ``deadline`` and one
+            ``concurrency`` limit for the whole run).
 
     ``await chain.arun({"url": ...})`` (or ``chain.run(...)`` from sync code) returns
-    a :class:`RunResult` whose ``output`` is the last step's value.
+    a :class:`FlowResult` whose ``output`` is the last step's value.
     """
 
     kind = "chain"
@@ -462,10 +476,9 @@ class Chain(_Graph):
     def __init__(
         self,
         steps: Sequence[Step],
-        *,
-        budget: float | Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
+        **options: Unpack[Options],
     ) -> None:
+        resolved = resolve("Chain", options)
         _unique_outputs(steps, "chain")
         for i, s in enumerate(steps):
             if s.after:
@@ -484,7 +497,7 @@ class Chain(_Graph):
                         field=key,
                     )
         chained = [{i - 1} if i else set() for i in range(len(steps))]
-        super().__init__(steps, chained, budget, prices)
+        super().__init__(steps, chained, resolved)
 
     def _output(self, steps: Sequence[StepRecord]) -> Any:
         return steps[-1].value
@@ -498,10 +511,11 @@ class Flow(_Graph):
 
     Args:
         steps: the :class:`Step` objects (any order).
-        budget: the most one run may spend, every step's calls together: dollars (a
-            new cap for each run) or a :class:`fanflow.Budget` (shared by every run and
-            whatever else is given it). It overrides the skills' own.
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`) of one run: ``budget``
+            caps every step's calls together (a number: a new cap for each run) and,
+            with ``prices``, ``store`` and ``cache``, overrides the skills' own; the
+            other options apply to every skill that sets none (one ``deadline`` and one
+            ``concurrency`` limit for the whole run).
 
     Raises:
         ConfigError: two steps share an output key, ``after=`` names an unknown key, or
@@ -513,10 +527,9 @@ class Flow(_Graph):
     def __init__(
         self,
         steps: Sequence[Step],
-        *,
-        budget: float | Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
+        **options: Unpack[Options],
     ) -> None:
+        resolved = resolve("Flow", options)
         _unique_outputs(steps, "flow")
         producer = {s.output: i for i, s in enumerate(steps)}
         deps: list[set[int]] = []
@@ -531,7 +544,7 @@ class Flow(_Graph):
                 wanted.add(producer[key])
             deps.append(wanted)
         _no_cycle(steps, deps)
-        super().__init__(steps, deps, budget, prices)
+        super().__init__(steps, deps, resolved)
 
 
 def _no_cycle(steps: Sequence[Step], deps: list[set[int]]) -> None:

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Generator, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
-from .._budget import Budget, as_budget
 from .._durable import execute_stored
-from .._engine import make_options, status_of
-from .._events import Hook
+from .._engine import status_of
 from .._exceptions import AllFailed, CallTimeout
 from .._llm import LLM
-from .._pricing import Price
-from .._retry import RetryPolicy
+from .._progress import with_progress
 from .._types import CallRecord, Request, Response, Status
-from ..store import Store
+from ._common import check_model
+from ._options import Options, Resolved, Shared, resolve
 
 __all__ = ["Call", "call", "gather", "race"]
 
@@ -30,31 +28,33 @@ class Call:
     attempt of it; awaiting it directly raises the call's error when it fails.
     """
 
-    __slots__ = ("_cache", "_kwargs", "_store", "llm", "request")
+    __slots__ = ("_options", "llm", "request")
 
-    def __init__(
-        self,
-        llm: LLM,
-        request: Request,
-        kwargs: dict[str, Any],
-        store: Store | None = None,
-        cache: bool = True,
-    ) -> None:
+    def __init__(self, llm: LLM, request: Request, options: Resolved) -> None:
         self.llm = llm
         self.request = request
-        self._kwargs = kwargs
-        self._store = store
-        self._cache = cache
+        self._options = options
 
     def __repr__(self) -> str:
         return f"fanflow.Call({self.request.prompt[:40]!r})"
 
-    async def record(self) -> CallRecord[Response]:
-        """Run the call and return its record (failures are data)."""
-        opts = make_options(**self._kwargs)
+    async def record(self, outer: Shared | None = None) -> CallRecord[Response]:
+        """Run the call and return its record (failures are data).
+
+        ``outer``: the options of an enclosing ``gather`` or ``race``, for what this
+        call did not set itself.
+        """
+        own = self._options.start()
+        store, cache = own.store, own.cache
+        if outer is None:
+            opts = own.calls()
+        else:
+            opts = outer.fill(own.calls() if own.given else outer.engine, own.given)
+            store = own.store if "store" in own.given else outer.options.store
+            cache = own.cache if "cache" in own.given else outer.options.cache
         label = self.request.metadata.get("label") if self.request.metadata else None
         return await execute_stored(
-            self.llm, self.request, opts, store=self._store, reuse=self._cache, label=label
+            self.llm, self.request, opts, store=store, reuse=cache, label=label
         )
 
     async def _result(self) -> Response:
@@ -76,56 +76,44 @@ def call(
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    retry: RetryPolicy | None = None,
-    hedge_after: float | None = None,
-    hooks: Sequence[Hook] = (),
-    store: Store | None = None,
-    cache: bool = True,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
+    **options: Unpack[Options],
 ) -> Call:
     """One call through the engine (admission, timeout, retries, hedging).
 
     ``await fanflow.call(llm, "...")`` returns the :class:`Response` or raises the
     call's error after its retries. Pass calls to :func:`gather` or :func:`race`.
-    With ``store=`` (a :class:`fanflow.Store`) a call stored before is served from it
-    (its record says ``cached=True``; ``cache=False`` asks the model again) and a new
-    one is committed before it is returned.
 
-    ``budget=`` (dollars, or a :class:`fanflow.Budget`) caps what the call may spend,
-    retries included; pass one ``Budget`` to every call of a :func:`gather` or
-    :func:`race` to cap them together. A call the budget cannot cover ends ``skipped``
-    with :class:`fanflow.BudgetExceeded`. ``prices=`` adds model prices
-    (``{model: fanflow.Price}``) to the built-in table.
+    ``**options`` are the call options (:class:`fanflow.Options`); ``deadline`` counts
+    from when the call starts. Options a call sets win over those of the ``gather`` or
+    ``race`` it is passed to; pass one ``Budget`` to cap several calls together.
     """
+    o = resolve("call", options)
+    check_model(llm, "call")
     if isinstance(prompt, Request):
         request = prompt
     else:
         request = Request.of(
             prompt, system=system, temperature=temperature, max_tokens=max_tokens, seed=seed
         )
-    kwargs: dict[str, Any] = {
-        "timeout": timeout,
-        "deadline": deadline,
-        "retry": retry,
-        "hedge_after": hedge_after,
-        "hooks": tuple(hooks),
-        "budget": as_budget(budget),
-        "prices": prices,
-    }
-    return Call(llm, request, kwargs, store, cache)
+    return Call(llm, request, o)
 
 
-async def _outcome(aw: Awaitable[Any], index: int) -> CallRecord[Any]:
-    """Run a Call or any awaitable to a record (failures are data)."""
+async def _outcome(aw: Awaitable[Any], index: int, outer: Shared | None = None) -> CallRecord[Any]:
+    """Run a Call or any awaitable to a record (failures are data); ``outer`` gives a
+    Call the options it did not set, and bounds any other awaitable by its deadline."""
     if isinstance(aw, Call):
-        return replace(await aw.record(), index=index)
+        return replace(await aw.record(outer), index=index)
     loop = asyncio.get_running_loop()
     start = loop.time()
+    deadline = outer.engine.deadline if outer is not None else None
     try:
-        value = await aw
+        async with asyncio.timeout_at(deadline):
+            value = await aw
+    except TimeoutError:
+        error = CallTimeout("the deadline passed before it finished; raise deadline=")
+        return CallRecord(
+            status=Status.TIMED_OUT, error=error, start=start, end=loop.time(), index=index
+        )
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -144,7 +132,13 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def gather(*calls: Awaitable[Any], settled: bool = False) -> list[Any]:
+@with_progress
+async def gather(
+    *calls: Awaitable[Any],
+    settled: bool = False,
+    progress: bool = False,
+    **options: Unpack[Options],
+) -> list[Any]:
     """Run calls at once.
 
     Args:
@@ -152,13 +146,17 @@ async def gather(*calls: Awaitable[Any], settled: bool = False) -> list[Any]:
         settled: False (all-or-nothing): return the values in argument order; the first
             failure cancels the others and is raised. True: return every outcome as a
             :class:`fanflow.CallRecord` in argument order, never raising for a failure.
+        **options: the call options (:class:`fanflow.Options`) for every :func:`call`
+            that did not set them itself (``concurrency``: the most of them in flight);
+            ``deadline`` also bounds any other awaitable (it ends ``timed_out``).
 
     Returns:
         Values (all-or-nothing) or records (settled), in argument order. For a
         :func:`call`, the value is its :class:`fanflow.Response`.
     """
+    outer = Shared.of(resolve("gather", options))
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_outcome(aw, i)) for i, aw in enumerate(calls)]
+    tasks = [loop.create_task(_outcome(aw, i, outer)) for i, aw in enumerate(calls)]
     try:
         if settled:
             return list(await asyncio.gather(*tasks))
@@ -177,12 +175,16 @@ async def gather(*calls: Awaitable[Any], settled: bool = False) -> list[Any]:
             await _cancel_all(tasks)
 
 
-async def race(*calls: Awaitable[Any], timeout: float | None = None) -> Any:
+@with_progress
+async def race(*calls: Awaitable[Any], progress: bool = False, **options: Unpack[Options]) -> Any:
     """Run calls at once; the first *success* wins and the others are cancelled.
 
     Args:
         calls: :func:`call` objects or any awaitables.
-        timeout: seconds to wait for a success (None: no limit).
+        **options: the call options (:class:`fanflow.Options`) for every :func:`call`
+            that did not set them itself; ``deadline`` is the time to wait for a
+            success (``timeout=`` is its old spelling here, deprecated: everywhere else
+            ``timeout`` means seconds per attempt).
 
     Returns:
         The winner's value (a :class:`fanflow.Response` for a :func:`call`).
@@ -191,10 +193,15 @@ async def race(*calls: Awaitable[Any], timeout: float | None = None) -> Any:
         AllFailed: every call failed; ``failures`` holds each error in argument order.
         CallTimeout: no call succeeded within ``timeout``.
     """
+    o = resolve("race", options, renamed={"timeout": "deadline"})
     if not calls:
         raise AllFailed("race() needs at least one call", [])
+    # The race's deadline is its own (no success by then raises CallTimeout), so it is
+    # not handed to the calls, which would end timed_out first.
+    timeout = o.deadline
+    outer = Shared.of(replace(o, deadline=None))
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_outcome(aw, i)) for i, aw in enumerate(calls)]
+    tasks = [loop.create_task(_outcome(aw, i, outer)) for i, aw in enumerate(calls)]
     failures: dict[int, BaseException] = {}
     try:
         pending: set[asyncio.Task[CallRecord[Any]]] = set(tasks)
@@ -215,7 +222,7 @@ async def race(*calls: Awaitable[Any], timeout: float | None = None) -> Any:
         await _cancel_all(tasks)
         raise CallTimeout(
             f"no call of the race succeeded within {timeout:g} s "
-            f"({len(failures)} of {len(calls)} had failed); raise timeout=",
+            f"({len(failures)} of {len(calls)} had failed); raise deadline=",
             timeout=timeout,
         ) from None
     finally:

@@ -2,7 +2,8 @@
 
 The answer and the guard start together. If the guard flags the query, the answer is
 withheld (the refusal is returned) and, if it is still running, cancelled. If the
-guard itself fails (error, timeout, or a reply that is neither SAFE nor UNSAFE),
+guard itself fails (error, timeout, or a reply that is neither SAFE/UNSAFE nor YES/NO:
+the guard's error quotes it),
 ``fail_closed`` decides: True withholds the answer, False lets it through. Compared
 with checking first and answering after, the parallel run saves the shorter of the
 two latencies when the query is allowed; the result reports the saving.
@@ -11,20 +12,26 @@ two latencies when the query is allowed; the result reports the saving.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Unpack, cast
 
-from .._budget import Budget
-from .._durable import execute_stored
-from .._engine import CallOptions
-from .._events import Hook
+from .._durable import Durability, execute_stored
 from .._llm import LLM
-from .._pricing import Price
-from .._retry import RetryPolicy
+from .._progress import with_progress
 from .._types import CallRecord, Request, Response, Status
-from ..store import Store
-from ._common import PatternResult, is_llm, now, options_with, run_function, text_of
+from ._common import (
+    PatternResult,
+    check_model,
+    check_model_or_function,
+    durably,
+    is_llm,
+    now,
+    run_function,
+    text_of,
+)
+from ._options import Options, Resolved, resolve
 from ._parsing import find_json
 
 __all__ = ["DEFAULT_GUARD_PROMPT", "DEFAULT_REFUSAL", "GuardedResult", "guarded", "read_verdict"]
@@ -42,24 +49,51 @@ Guard = LLM | Callable[[str], Any] | None
 def read_verdict(text: str) -> bool:
     """True if a guard's reply flags the query, False if it clears it.
 
-    Reads ``{"flagged": true}`` / ``{"safe": false}`` JSON, else the words UNSAFE /
-    SAFE (UNSAFE wins when both appear). Raises ValueError for anything else.
+    Reads ``{"flagged": true}`` / ``{"safe": false}`` JSON, else a reply that starts
+    with YES or NO, read as the answer to "is it safe to answer?" (YES clears the query,
+    NO flags it), else the words UNSAFE / SAFE (UNSAFE or "not safe" wins when both
+    appear). A guard that asks the opposite question ("is it harmful?") passes its own
+    reader:
+    ``guarded(..., verdict=lambda text: text.strip().upper().startswith("YES"))``.
+    Raises ValueError, quoting the reply, for anything else.
     """
     data = find_json(text)
     if isinstance(data, dict):
         for key, flags in (("flagged", True), ("unsafe", True), ("safe", False)):
             if isinstance(data.get(key), bool):
                 return bool(data[key]) is flags
+    first = _YES_NO.match(text)
+    if first is not None:  # the answer comes first: "NO - it is not safe."
+        return first.group(1).casefold() == "no"
     lowered = text.casefold()
-    if "unsafe" in lowered:
+    if "unsafe" in lowered or _NOT_SAFE.search(lowered):
         return True
     if "safe" in lowered:
         return False
-    raise ValueError(f"the guard's reply says neither SAFE nor UNSAFE: {text[:200]!r}")
+    raise ValueError(
+        f"the guard's reply says neither SAFE/UNSAFE nor YES/NO: {text[:200]!r}; make the "
+        "guard prompt ask for one of them, or pass verdict=fn(text) -> bool (True flags)"
+    )
 
 
-def _verdict(response: Response) -> bool:
-    return read_verdict(response.text)
+# YES or NO as the reply's first word ("YES - it is a harmless question.").
+_YES_NO = re.compile(r"\W*(yes|no)\b", re.IGNORECASE)
+_NOT_SAFE = re.compile(r"\bnot\s+safe\b")
+
+
+def _reader(verdict: Callable[[str], bool] | None) -> Callable[[Response], bool]:
+    read = verdict or read_verdict
+
+    def parse(response: Response) -> bool:
+        flagged = read(response.text)
+        if not isinstance(flagged, bool):
+            raise TypeError(
+                f"verdict returned {type(flagged).__name__} for the reply "
+                f"{response.text[:200]!r}; return True to flag the query, False to allow it"
+            )
+        return flagged
+
+    return parse
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -99,9 +133,8 @@ async def _check(
     llm: LLM,
     query: str,
     prompt: str,
-    opts: CallOptions,
-    store: Store | None,
-    cache: bool,
+    run: Callable[[LLM, Request, str, Callable[[Response], Any]], Awaitable[CallRecord[Any]]],
+    verdict: Callable[[str], bool] | None,
 ) -> CallRecord[Any]:
     if guard is None or is_llm(guard):
         request = Request.of(
@@ -110,9 +143,7 @@ async def _check(
             metadata={"pattern": "guarded", "role": "guard"},
         )
         model: Any = llm if guard is None else guard
-        return await execute_stored(
-            model, request, opts, store=store, reuse=cache, label="guard", parse=_verdict
-        )
+        return await run(model, request, "guard", _reader(verdict))
     record = await run_function(cast(Callable[..., Any], guard), query, label="guard")
     if record.ok and not isinstance(record.value, bool):
         error = TypeError(
@@ -123,6 +154,7 @@ async def _check(
     return record
 
 
+@with_progress
 async def guarded(
     llm: LLM,
     query: str,
@@ -132,13 +164,9 @@ async def guarded(
     refusal: str = DEFAULT_REFUSAL,
     fail_closed: bool = True,
     system: str | None = None,
-    timeout: float | None = None,
-    retry: RetryPolicy | None = None,
-    hooks: Sequence[Hook] = (),
-    store: Store | None = None,
-    cache: bool = True,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
+    verdict: Callable[[str], bool] | None = None,
+    progress: bool = False,
+    **options: Unpack[Options],
 ) -> GuardedResult:
     """Answer ``query`` while a guard checks it; withhold the answer if flagged.
 
@@ -151,31 +179,77 @@ async def guarded(
         refusal: returned instead of the answer when it is withheld.
         fail_closed: when the guard fails: True withholds the answer, False allows it.
         system: a system prompt for the answer.
-        timeout: seconds per attempt. retry: the retry policy. hooks: receive events.
-        store: a :class:`fanflow.Store` for every call it makes: a call stored before
-            is served from it (``cached=True``, costing nothing), a new one is committed
-            before it counts.
-        cache: serve calls found in the store (False: ask the model again and store
-            the new replies).
-        budget: the most its calls may spend together: dollars (a number) or a
-            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
-            attempt reserves its expected cost first; calls the budget cannot cover end
-            ``skipped`` with ``BudgetExceeded`` (a skipped guard counts as a failed guard:
-            ``fail_closed`` decides).
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        verdict: reads the guard model's reply: ``fn(text) -> bool``, True flags the
+            query (raise if the reply cannot be read). Default :func:`read_verdict`:
+            JSON, SAFE/UNSAFE, or YES/NO (YES: safe to answer).
+        **options: the call options (:class:`fanflow.Options`) of both calls. A guard
+            the budget cannot cover counts as a failed guard (``fail_closed`` decides).
 
     Returns:
         A :class:`GuardedResult`.
     """
+    o = resolve("guarded", options)
+    check_model(llm, "guarded")
+    if guard is not None:
+        check_model_or_function(guard, "guarded", "guard")
+    durable = o.durability()
+    return await durably(
+        durable,
+        2,
+        lambda: _guarded(
+            llm,
+            query,
+            guard,
+            guard_prompt,
+            refusal,
+            fail_closed,
+            system,
+            verdict,
+            o.start(),
+            durable,
+        ),
+    )
+
+
+async def _guarded(
+    llm: LLM,
+    query: str,
+    guard: Guard,
+    guard_prompt: str,
+    refusal: str,
+    fail_closed: bool,
+    system: str | None,
+    verdict: Callable[[str], bool] | None,
+    o: Resolved,
+    durable: Durability | None,
+) -> GuardedResult:
     started = now()
-    options = options_with(budget, prices)
-    opts = options(timeout=timeout, retry=retry, hooks=hooks)
+    opts = o.calls()
+
+    def run(
+        model: LLM, request: Request, label: str, parse: Callable[[Response], Any]
+    ) -> Awaitable[CallRecord[Any]]:
+        index = 0 if label == "answer" else 1
+        if durable is not None:
+            return durable.run(
+                model, request, opts, index=index, item=None, label=label, parse=parse
+            )
+        return execute_stored(
+            model,
+            request,
+            opts,
+            store=o.store,
+            reuse=o.cache,
+            label=label,
+            parse=parse,
+        )
+
     request = Request.of(query, system=system, metadata={"pattern": "guarded", "role": "answer"})
     loop = asyncio.get_running_loop()
-    answer_task = loop.create_task(
-        execute_stored(llm, request, opts, store=store, reuse=cache, label="answer", parse=text_of)
+    answer_task: asyncio.Task[CallRecord[Any]] = loop.create_task(
+        run(llm, request, "answer", text_of)  # type: ignore[arg-type]
     )
-    guard_task = loop.create_task(_check(guard, llm, query, guard_prompt, opts, store, cache))
+    guard_task = loop.create_task(_check(guard, llm, query, guard_prompt, run, verdict))
     try:
         checked = await guard_task
         flagged: bool | None = checked.value if checked.ok else None
@@ -197,6 +271,9 @@ async def guarded(
         for t in (answer_task, guard_task):
             t.cancel()
         await asyncio.gather(answer_task, guard_task, return_exceptions=True)
+    if durable is not None:
+        for index, record in enumerate((answer, checked)):  # the job's items 0 and 1
+            durable.emit(replace(record, index=index), None)
     makespan = now() - started
     guard_time = checked.latency or 0.0
     sequential = guard_time + ((answer.latency or 0.0) if allowed else 0.0)

@@ -12,19 +12,15 @@ judge's reply can crash the pattern.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
-from .._budget import Budget
-from .._events import Hook
 from .._exceptions import AllFailed, ConfigError
 from .._llm import LLM
-from .._pricing import Price
-from .._retry import RetryPolicy
+from .._progress import with_progress
 from .._types import CallRecord, Request, Response
-from ..store import Store
-from ._common import PatternResult, describe, now, options_with, run_calls, samples
+from ._common import PatternResult, check_model, describe, now, run_calls, run_items, samples
+from ._options import Options, resolve
 from ._parsing import find_number
 
 __all__ = ["DEFAULT_JUDGE_PROMPT", "BestOfNResult", "best_of_n", "parse_choice"]
@@ -77,6 +73,7 @@ class BestOfNResult(PatternResult):
         return response.text if response is not None else None
 
 
+@with_progress
 async def best_of_n(
     llm: LLM,
     task: str,
@@ -87,14 +84,8 @@ async def best_of_n(
     judge_prompt: str = DEFAULT_JUDGE_PROMPT,
     temperature: float | None = 0.8,
     system: str | None = None,
-    timeout: float | None = None,
-    retry: RetryPolicy | None = None,
-    concurrency: int | None = None,
-    hooks: Sequence[Hook] = (),
-    store: Store | None = None,
-    cache: bool = True,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
+    **options: Unpack[Options],
 ) -> BestOfNResult:
     """Generate ``n`` candidates at once and let a judge pick the best.
 
@@ -108,19 +99,9 @@ async def best_of_n(
             ``{candidates}`` (numbered from 1) are filled in.
         temperature: the candidates' temperature (None: the handle's).
         system: a system prompt for the candidates.
-        timeout: seconds per attempt. retry: the retry policy.
-        concurrency: the most candidates in flight. hooks: receive every call's events.
-        store: a :class:`fanflow.Store` for every call it makes: a call stored before
-            is served from it (``cached=True``, costing nothing), a new one is committed
-            before it counts.
-        cache: serve calls found in the store (False: ask the model again and store
-            the new replies).
-        budget: the most its calls may spend together: dollars (a number) or a
-            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
-            attempt reserves its expected cost first; calls the budget cannot cover end
-            ``skipped`` with ``BudgetExceeded`` (a skipped judge falls back to the first
-            candidate, and ``fallback_reason`` says so).
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`); ``concurrency`` is the
+            most candidates in flight. A judge the budget cannot cover falls back to the
+            first candidate, and ``fallback_reason`` says so.
 
     Returns:
         A :class:`BestOfNResult`.
@@ -128,22 +109,20 @@ async def best_of_n(
     Raises:
         AllFailed: no candidate succeeded (each one's error is listed).
     """
+    o = resolve("best_of_n", options)
+    check_model(llm, "best_of_n")
+    if judge is not None:
+        check_model(judge, "best_of_n", "judge")
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
     started = now()
-    options = options_with(budget, prices)
-    opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    o = o.start()
+    opts = o.calls()
     requests = samples(
         task, n, system=system, temperature=temperature, pattern="best_of_n", role="candidate"
     )
-    candidates = await run_calls(
-        llm,
-        requests,
-        opts,
-        labels=[f"candidate {i}" for i in range(n)],
-        store=store,
-        cache=cache,
-    )
+    labels: list[str | None] = [f"candidate {i}" for i in range(n)]
+    candidates = await run_items(llm, requests, opts, o, labels=labels)
     ok = [r for r in candidates if r.ok]
     if not ok:
         raise AllFailed(
@@ -182,15 +161,14 @@ async def best_of_n(
     def choose(response: Response) -> int | None:
         return parse_choice(response.text, len(ok))
 
-    judge_opts = options(timeout=timeout, retry=retry, hooks=hooks)
     [judged] = await run_calls(
         judge or llm,
         [judge_request],
-        judge_opts,
+        opts,
         labels=["judge"],
         parse=choose,
-        store=store,
-        cache=cache,
+        store=o.store,
+        cache=o.cache,
     )
     if not judged.ok:
         return result(ok[0], "fallback", f"the judge failed: {describe(judged)}", judged)

@@ -16,22 +16,25 @@ stored), the others run.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
-from .._budget import Budget, as_budget
+from .._budget import Budget
+from .._durable import Durability
+from .._engine import CallOptions
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._pricing import Price
+from .._progress import with_progress
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
-from ..backends._config import RayBackend, resolve_backend
+from ..backends._base import Backend, PoolSpec
+from ..backends._config import resolve_backend
 from ..store import Store
 from ._common import PatternResult, now
-from ._flow import Chain, Flow, RunResult, Step
-from ._jobs import Durability
+from ._flow import Chain, Flow, FlowResult, Step
+from ._options import Options, resolve
 from ._skill import Skill
 
 __all__ = ["ItemStatus", "Pool", "PoolResult", "PoolStatus"]
@@ -51,7 +54,17 @@ class ItemStatus:
 
 @dataclass(frozen=True, repr=False)
 class PoolStatus:
-    """Counts and per-input state of a pool, at the moment it was read."""
+    """Counts and per-input state of a pool, at the moment it was read.
+
+    It reads as a dictionary of counts (``status[key]``, ``key in status``, ``keys()``,
+    ``values()``, ``get()``, ``dict(status)``; ``items`` stays the per-input tuple):
+    ``status["completed"]`` (inputs that succeeded; ``"succeeded"`` is the same),
+    ``status["failed"]`` (every input that ended without succeeding),
+    ``status["pending"]``, ``status["running"]``, ``status["total"]``, and each terminal
+    state (``"timed_out"``, ``"cancelled"``, ``"skipped"``).
+    :meth:`which` names the inputs in a state: ``status.which("failed")`` is their
+    indices, and ``status.errors`` their errors.
+    """
 
     total: int
     pending: int
@@ -71,17 +84,84 @@ class PoolStatus:
         """Inputs that succeeded."""
         return self.succeeded
 
+    def which(self, state: str) -> tuple[int, ...]:
+        """The indices of the inputs in ``state`` (any key of the mapping but
+        ``"total"``), in input order."""
+        if state not in _KEYS or state == "total":
+            raise KeyError(f"{state!r} is not a state; use one of {', '.join(_KEYS[1:])}")
+        return tuple(it.index for it in self.items if state in _names(it.state))
+
+    @property
+    def errors(self) -> dict[int, BaseException]:
+        """The error of every input that ended with one, by index."""
+        return {it.index: it.error for it in self.items if it.error is not None}
+
+    def __getitem__(self, key: str) -> int:
+        if key == "total":
+            return self.total
+        if key in ("completed", "succeeded"):
+            return self.succeeded
+        if key == "failed":
+            return self.failed
+        if key in ("pending", "running"):
+            return self.pending if key == "pending" else self.running
+        if key in _KEYS:
+            return sum(1 for it in self.items if it.state == key)
+        raise KeyError(f"{key!r} is not a pool status key; use one of {', '.join(_KEYS)}")
+
+    def get(self, key: str, default: int | None = None) -> int | None:
+        return self[key] if key in _KEYS else default
+
+    def keys(self) -> tuple[str, ...]:
+        return _KEYS
+
+    def values(self) -> list[int]:
+        return [self[key] for key in _KEYS]
+
+    def __contains__(self, key: object) -> bool:
+        return key in _KEYS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_KEYS)
+
+    def __len__(self) -> int:
+        return len(_KEYS)
+
+
+# The mapping's keys: counts, and the states of ItemStatus (``completed`` = succeeded;
+# ``failed`` counts every input that ended without succeeding).
+_KEYS = (
+    "total",
+    "completed",
+    "succeeded",
+    "failed",
+    "pending",
+    "running",
+    "timed_out",
+    "cancelled",
+    "skipped",
+)
+
+
+def _names(state: str) -> tuple[str, ...]:
+    """The keys an input in ``state`` counts under."""
+    if state == "succeeded":
+        return ("completed", "succeeded")
+    if state in ("pending", "running"):
+        return (state,)
+    return ("failed", state)
+
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class PoolResult(PatternResult):
-    """Every input's :class:`RunResult`, in input order."""
+    """Every input's :class:`FlowResult`, in input order."""
 
-    items: tuple[RunResult, ...]
+    items: tuple[FlowResult, ...]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> RunResult:
+    def __getitem__(self, index: int) -> FlowResult:
         return self.items[index]
 
     @property
@@ -120,7 +200,8 @@ class _Single:
         cache: bool | None = None,
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
-    ) -> RunResult:
+        shared: CallOptions | None = None,
+    ) -> FlowResult:
         return await self.chain.execute(
             inputs,
             index=index,
@@ -130,6 +211,7 @@ class _Single:
             cache=cache,
             budget=budget,
             prices=prices,
+            shared=shared,
         )
 
 
@@ -139,47 +221,42 @@ class Pool:
     Args:
         runner: a :class:`Skill`, :class:`Chain`, :class:`Flow`, or a sync/async function.
         inputs: one dict per item.
-        max_flows: the most items in progress at once (their calls also share each
-            model handle's own limits).
-        hooks: receive every call's events.
-        store: a :class:`fanflow.Store` for every model call of every skill (it
-            overrides the skills' own): a call stored before is served from it
-            (``cached=True``), a new one is committed before it counts.
-        cache: serve calls found in the store (False: ask the model again, except for
-            the job's own succeeded inputs).
-        job: a name under which the store records each input's terminal status (the
-            inputs are the job's items; an input's ``"id"`` key, if any, is its id);
-            needs ``store``. Running a pool with the same job again, in any process,
-            replays the inputs that succeeded from the store and runs the rest.
-        budget: the most one run of the pool may spend, every model call of every step
-            of every input together: dollars (a new cap for each run) or a
-            :class:`fanflow.Budget` (shared by every run and whatever else is given
-            it). It overrides the skills' and chains' own. An input whose step the
-            budget cannot cover ends ``skipped`` with ``BudgetExceeded`` (its finished
-            steps keep their values); inputs already done keep their results.
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        max_flows: the most items in progress at once (``concurrency`` in the other
+            patterns; either spelling works; default 10). Their calls also share each
+            model handle's own limits.
         backend: ``"local"`` (this event loop) or ``"ray"`` / :class:`fanflow.RayBackend`
             (inputs sharded over Ray workers; ``max_flows`` and each handle's limits then
             hold for the whole cluster; needs ``pip install 'fanflow[ray]'``).
+        **options: the call options (:class:`fanflow.Options`). ``store``, ``cache``,
+            ``budget`` and ``prices`` override the skills' and chains' own; ``budget``
+            caps one run of the pool, every call of every input together (a number: a
+            new cap for each run); an input whose step it cannot cover ends ``skipped``
+            with ``BudgetExceeded``. With ``job``, the inputs are the job's items (an
+            input's ``"id"`` key, if any, is its id): running the pool with the same
+            job again, in any process, replays the inputs that succeeded from the
+            store and runs the rest; ``sink`` streams each input's outcome. ``timeout``,
+            ``retry``, ``hedge_after`` and ``deadline`` (from the start of a run) apply
+            to every skill that sets none (on the local backend).
     """
 
     def __init__(
         self,
         runner: Skill | Chain | Flow | Callable[..., Any],
         inputs: Sequence[Mapping[str, Any]],
-        max_flows: int = 10,
+        max_flows: int | None = None,
         *,
-        hooks: Sequence[Hook] = (),
-        store: Store | None = None,
-        cache: bool = True,
-        job: str | None = None,
-        budget: float | Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
-        backend: str | RayBackend = "local",
+        backend: str | Backend = "local",
+        **options: Unpack[Options],
     ) -> None:
         self.backend = resolve_backend(backend)
+        if max_flows is not None and options.get("concurrency") not in (None, max_flows):
+            raise ConfigError("Pool: max_flows and concurrency are the same option; pass one")
+        max_flows = max_flows if max_flows is not None else options.get("concurrency") or 10
         if max_flows < 1:
             raise ConfigError(f"max_flows must be >= 1, got {max_flows}")
+        # The pool's concurrency is its max_flows (inputs in progress), not a limit on
+        # the calls of each input.
+        self.options = resolve("Pool", {**options, "concurrency": None})
         for i, item in enumerate(inputs):
             if not isinstance(item, Mapping):
                 raise ConfigError(
@@ -192,16 +269,12 @@ class Pool:
         )
         self.inputs = [dict(item) for item in inputs]
         self.max_flows = max_flows
-        self.hooks = tuple(hooks)
-        self.store = store
-        self.cache = cache
-        self.job = job
-        as_budget(budget)  # a bad value fails here rather than at the first run
-        self.budget = budget
-        self.prices = prices
+        o = self.options
+        self.hooks, self.store, self.cache, self.job = o.hooks, o.store, o.cache, o.job
+        self.budget, self.prices = o.budget_spec, o.prices
         # Checks the store/job combination now rather than at the first run.
-        Durability(store=store, job=job, only_failed=False, cache=cache, sink=None)
-        self._results: list[RunResult | None] = [None] * len(self.inputs)
+        Durability(store=o.store, job=o.job, only_failed=False, cache=o.cache, sink=None)
+        self._results: list[FlowResult | None] = [None] * len(self.inputs)
         self._running: list[list[str]] = [[] for _ in self.inputs]
 
     def __repr__(self) -> str:
@@ -236,12 +309,15 @@ class Pool:
             items=tuple(items),
         )
 
-    def run(self, *, only_failed: bool = False) -> PoolResult:
-        """Synchronous :meth:`arun` (works inside a running loop too)."""
-        return run_sync(lambda: self.arun(only_failed=only_failed))
+    def run(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
+        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
+        return run_sync(lambda: self.arun(only_failed=only_failed, progress=progress))
 
-    async def arun(self, *, only_failed: bool = False) -> PoolResult:
+    @with_progress
+    async def arun(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
         """Run every input (or, with ``only_failed``, those that did not succeed).
+
+        ``progress=True`` shows the calls live (as ``fanflow map`` does) while it runs.
 
         With a ``job``, an input that succeeded in an earlier run of the job (in this
         process or another) is replayed from the store: no model call is repeated.
@@ -254,64 +330,37 @@ class Pool:
         todo = [i for i, r in enumerate(self._results) if not only_failed or r is None or not r.ok]
         for i in todo:
             self._results[i] = None
-        queue = iter(todo)
-        cap = as_budget(self.budget)  # one cap for every input of this run
-        durable = (
-            Durability(
-                store=self.store, job=self.job, only_failed=False, cache=self.cache, sink=None
-            )
-            if self.job is not None
-            else None
-        )
+        o = self.options.start()
+        cap = o.budget  # one cap for every input of this run
+        shared = o.calls(budget=None, hooks=())  # one deadline for the whole run
+        durable = o.durability()
 
-        async def finish(i: int, result: RunResult) -> None:
+        async def finish(i: int, result: FlowResult) -> None:
             if durable is not None:  # committed before the input counts as done
                 item = _item_record(result, i)
                 await durable.settle(item, self.inputs[i])
                 durable.emit(item, self.inputs[i])
             self._results[i] = result
 
-        async def worker() -> None:
-            for i in queue:
-                replay = durable is not None and _succeeded(durable, i)
-                result = await self._run.execute(
-                    self.inputs[i],
-                    index=i,
-                    hooks=self.hooks,
-                    on_step=self._tracker(i),
-                    store=self.store,
-                    cache=self.cache or replay,
-                    budget=cap,
-                    prices=self.prices,
-                )
-                await finish(i, result)
-
-        async def ray_finish(i: int, result: RunResult) -> None:
+        async def delivered(i: int, result: FlowResult) -> None:
             self._running[i].clear()  # steps of an attempt on a worker that died
             await finish(i, result)
 
-        async def run_all() -> int:
-            if self.backend is not None:
-                from ..backends._ray import run_pool_on_ray
+        spec = PoolSpec(
+            runner=self._run,
+            todo=[(i, self.inputs[i]) for i in todo],
+            max_flows=self.max_flows,
+            hooks=self.hooks,
+            store=self.store,
+            cache=self.cache,
+            replay=lambda i: durable is not None and _succeeded(durable, i),
+            budget=cap,
+            prices=self.prices,
+            shared=shared,
+        )
 
-                await run_pool_on_ray(
-                    self.backend,
-                    self._run,
-                    [(i, self.inputs[i]) for i in todo],
-                    max_flows=self.max_flows,
-                    hooks=self.hooks,
-                    store=self.store,
-                    cache=self.cache,
-                    replay=lambda i: durable is not None and _succeeded(durable, i),
-                    deliver=ray_finish,
-                    budget=cap,
-                    prices=self.prices,
-                    on_step=self._moved,
-                )
-                return len(self.inputs)
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(min(self.max_flows, len(todo))):
-                    tg.create_task(worker())
+        async def run_all() -> int:
+            await self.backend.run_pool(spec, delivered, self._moved)
             return len(self.inputs)
 
         try:
@@ -330,23 +379,12 @@ class Pool:
         )
 
     def _moved(self, index: int, step: str, started: bool) -> None:
-        """A Ray worker moved input ``index`` into or out of ``step``."""
+        """The backend moved input ``index`` into or out of ``step``."""
         running = self._running[index]
         if started:
             running.append(step)
         elif step in running:
             running.remove(step)
-
-    def _tracker(self, index: int) -> Callable[[str, bool], None]:
-        running = self._running[index]
-
-        def track(name: str, started: bool) -> None:
-            if started:
-                running.append(name)
-            else:
-                running.remove(name)
-
-        return track
 
 
 def _succeeded(durable: Durability, index: int) -> bool:
@@ -354,7 +392,7 @@ def _succeeded(durable: Durability, index: int) -> bool:
     return prior is not None and prior[0] is Status.SUCCEEDED
 
 
-def _item_record(result: RunResult, index: int) -> CallRecord[Any]:
+def _item_record(result: FlowResult, index: int) -> CallRecord[Any]:
     """One input's outcome as a job item: its status, error, and its calls' totals."""
     summary = result.summary
     return CallRecord(

@@ -1,29 +1,29 @@
 """Sectioning and ``ParallelCalls``: task-parallel branches, then one combining call.
 
 ``sections`` runs several prompts over the same input at once (one per section), then
-optionally one synthesis call over every section that succeeded. ``ParallelCalls`` is
-the class form from the pattern literature: one branch prompt over many chunks, then an
-aggregate prompt over the branch outputs.
+one synthesis call over every section that succeeded (``synthesize=False``: none).
+``ParallelCalls`` is the class form from the pattern literature: one branch prompt over
+many chunks (or a long text split into chunks), then an aggregate over the branch
+outputs: a model's aggregate prompt, or code (``"concatenate"``, ``"merge"``, ``"vote"``
+or a function).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
-from .._budget import Budget, as_budget
-from .._engine import make_options
-from .._events import Hook
 from .._exceptions import ConfigError
 from .._llm import LLM
-from .._pricing import Price
-from .._retry import RetryPolicy
+from .._progress import with_progress
 from .._sync import run as run_sync
 from .._types import BatchResult, CallRecord, Request
-from ..store import Store
-from ._common import PatternResult, now, options_with, run_calls
+from ._combine import CodeAggregator, Splitter, aggregator, chunks_of
+from ._common import PatternResult, check_model, now, run_calls, run_function, run_items
 from ._map import map as map_items
+from ._options import Options, option_attributes, resolve
 from ._prompt import render
 
 __all__ = [
@@ -73,52 +73,52 @@ def _joined(outputs: Mapping[str, str | None]) -> str:
     return "\n\n".join(f"## {name}\n{text}" for name, text in outputs.items() if text is not None)
 
 
+@with_progress
 async def sections(
     llm: LLM,
     prompts_or_sections: Sequence[str] | Mapping[str, str],
     *,
     input: str | Mapping[str, Any] | None = None,
-    synthesize: LLM | None = None,
+    synthesize: LLM | bool | None = True,
     synthesis_prompt: str = DEFAULT_SYNTHESIS_PROMPT,
     system: str | None = None,
     temperature: float | None = None,
-    timeout: float | None = None,
-    retry: RetryPolicy | None = None,
-    concurrency: int | None = None,
-    hooks: Sequence[Hook] = (),
-    store: Store | None = None,
-    cache: bool = True,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
+    **options: Unpack[Options],
 ) -> SectionsResult:
-    """Run one prompt per section at once, then optionally synthesise them.
+    """Run one prompt per section at once, then synthesise them into one answer.
 
     Args:
         llm: the sections' model.
         prompts_or_sections: prompts (named ``"section 0"``, ...) or ``{name: prompt}``.
         input: the shared input, filled into each prompt's fields (``{input}`` for a
             string; a mapping's keys by name). None leaves the prompts as written.
-        synthesize: a model that combines the sections (None: no synthesis call).
+        synthesize: who combines the sections: True (the default: ``llm`` itself),
+            another model, or False for no synthesis call (``output`` then joins the
+            sections). ``None`` is the old spelling of False (deprecated).
         synthesis_prompt: its prompt; ``{sections}`` is every successful section under
             a ``## name`` heading.
         system: a system prompt. temperature: the sections' temperature.
-        timeout: seconds per attempt. retry: the retry policy.
-        concurrency: the most sections in flight. hooks: receive every call's events.
-        store: a :class:`fanflow.Store` for every call it makes: a call stored before
-            is served from it (``cached=True``, costing nothing), a new one is committed
-            before it counts.
-        cache: serve calls found in the store (False: ask the model again and store
-            the new replies).
-        budget: the most its calls may spend together: dollars (a number) or a
-            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
-            attempt reserves its expected cost first; calls the budget cannot cover end
-            ``skipped`` with ``BudgetExceeded`` (a skipped synthesis leaves ``synthesis``
-            None; ``output`` joins the sections).
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`); ``concurrency`` is the
+            most sections in flight. A synthesis the budget cannot cover leaves
+            ``synthesis`` None (``output`` joins the sections).
 
     Returns:
         A :class:`SectionsResult`; failed sections are data there.
     """
+    o = resolve("sections", options)
+    check_model(llm, "sections")
+    if synthesize is None:
+        warnings.warn(
+            "sections(synthesize=None) is deprecated: sections now synthesise by default; "
+            "use synthesize=False for no synthesis call",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        synthesize = False
+    synthesizer: LLM | None = llm if synthesize is True else synthesize or None
+    if synthesizer is not None:
+        check_model(synthesizer, "sections", "synthesize")
     if isinstance(prompts_or_sections, Mapping):
         named = dict(prompts_or_sections)
     else:
@@ -126,8 +126,8 @@ async def sections(
     if not named:
         raise ConfigError("sections needs at least one prompt")
     started = now()
-    options = options_with(budget, prices)
-    opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    o = o.start()
+    opts = o.calls()
     requests = [
         Request.of(
             prompt if input is None else render(prompt, input, None),
@@ -137,22 +137,22 @@ async def sections(
         )
         for name, prompt in named.items()
     ]
-    records = await run_calls(llm, requests, opts, labels=list(named), store=store, cache=cache)
+    records = await run_items(llm, requests, opts, o, labels=list(named))
     by_name = dict(zip(named, records, strict=True))
     outputs = {name: r.value for name, r in by_name.items()}
     synthesis_record: CallRecord[str] | None = None
-    if synthesize is not None and any(r.ok for r in records):
+    if synthesizer is not None and any(r.ok for r in records):
         request = Request.of(
             synthesis_prompt.format(sections=_joined(outputs)),
             metadata={"pattern": "sections", "role": "synthesis"},
         )
         [synthesis_record] = await run_calls(
-            synthesize,
+            synthesizer,
             [request],
-            options(timeout=timeout, retry=retry, hooks=hooks),
+            opts,
             labels=["synthesis"],
-            store=store,
-            cache=cache,
+            store=o.store,
+            cache=o.cache,
         )
     return SectionsResult(
         sections=outputs,
@@ -170,140 +170,162 @@ class ParallelCallsResult(PatternResult):
 
     Attributes:
         outputs: each chunk's branch output, by input index (None where it failed).
-        aggregated: the aggregate call's output (None without one, or if it failed).
+        aggregated: the aggregate: the aggregate call's output, or what the code
+            aggregator returned (None without one, or if it failed).
         errors: failed branches by input index.
         branches: the branches' :class:`fanflow.BatchResult`.
-        aggregate_record: the aggregate call's record.
+        aggregate_record: the aggregate's record (a model call, or the function).
+        chunks: the chunks the branches ran on (the split text, with ``text=``).
     """
 
     outputs: list[str | None]
-    aggregated: str | None
+    aggregated: Any
     errors: dict[int, BaseException]
     branches: BatchResult[str] = field(repr=False)
-    aggregate_record: CallRecord[str] | None = field(default=None, repr=False)
+    aggregate_record: CallRecord[Any] | None = field(default=None, repr=False)
+    chunks: tuple[Any, ...] = field(default=(), repr=False)
 
 
+@option_attributes("timeout", "retry", "hooks", "store", "cache", "budget", "prices")
 class ParallelCalls:
     """Run one branch prompt over many chunks at once, then aggregate the outputs.
 
     Args:
         llm: the model.
-        max_workers: the most branches in flight at once.
+        max_workers: the most branches in flight at once (``concurrency`` in the other
+            patterns; either spelling works).
         system: a system prompt for every call.
-        timeout: seconds per attempt. retry: the retry policy. hooks: receive events.
-        store: a :class:`fanflow.Store` for every call it makes: a call stored before
-            is served from it (``cached=True``, costing nothing), a new one is committed
-            before it counts.
-        cache: serve calls found in the store (False: ask the model again and store
-            the new replies).
-        budget: the most one run may spend, branches and aggregate together: dollars
-            (a new cap for each run) or a :class:`fanflow.Budget` (shared by every run
-            and whatever else is given it). Branches it cannot cover end ``skipped``
-            with ``BudgetExceeded``; so does an aggregate call (``aggregated`` is None).
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`). A budget given as a
+            number is a new cap for each run; a :class:`fanflow.Budget` is shared by
+            every run. An aggregate call the budget cannot cover leaves ``aggregated``
+            None.
 
-    ``run`` is for synchronous code (it works inside a running loop too, as
-    :func:`fanflow.run` does); ``arun`` is the async form.
+    ``run`` is for synchronous code (scripts and notebook cells, the rule of
+    :func:`fanflow.run`); ``arun`` is the async form.
     """
 
     def __init__(
         self,
         llm: LLM,
-        max_workers: int = 4,
+        max_workers: int | None = None,
         *,
         system: str | None = None,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        hooks: Sequence[Hook] = (),
-        store: Store | None = None,
-        cache: bool = True,
-        budget: float | Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
+        **options: Unpack[Options],
     ) -> None:
-        if max_workers < 1:
-            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
+        check_model(llm, "ParallelCalls")
+        if max_workers is not None and options.get("concurrency") not in (None, max_workers):
+            raise ConfigError(
+                "ParallelCalls: max_workers and concurrency are the same option; pass one"
+            )
+        limit = max_workers if max_workers is not None else options.get("concurrency") or 4
+        if limit < 1:
+            raise ConfigError(f"max_workers must be >= 1, got {limit}")
         self.llm = llm
-        self.max_workers = max_workers
+        self.max_workers = limit
         self.system = system
-        self.timeout = timeout
-        self.retry = retry
-        self.hooks = tuple(hooks)
-        self.store = store
-        self.cache = cache
-        as_budget(budget)  # a bad value fails here rather than at the first run
-        self.budget = budget
-        self.prices = prices
+        self.options = resolve("ParallelCalls", {**options, "concurrency": limit})
 
     def __repr__(self) -> str:
         return f"fanflow.ParallelCalls(llm={self.llm!r}, max_workers={self.max_workers})"
 
     def run(
         self,
-        chunks: Sequence[Any],
+        chunks: Sequence[Any] | None = None,
         branch_prompt: str = "{input}",
         aggregate_prompt: str | None = None,
+        *,
+        aggregate: CodeAggregator | Callable[..., Any] | None = None,
+        text: str | None = None,
+        split: Splitter | None = None,
+        progress: bool = False,
     ) -> ParallelCallsResult:
         """Synchronous :meth:`arun`."""
-        return run_sync(lambda: self.arun(chunks, branch_prompt, aggregate_prompt))
+        return run_sync(
+            lambda: self.arun(
+                chunks,
+                branch_prompt,
+                aggregate_prompt,
+                aggregate=aggregate,
+                text=text,
+                split=split,
+                progress=progress,
+            )
+        )
 
+    @with_progress
     async def arun(
         self,
-        chunks: Sequence[Any],
+        chunks: Sequence[Any] | None = None,
         branch_prompt: str = "{input}",
         aggregate_prompt: str | None = None,
+        *,
+        aggregate: CodeAggregator | Callable[..., Any] | None = None,
+        text: str | None = None,
+        split: Splitter | None = None,
+        progress: bool = False,
     ) -> ParallelCallsResult:
-        """Run ``branch_prompt`` over every chunk, then ``aggregate_prompt`` once.
+        """Run ``branch_prompt`` over every chunk, then aggregate the outputs once.
 
         Args:
             chunks: strings (``{input}`` in the prompt) or dicts (their keys by name).
             branch_prompt: the template for each chunk.
-            aggregate_prompt: the template for the aggregate call; ``{input}`` is every
-                successful output as ``[index] output`` blocks, in input order. None: no
-                aggregate call.
+            aggregate_prompt: the template for a model's aggregate call; ``{input}`` is
+                every successful output as ``[index] output`` blocks, in input order.
+            aggregate: aggregate by code instead: ``"concatenate"``, ``"merge"``,
+                ``"vote"`` (see :mod:`fanflow.patterns._combine`) or a function
+                ``fn(outputs) -> value`` (sync or async) of the successful outputs.
+                None and no ``aggregate_prompt``: no aggregate.
+            text: a long text to divide into chunks instead of ``chunks``.
+            split: how to divide ``text``: ``"paragraphs"`` (the default), a size in
+                characters (paragraphs packed up to it), or a function
+                ``fn(text) -> chunks``. :func:`fanflow.split_text` does the same alone.
 
         Returns:
             A :class:`ParallelCallsResult`.
         """
+        if (chunks is None) == (text is None):
+            raise ConfigError(
+                "ParallelCalls.run: pass either chunks or text= (a text to split), not "
+                + ("both" if chunks is not None else "neither")
+            )
+        if split is not None and text is None:
+            raise ConfigError("ParallelCalls.run: split= divides text=; pass text=")
+        if aggregate is not None and aggregate_prompt is not None:
+            raise ConfigError(
+                "ParallelCalls.run: pass aggregate= (code) or aggregate_prompt= (a model), not both"
+            )
+        combine = aggregator(aggregate) if aggregate is not None else None
+        items = list(chunks) if chunks is not None else chunks_of(text or "", split)
         started = now()
-        cap = as_budget(self.budget)
+        o = self.options.start()
+        opts = o.calls()
         branches = await map_items(
             self.llm,
             branch_prompt,
-            chunks,
-            concurrency=self.max_workers,
+            items,
             system=self.system,
-            timeout=self.timeout,
-            retry=self.retry,
-            hooks=self.hooks,
             label="branch",
-            store=self.store,
-            cache=self.cache,
-            budget=cap,
-            prices=self.prices,
+            **o.as_kwargs(),
         )
         outputs: list[str | None] = list(branches.outputs)
-        record: CallRecord[str] | None = None
-        if aggregate_prompt is not None and any(o is not None for o in outputs):
+        done = [out for out in outputs if out is not None]
+        record: CallRecord[Any] | None = None
+        if combine is not None and done:
+            record = await run_function(combine, done, label="aggregate")
+        elif aggregate_prompt is not None and done:
             listing = "\n\n".join(f"[{i}]\n{o}" for i, o in enumerate(outputs) if o is not None)
             request = Request.of(
                 render(aggregate_prompt, listing, None),
                 system=self.system,
                 metadata={"pattern": "parallel_calls", "role": "aggregate"},
             )
-            opts = make_options(
-                timeout=self.timeout,
-                retry=self.retry,
-                hooks=self.hooks,
-                budget=cap,
-                prices=self.prices,
-            )
             [record] = await run_calls(
                 self.llm,
                 [request],
                 opts,
                 labels=["aggregate"],
-                store=self.store,
-                cache=self.cache,
+                store=o.store,
+                cache=o.cache,
             )
         return ParallelCallsResult(
             outputs=outputs,
@@ -311,6 +333,7 @@ class ParallelCalls:
             errors=branches.errors,
             branches=branches,
             aggregate_record=record,
+            chunks=tuple(items),
             records=branches.records + ((record,) if record is not None else ()),
             makespan=now() - started,
         )

@@ -13,19 +13,20 @@ import json
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
-from .._budget import Budget, as_budget
+from .._budget import Budget
 from .._durable import execute_stored
-from .._engine import make_options
+from .._engine import CallOptions
 from .._events import Hook
 from .._exceptions import ConfigError, ParseError
 from .._llm import LLM
 from .._pricing import Price
-from .._retry import RetryPolicy
 from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
 from ..store import Store
+from ._common import check_model
+from ._options import Options, fill, option_attributes, resolve
 from ._parsing import find_json
 from ._prompt import render
 
@@ -78,6 +79,7 @@ class SkillResult:
         return self.status is Status.SUCCEEDED
 
 
+@option_attributes("timeout", "retry", "hooks", "store", "cache", "budget", "prices")
 class Skill:
     """One LLM step: a prompt template filled from an input dict.
 
@@ -90,19 +92,11 @@ class Skill:
             ``fn(text) -> value`` (retried the same way if it raises).
         name: a label for records (default: the prompt's first words).
         temperature, max_tokens, seed: request parameters.
-        timeout: seconds per attempt. retry: the retry policy for provider errors.
         validation_retries: further calls allowed after an invalid reply.
-        hooks: receive every call's events.
-        store: a :class:`fanflow.Store` for its calls: a call stored before is served
-            from it (``cached=True``, costing nothing), a new one is committed before it
-            counts. A :class:`fanflow.Pool` given ``store=`` uses its own store instead.
-        cache: serve calls found in the store (False: ask the model again).
-        budget: the most one run may spend, validation retries included: dollars (a
-            new cap for each run) or a :class:`fanflow.Budget` (shared by every run and
-            whatever else is given it). A call it cannot cover ends ``skipped`` with
-            ``BudgetExceeded``. A chain, flow or pool given ``budget=`` uses its own
-            instead.
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`). A budget given as a
+            number is a new cap for each run (validation retries included). A chain,
+            flow or pool given ``store``, ``cache``, ``budget`` or ``prices`` uses its own
+            instead; its other options apply where the skill sets none.
 
     Call it: ``await skill({"text": ...})`` or ``await skill(text=...)`` returns the
     value or raises the error; :meth:`arun` returns a :class:`SkillResult` instead.
@@ -119,15 +113,11 @@ class Skill:
         temperature: float | None = None,
         max_tokens: int | None = None,
         seed: int | None = None,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
         validation_retries: int = 2,
-        hooks: Sequence[Hook] = (),
-        store: Store | None = None,
-        cache: bool = True,
-        budget: float | Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
+        **options: Unpack[Options],
     ) -> None:
+        self.options = resolve("Skill", options)
+        check_model(llm, "Skill")
         if validation_retries < 0:
             raise ConfigError(f"validation_retries must be >= 0, got {validation_retries}")
         if output is not None and not callable(output):
@@ -139,15 +129,7 @@ class Skill:
         self.output = output
         self.name = name or " ".join(prompt.split()[:3])
         self.fields = template_fields(prompt)
-        self.timeout = timeout
-        self.retry = retry
         self.validation_retries = validation_retries
-        self.hooks = tuple(hooks)
-        self.store = store
-        self.cache = cache
-        as_budget(budget)  # a bad value fails here rather than at the first run
-        self.budget = budget
-        self.prices = prices
         self.params: dict[str, Any] = {
             k: v
             for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
@@ -184,7 +166,7 @@ class Skill:
         return result.value
 
     def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> SkillResult:
-        """Synchronous :meth:`arun` (works inside a running loop too)."""
+        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
         return run_sync(lambda: self.arun(inputs, **kwargs))
 
     async def arun(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> SkillResult:
@@ -203,11 +185,13 @@ class Skill:
         cache: bool | None = None,
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
+        shared: CallOptions | None = None,
     ) -> SkillResult:
         """Run once on ``inputs`` (used by chains, flows and pools).
 
         ``store``, ``cache``, ``budget`` and ``prices`` (a pool's, chain's or flow's)
-        override the skill's own when given.
+        override the skill's own when given; ``shared`` (the enclosing run's engine
+        options) gives the timing options the skill does not set.
         """
         try:
             prompt = render(self.prompt, inputs, index)
@@ -219,15 +203,18 @@ class Skill:
             metadata={"pattern": "skill", "skill": self.name},
             **self.params,
         )
-        opts = make_options(
-            timeout=self.timeout,
-            retry=self.retry,
-            hooks=self.hooks + tuple(hooks),
-            budget=budget if budget is not None else self.budget,
-            prices=prices if prices is not None else self.prices,
+        own = self.options.start()
+        opts = fill(
+            own.calls(
+                hooks=own.hooks + tuple(hooks),
+                budget=budget if budget is not None else own.budget,
+                prices=prices if prices is not None else own.prices,
+            ),
+            own.given,
+            shared,
         )
-        store = store if store is not None else self.store
-        reuse = cache if cache is not None else self.cache
+        store = store if store is not None else own.store
+        reuse = cache if cache is not None else own.cache
         calls: list[CallRecord[Any]] = []
         for _ in range(1 + (self.validation_retries if self._parse is not None else 0)):
             record: CallRecord[Any] = await execute_stored(

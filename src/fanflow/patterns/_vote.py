@@ -18,19 +18,24 @@ the counts of the two leading answers, ``P(p > 0.5) > threshold`` for
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
-from .._budget import Budget
-from .._events import Hook
 from .._exceptions import AllFailed, BudgetExceeded, ConfigError
 from .._llm import LLM
-from .._pricing import Price
-from .._retry import RetryPolicy
+from .._progress import with_progress
 from .._types import CallRecord, Response, Status
-from ..store import Store
-from ._common import PatternResult, now, options_with, run_calls, samples
+from ._common import (
+    PatternResult,
+    check_model,
+    durably,
+    now,
+    run_calls,
+    sample,
+    spread,
+)
+from ._options import Options, resolve
 
 __all__ = ["VoteResult", "beta_confidence", "normalize_answer", "vote"]
 
@@ -58,9 +63,14 @@ def beta_confidence(v1: int, v2: int) -> float:
 class VoteResult(PatternResult):
     """The majority answer, how sure it is, and every sample.
 
+    It unpacks as ``winner, confidence = result``.
+
     Attributes:
         winner: the winning normalised answer.
-        confidence: ``count / n_counted`` (the winner's share of counted samples).
+        confidence: ``count / n_counted``, the winner's share of the samples that were
+            counted (failed samples left out): the same as ``share_of_counted``. Two
+            failed samples of five and three agreeing give 1.0; ``share_of_samples``
+            (``count / samples_used``) gives 0.6.
         count: the winner's count.
         n_counted: samples that succeeded and were counted.
         distribution: count per normalised answer, most common first (ties in order of
@@ -81,6 +91,22 @@ class VoteResult(PatternResult):
     samples_used: int
     stopped_early: bool = False
     stop_reason: StopReason | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        """``winner, confidence = result``."""
+        return iter((self.winner, self.confidence))
+
+    @property
+    def share_of_counted(self) -> float:
+        """``count / n_counted``: the winner's share of the samples counted (this is
+        ``confidence``)."""
+        return self.count / self.n_counted
+
+    @property
+    def share_of_samples(self) -> float:
+        """``count / samples_used``: the winner's share of every sample drawn, the
+        failed ones included."""
+        return self.count / self.samples_used if self.samples_used else 0.0
 
     @property
     def samples(self) -> tuple[CallRecord[Any], ...]:
@@ -122,33 +148,33 @@ def _should_stop(ranked: list[tuple[Any, int]], left: int, threshold: float) -> 
     return None
 
 
+@with_progress
 async def vote(
-    llm: LLM,
-    task: str,
+    llm: LLM | Sequence[LLM],
+    task: str | Sequence[str],
     *,
     n: int = 5,
     temperature: float | None = 0.7,
+    temperatures: tuple[float, float] | None = None,
     normalize: Normalize = "default",
     early_stop: bool = False,
     wave: int | None = None,
     threshold: float = 0.95,
     system: str | None = None,
-    timeout: float | None = None,
-    retry: RetryPolicy | None = None,
-    concurrency: int | None = None,
-    hooks: Sequence[Hook] = (),
-    store: Store | None = None,
-    cache: bool = True,
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
+    progress: bool = False,
+    **options: Unpack[Options],
 ) -> VoteResult:
     """Sample ``task`` up to ``n`` times and return the majority answer.
 
+    ``winner, confidence = await fanflow.vote(llm, task)`` unpacks the result.
+
     Args:
-        llm: the model.
-        task: the prompt.
+        llm: the model, or several models: sample *i* uses ``llm[i % len(llm)]``.
+        task: the prompt, or several prompts: sample *i* uses ``task[i % len(task)]``.
         n: the most samples to draw.
         temperature: sampling temperature of every sample (None: the handle's).
+        temperatures: ``(low, high)``: spread the samples' temperatures evenly over the
+            range, as :func:`fan_out` does (overrides ``temperature``).
         normalize: ``"default"`` (:func:`normalize_answer`), None (exact text), or a
             function of the reply text returning a hashable answer. If it raises, that
             sample fails with a ``ParseError`` and is not counted.
@@ -157,18 +183,8 @@ async def vote(
         wave: samples per wave with ``early_stop`` (default: :func:`default_wave`).
         threshold: the Beta rule's confidence threshold.
         system: a system prompt.
-        timeout: seconds per attempt. retry: the retry policy.
-        concurrency: the most samples in flight. hooks: receive every call's events.
-        store: a :class:`fanflow.Store` for every call it makes: a call stored before
-            is served from it (``cached=True``, costing nothing), a new one is committed
-            before it counts.
-        cache: serve calls found in the store (False: ask the model again and store
-            the new replies).
-        budget: the most its calls may spend together: dollars (a number) or a
-            :class:`fanflow.Budget` (share one to cap several patterns at once). Each
-            attempt reserves its expected cost first; calls the budget cannot cover end
-            ``skipped`` with ``BudgetExceeded`` and are not counted.
-        prices: model prices beyond the built-in table, ``{model: fanflow.Price}``.
+        **options: the call options (:class:`fanflow.Options`); ``concurrency`` is the
+            most samples in flight; samples the budget cannot cover are not counted.
 
     Returns:
         A :class:`VoteResult`.
@@ -176,6 +192,13 @@ async def vote(
     Raises:
         AllFailed: no sample succeeded (each sample's error is listed).
     """
+    o = resolve("vote", options)
+    models = list(llm) if isinstance(llm, Sequence) else [llm]
+    prompts = [task] if isinstance(task, str) else list(task)
+    if not models or not prompts:
+        raise ConfigError("vote needs at least one model and one prompt")
+    for model in models:
+        check_model(model, "vote")
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
     if not 0.5 <= threshold < 1:
@@ -194,32 +217,50 @@ async def vote(
         return norm(response.text) if norm is not None else response.text
 
     started = now()
-    options = options_with(budget, prices)
-    opts = options(concurrency=concurrency, timeout=timeout, retry=retry, hooks=hooks)
+    o = o.start()
+    opts = o.calls()
+    durable = o.durability()
+    temps = spread(n, temperatures) if temperatures is not None else [temperature] * n
+    everything = [
+        sample(
+            prompts[i % len(prompts)],
+            i,
+            system=system,
+            temperature=temps[i],
+            pattern="vote",
+            role="sample",
+        )
+        for i in range(n)
+    ]
     records: list[CallRecord[Any]] = []
     reason: StopReason | None = None
-    while len(records) < n:
-        batch = range(len(records), n if not early_stop else min(n, len(records) + size))
-        requests = samples(
-            task, n, system=system, temperature=temperature, pattern="vote", role="sample"
-        )[batch.start : batch.stop]
-        labels = [f"sample {i}" for i in batch]
-        records += await run_calls(
-            llm,
-            requests,
-            opts,
-            indices=list(batch),
-            labels=labels,
-            parse=parse,
-            store=store,
-            cache=cache,
-        )
-        if any(isinstance(r.error, BudgetExceeded) for r in records):
-            break  # the budget is spent: later waves would be skipped too
-        if early_stop and len(records) < n:
-            reason = _should_stop(_ranked(*_tally(records)), n - len(records), threshold)
-            if reason is not None:
-                break
+
+    async def draw() -> StopReason | None:
+        while len(records) < n:
+            batch = range(len(records), n if not early_stop else min(n, len(records) + size))
+            records.extend(
+                await run_calls(
+                    models[0],
+                    everything[batch.start : batch.stop],
+                    opts,
+                    models=[models[i % len(models)] for i in batch],
+                    indices=list(batch),
+                    labels=[f"sample {i}" for i in batch],
+                    parse=parse,
+                    store=o.store,
+                    cache=o.cache,
+                    durable=durable,
+                )
+            )
+            if any(isinstance(r.error, BudgetExceeded) for r in records):
+                return None  # the budget is spent: later waves would be skipped too
+            if early_stop and len(records) < n:
+                stop = _should_stop(_ranked(*_tally(records)), n - len(records), threshold)
+                if stop is not None:
+                    return stop
+        return None
+
+    reason = await durably(durable, n, draw)
     counts, first = _tally(records)
     ranked = _ranked(counts, first)
     if not ranked:

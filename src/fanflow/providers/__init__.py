@@ -7,9 +7,9 @@ the processes, ``_llama.py`` the model inside a worker).
 """
 
 from ._anthropic import AnthropicLLM, anthropic
+from ._function import FunctionLLM, function
 from ._local import LocalLLM, PoolStatistics, local
 from ._openai import OpenAILLM, openai
-from .function import FunctionLLM, function
 
 __all__ = [
     "AnthropicLLM",

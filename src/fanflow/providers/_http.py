@@ -8,14 +8,16 @@ An adapter (``_openai.py``, ``_anthropic.py``) only translates between a
   with a keep-alive pool that does not cap concurrency (admission is the engine's job).
   A session is closed by :meth:`HttpLLM.aclose`, or when its loop shuts down: it is
   held by an async generator, which ``asyncio.run`` closes in ``shutdown_asyncgens``.
-- Every failure becomes a classified :class:`fanflow.ProviderError` (DESIGN.md): status,
-  the server's own message, ``retry_after`` and the rate-limit headers.
+- Every failure becomes a classified :class:`fanflow.ProviderError` (docs/architecture.md,
+  "Core types"): status, the server's own message, ``retry_after`` and the rate-limit
+  headers.
 - API keys live in a :class:`Secret` and are scrubbed from every message we build.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 import weakref
@@ -52,6 +54,9 @@ __all__ = ["HttpLLM", "Secret", "StreamText", "classify"]
 wall_clock: Callable[[], float] = time.time
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# Seconds aclose() waits for sessions on other event loops to close.
+_CLOSE_ELSEWHERE = 5.0
+
 _QUOTA_WORDS = ("quota", "billing", "spend limit", "usage limit", "credit balance")
 _FILTER_CODES = ("content_filter", "content_policy_violation")
 
@@ -277,11 +282,21 @@ class _Sessions:
     async def aclose(self) -> None:
         """Close this loop's session now; ask other running loops to close theirs."""
         loop = asyncio.get_running_loop()
+        elsewhere: list[concurrent.futures.Future[None]] = []
         for other, (_, keeper) in list(self._by_loop.items()):
             if other is loop:
                 await keeper.aclose()  # type: ignore[attr-defined]
             elif other.is_running() and not other.is_closed():
-                asyncio.run_coroutine_threadsafe(keeper.aclose(), other)  # type: ignore[attr-defined]
+                closing = asyncio.run_coroutine_threadsafe(keeper.aclose(), other)  # type: ignore[attr-defined]
+                elsewhere.append(closing)
+        if elsewhere:
+            # Wait for the other loops to close their sessions, for a bounded real time
+            # (in a worker thread: their loops run on their own clocks, not ours); a
+            # loop that stops first closes its own session at shutdown_asyncgens.
+            await asyncio.to_thread(concurrent.futures.wait, elsewhere, _CLOSE_ELSEWHERE)
+            for future in elsewhere:
+                if future.done() and not future.cancelled():
+                    future.exception()  # seen: a failed close leaves nothing to undo
 
 
 class HttpLLM(BaseLLM):

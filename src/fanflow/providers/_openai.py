@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -40,18 +41,28 @@ class OpenAILLM(HttpLLM):
         api_key: str | None,
         n: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        api_version: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, base_url=base_url, api_key=api_key, **kwargs)
         if n is not None and n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
+        if api_version is not None and not api_version.strip():
+            raise ConfigError("api_version is empty; give Azure's, e.g. api_version='2024-10-21'")
         self.n = n
         self.extra_body = dict(extra_body or {})
+        self.api_version = api_version
         self.url = f"{self.base_url}/chat/completions"
+        if api_version is not None:
+            self.url += "?" + urllib.parse.urlencode({"api-version": api_version})
 
     def auth_headers(self) -> dict[str, str]:
         if self._secret is None:
             return {}
+        if self.api_version is not None:
+            # Azure OpenAI: the key goes in its own header (learn.microsoft.com, "Azure
+            # OpenAI REST API reference": api-key header, api-version query parameter).
+            return {"api-key": self._secret.reveal()}
         return {"Authorization": f"Bearer {self._secret.reveal()}"}
 
     def body(self, request: Request) -> dict[str, Any]:
@@ -171,6 +182,7 @@ def openai(
     headers: Mapping[str, str] | None = None,
     extra_body: Mapping[str, Any] | None = None,
     connect_timeout: float | None = 10.0,
+    api_version: str | None = None,
 ) -> OpenAILLM:
     """A handle on the OpenAI Chat Completions API, or any server that speaks it.
 
@@ -194,6 +206,10 @@ def openai(
         headers: extra HTTP headers for every request.
         extra_body: extra JSON fields for every request (vendor-specific options).
         connect_timeout: seconds to establish a connection.
+        api_version: Azure OpenAI's API version (e.g. ``"2024-10-21"``): sent as the
+            ``api-version`` query parameter, and the key then goes in the ``api-key``
+            header as Azure expects. Point ``base_url`` at the deployment,
+            ``https://RESOURCE.openai.azure.com/openai/deployments/DEPLOYMENT``.
 
     Returns:
         The handle; close it with ``await llm.aclose()`` (or ``async with``).
@@ -226,6 +242,7 @@ def openai(
         api_key=key,
         n=n,
         extra_body=extra_body,
+        api_version=api_version,
         stream=stream,
         headers=headers,
         connect_timeout=connect_timeout,

@@ -24,14 +24,14 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .._durable import ItemRef
 from .._exceptions import ConfigError, StoreError
 from .._types import CallRecord, Response, Status, Usage
+from ._base import ItemInfo, ItemRef, JobInfo
 
 __all__ = ["DEFAULT_PATH", "ItemInfo", "JobInfo", "Store", "StoreStatistics"]
 
@@ -118,67 +118,6 @@ class StoreStatistics:
     queued: int
     largest_commit: int
     writer_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class ItemInfo:
-    """One item of a job as the store last recorded it."""
-
-    index: int
-    input_id: str | None
-    key: str | None
-    status: Status
-    error_type: str | None
-    error: str | None
-    cached: bool
-    usage: Usage
-    cost: float | None
-    updated: float
-
-    def __repr__(self) -> str:
-        return f"fanflow.ItemInfo(index={self.index}, status={self.status.value!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class JobInfo:
-    """A job's progress: items by terminal status, and when it last ran.
-
-    ``total`` is the number of inputs (None until a run has seen them all); ``pending``
-    counts inputs with no terminal status yet (never started, or in flight at a crash).
-    """
-
-    name: str
-    total: int | None
-    runs: int
-    created: float
-    updated: float
-    counts: Mapping[Status, int] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        return (
-            f"fanflow.JobInfo(name={self.name!r}, total={self.total}, "
-            f"succeeded={self.succeeded}, failed={self.failed}, pending={self.pending})"
-        )
-
-    @property
-    def succeeded(self) -> int:
-        return self.counts.get(Status.SUCCEEDED, 0)
-
-    @property
-    def failed(self) -> int:
-        """Items that ended without success (failed, timed out, cancelled or skipped)."""
-        return sum(n for s, n in self.counts.items() if s is not Status.SUCCEEDED)
-
-    @property
-    def pending(self) -> int | None:
-        if self.total is None:
-            return None
-        return max(self.total - sum(self.counts.values()), 0)
-
-    @property
-    def done(self) -> bool:
-        """Every input has succeeded."""
-        return self.total is not None and self.succeeded >= self.total
 
 
 def _describe(path: Path, exc: BaseException, doing: str) -> StoreError:
@@ -394,6 +333,11 @@ class Store:
 
     def __repr__(self) -> str:
         return f"fanflow.Store({str(self.path)!r})"
+
+    @property
+    def location(self) -> str:
+        """The database file, for messages (``JobStore.location``)."""
+        return str(self.path)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A copy in another process (a Ray worker) opens the same file.

@@ -1,4 +1,5 @@
-"""Live progress and the end-of-run summary, driven only by the engine's events.
+"""Live progress and the end-of-run summary, driven only by the engine's events; the
+same display for the command line and for ``progress=True`` in the library.
 
 A :class:`Tracker` is a hook: it folds each event (``CallStarted``, ``AttemptStarted``,
 ``AttemptFailed``, ``CallEnded``) into counters and hands out frozen
@@ -12,16 +13,22 @@ does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
+import os
+import sys
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any, ParamSpec, Protocol, TypeVar
 
-from .._events import AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
-from .._exceptions import RateLimited
-from .._types import Status
+from ._events import AMBIENT_HOOKS, AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
+from ._exceptions import RateLimited
+from ._types import Status
 
 __all__ = [
+    "PLAIN_INTERVAL",
     "LiveDisplay",
     "PlainDisplay",
     "ProgressStats",
@@ -30,6 +37,8 @@ __all__ = [
     "plain_line",
     "render_live",
     "render_summary",
+    "show_progress",
+    "with_progress",
 ]
 
 _QUEUED, _SENDING, _BACKOFF = 0, 1, 2
@@ -108,7 +117,7 @@ class Tracker:
         self.bad_lines = 0
 
     def __repr__(self) -> str:
-        return f"fanflow.cli.Tracker(done={self._counts['done']}, total={self.total})"
+        return f"fanflow.Tracker(done={self._counts['done']}, total={self.total})"
 
     def __call__(self, event: Event) -> None:
         counts = self._counts
@@ -313,12 +322,16 @@ class LiveDisplay:
 
 
 class PlainDisplay:
-    """A log line every ``interval`` seconds (for CI logs and pipes)."""
+    """A log line every ``interval`` seconds (for CI logs and pipes); with ``final``, one
+    more when the run ends (the library's ``progress=True`` has no summary of its own)."""
 
-    def __init__(self, stream: IO[str], tracker: Tracker, *, interval: float = 10.0) -> None:
+    def __init__(
+        self, stream: IO[str], tracker: Tracker, *, interval: float = 10.0, final: bool = False
+    ) -> None:
         self.tracker = tracker
         self.stream = stream
         self.interval = interval
+        self.final = final
 
     def start(self) -> None:
         pass
@@ -328,7 +341,8 @@ class PlainDisplay:
         self.stream.flush()
 
     def stop(self) -> None:
-        pass
+        if self.final:
+            self.refresh()
 
 
 class QuietDisplay:
@@ -355,3 +369,88 @@ async def drive(display: LiveDisplay | PlainDisplay | QuietDisplay) -> None:
             display.refresh()
     finally:
         display.stop()
+
+
+# -- progress=True in the library ----------------------------------------------------------
+
+#: Seconds between plain progress lines of ``progress=True`` (when rich or a terminal is
+#: missing).
+PLAIN_INTERVAL = 10.0
+
+
+def _library_display(tracker: Tracker, stream: IO[str] | None) -> LiveDisplay | PlainDisplay:
+    """rich's live panel on a terminal or in Jupyter when rich is installed; plain lines
+    on ``stream`` (standard error) otherwise."""
+    out = stream if stream is not None else sys.stderr
+    try:
+        from rich.console import Console
+    except ImportError:
+        return PlainDisplay(out, tracker, interval=PLAIN_INTERVAL, final=True)
+    console = Console(file=out, highlight=False)
+    if console.is_jupyter or (console.is_terminal and os.environ.get("TERM") != "dumb"):
+        return LiveDisplay(console, tracker)
+    return PlainDisplay(out, tracker, interval=PLAIN_INTERVAL, final=True)
+
+
+@contextlib.asynccontextmanager
+async def show_progress(
+    *, total: int | None = None, stream: IO[str] | None = None
+) -> AsyncIterator[Tracker | None]:
+    """Show the progress of every call made inside the block, as the CLI does.
+
+    The engine adds the tracker to the hooks of every pattern started in the block (it
+    reads :data:`fanflow._events.AMBIENT_HOOKS`), so nothing needs to be passed down. A
+    block inside another shows nothing more (the outer display counts its calls).
+
+    Args:
+        total: the number of calls expected, when known (for the bar and the ETA).
+        stream: where to draw (default: standard error).
+    """
+    if AMBIENT_HOOKS.get():
+        yield None
+        return
+    tracker = Tracker(total, clock=asyncio.get_running_loop().time)
+    display = _library_display(tracker, stream)
+    token = AMBIENT_HOOKS.set((tracker,))
+    driver = asyncio.ensure_future(drive(display))
+    try:
+        yield tracker
+    finally:
+        AMBIENT_HOOKS.reset(token)
+        tracker.stop()
+        driver.cancel()
+        await asyncio.gather(driver, return_exceptions=True)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Arguments that say how many calls a pattern will make, for the bar and the ETA.
+_SIZES = ("items", "calls", "inputs")
+
+
+def with_progress(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Give a pattern ``progress=True``: its calls are shown live while it runs.
+
+    The pattern declares ``progress: bool = False`` (for its signature and docs); this
+    wrapper takes it and runs the pattern inside :func:`show_progress`.
+    """
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if not kwargs.pop("progress", False):
+            return await fn(*args, **kwargs)
+        total = None
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:  # a wrong call: let the pattern raise its own error
+            bound = {}
+        for name in _SIZES:
+            value = bound.get(name)
+            if isinstance(value, Sized) and not isinstance(value, str | Mapping):
+                total = len(value)
+        async with show_progress(total=total):
+            return await fn(*args, **kwargs)
+
+    return wrapper

@@ -61,8 +61,55 @@ class FunctionLLM(BaseLLM):
         )
 
 
+def _adapt(model: Any) -> tuple[Fn, str] | None:
+    """A request function for another library's model object, or None for a plain
+    callable: ``agenerate(prompt, temperature=...)`` objects and LangChain-style chat
+    models (``ainvoke(messages)`` returning a message with ``.content``)."""
+    kind = type(model).__name__
+    agenerate = getattr(model, "agenerate", None)
+    if callable(agenerate):
+
+        async def generate(request: Request) -> str | Response:
+            kwargs = {} if request.temperature is None else {"temperature": request.temperature}
+            return _text_of(await agenerate(_prompt_text(request), **kwargs), kind)
+
+        return generate, kind
+    ainvoke = getattr(model, "ainvoke", None)
+    if callable(ainvoke):
+
+        async def invoke(request: Request) -> str | Response:
+            target = model
+            if request.temperature is not None and callable(getattr(model, "bind", None)):
+                target = model.bind(temperature=request.temperature)
+            messages = [(m.role, m.content) for m in request.messages]
+            return _text_of(await target.ainvoke(messages), kind)
+
+        return invoke, kind
+    return None
+
+
+def _prompt_text(request: Request) -> str:
+    """The whole conversation as one prompt (the system prompt first)."""
+    return "\n\n".join(m.content for m in request.messages)
+
+
+def _text_of(reply: Any, kind: str) -> str | Response:
+    if isinstance(reply, str | Response):
+        return reply
+    content = getattr(reply, "content", None)  # LangChain's AIMessage
+    if isinstance(content, str):
+        return content
+    text = getattr(reply, "text", None)
+    if isinstance(text, str):
+        return text
+    raise ProviderError(
+        f"{kind} returned {type(reply).__name__}, with no text: expected a str, or an "
+        "object with .content or .text"
+    )
+
+
 def function(
-    fn: Fn,
+    fn: Fn | Any,
     *,
     name: str | None = None,
     limits: Limits | None = None,
@@ -72,8 +119,14 @@ def function(
 ) -> FunctionLLM:
     """Wrap any async or sync callable ``fn(request) -> str | Response`` as an LLM.
 
+    It also wraps another library's model object, once, so that every pattern given
+    the handle shares its limits: an object with ``agenerate(prompt, temperature=...)``
+    (sent the prompt text and the request's temperature) or a LangChain-style chat
+    model (``ainvoke(messages)``; the temperature is bound with ``.bind`` when set).
+
     Args:
-        fn: called with each :class:`fanflow.Request` (``request.prompt`` is its text).
+        fn: called with each :class:`fanflow.Request` (``request.prompt`` is its text),
+            or a model object as above.
             Raise a :class:`fanflow.ProviderError` subclass (``RateLimited``,
             ``ServerError``, ...) to have the engine retry; other exceptions fail the call.
         name: a name for records and messages (default: the function's name).
@@ -82,6 +135,10 @@ def function(
         timeout: seconds per attempt.
         defaults: request parameters filled in when unset.
     """
+    adapted = _adapt(fn)
+    if adapted is not None:
+        fn, kind = adapted
+        name = name or kind
     return FunctionLLM(
         fn, name=name, limits=limits, retry=retry, timeout=timeout, defaults=defaults
     )

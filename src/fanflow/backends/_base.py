@@ -1,0 +1,181 @@
+"""The backend seam: what a place that runs a batch's items must do.
+
+``fanflow.map``, ``fanflow.as_completed`` and ``fanflow.Pool`` never ask *where* their
+items run: they describe the batch (a :class:`MapSpec` or a :class:`PoolSpec`) and hand
+it to the :class:`Backend` that ``backend=`` names (:func:`fanflow.backends._config.
+resolve_backend`). The local backend (``_local.py``) runs the items on this event loop;
+the Ray backend (``_ray.py``) shards them over Ray worker processes. A third backend (a
+provider's batch API, say) implements the same two methods and is passed as
+``backend=MyBackend(...)``.
+
+What a backend must do (the local backend is the reference; the Ray backend's tests
+check it gives the same results):
+
+- **Run every item to exactly one record** (promise 4): for ``map``, build each item's
+  request with ``spec.build(item, index)`` (an exception there is that item's failed
+  record, not the batch's), call the model, ``spec.parse`` the response, and hand the
+  :class:`~fanflow.CallRecord` (``index`` set) to ``deliver``; await what ``deliver``
+  returns before taking more work (it is how a slow consumer of ``as_completed``
+  applies back-pressure). Records may come in any order.
+- **Stream, in bounded memory** (promise 7): pull items from ``spec.items`` (maybe an
+  endless iterator) only as there is room, never all at once; ``BatchRun.workers``
+  says how many records may be in flight, and ``seen`` how many items were pulled.
+- **Honour the store** (promise 5): with ``spec.durable``, run each item through
+  ``spec.durable`` (:meth:`fanflow._durable.Durability.run`, or its store by the
+  :class:`~fanflow.store.JobStore` protocol in another process), so a record is
+  committed before it is delivered; call ``durable.emit(record, item)`` before
+  delivering, and run the whole batch inside ``durable.around(...)`` (the job's start,
+  end and sink); with ``durable.prior``, an item that succeeded in an earlier run of
+  the job is served from the store.
+- **Honour the budget and the limits**: every call reserves from ``spec.budget`` (one
+  cap for the whole batch, wherever its calls run) and goes through the handle's lane
+  (``Limits``: concurrency, rpm, tpm), so the limits hold across the batch, together
+  with whatever else uses the same handle; ``spec.concurrency`` narrows it further;
+  ``spec.timeout``, ``retry``, ``hedge_after`` and ``deadline`` mean what they mean
+  for the engine (:func:`fanflow._engine.make_options`).
+- **Emit events** to ``spec.hooks`` on the caller's event loop, as the local engine does.
+- **Fail fast on request**: with ``spec.fail_fast``, the first record that did not
+  succeed stops the batch (in-flight items cancelled) and its error is raised.
+- **Cancel cleanly** (promise 6): when ``run()`` is cancelled, stop sending, cancel
+  what is in flight, and return only when it has stopped.
+
+A backend that cannot run pools (a batch API has no multi-step chains) raises
+:class:`fanflow.ConfigError` from :meth:`Backend.run_pool` saying which backend to use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+from .._budget import Budget
+from .._durable import Durability
+from .._engine import CallOptions
+from .._events import Hook
+from .._llm import LLM
+from .._pricing import Price
+from .._retry import RetryPolicy
+from .._types import CallRecord, Request, Response
+from ..store import JobStore
+
+__all__ = ["Backend", "BatchRun", "Deliver", "Items", "MapSpec", "PoolSpec"]
+
+Items: TypeAlias = Iterable[Any] | AsyncIterable[Any]
+
+# Where a backend hands each finished record; await what it returns (back-pressure).
+Deliver: TypeAlias = Callable[[CallRecord[Any]], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, eq=False)
+class MapSpec:
+    """One ``map`` / ``as_completed`` call, as a backend receives it.
+
+    Attributes:
+        llm: the model handle (its lane and limits apply to every call).
+        build: builds the request of one item: ``build(item, index)``. It pickles (to
+            run in another process); it raises for a bad item (that item fails).
+        items: the inputs, a sequence or a (async) iterator, pulled lazily.
+        parse: turns a response into the record's value (it may raise: the item fails).
+        concurrency: the most items in flight (None: the handle's limit alone).
+        timeout: seconds per attempt (None: the handle's).
+        deadline: seconds from the start by which every item must end (None: none).
+        retry: the retry policy (None: the handle's).
+        hedge_after: seconds before a duplicate attempt (None: off).
+        hooks: receive each event, on the caller's event loop.
+        label: a label for every record.
+        fail_fast: the first failure stops the batch and is raised.
+        durable: the batch's store, job and sink (None: nothing is kept).
+        budget: one spending cap for every call of the batch (None: none).
+        prices: model prices beyond the built-in table.
+    """
+
+    llm: LLM
+    build: Callable[[Any, int], Request]
+    items: Items
+    parse: Callable[[Response], Any]
+    concurrency: int | None = None
+    timeout: float | None = None
+    deadline: float | None = None
+    retry: RetryPolicy | None = None
+    hedge_after: float | None = None
+    hooks: tuple[Hook, ...] = ()
+    label: str | None = None
+    fail_fast: bool = False
+    durable: Durability | None = None
+    budget: Budget | None = None
+    prices: Mapping[str, Price] | None = None
+
+    @property
+    def size(self) -> int | None:
+        """How many items there are, when ``items`` is a sequence (else None)."""
+        return len(self.items) if isinstance(self.items, Sequence) else None
+
+
+@dataclass(frozen=True, eq=False)
+class PoolSpec:
+    """One run of a ``Pool``, as a backend receives it.
+
+    Attributes:
+        runner: what runs one input: ``await runner.execute(item, index=, hooks=,
+            on_step=, store=, cache=, budget=, prices=)`` returns its ``FlowResult``
+            (a ``Chain``, a ``Flow``, or a wrapped function; it pickles).
+        todo: the inputs to run, as (index, input) pairs.
+        max_flows: the most inputs in progress at once (across the whole backend).
+        hooks: receive every call's events, on the caller's event loop.
+        store: the store every call goes through (None: none).
+        cache: serve calls found in the store.
+        replay: whether input ``index`` succeeded in an earlier run of the job (its
+            calls are then served from the store whatever ``cache`` says).
+        budget: one spending cap for the whole run.
+        prices: model prices beyond the built-in table.
+        shared: call options every skill without its own takes (timeout, retry,
+            hedge_after, one deadline for the whole run); the local backend applies them.
+    """
+
+    runner: Any
+    todo: Sequence[tuple[int, Any]]
+    max_flows: int
+    hooks: tuple[Hook, ...] = ()
+    store: JobStore | None = None
+    cache: bool = True
+    replay: Callable[[int], bool] = lambda index: False
+    budget: Budget | None = None
+    prices: Mapping[str, Price] | None = None
+    shared: CallOptions | None = None
+
+
+@runtime_checkable
+class BatchRun(Protocol):
+    """A map's batch on a backend, made by :meth:`Backend.map_batch`, run once."""
+
+    # How many records may be in flight at once (a result stream sizes its queue by it).
+    workers: int
+
+    @property
+    def seen(self) -> int:
+        """How many items were pulled from ``spec.items`` (after :meth:`run`)."""
+        ...
+
+    async def run(self) -> None:
+        """Run every item, delivering each record; raise with ``fail_fast``."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where a batch's items run (see the module docstring for what it must do)."""
+
+    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
+        """The batch of a ``map`` / ``as_completed`` call (not started yet)."""
+        ...
+
+    async def run_pool(
+        self,
+        spec: PoolSpec,
+        deliver: Callable[[int, Any], Awaitable[None]],
+        on_step: Callable[[int, str, bool], None],
+    ) -> None:
+        """Run a pool's inputs; ``await deliver(index, result)`` as each ends and call
+        ``on_step(index, step, started)`` as inputs enter and leave steps."""
+        ...

@@ -1,0 +1,306 @@
+"""The local backend: a batch's items on this event loop (the default, ``backend="local"``).
+
+It also holds the batch machinery the other backends reuse: :class:`Source` hands out
+(index, item) pairs lazily, :func:`window` sizes the set of workers, :class:`Batch` runs
+items to records with a fixed set of workers, and :class:`FailFast` stops a batch at the
+first failure. The Ray backend runs a ``Batch`` in each worker process (its
+``run_item``) and feeds it shards pulled from a ``Source`` on the driver.
+
+Items are pulled lazily by a fixed set of workers, as many as the concurrency allows,
+so an iterator of a million items is never materialised: memory grows with the
+concurrency, not with the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from .._durable import Durability
+from .._engine import CallOptions, execute, make_options
+from .._events import CallEnded, emit
+from .._llm import LLM, BaseLLM
+from .._types import CallRecord, Request, Response, Status
+from ._base import Deliver, Items, MapSpec, PoolSpec
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "LOCAL",
+    "WORKERS_PER_SLOT",
+    "Batch",
+    "FailFast",
+    "LocalBackend",
+    "Source",
+    "window",
+]
+
+T = TypeVar("T")
+
+# With no concurrency limit anywhere (neither the call's nor the handle's), a batch runs
+# at most this many items at once, so an unbounded iterator cannot exhaust memory.
+DEFAULT_WINDOW = 1024
+
+# Workers per concurrency slot. Slots are taken per attempt (the pattern's gate, the
+# handle's lane), so an item waiting out a backoff holds its worker but not its slot; the
+# spare workers pull the next items meanwhile and the slot does not sit idle. Memory stays
+# proportional to the concurrency.
+WORKERS_PER_SLOT = 2
+
+
+def window(llm: LLM, concurrency: int | None, size: int | None) -> int:
+    """How many workers a batch runs: twice the concurrency, at most one per item."""
+    if concurrency is not None:
+        n = concurrency * WORKERS_PER_SLOT
+    elif isinstance(llm, BaseLLM) and llm.limits.concurrency is not None:
+        n = llm.limits.concurrency * WORKERS_PER_SLOT
+    else:
+        n = DEFAULT_WINDOW
+    if size is not None:
+        n = min(n, max(size, 1))
+    return n
+
+
+class Source:
+    """Hands out (index, item) pairs from a sync or async iterable, one at a time."""
+
+    __slots__ = ("_ait", "_index", "_it", "_lock")
+
+    def __init__(self, items: Items) -> None:
+        self._index = 0
+        self._it: Any = None
+        self._ait: AsyncIterator[Any] | None = None
+        self._lock: asyncio.Lock | None = None
+        if isinstance(items, AsyncIterable):
+            self._ait = aiter(items)
+            # An async generator may not be advanced by two workers at once.
+            self._lock = asyncio.Lock()
+        else:
+            self._it = iter(items)
+
+    @property
+    def is_async(self) -> bool:
+        return self._ait is not None
+
+    def next_sync(self) -> tuple[int, Any] | None:
+        """The next item of a sync iterable (no coroutine: this is the hot path)."""
+        try:
+            item = next(self._it)
+        except StopIteration:
+            return None
+        index = self._index
+        self._index += 1
+        return index, item
+
+    async def next(self) -> tuple[int, Any] | None:
+        if self._ait is None:
+            return self.next_sync()
+        assert self._lock is not None
+        async with self._lock:
+            try:
+                item = await anext(self._ait)
+            except StopAsyncIteration:
+                return None
+        index = self._index
+        self._index += 1
+        return index, item
+
+    @property
+    def seen(self) -> int:
+        """How many items were handed out."""
+        return self._index
+
+
+class FailFast(Exception):
+    """Raised by a worker to stop its batch at the first record that did not succeed."""
+
+    def __init__(self, record: CallRecord[Any]) -> None:
+        super().__init__(record)
+        self.record = record
+
+
+class Batch(Generic[T]):
+    """Workers that pull items, run each as a call, and deliver its record."""
+
+    def __init__(
+        self,
+        llm: LLM,
+        build: Callable[[Any, int], Request],
+        items: Items,
+        *,
+        opts: CallOptions,
+        workers: int,
+        parse: Callable[[Response], T],
+        deliver: Deliver,
+        label: str | None,
+        fail_fast: bool,
+        durable: Durability | None = None,
+        size: int | None = None,
+    ) -> None:
+        self.llm = llm
+        self.build = build
+        self.source = Source(items)
+        self.opts = opts
+        self.workers = workers
+        self.parse = parse
+        self.deliver = deliver
+        self.label = label
+        self.fail_fast = fail_fast
+        self.durable = durable
+        self.size = size
+
+    @property
+    def seen(self) -> int:
+        return self.source.seen
+
+    async def run(self) -> None:
+        if self.durable is None:
+            await self._run()
+        else:
+            await self.durable.around(self._run, self.size)
+
+    async def _run(self) -> int:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(self.workers):
+                    tg.create_task(self._worker())
+        except BaseExceptionGroup as group:
+            # Re-raise the one meaningful error (fail-fast, or the item iterator's own).
+            errors = group.exceptions
+            first = next((e for e in errors if isinstance(e, FailFast)), errors[0])
+            if isinstance(first, FailFast) and first.record.error is not None:
+                raise first.record.error from None
+            raise first from None
+        return self.source.seen
+
+    async def _worker(self) -> None:
+        source = self.source
+        is_async = source.is_async
+        while True:
+            got = await source.next() if is_async else source.next_sync()
+            if got is None:
+                return
+            index, item = got
+            record = await self.run_item(index, item)
+            if self.durable is not None:
+                self.durable.emit(record, item)
+            delivered = self.deliver(record)
+            if delivered is not None:
+                await delivered
+            if self.fail_fast and record.status is not Status.SUCCEEDED:
+                raise FailFast(record)
+
+    def run_item(self, index: int, item: Any) -> Awaitable[CallRecord[T]]:
+        """Run one item to its record (committed to the store first, if there is one).
+
+        Not ``async def``: the common case hands back ``execute``'s coroutine itself, one
+        frame fewer per item in flight (10,000 in flight means 10,000 fewer frames for
+        the GC to scan). Await the result.
+        """
+        try:
+            request = self.build(item, index)
+        except Exception as exc:
+            return self._bad_item(index, item, exc)
+        if self.durable is None:
+            return execute(
+                self.llm, request, self.opts, index=index, label=self.label, parse=self.parse
+            )
+        return self.durable.run(
+            self.llm,
+            request,
+            self.opts,
+            index=index,
+            item=item,
+            label=self.label,
+            parse=self.parse,
+        )
+
+    async def _bad_item(self, index: int, item: Any, exc: Exception) -> CallRecord[T]:
+        """The record of an item whose request could not be built (a template error)."""
+        record: CallRecord[T] = CallRecord(
+            status=Status.FAILED, error=exc, index=index, label=self.label
+        )
+        if self.opts.hooks:
+            now = asyncio.get_running_loop().time()
+            record = CallRecord(
+                status=Status.FAILED,
+                error=exc,
+                index=index,
+                label=self.label,
+                start=now,
+                end=now,
+            )
+            emit(self.opts.hooks, CallEnded(now, record))
+        if self.durable is not None:
+            await self.durable.settle(record, item)
+        return record
+
+
+class LocalBackend:
+    """Runs a batch's items on the caller's event loop (``backend="local"``)."""
+
+    def __repr__(self) -> str:
+        return "fanflow.backends.LocalBackend()"
+
+    def map_batch(self, spec: MapSpec, deliver: Deliver) -> Batch[Any]:
+        size = spec.size
+        opts = make_options(
+            # Workers outnumber slots (see WORKERS_PER_SLOT): the gate bounds what is in
+            # flight.
+            concurrency=spec.concurrency,
+            timeout=spec.timeout,
+            deadline=spec.deadline,
+            retry=spec.retry,
+            hedge_after=spec.hedge_after,
+            hooks=spec.hooks,
+            budget=spec.budget,
+            prices=spec.prices,
+        )
+        return Batch[Any](
+            spec.llm,
+            spec.build,
+            spec.items,
+            opts=opts,
+            workers=window(spec.llm, spec.concurrency, size),
+            parse=spec.parse,
+            deliver=deliver,
+            label=spec.label,
+            fail_fast=spec.fail_fast,
+            durable=spec.durable,
+            size=size,
+        )
+
+    async def run_pool(
+        self,
+        spec: PoolSpec,
+        deliver: Callable[[int, Any], Awaitable[None]],
+        on_step: Callable[[int, str, bool], None],
+    ) -> None:
+        queue = iter(spec.todo)
+
+        async def worker() -> None:
+            for index, item in queue:
+
+                def moved(step: str, started: bool, index: int = index) -> None:
+                    on_step(index, step, started)
+
+                result = await spec.runner.execute(
+                    item,
+                    index=index,
+                    hooks=spec.hooks,
+                    on_step=moved,
+                    store=spec.store,
+                    cache=spec.cache or spec.replay(index),
+                    budget=spec.budget,
+                    prices=spec.prices,
+                    shared=spec.shared,
+                )
+                await deliver(index, result)
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(min(spec.max_flows, len(spec.todo))):
+                tg.create_task(worker())
+
+
+# The one local backend: it holds no state, so every batch may share it.
+LOCAL = LocalBackend()
