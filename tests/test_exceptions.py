@@ -27,6 +27,8 @@ def _instance(cls: type[BaseException]) -> BaseException:
         return ex.CallTimeout("late", timeout=2.0)
     if cls is ex.StepInputError:
         return ex.StepInputError("missing", step="summarize", field="text", index=2)
+    if cls is ex.CircuitOpen:
+        return ex.CircuitOpen("not sent: check the key", kind="key")
     if cls is ex.TemplateError:
         return ex.TemplateError("no field", field="text", index=3)
     return cls("message")

@@ -60,7 +60,9 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._budget": "engine",
     "fanflow._limits": "engine",
     "fanflow._llm": "engine",
+    "fanflow._batchapi": "engine",
     "fanflow._engine": "engine",
+    "fanflow._breaker": "engine",
     "fanflow._durable": "durability",
 }
 

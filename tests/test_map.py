@@ -300,9 +300,9 @@ def test_every_item_ends_once_and_in_order(
 
 async def test_template_errors_for_bad_format_and_bad_callable() -> None:
     llm = ScriptedLLM()
-    result = await fanflow.map(llm, "{0}", [{"a": 1}])
-    assert isinstance(result.errors[0], fanflow.TemplateError)
-    assert "could not be filled" in str(result.errors[0])
+    with pytest.raises(fanflow.TemplateError, match=r"a positional field in \{0\}"):
+        await fanflow.map(llm, "{0}", [{"a": 1}])  # before any call (issue 13.7)
+    assert llm.calls == 0
     bad = await fanflow.map(llm, lambda item: 3, ["x"])  # type: ignore[arg-type,return-value]
     assert "returned int; return a str or a fanflow.Request" in str(bad.errors[0])
     text = await fanflow.map(llm, lambda item: f"Q: {item}", ["x"], system="s")

@@ -62,6 +62,8 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "Price": lambda: fanflow.Price(input=0.5, output=1.5),
     "Attempt": lambda: fanflow.Attempt(2, 1.0, 2.0, Status.FAILED, fanflow.ServerError("x")),
     "BaseLLM": _llm,
+    "BatchBackend": lambda: fanflow.BatchBackend("auto", fanflow.BatchOptions(poll=2.0)),
+    "BatchOptions": lambda: fanflow.BatchOptions(poll=2.0, max_requests=10),
     "BatchResult": lambda: fanflow.BatchResult(
         [_record(0), _record(1, fanflow.BadRequest("no"))], makespan=2.0
     ),

@@ -7,7 +7,8 @@ tests/test_layers.py fails on an upward import or an import loop):
     patterns    map, as_completed, call, gather, race,       (fanflow.patterns)
                 fan_out, vote, best_of_n, guarded, evaluate, sections,
                 ParallelCalls, Skill, Step, Chain, Flow, Pool
-    backends    where a batch runs: local, Ray; the Backend protocol (fanflow.backends)
+    backends    where a batch runs: local, Ray, provider batch APIs; the Backend protocol
+                (fanflow.backends)
     durability  store-backed calls, a batch's job and sink     (_durable)
     store       store protocols, Store (SQLite), sinks         (fanflow.store)
     providers   function(), openai(), anthropic(), local()     (fanflow.providers)
@@ -31,8 +32,10 @@ from ._exceptions import (
     AuthenticationError,
     BadRequest,
     BatchError,
+    BatchIncomplete,
     BudgetExceeded,
     CallTimeout,
+    CircuitOpen,
     ConfigError,
     ContentFiltered,
     FanflowError,
@@ -72,7 +75,7 @@ from ._types import (
     Summary,
     Usage,
 )
-from .backends import RayBackend
+from .backends import BatchBackend, BatchOptions, RayBackend
 from .patterns import (
     BestOfNResult,
     Call,
@@ -132,7 +135,10 @@ __all__ = [
     "AuthenticationError",
     "BadRequest",
     "BaseLLM",
+    "BatchBackend",
     "BatchError",
+    "BatchIncomplete",
+    "BatchOptions",
     "BatchResult",
     "BestOfNResult",
     "Budget",
@@ -141,6 +147,7 @@ __all__ = [
     "CallRecord",
     "CallTimeout",
     "Chain",
+    "CircuitOpen",
     "ConfigError",
     "ContentFiltered",
     "EstimateResult",

@@ -105,8 +105,11 @@ class Budget:
             self._prices = merged
         return self
 
-    def amount(self, model: str | None, input_tokens: float, output_tokens: float) -> float:
-        """What ``input_tokens`` + ``output_tokens`` on ``model`` cost in this budget's unit.
+    def amount(
+        self, model: str | None, input_tokens: float, output_tokens: float, *, batch: bool = False
+    ) -> float:
+        """What ``input_tokens`` + ``output_tokens`` on ``model`` cost in this budget's unit
+        (``batch``: at the batch price of the provider's batch API).
 
         Raises:
             BudgetExceeded: a money budget and a model with no known price.
@@ -120,6 +123,8 @@ class Budget:
                 "cover it; pass prices={...: fanflow.Price(input=, output=)} or a budget "
                 "in tokens: fanflow.Budget(tokens=...)"
             )
+        if batch:
+            return price.batch_cost(input_tokens, output_tokens)
         return price.cost(input_tokens, output_tokens)
 
     async def reserve(self, amount: float, who: str, output_tokens: int | None = None) -> float:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,30 +36,56 @@ from ._llm import LLM, BaseLLM
 from ._types import CallRecord, Request, Response, Status, Usage
 from .store import ItemRef, JobStore, ResultStore, Sink, sink_for
 
-__all__ = ["Durability", "cache_key", "cached_record", "execute_stored", "input_id"]
+__all__ = [
+    "CACHE_KEY_VERSION",
+    "Durability",
+    "cache_identity",
+    "cache_key",
+    "cached_record",
+    "execute_stored",
+    "input_id",
+]
 
 log = logging.getLogger("fanflow")
 
 T = TypeVar("T")
 
 
-def cache_key(llm: LLM, request: Request) -> str:
-    """The key a request's result is stored under: its idempotency key within a namespace.
+#: Bumped whenever what goes into a cache key changes: entries stored under an older
+#: version are never served (they stay in the file, unused). v2 added the handle's
+#: identity (protocol, endpoint, options): v1 keys let one server's answers be served
+#: for another's.
+CACHE_KEY_VERSION = 2
 
-    ``request.key`` covers the request's canonical form (the model included, once the
-    handle has filled it in) and its sample salt. The namespace adds the handle's class,
-    its model and its name, so two handles that leave ``request.model`` unset (two
-    ``fanflow.function`` models, say) never share entries. A handle may set a
-    ``cache_namespace`` string to separate entries further (per endpoint, say); the
-    namespace is hashed, never stored.
+
+def cache_identity(llm: LLM) -> dict[str, Any]:
+    """The handle's :meth:`~fanflow.BaseLLM.cache_identity` (or, for an LLM that has
+    none, its class, ``model`` and ``name``)."""
+    method = getattr(llm, "cache_identity", None)
+    if callable(method):
+        identity = method()
+        if isinstance(identity, dict):
+            return identity
+    cls = type(llm)
+    return {
+        "protocol": f"{cls.__module__}.{cls.__qualname__}",
+        "model": getattr(llm, "model", None),
+        "name": getattr(llm, "name", None),
+    }
+
+
+def cache_key(llm: LLM, request: Request) -> str:
+    """The key a request's result is stored under.
+
+    A stored answer is served only for the same request to the same endpoint: the key
+    hashes the key version, the handle's :func:`cache_identity` (protocol, normalised
+    base URL, model, the handle's answer-changing options; never the API key) and
+    ``request.key`` (the request's canonical form after the handle filled its defaults:
+    messages, model, every sampling parameter, the sample salt). Only the hash is
+    stored. See ``docs/decisions/0090-cache-identity.md``.
     """
-    namespace = getattr(llm, "cache_namespace", None)
-    if not isinstance(namespace, str):
-        cls = type(llm)
-        model = getattr(llm, "model", None)
-        name = getattr(llm, "name", None)
-        namespace = f"{cls.__module__}.{cls.__qualname__}|{model}|{name}"
-    blob = f"{namespace}\n{request.key}".encode()
+    identity = json.dumps(cache_identity(llm), sort_keys=True, separators=(",", ":"), default=repr)
+    blob = f"fanflow-cache-v{CACHE_KEY_VERSION}\n{identity}\n{request.key}".encode()
     return hashlib.sha256(blob).hexdigest()
 
 

@@ -32,6 +32,7 @@ from ._events import (
 from ._exceptions import (
     BudgetExceeded,
     CallTimeout,
+    CircuitOpen,
     ConfigError,
     ParseError,
     ProviderError,
@@ -141,6 +142,7 @@ class _Call(Generic[T]):
 
     __slots__ = (
         "attempts",
+        "breaker",
         "deadline",
         "handle",
         "hooks",
@@ -173,6 +175,7 @@ class _Call(Generic[T]):
         self.hooks = opts.hooks
         self.deadline = opts.deadline
         self.handle = llm if isinstance(llm, BaseLLM) else None
+        self.breaker = self.handle.breaker if self.handle is not None else None
         self.lane: Lane = self.handle.lane() if self.handle is not None else lane_of(llm)
         self.timeout = opts.timeout
         if self.timeout is None and self.handle is not None:
@@ -194,7 +197,8 @@ class _Call(Generic[T]):
             if lane.needs_tokens:
                 lane.check(*tokens, self._who())
             if budget is not None:
-                amount = budget.amount(self.request.model, *tokens)
+                batch = self.handle is not None and self.handle.batch_priced
+                amount = budget.amount(self.request.model, *tokens, batch=batch)
                 reserved = await budget.reserve(amount, self._who(), tokens[1])
         gate = self.opts.gate
         try:
@@ -243,7 +247,8 @@ class _Call(Generic[T]):
         if usage is not None and usage.total_tokens > 0:
             model = response.model if response is not None and response.model else None
             try:
-                actual = budget.amount(model or self.request.model, *_tokens_of(usage))
+                batch = response is not None and response.batch_id is not None
+                actual = budget.amount(model or self.request.model, *_tokens_of(usage), batch=batch)
             except BudgetExceeded:  # the reply names a model we have no price for
                 actual = reserved
         elif response is None and error is not None and not isinstance(error, CallTimeout):
@@ -291,6 +296,17 @@ class _Call(Generic[T]):
                 )
                 raise error from None
         start = loop.time()
+        breaker = self.breaker
+        if breaker is not None and breaker.active:
+            try:
+                stop = await breaker.admit(self.request, self, admitted=True)
+            except BaseException:
+                self._unsent(permit, reserved, loop.time())
+                raise
+            if stop is not None:  # it tripped while this call waited: never sent
+                self._unsent(permit, reserved, loop.time())
+                raise stop
+            start = loop.time()
         if sent is not None:
             sent.set()
         log_attempt_sent(self._who, number, self.request, hedge=hedge)
@@ -323,9 +339,12 @@ class _Call(Generic[T]):
             raise
         except BaseException as exc:
             failure = exc
+            end = loop.time()
             self.attempts.append(
-                Attempt(number, start, loop.time(), status_of(exc), exc, hedge, wait_before)
+                Attempt(number, start, end, status_of(exc), exc, hedge, wait_before)
             )
+            if breaker is not None:
+                breaker.failed(self.request, exc, number, end, self)
             raise
         finally:
             self._leave(permit, reserved, start, response, failure)
@@ -334,7 +353,19 @@ class _Call(Generic[T]):
             Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before)
         )
         log_succeeded(self._who, number, end - start)
+        if breaker is not None and breaker.active:
+            breaker.succeeded(self.request)
         return response
+
+    def _unsent(self, permit: Permit | None, reserved: float | None, now: float) -> None:
+        """Give back an admission that was not used (nothing sent, nothing spent)."""
+        self.lane.finish(permit, now)
+        budget = self.opts.budget
+        if budget is not None and reserved is not None:
+            budget.settle(reserved, 0.0)
+        gate = self.opts.gate
+        if gate is not None:
+            gate.release()
 
     def _who(self) -> str:
         index, label = self.index, self.label
@@ -415,6 +446,13 @@ class _Call(Generic[T]):
                     "raise deadline= or the concurrency"
                 )
                 break
+            breaker = self.breaker
+            if breaker is not None and breaker.active:
+                stop = await breaker.admit(self.request, self)
+                if stop is not None:  # a call that was tried keeps its own last error
+                    if not self.attempts:
+                        error = stop
+                    break
             try:
                 if hedge_after is None:
                     response = await self.attempt(hedge=False, wait_before=wait_before)
@@ -422,6 +460,10 @@ class _Call(Generic[T]):
                     response = await self.hedged(hedge_after, wait_before)
             except asyncio.CancelledError:
                 raise
+            except CircuitOpen as exc:  # stopped once admitted: this attempt was not made
+                if not self.attempts:
+                    error = exc
+                break
             except Exception as exc:
                 error = exc
                 wait: float | None = None

@@ -15,7 +15,8 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     │   ├── PermissionDenied           403 (not retryable)
     │   ├── NotFound                   404 (not retryable)
     │   ├── ContentFiltered            refused by a content filter (not retryable)
-    │   └── QuotaExceeded              429 whose body says the spend/quota is used up
+    │   ├── QuotaExceeded              429 whose body says the spend/quota is used up
+    │   └── BatchIncomplete            a provider batch ended before answering (``batch_id``)
     ├── CallTimeout                    a call ran past its timeout or the deadline
     ├── ParseError                     the model answered but the reply was unusable
     ├── TemplateError                  an item lacks a field the prompt template needs
@@ -28,6 +29,8 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     ├── BudgetExceeded                 the budget cannot cover the next call
     ├── RequestTooLarge                one request needs more than a rate limit allows
     └── Skipped                        an item was not run (budget, deadline, upstream)
+        └── CircuitOpen                not sent: the handle's breaker tripped (bad key,
+                                       unknown model, quota, nothing listening)
 
 Whether to retry is decided by one function, :func:`is_retryable`, which reads the
 ``retryable`` attribute, never the message text. All errors pickle (they cross process
@@ -49,8 +52,10 @@ __all__ = [
     "AuthenticationError",
     "BadRequest",
     "BatchError",
+    "BatchIncomplete",
     "BudgetExceeded",
     "CallTimeout",
+    "CircuitOpen",
     "ConfigError",
     "ContentFiltered",
     "FanflowError",
@@ -128,6 +133,25 @@ class ProviderError(FanflowError):
         self.retry_after = retry_after
 
 
+class BatchIncomplete(ProviderError):
+    """A provider batch ended (expired, cancelled, failed) before it answered this
+    request, or its results had no line for it. Retryable: the request goes into a new
+    batch (or real time, with ``mode="auto"``). ``batch_id`` names the batch."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        batch_id: str | None = None,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code, retry_after=retry_after)
+        self.batch_id = batch_id
+
+
 class RateLimited(ProviderError):
     """The provider answered 429 Too Many Requests. ``retry_after`` is in seconds."""
 
@@ -153,9 +177,14 @@ class Overloaded(ServerError):
 
 
 class ProviderConnectionError(ProviderError):
-    """The connection was refused, reset or could not be made."""
+    """The connection was refused, reset or could not be made.
+
+    ``unreachable`` is True when no connection could be made at all (refused, no such
+    host), as opposed to one that broke: repeated, it trips the handle's breaker.
+    """
 
     retryable = True
+    unreachable: bool = False
 
 
 class ProtocolError(ProviderError):
@@ -252,6 +281,17 @@ class StoreError(FanflowError):
 
 class Skipped(FanflowError):
     """An item was not run (budget spent, deadline passed, or an upstream step failed)."""
+
+
+class CircuitOpen(Skipped):
+    """Not sent: the handle's breaker tripped, because every further call would fail the
+    same way (``kind``: ``"key"``, ``"quota"``, ``"forbidden"``, ``"missing"`` or
+    ``"unreachable"``). The message says what to fix; ``__cause__`` is the last error."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message, kind)
+        self.message = message
+        self.kind = kind
 
 
 # --------------------------------------------------------------------------- patterns

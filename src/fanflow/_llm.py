@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from ._breaker import Breaker
 from ._exceptions import ConfigError
 from ._limits import Lane, LaneStatistics, Limits
 from ._retry import RetryPolicy
@@ -31,13 +32,22 @@ _REQUEST_PARAMS = frozenset(
 
 @runtime_checkable
 class LLM(Protocol):
-    """Anything that can answer a :class:`Request` with one attempt."""
+    """Anything that can answer a :class:`Request` with one attempt.
+
+    An LLM may also define ``cache_identity() -> dict`` (as :class:`BaseLLM` does): what
+    its answers depend on besides the request, so that a result store serves an answer
+    only to the same request at the same endpoint. Without it, the identity is the
+    object's class, ``model`` and ``name`` attributes.
+    """
 
     async def complete(self, request: Request) -> Response: ...
 
 
 class BaseLLM(ABC):
     """Base of fanflow's LLM handles.
+
+    ``batch_priced`` is True while a handle's calls go through a provider batch API (a
+    budget reserves them at the batch price).
 
     Args:
         model: the model name filled into requests that name none.
@@ -78,6 +88,9 @@ class BaseLLM(ABC):
         # Who this handle's limits belong to, the same in every copy of it (pickled to
         # other processes too): the Ray backend's cluster-wide limiter is keyed by it.
         self.limit_id = uuid.uuid4().hex
+        #: Stops sending when every further call must fail the same way (bad key,
+        #: unknown model, quota, nothing listening); see :mod:`fanflow._breaker`.
+        self.breaker = Breaker()
 
     def __getstate__(self) -> dict[str, Any]:
         # Lanes are live state of one event loop; a copy in another process starts fresh.
@@ -96,6 +109,30 @@ class BaseLLM(ABC):
     @abstractmethod
     async def complete(self, request: Request) -> Response:
         """Make one attempt at ``request``. Raise a ``ProviderError`` on failure."""
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What this handle's answers depend on besides the request itself.
+
+        A result store serves a stored answer only when both the request
+        (:attr:`Request.key`: messages, model, every sampling parameter, the sample
+        salt) and this identity are the same (``fanflow._durable.cache_key``). The base
+        identity is the handle's class, model and name; HTTP handles add the protocol
+        and normalised base URL and their own answer-changing options (``n``,
+        ``extra_body``); the local model its file. It never holds the API key or
+        headers. Subclasses extend it (``{**super().cache_identity(), ...}``) with
+        JSON-serialisable values; it must be the same in every process and every run.
+        """
+        cls = type(self)
+        return {
+            "protocol": f"{cls.__module__}.{cls.__qualname__}",
+            "model": self.model,
+            "name": getattr(self, "name", None),
+        }
+
+    @property
+    def batch_priced(self) -> bool:
+        """Whether the next call is priced at a batch API's rate (a budget reserves it so)."""
+        return False
 
     def prepare(self, request: Request) -> Request:
         """Fill this handle's defaults into the fields the request leaves unset."""

@@ -7,6 +7,9 @@ update that file, not code. Users add or override prices with
 ``prices={"model": fanflow.Price(input=..., output=...)}`` (or a file of their own in the
 same format, :func:`load_prices`; on the command line ``--price``).
 
+Each price carries the batch APIs' rate (``Price.batch``, 0.5 for every model in the
+table: OpenAI's Batch API and Anthropic's Message Batches both charge half).
+
 A model is priced only when its name is in the table exactly, or is a dated snapshot of
 a name in it (``gpt-4o-2024-08-06``, ``claude-3-5-haiku-20241022``, ``...-latest``).
 Anything else (``gpt-4o-audio-preview``, a fine-tune, a local model) costs ``None``:
@@ -36,10 +39,13 @@ class Price:
     Args:
         input: dollars per million input (prompt) tokens.
         output: dollars per million output (completion) tokens.
+        batch: the batch APIs' price as a share of the real-time one (0.5: half price,
+            as OpenAI's Batch API and Anthropic's Message Batches charge).
     """
 
     input: float
     output: float
+    batch: float = 0.5
 
     def __post_init__(self) -> None:
         if self.input < 0 or self.output < 0:
@@ -47,13 +53,22 @@ class Price:
                 f"prices must be >= 0 dollars per million tokens, got input={self.input}, "
                 f"output={self.output}"
             )
+        if not 0 <= self.batch <= 1:
+            raise ConfigError(
+                f"batch must be a share of the real-time price in [0, 1], got {self.batch}"
+            )
 
     def __repr__(self) -> str:
-        return f"fanflow.Price(input={self.input:g}, output={self.output:g})"
+        extra = f", batch={self.batch:g}" if self.batch != 0.5 else ""
+        return f"fanflow.Price(input={self.input:g}, output={self.output:g}{extra})"
 
     def cost(self, input_tokens: float, output_tokens: float) -> float:
         """Dollars for the given token counts."""
         return (input_tokens * self.input + output_tokens * self.output) / 1_000_000
+
+    def batch_cost(self, input_tokens: float, output_tokens: float) -> float:
+        """Dollars for the given token counts through a provider's batch API."""
+        return self.cost(input_tokens, output_tokens) * self.batch
 
 
 def load_prices(source: str | Path | None = None) -> dict[str, Price]:

@@ -66,6 +66,8 @@ class ProgressStats:
     busy_time: float = 0.0
     failures: Mapping[str, int] = field(default_factory=dict)
     bad_lines: int = 0
+    batched: int = 0
+    saved: float | None = None
 
     @property
     def tokens(self) -> int:
@@ -113,6 +115,7 @@ class Tracker:
         self._counts = Counter[str]()
         self._failures = Counter[str]()
         self._cost: float | None = None
+        self._saved: float | None = None
         self._busy = 0.0
         self.bad_lines = 0
 
@@ -152,6 +155,11 @@ class Tracker:
             counts["output_tokens"] += record.usage.output_tokens
             if record.cost is not None and not record.cached:  # a store hit costs nothing
                 self._cost = (self._cost or 0.0) + record.cost
+            response = record.response
+            if response is not None and response.batch_id is not None and not record.cached:
+                counts["batched"] += 1
+                if response.saved is not None:
+                    self._saved = (self._saved or 0.0) + response.saved
             self._busy += record.busy_time  # attempts only: queueing is not work
 
     def stop(self) -> None:
@@ -183,6 +191,8 @@ class Tracker:
             busy_time=self._busy,
             failures=dict(self._failures.most_common()),
             bad_lines=self.bad_lines,
+            batched=c["batched"],
+            saved=self._saved,
         )
 
 
@@ -275,6 +285,10 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
     table.add_row("429s", f"{s.rate_limited}")
     table.add_row("tokens", f"{s.tokens:,} ({s.input_tokens:,} in, {s.output_tokens:,} out)")
     table.add_row("cost", _cost(s.cost))
+    if s.batched:
+        table.add_row("batched", f"{s.batched} ({s.done - s.batched} other)")
+        if s.saved is not None:
+            table.add_row("saved vs real time", _cost(s.saved))
     table.add_row("makespan", format_duration(s.elapsed))
     speedup = s.speedup if s.requests else None  # nothing was sent: no speed-up to show
     table.add_row("speed-up", "n/a" if speedup is None else f"{speedup:.1f}x")

@@ -238,7 +238,12 @@ class RateLimitState:
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """What a model returned for one request."""
+    """What a model returned for one request.
+
+    ``batch_id`` names the provider batch that answered it (None: a real-time call);
+    ``saved`` is what the batch price saved against the real-time price, in dollars
+    (None: not batched, or the price is unknown).
+    """
 
     text: str
     usage: Usage = field(default_factory=Usage)
@@ -249,6 +254,8 @@ class Response:
     time_to_first_token: float | None = None
     raw: Any = field(default=None, repr=False, compare=False)
     rate_limit: RateLimitState | None = field(default=None, repr=False, compare=False)
+    batch_id: str | None = None
+    saved: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +333,13 @@ class CallRecord(Generic[T]):
         return self.request.key if self.request is not None else None
 
     @property
+    def batch_id(self) -> str | None:
+        """The provider batch that answered this call, or that it was last sent in."""
+        if self.response is not None and self.response.batch_id is not None:
+            return self.response.batch_id
+        return getattr(self.error, "batch_id", None)
+
+    @property
     def ok(self) -> bool:
         return self.status is Status.SUCCEEDED
 
@@ -358,7 +372,13 @@ class CallRecord(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """Totals over a batch."""
+    """Totals over a batch.
+
+    ``batched`` counts items answered by a provider batch, ``realtime`` items answered
+    by real-time calls (cache hits are neither); ``saved`` is what the batch price saved
+    against all-real-time, in dollars (None when nothing was batched or a price is
+    unknown).
+    """
 
     items: int
     succeeded: int
@@ -372,6 +392,9 @@ class Summary:
     cost: float | None
     makespan: float
     busy_time: float
+    batched: int = 0
+    realtime: int = 0
+    saved: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -468,9 +491,17 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
     counts = dict.fromkeys(Status, 0)
     usage = Usage()
     cost: float | None = 0.0
-    calls = retries = 0
+    calls = retries = batched = realtime = 0
     busy = 0.0
+    saved: float | None = None
     for r in records:
+        response = r.response
+        if response is not None and response.batch_id is not None:
+            batched += 1
+            if response.saved is not None:
+                saved = (saved or 0.0) + response.saved
+        elif r.attempts and not r.cached:
+            realtime += 1
         counts[r.status] += 1
         usage = usage + r.usage
         if r.cost is None:
@@ -494,4 +525,7 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
         cost=cost,
         makespan=makespan,
         busy_time=busy,
+        batched=batched,
+        realtime=realtime,
+        saved=saved,
     )

@@ -300,9 +300,10 @@ def test_dry_run_numbers_match_the_library_estimate(run: Run, tmp_path: Path) ->
     assert lines[2] == "  output tokens  at most 100,000 (max_tokens per call)"
     assert lines[3] == f"  cost           at most ${cost:,.4f} (model gpt-4o-mini)"
     assert expected.cost == pytest.approx(cost)
-    assert lines[4] == "  duration       at least 10.0s at these limits"  # 100 calls at 600 rpm
-    assert "1 items would fail (template)" in lines[5]
-    assert "line 101: item 100 has no field 'text'" in lines[6]
+    assert lines[4].startswith(f"  batch cost     at most ${cost / 2:,.4f} with --batch")
+    assert lines[5] == "  duration       at least 10.0s at these limits"  # 100 calls at 600 rpm
+    assert "1 items would fail (template)" in lines[6]
+    assert "line 101: item 100 has no field 'text'" in lines[7]
 
 
 def test_budget_skips_what_it_cannot_cover(run: Run, tmp_path: Path) -> None:
@@ -318,3 +319,41 @@ def test_budget_skips_what_it_cannot_cover(run: Run, tmp_path: Path) -> None:
     assert 0 < len(skipped) < 30
     assert all("BudgetExceeded" in r["error"] for r in skipped)
     assert re.search(rf"BudgetExceeded +{len(skipped)}\b", done.stderr)
+
+
+def test_batch_sends_items_through_the_batch_api(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("".join(f"word {i}\n" for i in range(12)))
+    done = run(
+        "map", "in.txt", "-p", "Say {input}", "--provider", "sim",
+        "--sim", "latency=0.01,batch_time=0.2", "--model", "gpt-4o-mini", "--batch",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(x) for x in done.stdout.splitlines()]
+    assert [r["output"] for r in out] == [f"echo: Say word {i}" for i in range(12)]
+    assert len({r["batch_id"] for r in out}) == 1
+    assert re.search(r"batched +12 \(0 other\)", done.stderr)
+    assert "saved vs real time" in done.stderr
+
+
+def test_deadline_needs_batch_and_a_duration(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("a\n")
+    done = run("map", "in.txt", "-p", "{input}", *SIM, "--deadline", "5m")
+    assert done.returncode != 0
+    assert "--deadline goes with --batch" in done.stderr
+    done = run("map", "in.txt", "-p", "{input}", *SIM, "--batch", "--deadline", "soon")
+    assert done.returncode != 0
+    assert "'soon' is not a duration" in done.stderr
+
+
+def test_dry_run_shows_the_batch_cost_beside_the_real_time_one(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("".join(f"word {i}\n" for i in range(10)))
+    done = run(
+        "map", "in.txt", "-p", "{input}", "--base-url", "http://127.0.0.1:9/v1",
+        "--model", "gpt-4o-mini", "--max-tokens", "100", "--dry-run",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cost = re.search(r"cost +at most \$([0-9.]+)", done.stdout)
+    batch = re.search(r"batch cost +at most \$([0-9.]+) with --batch", done.stdout)
+    assert cost is not None
+    assert batch is not None
+    assert float(batch[1]) == pytest.approx(float(cost[1]) / 2, abs=1e-4)

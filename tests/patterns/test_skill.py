@@ -88,7 +88,9 @@ def test_skill_run_from_sync_code() -> None:
 
 
 def test_template_fields_and_find_json() -> None:
-    assert template_fields("{a} {b.c} {a} {d[0]} {{lit}}") == ["a", "b", "d"]
+    assert template_fields("{a} {b} {a} {d} {{lit}}") == ["a", "b", "d"]
+    with pytest.raises(fanflow.TemplateError, match="attribute or index access"):
+        template_fields("{a} {b.c}")  # field names only (issue 13.7)
     assert find_json('x {"a": [1, 2]} y') == {"a": [1, 2]}
     assert find_json("```json\n[1]\n```") == [1]
     assert find_json("{bad") is None

@@ -15,6 +15,7 @@ def test_public_names() -> None:
         "FAULTS",
         "Fault",
         "ScriptedLLM",
+        "SimBatches",
         "SimRequest",
         "SimSecond",
         "SimServer",

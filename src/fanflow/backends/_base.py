@@ -59,12 +59,24 @@ from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import JobStore
 
-__all__ = ["Backend", "BatchRun", "Deliver", "Items", "MapSpec", "PoolSpec"]
+__all__ = ["Backend", "BatchRun", "Deliver", "FirstCheck", "Items", "MapSpec", "PoolSpec"]
 
 Items: TypeAlias = Iterable[Any] | AsyncIterable[Any]
 
 # Where a backend hands each finished record; await what it returns (back-pressure).
 Deliver: TypeAlias = Callable[[CallRecord[Any]], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class FirstCheck:
+    """A check of a batch's first ``count`` items before any call is made.
+
+    ``check(items)`` raises (a ``TemplateError``, say) when the items show that every
+    call would fail the same way; the local backend runs it on the first items it pulls.
+    """
+
+    count: int
+    check: Callable[[list[Any]], None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +100,7 @@ class MapSpec:
         durable: the batch's store, job and sink (None: nothing is kept).
         budget: one spending cap for every call of the batch (None: none).
         prices: model prices beyond the built-in table.
+        check_first: a check of the first items, run before any call (None: none).
     """
 
     llm: LLM
@@ -105,6 +118,7 @@ class MapSpec:
     durable: Durability | None = None
     budget: Budget | None = None
     prices: Mapping[str, Price] | None = None
+    check_first: FirstCheck | None = None
 
     @property
     def size(self) -> int | None:

@@ -14,6 +14,8 @@ concurrency, not with the input.
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -22,7 +24,7 @@ from .._engine import CallOptions, execute, make_options
 from .._events import CallEnded, emit
 from .._llm import LLM, BaseLLM
 from .._types import CallRecord, Request, Response, Status
-from ._base import Deliver, Items, MapSpec, PoolSpec
+from ._base import Deliver, FirstCheck, Items, MapSpec, PoolSpec
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -64,13 +66,14 @@ def window(llm: LLM, concurrency: int | None, size: int | None) -> int:
 class Source:
     """Hands out (index, item) pairs from a sync or async iterable, one at a time."""
 
-    __slots__ = ("_ait", "_index", "_it", "_lock")
+    __slots__ = ("_ait", "_index", "_it", "_lock", "_peeked")
 
     def __init__(self, items: Items) -> None:
         self._index = 0
         self._it: Any = None
         self._ait: AsyncIterator[Any] | None = None
         self._lock: asyncio.Lock | None = None
+        self._peeked: deque[Any] = deque()  # async items read ahead by peek()
         if isinstance(items, AsyncIterable):
             self._ait = aiter(items)
             # An async generator may not be advanced by two workers at once.
@@ -81,6 +84,20 @@ class Source:
     @property
     def is_async(self) -> bool:
         return self._ait is not None
+
+    async def peek(self, n: int) -> list[Any]:
+        """The first ``n`` items (fewer if there are fewer), still to be handed out."""
+        if self._ait is None:
+            first = list(itertools.islice(self._it, n))
+            self._it = itertools.chain(first, self._it)
+            return first
+        peeked = self._peeked
+        while len(peeked) < n:
+            try:
+                peeked.append(await anext(self._ait))
+            except StopAsyncIteration:
+                break
+        return list(peeked)
 
     def next_sync(self) -> tuple[int, Any] | None:
         """The next item of a sync iterable (no coroutine: this is the hot path)."""
@@ -97,10 +114,13 @@ class Source:
             return self.next_sync()
         assert self._lock is not None
         async with self._lock:
-            try:
-                item = await anext(self._ait)
-            except StopAsyncIteration:
-                return None
+            if self._peeked:
+                item = self._peeked.popleft()
+            else:
+                try:
+                    item = await anext(self._ait)
+                except StopAsyncIteration:
+                    return None
         index = self._index
         self._index += 1
         return index, item
@@ -136,6 +156,7 @@ class Batch(Generic[T]):
         fail_fast: bool,
         durable: Durability | None = None,
         size: int | None = None,
+        check_first: FirstCheck | None = None,
     ) -> None:
         self.llm = llm
         self.build = build
@@ -148,12 +169,17 @@ class Batch(Generic[T]):
         self.fail_fast = fail_fast
         self.durable = durable
         self.size = size
+        self.check_first = check_first
 
     @property
     def seen(self) -> int:
         return self.source.seen
 
     async def run(self) -> None:
+        if self.check_first is not None:
+            # Before the first call: a field that none of the first items has is a
+            # mistake in the template (TemplateError), not one failure per item.
+            self.check_first.check(await self.source.peek(self.check_first.count))
         if self.durable is None:
             await self._run()
         else:
@@ -268,6 +294,7 @@ class LocalBackend:
             fail_fast=spec.fail_fast,
             durable=spec.durable,
             size=size,
+            check_first=spec.check_first,
         )
 
     async def run_pool(

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, TemplateError
 from . import _jobs, _mapcmd, _patterncmds, _report, _runpipe, _simcmd
 from ._base import (
     EXIT_BROKEN_PIPE,
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
     try:
         return handler(args, os.environ if env is None else env)
-    except ConfigError as exc:
+    except (ConfigError, TemplateError) as exc:
         print(f"fanflow {args.command}: error: {for_cli(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

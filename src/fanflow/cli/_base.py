@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._exceptions import ConfigError
+from .._exceptions import CircuitOpen, ConfigError
 from .._pricing import Price, load_prices
 from .._progress import ProgressStats, Tracker, render_summary
 from ._console import make_display
@@ -260,6 +260,25 @@ def finish(
         console.print("fanflow: " + "; ".join(problems))
         return EXIT_FAILED
     return EXIT_OK
+
+
+def tripped(llms: Any) -> list[CircuitOpen]:
+    """The breakers that stopped a run's handles (each one's error says what to fix)."""
+    return [b for llm in llms if (b := llm.breaker.tripped) is not None]
+
+
+def stopped(
+    args: argparse.Namespace, console: Any, stats: ProgressStats, stops: list[CircuitOpen]
+) -> int:
+    """A run its breaker stopped: exit 2 with one message saying what to fix."""
+    if not args.quiet:
+        console.print(render_summary(stats))
+    reason = for_cli(str(stops[0]).removeprefix("not sent: "))
+    console.print(
+        f"fanflow: stopped early, the remaining items were not sent (skipped): {reason}",
+        markup=False,
+    )
+    return EXIT_USAGE
 
 
 def open_store(settings: Settings, args: argparse.Namespace) -> JobStore:

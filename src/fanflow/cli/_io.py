@@ -218,6 +218,8 @@ def result_row(item: Item, record: CallRecord[Any]) -> dict[str, Any]:
     }
     if record.error is not None:
         row["error"] = _error_text(record.error)
+    if record.batch_id is not None:
+        row["batch_id"] = record.batch_id
     return row
 
 

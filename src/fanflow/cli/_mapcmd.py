@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import ConfigError
+from .._exceptions import CircuitOpen, ConfigError, TemplateError
 from .._llm import BaseLLM
 from .._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, Tracker, drive
 from .._types import CallRecord
@@ -30,16 +29,15 @@ __all__ = ["MapOutcome", "add_parser", "check_template", "cmd_map", "run_map"]
 
 
 def check_template(template: str) -> None:
-    """Reject a template that no item could fill (unbalanced braces), before any call."""
+    """Reject a template that is not valid (fanflow's template rules), before any call."""
+    from ..patterns._prompt import parse_template
+
     if not template.strip():
         raise ConfigError("--prompt is empty; give a template such as 'Summarize: {text}'")
     try:
-        list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ConfigError(
-            f"--prompt is not a valid template ({exc}); name fields as {{field}} and "
-            "write {{ and }} for literal braces"
-        ) from None
+        parse_template(template, "--prompt")
+    except TemplateError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass
@@ -176,6 +174,11 @@ def describe_dry_run(
         )
     else:
         lines.append(f"  cost           at most ${e.cost:,.4f} (model {model})")
+        if e.batch_cost is not None:
+            lines.append(
+                f"  batch cost     at most ${e.batch_cost:,.4f} with --batch "
+                f"(saves ${e.cost - e.batch_cost:,.4f}; answers within 24 h)"
+            )
     bounds = []
     if rpm:
         bounds.append(e.items / rpm * 60.0)
@@ -190,6 +193,25 @@ def describe_dry_run(
 
 
 # -- the command: its arguments and its handler ------------------------------------------
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``45m``, ``6h`` or ``1d``."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:])
+    number = value[:-1] if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write e.g. 90s, 45m or 6h"
+        ) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a deadline must be > 0")
+    return seconds
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("map", help="run a prompt over every item of a file")
     p.add_argument(
@@ -213,6 +235,19 @@ def add_parser(sub: Any) -> None:
     job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
     job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
     job.add_argument("--only-failed", action="store_true", help="rerun only NAME's failures")
+    batch = p.add_argument_group(
+        "provider batch APIs (OpenAI Batch API, Anthropic Message Batches)"
+    )
+    batch.add_argument(
+        "--batch", action="store_true",
+        help="send the items through the provider's batch API at its batch price (about "
+        "half); results usually within hours, at most 24 h",
+    )  # fmt: skip
+    batch.add_argument(
+        "--deadline", metavar="DURATION", type=_duration,
+        help="with --batch: finish by then (e.g. 90s, 45m, 6h); what the batches have not "
+        "answered as it nears goes in real time",
+    )  # fmt: skip
     scale = p.add_argument_group("scale-out on Ray (pip install 'fanflow[ray]')")
     scale.add_argument(
         "--backend", choices=("local", "ray"), default="local",
@@ -267,6 +302,12 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         from ..backends import RayBackend
 
         options["backend"] = RayBackend(address=args.ray_address)
+    if args.deadline is not None and not args.batch:
+        raise ConfigError("--deadline goes with --batch (it says when to move to real time)")
+    if args.batch:
+        options["mode"] = "batch" if args.deadline is None else "auto"
+        if args.deadline is not None:
+            options["deadline"] = args.deadline
 
     async def go() -> tuple[Any, ProgressStats]:
         tracker = Tracker(total, clock=_base.loop_time)
@@ -277,9 +318,13 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 llms[0], args.prompt, items, tracker=tracker, display=display, writer=writer,
                 records=records, order=args.order, options=options,
             )  # fmt: skip
+            stops.extend(_base.tripped(llms))
         return outcome, tracker.snapshot()
 
+    stops: list[CircuitOpen] = []
     outcome, stats = _base.run_then_close(go, args, console, writer, records, store)
+    if stops and not outcome.interrupted:
+        return _base.stopped(args, console, stats, stops)
     where = "standard output" if args.output in (None, "-") else args.output
     return _base.finish(
         args, console, stats, bad, interrupted=outcome.interrupted, failed=stats.failed,

@@ -30,12 +30,12 @@ run over the items by ``Pool`` (see ``_runpipe``).
 from __future__ import annotations
 
 import difflib
-import string
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, TemplateError
+from ..patterns._prompt import parse_template
 from ._settings import OPTIONS
 
 __all__ = [
@@ -76,13 +76,7 @@ class StepSpec:
     @property
     def fields(self) -> list[str]:
         """The template's field names, in order of first use."""
-        out: list[str] = []
-        for _, name, _, _ in string.Formatter().parse(self.prompt):
-            if name is not None and name != "":
-                base = name.split(".")[0].split("[")[0]
-                if base not in out:
-                    out.append(base)
-        return out
+        return list(parse_template(self.prompt).fields)
 
 
 @dataclass(frozen=True)
@@ -194,11 +188,9 @@ def _step(doc: _Doc, i: int, raw: Any, models: Mapping[str, Any]) -> StepSpec:
         raise doc.error(path, "missing 'prompt:'; every step needs a prompt template")
     prompt = _typed(doc, (*path, "prompt"), raw["prompt"], str, "a template string")
     try:
-        list(string.Formatter().parse(prompt))
-    except ValueError as exc:
-        raise doc.error(
-            (*path, "prompt"), f"not a valid template ({exc}); write {{{{ }}}} for braces"
-        ) from None
+        parse_template(prompt, "prompt")
+    except TemplateError as exc:
+        raise doc.error((*path, "prompt"), str(exc).removeprefix("prompt is ")) from None
     name = raw.get("name", raw.get("output", f"step{i + 1}"))
     name = _typed(doc, (*path, "name"), name, str, "a string")
     output = _typed(doc, (*path, "output"), raw.get("output", name), str, "a string")

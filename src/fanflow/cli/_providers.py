@@ -59,6 +59,7 @@ _SIM_NUMBERS = {
     "rpm": int,
     "tpm": int,
     "max_in_flight": int,
+    "batch_time": float,
 }
 
 
@@ -67,7 +68,8 @@ class SimSpec:
     """Knobs of the simulated server: ``--sim latency=0.05,rpm=600,500=0.1,reply=ok``.
 
     Keys are SimServer's arguments (latency, per_token, jitter, seed, rpm, tpm,
-    max_in_flight, reply) and fault kinds with their probability (``500=0.1``,
+    max_in_flight, reply), ``batch_time`` (seconds a batch takes, for ``--batch``) and
+    fault kinds with their probability (``500=0.1``,
     ``429=0.05``, ``hang=0.01``, ...).
     """
 
@@ -148,7 +150,12 @@ class ProviderPlan:
             kwargs["max_tokens"] = self.max_tokens
         if self.provider == "sim":
             assert sim_url is not None
-            return fanflow.openai(s.model or "sim", base_url=sim_url, **kwargs)
+            sim = fanflow.openai(s.model or "sim", base_url=sim_url, **kwargs)
+            # Each run's server listens on a new port, but answers the same: one cache
+            # (so --job resumes). Its reply is all that changes what it answers.
+            reply = (self.sim or SimSpec()).options.get("reply")
+            sim.cache_endpoint = f"fanflow-sim(reply={reply!r})"
+            return sim
         if self.provider in ("openai", "anthropic"):
             assert s.model is not None
             if self.base_url is not None:
@@ -253,10 +260,12 @@ async def open_llms(plans: Sequence[ProviderPlan]) -> AsyncIterator[list[BaseLLM
         sim_url: str | None = None
         sims = [p.sim for p in plans if p.provider == "sim"]
         if sims:
-            from ..testing import SimServer
+            from ..testing import SimBatches, SimServer
 
             spec = sims[0] or SimSpec()
-            server = SimServer(**spec.options, faults=spec.faults, keep_requests=False)
+            options = dict(spec.options)
+            batches = SimBatches(time=options.pop("batch_time", 1.0))
+            server = SimServer(**options, faults=spec.faults, keep_requests=False, batches=batches)
             await stack.enter_async_context(server)
             sim_url = server.url
         llms = []

@@ -70,6 +70,7 @@ def record_to_json(
         "output_tokens": record.usage.output_tokens,
         "cost": record.cost,
         "cached": record.cached,
+        "batch_id": record.batch_id,
         "error": _error_name(record.error),
         "message": None if record.error is None else for_cli(str(record.error))[:300],
         "attempts": [

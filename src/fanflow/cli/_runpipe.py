@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._exceptions import ConfigError
+from .._exceptions import CircuitOpen, ConfigError
 from .._llm import BaseLLM
 from .._progress import ProgressStats, Tracker, drive
 from .._types import Status
@@ -185,9 +185,13 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 pipe, runner, items, tracker=tracker, display=display, writer=writer,
                 pool_options=pool_options,
             )  # fmt: skip
+            stops.extend(_base.tripped(llms))
         return outcome, tracker.snapshot()
 
+    stops: list[CircuitOpen] = []
     outcome, stats = _base.run_then_close(go, args, console, writer, store)
+    if stops and not outcome.interrupted:
+        return _base.stopped(args, console, stats, stops)
     return _base.finish(
         args, console, stats, bad, interrupted=outcome.interrupted,
         failed=outcome.items - outcome.succeeded, items=outcome.items, unit="calls",

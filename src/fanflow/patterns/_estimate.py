@@ -23,7 +23,9 @@ class EstimateResult:
     ``DeprecationWarning``.
 
     ``output_tokens`` is an upper bound: each request's ``max_tokens`` (or the default
-    reservation when it sets none). ``cost`` is None when a model's price is unknown.
+    reservation when it sets none). ``cost`` is the real-time cost and ``batch_cost``
+    the same through the provider's batch API (``mode="batch"``, at each price's batch
+    rate); both are None when a model's price is unknown.
     """
 
     items: int
@@ -31,6 +33,7 @@ class EstimateResult:
     output_tokens: int
     cost: float | None
     unpriced_models: tuple[str | None, ...] = ()
+    batch_cost: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -38,9 +41,10 @@ class EstimateResult:
 
     def __repr__(self) -> str:
         cost = "unknown" if self.cost is None else f"${self.cost:.4f}"
+        batch = "unknown" if self.batch_cost is None else f"${self.batch_cost:.4f}"
         return (
             f"fanflow.EstimateResult(items={self.items}, input_tokens={self.input_tokens}, "
-            f"output_tokens={self.output_tokens}, cost={cost})"
+            f"output_tokens={self.output_tokens}, cost={cost}, batch_cost={batch})"
         )
 
 
@@ -74,6 +78,7 @@ def estimate(
     }
     n = input_total = output_total = 0
     cost: float | None = 0.0
+    batch_cost: float | None = 0.0
     unpriced: list[str | None] = []
     for index, item in enumerate(items):
         request = build_request(prompt, item, index, system=system, params=params)
@@ -87,7 +92,8 @@ def estimate(
         if price is None:
             if request.model not in unpriced:
                 unpriced.append(request.model)
-            cost = None
-        elif cost is not None:
+            cost = batch_cost = None
+        elif cost is not None and batch_cost is not None:
             cost += price.cost(input_tokens, output_tokens)
-    return EstimateResult(n, input_total, output_total, cost, tuple(unpriced))
+            batch_cost += price.batch_cost(input_tokens, output_tokens)
+    return EstimateResult(n, input_total, output_total, cost, tuple(unpriced), batch_cost)

@@ -19,6 +19,7 @@ from .._types import CallRecord, Request, Response
 from ._common import PatternResult, RecordView, check_model, now, run_items
 from ._options import Options, resolve
 from ._parsing import find_json, find_number
+from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_EVALUATE_PROMPT", "EvaluateResult", "Score", "evaluate"]
 
@@ -129,11 +130,13 @@ async def evaluate(
     low, high = scale
     if low >= high:
         raise ConfigError(f"scale must be (low, high) with low < high, got {scale}")
+    fields = ("criterion", "content", "low", "high")
+    check_fields(prompt, fields, "evaluate's prompt")
     started = now()
     o = o.start()
     requests = [
         Request.of(
-            prompt.format(criterion=c, content=content, low=low, high=high),
+            fill(prompt, dict(zip(fields, (c, content, low, high), strict=True))),
             system=system,
             temperature=temperature,
             metadata={"pattern": "evaluate", "criterion": c},

@@ -41,6 +41,7 @@ from ._common import (
     spread,
 )
 from ._options import Options, resolve
+from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_AGGREGATE_PROMPT", "FanOutResult", "Worker", "fan_out"]
 
@@ -213,6 +214,7 @@ async def fan_out(
     required = math.ceil(n / 2) if min_success is None else min_success
     if not 1 <= required <= n:
         raise ConfigError(f"min_success must be between 1 and workers={n}, got {min_success}")
+    check_fields(aggregate_prompt, ("task", "outputs"), "aggregate_prompt")
     started = now()
     temps = spread(n, temperatures)
     focuses: list[str | None] = [focus[i % len(focus)] if focus else None for i in range(n)]
@@ -364,7 +366,7 @@ async def _aggregate(
         return _concat(ok), "concat", None, None
     if is_llm(aggregate):
         request = Request.of(
-            prompt.format(task=task, outputs=_listing(ok)),
+            fill(prompt, {"task": task, "outputs": _listing(ok)}, "aggregate_prompt"),
             metadata={"pattern": "fan_out", "role": "aggregator"},
         )
         [record] = await run_calls(

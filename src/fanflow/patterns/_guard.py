@@ -33,6 +33,7 @@ from ._common import (
 )
 from ._options import Options, Resolved, resolve
 from ._parsing import find_json
+from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_GUARD_PROMPT", "DEFAULT_REFUSAL", "GuardedResult", "guarded", "read_verdict"]
 
@@ -138,7 +139,7 @@ async def _check(
 ) -> CallRecord[Any]:
     if guard is None or is_llm(guard):
         request = Request.of(
-            prompt.format(query=query),
+            fill(prompt, {"query": query}, "guard_prompt"),
             temperature=0.0,
             metadata={"pattern": "guarded", "role": "guard"},
         )
@@ -190,6 +191,7 @@ async def guarded(
     """
     o = resolve("guarded", options)
     check_model(llm, "guarded")
+    check_fields(guard_prompt, ("query",), "guard_prompt")
     if guard is not None:
         check_model_or_function(guard, "guarded", "guard")
     durable = o.durability()

@@ -22,6 +22,7 @@ from .._types import CallRecord, Request, Response
 from ._common import PatternResult, check_model, describe, now, run_calls, run_items, samples
 from ._options import Options, resolve
 from ._parsing import find_number
+from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_JUDGE_PROMPT", "BestOfNResult", "best_of_n", "parse_choice"]
 
@@ -115,6 +116,7 @@ async def best_of_n(
         check_model(judge, "best_of_n", "judge")
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
+    check_fields(judge_prompt, ("task", "criteria", "count", "candidates"), "judge_prompt")
     started = now()
     o = o.start()
     opts = o.calls()
@@ -153,7 +155,10 @@ async def best_of_n(
         return result(ok[0], "only")
     listing = "\n\n".join(f"Candidate {k}:\n{r.value}" for k, r in enumerate(ok, 1))
     judge_request = Request.of(
-        judge_prompt.format(task=task, criteria=criteria, count=len(ok), candidates=listing),
+        fill(
+            judge_prompt,
+            {"task": task, "criteria": criteria, "count": len(ok), "candidates": listing},
+        ),
         temperature=0.0,
         metadata={"pattern": "best_of_n", "role": "judge"},
     )

@@ -9,6 +9,7 @@ with the input (``as_completed``; ``map`` keeps one record per item).
 from __future__ import annotations
 
 import asyncio
+import functools
 import warnings
 import weakref
 from collections.abc import AsyncGenerator, Callable
@@ -21,12 +22,14 @@ from .._exceptions import FanflowError
 from .._llm import LLM
 from .._progress import with_progress
 from .._types import BatchResult, CallRecord, Request, Response
-from ..backends._base import Backend, BatchRun, Deliver, Items, MapSpec
+from ..backends._base import Backend, BatchRun, Deliver, FirstCheck, Items, MapSpec
+from ..backends._batch import BatchOptions, Mode
+from ..backends._batchrun import batch_backend
 from ..backends._config import resolve_backend
 from ..backends._local import DEFAULT_WINDOW
 from ._common import check_model
 from ._options import Options, resolve
-from ._prompt import Prompt, build_request
+from ._prompt import FIRST_ITEMS, Prompt, build_request, check_first_items, parse_template
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
 
@@ -50,6 +53,28 @@ class _Template:
         return build_request(self.prompt, item, index, system=self.system, params=self.params)
 
 
+def _first_check(prompt: Prompt) -> FirstCheck | None:
+    """The check of the first items a template needs (None for a callable prompt)."""
+    if not isinstance(prompt, str):
+        return None
+    return FirstCheck(FIRST_ITEMS, functools.partial(check_first_items, prompt))
+
+
+def _backend(
+    backend: str | Backend,
+    mode: Mode,
+    batch: BatchOptions | None,
+    llm: LLM,
+    *,
+    deadline: float | None,
+    hedge_after: float | None,
+) -> Backend:
+    """The backend ``backend=`` names, or the batch backend ``mode=`` asks for."""
+    if mode == "realtime":
+        return resolve_backend(backend)
+    return batch_backend(mode, batch, backend, llm, deadline=deadline, hedge_after=hedge_after)
+
+
 def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -69,6 +94,8 @@ async def map(
     fail_fast: bool = False,
     only_failed: bool = False,
     backend: str | Backend = "local",
+    mode: Mode = "realtime",
+    batch: BatchOptions | None = None,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> BatchResult[Any]:
@@ -95,6 +122,14 @@ async def map(
             running this engine, under one cluster-wide limit per handle; needs
             ``pip install 'fanflow[ray]'``), or any :class:`fanflow.backends.Backend`.
             The result is the same either way.
+        mode: ``"realtime"`` (one HTTP call per item), ``"batch"`` (through the
+            provider's batch API at its batch price: OpenAI's Batch API, Anthropic's
+            Message Batches; ``record.batch_id`` names the batch) or ``"auto"``
+            (batches, and what is still unanswered as ``deadline`` nears goes in real
+            time, within the handle's limits). ``timeout`` and ``concurrency`` then
+            apply to the real-time calls only. Shorthand for
+            ``backend=fanflow.BatchBackend(mode, batch)``.
+        batch: how batches are sized and polled (:class:`fanflow.BatchOptions`).
         **options: the call options (:class:`fanflow.Options`): ``concurrency`` is the
             most items in flight; ``deadline`` ends the items not done by then as
             ``timed_out``; with ``store`` each item's call is committed before it is
@@ -107,6 +142,8 @@ async def map(
     """
     o = resolve("map", options)
     check_model(llm, "map")
+    if isinstance(prompt, str):
+        parse_template(prompt)  # a bad template fails here, before any call
     concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
     hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
     store, job, cache, sink = o.store, o.job, o.cache, o.sink
@@ -130,8 +167,9 @@ async def map(
         ),
         budget=as_budget(budget),
         prices=prices,
+        check_first=_first_check(prompt),
     )
-    runner = resolve_backend(backend)
+    runner = _backend(backend, mode, batch, llm, deadline=deadline, hedge_after=hedge_after)
     loop = asyncio.get_running_loop()
     size = spec.size
     records: list[CallRecord[Any] | None] = [None] * size if size is not None else []
@@ -143,9 +181,9 @@ async def map(
             records.append(None)
         records[index] = record
 
-    batch = runner.map_batch(spec, deliver)
+    run = runner.map_batch(spec, deliver)
     start = loop.time()
-    await batch.run()
+    await run.run()
     missing = [i for i, r in enumerate(records) if r is None]
     if missing:  # pragma: no cover - a broken promise, loudly
         raise FanflowError(f"internal error: items {missing[:10]} ended with no status")
@@ -298,6 +336,8 @@ def as_completed(
     label: str | None = None,
     only_failed: bool = False,
     backend: str | Backend = "local",
+    mode: Mode = "realtime",
+    batch: BatchOptions | None = None,
     **options: Unpack[Options],
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
@@ -306,7 +346,8 @@ def as_completed(
     up, and at most about twice the concurrency of records wait to be consumed.
     The arguments are those of :func:`map` but ``fail_fast``, and the same call options
     (:class:`fanflow.Options`); a record is yielded only after it is committed to the
-    store (on Ray, records stream back from the workers as they finish).
+    store (on Ray, records stream back from the workers as they finish; with ``mode``
+    ``"batch"``/``"auto"``, as their batches land).
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
@@ -314,6 +355,8 @@ def as_completed(
     """
     o = resolve("as_completed", options)
     check_model(llm, "as_completed")
+    if isinstance(prompt, str):
+        parse_template(prompt)  # a bad template fails here, before any call
     concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
     hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
     store, job, cache, sink = o.store, o.job, o.cache, o.sink
@@ -336,8 +379,9 @@ def as_completed(
         ),
         budget=as_budget(budget),
         prices=prices,
+        check_first=_first_check(prompt),
     )
-    runner = resolve_backend(backend)
+    runner = _backend(backend, mode, batch, llm, deadline=deadline, hedge_after=hedge_after)
 
     def make_batch(deliver: Deliver) -> BatchRun:
         return runner.map_batch(spec, deliver)

@@ -24,17 +24,20 @@ from .._budget import Budget
 from .._durable import Durability
 from .._engine import CallOptions
 from .._events import Hook
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, StepInputError
 from .._pricing import Price
 from .._progress import with_progress
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
 from ..backends._base import Backend, PoolSpec
+from ..backends._batch import BatchOptions
+from ..backends._batchrun import BatchBackend, check_pool_mode
 from ..backends._config import resolve_backend
 from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, FlowResult, Step
 from ._options import Options, resolve
+from ._prompt import FIRST_ITEMS
 from ._skill import Skill
 
 __all__ = ["ItemStatus", "Pool", "PoolResult", "PoolStatus"]
@@ -215,6 +218,15 @@ class _Single:
         )
 
 
+def _models(runner: Any) -> list[Any]:
+    """The model handles of a runner's skills, nested chains and flows included."""
+    if isinstance(runner, Skill):
+        return [runner.llm]
+    if isinstance(runner, Chain | Flow):
+        return [m for step in runner.steps for m in _models(step.runner)]
+    return []
+
+
 class Pool:
     """Run ``runner`` over every input, up to ``max_flows`` at once.
 
@@ -227,6 +239,11 @@ class Pool:
         backend: ``"local"`` (this event loop) or ``"ray"`` / :class:`fanflow.RayBackend`
             (inputs sharded over Ray workers; ``max_flows`` and each handle's limits then
             hold for the whole cluster; needs ``pip install 'fanflow[ray]'``).
+        mode: ``"batch"``: the model steps whose handle has a batch API (OpenAI,
+            Anthropic) go through the provider's batch API at its batch price; other
+            steps run as usual. Each input in progress holds one request in a batch, so
+            ``max_flows`` is raised to the number of inputs (at most twice a batch).
+        batch: how batches are sized and polled (:class:`fanflow.BatchOptions`).
         **options: the call options (:class:`fanflow.Options`). ``store``, ``cache``,
             ``budget`` and ``prices`` override the skills' and chains' own; ``budget``
             caps one run of the pool, every call of every input together (a number: a
@@ -246,14 +263,21 @@ class Pool:
         max_flows: int | None = None,
         *,
         backend: str | Backend = "local",
+        mode: Literal["realtime", "batch"] = "realtime",
+        batch: BatchOptions | None = None,
         **options: Unpack[Options],
     ) -> None:
+        check_pool_mode(mode, _models(runner), backend)
+        if mode == "batch":
+            backend = BatchBackend("batch", batch)
         self.backend = resolve_backend(backend)
         if max_flows is not None and options.get("concurrency") not in (None, max_flows):
             raise ConfigError("Pool: max_flows and concurrency are the same option; pass one")
         max_flows = max_flows if max_flows is not None else options.get("concurrency") or 10
         if max_flows < 1:
             raise ConfigError(f"max_flows must be >= 1, got {max_flows}")
+        if mode == "batch":  # each input in progress holds one request in a batch
+            max_flows = max(max_flows, min(len(inputs), 2 * (batch or BatchOptions()).cap()))
         # The pool's concurrency is its max_flows (inputs in progress), not a limit on
         # the calls of each input.
         self.options = resolve("Pool", {**options, "concurrency": None})
@@ -309,6 +333,29 @@ class Pool:
             items=tuple(items),
         )
 
+    def _check_first_inputs(self, first: Sequence[Mapping[str, Any]]) -> None:
+        """A key that the runner needs from its input and that none of the first inputs
+        has is a mistake in the steps (or the data), found before any call (issue 13.2;
+        the rule of ``patterns._prompt.check_first_items``)."""
+        chain = self._run.chain if isinstance(self._run, _Single) else self._run
+        if not first:
+            return
+        have = sorted({str(k) for item in first for k in item})
+        for key in chain.required_keys:
+            if not any(key in item for item in first):
+                error = chain.check(have, None)  # names the step that needs it
+                assert error is not None
+                which = (
+                    "the only input lacks"
+                    if len(first) == 1
+                    else (f"none of the first {len(first)} inputs has")
+                )
+                raise StepInputError(
+                    f"{error} ({which} {key!r}; nothing was sent)",
+                    step=error.step,
+                    field=key,
+                )
+
     def run(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
         """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
         return run_sync(lambda: self.arun(only_failed=only_failed, progress=progress))
@@ -328,6 +375,7 @@ class Pool:
         """
         started = now()
         todo = [i for i, r in enumerate(self._results) if not only_failed or r is None or not r.ok]
+        self._check_first_inputs([self.inputs[i] for i in todo[:FIRST_ITEMS]])
         for i in todo:
             self._results[i] = None
         o = self.options.start()

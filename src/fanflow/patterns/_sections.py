@@ -24,7 +24,7 @@ from ._combine import CodeAggregator, Splitter, aggregator, chunks_of
 from ._common import PatternResult, check_model, now, run_calls, run_function, run_items
 from ._map import map as map_items
 from ._options import Options, option_attributes, resolve
-from ._prompt import render
+from ._prompt import check_fields, fill, render
 
 __all__ = [
     "DEFAULT_SYNTHESIS_PROMPT",
@@ -125,6 +125,8 @@ async def sections(
         named = {f"section {i}": p for i, p in enumerate(prompts_or_sections)}
     if not named:
         raise ConfigError("sections needs at least one prompt")
+    if synthesize is not None:
+        check_fields(synthesis_prompt, ("sections",), "synthesis_prompt")
     started = now()
     o = o.start()
     opts = o.calls()
@@ -143,7 +145,7 @@ async def sections(
     synthesis_record: CallRecord[str] | None = None
     if synthesizer is not None and any(r.ok for r in records):
         request = Request.of(
-            synthesis_prompt.format(sections=_joined(outputs)),
+            fill(synthesis_prompt, {"sections": _joined(outputs)}, "synthesis_prompt"),
             metadata={"pattern": "sections", "role": "synthesis"},
         )
         [synthesis_record] = await run_calls(
@@ -296,6 +298,8 @@ class ParallelCalls:
             )
         combine = aggregator(aggregate) if aggregate is not None else None
         items = list(chunks) if chunks is not None else chunks_of(text or "", split)
+        if aggregate_prompt is not None:
+            check_fields(aggregate_prompt, ("input",), "aggregate_prompt")
         started = now()
         o = self.options.start()
         opts = o.calls()

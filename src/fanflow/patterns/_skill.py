@@ -10,9 +10,8 @@ not a dependency of fanflow: a model class is recognised by its ``model_validate
 from __future__ import annotations
 
 import json
-import string
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Unpack
 
 from .._budget import Budget
@@ -24,25 +23,23 @@ from .._llm import LLM
 from .._pricing import Price
 from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
+from ..backends._batchrun import swapped
 from ..store import Store
 from ._common import check_model
 from ._options import Options, fill, option_attributes, resolve
 from ._parsing import find_json
-from ._prompt import render
+from ._prompt import parse_template, render
 
 __all__ = ["Skill", "SkillResult", "template_fields"]
 
 
 def template_fields(template: str) -> list[str]:
-    """The top-level field names a ``str.format`` template uses, in order, unique."""
-    names: list[str] = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is None or name == "":
-            continue
-        base = name.split(".", 1)[0].split("[", 1)[0]
-        if base not in names:
-            names.append(base)
-    return names
+    """The field names a template uses, in order, unique.
+
+    Raises:
+        TemplateError: it is not a valid template (see :func:`parse_template`).
+    """
+    return list(parse_template(template).fields)
 
 
 def _is_model(output: Any) -> bool:
@@ -128,7 +125,7 @@ class Skill:
         self.prompt = prompt
         self.output = output
         self.name = name or " ".join(prompt.split()[:3])
-        self.fields = template_fields(prompt)
+        self.fields = list(parse_template(prompt, f"the prompt of skill {self.name!r}").fields)
         self.validation_retries = validation_retries
         self.params: dict[str, Any] = {
             k: v
@@ -213,12 +210,15 @@ class Skill:
             own.given,
             shared,
         )
+        llm = swapped(self.llm)  # a batching handle while a Pool runs with mode="batch"
+        if llm is not self.llm:  # a batched attempt waits for its batch: no attempt timeout
+            opts = replace(opts, timeout=None)
         store = store if store is not None else own.store
         reuse = cache if cache is not None else own.cache
         calls: list[CallRecord[Any]] = []
         for _ in range(1 + (self.validation_retries if self._parse is not None else 0)):
             record: CallRecord[Any] = await execute_stored(
-                self.llm,
+                llm,
                 request,
                 opts,
                 store=store,

@@ -21,6 +21,7 @@ from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
+from ._batchapi import AnthropicBatches, BatchAPI
 from ._http import HttpLLM, StreamText, protocol_error, wall_clock
 from ._ratelimit import parse_anthropic
 
@@ -50,6 +51,14 @@ class AnthropicLLM(HttpLLM):
         super().__init__(model, base_url=base, api_key=api_key, **kwargs)
         self.extra_body = dict(extra_body or {})
         self.url = f"{self.base_url}/v1/messages"
+
+    def cache_identity(self) -> dict[str, Any]:
+        identity = super().cache_identity()
+        return {**identity, "api_version": API_VERSION, "extra_body": self.extra_body}
+
+    def batches(self) -> BatchAPI:
+        """This handle's batch endpoints (used by ``mode="batch"``)."""
+        return AnthropicBatches(self)
 
     def auth_headers(self) -> dict[str, str]:
         out = {"anthropic-version": API_VERSION}

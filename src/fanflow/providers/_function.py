@@ -44,6 +44,14 @@ class FunctionLLM(BaseLLM):
     def __repr__(self) -> str:
         return f"fanflow.function({self.name})"
 
+    def cache_identity(self) -> dict[str, Any]:
+        """The protocol, the function's qualified name and the handle's name."""
+        fn = self.fn
+        where = (
+            f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+        )
+        return {"protocol": "function", "function": where, "name": self.name}
+
     async def complete(self, request: Request) -> Response:
         if self._async:
             result: Any = await self.fn(request)  # type: ignore[misc]

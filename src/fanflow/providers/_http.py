@@ -24,9 +24,11 @@ import weakref
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from .._breaker import COLD_CALLS, Breaker
 from .._exceptions import (
     AuthenticationError,
     BadRequest,
@@ -48,7 +50,7 @@ from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response
 from ._ratelimit import parse_retry_after, wait_from_state
 
-__all__ = ["HttpLLM", "Secret", "StreamText", "classify"]
+__all__ = ["HttpLLM", "Secret", "StreamText", "classify", "normalise_url"]
 
 #: The wall clock, for absolute times in headers (HTTP dates, RFC 3339). A seam for tests.
 wall_clock: Callable[[], float] = time.time
@@ -59,6 +61,10 @@ _CLOSE_ELSEWHERE = 5.0
 
 _QUOTA_WORDS = ("quota", "billing", "spend limit", "usage limit", "credit balance")
 _FILTER_CODES = ("content_filter", "content_policy_violation")
+#: The shortest run of a key's characters that is redacted wherever it appears.
+PIECE = 8
+#: The most characters of a server's own error message kept in an error (after redaction).
+MESSAGE_CHARS = 300
 
 
 class Secret:
@@ -68,19 +74,48 @@ class Secret:
     pickled handle is a secret too; records, errors and stores never hold a handle.
     """
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "_windows")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._windows: frozenset[str] | None = None  # the key's pieces, made on first use
 
     def reveal(self) -> str:
         return self._value
 
     def scrub(self, text: str) -> str:
-        """``text`` with every occurrence of the key replaced by ``[redacted]``."""
-        if self._value and self._value in text:
-            return text.replace(self._value, "[redacted]")
-        return text
+        """``text`` with every piece of the key replaced by ``[redacted]``.
+
+        A piece is any run of :data:`PIECE` (8) or more consecutive characters of the key
+        (the whole key, if it is shorter): a server that echoes part of a key, or a
+        message cut in the middle of one, leaks nothing either. Overlapping and adjacent
+        pieces become one ``[redacted]``.
+        """
+        key = self._value
+        if not key:
+            return text
+        size = min(PIECE, len(key))
+        windows = self._windows
+        if windows is None:
+            windows = self._windows = frozenset(
+                key[i : i + size] for i in range(len(key) - size + 1)
+            )
+        runs: list[list[int]] = []  # [start, end) of each run to redact, in order
+        for i in range(len(text) - size + 1):
+            if text[i : i + size] in windows:
+                if runs and i <= runs[-1][1]:
+                    runs[-1][1] = i + size  # overlaps or touches the last run: extend it
+                else:
+                    runs.append([i, i + size])
+        if not runs:
+            return text
+        out: list[str] = []
+        last = 0
+        for start, end in runs:
+            out += (text[last:start], "[redacted]")
+            last = end
+        out.append(text[last:])
+        return "".join(out)
 
     def __repr__(self) -> str:
         return "Secret('[redacted]')"
@@ -95,21 +130,26 @@ class Secret:
 
 
 def _server_message(body: bytes) -> tuple[str, str | None]:
-    """The server's own message and error code/type from an error body (any API)."""
+    """The server's own message and error code/type from an error body (any API), whole:
+    :func:`classify` redacts the key first and only then cuts it to length."""
     try:
         data = json.loads(body)
     except ValueError:
-        text = body[:300].decode("utf-8", "replace").strip()
+        text = body.decode("utf-8", "replace").strip()
         return (text or "(empty body)"), None
     if isinstance(data, Mapping):
         error = data.get("error", data)
         if isinstance(error, Mapping):
-            message = error.get("message") or error.get("detail") or json.dumps(error)[:300]
+            message = error.get("message") or error.get("detail") or json.dumps(error)
             code = error.get("code") or error.get("type")
             return str(message), str(code) if code is not None else None
         if isinstance(error, str):
             return error, None
-    return json.dumps(data)[:300], None
+    return json.dumps(data), None
+
+
+def _cut(text: str, limit: int = MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 _ADVICE = {
@@ -142,8 +182,11 @@ def classify(
     (``ContentFiltered`` for content-policy codes); 401, 403, 404 -> their own classes.
     """
     message, code = _server_message(body)
-    if secret is not None:
+    if secret is not None:  # redact first, then cut: a cut must not split a key
         message = secret.scrub(message)
+        code = secret.scrub(code) if code is not None else None
+    message = _cut(message)
+    code = _cut(code, 100) if code is not None else None
     lowered = f"{message} {code or ''}".lower()
     retry_after: float | None = None
     cls: type[ProviderError]
@@ -197,16 +240,41 @@ def connection_error(
         return ProtocolError(
             f"{provider}: the reply from {url} was cut off ({detail}); fanflow retries this"
         )
-    return ProviderConnectionError(
+    error = ProviderConnectionError(
         f"{provider}: could not talk to {url} ({detail}); fanflow retries this. "
         "If it persists, check that the server is up and base_url is right"
     )
+    # No connection was made at all (refused, no such host): nothing was sent, and if
+    # it repeats, nothing is listening there (the breaker reads this; a reset or a cut
+    # reply is another story).
+    error.unreachable = isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError)
+    return error
 
 
 def protocol_error(provider: str, what: str) -> ProtocolError:
     return ProtocolError(
         f"{provider}: the reply was not the expected JSON ({what}); fanflow retries this"
     )
+
+
+def normalise_url(url: str) -> str:
+    """``url`` as an endpoint's identity: scheme and host in lower case, no default port,
+    no trailing slash, and nothing that may hold a secret (user info, query, fragment)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return url.strip().rstrip("/")
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    if port is not None and _DEFAULT_PORTS.get(scheme) != port:
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{parts.path.rstrip('/')}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 # --------------------------------------------------------------------------- sessions
@@ -322,11 +390,17 @@ class HttpLLM(BaseLLM):
             model=model, limits=limits, retry=retry, timeout=timeout, defaults=defaults
         )
         self.base_url = base_url.rstrip("/")
+        #: The endpoint's name in the cache identity (None: the normalised base URL).
+        #: Set it when several URLs serve the same model, to share one cache.
+        self.cache_endpoint: str | None = None
         self.stream = stream
         self._secret = Secret(api_key) if api_key else None
         self._headers = {"Content-Type": "application/json", **dict(headers or {})}
         self._connect_timeout = connect_timeout
         self._sessions = _Sessions(self._new_session)
+        # Wrong keys, URLs and model names are an HTTP matter: a new handle starts cold
+        # (its first calls answer before a whole batch is sent; see fanflow._breaker).
+        self.breaker = Breaker(cold_start=COLD_CALLS)
 
     def __repr__(self) -> str:
         return f"fanflow.{self.provider}(model={self.model!r}, base_url={self.base_url!r})"
@@ -339,6 +413,15 @@ class HttpLLM(BaseLLM):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._sessions = _Sessions(self._new_session)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """The protocol, the endpoint (normalised base URL) and the model; never the key
+        or headers (see :meth:`fanflow.BaseLLM.cache_identity`)."""
+        return {
+            "protocol": self.provider,
+            "endpoint": self.cache_endpoint or normalise_url(self.base_url),
+            "model": self.model,
+        }
 
     # -- what each API defines ----------------------------------------------------------
 

@@ -271,6 +271,15 @@ class LocalLLM(BaseLLM):
         self._busy = self._calls = self._cancelled = self._tokens = self._restarts = 0
         self._buffers: tuple[str, ...] = ()
 
+    def cache_identity(self) -> dict[str, Any]:
+        """The protocol, the model file's name and the chat template (not its folder:
+        the same model installed elsewhere answers the same)."""
+        return {
+            "protocol": "local",
+            "model": self.path.name,
+            "chat_template": self._settings.chat_template,
+        }
+
     def __repr__(self) -> str:
         return (
             f"fanflow.local(path={str(self.path)!r}, instances={self.instances}, "

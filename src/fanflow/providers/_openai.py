@@ -19,6 +19,7 @@ from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
+from ._batchapi import BatchAPI, OpenAIBatches
 from ._http import HttpLLM, StreamText, protocol_error
 from ._ratelimit import parse_openai
 
@@ -56,6 +57,10 @@ class OpenAILLM(HttpLLM):
         if api_version is not None:
             self.url += "?" + urllib.parse.urlencode({"api-version": api_version})
 
+    def batches(self) -> BatchAPI:
+        """This handle's batch endpoints (used by ``mode="batch"``)."""
+        return OpenAIBatches(self)
+
     def auth_headers(self) -> dict[str, str]:
         if self._secret is None:
             return {}
@@ -64,6 +69,9 @@ class OpenAILLM(HttpLLM):
             # OpenAI REST API reference": api-key header, api-version query parameter).
             return {"api-key": self._secret.reveal()}
         return {"Authorization": f"Bearer {self._secret.reveal()}"}
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {**super().cache_identity(), "n": self.n, "extra_body": self.extra_body}
 
     def body(self, request: Request) -> dict[str, Any]:
         body: dict[str, Any] = {

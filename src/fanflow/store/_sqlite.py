@@ -37,7 +37,7 @@ __all__ = ["DEFAULT_PATH", "ItemInfo", "JobInfo", "Store", "StoreStatistics"]
 
 DEFAULT_PATH = Path(".fanflow") / "store.db"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -77,6 +77,20 @@ CREATE TABLE IF NOT EXISTS items (
     cost REAL,
     updated REAL NOT NULL,
     PRIMARY KEY (job, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    status TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_items (
+    key TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated REAL NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -510,33 +524,78 @@ class Store:
         now = time.time()
         response = record.response
         if response is not None and not record.cached:
-            usage = response.usage if response.usage is not None else Usage()
             request = record.request
-            ops.append(
-                (
-                    _INSERT_CALL,
-                    (
-                        key,
-                        request.model if request is not None else None,
-                        response.text,
-                        response.model,
-                        response.finish_reason,
-                        usage.input_tokens,
-                        usage.output_tokens,
-                        int(usage.estimated),
-                        response.cost,
-                        response.latency,
-                        response.time_to_first_token,
-                        record.latency,
-                        len(record.attempts),
-                        now,
-                    ),
-                )
-            )
+            model = request.model if request is not None else None
+            row = _call_row(key, model, response, record.latency, len(record.attempts), now)
+            ops.append((_INSERT_CALL, row))
         if item is not None:
             ops.append(_item_op(record, item, key, now))
         if ops:
             await self._commit(ops)
+
+    # -- the batch journal (backends/_batch.py) ---------------------------------------
+
+    def batch_of(self, key: str) -> tuple[str, str] | None:
+        """The provider batch a request was last submitted in, and whether its answer
+        is stored (``"done"``) or still awaited (``"submitted"``); None if none."""
+        rows = self._read(
+            "SELECT batch_id, state FROM batch_items WHERE key = ?",
+            (key,),
+            "looking up a batched request",
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def record_batch(self, batch_id: str, provider: str, keys: Iterable[str]) -> None:
+        """Commit a submitted batch and the requests in it (before anything else)."""
+        now = time.time()
+        items: list[Op] = [
+            ("INSERT OR REPLACE INTO batch_items VALUES (?,?,?,?)", (k, batch_id, "submitted", now))
+            for k in keys
+        ]
+        ops: list[Op] = [
+            (
+                "INSERT OR REPLACE INTO batches VALUES (?,?,?,?,?,?)",
+                (batch_id, provider, "submitted", len(items), now, now),
+            ),
+            *items,
+        ]
+        await self._commit(ops)
+
+    async def settle_batch(
+        self,
+        batch_id: str,
+        status: str,
+        answered: Iterable[tuple[str, str | None, Response]],
+        unanswered: Iterable[str],
+    ) -> None:
+        """Commit an ended batch: its answers (``(key, model, response)``) are stored like
+        any call's; its unanswered requests leave the journal (they will be sent again)."""
+        now = time.time()
+        ops: list[Op] = []
+        for key, model, response in answered:
+            ops.append((_INSERT_CALL, _call_row(key, model, response, None, 1, now)))
+            ops.append(
+                (
+                    "UPDATE batch_items SET state = 'done', updated = ? WHERE key = ? "
+                    "AND batch_id = ?",
+                    (now, key, batch_id),
+                )
+            )
+        for key in unanswered:
+            ops.append(("DELETE FROM batch_items WHERE key = ? AND batch_id = ?", (key, batch_id)))
+        ops.append(
+            ("UPDATE batches SET status = ?, updated = ? WHERE id = ?", (status, now, batch_id))
+        )
+        await self._commit(ops)
+
+    def open_batches(self) -> list[tuple[str, str]]:
+        """Batches submitted and not yet settled: ``(id, provider)``, oldest first."""
+        rows = self._read(
+            "SELECT id, provider FROM batches WHERE status = 'submitted' ORDER BY created",
+            (),
+            "listing open batches",
+        )
+        return [(r[0], r[1]) for r in rows]
 
     async def save_item(self, record: CallRecord[Any], item: ItemRef) -> None:
         """Commit the terminal status of a job item that made no call (a bad input)."""
@@ -609,6 +668,33 @@ class Store:
 
 def _reopen(path: str, timeout: float, durability: Any, max_batch: int) -> Store:
     return Store(path, timeout=timeout, durability=durability, max_batch=max_batch)
+
+
+def _call_row(
+    key: str,
+    model: str | None,
+    response: Response,
+    duration: float | None,
+    attempts: int,
+    now: float,
+) -> tuple[Any, ...]:
+    usage = response.usage if response.usage is not None else Usage()
+    return (
+        key,
+        model,
+        response.text,
+        response.model,
+        response.finish_reason,
+        usage.input_tokens,
+        usage.output_tokens,
+        int(usage.estimated),
+        response.cost,
+        response.latency,
+        response.time_to_first_token,
+        duration,
+        attempts,
+        now,
+    )
 
 
 def _item_op(record: CallRecord[Any], item: ItemRef, key: str | None, now: float) -> Op:

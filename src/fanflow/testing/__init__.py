@@ -6,7 +6,16 @@ latency, rate limits and faults, for testing real HTTP clients offline.
 """
 
 from ._scripted import Fault, ScriptedLLM
-from ._sim import FAULTS, SimSecond, SimServer, SimStats
+from ._sim import FAULTS, SimBatches, SimSecond, SimServer, SimStats
 from ._simwire import SimRequest
 
-__all__ = ["FAULTS", "Fault", "ScriptedLLM", "SimRequest", "SimSecond", "SimServer", "SimStats"]
+__all__ = [
+    "FAULTS",
+    "Fault",
+    "ScriptedLLM",
+    "SimBatches",
+    "SimRequest",
+    "SimSecond",
+    "SimServer",
+    "SimStats",
+]

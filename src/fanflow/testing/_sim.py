@@ -27,8 +27,6 @@ import itertools
 import json
 import random
 import re
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +35,8 @@ from typing import Any, Literal, TypeAlias
 
 from aiohttp import web
 
+from ._simbatch import BatchDesk, SimBatches
+from ._simhttp import _Gone, _reset
 from ._simwire import (
     Api,
     BucketView,
@@ -53,7 +53,7 @@ from ._simwire import (
     retry_headers,
 )
 
-__all__ = ["FAULTS", "SimSecond", "SimServer", "SimStats"]
+__all__ = ["FAULTS", "SimBatches", "SimSecond", "SimServer", "SimStats"]
 
 FaultKind: TypeAlias = Literal[
     "500", "503", "529", "429", "quota", "hang", "reset", "malformed", "slow_stream"
@@ -71,10 +71,14 @@ FAULTS: tuple[str, ...] = (
     "slow_stream",
 )
 
+EchoKey: TypeAlias = Literal["json", "text", "partial"]
 ReplySpec: TypeAlias = "str | Mapping[str, str] | Callable[[SimRequest], str]"
 FaultSpec: TypeAlias = (
     "Mapping[str, FaultKind | Sequence[FaultKind]] | Callable[[SimRequest], FaultKind | None]"
 )
+
+#: The largest request body SimServer reads (a batch body or file at the APIs' limit).
+_MAX_BODY = 300 * 1024 * 1024
 
 _PATHS: dict[str, Api] = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic"}
 
@@ -147,7 +151,12 @@ class SimStats:
             ``keep_requests`` on (else empty).
         prompt_completed: replies sent in full per prompt (a 200 written to the end),
             with ``keep_requests`` on: a test can prove that no answered prompt was
-            asked again.
+            asked again (batch results count here too).
+        batches: batches created (OpenAI and Anthropic).
+        batch_requests: requests submitted in batches.
+        batch_cancels: batches whose cancellation was asked for.
+        batch_prompts: requests submitted in batches per prompt: a test can prove that
+            no item was submitted twice.
     """
 
     requests: int
@@ -161,6 +170,10 @@ class SimStats:
     timeline: tuple[SimSecond, ...] = field(repr=False)
     prompt_requests: Mapping[str, int] = field(default_factory=dict, repr=False)
     prompt_completed: Mapping[str, int] = field(default_factory=dict, repr=False)
+    batches: int = 0
+    batch_requests: int = 0
+    batch_cancels: int = 0
+    batch_prompts: Mapping[str, int] = field(default_factory=dict, repr=False)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -185,6 +198,10 @@ class SimStats:
             ],
             "prompt_requests": dict(self.prompt_requests),
             "prompt_completed": dict(self.prompt_completed),
+            "batches": self.batches,
+            "batch_requests": self.batch_requests,
+            "batch_cancels": self.batch_cancels,
+            "batch_prompts": dict(self.batch_prompts),
         }
 
 
@@ -248,11 +265,21 @@ class SimServer:
             replies), or ``fn(SimRequest) -> kind | None``.
         slow_delay: seconds between chunks of a ``slow_stream`` fault.
         api_key: when set, requests must carry it (``Authorization: Bearer`` or
-            ``x-api-key``) or get 401. The message echoes the wrong key in full, harsher
-            than the hosted APIs, so clients' redaction gets tested.
+            ``x-api-key``) or get 401. The message echoes the wrong key, harsher than
+            the hosted APIs, so clients' redaction gets tested (see ``echo_key``).
+        echo_key: how a 401 echoes the wrong key: ``"json"`` (the API's JSON error,
+            the key in full), ``"text"`` (a plain-text body, as a proxy might send,
+            with the key starting at byte 290, so a client that cuts the body at 300
+            bytes before redacting keeps its first 10 characters) or ``"partial"`` (the
+            JSON error with a cut key, its first and last 12 characters around
+            asterisks, as some APIs print keys: a redaction of the whole key misses it).
         models: when set, other model names get 404.
         keep_requests: record every request in ``server.requests`` (turn off for long
             runs: the list grows with every request).
+        batches: how the batch endpoints (OpenAI's Batch API, Anthropic's Message
+            Batches) behave: processing time, expiry, cancellation, limits
+            (:class:`SimBatches`; default ``SimBatches()``, 1 s per batch). Faults apply
+            per batched request as well.
         host: the address to listen on (loopback by default).
         port: the port (0: any free port).
 
@@ -277,8 +304,10 @@ class SimServer:
         fault_on: FaultSpec | None = None,
         slow_delay: float = 1.0,
         api_key: str | None = None,
+        echo_key: EchoKey = "json",
         models: Sequence[str] | None = None,
         keep_requests: bool = True,
+        batches: SimBatches | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -301,6 +330,9 @@ class SimServer:
         self.slow_delay = slow_delay
         self.models = frozenset(models) if models is not None else None
         self._api_key = api_key
+        if echo_key not in ("json", "text", "partial"):
+            raise ValueError(f"echo_key must be 'json', 'text' or 'partial', got {echo_key!r}")
+        self.echo_key = echo_key
         self.keep_requests = keep_requests
         self._reply = self._make_reply(reply)
         self._fault_rates = self._check_rates(faults or {})
@@ -333,6 +365,8 @@ class SimServer:
         self._hangs: set[asyncio.Future[None]] = set()
         self._thread: threading.Thread | None = None
         self._thread_stop: asyncio.Event | None = None
+        self.batch_config = batches if batches is not None else SimBatches()
+        self._desk = BatchDesk(self, self.batch_config)
 
     # -- configuration helpers --------------------------------------------------------
 
@@ -400,7 +434,20 @@ class SimServer:
             raise RuntimeError("SimServer is already running")
         self._loop = asyncio.get_running_loop()
         self._reset_state()
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        loop = self._loop
+
+        def make_request(
+            message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+        ) -> web.BaseRequest:
+            # Batch files and bodies are up to 256 MB; aiohttp's default cap is 1 MB.
+            assert loop is not None
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, loop, client_max_size=_MAX_BODY
+            )
+
+        server = web.Server(
+            self._handle, handler_cancellation=True, access_log=None, request_factory=make_request
+        )
         runner = web.ServerRunner(server, shutdown_timeout=0.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
@@ -476,11 +523,18 @@ class SimServer:
         self._req_bucket = _Bucket(self.rpm, float(self.rpm), now, period) if self.rpm else None
         self._tok_bucket = _Bucket(self.tpm, float(self.tpm), now, period) if self.tpm else None
 
+    def set_batches(self, config: SimBatches) -> None:
+        """Change how the batch endpoints behave from now on (batches already created
+        follow the new processing time, measured from their creation)."""
+        self.batch_config = config
+        self._desk.config = config
+
     def reset(self) -> None:
         """Clear counters, recorded requests, buckets and scripted fault sequences."""
         in_flight = self._c.in_flight
         self._reset_state()
         self._c.in_flight = in_flight
+        self._desk.reset_counts()
 
     def stats(self) -> SimStats:
         """A snapshot of the counters."""
@@ -498,6 +552,10 @@ class SimServer:
             timeline=timeline,
             prompt_requests=dict(c.prompt_requests),
             prompt_completed=dict(c.prompt_completed),
+            batches=self._desk.created,
+            batch_requests=self._desk.lines_submitted,
+            batch_cancels=self._desk.cancels,
+            batch_prompts=dict(self._desk.prompt_submissions),
         )
 
     def _second(self, now: float) -> list[int]:
@@ -538,6 +596,8 @@ class SimServer:
         if request.path == "/stats/reset" and request.method == "POST":
             self.reset()
             return web.json_response({"ok": True})
+        if self._desk.handles(request.path):
+            return await self._desk.handle(request)
         return web.json_response(
             {"error": {"message": f"no route {request.method} {request.path}", "type": "none"}},
             status=404,
@@ -560,6 +620,16 @@ class SimServer:
             response.headers[k] = v
         return response
 
+    def _unauthorised(self, api: Api, key: str) -> web.Response:
+        """The 401 for a wrong key, echoing it as ``echo_key`` says."""
+        if self.echo_key == "text":
+            head = "401 Unauthorized: the API key below is not valid. ".ljust(290, ".")
+            text = f"{head}{key}\nCheck the key and try again.\n"
+            return web.Response(status=401, text=text, content_type="text/plain")
+        if self.echo_key == "partial" and len(key) > 24:
+            key = f"{key[:12]}{'*' * (len(key) - 24)}{key[-12:]}"
+        return self._error(api, 401, f"Incorrect API key provided: {key}. Check your API key.")
+
     def _authorised(self, api: Api, request: web.BaseRequest) -> str | None:
         """None if the key is right, else the key that was sent (possibly empty)."""
         if self._api_key is None:
@@ -579,9 +649,7 @@ class SimServer:
         body = await request.read()
         wrong_key = self._authorised(api, request)
         if wrong_key is not None:
-            return self._error(
-                api, 401, f"Incorrect API key provided: {wrong_key}. Check your API key."
-            )
+            return self._unauthorised(api, wrong_key)
         if api == "anthropic" and "anthropic-version" not in request.headers:
             return self._error(api, 400, "anthropic-version: header is required")
         index = self._c.requests - 1
@@ -821,27 +889,6 @@ class SimServer:
         return None
 
 
-class _Gone(web.Response):
-    """Returned when the connection is already closed: aiohttp's write of it fails
-    quietly (no error log), and SimServer counts no response for it."""
-
-    def __init__(self, *, by_client: bool) -> None:
-        super().__init__(status=499)
-        self.by_client = by_client
-
-
-def _reset(request: web.BaseRequest) -> None:
-    """Close the connection with a TCP RST (SO_LINGER 0), as a crashed proxy would."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Run SimServer in the foreground: ``python -m fanflow.testing.sim --port 8000``."""
     import argparse
@@ -860,6 +907,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-in-flight", type=int, default=None)
     parser.add_argument(
         "--period", type=float, default=60.0, help="seconds of --rpm/--tpm (default 60)"
+    )
+    parser.add_argument(
+        "--batch-time", type=float, default=1.0, help="seconds a batch takes (default 1)"
     )
     parser.add_argument(
         "--fault",
@@ -886,6 +936,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         period=args.period,
         faults=faults,
         keep_requests=False,
+        batches=SimBatches(time=args.batch_time),
     )
 
     async def serve() -> None:

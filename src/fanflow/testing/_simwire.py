@@ -92,14 +92,20 @@ class WireError(Exception):
         self.message = message
 
 
-def parse_request(api: Api, body: bytes, index: int, at: float = 0.0) -> SimRequest:
-    """Parse and validate a chat request body; raise :class:`WireError` on bad input."""
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; raise :class:`WireError` if it is not one."""
     try:
         data = json.loads(body)
     except ValueError:
         raise WireError(400, "invalid_request_error", "the request body is not JSON") from None
     if not isinstance(data, dict):
         raise WireError(400, "invalid_request_error", "the request body must be a JSON object")
+    return data
+
+
+def parse_request(api: Api, body: bytes, index: int, at: float = 0.0) -> SimRequest:
+    """Parse and validate a chat request body; raise :class:`WireError` on bad input."""
+    data = json_object(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise WireError(400, "invalid_request_error", "model: field required")

@@ -1,0 +1,319 @@
+"""Fail fast: a handle's breaker stops sending when every further call must fail the same way.
+
+A wrong API key, a model that does not exist, a spent quota or a server that is not
+listening make every call of a batch fail, one request at a time. The breaker watches
+the attempts of one handle (the engine reports each outcome) and, once the failures say
+the cause is not going away, *trips*: calls not yet sent end ``skipped`` with
+:class:`fanflow.CircuitOpen`, whose message names the cause and what to fix, instead of
+each sending its own doomed request. What it watches (``docs/decisions/0091``):
+
+=====================================  ==============  =================================
+failure                                scope           trips after
+=====================================  ==============  =================================
+401 ``AuthenticationError``            the handle      3 in a row
+``QuotaExceeded`` (429 "quota")        the handle      3 in a row
+403 ``PermissionDenied``               the model       3 in a row for that model
+404 ``NotFound``                       the model       3 in a row for that model
+could not connect (refused, DNS)       the handle      3 in a row, one of them a call's
+                                                       3rd attempt (it retried first)
+=====================================  ==============  =================================
+
+"In a row" means with no successful attempt in between: a success clears the counts of
+the handle and of its model, and closes what they had tripped. Other errors (429, 5xx,
+timeouts, resets, 400) neither count nor clear: they may pass. Calls already sent when
+it trips finish as they will; a call is stopped before each attempt and again once
+admitted, so a wrong key costs about the calls in flight (the concurrency) plus three,
+not one request per item.
+
+A new HTTP handle starts *cold*: its first :data:`COLD_CALLS` (16) calls go, and the
+rest wait for one of them to answer (at most :data:`COLD_WAIT`, 1 s, extended while
+only failures that may trip it come back). Without it, a batch with no concurrency limit
+puts every item in flight before the first 401 returns, and nothing could stop it. It
+costs at most one second once per handle, only when more than 16 calls start before the
+first answer; a success, any other answer, or a trip ends it (so does ``reset()``).
+
+A tripped breaker does not poison the handle: once :data:`PROBE_AFTER` seconds have
+passed since it tripped (or since the last probe), the next call goes as a probe while
+the others wait for its outcome. If it succeeds (or fails some other way: the server
+was reached), the breaker closes and they all go; if it fails the same way, they are
+skipped and the next probe is due :data:`PROBE_AFTER` seconds later. So a handle reused
+after the fix works, at the cost of one request while it is still broken;
+:meth:`Breaker.reset` closes it at once. A new handle (a new key, say) starts closed,
+and so does a copy in another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from ._exceptions import (
+    AuthenticationError,
+    CircuitOpen,
+    NotFound,
+    PermissionDenied,
+    ProviderConnectionError,
+    QuotaExceeded,
+)
+from ._types import Request
+
+__all__ = ["PROBE_AFTER", "TRIP_AFTER", "Breaker", "fatal_scope"]
+
+#: Failures of the same kind in a row (no success between) that trip the breaker.
+TRIP_AFTER = 3
+#: A connection failure trips only once some call has failed this many attempts to
+#: connect: a server that is restarting gets the retries' backoff to come back.
+CONNECT_ATTEMPTS = 3
+#: Seconds after a trip (or a failed probe) before one call is let through as a probe.
+PROBE_AFTER = 10.0
+#: A new HTTP handle sends this many calls first; the rest wait for their first answer.
+COLD_CALLS = 16
+#: ... but at most this long (longer only while those answers are failures that trip).
+COLD_WAIT = 1.0
+#: How many times COLD_WAIT is extended while only such failures come back.
+COLD_EXTENSIONS = 3
+
+Scope = tuple[str, str | None]
+
+_FIX = {
+    "key": "the API key was not accepted (HTTP 401): check the API key (api_key=, or "
+    "the provider's environment variable such as OPENAI_API_KEY)",
+    "quota": "the account's quota or spend limit is used up: waiting will not help; "
+    "check the plan and billing",
+    "forbidden": "this key may not use model {model} (HTTP 403): use a model or a key "
+    "that has access",
+    "missing": "model {model} or its endpoint does not exist (HTTP 404): check the model "
+    "name and base_url",
+    "unreachable": "the server could not be reached (every attempt failed to connect): "
+    "check that it is up and that base_url is right",
+}
+
+
+def fatal_scope(error: BaseException, request: Request) -> tuple[str, Scope] | None:
+    """The kind and scope of a failure that repeats for every call, or None."""
+    if isinstance(error, AuthenticationError):
+        return "key", ("handle", None)
+    if isinstance(error, QuotaExceeded):
+        return "quota", ("handle", None)
+    if isinstance(error, PermissionDenied):
+        return "forbidden", ("model", request.model)
+    if isinstance(error, NotFound):
+        return "missing", ("model", request.model)
+    if isinstance(error, ProviderConnectionError) and error.unreachable:
+        return "unreachable", ("handle", None)
+    if isinstance(error, ConnectionRefusedError):  # from a user's own callable
+        return "unreachable", ("handle", None)
+    return None
+
+
+@dataclass(slots=True)
+class _Trip:
+    kind: str
+    error: CircuitOpen
+    probe_at: float  # when the next probe may go (or a probe in flight is given up)
+    prober: object = None  # the call sent as a probe, until its outcome is known
+    settled: asyncio.Event | None = None  # set when the probe's outcome is known
+
+    def settle(self) -> None:
+        if self.settled is not None:
+            self.settled.set()
+            self.settled = None
+        self.prober = None
+
+
+class Breaker:
+    """The fail-fast state of one handle (``llm.breaker``); see the module docstring.
+
+    The engine awaits :meth:`admit` before each attempt (and again once the attempt is
+    admitted), and calls :meth:`failed` / :meth:`succeeded` after it; ``call`` is any
+    object that stands for one call (the engine's own), so a probe is let through.
+    """
+
+    __slots__ = (
+        "_cold",
+        "_cold_calls",
+        "_cold_deadline",
+        "_cold_extended",
+        "_cold_limit",
+        "_open",
+        "_streaks",
+        "_warm",
+        "active",
+        "trips",
+    )
+
+    def __init__(self, *, cold_start: int | None = None) -> None:
+        """Args:
+        cold_start: send only this many calls until the first answer comes back
+            (see the module docstring); None: no cold start.
+        """
+        self._streaks: dict[Scope, int] = {}
+        self._open: dict[Scope, _Trip] = {}
+        self._cold_limit = cold_start
+        self._cold = cold_start is not None
+        self._cold_calls: set[int] = set()  # ids of the calls let through while cold
+        self._cold_deadline: float | None = None
+        self._cold_extended = 0
+        self._warm: asyncio.Event | None = None
+        #: True while anything is counted or open (or it is cold): the engine reads
+        #: only this flag on its fast path.
+        self.active = self._cold
+        #: How many times it has tripped (failed probes included).
+        self.trips = 0
+
+    def __repr__(self) -> str:
+        state = ", ".join(t.kind for t in self._open.values()) or "closed"
+        return f"fanflow.Breaker({state})"
+
+    @property
+    def tripped(self) -> CircuitOpen | None:
+        """The error calls are skipped with while it is open (None: closed)."""
+        for trip in self._open.values():
+            return trip.error
+        return None
+
+    def reset(self) -> None:
+        """Close it and forget every count (say, after fixing the key or the server)."""
+        for trip in self._open.values():
+            trip.settle()
+        self._streaks.clear()
+        self._open.clear()
+        self._warm_up()
+        self.active = False
+
+    def _warm_up(self) -> None:
+        """The first answers are in: every call may go (the cold start is over)."""
+        if self._cold:
+            self._cold = False
+            self._cold_calls.clear()
+            if self._warm is not None:
+                self._warm.set()
+                self._warm = None
+            self.active = bool(self._open or self._streaks)
+
+    async def _wait_while_cold(self, call: object) -> None:
+        loop = asyncio.get_running_loop()
+        ident = id(call)
+        limit = self._cold_limit or 0
+        while self._cold:
+            if ident in self._cold_calls or len(self._cold_calls) < limit:
+                self._cold_calls.add(ident)
+                return
+            if self._cold_deadline is None:
+                self._cold_deadline = loop.time() + COLD_WAIT
+            if self._warm is None or getattr(self._warm, "_loop", None) not in (None, loop):
+                # (a new one if the last was made on another loop, e.g. an earlier
+                # fanflow.run that ended while cold: an Event belongs to one loop)
+                self._warm = asyncio.Event()
+            try:
+                async with asyncio.timeout_at(self._cold_deadline):
+                    await self._warm.wait()
+            except TimeoutError:
+                if self._streaks and self._cold_extended < COLD_EXTENSIONS:
+                    # Only failures that may trip it came back so far: hold on.
+                    self._cold_extended += 1
+                    self._cold_deadline = loop.time() + COLD_WAIT
+                else:  # the answers are just slow: stop holding the rest back
+                    self._warm_up()
+
+    def _blocking(self, request: Request, call: object) -> _Trip | None:
+        for scope in (("handle", None), ("model", request.model)):
+            trip = self._open.get(scope)
+            if trip is not None and (trip.prober is None or trip.prober is not call):
+                return trip
+        return None
+
+    async def admit(
+        self, request: Request, call: object, *, admitted: bool = False
+    ) -> CircuitOpen | None:
+        """Wait while a probe is out (or, before admission, while the handle is cold);
+        then the error to skip ``request`` with, or None to send it."""
+        if self._cold and not admitted:
+            await self._wait_while_cold(call)
+        loop = asyncio.get_running_loop()
+        while (trip := self._blocking(request, call)) is not None:
+            now = loop.time()
+            if now >= trip.probe_at:  # a probe is due (or the last one never reported)
+                trip.settle()
+                trip.prober = call
+                trip.settled = asyncio.Event()
+                trip.probe_at = now + PROBE_AFTER
+                continue
+            if trip.prober is None:
+                error = CircuitOpen(trip.error.message, kind=trip.kind)
+                error.__cause__ = trip.error.__cause__
+                return error
+            settled = trip.settled
+            assert settled is not None
+            if getattr(settled, "_loop", None) not in (None, loop):
+                trip.settle()  # the probe ran on a loop that is gone: it will not report
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(trip.probe_at):
+                    await settled.wait()  # the probe's outcome decides for this call too
+        return None
+
+    def failed(
+        self, request: Request, error: BaseException, attempt: int, now: float, call: object
+    ) -> None:
+        """An attempt of ``call`` failed with ``error`` (``attempt`` counts from 1)."""
+        fatal = fatal_scope(error, request)
+        if fatal is None:
+            self._warm_up()  # an answer that does not trip it: the rest may go
+            # A probe that failed some other way reached the server: that cause is gone.
+            for scope, opened in list(self._open.items()):
+                if opened.prober is not None and opened.prober is call:
+                    opened.settle()
+                    del self._open[scope]
+                    self._streaks.pop(scope, None)
+            self.active = bool(self._open or self._streaks)
+            return
+        kind, scope = fatal
+        self.active = True
+        count = self._streaks[scope] = self._streaks.get(scope, 0) + 1
+        trip = self._open.get(scope)
+        if trip is not None:
+            if trip.prober is not None and trip.prober is call:  # failed the same way
+                trip.settle()
+                trip.probe_at = now + PROBE_AFTER
+                self.trips += 1
+            return
+        if count < TRIP_AFTER or (kind == "unreachable" and attempt < CONNECT_ATTEMPTS):
+            return
+        self._open[scope] = _Trip(kind, _stop(kind, scope, error, count), now + PROBE_AFTER)
+        self.trips += 1
+        self._warm_up()  # the calls held back go on to be skipped
+
+    def succeeded(self, request: Request) -> None:
+        """An attempt at ``request`` succeeded: the key, the endpoint and its model work."""
+        self._warm_up()
+        for scope in (("handle", None), ("model", request.model)):
+            trip = self._open.pop(scope, None)
+            if trip is not None:
+                trip.settle()
+            self._streaks.pop(scope, None)
+        self.active = bool(self._open or self._streaks)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy in another process starts closed (and cold, if this one was made so).
+        return {"cold_start": self._cold_limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        Breaker.__init__(self, cold_start=state.get("cold_start"))
+
+
+def _stop(kind: str, scope: Scope, cause: BaseException, count: int) -> CircuitOpen:
+    model = scope[1] if scope[0] == "model" else None
+    fix = _FIX[kind].format(model=repr(model))
+    # The cause's own advice may say "fanflow retries this": no longer true, so cut it.
+    last = str(cause).split("; fanflow retries this")[0]
+    error = CircuitOpen(
+        f"not sent: {fix}. fanflow stopped sending after {count} attempts in a row failed "
+        f"this way; fix it and run again (with a job, finished items are kept). "
+        f"Last error: {type(cause).__name__}: {last}",
+        kind=kind,
+    )
+    error.__cause__ = cause
+    return error

@@ -1,0 +1,682 @@
+"""The batch backend: patterns' model calls through the providers' batch APIs.
+
+``fanflow.map(llm, prompt, items, mode="batch")`` runs the same engine over a batching
+handle (``BatchLLM``, in ``_batchllm.py``) whose one "attempt" puts the request into a
+provider batch and waits for its line. So records are made exactly as for real-time calls (status,
+usage, attempts, events, store, sinks), with the batch price as the cost and the batch
+id in ``record.batch_id``.
+
+A :class:`BatchQueue` does the batching:
+
+- requests are collected for ``linger`` seconds (or until a batch is full: the
+  provider's documented request and byte limits) and submitted as one batch; identical
+  requests (the same cache key) go in once and share the answer;
+- the batch id and its requests are committed to the journal (the store, when there is
+  one) before anything else happens, so a process killed while batches run resumes by
+  polling the same batches: a request is never submitted twice;
+- each batch is polled adaptively (first after ``poll`` seconds, then every tenth of
+  the time it has run so far, never more than ``max_poll``; sooner when the reported
+  progress says it is about to end), so a run ends within one short poll of its
+  batches;
+- its answers are committed to the store like any call's, then handed out; requests
+  the batch did not answer (expired, cancelled, missing or malformed lines) raise the
+  retryable :class:`fanflow.BatchIncomplete` and go into a new batch on retry, each
+  failure kept in the record's attempts;
+- with ``mode="auto"`` and a deadline, once the time left is what real-time calls need
+  for the requests still unanswered (estimated from the handle's limits), pending
+  batches are cancelled and those requests are sent in real time, within the handle's
+  limits.
+
+The design and its measurements: docs/decisions/0140-batch-backend.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+from .._batchapi import BatchAPI, BatchLine, BatchState
+from .._exceptions import (
+    BadRequest,
+    ConfigError,
+    NotFound,
+    ProviderError,
+    is_retryable,
+)
+from .._llm import LLM
+from .._retry import DEFAULT_RETRY
+from .._tokens import request_tokens
+from .._types import Request, Response
+
+#: Journal ids of batches being created: ``intent:<token>`` until the provider's id is known.
+INTENT = "intent:"
+
+__all__ = ["BatchOptions", "BatchQueue", "Journal", "MemoryJournal", "Mode", "batch_api_of"]
+
+log = logging.getLogger("fanflow")
+
+T = TypeVar("T")
+
+Mode = Literal["realtime", "batch", "auto"]
+MODES = ("realtime", "batch", "auto")
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How ``mode="batch"`` / ``"auto"`` batches and polls.
+
+    Args:
+        poll: seconds before a batch's first poll, and the shortest wait between polls.
+        max_poll: the longest wait between polls.
+        linger: seconds to collect requests before a batch is submitted (a full batch
+            goes at once).
+        max_requests: requests per batch (None: the provider's documented limit).
+        max_bytes: bytes per batch file or body (None: the provider's limit).
+        realtime_latency: seconds a real-time call is expected to take, for ``auto``'s
+            estimate of when to move to real time.
+        reserve: seconds before the deadline at which ``auto`` moves what is left to
+            real time (None: estimated from the handle's limits and
+            ``realtime_latency`` for the requests still unanswered).
+    """
+
+    poll: float = 1.0
+    max_poll: float = 60.0
+    linger: float = 0.5
+    max_requests: int | None = None
+    max_bytes: int | None = None
+    realtime_latency: float = 10.0
+    reserve: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.poll <= self.max_poll:
+            raise ConfigError(
+                f"poll must be > 0 and <= max_poll, got poll={self.poll}, max_poll={self.max_poll}"
+            )
+        if self.linger < 0:
+            raise ConfigError(f"linger must be >= 0 seconds, got {self.linger}")
+        for name in ("max_requests", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}; use None for the API's")
+        if self.realtime_latency <= 0:
+            raise ConfigError(f"realtime_latency must be > 0 seconds, got {self.realtime_latency}")
+        if self.reserve is not None and self.reserve < 0:
+            raise ConfigError(f"reserve must be >= 0 seconds, got {self.reserve}")
+
+    def __repr__(self) -> str:
+        return f"fanflow.BatchOptions(poll={self.poll}, max_poll={self.max_poll})"
+
+    def cap(self) -> int:
+        """Requests per batch when the provider is not known yet (the smallest limit)."""
+        return self.max_requests or 50_000
+
+
+def batch_api_of(llm: LLM, mode: str) -> BatchAPI:
+    """The batch endpoints of ``llm``, or a ConfigError saying why there are none."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; use 'realtime', 'batch' or 'auto'")
+    make = getattr(llm, "batches", None)
+    if not callable(make):
+        raise ConfigError(
+            f"mode={mode!r} needs a provider with a batch API (fanflow.openai(...) or "
+            f"fanflow.anthropic(...)); {llm!r} has none. Use mode='realtime'"
+        )
+    api = make()
+    if not isinstance(api, BatchAPI):
+        raise ConfigError(f"{llm!r}.batches() did not return a batch API")
+    return api
+
+
+# --------------------------------------------------------------------------- journal
+
+
+@runtime_checkable
+class Journal(Protocol):
+    """Where submitted batches are committed (``fanflow.Store`` implements it)."""
+
+    def batch_of(self, key: str) -> tuple[str, str] | None: ...
+
+    def lookup(self, key: str) -> Response | None: ...
+
+    async def record_batch(self, batch_id: str, provider: str, keys: list[str]) -> None: ...
+
+    async def settle_batch(
+        self,
+        batch_id: str,
+        status: str,
+        answered: list[tuple[str, str | None, Response]],
+        unanswered: list[str],
+    ) -> None: ...
+
+
+class MemoryJournal:
+    """The journal of a run without a store (nothing survives the process)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[str, str]] = {}
+        self.answers: dict[str, Response] = {}
+
+    def batch_of(self, key: str) -> tuple[str, str] | None:
+        return self.items.get(key)
+
+    def lookup(self, key: str) -> Response | None:
+        return self.answers.get(key)
+
+    async def record_batch(self, batch_id: str, provider: str, keys: list[str]) -> None:
+        for key in keys:
+            self.items[key] = (batch_id, "submitted")
+
+    async def settle_batch(
+        self,
+        batch_id: str,
+        status: str,
+        answered: list[tuple[str, str | None, Response]],
+        unanswered: list[str],
+    ) -> None:
+        for key, _, response in answered:
+            self.answers[key] = response
+            self.items[key] = (batch_id, "done")
+        for key in unanswered:
+            if self.items.get(key, ("", ""))[0] == batch_id:
+                del self.items[key]
+
+
+# --------------------------------------------------------------------------- queue
+
+
+@dataclass
+class _Entry:
+    key: str
+    line: bytes
+    futures: list[asyncio.Future[BatchLine | None]] = field(default_factory=list)
+    tokens: int = 0
+
+
+@dataclass
+class QueueStatistics:
+    """What a :class:`BatchQueue` did."""
+
+    batches: int = 0
+    submitted: int = 0
+    resumed: int = 0
+    unknown_lines: int = 0
+    duplicate_lines: int = 0
+    moved_to_realtime: int = 0
+    answered_twice: int = 0
+    switched_at: float | None = None
+
+
+class BatchQueue:
+    """Collects requests into provider batches, polls them, hands out their lines.
+
+    Use as ``async with BatchQueue(...) as queue``: leaving it stops its pollers (the
+    provider's batches go on; their ids are in the journal).
+    """
+
+    def __init__(
+        self,
+        api: BatchAPI,
+        journal: Journal,
+        options: BatchOptions,
+        *,
+        retry_attempts: int = DEFAULT_RETRY.attempts,
+    ) -> None:
+        self.api = api
+        self.journal = journal
+        self.options = options
+        self.max_requests = min(options.max_requests or api.max_requests, api.max_requests)
+        self.max_bytes = min(options.max_bytes or api.max_bytes, api.max_bytes)
+        self.retry_attempts = retry_attempts
+        self.stats = QueueStatistics()
+        self.switched = False
+        self._pending: dict[str, _Entry] = {}
+        self._pending_bytes = 0
+        self._waiting: dict[str, dict[str, list[asyncio.Future[BatchLine | None]]]] = {}
+        self._polling: set[str] = set()
+        self._followed: set[str] = set()
+        self._requests: dict[str, Request] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._flush: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+        self._release: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> BatchQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for timer in (self._flush, self._release):
+            if timer is not None:
+                timer.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for entry in self._pending.values():
+            for fut in entry.futures:
+                fut.cancel()
+
+    async def cancel_running(self, timeout: float = 10.0) -> None:
+        """Ask the provider to cancel the batches still running (nothing will read their
+        results: without a journal that outlives this run, they would be paid for and
+        lost)."""
+        running = list(self._polling)
+        if not running:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(self._cancel_batch(b) for b in running))
+
+    # -- counts -------------------------------------------------------------------
+
+    @property
+    def unanswered(self) -> int:
+        """Requests waiting for a batch (pending or submitted)."""
+        n = len(self._pending)
+        for keys in self._waiting.values():
+            n += len(keys)
+        return n
+
+    # -- submitting ---------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def submit(self, key: str, request: Request) -> BatchLine | None:
+        """Put ``request`` into a batch; return its line (None: go to real time)."""
+        if self.switched:
+            return None
+        known = self.journal.batch_of(key)
+        if known is not None:
+            batch_id, state = known
+            if state == "done":
+                stored = self.journal.lookup(key)
+                if stored is not None:
+                    return BatchLine(key, "succeeded", response=stored)
+            else:
+                return await self._attach(batch_id, key, request)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[BatchLine | None] = loop.create_future()
+        too_large = self._enqueue(key, request, [fut])
+        if too_large is not None:
+            return too_large
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if key in self._pending and fut in self._pending[key].futures:
+                self._pending[key].futures.remove(fut)
+                if not self._pending[key].futures:
+                    gone = self._pending.pop(key)
+                    self._pending_bytes -= len(gone.line) + 1
+            raise
+
+    def _enqueue(
+        self, key: str, request: Request, futures: list[asyncio.Future[BatchLine | None]]
+    ) -> BatchLine | None:
+        """Add ``request`` to the next batch (its line, if it is too large for one)."""
+        entry = self._pending.get(key)
+        if entry is None:
+            line = self.api.line(key, request)
+            if len(line) + self.api.line_overhead > self.max_bytes:
+                return BatchLine(
+                    key,
+                    "errored",
+                    error=BadRequest(
+                        f"{self.api.provider}: the request is {len(line):,} bytes as a batch "
+                        f"line, more than a batch may hold ({self.max_bytes:,} bytes); shorten "
+                        "it or send it with mode='realtime'"
+                    ),
+                )
+            entry = self._pending[key] = _Entry(key, line, tokens=sum(request_tokens(request)))
+            self._pending_bytes += len(line) + 1
+        entry.futures.extend(futures)
+        if len(self._pending) >= self.max_requests or self._pending_bytes >= self.max_bytes:
+            self._flush_now()
+        elif self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(self.options.linger, self._flush_now)
+        return None
+
+    def _flush_now(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        entries = list(self._pending.values())
+        self._pending.clear()
+        self._pending_bytes = 0
+        chunk: list[_Entry] = []
+        size = 0
+        for entry in entries:
+            cost = len(entry.line) + 1
+            if chunk and (len(chunk) >= self.max_requests or size + cost > self.max_bytes):
+                self._spawn(self._run(chunk))
+                chunk, size = [], 0
+            chunk.append(entry)
+            size += cost
+        if chunk:
+            self._spawn(self._run(chunk))
+
+    async def _control(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A control call (create, poll, results, cancel), retried on transient errors."""
+        policy = self.api.llm.retry or DEFAULT_RETRY
+        number = 0
+        while True:
+            number += 1
+            try:
+                return await call()
+            except ProviderError as exc:
+                if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
+                    raise
+                wait = policy.backoff(number, exc.retry_after)
+                log.info("fanflow: %s failed (%s); retrying in %.1f s", what, exc, wait)
+                await asyncio.sleep(wait)
+
+    async def _create(self, lines: list[bytes], token: str) -> BatchState:
+        """Create a batch, retrying transient errors. Before a retry, a batch whose
+        create reply was lost is looked for by its token (OpenAI keeps metadata), so a
+        retry never submits the same requests twice where the API allows telling."""
+        metadata = {"fanflow_token": token}
+        policy = self.api.llm.retry or DEFAULT_RETRY
+        number = 0
+        while True:
+            number += 1
+            try:
+                return await self.api.submit(lines, metadata)
+            except ProviderError as exc:
+                if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
+                    raise
+                wait = policy.backoff(number, exc.retry_after)
+                log.info("fanflow: submitting a batch failed (%s); retrying in %.1f s", exc, wait)
+                await asyncio.sleep(wait)
+                with contextlib.suppress(ProviderError):
+                    found = await self.api.find(token)
+                    if found is not None:
+                        return found
+
+    async def _run(self, entries: list[_Entry]) -> None:
+        keys = [e.key for e in entries]
+        waiting = {e.key: e.futures for e in entries}
+        provider = self.api.provider
+        token = uuid.uuid4().hex
+        intent = f"{INTENT}{token}"
+        try:
+            # The intent first: a process killed while the batch is being created finds
+            # it again by its token on restart (where the API keeps metadata).
+            await self.journal.record_batch(intent, provider, keys)
+            state = await self._create([e.line for e in entries], token)
+        except ProviderError as exc:
+            await self.journal.settle_batch(intent, "not created", [], keys)
+            line = BatchLine("", "errored", error=exc)
+            _resolve(waiting, lambda _key: line)
+            return
+        except asyncio.CancelledError:
+            _cancel(waiting)
+            raise
+        except Exception as exc:  # a bug or a store error: fail the items, never hang them
+            _resolve(waiting, _failed(self.api.provider, exc))
+            return
+        # Committed before anything else: a restart finds this batch and polls it.
+        await self._adopt(intent, state.id, keys)
+        self.stats.batches += 1
+        self.stats.submitted += len(keys)
+        self._waiting[state.id] = waiting
+        self._polling.add(state.id)
+        if self.switched:
+            self._spawn(self._cancel_batch(state.id))
+        await self._follow(state)
+
+    async def _adopt(self, intent: str, batch_id: str, keys: list[str]) -> None:
+        """Commit the batch id for ``keys`` and close the intent it came from."""
+        await self.journal.record_batch(batch_id, self.api.provider, keys)
+        await self.journal.settle_batch(intent, "created", [], [])
+
+    async def _attach(self, batch_id: str, key: str, request: Request) -> BatchLine | None:
+        """Wait for ``key``'s line in a batch submitted before (by an earlier run)."""
+        fut: asyncio.Future[BatchLine | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(batch_id, {}).setdefault(key, []).append(fut)
+        self._requests[key] = request
+        if batch_id not in self._polling:
+            self._polling.add(batch_id)
+            self.stats.resumed += 1
+            self._spawn(self._resume(batch_id))
+        return await fut
+
+    async def _resume(self, batch_id: str) -> None:
+        await asyncio.sleep(0)  # let the other requests of this run attach first
+        try:
+            if batch_id.startswith(INTENT):
+                found = await self._control(
+                    "looking for a batch", lambda: self.api.find(batch_id[len(INTENT) :])
+                )
+                keys = list(self._waiting.get(batch_id, {}))
+                if found is None:  # never created (or the API cannot tell): send again
+                    await self._resubmit(batch_id)
+                    return
+                await self._adopt(batch_id, found.id, keys)
+                self._polling.discard(batch_id)
+                self._polling.add(found.id)
+                moved = self._waiting.pop(batch_id, {})
+                for key, futures in moved.items():
+                    self._waiting.setdefault(found.id, {}).setdefault(key, []).extend(futures)
+                if found.id in self._followed:
+                    return
+                batch_id = found.id
+            try:
+                state = await self._control("polling a batch", lambda: self.api.poll(batch_id))
+            except NotFound:  # a journal from another endpoint or account: send again
+                log.warning(
+                    "fanflow: batch %s in the store's journal is unknown to %s; its requests "
+                    "are submitted again",
+                    batch_id,
+                    self.api.provider,
+                )
+                await self._resubmit(batch_id)
+                return
+        except ProviderError as exc:
+            self._fail_batch(batch_id, exc)
+            return
+        except Exception as exc:  # a bug or a store error: fail the items, never hang them
+            self._polling.discard(batch_id)
+            _resolve(self._waiting.pop(batch_id, {}), _failed(self.api.provider, exc))
+            return
+        await self._follow(state)
+
+    async def _resubmit(self, batch_id: str) -> None:
+        """Forget a journalled batch that does not exist; its waiting requests go into
+        the next batch."""
+        waiting = self._waiting.pop(batch_id, {})
+        await self.journal.settle_batch(batch_id, "not found", [], list(waiting))
+        self._polling.discard(batch_id)
+        for key, futures in waiting.items():
+            too_large = self._enqueue(key, self._requests.pop(key), futures)
+            for fut in futures if too_large is not None else ():
+                if not fut.done():
+                    fut.set_result(too_large)
+
+    def _next_poll(self, state: BatchState, elapsed: float) -> float:
+        """Seconds to the next poll: a tenth of the time the batch has run, within
+        [poll, max_poll]; sooner if its progress says it is about to end."""
+        opts = self.options
+        wait = elapsed * 0.1
+        if 0 < state.done < state.total:
+            eta = (state.total - state.done) * elapsed / state.done
+            wait = min(wait, eta)
+        return min(max(wait, opts.poll), opts.max_poll)
+
+    async def _follow(self, state: BatchState) -> None:
+        try:
+            await self._follow_to_end(state)
+        except Exception as exc:  # a bug or a store error: fail the items, never hang them
+            waiting = self._waiting.pop(state.id, {})
+            self._polling.discard(state.id)
+            _resolve(waiting, _failed(self.api.provider, exc))
+
+    async def _follow_to_end(self, state: BatchState) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        batch_id = state.id
+        self._followed.add(batch_id)
+        try:
+            wait = self.options.poll
+            while not state.ended:
+                await self._nap(wait)
+                state = await self._control("polling a batch", lambda: self.api.poll(batch_id))
+                wait = self._next_poll(state, loop.time() - start)
+            lines = await self._control("reading batch results", lambda: self.api.results(state))
+        except ProviderError as exc:
+            self._fail_batch(batch_id, exc)
+            return
+        await self._settle(state, lines)
+
+    async def _settle(self, state: BatchState, lines: list[BatchLine]) -> None:
+        batch_id = state.id
+        waiting = self._waiting.pop(batch_id, {})
+        self._polling.discard(batch_id)
+        by_key: dict[str, BatchLine] = {}
+        for line in lines:
+            if line.custom_id in by_key:
+                self.stats.duplicate_lines += 1
+                continue
+            by_key[line.custom_id] = line
+        known = set(waiting)
+        unknown = [cid for cid in by_key if cid not in known and self.journal.batch_of(cid) is None]
+        if unknown:
+            self.stats.unknown_lines += len(unknown)
+            log.warning(
+                "fanflow: batch %s returned %d result lines for requests fanflow did not "
+                "send (custom ids such as %r); they were ignored",
+                batch_id,
+                len(unknown),
+                unknown[0],
+            )
+        answered: list[tuple[str, str | None, Response]] = [
+            (k, None, line.response)
+            for k, line in by_key.items()
+            if line.kind == "succeeded" and line.response is not None and k not in unknown
+        ]
+        done_keys = {k for k, _, _ in answered}
+        unanswered = [k for k in known if k not in done_keys]
+        late = len(done_keys - known) if self.switched else 0
+        if late:  # answered by the batch after they had moved to real time: paid twice
+            self.stats.answered_twice += late
+            log.warning(
+                "fanflow: cancelled batch %s still answered %d requests already sent in real "
+                "time (paid twice; the answers are kept in the store)",
+                batch_id,
+                late,
+            )
+        # Answers are committed before they are handed out (promise 5).
+        await self.journal.settle_batch(batch_id, state.status, answered, unanswered)
+
+        def line_for(key: str) -> BatchLine:
+            line = by_key.get(key)
+            if line is not None:
+                if line.error is not None:
+                    line.error.batch_id = batch_id  # type: ignore[attr-defined]
+                return replace(line, batch_id=batch_id)
+            if state.failed_reason is not None:
+                error = BadRequest(
+                    f"{self.api.provider}: batch {batch_id} failed: {state.failed_reason}"
+                )
+                error.batch_id = batch_id  # type: ignore[attr-defined]
+                return BatchLine(key, "errored", error=error, batch_id=batch_id)
+            kind: Literal["expired", "canceled"] = (
+                "expired" if state.status == "expired" else "canceled"
+            )
+            return BatchLine(key, kind, batch_id=batch_id)
+
+        def after_switch(key: str) -> BatchLine | None:
+            line = line_for(key)
+            if line.kind in ("succeeded", "errored"):
+                return line
+            self.stats.moved_to_realtime += 1
+            return None  # unanswered after a switch to real time: send it in real time
+
+        _resolve(waiting, after_switch if self.switched else line_for)
+
+    def _fail_batch(self, batch_id: str, error: ProviderError) -> None:
+        waiting = self._waiting.pop(batch_id, {})
+        self._polling.discard(batch_id)
+        line = BatchLine("", "errored", error=error)
+        _resolve(waiting, lambda _key: line)
+
+    # -- moving to real time ------------------------------------------------------
+
+    def switch(self) -> None:
+        """Stop batching: what is not submitted yet, and every request still to come,
+        goes in real time; running batches are cancelled, and what they answered
+        before the cancel took hold is kept (waited for at most ``2 * poll`` seconds),
+        the rest goes in real time too."""
+        if self.switched:
+            return
+        self.switched = True
+        loop = asyncio.get_running_loop()
+        self.stats.switched_at = loop.time()
+        self._wake.set()
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        pending = {e.key: e.futures for e in self._pending.values()}
+        self._pending.clear()
+        self._pending_bytes = 0
+        _resolve(pending, lambda _key: None)
+        self.stats.moved_to_realtime += len(pending)
+        for batch_id in list(self._waiting):
+            self._spawn(self._cancel_batch(batch_id))
+        self._release = loop.call_later(2 * self.options.poll, self._release_all)
+
+    def _release_all(self) -> None:
+        """Send whatever the cancelled batches have not answered yet in real time."""
+        for waiting in self._waiting.values():
+            self.stats.moved_to_realtime += len(waiting)
+            _resolve(waiting, lambda _key: None)
+            waiting.clear()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep between polls; cut short by a switch to real time (then poll often)."""
+        if self.switched:
+            await asyncio.sleep(min(seconds, self.options.poll))
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _cancel_batch(self, batch_id: str) -> None:
+        try:
+            await self._control("cancelling a batch", lambda: self.api.cancel(batch_id))
+        except ProviderError as exc:
+            log.warning("fanflow: could not cancel batch %s: %s", batch_id, exc)
+
+
+def _resolve(
+    waiting: Mapping[str, list[asyncio.Future[BatchLine | None]]],
+    line_for: Callable[[str], BatchLine | None],
+) -> None:
+    for key, futures in waiting.items():
+        line = line_for(key)
+        for fut in futures:
+            if not fut.done():
+                fut.set_result(line)
+
+
+def _failed(provider: str, exc: Exception) -> Callable[[str], BatchLine]:
+    """The line of every request of a batch that failed on our side."""
+    error = ProviderError(
+        f"{provider}: the batch could not be followed ({type(exc).__name__}: {exc}); its "
+        "id is in the store's journal if there is one, and a rerun of the job polls it again"
+    )
+    error.__cause__ = exc
+    line = BatchLine("", "errored", error=error)
+    return lambda _key: line
+
+
+def _cancel(waiting: Mapping[str, list[asyncio.Future[BatchLine | None]]]) -> None:
+    for futures in waiting.values():
+        for fut in futures:
+            fut.cancel()

@@ -1,0 +1,296 @@
+"""The batch backend: ``mode="batch"`` / ``mode="auto"`` behind the Backend seam.
+
+:class:`BatchBackend` implements :class:`~fanflow.backends.Backend`: a map's batch is
+the local backend's batch over a :class:`~fanflow.backends._batch.BatchLLM` that wraps
+the caller's handle, inside the life of one :class:`BatchQueue` (and, for ``auto``, a
+watcher that moves what is left to real time before the deadline). Nothing else of the
+pattern changes: records, order, stores and sinks are the real-time ones. A Pool's model
+steps reach their batching handle through a context variable (:func:`swapped`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import replace
+from typing import Any
+
+from .._exceptions import ConfigError
+from .._llm import LLM, BaseLLM
+from .._pricing import Price
+from .._types import CallRecord, Status
+from ._base import BatchRun, Deliver, MapSpec, PoolSpec
+from ._batch import (
+    MODES,
+    BatchOptions,
+    BatchQueue,
+    Journal,
+    MemoryJournal,
+    batch_api_of,
+)
+from ._batchllm import BatchLLM, realtime_reserve
+from ._local import LOCAL
+
+__all__ = ["BatchBackend", "batch_backend", "check_pool_mode", "pool_batching", "swapped"]
+
+log = logging.getLogger("fanflow")
+
+
+class BatchBackend:
+    """Runs the model calls of ``map``, ``as_completed`` and ``Pool`` through the
+    providers' batch APIs (``mode="batch"`` / ``"auto"`` make one; or pass
+    ``backend=fanflow.BatchBackend(...)``).
+
+    Args:
+        mode: ``"batch"`` (every call through a batch) or ``"auto"`` (batches, and what
+            is still unanswered as the call's ``deadline`` nears goes in real time).
+        options: how batches are sized and polled.
+    """
+
+    def __init__(self, mode: str = "batch", options: BatchOptions | None = None) -> None:
+        if mode not in ("batch", "auto"):
+            raise ConfigError(f"unknown mode {mode!r}; use 'realtime', 'batch' or 'auto'")
+        self.mode = mode
+        self.options = options or BatchOptions()
+
+    def __repr__(self) -> str:
+        return f"fanflow.BatchBackend(mode={self.mode!r})"
+
+    def check(self, llm: LLM, *, deadline: float | None, hedge_after: float | None) -> None:
+        """Refuse what cannot work, before anything is sent."""
+        mode, options = self.mode, self.options
+        batch_api_of(llm, mode)
+        if hedge_after is not None:
+            raise ConfigError(
+                f"hedge_after has no meaning with mode={mode!r} (a batched request is sent "
+                "once); drop it"
+            )
+        if mode == "auto" and deadline is None:
+            raise ConfigError(
+                "mode='auto' needs deadline= (seconds): items go into batches and move to "
+                "real time when the deadline nears; use mode='batch' for no deadline"
+            )
+        if mode == "batch" and deadline is not None and deadline <= options.linger + options.poll:
+            raise ConfigError(
+                f"deadline={deadline:g} s is shorter than any batch could meet (it is "
+                f"collected for {options.linger:g} s and first polled after "
+                f"{options.poll:g} s); use mode='auto' to send what a batch cannot do in "
+                "real time, or mode='realtime'"
+            )
+
+    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
+        self.check(spec.llm, deadline=spec.deadline, hedge_after=spec.hedge_after)
+        return _BatchedRun(self, spec, deliver)
+
+    async def run_pool(
+        self,
+        spec: PoolSpec,
+        deliver: Callable[[int, Any], Awaitable[None]],
+        on_step: Callable[[int, str, bool], None],
+    ) -> None:
+        if self.mode != "batch":
+            raise ConfigError("mode='auto' is for map and as_completed; use mode='batch' in a Pool")
+        async with pool_batching(spec.store, self.options, spec.prices):
+            await LOCAL.run_pool(spec, deliver, on_step)
+
+
+def batch_backend(
+    mode: str,
+    options: BatchOptions | None,
+    backend: object,
+    llm: LLM,
+    *,
+    deadline: float | None,
+    hedge_after: float | None,
+) -> BatchBackend:
+    """The backend of ``mode="batch"``/``"auto"`` (checked now, before anything runs)."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; use 'realtime', 'batch' or 'auto'")
+    if backend not in ("local", None):
+        raise ConfigError(f"mode={mode!r} chooses the batch backend; drop backend={backend!r}")
+    made = BatchBackend(mode, options)
+    made.check(llm, deadline=deadline, hedge_after=hedge_after)
+    return made
+
+
+class _BatchedRun:
+    """A map's batch on the batch backend: the local backend's, over a batching handle,
+    inside the life of one batch queue (and, for ``auto``, the deadline watcher)."""
+
+    def __init__(self, backend: BatchBackend, spec: MapSpec, deliver: Deliver) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.deliver = deliver
+        api = batch_api_of(spec.llm, backend.mode)
+        size = spec.size
+        per_batch = min(backend.options.max_requests or api.max_requests, api.max_requests)
+        self.window = 2 * per_batch if size is None else max(1, min(size, 2 * per_batch))
+        self.workers = self.window
+        self._seen = 0
+
+    @property
+    def seen(self) -> int:
+        return self._seen
+
+    async def run(self) -> None:
+        missing: Counter[str] = Counter()
+
+        def deliver(record: CallRecord[Any]) -> Awaitable[None] | None:
+            if record.status is not Status.SUCCEEDED:
+                missing[type(record.error).__name__ if record.error else str(record.status)] += 1
+            return self.deliver(record)
+
+        async with _batched(self.backend, self.spec, self.window) as spec:
+            inner = LOCAL.map_batch(spec, deliver)
+            try:
+                await inner.run()
+            finally:
+                self._seen = inner.seen
+        if missing:  # never a partial result without saying so (each record says why)
+            log.warning(
+                "fanflow: %d of %d items have no answer (%s); their records say why "
+                "(result.errors); rerun the job with only_failed=True to try them again",
+                sum(missing.values()),
+                self._seen,
+                ", ".join(f"{n} {reason}" for reason, n in missing.most_common()),
+            )
+
+
+@contextlib.asynccontextmanager
+async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIterator[MapSpec]:
+    """``spec`` with the handle swapped for a batching one, valid while the block runs."""
+    options, mode = backend.options, backend.mode
+    llm = spec.llm
+    assert isinstance(llm, BaseLLM)  # batch_api_of checked it
+    api = batch_api_of(llm, mode)
+    store = spec.durable.store if spec.durable is not None else None
+    journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
+    prices = spec.prices
+    if spec.budget is not None:  # records are priced as the budget charges them
+        prices = spec.budget.with_prices(prices).prices
+    queue = BatchQueue(api, journal, options)
+    wrapped = BatchLLM(
+        llm,
+        queue,
+        window=window,
+        prices=prices,
+        realtime_timeout=spec.timeout or llm.timeout,
+        realtime_concurrency=spec.concurrency,
+    )
+    async with queue:
+        watcher = None
+        if mode == "auto":
+            assert spec.deadline is not None
+            deadline_at = asyncio.get_running_loop().time() + spec.deadline
+            watcher = asyncio.ensure_future(_watch(queue, llm, deadline_at, options, spec.size))
+        try:
+            yield replace(spec, llm=wrapped, timeout=None, concurrency=None)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            if isinstance(journal, MemoryJournal):
+                await queue.cancel_running()
+
+
+async def _watch(
+    queue: BatchQueue, llm: BaseLLM, deadline_at: float, options: BatchOptions, size: int | None
+) -> None:
+    """Move to real time once the time left is what real-time calls need for what is
+    still unanswered."""
+    loop = asyncio.get_running_loop()
+    # No batch can answer before the switch if it would come before the first poll.
+    shortest = options.linger + options.poll
+    if size is not None:
+        need = realtime_reserve(llm, size, options)
+        if loop.time() + need + shortest >= deadline_at:
+            log.warning(
+                "fanflow: the deadline leaves no time for a batch (real-time calls alone "
+                "need about %.0f s for %d items); sending everything in real time",
+                need,
+                size,
+            )
+            queue.switch()
+            return
+    while not queue.switched:
+        now = loop.time()
+        at = deadline_at - realtime_reserve(llm, queue.unanswered, options)
+        if now >= at:
+            queue.switch()
+            return
+        await asyncio.sleep(min(at - now, options.poll))
+
+
+# --------------------------------------------------------------------------- Pool
+
+#: While a Pool runs with mode="batch": the batching handle for each model handle.
+_SWAP: ContextVar[Callable[[LLM], LLM] | None] = ContextVar("fanflow_batch_swap", default=None)
+
+
+def swapped(llm: LLM) -> LLM:
+    """The handle a model step calls: ``llm``, or its batching handle in a batch Pool."""
+    swap = _SWAP.get()
+    return llm if swap is None else swap(llm)
+
+
+def check_pool_mode(mode: str, llms: Iterable[LLM], backend: object) -> None:
+    """Refuse a Pool's ``mode`` that cannot work, before anything runs."""
+    if mode == "realtime":
+        return
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; use 'realtime' or 'batch'")
+    if mode == "auto":
+        raise ConfigError("mode='auto' is for map and as_completed; use mode='batch' in a Pool")
+    if backend not in ("local", None):
+        raise ConfigError(f"mode={mode!r} chooses the batch backend; drop backend={backend!r}")
+    handles = list(llms)
+    if not any(callable(getattr(llm, "batches", None)) for llm in handles):
+        raise ConfigError(
+            "mode='batch' needs a model step whose handle has a batch API "
+            "(fanflow.openai(...) or fanflow.anthropic(...)); this pool's steps use "
+            f"{', '.join(repr(x) for x in handles) or 'no model'}. Use mode='realtime'"
+        )
+
+
+@contextlib.asynccontextmanager
+async def pool_batching(
+    store: object, options: BatchOptions | None, prices: Mapping[str, Price] | None
+) -> AsyncIterator[None]:
+    """Model steps of a Pool go through batches while the block runs: one queue per
+    handle with a batch API (steps on other handles stay real time)."""
+    opts = options or BatchOptions()
+    journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
+    wrapped: dict[int, BatchLLM] = {}
+
+    def swap(llm: LLM) -> LLM:
+        got = wrapped.get(id(llm))
+        if got is not None:
+            return got
+        if not isinstance(llm, BaseLLM) or not callable(getattr(llm, "batches", None)):
+            return llm
+        api = batch_api_of(llm, "batch")
+        queue = BatchQueue(api, journal, opts)
+        window = 2 * min(opts.max_requests or api.max_requests, api.max_requests)
+        made = wrapped[id(llm)] = BatchLLM(
+            llm,
+            queue,
+            window=window,
+            prices=prices,
+            realtime_timeout=llm.timeout,
+            realtime_concurrency=None,
+        )
+        return made
+
+    token = _SWAP.set(swap)
+    try:
+        yield
+    finally:
+        _SWAP.reset(token)
+        for made in wrapped.values():
+            await made.queue.__aexit__(None, None, None)
+            if isinstance(journal, MemoryJournal):
+                await made.queue.cancel_running()
