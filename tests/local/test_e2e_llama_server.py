@@ -1,6 +1,7 @@
 """End to end against a real OpenAI-compatible server that is not ours.
 
-``python -m llama_cpp.server`` (from ``llama-cpp-python[server]``) serves the same
+``python -m llama_cpp.server`` (from ``llama-cpp-python[server]``; started so that its
+model loads with extra buffer types as ``fanflow.local()`` would) serves the same
 SmolLM2 model on a free loopback port. fanflow's patterns (map, vote, fan_out) run
 against it over HTTP, and their results must equal the same requests sent one by one,
 at temperature 0 with a fixed seed: real replies and the server's own usage numbers.
@@ -20,10 +21,21 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 import fanflow
-from fanflow.providers.local import default_model_path
+from fanflow.providers._local import default_model_path
 
 HOST = "127.0.0.1"
 GREEDY = {"temperature": 0.0, "seed": 7}
+# `python -m llama_cpp.server`, with llama.cpp's extra buffer types set as fanflow.local()
+# sets them (off on CPUs with AMX, where they crash: docs/decisions/0080). The server has
+# no option for them, so its model loads inside the same switch the workers use.
+SERVER = (
+    "import runpy, sys\n"
+    "from fanflow.providers._llama import extra_buffer_types\n"
+    "from fanflow.providers._local import extra_buffers_default\n"
+    "sys.argv[0] = 'llama_cpp.server'\n"
+    "with extra_buffer_types(extra_buffers_default()):\n"
+    "    runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
+)
 
 
 def _free_port() -> int:
@@ -38,8 +50,8 @@ def server() -> Iterator[int]:
     port = _free_port()
     command = [
         sys.executable,
-        "-m",
-        "llama_cpp.server",
+        "-c",
+        SERVER,
         "--model",
         str(default_model_path()),
         "--host",

@@ -1,7 +1,9 @@
-"""fanflow.local(): the real SmolLM2 model in worker threads.
+"""fanflow.local(): the real SmolLM2 model in worker processes.
 
 These run real generations (no fakes) with small ``max_tokens``: at temperature 0 with a
-seed the model is deterministic, so outputs can be compared exactly.
+seed the model is deterministic, so outputs can be compared exactly. Every generation runs
+in a worker process the handle started, never in the pytest process (a native fault
+fails one test, not the run); tests/local/test_isolation.py kills workers on purpose.
 """
 
 from __future__ import annotations
@@ -9,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
 
 import fanflow
 from fanflow.providers import LocalLLM
-from fanflow.providers._llama import Cancel, Instance, Settings
 
-local_module = importlib.import_module("fanflow.providers.local")
+from ._procs import alive, parent_of, wait_for
+
+local_module = importlib.import_module("fanflow.providers._local")
 
 REVIEWS = [
     "Works great, I love it!",
@@ -63,19 +68,20 @@ async def test_chat_template_of_the_gguf_is_applied(llm: LocalLLM) -> None:
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
         "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
-    instance = Instance(Settings(llm.path, 64, 1, None))
-    try:
-        expected = len(instance.model.tokenize(chatml.encode(), add_bos=False, special=True))
-    finally:
-        instance.close()
+    # A template that passes the text through: the ChatML above, tokenized as it stands.
+    async with fanflow.local(instances=1, chat_template=RAW) as raw:
+        expected = (await raw.complete(greedy(chatml, max_tokens=1))).usage.input_tokens
     response = await llm.complete(greedy("Hi", max_tokens=1))
     assert response.usage.input_tokens == expected
     with_system = await llm.complete(greedy("Hi", system="Be brief.", max_tokens=1))
     assert with_system.usage.input_tokens < expected  # the default system prompt is gone
 
 
+RAW = "{{ messages[-1]['content'] }}"
+
+
 async def test_a_chat_template_can_be_given() -> None:
-    async with fanflow.local(instances=1, chat_template="{{ messages[-1]['content'] }}") as llm:
+    async with fanflow.local(instances=1, chat_template=RAW) as llm:
         response = await llm.complete(greedy("Hello there", max_tokens=1))
     assert response.usage.input_tokens == 2  # just "Hello there": no template markup
 
@@ -125,6 +131,17 @@ async def test_map_over_instances_equals_sequential_calls(llm: LocalLLM) -> None
     assert any("negative" in text.lower() for text in sequential)
 
 
+async def test_generation_runs_in_worker_processes_never_here(llm: LocalLLM) -> None:
+    await llm.complete(greedy("Hi", max_tokens=2))
+    pids = llm.pool_statistics().pids
+    assert pids
+    assert os.getpid() not in pids
+    assert all(parent_of(pid) == os.getpid() for pid in pids)  # our own children
+    # llama-cpp-python (and with it its stdout/stderr file-descriptor juggling) never
+    # loads here: the tests' own imports check for it without importing it.
+    assert "llama_cpp" not in sys.modules
+
+
 async def test_generation_runs_off_the_event_loop(llm: LocalLLM) -> None:
     order: list[str] = []
 
@@ -136,7 +153,7 @@ async def test_generation_runs_off_the_event_loop(llm: LocalLLM) -> None:
         order.append("loop ran")
 
     task = asyncio.create_task(generate())
-    await asyncio.sleep(0)  # the call is now waiting on its worker thread
+    await asyncio.sleep(0)  # the call is now waiting on its worker
     await asyncio.create_task(tick())
     await task
     assert order == ["loop ran", "generated"]
@@ -160,30 +177,26 @@ async def test_a_timed_out_call_stops_generating_at_once(llm: LocalLLM) -> None:
     assert after.output_tokens - before.output_tokens < 150
 
 
-class _CancelAfter(Cancel):
-    """Cancels itself once ``n`` tokens exist, as the event loop would mid-generation."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def is_set(self) -> bool:
-        return self.tokens >= self.n or super().is_set()
-
-
-def test_a_cancelled_generation_stops_at_the_next_token(llm: LocalLLM) -> None:
-    instance = Instance(Settings(llm.path, 512, 1, None))
-    try:
-        request = greedy("Write a long essay about the sea.", max_tokens=100)
-        response = instance.generate(request, _CancelAfter(3))
-        flagged = Cancel()
-        flagged.set()
-        nothing = instance.generate(request, flagged)
-    finally:
-        instance.close()
-    assert response.usage.output_tokens == 3
-    assert response.finish_reason == "cancelled"
-    assert nothing.usage.output_tokens == 0
+async def test_a_cancelled_generation_stops_at_the_next_token(llm: LocalLLM) -> None:
+    await llm.load()
+    before = llm.pool_statistics()
+    request = greedy("Write a long, detailed essay about the sea.", max_tokens=300)
+    task = asyncio.create_task(llm.complete(request))
+    # Synchronise on state: cancel once the worker has streamed a few tokens.
+    await wait_for(
+        lambda: llm.pool_statistics().output_tokens - before.output_tokens >= 3, "tokens"
+    )
+    at_cancel = llm.pool_statistics().output_tokens
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    after = llm.pool_statistics()
+    assert after.busy == 0  # the worker had stopped when the cancelled call returned
+    assert after.cancelled == before.cancelled + 1
+    # Tokens already on their way when the worker read the cancel, at most a few.
+    assert after.output_tokens - at_cancel <= 3
+    again = await llm.complete(greedy("Hi", max_tokens=2))  # the worker serves on
+    assert again.usage.output_tokens >= 1
 
 
 async def test_too_long_a_prompt_fails_once_with_a_clear_error() -> None:
@@ -196,18 +209,28 @@ async def test_too_long_a_prompt_fails_once_with_a_clear_error() -> None:
     assert len(record.attempts) == 1  # not retryable
 
 
+async def test_metadata_stays_in_this_process(llm: LocalLLM) -> None:
+    # Metadata is for hooks and records; it need not cross to a worker, or pickle.
+    request = greedy("Hi", max_tokens=2).with_options(metadata={"callback": lambda: None})
+    response = await llm.complete(request)
+    assert response.usage.output_tokens >= 1
+
+
 async def test_response_format_is_refused_clearly(llm: LocalLLM) -> None:
     request = fanflow.Request.of("Hi", response_format={"type": "json_object"})
     with pytest.raises(fanflow.BadRequest, match="response_format"):
         await llm.complete(request)
 
 
-async def test_aclose_frees_the_instances_and_the_handle_can_load_again() -> None:
+async def test_aclose_stops_the_workers_and_the_handle_can_start_again() -> None:
     llm = fanflow.local(instances=2, threads=1)
     await llm.load()
-    assert llm.pool_statistics().loaded == 2
+    first = llm.pool_statistics()
+    assert first.loaded == 2
+    assert len(first.pids) == 2
     await llm.aclose()
     assert llm.pool_statistics().loaded == 0
+    assert not any(alive(pid) for pid in first.pids)  # exited and reaped
     response = await llm.complete(greedy("Hi", max_tokens=2))
     assert response.usage.output_tokens >= 1
     assert llm.pool_statistics().loaded == 1
@@ -222,12 +245,16 @@ def test_defaults_are_sized_to_the_machine() -> None:
     assert llm.threads == max(1, cores // llm.instances)
     assert llm.limits.concurrency == llm.instances
     assert repr(llm).startswith("fanflow.local(path=")
+    assert f"extra_buffers={llm.extra_buffers}" in repr(llm)
 
 
-def test_a_pickled_handle_starts_with_an_empty_pool(llm: LocalLLM) -> None:
+async def test_a_pickled_handle_starts_with_no_workers(llm: LocalLLM) -> None:
+    await llm.load()
     copy = pickle.loads(pickle.dumps(llm))
     assert copy.path == llm.path
+    assert copy.extra_buffers == llm.extra_buffers
     assert copy.pool_statistics().loaded == 0
+    assert copy.pool_statistics().pids == ()
 
 
 @pytest.mark.parametrize(
@@ -242,6 +269,32 @@ def test_a_pickled_handle_starts_with_an_empty_pool(llm: LocalLLM) -> None:
 def test_bad_options_fail_at_construction(options: dict[str, object], message: str) -> None:
     with pytest.raises(fanflow.ConfigError, match=message):
         fanflow.local(**options)  # type: ignore[arg-type]
+
+
+def test_a_file_that_is_not_gguf_fails_at_construction(tmp_path: Path) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_text("<html>404 Not Found</html>")  # what a failed download often leaves
+    with pytest.raises(fanflow.ConfigError, match="is not a GGUF model file") as info:
+        fanflow.local(path)
+    assert str(path) in str(info.value)
+    assert "pass path= a .gguf file" in str(info.value)
+
+
+async def test_a_model_llama_cpp_cannot_load_fails_every_call_clearly(tmp_path: Path) -> None:
+    # The right magic bytes, then a truncated header: llama.cpp refuses it.
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 20)
+    async with fanflow.local(path, instances=1) as llm:
+        records = [await fanflow.call(llm, "Hi", max_tokens=2).record() for _ in range(2)]
+        stats = llm.pool_statistics()
+    for record in records:
+        assert record.status is fanflow.Status.FAILED
+        assert isinstance(record.error, fanflow.ConfigError)
+        assert f"llama.cpp could not load {path}" in str(record.error)
+        assert "pass path= a GGUF model file" in str(record.error)
+        assert len(record.attempts) == 1  # not retried: it cannot get better
+    assert stats.restarts == 0  # the worker said why and exited; it did not crash
+    assert stats.pids == ()  # and the second call did not start another
 
 
 def test_missing_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

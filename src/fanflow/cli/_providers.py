@@ -180,7 +180,7 @@ def _local_model_installed() -> bool:
     import importlib.metadata
     import importlib.util
 
-    from ..providers.local import DEFAULT_PACKAGE
+    from ..providers._local import DEFAULT_PACKAGE
 
     if importlib.util.find_spec("llama_cpp") is None:
         return False

@@ -1,8 +1,9 @@
-"""The thread side of ``fanflow.local()``: one llama.cpp model instance and one generation.
+"""One llama.cpp model instance and one generation: the code a worker process runs.
 
-Everything here blocks and runs in a worker thread, never on the event loop. A
-generation streams token by token and checks a cancel flag before each token, so a
-cancelled call stops at the next token instead of running to ``max_tokens``.
+Nothing here runs in the user's process: ``fanflow.local()`` starts worker processes
+(``_worker.py``) and each loads one :class:`Instance`. A generation streams token by
+token and asks ``should_stop`` before each token, so a cancelled call stops at the next
+token instead of running to ``max_tokens``.
 
 A call reuses the KV cache for the prefix its prompt shares with the previous call on the
 same instance (llama.cpp's ``generate`` does this): a map's prompts share the chat template
@@ -13,9 +14,13 @@ machine. Greedy outputs were identical with and without the reuse in every run w
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import random
+import re
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +30,7 @@ from .._types import Request, Response, Usage
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-__all__ = ["Cancel", "Instance", "Settings"]
+__all__ = ["Instance", "Settings", "extra_buffer_types"]
 
 # ChatML, for GGUF files that carry no chat template of their own.
 CHATML = (
@@ -42,45 +47,54 @@ TOP_K = 40
 MIN_P = 0.05
 
 # llama-cpp-python silences loading by pointing file descriptors 1 and 2 at /dev/null and
-# back again. Two loads at once interleave that dance and can leave stdout pointing at
-# /dev/null for good (seen here: a script's output vanished after a 2-instance load), so
-# instances load one at a time.
+# back again, and the extra-buffer switch below patches a module attribute while loading:
+# both are process-wide, so loads in one process go one at a time. (A worker process
+# loads one instance; the in-process baseline of benchmarks/local.py loads several.)
 _LOADING = threading.Lock()
+
+# "load_tensors:   CPU_REPACK model buffer size =    27.00 MiB": which buffer types the
+# weights went into. CPU_REPACK and AMX are llama.cpp's extra buffer types.
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size")
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """How each instance is loaded."""
+    """How each instance is loaded.
+
+    Attributes:
+        path: the GGUF file.
+        n_ctx: the context size in tokens.
+        threads: CPU threads for generation and prompt processing.
+        chat_template: a Jinja chat template, or None for the file's own (else ChatML).
+        extra_buffers: let llama.cpp repack weights into its extra buffer types
+            (``use_extra_bufts``: CPU_REPACK, AMX). Off on CPUs with AMX: see
+            docs/decisions/0080.
+    """
 
     path: Path
     n_ctx: int
     threads: int
     chat_template: str | None
-
-
-@dataclass(slots=True)
-class Cancel:
-    """A flag the event loop sets and the worker thread reads between tokens."""
-
-    event: threading.Event = field(default_factory=threading.Event)
-    tokens: int = 0  # output tokens generated so far (written by the worker)
-
-    def set(self) -> None:
-        self.event.set()
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
+    extra_buffers: bool = True
 
 
 class Instance:
-    """One loaded model. Used by one thread at a time."""
+    """One loaded model. Used by one thread at a time.
+
+    Attributes:
+        n_ctx: the context that fits (prompt plus reply), in tokens.
+        name: the model's name (the file's stem).
+        buffers: the buffer types llama.cpp loaded the weights into, in the order it
+            reported them (e.g. ``("CPU_Mapped", "CPU_REPACK")``).
+    """
 
     def __init__(self, settings: Settings) -> None:
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._llama_cpp = llama_cpp
-        with _LOADING:
+        log: list[str] = []
+        with _LOADING, _capture_log(llama_cpp, log), extra_buffer_types(settings.extra_buffers):
             try:
                 self.model: Llama = llama_cpp.Llama(
                     model_path=str(settings.path),
@@ -90,10 +104,13 @@ class Instance:
                     verbose=False,
                 )
             except (ValueError, RuntimeError) as exc:
+                detail = _last_error(log)
                 raise ConfigError(
-                    f"llama.cpp could not load {settings.path}: {exc}; "
-                    "pass path= a GGUF model file that llama.cpp supports"
+                    f"llama.cpp could not load {settings.path}: {exc}"
+                    + (f" ({detail})" if detail else "")
+                    + "; pass path= a GGUF model file that llama.cpp supports"
                 ) from exc
+        self.buffers = tuple(dict.fromkeys(_BUFFER_LINE.findall("".join(log))))
         model = self.model
         eos = model.token_eos()
         bos = model.token_bos()
@@ -125,8 +142,20 @@ class Instance:
             )
         )
 
-    def generate(self, request: Request, cancel: Cancel) -> Response:
-        """Generate a reply to ``request``, stopping early if ``cancel`` is set."""
+    def generate(
+        self,
+        request: Request,
+        should_stop: Callable[[], bool],
+        on_token: Callable[[int], None] | None = None,
+    ) -> Response:
+        """Generate a reply to ``request``.
+
+        Args:
+            request: the request.
+            should_stop: asked before each token; True ends the generation early (its
+                finish reason is then ``"cancelled"``).
+            on_token: called with each generated token's id, as it is generated.
+        """
         if request.response_format is not None:
             raise BadRequest(
                 "fanflow.local() does not support response_format yet; "
@@ -162,7 +191,7 @@ class Instance:
         )
         try:
             while len(out) < max_tokens:
-                if cancel.is_set():
+                if should_stop():
                     finish = "cancelled"
                     break
                 token = next(tokens)
@@ -170,7 +199,8 @@ class Instance:
                     finish = "stop"
                     break
                 out.append(token)
-                cancel.tokens = len(out)
+                if on_token is not None:
+                    on_token(token)
                 if stops:
                     cut = _first_stop(model.detokenize(out, prev_tokens=prompt), stops)
                     if cut is not None:
@@ -191,3 +221,65 @@ def _first_stop(text: bytes, stops: list[bytes]) -> int | None:
     """Where the earliest stop sequence in ``text`` begins, or None."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(found) if found else None
+
+
+@contextlib.contextmanager
+def extra_buffer_types(enabled: bool) -> Iterator[None]:
+    """Load models with llama.cpp's extra buffer types on or off, within this block, in
+    this process (a worker; or the llama.cpp server the end-to-end tests start).
+
+    ``Llama()`` takes no argument for ``llama_model_params.use_extra_bufts``; it starts
+    from ``llama_model_default_params()``, looked up on the ``llama_cpp.llama_cpp`` module
+    at each load. So, while loading, that function returns the defaults with the flag set.
+    """
+    from llama_cpp import llama_cpp as low
+
+    fields = {name for name, *_ in low.llama_model_params._fields_}
+    if "use_extra_bufts" not in fields:
+        if enabled:  # what llama.cpp does anyway
+            yield
+            return
+        raise ConfigError(
+            "this llama-cpp-python cannot turn llama.cpp's extra buffer types off "
+            "(llama_model_params has no use_extra_bufts), which this CPU needs; upgrade it "
+            "with: pip install -U 'llama-cpp-python>=0.3.16'"
+        )
+    original = low.llama_model_default_params
+
+    def default_params() -> Any:
+        params = original()
+        params.use_extra_bufts = enabled
+        return params
+
+    low.llama_model_default_params = default_params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = original
+
+
+@contextlib.contextmanager
+def _capture_log(llama_cpp: Any, lines: list[str]) -> Iterator[None]:
+    """Collect llama.cpp's log lines while loading (they name the buffer types used and,
+    on failure, why), instead of printing them."""
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        from llama_cpp import _logger  # llama-cpp-python's own callback, set at import
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def _last_error(log: list[str]) -> str:
+    """The last line of llama.cpp's log that says what went wrong, if any."""
+    for line in reversed("".join(log).splitlines()):
+        text = line.strip()
+        if "error" in text.lower() or "failed" in text.lower():
+            return text
+    return ""
