@@ -268,14 +268,21 @@ def tripped(llms: Any) -> list[CircuitOpen]:
 
 
 def stopped(
-    args: argparse.Namespace, console: Any, stats: ProgressStats, stops: list[CircuitOpen]
+    args: argparse.Namespace,
+    console: Any,
+    stats: ProgressStats,
+    stops: list[CircuitOpen],
+    *,
+    summary: bool = True,
+    unit: str = "items",
 ) -> int:
-    """A run its breaker stopped: exit 2 with one message saying what to fix."""
-    if not args.quiet:
+    """A run its breaker stopped: exit 2 with one message saying what to fix
+    (``summary=False``: the caller has printed the summary already)."""
+    if summary and not args.quiet:
         console.print(render_summary(stats))
     reason = for_cli(str(stops[0]).removeprefix("not sent: "))
     console.print(
-        f"fanflow: stopped early, the remaining items were not sent (skipped): {reason}",
+        f"fanflow: stopped early, the remaining {unit} were not sent (skipped): {reason}",
         markup=False,
     )
     return EXIT_USAGE
