@@ -58,6 +58,14 @@ async def test_without_progress_nothing_is_printed(capsys: pytest.CaptureFixture
         lambda llm: fanflow.sections(llm, ["intro", "end"], progress=True),
         lambda llm: fanflow.evaluate(llm, "text", criteria=["clear"], progress=True),
         lambda llm: fanflow.ParallelCalls(llm).arun(["a", "b"], progress=True),
+        lambda llm: fanflow.call(llm, "a", progress=True),
+        lambda llm: fanflow.Skill(llm, "say {x}").arun(x="a", progress=True),
+        lambda llm: fanflow.Chain([fanflow.Step(fanflow.Skill(llm, "say {x}"), "y")]).arun(
+            {"x": "a"}, progress=True
+        ),
+        lambda llm: fanflow.Flow([fanflow.Step(fanflow.Skill(llm, "say {x}"), "y")]).arun(
+            x="a", progress=True
+        ),
     ],
 )
 async def test_every_pattern_takes_progress(pattern, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
@@ -77,6 +85,38 @@ def test_run_progress_counts_every_call_inside(capsys: pytest.CaptureFixture[str
 
     fanflow.run(job, progress=True)
     assert finals(capsys.readouterr().err) == [("5", None, "0")]
+
+
+def test_sync_run_of_skill_chain_and_flow_takes_progress(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    llm = ScriptedLLM(lambda prompt: "ok")
+    skill = fanflow.Skill(llm, "say {x}")
+    assert skill.run(x="a", progress=True).value == "ok"
+    assert finals(capsys.readouterr().err) == [("1", None, "0")]
+    for graph in (fanflow.Chain, fanflow.Flow):
+        result = graph([fanflow.Step(skill, "y")]).run({"x": "a"}, progress=True)
+        assert result.context["y"] == "ok"
+        assert finals(capsys.readouterr().err) == [("1", None, "0")]
+
+
+@pytest.mark.looptime
+async def test_as_completed_shows_progress_for_the_streams_lifetime(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    llm = ScriptedLLM(lambda prompt: "ok", latency=4.0)
+    items = [{"q": str(i)} for i in range(5)]
+    seen = 0
+    async with fanflow.as_completed(llm, "{q}", items, concurrency=1, progress=True) as results:
+        async for record in results:
+            seen += 1
+            assert record.value == "ok"
+            # The caller's own calls between records are not the stream's.
+            await fanflow.call(llm, "not counted")
+    assert seen == 5
+    lines = finals(capsys.readouterr().err)
+    assert lines, "no progress line"
+    assert lines[-1] == ("5", "5", "0")  # its total, every item, and nothing else
 
 
 def test_pool_run_progress(capsys: pytest.CaptureFixture[str]) -> None:

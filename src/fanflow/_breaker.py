@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._exceptions import (
+    RETRYABLE,
     AuthenticationError,
     CircuitOpen,
     NotFound,
@@ -307,8 +308,8 @@ class Breaker:
 def _stop(kind: str, scope: Scope, cause: BaseException, count: int) -> CircuitOpen:
     model = scope[1] if scope[0] == "model" else None
     fix = _FIX[kind].format(model=repr(model))
-    # The cause's own advice may say "fanflow retries this": no longer true, so cut it.
-    last = str(cause).split("; fanflow retries this")[0]
+    # The cause's own advice may say it is retryable: no longer true, so cut it.
+    last = str(cause).split(f"; {RETRYABLE}")[0]
     error = CircuitOpen(
         f"not sent: {fix}. fanflow stopped sending after {count} attempts in a row failed "
         f"this way; fix it and run again (with a job, finished items are kept). "

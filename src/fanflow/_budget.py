@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from ._exceptions import BudgetExceeded, ConfigError
 from ._pricing import Price, price_of
 
-__all__ = ["Budget", "BudgetStatistics"]
+__all__ = ["UNPRICED_FIX", "Budget", "BudgetStatistics"]
+
+# The fix an unpriced model's BudgetExceeded gives; the CLI swaps in its own flag.
+UNPRICED_FIX = (
+    "pass prices={...: fanflow.Price(input=, output=)} or a budget in tokens: "
+    "fanflow.Budget(tokens=...)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +126,7 @@ class Budget:
         if price is None:
             raise BudgetExceeded(
                 f"the price of model {model!r} is unknown, so a budget in dollars cannot "
-                "cover it; pass prices={...: fanflow.Price(input=, output=)} or a budget "
-                "in tokens: fanflow.Budget(tokens=...)"
+                f"cover it; {UNPRICED_FIX}"
             )
         if batch:
             return price.batch_cost(input_tokens, output_tokens)

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ._types import RateLimitState
 
 __all__ = [
+    "RETRYABLE",
     "AllFailed",
     "AuthenticationError",
     "BadRequest",
@@ -78,6 +79,10 @@ __all__ = [
     "TemplateError",
     "is_retryable",
 ]
+
+#: What a retryable error's message says about retrying. Neutral on purpose: whether it
+#: is sent again depends on the call's retry policy (none, or attempts used up).
+RETRYABLE = "retryable: sent again if the retry policy allows"
 
 
 class FanflowError(Exception):

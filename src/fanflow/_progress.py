@@ -33,11 +33,14 @@ __all__ = [
     "PlainDisplay",
     "ProgressStats",
     "Tracker",
+    "displaying",
     "format_duration",
     "plain_line",
     "render_live",
     "render_summary",
     "show_progress",
+    "shown",
+    "size_of",
     "with_progress",
 ]
 
@@ -423,14 +426,29 @@ async def show_progress(
     if AMBIENT_HOOKS.get():
         yield None
         return
+    async with displaying(total=total, stream=stream) as tracker:
+        token = AMBIENT_HOOKS.set((tracker,))
+        try:
+            yield tracker
+        finally:
+            AMBIENT_HOOKS.reset(token)
+
+
+@contextlib.asynccontextmanager
+async def displaying(
+    *, total: int | None = None, stream: IO[str] | None = None
+) -> AsyncIterator[Tracker]:
+    """Draw a tracker's progress for the block's lifetime; the caller decides which
+    calls report to it (:func:`show_progress`: every call made inside the block)."""
     tracker = Tracker(total, clock=asyncio.get_running_loop().time)
     display = _library_display(tracker, stream)
-    token = AMBIENT_HOOKS.set((tracker,))
     driver = asyncio.ensure_future(drive(display))
+    # Let it start: a block that never yields (one call to a model that answers at
+    # once) would cancel it before it ran, and the final line would never be drawn.
+    await asyncio.sleep(0)
     try:
         yield tracker
     finally:
-        AMBIENT_HOOKS.reset(token)
         tracker.stop()
         driver.cancel()
         await asyncio.gather(driver, return_exceptions=True)
@@ -441,6 +459,22 @@ R = TypeVar("R")
 
 # Arguments that say how many calls a pattern will make, for the bar and the ETA.
 _SIZES = ("items", "calls", "inputs")
+
+
+async def shown(awaitable: Awaitable[R], *, progress: bool, total: int | None = None) -> R:
+    """Await ``awaitable``, inside :func:`show_progress` when ``progress`` is true (for
+    the methods and objects that take ``progress=`` but are not wrapped patterns)."""
+    if not progress:
+        return await awaitable
+    async with show_progress(total=total):
+        return await awaitable
+
+
+def size_of(items: object) -> int | None:
+    """How many calls ``items`` will make, when it says (a list does; an iterator not)."""
+    if isinstance(items, Sized) and not isinstance(items, str | Mapping):
+        return len(items)
+    return None
 
 
 def with_progress(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -461,9 +495,8 @@ def with_progress(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except TypeError:  # a wrong call: let the pattern raise its own error
             bound = {}
         for name in _SIZES:
-            value = bound.get(name)
-            if isinstance(value, Sized) and not isinstance(value, str | Mapping):
-                total = len(value)
+            if (size := size_of(bound.get(name))) is not None:
+                total = size
         async with show_progress(total=total):
             return await fn(*args, **kwargs)
 

@@ -48,6 +48,27 @@ def test_a_wrong_key_stops_early_with_exit_2_and_one_message(run: Run, tmp_path:
     assert sum(r["status"] == "skipped" for r in rows) == 300 - sent
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["vote", "2+2?", "-n", "20"], ["fanout", "plan a trip"], ["best-of", "a haiku", "-n", "3"]],
+    ids=["vote", "fanout", "best-of"],
+)
+def test_a_wrong_key_stops_every_pattern_command_with_exit_2_and_one_message(
+    run: Run, command: list[str]
+) -> None:
+    """As map and run do: the breaker's message, once, and the usage exit code."""
+    wrong = "sk-wrong-key-123456"
+    with SimServer(api_key="sk-right") as server:
+        done = run(*command, *openai_args(server.url), env={"OPENAI_API_KEY": wrong})
+    assert done.returncode == 2, done.stderr
+    out = done.stdout + done.stderr
+    assert out.count("fanflow: stopped early") == 1, out
+    assert "check the API key" in out
+    assert "the remaining calls were not sent" in out
+    assert "Traceback" not in out
+    assert wrong not in out
+
+
 def test_a_field_no_row_has_is_found_before_any_call(run: Run, tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(
         "".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(50))

@@ -357,3 +357,16 @@ def test_price_flag_feeds_the_budget(run: Run, tmp_path: Path) -> None:
     errors = [str(r["error"]) for r in rows(done.stdout)]
     # Priced by --price (without it: "the price of model 'my-model' is unknown").
     assert all(e.startswith("BudgetExceeded") and "needs an estimated $" in e for e in errors)
+
+
+def test_sim_knobs_alone_choose_the_simulated_model(run: Run, tmp_path: Path) -> None:
+    # Found trying the CLI as a new user: `--sim latency=0.5` without `--provider sim`
+    # fell back to the local model (minutes of real generation, no word about --sim).
+    items(tmp_path / "in.jsonl", 3)
+    done = run("map", "in.jsonl", "-p", "{t}", "--sim", "reply=pong", "-o", "out.jsonl", "-q")
+    assert done.returncode == 0, done.stderr
+    assert [r["output"] for r in rows((tmp_path / "out.jsonl").read_text())] == ["pong"] * 3
+    done = run("map", "in.jsonl", "-p", "{t}", "--provider", "openai", "--sim", "reply=pong")
+    assert done.returncode == 2
+    assert "--sim" in done.stderr
+    assert "--provider sim" in done.stderr

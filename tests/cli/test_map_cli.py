@@ -321,6 +321,25 @@ def test_budget_skips_what_it_cannot_cover(run: Run, tmp_path: Path) -> None:
     assert re.search(rf"BudgetExceeded +{len(skipped)}\b", done.stderr)
 
 
+def test_a_budget_for_a_model_with_no_price_says_the_flag_that_gives_one(
+    run: Run, tmp_path: Path
+) -> None:
+    (tmp_path / "in.txt").write_text("a\nb\n")
+    done = run(
+        "map", "in.txt", "-p", "Say {input}", "--provider", "sim", "--model", "no-price-model",
+        "--budget", "1",
+    )  # fmt: skip
+    assert done.returncode == 1
+    rows = [json.loads(x) for x in done.stdout.splitlines()]
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert "model 'no-price-model' is unknown" in rows[0]["error"]
+    assert "--price MODEL=IN/OUT (USD per million tokens" in rows[0]["error"]
+    everything = done.stdout + done.stderr
+    assert "prices=" not in everything
+    assert "fanflow.Price" not in everything
+    assert "Budget(tokens" not in everything  # the CLI's --budget is in dollars only
+
+
 def test_batch_sends_items_through_the_batch_api(run: Run, tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("".join(f"word {i}\n" for i in range(12)))
     done = run(

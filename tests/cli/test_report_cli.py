@@ -157,3 +157,32 @@ def test_report_of_a_job_served_entirely_from_the_cache(run: Run, tmp_path: Path
     assert "served from the store's cache" in done.stderr
     assert "--records" not in done.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+def test_records_keep_requeues_and_notes_and_the_failures_table_shows_the_note(
+    tmp_path: Path,
+) -> None:
+    from fanflow import Attempt, CallRecord, RateLimited, Status
+    from fanflow.cli._records import RecordsWriter, read_records
+    from fanflow.cli._report import render_html
+
+    note = "the server asked to wait 90 s (Retry-After); waited 60 s, the retry policy's max_wait"
+    record: CallRecord[object] = CallRecord(
+        Status.FAILED,
+        error=RateLimited("429 Too Many Requests"),
+        attempts=(
+            Attempt(1, 0.0, 1.0, Status.FAILED, RateLimited("429"), requeued=True),
+            Attempt(2, 2.0, 3.0, Status.FAILED, RateLimited("429"), note=note),
+        ),
+        start=0.0,
+        end=3.0,
+        index=0,
+    )
+    writer = RecordsWriter.open(tmp_path / "calls.jsonl")
+    writer.write(record)
+    writer.close()
+    (row,) = read_records(str(tmp_path / "calls.jsonl"))
+    assert [(a.requeued, a.note) for a in row.attempts] == [(True, None), (False, note)]
+    page = Page()
+    page.feed(render_html([row], title="t"))
+    assert note in page.cells

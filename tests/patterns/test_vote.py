@@ -123,3 +123,45 @@ async def test_bad_options_are_refused() -> None:
         await fanflow.vote(llm, "?", n=0)
     with pytest.raises(fanflow.ConfigError, match="wave must be >= 1"):
         await fanflow.vote(llm, "?", early_stop=True, wave=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        # Both temperatures: the spread would silently win over the one given.
+        ({"temperature": 0.2, "temperatures": (0.0, 1.0)}, ("temperature=", "temperatures=")),
+        # Even when the one given is the default's value.
+        ({"temperature": 0.7, "temperatures": (0.0, 1.0)}, ("temperature=", "temperatures=")),
+        # A wave size without early_stop: nothing is sampled in waves.
+        ({"wave": 2}, ("wave=", "early_stop=True")),
+        # More models or prompts than samples: the last ones would never be asked.
+        ({"n": 2, "models": 3}, ("3 models", "n=2")),
+        ({"n": 2, "task": ["a", "b", "c"]}, ("3 prompts", "n=2")),
+    ],
+)
+async def test_contradictory_options_are_refused_naming_both(
+    kwargs: dict[str, object], names: tuple[str, ...]
+) -> None:
+    llm = ScriptedLLM()
+    models = kwargs.pop("models", None)
+    task = kwargs.pop("task", "?")
+    target = [ScriptedLLM() for _ in range(models)] if isinstance(models, int) else llm
+    with pytest.raises(fanflow.ConfigError) as info:
+        await fanflow.vote(target, task, **kwargs)  # type: ignore[arg-type]
+    for name in names:
+        assert name in str(info.value)
+    assert llm.calls == 0
+
+
+async def test_the_default_temperature_leaves_temperatures_alone() -> None:
+    seen: list[float | None] = []
+
+    def reply(request: Request) -> str:
+        seen.append(request.temperature)
+        return "a"
+
+    await fanflow.vote(ScriptedLLM(reply), "?", n=3, temperatures=(0.0, 1.0))
+    assert sorted(t for t in seen if t is not None) == [0.0, 0.5, 1.0]
+    seen.clear()
+    await fanflow.vote(ScriptedLLM(reply), "?", n=2)
+    assert seen == [0.7, 0.7]

@@ -179,6 +179,17 @@ async def test_retries_then_succeeds_through_the_engine(factory: Factory) -> Non
     assert [a.wait_before for a in record.attempts] == [0.0, 1.0, 2.0]
 
 
+async def test_a_500_told_not_to_retry_does_not_claim_a_retry(factory: Factory) -> None:
+    async with SimServer(fault_on={"x": ["500"]}) as server, factory(server) as llm:
+        record = await fanflow.call(llm, "x", retry=RetryPolicy.none()).record()
+        assert server.stats().requests == 1
+    assert isinstance(record.error, fanflow.ServerError)
+    message = str(record.error)
+    assert "HTTP 500" in message
+    assert "retries this" not in message  # it was not retried
+    assert "retryable" in message  # still says it is the kind that may be retried
+
+
 async def test_rate_limit_headers_and_retry_after(factory: Factory) -> None:
     loop = asyncio.get_running_loop()
     async with SimServer(rpm=2, tpm=1000) as server, factory(server) as llm:

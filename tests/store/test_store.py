@@ -326,3 +326,52 @@ def test_store_options_are_checked(tmp_path: Path) -> None:
         Store(tmp_path / "s.db", max_batch=0)
     with Store(tmp_path / "s.db", durability="full", max_batch=1) as store:
         assert store.jobs() == []
+
+
+# The calls and items tables as schema 2 (the first store of the day) wrote them.
+_SCHEMA_2 = """
+CREATE TABLE calls (key TEXT PRIMARY KEY, model TEXT, text TEXT NOT NULL,
+    response_model TEXT, finish_reason TEXT, input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL, usage_estimated INTEGER NOT NULL, cost REAL,
+    latency REAL, time_to_first_token REAL, duration REAL, attempts INTEGER NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE jobs (name TEXT PRIMARY KEY, total INTEGER, runs INTEGER NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE items (job TEXT NOT NULL, idx INTEGER NOT NULL, input_id TEXT, key TEXT,
+    status TEXT NOT NULL, error_type TEXT, error TEXT, cached INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cost REAL,
+    updated REAL NOT NULL, PRIMARY KEY (job, idx)) WITHOUT ROWID;
+INSERT INTO jobs VALUES ('old', 1, 1, 0, 0);
+INSERT INTO items VALUES ('old', 0, NULL, 'k0', 'succeeded', NULL, NULL, 0, 1, 1, NULL, 0);
+INSERT INTO calls VALUES ('k0', 'm', 'old answer', NULL, NULL, 1, 1, 0, NULL, NULL, NULL,
+    NULL, 1, 0);
+PRAGMA user_version=2;
+"""
+
+
+async def test_requeues_and_the_last_note_persist_in_a_store_from_earlier_today(
+    tmp_path: Path,
+) -> None:
+    from fanflow import Attempt, CallRecord, RateLimited
+    from fanflow.store import ItemRef
+
+    path = tmp_path / "store.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_SCHEMA_2)
+    conn.close()
+    attempts = (
+        Attempt(1, 0.0, 1.0, Status.FAILED, RateLimited("429"), requeued=True),
+        Attempt(2, 2.0, 3.0, Status.FAILED, RateLimited("429"), note="waited 4 s: Retry-After"),
+        Attempt(3, 7.0, 8.0, Status.SUCCEEDED),
+    )
+    record: CallRecord[Any] = CallRecord(
+        Status.SUCCEEDED, attempts=attempts, response=Response("new answer"), index=1
+    )
+    with Store(path) as store:
+        old = store.items("old")[0]  # the row written before the upgrade still reads
+        assert (old.status, old.requeues, old.note) == (Status.SUCCEEDED, 0, None)
+        await store.save(record, key="k1", item=ItemRef("old", 1))
+        new = store.items("old")[1]
+        assert (new.requeues, new.note) == (1, "waited 4 s: Retry-After")
+    assert rows(path, "SELECT key, requeues FROM calls ORDER BY key") == [("k0", 0), ("k1", 1)]
+    assert rows(path, "PRAGMA user_version") == [(3,)]

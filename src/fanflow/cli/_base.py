@@ -203,7 +203,18 @@ def interrupts(args: argparse.Namespace) -> Interrupts:
 def plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> ProviderPlan:
     from ._providers import parse_sim_spec, plan_llm
 
-    sim = parse_sim_spec(args.sim or env.get("FANFLOW_SIM"))
+    spec = args.sim or env.get("FANFLOW_SIM")
+    sim = parse_sim_spec(spec)
+    if spec:
+        # --sim describes the simulated model: alone it chooses it; with another
+        # provider it would be ignored, which is never what was meant.
+        if settings.provider is None:
+            settings = dataclasses.replace(settings, provider="sim")
+        elif settings.provider != "sim":
+            raise ConfigError(
+                f"--sim (or FANFLOW_SIM) sets the simulated model's knobs, but the provider "
+                f"is {settings.provider!r}; pass --provider sim, or drop --sim"
+            )
     return plan_llm(settings, env, sim=sim, max_tokens=args.max_tokens, api_key=args.api_key)
 
 
@@ -300,14 +311,21 @@ def tripped(llms: Any) -> list[CircuitOpen]:
 
 
 def stopped(
-    args: argparse.Namespace, console: Any, stats: ProgressStats, stops: list[CircuitOpen]
+    args: argparse.Namespace,
+    console: Any,
+    stats: ProgressStats,
+    stops: list[CircuitOpen],
+    *,
+    summary: bool = True,
+    unit: str = "items",
 ) -> int:
-    """A run its breaker stopped: exit 2 with one message saying what to fix."""
-    if not args.quiet:
+    """A run its breaker stopped: exit 2 with one message saying what to fix
+    (``summary=False``: the caller has printed the summary already)."""
+    if summary and not args.quiet:
         console.print(render_summary(stats))
     reason = for_cli(str(stops[0]).removeprefix("not sent: "))
     console.print(
-        f"fanflow: stopped early, the remaining items were not sent (skipped): {reason}",
+        f"fanflow: stopped early, the remaining {unit} were not sent (skipped): {reason}",
         markup=False,
     )
     return EXIT_USAGE

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .._events import Hook
-from .._exceptions import AllFailed, ConfigError, QuorumNotMet
+from .._exceptions import AllFailed, CircuitOpen, ConfigError, QuorumNotMet
 from .._llm import BaseLLM
 from .._progress import ProgressStats, Tracker, drive, render_summary
 from .._types import CallRecord
@@ -244,10 +244,14 @@ def cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         tracker = Tracker(expected, clock=_base.loop_time)
         display = _base.display(args, console, tracker, _base.Bad())
         async with open_llms([plan]) as llms:
-            return await run_pattern(
-                lambda hooks: call(llms[0], hooks), tracker=tracker, display=display
-            )
+            try:
+                return await run_pattern(
+                    lambda hooks: call(llms[0], hooks), tracker=tracker, display=display
+                )
+            finally:
+                stops.extend(_base.tripped(llms))
 
+    stops: list[CircuitOpen] = []
     run = _base.run_then_close(go, args, console)
     assert run.stats is not None
     if run.result is not None:
@@ -258,6 +262,8 @@ def cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if run.interrupted or _base.interrupts(args).count:
         console.print("fanflow: interrupted; no answer. Run the command again.")
         return _base.EXIT_INTERRUPTED
+    if stops:  # as map and run say it: one message, what to fix, exit 2
+        return _base.stopped(args, console, run.stats, stops, summary=False, unit="calls")
     if run.error is not None:
         console.print(
             f"fanflow {args.command}: {type(run.error).__name__}: {for_cli(str(run.error))}",

@@ -101,6 +101,8 @@ def record_to_json(
                 "error": _error_name(a.error),
                 "rate_limited": a.error is not None and _is_429(a.error),
                 "hedge": a.hedge,
+                "requeued": a.requeued,
+                "note": a.note,
             }
             for a in record.attempts
         ],
@@ -222,6 +224,8 @@ class AttemptRow:
     error: str | None
     rate_limited: bool
     hedge: bool
+    requeued: bool = False
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +252,11 @@ class CallRow:
         if self.start is None or self.end is None:
             return None
         return self.end - self.start
+
+    @property
+    def note(self) -> str | None:
+        """The latest attempt's note (why its wait was what it was), if any says one."""
+        return next((a.note for a in reversed(self.attempts) if a.note), None)
 
     @property
     def busy_time(self) -> float:
@@ -284,6 +293,8 @@ def read_records(path: str) -> Iterator[CallRow]:
                         a.get("error"),
                         bool(a.get("rate_limited")),
                         bool(a.get("hedge")),
+                        bool(a.get("requeued")),
+                        a.get("note"),
                     )
                     for a in d.get("attempts", ())
                 )

@@ -372,7 +372,7 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline: Chart | None =
     ]
     failed = [r for r in rows if r.status != "succeeded"]
     failures = _table(
-        ("item", "line", "id", "input", "status", "error", "attempts", "message"),
+        ("item", "line", "id", "input", "status", "error", "attempts", "message", "note"),
         (
             (
                 r.index if r.index is not None else "",
@@ -383,6 +383,7 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline: Chart | None =
                 r.error or "",
                 len(r.attempts),
                 r.message or "",
+                r.note or "",
             )
             for r in sorted(failed, key=lambda r: (r.index is None, r.index or 0))[
                 :MAX_FAILURES_LISTED

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._budget import UNPRICED_FIX
 from .._exceptions import ConfigError
 
 __all__ = ["OPTIONS", "Option", "Settings", "for_cli", "resolve_settings"]
@@ -80,8 +81,18 @@ _ARGUMENT = re.compile(
 )
 
 
+# Library advice that names no single argument, as the CLI gives it (--budget is in
+# dollars only, so there is no budget in tokens to suggest).
+_ADVICE_FOR_CLI: Mapping[str, str] = {
+    UNPRICED_FIX: "give its price with --price MODEL=IN/OUT (USD per million tokens, "
+    "e.g. --price gpt-5=1.25/10), or --price FILE.toml for a prices file",
+}
+
+
 def for_cli(message: str) -> str:
     """``message`` with the library's argument names (``timeout=``) as flags (``--timeout``)."""
+    for library, cli in _ADVICE_FOR_CLI.items():
+        message = message.replace(library, cli)
     return _ARGUMENT.sub(lambda m: FLAG_OF_ARGUMENT[m[1]], message)
 
 

@@ -40,6 +40,7 @@ from .._engine import CallOptions
 from .._events import Hook
 from .._exceptions import ConfigError, Skipped, StepInputError
 from .._pricing import Price
+from .._progress import shown
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
 from .._util import is_async_callable
@@ -295,13 +296,22 @@ class _Graph:
         names = [s.name for s in self.steps]
         return f"fanflow.{type(self).__name__}({names})"
 
-    def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> FlowResult:
+    def run(
+        self, inputs: Mapping[str, Any] | None = None, /, *, progress: bool = False, **kwargs: Any
+    ) -> FlowResult:
         """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
-        return run_sync(lambda: self.arun(inputs, **kwargs))
+        return run_sync(lambda: self.arun(inputs, progress=progress, **kwargs))
 
-    async def arun(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> FlowResult:
-        """Run the steps over one input dict (and/or keyword inputs); failures are data."""
-        return await self.execute({**(inputs or {}), **kwargs}, index=None, hooks=())
+    async def arun(
+        self, inputs: Mapping[str, Any] | None = None, /, *, progress: bool = False, **kwargs: Any
+    ) -> FlowResult:
+        """Run the steps over one input dict (and/or keyword inputs); failures are data.
+
+        ``progress=True`` shows its calls live (an input named ``progress`` goes in the
+        ``inputs`` mapping).
+        """
+        run = self.execute({**(inputs or {}), **kwargs}, index=None, hooks=())
+        return await shown(run, progress=progress)
 
     async def execute(
         self,

@@ -11,7 +11,7 @@ from .._durable import execute_stored
 from .._engine import status_of
 from .._exceptions import AllFailed, CallTimeout
 from .._llm import LLM
-from .._progress import with_progress
+from .._progress import shown, with_progress
 from .._types import CallRecord, Request, Response, Status
 from ._common import check_model
 from ._options import Options, Resolved, Shared, resolve
@@ -28,12 +28,15 @@ class Call:
     attempt of it; awaiting it directly raises the call's error when it fails.
     """
 
-    __slots__ = ("_options", "llm", "request")
+    __slots__ = ("_options", "_progress", "llm", "request")
 
-    def __init__(self, llm: LLM, request: Request, options: Resolved) -> None:
+    def __init__(
+        self, llm: LLM, request: Request, options: Resolved, *, progress: bool = False
+    ) -> None:
         self.llm = llm
         self.request = request
         self._options = options
+        self._progress = progress
 
     def __repr__(self) -> str:
         return f"fanflow.Call({self.request.prompt[:40]!r})"
@@ -44,6 +47,9 @@ class Call:
         ``outer``: the options of an enclosing ``gather`` or ``race``, for what this
         call did not set itself.
         """
+        return await shown(self._record(outer), progress=self._progress, total=1)
+
+    async def _record(self, outer: Shared | None) -> CallRecord[Response]:
         own = self._options.start()
         store, cache = own.store, own.cache
         if outer is None:
@@ -76,6 +82,7 @@ def call(
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> Call:
     """One call through the engine (admission, timeout, retries, hedging).
@@ -86,6 +93,8 @@ def call(
     ``**options`` are the call options (:class:`fanflow.Options`); ``deadline`` counts
     from when the call starts. Options a call sets win over those of the ``gather`` or
     ``race`` it is passed to; pass one ``Budget`` to cap several calls together.
+    ``progress=True`` shows the call live while it runs (inside a ``gather`` or ``race``
+    given ``progress=True``, that one display counts it).
     """
     o = resolve("call", options)
     check_model(llm, "call")
@@ -95,7 +104,7 @@ def call(
         request = Request.of(
             prompt, system=system, temperature=temperature, max_tokens=max_tokens, seed=seed
         )
-    return Call(llm, request, o)
+    return Call(llm, request, o, progress=progress)
 
 
 async def _outcome(aw: Awaitable[Any], index: int, outer: Shared | None = None) -> CallRecord[Any]:

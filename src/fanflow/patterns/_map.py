@@ -19,9 +19,10 @@ from typing import Any, Generic, TypeVar, Unpack
 
 from .._budget import as_budget
 from .._durable import Durability
+from .._events import AMBIENT_HOOKS
 from .._exceptions import FanflowError
 from .._llm import LLM
-from .._progress import with_progress
+from .._progress import Tracker, displaying, size_of, with_progress
 from .._types import BatchResult, CallRecord, Request, Response
 from ..backends._base import Backend, BatchRun, Deliver, FirstCheck, Items, MapSpec
 from ..backends._batch import BatchOptions, Mode
@@ -253,8 +254,16 @@ class ResultStream(Generic[T]):
     (``break``) stops its items as soon as it is dropped, but nothing waits for them.
     """
 
-    def __init__(self, make_batch: Callable[[Deliver], BatchRun]):
+    def __init__(
+        self,
+        make_batch: Callable[[Deliver], BatchRun],
+        *,
+        progress: bool = False,
+        total: int | None = None,
+    ):
         self._make_batch = make_batch
+        self._progress = progress
+        self._total = total
         self._producer: _Producer[T] | None = None
         # The iterator handed out. Inside ``async with`` the stream holds it, so that
         # leaving the block closes it here and waits; outside, only weakly: the
@@ -296,17 +305,28 @@ class ResultStream(Generic[T]):
         # this generator, so dropping it is enough.
         if self._closed:
             return
-        producer = self._producer = _Producer[T](self._make_batch)
-        try:
-            while True:
-                record = await producer.queue.get()
-                if record is None:
-                    self._closed = True
-                    await producer.task  # re-raises the producer's error, if any
-                    return
-                yield record
-        finally:
-            await producer.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            hooks: tuple[Tracker, ...] = ()
+            if self._progress and not AMBIENT_HOOKS.get():
+                # Shown for the stream's lifetime. Only the producer's task (which
+                # copies the context when it is made) reports to it: the caller's own
+                # calls between records are not the stream's.
+                hooks = (await stack.enter_async_context(displaying(total=self._total)),)
+            token = AMBIENT_HOOKS.set((*AMBIENT_HOOKS.get(), *hooks))
+            try:
+                producer = self._producer = _Producer[T](self._make_batch)
+            finally:
+                AMBIENT_HOOKS.reset(token)
+            try:
+                while True:
+                    record = await producer.queue.get()
+                    if record is None:
+                        self._closed = True
+                        await producer.task  # re-raises the producer's error, if any
+                        return
+                    yield record
+            finally:
+                await producer.stop()
 
     async def aclose(self) -> None:
         """Cancel the items still in flight and wait until they have stopped."""
@@ -345,6 +365,7 @@ def as_completed(
     backend: str | Backend = "local",
     mode: Mode = "realtime",
     batch: BatchOptions | None = None,
+    progress: bool = False,
     **options: Unpack[Options],
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
@@ -352,7 +373,8 @@ def as_completed(
     ``items`` may be an endless (async) iterator: items are pulled only as workers free
     up, and at most about twice the concurrency of records wait to be consumed.
     The arguments are those of :func:`map` but ``fail_fast``, and the same call options
-    (:class:`fanflow.Options`); a record is yielded only after it is committed to the
+    (:class:`fanflow.Options`), and ``progress=True`` shows the stream's calls live
+    from its first record until it is closed; a record is yielded only after it is committed to the
     store (on Ray, records stream back from the workers as they finish; with ``mode``
     ``"batch"``/``"auto"``, as their batches land).
 
@@ -393,4 +415,4 @@ def as_completed(
     def make_batch(deliver: Deliver) -> BatchRun:
         return runner.map_batch(spec, deliver)
 
-    return ResultStream(make_batch)
+    return ResultStream(make_batch, progress=progress, total=size_of(items))

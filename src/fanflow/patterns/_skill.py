@@ -21,6 +21,7 @@ from .._events import Hook
 from .._exceptions import ConfigError, ParseError
 from .._llm import LLM
 from .._pricing import Price
+from .._progress import shown
 from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
 from ..backends._batchrun import swapped
@@ -162,14 +163,24 @@ class Skill:
             raise result.error
         return result.value
 
-    def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> SkillResult:
+    def run(
+        self, inputs: Mapping[str, Any] | None = None, /, *, progress: bool = False, **kwargs: Any
+    ) -> SkillResult:
         """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
-        return run_sync(lambda: self.arun(inputs, **kwargs))
+        return run_sync(lambda: self.arun(inputs, progress=progress, **kwargs))
 
-    async def arun(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> SkillResult:
-        """Run the skill on ``inputs`` (and/or keyword inputs); failures are data."""
+    async def arun(
+        self, inputs: Mapping[str, Any] | None = None, /, *, progress: bool = False, **kwargs: Any
+    ) -> SkillResult:
+        """Run the skill on ``inputs`` (and/or keyword inputs); failures are data.
+
+        ``progress=True`` shows its calls live (an input named ``progress`` goes in the
+        ``inputs`` mapping).
+        """
         merged = {**(inputs or {}), **kwargs}
-        return await self.execute(merged, index=None, label=self.name, hooks=())
+        return await shown(
+            self.execute(merged, index=None, label=self.name, hooks=()), progress=progress
+        )
 
     async def execute(
         self,

@@ -148,13 +148,23 @@ def _should_stop(ranked: list[tuple[Any, int]], left: int, threshold: float) -> 
     return None
 
 
+class _DefaultTemperature(float):
+    """vote's default temperature (0.7), told apart from a 0.7 the caller passed, so
+    that ``temperature=`` and ``temperatures=`` given together can be refused."""
+
+    __slots__ = ()
+
+
+_DEFAULT_TEMPERATURE: float = _DefaultTemperature(0.7)
+
+
 @with_progress
 async def vote(
     llm: LLM | Sequence[LLM],
     task: str | Sequence[str],
     *,
     n: int = 5,
-    temperature: float | None = 0.7,
+    temperature: float | None = _DEFAULT_TEMPERATURE,
     temperatures: tuple[float, float] | None = None,
     normalize: Normalize = "default",
     early_stop: bool = False,
@@ -174,13 +184,14 @@ async def vote(
         n: the most samples to draw.
         temperature: sampling temperature of every sample (None: the handle's).
         temperatures: ``(low, high)``: spread the samples' temperatures evenly over the
-            range, as :func:`fan_out` does (overrides ``temperature``).
+            range, as :func:`fan_out` does (instead of ``temperature``: not both).
         normalize: ``"default"`` (:func:`normalize_answer`), None (exact text), or a
             function of the reply text returning a hashable answer. If it raises, that
             sample fails with a ``ParseError`` and is not counted.
         early_stop: sample in waves and stop once the result is settled (see the module
             docstring); ``samples_used`` says how many were drawn.
-        wave: samples per wave with ``early_stop`` (default: :func:`default_wave`).
+        wave: samples per wave with ``early_stop`` (default: :func:`default_wave`); only
+            with ``early_stop=True``.
         threshold: the Beta rule's confidence threshold.
         system: a system prompt.
         **options: the call options (:class:`fanflow.Options`); ``concurrency`` is the
@@ -201,6 +212,24 @@ async def vote(
         check_model(model, "vote")
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
+    for count, what in ((len(models), "models"), (len(prompts), "prompts")):
+        if count > n:
+            raise ConfigError(
+                f"vote got {count} {what} but n={n} samples, so the last {count - n} would "
+                f"never be asked (sample i uses number i % {count}); raise n to at least "
+                f"{count} or pass fewer {what}"
+            )
+    if temperatures is not None and temperature is not _DEFAULT_TEMPERATURE:
+        raise ConfigError(
+            f"vote got both temperature={temperature} and temperatures={temperatures}; "
+            "give temperature= for one temperature or temperatures=(low, high) to spread "
+            "the samples over a range, not both"
+        )
+    if wave is not None and not early_stop:
+        raise ConfigError(
+            f"vote got wave={wave} without early_stop=True: samples are drawn in waves "
+            "only with early_stop; pass early_stop=True or leave wave out"
+        )
     if not 0.5 <= threshold < 1:
         raise ConfigError(f"threshold must be in [0.5, 1), got {threshold}")
     size = default_wave(n) if wave is None else wave
@@ -220,7 +249,8 @@ async def vote(
     o = o.start()
     opts = o.calls()
     durable = o.durability()
-    temps = spread(n, temperatures) if temperatures is not None else [temperature] * n
+    plain = None if temperature is None else float(temperature)  # not the marker type
+    temps = spread(n, temperatures) if temperatures is not None else [plain] * n
     everything = [
         sample(
             prompts[i % len(prompts)],

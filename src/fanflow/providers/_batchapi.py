@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
-from .._exceptions import ProtocolError, ProviderError
+from .._exceptions import RETRYABLE, ProtocolError, ProviderError
 from .._types import Request, Response, Usage
 
 if TYPE_CHECKING:
@@ -78,8 +78,7 @@ class HttpBatchAPI(BatchAPI):
 
     def _protocol(self, what: str) -> ProtocolError:
         return ProtocolError(
-            f"{self.llm.provider}: the batch API's reply was not as expected ({what}); "
-            "fanflow retries this"
+            f"{self.llm.provider}: the batch API's reply was not as expected ({what}); {RETRYABLE}"
         )
 
     def _line_error(self, status: int, body: Any) -> ProviderError:

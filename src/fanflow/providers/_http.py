@@ -30,6 +30,7 @@ import aiohttp
 
 from .._breaker import COLD_CALLS, Breaker
 from .._exceptions import (
+    RETRYABLE,
     AuthenticationError,
     BadRequest,
     ContentFiltered,
@@ -217,7 +218,7 @@ def classify(
         cls = BadRequest
     else:
         cls = ProviderError
-    advice = _ADVICE.get(cls, "fanflow retries this" if cls.retryable else "not retried")
+    advice = _ADVICE.get(cls, RETRYABLE if cls.retryable else "not retried")
     error = cls(
         f"{provider} answered HTTP {status}: {message} ({advice})",
         status_code=status,
@@ -239,7 +240,7 @@ def connection_error(
         return ProviderTimeout(f"{provider}: timed out connecting to {url} ({detail})")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return ProtocolError(
-            f"{provider}: the reply from {url} was cut off ({detail}); fanflow retries this"
+            f"{provider}: the reply from {url} was cut off ({detail}); {RETRYABLE}"
         )
     if is_out_of_files(exc):
         # The process's own limit, not the server: the advice must say so (issue 13).
@@ -251,7 +252,7 @@ def connection_error(
             "If it persists, lower the concurrency or raise the limit (ulimit -n)"
         )
     error = ProviderConnectionError(
-        f"{provider}: could not talk to {url} ({detail}); fanflow retries this. "
+        f"{provider}: could not talk to {url} ({detail}); {RETRYABLE}. "
         "If it persists, check that the server is up and base_url is right"
     )
     # No connection was made at all (refused, no such host): nothing was sent, and if
@@ -262,9 +263,7 @@ def connection_error(
 
 
 def protocol_error(provider: str, what: str) -> ProtocolError:
-    return ProtocolError(
-        f"{provider}: the reply was not the expected JSON ({what}); fanflow retries this"
-    )
+    return ProtocolError(f"{provider}: the reply was not the expected JSON ({what}); {RETRYABLE}")
 
 
 def normalise_url(url: str) -> str:

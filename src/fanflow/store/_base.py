@@ -36,7 +36,11 @@ class ItemRef:
 
 @dataclass(frozen=True, slots=True)
 class ItemInfo:
-    """One item of a job as the store last recorded it."""
+    """One item of a job as the store last recorded it.
+
+    ``requeues`` counts its 429/529s that did not use up an attempt
+    (:attr:`Attempt.requeued`); ``note`` is its latest attempt's :attr:`Attempt.note`.
+    """
 
     index: int
     input_id: str | None
@@ -48,6 +52,8 @@ class ItemInfo:
     usage: Usage
     cost: float | None
     updated: float
+    requeues: int = 0
+    note: str | None = None
 
     def __repr__(self) -> str:
         return f"fanflow.ItemInfo(index={self.index}, status={self.status.value!r})"

@@ -38,7 +38,19 @@ __all__ = ["DEFAULT_PATH", "ItemInfo", "JobInfo", "Store", "StoreStatistics"]
 
 DEFAULT_PATH = Path(".fanflow") / "store.db"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# What each version added to a store written by the one before it; _migrate runs the
+# steps a store lacks, so a store from an earlier fanflow opens and keeps its rows.
+# 2: the batch tables (in _SCHEMA, created if missing). 3: requeued 429s and the last
+# attempt's note (Attempt.requeued/note).
+_ADDED_COLUMNS: dict[int, tuple[str, ...]] = {
+    3: (
+        "ALTER TABLE calls ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0;",
+        "ALTER TABLE items ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0;",
+        "ALTER TABLE items ADD COLUMN note TEXT;",
+    ),
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -55,7 +67,8 @@ CREATE TABLE IF NOT EXISTS calls (
     time_to_first_token REAL,
     duration REAL,
     attempts INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    requeues INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY,
@@ -77,6 +90,8 @@ CREATE TABLE IF NOT EXISTS items (
     output_tokens INTEGER NOT NULL,
     cost REAL,
     updated REAL NOT NULL,
+    requeues INTEGER NOT NULL DEFAULT 0,
+    note TEXT,
     PRIMARY KEY (job, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
@@ -98,11 +113,12 @@ CREATE TABLE IF NOT EXISTS batch_items (
 _INSERT_CALL = (
     "INSERT OR REPLACE INTO calls (key, model, text, response_model, finish_reason, "
     "input_tokens, output_tokens, usage_estimated, cost, latency, time_to_first_token, "
-    "duration, attempts, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    "duration, attempts, created, requeues) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_ITEM = (
     "INSERT OR REPLACE INTO items (job, idx, input_id, key, status, error_type, error, "
-    "cached, input_tokens, output_tokens, cost, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    "cached, input_tokens, output_tokens, cost, updated, requeues, note) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _SELECT_CALL = (
     "SELECT text, response_model, finish_reason, input_tokens, output_tokens, "
@@ -458,9 +474,22 @@ class Store:
         if version == SCHEMA_VERSION:
             return
         try:
-            conn.executescript(
-                f"BEGIN IMMEDIATE;\n{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
-            )
+            conn.execute("BEGIN IMMEDIATE")
+            # Read again under the write lock: another process may have upgraded the
+            # file meanwhile, and ALTER TABLE must run once.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                # A new file (version 0) gets the whole schema; an older store gets the
+                # tables and columns added since its version.
+                for sql in _SCHEMA.split(";"):
+                    if sql.strip():
+                        conn.execute(sql)
+                for step, sqls in sorted(_ADDED_COLUMNS.items()):
+                    if 0 < version < step:
+                        for sql in sqls:
+                            conn.execute(sql)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -525,7 +554,7 @@ class Store:
         """
         sql = (
             "SELECT idx, input_id, key, status, error_type, error, cached, input_tokens, "
-            "output_tokens, cost, updated FROM items WHERE job = ?"
+            "output_tokens, cost, updated, requeues, note FROM items WHERE job = ?"
         )
         params: tuple[Any, ...] = (job,)
         if status is not None:
@@ -545,6 +574,8 @@ class Store:
                 usage=Usage(r[7], r[8]),
                 cost=r[9],
                 updated=r[10],
+                requeues=r[11],
+                note=r[12],
             )
             for r in rows
         ]
@@ -583,7 +614,9 @@ class Store:
         if response is not None and not record.cached:
             request = record.request
             model = request.model if request is not None else None
-            row = _call_row(key, model, response, record.latency, len(record.attempts), now)
+            row = _call_row(
+                key, model, response, record.latency, len(record.attempts), now, _requeues(record)
+            )
             ops.append((_INSERT_CALL, row))
         if item is not None:
             ops.append(_item_op(record, item, key, now))
@@ -736,6 +769,7 @@ def _call_row(
     duration: float | None,
     attempts: int,
     now: float,
+    requeues: int = 0,
 ) -> tuple[Any, ...]:
     usage = response.usage if response.usage is not None else Usage()
     return (
@@ -753,6 +787,7 @@ def _call_row(
         duration,
         attempts,
         now,
+        requeues,
     )
 
 
@@ -778,5 +813,17 @@ def _item_op(record: CallRecord[Any], item: ItemRef, key: str | None, now: float
             record.usage.output_tokens,
             record.cost,
             now,
+            _requeues(record),
+            _last_note(record),
         ),
     )
+
+
+def _requeues(record: CallRecord[Any]) -> int:
+    return sum(a.requeued for a in record.attempts)
+
+
+def _last_note(record: CallRecord[Any]) -> str | None:
+    """The latest attempt's note (why its wait was what it was), if any says one."""
+    note = next((a.note for a in reversed(record.attempts) if a.note), None)
+    return None if note is None else note[:_MAX_ERROR_CHARS]
