@@ -237,10 +237,12 @@ def tails(quick: bool, have_nginx: bool) -> None:
     n, c, latency = 1000, 50, 1.0
     faults = {"500": 0.05, "503": 0.02, "hang": 0.01}
     bound = math.ceil(n / c) * latency
-    for label, retry in (
-        ("hedging policy (default)", RetryPolicy(seed=1)),
-        ("hedging off", RetryPolicy(seed=1, hedge=False)),
+    for label, retry, tail in (
+        ("hedging policy (default)", RetryPolicy(seed=1), True),
+        ("hedging policy, no tail retry", RetryPolicy(seed=1), False),
+        ("hedging off", RetryPolicy(seed=1, hedge=False), True),
     ):
+        fanflow._engine.TAIL_RETRY = tail  # the A/B of decision 0151
         for name, kw in (
             ("faults", {"latency": latency, "faults": faults, "seed": 7}),
             ("plain", {"latency": latency, "jitter": 0.1, "seed": 7}),
@@ -252,10 +254,12 @@ def tails(quick: bool, have_nginx: bool) -> None:
             )
             row(label, f"SimServer {name}", out, bound, f"{out.hedges} hedges")
     if have_nginx and not quick:
-        for label, retry in (
-            ("hedging policy (default)", RetryPolicy(seed=1)),
-            ("hedging off", RetryPolicy(seed=1, hedge=False)),
+        for label, retry, tail in (
+            ("hedging policy (default)", RetryPolicy(seed=1), True),
+            ("hedging policy, no tail retry", RetryPolicy(seed=1), False),
+            ("hedging off", RetryPolicy(seed=1, hedge=False), True),
         ):
+            fanflow._engine.TAIL_RETRY = tail
             out = real(
                 lambda retry=retry: _sim(  # type: ignore[misc]
                     {"latency": 0.5, "faults": faults, "seed": 7},
@@ -274,6 +278,7 @@ def tails(quick: bool, have_nginx: bool) -> None:
                 math.ceil(n / c) * 0.5,
                 f"{out.hedges} hedges",
             )
+        fanflow._engine.TAIL_RETRY = True
 
 
 def main() -> None:

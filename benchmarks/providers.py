@@ -99,9 +99,16 @@ def bare_httpx(keepalive: int | None) -> Callable[[str, int], Awaitable[tuple[Ru
     return setup
 
 
-async def fanflow_map(url: str, c: int, hedge: bool | None = None) -> tuple[Run, Close]:
+async def fanflow_map(
+    url: str, c: int, hedge: bool | None = None, batch_gc: bool = True
+) -> tuple[Run, Close]:
     """fanflow.map over N items with a fanflow.openai handle (its defaults)."""
     import fanflow
+
+    if not batch_gc:  # the A/B of decision 0150: the GC threshold as the process has it
+        import fanflow._gc
+
+        fanflow._gc.BATCH_GC_THRESHOLD = 0
 
     retry = None if hedge is None else fanflow.RetryPolicy(hedge=hedge)
     llm = fanflow.openai("sim", base_url=url, api_key="sk-bench", retry=retry)
@@ -141,6 +148,10 @@ VARIANTS: dict[str, tuple[str, Callable[[str, int], Awaitable[tuple[Run, Close]]
     "nohedge": (
         "... with RetryPolicy(hedge=False)",
         lambda url, c: fanflow_map(url, c, hedge=False),
+    ),
+    "nogc": (
+        "... without the batch GC threshold (decision 0150)",
+        lambda url, c: fanflow_map(url, c, batch_gc=False),
     ),
     "httpx20": ("bare httpx + semaphore, keep-alive 20", bare_httpx(20)),
     "httpx": ("bare httpx + semaphore, keep-alive = C", bare_httpx(None)),

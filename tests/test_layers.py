@@ -53,6 +53,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow.events": "core",
     "fanflow._rate": "core",
     "fanflow._hedge": "core",
+    "fanflow._gc": "core",
     "fanflow._retry": "core",
     "fanflow._sync": "core",
     "fanflow._log": "core",

@@ -43,6 +43,7 @@ from ._exceptions import (
     ParseError,
     ProviderError,
     RateLimited,
+    ServerError,
     Skipped,
     is_retryable,
 )
@@ -61,6 +62,15 @@ T = TypeVar("T")
 # The most 429/529s one call may have requeued without using up an attempt (the
 # deadline bounds them too).
 MAX_REQUEUES = 100
+
+# A 5xx in a batch's tail is retried at once (decision 0151); False only for A/B
+# measurements (benchmarks/limits_servers.py).
+TAIL_RETRY = True
+# The note on an attempt whose 5xx was retried at once in a batch's tail.
+TAIL_RETRY_NOTE = (
+    "retried at once (no backoff): a 5xx in the batch's tail, with free slots and the "
+    "handle's other calls succeeding"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +494,7 @@ class _Call(Generic[T]):
             emit(self.hooks, CallStarted(start, self.request, self.index, self.label))
         wait_before = 0.0
         error: BaseException
+        called = self.lane.successes  # the handle's successes when this call began
         while True:
             if self.deadline is not None and loop.time() >= self.deadline:
                 error = CallTimeout(
@@ -516,7 +527,7 @@ class _Call(Generic[T]):
                 break
             except Exception as exc:
                 error = exc
-                wait = self._wait_after(exc, policy, seen)
+                wait = self._wait_after(exc, policy, seen, called)
                 log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
                     emit(
@@ -597,12 +608,16 @@ class _Call(Generic[T]):
             cm.reschedule(self.loop.time())  # stop the first attempt: the duplicate won
         return response
 
-    def _wait_after(self, exc: Exception, policy: RetryPolicy, seen: int) -> float | None:
+    def _wait_after(
+        self, exc: Exception, policy: RetryPolicy, seen: int, called: int
+    ) -> float | None:
         """How long to wait before the next attempt after ``exc`` (None: stop now).
 
         A 429/529 while the handle had other calls in flight, or while they succeeded
         (``seen``: the handle's successes when this attempt began), is the handle's own
         load: it is requeued without using up an attempt (at most ``MAX_REQUEUES``).
+        A 5xx in a batch's tail may go again at once (``called``: the handle's successes
+        when this call began; :meth:`_tail_retry`).
         A Retry-After is waited exactly, never longer, and at most ``policy.max_wait``;
         without a usable one, the backoff. The reason goes into the attempt's ``note``
         when the wait is not simply what the server asked.
@@ -621,6 +636,9 @@ class _Call(Generic[T]):
         note = None
         if overload and asked is not None and asked > 0:
             wait = asked  # the server said when: no more, no less
+        elif self._tail_retry(exc, asked, called):
+            wait = 0.0
+            note = TAIL_RETRY_NOTE
         else:
             wait = policy.backoff(max(1, len(self._tries())), asked)
             if overload:
@@ -641,6 +659,24 @@ class _Call(Generic[T]):
         if note is not None:
             self._annotate(note=note)
         return wait
+
+    def _tail_retry(self, exc: Exception, asked: float | None, called: int) -> bool:
+        """Whether a 5xx is retried at once, without backoff (decision 0151).
+
+        Only in a batch's tail: the error is a plain 5xx (not a 429/529 overload) with
+        no Retry-After, other calls of the handle succeeded since this call began (the
+        server is up: this error is the item's bad luck, not an outage), and there are
+        free slots nobody waits for, both in the pattern's gate and in the handle's lane
+        (so the retry only takes load the server was carrying a moment ago). Mid-batch,
+        where slots are contended, and against a failing server, the backoff stands.
+        """
+        if not TAIL_RETRY or type(exc) is not ServerError or asked is not None:
+            return False
+        lane = self.lane
+        if lane.successes <= called or not lane.gate.idle():
+            return False
+        gate = self.opts.gate
+        return gate is None or gate.idle()
 
     def _annotate(self, *, requeued: bool | None = None, note: str | None = None) -> None:
         """Mark the attempt that just failed (the latest one that was not a hedge)."""

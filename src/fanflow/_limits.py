@@ -322,6 +322,10 @@ class Gate:
     def _has_room(self) -> bool:
         return self._limit is None or self._in_flight < self._limit
 
+    def idle(self) -> bool:
+        """A slot is free and nobody waits for one (a batch's tail, not its middle)."""
+        return not self._waiters and self._has_room()
+
     def try_acquire(self) -> bool:
         """Take a slot if one is free now and nobody is queued before us."""
         if not self._waiters and (self._limit is None or self._in_flight < self._limit):

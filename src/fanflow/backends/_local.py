@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 from .._durable import Durability
 from .._engine import CallOptions, execute, make_options
 from .._events import CallEnded, emit
+from .._gc import batch_gc
 from .._limits import DEFAULT_CONCURRENCY
 from .._llm import LLM, BaseLLM
 from .._types import CallRecord, Request, Response, Status
@@ -189,9 +190,10 @@ class Batch(Generic[T]):
 
     async def _run(self) -> int:
         try:
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(self.workers):
-                    tg.create_task(self._worker())
+            with batch_gc():
+                async with asyncio.TaskGroup() as tg:
+                    for _ in range(self.workers):
+                        tg.create_task(self._worker())
         except BaseExceptionGroup as group:
             # Re-raise the one meaningful error (fail-fast, or the item iterator's own).
             errors = group.exceptions
