@@ -77,6 +77,51 @@ def _backend(
     return batch_backend(mode, batch, backend, llm, deadline=deadline, hedge_after=hedge_after)
 
 
+def _spec(
+    name: str,
+    llm: LLM,
+    prompt: Prompt,
+    items: Items,
+    options: Options,
+    *,
+    system: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    seed: int | None,
+    parse: Callable[[Response], Any] | None,
+    label: str | None,
+    fail_fast: bool,
+    only_failed: bool,
+) -> MapSpec:
+    """Check a map's arguments and describe it for a backend (``map``, ``as_completed``)."""
+    o = resolve(name, options)
+    check_model(llm, name)
+    if isinstance(prompt, str):
+        parse_template(prompt)  # a bad template fails here, before any call
+    return MapSpec(
+        llm=llm,
+        build=_Template(
+            prompt, system, _params(temperature=temperature, max_tokens=max_tokens, seed=seed)
+        ),
+        items=items,
+        parse=parse or _text,
+        concurrency=o.concurrency,
+        timeout=o.timeout,
+        deadline=o.deadline,
+        retry=o.retry,
+        hedge_after=o.hedge_after,
+        hooks=tuple(o.hooks),
+        label=label,
+        fail_fast=fail_fast,
+        durable=Durability.of(
+            store=o.store, job=o.job, only_failed=only_failed, cache=o.cache, sink=o.sink
+        ),
+        budget=as_budget(o.budget_spec),
+        prices=o.prices,
+        check_first=_first_check(prompt),
+    )
+
+
 def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -142,36 +187,14 @@ async def map(
     Returns:
         A :class:`fanflow.BatchResult` with one record per item, in input order.
     """
-    o = resolve("map", options)
-    check_model(llm, "map")
-    if isinstance(prompt, str):
-        parse_template(prompt)  # a bad template fails here, before any call
-    concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
-    hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
-    store, job, cache, sink = o.store, o.job, o.cache, o.sink
-    spec = MapSpec(
-        llm=llm,
-        build=_Template(
-            prompt, system, _params(temperature=temperature, max_tokens=max_tokens, seed=seed)
-        ),
-        items=items,
-        parse=parse or _text,
-        concurrency=concurrency,
-        timeout=timeout,
-        deadline=deadline,
-        retry=retry,
-        hedge_after=hedge_after,
-        hooks=tuple(hooks),
-        label=label,
-        fail_fast=fail_fast,
-        durable=Durability.of(
-            store=store, job=job, only_failed=only_failed, cache=cache, sink=sink
-        ),
-        budget=as_budget(budget),
-        prices=prices,
-        check_first=_first_check(prompt),
+    spec = _spec(
+        "map", llm, prompt, items, options, system=system, temperature=temperature,
+        max_tokens=max_tokens, seed=seed, parse=parse, label=label, fail_fast=fail_fast,
+        only_failed=only_failed,
+    )  # fmt: skip
+    runner = _backend(
+        backend, mode, batch, llm, deadline=spec.deadline, hedge_after=spec.hedge_after
     )
-    runner = _backend(backend, mode, batch, llm, deadline=deadline, hedge_after=hedge_after)
     loop = asyncio.get_running_loop()
     size = spec.size
     records: list[CallRecord[Any] | None] = [None] * size if size is not None else []
@@ -382,35 +405,14 @@ def as_completed(
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
         then ``async for record in results:`` (``record.index``, ``record.value``).
     """
-    o = resolve("as_completed", options)
-    check_model(llm, "as_completed")
-    if isinstance(prompt, str):
-        parse_template(prompt)  # a bad template fails here, before any call
-    concurrency, timeout, deadline, retry = o.concurrency, o.timeout, o.deadline, o.retry
-    hedge_after, hooks, budget, prices = o.hedge_after, o.hooks, o.budget_spec, o.prices
-    store, job, cache, sink = o.store, o.job, o.cache, o.sink
-    spec = MapSpec(
-        llm=llm,
-        build=_Template(
-            prompt, system, _params(temperature=temperature, max_tokens=max_tokens, seed=seed)
-        ),
-        items=items,
-        parse=parse or _text,
-        concurrency=concurrency,
-        timeout=timeout,
-        deadline=deadline,
-        retry=retry,
-        hedge_after=hedge_after,
-        hooks=tuple(hooks),
-        label=label,
-        durable=Durability.of(
-            store=store, job=job, only_failed=only_failed, cache=cache, sink=sink
-        ),
-        budget=as_budget(budget),
-        prices=prices,
-        check_first=_first_check(prompt),
+    spec = _spec(
+        "as_completed", llm, prompt, items, options, system=system, temperature=temperature,
+        max_tokens=max_tokens, seed=seed, parse=parse, label=label, fail_fast=False,
+        only_failed=only_failed,
+    )  # fmt: skip
+    runner = _backend(
+        backend, mode, batch, llm, deadline=spec.deadline, hedge_after=spec.hedge_after
     )
-    runner = _backend(backend, mode, batch, llm, deadline=deadline, hedge_after=hedge_after)
 
     def make_batch(deliver: Deliver) -> BatchRun:
         return runner.map_batch(spec, deliver)
