@@ -81,3 +81,31 @@ async def test_a_second_5xx_in_the_tail_goes_again_at_once(looptime: float) -> N
     (retried,) = [r for r in result.records if len(r.attempts) > 1]
     assert [a.wait_before for a in retried.attempts] == [0.0, 0.0, 0.0]
     assert looptime == 3.0
+
+
+async def test_once_every_item_is_started_a_5xx_goes_again_at_once(looptime: float) -> None:
+    # Decision 0157: 25 items, 10 at a time, 1 s each; the batch's 20 workers hand out
+    # the last item at t=1, when items 20-24 wait for slots (the gate is not idle). Call
+    # 10 fails at t=1.1: the tail has begun, so no backoff, though others still wait.
+    llm = ScriptedLLM(
+        latency=1.0, failures={10: Fault.server_error(after=0.1)}, retry=RETRY, limits=Limits()
+    )
+    result = await fanflow.map(llm, "{input}", range(25), concurrency=10)
+    assert result.ok
+    (retried,) = [r for r in result.records if len(r.attempts) > 1]
+    first, second = retried.attempts
+    assert first.end == pytest.approx(1.1)
+    assert first.note == TAIL_RETRY_NOTE
+    assert second.wait_before == 0.0
+
+
+async def test_before_the_last_item_is_handed_out_the_backoff_stands(looptime: float) -> None:
+    # The same failure with 60 items: at t=1.1 items are still to be handed out.
+    llm = ScriptedLLM(
+        latency=1.0, failures={10: Fault.server_error(after=0.1)}, retry=RETRY, limits=Limits()
+    )
+    result = await fanflow.map(llm, "{input}", range(60), concurrency=10)
+    assert result.ok
+    (retried,) = [r for r in result.records if len(r.attempts) > 1]
+    assert retried.attempts[0].note is None
+    assert retried.attempts[1].wait_before == 0.5

@@ -68,9 +68,23 @@ MAX_REQUEUES = 100
 TAIL_RETRY = True
 # The note on an attempt whose 5xx was retried at once in a batch's tail.
 TAIL_RETRY_NOTE = (
-    "retried at once (no backoff): a 5xx in the batch's tail, with free slots and the "
-    "handle's other calls succeeding"
+    "retried at once (no backoff): a 5xx in the batch's tail (every item started, or "
+    "free slots), the handle's other calls succeeding"
 )
+
+
+class Tail:
+    """Whether a batch has handed out its last item (set by the batch; decision 0157).
+
+    From then on every item is started and the batch only waits for its slowest: a 5xx
+    there is retried at once (:meth:`_Call._tail_retry`), since a backoff would be added
+    to the makespan.
+    """
+
+    __slots__ = ("draining",)
+
+    def __init__(self) -> None:
+        self.draining = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +100,7 @@ class CallOptions:
         gate: the pattern's own concurrency gate (None: only the handle's limit).
         budget: the spending cap the calls draw on (None: no cap).
         prices: model prices beyond the built-in table, for costs and budgets.
+        tail: set by a batch once its item source is exhausted (None: not a batch).
     """
 
     timeout: float | None = None
@@ -96,6 +111,7 @@ class CallOptions:
     gate: Gate | None = None
     budget: Budget | None = None
     prices: Mapping[str, Price] | None = None
+    tail: Tail | None = None
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
@@ -116,13 +132,15 @@ def make_options(
     hooks: Sequence[Hook] = (),
     budget: float | Budget | None = None,
     prices: Mapping[str, Price] | None = None,
+    tail: bool = False,
 ) -> CallOptions:
     """Build the options of one pattern call; ``deadline`` is in seconds from now.
 
     ``budget`` is a :class:`Budget` (used as given, so calls sharing it draw on one cap)
     or a number of dollars (a new cap for these options alone). A pattern that builds
     options more than once converts a number with ``as_budget`` first, so all its calls
-    share one cap.
+    share one cap. ``tail``: the options are a batch's, which marks its tail on them
+    (:class:`Tail`).
     """
     cap = as_budget(budget)
     if cap is not None:
@@ -144,6 +162,7 @@ def make_options(
         gate=Gate(concurrency) if concurrency is not None else None,
         budget=cap,
         prices=dict(prices) if prices else None,
+        tail=Tail() if tail else None,
     )
 
 
@@ -665,15 +684,22 @@ class _Call(Generic[T]):
 
         Only in a batch's tail: the error is a plain 5xx (not a 429/529 overload) with
         no Retry-After, other calls of the handle succeeded since this call began (the
-        server is up: this error is the item's bad luck, not an outage), and there are
-        free slots nobody waits for, both in the pattern's gate and in the handle's lane
-        (so the retry only takes load the server was carrying a moment ago). Mid-batch,
-        where slots are contended, and against a failing server, the backoff stands.
+        server is up: this error is the item's bad luck, not an outage), and either the
+        batch has handed out its last item (decision 0157: from then on the load only
+        falls, and the retry waits for a slot like any call) or there are free slots
+        nobody waits for, both in the pattern's gate and in the handle's lane (so the
+        retry only takes load the server was carrying a moment ago). Mid-batch, where
+        slots are contended, and against a failing server, the backoff stands.
         """
         if not TAIL_RETRY or type(exc) is not ServerError or asked is not None:
             return False
         lane = self.lane
-        if lane.successes <= called or not lane.gate.idle():
+        if lane.successes <= called:
+            return False
+        tail = self.opts.tail
+        if tail is not None and tail.draining:
+            return True
+        if not lane.gate.idle():
             return False
         gate = self.opts.gate
         return gate is None or gate.idle()

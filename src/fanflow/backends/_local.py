@@ -206,9 +206,12 @@ class Batch(Generic[T]):
     async def _worker(self) -> None:
         source = self.source
         is_async = source.is_async
+        tail = self.opts.tail
         while True:
             got = await source.next() if is_async else source.next_sync()
             if got is None:
+                if tail is not None:
+                    tail.draining = True  # every item is started: the batch's tail
                 return
             index, item = got
             record = await self.run_item(index, item)
@@ -285,6 +288,7 @@ class LocalBackend:
             hooks=spec.hooks,
             budget=spec.budget,
             prices=spec.prices,
+            tail=True,
         )
         return Batch[Any](
             spec.llm,
