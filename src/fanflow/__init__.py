@@ -23,9 +23,6 @@ This module only re-exports; implementation lives in private modules.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
-from importlib.metadata import version as _version
-
 from ._budget import Budget
 from ._exceptions import (
     AllFailed,
@@ -75,6 +72,7 @@ from ._types import (
     Summary,
     Usage,
 )
+from ._version import __version__  # the one source: hatch reads it for the package too
 from .backends import BatchBackend, BatchOptions, RayBackend
 from .patterns import (
     BestOfNResult,
@@ -122,10 +120,6 @@ from .store import JsonlSink, ParquetSink, Store
 
 __getattr__ = _renamed(__name__)  # the old result names, deprecated for one release
 
-try:
-    __version__ = _version("fanflow")
-except _PackageNotFoundError:  # running from a source tree that is not installed
-    from ._version import __version__
 
 __all__ = [
     "DEFAULT_CONCURRENCY",

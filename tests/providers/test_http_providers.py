@@ -390,3 +390,39 @@ async def test_virtual_time_never_fires_a_timeout_early_over_real_sockets() -> N
             bad = await fanflow.map(late, "{i}", [{"i": i} for i in range(20)], concurrency=20)
     assert ok.ok
     assert set(bad.status.values()) == {fanflow.Status.TIMED_OUT}
+
+
+async def _headers_seen(**kw: Any) -> list[list[str]]:
+    """The User-Agent headers (all of them, per request) a loopback server received."""
+    from aiohttp import web
+
+    seen: list[list[str]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.headers.getall("User-Agent", []))
+        return web.json_response(
+            {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        llm = fanflow.openai("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-x", **kw)
+        async with llm:
+            await llm.complete(Request.of("hi"))
+    finally:
+        await runner.cleanup()
+    return seen
+
+
+async def test_requests_name_fanflow_in_their_user_agent() -> None:
+    assert await _headers_seen() == [[f"fanflow/{fanflow.__version__}"]]
+
+
+async def test_a_user_agent_of_your_own_replaces_fanflows() -> None:
+    assert await _headers_seen(headers={"user-agent": "mine/1"}) == [["mine/1"]]

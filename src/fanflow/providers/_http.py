@@ -49,6 +49,7 @@ from .._limits import Limits
 from .._llm import BaseLLM
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response
+from .._version import __version__
 from ._openfiles import connection_cap, is_out_of_files, open_file_limits
 from ._ratelimit import parse_retry_after, wait_from_state
 
@@ -405,7 +406,16 @@ class HttpLLM(BaseLLM):
         self.cache_endpoint: str | None = None
         self.stream = stream
         self._secret = Secret(api_key) if api_key else None
-        self._headers = {"Content-Type": "application/json", **dict(headers or {})}
+        # An explicit User-Agent (yours in ``headers`` wins): servers see fanflow's name
+        # and version, and aiohttp need not copy the headers of every request to skip its
+        # own default (it does that for ``skip_auto_headers``).
+        given = dict(headers or {})
+        defaults = {"Content-Type": "application/json", "User-Agent": f"fanflow/{__version__}"}
+        mine = {name.lower() for name in given}
+        self._headers = {
+            **{k: v for k, v in defaults.items() if k.lower() not in mine},
+            **given,
+        }
         self._connect_timeout = connect_timeout
         self._sessions = _Sessions(self._new_session)
         # Wrong keys, URLs and model names are an HTTP matter: a new handle starts cold
@@ -488,7 +498,6 @@ class HttpLLM(BaseLLM):
             connector=connector,
             headers={**self._headers, **self.auth_headers()},
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-            skip_auto_headers=("User-Agent",),
         )
 
     async def session(self) -> aiohttp.ClientSession:
