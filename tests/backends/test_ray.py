@@ -145,6 +145,45 @@ async def test_map_concurrency_is_split_between_workers() -> None:
     assert 1 <= stats.max_in_flight <= 5
 
 
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_one_rate_limit_for_all_workers_draws_no_429_from_nginx(workers: int) -> None:
+    # The test above against a limiter fanflow did not write (issue 17 found the Ray
+    # backend at a 30/s cluster limit drawing a 429 from one): nginx's limit_req (30 r/s,
+    # a burst of one second, nodelay) in front of SimServer, the handle's limit the same.
+    # Each worker alone would send its burst at once: only one limit for the cluster,
+    # with its margin, keeps nginx from refusing.
+    from fanflow.testing._nginx import NginxLimitReq, nginx_path
+
+    if nginx_path() is None:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError("nginx is missing in CI: .ci/run must apt-get install -y nginx")
+        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+    n, rate = 90, 30
+    async with SimServer(latency=0.01, keep_requests=False) as server:
+        port = int(server.url.split(":")[-1].split("/")[0])
+        async with NginxLimitReq(port, f"{rate}r/s", burst=rate, nodelay=True) as nginx:
+            llm = fanflow.openai(
+                "sim",
+                base_url=nginx.url,
+                api_key="sk-test",
+                limits=Limits(rpm=rate, period=1.0),
+                retry=None,
+            )
+            result = await fanflow.map(
+                llm,
+                "Say {input}",
+                [f"item {i}" for i in range(n)],
+                backend=RayBackend(workers=workers, shard_size=5),
+            )
+            await llm.aclose()
+            refused = nginx.refused()
+    assert result.ok, [str(e) for e in result.errors.values()][:1]
+    assert refused == 0
+    # The limit is used: n / rate is 3 s; the workers' start-up and a lease per window
+    # come on top (the same allowance as the SimServer test above).
+    assert result.summary.makespan < n / rate + 1.5
+
+
 async def _wait_for(condition: Any, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         # Polls another process's state (the server's counters), not a local event.
