@@ -276,3 +276,36 @@ def test_a_handle_cold_when_its_loop_ended_still_works_on_a_new_loop() -> None:
             again.breaker = llm.breaker  # the same breaker, still cold, on a new loop
             result = fanflow.run(fanflow.map(again, "{input}", ITEMS[:40]))
     assert result.ok
+
+
+async def test_skipped_items_did_no_work_so_they_add_no_speed_up() -> None:
+    # The skipped items waited out the cold start (a server whose 401s take 0.2 s) and
+    # were never sent: that is not time spent answering calls. Counting it made a
+    # tripped run claim a speed-up of 105x (found trying the CLI with a wrong key).
+    from aiohttp import web
+
+    async def slow_401(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.json_response({"error": {"message": "Incorrect API key"}}, status=401)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", slow_401)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        llm = fanflow.openai("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong")
+        async with llm:
+            result = await fanflow.map(llm, "{input}", ITEMS)
+    finally:
+        await runner.cleanup()
+    skipped = [r for r in result.records if r.status is Status.SKIPPED]
+    assert skipped
+    assert all(r.busy_time == 0.0 for r in skipped)
+    assert any((r.latency or 0) > 0.1 for r in skipped)  # they did wait
+    sent = [r for r in result.records if r.status is not Status.SKIPPED]
+    assert result.summary.busy_time == pytest.approx(sum(r.busy_time for r in sent))
+    # The 16 cold-start calls ran side by side for 0.2 s each: 16x, not 300x.
+    assert result.summary.speedup == pytest.approx(len(sent))

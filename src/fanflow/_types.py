@@ -367,12 +367,13 @@ class CallRecord(Generic[T]):
         """Seconds the call spent being answered: the sum of its attempts' durations.
 
         Waiting for a concurrency slot, a rate limit or a backoff is not work: run one
-        after another, those waits would not happen. A cache hit did no work (0); a record
-        without attempts (a plain awaitable in ``gather``) counts its latency.
+        after another, those waits would not happen. A cache hit and a skipped call (never
+        sent) did no work (0); a record without attempts (a plain awaitable in
+        ``gather``) counts its latency.
         """
         if self.attempts:
             return sum(a.end - a.start for a in self.attempts)
-        if self.cached:
+        if self.cached or self.status is Status.SKIPPED:
             return 0.0
         return self.latency or 0.0
 

@@ -186,3 +186,18 @@ def test_records_keep_requeues_and_notes_and_the_failures_table_shows_the_note(
     page = Page()
     page.feed(render_html([row], title="t"))
     assert note in page.cells
+
+
+def test_a_skipped_row_did_no_work() -> None:
+    # Never sent: its wait for the breaker is not time spent answering (the report's
+    # speed-up would count it otherwise).
+    from fanflow.cli._records import AttemptRow, CallRow
+    from fanflow.cli._report import summarize_rows
+
+    sent = CallRow(
+        0, None, "failed", 0.0, 0.2, 0, 0, None, "AuthenticationError", None,
+        (AttemptRow(0.0, 0.2, "failed", "AuthenticationError", False, False),),
+    )  # fmt: skip
+    skipped = CallRow(1, None, "skipped", 0.0, 0.2, 0, 0, None, "CircuitOpen", None, ())
+    assert skipped.busy_time == 0.0
+    assert summarize_rows([sent, skipped]).speedup == pytest.approx(1.0)

@@ -260,9 +260,12 @@ class CallRow:
 
     @property
     def busy_time(self) -> float:
-        """Time spent being answered (attempts only; queueing and backoff excluded)."""
+        """Time spent being answered (attempts only; queueing and backoff excluded; a
+        skipped call was never sent: 0)."""
         if self.attempts:
             return sum(a.end - a.start for a in self.attempts)
+        if self.status == "skipped":
+            return 0.0
         return self.latency or 0.0
 
 
