@@ -25,7 +25,7 @@ from typing import Any
 import fanflow
 
 from .._exceptions import ConfigError
-from .._limits import Limits
+from .._limits import DEFAULT_LIMITS, Limits
 from .._llm import BaseLLM
 from .._retry import RetryPolicy
 from ._settings import Settings
@@ -192,6 +192,11 @@ def _local_model_installed() -> bool:
 
 
 def _limits(s: Settings) -> Limits:
+    """The handle's limits: ``--concurrency`` fixes the calls in flight; without it, the
+    library's default (``fanflow.DEFAULT_LIMITS``: adaptive, up to
+    ``DEFAULT_CONCURRENCY``). ``--rpm``/``--tpm`` are paced either way."""
+    if s.concurrency is None:
+        return Limits(rpm=s.rpm, tpm=s.tpm, controller=DEFAULT_LIMITS.controller)
     return Limits(concurrency=s.concurrency, rpm=s.rpm, tpm=s.tpm)
 
 

@@ -52,7 +52,8 @@ OPTIONS: tuple[Option, ...] = (
            "--provider anthropic (default: OPENAI_BASE_URL)"),
     Option("api_version", str, "Azure OpenAI's api-version (the key then goes in the "
            "api-key header)"),
-    Option("concurrency", int, "the most calls in flight at once", minimum=1),
+    Option("concurrency", int, "the most calls in flight at once (default: adaptive, "
+           "up to 1,024, lowered to what the server accepts at its first 429)", minimum=1),
     Option("rpm", int, "requests per minute allowed", minimum=1),
     Option("tpm", int, "tokens per minute allowed", minimum=1),
     Option("timeout", float, "seconds per attempt", minimum=0.001),
