@@ -263,6 +263,29 @@ def _shout(s: str) -> str:
     return s.upper()
 
 
+@pytest.mark.parametrize("option", ["timeout", "deadline"])
+async def test_a_pools_timing_options_hold_on_ray_too(option: str) -> None:
+    # Pool(timeout=) and Pool(deadline=) reach the skills on the workers as they do
+    # locally (they were dropped on Ray: every call ran to its 3 s answer).
+    async with SimServer(latency=3.0) as server:
+        llm = _handle(server)
+        chain = fanflow.Chain(
+            [fanflow.Step(fanflow.Skill(llm, "Summarize {text}", name="summary"), output="s")]
+        )
+        inputs = [{"text": f"doc {i}"} for i in range(4)]
+        options: dict[str, Any] = {option: 0.5, "retry": fanflow.RetryPolicy(attempts=1)}
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await fanflow.Pool(
+            chain, inputs, max_flows=4, backend=RayBackend(workers=2), **options
+        ).arun()
+        took = loop.time() - start
+        await llm.aclose()
+    assert not result.ok
+    assert [r.status for r in result.records] == [fanflow.Status.TIMED_OUT] * len(inputs)
+    assert took < 3.0 + 2.0  # the workers' start-up, not the 3 s answers
+
+
 async def test_a_bad_prompt_function_fails_its_item_like_locally() -> None:
     async with SimServer() as server:
         llm = _handle(server)

@@ -144,7 +144,9 @@ class PoolSpec:
         budget: one spending cap for the whole run.
         prices: model prices beyond the built-in table.
         shared: call options every skill without its own takes (timeout, retry,
-            hedge_after, one deadline for the whole run); the local backend applies them.
+            hedge_after, one deadline for the whole run). Ray sends them to its
+            workers (the deadline as wall-clock time); ``max_flows`` bounds the calls
+            in flight there, as it is split between the workers.
     """
 
     runner: Any

@@ -476,9 +476,25 @@ async def run_pool_on_ray(
         for index, result in results:
             await deliver(index, result)
 
+    shared = spec.shared
+    deadline_wall = None
+    if shared is not None and shared.deadline is not None:
+        # The run's deadline on this loop's clock, as wall-clock time for the workers.
+        left = shared.deadline - asyncio.get_running_loop().time()
+        deadline_wall = time.time() + left
     driver = _Driver(
         backend,
-        PoolWork(spec.runner, bool(hooks), spec.store, spec.cache, spec.prices),
+        PoolWork(
+            spec.runner,
+            bool(hooks),
+            spec.store,
+            spec.cache,
+            spec.prices,
+            timeout=None if shared is None else shared.timeout,
+            retry=None if shared is None else shared.retry,
+            hedge_after=None if shared is None else shared.hedge_after,
+            deadline_wall=deadline_wall,
+        ),
         list(spec.todo),
         window=per_worker,
         workers=workers,

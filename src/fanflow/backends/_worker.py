@@ -23,7 +23,7 @@ from typing import Any
 
 from .._budget import Budget
 from .._durable import Durability
-from .._engine import make_options
+from .._engine import CallOptions, make_options
 from .._events import Event, Hook
 from .._limits import Gate, Lane
 from .._llm import LLM, BaseLLM, set_lane_factory
@@ -409,6 +409,10 @@ class MapWork(Work):
 
 
 class PoolWork(Work):
+    """A pool's inputs on a worker. ``timeout``, ``retry``, ``hedge_after`` and
+    ``deadline_wall`` (the run's deadline as wall-clock time) are the pool's own call
+    options, which every skill without its own takes, as on the local backend."""
+
     def __init__(
         self,
         runner: Any,
@@ -416,6 +420,11 @@ class PoolWork(Work):
         store: JobStore | None,
         cache: bool,
         prices: Mapping[str, Any] | None,
+        *,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        hedge_after: float | None = None,
+        deadline_wall: float | None = None,
     ) -> None:
         self.prices = prices
         self.cap: Budget | None = None
@@ -423,6 +432,11 @@ class PoolWork(Work):
         self.events = events
         self.store = store  # pickled: it opens the same store in the worker (JobStore)
         self.cache = cache
+        self.timeout = timeout
+        self.retry = retry
+        self.hedge_after = hedge_after
+        self.deadline_wall = deadline_wall
+        self.shared: CallOptions | None = None
 
     async def run_one(self, index: int, item: Any, prior: Any) -> Any:
         # ``prior`` is True for an input that succeeded in an earlier run of the job:
@@ -443,10 +457,22 @@ class PoolWork(Work):
             cache=self.cache or bool(prior),
             budget=self.cap,
             prices=self.prices,
+            shared=self.shared,
         )
 
     async def start(self, window: int, budget: Budget | None) -> None:
         self.cap = budget
+        deadline = None
+        if self.deadline_wall is not None:
+            # Wall clocks agree across machines (NTP); loop clocks need not.
+            deadline = max(self.deadline_wall - time.time(), 1e-9)
+        # One set for every input this worker runs: one deadline for the whole run.
+        self.shared = make_options(
+            timeout=self.timeout,
+            deadline=deadline,
+            retry=self.retry,
+            hedge_after=self.hedge_after,
+        )
 
     async def close(self) -> None:
         if self.store is not None:
