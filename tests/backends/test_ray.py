@@ -43,9 +43,11 @@ def cluster() -> Iterator[None]:
         ray.shutdown()
 
 
-def _handle(server: SimServer, limits: Limits | None = None) -> fanflow.BaseLLM:
+def _handle(
+    server: SimServer, limits: Limits | None = None, retry: fanflow.RetryPolicy | None = None
+) -> fanflow.BaseLLM:
     return fanflow.openai(
-        "sim", base_url=server.url, api_key="sk-test-SECRET", limits=limits, retry=None
+        "sim", base_url=server.url, api_key="sk-test-SECRET", limits=limits, retry=retry
     )
 
 
@@ -70,7 +72,9 @@ async def test_results_are_identical_to_the_local_backend() -> None:
     items[7] = {"wrong": "field"}  # a bad input: TemplateError, no call
     faults: Any = {"item 3$": "quota", "item 11$": ["500", "503"], "item 42$": "quota"}
     async with SimServer(latency=0.002, fault_on=faults) as server:
-        llm = _handle(server)
+        # No hedging: at 2 ms a loaded machine's hiccup passes the 99th percentile, and
+        # a hedge adds an attempt on one side only (seen once in a full run).
+        llm = _handle(server, retry=fanflow.RetryPolicy(hedge=False))
         local = await fanflow.map(llm, "Say {text}", items, max_tokens=20)
         server.reset()  # the scripted faults of item 11 start again
         events: list[Any] = []
@@ -182,6 +186,21 @@ async def test_one_rate_limit_for_all_workers_draws_no_429_from_nginx(workers: i
     # The limit is used: n / rate is 3 s; the workers' start-up and a lease per window
     # come on top (the same allowance as the SimServer test above).
     assert result.summary.makespan < n / rate + 1.5
+
+
+async def test_a_field_no_item_has_is_found_before_any_call_on_ray_too() -> None:
+    # The local backend's first-items check (issue 13), also before Ray sends a shard.
+    async with SimServer(latency=0.01) as server:
+        llm = _handle(server)
+        rows = [{"id": i, "text": f"t{i}"} for i in range(50)]
+        with pytest.raises(fanflow.TemplateError, match=r"\{txt\}.*none of the first 8 items"):
+            await fanflow.map(llm, "Summarize: {txt}", rows, backend=RayBackend(workers=2))
+        # Peeking consumes nothing: every item still runs, in order.
+        result = await fanflow.map(llm, "{text}", iter(rows), backend=RayBackend(workers=2))
+        await llm.aclose()
+        requests = server.stats().requests
+    assert requests == len(rows)  # none for the refused map
+    assert result.outputs == [f"echo: t{i}" for i in range(50)]
 
 
 async def _wait_for(condition: Any, timeout: float = 30.0) -> None:

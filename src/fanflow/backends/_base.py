@@ -72,7 +72,8 @@ class FirstCheck:
     """A check of a batch's first ``count`` items before any call is made.
 
     ``check(items)`` raises (a ``TemplateError``, say) when the items show that every
-    call would fail the same way; the local backend runs it on the first items it pulls.
+    call would fail the same way; the local and Ray backends run it on the first items
+    before any call.
     """
 
     count: int

@@ -381,6 +381,7 @@ class RayMapBatch:
         self.deadline = deadline
         self.hooks = spec.hooks
         self.fail_fast = spec.fail_fast
+        self.check_first = spec.check_first
         durable = self.durable = spec.durable
         self.n_workers, per_worker = _workers_for(backend, concurrency)
         self.window = per_worker if per_worker is not None else window(spec.llm, None, None)
@@ -439,6 +440,11 @@ class RayMapBatch:
             prior=prior,
             budget=self.budget,
         )
+        check = self.check_first
+        if check is not None and isinstance(driver.source, Source):
+            # As the local backend does: a field none of the first items has is a
+            # mistake in the template, found before any shard goes to a worker.
+            check.check(await driver.source.peek(check.count))
         try:
             if durable is None:
                 await driver.run()
