@@ -43,11 +43,15 @@ def cluster() -> Iterator[None]:
         ray.shutdown()
 
 
-def _handle(
-    server: SimServer, limits: Limits | None = None, retry: fanflow.RetryPolicy | None = None
-) -> fanflow.BaseLLM:
+# The default retry policy without hedging: these tests count requests and attempts in
+# real time at 2-10 ms latencies, where a loaded machine's hiccup passes the hedging
+# policy's 99th percentile and adds a request on one side only (seen once in a full run).
+NO_HEDGE = fanflow.RetryPolicy(hedge=False)
+
+
+def _handle(server: SimServer, limits: Limits | None = None) -> fanflow.BaseLLM:
     return fanflow.openai(
-        "sim", base_url=server.url, api_key="sk-test-SECRET", limits=limits, retry=retry
+        "sim", base_url=server.url, api_key="sk-test-SECRET", limits=limits, retry=NO_HEDGE
     )
 
 
@@ -72,9 +76,7 @@ async def test_results_are_identical_to_the_local_backend() -> None:
     items[7] = {"wrong": "field"}  # a bad input: TemplateError, no call
     faults: Any = {"item 3$": "quota", "item 11$": ["500", "503"], "item 42$": "quota"}
     async with SimServer(latency=0.002, fault_on=faults) as server:
-        # No hedging: at 2 ms a loaded machine's hiccup passes the 99th percentile, and
-        # a hedge adds an attempt on one side only (seen once in a full run).
-        llm = _handle(server, retry=fanflow.RetryPolicy(hedge=False))
+        llm = _handle(server)
         local = await fanflow.map(llm, "Say {text}", items, max_tokens=20)
         server.reset()  # the scripted faults of item 11 start again
         events: list[Any] = []
