@@ -489,6 +489,11 @@ class Lane:
     __slots__ = (
         "_admission",
         "_buckets",
+        "_credit",
+        "_credit_at",
+        "_credit_cap",
+        "_credit_from",
+        "_credit_rate",
         "_delay",
         "_floor",
         "_grown_at",
@@ -560,6 +565,14 @@ class Lane:
         self._hint_until = -math.inf
         self._hint_next = -math.inf
         self._hint_interval = 0.0
+        # Requests the server's rate-limit headers say may still go (decision 0159): the
+        # credit when last observed, at ``_credit_at``, refilling at ``_credit_rate`` up
+        # to ``_credit_cap``.
+        self._credit = math.inf
+        self._credit_at = 0.0
+        self._credit_rate = 0.0
+        self._credit_cap = math.inf
+        self._credit_from = -math.inf  # when the attempt that set the credit was sent
         self._tokens_in_flight = 0
         self._last_cost = 0
         # The delay-based throttle (Limits.paced): the delay now, the next send time.
@@ -628,7 +641,12 @@ class Lane:
                     permit.ramp = ramp
                     self._sent += 1
                     return permit
-                if self._pause_until or self._hint_interval or self.pacing is not None:
+                if (
+                    self._pause_until
+                    or self._hint_interval
+                    or self._credit_rate
+                    or self.pacing is not None
+                ):
                     await self._wait_steer()
             except BaseException:
                 if ramp is not None:
@@ -676,6 +694,36 @@ class Lane:
         # The pause may be extended while we sleep, so look again after each sleep.
         while (delay := max(t, self._pause_until) - loop.time()) > _EPSILON:  # noqa: ASYNC110
             await asyncio.sleep(delay)
+        if self._credit_rate:
+            await self._take_credit()
+
+    async def _take_credit(self) -> None:
+        """Take one request of the credit the server's headers give (decision 0159).
+
+        Calls take turns in FIFO order; only the head waits, for the refill to make up
+        one request. A new reading of the headers wakes it to look again, so a refill
+        rate misread from one reply (a reset rounded to the second) costs one wait at
+        most, never a queue of sends promised far ahead.
+        """
+        loop = asyncio.get_running_loop()
+        async with self._turn:
+            while True:
+                now = loop.time()
+                rate = self._credit_rate
+                credit = min(self._credit_cap, self._credit + rate * (now - self._credit_at))
+                wait = (1.0 - credit) / rate if rate else 0.0
+                if wait <= _EPSILON:
+                    self._credit = credit - 1.0
+                    self._credit_at = now
+                    return
+                wake: asyncio.Future[None] = loop.create_future()
+                self._wake = wake
+                try:
+                    await asyncio.wait((wake,), timeout=wait)
+                finally:
+                    self._wake = None
+                    if not wake.done():
+                        wake.cancel()
 
     async def _schedule(self, tokens: tuple[int, int]) -> Permit:
         """Wait for this call's turn under the rate buckets, then reserve its cost.
@@ -898,9 +946,15 @@ class Lane:
                 continue
             limit = getattr(state, f"{what}_limit", None)
             rate = (limit - remaining) / reset if limit and limit > remaining else None
-            left = remaining - pending
+            # The refill since, capped at the bucket's size, then what the calls sent
+            # since took (they came in while it refilled: capping after taking them
+            # would count refill the full bucket could not hold).
+            left = float(remaining)
             if rate is not None and limit:
                 left = min(float(limit), left + rate * elapsed)
+            left -= pending
+            if what == "requests":
+                self._steer_by_credit(left, rate, limit, now, start)
             if left < cost:
                 wait = reset if rate is None else min(reset, (cost - left) / rate)
                 self._hold(now + wait)
@@ -915,6 +969,36 @@ class Lane:
                     self._hint_interval = interval
                 self._hint_until = now + reset
                 self._hint_next = max(self._hint_next, now)
+
+    def _steer_by_credit(
+        self, left: float, rate: float | None, limit: int | None, now: float, start: float
+    ) -> None:
+        """Requests left at the server (``left``: its ``remaining`` plus the refill
+        since, less the calls sent since) become the credit the next sends take from
+        (:meth:`_take_credit`). It refills at the server's rate, as the hold on an
+        empty bucket does (decision 0159; near empty, the spacing of ``_observe`` adds
+        the margin). So a wave of calls larger than what is left (the first one after
+        the cold start, or items arriving all at once) goes as far as the credit
+        reaches and then at the refill rate, instead of drawing a 429 each."""
+        if rate:
+            self._credit_rate = rate
+        if not self._credit_rate:
+            return  # no refill rate known yet: the hold on an empty bucket only
+        if start < self._credit_from:
+            return  # an older reading: the calls sent after it but already done are
+            # in neither its ``remaining`` nor ``pending`` (the credit knows better)
+        if start == self._credit_from:  # sent together: the lowest reading is the latest
+            now_credit = self._credit + self._credit_rate * (now - self._credit_at)
+            left = min(left, now_credit)
+        self._credit = left
+        self._credit_at = now
+        self._credit_from = start
+        if limit:
+            self._credit_cap = float(limit)
+        self._simple = False
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)  # the head of the queue looks again
 
     def statistics(self) -> LaneStatistics:
         pause = self._pause_until
