@@ -36,6 +36,7 @@ from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
 from ._hedge import Hedger
 from ._log import log_pause
 from ._rate import RateBucket, Slot
+from ._types import RateLimitState
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -647,7 +648,11 @@ class Lane:
                     or self._credit_rate
                     or self.pacing is not None
                 ):
-                    await self._wait_steer()
+                    now = asyncio.get_running_loop().time()
+                    t = self._steer_time(now)
+                    # Most calls have nothing to wait for: no coroutine for them.
+                    if max(t, self._pause_until) - now > _EPSILON or not self._try_credit(now):
+                        await self._wait_steer(t)
             except BaseException:
                 if ramp is not None:
                     ramp.release()
@@ -680,10 +685,9 @@ class Lane:
         self._last_cost = permit.input + permit.output
         return permit
 
-    async def _wait_steer(self) -> None:
-        """Wait out a pause and the pacing asked for by rate-limit headers."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+    def _steer_time(self, now: float) -> float:
+        """When a call may go by the pause, the headers' spacing and the pacing (its
+        place in the spacing is taken now)."""
         t = self._pause_until
         if now < self._hint_until:
             t = max(t, self._hint_next)
@@ -691,6 +695,30 @@ class Lane:
         if self.pacing is not None:
             t = max(t, self._pace_next)
             self._pace_next = max(t, now) + self._delay
+        return t
+
+    def _try_credit(self, now: float) -> bool:
+        """Take one request of the headers' credit now, if there is one and no call is
+        queued for it (True also when there is no credit to keep)."""
+        rate = self._credit_rate
+        if not rate:
+            return True
+        if self._turn.locked():
+            return False
+        credit = min(self._credit_cap, self._credit + rate * (now - self._credit_at))
+        if (1.0 - credit) / rate > _EPSILON:
+            return False
+        self._credit = credit - 1.0
+        self._credit_at = now
+        return True
+
+    async def _wait_steer(self, t: float | None = None) -> None:
+        """Wait out a pause and the pacing asked for by rate-limit headers (``t``: when
+        :meth:`_steer_time` said this call may go), then take one request of the
+        headers' credit."""
+        loop = asyncio.get_running_loop()
+        if t is None:
+            t = self._steer_time(loop.time())
         # The pause may be extended while we sleep, so look again after each sleep.
         while (delay := max(t, self._pause_until) - loop.time()) > _EPSILON:  # noqa: ASYNC110
             await asyncio.sleep(delay)
@@ -920,7 +948,7 @@ class Lane:
         if until > self._pause_until:
             self._pause_until = until
 
-    def _observe(self, state: Any, start: float) -> None:
+    def _observe(self, state: RateLimitState, start: float) -> None:
         """Steer by the server's rate-limit headers (a ``RateLimitState``) of a reply to
         an attempt sent at ``start``.
 
@@ -936,15 +964,26 @@ class Lane:
         in_flight = self._sent - 1  # the others sent: the server may not count them yet
         elapsed = max(0.0, now - start)
         pairs = (
-            ("requests", 1, in_flight),
-            ("tokens", max(self._last_cost, 1), self._tokens_in_flight),
+            (
+                "requests",
+                1,
+                in_flight,
+                state.requests_remaining,
+                state.requests_reset,
+                state.requests_limit,
+            ),
+            (
+                "tokens",
+                max(self._last_cost, 1),
+                self._tokens_in_flight,
+                state.tokens_remaining,
+                state.tokens_reset,
+                state.tokens_limit,
+            ),
         )
-        for what, cost, pending in pairs:
-            remaining = getattr(state, f"{what}_remaining", None)
-            reset = getattr(state, f"{what}_reset", None)
+        for what, cost, pending, remaining, reset, limit in pairs:
             if remaining is None or reset is None or reset <= 0:
                 continue
-            limit = getattr(state, f"{what}_limit", None)
             rate = (limit - remaining) / reset if limit and limit > remaining else None
             # The refill since, capped at the bucket's size, then what the calls sent
             # since took (they came in while it refilled: capping after taking them

@@ -9,6 +9,7 @@ seconds or an HTTP date), then the reset header of whichever bucket is empty.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -28,6 +29,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
+@functools.lru_cache(maxsize=4096)  # the same few values again and again, per reply
 def parse_duration(text: str) -> float | None:
     """Seconds in an OpenAI reset header: ``120ms``, ``1s``, ``17.28s``, ``6m0s``, ``1h2m3s``.
 
