@@ -36,12 +36,14 @@ def label(response: fanflow.Response) -> str:
 async def main(out: Path) -> None:
     reviews = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     done = 0
+    live = sys.stdout.isatty()  # one line rewritten in a terminal; in a log, one each
 
     def progress(event: Event) -> None:
         nonlocal done
         if isinstance(event, CallEnded):
             done += 1
-            print(f"\r{done}/{len(reviews)} reviews classified", end="", flush=True)
+            line = f"{done}/{len(reviews)} reviews classified"
+            print(f"\r{line}" if live else line, end="" if live else "\n", flush=True)
 
     async with fanflow.local() as llm:
         print(f"model: {llm.model} ({llm.instances} instances x {llm.threads} threads)")
@@ -56,7 +58,8 @@ async def main(out: Path) -> None:
             parse=label,
             hooks=[progress],
         )
-    print()
+    if live:
+        print()
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for review, record in zip(reviews, result.records, strict=True):
