@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -494,6 +495,7 @@ class Lane:
         "_credit_at",
         "_credit_cap",
         "_credit_from",
+        "_credit_mono",
         "_credit_rate",
         "_delay",
         "_floor",
@@ -574,6 +576,7 @@ class Lane:
         self._credit_rate = 0.0
         self._credit_cap = math.inf
         self._credit_from = -math.inf  # when the attempt that set the credit was sent
+        self._credit_mono = 0.0  # time.monotonic() at _credit_at: loop clocks differ
         self._tokens_in_flight = 0
         self._last_cost = 0
         # The delay-based throttle (Limits.paced): the delay now, the next send time.
@@ -1031,6 +1034,7 @@ class Lane:
             left = min(left, now_credit)
         self._credit = left
         self._credit_at = now
+        self._credit_mono = time.monotonic()
         self._credit_from = start
         if limit:
             self._credit_cap = float(limit)
@@ -1038,6 +1042,27 @@ class Lane:
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)  # the head of the queue looks again
+
+    def inherit(self, other: Lane) -> None:
+        """Start from what ``other`` (this handle's lane on an earlier event loop) learnt
+        of the server: the adaptive level, the rate buckets' margins, and the headers'
+        credit, refilled for the time since. Each ``fanflow.run`` has a loop of its own,
+        so without this every run's first wave would overshoot again (decision 0159:
+        115 of 120 refused in a second run against a 50/s bucket)."""
+        if other._level is not None and self.controller is not None:
+            self._level, self._floor = other._level, other._floor
+            self.gate.set_limit(self._limit())
+        for (bucket, _), (old, _) in zip(self._buckets, other._buckets, strict=False):
+            bucket.widen_margin(old.margin)
+        rate = other._credit_rate
+        if rate:
+            since = max(0.0, time.monotonic() - other._credit_mono)
+            self._credit_rate = rate
+            self._credit_cap = other._credit_cap
+            self._credit = min(other._credit_cap, other._credit + rate * since)
+            self._credit_at = asyncio.get_running_loop().time()
+            self._credit_mono = time.monotonic()
+            self._simple = False
 
     def statistics(self) -> LaneStatistics:
         pause = self._pause_until

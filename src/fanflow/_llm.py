@@ -163,6 +163,10 @@ class BaseLLM(ABC):
         if lane is None:
             make = _lane_factory
             lane = self._lanes[loop] = Lane(self.limits) if make is None else make(self)
+            if last is not None and make is None:
+                # A new loop (each fanflow.run has one): start from what the last lane
+                # learnt of the server, not from scratch (decision 0159).
+                lane.inherit(last[1])
         self._last = (loop, lane)
         return lane
 
