@@ -491,6 +491,7 @@ class Lane:
     __slots__ = (
         "_admission",
         "_buckets",
+        "_clock",
         "_credit",
         "_credit_at",
         "_credit_cap",
@@ -577,6 +578,10 @@ class Lane:
         self._credit_cap = math.inf
         self._credit_from = -math.inf  # when the attempt that set the credit was sent
         self._credit_mono = 0.0  # time.monotonic() at _credit_at: loop clocks differ
+        try:  # this loop's clock against time.monotonic(), to carry times across loops
+            self._clock = asyncio.get_running_loop().time() - time.monotonic()
+        except RuntimeError:
+            self._clock = 0.0
         self._tokens_in_flight = 0
         self._last_cost = 0
         # The delay-based throttle (Limits.paced): the delay now, the next send time.
@@ -1045,15 +1050,18 @@ class Lane:
 
     def inherit(self, other: Lane) -> None:
         """Start from what ``other`` (this handle's lane on an earlier event loop) learnt
-        of the server: the adaptive level, the rate buckets' margins, and the headers'
-        credit, refilled for the time since. Each ``fanflow.run`` has a loop of its own,
-        so without this every run's first wave would overshoot again (decision 0159:
-        115 of 120 refused in a second run against a 50/s bucket)."""
+        of the server: the adaptive level, the rate buckets' reservations and margins,
+        and the headers' credit, refilled for the time since. Each ``fanflow.run`` has
+        a loop of its own, so without this every run's first wave would overshoot
+        again (decision 0159: 114 of 120 refused in a second run against a 50/s
+        bucket)."""
         if other._level is not None and self.controller is not None:
             self._level, self._floor = other._level, other._floor
             self.gate.set_limit(self._limit())
-        for (bucket, _), (old, _) in zip(self._buckets, other._buckets, strict=False):
-            bucket.widen_margin(old.margin)
+        if self.limits == other.limits:  # the same buckets: carry their reservations
+            shift = self._clock - other._clock
+            for (bucket, _), (old, _) in zip(self._buckets, other._buckets, strict=True):
+                bucket.carry_from(old, shift)
         rate = other._credit_rate
         if rate:
             since = max(0.0, time.monotonic() - other._credit_mono)

@@ -112,6 +112,15 @@ class RateBucket:
     def __repr__(self) -> str:
         return f"RateBucket({self.name}={self.limit:g}/{self.period:g}s, burst={self.burst:g})"
 
+    def carry_from(self, other: RateBucket, shift: float) -> None:
+        """Take over ``other``'s reservations (the same limit on an earlier event loop),
+        its times moved by ``shift`` seconds onto this bucket's clock."""
+        self.widen_margin(other.margin)
+        self.tat = other.tat + shift
+        self._last = other._last + shift
+        self._log = deque(Slot(s.time + shift, s.cost) for s in other._log if s.live)
+        self._sum = sum(s.cost for s in self._log)
+
     def widen_margin(self, margin: float) -> None:
         """Pace further under the limit from now on (a margin learned from a 429)."""
         if margin > self.margin:

@@ -218,3 +218,26 @@ def test_a_new_event_loop_starts_from_what_the_handle_learnt() -> None:
     assert first[0]
     assert second[0]
     assert second[1] <= 15, second
+
+
+def test_a_new_event_loop_keeps_the_rate_limits_reservations() -> None:
+    # Limits(rpm=50): the sends of the first run still count in the second run's window
+    # (they did at the server), so the second run's lane does not start with a fresh
+    # burst. Real time, as above; the second loop starts well within the 1 s window.
+    import asyncio
+
+    from fanflow._llm import lane_of
+
+    with SimServer(latency=0.05, rpm=50, period=1.0, keep_requests=False) as server:
+        llm = _llm(server, limits=Limits(rpm=50, period=1.0))
+
+        async def run() -> bool:
+            result = await fanflow.map(llm, "{input}", [str(i) for i in range(60)])
+            return result.ok
+
+        async def counted() -> float:
+            bucket = lane_of(llm)._buckets[0][0]
+            return bucket.in_window(asyncio.get_running_loop().time())
+
+        assert asyncio.run(run())
+        assert asyncio.run(counted()) >= 40  # about 50 sent in the last second
