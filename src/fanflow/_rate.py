@@ -118,7 +118,8 @@ class RateBucket:
         self.widen_margin(other.margin)
         self.tat = other.tat + shift
         self._last = other._last + shift
-        self._log = deque(Slot(s.time + shift, s.cost) for s in other._log if s.live)
+        log = list(other._log)  # one C-level copy: the other loop may run in a thread
+        self._log = deque(Slot(s.time + shift, s.cost) for s in log if s.live)
         self._sum = sum(s.cost for s in self._log)
 
     def widen_margin(self, margin: float) -> None:
