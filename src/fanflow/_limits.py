@@ -1057,6 +1057,10 @@ class Lane:
         bucket)."""
         if other._level is not None and self.controller is not None:
             self._level, self._floor = other._level, other._floor
+            # The probe above the floor grows with the time since this moment (on
+            # this loop's clock: the other loop's times mean nothing here).
+            self._grown_at = asyncio.get_running_loop().time()
+            self._simple = False
             self.gate.set_limit(self._limit())
         if self.limits == other.limits:  # the same buckets: carry their reservations
             shift = self._clock - other._clock
