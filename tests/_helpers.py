@@ -1,9 +1,11 @@
-"""Helpers shared by tests: running a coroutine on a fresh virtual-time loop."""
+"""Helpers shared by tests: running a coroutine on a fresh virtual-time loop, nginx
+as a required tool, a loopback HTTP app."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import looptime
@@ -23,3 +25,38 @@ def run_virtual(coro: Coroutine[Any, Any, T]) -> T:
         pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
         loop.close()
         assert not pending, f"tasks left running: {pending}"
+
+
+def require_nginx() -> None:
+    """Skip the calling test (or module) when Debian's nginx is missing, except in CI,
+    where ``.ci/run`` installs it: there a missing nginx is an error."""
+    import os
+
+    import pytest
+
+    from fanflow.testing._nginx import nginx_path
+
+    if nginx_path() is not None:
+        return
+    if os.environ.get("CI") == "true":
+        raise RuntimeError("nginx is missing in CI: .ci/run must apt-get install -y nginx")
+    pytest.skip("nginx is not installed (apt-get install -y nginx)", allow_module_level=True)
+
+
+@contextlib.asynccontextmanager
+async def loopback_app(path: str, handler: Any) -> AsyncIterator[str]:
+    """An aiohttp app answering POST ``path`` with ``handler`` on a free loopback port;
+    yields its ``http://127.0.0.1:PORT`` base."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

@@ -18,6 +18,8 @@ from fanflow import CircuitOpen, Request, RetryPolicy, Status
 from fanflow._breaker import PROBE_AFTER, TRIP_AFTER
 from fanflow.testing import SimServer
 
+from ._helpers import loopback_app
+
 pytestmark = pytest.mark.looptime
 
 ITEMS = [f"row {i}" for i in range(300)]
@@ -288,19 +290,10 @@ async def test_skipped_items_did_no_work_so_they_add_no_speed_up() -> None:
         await asyncio.sleep(0.2)
         return web.json_response({"error": {"message": "Incorrect API key"}}, status=401)
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", slow_401)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        llm = fanflow.openai("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong")
+    async with loopback_app("/v1/chat/completions", slow_401) as base:
+        llm = fanflow.openai("m", base_url=f"{base}/v1", api_key="sk-wrong")
         async with llm:
             result = await fanflow.map(llm, "{input}", ITEMS)
-    finally:
-        await runner.cleanup()
     skipped = [r for r in result.records if r.status is Status.SKIPPED]
     assert skipped
     assert all(r.busy_time == 0.0 for r in skipped)

@@ -83,29 +83,25 @@ async def test_a_second_5xx_in_the_tail_goes_again_at_once(looptime: float) -> N
     assert looptime == 3.0
 
 
-async def test_once_every_item_is_started_a_5xx_goes_again_at_once(looptime: float) -> None:
-    # Decision 0157: 25 items, 10 at a time, 1 s each; the batch's 20 workers hand out
-    # the last item at t=1, when items 20-24 wait for slots (the gate is not idle). Call
-    # 10 fails at t=1.1: the tail has begun, so no backoff, though others still wait.
+@pytest.mark.parametrize(
+    ("items", "at_once"),
+    [(25, True), (60, False)],
+    ids=["last-item-handed-out", "items-still-to-hand-out"],
+)
+async def test_a_5xx_goes_again_at_once_once_every_item_is_started(
+    looptime: float, items: int, at_once: bool
+) -> None:
+    # Decision 0157: 10 at a time, 1 s each; call 10 fails at t=1.1 while items wait
+    # for slots (the gate is not idle). With 25 items the batch's 20 workers handed out
+    # the last one at t=1: the tail has begun, no backoff. With 60, items are still to
+    # be handed out: the 0.5 s backoff stands.
     llm = ScriptedLLM(
         latency=1.0, failures={10: Fault.server_error(after=0.1)}, retry=RETRY, limits=Limits()
     )
-    result = await fanflow.map(llm, "{input}", range(25), concurrency=10)
+    result = await fanflow.map(llm, "{input}", range(items), concurrency=10)
     assert result.ok
     (retried,) = [r for r in result.records if len(r.attempts) > 1]
     first, second = retried.attempts
     assert first.end == pytest.approx(1.1)
-    assert first.note == TAIL_RETRY_NOTE
-    assert second.wait_before == 0.0
-
-
-async def test_before_the_last_item_is_handed_out_the_backoff_stands(looptime: float) -> None:
-    # The same failure with 60 items: at t=1.1 items are still to be handed out.
-    llm = ScriptedLLM(
-        latency=1.0, failures={10: Fault.server_error(after=0.1)}, retry=RETRY, limits=Limits()
-    )
-    result = await fanflow.map(llm, "{input}", range(60), concurrency=10)
-    assert result.ok
-    (retried,) = [r for r in result.records if len(r.attempts) > 1]
-    assert retried.attempts[0].note is None
-    assert retried.attempts[1].wait_before == 0.5
+    assert first.note == (TAIL_RETRY_NOTE if at_once else None)
+    assert second.wait_before == (0.0 if at_once else 0.5)

@@ -713,7 +713,7 @@ class Lane:
             return True
         if self._turn.locked():
             return False
-        credit = min(self._credit_cap, self._credit + rate * (now - self._credit_at))
+        credit = self._credit_now(now)
         if (1.0 - credit) / rate > _EPSILON:
             return False
         self._credit = credit - 1.0
@@ -746,20 +746,31 @@ class Lane:
             while True:
                 now = loop.time()
                 rate = self._credit_rate
-                credit = min(self._credit_cap, self._credit + rate * (now - self._credit_at))
+                credit = self._credit_now(now)
                 wait = (1.0 - credit) / rate if rate else 0.0
                 if wait <= _EPSILON:
                     self._credit = credit - 1.0
                     self._credit_at = now
                     return
-                wake: asyncio.Future[None] = loop.create_future()
-                self._wake = wake
-                try:
-                    await asyncio.wait((wake,), timeout=wait)
-                finally:
-                    self._wake = None
-                    if not wake.done():
-                        wake.cancel()
+                await self._sleep_or_wake(wait)
+
+    def _credit_now(self, now: float) -> float:
+        """The headers' credit at ``now``: as last set, plus the refill since, at most
+        the limit."""
+        return min(self._credit_cap, self._credit + self._credit_rate * (now - self._credit_at))
+
+    async def _sleep_or_wake(self, timeout: float) -> None:
+        """Sleep ``timeout`` seconds, or less if woken (``_wake``: a settlement gave
+        tokens back, or new headers changed the credit): the head of a queue then
+        looks again."""
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wake = wake
+        try:
+            await asyncio.wait((wake,), timeout=timeout)
+        finally:
+            self._wake = None
+            if not wake.done():
+                wake.cancel()
 
     async def _schedule(self, tokens: tuple[int, int]) -> Permit:
         """Wait for this call's turn under the rate buckets, then reserve its cost.
@@ -784,14 +795,7 @@ class Lane:
                     t = bucket.send_time(t, cost)
                 if t - now <= _EPSILON:
                     break
-                wake: asyncio.Future[None] = loop.create_future()
-                self._wake = wake
-                try:
-                    await asyncio.wait((wake,), timeout=t - now)
-                finally:
-                    self._wake = None
-                    if not wake.done():
-                        wake.cancel()
+                await self._sleep_or_wake(t - now)
             slots = [(bucket, bucket.reserve(now, cost), kind) for bucket, cost, kind in costs]
             if now < self._hint_until:
                 self._hint_next = now + self._hint_interval
@@ -1035,8 +1039,7 @@ class Lane:
             return  # an older reading: the calls sent after it but already done are
             # in neither its ``remaining`` nor ``pending`` (the credit knows better)
         if start == self._credit_from:  # sent together: the lowest reading is the latest
-            now_credit = self._credit + self._credit_rate * (now - self._credit_at)
-            left = min(left, now_credit)
+            left = min(left, self._credit_now(now))
         self._credit = left
         self._credit_at = now
         self._credit_mono = time.monotonic()

@@ -158,12 +158,11 @@ async def test_one_rate_limit_for_all_workers_draws_no_429_from_nginx(workers: i
     # a burst of one second, nodelay) in front of SimServer, the handle's limit the same.
     # Each worker alone would send its burst at once: only one limit for the cluster,
     # with its margin, keeps nginx from refusing.
-    from fanflow.testing._nginx import NginxLimitReq, nginx_path
+    from fanflow.testing._nginx import NginxLimitReq
 
-    if nginx_path() is None:
-        if os.environ.get("CI") == "true":
-            raise RuntimeError("nginx is missing in CI: .ci/run must apt-get install -y nginx")
-        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+    from .._helpers import require_nginx
+
+    require_nginx()
     n, rate = 90, 30
     async with SimServer(latency=0.01, keep_requests=False) as server:
         port = int(server.url.split(":")[-1].split("/")[0])

@@ -8,7 +8,6 @@ few seconds each, bounded by the rate.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,14 +15,13 @@ from pathlib import Path
 import pytest
 
 from fanflow.testing import SimServer
-from fanflow.testing._nginx import NginxLimitReq, nginx_path
+from fanflow.testing._nginx import NginxLimitReq
+
+from .._helpers import require_nginx
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
-if nginx_path() is None:
-    if os.environ.get("CI") == "true":
-        raise RuntimeError("nginx is missing in CI: .ci/run must apt-get install -y nginx")
-    pytest.skip("nginx is not installed (apt-get install -y nginx)", allow_module_level=True)
+require_nginx()  # skipped without nginx, an error in CI (.ci/run installs it)
 
 N = 100
 

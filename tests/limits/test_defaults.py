@@ -199,38 +199,29 @@ def test_the_default_limits_are_documented_constants() -> None:
     assert ScriptedLLM().limits is limits
 
 
-def test_a_new_event_loop_starts_from_what_the_handle_learnt() -> None:
-    # Each fanflow.run (asyncio.run) has a loop of its own, and a lane per loop. The
-    # second run used to start from scratch, with the breaker's cold start already over:
-    # 115 of 120 refused against the bucket the first run had emptied. Real time (two
-    # loops, SimServer in its thread): about 2.4 s a run at 50/s.
+@pytest.mark.parametrize(
+    ("server_kw", "n"),
+    [
+        ({"rpm": 50, "period": 1.0, "latency": 0.05}, 120),
+        ({"max_in_flight": 10, "latency": 0.1}, 200),
+    ],
+    ids=["rate-with-headers", "10-in-flight"],
+)
+def test_a_new_event_loop_starts_from_what_the_handle_learnt(
+    server_kw: dict[str, float], n: int
+) -> None:
+    # Each fanflow.run (asyncio.run) has a loop of its own, and a lane per loop; the
+    # breaker's cold start is over after the first. The second run used to start from
+    # scratch: 114 of 120 refused against the bucket the first run had emptied, 180 of
+    # 200 against 10 in flight (there the inherited level's probe counted its growth
+    # from the other loop's clock). Real time, SimServer in its thread: 2-3 s a run.
     import asyncio
 
-    with SimServer(latency=0.05, rpm=50, period=1.0, keep_requests=False) as server:
+    with SimServer(keep_requests=False, **server_kw) as server:  # type: ignore[arg-type]
         llm = _llm(server)
 
         async def run() -> tuple[bool, int]:
-            result = await fanflow.map(llm, "{input}", [str(i) for i in range(120)])
-            return result.ok, llm.statistics().rate_limited
-
-        first = asyncio.run(run())
-        second = asyncio.run(run())
-    assert first[0]
-    assert second[0]
-    assert second[1] <= 15, second
-
-
-def test_a_new_event_loop_keeps_the_adaptive_level() -> None:
-    # A server taking 10 in flight: the first run finds the level (6 429s); the second,
-    # on a new loop, starts from it (180 429s before: the probe above the floor counted
-    # its growth from the other loop's clock and jumped to the maximum).
-    import asyncio
-
-    with SimServer(latency=0.1, max_in_flight=10, keep_requests=False) as server:
-        llm = _llm(server)
-
-        async def run() -> tuple[bool, int]:
-            result = await fanflow.map(llm, "{input}", [str(i) for i in range(200)])
+            result = await fanflow.map(llm, "{input}", [str(i) for i in range(n)])
             return result.ok, llm.statistics().rate_limited
 
         first = asyncio.run(run())

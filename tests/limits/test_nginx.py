@@ -13,19 +13,16 @@ elsewhere the tests are skipped with the command to install it.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import fanflow
 from fanflow import Limits, RetryPolicy
 from fanflow.testing import SimServer
-from fanflow.testing._nginx import NginxLimitReq, nginx_path
+from fanflow.testing._nginx import NginxLimitReq
 
-if nginx_path() is None:
-    if os.environ.get("CI") == "true":
-        raise RuntimeError("nginx is missing in CI: .ci/run must apt-get install -y nginx")
-    pytest.skip("nginx is not installed (apt-get install -y nginx)", allow_module_level=True)
+from .._helpers import require_nginx
+
+require_nginx()  # skipped without nginx, an error in CI (.ci/run installs it)
 
 RATE = 40  # requests per second, at nginx and in the handle's Limits
 N = 120  # 3 s at the rate

@@ -21,6 +21,8 @@ from fanflow import Request, RetryPolicy
 from fanflow.providers import AnthropicLLM, OpenAILLM
 from fanflow.testing import SimServer
 
+from .._helpers import loopback_app
+
 pytestmark = pytest.mark.looptime
 
 Factory = Callable[..., OpenAILLM | AnthropicLLM]
@@ -404,19 +406,10 @@ async def _headers_seen(**kw: Any) -> list[list[str]]:
             {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
         )
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        llm = fanflow.openai("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-x", **kw)
+    async with loopback_app("/v1/chat/completions", handle) as base:
+        llm = fanflow.openai("m", base_url=f"{base}/v1", api_key="sk-x", **kw)
         async with llm:
             await llm.complete(Request.of("hi"))
-    finally:
-        await runner.cleanup()
     return seen
 
 
