@@ -21,7 +21,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import IO, Any, ParamSpec, Protocol, TypeVar
+from typing import IO, Any, ParamSpec, TypeVar
 
 from ._events import AMBIENT_HOOKS, AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
 from ._exceptions import RateLimited
@@ -299,12 +299,6 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
 
 
 # -- displays ----------------------------------------------------------------------------
-
-
-class Display(Protocol):
-    def start(self) -> None: ...
-    def refresh(self) -> None: ...
-    def stop(self) -> None: ...
 
 
 class LiveDisplay:

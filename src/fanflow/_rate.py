@@ -189,7 +189,3 @@ class RateBucket:
     def fits(self, cost: float) -> bool:
         """Whether one request of ``cost`` units can ever be admitted."""
         return cost <= self.limit
-
-    def in_window(self, now: float) -> float:
-        """Units counted in the window ending at ``now`` (for statistics and tests)."""
-        return sum(s.cost for s in self._log if s.time <= now < s.time + self.period)

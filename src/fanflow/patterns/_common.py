@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
@@ -352,11 +352,6 @@ def _show(value: Any) -> str:
     if isinstance(value, float) and not isinstance(value, bool):
         return seconds(value)
     return short(value)
-
-
-def chain_records(*groups: Iterable[CallRecord[Any] | None]) -> tuple[CallRecord[Any], ...]:
-    """Flatten groups of records, dropping the ``None`` placeholders."""
-    return tuple(r for group in groups for r in group if r is not None)
 
 
 def now() -> float:

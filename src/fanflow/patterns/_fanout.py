@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Unpack
+from typing import Any, Literal, NoReturn, Unpack
 
 from .._engine import CallOptions
 from .._exceptions import ConfigError, QuorumNotMet
@@ -218,20 +218,7 @@ async def fan_out(
     started = now()
     temps = spread(n, temperatures)
     focuses: list[str | None] = [focus[i % len(focus)] if focus else None for i in range(n)]
-    requests = []
-    for i in range(n):
-        prompt = task if focuses[i] is None else f"{task}\n\nFocus on: {focuses[i]}"
-        requests.append(
-            Request.of(
-                prompt,
-                system=system,
-                temperature=temps[i],
-                sample=i,
-                metadata={"pattern": "fan_out", "worker": i, "focus": focuses[i]},
-            )
-        )
-    if isinstance(llm, BaseLLM):  # keys as the engine (and a store) will see them
-        requests = [llm.prepare(r) for r in requests]
+    requests = _worker_requests(llm, task, system, temps, focuses)
     done: dict[str, CallRecord[Any]] = {}
     if previous is not None:
         done = {w.record.key: w.record for w in previous.workers if w.ok and w.record.key}
@@ -260,20 +247,7 @@ async def fan_out(
     )
     ok = [w for w in crew if w.ok]
     if len(ok) < required:
-        result = FanOutResult(
-            answer=None,
-            aggregation=None,
-            workers=crew,
-            required=required,
-            records=tuple(w.record for w in crew),
-            makespan=now() - started,
-        )
-        raise QuorumNotMet(
-            _quorum_message(crew, len(ok), required),
-            succeeded=len(ok),
-            required=required,
-            metadata=result,
-        )
+        _quorum_not_met(crew, len(ok), required, makespan=now() - started)
     answer, how, record, error = await _aggregate(
         llm if aggregate is None else aggregate,
         task,
@@ -292,6 +266,50 @@ async def fan_out(
         aggregation_error=error,
         records=tuple(w.record for w in crew) + ((record,) if record is not None else ()),
         makespan=now() - started,
+    )
+
+
+def _worker_requests(
+    llm: LLM,
+    task: str,
+    system: str | None,
+    temps: list[float | None],
+    focuses: list[str | None],
+) -> list[Request]:
+    """One request a worker, keyed as the engine (and a store) will see it."""
+    requests = []
+    for i, (temperature, area) in enumerate(zip(temps, focuses, strict=True)):
+        prompt = task if area is None else f"{task}\n\nFocus on: {area}"
+        requests.append(
+            Request.of(
+                prompt,
+                system=system,
+                temperature=temperature,
+                sample=i,
+                metadata={"pattern": "fan_out", "worker": i, "focus": area},
+            )
+        )
+    if isinstance(llm, BaseLLM):
+        requests = [llm.prepare(r) for r in requests]
+    return requests
+
+
+def _quorum_not_met(
+    crew: tuple[Worker, ...], succeeded: int, required: int, *, makespan: float
+) -> NoReturn:
+    result = FanOutResult(
+        answer=None,
+        aggregation=None,
+        workers=crew,
+        required=required,
+        records=tuple(w.record for w in crew),
+        makespan=makespan,
+    )
+    raise QuorumNotMet(
+        _quorum_message(crew, succeeded, required),
+        succeeded=succeeded,
+        required=required,
+        metadata=result,
     )
 
 

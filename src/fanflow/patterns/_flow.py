@@ -358,40 +358,24 @@ class _Graph:
         running: dict[asyncio.Task[StepRecord], int] = {}
         loop = asyncio.get_running_loop()
 
+        def launch(i: int) -> None:
+            if on_step is not None:
+                on_step(self.steps[i].name, True)
+            step = self.steps[i].execute(
+                context,
+                index=index,
+                hooks=hooks,
+                store=store,
+                cache=cache,
+                budget=cap,
+                prices=prices,
+                shared=shared,
+            )
+            running[loop.create_task(step)] = i
+
         def start_ready() -> None:
-            # Repeat until stable: a skipped step may make its dependents skippable too.
-            progress = True
-            while progress:
-                progress = False
-                for i, step in enumerate(self.steps):
-                    if i in done or i in running.values():
-                        continue
-                    if any(d not in done for d in self.deps[i]):
-                        continue
-                    failed = [self.steps[d].name for d in sorted(self.deps[i]) if not done[d].ok]
-                    if failed:
-                        error = Skipped(
-                            f"step {step.name!r} was skipped: step {failed[0]!r}, which it "
-                            "depends on, did not succeed"
-                        )
-                        done[i] = StepRecord(step.name, step.output, Status.SKIPPED, error=error)
-                        progress = True
-                        continue
-                    if on_step is not None:
-                        on_step(step.name, True)
-                    task = loop.create_task(
-                        step.execute(
-                            context,
-                            index=index,
-                            hooks=hooks,
-                            store=store,
-                            cache=cache,
-                            budget=cap,
-                            prices=prices,
-                            shared=shared,
-                        )
-                    )
-                    running[task] = i
+            for i in self._ready(done, set(running.values())):
+                launch(i)
 
         try:
             start_ready()
@@ -412,11 +396,47 @@ class _Graph:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
         steps = tuple(done[i] for i in range(len(self.steps)))
+        return self._result(steps, context, index=index, started=started)
+
+    def _ready(self, done: dict[int, StepRecord], running: set[int]) -> list[int]:
+        """The steps whose dependencies are all done and succeeded, to start now.
+
+        A step with a dependency that did not succeed is recorded as skipped instead;
+        that may make its dependents skippable too, so this repeats until stable.
+        """
+        ready: list[int] = []
+        changed = True
+        while changed:
+            changed = False
+            for i, step in enumerate(self.steps):
+                if i in done or i in running or i in ready:
+                    continue
+                if any(d not in done for d in self.deps[i]):
+                    continue
+                failed = [self.steps[d].name for d in sorted(self.deps[i]) if not done[d].ok]
+                if not failed:
+                    ready.append(i)
+                    continue
+                error = Skipped(
+                    f"step {step.name!r} was skipped: step {failed[0]!r}, which it "
+                    "depends on, did not succeed"
+                )
+                done[i] = StepRecord(step.name, step.output, Status.SKIPPED, error=error)
+                changed = True
+        return ready
+
+    def _result(
+        self,
+        steps: tuple[StepRecord, ...],
+        context: dict[str, Any],
+        *,
+        index: int | None,
+        started: float,
+    ) -> FlowResult:
         # A step skipped because a step it needs did not succeed is not the cause; one
         # skipped for its own reason (the budget) is.
         bad = [s for s in steps if not s.ok and not _skipped_for_upstream(s)]
         first_bad = bad[0] if bad else None
-        calls = tuple(c for s in steps for c in s.calls)
         return FlowResult(
             status=Status.SUCCEEDED if first_bad is None else first_bad.status,
             output=self._output(steps) if first_bad is None else None,
@@ -427,7 +447,7 @@ class _Graph:
             index=index,
             start=started,
             end=now(),
-            records=calls,
+            records=tuple(c for s in steps for c in s.calls),
             makespan=now() - started,
         )
 

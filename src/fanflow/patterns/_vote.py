@@ -206,41 +206,12 @@ async def vote(
     o = resolve("vote", options)
     models = list(llm) if isinstance(llm, Sequence) else [llm]
     prompts = [task] if isinstance(task, str) else list(task)
-    if not models or not prompts:
-        raise ConfigError("vote needs at least one model and one prompt")
-    for model in models:
-        check_model(model, "vote")
-    if n < 1:
-        raise ConfigError(f"n must be >= 1, got {n}")
-    for count, what in ((len(models), "models"), (len(prompts), "prompts")):
-        if count > n:
-            raise ConfigError(
-                f"vote got {count} {what} but n={n} samples, so the last {count - n} would "
-                f"never be asked (sample i uses number i % {count}); raise n to at least "
-                f"{count} or pass fewer {what}"
-            )
-    if temperatures is not None and temperature is not _DEFAULT_TEMPERATURE:
-        raise ConfigError(
-            f"vote got both temperature={temperature} and temperatures={temperatures}; "
-            "give temperature= for one temperature or temperatures=(low, high) to spread "
-            "the samples over a range, not both"
-        )
-    if wave is not None and not early_stop:
-        raise ConfigError(
-            f"vote got wave={wave} without early_stop=True: samples are drawn in waves "
-            "only with early_stop; pass early_stop=True or leave wave out"
-        )
+    _check_counts(models, prompts, n)
+    _check_sampling(temperature, temperatures, early_stop=early_stop, wave=wave)
     if not 0.5 <= threshold < 1:
         raise ConfigError(f"threshold must be in [0.5, 1), got {threshold}")
     size = default_wave(n) if wave is None else wave
-    if size < 1:
-        raise ConfigError(f"wave must be >= 1, got {wave}")
-    if normalize == "default":
-        norm: Callable[[str], Any] | None = normalize_answer
-    elif normalize is None or callable(normalize):
-        norm = normalize
-    else:
-        raise ConfigError(f"normalize must be 'default', None or a function, got {normalize!r}")
+    norm = _normalizer(normalize)
 
     def parse(response: Response) -> Any:
         return norm(response.text) if norm is not None else response.text
@@ -291,6 +262,62 @@ async def vote(
         return None
 
     reason = await durably(durable, n, draw)
+    return _result(records, reason, makespan=now() - started)
+
+
+def _check_counts(models: list[LLM], prompts: list[str], n: int) -> None:
+    """Refuse a vote that could not ask every model and prompt it was given."""
+    if not models or not prompts:
+        raise ConfigError("vote needs at least one model and one prompt")
+    for model in models:
+        check_model(model, "vote")
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    for count, what in ((len(models), "models"), (len(prompts), "prompts")):
+        if count > n:
+            raise ConfigError(
+                f"vote got {count} {what} but n={n} samples, so the last {count - n} would "
+                f"never be asked (sample i uses number i % {count}); raise n to at least "
+                f"{count} or pass fewer {what}"
+            )
+
+
+def _check_sampling(
+    temperature: float | None,
+    temperatures: tuple[float, float] | None,
+    *,
+    early_stop: bool,
+    wave: int | None,
+) -> None:
+    """Refuse sampling options that contradict each other."""
+    if temperatures is not None and temperature is not _DEFAULT_TEMPERATURE:
+        raise ConfigError(
+            f"vote got both temperature={temperature} and temperatures={temperatures}; "
+            "give temperature= for one temperature or temperatures=(low, high) to spread "
+            "the samples over a range, not both"
+        )
+    if wave is not None and not early_stop:
+        raise ConfigError(
+            f"vote got wave={wave} without early_stop=True: samples are drawn in waves "
+            "only with early_stop; pass early_stop=True or leave wave out"
+        )
+    if wave is not None and wave < 1:
+        raise ConfigError(f"wave must be >= 1, got {wave}")
+
+
+def _normalizer(normalize: Normalize) -> Callable[[str], Any] | None:
+    """The function that turns a reply into the answer counted (None: the exact text)."""
+    if normalize == "default":
+        return normalize_answer
+    if normalize is None or callable(normalize):
+        return normalize
+    raise ConfigError(f"normalize must be 'default', None or a function, got {normalize!r}")
+
+
+def _result(
+    records: list[CallRecord[Any]], reason: StopReason | None, *, makespan: float
+) -> VoteResult:
+    """Count the samples that succeeded; AllFailed when none did."""
     counts, first = _tally(records)
     ranked = _ranked(counts, first)
     if not ranked:
@@ -311,7 +338,7 @@ async def vote(
         stopped_early=reason is not None,
         stop_reason=reason,
         records=tuple(records),
-        makespan=now() - started,
+        makespan=makespan,
     )
 
 

@@ -7,7 +7,7 @@ run a real model offline, without an API key. Any other GGUF file works with ``p
 Each model instance lives in its own worker process (``_worker.py``), started by the
 handle on first use and streaming tokens back; the user's process never runs llama.cpp
 code for generation, so a native crash is a failed attempt, not a dead caller (promise
-12 of DESIGN.md). Each worker is driven by one thread of the handle's thread pool, which
+12 of docs/architecture.md). Each worker is driven by one thread of the handle's thread pool, which
 blocks on the worker's socket, so the event loop never waits. The handle's concurrency
 limit defaults to the number of instances, so the engine queues calls rather than the
 pool, and per-attempt timeouts count from the moment an instance starts on the call.

@@ -1,6 +1,6 @@
 """nginx's ``limit_req`` in front of an upstream: a third-party rate limiter for tests.
 
-DESIGN.md promise 13: limits are proven against a limiter fanflow did not write. This
+docs/architecture.md, promise 13: limits are proven against a limiter fanflow did not write. This
 starts Debian's nginx (``/usr/sbin/nginx``) as a reverse proxy on a free loopback port,
 with a configuration generated into a temporary directory (pid file, error log and
 temp paths there too), and stops it afterwards.
