@@ -55,7 +55,7 @@ async def run(mode: str, items: list[str], batch_time: float, deadline: float | 
             limits=fanflow.Limits(rpm=RPM, concurrency=CONCURRENCY),
             max_tokens=50,
         )
-        options = fanflow.BatchOptions(realtime_latency=LATENCY)
+        options = fanflow.backends.BatchOptions(realtime_latency=LATENCY)
         t0 = loop.time()
         kwargs: dict[str, Any] = {"mode": mode, "batch": options}
         if deadline is not None:

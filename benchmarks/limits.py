@@ -89,7 +89,7 @@ class SimServer(fanflow.BaseLLM):
             self.rejected += 1
             # Retry-After in whole milliseconds, as OpenAI's retry-after-ms header.
             retry_after = math.ceil(wait * 1000) / 1000
-            raise fanflow.RateLimited("429", status_code=429, retry_after=retry_after)
+            raise fanflow.errors.RateLimited("429", status_code=429, retry_after=retry_after)
         for bucket, cost in ((self.requests, 1), (self.tokens, input_tokens + output_tokens)):
             if bucket is not None:
                 bucket.level -= cost
@@ -119,7 +119,7 @@ async def naive_run(server: SimServer, n: int) -> float:
                 try:
                     await server.complete(request)
                     return
-                except fanflow.RateLimited as exc:
+                except fanflow.errors.RateLimited as exc:
                     await asyncio.sleep(exc.retry_after or 1.0)
 
     start = time.monotonic()
@@ -211,7 +211,7 @@ async def _wire_run(
                             try:
                                 await llm.complete(request)
                                 return
-                            except fanflow.RateLimited as exc:
+                            except fanflow.errors.RateLimited as exc:
                                 await asyncio.sleep(exc.retry_after or 1.0)
 
                 await asyncio.gather(*(one(i) for i in items))

@@ -40,7 +40,8 @@ import urllib.request  # noqa: E402
 from typing import Any  # noqa: E402
 
 import fanflow  # noqa: E402
-from fanflow import Limits, RayBackend  # noqa: E402
+from fanflow import Limits  # noqa: E402
+from fanflow.backends import RayBackend  # noqa: E402
 
 
 def start_server(port: int, *args: str) -> subprocess.Popen[bytes]:

@@ -35,7 +35,7 @@ async def run(mode: str, deadline: float | None) -> fanflow.BatchResult[str]:
             ITEMS,
             mode=mode,  # type: ignore[arg-type]
             deadline=deadline,
-            batch=fanflow.BatchOptions(realtime_latency=0.5),
+            batch=fanflow.backends.BatchOptions(realtime_latency=0.5),
             prices=PRICES,
         )
         await llm.aclose()

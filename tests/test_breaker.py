@@ -14,8 +14,9 @@ from collections import Counter
 import pytest
 
 import fanflow
-from fanflow import CircuitOpen, Request, RetryPolicy, Status
+from fanflow import Request, RetryPolicy, Status
 from fanflow._breaker import PROBE_AFTER, TRIP_AFTER
+from fanflow.errors import CircuitOpen
 from fanflow.testing import SimServer
 
 from ._helpers import loopback_app
@@ -50,7 +51,7 @@ async def test_a_wrong_key_sends_a_few_requests_not_one_per_row() -> None:
     errors = skipped_errors(result)
     assert {e.kind for e in errors} == {"key"}
     assert "check the API key" in str(errors[0])
-    assert isinstance(errors[0].__cause__, fanflow.AuthenticationError)
+    assert isinstance(errors[0].__cause__, fanflow.errors.AuthenticationError)
     assert llm.breaker.tripped is not None
 
 
@@ -120,7 +121,7 @@ async def test_nothing_listening_retries_a_few_times_then_trips() -> None:
     # The calls that were tried keep their own error (failed), not "skipped".
     tried = [r for r in result.records if r.attempts]
     assert all(r.status is Status.FAILED for r in tried)
-    assert all(isinstance(r.error, fanflow.ProviderConnectionError) for r in tried)
+    assert all(isinstance(r.error, fanflow.errors.ProviderConnectionError) for r in tried)
 
 
 async def test_the_breaker_does_not_poison_a_handle_reused_after_the_fix() -> None:
@@ -152,7 +153,7 @@ async def test_the_breaker_does_not_poison_a_handle_reused_after_the_fix() -> No
             # reset() closes it at once, with no wait for a probe.
             now = asyncio.get_running_loop().time()
             for _ in range(TRIP_AFTER):
-                llm.breaker.failed(Request.of("x"), fanflow.QuotaExceeded("q"), 1, now, None)
+                llm.breaker.failed(Request.of("x"), fanflow.errors.QuotaExceeded("q"), 1, now, None)
             assert llm.breaker.tripped is not None
             stopped = await fanflow.map(llm, "{input}", ["y"])
             assert stopped.records[0].status is Status.SKIPPED
@@ -179,7 +180,7 @@ async def test_a_field_every_item_lacks_is_found_before_any_call() -> None:
 
     llm = ScriptedLLM()
     rows = [{"id": i, "text": f"t{i}"} for i in range(300)]
-    with pytest.raises(fanflow.TemplateError, match=r"\{txt\}.*none of the first 8 items"):
+    with pytest.raises(fanflow.errors.TemplateError, match=r"\{txt\}.*none of the first 8 items"):
         await fanflow.map(llm, "Summarize: {txt}", rows)
     stream = fanflow.as_completed(llm, "Summarize: {txt}", iter(rows))
 
@@ -188,7 +189,7 @@ async def test_a_field_every_item_lacks_is_found_before_any_call() -> None:
             async for _ in results:
                 pass
 
-    with pytest.raises(fanflow.TemplateError, match="'id', 'text'"):
+    with pytest.raises(fanflow.errors.TemplateError, match="'id', 'text'"):
         await drain()
     assert llm.calls == 0
 
@@ -196,7 +197,7 @@ async def test_a_field_every_item_lacks_is_found_before_any_call() -> None:
         for row in rows[:3]:
             yield row
 
-    with pytest.raises(fanflow.TemplateError):
+    with pytest.raises(fanflow.errors.TemplateError):
         await fanflow.map(llm, "{txt}", arows())
     assert llm.calls == 0
     # A field that some of the first items have is left to each item.
@@ -215,7 +216,9 @@ async def test_a_pool_refuses_a_key_none_of_its_first_inputs_has() -> None:
     llm = ScriptedLLM()
     chain = Chain([Step(Skill(llm, "Summarize: {txt}", name="summary"), output="summary")])
     pool = Pool(chain, [{"text": f"t{i}"} for i in range(50)])
-    with pytest.raises(fanflow.StepInputError, match=r"needs key 'txt'.*none of the first 8"):
+    with pytest.raises(
+        fanflow.errors.StepInputError, match=r"needs key 'txt'.*none of the first 8"
+    ):
         await pool.arun()
     assert llm.calls == 0
     # Inputs of which some have the key run as before: the others fail alone.

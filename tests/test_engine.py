@@ -34,7 +34,7 @@ async def test_gives_up_after_the_attempts_and_keeps_the_last_error() -> None:
     llm = ScriptedLLM(failure_rate=1.0, failure=Fault.server_error())
     record = await fanflow.call(llm, "x", retry=NO_JITTER).record()
     assert record.status is Status.FAILED
-    assert isinstance(record.error, fanflow.ServerError)
+    assert isinstance(record.error, fanflow.errors.ServerError)
     assert llm.calls == 4
     assert len(record.attempts) == 4
 
@@ -56,11 +56,11 @@ async def test_jittered_waits_stay_under_the_ceiling() -> None:
 
 
 async def test_non_retryable_errors_are_not_retried() -> None:
-    llm = ScriptedLLM(failures={0: fanflow.AuthenticationError("bad key", status_code=401)})
+    llm = ScriptedLLM(failures={0: fanflow.errors.AuthenticationError("bad key", status_code=401)})
     record = await fanflow.call(llm, "x", retry=NO_JITTER).record()
     assert record.status is Status.FAILED
     assert llm.calls == 1
-    assert isinstance(record.error, fanflow.AuthenticationError)
+    assert isinstance(record.error, fanflow.errors.AuthenticationError)
 
 
 async def test_user_exceptions_fail_the_call_without_retry() -> None:
@@ -77,7 +77,7 @@ async def test_hanging_call_times_out_and_its_task_is_cancelled(looptime: float)
     llm = ScriptedLLM(failure_rate=1.0, failure=Fault.hang())
     record = await fanflow.call(llm, "x", timeout=5.0, retry=RetryPolicy.none()).record()
     assert record.status is Status.TIMED_OUT
-    assert isinstance(record.error, fanflow.CallTimeout)
+    assert isinstance(record.error, fanflow.errors.CallTimeout)
     assert "within 5 s" in str(record.error)
     assert looptime == 5.0
     assert llm.in_flight == 0  # the hanging coroutine was really cancelled
@@ -111,7 +111,7 @@ async def test_deadline_bounds_retries_and_waits(looptime: float) -> None:
     # Attempts at 0, 4, 8; the next would start at 12, past the deadline: stop at 8.
     assert llm.started_at == [0.0, 4.0, 8.0]
     assert record.status is Status.FAILED
-    assert isinstance(record.error, fanflow.RateLimited)
+    assert isinstance(record.error, fanflow.errors.RateLimited)
     assert looptime == 8.0
 
 
@@ -167,7 +167,7 @@ async def test_events_tell_the_story(looptime: float) -> None:
     failed = events[2]
     assert isinstance(failed, AttemptFailed)
     assert failed.wait == 3.0
-    assert isinstance(failed.error, fanflow.RateLimited)
+    assert isinstance(failed.error, fanflow.errors.RateLimited)
     assert [e.time for e in events] == [0.0, 0.0, 0.0, 3.0, 4.0]
     ended = events[-1]
     assert isinstance(ended, CallEnded)
@@ -184,8 +184,8 @@ async def test_a_raising_hook_never_fails_the_call(caplog: pytest.LogCaptureFixt
 
 
 async def test_awaiting_a_call_raises_its_error() -> None:
-    llm = ScriptedLLM(failures={0: fanflow.BadRequest("nope", status_code=400)})
-    with pytest.raises(fanflow.BadRequest, match="nope"):
+    llm = ScriptedLLM(failures={0: fanflow.errors.BadRequest("nope", status_code=400)})
+    with pytest.raises(fanflow.errors.BadRequest, match="nope"):
         await fanflow.call(llm, "x")
     response = await fanflow.call(llm, "y")
     assert response.text == "echo: y"
@@ -237,5 +237,5 @@ async def test_a_hedged_call_has_stopped_every_task_it_started_when_it_returns(
     # awaited before the call returns, not left for the loop to finish later.
     llm = ScriptedLLM(limits=Limits(tpm=10))
     record = await fanflow.call(llm, "x " * 200, hedge_after=1.0).record()
-    assert isinstance(record.error, fanflow.RequestTooLarge)
+    assert isinstance(record.error, fanflow.errors.RequestTooLarge)
     assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()

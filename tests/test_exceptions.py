@@ -75,7 +75,7 @@ def test_errors_round_trip_through_pickle(cls: type[BaseException]) -> None:
 def test_is_retryable_reads_the_class_not_the_message(
     error: BaseException, retryable: bool
 ) -> None:
-    assert fanflow.is_retryable(error) is retryable
+    assert fanflow.errors.is_retryable(error) is retryable
 
 
 def test_all_failed_lists_every_failure() -> None:

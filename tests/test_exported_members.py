@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import fanflow
 import fanflow.backends
+import fanflow.errors
 import fanflow.events
+import fanflow.limits
 import fanflow.patterns
 import fanflow.providers
+import fanflow.results
 import fanflow.testing
 
 
@@ -14,9 +17,12 @@ def test_all_matches_public_names() -> None:
     for module in (
         fanflow,
         fanflow.backends,
+        fanflow.errors,
         fanflow.events,
+        fanflow.limits,
         fanflow.patterns,
         fanflow.providers,
+        fanflow.results,
         fanflow.testing,
     ):
         public = {
@@ -27,6 +33,10 @@ def test_all_matches_public_names() -> None:
             and name != "annotations"
         }
         assert set(module.__all__) == public | ({"__version__"} & set(module.__all__)), module
+
+
+def test_top_level_surface_stays_small() -> None:
+    assert len(fanflow.__all__) <= 60
 
 
 def test_version_comes_from_metadata() -> None:

@@ -43,7 +43,7 @@ async def test_function_raising_a_provider_error_is_retried() -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise fanflow.RateLimited("slow down", retry_after=1.0)
+            raise fanflow.errors.RateLimited("slow down", retry_after=1.0)
         return "ok"
 
     record = await fanflow.call(fanflow.function(flaky), "x").record()
@@ -88,8 +88,8 @@ async def test_scripted_faults_by_index_and_prompt() -> None:
     first = await fanflow.call(llm, "a").record()
     second = await fanflow.call(llm, "the secret word").record()
     third = await fanflow.call(llm, "b").record()
-    assert isinstance(first.error, fanflow.Overloaded)
-    assert isinstance(second.error, fanflow.ProviderTimeout)
+    assert isinstance(first.error, fanflow.errors.Overloaded)
+    assert isinstance(second.error, fanflow.errors.ProviderTimeout)
     assert third.ok
     assert llm.calls == 3
     assert [r.prompt for r in llm.requests] == ["a", "the secret word", "b"]

@@ -28,17 +28,17 @@ async def test_gather_accepts_plain_awaitables() -> None:
 
 async def test_gather_first_failure_cancels_the_rest(looptime: float) -> None:
     llm = ScriptedLLM(
-        fail_on={"bad": Fault.raises(fanflow.BadRequest("rejected"), after=2.0)},
+        fail_on={"bad": Fault.raises(fanflow.errors.BadRequest("rejected"), after=2.0)},
         latency=100.0,
     )
-    with pytest.raises(fanflow.BadRequest, match="rejected"):
+    with pytest.raises(fanflow.errors.BadRequest, match="rejected"):
         await fanflow.gather(fanflow.call(llm, "slow"), fanflow.call(llm, "bad"))
     assert looptime == 2.0
     assert llm.in_flight == 0
 
 
 async def test_gather_settled_returns_every_outcome() -> None:
-    llm = ScriptedLLM(fail_on={"bad": fanflow.BadRequest("rejected")})
+    llm = ScriptedLLM(fail_on={"bad": fanflow.errors.BadRequest("rejected")})
 
     async def oops() -> None:
         raise ValueError("plain failure")
@@ -48,7 +48,7 @@ async def test_gather_settled_returns_every_outcome() -> None:
     )
     assert [r.status for r in records] == [Status.SUCCEEDED, Status.FAILED, Status.FAILED]
     assert records[0].value.text == "echo: ok"
-    assert isinstance(records[1].error, fanflow.BadRequest)
+    assert isinstance(records[1].error, fanflow.errors.BadRequest)
     assert isinstance(records[2].error, ValueError)
     assert [r.index for r in records] == [0, 1, 2]
     assert len(records[0].attempts) == 1
@@ -57,7 +57,7 @@ async def test_gather_settled_returns_every_outcome() -> None:
 async def test_race_first_success_wins_and_losers_are_cancelled(looptime: float) -> None:
     llm = ScriptedLLM(
         latency=lambda rng, r: {"fast-fail": 0.5, "fast": 2.0, "slow": 9.0}[r.prompt],
-        fail_on={"fast-fail": fanflow.BadRequest("no")},
+        fail_on={"fast-fail": fanflow.errors.BadRequest("no")},
     )
     winner = await fanflow.race(
         fanflow.call(llm, "slow"), fanflow.call(llm, "fast-fail"), fanflow.call(llm, "fast")
@@ -68,16 +68,21 @@ async def test_race_first_success_wins_and_losers_are_cancelled(looptime: float)
 
 
 async def test_race_all_failing_carries_every_failure() -> None:
-    llm = ScriptedLLM(fail_on={"a": fanflow.BadRequest("A"), "b": fanflow.NotFound("B")})
+    llm = ScriptedLLM(
+        fail_on={"a": fanflow.errors.BadRequest("A"), "b": fanflow.errors.NotFound("B")}
+    )
     with pytest.raises(fanflow.AllFailed) as info:
         await fanflow.race(fanflow.call(llm, "a"), fanflow.call(llm, "b"))
-    assert [type(e) for e in info.value.failures] == [fanflow.BadRequest, fanflow.NotFound]
+    assert [type(e) for e in info.value.failures] == [
+        fanflow.errors.BadRequest,
+        fanflow.errors.NotFound,
+    ]
     assert "all 2 calls of the race failed" in str(info.value)
 
 
 async def test_race_deadline(looptime: float) -> None:
     llm = ScriptedLLM(latency=50.0)
-    with pytest.raises(fanflow.CallTimeout, match="within 5 s"):
+    with pytest.raises(fanflow.errors.CallTimeout, match="within 5 s"):
         await fanflow.race(fanflow.call(llm, "a"), fanflow.call(llm, "b"), deadline=5.0)
     assert looptime == 5.0
     assert llm.in_flight == 0

@@ -64,11 +64,11 @@ async def test_pattern_concurrency_narrows_the_handle_limit(looptime: float) -> 
 
 
 async def test_a_failure_is_data_and_never_aborts_the_others() -> None:
-    llm = ScriptedLLM(fail_on={"poison": fanflow.BadRequest("refused", status_code=400)})
+    llm = ScriptedLLM(fail_on={"poison": fanflow.errors.BadRequest("refused", status_code=400)})
     result = await fanflow.map(llm, "{input}", ["a", "poison", "c"])
     assert result.outputs == ["echo: a", None, "echo: c"]
     assert result.status == {0: Status.SUCCEEDED, 1: Status.FAILED, 2: Status.SUCCEEDED}
-    assert isinstance(result.errors[1], fanflow.BadRequest)
+    assert isinstance(result.errors[1], fanflow.errors.BadRequest)
 
 
 async def test_a_missing_template_field_fails_only_that_item() -> None:
@@ -77,7 +77,7 @@ async def test_a_missing_template_field_fails_only_that_item() -> None:
     result = await fanflow.map(llm, "Summarize: {text}", items)
     assert result.outputs == ["echo: Summarize: a", None, "echo: Summarize: c"]
     error = result.errors[1]
-    assert isinstance(error, fanflow.TemplateError)
+    assert isinstance(error, fanflow.errors.TemplateError)
     assert error.field == "text"
     assert error.index == 1
     assert "item 1 has no field 'text'" in str(error)
@@ -104,7 +104,7 @@ async def test_parse_turns_replies_into_outputs_and_failures() -> None:
         llm, "{input}", ["1", "x", "3"], parse=lambda response: int(response.text)
     )
     assert result.outputs == [1, None, 3]
-    assert isinstance(result.errors[1], fanflow.ParseError)
+    assert isinstance(result.errors[1], fanflow.errors.ParseError)
     assert "could not be used" in str(result.errors[1])
     assert result.records[1].response is not None  # the model's answer is kept
 
@@ -131,9 +131,9 @@ async def test_deadline_times_out_what_is_not_done(looptime: float) -> None:
 
 async def test_fail_fast_cancels_siblings_promptly(looptime: float) -> None:
     llm = ScriptedLLM(
-        latency=100.0, failures={1: Fault.raises(fanflow.BadRequest("bad"), after=1.0)}
+        latency=100.0, failures={1: Fault.raises(fanflow.errors.BadRequest("bad"), after=1.0)}
     )
-    with pytest.raises(fanflow.BadRequest, match="bad"):
+    with pytest.raises(fanflow.errors.BadRequest, match="bad"):
         await fanflow.map(llm, "{input}", range(5), fail_fast=True)
     assert looptime == 1.0
     assert llm.in_flight == 0
@@ -269,7 +269,7 @@ def test_every_item_ends_once_and_in_order(
         if i in hang:
             faults[f"^{i}$"] = Fault.hang()
         elif i in fail:
-            faults[f"^{i}$"] = fanflow.BadRequest("no")
+            faults[f"^{i}$"] = fanflow.errors.BadRequest("no")
     llm = ScriptedLLM(
         reply,
         latency=lambda rng, r: latencies[int(r.prompt)],
@@ -301,7 +301,7 @@ def test_every_item_ends_once_and_in_order(
 
 async def test_template_errors_for_bad_format_and_bad_callable() -> None:
     llm = ScriptedLLM()
-    with pytest.raises(fanflow.TemplateError, match=r"a positional field in \{0\}"):
+    with pytest.raises(fanflow.errors.TemplateError, match=r"a positional field in \{0\}"):
         await fanflow.map(llm, "{0}", [{"a": 1}])  # before any call (issue 13.7)
     assert llm.calls == 0
     bad = await fanflow.map(llm, lambda item: 3, ["x"])  # type: ignore[arg-type,return-value]

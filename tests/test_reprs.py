@@ -7,7 +7,8 @@ import io
 import pytest
 
 import fanflow
-from fanflow import CallRecord, Status, Summary, Usage
+from fanflow import CallRecord, Status, Usage
+from fanflow.results import Summary
 from fanflow.testing import ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -29,7 +30,7 @@ async def test_call_record_repr_is_short_and_has_no_loop_timestamps() -> None:
 
 
 def test_failed_record_shows_its_error_whole() -> None:
-    error = fanflow.ServerError("openai answered HTTP 500: " + "x" * 200)
+    error = fanflow.errors.ServerError("openai answered HTTP 500: " + "x" * 200)
     text = repr(CallRecord(status=Status.FAILED, error=error, index=4, start=1e6, end=1e6 + 2))
     assert text.startswith("fanflow.CallRecord(index=4, status=failed, error=ServerError('openai")
     assert text.endswith("(226 chars)), attempts=0, latency=2.000)")
@@ -42,7 +43,7 @@ def test_summary_rounds_its_money_and_times() -> None:
         busy_time=2.5,
     )  # fmt: skip
     assert repr(summary) == (
-        "fanflow.Summary(items=3, succeeded=3, failed=0, calls=4, retries=1, tokens=40+60, "
+        "fanflow.results.Summary(items=3, succeeded=3, failed=0, calls=4, retries=1, tokens=40+60, "
         "cost=0.00036, makespan=1.204, busy_time=2.500)"
     )
 
@@ -51,7 +52,7 @@ async def test_fan_out_result_repr_is_whole() -> None:
     llm = ScriptedLLM(lambda prompt: LONG)
     result = await fanflow.fan_out(llm, "Plan a trip", workers=3)
     text = repr(result)
-    assert text.startswith("fanflow.FanOutResult(answer='The answer is")
+    assert text.startswith("fanflow.results.FanOutResult(answer='The answer is")
     assert "workers=[succeeded, succeeded, succeeded], required=2, calls=4, makespan=" in text
     assert text.endswith(")")
     assert text.count("(") == text.count(")")  # nothing cut mid-field

@@ -58,7 +58,7 @@ async def test_a_failing_server_still_gets_the_backoff(looptime: float) -> None:
 
 
 async def test_a_5xx_that_says_when_waits_its_retry_after(looptime: float) -> None:
-    error = fanflow.ServerError("HTTP 503", status_code=503, retry_after=0.7)
+    error = fanflow.errors.ServerError("HTTP 503", status_code=503, retry_after=0.7)
     llm = ScriptedLLM(
         latency=1.0, failures={15: Fault.raises(error, after=1.0)}, retry=RETRY, limits=Limits()
     )

@@ -56,16 +56,16 @@ def test_batch_result_views_and_summary() -> None:
         end=2.0,
         usage=Usage(1, 1),
         cost=0.5,
-        attempts=(fanflow.Attempt(1, 0.0, 2.0, Status.SUCCEEDED),),
+        attempts=(fanflow.results.Attempt(1, 0.0, 2.0, Status.SUCCEEDED),),
     )
     bad = CallRecord(
         status=Status.FAILED,
-        error=fanflow.BadRequest("no"),
+        error=fanflow.errors.BadRequest("no"),
         start=0.0,
         end=1.0,
         attempts=(
-            fanflow.Attempt(1, 0.0, 0.5, Status.FAILED),
-            fanflow.Attempt(2, 0.5, 1.0, Status.FAILED),
+            fanflow.results.Attempt(1, 0.0, 0.5, Status.FAILED),
+            fanflow.results.Attempt(2, 0.5, 1.0, Status.FAILED),
         ),
     )
     result: BatchResult[str] = BatchResult([ok, bad], makespan=2.0)
@@ -80,7 +80,7 @@ def test_batch_result_views_and_summary() -> None:
     # One record with unknown cost makes the total unknown, never a guess.
     assert s.cost is None
     assert "fanflow.BatchResult" in repr(result)
-    with pytest.raises(fanflow.BatchError, match=r"1 of 2 items failed; first: item 1"):
+    with pytest.raises(fanflow.errors.BatchError, match=r"1 of 2 items failed; first: item 1"):
         result.raise_for_errors()
 
 

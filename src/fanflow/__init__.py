@@ -18,89 +18,34 @@ tests/test_layers.py fails on an upward import or an import loop):
 
 Providers, store and testing sit side by side and never import each other.
 
-This module only re-exports; implementation lives in private modules.
+This module only re-exports; implementation lives in private modules. The names users
+reach for are here; the rest of the public surface is in submodules: every error in
+``fanflow.errors``, every result type in ``fanflow.results``, the limit controllers in
+``fanflow.limits``, the backends in ``fanflow.backends``, events in ``fanflow.events``.
 """
 
 from __future__ import annotations
 
+from typing import Any as _Any
+
+from . import backends, errors, events, limits, results  # noqa: F401 (public submodules)
 from ._budget import Budget
-from ._exceptions import (
-    AllFailed,
-    AuthenticationError,
-    BadRequest,
-    BatchError,
-    BatchIncomplete,
-    BudgetExceeded,
-    CallTimeout,
-    CircuitOpen,
-    ConfigError,
-    ContentFiltered,
-    FanflowError,
-    NotFound,
-    Overloaded,
-    ParseError,
-    PermissionDenied,
-    ProtocolError,
-    ProviderConnectionError,
-    ProviderError,
-    ProviderTimeout,
-    QuorumNotMet,
-    QuotaExceeded,
-    RateLimited,
-    RequestTooLarge,
-    ServerError,
-    Skipped,
-    StepInputError,
-    StoreError,
-    TemplateError,
-    is_retryable,
-)
-from ._limits import DEFAULT_CONCURRENCY, DEFAULT_LIMITS, Adaptive, Limits, Pacing
+from ._exceptions import AllFailed, BudgetExceeded, ConfigError, FanflowError, QuorumNotMet
+from ._limits import Limits
 from ._llm import LLM, BaseLLM
 from ._pricing import Price
 from ._retry import RetryPolicy
 from ._sync import run
-from ._types import (
-    Attempt,
-    BatchResult,
-    CallRecord,
-    Message,
-    RateLimitState,
-    Request,
-    Response,
-    Status,
-    Summary,
-    Usage,
-)
+from ._types import BatchResult, CallRecord, Message, Request, Response, Status, Usage
 from ._version import __version__  # the one source: hatch reads it for the package too
-from .backends import BatchBackend, BatchOptions, RayBackend
 from .patterns import (
-    BestOfNResult,
-    Call,
     Chain,
-    EstimateResult,
-    EvaluateResult,
-    FanOutResult,
     Flow,
-    FlowResult,
-    GuardedResult,
-    ItemStatus,
     Options,
     ParallelCalls,
-    ParallelCallsResult,
     Pool,
-    PoolResult,
-    PoolStatus,
-    ResultStream,
-    Score,
-    SectionsResult,
     Skill,
-    SkillResult,
     Step,
-    StepRecord,
-    VoteResult,
-    Worker,
-    _renamed,
     as_completed,
     best_of_n,
     call,
@@ -118,89 +63,54 @@ from .patterns import (
 from .providers import anthropic, function, local, openai
 from .store import JsonlSink, ParquetSink, Store
 
-__getattr__ = _renamed(__name__)  # the old result names, deprecated for one release
+# Where the names that were top-level before the surface was narrowed live now.
+_MOVED = {
+    **dict.fromkeys(errors.__all__, "errors"),
+    **dict.fromkeys(results.__all__, "results"),
+    **dict.fromkeys(limits.__all__, "limits"),
+    **dict.fromkeys(backends.__all__, "backends"),
+}
+
+
+def __getattr__(name: str) -> _Any:
+    where = _MOVED.get(name)
+    if where is None:
+        raise AttributeError(f"module 'fanflow' has no attribute {name!r}")
+    raise AttributeError(
+        f"fanflow.{name} is not a top-level name: use fanflow.{where}.{name} "
+        f"(from fanflow.{where} import {name})"
+    )
 
 
 __all__ = [
-    "DEFAULT_CONCURRENCY",
-    "DEFAULT_LIMITS",
     "LLM",
-    "Adaptive",
     "AllFailed",
-    "Attempt",
-    "AuthenticationError",
-    "BadRequest",
     "BaseLLM",
-    "BatchBackend",
-    "BatchError",
-    "BatchIncomplete",
-    "BatchOptions",
     "BatchResult",
-    "BestOfNResult",
     "Budget",
     "BudgetExceeded",
-    "Call",
     "CallRecord",
-    "CallTimeout",
     "Chain",
-    "CircuitOpen",
     "ConfigError",
-    "ContentFiltered",
-    "EstimateResult",
-    "EvaluateResult",
-    "FanOutResult",
     "FanflowError",
     "Flow",
-    "FlowResult",
-    "GuardedResult",
-    "ItemStatus",
     "JsonlSink",
     "Limits",
     "Message",
-    "NotFound",
     "Options",
-    "Overloaded",
-    "Pacing",
     "ParallelCalls",
-    "ParallelCallsResult",
     "ParquetSink",
-    "ParseError",
-    "PermissionDenied",
     "Pool",
-    "PoolResult",
-    "PoolStatus",
     "Price",
-    "ProtocolError",
-    "ProviderConnectionError",
-    "ProviderError",
-    "ProviderTimeout",
     "QuorumNotMet",
-    "QuotaExceeded",
-    "RateLimitState",
-    "RateLimited",
-    "RayBackend",
     "Request",
-    "RequestTooLarge",
     "Response",
-    "ResultStream",
     "RetryPolicy",
-    "Score",
-    "SectionsResult",
-    "ServerError",
     "Skill",
-    "SkillResult",
-    "Skipped",
     "Status",
     "Step",
-    "StepInputError",
-    "StepRecord",
     "Store",
-    "StoreError",
-    "Summary",
-    "TemplateError",
     "Usage",
-    "VoteResult",
-    "Worker",
     "__version__",
     "anthropic",
     "as_completed",
@@ -212,7 +122,6 @@ __all__ = [
     "function",
     "gather",
     "guarded",
-    "is_retryable",
     "local",
     "map",
     "openai",

@@ -4,7 +4,7 @@ A wrong API key, a model that does not exist, a spent quota or a server that is 
 listening make every call of a batch fail, one request at a time. The breaker watches
 the attempts of one handle (the engine reports each outcome) and, once the failures say
 the cause is not going away, *trips*: calls not yet sent end ``skipped`` with
-:class:`fanflow.CircuitOpen`, whose message names the cause and what to fix, instead of
+:class:`fanflow.errors.CircuitOpen`, whose message names the cause and what to fix, instead of
 each sending its own doomed request. What it watches (``docs/decisions/0091``):
 
 =====================================  ==============  =================================

@@ -119,7 +119,7 @@ class ProviderError(FanflowError):
 
     Attributes:
         rate_limit: the rate-limit headers of the failed HTTP response, when it had any
-            (a limiter reads them; see :class:`fanflow.RateLimitState`).
+            (a limiter reads them; see :class:`fanflow.results.RateLimitState`).
     """
 
     retryable: bool = False

@@ -106,7 +106,7 @@ class Adaptive:
 
     def __repr__(self) -> str:
         return (
-            f"fanflow.Adaptive(initial={self.initial}, min={self.min}, max={self.max}, "
+            f"fanflow.limits.Adaptive(initial={self.initial}, min={self.min}, max={self.max}, "
             f"probe={self.probe:g}, decrease={self.decrease:g})"
         )
 

@@ -52,7 +52,7 @@ class BaseLLM(ABC):
     Args:
         model: the model name filled into requests that name none.
         limits: the handle's limits, shared by every pattern using it (default:
-            ``fanflow.DEFAULT_LIMITS``, no limit until the server answers 429/529, then
+            ``fanflow.limits.DEFAULT_LIMITS``, no limit until the server answers 429/529, then
             adaptive; ``Limits()`` for no limit at all).
         retry: the handle's retry policy (a pattern's ``retry=`` overrides it).
         timeout: seconds per attempt (a pattern's ``timeout=`` overrides it).

@@ -425,7 +425,7 @@ class Summary:
         yield "busy_time", round(self.busy_time, 3), seconds(self.busy_time)
 
     def __repr__(self) -> str:
-        return render("Summary", ((name, text) for name, _, text in self._fields()))
+        return render("results.Summary", ((name, text) for name, _, text in self._fields()))
 
     def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
         for name, value, _ in self._fields():

@@ -41,8 +41,8 @@ class Recording:
 def test_backend_names_resolve_through_one_function() -> None:
     assert isinstance(resolve_backend("local"), LocalBackend)
     assert isinstance(resolve_backend(None), LocalBackend)
-    assert resolve_backend("ray") == fanflow.RayBackend()
-    ray = fanflow.RayBackend(workers=2)
+    assert resolve_backend("ray") == fanflow.backends.RayBackend()
+    ray = fanflow.backends.RayBackend(workers=2)
     assert resolve_backend(ray) is ray
     assert isinstance(ray, Backend)  # the Ray settings implement the protocol
     mine = Recording()

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow import BatchIncomplete, BatchOptions, ConfigError, Status
+from fanflow import ConfigError, Status
+from fanflow.backends import BatchOptions
+from fanflow.errors import BatchIncomplete
 from fanflow.testing import ScriptedLLM, SimBatches, SimServer
 
 pytestmark = pytest.mark.looptime
@@ -60,10 +62,10 @@ async def test_batch_mode_answers_in_input_order_at_the_batch_price(api: str) ->
 
 
 async def test_the_batch_backend_can_be_passed_as_any_backend() -> None:
-    """``mode="batch"`` is shorthand for ``backend=fanflow.BatchBackend("batch")``."""
+    """``mode="batch"`` is shorthand for ``backend=fanflow.backends.BatchBackend("batch")``."""
     async with SimServer() as server:
         llm = _openai(server)
-        backend = fanflow.BatchBackend("batch", BatchOptions(linger=0.1))
+        backend = fanflow.backends.BatchBackend("batch", BatchOptions(linger=0.1))
         assert isinstance(backend, fanflow.backends.Backend)
         result = await fanflow.map(llm, "{input}", ["a", "b"], backend=backend)
         await llm.aclose()
@@ -130,10 +132,10 @@ async def test_a_retryable_line_error_goes_into_a_new_batch() -> None:
     assert len(ok.attempts) == 1
     assert flaky.ok
     assert len(flaky.attempts) == 2  # the 500 line, then its answer from a second batch
-    assert isinstance(flaky.attempts[0].error, fanflow.ServerError)
+    assert isinstance(flaky.attempts[0].error, fanflow.errors.ServerError)
     assert flaky.batch_id != ok.batch_id
     assert broke.status is Status.FAILED
-    assert isinstance(broke.error, fanflow.QuotaExceeded)
+    assert isinstance(broke.error, fanflow.errors.QuotaExceeded)
     assert broke.batch_id == ok.batch_id
     assert stats.batch_prompts == {"ok": 1, "flaky": 2, "broke": 1}
 
@@ -194,7 +196,7 @@ async def test_an_item_too_large_for_a_batch_line_fails_alone() -> None:
         stats = server.stats()
     assert [r.status for r in result.records] == [Status.SUCCEEDED, Status.FAILED, Status.SUCCEEDED]
     error = result.records[1].error
-    assert isinstance(error, fanflow.BadRequest)
+    assert isinstance(error, fanflow.errors.BadRequest)
     assert "more than a batch may hold" in str(error)
     assert stats.batch_requests == 2
 
@@ -351,11 +353,11 @@ async def test_a_batch_the_provider_fails_fails_its_items_with_the_reason() -> N
         await llm.aclose()
         await anthropic.aclose()
     for r in result.records:
-        assert isinstance(r.error, fanflow.BadRequest)
+        assert isinstance(r.error, fanflow.errors.BadRequest)
         assert "failed: too_many_requests" in str(r.error)
         assert r.batch_id is not None
     for r in refused.records:
-        assert isinstance(r.error, fanflow.BadRequest)
+        assert isinstance(r.error, fanflow.errors.BadRequest)
         assert "at most 2 requests per batch" in str(r.error)
 
 

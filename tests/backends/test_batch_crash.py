@@ -35,7 +35,7 @@ async def main():
     else:
         llm = fanflow.anthropic("claude-sim", base_url=url, api_key="sk-test")
     store = fanflow.Store(path)
-    opts = fanflow.BatchOptions(poll=0.05, max_poll=0.2, linger=0.05)
+    opts = fanflow.backends.BatchOptions(poll=0.05, max_poll=0.2, linger=0.05)
     items = [f"prompt {i}" for i in range(int(sys.argv[3]))]
     result = await fanflow.map(
         llm, "{input}", items, mode="batch", store=store, job="nightly", batch=opts

@@ -158,10 +158,12 @@ async def test_without_ray_installed_the_error_says_how_to_install_it(
 
 
 def test_unknown_backends_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"use 'local', 'ray', fanflow\.RayBackend\(\.\.\.\) or"):
+    with pytest.raises(
+        ConfigError, match=r"use 'local', 'ray', fanflow\.backends\.RayBackend\(\.\.\.\) or"
+    ):
         resolve_backend("dask")
     with pytest.raises(ConfigError, match="workers must be >= 1"):
-        fanflow.RayBackend(workers=0)
+        fanflow.backends.RayBackend(workers=0)
     with pytest.raises(ConfigError, match="unknown backend"):
         fanflow.Pool(lambda x: x, [{"x": 1}], backend="spark")
 

@@ -21,7 +21,8 @@ import pytest
 
 import fanflow
 import fanflow.events
-from fanflow import Limits, RayBackend
+from fanflow import Limits
+from fanflow.backends import RayBackend
 from fanflow.backends._ray import worker_pids
 from fanflow.testing import SimServer
 
@@ -93,8 +94,8 @@ async def test_results_are_identical_to_the_local_backend() -> None:
     assert remote.status[3] is fanflow.Status.FAILED
     assert remote.records[11].ok
     assert remote.records[11].retries == 2
-    assert isinstance(remote.errors[3], fanflow.QuotaExceeded)
-    assert isinstance(remote.errors[7], fanflow.TemplateError)
+    assert isinstance(remote.errors[3], fanflow.errors.QuotaExceeded)
+    assert isinstance(remote.errors[7], fanflow.errors.TemplateError)
     assert remote.summary.succeeded == local.summary.succeeded == 57
     assert remote.summary.calls == local.summary.calls
     # Progress: the workers' events reach the caller's hooks, one CallEnded per item.
@@ -194,7 +195,9 @@ async def test_a_field_no_item_has_is_found_before_any_call_on_ray_too() -> None
     async with SimServer(latency=0.01) as server:
         llm = _handle(server)
         rows = [{"id": i, "text": f"t{i}"} for i in range(50)]
-        with pytest.raises(fanflow.TemplateError, match=r"\{txt\}.*none of the first 8 items"):
+        with pytest.raises(
+            fanflow.errors.TemplateError, match=r"\{txt\}.*none of the first 8 items"
+        ):
             await fanflow.map(llm, "Summarize: {txt}", rows, backend=RayBackend(workers=2))
         # Peeking consumes nothing: every item still runs, in order.
         result = await fanflow.map(llm, "{text}", iter(rows), backend=RayBackend(workers=2))
@@ -327,7 +330,7 @@ def _prompt_or_fail(item: str) -> str:
 async def test_fail_fast_raises_the_first_failure() -> None:
     async with SimServer(fault_on={"item 5$": "quota"}) as server:
         llm = _handle(server)
-        with pytest.raises(fanflow.QuotaExceeded):
+        with pytest.raises(fanflow.errors.QuotaExceeded):
             await fanflow.map(llm, "{input}", ITEMS, fail_fast=True, backend=RayBackend(workers=1))
         await llm.aclose()
 

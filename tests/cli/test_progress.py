@@ -105,7 +105,7 @@ async def test_summary_table_rendering() -> None:
         reply="x y",
         latency=2.0,
         failures={1: Fault.rate_limited(retry_after=1.0)},
-        fail_on={"boom": fanflow.BadRequest("no", status_code=400)},
+        fail_on={"boom": fanflow.errors.BadRequest("no", status_code=400)},
     )
     tracker = Tracker(4, clock=loop.time)
     await fanflow.map(llm, "{input}", ["a", "b", "boom", "c"], hooks=[tracker])

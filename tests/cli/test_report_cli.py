@@ -162,9 +162,11 @@ def test_report_of_a_job_served_entirely_from_the_cache(run: Run, tmp_path: Path
 def test_records_keep_requeues_and_notes_and_the_failures_table_shows_the_note(
     tmp_path: Path,
 ) -> None:
-    from fanflow import Attempt, CallRecord, RateLimited, Status
+    from fanflow import CallRecord, Status
     from fanflow.cli._records import RecordsWriter, read_records
     from fanflow.cli._report import render_html
+    from fanflow.errors import RateLimited
+    from fanflow.results import Attempt
 
     note = "the server asked to wait 90 s (Retry-After); waited 60 s, the retry policy's max_wait"
     record: CallRecord[object] = CallRecord(

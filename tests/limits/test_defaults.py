@@ -89,7 +89,7 @@ async def test_a_429_of_the_handles_own_load_uses_up_no_attempt(looptime: float)
     assert result.ok, result.errors
     requeued = [a for r in result.records for a in r.attempts if a.requeued]
     assert requeued  # some were refused...
-    assert all(isinstance(a.error, fanflow.RateLimited) for a in requeued)
+    assert all(isinstance(a.error, fanflow.errors.RateLimited) for a in requeued)
     assert result.summary.calls == 5 + len(requeued)  # ...and went again for free
 
 
@@ -125,7 +125,7 @@ async def test_a_retry_after_past_the_deadline_stops_at_once_and_says_so(
     result = await fanflow.map(llm, "{input}", ["x"], deadline=10.0)
     record = result.records[0]
     assert record.status is Status.FAILED
-    assert isinstance(record.error, fanflow.RateLimited)
+    assert isinstance(record.error, fanflow.errors.RateLimited)
     assert float(looptime) == 0.0  # no hang until the deadline, let alone past it
     note = record.attempts[0].note
     assert note is not None
@@ -182,7 +182,7 @@ def test_contradictory_limits_fail_with_the_fix() -> None:
     with pytest.raises(fanflow.ConfigError, match="margin must be in"):
         Limits(rpm=100, margin=0.7)
     with pytest.raises(fanflow.ConfigError, match=r"Limits.adaptive\(max=...\)"):
-        Limits(concurrency=10, controller=fanflow.Adaptive())
+        Limits(concurrency=10, controller=fanflow.limits.Adaptive())
     with pytest.raises(fanflow.ConfigError, match="probe"):
         Limits.adaptive(probe=0)
     with pytest.raises(fanflow.ConfigError, match="min <= initial <= max"):
@@ -190,12 +190,12 @@ def test_contradictory_limits_fail_with_the_fix() -> None:
 
 
 def test_the_default_limits_are_documented_constants() -> None:
-    assert fanflow.DEFAULT_CONCURRENCY == 1024
-    limits = fanflow.DEFAULT_LIMITS
+    assert fanflow.limits.DEFAULT_CONCURRENCY == 1024
+    limits = fanflow.limits.DEFAULT_LIMITS
     assert limits.concurrency is None
     assert limits.controller is not None
     assert limits.controller.initial is None
-    assert limits.controller.max == fanflow.DEFAULT_CONCURRENCY
+    assert limits.controller.max == fanflow.limits.DEFAULT_CONCURRENCY
     assert ScriptedLLM().limits is limits
 
 

@@ -102,7 +102,7 @@ async def test_a_request_larger_than_the_bucket_fails_at_once(looptime: float) -
     result = await fanflow.map(llm, "{input}", ["short", "x" * 8000], max_tokens=100)
     assert result.records[0].ok
     error = result.records[1].error
-    assert isinstance(error, fanflow.RequestTooLarge)
+    assert isinstance(error, fanflow.errors.RequestTooLarge)
     assert "item 1" in str(error)
     assert "tpm=1,000" in str(error)
     assert result.records[1].status is fanflow.Status.FAILED
@@ -241,7 +241,7 @@ class _CapacityServer(fanflow.BaseLLM):
         if self.in_flight >= self.capacity:
             self.rejected += 1
             await asyncio.sleep(0.001)
-            raise fanflow.RateLimited("429: too many in flight", status_code=429)
+            raise fanflow.errors.RateLimited("429: too many in flight", status_code=429)
         self.in_flight += 1
         try:
             await asyncio.sleep(self.latency)
@@ -281,7 +281,7 @@ def test_limits_validate_with_the_fix_in_the_message() -> None:
     with pytest.raises(fanflow.ConfigError, match="min <= initial <= max"):
         Limits.adaptive(initial=0)
     assert repr(Limits(rpm=60, tpm=1000)) == "fanflow.Limits(concurrency=None, rpm=60, tpm=1000)"
-    assert "fanflow.Adaptive(" in repr(Limits.adaptive())
+    assert "fanflow.limits.Adaptive(" in repr(Limits.adaptive())
 
 
 async def test_headers_with_too_few_tokens_left_hold_until_the_reset(looptime: float) -> None:

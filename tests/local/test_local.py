@@ -203,7 +203,7 @@ async def test_too_long_a_prompt_fails_once_with_a_clear_error() -> None:
     async with fanflow.local(instances=1, n_ctx=32) as llm:
         record = await fanflow.call(llm, "word " * 100, max_tokens=4).record()
     assert record.status is fanflow.Status.FAILED
-    assert isinstance(record.error, fanflow.BadRequest)
+    assert isinstance(record.error, fanflow.errors.BadRequest)
     assert "context holds 32" in str(record.error)
     assert "n_ctx=" in str(record.error)
     assert len(record.attempts) == 1  # not retryable
@@ -218,7 +218,7 @@ async def test_metadata_stays_in_this_process(llm: LocalLLM) -> None:
 
 async def test_response_format_is_refused_clearly(llm: LocalLLM) -> None:
     request = fanflow.Request.of("Hi", response_format={"type": "json_object"})
-    with pytest.raises(fanflow.BadRequest, match="response_format"):
+    with pytest.raises(fanflow.errors.BadRequest, match="response_format"):
         await llm.complete(request)
 
 

@@ -50,7 +50,7 @@ async def test_a_worker_killed_mid_generation_is_replaced_and_the_call_retried(
         assert record.status is fanflow.Status.SUCCEEDED, record.error
         assert record.usage.output_tokens == 40
         first, second = record.attempts
-        assert isinstance(first.error, fanflow.ServerError)
+        assert isinstance(first.error, fanflow.errors.ServerError)
         message = str(first.error)
         assert message.startswith(f"the local model's worker process died ({named})")
         assert "during the call" in message
@@ -131,8 +131,8 @@ async def test_workers_that_keep_dying_while_loading_give_a_config_error() -> No
         await asyncio.gather(killer, return_exceptions=True)
     assert record.status is fanflow.Status.FAILED
     assert [type(a.error) for a in record.attempts] == [
-        fanflow.ServerError,
-        fanflow.ServerError,
+        fanflow.errors.ServerError,
+        fanflow.errors.ServerError,
         fanflow.ConfigError,
     ]
     assert "died (signal 11) while loading the model" in str(record.attempts[0].error)

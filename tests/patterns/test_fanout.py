@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 import fanflow
-from fanflow import BadRequest, QuorumNotMet, Request, Status
+from fanflow import QuorumNotMet, Request, Status
+from fanflow.errors import BadRequest
 from fanflow.events import CallEnded
 from fanflow.testing import Fault, ScriptedLLM
 
@@ -31,7 +32,7 @@ async def test_quorum_edges_for_every_success_count(successes: int) -> None:
         assert caught.value.succeeded == successes
         assert caught.value.required == 2
         meta = caught.value.metadata
-        assert isinstance(meta, fanflow.FanOutResult)
+        assert isinstance(meta, fanflow.results.FanOutResult)
         assert [w.status for w in meta.workers] == [Status.SUCCEEDED] * successes + [
             Status.FAILED
         ] * (4 - successes)
@@ -116,7 +117,7 @@ async def test_worker_timeout_does_not_delay_the_others(looptime: float) -> None
     ]
     assert [w.latency for w in result.workers] == [1.0, 1.0, 5.0]
     assert [w.index for w in result.timed_out] == [2]
-    assert isinstance(result.workers[2].error, fanflow.CallTimeout)
+    assert isinstance(result.workers[2].error, fanflow.errors.CallTimeout)
     assert looptime == 5.0
     assert llm.in_flight == 0
 

@@ -6,7 +6,8 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow import BadRequest, Chain, Flow, Pool, Request, Skill, Status, Step, StepInputError
+from fanflow import Chain, Flow, Pool, Request, Skill, Status, Step
+from fanflow.errors import BadRequest, StepInputError
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -117,7 +118,7 @@ async def test_pool_max_flows_bounds_items_in_progress(looptime: float) -> None:
 async def test_pool_status_while_running_and_after(looptime: float) -> None:
     llm = ScriptedLLM(echo, latency=1.0)
     pool = Pool(url_chain(llm), [{"url": "a"}, {"url": "b"}, {"url": "c"}], max_flows=2)
-    seen: list[fanflow.PoolStatus] = []
+    seen: list[fanflow.results.PoolStatus] = []
 
     async def watch() -> None:
         await asyncio.sleep(1.5)
@@ -131,7 +132,7 @@ async def test_pool_status_while_running_and_after(looptime: float) -> None:
     assert [it.steps for it in during.items[:2]] == [("markdown",), ("markdown",)]
     after = pool.status
     assert (after.total, after.succeeded, after.failed, after.completed) == (3, 3, 0, 3)
-    assert repr(after).startswith("fanflow.PoolStatus(total=3")
+    assert repr(after).startswith("fanflow.results.PoolStatus(total=3")
 
 
 async def test_pool_only_failed_reruns_only_failed_items() -> None:

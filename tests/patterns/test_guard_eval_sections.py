@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 import fanflow
-from fanflow import BadRequest, ParseError, Request, Status
+from fanflow import Request, Status
+from fanflow.errors import BadRequest, ParseError
 from fanflow.patterns._guard import read_verdict
 from fanflow.testing import Fault, ScriptedLLM
 

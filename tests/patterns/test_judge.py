@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 import fanflow
-from fanflow import AllFailed, BadRequest, Request, Status
+from fanflow import AllFailed, Request, Status
+from fanflow.errors import BadRequest
 from fanflow.patterns._judge import parse_choice
 from fanflow.testing import ScriptedLLM
 

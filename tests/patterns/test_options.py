@@ -125,7 +125,7 @@ async def _run_with(name: str, llm: ScriptedLLM, opts: dict[str, Any]) -> Any:
     return await runs[name]()
 
 
-async def _drain(stream: fanflow.ResultStream[Any]) -> list[Any]:
+async def _drain(stream: fanflow.results.ResultStream[Any]) -> list[Any]:
     async with stream as records:
         return [r async for r in records]
 
@@ -238,21 +238,25 @@ async def test_race_timeout_is_the_old_spelling_of_deadline(looptime: float) -> 
         pytest.warns(
             DeprecationWarning, match=r"race\(timeout=\.\.\.\) is deprecated.*use deadline="
         ),
-        pytest.raises(fanflow.CallTimeout, match="within 5 s"),
+        pytest.raises(fanflow.errors.CallTimeout, match="within 5 s"),
     ):
         await fanflow.race(fanflow.call(llm, "a"), timeout=5.0)
     assert looptime == 5.0
 
 
 @pytest.mark.parametrize(
-    ("old", "new"),
-    [("Evaluation", "EvaluateResult"), ("Estimate", "EstimateResult"), ("RunResult", "FlowResult")],
+    ("name", "where"),
+    [("RateLimited", "errors"), ("VoteResult", "results"), ("Adaptive", "limits")],
 )
-def test_old_result_names_still_work_with_a_warning_naming_the_new_one(old: str, new: str) -> None:
-    for module in (fanflow, fanflow.patterns):
-        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated.*use {new}"):
-            cls = getattr(module, old)
-        assert cls is getattr(fanflow, new)
+def test_a_name_moved_off_the_top_level_says_where_it_lives(name: str, where: str) -> None:
+    with pytest.raises(AttributeError, match=rf"use fanflow\.{where}\.{name}"):
+        getattr(fanflow, name)
+    assert getattr(getattr(fanflow, where), name).__name__ == name
+
+
+def test_an_unknown_name_is_a_plain_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        fanflow.Nope  # noqa: B018
 
 
 def test_seed_spellings_of_concurrency_stay() -> None:

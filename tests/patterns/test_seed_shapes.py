@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow import BadRequest, Limits
+from fanflow import Limits
+from fanflow.errors import BadRequest
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime

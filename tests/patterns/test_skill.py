@@ -6,7 +6,8 @@ import pytest
 from pydantic import BaseModel
 
 import fanflow
-from fanflow import BadRequest, ParseError, Skill, Status
+from fanflow import Skill, Status
+from fanflow.errors import BadRequest, ParseError
 from fanflow.patterns._parsing import find_json
 from fanflow.patterns._skill import template_fields
 from fanflow.testing import ScriptedLLM
@@ -26,7 +27,7 @@ async def test_skill_fills_its_template_and_is_callable() -> None:
     assert await skill(text="b") == "be brief|Summarize: b|0.1"
     assert skill.fields == ["text"]
     assert repr(skill) == "fanflow.Skill('Summarize: {text}', fields=['text'])"
-    with pytest.raises(fanflow.TemplateError, match="no field 'text'"):
+    with pytest.raises(fanflow.errors.TemplateError, match="no field 'text'"):
         await skill(other="x")
 
 
@@ -89,7 +90,7 @@ def test_skill_run_from_sync_code() -> None:
 
 def test_template_fields_and_find_json() -> None:
     assert template_fields("{a} {b} {a} {d} {{lit}}") == ["a", "b", "d"]
-    with pytest.raises(fanflow.TemplateError, match="attribute or index access"):
+    with pytest.raises(fanflow.errors.TemplateError, match="attribute or index access"):
         template_fields("{a} {b.c}")  # field names only (issue 13.7)
     assert find_json('x {"a": [1, 2]} y') == {"a": [1, 2]}
     assert find_json("```json\n[1]\n```") == [1]

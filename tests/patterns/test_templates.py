@@ -38,15 +38,15 @@ async def test_unsafe_templates_fail_at_the_start_of_map(
     template: str, problem: str, fix: str
 ) -> None:
     llm = ScriptedLLM()
-    with pytest.raises(fanflow.TemplateError) as info:
+    with pytest.raises(fanflow.errors.TemplateError) as info:
         await fanflow.map(llm, f"Summarize: {template}", [{"text": "hello"}])
     message = str(info.value)
     assert problem in message
     assert fix in message
     assert repr(f"Summarize: {template}") in message  # names the template
-    with pytest.raises(fanflow.TemplateError):
+    with pytest.raises(fanflow.errors.TemplateError):
         fanflow.as_completed(llm, template, [{"text": "hello"}])
-    with pytest.raises(fanflow.TemplateError, match="skill"):
+    with pytest.raises(fanflow.errors.TemplateError, match="skill"):
         Skill(llm, template)
     assert llm.calls == 0
 
@@ -54,22 +54,22 @@ async def test_unsafe_templates_fail_at_the_start_of_map(
 async def test_every_pattern_template_is_checked_before_any_call() -> None:
     llm = ScriptedLLM()
     bad = "{query.__class__}"
-    with pytest.raises(fanflow.TemplateError, match="guard_prompt"):
+    with pytest.raises(fanflow.errors.TemplateError, match="guard_prompt"):
         await fanflow.guarded(llm, "q", guard_prompt=bad)
-    with pytest.raises(fanflow.TemplateError, match="aggregate_prompt"):
+    with pytest.raises(fanflow.errors.TemplateError, match="aggregate_prompt"):
         await fanflow.fan_out(llm, "task", workers=2, aggregate=llm, aggregate_prompt=bad)
-    with pytest.raises(fanflow.TemplateError, match="judge_prompt"):
+    with pytest.raises(fanflow.errors.TemplateError, match="judge_prompt"):
         await fanflow.best_of_n(llm, "task", n=2, judge_prompt="{task!r}")
-    with pytest.raises(fanflow.TemplateError, match="evaluate's prompt"):
+    with pytest.raises(fanflow.errors.TemplateError, match="evaluate's prompt"):
         await fanflow.evaluate(llm, "x", ["clear"], prompt="{content:>999}")
-    with pytest.raises(fanflow.TemplateError, match="synthesis_prompt"):
+    with pytest.raises(fanflow.errors.TemplateError, match="synthesis_prompt"):
         await fanflow.sections(llm, ["a", "b"], synthesize=llm, synthesis_prompt="{sections[0]}")
-    with pytest.raises(fanflow.TemplateError, match="aggregate_prompt"):
+    with pytest.raises(fanflow.errors.TemplateError, match="aggregate_prompt"):
         await ParallelCalls(llm).arun(["a"], aggregate_prompt="{input.upper}")
     # A field the pattern does not fill in is found at the start too (it was a KeyError).
-    with pytest.raises(fanflow.TemplateError, match=r"uses \{verdict\}.*\{query\}"):
+    with pytest.raises(fanflow.errors.TemplateError, match=r"uses \{verdict\}.*\{query\}"):
         await fanflow.guarded(llm, "q", guard_prompt="Is {verdict} ok?")
-    with pytest.raises(fanflow.TemplateError):
+    with pytest.raises(fanflow.errors.TemplateError):
         Chain([Step(Skill(llm, "{a.b}"), output="x")])
     assert llm.calls == 0
 
@@ -102,7 +102,7 @@ def test_fuzz_templates_fail_only_with_template_error_and_never_grow(
     try:
         parsed = parse_template(template)
         prompt = render(template, item, 0)
-    except fanflow.TemplateError as exc:
+    except fanflow.errors.TemplateError as exc:
         message = str(exc)
     else:
         message = ""
@@ -123,17 +123,17 @@ def test_fuzz_templates_through_map(parts: list[str], a: str) -> None:
     template = "".join(parts)
     llm = ScriptedLLM(lambda r: r.prompt)
 
-    async def go() -> fanflow.BatchResult[Any] | fanflow.TemplateError:
+    async def go() -> fanflow.BatchResult[Any] | fanflow.errors.TemplateError:
         try:
             return await fanflow.map(llm, template, [{"a": a, "b": 1}, {"a": a}])
-        except fanflow.TemplateError as exc:
+        except fanflow.errors.TemplateError as exc:
             return exc
 
     out = run_virtual(go())
-    if isinstance(out, fanflow.TemplateError):
+    if isinstance(out, fanflow.errors.TemplateError):
         assert llm.calls == 0
         return
     for record in out.records:
-        assert record.ok or isinstance(record.error, fanflow.TemplateError)
+        assert record.ok or isinstance(record.error, fanflow.errors.TemplateError)
         if record.ok:
             assert len(record.value) <= len(template) * (1 + len(a) + 1)

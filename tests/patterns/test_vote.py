@@ -5,7 +5,8 @@ from collections.abc import Sequence
 import pytest
 
 import fanflow
-from fanflow import AllFailed, BadRequest, ParseError, Request
+from fanflow import AllFailed, Request
+from fanflow.errors import BadRequest, ParseError
 from fanflow.patterns._vote import beta_confidence, default_wave, normalize_answer
 from fanflow.testing import ScriptedLLM
 

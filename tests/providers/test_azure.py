@@ -107,7 +107,7 @@ async def test_without_api_version_azure_refuses(azure: tuple[AzureLike, str]) -
     async with fanflow.openai("gpt-4o", base_url=url, api_key=KEY) as llm:
         result = await fanflow.map(llm, "{q}", [{"q": "hello"}])
     assert result.records[0].status is fanflow.Status.FAILED
-    assert isinstance(result.records[0].error, fanflow.AuthenticationError)
+    assert isinstance(result.records[0].error, fanflow.errors.AuthenticationError)
     assert KEY not in str(result.records[0].error)
     assert server.seen[0]["authorization"] == f"Bearer {KEY}"  # the OpenAI way, refused
 

@@ -70,7 +70,7 @@ def test_openai_and_anthropic_headers() -> None:
         },
         observed_at=5.0,
     )
-    assert openai == fanflow.RateLimitState(500, 499, 0.12, 30000, 29000, 2.0, 5.0)
+    assert openai == fanflow.results.RateLimitState(500, 499, 0.12, 30000, 29000, 2.0, 5.0)
     anthropic = parse_anthropic(
         {
             "anthropic-ratelimit-requests-limit": "50",
@@ -80,61 +80,61 @@ def test_openai_and_anthropic_headers() -> None:
         observed_at=1.0,
         wall_now=NOW,
     )
-    assert anthropic == fanflow.RateLimitState(50, 0, 1.0, None, None, None, 1.0)
+    assert anthropic == fanflow.results.RateLimitState(50, 0, 1.0, None, None, None, 1.0)
     assert parse_openai({}, 0.0) is None
     assert parse_anthropic({}, 0.0, NOW) is None
 
 
 def _error(
     status: int, body: bytes, headers: dict[str, str] | None = None
-) -> fanflow.ProviderError:
+) -> fanflow.errors.ProviderError:
     return classify("openai", status, headers or {}, body, secret=None, rate_limit=None)
 
 
 @pytest.mark.parametrize(
     ("status", "cls"),
     [
-        (400, fanflow.BadRequest),
-        (401, fanflow.AuthenticationError),
-        (403, fanflow.PermissionDenied),
-        (404, fanflow.NotFound),
-        (408, fanflow.ServerError),
-        (409, fanflow.ServerError),
-        (413, fanflow.BadRequest),
-        (422, fanflow.BadRequest),
-        (429, fanflow.RateLimited),
-        (500, fanflow.ServerError),
-        (502, fanflow.ServerError),
-        (503, fanflow.ServerError),
-        (504, fanflow.ServerError),
-        (529, fanflow.Overloaded),
+        (400, fanflow.errors.BadRequest),
+        (401, fanflow.errors.AuthenticationError),
+        (403, fanflow.errors.PermissionDenied),
+        (404, fanflow.errors.NotFound),
+        (408, fanflow.errors.ServerError),
+        (409, fanflow.errors.ServerError),
+        (413, fanflow.errors.BadRequest),
+        (422, fanflow.errors.BadRequest),
+        (429, fanflow.errors.RateLimited),
+        (500, fanflow.errors.ServerError),
+        (502, fanflow.errors.ServerError),
+        (503, fanflow.errors.ServerError),
+        (504, fanflow.errors.ServerError),
+        (529, fanflow.errors.Overloaded),
     ],
 )
-def test_status_classes(status: int, cls: type[fanflow.ProviderError]) -> None:
+def test_status_classes(status: int, cls: type[fanflow.errors.ProviderError]) -> None:
     error = _error(status, b'{"error": {"message": "the server says why"}}')
     assert type(error) is cls
     assert error.status_code == status
     assert "the server says why" in str(error)
-    assert fanflow.is_retryable(error) is (status in (408, 409, 429) or status >= 500)
+    assert fanflow.errors.is_retryable(error) is (status in (408, 409, 429) or status >= 500)
 
 
 def test_429_variants() -> None:
     limited = _error(429, b"{}", {"retry-after": "7"})
-    assert (type(limited), limited.retry_after) == (fanflow.RateLimited, 7.0)
+    assert (type(limited), limited.retry_after) == (fanflow.errors.RateLimited, 7.0)
     from_reset = classify(
         "openai",
         429,
         {},
         b"{}",
         secret=None,
-        rate_limit=fanflow.RateLimitState(requests_remaining=0, requests_reset=3.0),
+        rate_limit=fanflow.results.RateLimitState(requests_remaining=0, requests_reset=3.0),
     )
     assert from_reset.retry_after == 3.0
     quota = _error(429, b'{"error": {"message": "x", "code": "insufficient_quota"}}')
     spend = _error(429, b'{"error": {"message": "You have reached your spend limit"}}')
     for error in (quota, spend):
-        assert type(error) is fanflow.QuotaExceeded
-        assert not fanflow.is_retryable(error)
+        assert type(error) is fanflow.errors.QuotaExceeded
+        assert not fanflow.errors.is_retryable(error)
         assert "waiting will not help" in str(error)
 
 
@@ -148,9 +148,9 @@ def test_odd_bodies() -> None:
     assert "<html>bad gateway</html>" in str(_error(502, b"<html>bad gateway</html>"))
     assert "(empty body)" in str(_error(500, b""))
     anth = _error(400, b'{"type": "error", "error": {"type": "overloaded_error", "message": "m"}}')
-    assert type(anth) is fanflow.Overloaded
+    assert type(anth) is fanflow.errors.Overloaded
     filtered = _error(400, b'{"error": {"message": "no", "code": "content_policy_violation"}}')
-    assert type(filtered) is fanflow.ContentFiltered
+    assert type(filtered) is fanflow.errors.ContentFiltered
 
 
 def test_secret_is_scrubbed_and_never_shown() -> None:
@@ -175,16 +175,16 @@ def test_well_formed_json_of_the_wrong_shape_is_a_protocol_error() -> None:
     openai = fanflow.openai("m", base_url="http://127.0.0.1:9/v1", api_key="k")
     anthropic = fanflow.anthropic("m", base_url="http://127.0.0.1:9", api_key="k")
     for llm, body in ((openai, b'{"choices": []}'), (anthropic, b'{"content": 3}')):
-        with pytest.raises(fanflow.ProtocolError, match="not the expected JSON") as info:
+        with pytest.raises(fanflow.errors.ProtocolError, match="not the expected JSON") as info:
             llm.parse(body, 0.1, None)
         assert info.value.retryable
-    with pytest.raises(fanflow.ContentFiltered):
+    with pytest.raises(fanflow.errors.ContentFiltered):
         openai.parse(
             b'{"choices": [{"message": {"content": ""}, "finish_reason": "content_filter"}]}',
             0.1,
             None,
         )
-    with pytest.raises(fanflow.ContentFiltered):
+    with pytest.raises(fanflow.errors.ContentFiltered):
         anthropic.parse(b'{"content": [], "stop_reason": "refusal"}', 0.1, None)
 
 
@@ -192,5 +192,6 @@ def test_public_names() -> None:
     import fanflow.providers
 
     assert {"AnthropicLLM", "OpenAILLM", "anthropic", "openai"} <= set(fanflow.providers.__all__)
-    assert {"openai", "anthropic", "RateLimitState"} <= set(fanflow.__all__)
+    assert {"openai", "anthropic"} <= set(fanflow.__all__)
+    assert "RateLimitState" in fanflow.results.__all__
     assert fanflow.openai is fanflow.providers.openai

@@ -127,20 +127,20 @@ async def test_stream_collects_text_and_time_to_first_token(factory: Factory) ->
 @pytest.mark.parametrize(
     ("prompt", "error", "status", "retryable"),
     [
-        ("e500", fanflow.ServerError, 500, True),
-        ("e503", fanflow.ServerError, 503, True),
-        ("e529", fanflow.Overloaded, 529, True),
-        ("e429", fanflow.RateLimited, 429, True),
-        ("quota", fanflow.QuotaExceeded, 429, False),
-        ("junk", fanflow.ProtocolError, None, True),
-        ("reset", fanflow.ProviderConnectionError, None, True),
+        ("e500", fanflow.errors.ServerError, 500, True),
+        ("e503", fanflow.errors.ServerError, 503, True),
+        ("e529", fanflow.errors.Overloaded, 529, True),
+        ("e429", fanflow.errors.RateLimited, 429, True),
+        ("quota", fanflow.errors.QuotaExceeded, 429, False),
+        ("junk", fanflow.errors.ProtocolError, None, True),
+        ("reset", fanflow.errors.ProviderConnectionError, None, True),
     ],
 )
 async def test_faults_are_classified(
     server: SimServer,
     factory: Factory,
     prompt: str,
-    error: type[fanflow.ProviderError],
+    error: type[fanflow.errors.ProviderError],
     status: int | None,
     retryable: bool,
 ) -> None:
@@ -149,7 +149,7 @@ async def test_faults_are_classified(
             await llm.complete(llm.prepare(Request.of(prompt)))
     assert type(info.value) is error
     assert info.value.status_code == status
-    assert fanflow.is_retryable(info.value) is retryable
+    assert fanflow.errors.is_retryable(info.value) is retryable
     if prompt == "e500":
         assert "The server had an error while processing your request" in str(info.value)
     if prompt == "e429":
@@ -162,7 +162,7 @@ async def test_malformed_stream_event_is_a_protocol_error(
     server: SimServer, factory: Factory
 ) -> None:
     async with factory(server, stream=True) as llm:
-        with pytest.raises(fanflow.ProtocolError, match="bad stream event") as info:
+        with pytest.raises(fanflow.errors.ProtocolError, match="bad stream event") as info:
             await llm.complete(llm.prepare(Request.of("junk")))
     assert info.value.retryable
 
@@ -185,7 +185,7 @@ async def test_a_500_told_not_to_retry_does_not_claim_a_retry(factory: Factory) 
     async with SimServer(fault_on={"x": ["500"]}) as server, factory(server) as llm:
         record = await fanflow.call(llm, "x", retry=RetryPolicy.none()).record()
         assert server.stats().requests == 1
-    assert isinstance(record.error, fanflow.ServerError)
+    assert isinstance(record.error, fanflow.errors.ServerError)
     message = str(record.error)
     assert "HTTP 500" in message
     assert "retries this" not in message  # it was not retried
@@ -197,7 +197,7 @@ async def test_rate_limit_headers_and_retry_after(factory: Factory) -> None:
     async with SimServer(rpm=2, tpm=1000) as server, factory(server) as llm:
         first = await fanflow.call(llm, "a")
         await fanflow.call(llm, "a")
-        with pytest.raises(fanflow.RateLimited) as info:
+        with pytest.raises(fanflow.errors.RateLimited) as info:
             await llm.complete(llm.prepare(Request.of("a")))
         t0 = loop.time()
         record = await fanflow.call(llm, "a", retry=RetryPolicy(attempts=2, initial=0.0)).record()
@@ -257,7 +257,7 @@ async def test_connection_refused_is_retryable(factory: Factory) -> None:
         else fanflow.anthropic("m", base_url=url, api_key="k")
     )
     async with llm:
-        with pytest.raises(fanflow.ProviderConnectionError) as info:
+        with pytest.raises(fanflow.errors.ProviderConnectionError) as info:
             await llm.complete(llm.prepare(Request.of("x")))
     assert info.value.retryable
     assert "base_url" in str(info.value)
@@ -282,7 +282,7 @@ async def test_keys_never_leak(factory: Factory, caplog: pytest.LogCaptureFixtur
         async with llm:
             record = await fanflow.call(llm, "x", retry=RetryPolicy.none()).record()
     error = record.error
-    assert isinstance(error, fanflow.AuthenticationError)
+    assert isinstance(error, fanflow.errors.AuthenticationError)
     assert "[redacted]" in str(error)  # SimServer echoed the key; we scrubbed it
     for text in (str(error), repr(error), repr(record), repr(llm), str(vars(llm)), caplog.text):
         assert key not in text

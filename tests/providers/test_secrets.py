@@ -75,7 +75,7 @@ def test_the_body_is_scrubbed_before_it_is_cut(json_body: bool) -> None:
     text = head + KEY + " was refused"
     body = ('{"error": {"message": "' + text + '"}}').encode() if json_body else text.encode()
     error = classify("openai", 401, {}, body, secret=Secret(KEY), rate_limit=None)
-    assert isinstance(error, fanflow.AuthenticationError)
+    assert isinstance(error, fanflow.errors.AuthenticationError)
     assert leaked(str(error)) == []
     assert len(str(error)) < 500  # still cut: a huge body makes no huge message
 
@@ -108,7 +108,7 @@ async def test_an_echoed_key_leaves_no_piece_anywhere(tmp_path: Path, echo: str,
     assert server.stats().responses == {401: 2}
     errors = list(result.errors.values())
     assert errors
-    assert all(isinstance(e, fanflow.AuthenticationError) for e in errors)
+    assert all(isinstance(e, fanflow.errors.AuthenticationError) for e in errors)
     for error in errors:
         assert leaked(str(error)) == [], str(error)
         assert leaked(repr(error)) == []

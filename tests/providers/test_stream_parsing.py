@@ -51,9 +51,9 @@ async def test_anthropic_error_event_mid_stream_is_classified() -> None:
         b' "message": "Overloaded"}}\n\n'
     )
     start = asyncio.get_running_loop().time()
-    with pytest.raises(fanflow.Overloaded) as info:
+    with pytest.raises(fanflow.errors.Overloaded) as info:
         await llm.read_stream(_reader(payload), start, {})
-    assert fanflow.is_retryable(info.value)
+    assert fanflow.errors.is_retryable(info.value)
     assert "Overloaded" in str(info.value)
     await llm.aclose()
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from fanflow import StoreError
+from fanflow.errors import StoreError
 from fanflow.store import Store
 from fanflow.store._lock import JobLock, lock_path
 

@@ -12,18 +12,8 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow import (
-    BadRequest,
-    Chain,
-    Flow,
-    Pool,
-    QuorumNotMet,
-    Request,
-    Skill,
-    Status,
-    Step,
-    Store,
-)
+from fanflow import Chain, Flow, Pool, QuorumNotMet, Request, Skill, Status, Step, Store
+from fanflow.errors import BadRequest
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -88,7 +78,9 @@ PATTERNS: dict[str, Callable[[ScriptedLLM, Store], Awaitable[Any]]] = {
 
 def calls_of(result: Any) -> tuple[fanflow.CallRecord[Any], ...]:
     """A pattern result's call records (a SkillResult names them ``calls``)."""
-    return tuple(result.calls if isinstance(result, fanflow.SkillResult) else result.records)
+    return tuple(
+        result.calls if isinstance(result, fanflow.results.SkillResult) else result.records
+    )
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow import JsonlSink, ParquetSink, Status, Store, StoreError
+from fanflow import JsonlSink, ParquetSink, Status, Store
+from fanflow.errors import StoreError
 from fanflow.store import sink_for
 from fanflow.testing import ScriptedLLM
 
@@ -31,7 +32,7 @@ def by_index(path: Path) -> dict[int, dict[str, Any]]:
 
 async def test_one_line_per_item_with_its_fields(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    llm = ScriptedLLM(fail_on={"item 4$": fanflow.BadRequest("rejected")})
+    llm = ScriptedLLM(fail_on={"item 4$": fanflow.errors.BadRequest("rejected")})
     await fanflow.map(llm, "{text}", ITEMS, sink=out)
     rows = by_index(out)
     assert sorted(rows) == list(range(10))
@@ -69,7 +70,7 @@ async def test_a_torn_last_line_is_cut_and_the_rest_resumed(tmp_path: Path) -> N
 
 async def test_resume_replaces_the_lines_of_items_that_failed(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    flaky = ScriptedLLM(fail_on={"item [26]$": fanflow.BadRequest("no")})
+    flaky = ScriptedLLM(fail_on={"item [26]$": fanflow.errors.BadRequest("no")})
     await fanflow.map(flaky, "{text}", ITEMS, sink=out)
     assert [r["status"] for r in lines(out)].count("failed") == 2
     sink = JsonlSink(out)
@@ -130,7 +131,7 @@ async def test_as_completed_streams_to_a_sink(tmp_path: Path) -> None:
 async def test_parquet_sink_writes_every_item(tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "out.parquet"
-    llm = ScriptedLLM(fail_on={"item 1$": fanflow.BadRequest("no")})
+    llm = ScriptedLLM(fail_on={"item 1$": fanflow.errors.BadRequest("no")})
     sink = ParquetSink(out, row_group_size=3)
     await fanflow.map(llm, "{text}", ITEMS, sink=sink, parse=lambda r: {"text": r.text})
     table = pq.read_table(out)

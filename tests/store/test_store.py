@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow import Request, Response, Status, Store, StoreError
+from fanflow import Request, Response, Status, Store
+from fanflow.errors import StoreError
 from fanflow.events import CallEnded
 from fanflow.store import JobInfo
 from fanflow.testing import ScriptedLLM
@@ -99,7 +100,7 @@ async def test_samples_are_different_calls(store: Store) -> None:
 
 
 async def test_failures_are_not_cached(store: Store) -> None:
-    llm = ScriptedLLM(fail_on={"bad": fanflow.BadRequest("no")})
+    llm = ScriptedLLM(fail_on={"bad": fanflow.errors.BadRequest("no")})
     first = await fanflow.map(llm, "{input}", ["good", "bad"], store=store)
     assert first.status == {0: Status.SUCCEEDED, 1: Status.FAILED}
     await fanflow.map(llm, "{input}", ["good", "bad"], store=store)
@@ -119,7 +120,7 @@ async def test_a_record_is_committed_before_it_is_reported(store: Store) -> None
 
 
 async def test_a_job_records_each_items_terminal_status(store: Store) -> None:
-    llm = ScriptedLLM(fail_on={"item 3$": fanflow.BadRequest("bad item")})
+    llm = ScriptedLLM(fail_on={"item 3$": fanflow.errors.BadRequest("bad item")})
     items: list[Any] = [{"id": f"id-{i}", "text": f"item {i}"} for i in range(5)]
     items.append({"id": "id-5"})  # no text: the template fails for this item only
     result = await fanflow.map(llm, "{text}", items, store=store, job="labels")
@@ -140,7 +141,7 @@ async def test_a_job_records_each_items_terminal_status(store: Store) -> None:
 
 
 async def test_rerunning_a_job_reruns_only_what_did_not_succeed(store: Store) -> None:
-    flaky = ScriptedLLM(fail_on={"item [37]$": fanflow.BadRequest("no")})
+    flaky = ScriptedLLM(fail_on={"item [37]$": fanflow.errors.BadRequest("no")})
     await fanflow.map(flaky, "{input}", ITEMS[:10], store=store, job="j")
     fixed = ScriptedLLM()
     # cache=False: only the job's own succeeded items are reused; the failures run again.
@@ -154,7 +155,7 @@ async def test_rerunning_a_job_reruns_only_what_did_not_succeed(store: Store) ->
 
 
 async def test_only_failed_runs_the_failures_and_skips_what_never_started(store: Store) -> None:
-    flaky = ScriptedLLM(fail_on={"item [25]$": fanflow.ServerError("down")})
+    flaky = ScriptedLLM(fail_on={"item [25]$": fanflow.errors.ServerError("down")})
     await fanflow.map(
         flaky, "{input}", ITEMS[:8], store=store, job="j", retry=fanflow.RetryPolicy(attempts=1)
     )
@@ -187,7 +188,7 @@ class KeyedLLM(fanflow.BaseLLM):
 
     async def complete(self, request: Request) -> Response:
         if "fail" in request.prompt:
-            raise fanflow.AuthenticationError("401: the API key was rejected")
+            raise fanflow.errors.AuthenticationError("401: the API key was rejected")
         return Response(f"ok {request.prompt}", model="keyed")
 
 
@@ -352,7 +353,9 @@ PRAGMA user_version=2;
 async def test_requeues_and_the_last_note_persist_in_a_store_from_earlier_today(
     tmp_path: Path,
 ) -> None:
-    from fanflow import Attempt, CallRecord, RateLimited
+    from fanflow import CallRecord
+    from fanflow.errors import RateLimited
+    from fanflow.results import Attempt
     from fanflow.store import ItemRef
 
     path = tmp_path / "store.db"

@@ -20,7 +20,7 @@ A :class:`BatchQueue` does the batching:
   batches;
 - its answers are committed to the store like any call's, then handed out; requests
   the batch did not answer (expired, cancelled, missing or malformed lines) raise the
-  retryable :class:`fanflow.BatchIncomplete` and go into a new batch on retry, each
+  retryable :class:`fanflow.errors.BatchIncomplete` and go into a new batch on retry, each
   failure kept in the record's attempts;
 - with ``mode="auto"`` and a deadline, once the time left is what real-time calls need
   for the requests still unanswered (estimated from the handle's limits), pending
@@ -109,7 +109,7 @@ class BatchOptions:
             raise ConfigError(f"reserve must be >= 0 seconds, got {self.reserve}")
 
     def __repr__(self) -> str:
-        return f"fanflow.BatchOptions(poll={self.poll}, max_poll={self.max_poll})"
+        return f"fanflow.backends.BatchOptions(poll={self.poll}, max_poll={self.max_poll})"
 
     def cap(self) -> int:
         """Requests per batch when the provider is not known yet (the smallest limit)."""

@@ -43,7 +43,7 @@ log = logging.getLogger("fanflow")
 class BatchBackend:
     """Runs the model calls of ``map``, ``as_completed`` and ``Pool`` through the
     providers' batch APIs (``mode="batch"`` / ``"auto"`` make one; or pass
-    ``backend=fanflow.BatchBackend(...)``).
+    ``backend=fanflow.backends.BatchBackend(...)``).
 
     Args:
         mode: ``"batch"`` (every call through a batch) or ``"auto"`` (batches, and what
@@ -58,7 +58,7 @@ class BatchBackend:
         self.options = options or BatchOptions()
 
     def __repr__(self) -> str:
-        return f"fanflow.BatchBackend(mode={self.mode!r})"
+        return f"fanflow.backends.BatchBackend(mode={self.mode!r})"
 
     def check(self, llm: LLM, *, deadline: float | None, hedge_after: float | None) -> None:
         """Refuse what cannot work, before anything is sent."""

@@ -55,7 +55,7 @@ class RayBackend:
 
     def __repr__(self) -> str:
         return (
-            f"fanflow.RayBackend(address={self.address!r}, workers={self.workers}, "
+            f"fanflow.backends.RayBackend(address={self.address!r}, workers={self.workers}, "
             f"shard_size={self.shard_size})"
         )
 
@@ -91,6 +91,6 @@ def resolve_backend(backend: object) -> Backend:
     if isinstance(backend, Backend):
         return backend
     raise ConfigError(
-        f"unknown backend {backend!r}; use 'local', 'ray', fanflow.RayBackend(...) or an "
+        f"unknown backend {backend!r}; use 'local', 'ray', fanflow.backends.RayBackend(...) or an "
         "object with the fanflow.backends.Backend methods (map_batch, run_pool)"
     )

@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 # With no concurrency limit anywhere (neither the call's nor the handle's), a batch runs
 # at most this many items at once, so an unbounded iterator cannot exhaust memory: the
-# default concurrency, one constant (fanflow.DEFAULT_CONCURRENCY).
+# default concurrency, one constant (fanflow.limits.DEFAULT_CONCURRENCY).
 DEFAULT_WINDOW = DEFAULT_CONCURRENCY
 
 # Workers per concurrency slot. Slots are taken per attempt (the pattern's gate, the

@@ -193,7 +193,7 @@ def _local_model_installed() -> bool:
 
 def _limits(s: Settings) -> Limits:
     """The handle's limits: ``--concurrency`` fixes the calls in flight; without it, the
-    library's default (``fanflow.DEFAULT_LIMITS``: adaptive, up to
+    library's default (``fanflow.limits.DEFAULT_LIMITS``: adaptive, up to
     ``DEFAULT_CONCURRENCY``). ``--rpm``/``--tpm`` are paced either way."""
     if s.concurrency is None:
         return Limits(rpm=s.rpm, tpm=s.tpm, controller=DEFAULT_LIMITS.controller)

@@ -9,10 +9,6 @@ engine's own type, shared with the Ray backend and the CLI), ``as_completed`` a
 ``race`` the values of their calls.
 """
 
-import warnings as _warnings
-from collections.abc import Callable as _Callable
-from typing import Any as _Any
-
 from ._combine import split_text
 from ._estimate import EstimateResult, estimate
 from ._evaluate import EvaluateResult, Score, evaluate
@@ -68,27 +64,3 @@ __all__ = [
     "split_text",
     "vote",
 ]
-
-# Old names, kept for one release (see CHANGELOG.md).
-_RENAMED = {"Evaluation": "EvaluateResult", "Estimate": "EstimateResult", "RunResult": "FlowResult"}
-
-
-def _renamed(module: str) -> _Callable[[str], _Any]:
-    """A module ``__getattr__`` that serves the old names with a DeprecationWarning."""
-
-    def __getattr__(name: str) -> _Any:
-        new = _RENAMED.get(name)
-        if new is None:
-            raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        _warnings.warn(
-            f"{name} is deprecated and will be removed in the next release; use {new} "
-            "(the same class: results are named <Pattern>Result)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return globals()[new]
-
-    return __getattr__
-
-
-__getattr__ = _renamed(__name__)

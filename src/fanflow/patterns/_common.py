@@ -258,7 +258,8 @@ class PatternResult:
         yield "makespan", round(self.makespan, 3)
 
     def __repr__(self) -> str:
-        return render(type(self).__name__, ((name, _show(value)) for name, value in self._fields()))
+        fields = ((name, _show(value)) for name, value in self._fields())
+        return render(f"results.{type(self).__name__}", fields)
 
     def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
         yield from self._fields()

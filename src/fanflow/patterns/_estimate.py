@@ -43,7 +43,7 @@ class EstimateResult:
         cost = "unknown" if self.cost is None else f"${self.cost:.4f}"
         batch = "unknown" if self.batch_cost is None else f"${self.batch_cost:.4f}"
         return (
-            f"fanflow.EstimateResult(items={self.items}, input_tokens={self.input_tokens}, "
+            f"fanflow.results.EstimateResult(items={self.items}, input_tokens={self.input_tokens}, "
             f"output_tokens={self.output_tokens}, cost={cost}, batch_cost={batch})"
         )
 

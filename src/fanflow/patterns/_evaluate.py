@@ -38,7 +38,8 @@ class Score(RecordView):
     record: CallRecord[tuple[float, str]]
 
     def __repr__(self) -> str:
-        return f"fanflow.Score({self.criterion!r}, score={self.score}, status={self.status.value})"
+        status = self.status.value
+        return f"fanflow.results.Score({self.criterion!r}, score={self.score}, status={status})"
 
     @property
     def score(self) -> float | None:

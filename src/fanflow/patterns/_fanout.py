@@ -66,7 +66,7 @@ class Worker(RecordView):
 
     def __repr__(self) -> str:
         return (
-            f"fanflow.Worker(index={self.index}, temperature={self.temperature}, "
+            f"fanflow.results.Worker(index={self.index}, temperature={self.temperature}, "
             f"focus={self.focus!r}, status={self.status.value})"
         )
 

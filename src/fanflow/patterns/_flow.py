@@ -13,7 +13,7 @@ are done starts at once, so independent steps overlap. A failed step skips the s
 that depend on it; independent branches go on.
 
 Input keys are checked before anything runs: a missing key fails the item at once with
-a :class:`fanflow.StepInputError` naming the step and the key.
+a :class:`fanflow.errors.StepInputError` naming the step and the key.
 
 Sync functions run in a worker thread (``asyncio.to_thread``), so a blocking step
 (fetching a URL with requests, say) does not hold up the other items.
@@ -69,7 +69,7 @@ class StepRecord:
     end: float | None = None
 
     def __repr__(self) -> str:
-        return f"fanflow.StepRecord({self.name!r}, status={self.status.value})"
+        return f"fanflow.results.StepRecord({self.name!r}, status={self.status.value})"
 
     @property
     def ok(self) -> bool:

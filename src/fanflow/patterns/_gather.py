@@ -39,7 +39,7 @@ class Call:
         self._progress = progress
 
     def __repr__(self) -> str:
-        return f"fanflow.Call({self.request.prompt[:40]!r})"
+        return f"fanflow.results.Call({self.request.prompt[:40]!r})"
 
     async def record(self, outer: Shared | None = None) -> CallRecord[Response]:
         """Run the call and return its record (failures are data).

@@ -165,7 +165,7 @@ async def map(
         only_failed: with ``job``, run only the items that failed before; succeeded
             items come from the store, items never started end as ``skipped``.
         backend: where the calls run: ``"local"`` (this process's event loop) or
-            ``"ray"`` / :class:`fanflow.RayBackend` (shards of items on Ray workers, each
+            ``"ray"`` / :class:`fanflow.backends.RayBackend` (shards of items on Ray workers, each
             running this engine, under one cluster-wide limit per handle; needs
             ``pip install 'fanflow[ray]'``), or any :class:`fanflow.backends.Backend`.
             The result is the same either way.
@@ -175,8 +175,8 @@ async def map(
             (batches, and what is still unanswered as ``deadline`` nears goes in real
             time, within the handle's limits). ``timeout`` and ``concurrency`` then
             apply to the real-time calls only. Shorthand for
-            ``backend=fanflow.BatchBackend(mode, batch)``.
-        batch: how batches are sized and polled (:class:`fanflow.BatchOptions`).
+            ``backend=fanflow.backends.BatchBackend(mode, batch)``.
+        batch: how batches are sized and polled (:class:`fanflow.backends.BatchOptions`).
         **options: the call options (:class:`fanflow.Options`): ``concurrency`` is the
             most items in flight; ``deadline`` ends the items not done by then as
             ``timed_out``; with ``store`` each item's call is committed before it is
@@ -298,12 +298,12 @@ class ResultStream(Generic[T]):
         self._closed = False
 
     def __repr__(self) -> str:
-        return "fanflow.ResultStream()"
+        return "fanflow.results.ResultStream()"
 
     def __aiter__(self) -> AsyncGenerator[CallRecord[T], None]:
         if self._iterator_ref is not None and not self._closed:
             raise FanflowError(
-                "a fanflow.ResultStream can be iterated only once; call "
+                "a fanflow.results.ResultStream can be iterated only once; call "
                 "fanflow.as_completed(...) again for a second run"
             )
         if not self._entered:

@@ -78,7 +78,7 @@ class PoolStatus:
 
     def __repr__(self) -> str:
         return (
-            f"fanflow.PoolStatus(total={self.total}, pending={self.pending}, "
+            f"fanflow.results.PoolStatus(total={self.total}, pending={self.pending}, "
             f"running={self.running}, succeeded={self.succeeded}, failed={self.failed})"
         )
 
@@ -236,14 +236,14 @@ class Pool:
         max_flows: the most items in progress at once (``concurrency`` in the other
             patterns; either spelling works; default 10). Their calls also share each
             model handle's own limits.
-        backend: ``"local"`` (this event loop) or ``"ray"`` / :class:`fanflow.RayBackend`
+        backend: ``"local"`` (this event loop) or ``"ray"`` / :class:`fanflow.backends.RayBackend`
             (inputs sharded over Ray workers; ``max_flows`` and each handle's limits then
             hold for the whole cluster; needs ``pip install 'fanflow[ray]'``).
         mode: ``"batch"``: the model steps whose handle has a batch API (OpenAI,
             Anthropic) go through the provider's batch API at its batch price; other
             steps run as usual. Each input in progress holds one request in a batch, so
             ``max_flows`` is raised to the number of inputs (at most twice a batch).
-        batch: how batches are sized and polled (:class:`fanflow.BatchOptions`).
+        batch: how batches are sized and polled (:class:`fanflow.backends.BatchOptions`).
         **options: the call options (:class:`fanflow.Options`). ``store``, ``cache``,
             ``budget`` and ``prices`` override the skills' and chains' own; ``budget``
             caps one run of the pool, every call of every input together (a number: a

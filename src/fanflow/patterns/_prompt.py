@@ -5,7 +5,7 @@ Templates are deliberately simple: ``{field}`` is replaced by the field's value 
 attribute or index access (``{text.__class__}``, ``{row[0]}``), no conversions
 (``{text!r}``), no format specs (``{score:.2f}``, ``{text:>99999999}``), no nested or
 empty fields. A template is checked once, when a pattern starts (or a ``Skill`` is
-made), and anything else is a :class:`fanflow.TemplateError` naming the template and
+made), and anything else is a :class:`fanflow.errors.TemplateError` naming the template and
 the field, before any call. So a prompt is never larger than its template plus the
 values it names, and never shows Python internals. This is the one template parser:
 patterns, skills, chains, flows and the command line all use :func:`parse_template`.

@@ -70,7 +70,7 @@ class SkillResult:
     calls: tuple[CallRecord[Any], ...] = field(default=())
 
     def __repr__(self) -> str:
-        return f"fanflow.SkillResult(status={self.status.value}, calls={len(self.calls)})"
+        return f"fanflow.results.SkillResult(status={self.status.value}, calls={len(self.calls)})"
 
     @property
     def ok(self) -> bool:

@@ -135,7 +135,7 @@ def function(
     Args:
         fn: called with each :class:`fanflow.Request` (``request.prompt`` is its text),
             or a model object as above.
-            Raise a :class:`fanflow.ProviderError` subclass (``RateLimited``,
+            Raise a :class:`fanflow.errors.ProviderError` subclass (``RateLimited``,
             ``ServerError``, ...) to have the engine retry; other exceptions fail the call.
         name: a name for records and messages (default: the function's name).
         limits: the handle's limits (concurrency).

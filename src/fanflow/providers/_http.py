@@ -8,7 +8,7 @@ An adapter (``_openai.py``, ``_anthropic.py``) only translates between a
   with a keep-alive pool that does not cap concurrency (admission is the engine's job).
   A session is closed by :meth:`HttpLLM.aclose`, or when its loop shuts down: it is
   held by an async generator, which ``asyncio.run`` closes in ``shutdown_asyncgens``.
-- Every failure becomes a classified :class:`fanflow.ProviderError` (docs/architecture.md,
+- Every failure becomes a classified :class:`fanflow.errors.ProviderError` (docs/architecture.md,
   "Core types"): status, the server's own message, ``retry_after`` and the rate-limit
   headers.
 - API keys live in a :class:`Secret` and are scrubbed from every message we build.
@@ -176,7 +176,7 @@ def classify(
     secret: Secret | None,
     rate_limit: RateLimitState | None,
 ) -> ProviderError:
-    """The :class:`fanflow.ProviderError` for an HTTP error response.
+    """The :class:`fanflow.errors.ProviderError` for an HTTP error response.
 
     429 -> ``RateLimited`` (``retry_after`` from ``retry-after-ms``, ``retry-after``, then
     the reset headers) unless the body says a quota or spend limit was reached

@@ -13,7 +13,7 @@ limit defaults to the number of instances, so the engine queues calls rather tha
 pool, and per-attempt timeouts count from the moment an instance starts on the call.
 
 When a worker dies (SIGSEGV, abort, the OOM killer) its attempt fails with a retryable
-:class:`~fanflow.ServerError` naming the signal, and the next attempt starts a new
+:class:`~fanflow.errors.ServerError` naming the signal, and the next attempt starts a new
 worker. Workers that keep dying before they complete a first call mean the model cannot
 run here: after :data:`MAX_FRESH_DEATHS` such deaths in a row, calls fail with a
 :class:`~fanflow.ConfigError` that names the likely cause (llama.cpp's extra buffer
