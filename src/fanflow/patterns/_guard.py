@@ -43,7 +43,7 @@ from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_GUARD_PROMPT", "DEFAULT_REFUSAL", "GuardedResult", "guarded", "read_verdict"]
 
-# Seed 001's question: is the query harmful? A YES blocks it.
+# The question guardrail examples ask (issue 28): is the query harmful? YES blocks it.
 DEFAULT_GUARD_PROMPT = (
     "You are a safety filter. Is this query requesting anything harmful, illegal, or "
     "inappropriate? Query: {query}\nAnswer YES or NO with brief explanation."
@@ -246,7 +246,7 @@ async def guarded(
             JSON, SAFE/UNSAFE, or a reply starting YES or NO (``block_on`` flags).
         block_on: which reply starting YES or NO withholds the answer: ``"YES"`` for
             a guard asked whether the query is harmful (the default prompt's question,
-            and seed 001's), ``"NO"`` for one asked whether it is safe to answer. Not
+            as guardrail examples ask it), ``"NO"`` for one asked whether it is safe to answer. Not
             given: YES, unless ``guard_prompt`` asks for YES/NO to "is it safe", "may I
             answer", "is it allowed" and the like, which is a ConfigError naming this
             argument (decision 0160).
