@@ -35,6 +35,7 @@ async def main() -> None:
         "What is the capital of France?",
         guard_prompt="Is this request safe to answer?\n{query}\n"
         "Answer YES or NO with brief explanation.",
+        block_on="NO",  # asked "is it safe?": NO withholds the answer
         **opts,
     )
     print("guarded:", result.output)

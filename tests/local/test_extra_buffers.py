@@ -2,9 +2,10 @@
 
 On CPUs that report AMX, llama.cpp's AMX buffer type crashes on the first decode of more
 than one token (llama.cpp issue 20824), so ``fanflow.local()`` turns extra buffers off
-there. This machine's CPU has no AMX: the detection is fed fake /proc/cpuinfo files, and
-the setting is checked where it lands, in the buffer types llama.cpp reports loading the
-weights into (read by the worker from llama.cpp's own log).
+there. The detection is fed fake /proc/cpuinfo files (the CPU running the tests may have
+no AMX), and the setting is checked where it lands, in the buffer types llama.cpp reports
+loading the weights into (read by the worker from llama.cpp's own log). Generated text is
+never compared across the two settings: it differs from CPU to CPU.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def test_a_bad_variable_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
 async def test_fake_amx_flags_turn_extra_buffers_off_in_llama_cpp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, q4_0_model: Path
 ) -> None:
+    # Only what holds on every CPU: the buffer types llama.cpp reports, and a generation of
+    # more than one token with extra buffers off. Never the text across the two settings:
+    # the repacked kernels round differently from the plain ones on some CPUs (on an AVX2
+    # EPYC the two replies differ after a few tokens; issue 28).
     monkeypatch.delenv("FANFLOW_LOCAL_EXTRA_BUFFERS", raising=False)
     monkeypatch.setattr(local_module, "CPUINFO", cpuinfo(tmp_path, SAPPHIRE_RAPIDS))
     request = fanflow.Request.of("Count to five.", temperature=0.0, max_tokens=8)
@@ -106,13 +111,16 @@ async def test_fake_amx_flags_turn_extra_buffers_off_in_llama_cpp(
     monkeypatch.setattr(local_module, "CPUINFO", cpuinfo(tmp_path, EPYC))
     async with fanflow.local(q4_0_model, instances=1, threads=1) as plain:
         assert plain.extra_buffers is True
-        on_reply = await plain.complete(request)
+        # Loaded, not run: on a real AMX CPU a generation here is the crash (0080).
+        await plain.load()
         on = plain.pool_statistics().model_buffers
-    # llama.cpp reported where the weights went: repacked only when extra buffers are on.
-    assert off == ("CPU_Mapped",)
-    assert "CPU_REPACK" in on
+    assert off == ("CPU_Mapped",)  # no extra buffer type while they are off
     assert off_reply.usage.output_tokens > 1  # more than one token: where AMX crashed
-    assert off_reply.text == on_reply.text  # the same model either way
+    assert off_reply.finish_reason in ("stop", "length")
+    if "avx2" in local_module.cpu_flags(Path("/proc/cpuinfo")):
+        # llama.cpp repacks Q4_0 for AVX2 (CPU_REPACK), or takes it into AMX where the
+        # CPU has it; a CPU with neither has no extra buffer type to show.
+        assert {"CPU_REPACK", "AMX"} & set(on)
 
 
 async def test_the_default_model_loads_as_asked_with_extra_buffers_off() -> None:

@@ -1,7 +1,10 @@
 """fanflow.local(): the real SmolLM2 model in worker processes.
 
 These run real generations (no fakes) with small ``max_tokens``: at temperature 0 with a
-seed the model is deterministic, so outputs can be compared exactly. Every generation runs
+seed the model is deterministic on one machine, so two generations of the same request
+with the same settings can be compared exactly. Nothing else about the text is asserted:
+its words, and the text under other settings, differ from CPU to CPU (issue 28). Every
+generation runs
 in a worker process the handle started, never in the pytest process (a native fault
 fails one test, not the run); tests/local/test_isolation.py kills workers on purpose.
 """
@@ -95,10 +98,13 @@ async def test_max_tokens_is_honoured(llm: LocalLLM) -> None:
 async def test_stop_sequences_are_honoured(llm: LocalLLM) -> None:
     prompt = "Count from 1 to 20, one number per line."
     full = await llm.complete(greedy(prompt, max_tokens=30))
-    assert "4" in full.text
-    cut = full.text.index("4")
-    stopped = await llm.complete(greedy(prompt, max_tokens=30, stop=["4"]))
-    assert stopped.text == full.text[:cut]
+    # The stop sequence comes from the reply itself (its words differ by CPU): three
+    # characters past its first third that do not appear earlier.
+    text = full.text
+    cut = next(i for i in range(len(text) // 3, len(text)) if text.find(text[i : i + 3]) == i)
+    stop = text[cut : cut + 3]
+    stopped = await llm.complete(greedy(prompt, max_tokens=30, stop=[stop]))
+    assert stopped.text == text[:cut]
     assert stopped.finish_reason == "stop"
     assert stopped.usage.output_tokens < full.usage.output_tokens
 
@@ -128,7 +134,6 @@ async def test_map_over_instances_equals_sequential_calls(llm: LocalLLM) -> None
     assert result.summary.usage.output_tokens > 0
     assert llm.pool_statistics().loaded == 2
     assert llm.statistics().concurrency.max_in_flight == 2
-    assert any("negative" in text.lower() for text in sequential)
 
 
 async def test_generation_runs_in_worker_processes_never_here(llm: LocalLLM) -> None:

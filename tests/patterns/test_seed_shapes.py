@@ -112,23 +112,27 @@ def _guard_says(reply: str) -> ScriptedLLM:
     ],
 )
 async def test_a_guard_answering_yes_or_no_is_read(reply: str, allowed: bool) -> None:
-    """A guard prompt "Answer YES or NO with brief explanation."."""
+    """A guard prompt "Answer YES or NO with brief explanation.", asked whether the
+    request is safe: ``block_on="NO"`` says so (tests/patterns/test_guard_polarity.py has
+    the seed's own question, where YES blocks)."""
     llm = _guard_says(reply)
-    result = await fanflow.guarded(llm, "hi", guard_prompt=YES_NO_GUARD, fail_closed=True)
+    result = await fanflow.guarded(
+        llm, "hi", guard_prompt=YES_NO_GUARD, fail_closed=True, block_on="NO"
+    )
     assert result.allowed is allowed
     assert result.output == ("answer" if allowed else fanflow.patterns._guard.DEFAULT_REFUSAL)
 
 
 async def test_a_guard_reply_that_cannot_be_read_is_quoted_in_the_error() -> None:
     llm = _guard_says("Maybe, it depends.")
-    result = await fanflow.guarded(llm, "hi", guard_prompt=YES_NO_GUARD)
+    result = await fanflow.guarded(llm, "hi", guard_prompt=YES_NO_GUARD, block_on="NO")
     assert result.refused  # fail_closed
     assert "Maybe, it depends." in str(result.guard_error)
     assert "verdict=" in str(result.guard_error)
 
 
 async def test_the_caller_may_pass_the_verdict_parser() -> None:
-    """A guard asking the opposite question reads YES as flagged."""
+    """A reader of the caller's own: here, YES flags (as ``block_on="YES"`` would)."""
     llm = ScriptedLLM(lambda r: "YES" if r.prompt.startswith("Is this harmful") else "answer")
     result = await fanflow.guarded(
         llm,

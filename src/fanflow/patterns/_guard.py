@@ -7,6 +7,11 @@ the guard's error quotes it),
 ``fail_closed`` decides: True withholds the answer, False lets it through. Compared
 with checking first and answering after, the parallel run saves the shorter of the
 two latencies when the query is allowed; the result reports the saving.
+
+A YES/NO reply answers the guard prompt's question, so which of them blocks depends on
+that question: by default the guard is asked whether the query is harmful, and YES
+blocks; ``block_on="NO"`` is for a prompt asking whether it is safe to answer
+(docs/decisions/0160).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Unpack, cast
 
 from .._durable import Durability, execute_stored
+from .._exceptions import ConfigError
 from .._llm import LLM
 from .._progress import with_progress
 from .._types import CallRecord, Request, Response, Status
@@ -37,26 +43,25 @@ from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_GUARD_PROMPT", "DEFAULT_REFUSAL", "GuardedResult", "guarded", "read_verdict"]
 
+# The question guardrail examples ask (issue 28): is the query harmful? YES blocks it.
 DEFAULT_GUARD_PROMPT = (
-    "You are a safety filter. Decide whether answering the user's message below would "
-    "be harmful, abusive, or against policy.\n\nUser message:\n{query}\n\n"
-    "Reply with exactly one word: UNSAFE if it must not be answered, otherwise SAFE."
+    "You are a safety filter. Is this query requesting anything harmful, illegal, or "
+    "inappropriate? Query: {query}\nAnswer YES or NO with brief explanation."
 )
 DEFAULT_REFUSAL = "Sorry, I can't help with that request."
 
 Guard = LLM | Callable[[str], Any] | None
+BlockOn = Literal["YES", "NO"]
 
 
-def read_verdict(text: str) -> bool:
+def read_verdict(text: str, *, block_on: BlockOn = "YES") -> bool:
     """True if a guard's reply flags the query, False if it clears it.
 
     Reads ``{"flagged": true}`` / ``{"safe": false}`` JSON, else a reply that starts
-    with YES or NO, read as the answer to "is it safe to answer?" (YES clears the query,
-    NO flags it), else the words UNSAFE / SAFE (UNSAFE or "not safe" wins when both
-    appear). A guard that asks the opposite question ("is it harmful?") passes its own
-    reader:
-    ``guarded(..., verdict=lambda text: text.strip().upper().startswith("YES"))``.
-    Raises ValueError, quoting the reply, for anything else.
+    with YES or NO (``block_on`` is the one that flags: YES, for a guard asked "is it
+    harmful?"; NO, for one asked "is it safe to answer?"), else the words UNSAFE / SAFE
+    (UNSAFE or "not safe" wins when both appear). Raises ValueError, quoting the reply,
+    for anything else.
     """
     data = find_json(text)
     if isinstance(data, dict):
@@ -64,8 +69,8 @@ def read_verdict(text: str) -> bool:
             if isinstance(data.get(key), bool):
                 return bool(data[key]) is flags
     first = _YES_NO.match(text)
-    if first is not None:  # the answer comes first: "NO - it is not safe."
-        return first.group(1).casefold() == "no"
+    if first is not None:  # the answer comes first: "YES - it asks for something illegal."
+        return first.group(1).upper() == block_on
     lowered = text.casefold()
     if "unsafe" in lowered or _NOT_SAFE.search(lowered):
         return True
@@ -77,16 +82,71 @@ def read_verdict(text: str) -> bool:
     )
 
 
-# YES or NO as the reply's first word ("YES - it is a harmless question.").
+# YES or NO as the reply's first word ("YES - it asks for something illegal.").
 _YES_NO = re.compile(r"\W*(yes|no)\b", re.IGNORECASE)
 _NOT_SAFE = re.compile(r"\bnot\s+safe\b")
+# A guard prompt that asks for YES or NO ...
+_ASKS_YES_NO = (re.compile(r"\byes\b", re.IGNORECASE), re.compile(r"\bno\b", re.IGNORECASE))
+# ... to the question "may it be answered?", where YES clears the query: "is it safe",
+# "is this request safe to answer", "may I answer", "is it allowed", "OK to reply".
+_ASKS_IF_ALLOWED = re.compile(
+    r"\b(?:is|are)\s+(?:\w+\s+){0,3}?"
+    r"(?:safe|allowed|permitted|acceptable|ok|okay|appropriate|fine)\b"
+    r"|\b(?:safe|ok|okay|allowed|permitted|fine)\s+to\s+(?:answer|respond|reply|help|assist)\b"
+    r"|\b(?:may|can|could|should)\s+(?:i|we|you)\s+(?:safely\s+)?"
+    r"(?:answer|respond|reply|help|assist)\b",
+    re.IGNORECASE,
+)
 
 
-def _reader(verdict: Callable[[str], bool] | None) -> Callable[[Response], bool]:
-    read = verdict or read_verdict
+def _polarity(
+    guard: Guard,
+    guard_prompt: str,
+    block_on: str | None,
+    verdict: Callable[[str], bool] | None,
+) -> BlockOn:
+    """Which YES/NO reply flags the query: ``block_on``, else YES.
 
+    Raises:
+        ConfigError: ``block_on`` is not YES or NO, or cannot apply (with ``verdict=``,
+            a guard function, or the default prompt, whose question YES answers), or it
+            is missing while a guard model is asked for YES/NO to "may it be answered?".
+    """
+    reads_prompt = verdict is None and (guard is None or is_llm(guard))
+    if block_on is None:
+        asked = _ASKS_IF_ALLOWED.search(guard_prompt)
+        if reads_prompt and asked and all(w.search(guard_prompt) for w in _ASKS_YES_NO):
+            raise ConfigError(
+                f"guarded: the guard_prompt asks {asked.group(0)!r}, to which YES clears "
+                "the query, but a YES/NO reply is read as the answer to 'is it harmful?' "
+                "(YES blocks); pass block_on='NO' if NO means it must not be answered, or "
+                "block_on='YES' if YES does"
+            )
+        return "YES"
+    if block_on not in ("YES", "NO"):
+        raise ConfigError(f"guarded: block_on must be 'YES' or 'NO', got {block_on!r}")
+    if verdict is not None:
+        raise ConfigError(
+            "guarded: pass verdict= or block_on=, not both (verdict= reads the whole reply)"
+        )
+    if not reads_prompt:
+        raise ConfigError(
+            "guarded: block_on= reads a guard model's YES/NO reply; the guard function "
+            "returns True to flag the query itself: drop block_on="
+        )
+    if block_on == "NO" and guard_prompt == DEFAULT_GUARD_PROMPT:
+        raise ConfigError(
+            "guarded: the default guard_prompt asks whether the query is harmful (YES "
+            "blocks); block_on='NO' is for a guard_prompt asking whether it is safe to answer"
+        )
+    return cast(BlockOn, block_on)
+
+
+def _reader(verdict: Callable[[str], bool] | None, block_on: BlockOn) -> Callable[[Response], bool]:
     def parse(response: Response) -> bool:
-        flagged = read(response.text)
+        flagged = (
+            verdict(response.text) if verdict else read_verdict(response.text, block_on=block_on)
+        )
         if not isinstance(flagged, bool):
             raise TypeError(
                 f"verdict returned {type(flagged).__name__} for the reply "
@@ -135,7 +195,7 @@ async def _check(
     query: str,
     prompt: str,
     run: Callable[[LLM, Request, str, Callable[[Response], Any]], Awaitable[CallRecord[Any]]],
-    verdict: Callable[[str], bool] | None,
+    parse: Callable[[Response], bool],
 ) -> CallRecord[Any]:
     if guard is None or is_llm(guard):
         request = Request.of(
@@ -144,7 +204,7 @@ async def _check(
             metadata={"pattern": "guarded", "role": "guard"},
         )
         model: Any = llm if guard is None else guard
-        return await run(model, request, "guard", _reader(verdict))
+        return await run(model, request, "guard", parse)
     record = await run_function(cast(Callable[..., Any], guard), query, label="guard")
     if record.ok and not isinstance(record.value, bool):
         error = TypeError(
@@ -166,6 +226,7 @@ async def guarded(
     fail_closed: bool = True,
     system: str | None = None,
     verdict: Callable[[str], bool] | None = None,
+    block_on: BlockOn | None = None,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> GuardedResult:
@@ -182,7 +243,13 @@ async def guarded(
         system: a system prompt for the answer.
         verdict: reads the guard model's reply: ``fn(text) -> bool``, True flags the
             query (raise if the reply cannot be read). Default :func:`read_verdict`:
-            JSON, SAFE/UNSAFE, or YES/NO (YES: safe to answer).
+            JSON, SAFE/UNSAFE, or a reply starting YES or NO (``block_on`` flags).
+        block_on: which reply starting YES or NO withholds the answer: ``"YES"`` for
+            a guard asked whether the query is harmful (the default prompt's question,
+            as guardrail examples ask it), ``"NO"`` for one asked whether it is safe to answer. Not
+            given: YES, unless ``guard_prompt`` asks for YES/NO to "is it safe", "may I
+            answer", "is it allowed" and the like, which is a ConfigError naming this
+            argument (decision 0160).
         **options: the call options (:class:`fanflow.Options`) of both calls. A guard
             the budget cannot cover counts as a failed guard (``fail_closed`` decides).
 
@@ -194,6 +261,7 @@ async def guarded(
     check_fields(guard_prompt, ("query",), "guard_prompt")
     if guard is not None:
         check_model_or_function(guard, "guarded", "guard")
+    parse = _reader(verdict, _polarity(guard, guard_prompt, block_on, verdict))
     durable = o.durability()
     return await durably(
         durable,
@@ -206,7 +274,7 @@ async def guarded(
             refusal,
             fail_closed,
             system,
-            verdict,
+            parse,
             o.start(),
             durable,
         ),
@@ -221,7 +289,7 @@ async def _guarded(
     refusal: str,
     fail_closed: bool,
     system: str | None,
-    verdict: Callable[[str], bool] | None,
+    parse: Callable[[Response], bool],
     o: Resolved,
     durable: Durability | None,
 ) -> GuardedResult:
@@ -251,7 +319,7 @@ async def _guarded(
     answer_task: asyncio.Task[CallRecord[Any]] = loop.create_task(
         run(llm, request, "answer", text_of)  # type: ignore[arg-type]
     )
-    guard_task = loop.create_task(_check(guard, llm, query, guard_prompt, run, verdict))
+    guard_task = loop.create_task(_check(guard, llm, query, guard_prompt, run, parse))
     try:
         checked = await guard_task
         flagged: bool | None = checked.value if checked.ok else None
