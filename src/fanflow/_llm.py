@@ -232,7 +232,8 @@ class _PlainLanes:
         return lane
 
 
-# Each loop's plain lanes (see _PlainLanes), gone with the loop.
+# Each loop's plain lanes (see _PlainLanes), gone with the loop. Module-level because a
+# plain model is the user's own object: fanflow has no place on it to keep a lane.
 _plain: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PlainLanes] = (
     weakref.WeakKeyDictionary()
 )
