@@ -16,11 +16,14 @@ failure                                scope           trips after
 404 ``NotFound``                       the model       3 in a row for that model
 could not connect (refused, DNS)       the handle      3 in a row, one of them a call's
                                                        3rd attempt (it retried first)
+429 to a call alone in flight, before  the handle      3 (the engine reports them:
+any call of the handle succeeded                       ``refused``; decision 0165)
 =====================================  ==============  =================================
 
 "In a row" means with no successful attempt in between: a success clears the counts of
-the handle and of its model, and closes what they had tripped. Other errors (429, 5xx,
-timeouts, resets, 400) neither count nor clear: they may pass. Calls already sent when
+the handle and of its model, and closes what they had tripped. Other errors (429s the
+engine does not report, 5xx, timeouts, resets, 400) neither count nor clear: they may
+pass. Calls already sent when
 it trips finish as they will; a call is stopped before each attempt and again once
 admitted, so a wrong key costs about the calls in flight (the concurrency) plus three,
 not one request per item.
@@ -57,6 +60,7 @@ from ._exceptions import (
     PermissionDenied,
     ProviderConnectionError,
     QuotaExceeded,
+    RateLimited,
 )
 from ._types import Request
 
@@ -77,6 +81,7 @@ COLD_WAIT = 1.0
 COLD_EXTENSIONS = 3
 
 Scope = tuple[str, str | None]
+_HANDLE: Scope = ("handle", None)
 
 _FIX = {
     "key": "the API key was not accepted (HTTP 401): check the API key (api_key=, or "
@@ -89,6 +94,9 @@ _FIX = {
     "name and base_url",
     "unreachable": "the server could not be reached (every attempt failed to connect): "
     "check that it is up and that base_url is right",
+    "refused": "every request was refused with 429 since the start, even with no other "
+    "call in flight: the limit may be 0 for this key or model (or other clients use it "
+    "all); check the key's rate limits for the model, or use another key or model",
 }
 
 
@@ -261,6 +269,9 @@ class Breaker:
     ) -> None:
         """An attempt of ``call`` failed with ``error`` (``attempt`` counts from 1)."""
         fatal = fatal_scope(error, request)
+        opened = self._open.get(_HANDLE)
+        if fatal is None and isinstance(error, RateLimited) and opened and opened.kind == "refused":
+            fatal = "refused", _HANDLE  # a probe (or a call out when it tripped) refused again
         if fatal is None:
             self._warm_up()  # an answer that does not trip it: the rest may go
             # A probe that failed some other way reached the server: that cause is gone.
@@ -272,6 +283,24 @@ class Breaker:
             self.active = bool(self._open or self._streaks)
             return
         kind, scope = fatal
+        self._count(kind, scope, error, attempt, now, call)
+
+    def refused(self, error: RateLimited, now: float) -> None:
+        """A 429 came back to a call alone in flight before any call of the handle had
+        succeeded, and it is not the handle's own load (the engine judges: decision
+        0165): three of them trip it, as a limit of 0 for this key or model would."""
+        self._count("refused", _HANDLE, error, CONNECT_ATTEMPTS, now, None)
+
+    def _count(
+        self,
+        kind: str,
+        scope: Scope,
+        error: BaseException,
+        attempt: int,
+        now: float,
+        call: object,
+    ) -> None:
+        """One more failure of ``kind`` in ``scope``, in a row: trip at the limit."""
         self.active = True
         count = self._streaks[scope] = self._streaks.get(scope, 0) + 1
         trip = self._open.get(scope)

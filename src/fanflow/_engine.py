@@ -3,9 +3,10 @@
 For each call: fill in the handle's defaults, then for each attempt wait for admission
 (the pattern's gate, then the handle's lane), send it under the per-attempt timeout,
 and on a retryable error wait a backoff (never less than the server's Retry-After)
-before the next. A 429/529 answered while the handle's other calls were succeeding was
-caused by the handle's own load: it waits exactly the Retry-After and does not use up an
-attempt (decision 0132). With ``hedge_after``, a second attempt starts if the first has
+before the next. A 429/529 answered while the handle's other calls were succeeding, or
+while a call the server accepted before it was still in flight, was caused by the
+handle's own load: it waits exactly the Retry-After and does not use up an attempt
+(decisions 0132, 0165). With ``hedge_after``, a second attempt starts if the first has
 not answered in that time; with the hedging policy (HTTP handles, by default), once it
 is slower than a high quantile of the handle's recent latencies, within a cap of extra
 calls (decision 0133). The first success wins and the other is cancelled. An overall
@@ -24,6 +25,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ._breaker import Breaker
 from ._budget import Budget, as_budget
 from ._events import (
     AMBIENT_HOOKS,
@@ -356,10 +358,10 @@ class _Call(Generic[T]):
             try:
                 stop = await breaker.admit(self.request, self, admitted=True)
             except BaseException:
-                self._unsent(permit, reserved, loop.time())
+                self._unsent(permit, reserved, start)
                 raise
             if stop is not None:  # it tripped while this call waited: never sent
-                self._unsent(permit, reserved, loop.time())
+                self._unsent(permit, reserved, start)
                 raise stop
             start = loop.time()
         if sent is not None:
@@ -426,9 +428,10 @@ class _Call(Generic[T]):
             breaker.succeeded(self.request)
         return response
 
-    def _unsent(self, permit: Permit | None, reserved: float | None, now: float) -> None:
-        """Give back an admission that was not used (nothing sent, nothing spent)."""
-        self.lane.finish(permit, now)
+    def _unsent(self, permit: Permit | None, reserved: float | None, admitted: float) -> None:
+        """Give back an admission (made at ``admitted``) that was not used: nothing
+        sent, nothing spent."""
+        self.lane.finish(permit, admitted)
         budget = self.opts.budget
         if budget is not None and reserved is not None:
             budget.settle(reserved, 0.0)
@@ -632,9 +635,10 @@ class _Call(Generic[T]):
     ) -> float | None:
         """How long to wait before the next attempt after ``exc`` (None: stop now).
 
-        A 429/529 while the handle had other calls in flight, or while they succeeded
-        (``seen``: the handle's successes when this attempt began), is the handle's own
-        load: it is requeued without using up an attempt (at most ``MAX_REQUEUES``).
+        A 429/529 of the handle's own load (:func:`_own_load`; ``seen``: the handle's
+        successes when this attempt began) is requeued without using up an attempt (at
+        most ``MAX_REQUEUES``); any other uses one up (a 429 may go to the breaker:
+        :func:`_report_refusal`).
         A 5xx in a batch's tail may go again at once (``called``: the handle's successes
         when this call began; :meth:`_tail_retry`).
         A Retry-After is waited exactly, never longer, and at most ``policy.max_wait``;
@@ -644,13 +648,14 @@ class _Call(Generic[T]):
         if not is_retryable(exc):
             return None
         overload = isinstance(exc, RateLimited | Overloaded)
-        lane = self.lane
-        shared = lane.in_flight > 0 or lane.successes > seen
-        if overload and shared and self.requeues < MAX_REQUEUES:
+        if overload and self.requeues < MAX_REQUEUES and _own_load(self.lane, seen):
             self.requeues += 1
             self._annotate(requeued=True)
-        elif len(self._tries()) >= policy.attempts:
-            return None
+        else:
+            if self.breaker is not None and isinstance(exc, RateLimited):
+                _report_refusal(self.breaker, self.lane, exc, self.loop.time())
+            if len(self._tries()) >= policy.attempts:
+                return None
         asked = exc.retry_after if isinstance(exc, ProviderError) else None
         note = None
         if overload and asked is not None and asked > 0:
@@ -770,6 +775,24 @@ class _Call(Generic[T]):
         if self.hooks:
             emit(self.hooks, CallEnded(end, record))
         return record
+
+
+def _own_load(lane: Lane, seen: int) -> bool:
+    """Whether the 429/529 that just came back was caused by the handle's own load
+    (decision 0165): another call succeeded while it was out (``seen``: the handle's
+    successes when it was sent), or a call that was in flight when the server first
+    refused (since the last success) is still in flight: a refusal comes back in one
+    round trip, so the server took that call and is full. A server refusing everything
+    keeps no call, so there each refusal uses up an attempt."""
+    return lane.successes > seen or (lane.in_flight > 0 and lane.accepted_in_flight)
+
+
+def _report_refusal(breaker: Breaker, lane: Lane, exc: RateLimited, now: float) -> None:
+    """A 429 not of the handle's own load: the breaker counts it if the call was alone
+    in flight and no call of the handle has succeeded (three trip it: the limit may be
+    0 for this key or model)."""
+    if lane.in_flight == 0 and not lane.answered:
+        breaker.refused(exc, now)
 
 
 def execute(

@@ -290,8 +290,9 @@ class Skipped(FanflowError):
 
 class CircuitOpen(Skipped):
     """Not sent: the handle's breaker tripped, because every further call would fail the
-    same way (``kind``: ``"key"``, ``"quota"``, ``"forbidden"``, ``"missing"`` or
-    ``"unreachable"``). The message says what to fix; ``__cause__`` is the last error."""
+    same way (``kind``: ``"key"``, ``"quota"``, ``"forbidden"``, ``"missing"``,
+    ``"unreachable"`` or ``"refused"``). The message says what to fix; ``__cause__`` is
+    the last error."""
 
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message, kind)

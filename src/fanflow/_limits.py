@@ -507,6 +507,7 @@ class Lane:
         "_last_cost",
         "_last_cut",
         "_level",
+        "_older",
         "_pace_next",
         "_pause_until",
         "_pauses",
@@ -518,6 +519,7 @@ class Lane:
         "_tokens_in_flight",
         "_turn",
         "_wake",
+        "answered_before",
         "controller",
         "gate",
         "hedger",
@@ -525,6 +527,7 @@ class Lane:
         "metered",
         "needs_tokens",
         "pacing",
+        "refused_at",
         "successes",
     )
 
@@ -542,6 +545,14 @@ class Lane:
         self._floor = math.inf
         self._grown_at = 0.0
         self.successes = 0  # attempts that succeeded (the engine's requeue rule reads it)
+        # Whether this handle's lane on an earlier loop had a success (Lane.inherit).
+        self.answered_before = False
+        # The engine's requeue rule (decision 0165): when the first 429/529 since the
+        # last success came back (inf: none since), and how many of the calls in
+        # flight then are still in flight (a refusal comes back in one round trip: a
+        # call outliving it was accepted).
+        self.refused_at = math.inf
+        self._older = 0
         self.hedger = Hedger()
         self.gate = Gate(concurrency)
         buckets: list[tuple[RateBucket, int]] = []
@@ -839,6 +850,8 @@ class Lane:
                 ramp.release()
         if response is not None:
             self.successes += 1
+            self.refused_at = math.inf
+            self._older = 0
             now = asyncio.get_running_loop().time()
             self.hedger.observe(now - start)
             if self._level is not None:
@@ -848,10 +861,25 @@ class Lane:
             state = getattr(response, "rate_limit", None)
             if state is not None:
                 self._observe(state, start)
-        elif error is not None and isinstance(error, RateLimited | Overloaded):
-            self._overloaded(error, start)
+        else:
+            if self._older and start <= self.refused_at:
+                self._older -= 1  # one of the calls in flight at the first refusal ended
+            if error is not None and isinstance(error, RateLimited | Overloaded):
+                self._overloaded(error, start)
         self._sent -= 1
         self.gate.release()
+
+    @property
+    def accepted_in_flight(self) -> bool:
+        """Whether a call in flight when the server first refused (with no success
+        since) is still in flight: it outlived a refusal's round trip, so the server
+        took it (decision 0165)."""
+        return self._older > 0
+
+    @property
+    def answered(self) -> bool:
+        """Whether any call of this handle has succeeded (on this loop or an earlier one)."""
+        return self.successes > 0 or self.answered_before
 
     def _settle(self, permit: Permit, usage: Any) -> None:
         input, output = usage.input_tokens, usage.output_tokens
@@ -905,6 +933,9 @@ class Lane:
     def _overloaded(self, error: RateLimited | Overloaded, start: float) -> None:
         now = asyncio.get_running_loop().time()
         self._rate_limited += 1
+        if self.refused_at == math.inf:  # the first refusal since the last success
+            self.refused_at = now
+            self._older = self._sent - 1
         if self.pacing is not None:
             self._delay = min(self.pacing.max, self._delay * self.pacing.backoff)
         c = self.controller
@@ -1069,6 +1100,7 @@ class Lane:
             shift = self._clock - other._clock
             for (bucket, _), (old, _) in zip(self._buckets, other._buckets, strict=True):
                 bucket.carry_from(old, shift)
+        self.answered_before = other.answered
         rate = other._credit_rate
         if rate:
             since = max(0.0, time.monotonic() - other._credit_mono)

@@ -200,19 +200,50 @@ def set_lane_factory(factory: Callable[[BaseLLM], Lane] | None) -> None:
     _lane_factory = factory
 
 
-class _PlainLane:
-    """Lanes for LLMs that are not BaseLLM handles: one unlimited lane per loop."""
+class _PlainLanes:
+    """The lanes of LLMs that are not BaseLLM handles on one event loop: an unlimited
+    lane per model object, so one model's calls in flight never make another's 429s
+    look like its own load (decision 0165).
 
-    lanes: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Lane]] = (
-        weakref.WeakKeyDictionary()
-    )
+    Keyed by identity (two equal objects are two models; unhashable ones work too). An
+    object that can be weakly referenced takes its lane with it when it goes; one that
+    cannot (``__slots__`` without ``__weakref__``) keeps it, and itself, for the life
+    of the loop (each ``fanflow.run`` has its own).
+    """
+
+    __slots__ = ("lanes",)
+
+    def __init__(self) -> None:
+        self.lanes: dict[int, tuple[object, Lane]] = {}
+
+    def get(self, llm: LLM) -> Lane:
+        key = id(llm)
+        entry = self.lanes.get(key)
+        if entry is not None:
+            ref, lane = entry
+            if ref is llm or (isinstance(ref, weakref.ref) and ref() is llm):
+                return lane
+        lane = Lane(Limits())
+        try:
+            held: object = weakref.ref(llm, lambda _: self.lanes.pop(key, None))
+        except TypeError:
+            held = llm
+        self.lanes[key] = (held, lane)
+        return lane
+
+
+# Each loop's plain lanes (see _PlainLanes), gone with the loop. Module-level because a
+# plain model is the user's own object: fanflow has no place on it to keep a lane.
+_plain: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PlainLanes] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def lane_of(llm: LLM) -> Lane:
     if isinstance(llm, BaseLLM):
         return llm.lane()
     loop = asyncio.get_running_loop()
-    lane = _PlainLane.lanes.get(loop)
-    if lane is None:
-        lane = _PlainLane.lanes[loop] = Lane(Limits())
-    return lane
+    lanes = _plain.get(loop)
+    if lanes is None:
+        lanes = _plain[loop] = _PlainLanes()
+    return lanes.get(llm)

@@ -1,0 +1,242 @@
+"""A server that refuses every request with 429 (a limit that never refills, as for a
+key whose limit for a model is 0) ends the job in bounded time and requests, every item
+failed or skipped with a clear error; a plain model's 429s are judged by its own calls
+alone (issue 28 section 3, decision 0165). Virtual time throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from dataclasses import dataclass
+
+import pytest
+
+import fanflow
+from fanflow import Limits, RetryPolicy
+from fanflow._breaker import PROBE_AFTER, Breaker
+from fanflow._exceptions import CircuitOpen, RateLimited
+from fanflow._llm import lane_of
+from fanflow._types import Request, Response, Status
+from fanflow.testing import ScriptedLLM, SimServer
+from fanflow.testing._sim import FaultKind
+from fanflow.testing._simwire import SimRequest
+
+pytestmark = pytest.mark.looptime
+
+ITEMS = [f"row {i}" for i in range(40)]
+ATTEMPTS = 3
+# Requests beyond attempts x items that a job refused from the start may send: its first
+# wave (the cold start's 16 calls, sent before any answer) and a few probes.
+SLACK = 16 + 4
+
+
+async def _refused_job(
+    limits: Limits | None, *, cold: bool = True
+) -> tuple[fanflow.BatchResult[str], int, float, fanflow.BaseLLM]:
+    # A refusal comes back after a round trip (up to 0.2 s, seeded).
+    async with SimServer(faults={"429": 1.0}, arrival_jitter=0.2, keep_requests=False) as server:
+        kw: dict[str, object] = {} if limits is None else {"limits": limits}
+        async with fanflow.openai(
+            "gpt-sim",
+            base_url=server.url,
+            api_key="sk-test",
+            retry=RetryPolicy(attempts=ATTEMPTS),
+            **kw,  # type: ignore[arg-type]
+        ) as llm:
+            if not cold:
+                llm.breaker = Breaker()
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            async with asyncio.timeout(300):  # the issue's run had not ended after 300 s
+                result = await fanflow.map(llm, "{input}", ITEMS)
+            took = loop.time() - start
+        return result, server.stats().requests, took, llm
+
+
+@pytest.mark.parametrize(
+    ("limits", "cold"),
+    [(None, True), (Limits(), True), (Limits(concurrency=8), True), (None, False)],
+    ids=["default-limits", "no-limits", "concurrency-8", "no-cold-start"],
+)
+async def test_a_server_refusing_everything_ends_the_job_in_bounded_requests_and_time(
+    looptime: float, limits: Limits | None, cold: bool
+) -> None:
+    # Before: up to 477 requests and 138 s (virtual) here; in the issue's run, 197
+    # requests after 60 s, unfinished after 300 s.
+    result, requests, took, llm = await _refused_job(limits, cold=cold)
+    assert not any(r.ok for r in result.records)
+    assert requests <= ATTEMPTS * len(ITEMS) + SLACK, requests
+    assert took < 60.0, took
+    for r in result.records:
+        # Tried: its own last error; never sent: the breaker's.
+        if r.attempts:
+            assert (r.status, type(r.error)) == (Status.FAILED, RateLimited), r.error
+        else:
+            assert (r.status, type(r.error)) == (Status.SKIPPED, CircuitOpen), r.error
+        assert len(r.attempts) <= ATTEMPTS + 1  # one free requeue at most (in the first wave)
+    # The breaker names what it saw; the items never sent say so.
+    tripped = llm.breaker.tripped
+    assert tripped is not None
+    assert tripped.kind == "refused"
+    assert "every request was refused with 429 since the start" in str(tripped)
+    assert "limit may be 0 for this key or model" in str(tripped)
+    if cold:  # the rest waited for the first answers: some were never sent
+        assert any(r.status is Status.SKIPPED for r in result.records)
+
+
+async def test_a_refused_handle_probes_and_recovers_when_the_limit_comes_back(
+    looptime: float,
+) -> None:
+    refusing = True
+
+    def fault(_request: SimRequest) -> FaultKind | None:
+        return "429" if refusing else None
+
+    async with (
+        SimServer(fault_on=fault, keep_requests=False) as server,
+        fanflow.openai(
+            "gpt-sim", base_url=server.url, api_key="sk-test", retry=RetryPolicy(attempts=2)
+        ) as llm,
+    ):
+        first = await fanflow.map(llm, "{input}", ITEMS)
+        assert llm.breaker.tripped is not None
+        sent = server.stats().requests
+        # Still tripped: the next job's items are skipped, not sent.
+        again = await fanflow.map(llm, "{input}", ITEMS)
+        assert server.stats().requests == sent
+        assert all(r.status is Status.SKIPPED for r in again.records)
+        # The limit is raised; a probe goes once PROBE_AFTER has passed.
+        refusing = False
+        await asyncio.sleep(PROBE_AFTER)
+        later = await fanflow.map(llm, "{input}", ITEMS)
+    assert not any(r.ok for r in first.records)
+    assert later.ok, later.errors
+    assert llm.breaker.tripped is None
+
+
+@pytest.mark.parametrize(
+    ("latency", "capacity", "attempts", "n"),
+    [(0.5, 10, 1, 100), (30.0, 4, 2, 12)],
+    ids=["one-attempt-each", "long-answers"],
+)
+async def test_refusals_of_the_handles_own_load_still_spare_attempts(
+    looptime: float, latency: float, capacity: int, attempts: int, n: int
+) -> None:
+    # The self-caused case: a server taking `capacity` at a time, no limits (nothing
+    # lowers the load but the pauses): every item ends, none lost. With long answers
+    # (a refusal comes back at once), the calls the server accepted are still in flight
+    # long after the first refusal, so the retries refused meanwhile are the handle's
+    # own load, though no call has succeeded yet.
+    async with (
+        SimServer(latency=latency, max_in_flight=capacity, keep_requests=False) as server,
+        fanflow.openai(
+            "gpt-sim",
+            base_url=server.url,
+            api_key="sk-test",
+            retry=RetryPolicy(attempts=attempts),
+            limits=Limits(),
+        ) as llm,
+    ):
+        result = await fanflow.map(llm, "{input}", [str(i) for i in range(n)])
+    assert result.ok, result.errors
+    assert llm.breaker.tripped is None
+    assert any(a.requeued for r in result.records for a in r.attempts)
+
+
+# -- plain models: a lane each ------------------------------------------------------
+
+
+class _Refusing:
+    """A plain model (not a fanflow handle) whose every call is refused with 429."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def complete(self, request: Request) -> Response:
+        self.calls += 1
+        raise RateLimited("429 Too Many Requests", retry_after=1.0)
+
+
+class _Slow:
+    async def complete(self, request: Request) -> Response:
+        await asyncio.sleep(100.0)
+        return Response("done")
+
+
+async def test_a_plain_model_refused_alone_makes_its_attempts(looptime: float) -> None:
+    refusing = _Refusing()
+    result = await fanflow.map(refusing, "{input}", ["x"], retry=RetryPolicy(attempts=3))
+    assert refusing.calls == 3
+    assert result.records[0].status is Status.FAILED
+
+
+async def test_plain_models_do_not_share_a_lane(looptime: float) -> None:
+    # Before: 103 calls (the slow model's calls in flight made every 429 look like the
+    # refusing model's own load); alone it makes 3.
+    refusing, slow = _Refusing(), _Slow()
+    retry = RetryPolicy(attempts=3)
+    refused, done = await asyncio.gather(
+        fanflow.map(refusing, "{input}", ["x"], retry=retry),
+        fanflow.map(slow, "{input}", ["a", "b"], retry=retry),
+    )
+    assert refusing.calls == 3
+    assert refused.records[0].status is Status.FAILED
+    assert done.ok
+    assert lane_of(refusing) is not lane_of(slow)
+
+
+@dataclass
+class _Unhashable:  # a dataclass with eq=True has no __hash__
+    name: str
+
+    async def complete(self, request: Request) -> Response:
+        return Response(self.name)
+
+
+class _Slotted:  # no __weakref__ slot: cannot be weakly referenced
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def complete(self, request: Request) -> Response:
+        return Response(self.name)
+
+
+async def test_plain_models_that_are_unhashable_or_not_weakrefable_get_a_lane_each() -> None:
+    a, b = _Unhashable("m"), _Unhashable("m")  # equal, but two models
+    assert lane_of(a) is lane_of(a)
+    assert lane_of(a) is not lane_of(b)
+    c, d = _Slotted("m"), _Slotted("m")
+    assert lane_of(c) is lane_of(c)
+    assert lane_of(c) is not lane_of(d)
+    assert (await fanflow.map(c, "{input}", ["x"])).outputs == ["m"]
+
+
+async def test_a_plain_models_lane_goes_with_it() -> None:
+    from fanflow._llm import _plain
+
+    lanes = _plain[asyncio.get_running_loop()].lanes if asyncio.get_running_loop() in _plain else {}
+    before = len(lanes)
+    models = [_Unhashable(str(i)) for i in range(100)]
+    for model in models:
+        lane_of(model)
+    lanes = _plain[asyncio.get_running_loop()].lanes
+    assert len(lanes) == before + 100
+    del models, model
+    gc.collect()
+    assert len(lanes) == before
+
+
+async def test_a_plain_model_refused_beside_a_handle_that_answers_is_not_requeued(
+    looptime: float,
+) -> None:
+    # The handle's successes are its own: they say nothing of the plain model's server.
+    refusing = _Refusing()
+    llm = ScriptedLLM(latency=0.1, limits=Limits())
+    retry = RetryPolicy(attempts=2)
+    await asyncio.gather(
+        fanflow.map(refusing, "{input}", ["x"], retry=retry),
+        fanflow.map(llm, "{input}", [str(i) for i in range(50)], concurrency=2),
+    )
+    assert refusing.calls == 2
