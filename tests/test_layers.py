@@ -55,6 +55,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow.limits": "engine",
     "fanflow.results": "interfaces",
     "fanflow._rate": "core",
+    "fanflow._transport": "core",
     "fanflow._hedge": "core",
     "fanflow._gc": "core",
     "fanflow._retry": "core",

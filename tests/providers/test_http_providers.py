@@ -316,11 +316,11 @@ def test_environment_and_missing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_one_pool_per_loop_reopened_after_aclose(server: SimServer) -> None:
     llm = make_openai(server)
-    first = await llm.session()
-    assert await llm.session() is first
+    first = await llm.transport.session()
+    assert await llm.transport.session() is first
     await llm.aclose()
     assert first.closed
-    second = await llm.session()
+    second = await llm.transport.session()
     assert second is not first
     assert (await fanflow.call(llm, "again")).text == "echo: again"
     await llm.aclose()
@@ -340,8 +340,8 @@ async def test_aclose_waits_for_the_sessions_on_other_loops(server: SimServer) -
     thread = threading.Thread(target=serve, name="other-loop", daemon=True)
     thread.start()
     try:
-        elsewhere = asyncio.run_coroutine_threadsafe(llm.session(), other).result(10)
-        here = await llm.session()
+        elsewhere = asyncio.run_coroutine_threadsafe(llm.transport.session(), other).result(10)
+        here = await llm.transport.session()
         await llm.aclose()
         # Both are closed when aclose() returns: the other loop's close was awaited.
         assert here.closed
@@ -373,7 +373,7 @@ def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:
         texts = [fanflow.run(fanflow.call(llm, f"n{i}")).text for i in range(2)]
         assert texts == ["echo: n0", "echo: n1"]
         # each fanflow.run had its own loop; each closed its session when the loop ended
-        assert len(llm._sessions._by_loop) == 0
+        assert len(llm.transport._sessions._by_loop) == 0
         assert server.stats().requests == 2
 
 

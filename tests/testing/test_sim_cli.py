@@ -14,6 +14,8 @@ def test_public_names() -> None:
     assert set(fanflow.testing.__all__) == {
         "FAULTS",
         "Fault",
+        "MockReply",
+        "MockTransport",
         "ScriptedLLM",
         "SimBatches",
         "SimRequest",

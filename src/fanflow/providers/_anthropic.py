@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from typing import Any, ClassVar
-
-import aiohttp
 
 from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
+from .._transport import Transport
 from .._types import RateLimitState, Request, Response, Usage
 from ._batchapi import AnthropicBatches, BatchAPI
 from ._http import HttpLLM, StreamText, protocol_error, wall_clock
@@ -119,7 +118,7 @@ class AnthropicLLM(HttpLLM):
         )
 
     async def read_stream(
-        self, content: aiohttp.StreamReader, start: float, headers: Mapping[str, str]
+        self, content: AsyncIterable[bytes], start: float, headers: Mapping[str, str]
     ) -> Response:
         stream = StreamText(start)
         stop: str | None = None
@@ -186,6 +185,7 @@ def anthropic(
     headers: Mapping[str, str] | None = None,
     extra_body: Mapping[str, Any] | None = None,
     connect_timeout: float | None = 10.0,
+    transport: Transport | None = None,
 ) -> AnthropicLLM:
     """A handle on the Anthropic Messages API.
 
@@ -204,6 +204,8 @@ def anthropic(
         headers: extra HTTP headers for every request (e.g. ``anthropic-beta``).
         extra_body: extra JSON fields for every request.
         connect_timeout: seconds to establish a connection.
+        transport: sends the requests (default: aiohttp's connection pool); tests pass
+            :class:`fanflow.testing.MockTransport` to answer without a server.
 
     Returns:
         The handle; close it with ``await llm.aclose()`` (or ``async with``).
@@ -236,6 +238,7 @@ def anthropic(
         stream=stream,
         headers=headers,
         connect_timeout=connect_timeout,
+        transport=transport,
         limits=limits,
         retry=retry,
         timeout=timeout,

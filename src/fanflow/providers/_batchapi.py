@@ -27,7 +27,9 @@ import aiohttp
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
 from .._exceptions import RETRYABLE, ProtocolError, ProviderError
+from .._transport import HttpRequest
 from .._types import Request, Response, Usage
+from ._http import TRANSPORT_ERRORS
 
 if TYPE_CHECKING:
     from ._http import HttpLLM
@@ -56,14 +58,15 @@ class HttpBatchAPI(BatchAPI):
         data: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> bytes:
-        """One HTTP exchange through the handle's session; errors are classified."""
+        """One HTTP exchange through the handle's transport; errors are classified."""
         llm = self.llm
-        session = await llm.session()
+        wire = llm.wire_headers()
+        request = HttpRequest(method, url, {**wire, **headers} if headers else wire, data)
         try:
-            async with session.request(method, url, data=data, headers=headers) as resp:
-                status, resp_headers = resp.status, resp.headers
-                raw = await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            async with await llm.transport.send(request) as reply:
+                status, resp_headers = reply.status, reply.headers
+                raw = await reply.read()
+        except TRANSPORT_ERRORS as exc:
             raise llm.broken(url, exc) from None
         if status != 200:
             raise llm.fail(status, resp_headers, raw, None)

@@ -3,8 +3,11 @@
 An adapter (``_openai.py``, ``_anthropic.py``) only translates between a
 :class:`fanflow.Request` and its API's JSON; everything about the connection lives here.
 
-- One ``aiohttp.ClientSession`` per handle **per event loop** (``fanflow.run`` may run work
-  on a fresh loop in another thread, and a session belongs to the loop that made it),
+- Requests go through the handle's transport (``fanflow._transport``: the seam that
+  :class:`fanflow.testing.MockTransport` replaces in tests). The default,
+  :class:`AiohttpTransport`, keeps one ``aiohttp.ClientSession`` per handle **per event
+  loop** (``fanflow.run`` may run work on a fresh loop in another thread, and a session
+  belongs to the loop that made it),
   with a keep-alive pool that does not cap concurrency (admission is the engine's job).
   A session is closed by :meth:`HttpLLM.aclose`, or when its loop shuts down: it is
   held by an async generator, which ``asyncio.run`` closes in ``shutdown_asyncgens``.
@@ -22,7 +25,7 @@ import json
 import time
 import weakref
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -48,12 +51,13 @@ from .._exceptions import (
 from .._limits import Limits
 from .._llm import BaseLLM
 from .._retry import RetryPolicy
+from .._transport import HttpReply, HttpRequest, Transport
 from .._types import RateLimitState, Request, Response
 from .._version import __version__
 from ._openfiles import connection_cap, is_out_of_files, open_file_limits
 from ._ratelimit import parse_retry_after, wait_from_state
 
-__all__ = ["HttpLLM", "Secret", "StreamText", "classify", "normalise_url"]
+__all__ = ["AiohttpTransport", "HttpLLM", "Secret", "StreamText", "classify", "normalise_url"]
 
 #: The wall clock, for absolute times in headers (HTTP dates, RFC 3339). A seam for tests.
 wall_clock: Callable[[], float] = time.time
@@ -303,7 +307,7 @@ class StreamText:
         self.first: float | None = None  # seconds from the request to the first text
 
     @staticmethod
-    async def events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    async def events(content: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """The payload of each ``data:`` line, in order (other SSE lines are skipped)."""
         async for line in content:
             if line.startswith(b"data:"):
@@ -377,6 +381,52 @@ class _Sessions:
                     future.exception()  # seen: a failed close leaves nothing to undo
 
 
+class _WireHeaders(dict[str, str]):
+    """A request's headers, the key's among them: shown by name only."""
+
+    def __repr__(self) -> str:
+        return f"<headers {', '.join(self)}>"
+
+
+class AiohttpTransport:
+    """The default transport: aiohttp's keep-alive pool, one session per event loop.
+
+    ``headers()`` are set on each session once (aiohttp then sends them with every
+    request without copying them); a request carrying that same mapping adds none.
+    """
+
+    __slots__ = ("_connect_timeout", "_headers", "_sessions")
+
+    def __init__(
+        self, headers: Callable[[], Mapping[str, str]], connect_timeout: float | None
+    ) -> None:
+        self._headers = headers
+        self._connect_timeout = connect_timeout
+        self._sessions = _Sessions(self._new_session)
+
+    async def send(self, request: HttpRequest) -> HttpReply:
+        session = await self._sessions.get()
+        extra = None if request.headers is self._headers() else request.headers
+        return await session.request(request.method, request.url, data=request.body, headers=extra)
+
+    async def session(self) -> aiohttp.ClientSession:
+        """The session on the running loop (made on first use)."""
+        return await self._sessions.get()
+
+    async def aclose(self) -> None:
+        await self._sessions.aclose()
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        # Capped below the open-file limit: calls beyond it wait for a free connection
+        # instead of failing with "Too many open files" (see _openfiles).
+        connector = aiohttp.TCPConnector(limit=connection_cap(), keepalive_timeout=30.0)
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+        )
+
+
 class HttpLLM(BaseLLM):
     """Base of the HTTP handles: a pooled session per loop, a key, a base URL."""
 
@@ -396,6 +446,7 @@ class HttpLLM(BaseLLM):
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         defaults: Mapping[str, Any] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         super().__init__(
             model=model, limits=limits, retry=retry, timeout=timeout, defaults=defaults
@@ -417,7 +468,9 @@ class HttpLLM(BaseLLM):
             **given,
         }
         self._connect_timeout = connect_timeout
-        self._sessions = _Sessions(self._new_session)
+        self._wire_headers: Mapping[str, str] | None = None
+        #: Sends this handle's requests (default: aiohttp's pool).
+        self.transport: Transport = transport or self._default_transport()
         # Wrong keys, URLs and model names are an HTTP matter: a new handle starts cold
         # (its first calls answer before a whole batch is sent; see fanflow._breaker).
         self.breaker = Breaker(cold_start=COLD_CALLS)
@@ -427,12 +480,24 @@ class HttpLLM(BaseLLM):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_sessions"] = None
+        state["_wire_headers"] = None
+        if isinstance(self.transport, AiohttpTransport):  # its pool stays in this process
+            state["transport"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._sessions = _Sessions(self._new_session)
+        if state["transport"] is None:
+            self.transport = self._default_transport()
+
+    def _default_transport(self) -> AiohttpTransport:
+        return AiohttpTransport(self.wire_headers, self._connect_timeout)
+
+    def wire_headers(self) -> Mapping[str, str]:
+        """Every header of this handle's requests, the key's included (made once)."""
+        if self._wire_headers is None:
+            self._wire_headers = _WireHeaders({**self._headers, **self.auth_headers()})
+        return self._wire_headers
 
     def cache_identity(self) -> dict[str, Any]:
         """The protocol, the endpoint (normalised base URL) and the model; never the key
@@ -461,7 +526,7 @@ class HttpLLM(BaseLLM):
 
     @abstractmethod
     async def read_stream(
-        self, content: aiohttp.StreamReader, start: float, headers: Mapping[str, str]
+        self, content: AsyncIterable[bytes], start: float, headers: Mapping[str, str]
     ) -> Response:
         """Collect a server-sent-event stream into a Response (with time to first token)."""
 
@@ -473,15 +538,15 @@ class HttpLLM(BaseLLM):
 
     async def complete(self, request: Request) -> Response:
         """POST one request; return its Response or raise a classified ProviderError."""
-        session = await self.session()
         start = asyncio.get_running_loop().time()
         payload = _dumps(self.body(request)).encode()
+        wire = HttpRequest("POST", self.url, self.wire_headers(), payload)
         try:
-            async with session.post(self.url, data=payload) as resp:
-                status, headers = resp.status, resp.headers
+            async with await self.transport.send(wire) as reply:
+                status, headers = reply.status, reply.headers
                 if status == 200 and self.stream:
-                    return await self.read_stream(resp.content, start, headers)
-                raw = await resp.read()
+                    return await self.read_stream(reply.content, start, headers)
+                raw = await reply.read()
         except TRANSPORT_ERRORS as exc:
             raise self.broken(self.url, exc) from None
         end = asyncio.get_running_loop().time()
@@ -490,23 +555,9 @@ class HttpLLM(BaseLLM):
             raise self.fail(status, headers, raw, limits)
         return self.parse(raw, end - start, limits)
 
-    def _new_session(self) -> aiohttp.ClientSession:
-        # Capped below the open-file limit: calls beyond it wait for a free connection
-        # instead of failing with "Too many open files" (see _openfiles).
-        connector = aiohttp.TCPConnector(limit=connection_cap(), keepalive_timeout=30.0)
-        return aiohttp.ClientSession(
-            connector=connector,
-            headers={**self._headers, **self.auth_headers()},
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-        )
-
-    async def session(self) -> aiohttp.ClientSession:
-        """This handle's session on the running loop (made on first use)."""
-        return await self._sessions.get()
-
     async def aclose(self) -> None:
         """Close the connection pool. The handle stays usable: a new pool opens on demand."""
-        await self._sessions.aclose()
+        await self.transport.aclose()
 
     def scrub(self, text: str) -> str:
         return self._secret.scrub(text) if self._secret is not None else text

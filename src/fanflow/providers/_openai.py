@@ -10,14 +10,13 @@ import asyncio
 import json
 import os
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from typing import Any, ClassVar
-
-import aiohttp
 
 from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
+from .._transport import Transport
 from .._types import RateLimitState, Request, Response, Usage
 from ._batchapi import BatchAPI, OpenAIBatches
 from ._http import HttpLLM, StreamText, protocol_error
@@ -125,7 +124,7 @@ class OpenAILLM(HttpLLM):
         )
 
     async def read_stream(
-        self, content: aiohttp.StreamReader, start: float, headers: Mapping[str, str]
+        self, content: AsyncIterable[bytes], start: float, headers: Mapping[str, str]
     ) -> Response:
         stream = StreamText(start)
         finish: str | None = None
@@ -190,6 +189,7 @@ def openai(
     headers: Mapping[str, str] | None = None,
     extra_body: Mapping[str, Any] | None = None,
     connect_timeout: float | None = 10.0,
+    transport: Transport | None = None,
     api_version: str | None = None,
 ) -> OpenAILLM:
     """A handle on the OpenAI Chat Completions API, or any server that speaks it.
@@ -214,6 +214,8 @@ def openai(
         headers: extra HTTP headers for every request.
         extra_body: extra JSON fields for every request (vendor-specific options).
         connect_timeout: seconds to establish a connection.
+        transport: sends the requests (default: aiohttp's connection pool); tests pass
+            :class:`fanflow.testing.MockTransport` to answer without a server.
         api_version: Azure OpenAI's API version (e.g. ``"2024-10-21"``): sent as the
             ``api-version`` query parameter, and the key then goes in the ``api-key``
             header as Azure expects. Point ``base_url`` at the deployment,
@@ -254,6 +256,7 @@ def openai(
         stream=stream,
         headers=headers,
         connect_timeout=connect_timeout,
+        transport=transport,
         limits=limits,
         retry=retry,
         timeout=timeout,
