@@ -188,10 +188,12 @@ async def execute_stored(
 
 
 def input_id(item: Any, index: int) -> Any:
-    """An item's id for sinks and stores: its ``id`` field if it has one, else its index."""
+    """An item's id for sinks and stores: its ``id`` field if it has one (a request
+    line's ``custom_id``), else its index."""
     if isinstance(item, Mapping) and "id" in item:
         return item["id"]
-    return index
+    custom_id = getattr(item, "custom_id", None)  # a fanflow.read_requests line
+    return index if custom_id is None else custom_id
 
 
 class Durability:
