@@ -152,6 +152,7 @@ def test_bad_lines_are_named_and_the_others_run(run: Run, tmp_path: Path) -> Non
     write(
         tmp_path / "b.jsonl",
         [
+            "{broken",  # a first line that is not JSON does not make it an item file
             line,
             {**line, "url": "/v1/embeddings", "custom_id": "e"},
             {**line, "method": "GET", "custom_id": "g"},
@@ -164,13 +165,14 @@ def test_bad_lines_are_named_and_the_others_run(run: Run, tmp_path: Path) -> Non
     assert done.returncode == 1
     assert [x["custom_id"] for x in lines_of(done.stdout)] == ["a", "z"]
     for number, reason in [
-        (2, "is for '/v1/embeddings'"),
-        (3, "has method 'GET'"),
-        (4, "has no 'messages'"),
-        (5, "custom_id 'a' was already used on line 1"),
+        (1, "is not valid JSON"),
+        (3, "is for '/v1/embeddings'"),
+        (4, "has method 'GET'"),
+        (5, "has no 'messages'"),
+        (6, "custom_id 'a' was already used on line 2"),
     ]:
         assert re.search(rf"b\.jsonl:{number}: .*{re.escape(reason)}.*; skipped", done.stderr)
-    assert "4 malformed input lines were skipped" in done.stderr
+    assert "5 malformed input lines were skipped" in done.stderr
 
 
 def test_an_empty_file_is_as_today_and_items_need_a_template(run: Run, tmp_path: Path) -> None:
@@ -233,7 +235,7 @@ def test_dry_run_prices_each_model(run: Run, tmp_path: Path) -> None:
     assert float(dear[1]) == pytest.approx(200 * float(cheap[1]), rel=0.01)
 
 
-def test_a_job_resumes_by_custom_id_and_reruns_only_failures(run: Run, tmp_path: Path) -> None:
+def test_a_job_names_lines_by_custom_id_and_reruns_only_failures(run: Run, tmp_path: Path) -> None:
     good = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     bad = {**good, "max_tokens": 0}
     batch_file(tmp_path / "b.jsonl", [good, bad, {**good, "seed": 3}])

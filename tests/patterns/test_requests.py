@@ -269,6 +269,19 @@ async def test_anthropic_refuses_what_it_cannot_send_as_written() -> None:
     assert server.requests[0].body["max_tokens"] == 8
 
 
+def test_tools_and_tool_calls_count_in_the_token_estimate() -> None:
+    from fanflow._tokens import request_tokens
+    from fanflow.patterns._requests import request_of
+
+    plain = {"messages": TOOL_TURNS}
+    tools = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "description": "w " * 400}}]
+    bare, _ = request_tokens(request_of({"messages": TOOL_TURNS[1:2]}))
+    with_calls, _ = request_tokens(request_of(plain))
+    with_tools, _ = request_tokens(request_of({**plain, "tools": tools}))
+    assert with_calls > bare
+    assert with_tools > with_calls + 150  # 800 characters of description
+
+
 def test_map_without_items_needs_requests() -> None:
     llm = fanflow.testing.ScriptedLLM()
     with pytest.raises(fanflow.ConfigError, match="needs items"):

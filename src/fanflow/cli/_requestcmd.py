@@ -25,32 +25,43 @@ __all__ = ["RequestFile", "describe_models", "sniff"]
 Kind = Literal["requests", "items", "empty"]
 
 
+# Lines looked at to tell a request file from an item file: a first line that is not
+# JSON (a broken line) does not decide; the first JSON object among these does.
+SNIFF_LINES = 8
+
+
 def sniff(path: str) -> tuple[Kind, RequestLine | None]:
-    """What the file's first non-blank line is: a request (and which), an item, or
-    nothing (an empty file). Reads that one line only."""
+    """Whether the file holds requests (and its first good one), items, or nothing.
+
+    The first JSON object among its first :data:`SNIFF_LINES` non-blank lines decides:
+    a request of either shape means a request file (its bad lines are reported as the
+    run reads them); anything else, items for a template.
+    """
     if path == "-":
         raise ConfigError(
             "without -p, fanflow map reads ready-made requests from a file; give its path "
             "(standard input takes items for a template: -p 'Summarize: {text}')"
         )
-    first: list[RequestLine] = []
+    kind: Kind = "empty"
     with open_input(path) as stream:
+        looked = 0
         for raw in stream:
             if not raw.strip():
                 continue
+            kind, looked = "items", looked + 1
             try:
                 value = json.loads(raw)
-            except ValueError:
-                return "items", None
-            if not is_request_line(value):
-                return "items", None
+            except (ValueError, RecursionError):
+                if looked < SNIFF_LINES:
+                    continue
+                break
+            if is_request_line(value):
+                kind = "requests"
             break
-        else:
-            return "empty", None
-    for line in read_requests(path, on_bad=lambda bad: None):
-        first.append(line)
-        break
-    return "requests", first[0] if first else None
+    if kind != "requests":
+        return kind, None
+    first = next(iter(read_requests(path, on_bad=lambda bad: None)), None)
+    return kind, first
 
 
 @dataclass(frozen=True)
