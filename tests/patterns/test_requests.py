@@ -250,6 +250,29 @@ async def test_the_job_names_items_by_custom_id(tmp_path: Path) -> None:
     store.close()
 
 
+async def test_a_rerun_finds_each_line_by_custom_id_not_position(tmp_path: Path) -> None:
+    ok, bad = batch_line("ok", "x"), batch_line("bad", "y", max_tokens=0)  # a 400
+    store = fanflow.Store(tmp_path / "s.db")
+    async with SimServer() as server:
+        llm = fanflow.openai("gpt-d", base_url=server.url, api_key="sk-t")
+        async with llm:
+            path = write(tmp_path / "r.jsonl", [ok, bad])
+            first = await fanflow.map(llm, fanflow.read_requests(path), store=store, job="j")
+            # The file edited: a new line first, the failed line fixed, "ok" moved last.
+            fixed = batch_line("bad", "y", max_tokens=5)
+            path = write(tmp_path / "r.jsonl", [batch_line("new", "z"), fixed, ok])
+            again = await fanflow.map(
+                llm, fanflow.read_requests(path), store=store, job="j", only_failed=True,
+                cache=False,
+            )  # fmt: skip
+    assert [r.status for r in first.records] == [Status.SUCCEEDED, Status.FAILED]
+    assert [r.status for r in again.records] == [Status.SKIPPED, Status.SUCCEEDED, Status.SUCCEEDED]
+    assert not again.records[1].cached  # the failure, sent again
+    assert again.records[2].cached  # "ok" succeeded before, wherever its line is now
+    assert [r.prompt for r in server.requests] == ["x", "y"]
+    store.close()
+
+
 async def test_anthropic_refuses_what_it_cannot_send_as_written() -> None:
     async with SimServer() as server:
         llm = fanflow.anthropic("claude-d", base_url=server.root, api_key="sk-ant")
