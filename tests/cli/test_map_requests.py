@@ -228,8 +228,9 @@ def test_dry_run_prices_each_model(run: Run, tmp_path: Path) -> None:
     done = run("map", "b.jsonl", *SIM, "--dry-run", *prices)
     assert done.returncode == 0, done.stderr
     assert "dry run: 3 calls would be sent" in done.stdout
-    cheap = re.search(r"cheap: 1 calls, at most \$([0-9.]+)", done.stdout)
+    cheap = re.search(r"cheap: 1 call, at most \$([0-9.]+)", done.stdout)
     dear = re.search(r"dear: 2 calls, at most \$([0-9.]+)", done.stdout)
+    assert "(model of each line, below)" in done.stdout
     assert cheap is not None
     assert dear is not None
     assert float(dear[1]) == pytest.approx(200 * float(cheap[1]), rel=0.01)

@@ -21,7 +21,7 @@ from .._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, 
 from .._types import CallRecord
 from ..patterns import as_completed
 from ..patterns._prompt import Prompt
-from ..patterns._requests import RequestLine, ready_request
+from ..patterns._requests import ready_request
 from . import _base
 from ._console import make_console, require_rich
 from ._io import Item, OutputWriter, result_row
@@ -285,9 +285,8 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     require_rich()
     settings = _base.settings(args, env)
-    requests = _requests(args, settings) if args.prompt is None else None
-    if requests is not None:
-        settings = requests[1]
+    if args.prompt is None:  # the lines are requests
+        settings = _request_settings(args, settings)
     else:
         check_template(args.prompt)
     fmt = detect_format(args.input, args.input_format)
@@ -299,7 +298,7 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     prices = _base.prices(args)
     if prices:
         options["prices"] = prices
-    source = None if requests is None else RequestFile(args.input, _max_bytes(plan))
+    source = None if args.prompt is not None else RequestFile(args.input, _max_bytes(plan))
     if args.dry_run:
         return _dry_run(args, plan, fmt, options, source)
     total = count_items(args.input, fmt) if source is None else source.count()
@@ -360,7 +359,7 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )  # fmt: skip
 
 
-def _requests(args: argparse.Namespace, settings: Settings) -> tuple[RequestLine | None, Settings]:
+def _request_settings(args: argparse.Namespace, settings: Settings) -> Settings:
     """Without ``-p``: check the lines are requests; the first line's model is the
     handle's when ``--model`` gives none (each line is still sent to its own model)."""
     kind, first = sniff(args.input)
@@ -377,7 +376,7 @@ def _requests(args: argparse.Namespace, settings: Settings) -> tuple[RequestLine
         )
     if settings.model is None and first is not None and first.request.model is not None:
         settings = dataclasses.replace(settings, model=first.request.model)
-    return first, settings
+    return settings
 
 
 def _max_bytes(plan: ProviderPlan) -> int:
@@ -411,7 +410,8 @@ def _dry_run(
 
     result = _base.interrupts(args).run(go)
     s = plan.settings
-    for line in describe_dry_run(result, model=s.model or plan.provider, rpm=s.rpm, tpm=s.tpm):
+    model = s.model or plan.provider if source is None else "of each line, below"
+    for line in describe_dry_run(result, model=model, rpm=s.rpm, tpm=s.tpm):
         print(line)
     if source is not None:
         for line in describe_models(dict(result.estimate.by_model)):

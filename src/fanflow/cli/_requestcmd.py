@@ -109,5 +109,6 @@ def describe_models(by_model: dict[str | None, tuple[int, float | None]]) -> lis
     lines = ["  by model:"]
     for model, (calls, cost) in sorted(by_model.items(), key=lambda kv: str(kv[0])):
         price = "unknown (no price)" if cost is None else f"at most ${cost:,.4f}"
-        lines.append(f"    {model or '(the handle model)'}: {calls:,} calls, {price}")
+        plural = "" if calls == 1 else "s"
+        lines.append(f"    {model or '(the handle model)'}: {calls:,} call{plural}, {price}")
     return lines
