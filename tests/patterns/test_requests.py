@@ -12,8 +12,7 @@ import pytest
 
 import fanflow
 from fanflow import Request, Status
-from fanflow.patterns import RequestLine
-from fanflow.patterns._requests import BadLine
+from fanflow.patterns._requests import BadLine, RequestLine
 from fanflow.testing import SimServer
 
 pytestmark = pytest.mark.looptime

@@ -24,7 +24,7 @@ from ._judge import BestOfNResult, best_of_n
 from ._map import ResultStream, as_completed, map
 from ._options import Options
 from ._pool import ItemStatus, Pool, PoolResult, PoolStatus
-from ._requests import RequestLine, read_requests
+from ._requests import read_requests
 from ._sections import ParallelCalls, ParallelCallsResult, SectionsResult, sections
 from ._skill import Skill, SkillResult
 from ._vote import VoteResult, vote
@@ -46,7 +46,6 @@ __all__ = [
     "Pool",
     "PoolResult",
     "PoolStatus",
-    "RequestLine",
     "ResultStream",
     "Score",
     "SectionsResult",
