@@ -17,13 +17,14 @@ from typing import Any, ClassVar
 
 import aiohttp
 
-from .._exceptions import BadRequest, ConfigError, ContentFiltered
+from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
 from ._batchapi import AnthropicBatches, BatchAPI
 from ._http import HttpLLM, StreamText, protocol_error, wall_clock
 from ._ratelimit import parse_anthropic
+from ._written import check_translatable
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicLLM", "anthropic"]
 
@@ -68,7 +69,7 @@ class AnthropicLLM(HttpLLM):
 
     def body(self, request: Request) -> dict[str, Any]:
         if request.body is not None:
-            _check_translatable(request.body)
+            check_translatable(request.body, "anthropic", "the Messages API")
         system: list[str] = []
         messages: list[dict[str, str]] = []
         for m in request.messages:
@@ -157,30 +158,6 @@ class AnthropicLLM(HttpLLM):
             latency=end - start,
             time_to_first_token=stream.first,
             rate_limit=self.rate_limits(headers, end),
-        )
-
-
-# The fields of a ready-made chat-completions body (``Request.body``) that map onto the
-# Messages API through the request's typed fields; any other is refused, not dropped.
-_TRANSLATED = frozenset(
-    ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
-     "stream", "stream_options")
-)  # fmt: skip
-
-
-def _check_translatable(body: Mapping[str, Any]) -> None:
-    """Refuse a chat-completions body the Messages API cannot express as written."""
-    extra = sorted(set(body) - _TRANSLATED)
-    turns = [m for m in body.get("messages") or () if isinstance(m, Mapping)]
-    if any(m.get("role") == "tool" or "tool_calls" in m for m in turns):
-        extra.append("tool turns")
-    if any(not isinstance(m.get("content"), str | None) for m in turns):
-        extra.append("message content parts")
-    if extra:
-        raise BadRequest(
-            f"anthropic: this chat-completions request uses {', '.join(extra)}, which the "
-            "Messages API does not take as written; send it to an OpenAI-compatible "
-            "endpoint (--provider openai / fanflow.openai), or remove those fields"
         )
 
 
