@@ -194,7 +194,7 @@ def _batch_line(value: Mapping[str, Any], number: int | None) -> RequestLine:
     if not isinstance(body, Mapping):
         raise NotARequest(f"request {custom_id!r} has no 'body' object")
     try:
-        request = request_of(body, {"custom_id": custom_id})
+        request = request_of(dict(body), {"custom_id": custom_id})
     except NotARequest as exc:
         raise NotARequest(f"request {custom_id!r}: the body {exc}") from None
     return RequestLine(request, "batch", custom_id, number)
