@@ -225,13 +225,14 @@ async def test_response_format_is_refused_clearly(llm: LocalLLM) -> None:
 async def test_a_written_body_runs_or_is_refused_naming_what_it_cannot_send(
     llm: LocalLLM,
 ) -> None:
+    from fanflow._exceptions import BadRequest
     from fanflow.patterns._requests import request_of
 
     messages = [{"role": "user", "content": "Hi"}]
     plain = request_of({"messages": messages, "max_completion_tokens": 2, "seed": 1})
     assert (await llm.complete(plain)).usage.output_tokens >= 1
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    with pytest.raises(fanflow.BadRequest, match="local: this chat-completions request uses tools"):
+    with pytest.raises(BadRequest, match="local: this chat-completions request uses tools"):
         await llm.complete(request_of({"messages": messages, "tools": tools}))
 
 
