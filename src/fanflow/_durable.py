@@ -188,10 +188,12 @@ async def execute_stored(
 
 
 def input_id(item: Any, index: int) -> Any:
-    """An item's id for sinks and stores: its ``id`` field if it has one, else its index."""
+    """An item's id for sinks and stores: its ``id`` field if it has one (a request
+    line's ``custom_id``), else its index."""
     if isinstance(item, Mapping) and "id" in item:
         return item["id"]
-    return index
+    custom_id = getattr(item, "custom_id", None)  # a fanflow.read_requests line
+    return index if custom_id is None else custom_id
 
 
 class Durability:
@@ -233,6 +235,7 @@ class Durability:
         self.cache = cache
         self.sink = sink_for(sink) if sink is not None else None
         self.prior: dict[int, tuple[Status, str | None]] = {}
+        self._prior_by_id: dict[str, tuple[Status, str | None]] | None = None
         self.finished = 0
 
     @classmethod
@@ -299,7 +302,7 @@ class Durability:
         parse: Callable[[Response], T],
     ) -> CallRecord[T]:
         """Run one item: from the store if it may be reused, else through the engine."""
-        prior = self.prior.get(index)
+        prior = self._prior_of(index, item)
         succeeded_before = prior is not None and prior[0] is Status.SUCCEEDED
         if self.only_failed and prior is None:
             now = asyncio.get_running_loop().time()
@@ -326,6 +329,21 @@ class Durability:
             reuse=self.cache or succeeded_before,
             item=self._ref(index, item),
         )
+
+    def _prior_of(self, index: int, item: Any) -> tuple[Status, str | None] | None:
+        """The item's status in the job's earlier runs: found by its position, or for a
+        request line (``fanflow.read_requests``) by its ``custom_id``, wherever it is
+        now in the file."""
+        custom_id = getattr(item, "custom_id", None)
+        if custom_id is None or self.store is None or self.job is None:
+            return self.prior.get(index)
+        if self._prior_by_id is None:  # read once, at the first such item
+            self._prior_by_id = {
+                i.input_id: (i.status, i.key)
+                for i in self.store.items(self.job)
+                if i.input_id is not None
+            }
+        return self._prior_by_id.get(str(custom_id))
 
     def _ref(self, index: int, item: Any) -> ItemRef | None:
         if self.job is None:

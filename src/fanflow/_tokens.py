@@ -18,9 +18,10 @@ cookbook, "How to count tokens with tiktoken"). See docs/decisions/0041-token-es
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
@@ -80,6 +81,13 @@ def estimate_tokens(text: str) -> int:
     return _heuristic(text)
 
 
+def _beyond_text(body: Mapping[str, Any]) -> str:
+    """A written body's input that its messages' text leaves out (``tools``, tool calls)."""
+    calls = [m.get("tool_calls") for m in body.get("messages") or () if isinstance(m, Mapping)]
+    extra = [body.get("tools"), body.get("functions"), *calls]
+    return json.dumps([x for x in extra if x], ensure_ascii=False) if any(extra) else ""
+
+
 def request_tokens(request: Request) -> tuple[int, int]:
     """Estimated (input, output) tokens of ``request`` before it is sent.
 
@@ -90,5 +98,7 @@ def request_tokens(request: Request) -> tuple[int, int]:
     n = _PRIMING
     for message in request.messages:
         n += _PER_MESSAGE + count(message.content)
+    if request.body is not None:  # a written body: its tools and tool calls count too
+        n += count(_beyond_text(request.body))
     output = request.max_tokens if request.max_tokens is not None else DEFAULT_OUTPUT_TOKENS
     return n, output

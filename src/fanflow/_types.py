@@ -105,6 +105,10 @@ class Request:
     metadata: Mapping[str, Any] = field(
         default_factory=lambda: _NO_METADATA, compare=False, hash=False
     )
+    # A ready-made chat-completions body (``fanflow.read_requests``), sent as written by
+    # OpenAI-compatible handles: its tool turns, tools and other fields the typed ones
+    # above do not hold. The typed fields are read from it; None for a built request.
+    body: Mapping[str, Any] | None = None
     _key: str | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -172,8 +176,8 @@ class Request:
         """The canonical form that identifies this request (metadata excluded)."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name in ("metadata", "_key"):
-                continue
+            if f.name in ("metadata", "_key") or (f.name == "body" and self.body is None):
+                continue  # no body: the canonical form (and key) of every built request
             value = getattr(self, f.name)
             if f.name == "messages":
                 value = [[m.role, m.content] for m in value]

@@ -227,6 +227,20 @@ async def test_response_format_is_refused_clearly(llm: LocalLLM) -> None:
         await llm.complete(request)
 
 
+async def test_a_written_body_runs_or_is_refused_naming_what_it_cannot_send(
+    llm: LocalLLM,
+) -> None:
+    from fanflow._exceptions import BadRequest
+    from fanflow.patterns._requests import request_of
+
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = request_of({"messages": messages, "max_completion_tokens": 2, "seed": 1})
+    assert (await llm.complete(plain)).usage.output_tokens >= 1
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with pytest.raises(BadRequest, match="local: this chat-completions request uses tools"):
+        await llm.complete(request_of({"messages": messages, "tools": tools}))
+
+
 async def test_aclose_stops_the_workers_and_the_handle_can_start_again() -> None:
     llm = fanflow.local(instances=2, threads=1)
     await llm.load()

@@ -26,6 +26,7 @@ from typing import IO, Any, TextIO
 
 from .._exceptions import ConfigError, StoreError
 from .._types import CallRecord
+from ..patterns._requests import BadLine
 
 __all__ = [
     "FLAT_COLUMNS",
@@ -38,6 +39,7 @@ __all__ = [
     "count_items",
     "detect_format",
     "flat_row",
+    "open_input",
     "open_output",
     "output_format",
     "read_items",
@@ -52,18 +54,6 @@ SNIFF = "sniff"
 _STDOUT: IO[str] = io.StringIO()
 
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
-
-
-@dataclass(frozen=True, slots=True)
-class BadLine:
-    """A line of the input that could not be read as an item."""
-
-    path: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}; skipped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +75,7 @@ def detect_format(path: str, explicit: str | None) -> str:
     return _EXTENSIONS.get(Path(path).suffix.lower(), "text")
 
 
-def _open_input(path: str) -> IO[bytes] | TextIO:
+def open_input(path: str) -> IO[bytes] | TextIO:
     if path == "-":
         # Bytes when there are any (so each line is decoded on its own); a replaced
         # sys.stdin without a buffer (tests, embedding) is read as the text it is.
@@ -235,7 +225,7 @@ def read_items(path: str, fmt: str, on_bad: Callable[[BadLine], None]) -> Iterat
     A line that is not UTF-8 is reported by its number and skipped like any other
     malformed line.
     """
-    stream = _open_input(path)
+    stream = open_input(path)
     name = "<stdin>" if path == "-" else path
 
     def generate() -> Iterator[Item]:
@@ -328,7 +318,12 @@ class OutputWriter:
         if self._csv is not None:
             self._csv.writeheader()
 
-    def write(self, row: dict[str, Any]) -> None:
+    @property
+    def flat(self) -> bool:
+        """Whether rows are written flat (CSV, Parquet), as :func:`flat_row` makes them."""
+        return self._csv is not None or self._parquet is not None
+
+    def write(self, row: Any) -> None:
         try:
             self._write(row)
         except BrokenPipeError:
@@ -345,7 +340,7 @@ class OutputWriter:
             path=self.path,
         )
 
-    def _write(self, row: dict[str, Any]) -> None:
+    def _write(self, row: Any) -> None:
         if self._csv is not None:
             self._csv.writerow(flat_row(row))
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,15 @@ from .._llm import BaseLLM
 from .._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, Tracker, drive
 from .._types import CallRecord
 from ..patterns import as_completed
+from ..patterns._prompt import Prompt
+from ..patterns._requests import ready_request
 from . import _base
 from ._console import make_console, require_rich
 from ._io import Item, OutputWriter, result_row
 from ._providers import ProviderPlan, open_llms
 from ._records import RecordsWriter, item_fields
+from ._requestcmd import RequestFile, describe_models, sniff
+from ._settings import Settings
 
 __all__ = ["MapOutcome", "add_parser", "check_template", "cmd_map", "run_map"]
 
@@ -51,7 +56,7 @@ class MapOutcome:
 
 async def run_map(
     llm: BaseLLM,
-    prompt: str,
+    prompt: Prompt,
     items: Iterator[Item],
     *,
     tracker: Tracker,
@@ -60,14 +65,15 @@ async def run_map(
     records: RecordsWriter | None = None,
     order: str = "input",
     options: dict[str, Any] | None = None,
+    row: Callable[[Item, CallRecord[Any]], Any] = result_row,
 ) -> MapOutcome:
-    """Run ``prompt`` over ``items`` and write one row per item.
+    """Run ``prompt`` over ``items`` and write one row per item (``row`` makes it).
 
     Ctrl-C (cancellation of this task) stops cleanly: calls in flight are cancelled by
     the stream, every finished row is written, and the outcome says it was interrupted.
     """
     pending: dict[int, Item] = {}
-    ready: dict[int, dict[str, Any]] = {}
+    ready: dict[int, Any] = {}
     next_row = 0
     outcome = MapOutcome()
 
@@ -92,11 +98,11 @@ async def run_map(
     def deliver(record: CallRecord[Any]) -> None:
         nonlocal next_row
         assert record.index is not None
-        row = result_row(pending.pop(record.index), record)
+        made = row(pending.pop(record.index), record)
         if order == "completion":
-            writer.write(row)
+            writer.write(made)
             return
-        ready[record.index] = row
+        ready[record.index] = made
         while next_row in ready:
             writer.write(ready.pop(next_row))
             next_row += 1
@@ -154,6 +160,15 @@ def dry_run(llm: BaseLLM, prompt: str, items: Iterator[Item], options: dict[str,
 
     params = {k: options[k] for k in ("system", "temperature", "prices") if k in options}
     return DryRun(estimate(llm, prompt, fillable(), **params), errors)
+
+
+def dry_run_requests(llm: BaseLLM, items: Iterator[Item], options: dict[str, Any]) -> DryRun:
+    """Estimate a file of ready-made requests (each priced at its own model's price)."""
+    from ..patterns import estimate
+
+    prices = {k: options[k] for k in ("prices",) if k in options}
+    values = (item.value for item in items)
+    return DryRun(estimate(llm, ready_request, values, **prices), [])
 
 
 def describe_dry_run(
@@ -218,8 +233,9 @@ def add_parser(sub: Any) -> None:
         "input", metavar="INPUT", help="JSONL, CSV or text file (one item a line); - for stdin"
     )
     p.add_argument(
-        "-p", "--prompt", required=True,
-        help="template, e.g. 'Summarize: {text}' ({input} for text lines)",
+        "-p", "--prompt",
+        help="template, e.g. 'Summarize: {text}' ({input} for text lines); leave it out "
+        "when the lines are requests (Batch API input lines, chat-completions bodies)",
     )  # fmt: skip
     _base.io_options(p)
     p.add_argument(
@@ -269,7 +285,10 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     require_rich()
     settings = _base.settings(args, env)
-    check_template(args.prompt)
+    if args.prompt is None:  # the lines are requests
+        settings = _request_settings(args, settings)
+    else:
+        check_template(args.prompt)
     fmt = detect_format(args.input, args.input_format)
     plan = _base.plan(args, env, settings)
     options: dict[str, Any] = {}
@@ -279,9 +298,10 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     prices = _base.prices(args)
     if prices:
         options["prices"] = prices
+    source = None if args.prompt is not None else RequestFile(args.input, _max_bytes(plan))
     if args.dry_run:
-        return _dry_run(args, plan, fmt, options)
-    total = count_items(args.input, fmt)
+        return _dry_run(args, plan, fmt, options, source)
+    total = count_items(args.input, fmt) if source is None else source.count()
     bad = _base.Bad()
     console = make_console()
     if settings.budget is not None:
@@ -300,6 +320,8 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     records = RecordsWriter.open_many(targets, warn=warn) if targets else None
     writer = open_output(args.output)
+    prompt: Prompt = args.prompt if source is None else ready_request
+    row = result_row if source is None else source.row(writer.flat)
     if settings.concurrency is not None:
         options["concurrency"] = settings.concurrency
     if args.backend == "ray" or args.ray_address is not None:
@@ -316,11 +338,11 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     async def go() -> tuple[Any, ProgressStats]:
         tracker = Tracker(total, clock=_base.loop_time)
         display = _base.display(args, console, tracker, bad)
-        items = read_items(args.input, fmt, bad)
+        items = read_items(args.input, fmt, bad) if source is None else source.items(bad)
         async with open_llms([plan]) as llms:
             outcome = await run_map(
-                llms[0], args.prompt, items, tracker=tracker, display=display, writer=writer,
-                records=records, order=args.order, options=options,
+                llms[0], prompt, items, tracker=tracker, display=display, writer=writer,
+                records=records, order=args.order, options=options, row=row,
             )  # fmt: skip
             stops.extend(_base.tripped(llms))
         return outcome, tracker.snapshot()
@@ -337,26 +359,63 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )  # fmt: skip
 
 
+def _request_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    """Without ``-p``: check the lines are requests; the first line's model is the
+    handle's when ``--model`` gives none (each line is still sent to its own model)."""
+    kind, first = sniff(args.input)
+    if kind == "items":
+        raise ConfigError(
+            f"-p/--prompt is needed: the lines of {args.input} are items, not requests (a "
+            "request line has custom_id and body, as the Batch API takes, or is a "
+            "chat-completions body with messages); give a template, e.g. -p 'Summarize: {text}'"
+        )
+    if args.system is not None:
+        raise ConfigError(
+            "--system applies to a template (-p); ready-made requests carry their own "
+            "system messages"
+        )
+    if settings.model is None and first is not None and first.request.model is not None:
+        settings = dataclasses.replace(settings, model=first.request.model)
+    return settings
+
+
+def _max_bytes(plan: ProviderPlan) -> int:
+    """The longest request line the plan's provider takes (its batch input limit)."""
+    from ..providers._batchapi import AnthropicBatches, OpenAIBatches
+
+    return AnthropicBatches.max_bytes if plan.provider == "anthropic" else OpenAIBatches.max_bytes
+
+
 def _input_name(path: str) -> str:
     return "standard input" if path == "-" else path
 
 
 def _dry_run(
-    args: argparse.Namespace, plan: ProviderPlan, fmt: str, options: dict[str, Any]
+    args: argparse.Namespace,
+    plan: ProviderPlan,
+    fmt: str,
+    options: dict[str, Any],
+    source: RequestFile | None,
 ) -> int:
     from ._io import read_items
 
     bad = _base.Bad()
-    items = read_items(args.input, fmt, bad)
+    items = read_items(args.input, fmt, bad) if source is None else source.items(bad)
 
     async def go() -> Any:
         async with open_llms([plan]) as llms:  # nothing is sent: the handle fills defaults
-            return dry_run(llms[0], args.prompt, items, options)
+            if source is None:
+                return dry_run(llms[0], args.prompt, items, options)
+            return dry_run_requests(llms[0], items, options)
 
     result = _base.interrupts(args).run(go)
     s = plan.settings
-    for line in describe_dry_run(result, model=s.model or plan.provider, rpm=s.rpm, tpm=s.tpm):
+    model = s.model or plan.provider if source is None else "of each line, below"
+    for line in describe_dry_run(result, model=model, rpm=s.rpm, tpm=s.tpm):
         print(line)
+    if source is not None:
+        for line in describe_models(dict(result.estimate.by_model)):
+            print(line)
     if bad.lines:
         print(f"  {len(bad.lines)} malformed input lines would be skipped")
     return _base.EXIT_FAILED if result.template_errors or bad.lines else _base.EXIT_OK

@@ -65,8 +65,11 @@ INPUT_CHARS = 200
 def item_fields(line: int | None, value: Any) -> dict[str, Any]:
     """The item a call answered, as a record keeps it: its line, its ``id`` field (when it
     has one) and the start of its input."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     item_id = value.get("id") if isinstance(value, dict) else None
+    request = getattr(value, "request", None)  # a request line: its body, its custom_id
+    if request is not None:
+        item_id, value = getattr(value, "custom_id", None), request.body
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     return {
         "line": line,
         "id": None if item_id is None else str(item_id),

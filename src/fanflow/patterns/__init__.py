@@ -20,6 +20,7 @@ from ._judge import BestOfNResult, best_of_n
 from ._map import ResultStream, as_completed, map
 from ._options import Options
 from ._pool import ItemStatus, Pool, PoolResult, PoolStatus
+from ._requests import read_requests
 from ._sections import ParallelCalls, ParallelCallsResult, SectionsResult, sections
 from ._skill import Skill, SkillResult
 from ._vote import VoteResult, vote
@@ -60,6 +61,7 @@ __all__ = [
     "guarded",
     "map",
     "race",
+    "read_requests",
     "sections",
     "split_text",
     "vote",

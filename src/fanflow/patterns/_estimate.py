@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Unpack
 
 from .._llm import LLM, BaseLLM
@@ -25,7 +25,8 @@ class EstimateResult:
     ``output_tokens`` is an upper bound: each request's ``max_tokens`` (or the default
     reservation when it sets none). ``cost`` is the real-time cost and ``batch_cost``
     the same through the provider's batch API (``mode="batch"``, at each price's batch
-    rate); both are None when a model's price is unknown.
+    rate); both are None when a model's price is unknown. ``by_model`` gives each
+    model's calls and real-time cost (None: no price), for requests naming their own.
     """
 
     items: int
@@ -34,6 +35,7 @@ class EstimateResult:
     cost: float | None
     unpriced_models: tuple[str | None, ...] = ()
     batch_cost: float | None = None
+    by_model: Mapping[str | None, tuple[int, float | None]] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:
@@ -80,6 +82,7 @@ def estimate(
     cost: float | None = 0.0
     batch_cost: float | None = 0.0
     unpriced: list[str | None] = []
+    by_model: dict[str | None, tuple[int, float | None]] = {}
     for index, item in enumerate(items):
         request = build_request(prompt, item, index, system=system, params=params)
         if isinstance(llm, BaseLLM):
@@ -89,6 +92,11 @@ def estimate(
         input_total += input_tokens
         output_total += output_tokens
         price = price_of(request.model, prices)
+        calls, spent = by_model.get(request.model, (0, 0.0))
+        if price is None or spent is None:
+            by_model[request.model] = (calls + 1, None)
+        else:
+            by_model[request.model] = (calls + 1, spent + price.cost(input_tokens, output_tokens))
         if price is None:
             if request.model not in unpriced:
                 unpriced.append(request.model)
@@ -96,4 +104,4 @@ def estimate(
         elif cost is not None and batch_cost is not None:
             cost += price.cost(input_tokens, output_tokens)
             batch_cost += price.batch_cost(input_tokens, output_tokens)
-    return EstimateResult(n, input_total, output_total, cost, tuple(unpriced), batch_cost)
+    return EstimateResult(n, input_total, output_total, cost, tuple(unpriced), batch_cost, by_model)

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar, Unpack
 from .._budget import as_budget
 from .._durable import Durability
 from .._events import AMBIENT_HOOKS
-from .._exceptions import FanflowError
+from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM
 from .._progress import Tracker, displaying, size_of, with_progress
 from .._types import BatchResult, CallRecord, Request, Response
@@ -32,6 +32,7 @@ from ..backends._local import DEFAULT_WINDOW
 from ._common import check_model
 from ._options import Options, resolve
 from ._prompt import FIRST_ITEMS, Prompt, build_request, check_first_items, parse_template
+from ._requests import ready_request
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
 
@@ -77,11 +78,34 @@ def _backend(
     return batch_backend(mode, batch, backend, llm, deadline=deadline, hedge_after=hedge_after)
 
 
+def _requests_or_items(
+    name: str, prompt: Prompt | Items, items: Items | None, system: str | None
+) -> tuple[Prompt, Items]:
+    """The prompt and items of ``map(llm, prompt, items)``, or of ``map(llm, requests)``
+    (ready-made requests, each sent as it is: :func:`ready_request` builds it)."""
+    if items is not None:
+        if not isinstance(prompt, str) and not callable(prompt):
+            raise ConfigError(f"{name}(llm, prompt, items): the prompt must be a str or a callable")
+        return prompt, items
+    if isinstance(prompt, str) or callable(prompt):
+        raise ConfigError(
+            f"{name} needs items: {name}(llm, prompt, items), or {name}(llm, requests) with "
+            "ready-made requests (fanflow.Request objects, chat-completions dicts, or "
+            "fanflow.read_requests(path))"
+        )
+    if system is not None:
+        raise ConfigError(
+            f"{name}(llm, requests): system= applies to a template; ready-made requests "
+            "carry their own system messages"
+        )
+    return ready_request, prompt
+
+
 def _spec(
     name: str,
     llm: LLM,
-    prompt: Prompt,
-    items: Items,
+    prompt: Prompt | Items,
+    items: Items | None,
     options: Options,
     *,
     system: str | None,
@@ -96,6 +120,7 @@ def _spec(
     """Check a map's arguments and describe it for a backend (``map``, ``as_completed``)."""
     o = resolve(name, options)
     check_model(llm, name)
+    prompt, items = _requests_or_items(name, prompt, items, system)
     if isinstance(prompt, str):
         parse_template(prompt)  # a bad template fails here, before any call
     return MapSpec(
@@ -129,8 +154,8 @@ def _params(**kwargs: Any) -> dict[str, Any]:
 @with_progress
 async def map(
     llm: LLM,
-    prompt: Prompt,
-    items: Items,
+    prompt: Prompt | Items,
+    items: Items | None = None,
     *,
     system: str | None = None,
     temperature: float | None = None,
@@ -151,7 +176,12 @@ async def map(
     Args:
         llm: the model (any :class:`fanflow.LLM`).
         prompt: a template (``"Summarize: {text}"``; ``{input}`` for plain-text items) or
-            a callable that builds a :class:`fanflow.Request` (or prompt text) from an item.
+            a callable that builds a :class:`fanflow.Request` (or prompt text) from an item;
+            or, with no ``items``, ready-made requests, each sent as it is:
+            :class:`fanflow.Request` objects, chat-completions bodies (dicts with
+            ``messages``) or :func:`fanflow.read_requests` of a file
+            (``fanflow.map(llm, requests)``; ``temperature``, ``max_tokens`` and ``seed``
+            then fill only what a request leaves out).
         items: strings or dicts, as a sequence or a (async) iterator.
         system: a system prompt for every request.
         temperature: sampling temperature for every request.
@@ -375,8 +405,8 @@ def _cancelling() -> bool:
 
 def as_completed(
     llm: LLM,
-    prompt: Prompt,
-    items: Items,
+    prompt: Prompt | Items,
+    items: Items | None = None,
     *,
     system: str | None = None,
     temperature: float | None = None,
@@ -417,4 +447,4 @@ def as_completed(
     def make_batch(deliver: Deliver) -> BatchRun:
         return runner.map_batch(spec, deliver)
 
-    return ResultStream(make_batch, progress=progress, total=size_of(items))
+    return ResultStream(make_batch, progress=progress, total=size_of(spec.items))

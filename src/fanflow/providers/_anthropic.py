@@ -23,6 +23,7 @@ from .._types import RateLimitState, Request, Response, Usage
 from ._batchapi import AnthropicBatches, BatchAPI
 from ._http import HttpLLM, StreamText, protocol_error, wall_clock
 from ._ratelimit import parse_anthropic
+from ._written import check_translatable
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicLLM", "anthropic"]
 
@@ -66,6 +67,8 @@ class AnthropicLLM(HttpLLM):
         return out
 
     def body(self, request: Request) -> dict[str, Any]:
+        if request.body is not None:
+            check_translatable(request.body, "anthropic", "the Messages API")
         system: list[str] = []
         messages: list[dict[str, str]] = []
         for m in request.messages:

@@ -42,6 +42,7 @@ from .._retry import RetryPolicy
 from .._types import Request, Response
 from ._llama import Settings
 from ._worker import Worker, WorkerDied
+from ._written import check_translatable
 
 __all__ = [
     "LocalLLM",
@@ -323,6 +324,8 @@ class LocalLLM(BaseLLM):
         """
         if self._broken is not None:
             raise ConfigError(self._broken)
+        if request.body is not None:
+            check_translatable(request.body, "local", "the local model", frozenset({"seed"}))
         loop = asyncio.get_running_loop()
         start = loop.time()
         job = _Job(request)

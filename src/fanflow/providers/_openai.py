@@ -73,6 +73,8 @@ class OpenAILLM(HttpLLM):
         return {**super().cache_identity(), "n": self.n, "extra_body": self.extra_body}
 
     def body(self, request: Request) -> dict[str, Any]:
+        if request.body is not None:
+            return self._written_body(request, request.body)
         body: dict[str, Any] = {
             "model": request.model or self.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
@@ -96,6 +98,35 @@ class OpenAILLM(HttpLLM):
             body["stream_options"] = {"include_usage": True}
         if self.extra_body:
             body.update(self.extra_body)
+        return body
+
+    def _written_body(self, request: Request, written: Mapping[str, Any]) -> dict[str, Any]:
+        """A ready-made body as written; the handle's defaults only where it has none.
+
+        Its typed fields were read from it (``fanflow.read_requests``), so those set on
+        ``request`` and missing from the body are the handle's defaults. Whether to
+        stream is the handle's choice, so the body's ``stream`` is not sent.
+        """
+        body = {k: v for k, v in written.items() if k not in ("stream", "stream_options")}
+        body["model"] = request.model or self.model
+        typed = {
+            "temperature": request.temperature,
+            "seed": request.seed,
+            "stop": list(request.stop) if request.stop is not None else None,
+            "top_p": request.top_p,
+            "response_format": request.response_format,
+            "n": self.n,
+        }
+        if "max_completion_tokens" not in body:
+            typed["max_tokens"] = request.max_tokens
+        for name, value in typed.items():
+            if value is not None:
+                body.setdefault(name, value)
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        for name, value in self.extra_body.items():
+            body.setdefault(name, value)
         return body
 
     def rate_limits(self, headers: Mapping[str, str], observed_at: float) -> RateLimitState | None:
