@@ -167,6 +167,11 @@ class Limits:
             :meth:`Limits.adaptive`); None for a fixed concurrency.
         pacing: settings of the delay-based throttle (made by :meth:`Limits.paced`);
             None for none.
+        shared: a store that every process naming it shares these limits through
+            (``sqlite:///path`` or a plain path on one machine; ``redis://host:port/db``,
+            ``rediss://``, ``unix://`` across machines; ``?ttl=`` seconds for a dead
+            process's concurrency slots to come back, 10 by default). None: this
+            process's own. See :mod:`fanflow._shared`.
     """
 
     concurrency: int | None = None
@@ -180,8 +185,13 @@ class Limits:
     controller: Adaptive | None = None
     margin: float = 0.03
     pacing: Pacing | None = None
+    shared: str | None = None
 
     def __post_init__(self) -> None:
+        if self.shared is not None:
+            from ._shared._url import parse_url
+
+            parse_url(self.shared)  # an unknown form: a ConfigError naming those allowed
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(
                 f"concurrency must be >= 1, got {self.concurrency}; use None for no limit"
@@ -264,6 +274,10 @@ class Limits:
             parts.append(f"controller={self.controller!r}")
         if self.pacing is not None:
             parts.append(f"pacing={self.pacing!r}")
+        if self.shared is not None:
+            from ._shared._url import redact
+
+            parts.append(f"shared={redact(self.shared)!r}")
         return f"fanflow.Limits({', '.join(parts)})"
 
     @property

@@ -162,6 +162,11 @@ class BaseLLM(ABC):
         lane = self._lanes.get(loop)
         if lane is None:
             make = _lane_factory
+            if self.limits.shared is not None:  # the store is the broker, on Ray too
+                from ._shared import shared_lane
+
+                make = shared_lane
+                last = None  # the store holds what is shared: nothing to inherit
             lane = self._lanes[loop] = Lane(self.limits) if make is None else make(self)
             if last is not None and make is None:
                 # A new loop (each fanflow.run has one): start from what the last lane

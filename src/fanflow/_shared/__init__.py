@@ -1,0 +1,245 @@
+"""Limits shared by every process that names one store: ``Limits(shared=URL)``.
+
+A handle's limits belong to its API key, so every handle, in any process, that names the
+same store and the same limit identity (endpoint, model and a fingerprint of the key,
+see :func:`identity`) draws from one budget of requests, tokens and concurrency slots.
+
+The lane is the Ray backend's :class:`~fanflow.backends._limiter.GlobalLane`: the same
+worker side (rate grants booked in batches by a :class:`GrantQueue`, concurrency slots
+leased and reused by a :class:`SlotLease`), with the store in the broker's place
+(decision 0200). The store books on its own clock and answers "send in ``delay``
+seconds", so the processes' clocks need not agree.
+
+Concurrency slots are leases with a time to live (``?ttl=``, 10 s by default): a process
+renews the slots it holds every third of it, so the slots of a process that was killed
+come back within the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import time
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .._limits import Lane, Limits
+from .._log import log
+from ..backends._limiter import GlobalLane, GrantQueue, SlotLease, lease_time
+from ._url import StoreURL, parse_url, redact
+
+if TYPE_CHECKING:
+    from .._llm import BaseLLM
+
+__all__ = ["Store", "identity", "open_store", "shared_lane"]
+
+_RATES = ("rpm", "tpm", "input_tpm", "output_tpm")
+
+
+class Store(Protocol):
+    """Where the shared bookings live (SQLite or Redis); every time is the store's."""
+
+    shown: str
+    round_trips: int
+
+    async def declare(
+        self, ident: str, holder: str, body: dict[str, Any], ttl: float
+    ) -> list[dict[str, Any]]: ...
+
+    async def grant_many(
+        self, ident: str, caps: list[float], window: float, costs: list[list[int]], horizon: float
+    ) -> list[tuple[float, int]]: ...
+
+    def settle(self, ident: str, grant: int, costs: list[int] | None) -> None: ...
+
+    async def try_slot(self, ident: str, holder: str, limit: int, ttl: float) -> int: ...
+
+    def release(self, ident: str, slot: int) -> None: ...
+
+    async def renew(self, ident: str, slots: list[int], ttl: float) -> None: ...
+
+
+# SQLite stores serve every loop of the process (their calls run on a thread of their
+# own); a Redis client belongs to the loop it was made on.
+_SQLITE: dict[str, Store] = {}
+_REDIS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Store]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def open_store(url: StoreURL, shown: str) -> Store:
+    """The store ``url`` names, for the running loop (made on first use)."""
+    if url.kind == "sqlite":
+        store = _SQLITE.get(url.target)
+        if store is None:
+            from ._sqlite import SQLiteStore
+
+            store = _SQLITE[url.target] = SQLiteStore(url.target, shown)
+        return store
+    per_loop = _REDIS.setdefault(asyncio.get_running_loop(), {})
+    store = per_loop.get(url.target)
+    if store is None:
+        from ._redis import RedisStore
+
+        store = per_loop[url.target] = RedisStore(url.target, shown)
+    return store
+
+
+def identity(handle: BaseLLM) -> tuple[str, str]:
+    """(the limit identity, a label for messages) of a handle: a hash of its endpoint,
+    model and a fingerprint of its API key. The key itself is never stored: only a
+    SHA-256 of it goes into the hash, which is all the store sees."""
+    ident = dict(handle.cache_identity())
+    secret = getattr(handle, "_secret", None)
+    if secret is not None:
+        key = secret.reveal().encode()
+        ident["key"] = hashlib.sha256(b"fanflow limit identity\0" + key).hexdigest()
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode())
+    label = f"{ident.get('endpoint') or ident.get('protocol')} model={ident.get('model')}"
+    return digest.hexdigest()[:32], label
+
+
+def _body(limits: Limits) -> dict[str, Any]:
+    body: dict[str, Any] = {name: getattr(limits, name) for name in _RATES}
+    body["concurrency"] = limits.concurrency
+    body["period"] = limits.period
+    return body
+
+
+def _show(body: dict[str, Any]) -> str:
+    parts = [f"{k}={body[k]:g}" for k in _RATES if body.get(k) is not None]
+    if body.get("concurrency") is not None:
+        parts.append(f"concurrency={body['concurrency']}")
+    parts.append(f"period={body['period']:g}")
+    return ", ".join(parts)
+
+
+def stricter(mine: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """The stricter of two declarations of one identity, in ``mine``'s period."""
+    out = dict(mine)
+    scale = mine["period"] / other["period"]
+    for name in _RATES:
+        theirs = other.get(name)
+        if theirs is not None:
+            theirs *= scale
+            out[name] = theirs if out[name] is None else min(out[name], theirs)
+    theirs = other.get("concurrency")
+    if theirs is not None:
+        out["concurrency"] = (
+            theirs if out["concurrency"] is None else min(out["concurrency"], theirs)
+        )
+    return out
+
+
+class SharedMeter:
+    """One lane's way to the store for one identity: the ``grant_many``/``settle`` of
+    its :class:`GrantQueue` and the ``ask``/``give_back`` of its :class:`SlotLease`."""
+
+    def __init__(self, store: Store, ident: str, label: str, limits: Limits, ttl: float) -> None:
+        self.store, self.ident, self.label, self.ttl = store, ident, label, ttl
+        self.limits = limits
+        self.holder = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.mine = _body(limits)
+        self.effective = self.mine
+        self.window = limits.period + lease_time(limits.period)
+        self.horizon = lease_time(limits.period)
+        self.held: list[int] = []
+        self._declared_at = -float("inf")
+        self._warned: set[str] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def _ready(self) -> None:
+        """Declare this process's limits (again, when half the TTL has passed) and take
+        the stricter of every live declaration of the identity."""
+        if time.monotonic() - self._declared_at < self.ttl / 2:
+            return
+        self._declared_at = time.monotonic()
+        others = await self.store.declare(self.ident, self.holder, self.mine, self.ttl)
+        effective = self.mine
+        for other in others:
+            effective = stricter(effective, other)
+            shown = _show(other)
+            if effective != self.mine and shown not in self._warned:
+                self._warned.add(shown)
+                log.warning(
+                    "shared limits for %s at %s: this process declares %s, another "
+                    "declares %s; the stricter of each holds: %s",
+                    self.label,
+                    self.store.shown,
+                    _show(self.mine),
+                    shown,
+                    _show(effective),
+                )
+        self.effective = effective
+
+    def _caps(self) -> list[float]:
+        margin = 1.0 - self.limits.margin
+        out = []
+        for name in _RATES:
+            value = self.effective.get(name)
+            out.append(float("inf") if value is None else value * margin)
+        return out
+
+    def _full(self, costs: list[int]) -> list[int]:
+        """A lane's costs (one per rate limit set) as one per rate limit of _RATES."""
+        it = iter(costs)
+        return [next(it) if getattr(self.limits, name) is not None else 0 for name in _RATES]
+
+    async def grant_many(self, costs: list[list[int]]) -> list[tuple[float, int]]:
+        await self._ready()
+        full = [self._full(c) for c in costs]
+        return await self.store.grant_many(
+            self.ident, self._caps(), self.window, full, self.horizon
+        )
+
+    def settle(self, grant: int, costs: list[int] | None) -> None:
+        self.store.settle(self.ident, grant, None if costs is None else self._full(costs))
+
+    async def ask(self) -> bool:
+        """Wait for one concurrency slot (polling the store, 2 ms doubling to 50 ms)."""
+        await self._ready()
+        wait = 0.002
+        while True:
+            limit = int(self.effective["concurrency"])
+            slot = await self.store.try_slot(self.ident, self.holder, limit, self.ttl)
+            if slot:
+                self.held.append(slot)
+                if self._heartbeat is None:
+                    self._heartbeat = asyncio.get_running_loop().create_task(self._renew())
+                return True
+            await asyncio.sleep(wait * (0.5 + random.random()))  # jitter: pollers spread out
+            wait = min(0.05, wait * 2)
+
+    def give_back(self) -> None:
+        if self.held:
+            self.store.release(self.ident, self.held.pop())
+
+    async def _renew(self) -> None:
+        """Renew the held slots every third of the TTL while any are held."""
+        try:
+            while self.held:
+                await asyncio.sleep(self.ttl / 3)
+                if self.held:
+                    await self.store.renew(self.ident, list(self.held), self.ttl)
+        finally:
+            self._heartbeat = None
+
+
+def shared_lane(handle: BaseLLM) -> Lane:
+    """A lane of ``handle`` whose limits are booked in the store its limits name."""
+    limits = handle.limits
+    assert limits.shared is not None
+    url = parse_url(limits.shared)
+    ident, label = identity(handle)
+    meter = SharedMeter(open_store(url, redact(limits.shared)), ident, label, limits, url.ttl)
+    lease = None
+    if limits.concurrency is not None:
+        lease = SlotLease(limits.concurrency, meter.ask, meter.give_back)
+    grants = None
+    if limits.rated:
+        grants = GrantQueue(meter.grant_many, meter.settle, meter.horizon)
+    return GlobalLane(limits, lease, grants)

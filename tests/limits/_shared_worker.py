@@ -1,0 +1,31 @@
+"""One process of the shared-limits tests: map N items through a handle whose limits
+are shared by URL, print what happened as JSON on the last line of stdout.
+
+    python _shared_worker.py SHARED_URL BASE_URL TAG N RPM CONCURRENCY
+(RPM or CONCURRENCY 0: none; the rate's period is one second.)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import fanflow
+from fanflow import Limits, RetryPolicy
+
+
+def main() -> None:
+    shared, base, tag, n, rpm, concurrency = sys.argv[1:7]
+    limits = Limits(
+        rpm=float(rpm) or None, concurrency=int(concurrency) or None, period=1.0, shared=shared
+    )
+    llm = fanflow.openai(
+        "gpt-sim", base_url=base, api_key="sk-test", limits=limits, retry=RetryPolicy(seed=1)
+    )
+    items = [f"{tag}-{i}" for i in range(int(n))]
+    result = fanflow.run(fanflow.map(llm, "{input}", items))
+    print(json.dumps({"ok": result.ok, "errors": len(result.errors), "makespan": result.makespan}))
+
+
+if __name__ == "__main__":
+    main()
