@@ -43,6 +43,23 @@ def require_nginx() -> None:
     pytest.skip("nginx is not installed (apt-get install -y nginx)", allow_module_level=True)
 
 
+def require_redis() -> str:
+    """The path of redis-server; skip the calling test when it is missing, except in
+    CI, where ``.ci/run`` installs it: there a missing redis-server is an error."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which("redis-server")
+    if path is not None:
+        return path
+    if os.environ.get("CI") == "true":
+        raise RuntimeError("redis-server is missing in CI: .ci/run must install redis-server")
+    pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    raise AssertionError("unreachable: pytest.skip raises")
+
+
 @contextlib.asynccontextmanager
 async def loopback_app(path: str, handler: Any) -> AsyncIterator[str]:
     """An aiohttp app answering POST ``path`` with ``handler`` on a free loopback port;

@@ -7,18 +7,23 @@ process (a background thread): they wait on real events, bounded by the pacing i
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sqlite3
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import fanflow
 from fanflow import ConfigError, Limits
 from fanflow.testing import SimServer
+
+from .._helpers import require_redis
 
 WORKER = Path(__file__).with_name("_shared_worker.py")
 RATE = 40  # requests per second at the server, a burst of one second
@@ -49,14 +54,52 @@ def _finish(proc: subprocess.Popen[str]) -> str:
     return out.strip().splitlines()[-1]
 
 
-def _sqlite(tmp_path: Path, query: str = "") -> str:
-    return f"sqlite:///{tmp_path / 'limits.db'}{query}"
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A shared-limits URL (without query): a SQLite file, or a real redis-server on a
+    free loopback port, started for the test and stopped after it."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'limits.db'}"
+        return
+    port = _free_port()
+    args = [
+        require_redis(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+    ]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 @pytest.mark.timeout(90)
-def test_processes_sharing_a_rate_through_sqlite_draw_no_429(tmp_path: Path) -> None:
+def test_processes_sharing_a_rate_draw_no_429(store: str) -> None:
     with SimServer(latency=0.02, rpm=RATE, period=1.0, keep_requests=False) as server:
-        procs = [_start(_sqlite(tmp_path), server, f"p{i}", 40, RATE, 0) for i in range(3)]
+        procs = [_start(store, server, f"p{i}", 40, RATE, 0) for i in range(3)]
         lines = [_finish(p) for p in procs]
         stats = server.stats()
     assert all('"ok": true' in line for line in lines), lines
@@ -65,9 +108,9 @@ def test_processes_sharing_a_rate_through_sqlite_draw_no_429(tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(90)
-def test_processes_sharing_a_concurrency_through_sqlite_never_exceed_it(tmp_path: Path) -> None:
+def test_processes_sharing_a_concurrency_never_exceed_it(store: str) -> None:
     with SimServer(latency=0.1, max_in_flight=3, keep_requests=False) as server:
-        procs = [_start(_sqlite(tmp_path), server, f"p{i}", 15, 0, 3) for i in range(3)]
+        procs = [_start(store, server, f"p{i}", 15, 0, 3) for i in range(3)]
         lines = [_finish(p) for p in procs]
         stats = server.stats()
     assert all('"ok": true' in line for line in lines), lines
@@ -83,24 +126,21 @@ def _wait_for(condition: object, limit: float = 30.0) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_a_killed_process_slots_come_back_within_the_ttl(tmp_path: Path) -> None:
-    url = _sqlite(tmp_path, "?ttl=1")
+def test_a_killed_process_slots_come_back_within_the_ttl(store: str) -> None:
+    url = f"{store}?ttl=1"
     with SimServer(latency=0.3, max_in_flight=2, keep_requests=False) as server:
         doomed = _start(url, server, "doomed", 1000, 0, 2)
         _wait_for(lambda: server.stats().requests >= 2)  # it holds both slots now
         doomed.send_signal(signal.SIGKILL)
         doomed.communicate()
+        # Both slots are the dead process's until their TTL runs out: the survivor
+        # finishes only if they come back (else it waits for ever, and times out).
         survivor = _start(url, server, "survivor", 6, 0, 2)
         line = _finish(survivor)
         stats = server.stats()
     assert '"ok": true' in line
     assert stats.max_in_flight <= 2
     assert stats.responses.get(429, 0) == 0
-    with sqlite3.connect(tmp_path / "limits.db") as db:
-        (left,) = db.execute(
-            "SELECT COUNT(*) FROM slots WHERE expires > ?", (time.time(),)
-        ).fetchone()
-    assert left == 0  # the survivor gave its slots back; the dead one's expired
 
 
 def test_an_unknown_scheme_lists_the_forms_allowed() -> None:
@@ -112,3 +152,45 @@ def test_a_password_never_shows_in_the_limits_repr() -> None:
     limits = Limits(rpm=10, shared="redis://user:hunter2secret@localhost:6379/0")
     assert "hunter2secret" not in repr(limits)
     assert "redis://***@localhost:6379/0" in repr(limits)
+
+
+@pytest.mark.timeout(30)
+async def test_an_unreachable_redis_is_named_without_its_password() -> None:
+    url = f"redis://someone:hunter2secret@127.0.0.1:{_free_port()}/0"  # nothing listens
+    async with SimServer() as server:
+        llm = fanflow.openai(
+            "gpt-sim", base_url=server.url, api_key="sk-test", limits=Limits(rpm=60, shared=url)
+        )
+        async with llm:
+            result = await fanflow.map(llm, "{input}", ["a", "b"])
+    assert not result.ok
+    messages = [str(e) for e in result.errors.values()]
+    assert messages
+    assert all("cannot reach Redis at 'redis://***@127.0.0.1:" in m for m in messages)
+    assert not any("hunter2secret" in m for m in messages)
+    assert server.stats().requests == 0  # nothing went out unmetered
+
+
+@pytest.mark.timeout(30)
+async def test_the_stricter_of_two_declared_limits_holds_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'limits.db'}"
+    async with SimServer(rpm=10, period=1.0) as server:
+
+        def handle(rpm: int) -> fanflow.BaseLLM:
+            limits = Limits(rpm=rpm, period=1.0, shared=url)
+            return fanflow.openai("gpt-sim", base_url=server.url, api_key="sk-k", limits=limits)
+
+        loose, strict = handle(1000), handle(10)
+        await fanflow.map(strict, "{input}", ["0"])  # the strict one declares first
+        with caplog.at_level(logging.WARNING, logger="fanflow"):
+            result = await fanflow.map(loose, "{input}", [str(i) for i in range(30)])
+        stats = server.stats()
+    assert result.ok
+    assert stats.responses.get(429, 0) == 0  # 30 at 1000/s would meet an empty bucket
+    warnings = [r.getMessage() for r in caplog.records if "shared limits" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "this process declares rpm=1000" in warnings[0]
+    assert "another declares rpm=10" in warnings[0]
+    assert "sk-k" not in warnings[0]
