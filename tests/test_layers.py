@@ -65,6 +65,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._repr": "core",
     "fanflow._budget": "engine",
     "fanflow._limits": "engine",
+    "fanflow._leases": "engine",
     "fanflow._llm": "engine",
     "fanflow._batchapi": "engine",
     "fanflow._engine": "engine",
@@ -74,6 +75,7 @@ TOP_LEVEL: dict[str, str] = {
 
 SUBPACKAGES: dict[str, str] = {
     "fanflow.cli": "interfaces",
+    "fanflow._shared": "engine",
     "fanflow.patterns": "patterns",
     "fanflow.backends": "backends",
     "fanflow.providers": "providers",

@@ -27,9 +27,9 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._leases import GlobalLane, GrantQueue, SlotLease, lease_time
 from .._limits import Lane, Limits
 from .._log import log
-from ..backends._limiter import GlobalLane, GrantQueue, SlotLease, lease_time
 from ._url import StoreURL, parse_url, redact
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class Store(Protocol):
         self, ident: str, caps: list[float], window: float, costs: list[list[int]], horizon: float
     ) -> list[tuple[float, int]]: ...
 
-    def settle(self, ident: str, grant: int, costs: list[int] | None) -> None: ...
+    def settle(self, ident: str, settles: list[tuple[int, list[int]]]) -> None: ...
 
     async def try_slot(self, ident: str, holder: str, limit: int, ttl: float) -> int: ...
 
@@ -148,6 +148,8 @@ class SharedMeter:
         self.window = limits.period + lease_time(limits.period)
         self.horizon = lease_time(limits.period)
         self.held: list[int] = []
+        self._booked: dict[int, list[int]] = {}  # grant -> its costs, until settled
+        self._settles: list[tuple[int, list[int]]] = []
         self._declared_at = -float("inf")
         self._warned: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -192,12 +194,31 @@ class SharedMeter:
     async def grant_many(self, costs: list[list[int]]) -> list[tuple[float, int]]:
         await self._ready()
         full = [self._full(c) for c in costs]
-        return await self.store.grant_many(
+        answers = await self.store.grant_many(
             self.ident, self._caps(), self.window, full, self.horizon
         )
+        for (_, grant), cost in zip(answers, full, strict=True):
+            if grant:
+                self._booked[grant] = cost
+        return answers
 
     def settle(self, grant: int, costs: list[int] | None) -> None:
-        self.store.settle(self.ident, grant, None if costs is None else self._full(costs))
+        """Correct a grant to ``costs`` (None: keep it). A call that cost what it booked
+        (every call, under an rpm alone) costs no round trip; the others are sent
+        together, once per turn of the event loop."""
+        booked = self._booked.pop(grant, None)
+        if costs is None or booked is None:
+            return
+        full = self._full(costs)
+        if full == booked:
+            return
+        if not self._settles:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._settles.append((grant, full))
+
+    def _flush(self) -> None:
+        settles, self._settles = self._settles, []
+        self.store.settle(self.ident, settles)
 
     async def ask(self) -> bool:
         """Wait for one concurrency slot (polling the store, 2 ms doubling to 50 ms)."""

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from .._exceptions import ConfigError
+from .._log import log
 
 __all__ = ["RedisStore"]
 
@@ -88,14 +89,18 @@ return out
 """
 )
 
-# KEYS: grants zset, costs hash. ARGV: the grant, 4 costs (all 0: give it back).
+# KEYS: grants zset, costs hash. ARGV: per grant, its id and 4 costs (all 0: give it
+# back, it was never sent).
 _SETTLE = """
-if ARGV[2] == '0' and ARGV[3] == '0' and ARGV[4] == '0' and ARGV[5] == '0' then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
-elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  local cost = ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5]
-  redis.call('HSET', KEYS[2], ARGV[1], cost)
+for i = 1, #ARGV, 5 do
+  local id = ARGV[i]
+  local cost = ARGV[i + 1] .. ' ' .. ARGV[i + 2] .. ' ' .. ARGV[i + 3] .. ' ' .. ARGV[i + 4]
+  if cost == '0 0 0 0' then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  elseif redis.call('HEXISTS', KEYS[2], id) == 1 then
+    redis.call('HSET', KEYS[2], id, cost)
+  end
 end
 """
 
@@ -174,6 +179,7 @@ class RedisStore:
             )
         }
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._failed = False
         self.round_trips = 0
 
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -191,7 +197,17 @@ class RedisStore:
     def _later(self, name: str, keys: list[str], args: list[Any]) -> None:
         task = asyncio.get_running_loop().create_task(self._call(name, keys, args))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        """A fire-and-forget update ended: a failure is logged once (a lost release
+        comes back with the TTL; a lost settlement keeps its booking)."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        if not self._failed:
+            self._failed = True
+            log.warning("shared limits: an update to %s failed: %s", self.shown, task.exception())
 
     async def declare(
         self, ident: str, holder: str, body: dict[str, Any], ttl: float
@@ -211,10 +227,9 @@ class RedisStore:
         out = await self._call("grant", keys, args)
         return [(float(out[i]), int(out[i + 1])) for i in range(0, len(out), 2)]
 
-    def settle(self, ident: str, grant: int, costs: list[int] | None) -> None:
-        if costs is not None:
-            keys = [f"fanflow:{{{ident}}}:g", f"fanflow:{{{ident}}}:c"]
-            self._later("settle", keys, [grant, *costs])
+    def settle(self, ident: str, settles: list[tuple[int, list[int]]]) -> None:
+        keys = [f"fanflow:{{{ident}}}:g", f"fanflow:{{{ident}}}:c"]
+        self._later("settle", keys, [v for grant, costs in settles for v in (grant, *costs)])
 
     async def try_slot(self, ident: str, holder: str, limit: int, ttl: float) -> int:
         keys = [f"fanflow:{{{ident}}}:s", f"fanflow:{{{ident}}}:sn"]

@@ -126,9 +126,8 @@ class SQLiteStore:
     ) -> list[tuple[float, int]]:
         return await self._run(_grant_many, ident, caps, window, costs, horizon)
 
-    def settle(self, ident: str, grant: int, costs: list[int] | None) -> None:
-        if costs is not None:
-            self._later(_settle, grant, costs)
+    def settle(self, ident: str, settles: list[tuple[int, list[int]]]) -> None:
+        self._later(_settle, settles)
 
     # -- concurrency ------------------------------------------------------------------
 

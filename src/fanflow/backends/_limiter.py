@@ -28,20 +28,31 @@ docs/decisions/0070-ray-global-limits.md.
 
 Nothing here imports Ray: the broker is plain asyncio (the actor wraps it), and the
 worker's lane talks to it through two callables, so both are tested without a cluster.
+The worker's side (``GrantQueue``, ``SlotLease``, ``BrokerAdmission``, ``GlobalLane``)
+lives in :mod:`fanflow._leases`, shared with the stores of ``Limits(shared=)``
+(decision 0200), and is re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .._budget import Budget
 from .._exceptions import BudgetExceeded
-from .._limits import Gate, Lane, Limits, Permit
+from .._leases import (
+    LINGER,
+    REUSE,
+    BrokerAdmission,
+    GlobalLane,
+    GrantQueue,
+    LeasedGate,
+    SlotLease,
+    lease_time,
+)
+from .._limits import Gate, Limits
 from .._rate import RateBucket, Slot
 
 __all__ = [
@@ -61,21 +72,6 @@ __all__ = [
     "needs_broker",
     "spec_of",
 ]
-
-# A worker passes a leased slot on to at most this many of its own calls in a row, then
-# gives it back and asks again, behind the other workers already waiting.
-REUSE = 8
-# A slot no call of this worker is waiting for is kept this long before it goes back:
-# the worker's next item usually asks for one within a loop turn or two, and keeping
-# it saves that call a round trip to the broker.
-LINGER = 0.005
-
-
-def lease_time(period: float) -> float:
-    """How late after its booked time a granted send may still go: long enough for a
-    round trip to the broker under load, short against the period (0.25 s of 60 s)."""
-    return max(0.05, min(0.25, 0.02 * period))
-
 
 # The rate limits in the order ``Lane.costs`` gives a call's costs.
 _RATES = ("rpm", "tpm", "input_tpm", "output_tpm")
@@ -251,353 +247,6 @@ class LimitBroker:
             by_worker={w: n for w, n in shared.held.items() if n},
             grants=shared.next_grant,
         )
-
-
-class SlotLease:
-    """A worker's share of one handle's cluster-wide concurrency.
-
-    Args:
-        limit: the handle's concurrency limit: a worker never holds or asks for more
-            slots than that, so it cannot queue ahead of other workers at the broker.
-        ask: waits for one slot from the broker (True when granted).
-        give_back: returns one slot to the broker (fire and forget).
-    """
-
-    __slots__ = (
-        "_ask",
-        "_asking",
-        "_give_back",
-        "_limit",
-        "_reuses",
-        "_tasks",
-        "_timer",
-        "_waiters",
-        "held",
-        "used",
-    )
-
-    def __init__(
-        self, limit: int, ask: Callable[[], Awaitable[bool]], give_back: Callable[[], None]
-    ) -> None:
-        self._limit = limit
-        self._ask = ask
-        self._give_back = give_back
-        self.held = 0  # slots leased from the broker
-        self.used = 0  # of which taken by calls now
-        self._asking = 0
-        self._reuses = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def try_take(self) -> bool:
-        """Take a leased slot that is free now, if nobody is queued before us."""
-        if self.used < self.held and not self._waiters:
-            self.used += 1
-            return True
-        return False
-
-    async def take(self) -> None:
-        """Wait for a slot (a free leased one, else one more from the broker)."""
-        if self.try_take():
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._ask_more()
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.give()  # handed a slot just as we were cancelled
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            raise
-
-    def give(self) -> None:
-        """A call that took a slot has ended."""
-        self.used -= 1
-        if self._waiters:
-            self._reuses += 1
-            if self._reuses >= REUSE:
-                # Let the other workers' waiting calls go first: back to the broker.
-                self._reuses = 0
-                self.held -= 1
-                self._give_back()
-                self._ask_more()
-                return
-        self._hand_over()
-
-    def _ask_more(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._asking < len(self._waiters) and self.held + self._asking < self._limit:
-            self._asking += 1
-            task = loop.create_task(self._one_more())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _one_more(self) -> None:
-        try:
-            granted = await self._ask()
-        except asyncio.CancelledError:
-            self._asking -= 1
-            raise
-        except Exception as exc:
-            # The broker is unreachable: fail the call that asked (its record says so).
-            self._asking -= 1
-            if self._waiters:
-                fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        self._asking -= 1
-        if granted:
-            self.held += 1
-        self._hand_over()
-
-    def _hand_over(self) -> None:
-        while self.used < self.held and self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self.used += 1
-                fut.set_result(None)
-        # Slots nobody here is waiting for go back soon, for the other workers.
-        if self.used < self.held and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(LINGER, self._trim)
-
-    def _trim(self) -> None:
-        self._timer = None
-        while self.used < self.held and not self._waiters:
-            self.held -= 1
-            self._give_back()
-
-    async def aclose(self) -> None:
-        """Stop asking and give back the spare slots (the worker is finishing)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._trim()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-class LeasedGate(Gate):
-    """A lane's gate whose slots are also leased from the broker: the lane's own limit
-    (the ramp after a pause, the adaptive controller) and the cluster's both hold."""
-
-    __slots__ = ("lease",)
-
-    def __init__(self, limit: int | None, lease: SlotLease) -> None:
-        super().__init__(limit)
-        self.lease = lease
-
-    # Gate's own methods call self.try_acquire()/self.release(), which here also take
-    # and give the lease; so the local half is spelled out with Gate's methods.
-
-    def try_acquire(self) -> bool:
-        if not Gate.try_acquire(self):
-            return False
-        if self.lease.try_take():
-            return True
-        Gate.release(self)
-        return False
-
-    async def acquire(self) -> None:
-        if not Gate.try_acquire(self):
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    Gate.release(self)  # handed a local slot just as we were cancelled
-                else:
-                    self._remove(fut)
-                raise
-        try:
-            await self.lease.take()
-        except BaseException:
-            Gate.release(self)
-            raise
-
-    def release(self) -> None:
-        self.lease.give()
-        Gate.release(self)
-
-
-class GrantQueue:
-    """A worker's way to the broker's rate buckets for one handle.
-
-    Calls ask for grants through one queue, and the queue sends whatever has gathered
-    in one message (up to ``max_batch``) with one message in flight at a time. So a
-    thousand calls asking at once cost a few messages, and each answer comes back
-    within about one round trip of its message being sent, which the lease needs
-    (a grant whose answer took longer than a lease could never be used in time).
-
-    Args:
-        grant_many: books a list of sends; returns (delay, grant id) for each, with
-            id 0 for a send not booked because it is due more than ``horizon`` away.
-        settle: corrects (or with zeros gives back) one grant; fire and forget.
-        horizon: how far ahead the broker books (the lease).
-    """
-
-    def __init__(
-        self,
-        grant_many: Callable[[list[list[int]]], Awaitable[list[tuple[float, int]]]],
-        settle: Callable[[int, list[int] | None], None],
-        horizon: float,
-        max_batch: int = 256,
-    ) -> None:
-        self._grant_many = grant_many
-        self._horizon = horizon
-        self.settle = settle
-        self._max_batch = max_batch
-        self._queue: deque[tuple[list[int], asyncio.Future[tuple[float, int, float]]]] = deque()
-        self._pump: asyncio.Task[None] | None = None
-        self.messages = 0
-
-    async def grant(self, costs: list[int]) -> tuple[float, int, float]:
-        """Book one send; return (delay, grant id, when the booking message was sent)."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[float, int, float]] = loop.create_future()
-        self._queue.append((costs, fut))
-        if self._pump is None:
-            self._pump = loop.create_task(self._run())
-        return await fut
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                batch = [
-                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
-                ]
-                asked = loop.time()
-                self.messages += 1
-                try:
-                    answers = await self._grant_many([costs for costs, _ in batch])
-                except Exception as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                later: list[tuple[list[int], asyncio.Future[tuple[float, int, float]]]] = []
-                due = 0.0
-                for (costs, fut), (delay, grant) in zip(batch, answers, strict=True):
-                    if grant == 0:  # not due yet: ask again, first in line
-                        if not fut.done():
-                            later.append((costs, fut))
-                        due = delay
-                    elif fut.done():  # the call was cancelled meanwhile: give it back
-                        self.settle(grant, [0] * len(costs))
-                    else:
-                        fut.set_result((delay, grant, asked))
-                if later:
-                    self._queue.extendleft(reversed(later))
-                    # Ask again when the first unbooked send is half a lease away: the
-                    # answer still comes before it is due, and it books half a lease of
-                    # sends. (Asking as soon as it entered the horizon booked one send per
-                    # message: 270 messages for 1,000 sends at 200/s, 85 now.)
-                    await asyncio.sleep(max(due - self._horizon / 2, 0.001))
-        finally:
-            self._pump = None
-
-    async def aclose(self) -> None:
-        pump = self._pump
-        if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-
-
-class GlobalPermit(Permit):
-    """A permit whose rate reservation lives at the broker (``grant``, booked at
-    ``booked``, one cost per rate limit)."""
-
-    __slots__ = ("booked", "grant")
-
-    def __init__(self, input: int, output: int, grant: int, booked: list[int]) -> None:
-        super().__init__(input, output, [])
-        self.grant = grant
-        self.booked = booked
-
-
-class BrokerAdmission:
-    """A lane's rate admission booked at the broker (the lane's :class:`Admission`):
-    each send is granted by the cluster-wide buckets; the lane's own pause after a 429
-    and its header pacing still hold it back first.
-
-    Args:
-        grants: the worker's way to the broker's rate buckets for the handle.
-        period: the period of the handle's rate limits (sets the lease).
-    """
-
-    __slots__ = ("grants", "lease_time")
-
-    def __init__(self, grants: GrantQueue, period: float) -> None:
-        self.grants = grants
-        self.lease_time = lease_time(period)
-
-    async def book(self, lane: Lane, tokens: tuple[int, int]) -> Permit:
-        grants = self.grants
-        loop = asyncio.get_running_loop()
-        input, output = tokens
-        costs = lane.costs(input, output)
-        while True:
-            await lane.wait_unpaused()  # this worker's own pause (429) and header pacing
-            delay, grant, asked = await grants.grant(costs)
-            # The broker booked the send at (its now) + delay, and its now fell between
-            # asking and answering: sending ``delay`` after the answer is never early,
-            # and the send must go before asked + delay + lease to stay in its booking.
-            send_at = loop.time() + delay
-            latest = asked + delay + self.lease_time
-            pause = lane.paused_until
-            try:
-                if send_at > loop.time():
-                    await asyncio.sleep(send_at - loop.time())
-            except BaseException:
-                grants.settle(grant, [0] * len(costs))  # never sent: give it back
-                raise
-            now = loop.time()
-            paused = lane.paused_until
-            if now <= latest and not (paused > pause and paused > now):
-                return GlobalPermit(input, output, grant, costs)
-            # Too late for its booking (the loop lagged), or a pause began: book again.
-            grants.settle(grant, [0] * len(costs))
-
-    def settle(self, lane: Lane, permit: Permit, usage: Any | None) -> None:
-        if not isinstance(permit, GlobalPermit):
-            return
-        if usage is None or usage.input_tokens + usage.output_tokens <= 0:
-            self.grants.settle(permit.grant, None)  # sent: its booking stands
-            return
-        actual = lane.costs(usage.input_tokens, usage.output_tokens)
-        if not lane.limits.refund:
-            actual = [max(a, b) for a, b in zip(actual, permit.booked, strict=True)]
-        self.grants.settle(permit.grant, actual)
-
-
-class GlobalLane(Lane):
-    """A handle's lane in a Ray worker: concurrency slots and rate grants come from the
-    broker; pauses after a 429, header pacing and the adaptive controller stay local.
-    It is a :class:`Lane` made with a leased gate and the broker's admission; it
-    overrides nothing.
-
-    Args:
-        limits: the handle's limits.
-        lease: the worker's share of the handle's concurrency (None: no limit).
-        grants: the broker's rate buckets (None: no rate limit).
-    """
-
-    __slots__ = ()
-
-    def __init__(self, limits: Limits, lease: SlotLease | None, grants: GrantQueue | None) -> None:
-        super().__init__(limits, None if grants is None else BrokerAdmission(grants, limits.period))
-        if lease is not None:
-            self.gate = LeasedGate(self.gate.limit, lease)
-
-    def __repr__(self) -> str:
-        return f"fanflow.GlobalLane({self.limits!r})"
 
 
 # --------------------------------------------------------------------------- budgets

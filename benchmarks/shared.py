@@ -1,0 +1,142 @@
+"""Shared limits benchmark: several processes on one request rate, through one store.
+
+Run: ``python benchmarks/shared.py`` (about a minute; ``--quick`` for a smoke run).
+
+P worker processes (this file, ``--worker``) each map N/P items through
+``fanflow.openai`` against one SimServer in this process, whose token bucket holds
+exactly one second of RATE requests (``SimServer(rpm=RATE, period=1.0)``). Each handle
+declares the same ``Limits(rpm=RATE, period=1.0)``:
+
+- unshared (the baseline, today): every process paces itself as if it were alone;
+- ``shared="sqlite:///..."`` and ``shared="redis://..."`` (a redis-server on loopback,
+  started here): one budget for all.
+
+The workers start together at an agreed time (their imports excluded). Counted at the
+server: 429s. Throughput: the items over the time from that start to the last worker's
+end, against RATE (>= 0.9 is the target; the first second's burst is a bonus of at most
+RATE items). The workers' start times are their own (one that imported late starts
+late), so the span is from the first worker's start. Round trips: store calls (scripts, transactions) per call, summed over the
+workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import fanflow
+from fanflow import Limits, RetryPolicy
+from fanflow.testing import SimServer
+
+
+async def _work(shared: str, base: str, tag: str, n: int, rate: float, start_at: float) -> dict:
+    limits = Limits(rpm=rate, period=1.0, shared=shared or None)
+    llm = fanflow.openai(
+        "gpt-sim", base_url=base, api_key="sk-bench", limits=limits, retry=RetryPolicy(seed=1)
+    )
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    start = time.time()
+    async with llm:
+        result = await fanflow.map(llm, "{input}", [f"{tag}-{i}" for i in range(n)])
+    trips = 0
+    if shared:
+        from fanflow._shared import open_store
+        from fanflow._shared._url import parse_url
+
+        trips = open_store(parse_url(shared), shared).round_trips
+    return {"ok": result.ok, "start": start, "end": time.time(), "trips": trips}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run(shared: str, rate: float, procs: int, n: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with SimServer(latency=0.05, rpm=int(rate), period=1.0, keep_requests=False) as server:
+        start_at = time.time() + 8.0  # the workers' imports take seconds on a loaded machine
+        args = [sys.executable, __file__, "--worker", shared, server.url]
+        workers = [
+            subprocess.Popen(
+                [*args, f"p{i}", str(n // procs), str(rate), str(start_at)],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for i in range(procs)
+        ]
+        outs = [json.loads(w.communicate(timeout=300)[0].strip().splitlines()[-1]) for w in workers]
+        stats = server.stats()
+    elapsed = max(o["end"] for o in outs) - min(o["start"] for o in outs)
+    return {
+        "ok": all(o["ok"] for o in outs),
+        "429": stats.responses.get(429, 0),
+        "ratio": n / elapsed / rate,
+        "trips_per_call": sum(o["trips"] for o in outs) / n,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rates", default="50,200", help="requests per second, comma-separated")
+    parser.add_argument("--worker", nargs=6)
+    args = parser.parse_args()
+    if args.worker:
+        shared, base, tag, n, rate, start_at = args.worker
+        out = asyncio.run(_work(shared, base, tag, int(n), float(rate), float(start_at)))
+        print(json.dumps(out))
+        return
+    procs, seconds = 4, 2 if args.quick else 6
+    redis_bin = shutil.which("redis-server")
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = None
+        stores = [("unshared", ""), ("sqlite", f"sqlite:///{tmp}/limits.db")]
+        if redis_bin:
+            port = _free_port()
+            redis = subprocess.Popen(
+                [
+                    redis_bin,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    tmp,
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+            stores.append(("redis", f"redis://127.0.0.1:{port}/0"))
+        try:
+            print(f"{procs} processes, {seconds} s of items at the rate, SimServer bucket of 1 s")
+            print(f"{'store':>9} {'rate/s':>7} {'429s':>6} {'of bound':>9} {'trips/call':>11} ok")
+            for rate in (float(r) for r in args.rates.split(",")):
+                for name, url in stores:
+                    r = _run(url, rate, procs, int(rate * seconds))
+                    print(
+                        f"{name:>9} {rate:>7g} {r['429']:>6} {r['ratio']:>9.2f} "
+                        f"{r['trips_per_call']:>11.3f} {r['ok']}"
+                    )
+        finally:
+            if redis is not None:
+                redis.terminate()
+                redis.wait(10)
+
+
+if __name__ == "__main__":
+    main()
