@@ -58,13 +58,13 @@ def parse_url(url: str) -> StoreURL:
         except ValueError:
             ttl = -1.0
         if not ttl > 0:
-            raise ConfigError(f"shared={redact(url)!r}: ttl= must be a number of seconds > 0")
+            raise ConfigError(f"ttl= in shared= ({redact(url)!r}) must be a number of seconds > 0")
     rest = urllib.parse.urlencode(query, doseq=True)
     if scheme == "sqlite":
         if parts.netloc or not parts.path:
             raise ConfigError(
-                f"shared={redact(url)!r}: write a SQLite file as sqlite:///path (three "
-                f"slashes, then the path)"
+                f"a SQLite file in shared= ({redact(url)!r}) is written sqlite:///path "
+                f"(three slashes, then the path)"
             )
         return StoreURL("sqlite", parts.path, ttl)
     if scheme in ("redis", "rediss", "unix"):
@@ -73,5 +73,6 @@ def parse_url(url: str) -> StoreURL:
     if scheme == "" or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):  # a plain path
         return StoreURL("sqlite", parts.path if scheme == "" else url, ttl)
     raise ConfigError(
-        f"shared={redact(url)!r}: unknown scheme {parts.scheme!r}; use one of: {'; '.join(FORMS)}"
+        f"unknown scheme {parts.scheme!r} in shared= ({redact(url)!r}); use one of: "
+        f"{'; '.join(FORMS)}"
     )

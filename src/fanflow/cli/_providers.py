@@ -194,10 +194,12 @@ def _local_model_installed() -> bool:
 def _limits(s: Settings) -> Limits:
     """The handle's limits: ``--concurrency`` fixes the calls in flight; without it, the
     library's default (``fanflow.limits.DEFAULT_LIMITS``: adaptive, up to
-    ``DEFAULT_CONCURRENCY``). ``--rpm``/``--tpm`` are paced either way."""
+    ``DEFAULT_CONCURRENCY``). ``--rpm``/``--tpm`` are paced either way, and
+    ``--shared-limits`` shares all of them with the other processes naming its store."""
+    shared = s.shared_limits
     if s.concurrency is None:
-        return Limits(rpm=s.rpm, tpm=s.tpm, controller=DEFAULT_LIMITS.controller)
-    return Limits(concurrency=s.concurrency, rpm=s.rpm, tpm=s.tpm)
+        return Limits(rpm=s.rpm, tpm=s.tpm, controller=DEFAULT_LIMITS.controller, shared=shared)
+    return Limits(concurrency=s.concurrency, rpm=s.rpm, tpm=s.tpm, shared=shared)
 
 
 _EXAMPLE_MODEL = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}

@@ -56,6 +56,8 @@ OPTIONS: tuple[Option, ...] = (
            "up to 1,024, lowered to what the server accepts at its first 429)", minimum=1),
     Option("rpm", int, "requests per minute allowed", minimum=1),
     Option("tpm", int, "tokens per minute allowed", minimum=1),
+    Option("shared_limits", str, "share the limits with every process naming this store: "
+           "sqlite:///PATH (one machine) or redis://HOST:PORT/DB"),
     Option("timeout", float, "seconds per attempt", minimum=0.001),
     Option("retries", int, "retries after the first attempt (default 3)", minimum=0),
     Option("budget", float, "the most money to spend, in USD", minimum=0.0),
@@ -75,6 +77,7 @@ FLAG_OF_ARGUMENT: Mapping[str, str] = {
     "prices": "--price",
     "limits": "--concurrency, --rpm or --tpm",
     "retry": "--retries",
+    "shared": "--shared-limits",
 }
 # ``name=`` used as a name (followed by a space, punctuation or the end), not ``name=3``.
 _ARGUMENT = re.compile(
@@ -108,6 +111,7 @@ class Settings:
     concurrency: int | None = None
     rpm: int | None = None
     tpm: int | None = None
+    shared_limits: str | None = None
     timeout: float | None = None
     retries: int | None = None
     budget: float | None = None
