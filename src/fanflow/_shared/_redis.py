@@ -56,6 +56,10 @@ for j = 0, count - 1 do
   local t = now
   if #rows > 0 and rows[#rows][1] > t then t = rows[#rows][1] end
   for k = 1, 4 do
+    if caps[k] > 0 and #rows > 0 then  -- spaced evenly: see _sqlite.earliest
+      local spaced = rows[#rows][1] + rows[#rows][k + 1] * window / caps[k]
+      if spaced > t then t = spaced end
+    end
     if caps[k] >= 0 and cost[k] > 0 then
       local total = cost[k]
       for _, r in ipairs(rows) do total = total + r[k + 1] end

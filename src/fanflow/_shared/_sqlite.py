@@ -50,12 +50,20 @@ _TICK = 1e-6
 def earliest(
     rows: Sequence[Sequence[float]], cost: Sequence[int], caps: Sequence[float], window: float
 ) -> float:
-    """The earliest time at or after the last booking (``rows``: (at, c0..c3) in time
-    order, all in the window) at which a send of ``cost`` keeps every ``window``
-    seconds within ``caps`` (per rate; inf: none). -inf when nothing is booked."""
+    """The earliest time after the last booking (``rows``: (at, c0..c3) in time order,
+    all in the window) at which a send of ``cost`` keeps every ``window`` seconds
+    within ``caps`` (per rate; inf: none). -inf when nothing is booked.
+
+    Sends are also spaced evenly, the last one's cost at the rate of ``caps``: bookings
+    made in bursts were late in the processes that got them (a loop waking a hundred
+    sends at once starts them over more than a lease) and had to be booked again."""
     t = rows[-1][0] if rows else -math.inf
     for k, cap in enumerate(caps):
-        if math.isinf(cap) or not cost[k]:
+        if math.isinf(cap):
+            continue
+        if rows:
+            t = max(t, rows[-1][0] + rows[-1][k + 1] * window / cap)
+        if not cost[k]:
             continue
         total = cost[k] + sum(row[k + 1] for row in rows)
         i = 0
