@@ -16,7 +16,7 @@ A lane whose limits belong to more than this process (the Ray broker of
 - a :class:`GlobalLane` is a :class:`~fanflow._limits.Lane` made of the two.
 
 They know the far side only by the callables they are given. See
-docs/decisions/0070-ray-global-limits.md and 0200-shared-limits.md.
+docs/decisions/0071-ray-global-limits.md and 0200-shared-limits.md.
 """
 
 from __future__ import annotations

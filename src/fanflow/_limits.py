@@ -168,7 +168,7 @@ class Limits:
         pacing: settings of the delay-based throttle (made by :meth:`Limits.paced`);
             None for none.
         shared: a store that every process naming it shares these limits through
-            (``sqlite:///path`` or a plain path on one machine; ``redis://host:port/db``,
+            (``sqlite:///relative.db``, ``sqlite:////absolute.db`` or a plain path on one machine; ``redis://host:port/db``,
             ``rediss://``, ``unix://`` across machines; ``?ttl=`` seconds for a dead
             process's concurrency slots to come back, 10 by default). None: this
             process's own. See :mod:`fanflow._shared`.

@@ -14,7 +14,8 @@ from .._exceptions import ConfigError
 __all__ = ["FORMS", "StoreURL", "parse_url", "redact"]
 
 FORMS = (
-    "sqlite:///path/to/limits.db (or a plain path): processes on one machine",
+    "sqlite:///relative/limits.db, sqlite:////absolute/limits.db or a plain path: "
+    "processes on one machine",
     "redis://host:port/db, rediss://host:port/db, unix:///path/to/redis.sock: any machines",
 )
 
@@ -63,10 +64,11 @@ def parse_url(url: str) -> StoreURL:
     if scheme == "sqlite":
         if parts.netloc or not parts.path:
             raise ConfigError(
-                f"a SQLite file in shared= ({redact(url)!r}) is written sqlite:///path "
-                f"(three slashes, then the path)"
+                f"a SQLite file in shared= ({redact(url)!r}) is written "
+                f"sqlite:///relative.db or sqlite:////absolute/path.db"
             )
-        return StoreURL("sqlite", parts.path, ttl)
+        # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute/path.db
+        return StoreURL("sqlite", parts.path[1:], ttl)
     if scheme in ("redis", "rediss", "unix"):
         target = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, rest, ""))
         return StoreURL("redis", target, ttl)

@@ -24,7 +24,7 @@ Why a broker rather than splitting the limit between workers (``concurrency // W
 each): a split wastes the share of a worker that is idle, starving or dead, and cannot
 follow workers that come and go; why leases rather than one broker call per call:
 under load a worker reuses its slots without a round trip. See
-docs/decisions/0070-ray-global-limits.md.
+docs/decisions/0071-ray-global-limits.md.
 
 Nothing here imports Ray: the broker is plain asyncio (the actor wraps it), and the
 worker's lane talks to it through two callables, so both are tested without a cluster.
