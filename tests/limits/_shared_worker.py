@@ -1,8 +1,9 @@
 """One process of the shared-limits tests: map N items through a handle whose limits
 are shared by URL, print what happened as JSON on the last line of stdout.
 
-    python _shared_worker.py SHARED_URL BASE_URL TAG N RPM CONCURRENCY
-(RPM or CONCURRENCY 0: none; the rate's period is one second.)
+    python _shared_worker.py SHARED_URL BASE_URL TAG N RPM CONCURRENCY [TPM]
+(RPM, CONCURRENCY or TPM 0: none; the rates' period is one second. With a TPM, each
+call asks for max_tokens=20: it reserves its estimate, then settles to the usage.)
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ from fanflow import Limits, RetryPolicy
 
 def main() -> None:
     shared, base, tag, n, rpm, concurrency = sys.argv[1:7]
+    tpm = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0
     limits = Limits(
-        rpm=float(rpm) or None, concurrency=int(concurrency) or None, period=1.0, shared=shared
+        rpm=float(rpm) or None,
+        tpm=tpm or None,
+        concurrency=int(concurrency) or None,
+        period=1.0,
+        shared=shared,
     )
     llm = fanflow.openai(
         "gpt-sim", base_url=base, api_key="sk-test", limits=limits, retry=RetryPolicy(seed=1)
     )
     items = [f"{tag}-{i}" for i in range(int(n))]
-    result = fanflow.run(fanflow.map(llm, "{input}", items))
+    options = {"max_tokens": 20} if tpm else {}
+    result = fanflow.run(fanflow.map(llm, "{input}", items, **options))
     print(json.dumps({"ok": result.ok, "errors": len(result.errors), "makespan": result.makespan}))
 
 

@@ -27,10 +27,11 @@ from .._helpers import require_redis
 
 WORKER = Path(__file__).with_name("_shared_worker.py")
 RATE = 40  # requests per second at the server, a burst of one second
+TPM = 800  # tokens per second at the server, a burst of one second
 
 
 def _start(
-    shared: str, server: SimServer, tag: str, n: int, rpm: int, concurrency: int
+    shared: str, server: SimServer, tag: str, n: int, rpm: int, concurrency: int, tpm: int = 0
 ) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     args = [
@@ -42,6 +43,7 @@ def _start(
         str(n),
         str(rpm),
         str(concurrency),
+        str(tpm),
     ]
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -105,6 +107,22 @@ def test_processes_sharing_a_rate_draw_no_429(store: str) -> None:
     assert all('"ok": true' in line for line in lines), lines
     assert stats.responses.get(429, 0) == 0
     assert stats.responses.get(200, 0) == 120
+
+
+@pytest.mark.timeout(90)
+def test_processes_sharing_a_token_rate_draw_no_429(store: str) -> None:
+    # Each call reserves its estimated prompt plus max_tokens=20 and settles to its
+    # usage; the reply is long enough to use all 20.
+    reply = "word " * 100
+    with SimServer(latency=0.02, tpm=TPM, period=1.0, reply=reply, keep_requests=False) as server:
+        procs = [_start(store, server, f"p{i}", 30, 0, 0, TPM) for i in range(3)]
+        lines = [_finish(p) for p in procs]
+        stats = server.stats()
+    assert all('"ok": true' in line for line in lines), lines
+    assert stats.responses.get(429, 0) == 0
+    assert stats.responses.get(200, 0) == 90
+    charged = sum(second.tokens for second in stats.timeline)
+    assert charged > 2 * TPM  # more than two buckets' worth: the pacing was needed
 
 
 @pytest.mark.timeout(90)
