@@ -12,11 +12,9 @@ declares the same ``Limits(rpm=RATE, period=1.0)``:
   started here): one budget for all.
 
 The workers start together at an agreed time (their imports excluded). Counted at the
-server: 429s. Throughput: the items over the time from that start to the last worker's
-end, against RATE (>= 0.9 is the target; the first second's burst is a bonus of at most
-RATE items). The workers' start times are their own (one that imported late starts
-late), so the span is from the first worker's start. Round trips: store calls (scripts, transactions) per call, summed over the
-workers.
+server: 429s. Throughput: the items over the time from the first worker's start to the
+last one's end, against RATE (>= 0.9 is the target). Round trips: store calls (SQLite
+transactions, Redis scripts) per call, summed over the workers.
 """
 
 from __future__ import annotations
