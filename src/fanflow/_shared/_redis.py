@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from .._exceptions import ConfigError
@@ -184,11 +185,15 @@ class RedisStore:
         }
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failed = False
+        self._closer: AsyncGenerator[None, None] | None = None
         self.round_trips = 0
 
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         import redis.exceptions
 
+        if self._closer is None:
+            closer = self._closer = self._close_at_shutdown()
+            await closer.__anext__()
         self.round_trips += 1
         try:
             return await self._scripts[name](keys=keys, args=args)
@@ -197,6 +202,15 @@ class RedisStore:
                 f"shared limits: cannot reach Redis at {self.shown!r} ({exc}); start it "
                 f"or correct shared="
             ) from None
+
+    async def _close_at_shutdown(self) -> AsyncGenerator[None, None]:
+        """Close the client's connections when the loop shuts down. The loop finalizes
+        the async generators still open (``asyncio.run`` does it before it closes the
+        loop), and nothing else tells a store that its loop is ending."""
+        try:
+            yield
+        finally:
+            await self._client.aclose()
 
     def _later(self, name: str, keys: list[str], args: list[Any]) -> None:
         task = asyncio.get_running_loop().create_task(self._call(name, keys, args))
