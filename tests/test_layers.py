@@ -51,6 +51,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._tokens": "core",
     "fanflow._events": "core",
     "fanflow.events": "core",
+    "fanflow.otel": "core",
     "fanflow._rate": "core",
     "fanflow._hedge": "core",
     "fanflow._gc": "core",

@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar
 from ._budget import Budget, as_budget
 from ._events import (
     AMBIENT_HOOKS,
+    INSTALLED,
     AttemptFailed,
     AttemptStarted,
     CallEnded,
@@ -158,7 +159,7 @@ def make_options(
         retry=retry,
         hedge_after=hedge_after,
         deadline=deadline_at,
-        hooks=(*hooks, *AMBIENT_HOOKS.get()),
+        hooks=(*hooks, *AMBIENT_HOOKS.get(), *INSTALLED),
         gate=Gate(concurrency) if concurrency is not None else None,
         budget=cap,
         prices=dict(prices) if prices else None,
@@ -510,7 +511,7 @@ class _Call(Generic[T]):
                 hedger = self.lane.hedger
         start = loop.time()
         if self.hooks:
-            emit(self.hooks, CallStarted(start, self.request, self.index, self.label))
+            emit(self.hooks, CallStarted(start, self.request, self.index, self.label, self.llm))
         wait_before = 0.0
         error: BaseException
         called = self.lane.successes  # the handle's successes when this call began

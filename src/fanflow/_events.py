@@ -8,22 +8,30 @@ raises is logged and ignored; it never fails a call.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, Protocol, TypeAlias, TypeVar
 
 from ._types import CallRecord, Request
 
 __all__ = [
     "AMBIENT_HOOKS",
+    "INSTALLED",
     "AttemptFailed",
     "AttemptStarted",
     "CallEnded",
     "CallStarted",
     "Event",
     "Hook",
+    "Instrument",
+    "observed",
 ]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 log = logging.getLogger("fanflow")
 
@@ -42,6 +50,8 @@ class CallStarted:
     request: Request
     index: int | None
     label: str | None
+    #: The model the call goes to (instrumentation reads its provider and endpoint).
+    llm: object = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +89,40 @@ class CallEnded:
 
 Event: TypeAlias = CallStarted | AttemptStarted | AttemptFailed | CallEnded
 Hook: TypeAlias = Callable[[Event], None]
+
+
+class Instrument(Protocol):
+    """What :func:`fanflow.otel.instrument` installs: a hook for every pattern's calls,
+    and a context manager around each pattern run (its span)."""
+
+    def __call__(self, event: Event) -> None: ...
+
+    def run(self, pattern: str, index: int | None) -> AbstractContextManager[object]: ...
+
+
+#: The installed instrumentation (at most one; empty, the default: nothing observes).
+#: Process-wide, as the tracer and meter providers it reports to are; the engine's
+#: ``make_options`` adds it to every pattern's hooks.
+INSTALLED: list[Instrument] = []
+
+
+def observed(
+    pattern: str,
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Callable[P, Coroutine[Any, Any, R]]]:
+    """Run the decorated pattern under the installed instrumentation's span (if any)."""
+
+    def wrap(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        @functools.wraps(fn)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            if not INSTALLED:
+                return await fn(*args, **kwargs)
+            index = kwargs.get("index")
+            with INSTALLED[0].run(pattern, index if isinstance(index, int) else None):
+                return await fn(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 def emit(hooks: Sequence[Hook], event: Event) -> None:
