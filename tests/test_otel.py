@@ -300,3 +300,26 @@ def test_without_instrument_fanflow_never_imports_opentelemetry() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+async def test_calls_cancelled_by_fail_fast_end_their_spans_and_leave_none_in_flight(
+    telemetry: Telemetry,
+) -> None:
+    async with (
+        SimServer(api_key=KEY, fault_on={"bad": "quota", "slow": "hang"}) as server,
+        _openai(server) as llm,
+    ):
+        with pytest.raises(fanflow.FanflowError):
+            await fanflow.map(llm, "{input}", ["slow 1", "slow 2", "bad"], fail_fast=True)
+    chats = {s.attributes["fanflow.status"]: s for s in telemetry.spans("chat m")}
+    assert sorted(s.attributes["fanflow.status"] for s in telemetry.spans("chat m")) == [
+        "cancelled",
+        "cancelled",
+        "failed",
+    ]
+    [run] = telemetry.spans("fanflow.map")
+    assert chats["cancelled"].parent is not None
+    assert chats["cancelled"].parent.span_id == run.context.span_id
+    assert run.status.status_code is StatusCode.ERROR  # the run raised
+    [in_flight] = telemetry.metrics()["fanflow.client.in_flight"]
+    assert in_flight.value == 0

@@ -23,7 +23,8 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from opentelemetry import metrics, trace
@@ -42,6 +43,11 @@ __all__ = ["CONTENT_ENV", "SEMCONV_VERSION", "Instrumentation", "instrument", "u
 SEMCONV_VERSION = "1.40.0"
 #: The conventions' switch for recording prompts and answers ("true" to opt in).
 CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+#: A call started and not yet ended: its request, its model handle, when it started.
+_Started: TypeAlias = tuple[Request, object, float]
+# The calls started in the current pattern run and not yet ended, by id(request).
+_STARTED: ContextVar[dict[int, _Started] | None] = ContextVar("fanflow_otel_started", default=None)
 
 _SCHEMA = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
 # The conventions' advised bucket boundaries (seconds; tokens).
@@ -127,7 +133,7 @@ class Instrumentation:
             "fanflow.client.cost", unit="{USD}", description="What the calls cost, in dollars"
         )
         self._targets: dict[int, tuple[object, dict[str, Any]]] = {}
-        self._pending: dict[int, object] = {}
+        self._loose: dict[int, _Started] = {}  # calls started outside any pattern run
 
     def __repr__(self) -> str:
         return f"fanflow.otel.Instrumentation(capture_content={self.capture_content})"
@@ -136,19 +142,25 @@ class Instrumentation:
 
     def __call__(self, event: Event) -> None:
         if type(event) is CallStarted:
-            target = self._target(event.llm, event.request)
-            if len(self._pending) > 100_000:  # calls cancelled before they ended
-                self._pending.clear()
-            self._pending[id(event.request)] = event.llm
-            self._in_flight.add(1, target)
+            request = event.request
+            started = _STARTED.get()
+            if started is None:
+                started = self._loose
+                if len(started) > 100_000:  # calls cancelled outside any pattern run
+                    started.clear()
+            started[id(request)] = (request, event.llm, event.time)
+            self._in_flight.add(1, self._target(event.llm, request))
         elif type(event) is CallEnded:
             record = event.record
             request = record.request
             if request is None or record.cached:
                 return  # a store hit or an item whose request could not be built
-            llm = self._pending.pop(id(request), None)
+            started = _STARTED.get()
+            entry = (self._loose if started is None else started).pop(id(request), None)
+            llm = entry[1] if entry is not None and entry[0] is request else None
             target = self._target(llm, request)
-            self._in_flight.add(-1, target)
+            if entry is not None:
+                self._in_flight.add(-1, target)
             self._report(record, request, target)
 
     def _target(self, llm: object, request: Request) -> dict[str, Any]:
@@ -287,10 +299,38 @@ class Instrumentation:
         attributes: dict[str, Any] = {"fanflow.pattern": pattern}
         if index is not None:
             attributes["fanflow.item.index"] = index
-        with self._tracer.start_as_current_span(
-            f"fanflow.{pattern}", kind=SpanKind.INTERNAL, attributes=attributes
-        ) as span:
-            yield span
+        started: dict[int, _Started] = {}
+        token = _STARTED.set(started)
+        try:
+            with self._tracer.start_as_current_span(
+                f"fanflow.{pattern}", kind=SpanKind.INTERNAL, attributes=attributes
+            ) as span:
+                try:
+                    yield span
+                finally:
+                    self._end_cancelled(started)
+        finally:
+            _STARTED.reset(token)
+
+    def _end_cancelled(self, started: dict[int, _Started]) -> None:
+        """End the spans of calls that were cancelled (the engine reports no end for
+        them): started in this run, not ended when it ends."""
+        if not started:
+            return
+        ns = _clock()
+        end = ns(asyncio.get_running_loop().time())
+        for request, llm, at in started.values():
+            target = self._target(llm, request)
+            self._in_flight.add(-1, target)
+            model = request.model
+            span = self._tracer.start_span(
+                f"chat {model}" if model else "chat",
+                kind=SpanKind.CLIENT,
+                attributes={**target, "fanflow.status": str(Status.CANCELLED)},
+                start_time=ns(at),
+            )
+            span.end(end_time=end)
+        started.clear()
 
 
 def _clock() -> Callable[[float], int]:
