@@ -152,16 +152,19 @@ class Instrumentation:
             self._in_flight.add(1, self._target(event.llm, request))
         elif type(event) is CallEnded:
             record = event.record
-            request = record.request
-            if request is None or record.cached:
+            ended = record.request
+            if ended is None or record.cached:
                 return  # a store hit or an item whose request could not be built
-            started = _STARTED.get()
-            entry = (self._loose if started is None else started).pop(id(request), None)
-            llm = entry[1] if entry is not None and entry[0] is request else None
-            target = self._target(llm, request)
-            if entry is not None:
-                self._in_flight.add(-1, target)
-            self._report(record, request, target)
+            self._ended(record, ended)
+
+    def _ended(self, record: CallRecord[Any], request: Request) -> None:
+        started = _STARTED.get()
+        entry = (self._loose if started is None else started).pop(id(request), None)
+        llm = entry[1] if entry is not None and entry[0] is request else None
+        target = self._target(llm, request)
+        if entry is not None:
+            self._in_flight.add(-1, target)
+        self._report(record, request, target)
 
     def _target(self, llm: object, request: Request) -> dict[str, Any]:
         """The attributes naming where a call goes: operation, provider, model, server."""
