@@ -22,14 +22,14 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import MeterProvider
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.trace import SpanKind, StatusCode, TracerProvider
 
 from ._events import INSTALLED, CallEnded, CallStarted, Event
@@ -121,8 +121,14 @@ class Instrumentation:
             )
             for name, unit, text in instruments
         )
-        self._in_flight = meter.create_up_down_counter(
-            "fanflow.client.in_flight", unit="{call}", description="Calls started, not ended"
+        # Calls in flight by target (its attribute values -> [attributes, count]): counted
+        # here, observed when the metrics are collected (cheaper than two adds per call).
+        self._active: dict[tuple[Any, ...], list[Any]] = {}
+        meter.create_observable_up_down_counter(
+            "fanflow.client.in_flight",
+            callbacks=[self._observe_in_flight],
+            unit="{call}",
+            description="Calls started, not ended",
         )
         self._rate_limited = meter.create_counter(
             "fanflow.client.rate_limited",
@@ -149,7 +155,7 @@ class Instrumentation:
                 if len(started) > 100_000:  # calls cancelled outside any pattern run
                     started.clear()
             started[id(request)] = (request, event.llm, event.time)
-            self._in_flight.add(1, self._target(event.llm, request))
+            self._count(self._target(event.llm, request), 1)
         elif type(event) is CallEnded:
             record = event.record
             ended = record.request
@@ -163,8 +169,18 @@ class Instrumentation:
         llm = entry[1] if entry is not None and entry[0] is request else None
         target = self._target(llm, request)
         if entry is not None:
-            self._in_flight.add(-1, target)
+            self._count(target, -1)
         self._report(record, request, target)
+
+    def _count(self, target: dict[str, Any], change: int) -> None:
+        key = tuple(target.values())
+        entry = self._active.get(key)
+        if entry is None:
+            entry = self._active[key] = [target, 0]
+        entry[1] += change
+
+    def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, target) for target, count in list(self._active.values())]
 
     def _target(self, llm: object, request: Request) -> dict[str, Any]:
         """The attributes naming where a call goes: operation, provider, model, server."""
@@ -324,7 +340,7 @@ class Instrumentation:
         end = ns(asyncio.get_running_loop().time())
         for request, llm, at in started.values():
             target = self._target(llm, request)
-            self._in_flight.add(-1, target)
+            self._count(target, -1)
             model = request.model
             span = self._tracer.start_span(
                 f"chat {model}" if model else "chat",
