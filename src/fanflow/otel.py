@@ -46,8 +46,10 @@ CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 #: A call started and not yet ended: its request, its model handle, when it started.
 _Started: TypeAlias = tuple[Request, object, float]
-# The calls started in the current pattern run and not yet ended, by id(request).
-_STARTED: ContextVar[dict[int, _Started] | None] = ContextVar("fanflow_otel_started", default=None)
+# The calls started in the current pattern run and not yet ended, by _key.
+_STARTED: ContextVar[dict[object, _Started] | None] = ContextVar(
+    "fanflow_otel_started", default=None
+)
 
 _SCHEMA = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
 # The conventions' advised bucket boundaries (seconds; tokens).
@@ -139,7 +141,7 @@ class Instrumentation:
             "fanflow.client.cost", unit="{USD}", description="What the calls cost, in dollars"
         )
         self._targets: dict[int, tuple[object, dict[str, Any]]] = {}
-        self._loose: dict[int, _Started] = {}  # calls started outside any pattern run
+        self._loose: dict[object, _Started] = {}  # calls started outside any pattern run
 
     def __repr__(self) -> str:
         return f"fanflow.otel.Instrumentation(capture_content={self.capture_content})"
@@ -154,7 +156,7 @@ class Instrumentation:
                 started = self._loose
                 if len(started) > 100_000:  # calls cancelled outside any pattern run
                     started.clear()
-            started[id(request)] = (request, event.llm, event.time)
+            started[_key(event.index, event.label, request)] = (request, event.llm, event.time)
             self._count(self._target(event.llm, request), 1)
         elif type(event) is CallEnded:
             record = event.record
@@ -165,8 +167,9 @@ class Instrumentation:
 
     def _ended(self, record: CallRecord[Any], request: Request) -> None:
         started = _STARTED.get()
-        entry = (self._loose if started is None else started).pop(id(request), None)
-        llm = entry[1] if entry is not None and entry[0] is request else None
+        key = _key(record.index, record.label, request)
+        entry = (self._loose if started is None else started).pop(key, None)
+        llm = entry[1] if entry is not None else None
         target = self._target(llm, request)
         if entry is not None:
             self._count(target, -1)
@@ -318,7 +321,7 @@ class Instrumentation:
         attributes: dict[str, Any] = {"fanflow.pattern": pattern}
         if index is not None:
             attributes["fanflow.item.index"] = index
-        started: dict[int, _Started] = {}
+        started: dict[object, _Started] = {}
         token = _STARTED.set(started)
         try:
             with self._tracer.start_as_current_span(
@@ -331,7 +334,7 @@ class Instrumentation:
         finally:
             _STARTED.reset(token)
 
-    def _end_cancelled(self, started: dict[int, _Started]) -> None:
+    def _end_cancelled(self, started: dict[object, _Started]) -> None:
         """End the spans of calls that were cancelled (the engine reports no end for
         them): started in this run, not ended when it ends."""
         if not started:
@@ -350,6 +353,12 @@ class Instrumentation:
             )
             span.end(end_time=end)
         started.clear()
+
+
+def _key(index: int | None, label: str | None, request: Request) -> object:
+    """Which call an event is about: its item and label in a pattern (unique there, and
+    the same for events that crossed from a Ray worker), else the request object."""
+    return id(request) if index is None else (index, label)
 
 
 def _clock() -> Callable[[float], int]:

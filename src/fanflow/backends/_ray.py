@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import os
 import time
@@ -38,7 +39,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .._budget import Budget
-from .._events import Event, emit
+from .._events import INSTALLED, CallStarted, Event, emit
 from .._exceptions import ConfigError, FanflowError
 from .._types import Status
 from ._base import Deliver, MapSpec, PoolSpec
@@ -379,7 +380,10 @@ class RayMapBatch:
         self.size = spec.size
         self.deliver = deliver
         self.deadline = deadline
-        self.hooks = spec.hooks
+        # The installed instrumentation (fanflow.otel) hears the workers' events here:
+        # their calls' spans join this process's trace, under the pattern run's span.
+        self.hooks = (*spec.hooks, *INSTALLED)
+        self.llm = spec.llm
         self.fail_fast = spec.fail_fast
         self.check_first = spec.check_first
         durable = self.durable = spec.durable
@@ -399,7 +403,7 @@ class RayMapBatch:
             retry=spec.retry,
             hedge_after=spec.hedge_after,
             parse=spec.parse,
-            events=bool(spec.hooks),
+            events=bool(self.hooks),
             label=spec.label,
             store=store,
             prices=spec.prices,
@@ -416,7 +420,9 @@ class RayMapBatch:
             results: list[tuple[int, Any]], events: list[Event | StepMoved], items: dict[int, Any]
         ) -> None:
             for event in events:
-                if not isinstance(event, StepMoved):  # map has no steps; for the type
+                if isinstance(event, CallStarted):  # its handle stayed here
+                    emit(self.hooks, dataclasses.replace(event, llm=self.llm))
+                elif not isinstance(event, StepMoved):  # map has no steps; for the type
                     emit(self.hooks, event)
             for index, record in results:
                 if durable is not None:
@@ -469,7 +475,7 @@ async def run_pool_on_ray(
     _connect(backend)
     workers, per_worker = _workers_for(backend, spec.max_flows)
     assert per_worker is not None
-    hooks = spec.hooks
+    hooks = (*spec.hooks, *INSTALLED)
 
     async def on_chunk(
         results: list[tuple[int, Any]], events: list[Event | StepMoved], items: dict[int, Any]
