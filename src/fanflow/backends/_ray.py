@@ -39,7 +39,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .._budget import Budget
-from .._events import INSTALLED, CallStarted, Event, emit
+from .._events import INSTALLED, CallStarted, Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._types import Status
 from ._base import Deliver, MapSpec, PoolSpec
@@ -382,7 +382,7 @@ class RayMapBatch:
         self.deadline = deadline
         # The installed instrumentation (fanflow.otel) hears the workers' events here:
         # their calls' spans join this process's trace, under the pattern run's span.
-        self.hooks = (*spec.hooks, *INSTALLED)
+        self.hooks: tuple[Hook, ...] = (*spec.hooks, *INSTALLED)
         self.llm = spec.llm
         self.fail_fast = spec.fail_fast
         self.check_first = spec.check_first
@@ -475,7 +475,7 @@ async def run_pool_on_ray(
     _connect(backend)
     workers, per_worker = _workers_for(backend, spec.max_flows)
     assert per_worker is not None
-    hooks = (*spec.hooks, *INSTALLED)
+    hooks: tuple[Hook, ...] = (*spec.hooks, *INSTALLED)
 
     async def on_chunk(
         results: list[tuple[int, Any]], events: list[Event | StepMoved], items: dict[int, Any]
