@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 import fanflow
 import fanflow.otel
 from fanflow import RetryPolicy
-from fanflow.testing import SimServer
+from fanflow.testing import SimBatches, SimServer
 
 pytestmark = pytest.mark.looptime
 
@@ -323,3 +323,30 @@ async def test_calls_cancelled_by_fail_fast_end_their_spans_and_leave_none_in_fl
     assert run.status.status_code is StatusCode.ERROR  # the run raised
     [in_flight] = telemetry.metrics()["fanflow.client.in_flight"]
     assert in_flight.value == 0
+
+
+async def test_batch_mode_submission_and_polls_are_spans_and_items_link_to_their_batch(
+    telemetry: Telemetry,
+) -> None:
+    async with SimServer(api_key=KEY, batches=SimBatches(time=30.0)) as server:
+        llm = _openai(server)
+        result = await fanflow.map(llm, "{input}", ["a", "b", "c"], mode="batch")
+        await llm.aclose()
+    assert result.outputs == ["echo: a", "echo: b", "echo: c"]
+    batch_id = result.records[0].batch_id
+    assert batch_id is not None
+    [submit] = telemetry.spans("batch submit")
+    assert submit.kind is SpanKind.CLIENT
+    assert submit.attributes["fanflow.batch.id"] == batch_id
+    assert submit.attributes["gen_ai.provider.name"] == "openai"
+    polls = telemetry.spans("batch poll")
+    assert polls
+    assert {p.attributes["fanflow.batch.id"] for p in polls} == {batch_id}
+    assert len(telemetry.spans("batch results")) == 1
+    chats = telemetry.spans("chat m")
+    assert len(chats) == 3
+    for chat in chats:
+        assert chat.attributes["fanflow.batch.id"] == batch_id
+        assert [link.context.span_id for link in chat.links] == [submit.context.span_id]
+    [run] = telemetry.spans("fanflow.map")
+    assert submit.context.trace_id == run.context.trace_id

@@ -7,6 +7,7 @@ raises is logged and ignored; it never fails a call.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import logging
@@ -28,6 +29,7 @@ __all__ = [
     "Hook",
     "Instrument",
     "observed",
+    "observing",
 ]
 
 P = ParamSpec("P")
@@ -99,6 +101,10 @@ class Instrument(Protocol):
 
     def run(self, pattern: str, index: int | None) -> AbstractContextManager[object]: ...
 
+    def batch(
+        self, what: str, provider: str, batch_id: str | None
+    ) -> AbstractContextManager[Callable[[str], None]]: ...
+
 
 #: The installed instrumentation (at most one; empty, the default: nothing observes).
 #: Process-wide, as the tracer and meter providers it reports to are; the engine's
@@ -123,6 +129,24 @@ def observed(
         return run
 
     return wrap
+
+
+def _ignore(batch_id: str) -> None:
+    pass
+
+
+_UNOBSERVED = contextlib.nullcontext(_ignore)
+
+
+def observing(
+    what: str, provider: str, batch_id: str | None = None
+) -> AbstractContextManager[Callable[[str], None]]:
+    """Around one call to a provider's batch endpoints (``what``: the log's words for
+    it): the installed instrumentation's span, which the caller tells the id of a batch
+    it created. Without instrumentation, nothing."""
+    if not INSTALLED:
+        return _UNOBSERVED
+    return INSTALLED[0].batch(what, provider, batch_id)
 
 
 def emit(hooks: Sequence[Hook], event: Event) -> None:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
-from opentelemetry.trace import SpanKind, StatusCode, TracerProvider
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TracerProvider
 
 from ._events import INSTALLED, CallEnded, CallStarted, Event
 from ._exceptions import FanflowError, Overloaded, ProviderError, RateLimited
@@ -55,6 +55,14 @@ _SCHEMA = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
 # The conventions' advised bucket boundaries (seconds; tokens).
 _DURATION_BUCKETS = [0.01 * 2**i for i in range(14)]
 _TOKEN_BUCKETS = [4**i for i in range(14)]
+# The batch machinery's words for its calls to the batch endpoints -> span names.
+_BATCH_CALLS = {
+    "submitting a batch": "submit",
+    "polling a batch": "poll",
+    "reading batch results": "results",
+    "cancelling a batch": "cancel",
+    "looking for a batch": "find",
+}
 # Request fields and the span attributes they go to.
 _PARAMS = (
     ("temperature", "gen_ai.request.temperature"),
@@ -141,7 +149,9 @@ class Instrumentation:
             "fanflow.client.cost", unit="{USD}", description="What the calls cost, in dollars"
         )
         self._targets: dict[int, tuple[object, dict[str, Any]]] = {}
-        self._loose: dict[object, _Started] = {}  # calls started outside any pattern run
+        self._loose: dict[object, _Started] = {}
+        # The submission span of each batch this process created, for its items' links.
+        self._batches: dict[str, SpanContext] = {}  # calls started outside any pattern run
 
     def __repr__(self) -> str:
         return f"fanflow.otel.Instrumentation(capture_content={self.capture_content})"
@@ -205,10 +215,16 @@ class Instrumentation:
         start = record.start if record.start is not None else 0.0
         end = record.end if record.end is not None else start
         model = request.model
+        links = None
+        response = record.response
+        if response is not None and response.batch_id is not None:
+            batch = self._batches.get(response.batch_id)
+            links = [Link(batch)] if batch is not None else None
         span = self._tracer.start_span(
             f"chat {model}" if model else "chat",
             kind=SpanKind.CLIENT,
             attributes=target,
+            links=links,
             start_time=ns(start),
         )
         error = record.error if record.status is not Status.SUCCEEDED else None
@@ -333,6 +349,35 @@ class Instrumentation:
                     self._end_cancelled(started)
         finally:
             _STARTED.reset(token)
+
+    @contextlib.contextmanager
+    def batch(
+        self, what: str, provider: str, batch_id: str | None
+    ) -> Iterator[Callable[[str], None]]:
+        """The span of one call to a provider's batch endpoints (submit, poll, ...)."""
+        attributes: dict[str, Any] = {"gen_ai.provider.name": provider}
+        if batch_id is not None:
+            attributes["fanflow.batch.id"] = batch_id
+        with self._tracer.start_as_current_span(
+            f"batch {_BATCH_CALLS.get(what, what)}",
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+
+            def created(new_id: str) -> None:
+                span.set_attribute("fanflow.batch.id", new_id)
+                if len(self._batches) > 10_000:
+                    self._batches.clear()
+                self._batches[new_id] = span.get_span_context()
+
+            try:
+                yield created
+            except Exception as exc:
+                span.set_attribute("error.type", _error_type(exc))
+                span.set_status(StatusCode.ERROR, _describe(exc, self.capture_content))
+                raise
 
     def _end_cancelled(self, started: dict[object, _Started]) -> None:
         """End the spans of calls that were cancelled (the engine reports no end for
