@@ -260,13 +260,18 @@ async def test_metrics_duration_tokens_in_flight_queue_wait_and_cost(
     assert cost.value > 0
 
 
-async def test_vote_fan_out_and_a_flow_each_get_a_run_span(telemetry: Telemetry) -> None:
+async def test_vote_fan_out_a_flow_best_of_n_and_gather_each_get_a_run_span(
+    telemetry: Telemetry,
+) -> None:
     llm = fanflow.function(lambda prompt: "yes")
     await fanflow.vote(llm, "agree?", n=3)
     await fanflow.fan_out(llm, "think", workers=2)
     flow = fanflow.Flow([fanflow.Step(fanflow.Skill(llm, "say {x}", name="s"), output="y")])
     await flow.arun({"x": "hi"})
-    for pattern, calls in (("vote", 3), ("fan_out", 3), ("flow", 1)):
+    await fanflow.best_of_n(llm, "pick", n=2)
+    await fanflow.gather(fanflow.call(llm, "one"), fanflow.call(llm, "two"))
+    patterns = (("vote", 3), ("fan_out", 3), ("flow", 1), ("best_of_n", 3), ("gather", 2))
+    for pattern, calls in patterns:
         [run] = telemetry.spans(f"fanflow.{pattern}")
         children = [
             s

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Unpack, cast
 
 from .._durable import Durability, execute_stored
+from .._events import observed
 from .._llm import LLM
 from .._progress import with_progress
 from .._types import CallRecord, Request, Response, Status
@@ -156,6 +157,7 @@ async def _check(
 
 
 @with_progress
+@observed("guarded")
 async def guarded(
     llm: LLM,
     query: str,
