@@ -25,9 +25,11 @@ __all__ = [
     "AttemptStarted",
     "CallEnded",
     "CallStarted",
+    "Endpoint",
     "Event",
     "Hook",
     "Instrument",
+    "endpoint_of",
     "observed",
     "observing",
 ]
@@ -52,7 +54,8 @@ class CallStarted:
     request: Request
     index: int | None
     label: str | None
-    #: The model the call goes to (instrumentation reads its provider and endpoint).
+    #: The model the call goes to (instrumentation reads its provider and endpoint; an
+    #: :class:`Endpoint` in its place on events from a Ray worker).
     llm: object = field(default=None, repr=False, compare=False)
 
 
@@ -91,6 +94,27 @@ class CallEnded:
 
 Event: TypeAlias = CallStarted | AttemptStarted | AttemptFailed | CallEnded
 Hook: TypeAlias = Callable[[Event], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a model handle's calls go, as instrumentation names it: small and
+    picklable (a Ray worker sends it with its events in place of the handle)."""
+
+    provider: str
+    base_url: str | None = None
+
+
+def endpoint_of(llm: object) -> Endpoint:
+    """The handle's provider (its ``provider``, else ``fanflow.<kind>``) and base URL."""
+    if isinstance(llm, Endpoint):
+        return llm
+    provider = getattr(llm, "provider", None)
+    if not isinstance(provider, str) or llm is None:
+        name = type(llm).__name__.lower() if llm is not None else "unknown"
+        provider = "fanflow." + (name.removesuffix("llm") or name)
+    base_url = getattr(llm, "base_url", None)
+    return Endpoint(provider, base_url if isinstance(base_url, str) else None)
 
 
 class Instrument(Protocol):

@@ -32,7 +32,7 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TracerProvider
 
-from ._events import INSTALLED, CallEnded, CallStarted, Event
+from ._events import INSTALLED, CallEnded, CallStarted, Event, endpoint_of
 from ._exceptions import FanflowError, Overloaded, ProviderError, RateLimited
 from ._types import Attempt, CallRecord, Request, Status
 from ._version import __version__
@@ -421,15 +421,14 @@ def _clock() -> Callable[[float], int]:
 
 
 def _target_of(llm: object) -> dict[str, Any]:
-    provider = getattr(type(llm), "provider", None)
-    if not isinstance(provider, str) or llm is None:
-        name = type(llm).__name__.lower() if llm is not None else "unknown"
-        provider = "fanflow." + (name.removesuffix("llm") or name)
-    out: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": provider}
-    base_url = getattr(llm, "base_url", None)
-    if isinstance(base_url, str):
+    endpoint = endpoint_of(llm)
+    out: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": endpoint.provider,
+    }
+    if endpoint.base_url is not None:
         try:
-            parts = urlsplit(base_url)
+            parts = urlsplit(endpoint.base_url)
             port = parts.port
         except ValueError:
             return out

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib
 import os
 import time
@@ -39,7 +38,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .._budget import Budget
-from .._events import INSTALLED, CallStarted, Event, Hook, emit
+from .._events import INSTALLED, Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._types import Status
 from ._base import Deliver, MapSpec, PoolSpec
@@ -383,7 +382,6 @@ class RayMapBatch:
         # The installed instrumentation (fanflow.otel) hears the workers' events here:
         # their calls' spans join this process's trace, under the pattern run's span.
         self.hooks: tuple[Hook, ...] = (*spec.hooks, *INSTALLED)
-        self.llm = spec.llm
         self.fail_fast = spec.fail_fast
         self.check_first = spec.check_first
         durable = self.durable = spec.durable
@@ -420,9 +418,7 @@ class RayMapBatch:
             results: list[tuple[int, Any]], events: list[Event | StepMoved], items: dict[int, Any]
         ) -> None:
             for event in events:
-                if isinstance(event, CallStarted):  # its handle stayed here
-                    emit(self.hooks, dataclasses.replace(event, llm=self.llm))
-                elif not isinstance(event, StepMoved):  # map has no steps; for the type
+                if not isinstance(event, StepMoved):  # map has no steps; for the type
                     emit(self.hooks, event)
             for index, record in results:
                 if durable is not None:
