@@ -103,7 +103,8 @@ class Instrumentation:
     """Turns fanflow's events into spans and metrics (made by :func:`instrument`).
 
     It is a hook: pass it as ``hooks=[...]`` to report one pattern's calls only, without
-    installing it for the process.
+    installing it for the process (its calls' spans then have no run span; and not
+    both ways at once: installed, it already hears every pattern).
     """
 
     def __init__(
