@@ -7,6 +7,9 @@
 2. 10,000 calls in flight with 1 s latency: makespan / 1 s (target: <= 1.10).
 3. 1,000,000 items through as_completed from a generator: resident memory after 10% of
    the items vs at the end (target: flat, ratio ~1.0).
+4. With ``--otel`` (needs the SDK: the dev extra): CPU per call of fanflow.map with
+   tracing off, with fanflow.otel.instrument() and only the API (no SDK: nothing
+   recorded), and with the SDK keeping spans and metrics in memory (decision 0185).
 """
 
 from __future__ import annotations
@@ -97,10 +100,59 @@ async def streamed_memory(n: int) -> tuple[float, float, int]:
     return early, rss_mib(), count
 
 
+def otel_cpu(n: int, rounds: int = 3) -> None:
+    """CPU per call with tracing off, API only, and the SDK in memory (best of rounds)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import fanflow.otel
+
+    def measure(mode: str) -> float:
+        exporter = InMemorySpanExporter()
+        if mode == "api":
+            fanflow.otel.instrument()  # no SDK: the API's no-op providers
+        elif mode == "sdk":
+            tracer_provider = TracerProvider()
+            tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+            meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+            fanflow.otel.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        try:
+            return asyncio.run(fanflow_map(n, 100))
+        finally:
+            fanflow.otel.uninstrument()
+            assert mode != "sdk" or len(exporter.get_finished_spans()) == n + 1
+            exporter.clear()
+
+    best = {"bare": float("inf"), "off": float("inf"), "api": float("inf"), "sdk": float("inf")}
+    for _ in range(rounds):  # interleaved: load on a shared machine drifts
+        best["bare"] = min(best["bare"], asyncio.run(bare_loop(n, 100)))
+        for mode in ("off", "api", "sdk"):
+            best[mode] = min(best[mode], measure(mode))
+    off = best["off"]
+    print(f"fanflow.otel, {n} calls, best of {rounds}:")
+    for mode, label in (
+        ("bare", "bare semaphore+gather"),
+        ("off", "tracing off"),
+        ("api", "instrument(), API only"),
+        ("sdk", "instrument(), SDK in memory"),
+    ):
+        us = best[mode] / n * 1e6
+        print(f"  cpu/call {label:28s} {us:8.1f} us  ({best[mode] / off:5.2f}x off)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    parser.add_argument(
+        "--otel", action="store_true", help="only the tracing cost (section 4; needs the SDK)"
+    )
     args = parser.parse_args()
+    if args.otel:
+        otel_cpu(5_000 if args.quick else 20_000)
+        return
     n_cpu = 5_000 if args.quick else 50_000
     n_flight = 1_000 if args.quick else 10_000
     n_stream = 20_000 if args.quick else 1_000_000

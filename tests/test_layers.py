@@ -54,6 +54,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow.errors": "core",
     "fanflow.limits": "engine",
     "fanflow.results": "interfaces",
+    "fanflow.otel": "core",
     "fanflow._rate": "core",
     "fanflow._transport": "core",
     "fanflow._hedge": "core",

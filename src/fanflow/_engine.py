@@ -29,6 +29,7 @@ from ._breaker import Breaker
 from ._budget import Budget, as_budget
 from ._events import (
     AMBIENT_HOOKS,
+    INSTALLED,
     AttemptFailed,
     AttemptStarted,
     CallEnded,
@@ -160,7 +161,7 @@ def make_options(
         retry=retry,
         hedge_after=hedge_after,
         deadline=deadline_at,
-        hooks=(*hooks, *AMBIENT_HOOKS.get()),
+        hooks=(*hooks, *AMBIENT_HOOKS.get(), *INSTALLED),
         gate=Gate(concurrency) if concurrency is not None else None,
         budget=cap,
         prices=dict(prices) if prices else None,
@@ -513,7 +514,7 @@ class _Call(Generic[T]):
                 hedger = self.lane.hedger
         start = loop.time()
         if self.hooks:
-            emit(self.hooks, CallStarted(start, self.request, self.index, self.label))
+            emit(self.hooks, CallStarted(start, self.request, self.index, self.label, self.llm))
         wait_before = 0.0
         error: BaseException
         called = self.lane.successes  # the handle's successes when this call began

@@ -442,3 +442,42 @@ def test_the_cli_joins_the_cluster_with_ray_address(tmp_path: Any) -> None:
     out = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     assert [r["output"] for r in out] == [f"echo: Say t{i}" for i in range(20)]
     assert "succeeded" in done.stderr  # the summary, from the workers' events
+
+
+@pytest.mark.parametrize("pattern", ["map", "pool"])
+async def test_the_workers_calls_are_spans_in_the_drivers_trace(pattern: str) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import fanflow.otel
+
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    fanflow.otel.instrument(tracer_provider=tracer_provider)
+    backend = RayBackend(workers=2, shard_size=3)
+    try:
+        async with SimServer(latency=0.002) as server:
+            llm = _handle(server)
+            with tracer_provider.get_tracer("app").start_as_current_span("job") as job:
+                if pattern == "map":
+                    result: Any = await fanflow.map(llm, "Say {input}", ITEMS[:10], backend=backend)
+                else:
+                    skill = fanflow.Skill(llm, "Say {text}", name="say")
+                    chain = fanflow.Chain([fanflow.Step(skill, output="s")])
+                    inputs = [{"text": t} for t in ITEMS[:10]]
+                    result = await fanflow.Pool(chain, inputs, max_flows=4, backend=backend).arun()
+            await llm.aclose()
+    finally:
+        fanflow.otel.uninstrument()
+    assert result.ok
+    spans = exporter.get_finished_spans()
+    [run] = [s for s in spans if s.name == f"fanflow.{pattern}"]
+    chats = [s for s in spans if s.name == "chat sim"]
+    assert sorted(s.attributes["fanflow.item.index"] for s in chats) == list(range(10))
+    assert all(s.parent is not None and s.parent.span_id == run.context.span_id for s in chats)
+    assert {s.context.trace_id for s in chats} == {job.get_span_context().trace_id}
+    assert {s.attributes["gen_ai.provider.name"] for s in chats} == {"openai"}
+    assert {s.attributes["server.port"] for s in chats} == {server.port}
+    assert {s.attributes["fanflow.status"] for s in chats} == {"succeeded"}

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
+from .._events import observing
 from .._exceptions import (
     BadRequest,
     ConfigError,
@@ -362,14 +363,17 @@ class BatchQueue:
         if chunk:
             self._spawn(self._run(chunk))
 
-    async def _control(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """A control call (create, poll, results, cancel), retried on transient errors."""
+    async def _control(
+        self, what: str, call: Callable[[], Awaitable[T]], batch_id: str | None = None
+    ) -> T:
+        """A control call (poll, results, cancel, find), retried on transient errors."""
         policy = self.api.llm.retry or DEFAULT_RETRY
         number = 0
         while True:
             number += 1
             try:
-                return await call()
+                with observing(what, self.api.provider, batch_id):
+                    return await call()
             except ProviderError as exc:
                 if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
                     raise
@@ -387,7 +391,10 @@ class BatchQueue:
         while True:
             number += 1
             try:
-                return await self.api.submit(lines, metadata)
+                with observing("submitting a batch", self.api.provider) as created:
+                    state = await self.api.submit(lines, metadata)
+                    created(state.id)
+                return state
             except ProviderError as exc:
                 if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
                     raise
@@ -468,7 +475,9 @@ class BatchQueue:
                     return
                 batch_id = found.id
             try:
-                state = await self._control("polling a batch", lambda: self.api.poll(batch_id))
+                state = await self._control(
+                    "polling a batch", lambda: self.api.poll(batch_id), batch_id
+                )
             except NotFound:  # a journal from another endpoint or account: send again
                 log.warning(
                     "fanflow: batch %s in the store's journal is unknown to %s; its requests "
@@ -526,9 +535,13 @@ class BatchQueue:
             wait = self.options.poll
             while not state.ended:
                 await self._nap(wait)
-                state = await self._control("polling a batch", lambda: self.api.poll(batch_id))
+                state = await self._control(
+                    "polling a batch", lambda: self.api.poll(batch_id), batch_id
+                )
                 wait = self._next_poll(state, loop.time() - start)
-            lines = await self._control("reading batch results", lambda: self.api.results(state))
+            lines = await self._control(
+                "reading batch results", lambda: self.api.results(state), batch_id
+            )
         except ProviderError as exc:
             self._fail_batch(batch_id, exc)
             return
@@ -649,7 +662,7 @@ class BatchQueue:
 
     async def _cancel_batch(self, batch_id: str) -> None:
         try:
-            await self._control("cancelling a batch", lambda: self.api.cancel(batch_id))
+            await self._control("cancelling a batch", lambda: self.api.cancel(batch_id), batch_id)
         except ProviderError as exc:
             log.warning("fanflow: could not cancel batch %s: %s", batch_id, exc)
 

@@ -38,7 +38,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .._budget import Budget
-from .._events import Event, emit
+from .._events import INSTALLED, Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._types import Status
 from ._base import Deliver, MapSpec, PoolSpec
@@ -379,7 +379,9 @@ class RayMapBatch:
         self.size = spec.size
         self.deliver = deliver
         self.deadline = deadline
-        self.hooks = spec.hooks
+        # The installed instrumentation (fanflow.otel) hears the workers' events here:
+        # their calls' spans join this process's trace, under the pattern run's span.
+        self.hooks: tuple[Hook, ...] = (*spec.hooks, *INSTALLED)
         self.fail_fast = spec.fail_fast
         self.check_first = spec.check_first
         durable = self.durable = spec.durable
@@ -399,7 +401,7 @@ class RayMapBatch:
             retry=spec.retry,
             hedge_after=spec.hedge_after,
             parse=spec.parse,
-            events=bool(spec.hooks),
+            events=bool(self.hooks),
             label=spec.label,
             store=store,
             prices=spec.prices,
@@ -469,7 +471,7 @@ async def run_pool_on_ray(
     _connect(backend)
     workers, per_worker = _workers_for(backend, spec.max_flows)
     assert per_worker is not None
-    hooks = spec.hooks
+    hooks: tuple[Hook, ...] = (*spec.hooks, *INSTALLED)
 
     async def on_chunk(
         results: list[tuple[int, Any]], events: list[Event | StepMoved], items: dict[int, Any]

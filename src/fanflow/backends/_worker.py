@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import os
 import time
 from abc import ABC, abstractmethod
@@ -24,7 +25,7 @@ from typing import Any
 from .._budget import Budget
 from .._durable import Durability
 from .._engine import CallOptions, make_options
-from .._events import Event, Hook
+from .._events import CallStarted, Event, Hook, endpoint_of
 from .._limits import Gate, Lane
 from .._llm import LLM, BaseLLM, set_lane_factory
 from .._retry import RetryPolicy
@@ -119,6 +120,9 @@ class _Out:
 def _collect(event: Event) -> None:
     out = _OUT.get(None)
     if out is not None:
+        if isinstance(event, CallStarted) and event.llm is not None:
+            # Not the handle (pickled with every event): what instrumentation reads of it.
+            event = dataclasses.replace(event, llm=endpoint_of(event.llm))
         out.events.append(event)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
+from .._events import observed
 from .._exceptions import ConfigError
 from .._llm import LLM
 from .._progress import with_progress
@@ -96,6 +97,7 @@ def _reader(low: int, high: int) -> Any:
 
 
 @with_progress
+@observed("evaluate")
 async def evaluate(
     llm: LLM,
     content: str,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn, Unpack
 
 from .._engine import CallOptions
+from .._events import observed
 from .._exceptions import ConfigError, QuorumNotMet
 from .._llm import LLM, BaseLLM
 from .._progress import with_progress
@@ -150,6 +151,7 @@ def _listing(workers: Sequence[Worker]) -> str:
 
 
 @with_progress
+@observed("fan_out")
 async def fan_out(
     llm: LLM,
     task: str,

@@ -37,7 +37,7 @@ from typing import Any, TypeAlias, Unpack
 
 from .._budget import Budget
 from .._engine import CallOptions
-from .._events import Hook
+from .._events import Hook, observed
 from .._exceptions import ConfigError, Skipped, StepInputError
 from .._pricing import Price
 from .._progress import shown
@@ -313,6 +313,7 @@ class _Graph:
         run = self.execute({**(inputs or {}), **kwargs}, index=None, hooks=())
         return await shown(run, progress=progress)
 
+    @observed("flow")
     async def execute(
         self,
         inputs: Mapping[str, Any],

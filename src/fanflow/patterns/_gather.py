@@ -9,6 +9,7 @@ from typing import Any, TypeVar, Unpack
 
 from .._durable import execute_stored
 from .._engine import status_of
+from .._events import observed
 from .._exceptions import AllFailed, CallTimeout
 from .._llm import LLM
 from .._progress import shown, with_progress
@@ -142,6 +143,7 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
 
 
 @with_progress
+@observed("gather")
 async def gather(
     *calls: Awaitable[Any],
     settled: bool = False,
@@ -185,6 +187,7 @@ async def gather(
 
 
 @with_progress
+@observed("race")
 async def race(*calls: Awaitable[Any], progress: bool = False, **options: Unpack[Options]) -> Any:
     """Run calls at once; the first *success* wins and the others are cancelled.
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Unpack, cast
 
 from .._durable import Durability, execute_stored
+from .._events import observed
 from .._exceptions import ConfigError
 from .._llm import LLM
 from .._progress import with_progress
@@ -216,6 +217,7 @@ async def _check(
 
 
 @with_progress
+@observed("guarded")
 async def guarded(
     llm: LLM,
     query: str,

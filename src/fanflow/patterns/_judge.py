@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Unpack
 
+from .._events import observed
 from .._exceptions import AllFailed, ConfigError
 from .._llm import LLM
 from .._progress import with_progress
@@ -75,6 +76,7 @@ class BestOfNResult(PatternResult):
 
 
 @with_progress
+@observed("best_of_n")
 async def best_of_n(
     llm: LLM,
     task: str,

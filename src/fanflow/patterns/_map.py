@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar, Unpack
 
 from .._budget import as_budget
 from .._durable import Durability
-from .._events import AMBIENT_HOOKS
+from .._events import AMBIENT_HOOKS, observed
 from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM
 from .._progress import Tracker, displaying, size_of, with_progress
@@ -152,6 +152,7 @@ def _params(**kwargs: Any) -> dict[str, Any]:
 
 
 @with_progress
+@observed("map")
 async def map(
     llm: LLM,
     prompt: Prompt | Items,
@@ -269,6 +270,7 @@ class _Producer(Generic[T]):
         with contextlib.suppress(asyncio.InvalidStateError):
             await self.queue.put(record)
 
+    @observed("as_completed")
     async def _produce(self, batch: BatchRun) -> None:
         try:
             await batch.run()

@@ -23,7 +23,7 @@ from typing import Any, Literal, Unpack
 from .._budget import Budget
 from .._durable import Durability
 from .._engine import CallOptions
-from .._events import Hook
+from .._events import Hook, observed
 from .._exceptions import ConfigError, StepInputError
 from .._pricing import Price
 from .._progress import with_progress
@@ -361,6 +361,7 @@ class Pool:
         return run_sync(lambda: self.arun(only_failed=only_failed, progress=progress))
 
     @with_progress
+    @observed("pool")
     async def arun(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
         """Run every input (or, with ``only_failed``, those that did not succeed).
 

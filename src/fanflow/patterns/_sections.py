@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Unpack
 
+from .._events import observed
 from .._exceptions import ConfigError
 from .._llm import LLM
 from .._progress import with_progress
@@ -74,6 +75,7 @@ def _joined(outputs: Mapping[str, str | None]) -> str:
 
 
 @with_progress
+@observed("sections")
 async def sections(
     llm: LLM,
     prompts_or_sections: Sequence[str] | Mapping[str, str],

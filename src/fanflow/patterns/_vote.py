@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Unpack
 
+from .._events import observed
 from .._exceptions import AllFailed, BudgetExceeded, ConfigError
 from .._llm import LLM
 from .._progress import with_progress
@@ -159,6 +160,7 @@ _DEFAULT_TEMPERATURE: float = _DefaultTemperature(0.7)
 
 
 @with_progress
+@observed("vote")
 async def vote(
     llm: LLM | Sequence[LLM],
     task: str | Sequence[str],
