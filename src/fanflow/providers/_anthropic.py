@@ -103,7 +103,7 @@ class AnthropicLLM(HttpLLM):
             text = "".join(b.get("text", "") for b in data["content"] if b.get("type") == "text")
             stop = data.get("stop_reason")
             usage = data.get("usage") or {}
-            tokens = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+            tokens = usage_of(usage)
             model = data.get("model")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise protocol_error("anthropic", f"{type(exc).__name__}: {exc}") from None
@@ -124,7 +124,7 @@ class AnthropicLLM(HttpLLM):
         stream = StreamText(start)
         stop: str | None = None
         model: str | None = None
-        input_tokens = output_tokens = 0
+        counts: dict[str, Any] = {}
         try:
             async for data in stream.events(content):
                 event = json.loads(data)
@@ -134,10 +134,12 @@ class AnthropicLLM(HttpLLM):
                 elif kind == "message_start":
                     message = event["message"]
                     model = message.get("model")
-                    input_tokens = (message.get("usage") or {}).get("input_tokens", 0)
+                    counts.update(message.get("usage") or {})
                 elif kind == "message_delta":
                     stop = event["delta"].get("stop_reason") or stop
-                    output_tokens = (event.get("usage") or {}).get("output_tokens", output_tokens)
+                    # Cumulative counts: the final output_tokens (and, on newer
+                    # versions, the input and cache counts again).
+                    counts.update(event.get("usage") or {})
                 elif kind == "message_stop":
                     break
                 elif kind == "error":
@@ -149,13 +151,26 @@ class AnthropicLLM(HttpLLM):
         _check_refusal(stop)
         return Response(
             stream.text,
-            usage=Usage(input_tokens, output_tokens),
+            usage=usage_of(counts),
             model=model,
             finish_reason=stop,
             latency=end - start,
             time_to_first_token=stream.first,
             rate_limit=self.rate_limits(headers, end),
         )
+
+
+def usage_of(usage: Mapping[str, Any]) -> Usage:
+    """The API's ``usage``, where ``input_tokens`` excludes the tokens read from the
+    prompt cache and those written to it: fanflow's ``input_tokens`` is all three."""
+    read = usage.get("cache_read_input_tokens") or 0
+    written = usage.get("cache_creation_input_tokens") or 0
+    return Usage(
+        (usage.get("input_tokens") or 0) + read + written,
+        usage.get("output_tokens") or 0,
+        cached_input_tokens=read,
+        cache_write_input_tokens=written,
+    )
 
 
 def _overloaded(event: Mapping[str, Any]) -> bool:

@@ -109,7 +109,7 @@ class OpenAILLM(HttpLLM):
             text = choice["message"].get("content") or ""
             finish = choice.get("finish_reason")
             usage = data.get("usage") or {}
-            tokens = Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            tokens = _usage(usage)
             model = data.get("model")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise protocol_error("openai", f"{type(exc).__name__}: {exc}") from None
@@ -147,7 +147,7 @@ class OpenAILLM(HttpLLM):
                     finish = choice.get("finish_reason") or finish
                 usage = chunk.get("usage")
                 if usage:
-                    tokens = Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                    tokens = _usage(usage)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise protocol_error("openai", f"bad stream event: {type(exc).__name__}") from None
         end = asyncio.get_running_loop().time()
@@ -161,6 +161,17 @@ class OpenAILLM(HttpLLM):
             time_to_first_token=stream.first,
             rate_limit=parse_openai(headers, end),
         )
+
+
+def _usage(usage: Mapping[str, Any]) -> Usage:
+    """The API's ``usage``: ``prompt_tokens`` includes the ``cached_tokens`` read from the
+    prompt cache (OpenAI charges no cache writes)."""
+    details = usage.get("prompt_tokens_details") or {}
+    return Usage(
+        usage.get("prompt_tokens") or 0,
+        usage.get("completion_tokens") or 0,
+        cached_input_tokens=details.get("cached_tokens") or 0,
+    )
 
 
 def _check_filter(finish: str | None) -> None:
