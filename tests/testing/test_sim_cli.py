@@ -16,6 +16,7 @@ def test_public_names() -> None:
         "Fault",
         "ScriptedLLM",
         "SimBatches",
+        "SimCache",
         "SimRequest",
         "SimSecond",
         "SimServer",

@@ -6,7 +6,7 @@ latency, rate limits and faults, for testing real HTTP clients offline.
 """
 
 from ._scripted import Fault, ScriptedLLM
-from ._sim import FAULTS, SimBatches, SimSecond, SimServer, SimStats
+from ._sim import FAULTS, SimBatches, SimCache, SimSecond, SimServer, SimStats
 from ._simwire import SimRequest
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Fault",
     "ScriptedLLM",
     "SimBatches",
+    "SimCache",
     "SimRequest",
     "SimSecond",
     "SimServer",
