@@ -88,3 +88,18 @@ async def test_a_dollar_budget_is_charged_at_the_cache_price() -> None:
     llm = ScriptedLLM(_cached_reply, model="gpt-4.1-mini")
     await fanflow.map(llm, "{input}", ["a"], budget=budget)
     assert budget.spent == pytest.approx((464 * 0.40 + 1536 * 0.10 + 100 * 1.60) / 1e6)
+
+
+def test_the_dry_run_estimate_prices_the_shared_prefix_from_the_cache() -> None:
+    llm = fanflow.openai("gpt-4.1-mini", base_url="http://127.0.0.1:9", api_key="k")
+    system = "Follow these rules. " * 400  # 8,000 characters: ~2,000 tokens
+    items = [f"item {i}" for i in range(100)]
+    estimate = fanflow.estimate(llm, "{input}", items, system=system, max_tokens=10)
+    assert estimate.cost is not None
+    assert estimate.cached_cost is not None
+    assert estimate.cached_prefix_tokens >= 2000
+    # 99 calls read the prefix at a quarter of the input price.
+    saved = 99 * estimate.cached_prefix_tokens * (0.40 - 0.10) / 1e6
+    assert estimate.cached_cost == pytest.approx(estimate.cost - saved)
+    short = fanflow.estimate(llm, "{input}", items, system="Be brief.", max_tokens=10)
+    assert short.cached_cost is None  # under the 1,024-token minimum: nothing cached

@@ -160,6 +160,7 @@ class Batch(Generic[T]):
         durable: Durability | None = None,
         size: int | None = None,
         check_first: FirstCheck | None = None,
+        prime: FirstCheck | None = None,
     ) -> None:
         self.llm = llm
         self.build = build
@@ -173,6 +174,8 @@ class Batch(Generic[T]):
         self.durable = durable
         self.size = size
         self.check_first = check_first
+        self.prime = prime
+        self.primed = False  # set by run(): the first item goes alone
 
     @property
     def seen(self) -> int:
@@ -183,6 +186,8 @@ class Batch(Generic[T]):
             # Before the first call: a field that none of the first items has is a
             # mistake in the template (TemplateError), not one failure per item.
             self.check_first.check(await self.source.peek(self.check_first.count))
+        if self.prime is not None:
+            self.primed = bool(self.prime.check(await self.source.peek(self.prime.count)))
         if self.durable is None:
             await self._run()
         else:
@@ -192,8 +197,11 @@ class Batch(Generic[T]):
         try:
             with batch_gc():
                 async with asyncio.TaskGroup() as tg:
-                    for _ in range(self.workers):
-                        tg.create_task(self._worker())
+                    if self.primed:
+                        tg.create_task(self._worker(primer=tg))
+                    else:
+                        for _ in range(self.workers):
+                            tg.create_task(self._worker())
         except BaseExceptionGroup as group:
             # Re-raise the one meaningful error (fail-fast, or the item iterator's own).
             errors = group.exceptions
@@ -203,7 +211,10 @@ class Batch(Generic[T]):
             raise first from None
         return self.source.seen
 
-    async def _worker(self) -> None:
+    async def _worker(self, primer: asyncio.TaskGroup | None = None) -> None:
+        """Run items until there are none. The ``primer`` (a primed batch's one worker)
+        runs the first item alone, so its prompt's prefix enters the provider's cache,
+        then starts the other workers in that task group."""
         source = self.source
         is_async = source.is_async
         tail = self.opts.tail
@@ -215,6 +226,10 @@ class Batch(Generic[T]):
                 return
             index, item = got
             record = await self.run_item(index, item)
+            if primer is not None:
+                for _ in range(self.workers - 1):
+                    primer.create_task(self._worker())
+                primer = None
             if self.durable is not None:
                 self.durable.emit(record, item)
             delivered = self.deliver(record)
@@ -303,6 +318,7 @@ class LocalBackend:
             durable=spec.durable,
             size=size,
             check_first=spec.check_first,
+            prime=spec.prime,
         )
 
     async def run_pool(

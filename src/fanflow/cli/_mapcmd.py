@@ -174,6 +174,12 @@ def describe_dry_run(
         )
     else:
         lines.append(f"  cost           at most ${e.cost:,.4f} (model {model})")
+        if e.cached_cost is not None:
+            lines.append(
+                f"  with the cache at most ${e.cached_cost:,.4f}: the calls share a prefix "
+                f"of ~{e.cached_prefix_tokens:,} tokens, read from the prompt cache after "
+                "the first"
+            )
         if e.batch_cost is not None:
             lines.append(
                 f"  batch cost     at most ${e.batch_cost:,.4f} with --batch "
