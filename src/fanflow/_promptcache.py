@@ -12,10 +12,18 @@ from __future__ import annotations
 
 __all__ = [
     "ANTHROPIC_BREAKPOINTS",
+    "CONSTANT_CHARS",
     "OPENAI_MINIMUM",
     "OPENAI_STEP",
+    "TEMPLATE_KEY",
     "minimum_tokens",
 ]
+
+#: ``Request.metadata`` keys a pattern's template sets: how many leading characters of
+#: the user turn are the template's constant text (the same for every item), and a key
+#: naming the template (OpenAI's ``prompt_cache_key``).
+CONSTANT_CHARS = "fanflow.constant_chars"
+TEMPLATE_KEY = "fanflow.template_key"
 
 #: OpenAI's automatic caching: the shortest cached prefix and the step it grows by.
 OPENAI_MINIMUM = 1024

@@ -32,7 +32,14 @@ from ..backends._local import DEFAULT_WINDOW
 from ._common import check_model
 from ._options import Options, resolve
 from ._priming import PRIME_MIN_ITEMS, should_prime
-from ._prompt import FIRST_ITEMS, Prompt, build_request, check_first_items, parse_template
+from ._prompt import (
+    FIRST_ITEMS,
+    Prompt,
+    build_request,
+    check_first_items,
+    constant_metadata,
+    parse_template,
+)
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
 
@@ -46,14 +53,25 @@ def _text(response: Response) -> str:
 @dataclass(frozen=True)
 class _Template:
     """Builds one item's request from the prompt (pickles, for backends in other
-    processes, as long as the prompt does)."""
+    processes, as long as the prompt does). A template's requests carry its constant
+    leading text and a key naming it (``fanflow._promptcache``), for the providers'
+    prompt caches."""
 
     prompt: Prompt
     system: str | None
     params: dict[str, Any]
 
+    @functools.cached_property
+    def _metadata(self) -> dict[str, Any] | None:
+        if not isinstance(self.prompt, str):
+            return None
+        return constant_metadata(self.prompt, self.system)
+
     def __call__(self, item: Any, index: int) -> Request:
-        return build_request(self.prompt, item, index, system=self.system, params=self.params)
+        return build_request(
+            self.prompt, item, index, system=self.system, params=self.params,
+            metadata=self._metadata,
+        )  # fmt: skip
 
 
 def _first_check(prompt: Prompt) -> FirstCheck | None:

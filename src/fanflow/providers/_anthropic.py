@@ -19,7 +19,9 @@ import aiohttp
 
 from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
+from .._promptcache import CONSTANT_CHARS, minimum_tokens
 from .._retry import RetryPolicy
+from .._tokens import estimate_tokens
 from .._types import RateLimitState, Request, Response, Usage
 from ._batchapi import AnthropicBatches, BatchAPI
 from ._http import HttpLLM, StreamText, protocol_error, wall_clock
@@ -45,11 +47,14 @@ class AnthropicLLM(HttpLLM):
         base_url: str,
         api_key: str | None,
         extra_body: Mapping[str, Any] | None = None,
+        cache_control: bool = True,
         **kwargs: Any,
     ) -> None:
         base = base_url.rstrip("/").removesuffix("/v1")
         super().__init__(model, base_url=base, api_key=api_key, **kwargs)
         self.extra_body = dict(extra_body or {})
+        #: Place ``cache_control`` breakpoints on the constant part of the prompt.
+        self.cache_control = cache_control
         self.url = f"{self.base_url}/v1/messages"
 
     def cache_identity(self) -> dict[str, Any]:
@@ -66,9 +71,10 @@ class AnthropicLLM(HttpLLM):
             out["x-api-key"] = self._secret.reveal()
         return out
 
-    def body(self, request: Request) -> dict[str, Any]:
+    def body(self, request: Request, *, cache_ttl: str | None = None) -> dict[str, Any]:
+        """The Messages API body; ``cache_ttl`` (``"1h"``) for the breakpoints placed."""
         system: list[str] = []
-        messages: list[dict[str, str]] = []
+        messages: list[dict[str, Any]] = []
         for m in request.messages:
             if m.role == "system":
                 system.append(m.content)
@@ -90,9 +96,15 @@ class AnthropicLLM(HttpLLM):
             body["stop_sequences"] = list(request.stop)
         if self.stream:
             body["stream"] = True
+        if self.cache_control and not _has_blocks(self.extra_body):
+            place_breakpoints(body, request, cache_ttl)
         if self.extra_body:
             body.update(self.extra_body)
         return body
+
+    def batch_body(self, request: Request) -> dict[str, Any]:
+        # A batch may take hours to run: the one-hour cache outlives it.
+        return self.body(request, cache_ttl="1h")
 
     def rate_limits(self, headers: Mapping[str, str], observed_at: float) -> RateLimitState | None:
         return parse_anthropic(headers, observed_at, wall_clock())
@@ -160,6 +172,39 @@ class AnthropicLLM(HttpLLM):
         )
 
 
+def _has_blocks(extra: Mapping[str, Any]) -> bool:
+    """Whether the user's own body fields may carry breakpoints (fanflow adds none)."""
+    return bool({"system", "messages", "cache_control"} & extra.keys())
+
+
+def place_breakpoints(body: dict[str, Any], request: Request, ttl: str | None) -> None:
+    """Put ``cache_control`` at the end of the system prompt and of the user turn's
+    constant leading text (``request.metadata``, set by a pattern's template), each
+    where the prompt up to it is long enough for the model to cache (two of the API's
+    four breakpoints at most)."""
+    minimum = minimum_tokens("anthropic", body["model"])
+    control: dict[str, str] = {"type": "ephemeral"}
+    if ttl is not None:
+        control["ttl"] = ttl
+    system = body.get("system")
+    length = estimate_tokens(system) if isinstance(system, str) else 0
+    if isinstance(system, str) and length >= minimum:
+        body["system"] = [{"type": "text", "text": system, "cache_control": control}]
+    constant = request.metadata.get(CONSTANT_CHARS, 0)
+    messages = body["messages"]
+    first = messages[0] if messages else None
+    if not constant or first is None or first["role"] != "user":
+        return
+    text: str = first["content"]
+    head, rest = text[:constant], text[constant:]
+    if length + estimate_tokens(head) < minimum:
+        return
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": head, "cache_control": control}]
+    if rest:
+        blocks.append({"type": "text", "text": rest})
+    first["content"] = blocks
+
+
 def usage_of(usage: Mapping[str, Any]) -> Usage:
     """The API's ``usage``, where ``input_tokens`` excludes the tokens read from the
     prompt cache and those written to it: fanflow's ``input_tokens`` is all three."""
@@ -201,6 +246,7 @@ def anthropic(
     headers: Mapping[str, str] | None = None,
     extra_body: Mapping[str, Any] | None = None,
     connect_timeout: float | None = 10.0,
+    cache_control: bool = True,
 ) -> AnthropicLLM:
     """A handle on the Anthropic Messages API.
 
@@ -219,6 +265,11 @@ def anthropic(
         headers: extra HTTP headers for every request (e.g. ``anthropic-beta``).
         extra_body: extra JSON fields for every request.
         connect_timeout: seconds to establish a connection.
+        cache_control: place prompt-cache breakpoints (``cache_control``) at the end of
+            the system prompt and of a template's constant leading text, where the
+            prompt up to them is long enough for the model to cache (1-hour TTL in
+            batch mode); False places none. Never when ``extra_body`` sets ``system``,
+            ``messages`` or ``cache_control`` (yours are kept as they are).
 
     Returns:
         The handle; close it with ``await llm.aclose()`` (or ``async with``).
@@ -248,6 +299,7 @@ def anthropic(
         base_url=base,
         api_key=key,
         extra_body=extra_body,
+        cache_control=cache_control,
         stream=stream,
         headers=headers,
         connect_timeout=connect_timeout,

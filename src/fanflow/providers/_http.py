@@ -455,6 +455,10 @@ class HttpLLM(BaseLLM):
     def body(self, request: Request) -> dict[str, Any]:
         """The JSON body for ``request`` (the handle's defaults already filled in)."""
 
+    def batch_body(self, request: Request) -> dict[str, Any]:
+        """The body of ``request`` as a line of a provider batch."""
+        return self.body(request)
+
     @abstractmethod
     def parse(self, raw: bytes, latency: float, rate_limit: RateLimitState | None) -> Response:
         """The Response for a 200 body; raise ProtocolError if it is not the API's JSON."""

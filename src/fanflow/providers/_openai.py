@@ -17,6 +17,7 @@ import aiohttp
 
 from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
+from .._promptcache import TEMPLATE_KEY
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response, Usage
 from ._batchapi import BatchAPI, OpenAIBatches
@@ -43,9 +44,14 @@ class OpenAILLM(HttpLLM):
         n: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
         api_version: str | None = None,
+        prompt_cache_key: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, base_url=base_url, api_key=api_key, **kwargs)
+        if prompt_cache_key is None:  # a field other servers may not know
+            prompt_cache_key = self.base_url == DEFAULT_BASE_URL
+        #: Send a template's ``prompt_cache_key`` (one per template).
+        self.prompt_cache_key = prompt_cache_key
         if n is not None and n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
         if api_version is not None and not api_version.strip():
@@ -92,6 +98,9 @@ class OpenAILLM(HttpLLM):
             body["response_format"] = dict(request.response_format)
         if self.n is not None:
             body["n"] = self.n
+        key = request.metadata.get(TEMPLATE_KEY)
+        if key is not None and self.prompt_cache_key:
+            body["prompt_cache_key"] = key  # extra_body's, if it has one, wins below
         if self.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -202,6 +211,7 @@ def openai(
     extra_body: Mapping[str, Any] | None = None,
     connect_timeout: float | None = 10.0,
     api_version: str | None = None,
+    prompt_cache_key: bool | None = None,
 ) -> OpenAILLM:
     """A handle on the OpenAI Chat Completions API, or any server that speaks it.
 
@@ -229,6 +239,10 @@ def openai(
             ``api-version`` query parameter, and the key then goes in the ``api-key``
             header as Azure expects. Point ``base_url`` at the deployment,
             ``https://RESOURCE.openai.azure.com/openai/deployments/DEPLOYMENT``.
+        prompt_cache_key: send OpenAI's ``prompt_cache_key``, one per template of a
+            map (the requests of one template share a prefix; the key keeps them on one
+            cache) unless ``extra_body`` sets one. None (the default): only to OpenAI's
+            own endpoint, as other servers may refuse a field they do not know.
 
     Returns:
         The handle; close it with ``await llm.aclose()`` (or ``async with``).
@@ -262,6 +276,7 @@ def openai(
         n=n,
         extra_body=extra_body,
         api_version=api_version,
+        prompt_cache_key=prompt_cache_key,
         stream=stream,
         headers=headers,
         connect_timeout=connect_timeout,
