@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,3 +54,22 @@ async def test_records_and_the_report_carry_the_cache(tmp_path: Path) -> None:
     (name, text), *_ = _cache_rows(summary)
     assert name == "prompt cache"
     assert text.startswith("3,000 input tokens read, saved $0.0")
+
+
+def test_the_cli_primes_by_default_and_takes_no_prime(run: Any, tmp_path: Path) -> None:
+    from fanflow.testing import SimServer
+
+    system = " ".join(f"rule{i}" for i in range(2000))
+    (tmp_path / "in.txt").write_text("".join(f"item {i}\n" for i in range(20)))
+    args = ["map", "in.txt", "-p", "{input}", "--model", "m", "--system", system, "-q"]
+    with SimServer(latency=0.05, prompt_cache=True) as server:
+        done = run(*args, "--base-url", server.url, "--records", "primed.jsonl")
+        assert done.returncode == 0, done.stderr
+        primed = server.stats()
+        server.reset()
+        # Real time here (a server thread): how many --no-prime misses depends on timing.
+        done = run(*args, "--base-url", server.url, "--no-prime")
+        assert done.returncode == 0, done.stderr
+    assert (primed.cache_misses, primed.cache_hits) == (1, 19)
+    lines = [json.loads(x) for x in (tmp_path / "primed.jsonl").read_text().splitlines()]
+    assert sum(line["cached_input_tokens"] > 0 for line in lines) == 19

@@ -237,6 +237,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="print expected calls, tokens and cost; send nothing"
     )
+    p.add_argument(
+        "--prime", action=argparse.BooleanOptionalAction, default=None,
+        help="send the first item alone so the others read the prompt prefix it caches "
+        "(default: when the items share a prefix the model caches)",
+    )  # fmt: skip
     job = p.add_argument_group("resumable jobs (a SQLite store, --store or FANFLOW_STORE)")
     job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
     job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
@@ -314,6 +319,8 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         options["backend"] = RayBackend(address=args.ray_address)
     if args.deadline is not None and not args.batch:
         raise ConfigError("--deadline goes with --batch (it says when to move to real time)")
+    if args.prime is not None:
+        options["prime"] = args.prime
     if args.batch:
         options["mode"] = "batch" if args.deadline is None else "auto"
         if args.deadline is not None:
