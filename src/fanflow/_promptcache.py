@@ -10,11 +10,15 @@ caching guide, as of 2026-12). SimServer models the same rules
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
+
 __all__ = [
     "ANTHROPIC_BREAKPOINTS",
     "CONSTANT_CHARS",
     "OPENAI_MINIMUM",
     "OPENAI_STEP",
+    "PREFILLED",
     "TEMPLATE_KEY",
     "minimum_tokens",
 ]
@@ -24,6 +28,10 @@ __all__ = [
 #: naming the template (OpenAI's ``prompt_cache_key``).
 CONSTANT_CHARS = "fanflow.constant_chars"
 TEMPLATE_KEY = "fanflow.template_key"
+
+#: Set while a primed batch's first call runs: called when its streamed reply's first
+#: text arrives (the server has read the whole prompt, so its prefix is cached).
+PREFILLED: ContextVar[Callable[[], None] | None] = ContextVar("fanflow_prefilled", default=None)
 
 #: OpenAI's automatic caching: the shortest cached prefix and the step it grows by.
 OPENAI_MINIMUM = 1024

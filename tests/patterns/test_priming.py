@@ -102,3 +102,20 @@ async def test_fan_out_is_never_primed() -> None:
             llm, "question", system=SYSTEM, workers=12, aggregate=lambda rs: rs, temperatures=None
         )
     assert server.stats().cache_misses == 12  # all at once: a latency pattern
+
+
+async def test_a_streaming_handle_releases_the_rest_at_the_first_token() -> None:
+    # 1 s to the first token, then 1 s per word: the first reply takes 11 s in all.
+    reply = " ".join(["word"] * 10)
+    server = SimServer(latency=1.0, per_token=1.0, reply=reply, prompt_cache=True)
+    async with (
+        server,
+        fanflow.openai("gpt-sim", base_url=server.url, api_key="k", stream=True) as llm,
+    ):
+        await fanflow.call(llm, "warm up")
+        server.reset()
+        result = await fanflow.map(llm, "{input}", ITEMS[:20], system=SYSTEM, concurrency=20)
+        stats = server.stats()
+    assert (stats.cache_misses, stats.cache_hits) == (1, 19)
+    # The others start at the first token (2 s) and take 11 s: 13 s, not 11 + 11.
+    assert result.makespan == pytest.approx(13.0)

@@ -14,6 +14,7 @@ concurrency, not with the input.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from .._events import CallEnded, emit
 from .._gc import batch_gc
 from .._limits import DEFAULT_CONCURRENCY
 from .._llm import LLM, BaseLLM
+from .._promptcache import PREFILLED
 from .._types import CallRecord, Request, Response, Status
 from ._base import Deliver, FirstCheck, Items, MapSpec, PoolSpec
 
@@ -225,10 +227,10 @@ class Batch(Generic[T]):
                     tail.draining = True  # every item is started: the batch's tail
                 return
             index, item = got
-            record = await self.run_item(index, item)
-            if primer is not None:
-                for _ in range(self.workers - 1):
-                    primer.create_task(self._worker())
+            if primer is None:
+                record = await self.run_item(index, item)
+            else:
+                record = await self._first(index, item, primer)
                 primer = None
             if self.durable is not None:
                 self.durable.emit(record, item)
@@ -237,6 +239,27 @@ class Batch(Generic[T]):
                 await delivered
             if self.fail_fast and record.status is not Status.SUCCEEDED:
                 raise FailFast(record)
+
+    async def _first(self, index: int, item: Any, tg: asyncio.TaskGroup) -> CallRecord[T]:
+        """A primed batch's first item; the other workers start in ``tg`` when its
+        streamed reply's first text arrives (the prompt is read), else when it ends."""
+        started = False
+        outer = contextvars.copy_context()  # the workers' context: without PREFILLED set
+
+        def release() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                for _ in range(self.workers - 1):
+                    tg.create_task(self._worker(), context=outer.copy())
+
+        token = PREFILLED.set(release)
+        try:
+            record = await self.run_item(index, item)
+        finally:
+            PREFILLED.reset(token)
+        release()
+        return record
 
     def run_item(self, index: int, item: Any) -> Awaitable[CallRecord[T]]:
         """Run one item to its record (committed to the store first, if there is one).

@@ -47,6 +47,7 @@ from .._exceptions import (
 )
 from .._limits import Limits
 from .._llm import BaseLLM
+from .._promptcache import PREFILLED
 from .._retry import RetryPolicy
 from .._types import RateLimitState, Request, Response
 from .._version import __version__
@@ -313,6 +314,9 @@ class StreamText:
         if piece:
             if self.first is None:
                 self.first = self._loop.time() - self._start
+                prefilled = PREFILLED.get()
+                if prefilled is not None:  # a primed batch waits for this (decision 0190)
+                    prefilled()
             self._parts.append(piece)
 
     @property
