@@ -119,3 +119,16 @@ async def test_a_streaming_handle_releases_the_rest_at_the_first_token() -> None
     assert (stats.cache_misses, stats.cache_hits) == (1, 19)
     # The others start at the first token (2 s) and take 11 s: 13 s, not 11 + 11.
     assert result.makespan == pytest.approx(13.0)
+
+
+async def test_constant_text_after_a_field_is_said_once_and_not_primed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = SimServer(latency=LATENCY, prompt_cache=True, keep_requests=False)
+    caplog.set_level(logging.WARNING, logger="fanflow")
+    async with server, _warm(server) as llm:
+        result = await fanflow.map(llm, "{input}\n\n" + SYSTEM, ITEMS, concurrency=100)
+    assert result.makespan == pytest.approx(3 * LATENCY)  # not primed
+    said = [r.getMessage() for r in caplog.records if "constant text" in r.getMessage()]
+    assert len(said) == 1
+    assert "after its first field {input}" in said[0]

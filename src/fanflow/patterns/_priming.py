@@ -12,11 +12,13 @@ prefix at least the model's cache minimum long, the handle's provider caches pro
 (OpenAI's API and the servers that speak it; Anthropic's, with its ``cache_control``
 placed by fanflow), and there are more than :data:`PRIME_MIN_ITEMS` items. A system
 prompt that differs between items while each is long enough to cache (a timestamp in
-it) means nothing can be cached: said once, on the ``fanflow`` logger, and not primed.
+it), or a template whose long constant text comes after a field, means nothing can be
+cached: said once, on the ``fanflow`` logger, and not primed.
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,6 +89,20 @@ def _common_prefix(texts: Sequence[str]) -> str:
     return first[:n]
 
 
+def _late_constant(prompt: object, minimum: int) -> tuple[int, str] | None:
+    """A template's constant text after its first field, when that alone is long enough
+    to cache: its estimated tokens and the field (None otherwise)."""
+    if not isinstance(prompt, str):
+        return None
+    parts = list(string.Formatter().parse(prompt))
+    first = next((name for _, name, _, _ in parts if name is not None), None)
+    if first is None:
+        return None
+    after = "".join(literal for literal, _, _, _ in parts[1:])
+    tokens = estimate_tokens(after)
+    return (tokens, first) if tokens >= minimum else None
+
+
 def _system_varies(requests: Sequence[Request], minimum: int) -> int | None:
     """The first item whose system prompt differs from item 0's while both are long
     enough to cache (None: no such item)."""
@@ -115,6 +131,15 @@ def should_prime(
         return False
     if prefix.cacheable:
         return True
+    late = _late_constant(getattr(build, "prompt", None), prefix.minimum)
+    if late is not None:
+        log.warning(
+            "fanflow.%s: the prompt template has ~%d tokens of constant text after its "
+            "first field {%s}, so the provider can cache none of it; put the constant "
+            "text first (or in system=) and the fields after it",
+            pattern,
+            *late,
+        )
     varies = _system_varies(requests, prefix.minimum)
     if varies is not None:
         log.warning(
