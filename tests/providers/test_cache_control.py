@@ -72,9 +72,12 @@ async def test_the_switch_off_places_none_and_does_not_prime() -> None:
 
 def test_a_short_prompt_gets_no_breakpoint_and_batches_get_the_hour() -> None:
     llm = fanflow.anthropic("claude-haiku-4-5", base_url="http://127.0.0.1:9", api_key="k")
+    template = {"fanflow.constant_chars": 0}  # what a map's template sets
     short = "x " * 3000  # ~1,500 tokens: under Haiku 4.5's 4,096
-    assert llm.body(fanflow.Request.of("a", system=short))["system"] == short
-    long = fanflow.Request.of("a", system="y " * 10_000)
+    assert llm.body(fanflow.Request.of("a", system=short, metadata=template))["system"] == short
+    alone = fanflow.Request.of("a", system="y " * 10_000)  # a single call: not a template's
+    assert isinstance(llm.body(alone)["system"], str)
+    long = fanflow.Request.of("a", system="y " * 10_000, metadata=template)
     (block,) = llm.batch_body(long)["system"]
     assert block["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     mine = fanflow.anthropic(

@@ -181,7 +181,11 @@ def place_breakpoints(body: dict[str, Any], request: Request, ttl: str | None) -
     """Put ``cache_control`` at the end of the system prompt and of the user turn's
     constant leading text (``request.metadata``, set by a pattern's template), each
     where the prompt up to it is long enough for the model to cache (two of the API's
-    four breakpoints at most)."""
+    four breakpoints at most). Only a template's requests: their prefix is sent again,
+    while a single call's would pay the write and never read it."""
+    constant = request.metadata.get(CONSTANT_CHARS)
+    if constant is None:
+        return
     minimum = minimum_tokens("anthropic", body["model"])
     control: dict[str, str] = {"type": "ephemeral"}
     if ttl is not None:
@@ -190,7 +194,6 @@ def place_breakpoints(body: dict[str, Any], request: Request, ttl: str | None) -
     length = estimate_tokens(system) if isinstance(system, str) else 0
     if isinstance(system, str) and length >= minimum:
         body["system"] = [{"type": "text", "text": system, "cache_control": control}]
-    constant = request.metadata.get(CONSTANT_CHARS, 0)
     messages = body["messages"]
     first = messages[0] if messages else None
     if not constant or first is None or first["role"] != "user":
@@ -265,10 +268,11 @@ def anthropic(
         headers: extra HTTP headers for every request (e.g. ``anthropic-beta``).
         extra_body: extra JSON fields for every request.
         connect_timeout: seconds to establish a connection.
-        cache_control: place prompt-cache breakpoints (``cache_control``) at the end of
-            the system prompt and of a template's constant leading text, where the
-            prompt up to them is long enough for the model to cache (1-hour TTL in
-            batch mode); False places none. Never when ``extra_body`` sets ``system``,
+        cache_control: place prompt-cache breakpoints (``cache_control``) on the
+            requests of a template (``map``, ``as_completed``) at the end of the system
+            prompt and of the template's constant leading text, where the prompt up to
+            them is long enough for the model to cache (1-hour TTL in batch mode);
+            False places none. Never when ``extra_body`` sets ``system``,
             ``messages`` or ``cache_control`` (yours are kept as they are).
 
     Returns:
