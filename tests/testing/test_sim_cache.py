@@ -8,6 +8,7 @@ steps of 128, Anthropic at ``cache_control`` breakpoints above the model's minim
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import anthropic
@@ -175,3 +176,15 @@ async def test_fanflow_reads_the_cache_from_both_apis() -> None:
             second = (await claude.complete(fanflow.Request.of("a"))).usage
         assert (first.input_tokens, first.cache_write_input_tokens) == (2001, 2000)
         assert (second.input_tokens, second.cached_input_tokens) == (2001, 2000)
+
+
+def test_expired_entries_are_dropped() -> None:
+    from fanflow.testing._simcache import _PURGE_EVERY, PromptCache
+    from fanflow.testing._simwire import parse_request
+
+    cache = PromptCache(SimCache(ttl=1.0, min_tokens=1))
+    for n in range(2 * _PURGE_EVERY):  # a distinct one-token prompt a second, each cached
+        message = {"role": "user", "content": f"p{n}"}
+        body = json.dumps({"model": "m", "messages": [message]}).encode()
+        cache.use(parse_request("openai", body, n), now=float(n), prefilled=float(n))
+    assert len(cache._entries) <= _PURGE_EVERY + 1  # not one per prompt ever sent

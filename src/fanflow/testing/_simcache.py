@@ -69,6 +69,9 @@ class _Entry:
     expires: float
 
 
+# Expired entries are dropped once this many more have been added since the last purge.
+_PURGE_EVERY = 10_000
+
 # A breakpoint: the prompt's first `end` tokens, cached for `ttl` seconds.
 _Breakpoint = tuple[int, float]
 
@@ -79,6 +82,7 @@ class PromptCache:
     def __init__(self, config: SimCache) -> None:
         self.config = config
         self._entries: dict[int, _Entry] = {}
+        self._purge_at = _PURGE_EVERY  # entries: long runs of distinct prompts stay bounded
 
     def clear(self) -> None:
         self._entries.clear()
@@ -109,6 +113,9 @@ class PromptCache:
             else:  # being written by another request, or cached: the earlier one counts
                 entry.ready = min(entry.ready, prefilled)
                 entry.expires = max(entry.expires, prefilled + ttl)
+        if len(self._entries) >= self._purge_at:
+            self._entries = {k: e for k, e in self._entries.items() if e.expires > now}
+            self._purge_at = len(self._entries) + _PURGE_EVERY
         last = breakpoints[-1][0]
         written = 0 if sim.api == "openai" else last - read
         return CacheUse(read, written, cacheable=True)
