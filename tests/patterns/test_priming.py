@@ -132,3 +132,16 @@ async def test_constant_text_after_a_field_is_said_once_and_not_primed(
     said = [r.getMessage() for r in caplog.records if "constant text" in r.getMessage()]
     assert len(said) == 1
     assert "after its first field {input}" in said[0]
+
+
+@pytest.mark.parametrize(("prime", "misses"), [(None, 1), (False, 20)])
+async def test_a_pool_primes_each_model_step(prime: bool | None, misses: int) -> None:
+    server = SimServer(latency=LATENCY, prompt_cache=True, keep_requests=False)
+    async with server, _warm(server) as llm:
+        skill = fanflow.Skill(llm, "{text}", system=SYSTEM)
+        inputs = [{"text": f"item {i}"} for i in range(60)]
+        result = await fanflow.Pool(skill, inputs, max_flows=20, prime=prime).arun()
+        stats = server.stats()
+    assert result.ok
+    assert stats.cache_misses == misses  # unprimed: the first 20 at once all miss
+    assert stats.cache_hits == 60 - misses

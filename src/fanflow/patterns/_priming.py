@@ -18,8 +18,11 @@ cached: said once, on the ``fanflow`` logger, and not primed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from .._llm import LLM
@@ -27,8 +30,18 @@ from .._log import log
 from .._promptcache import minimum_tokens
 from .._tokens import estimate_tokens
 from .._types import Request
+from ._prompt import constant_lead
 
-__all__ = ["PRIME_MIN_ITEMS", "Prefix", "cache_provider", "prefix_of", "should_prime"]
+__all__ = [
+    "PRIME_MIN_ITEMS",
+    "STEP_PRIMERS",
+    "Prefix",
+    "StepPrimers",
+    "cache_provider",
+    "prefix_of",
+    "primed_step",
+    "should_prime",
+]
 
 #: A batch of at most this many items is not primed: the round trip it adds is a large
 #: share of a short batch's makespan. It is also how many items the decision reads.
@@ -151,3 +164,49 @@ def should_prime(
             varies,
         )
     return False
+
+
+class StepPrimers:
+    """A Pool run's priming of its model steps: per skill, the first call goes alone and
+    the skill's other calls wait until it has ended (``force``: every model step, else
+    those whose system prompt and constant leading text the model caches)."""
+
+    __slots__ = ("force", "gates")
+
+    def __init__(self, force: bool) -> None:
+        self.force = force
+        self.gates: dict[int, asyncio.Event] = {}
+
+
+#: Set while a Pool runs its inputs in real time (``Pool(prime=)``, decision 0190).
+STEP_PRIMERS: ContextVar[StepPrimers | None] = ContextVar("fanflow_step_primers", default=None)
+
+
+def _step_caches(llm: LLM, system: str | None, prompt: str) -> bool:
+    provider = cache_provider(llm)
+    if provider is None:
+        return False
+    constant = (system or "") + constant_lead(prompt)
+    return estimate_tokens(constant) >= minimum_tokens(provider, getattr(llm, "model", None))
+
+
+@contextlib.asynccontextmanager
+async def primed_step(
+    step: object, llm: LLM, system: str | None, prompt: str
+) -> AsyncIterator[None]:
+    """Around one call of a Pool's model ``step``: the step's first call runs at once
+    and its others wait for it to end (nothing waits outside a primed Pool run)."""
+    primers = STEP_PRIMERS.get()
+    if primers is None or not (primers.force or _step_caches(llm, system, prompt)):
+        yield
+        return
+    gate = primers.gates.get(id(step))
+    if gate is None:
+        primers.gates[id(step)] = gate = asyncio.Event()
+        try:
+            yield
+        finally:
+            gate.set()
+        return
+    await gate.wait()
+    yield
