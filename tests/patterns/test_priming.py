@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import fanflow
+from fanflow.providers import OpenAILLM
 from fanflow.testing import SimServer
 
 pytestmark = pytest.mark.looptime
@@ -22,7 +23,7 @@ LATENCY = 1.0
 
 
 @contextlib.asynccontextmanager
-async def _warm(server: SimServer) -> AsyncIterator[fanflow.OpenAILLM]:
+async def _warm(server: SimServer) -> AsyncIterator[OpenAILLM]:
     """A handle on ``server`` that has had its first answer: a new one holds all but 16
     calls until then (the breaker's cold start), which would hide what sending 100 at
     once does. The server's counters and cache start afresh."""
