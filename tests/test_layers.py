@@ -48,6 +48,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._util": "core",
     "fanflow._version": "core",
     "fanflow._pricing": "core",
+    "fanflow._promptcache": "core",
     "fanflow._tokens": "core",
     "fanflow._events": "core",
     "fanflow.events": "core",

@@ -112,10 +112,19 @@ class Budget:
         return self
 
     def amount(
-        self, model: str | None, input_tokens: float, output_tokens: float, *, batch: bool = False
+        self,
+        model: str | None,
+        input_tokens: float,
+        output_tokens: float,
+        *,
+        batch: bool = False,
+        cached: float = 0,
+        written: float = 0,
     ) -> float:
         """What ``input_tokens`` + ``output_tokens`` on ``model`` cost in this budget's unit
-        (``batch``: at the batch price of the provider's batch API).
+        (``batch``: at the batch price of the provider's batch API; ``cached`` and
+        ``written``: input tokens read from and written to the prompt cache, at the
+        cache's prices when known, else as plain input).
 
         Raises:
             BudgetExceeded: a money budget and a model with no known price.
@@ -129,8 +138,8 @@ class Budget:
                 f"cover it; {UNPRICED_FIX}"
             )
         if batch:
-            return price.batch_cost(input_tokens, output_tokens)
-        return price.cost(input_tokens, output_tokens)
+            return price.batch_cost(input_tokens, output_tokens, cached=cached, written=written)
+        return price.cost(input_tokens, output_tokens, cached=cached, written=written)
 
     async def reserve(self, amount: float, who: str, output_tokens: int | None = None) -> float:
         """Reserve ``amount`` before an attempt; wait while pending reservations may

@@ -53,7 +53,7 @@ from ._exceptions import (
 from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
 from ._log import log_attempt_failed, log_attempt_sent, log_succeeded
-from ._pricing import Price, cost_of
+from ._pricing import Cost, Price, price_of, priced
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Request, Response, Status, Usage
@@ -306,7 +306,14 @@ class _Call(Generic[T]):
             model = response.model if response is not None and response.model else None
             try:
                 batch = response is not None and response.batch_id is not None
-                actual = budget.amount(model or self.request.model, *_tokens_of(usage), batch=batch)
+                actual = budget.amount(
+                    model or self.request.model,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    batch=batch,
+                    cached=usage.cached_input_tokens,
+                    written=usage.cache_write_input_tokens,
+                )
             except BudgetExceeded:  # the reply names a model we have no price for
                 actual = reserved
         elif response is None and error is not None and not isinstance(error, CallTimeout):
@@ -723,14 +730,19 @@ class _Call(Generic[T]):
                 self.attempts[i] = dataclasses.replace(a, **changes)
                 return
 
-    def _cost(self, response: Response) -> float | None:
-        """The response's own cost, else its usage at the model's price (None: unknown)."""
-        if response.cost is not None:
-            return response.cost
+    def _cost(self, response: Response) -> Cost | None:
+        """The response's usage at the model's price (None: unknown); a response that
+        carries its own cost (a batch line) keeps it."""
         usage = response.usage
         if usage is None or usage.total_tokens <= 0:
-            return None
-        return cost_of(response.model or self.request.model, usage, self.opts.prices)
+            return None if response.cost is None else Cost(response.cost)
+        price = price_of(response.model or self.request.model, self.opts.prices)
+        if price is None:
+            return None if response.cost is None else Cost(response.cost)
+        cost = priced(usage, price, batch=response.batch_id is not None)
+        if response.cost is not None:
+            return Cost(response.cost, cost.cache_saved, cost.estimated)
+        return cost
 
     def _ordered_attempts(self) -> tuple[Attempt, ...]:
         # Attempts are appended as they end; a record lists them as they were started.
@@ -759,6 +771,8 @@ class _Call(Generic[T]):
                     f"{type(exc).__name__}: {exc}"
                 )
                 error.__cause__ = exc
+        usage = response.usage if response.usage is not None else Usage()
+        cost = self._cost(response)
         record: CallRecord[T] = CallRecord(
             status=status,
             request=self.request,
@@ -767,11 +781,13 @@ class _Call(Generic[T]):
             attempts=self._ordered_attempts(),
             start=start,
             end=end,
-            usage=response.usage if response.usage is not None else Usage(),
-            cost=self._cost(response),
+            usage=usage,
+            cost=None if cost is None else cost.dollars,
             label=self.label,
             index=self.index,
             response=response,
+            cache_saved=cost.cache_saved if cost is not None and _uses_cache(usage) else None,
+            cost_estimated=cost is not None and cost.estimated,
         )
         if self.hooks:
             emit(self.hooks, CallEnded(end, record))
@@ -827,5 +843,5 @@ def execute(
     return call.run(parse)
 
 
-def _tokens_of(usage: Usage) -> tuple[int, int]:
-    return usage.input_tokens, usage.output_tokens
+def _uses_cache(usage: Usage) -> bool:
+    return bool(usage.cached_input_tokens or usage.cache_write_input_tokens)

@@ -8,7 +8,11 @@ update that file, not code. Users add or override prices with
 same format, :func:`load_prices`; on the command line ``--price``).
 
 Each price carries the batch APIs' rate (``Price.batch``, 0.5 for every model in the
-table: OpenAI's Batch API and Anthropic's Message Batches both charge half).
+table: OpenAI's Batch API and Anthropic's Message Batches both charge half), and the
+prompt cache's: ``cached_input`` for tokens read from the cache, ``cache_write`` for
+tokens written to it (Anthropic's five-minute writes; OpenAI charges writes as plain
+input). A model whose cache price is unknown has its cached tokens charged at the full
+input price, an upper bound, and the cost is marked estimated (:class:`Cost`).
 
 A model is priced only when its name is in the table exactly, or is a dated snapshot of
 a name in it (``gpt-4o-2024-08-06``, ``claude-3-5-haiku-20241022``, ``...-latest``).
@@ -29,7 +33,7 @@ from types import MappingProxyType
 from ._exceptions import ConfigError
 from ._types import Usage
 
-__all__ = ["PRICES", "Price", "cost_of", "load_prices", "price_of"]
+__all__ = ["PRICES", "Cost", "Price", "cost_of", "load_prices", "price_of", "priced"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,17 +45,25 @@ class Price:
         output: dollars per million output (completion) tokens.
         batch: the batch APIs' price as a share of the real-time one (0.5: half price,
             as OpenAI's Batch API and Anthropic's Message Batches charge).
+        cached_input: dollars per million input tokens read from the prompt cache
+            (None: unknown).
+        cache_write: dollars per million input tokens written to the prompt cache
+            (None: unknown; OpenAI's writes are plain input, give ``input``).
     """
 
     input: float
     output: float
     batch: float = 0.5
+    cached_input: float | None = None
+    cache_write: float | None = None
 
     def __post_init__(self) -> None:
-        if self.input < 0 or self.output < 0:
+        numbers = (self.input, self.output, self.cached_input or 0, self.cache_write or 0)
+        if min(numbers) < 0:
             raise ConfigError(
                 f"prices must be >= 0 dollars per million tokens, got input={self.input}, "
-                f"output={self.output}"
+                f"output={self.output}, cached_input={self.cached_input}, "
+                f"cache_write={self.cache_write}"
             )
         if not 0 <= self.batch <= 1:
             raise ConfigError(
@@ -60,15 +72,54 @@ class Price:
 
     def __repr__(self) -> str:
         extra = f", batch={self.batch:g}" if self.batch != 0.5 else ""
+        if self.cached_input is not None:
+            extra += f", cached_input={self.cached_input:g}"
+        if self.cache_write is not None:
+            extra += f", cache_write={self.cache_write:g}"
         return f"fanflow.Price(input={self.input:g}, output={self.output:g}{extra})"
 
-    def cost(self, input_tokens: float, output_tokens: float) -> float:
-        """Dollars for the given token counts."""
-        return (input_tokens * self.input + output_tokens * self.output) / 1_000_000
+    def cost(
+        self, input_tokens: float, output_tokens: float, *, cached: float = 0, written: float = 0
+    ) -> float:
+        """Dollars for the given token counts; ``cached`` and ``written`` are the input
+        tokens read from and written to the prompt cache (an unknown cache price counts
+        them as plain input)."""
+        read = self.input if self.cached_input is None else self.cached_input
+        write = self.input if self.cache_write is None else self.cache_write
+        plain = input_tokens - cached - written
+        dollars = plain * self.input + cached * read + written * write
+        return (dollars + output_tokens * self.output) / 1_000_000
 
-    def batch_cost(self, input_tokens: float, output_tokens: float) -> float:
+    def batch_cost(
+        self, input_tokens: float, output_tokens: float, *, cached: float = 0, written: float = 0
+    ) -> float:
         """Dollars for the given token counts through a provider's batch API."""
-        return self.cost(input_tokens, output_tokens) * self.batch
+        return self.cost(input_tokens, output_tokens, cached=cached, written=written) * self.batch
+
+    def knows(self, usage: Usage) -> bool:
+        """Whether every token of ``usage`` has a known price (its cache tokens too)."""
+        read_known = self.cached_input is not None or not usage.cached_input_tokens
+        return read_known and (self.cache_write is not None or not usage.cache_write_input_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What one call cost: ``dollars``; ``cache_saved``, what the prompt cache saved
+    against the same tokens uncached (negative when writes cost more than reads saved);
+    ``estimated``, a cache price was unknown and its tokens were counted as plain input."""
+
+    dollars: float
+    cache_saved: float = 0.0
+    estimated: bool = False
+
+
+def priced(usage: Usage, price: Price, *, batch: bool = False) -> Cost:
+    """The :class:`Cost` of ``usage`` at ``price`` (``batch``: through a batch API)."""
+    share = price.batch if batch else 1.0
+    cached, written = usage.cached_input_tokens, usage.cache_write_input_tokens
+    dollars = price.cost(usage.input_tokens, usage.output_tokens, cached=cached, written=written)
+    uncached = price.cost(usage.input_tokens, usage.output_tokens)
+    return Cost(dollars * share, (uncached - dollars) * share, not price.knows(usage))
 
 
 def load_prices(source: str | Path | None = None) -> dict[str, Price]:
@@ -98,13 +149,24 @@ def load_prices(source: str | Path | None = None) -> dict[str, Price]:
     out: dict[str, Price] = {}
     for model, entry in table.items():
         try:
-            out[model] = Price(float(entry["input"]), float(entry["output"]))
+            out[model] = Price(
+                float(entry["input"]),
+                float(entry["output"]),
+                cached_input=_optional(entry, "cached_input"),
+                cache_write=_optional(entry, "cache_write"),
+            )
         except (KeyError, TypeError, ValueError):
             raise ConfigError(
                 f"{where}: the price of {model!r} must be {{ input = <number>, output = "
-                f"<number> }} (dollars per million tokens), got {entry!r}"
+                "<number> }, optionally with cached_input = and cache_write = <number> "
+                f"(dollars per million tokens), got {entry!r}"
             ) from None
     return out
+
+
+def _optional(entry: Mapping[str, object], name: str) -> float | None:
+    value = entry.get(name)
+    return None if value is None else float(value)  # type: ignore[arg-type]
 
 
 #: The built-in table, read from ``prices.toml`` (in the package) at import.
@@ -142,4 +204,4 @@ def cost_of(
     price = price_of(model, prices)
     if price is None:
         return None
-    return price.cost(usage.input_tokens, usage.output_tokens)
+    return priced(usage, price).dollars

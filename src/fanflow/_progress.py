@@ -25,7 +25,7 @@ from typing import IO, Any, ParamSpec, TypeVar
 
 from ._events import AMBIENT_HOOKS, AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
 from ._exceptions import RateLimited
-from ._types import Status
+from ._types import CallRecord, Status
 
 __all__ = [
     "PLAIN_INTERVAL",
@@ -71,6 +71,9 @@ class ProgressStats:
     bad_lines: int = 0
     batched: int = 0
     saved: float | None = None
+    cached_input_tokens: int = 0
+    cache_saved: float | None = None
+    cost_estimated: bool = False
 
     @property
     def tokens(self) -> int:
@@ -119,6 +122,8 @@ class Tracker:
         self._failures = Counter[str]()
         self._cost: float | None = None
         self._saved: float | None = None
+        self._cache_saved: float | None = None
+        self._estimated = False
         self._busy = 0.0
         self.bad_lines = 0
 
@@ -158,12 +163,20 @@ class Tracker:
             counts["output_tokens"] += record.usage.output_tokens
             if record.cost is not None and not record.cached:  # a store hit costs nothing
                 self._cost = (self._cost or 0.0) + record.cost
+                self._cache(record)
             response = record.response
             if response is not None and response.batch_id is not None and not record.cached:
                 counts["batched"] += 1
                 if response.saved is not None:
                     self._saved = (self._saved or 0.0) + response.saved
             self._busy += record.busy_time  # attempts only: queueing is not work
+
+    def _cache(self, record: CallRecord[Any]) -> None:
+        """Count what the provider's prompt cache read and saved on this call."""
+        self._counts["cached_input_tokens"] += record.usage.cached_input_tokens
+        if record.cache_saved is not None:
+            self._cache_saved = (self._cache_saved or 0.0) + record.cache_saved
+        self._estimated = self._estimated or record.cost_estimated
 
     def stop(self) -> None:
         """Freeze the elapsed time (the makespan) at now."""
@@ -196,6 +209,9 @@ class Tracker:
             bad_lines=self.bad_lines,
             batched=c["batched"],
             saved=self._saved,
+            cached_input_tokens=c["cached_input_tokens"],
+            cache_saved=self._cache_saved,
+            cost_estimated=self._estimated,
         )
 
 
@@ -287,7 +303,11 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
     table.add_row("retries", f"{s.retries}")
     table.add_row("429s", f"{s.rate_limited}")
     table.add_row("tokens", f"{s.tokens:,} ({s.input_tokens:,} in, {s.output_tokens:,} out)")
-    table.add_row("cost", _cost(s.cost))
+    mark = " (estimated: a cache price is unknown)" if s.cost_estimated else ""
+    table.add_row("cost", _cost(s.cost) + mark)
+    if s.cached_input_tokens or s.cache_saved is not None:
+        saved = "" if s.cache_saved is None else f", saved {_cost(s.cache_saved)}"
+        table.add_row("prompt cache", f"{s.cached_input_tokens:,} input tokens read{saved}")
     if s.batched:
         table.add_row("batched", f"{s.batched} ({s.done - s.batched} other)")
         if s.saved is not None:

@@ -203,11 +203,19 @@ _REQUEST_FIELDS = tuple(f.name for f in fields(Request) if f.name != "_key")
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts reported by the provider (or estimated, when ``estimated`` is set)."""
+    """Token counts reported by the provider (or estimated, when ``estimated`` is set).
+
+    ``input_tokens`` counts every prompt token, cached or not (as OpenAI's
+    ``prompt_tokens`` does; Anthropic's three counts are added up). Of those,
+    ``cached_input_tokens`` were read from the provider's prompt cache and
+    ``cache_write_input_tokens`` were written to it (Anthropic charges writes extra).
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     estimated: bool = False
+    cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -218,6 +226,8 @@ class Usage:
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
             self.estimated or other.estimated,
+            self.cached_input_tokens + other.cached_input_tokens,
+            self.cache_write_input_tokens + other.cache_write_input_tokens,
         )
 
 
@@ -292,7 +302,9 @@ class CallRecord(Generic[T]):
 
     ``value`` is the result on success (a :class:`Response` for raw calls, the parsed
     output for patterns); ``error`` the exception otherwise. Times are event-loop
-    times (``loop.time()``), so they are exact in virtual-time tests.
+    times (``loop.time()``), so they are exact in virtual-time tests. ``cache_saved``
+    is what the provider's prompt cache saved on this call, in dollars (None: no price);
+    ``cost_estimated`` says a cache price was unknown and ``cost`` is an upper bound.
     """
 
     status: Status
@@ -308,6 +320,8 @@ class CallRecord(Generic[T]):
     index: int | None = None
     response: Response | None = field(default=None, repr=False)
     cached: bool = False
+    cache_saved: float | None = None
+    cost_estimated: bool = False
 
     def _fields(self) -> Iterator[tuple[str, Any, str]]:
         """What a person wants to see: ``(name, value, text)``; loop timestamps left out."""
@@ -328,7 +342,14 @@ class CallRecord(Generic[T]):
             u = self.usage
             yield "tokens", (u.input_tokens, u.output_tokens), f"{u.input_tokens}+{u.output_tokens}"
         if self.cost is not None:
-            yield "cost", float(money(self.cost)), money(self.cost)
+            mark = "~" if self.cost_estimated else ""
+            yield "cost", float(money(self.cost)), mark + money(self.cost)
+        if self.usage.cached_input_tokens:
+            yield (
+                "cached_input",
+                self.usage.cached_input_tokens,
+                str(self.usage.cached_input_tokens),
+            )
         if self.cached:
             yield "cached", True, "True"
 
@@ -389,7 +410,10 @@ class Summary:
     ``batched`` counts items answered by a provider batch, ``realtime`` items answered
     by real-time calls (cache hits are neither); ``saved`` is what the batch price saved
     against all-real-time, in dollars (None when nothing was batched or a price is
-    unknown).
+    unknown). ``cache_saved`` is what the provider's prompt cache saved against the same
+    tokens uncached (None: no call read or wrote the cache, or no price; negative when
+    cache writes cost more than reads saved); ``cost_estimated``: a cache price was
+    unknown and ``cost`` is an upper bound.
     """
 
     items: int
@@ -407,6 +431,8 @@ class Summary:
     batched: int = 0
     realtime: int = 0
     saved: float | None = None
+    cache_saved: float | None = None
+    cost_estimated: bool = False
 
     @property
     def speedup(self) -> float | None:
@@ -423,8 +449,14 @@ class Summary:
         yield "retries", self.retries, str(self.retries)
         u = self.usage
         yield "tokens", (u.input_tokens, u.output_tokens), f"{u.input_tokens}+{u.output_tokens}"
+        if u.cached_input_tokens or u.cache_write_input_tokens:
+            yield "cached_input", u.cached_input_tokens, f"{u.cached_input_tokens}"
+            yield "cache_write", u.cache_write_input_tokens, f"{u.cache_write_input_tokens}"
         cost = None if self.cost is None else float(money(self.cost))
-        yield "cost", cost, "None" if self.cost is None else money(self.cost)
+        mark = "~" if self.cost_estimated else ""
+        yield "cost", cost, "None" if self.cost is None else mark + money(self.cost)
+        if self.cache_saved is not None:
+            yield "cache_saved", float(money(self.cache_saved)), money(self.cache_saved)
         yield "makespan", round(self.makespan, 3), seconds(self.makespan)
         yield "busy_time", round(self.busy_time, 3), seconds(self.busy_time)
 
@@ -506,7 +538,12 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
     calls = retries = batched = realtime = 0
     busy = 0.0
     saved: float | None = None
+    cache_saved: float | None = None
+    estimated = False
     for r in records:
+        if r.cache_saved is not None and not r.cached:
+            cache_saved = (cache_saved or 0.0) + r.cache_saved
+        estimated = estimated or (r.cost_estimated and not r.cached)
         response = r.response
         if response is not None and response.batch_id is not None:
             batched += 1
@@ -540,4 +577,6 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
         batched=batched,
         realtime=realtime,
         saved=saved,
+        cache_saved=cache_saved,
+        cost_estimated=estimated,
     )

@@ -58,11 +58,25 @@ async def test_anthropic_error_event_mid_stream_is_classified() -> None:
     await llm.aclose()
 
 
-async def test_anthropic_stream_collects_text_and_usage() -> None:
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (b'{"input_tokens": 4}', fanflow.Usage(4, 2)),
+        # The cache's counts are apart from Anthropic's input_tokens; fanflow adds them.
+        (
+            b'{"input_tokens": 4, "cache_creation_input_tokens": 10,'
+            b' "cache_read_input_tokens": 3000}',
+            fanflow.Usage(3014, 2, cached_input_tokens=3000, cache_write_input_tokens=10),
+        ),
+    ],
+)
+async def test_anthropic_stream_collects_text_and_usage(
+    usage: bytes, expected: fanflow.Usage
+) -> None:
     llm = fanflow.anthropic("m", base_url="http://127.0.0.1:9", api_key="k", stream=True)
     payload = (
         b'data: {"type": "message_start", "message": {"model": "m2",'
-        b' "usage": {"input_tokens": 4}}}\n\n'
+        b' "usage": ' + usage + b"}}\n\n"
         b'data: {"type": "content_block_delta", "delta": {"text": "Hi "}}\n\n'
         b'data: {"type": "content_block_delta", "delta": {"text": "there"}}\n\n'
         b'data: {"type": "message_delta", "delta": {"stop_reason": "end_turn"},'
@@ -71,4 +85,17 @@ async def test_anthropic_stream_collects_text_and_usage() -> None:
     )
     response = await llm.read_stream(_reader(payload), asyncio.get_running_loop().time(), {})
     assert (response.text, response.model, response.finish_reason) == ("Hi there", "m2", "end_turn")
-    assert response.usage == fanflow.Usage(4, 2)
+    assert response.usage == expected
+
+
+async def test_openai_stream_reads_the_cached_prompt_tokens() -> None:
+    llm = fanflow.openai("m", base_url="http://127.0.0.1:9", api_key="k", stream=True)
+    payload = (
+        b'data: {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 2000, "completion_tokens": 1,'
+        b' "prompt_tokens_details": {"cached_tokens": 1920}}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    response = await llm.read_stream(_reader(payload), asyncio.get_running_loop().time(), {})
+    assert response.usage == fanflow.Usage(2000, 1, cached_input_tokens=1920)
+    await llm.aclose()

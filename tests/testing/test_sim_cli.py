@@ -18,6 +18,7 @@ def test_public_names() -> None:
         "MockTransport",
         "ScriptedLLM",
         "SimBatches",
+        "SimCache",
         "SimRequest",
         "SimSecond",
         "SimServer",

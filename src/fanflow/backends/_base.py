@@ -73,11 +73,11 @@ class FirstCheck:
 
     ``check(items)`` raises (a ``TemplateError``, say) when the items show that every
     call would fail the same way; the local and Ray backends run it on the first items
-    before any call.
+    before any call. As ``MapSpec.prime`` it returns whether to prime the batch.
     """
 
     count: int
-    check: Callable[[list[Any]], None]
+    check: Callable[[list[Any]], Any]
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +102,10 @@ class MapSpec:
         budget: one spending cap for every call of the batch (None: none).
         prices: model prices beyond the built-in table.
         check_first: a check of the first items, run before any call (None: none).
+        prime: whether to prime the batch, decided from its first ``prime.count`` items
+            before any call: the first item is sent alone and the others wait until it
+            is done, so that they read the prefix it put in the provider's prompt
+            cache (None: never; the local backend honours it, others may not).
     """
 
     llm: LLM
@@ -120,6 +124,7 @@ class MapSpec:
     budget: Budget | None = None
     prices: Mapping[str, Price] | None = None
     check_first: FirstCheck | None = None
+    prime: FirstCheck | None = None
 
     @property
     def size(self) -> int | None:

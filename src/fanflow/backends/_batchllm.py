@@ -19,7 +19,7 @@ from .._durable import cache_identity, cache_key
 from .._exceptions import BatchIncomplete
 from .._limits import Limits
 from .._llm import BaseLLM
-from .._pricing import Price, price_of
+from .._pricing import Price, price_of, priced
 from .._tokens import request_tokens
 from .._types import Request, Response
 from ._batch import BatchOptions, BatchQueue
@@ -89,8 +89,8 @@ class BatchLLM(BaseLLM):
         if price is None or response.usage is None:
             return response
         usage = response.usage
-        full = price.cost(usage.input_tokens, usage.output_tokens)
-        cost = price.batch_cost(usage.input_tokens, usage.output_tokens)
+        cost = priced(usage, price, batch=True).dollars
+        full = priced(usage, price).dollars
         return Response(
             response.text,
             usage=usage,

@@ -14,6 +14,7 @@ concurrency, not with the input.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from .._events import CallEnded, emit
 from .._gc import batch_gc
 from .._limits import DEFAULT_CONCURRENCY
 from .._llm import LLM, BaseLLM
+from .._promptcache import PREFILLED
 from .._types import CallRecord, Request, Response, Status
 from ._base import Deliver, FirstCheck, Items, MapSpec, PoolSpec
 
@@ -160,6 +162,7 @@ class Batch(Generic[T]):
         durable: Durability | None = None,
         size: int | None = None,
         check_first: FirstCheck | None = None,
+        prime: FirstCheck | None = None,
     ) -> None:
         self.llm = llm
         self.build = build
@@ -173,6 +176,8 @@ class Batch(Generic[T]):
         self.durable = durable
         self.size = size
         self.check_first = check_first
+        self.prime = prime
+        self.primed = False  # set by run(): the first item goes alone
 
     @property
     def seen(self) -> int:
@@ -183,6 +188,8 @@ class Batch(Generic[T]):
             # Before the first call: a field that none of the first items has is a
             # mistake in the template (TemplateError), not one failure per item.
             self.check_first.check(await self.source.peek(self.check_first.count))
+        if self.prime is not None:
+            self.primed = bool(self.prime.check(await self.source.peek(self.prime.count)))
         if self.durable is None:
             await self._run()
         else:
@@ -192,8 +199,11 @@ class Batch(Generic[T]):
         try:
             with batch_gc():
                 async with asyncio.TaskGroup() as tg:
-                    for _ in range(self.workers):
-                        tg.create_task(self._worker())
+                    if self.primed:
+                        tg.create_task(self._worker(primer=tg))
+                    else:
+                        for _ in range(self.workers):
+                            tg.create_task(self._worker())
         except BaseExceptionGroup as group:
             # Re-raise the one meaningful error (fail-fast, or the item iterator's own).
             errors = group.exceptions
@@ -203,7 +213,10 @@ class Batch(Generic[T]):
             raise first from None
         return self.source.seen
 
-    async def _worker(self) -> None:
+    async def _worker(self, primer: asyncio.TaskGroup | None = None) -> None:
+        """Run items until there are none. The ``primer`` (a primed batch's one worker)
+        runs the first item alone, so its prompt's prefix enters the provider's cache,
+        then starts the other workers in that task group."""
         source = self.source
         is_async = source.is_async
         tail = self.opts.tail
@@ -214,7 +227,11 @@ class Batch(Generic[T]):
                     tail.draining = True  # every item is started: the batch's tail
                 return
             index, item = got
-            record = await self.run_item(index, item)
+            if primer is None:
+                record = await self.run_item(index, item)
+            else:
+                record = await self._first(index, item, primer)
+                primer = None
             if self.durable is not None:
                 self.durable.emit(record, item)
             delivered = self.deliver(record)
@@ -222,6 +239,27 @@ class Batch(Generic[T]):
                 await delivered
             if self.fail_fast and record.status is not Status.SUCCEEDED:
                 raise FailFast(record)
+
+    async def _first(self, index: int, item: Any, tg: asyncio.TaskGroup) -> CallRecord[T]:
+        """A primed batch's first item; the other workers start in ``tg`` when its
+        streamed reply's first text arrives (the prompt is read), else when it ends."""
+        started = False
+        outer = contextvars.copy_context()  # the workers' context: without PREFILLED set
+
+        def release() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                for _ in range(self.workers - 1):
+                    tg.create_task(self._worker(), context=outer.copy())
+
+        token = PREFILLED.set(release)
+        try:
+            record = await self.run_item(index, item)
+        finally:
+            PREFILLED.reset(token)
+        release()
+        return record
 
     def run_item(self, index: int, item: Any) -> Awaitable[CallRecord[T]]:
         """Run one item to its record (committed to the store first, if there is one).
@@ -303,6 +341,7 @@ class LocalBackend:
             durable=spec.durable,
             size=size,
             check_first=spec.check_first,
+            prime=spec.prime,
         )
 
     async def run_pool(

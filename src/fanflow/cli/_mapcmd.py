@@ -189,6 +189,12 @@ def describe_dry_run(
         )
     else:
         lines.append(f"  cost           at most ${e.cost:,.4f} (model {model})")
+        if e.cached_cost is not None:
+            lines.append(
+                f"  with the cache at most ${e.cached_cost:,.4f}: the calls share a prefix "
+                f"of ~{e.cached_prefix_tokens:,} tokens, read from the prompt cache after "
+                "the first"
+            )
         if e.batch_cost is not None:
             lines.append(
                 f"  batch cost     at most ${e.batch_cost:,.4f} with --batch "
@@ -247,6 +253,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="print expected calls, tokens and cost; send nothing"
     )
+    p.add_argument(
+        "--prime", action=argparse.BooleanOptionalAction, default=None,
+        help="send the first item alone so the others read the prompt prefix it caches "
+        "(default: when the items share a prefix the model caches)",
+    )  # fmt: skip
     job = p.add_argument_group("resumable jobs (a SQLite store, --store or FANFLOW_STORE)")
     job.add_argument("--job", metavar="NAME", help="record items under NAME; rerun to resume")
     job.add_argument("--resume", action="store_true", help="continue job NAME (must exist)")
@@ -330,6 +341,8 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         options["backend"] = RayBackend(address=args.ray_address)
     if args.deadline is not None and not args.batch:
         raise ConfigError("--deadline goes with --batch (it says when to move to real time)")
+    if args.prime is not None:
+        options["prime"] = args.prime
     if args.batch:
         options["mode"] = "batch" if args.deadline is None else "auto"
         if args.deadline is not None:

@@ -90,7 +90,11 @@ def record_to_json(
         "end": record.end,
         "input_tokens": record.usage.input_tokens,
         "output_tokens": record.usage.output_tokens,
+        "cached_input_tokens": record.usage.cached_input_tokens,
+        "cache_write_input_tokens": record.usage.cache_write_input_tokens,
         "cost": record.cost,
+        "cache_saved": record.cache_saved,
+        "cost_estimated": record.cost_estimated,
         "cached": record.cached,
         "batch_id": record.batch_id,
         "error": _error_name(record.error),
@@ -249,6 +253,8 @@ class CallRow:
     line: int | None = None
     id: str | None = None
     input: str | None = None
+    cached_input_tokens: int = 0
+    cache_saved: float | None = None
 
     @property
     def latency(self) -> float | None:
@@ -319,6 +325,8 @@ def read_records(path: str) -> Iterator[CallRow]:
                     line=d.get("line"),
                     id=d.get("id"),
                     input=d.get("input"),
+                    cached_input_tokens=int(d.get("cached_input_tokens") or 0),
+                    cache_saved=d.get("cache_saved"),
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 if not line.endswith("\n") and isinstance(exc, json.JSONDecodeError):

@@ -65,6 +65,8 @@ class ReportSummary:
     cost: float | None
     makespan: float
     busy_time: float
+    cached_input_tokens: int = 0
+    cache_saved: float | None = None
 
     @property
     def failed(self) -> int:
@@ -81,6 +83,7 @@ def summarize_rows(rows: Sequence[CallRow]) -> ReportSummary:
     ends = [r.end for r in rows if r.end is not None]
     failures = Counter(r.error or r.status for r in rows if r.status != "succeeded")
     costs = [r.cost for r in rows if r.cost is not None]
+    saved = [r.cache_saved for r in rows if r.cache_saved is not None]
     return ReportSummary(
         items=len(rows),
         succeeded=sum(r.status == "succeeded" for r in rows),
@@ -93,7 +96,17 @@ def summarize_rows(rows: Sequence[CallRow]) -> ReportSummary:
         cost=sum(costs) if costs else None,
         makespan=(max(ends) - min(starts)) if starts and ends else 0.0,
         busy_time=sum(r.busy_time for r in rows),
+        cached_input_tokens=sum(r.cached_input_tokens for r in rows),
+        cache_saved=sum(saved) if saved else None,
     )
+
+
+def _cache_rows(s: ReportSummary) -> list[tuple[str, Any]]:
+    """The prompt cache's line of the summary table (none when no call used it)."""
+    if not s.cached_input_tokens and s.cache_saved is None:
+        return []
+    saved = "" if s.cache_saved is None else f", saved ${s.cache_saved:,.4f}"
+    return [("prompt cache", f"{s.cached_input_tokens:,} input tokens read{saved}")]
 
 
 def _pyplot() -> Any:
@@ -367,6 +380,7 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline: Chart | None =
             f"{s.output_tokens:,} out)",
         ),
         ("cost", "n/a" if s.cost is None else f"${s.cost:,.4f}"),
+        *_cache_rows(s),
         ("makespan", format_duration(s.makespan)),
         ("speed-up", "n/a" if s.speedup is None else f"{s.speedup:.1f}x"),
     ]

@@ -9,7 +9,9 @@ from typing import Any, Unpack
 from .._llm import LLM, BaseLLM
 from .._pricing import price_of
 from .._tokens import request_tokens
+from .._types import Request
 from ._options import Options, resolve
+from ._priming import PRIME_MIN_ITEMS, cache_provider, prefix_of
 from ._prompt import Prompt, build_request
 
 __all__ = ["EstimateResult", "estimate"]
@@ -27,6 +29,10 @@ class EstimateResult:
     the same through the provider's batch API (``mode="batch"``, at each price's batch
     rate); both are None when a model's price is unknown. ``by_model`` gives each
     model's calls and real-time cost (None: no price), for requests naming their own.
+    ``cached_cost`` is the
+    real-time cost when the prefix the items share is read from the provider's prompt
+    cache, as a primed map reads it (``cached_prefix_tokens`` per call after the first;
+    on Anthropic the first writes it); None when nothing can be cached.
     """
 
     items: int
@@ -36,6 +42,8 @@ class EstimateResult:
     unpriced_models: tuple[str | None, ...] = ()
     batch_cost: float | None = None
     by_model: Mapping[str | None, tuple[int, float | None]] = field(default_factory=dict)
+    cached_cost: float | None = None
+    cached_prefix_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -83,10 +91,13 @@ def estimate(
     batch_cost: float | None = 0.0
     unpriced: list[str | None] = []
     by_model: dict[str | None, tuple[int, float | None]] = {}
+    first: list[Request] = []
     for index, item in enumerate(items):
         request = build_request(prompt, item, index, system=system, params=params)
         if isinstance(llm, BaseLLM):
             request = llm.prepare(request)
+        if len(first) <= PRIME_MIN_ITEMS:
+            first.append(request)
         input_tokens, output_tokens = request_tokens(request)
         n += 1
         input_total += input_tokens
@@ -104,4 +115,26 @@ def estimate(
         elif cost is not None and batch_cost is not None:
             cost += price.cost(input_tokens, output_tokens)
             batch_cost += price.batch_cost(input_tokens, output_tokens)
-    return EstimateResult(n, input_total, output_total, cost, tuple(unpriced), batch_cost, by_model)
+    prefix = prefix_of(llm, first) if n > PRIME_MIN_ITEMS else None
+    if prefix is None or not prefix.cacheable or cost is None:
+        return EstimateResult(
+            n, input_total, output_total, cost, tuple(unpriced), batch_cost, by_model
+        )
+    price = price_of(first[0].model, prices)
+    assert price is not None  # every model was priced (cost is not None)
+    tokens = prefix.tokens
+    written = tokens if cache_provider(llm) == "anthropic" else 0
+    # The same calls with the shared prefix read from the cache (and written once).
+    saved = (n - 1) * (price.cost(tokens, 0) - price.cost(tokens, 0, cached=tokens))
+    saved += price.cost(tokens, 0) - price.cost(tokens, 0, written=written)
+    return EstimateResult(
+        n,
+        input_total,
+        output_total,
+        cost,
+        tuple(unpriced),
+        batch_cost,
+        by_model,
+        cost - saved,
+        tokens,
+    )

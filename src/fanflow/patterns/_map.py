@@ -31,7 +31,15 @@ from ..backends._config import resolve_backend
 from ..backends._local import DEFAULT_WINDOW
 from ._common import check_model
 from ._options import Options, resolve
-from ._prompt import FIRST_ITEMS, Prompt, build_request, check_first_items, parse_template
+from ._priming import PRIME_MIN_ITEMS, should_prime
+from ._prompt import (
+    FIRST_ITEMS,
+    Prompt,
+    build_request,
+    check_first_items,
+    constant_metadata,
+    parse_template,
+)
 from ._requests import ready_request
 
 __all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
@@ -46,14 +54,25 @@ def _text(response: Response) -> str:
 @dataclass(frozen=True)
 class _Template:
     """Builds one item's request from the prompt (pickles, for backends in other
-    processes, as long as the prompt does)."""
+    processes, as long as the prompt does). A template's requests carry its constant
+    leading text and a key naming it (``fanflow._promptcache``), for the providers'
+    prompt caches."""
 
     prompt: Prompt
     system: str | None
     params: dict[str, Any]
 
+    @functools.cached_property
+    def _metadata(self) -> dict[str, Any] | None:
+        if not isinstance(self.prompt, str):
+            return None
+        return constant_metadata(self.prompt, self.system)
+
     def __call__(self, item: Any, index: int) -> Request:
-        return build_request(self.prompt, item, index, system=self.system, params=self.params)
+        return build_request(
+            self.prompt, item, index, system=self.system, params=self.params,
+            metadata=self._metadata,
+        )  # fmt: skip
 
 
 def _first_check(prompt: Prompt) -> FirstCheck | None:
@@ -61,6 +80,18 @@ def _first_check(prompt: Prompt) -> FirstCheck | None:
     if not isinstance(prompt, str):
         return None
     return FirstCheck(FIRST_ITEMS, functools.partial(check_first_items, prompt))
+
+
+def _priming(llm: LLM, build: _Template, prime: bool | None, name: str) -> FirstCheck | None:
+    """How a map decides to prime (``prime=None``: the rule of ``patterns/_priming.py``;
+    True: always; False: never)."""
+    if prime is False:
+        return None
+    if prime is True:
+        return FirstCheck(1, bool)  # any first item: prime
+    return FirstCheck(
+        PRIME_MIN_ITEMS + 1, functools.partial(should_prime, llm, build, pattern=name)
+    )
 
 
 def _backend(
@@ -116,6 +147,7 @@ def _spec(
     label: str | None,
     fail_fast: bool,
     only_failed: bool,
+    prime: bool | None,
 ) -> MapSpec:
     """Check a map's arguments and describe it for a backend (``map``, ``as_completed``)."""
     o = resolve(name, options)
@@ -123,11 +155,11 @@ def _spec(
     prompt, items = _requests_or_items(name, prompt, items, system)
     if isinstance(prompt, str):
         parse_template(prompt)  # a bad template fails here, before any call
+    params = _params(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    build = _Template(prompt, system, params)
     return MapSpec(
         llm=llm,
-        build=_Template(
-            prompt, system, _params(temperature=temperature, max_tokens=max_tokens, seed=seed)
-        ),
+        build=build,
         items=items,
         parse=parse or _text,
         concurrency=o.concurrency,
@@ -144,6 +176,7 @@ def _spec(
         budget=as_budget(o.budget_spec),
         prices=o.prices,
         check_first=_first_check(prompt),
+        prime=_priming(llm, build, prime, name),
     )
 
 
@@ -170,6 +203,7 @@ async def map(
     mode: Mode = "realtime",
     batch: BatchOptions | None = None,
     progress: bool = False,
+    prime: bool | None = None,
     **options: Unpack[Options],
 ) -> BatchResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
@@ -208,6 +242,11 @@ async def map(
             apply to the real-time calls only. Shorthand for
             ``backend=fanflow.backends.BatchBackend(mode, batch)``.
         batch: how batches are sized and polled (:class:`fanflow.backends.BatchOptions`).
+        prime: send the first item alone and the others once it is done, so they read
+            the prompt prefix it put in the provider's cache. None (the default):
+            when there are more than 8 items and their requests share a prefix the
+            model caches (OpenAI; Anthropic with the handle's ``cache_control``); True:
+            always; False: never. Real-time calls only (not ``mode="batch"``).
         **options: the call options (:class:`fanflow.Options`): ``concurrency`` is the
             most items in flight; ``deadline`` ends the items not done by then as
             ``timed_out``; with ``store`` each item's call is committed before it is
@@ -221,7 +260,7 @@ async def map(
     spec = _spec(
         "map", llm, prompt, items, options, system=system, temperature=temperature,
         max_tokens=max_tokens, seed=seed, parse=parse, label=label, fail_fast=fail_fast,
-        only_failed=only_failed,
+        only_failed=only_failed, prime=prime if mode == "realtime" else False,
     )  # fmt: skip
     runner = _backend(
         backend, mode, batch, llm, deadline=spec.deadline, hedge_after=spec.hedge_after
@@ -421,17 +460,18 @@ def as_completed(
     mode: Mode = "realtime",
     batch: BatchOptions | None = None,
     progress: bool = False,
+    prime: bool | None = None,
     **options: Unpack[Options],
 ) -> ResultStream[Any]:
     """Like :func:`map`, but stream each item's record as soon as it ends.
 
     ``items`` may be an endless (async) iterator: items are pulled only as workers free
     up, and at most about twice the concurrency of records wait to be consumed.
-    The arguments are those of :func:`map` but ``fail_fast``, and the same call options
-    (:class:`fanflow.Options`), and ``progress=True`` shows the stream's calls live
-    from its first record until it is closed; a record is yielded only after it is committed to the
-    store (on Ray, records stream back from the workers as they finish; with ``mode``
-    ``"batch"``/``"auto"``, as their batches land).
+    The arguments are those of :func:`map` (``prime`` too) but ``fail_fast``, and the
+    same call options (:class:`fanflow.Options`), and ``progress=True`` shows the
+    stream's calls live from its first record until it is closed; a record is yielded
+    only after it is committed to the store (on Ray, records stream back from the
+    workers as they finish; with ``mode`` ``"batch"``/``"auto"``, as their batches land).
 
     Returns:
         A :class:`ResultStream`; use ``async with fanflow.as_completed(...) as results:``
@@ -440,7 +480,7 @@ def as_completed(
     spec = _spec(
         "as_completed", llm, prompt, items, options, system=system, temperature=temperature,
         max_tokens=max_tokens, seed=seed, parse=parse, label=label, fail_fast=False,
-        only_failed=only_failed,
+        only_failed=only_failed, prime=prime if mode == "realtime" else False,
     )  # fmt: skip
     runner = _backend(
         backend, mode, batch, llm, deadline=spec.deadline, hedge_after=spec.hedge_after

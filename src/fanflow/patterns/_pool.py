@@ -37,6 +37,7 @@ from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, FlowResult, Step
 from ._options import Options, resolve
+from ._priming import PRIME_MIN_ITEMS, STEP_PRIMERS, StepPrimers
 from ._prompt import FIRST_ITEMS
 from ._skill import Skill
 
@@ -244,6 +245,11 @@ class Pool:
             steps run as usual. Each input in progress holds one request in a batch, so
             ``max_flows`` is raised to the number of inputs (at most twice a batch).
         batch: how batches are sized and polled (:class:`fanflow.backends.BatchOptions`).
+        prime: per model step, send the first input's call alone and the step's other
+            calls once it has ended, so they read the prompt prefix it put in the
+            provider's cache. None (the default): with more than 8 inputs, for the
+            steps whose system prompt and constant leading text the model caches; True:
+            every model step; False: never. Local backend, real time only.
         **options: the call options (:class:`fanflow.Options`). ``store``, ``cache``,
             ``budget`` and ``prices`` override the skills' and chains' own; ``budget``
             caps one run of the pool, every call of every input together (a number: a
@@ -265,9 +271,12 @@ class Pool:
         backend: str | Backend = "local",
         mode: Literal["realtime", "batch"] = "realtime",
         batch: BatchOptions | None = None,
+        prime: bool | None = None,
         **options: Unpack[Options],
     ) -> None:
         check_pool_mode(mode, _models(runner), backend)
+        # Batches keep no order to prime in; nothing waits (decision 0190).
+        self.prime = False if mode == "batch" else prime
         if mode == "batch":
             backend = BatchBackend("batch", batch)
         self.backend = resolve_backend(backend)
@@ -412,12 +421,15 @@ class Pool:
             await self.backend.run_pool(spec, delivered, self._moved)
             return len(self.inputs)
 
+        primers = self.prime is True or (self.prime is None and len(todo) > PRIME_MIN_ITEMS)
+        token = STEP_PRIMERS.set(StepPrimers(self.prime is True) if primers else None)
         try:
             if durable is None:
                 await run_all()
             else:
                 await durable.around(run_all, len(self.inputs))
         finally:
+            STEP_PRIMERS.reset(token)
             for steps in self._running:
                 steps.clear()
         items = tuple(r for r in self._results if r is not None)

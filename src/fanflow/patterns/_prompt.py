@@ -14,12 +14,14 @@ patterns, skills, chains, flows and the command line all use :func:`parse_templa
 from __future__ import annotations
 
 import functools
+import hashlib
 import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from .._exceptions import TemplateError
+from .._promptcache import CONSTANT_CHARS, TEMPLATE_KEY
 from .._types import Request
 
 __all__ = [
@@ -210,6 +212,25 @@ def check_first_items(prompt: Prompt, items: Iterable[Any]) -> None:
             )
 
 
+def constant_lead(template: str) -> str:
+    """The template's text before its first field (all of it if it has none), as the
+    filled prompt starts: the same for every item."""
+    lead = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        lead.append(literal)
+        if name is not None:
+            break
+    return "".join(lead)
+
+
+def constant_metadata(template: str, system: str | None) -> dict[str, Any]:
+    """The metadata a template's requests carry for the providers' prompt caches: how
+    many leading characters of the prompt are constant, and a key naming the template."""
+    lead = constant_lead(parse_template(template).text)
+    digest = hashlib.sha256(f"{system or ''}\x00{lead}".encode()).hexdigest()
+    return {CONSTANT_CHARS: len(lead), TEMPLATE_KEY: f"fanflow-{digest[:16]}"}
+
+
 def build_request(
     prompt: Prompt,
     item: Any,
@@ -217,14 +238,17 @@ def build_request(
     *,
     system: str | None = None,
     params: RequestParams | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Request:
     """Build the request for one item.
 
     A template is filled with the item's fields. A callable gets the item and returns a
     :class:`Request` (used as is, with unset parameters filled from ``params``) or text.
+    ``metadata`` goes with a template's request.
     """
     if isinstance(prompt, str):
-        return Request.of(render(prompt, item, index), system=system, **(params or {}))
+        text = render(prompt, item, index)
+        return Request.of(text, system=system, metadata=metadata, **(params or {}))
     built = prompt(item)
     if isinstance(built, Request):
         if params:

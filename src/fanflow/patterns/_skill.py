@@ -29,7 +29,8 @@ from ..store import Store
 from ._common import check_model
 from ._options import Options, fill, option_attributes, resolve
 from ._parsing import find_json
-from ._prompt import parse_template, render
+from ._priming import primed_step
+from ._prompt import constant_metadata, parse_template, render
 
 __all__ = ["Skill", "SkillResult", "template_fields"]
 
@@ -205,12 +206,9 @@ class Skill:
             prompt = render(self.prompt, inputs, index)
         except Exception as exc:
             return SkillResult(Status.FAILED, error=exc)
-        request = Request.of(
-            prompt,
-            system=self.system,
-            metadata={"pattern": "skill", "skill": self.name},
-            **self.params,
-        )
+        metadata = {"pattern": "skill", "skill": self.name}
+        metadata.update(constant_metadata(self.prompt, self.system))  # for prompt caches
+        request = Request.of(prompt, system=self.system, metadata=metadata, **self.params)
         own = self.options.start()
         opts = fill(
             own.calls(
@@ -226,6 +224,20 @@ class Skill:
             opts = replace(opts, timeout=None)
         store = store if store is not None else own.store
         reuse = cache if cache is not None else own.cache
+        async with primed_step(self, llm, self.system, self.prompt):
+            return await self._calls(llm, request, opts, store, reuse, index, label)
+
+    async def _calls(
+        self,
+        llm: LLM,
+        request: Request,
+        opts: CallOptions,
+        store: Store | None,
+        reuse: bool,
+        index: int | None,
+        label: str | None,
+    ) -> SkillResult:
+        """The skill's call, and its retries when a reply fails validation."""
         calls: list[CallRecord[Any]] = []
         for _ in range(1 + (self.validation_retries if self._parse is not None else 0)):
             record: CallRecord[Any] = await execute_stored(

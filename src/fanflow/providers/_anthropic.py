@@ -17,7 +17,9 @@ from typing import Any, ClassVar
 
 from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
+from .._promptcache import CONSTANT_CHARS, minimum_tokens
 from .._retry import RetryPolicy
+from .._tokens import estimate_tokens
 from .._transport import Transport
 from .._types import RateLimitState, Request, Response, Usage
 from ._batchapi import AnthropicBatches, BatchAPI
@@ -45,11 +47,14 @@ class AnthropicLLM(HttpLLM):
         base_url: str,
         api_key: str | None,
         extra_body: Mapping[str, Any] | None = None,
+        cache_control: bool = True,
         **kwargs: Any,
     ) -> None:
         base = base_url.rstrip("/").removesuffix("/v1")
         super().__init__(model, base_url=base, api_key=api_key, **kwargs)
         self.extra_body = dict(extra_body or {})
+        #: Place ``cache_control`` breakpoints on the constant part of the prompt.
+        self.cache_control = cache_control
         self.url = f"{self.base_url}/v1/messages"
 
     def cache_identity(self) -> dict[str, Any]:
@@ -66,11 +71,12 @@ class AnthropicLLM(HttpLLM):
             out["x-api-key"] = self._secret.reveal()
         return out
 
-    def body(self, request: Request) -> dict[str, Any]:
+    def body(self, request: Request, *, cache_ttl: str | None = None) -> dict[str, Any]:
+        """The Messages API body; ``cache_ttl`` (``"1h"``) for the breakpoints placed."""
         if request.body is not None:
             check_translatable(request.body, "anthropic", "the Messages API")
         system: list[str] = []
-        messages: list[dict[str, str]] = []
+        messages: list[dict[str, Any]] = []
         for m in request.messages:
             if m.role == "system":
                 system.append(m.content)
@@ -92,9 +98,15 @@ class AnthropicLLM(HttpLLM):
             body["stop_sequences"] = list(request.stop)
         if self.stream:
             body["stream"] = True
+        if self.cache_control and not _has_blocks(self.extra_body):
+            place_breakpoints(body, request, cache_ttl)
         if self.extra_body:
             body.update(self.extra_body)
         return body
+
+    def batch_body(self, request: Request) -> dict[str, Any]:
+        # A batch may take hours to run: the one-hour cache outlives it.
+        return self.body(request, cache_ttl="1h")
 
     def rate_limits(self, headers: Mapping[str, str], observed_at: float) -> RateLimitState | None:
         return parse_anthropic(headers, observed_at, wall_clock())
@@ -105,7 +117,7 @@ class AnthropicLLM(HttpLLM):
             text = "".join(b.get("text", "") for b in data["content"] if b.get("type") == "text")
             stop = data.get("stop_reason")
             usage = data.get("usage") or {}
-            tokens = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+            tokens = usage_of(usage)
             model = data.get("model")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise protocol_error("anthropic", f"{type(exc).__name__}: {exc}") from None
@@ -126,7 +138,7 @@ class AnthropicLLM(HttpLLM):
         stream = StreamText(start)
         stop: str | None = None
         model: str | None = None
-        input_tokens = output_tokens = 0
+        counts: dict[str, Any] = {}
         try:
             async for data in stream.events(content):
                 event = json.loads(data)
@@ -136,10 +148,12 @@ class AnthropicLLM(HttpLLM):
                 elif kind == "message_start":
                     message = event["message"]
                     model = message.get("model")
-                    input_tokens = (message.get("usage") or {}).get("input_tokens", 0)
+                    counts.update(message.get("usage") or {})
                 elif kind == "message_delta":
                     stop = event["delta"].get("stop_reason") or stop
-                    output_tokens = (event.get("usage") or {}).get("output_tokens", output_tokens)
+                    # Cumulative counts: the final output_tokens (and, on newer
+                    # versions, the input and cache counts again).
+                    counts.update(event.get("usage") or {})
                 elif kind == "message_stop":
                     break
                 elif kind == "error":
@@ -151,13 +165,62 @@ class AnthropicLLM(HttpLLM):
         _check_refusal(stop)
         return Response(
             stream.text,
-            usage=Usage(input_tokens, output_tokens),
+            usage=usage_of(counts),
             model=model,
             finish_reason=stop,
             latency=end - start,
             time_to_first_token=stream.first,
             rate_limit=self.rate_limits(headers, end),
         )
+
+
+def _has_blocks(extra: Mapping[str, Any]) -> bool:
+    """Whether the user's own body fields may carry breakpoints (fanflow adds none)."""
+    return bool({"system", "messages", "cache_control"} & extra.keys())
+
+
+def place_breakpoints(body: dict[str, Any], request: Request, ttl: str | None) -> None:
+    """Put ``cache_control`` at the end of the system prompt and of the user turn's
+    constant leading text (``request.metadata``, set by a pattern's template), each
+    where the prompt up to it is long enough for the model to cache (two of the API's
+    four breakpoints at most). Only a template's requests: their prefix is sent again,
+    while a single call's would pay the write and never read it."""
+    constant = request.metadata.get(CONSTANT_CHARS)
+    if constant is None:
+        return
+    minimum = minimum_tokens("anthropic", body["model"])
+    control: dict[str, str] = {"type": "ephemeral"}
+    if ttl is not None:
+        control["ttl"] = ttl
+    system = body.get("system")
+    length = estimate_tokens(system) if isinstance(system, str) else 0
+    if isinstance(system, str) and length >= minimum:
+        body["system"] = [{"type": "text", "text": system, "cache_control": control}]
+    messages = body["messages"]
+    first = messages[0] if messages else None
+    if not constant or first is None or first["role"] != "user":
+        return
+    text: str = first["content"]
+    head, rest = text[:constant], text[constant:]
+    if length + estimate_tokens(head) < minimum:
+        return
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": head, "cache_control": control}]
+    if rest:
+        blocks.append({"type": "text", "text": rest})
+    first["content"] = blocks
+
+
+def usage_of(usage: Mapping[str, Any]) -> Usage:
+    """The API's ``usage``, where ``input_tokens`` excludes the tokens read from the
+    prompt cache and those written to it: fanflow's ``input_tokens`` is all three."""
+    read = usage.get("cache_read_input_tokens") or 0
+    written = usage.get("cache_creation_input_tokens") or 0
+    return Usage(
+        (usage.get("input_tokens") or 0) + read + written,
+        usage.get("output_tokens") or 0,
+        cached_input_tokens=read,
+        cache_write_input_tokens=written,
+    )
 
 
 def _overloaded(event: Mapping[str, Any]) -> bool:
@@ -189,6 +252,7 @@ def anthropic(
     extra_body: Mapping[str, Any] | None = None,
     connect_timeout: float | None = 10.0,
     transport: Transport | None = None,
+    cache_control: bool = True,
 ) -> AnthropicLLM:
     """A handle on the Anthropic Messages API.
 
@@ -209,6 +273,12 @@ def anthropic(
         connect_timeout: seconds to establish a connection.
         transport: sends the requests (default: aiohttp's connection pool); tests pass
             :class:`fanflow.testing.MockTransport` to answer without a server.
+        cache_control: place prompt-cache breakpoints (``cache_control``) on the
+            requests of a template (``map``, ``as_completed``) at the end of the system
+            prompt and of the template's constant leading text, where the prompt up to
+            them is long enough for the model to cache (1-hour TTL in batch mode);
+            False places none. Never when ``extra_body`` sets ``system``,
+            ``messages`` or ``cache_control`` (yours are kept as they are).
 
     Returns:
         The handle; close it with ``await llm.aclose()`` (or ``async with``).
@@ -238,6 +308,7 @@ def anthropic(
         base_url=base,
         api_key=key,
         extra_body=extra_body,
+        cache_control=cache_control,
         stream=stream,
         headers=headers,
         connect_timeout=connect_timeout,

@@ -113,7 +113,7 @@ class OpenAIBatches(HttpBatchAPI):
     endpoint = "/v1/chat/completions"
 
     def line(self, custom_id: str, request: Request) -> bytes:
-        body = self.llm.body(request)
+        body = self.llm.batch_body(request)
         body.pop("stream", None)
         body.pop("stream_options", None)
         row = {"custom_id": custom_id, "method": "POST", "url": self.endpoint, "body": body}
@@ -224,7 +224,7 @@ class AnthropicBatches(HttpBatchAPI):
     max_bytes = 256 * 1024 * 1024
 
     def line(self, custom_id: str, request: Request) -> bytes:
-        body = self.llm.body(request)
+        body = self.llm.batch_body(request)
         body.pop("stream", None)
         return _dumps({"custom_id": custom_id, "params": body}).encode()
 

@@ -50,6 +50,7 @@ from .._exceptions import (
 )
 from .._limits import Limits
 from .._llm import BaseLLM
+from .._promptcache import PREFILLED
 from .._retry import RetryPolicy
 from .._transport import HttpReply, HttpRequest, Transport
 from .._types import RateLimitState, Request, Response
@@ -317,6 +318,9 @@ class StreamText:
         if piece:
             if self.first is None:
                 self.first = self._loop.time() - self._start
+                prefilled = PREFILLED.get()
+                if prefilled is not None:  # a primed batch waits for this (decision 0190)
+                    prefilled()
             self._parts.append(piece)
 
     @property
@@ -519,6 +523,10 @@ class HttpLLM(BaseLLM):
     @abstractmethod
     def body(self, request: Request) -> dict[str, Any]:
         """The JSON body for ``request`` (the handle's defaults already filled in)."""
+
+    def batch_body(self, request: Request) -> dict[str, Any]:
+        """The body of ``request`` as a line of a provider batch."""
+        return self.body(request)
 
     @abstractmethod
     def parse(self, raw: bytes, latency: float, rate_limit: RateLimitState | None) -> Response:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from .._exceptions import ConfigError, ContentFiltered
 from .._limits import Limits
+from .._promptcache import TEMPLATE_KEY
 from .._retry import RetryPolicy
 from .._transport import Transport
 from .._types import RateLimitState, Request, Response, Usage
@@ -42,9 +43,14 @@ class OpenAILLM(HttpLLM):
         n: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
         api_version: str | None = None,
+        prompt_cache_key: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, base_url=base_url, api_key=api_key, **kwargs)
+        if prompt_cache_key is None:  # a field other servers may not know
+            prompt_cache_key = self.base_url == DEFAULT_BASE_URL
+        #: Send a template's ``prompt_cache_key`` (one per template).
+        self.prompt_cache_key = prompt_cache_key
         if n is not None and n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
         if api_version is not None and not api_version.strip():
@@ -93,6 +99,9 @@ class OpenAILLM(HttpLLM):
             body["response_format"] = dict(request.response_format)
         if self.n is not None:
             body["n"] = self.n
+        key = request.metadata.get(TEMPLATE_KEY)
+        if key is not None and self.prompt_cache_key:
+            body["prompt_cache_key"] = key  # extra_body's, if it has one, wins below
         if self.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -139,7 +148,7 @@ class OpenAILLM(HttpLLM):
             text = choice["message"].get("content") or ""
             finish = choice.get("finish_reason")
             usage = data.get("usage") or {}
-            tokens = Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            tokens = _usage(usage)
             model = data.get("model")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise protocol_error("openai", f"{type(exc).__name__}: {exc}") from None
@@ -177,7 +186,7 @@ class OpenAILLM(HttpLLM):
                     finish = choice.get("finish_reason") or finish
                 usage = chunk.get("usage")
                 if usage:
-                    tokens = Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                    tokens = _usage(usage)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise protocol_error("openai", f"bad stream event: {type(exc).__name__}") from None
         end = asyncio.get_running_loop().time()
@@ -191,6 +200,17 @@ class OpenAILLM(HttpLLM):
             time_to_first_token=stream.first,
             rate_limit=parse_openai(headers, end),
         )
+
+
+def _usage(usage: Mapping[str, Any]) -> Usage:
+    """The API's ``usage``: ``prompt_tokens`` includes the ``cached_tokens`` read from the
+    prompt cache (OpenAI charges no cache writes)."""
+    details = usage.get("prompt_tokens_details") or {}
+    return Usage(
+        usage.get("prompt_tokens") or 0,
+        usage.get("completion_tokens") or 0,
+        cached_input_tokens=details.get("cached_tokens") or 0,
+    )
 
 
 def _check_filter(finish: str | None) -> None:
@@ -222,6 +242,7 @@ def openai(
     connect_timeout: float | None = 10.0,
     transport: Transport | None = None,
     api_version: str | None = None,
+    prompt_cache_key: bool | None = None,
 ) -> OpenAILLM:
     """A handle on the OpenAI Chat Completions API, or any server that speaks it.
 
@@ -251,6 +272,10 @@ def openai(
             ``api-version`` query parameter, and the key then goes in the ``api-key``
             header as Azure expects. Point ``base_url`` at the deployment,
             ``https://RESOURCE.openai.azure.com/openai/deployments/DEPLOYMENT``.
+        prompt_cache_key: send OpenAI's ``prompt_cache_key``, one per template of a
+            map (the requests of one template share a prefix; the key keeps them on one
+            cache) unless ``extra_body`` sets one. None (the default): only to OpenAI's
+            own endpoint, as other servers may refuse a field they do not know.
 
     Returns:
         The handle; close it with ``await llm.aclose()`` (or ``async with``).
@@ -284,6 +309,7 @@ def openai(
         n=n,
         extra_body=extra_body,
         api_version=api_version,
+        prompt_cache_key=prompt_cache_key,
         stream=stream,
         headers=headers,
         connect_timeout=connect_timeout,

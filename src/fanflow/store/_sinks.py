@@ -64,16 +64,18 @@ def _jsonable(value: Any) -> Any:
 def row_of(record: CallRecord[Any], input_id: Any) -> dict[str, Any]:
     """The fields written for one item (the same for every sink)."""
     error = record.error
+    u = record.usage
+    usage = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens}
+    if u.cached_input_tokens or u.cache_write_input_tokens:  # the prompt cache was used
+        usage["cached_input_tokens"] = u.cached_input_tokens
+        usage["cache_write_input_tokens"] = u.cache_write_input_tokens
     return {
         "index": record.index,
         "id": input_id,
         "status": record.status.value,
         "output": record.value,
         "error": f"{type(error).__name__}: {error}" if error is not None else None,
-        "usage": {
-            "input_tokens": record.usage.input_tokens,
-            "output_tokens": record.usage.output_tokens,
-        },
+        "usage": usage,
         "cost": record.cost,
         "cached": record.cached,
         "key": record.key,
@@ -111,7 +113,8 @@ class JsonlSink:
 
     Each line holds ``index``, ``id`` (the input's ``id`` field, else its index),
     ``status``, ``output``, ``error``, ``usage``, ``cost``, ``cached`` and ``key`` (the
-    request's idempotency key; never a secret).
+    request's idempotency key; never a secret). ``usage`` has the prompt cache's counts
+    (``cached_input_tokens``, ``cache_write_input_tokens``) when the call used it.
 
     Args:
         path: the file. If it exists, it is resumed: a torn last line is removed, items

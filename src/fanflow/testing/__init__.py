@@ -8,7 +8,7 @@ latency, rate limits and faults, for testing real HTTP clients offline.
 
 from ._mock import MockReply, MockTransport
 from ._scripted import Fault, ScriptedLLM
-from ._sim import FAULTS, SimBatches, SimSecond, SimServer, SimStats
+from ._sim import FAULTS, SimBatches, SimCache, SimSecond, SimServer, SimStats
 from ._simwire import SimRequest
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "MockTransport",
     "ScriptedLLM",
     "SimBatches",
+    "SimCache",
     "SimRequest",
     "SimSecond",
     "SimServer",

@@ -36,10 +36,12 @@ from typing import Any, Literal, TypeAlias
 from aiohttp import web
 
 from ._simbatch import BatchDesk, SimBatches
+from ._simcache import PromptCache, SimCache
 from ._simhttp import _Gone, _reset
 from ._simwire import (
     Api,
     BucketView,
+    Completion,
     SimRequest,
     WireError,
     anthropic_body,
@@ -53,7 +55,7 @@ from ._simwire import (
     retry_headers,
 )
 
-__all__ = ["FAULTS", "SimBatches", "SimSecond", "SimServer", "SimStats"]
+__all__ = ["FAULTS", "SimBatches", "SimCache", "SimSecond", "SimServer", "SimStats"]
 
 FaultKind: TypeAlias = Literal[
     "500", "503", "529", "429", "quota", "hang", "reset", "malformed", "slow_stream"
@@ -157,6 +159,11 @@ class SimStats:
         batch_cancels: batches whose cancellation was asked for.
         batch_prompts: requests submitted in batches per prompt: a test can prove that
             no item was submitted twice.
+        cache_hits: admitted requests that read a prefix from the prompt cache
+            (``prompt_cache`` on).
+        cache_misses: admitted requests long enough to cache that read nothing from it.
+        cached_tokens: input tokens read from the prompt cache.
+        cache_write_tokens: input tokens written to it (reported by Anthropic's API).
     """
 
     requests: int
@@ -174,6 +181,10 @@ class SimStats:
     batch_requests: int = 0
     batch_cancels: int = 0
     batch_prompts: Mapping[str, int] = field(default_factory=dict, repr=False)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -202,11 +213,19 @@ class SimStats:
             "batch_requests": self.batch_requests,
             "batch_cancels": self.batch_cancels,
             "batch_prompts": dict(self.batch_prompts),
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
         }
 
 
 class _Counters:
     __slots__ = (
+        "cache_hits",
+        "cache_misses",
+        "cache_write_tokens",
+        "cached_tokens",
         "disconnects",
         "faults",
         "in_flight",
@@ -221,6 +240,7 @@ class _Counters:
     )
 
     def __init__(self) -> None:
+        self.cache_hits = self.cache_misses = self.cached_tokens = self.cache_write_tokens = 0
         self.requests = 0
         self.responses: dict[int, int] = {}
         self.in_flight = 0
@@ -291,6 +311,11 @@ class SimServer:
             Batches) behave: processing time, expiry, cancellation, limits
             (:class:`SimBatches`; default ``SimBatches()``, 1 s per batch). Faults apply
             per batched request as well.
+        prompt_cache: model the providers' prompt caches (True, or a :class:`SimCache`
+            for its TTL and minimum): a prefix is readable once the prefill of a request
+            carrying it ends (its ``latency``), OpenAI's automatically from 1,024 tokens
+            in steps of 128, Anthropic's at ``cache_control`` breakpoints; replies report
+            the cache in their usage, as the APIs do. Off by default.
         host: the address to listen on (loopback by default).
         port: the port (0: any free port).
 
@@ -322,6 +347,7 @@ class SimServer:
         models: Sequence[str] | None = None,
         keep_requests: bool = True,
         batches: SimBatches | None = None,
+        prompt_cache: bool | SimCache = False,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -393,6 +419,8 @@ class SimServer:
         self._thread_stop: asyncio.Event | None = None
         self.batch_config = batches if batches is not None else SimBatches()
         self._desk = BatchDesk(self, self.batch_config)
+        cache = SimCache() if prompt_cache is True else prompt_cache or None
+        self._cache = PromptCache(cache) if cache is not None else None
 
     # -- configuration helpers --------------------------------------------------------
 
@@ -542,6 +570,8 @@ class SimServer:
         now = loop.time() if loop is not None else 0.0
         self._t0 = now
         self._c = _Counters()
+        if self._cache is not None:
+            self._cache.clear()
         self.requests = []
         self._rng = random.Random(self.seed)
         self._fault_seq = {k: list(v) for k, v in self._fault_seq_init.items()}
@@ -582,6 +612,10 @@ class SimServer:
             batch_requests=self._desk.lines_submitted,
             batch_cancels=self._desk.cancels,
             batch_prompts=dict(self._desk.prompt_submissions),
+            cache_hits=c.cache_hits,
+            cache_misses=c.cache_misses,
+            cached_tokens=c.cached_tokens,
+            cache_write_tokens=c.cache_write_tokens,
         )
 
     def _second(self, now: float) -> list[int]:
@@ -720,6 +754,8 @@ class SimServer:
                 return early
         # ---- latency and reply
         delay = self.latency + (self._rng.uniform(0.0, self.jitter) if self.jitter else 0.0)
+        if self._cache is not None:
+            done = self._cached(sim, done, now, now + delay)
         ident = f"sim{next(self._ids)}"
         if sim.stream:
             make = openai_chunks if api == "openai" else anthropic_chunks
@@ -762,6 +798,20 @@ class SimServer:
             return _Gone(by_client=True)
         self._completed(sim)
         return response
+
+    def _cached(
+        self, sim: SimRequest, done: Completion, now: float, prefilled: float
+    ) -> Completion:
+        """``done`` with its use of the prompt cache, counted."""
+        assert self._cache is not None
+        use = self._cache.use(sim, now, prefilled)
+        done = use.applied(done)
+        c = self._c
+        c.cache_hits += done.cached_tokens > 0
+        c.cache_misses += use.cacheable and not done.cached_tokens
+        c.cached_tokens += done.cached_tokens
+        c.cache_write_tokens += done.cache_write_tokens
+        return done
 
     def _completed(self, sim: SimRequest) -> None:
         if self.keep_requests:

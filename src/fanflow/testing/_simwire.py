@@ -136,6 +136,7 @@ def parse_request(api: Api, body: bytes, index: int, at: float = 0.0) -> SimRequ
             system_parts.append(_text_of(data["system"]))
         if not isinstance(max_tokens, int):
             raise WireError(400, "invalid_request_error", "max_tokens: Field required")
+        _check_breakpoints(data)
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise WireError(400, "invalid_request_error", "max_tokens: must be an integer >= 1")
     return SimRequest(
@@ -151,14 +152,43 @@ def parse_request(api: Api, body: bytes, index: int, at: float = 0.0) -> SimRequ
     )
 
 
+#: The most ``cache_control`` blocks one Anthropic request may carry.
+MAX_BREAKPOINTS = 4
+
+
+def _check_breakpoints(data: Mapping[str, Any]) -> None:
+    contents = [data.get("system")] + [
+        m.get("content") for m in data.get("messages") or () if isinstance(m, dict)
+    ]
+    found = sum(
+        1
+        for content in contents
+        if isinstance(content, list)
+        for block in content
+        if isinstance(block, dict) and block.get("cache_control") is not None
+    )
+    if found > MAX_BREAKPOINTS:
+        raise WireError(
+            400,
+            "invalid_request_error",
+            f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. "
+            f"Found {found}.",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """The reply chosen for a request, already cut to its limits."""
+    """The reply chosen for a request, already cut to its limits; ``cached_tokens`` and
+    ``cache_write_tokens`` of its ``input_tokens`` were read from / written to the
+    prompt cache."""
 
     words: tuple[str, ...]
     finish: Literal["stop", "length", "stop_sequence"]
     stop_sequence: str | None
     input_tokens: int
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    caching: bool = False  # the server models prompt caching: report its usage fields
 
     @property
     def text(self) -> str:
@@ -209,11 +239,7 @@ def openai_body(request: SimRequest, c: Completion, ident: str) -> bytes:
             "created": int(time.time()),
             "model": request.model,
             "choices": [{"index": i, **choice} for i in range(int(n))],
-            "usage": {
-                "prompt_tokens": c.input_tokens,
-                "completion_tokens": c.output_tokens * int(n),
-                "total_tokens": c.input_tokens + c.output_tokens * int(n),
-            },
+            "usage": _openai_usage(c, c.output_tokens * int(n)),
             "system_fingerprint": "fp_fanflow_sim",
         }
     ).encode()
@@ -237,13 +263,21 @@ def openai_chunks(request: SimRequest, c: Completion, ident: str) -> tuple[list[
     out.append(event("{}", c.finish))
     options = request.body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
-        usage = (
-            f'"usage":{{"prompt_tokens":{c.input_tokens},"completion_tokens":'
-            f'{c.output_tokens},"total_tokens":{c.input_tokens + c.output_tokens}}}'
-        )
+        usage = f'"usage":{_dumps(_openai_usage(c, c.output_tokens))}'
         out.append(f'data: {head}"choices":[],{usage}}}\n\n'.encode())
     out.append(b"data: [DONE]\n\n")
     return out, 1
+
+
+def _openai_usage(c: Completion, output_tokens: int) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": c.input_tokens,
+        "completion_tokens": output_tokens,
+        "total_tokens": c.input_tokens + output_tokens,
+    }
+    if c.caching:
+        usage["prompt_tokens_details"] = {"cached_tokens": c.cached_tokens, "audio_tokens": 0}
+    return usage
 
 
 _OPENAI_CODES = {
@@ -285,9 +319,22 @@ def anthropic_body(request: SimRequest, c: Completion, ident: str) -> bytes:
             "content": [{"type": "text", "text": c.text}],
             "stop_reason": _anthropic_stop(c),
             "stop_sequence": c.stop_sequence,
-            "usage": {"input_tokens": c.input_tokens, "output_tokens": c.output_tokens},
+            "usage": _anthropic_usage(c, c.output_tokens),
         }
     ).encode()
+
+
+def _anthropic_usage(c: Completion, output_tokens: int) -> dict[str, Any]:
+    """Anthropic's usage: ``input_tokens`` excludes what was read from or written to
+    the cache."""
+    if not c.caching:
+        return {"input_tokens": c.input_tokens, "output_tokens": output_tokens}
+    return {
+        "input_tokens": c.input_tokens - c.cached_tokens - c.cache_write_tokens,
+        "cache_creation_input_tokens": c.cache_write_tokens,
+        "cache_read_input_tokens": c.cached_tokens,
+        "output_tokens": output_tokens,
+    }
 
 
 def _sse(event: str, data: Mapping[str, Any]) -> bytes:
@@ -304,7 +351,7 @@ def anthropic_chunks(request: SimRequest, c: Completion, ident: str) -> tuple[li
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": c.input_tokens, "output_tokens": 1},
+        "usage": _anthropic_usage(c, 1),
     }
     out = [
         _sse("message_start", {"type": "message_start", "message": message}),
