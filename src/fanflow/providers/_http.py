@@ -377,6 +377,32 @@ class _Sessions:
                     future.exception()  # seen: a failed close leaves nothing to undo
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, reporting how long its first connection took to open (the
+    handle's cold start paces its first wave by it; see fanflow._cold)."""
+
+    def __init__(self, report: Callable[[float], None] | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._report = report
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.connector.Connection:
+        report = self._report
+        if report is None:  # every call after the first connection: nothing to time
+            return await super().connect(req, traces, timeout)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        connection = await super().connect(req, traces, timeout)
+        if self._report is not None:
+            self._report = None
+            report(loop.time() - start)
+        return connection
+
+
 class HttpLLM(BaseLLM):
     """Base of the HTTP handles: a pooled session per loop, a key, a base URL."""
 
@@ -493,7 +519,9 @@ class HttpLLM(BaseLLM):
     def _new_session(self) -> aiohttp.ClientSession:
         # Capped below the open-file limit: calls beyond it wait for a free connection
         # instead of failing with "Too many open files" (see _openfiles).
-        connector = aiohttp.TCPConnector(limit=connection_cap(), keepalive_timeout=30.0)
+        breaker = self.breaker
+        report = breaker.connected if breaker is not None and breaker.active else None
+        connector = _Connector(report, limit=connection_cap(), keepalive_timeout=30.0)
         return aiohttp.ClientSession(
             connector=connector,
             headers={**self._headers, **self.auth_headers()},
