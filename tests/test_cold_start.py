@@ -19,6 +19,7 @@ import pytest
 import fanflow
 from fanflow import Status
 from fanflow._breaker import COLD_CALLS
+from fanflow._exceptions import RateLimited
 from fanflow.testing import SimServer
 
 pytestmark = pytest.mark.looptime
@@ -36,7 +37,7 @@ def first_wave_refusals(result: fanflow.BatchResult[object]) -> int:
     """429s that came back before the first answer: the first wave's overshoot."""
     attempts = [a for r in result.records for a in r.attempts]
     first = min(a.end for a in attempts if a.status is Status.SUCCEEDED)
-    return sum(1 for a in attempts if isinstance(a.error, fanflow.RateLimited) and a.end <= first)
+    return sum(1 for a in attempts if isinstance(a.error, RateLimited) and a.end <= first)
 
 
 def first_sends(result: fanflow.BatchResult[object]) -> list[float]:

@@ -27,7 +27,10 @@ not one request per item.
 
 A new HTTP handle starts *cold* (:mod:`fanflow._cold`, decision 0175): its first
 :data:`COLD_CALLS` (16) calls go, and the wave doubles every few round trips that pass
-without an answer that may trip it; the first answer of any kind ends the cold start.
+without an answer that may trip it; an answer that does not trip it ends the cold
+start (a 429 has lowered the adaptive limit by then), and so does a trip. A success
+does not: the wave goes on doubling, so a rate limit is met by a wave of a few dozen,
+not by every call held back.
 Without it, a batch with no concurrency limit puts every item in flight before the
 first 401 returns, and nothing could stop it. A right key costs a few round trips (tens
 of milliseconds near the server), not one generation.
@@ -201,8 +204,13 @@ class Breaker:
         """Wait while a probe is out (or, before admission, while the handle is cold);
         then the error to skip ``request`` with, or None to send it."""
         cold = self._cold
-        if cold is not None and not admitted:
-            await cold.wait(call)
+        if cold is not None and cold.over:  # it ended by itself (a wave that large)
+            self._warm_up()
+        elif cold is not None:
+            if admitted:
+                cold.sent(asyncio.get_running_loop().time())
+            else:
+                await cold.wait(call)
         loop = asyncio.get_running_loop()
         while (trip := self._blocking(request, call)) is not None:
             now = loop.time()
@@ -258,14 +266,14 @@ class Breaker:
         self._warm_up()  # the calls held back go on to be skipped
 
     def succeeded(self, request: Request) -> None:
-        """An attempt at ``request`` succeeded: the key, the endpoint and its model work."""
-        self._warm_up()
+        """An attempt at ``request`` succeeded: the key, the endpoint and its model work
+        (a cold start's wave goes on growing: the server's capacity is not known yet)."""
         for scope in (("handle", None), ("model", request.model)):
             trip = self._open.pop(scope, None)
             if trip is not None:
                 trip.settle()
             self._streaks.pop(scope, None)
-        self.active = bool(self._open or self._streaks)
+        self.active = bool(self._open or self._streaks or self._cold)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy in another process starts closed (and cold, if this one was made so).

@@ -3,15 +3,23 @@
 A refusal (a wrong key's 401, a 429 from a concurrency cap or an empty bucket) comes
 back about one round trip after the request; an answer only after the whole
 generation. So a cold handle sends its first :data:`COLD_CALLS` calls at once and then
-doubles the wave every *step*: a few times the time its first connection took to open
-(at least :data:`COLD_STEP`), i.e. longer than a refusal of the calls already sent
-takes to return. The first answer of any kind ends it (a 429 has then already lowered
-the adaptive limit; see :mod:`fanflow._limits`); answers that may trip the breaker
-(401, 403, 404, a spent quota, nothing listening) stop the doubling until it trips or a
-call succeeds. With a right key a large server has the whole wave in flight after
-``log2(C / 16)`` steps (tens of milliseconds on a near server), not one generation
-later; a wrong key or a small server sees the first wave and a step's worth more, at
-most.
+doubles the wave every *step*: three times the time its first connection took to open
+(at least :data:`COLD_STEP`), counted from the last call sent, i.e. longer than a
+refusal of the calls already sent takes to return.
+
+- Answers that may trip the breaker (401, 403, 404, a spent quota, nothing listening)
+  stop the doubling until it trips (the held calls are then skipped) or a call
+  succeeds.
+- A 429, or any other answer that is neither a success nor one of those, ends it: the
+  adaptive limit has been lowered by then (:mod:`fanflow._limits`) and governs.
+- A success does not end it: the key is right, but the server's capacity is still
+  unknown, so the wave goes on doubling until a 429 or until it is :data:`_ENOUGH`.
+
+With a right key a large server has the whole wave in flight after ``log2(C / 16)``
+steps (tens of milliseconds near the server), not one generation later; a wrong key
+or a small server meets the first wave and a step's worth more. A server whose
+refusals take longer than a step (a 401 after 0.2 s on loopback) meets more: the wave
+doubles once per step until the first refusal returns.
 
 If no connection opens within :data:`COLD_WAIT`, the wave is released (the answers are
 just slow); while only answers that may trip come back it waits at most
@@ -39,6 +47,8 @@ COLD_FACTOR = 3.0
 COLD_WAIT = 1.0
 #: How many times COLD_WAIT is extended while only such answers come back.
 COLD_EXTENSIONS = 3
+# Timers may fire a hair early, and a virtual clock steps in microseconds.
+_EPSILON = 1e-6
 #: A wave this large is no wave: the cold start ends (its timer stops).
 _ENOUGH = 1 << 16
 
@@ -53,10 +63,12 @@ class ColdStart:
     """
 
     __slots__ = (
+        "_due",
         "_extended",
         "_held",
         "_let",
         "_loop",
+        "_sent",
         "_started",
         "_step",
         "_timer",
@@ -72,6 +84,8 @@ class ColdStart:
         self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = 0.0
+        self._sent = 0.0  # when the last call let through was sent
+        self._due = 0.0  # when the timer was set to fire
         self._step: float | None = None  # seconds between doublings, once measured
         self._timer: asyncio.TimerHandle | None = None
         self._extended = 0
@@ -97,6 +111,10 @@ class ColdStart:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(entry)
             raise
+
+    def sent(self, now: float) -> None:
+        """A call let through is being sent now: the next step counts from here."""
+        self._sent = now
 
     def connected(self, seconds: float) -> None:
         """The first connection took ``seconds`` to open: the steps start."""
@@ -124,7 +142,7 @@ class ColdStart:
         self._loop = loop
         self._let.clear()
         self._waiters.clear()
-        self._started = loop.time()
+        self._started = self._sent = loop.time()
         self._extended = 0
         self._timer = None
         self._arm(self._started + (self._step if self._step is not None else COLD_WAIT))
@@ -134,6 +152,7 @@ class ColdStart:
         assert loop is not None
         if self._timer is not None:
             self._timer.cancel()
+        self._due = when
         self._timer = loop.call_at(when, self._tick)
 
     def _tick(self) -> None:
@@ -148,8 +167,14 @@ class ColdStart:
             else:
                 self._arm(now + COLD_WAIT)
             return
-        if self._step is None:  # no connection opened in COLD_WAIT: just slow
+        step = self._step
+        if step is None:  # no connection opened in COLD_WAIT: just slow
             self.end()
+            return
+        if now - self._due > step or self._sent + step > now + _EPSILON:
+            # The loop ran late (refusals may be queued behind the work that delayed
+            # it), or calls of the last step are still being sent: a step from now.
+            self._arm(max(now, self._sent) + step)
             return
         self._window *= 2
         if self._window >= _ENOUGH:
