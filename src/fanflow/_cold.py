@@ -185,4 +185,4 @@ class ColdStart:
             if not fut.done():
                 self._let.add(ident)
                 fut.set_result(None)
-        self._arm(now + self._step)
+        self._arm(now + step)
