@@ -1011,9 +1011,9 @@ class Lane:
             if remaining is None or reset is None or reset <= 0:
                 continue
             # ``remaining`` is whole units, rounded down (the bucket may hold up to one
-            # more than it says), so count one more as used: the refill rate is then
-            # never overestimated, and a credit paced by it never runs ahead.
-            used = limit - remaining - 1 if limit else 0
+            # more than it says), so count one more as used (at most 1% of the limit):
+            # a credit paced by the refill rate then does not run ahead of the server.
+            used = limit - remaining - min(1.0, limit / 100) if limit else 0.0
             rate = used / reset if used > 0 else None
             # The refill since, capped at the bucket's size, then what the calls sent
             # since took (they came in while it refilled: capping after taking them

@@ -184,10 +184,10 @@ async def test_headers_with_nothing_remaining_hold_sends_until_it_refills(
     # The headers count at the request's arrival: with no latency the reply says
     # "nothing left" as of now, so the next call waits for one request to refill.
     # ``remaining`` is rounded down (the bucket may hold up to one more), so fanflow
-    # counts 7 of the 8 as used in the 8 s (decision 0176): one request takes 8/7 s.
+    # counts 1% of the limit less as used (decision 0176): 7.92 in 8 s.
     llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
     await fanflow.map(llm, "{input}", ["a", "b"])
-    assert llm.started_at == [0.0, pytest.approx(8 / 7)]
+    assert llm.started_at == [0.0, pytest.approx(8 / 7.92)]
 
 
 async def test_headers_count_the_refill_since_the_request_arrived(looptime: float) -> None:
@@ -195,12 +195,12 @@ async def test_headers_count_the_refill_since_the_request_arrived(looptime: floa
         state = _State(requests_limit=8, requests_remaining=0, requests_reset=8.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
-    # "Nothing left" was counted when the request arrived, 1 s before the reply: 7/8
+    # "Nothing left" was counted when the request arrived, 1 s before the reply: 0.99
     # of a request has refilled since (``remaining`` is rounded down, so fanflow counts
-    # 7 of the 8 as used in the 8 s, decision 0176); the rest of one comes 1/7 s later.
+    # 1% of the limit less as used, decision 0176); the rest of one comes just after.
     llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1))
     await fanflow.map(llm, "{input}", ["a", "b"])
-    assert llm.started_at == [0.0, pytest.approx(8 / 7)]
+    assert llm.started_at == [0.0, pytest.approx(8 / 7.92)]
 
 
 async def test_headers_without_a_limit_hold_until_the_reset(looptime: float) -> None:
