@@ -225,6 +225,17 @@ async def _wire_run(
     return makespan, dict(stats.responses), completed
 
 
+def _virtual_wire(
+    server_kw: dict[str, float], limits: Limits | None, n: int, max_tokens: int | None
+) -> tuple[float, dict[int, int], list[int]]:
+    """:func:`_wire_run` on a fresh virtual-time loop."""
+    loop = looptime.new_event_loop(start=0)
+    try:
+        return loop.run_until_complete(_wire_run(server_kw, limits, n, max_tokens))
+    finally:
+        loop.close()
+
+
 def wire(quick: bool) -> None:
     n = 600 if quick else 1200
     per_call = 7  # SimServer counts words: "item 17" (2) + "a b c d e" (5)
@@ -253,11 +264,7 @@ def wire(quick: bool) -> None:
     for title, server_kw, rate, runs in scenarios:
         print(f"\n## {title}: N={n}, lower bound N/rate = {n / rate:.1f} s")
         for label, limits in runs:
-            loop = looptime.new_event_loop(start=0)
-            try:
-                makespan, responses, _ = loop.run_until_complete(_wire_run(server_kw, limits, n, 5))
-            finally:
-                loop.close()
+            makespan, responses, _ = _virtual_wire(server_kw, limits, n, 5)
             print(
                 f"{label:26s} makespan {makespan:7.1f} s  makespan/(N/rate) "
                 f"{makespan / (n / rate):5.3f}  429s at server {responses.get(429, 0):6d}"
@@ -314,11 +321,7 @@ def headers(quick: bool) -> None:
         bound = (n - per_second) / per_second + LATENCY
         print(f"\n## {title}: N={n}, bound (N - bucket) / rate + latency = {bound:.2f} s")
         for label, limits in runs:
-            loop = looptime.new_event_loop(start=0)
-            try:
-                makespan, responses, _ = loop.run_until_complete(_wire_run(server_kw, limits, n, 5))
-            finally:
-                loop.close()
+            makespan, responses, _ = _virtual_wire(server_kw, limits, n, 5)
             print(
                 f"{label:26s} makespan {makespan:7.2f} s  bound/makespan "
                 f"{bound / makespan:5.3f}  429s at server {responses.get(429, 0):6d}"
