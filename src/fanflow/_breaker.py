@@ -268,6 +268,9 @@ class Breaker:
     def succeeded(self, request: Request) -> None:
         """An attempt at ``request`` succeeded: the key, the endpoint and its model work
         (a cold start's wave goes on growing: the server's capacity is not known yet)."""
+        cold = self._cold
+        if cold is not None:
+            cold.succeeded()
         for scope in (("handle", None), ("model", request.model)):
             trip = self._open.pop(scope, None)
             if trip is not None:

@@ -14,6 +14,8 @@ refusal of the calls already sent takes to return.
   adaptive limit has been lowered by then (:mod:`fanflow._limits`) and governs.
 - A success does not end it: the key is right, but the server's capacity is still
   unknown, so the wave goes on doubling until a 429 or until it is :data:`_ENOUGH`.
+  A success does make the wave at least as large as steps of :data:`COLD_STEP` would
+  have made it by then (on a loaded machine the steps run late).
 
 With a right key a large server has the whole wave in flight after ``log2(C / 16)``
 steps (tens of milliseconds near the server), not one generation later; a wrong key
@@ -21,9 +23,9 @@ or a small server meets the first wave and a step's worth more. A server whose
 refusals take longer than a step (a 401 after 0.2 s on loopback) meets more: the wave
 doubles once per step until the first refusal returns.
 
-If no connection opens within :data:`COLD_WAIT`, the wave is released (the answers are
-just slow); while only answers that may trip come back it waits at most
-:data:`COLD_EXTENSIONS` more such periods.
+It holds calls back for :data:`COLD_WAIT` at most (the answers are just slow, or the
+machine too loaded for its steps); while only answers that may trip come back it waits
+at most :data:`COLD_EXTENSIONS` more such periods.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class ColdStart:
     __slots__ = (
         "_due",
         "_extended",
+        "_first",
         "_held",
+        "_late",
         "_let",
         "_loop",
         "_sent",
@@ -78,6 +82,7 @@ class ColdStart:
     )
 
     def __init__(self, first: int, held: Callable[[], bool]) -> None:
+        self._first = first
         self._window = first
         self._held = held
         self._let: set[int] = set()  # ids of the calls let through (their retries too)
@@ -89,6 +94,7 @@ class ColdStart:
         self._step: float | None = None  # seconds between doublings, once measured
         self._timer: asyncio.TimerHandle | None = None
         self._extended = 0
+        self._late = False  # the last tick was put off because the loop ran late
         self.over = False
 
     async def wait(self, call: object) -> None:
@@ -122,6 +128,19 @@ class ColdStart:
             return
         self._step = max(COLD_STEP, COLD_FACTOR * seconds)
         self._arm(self._started + self._step)
+
+    def succeeded(self) -> None:
+        """A call succeeded: the wave is at least as large as its steps would have made
+        it by now at :data:`COLD_STEP` each (a loaded machine's timers and its inflated
+        first connection time must not hold it back longer than an answer takes)."""
+        loop = self._loop
+        if self.over or loop is None:
+            return
+        steps = (loop.time() - self._started) / COLD_STEP
+        if steps >= _ENOUGH.bit_length():
+            self.end()
+            return
+        self._grow(max(self._window, int(self._first * 2**steps)))
 
     def end(self) -> None:
         """The first answers are in: every call may go."""
@@ -168,21 +187,28 @@ class ColdStart:
                 self._arm(now + COLD_WAIT)
             return
         step = self._step
-        if step is None:  # no connection opened in COLD_WAIT: just slow
-            self.end()
+        if step is None or now >= self._started + COLD_WAIT:
+            self.end()  # no connection opened, or held long enough: the answers are slow
             return
-        if now - self._due > step or self._sent + step > now + _EPSILON:
-            # The loop ran late (refusals may be queued behind the work that delayed
-            # it), or calls of the last step are still being sent: a step from now.
+        late = now - self._due > step  # refusals may be queued behind what delayed it
+        if (late and not self._late) or self._sent + step > now + _EPSILON:
+            # (late once in a row at most: a loaded machine is late at every tick)
+            self._late = late
             self._arm(max(now, self._sent) + step)
             return
-        self._window *= 2
-        if self._window >= _ENOUGH:
+        self._late = False
+        if self._grow(self._window * 2):
+            self._arm(now + step)
+
+    def _grow(self, window: int) -> bool:
+        """Let the wave grow to ``window`` calls; False if that ended the cold start."""
+        self._window = window
+        if window >= _ENOUGH:
             self.end()
-            return
-        while self._waiters and len(self._let) < self._window:
+            return False
+        while self._waiters and len(self._let) < window:
             fut, ident = self._waiters.popleft()
             if not fut.done():
                 self._let.add(ident)
                 fut.set_result(None)
-        self._arm(now + step)
+        return True
