@@ -17,6 +17,10 @@ Scenarios (N calls, 100 ms latency, concurrency 100, as in issue 4):
 3. Limits unknown, server capacity C requests/s: ``Limits.adaptive()`` vs the naive loop.
    Target: throughput after warm-up >= 0.9 C; 429s counted.
 
+``--only headers`` (issue 28 section 5, S2/S3): the same on the wire against a server that
+enforces 6,000 RPM (or a TPM) as a one-second bucket and says what is left in its
+rate-limit headers; the bound is the server's full bucket at once, then its rate.
+
 Then the same claims on the wire: ``fanflow.openai`` against ``fanflow.testing.SimServer``
 over loopback HTTP, on a virtual-time loop (looptime), so minutes of traffic take a second
 and the CPU of the machine does not blur the ratios. SimServer's buckets hold a whole
@@ -221,6 +225,17 @@ async def _wire_run(
     return makespan, dict(stats.responses), completed
 
 
+def _virtual_wire(
+    server_kw: dict[str, float], limits: Limits | None, n: int, max_tokens: int | None
+) -> tuple[float, dict[int, int], list[int]]:
+    """:func:`_wire_run` on a fresh virtual-time loop."""
+    loop = looptime.new_event_loop(start=0)
+    try:
+        return loop.run_until_complete(_wire_run(server_kw, limits, n, max_tokens))
+    finally:
+        loop.close()
+
+
 def wire(quick: bool) -> None:
     n = 600 if quick else 1200
     per_call = 7  # SimServer counts words: "item 17" (2) + "a b c d e" (5)
@@ -249,11 +264,7 @@ def wire(quick: bool) -> None:
     for title, server_kw, rate, runs in scenarios:
         print(f"\n## {title}: N={n}, lower bound N/rate = {n / rate:.1f} s")
         for label, limits in runs:
-            loop = looptime.new_event_loop(start=0)
-            try:
-                makespan, responses, _ = loop.run_until_complete(_wire_run(server_kw, limits, n, 5))
-            finally:
-                loop.close()
+            makespan, responses, _ = _virtual_wire(server_kw, limits, n, 5)
             print(
                 f"{label:26s} makespan {makespan:7.1f} s  makespan/(N/rate) "
                 f"{makespan / (n / rate):5.3f}  429s at server {responses.get(429, 0):6d}"
@@ -280,10 +291,51 @@ def wire(quick: bool) -> None:
         )
 
 
+def headers(quick: bool) -> None:
+    """Limits known, and a server whose headers say exactly what is left (decision 0176)."""
+    n = 600
+    per_call = 7  # SimServer counts words: "item 17" (2) + "a b c d e" (5)
+    print("\n# With rate-limit headers: a one-second bucket at the server, virtual time")
+    for title, server_kw, per_second, runs in (
+        (
+            "S2: 6,000 RPM as 100/s",
+            {"rpm": 100, "period": 1.0, "latency": LATENCY},
+            100.0,
+            [
+                ("naive semaphore + retry", None),
+                ("fanflow Limits(rpm=6000)", Limits(concurrency=CONCURRENCY, rpm=6000)),
+            ],
+        ),
+        (
+            f"S3: {100 * per_call * 60:,} TPM as {100 * per_call}/s",
+            {"tpm": 100 * per_call, "period": 1.0, "latency": LATENCY},
+            100.0,
+            [  # (the naive loop's storm of 429s does not end in minutes here)
+                (
+                    "fanflow Limits(tpm=...)",
+                    Limits(concurrency=CONCURRENCY, tpm=100 * per_call * 60),
+                ),
+            ],
+        ),
+    ):
+        bound = (n - per_second) / per_second + LATENCY
+        print(f"\n## {title}: N={n}, bound (N - bucket) / rate + latency = {bound:.2f} s")
+        for label, limits in runs:
+            makespan, responses, _ = _virtual_wire(server_kw, limits, n, 5)
+            print(
+                f"{label:26s} makespan {makespan:7.2f} s  bound/makespan "
+                f"{bound / makespan:5.3f}  429s at server {responses.get(429, 0):6d}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    parser.add_argument("--only", choices=["headers"], help="run one section")
     args = parser.parse_args()
+    if args.only == "headers":
+        headers(args.quick)
+        return
     n = 200 if args.quick else 600
     print(f"# fanflow limits benchmark (cores: {os.cpu_count()}, latency {LATENCY * 1000:g} ms)")
     known("RPM-bound, limits known", n, rpm=6000, tpm=None)

@@ -18,6 +18,11 @@ concurrency), plus what the point needs (throughput, 429s per minute, hedges).
    100 ms and 1 s latency, and against nginx.
 4. Tails: 1,000 items at concurrency 50 with 5% 500s, 2% 503s and 1% hangs (timeout
    2 s), hedging policy on and off; the same without faults (extra calls).
+5. First wave (issue 27 part 3, issue 28 section 5): a new handle with no limits given
+   against generous servers (2,000 items at 100 in flight and 100 ms; 5,000 at 1,000
+   and 1 s), a 10-in-flight cap, a 50/s bucket with and without rate-limit headers and
+   nginx; "first wave" counts the 429s that came back before the first answer.
+   ``--cold off`` runs the same with the cold start off (a breaker without one).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import looptime
 
 import fanflow
 from fanflow import Limits, RetryPolicy
+from fanflow._breaker import Breaker
+from fanflow._exceptions import RateLimited
 from fanflow.testing import SimServer
 from fanflow.testing._nginx import NginxLimitReq, nginx_path
 
@@ -48,6 +55,7 @@ class Outcome:
     refused: int  # 429s sent by the limiter (SimServer or nginx)
     hedges: int
     timeline: list[Any]
+    first_wave: int = 0  # 429s that came back before the first success
 
 
 def _port(url: str) -> int:
@@ -58,6 +66,8 @@ async def _map(
     url: str, n: int, limits: Limits | None, retry: RetryPolicy, **map_kw: Any
 ) -> tuple[fanflow.BatchResult[Any], int]:
     llm = fanflow.openai("gpt-sim", base_url=url, api_key="sk-bench", limits=limits, retry=retry)
+    if not COLD:
+        llm.breaker = Breaker()  # the A/B of decision 0175: no cold start at all
     async with llm:
         result = await fanflow.map(llm, "{input}", [str(i) for i in range(n)], **map_kw)
         hedges = llm.statistics().hedges
@@ -84,6 +94,9 @@ async def _sim(
                 result, hedges = await _map(proxy.url, n, limits, retry, **map_kw)
                 refused_at_nginx = proxy.refused()
         stats = server.stats()
+    attempts = [a for r in result.records for a in r.attempts]
+    first = min((a.end for a in attempts if a.status is fanflow.Status.SUCCEEDED), default=0.0)
+    first_wave = sum(1 for a in attempts if isinstance(a.error, RateLimited) and a.end <= first)
     return Outcome(
         n=n,
         ok=result.summary.succeeded,
@@ -92,6 +105,7 @@ async def _sim(
         refused=stats.responses.get(429, 0) + refused_at_nginx,
         hedges=hedges,
         timeline=list(stats.timeline),
+        first_wave=first_wave,
     )
 
 
@@ -123,6 +137,7 @@ def header(title: str) -> None:
 
 
 RETRY = RetryPolicy(attempts=10, seed=1)
+COLD = True  # --cold off: handles without the breaker's cold start
 
 
 def margin(quick: bool, have_nginx: bool) -> None:
@@ -281,11 +296,48 @@ def tails(quick: bool, have_nginx: bool) -> None:
         fanflow._engine.TAIL_RETRY = True
 
 
+def first_wave(quick: bool, have_nginx: bool) -> None:
+    header("5. First wave: a new handle, no limits given")
+    default_retry = RetryPolicy(seed=1)
+    for n, c, latency in ((2000, 100, 0.1), (5000, 1000, 1.0)):
+        out = virtual(
+            lambda n=n, c=c, latency=latency: _sim(  # type: ignore[misc]
+                {"latency": latency}, n, None, default_retry, concurrency=c
+            )
+        )
+        bound = math.ceil(n / c) * latency
+        row("no limits", f"SimServer generous, {c} in flight, {latency:g} s", out, bound)
+    n = 300
+    for label, kw, bound in (
+        ("SimServer 10 in flight, 100 ms", {"max_in_flight": 10}, math.ceil(n / 10) * 0.1),
+        ("SimServer 50/s bucket, headers", {"rpm": 50, "period": 1.0}, n / 50),
+        (
+            "SimServer 50/s bucket, no headers",
+            {"rpm": 50, "period": 1.0, "rate_headers": False},
+            n / 50,
+        ),
+    ):
+        out = virtual(
+            lambda kw=kw: _sim({"latency": 0.1, **kw}, n, None, default_retry)  # type: ignore[misc]
+        )
+        row("no limits", label, out, bound, f"first wave {out.first_wave}")
+    if have_nginx:
+        out = real(
+            lambda: _sim({"latency": 0.1}, n, None, default_retry, nginx=("50r/s", 50, True))
+        )
+        row(
+            "no limits", "nginx 50r/s burst=50 nodelay", out, n / 50, f"first wave {out.first_wave}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
-    parser.add_argument("--only", default="margin,defaults,adaptive,tails")
+    parser.add_argument("--only", default="margin,defaults,adaptive,tails,first_wave")
+    parser.add_argument("--cold", default="on", choices=["on", "off"])
     args = parser.parse_args()
+    global COLD
+    COLD = args.cold == "on"
     have_nginx = nginx_path() is not None
     load = os.getloadavg()[0]
     print(
@@ -294,9 +346,14 @@ def main() -> None:
     )
     t0 = time.monotonic()
     for name in args.only.split(","):
-        {"margin": margin, "defaults": defaults, "adaptive": adaptive, "tails": tails}[name](
-            args.quick, have_nginx
-        )
+        sections = {
+            "margin": margin,
+            "defaults": defaults,
+            "adaptive": adaptive,
+            "tails": tails,
+            "first_wave": first_wave,
+        }
+        sections[name](args.quick, have_nginx)
     print(f"\n(took {time.monotonic() - t0:.0f} s of wall time)")
 
 

@@ -100,10 +100,21 @@ def bare_httpx(keepalive: int | None) -> Callable[[str, int], Awaitable[tuple[Ru
 
 
 async def fanflow_map(
-    url: str, c: int, hedge: bool | None = None, batch_gc: bool = True
+    url: str,
+    c: int,
+    hedge: bool | None = None,
+    batch_gc: bool = True,
+    fresh: bool = False,
+    cold: bool = True,
 ) -> tuple[Run, Close]:
-    """fanflow.map over N items with a fanflow.openai handle (its defaults)."""
+    """fanflow.map over N items with a fanflow.openai handle (its defaults).
+
+    ``fresh``: the measured run gets a new handle (as a user's first batch does: the
+    breaker's cold start, decision 0175), the warm-up another one; ``cold=False``: that
+    new handle without a cold start (the reference for what the cold start costs).
+    """
     import fanflow
+    from fanflow._breaker import Breaker
 
     if not batch_gc:  # the A/B of decision 0150: the GC threshold as the process has it
         import fanflow._gc
@@ -113,12 +124,27 @@ async def fanflow_map(
     retry = None if hedge is None else fanflow.RetryPolicy(hedge=hedge)
     llm = fanflow.openai("sim", base_url=url, api_key="sk-bench", retry=retry)
 
+    handles = [llm]
+    runs = 0
+
     async def run(n: int) -> None:
+        nonlocal runs
+        runs += 1
+        handle = llm
+        if fresh and runs > 1:
+            handle = fanflow.openai("sim", base_url=url, api_key="sk-bench", retry=retry)
+            if not cold:
+                handle.breaker = Breaker()
+            handles.append(handle)
         items = [{"i": i} for i in range(n)]
-        result = await fanflow.map(llm, PROMPT + " #{i}", items, concurrency=c)
+        result = await fanflow.map(handle, PROMPT + " #{i}", items, concurrency=c)
         assert result.ok, result.errors
 
-    return run, llm.aclose
+    async def close() -> None:
+        for handle in handles:
+            await handle.aclose()
+
+    return run, close
 
 
 async def openai_sdk(url: str, c: int) -> tuple[Run, Close]:
@@ -152,6 +178,14 @@ VARIANTS: dict[str, tuple[str, Callable[[str, int], Awaitable[tuple[Run, Close]]
     "nogc": (
         "... without the batch GC threshold (decision 0150)",
         lambda url, c: fanflow_map(url, c, batch_gc=False),
+    ),
+    "fresh": (
+        "... a new handle (cold start, decision 0175)",
+        lambda url, c: fanflow_map(url, c, fresh=True),
+    ),
+    "nocold": (
+        "... a new handle without a cold start",
+        lambda url, c: fanflow_map(url, c, fresh=True, cold=False),
     ),
     "httpx20": ("bare httpx + semaphore, keep-alive 20", bare_httpx(20)),
     "httpx": ("bare httpx + semaphore, keep-alive = C", bare_httpx(None)),

@@ -230,7 +230,8 @@ async def test_a_pool_refuses_a_key_none_of_its_first_inputs_has() -> None:
 async def test_with_no_concurrency_limit_a_cold_handle_still_stops_early() -> None:
     """No limit anywhere: without the cold start, all 300 would be in flight before the
     first 401 came back."""
-    from fanflow._breaker import COLD_CALLS, COLD_WAIT
+    from fanflow._breaker import COLD_CALLS
+    from fanflow._cold import COLD_STEP
 
     async with (
         SimServer(api_key="sk-right", latency=0.2) as server,
@@ -239,8 +240,8 @@ async def test_with_no_concurrency_limit_a_cold_handle_still_stops_early() -> No
         result = await fanflow.map(llm, "{input}", ITEMS)
     assert server.stats().requests <= COLD_CALLS
     assert statuses(result)[Status.SKIPPED] >= len(ITEMS) - COLD_CALLS
-    # A right key: the first answers take their time (2 s here); the rest waited at most
-    # COLD_WAIT for them, once, and then all went at once.
+    # A right key: the first answers take their time (2 s here); the rest went in a few
+    # doublings of the first wave (decision 0175), long before the first answer.
     async with (
         SimServer(latency=2.0) as server,
         fanflow.openai("m", base_url=server.url, api_key="k") as llm,
@@ -254,7 +255,8 @@ async def test_with_no_concurrency_limit_a_cold_handle_still_stops_early() -> No
         second = loop.time() - start
     assert result.ok
     assert again.ok
-    assert first == pytest.approx(2.0 + COLD_WAIT)
+    # 16 at once, then 32, 64, ..., 256 more: the last of the 300 after 5 steps.
+    assert first == pytest.approx(2.0 + 5 * COLD_STEP)
     assert second == pytest.approx(2.0)
 
 
@@ -284,9 +286,11 @@ def test_a_handle_cold_when_its_loop_ended_still_works_on_a_new_loop() -> None:
 
 
 async def test_skipped_items_did_no_work_so_they_add_no_speed_up() -> None:
-    # The skipped items waited out the cold start (a server whose 401s take 0.2 s) and
-    # were never sent: that is not time spent answering calls. Counting it made a
-    # tripped run claim a speed-up of 105x (found trying the CLI with a wrong key).
+    # The skipped items waited for a slot (a server whose 401s take 0.2 s) and were
+    # never sent: that is not time spent answering calls. Counting it made a tripped
+    # run claim a speed-up of 105x (found trying the CLI with a wrong key). (A 401
+    # slower than the cold start's steps meets its whole first wave: hence the
+    # concurrency here, decision 0175.)
     from aiohttp import web
 
     async def slow_401(request: web.Request) -> web.Response:
@@ -296,12 +300,12 @@ async def test_skipped_items_did_no_work_so_they_add_no_speed_up() -> None:
     async with loopback_app("/v1/chat/completions", slow_401) as base:
         llm = fanflow.openai("m", base_url=f"{base}/v1", api_key="sk-wrong")
         async with llm:
-            result = await fanflow.map(llm, "{input}", ITEMS)
+            result = await fanflow.map(llm, "{input}", ITEMS, concurrency=16)
     skipped = [r for r in result.records if r.status is Status.SKIPPED]
     assert skipped
     assert all(r.busy_time == 0.0 for r in skipped)
     assert any((r.latency or 0) > 0.1 for r in skipped)  # they did wait
     sent = [r for r in result.records if r.status is not Status.SKIPPED]
     assert result.summary.busy_time == pytest.approx(sum(r.busy_time for r in sent))
-    # The 16 cold-start calls ran side by side for 0.2 s each: 16x, not 300x.
+    # The 16 calls sent ran side by side for 0.2 s each: 16x, not 300x.
     assert result.summary.speedup == pytest.approx(len(sent))

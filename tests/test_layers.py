@@ -66,6 +66,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._progress": "core",
     "fanflow._repr": "core",
     "fanflow._budget": "engine",
+    "fanflow._cold": "engine",
     "fanflow._limits": "engine",
     "fanflow._leases": "engine",
     "fanflow._llm": "engine",

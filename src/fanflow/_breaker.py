@@ -28,12 +28,15 @@ it trips finish as they will; a call is stopped before each attempt and again on
 admitted, so a wrong key costs about the calls in flight (the concurrency) plus three,
 not one request per item.
 
-A new HTTP handle starts *cold*: its first :data:`COLD_CALLS` (16) calls go, and the
-rest wait for one of them to answer (at most :data:`COLD_WAIT`, 1 s, extended while
-only failures that may trip it come back). Without it, a batch with no concurrency limit
-puts every item in flight before the first 401 returns, and nothing could stop it. It
-costs at most one second once per handle, only when more than 16 calls start before the
-first answer; a success, any other answer, or a trip ends it (so does ``reset()``).
+A new HTTP handle starts *cold* (:mod:`fanflow._cold`, decision 0175): its first
+:data:`COLD_CALLS` (16) calls go, and the wave doubles every few round trips that pass
+without an answer that may trip it; an answer that does not trip it ends the cold
+start (a 429 has lowered the adaptive limit by then), and so does a trip. A success
+does not: the wave goes on doubling, so a rate limit is met by a wave of a few dozen,
+not by every call held back.
+Without it, a batch with no concurrency limit puts every item in flight before the
+first 401 returns, and nothing could stop it. A right key costs a few round trips (tens
+of milliseconds near the server), not one generation.
 
 A tripped breaker does not poison the handle: once :data:`PROBE_AFTER` seconds have
 passed since it tripped (or since the last probe), the next call goes as a probe while
@@ -52,6 +55,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+from ._cold import COLD_CALLS, ColdStart
 from ._exceptions import (
     RETRYABLE,
     AuthenticationError,
@@ -64,7 +68,7 @@ from ._exceptions import (
 )
 from ._types import Request
 
-__all__ = ["PROBE_AFTER", "TRIP_AFTER", "Breaker", "fatal_scope"]
+__all__ = ["COLD_CALLS", "PROBE_AFTER", "TRIP_AFTER", "Breaker", "fatal_scope"]
 
 #: Failures of the same kind in a row (no success between) that trip the breaker.
 TRIP_AFTER = 3
@@ -73,12 +77,6 @@ TRIP_AFTER = 3
 CONNECT_ATTEMPTS = 3
 #: Seconds after a trip (or a failed probe) before one call is let through as a probe.
 PROBE_AFTER = 10.0
-#: A new HTTP handle sends this many calls first; the rest wait for their first answer.
-COLD_CALLS = 16
-#: ... but at most this long (longer only while those answers are failures that trip).
-COLD_WAIT = 1.0
-#: How many times COLD_WAIT is extended while only such failures come back.
-COLD_EXTENSIONS = 3
 
 Scope = tuple[str, str | None]
 _HANDLE: Scope = ("handle", None)
@@ -142,33 +140,27 @@ class Breaker:
 
     __slots__ = (
         "_cold",
-        "_cold_calls",
-        "_cold_deadline",
-        "_cold_extended",
         "_cold_limit",
         "_open",
         "_streaks",
-        "_warm",
         "active",
         "trips",
     )
 
     def __init__(self, *, cold_start: int | None = None) -> None:
         """Args:
-        cold_start: send only this many calls until the first answer comes back
-            (see the module docstring); None: no cold start.
+        cold_start: the first wave of a new handle (see the module docstring);
+            None: no cold start.
         """
         self._streaks: dict[Scope, int] = {}
         self._open: dict[Scope, _Trip] = {}
         self._cold_limit = cold_start
-        self._cold = cold_start is not None
-        self._cold_calls: set[int] = set()  # ids of the calls let through while cold
-        self._cold_deadline: float | None = None
-        self._cold_extended = 0
-        self._warm: asyncio.Event | None = None
+        self._cold: ColdStart | None = None
+        if cold_start is not None:
+            self._cold = ColdStart(cold_start, lambda: bool(self._streaks))
         #: True while anything is counted or open (or it is cold): the engine reads
         #: only this flag on its fast path.
-        self.active = self._cold
+        self.active = self._cold is not None
         #: How many times it has tripped (failed probes included).
         self.trips = 0
 
@@ -194,38 +186,18 @@ class Breaker:
 
     def _warm_up(self) -> None:
         """The first answers are in: every call may go (the cold start is over)."""
-        if self._cold:
-            self._cold = False
-            self._cold_calls.clear()
-            if self._warm is not None:
-                self._warm.set()
-                self._warm = None
+        cold = self._cold
+        if cold is not None:
+            self._cold = None
+            cold.end()
             self.active = bool(self._open or self._streaks)
 
-    async def _wait_while_cold(self, call: object) -> None:
-        loop = asyncio.get_running_loop()
-        ident = id(call)
-        limit = self._cold_limit or 0
-        while self._cold:
-            if ident in self._cold_calls or len(self._cold_calls) < limit:
-                self._cold_calls.add(ident)
-                return
-            if self._cold_deadline is None:
-                self._cold_deadline = loop.time() + COLD_WAIT
-            if self._warm is None or getattr(self._warm, "_loop", None) not in (None, loop):
-                # (a new one if the last was made on another loop, e.g. an earlier
-                # fanflow.run that ended while cold: an Event belongs to one loop)
-                self._warm = asyncio.Event()
-            try:
-                async with asyncio.timeout_at(self._cold_deadline):
-                    await self._warm.wait()
-            except TimeoutError:
-                if self._streaks and self._cold_extended < COLD_EXTENSIONS:
-                    # Only failures that may trip it came back so far: hold on.
-                    self._cold_extended += 1
-                    self._cold_deadline = loop.time() + COLD_WAIT
-                else:  # the answers are just slow: stop holding the rest back
-                    self._warm_up()
+    def connected(self, seconds: float) -> None:
+        """The handle's first connection took ``seconds`` to open (the HTTP handles
+        report it): the cold start's wave grows at a pace of its round trips."""
+        cold = self._cold
+        if cold is not None:
+            cold.connected(seconds)
 
     def _blocking(self, request: Request, call: object) -> _Trip | None:
         for scope in (("handle", None), ("model", request.model)):
@@ -239,8 +211,14 @@ class Breaker:
     ) -> CircuitOpen | None:
         """Wait while a probe is out (or, before admission, while the handle is cold);
         then the error to skip ``request`` with, or None to send it."""
-        if self._cold and not admitted:
-            await self._wait_while_cold(call)
+        cold = self._cold
+        if cold is not None and cold.over:  # it ended by itself (a wave that large)
+            self._warm_up()
+        elif cold is not None:
+            if admitted:
+                cold.sent(asyncio.get_running_loop().time())
+            else:
+                await cold.wait(call)
         loop = asyncio.get_running_loop()
         while (trip := self._blocking(request, call)) is not None:
             now = loop.time()
@@ -317,14 +295,17 @@ class Breaker:
         self._warm_up()  # the calls held back go on to be skipped
 
     def succeeded(self, request: Request) -> None:
-        """An attempt at ``request`` succeeded: the key, the endpoint and its model work."""
-        self._warm_up()
+        """An attempt at ``request`` succeeded: the key, the endpoint and its model work
+        (a cold start's wave goes on growing: the server's capacity is not known yet)."""
+        cold = self._cold
+        if cold is not None:
+            cold.succeeded()
         for scope in (("handle", None), ("model", request.model)):
             trip = self._open.pop(scope, None)
             if trip is not None:
                 trip.settle()
             self._streaks.pop(scope, None)
-        self.active = bool(self._open or self._streaks)
+        self.active = bool(self._open or self._streaks or self._cold)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy in another process starts closed (and cold, if this one was made so).

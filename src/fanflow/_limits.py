@@ -816,12 +816,18 @@ class Lane:
                     t = self._hint_next
                 if self._pace_next > t:
                     t = self._pace_next
-                for bucket, cost, _ in costs:
-                    t = bucket.send_time(t, cost)
+                for bucket, cost, kind in costs:
+                    if kind == _REQUESTS and self._credit_rate:
+                        t = self._credit_time(bucket, t, now)
+                    else:
+                        t = bucket.send_time(t, cost)
                 if t - now <= _EPSILON:
                     break
                 await self._sleep_or_wake(t - now)
             slots = [(bucket, bucket.reserve(now, cost), kind) for bucket, cost, kind in costs]
+            if self._credit_rate and any(kind == _REQUESTS for _, kind in self._buckets):
+                self._credit = self._credit_now(now) - 1.0
+                self._credit_at = now
             if now < self._hint_until:
                 self._hint_next = now + self._hint_interval
             if self.pacing is not None:
@@ -829,6 +835,14 @@ class Lane:
         self._tokens_in_flight += input + output
         self._last_cost = input + output
         return Permit(input, output, slots)
+
+    def _credit_time(self, bucket: RateBucket, t: float, now: float) -> float:
+        """When a request may go by the server's headers (decision 0176): as soon as
+        their credit has one request, and the limit given allows it in its window.
+        The bucket's margin and burst are for a limiter it cannot see; this one says
+        what is left."""
+        wait = (1.0 - self._credit_now(now)) / self._credit_rate
+        return bucket.window_time(max(t, now + wait), 1)
 
     def release(self) -> None:
         """A call admitted by :meth:`acquire` has ended (no outcome to learn from)."""
@@ -1041,7 +1055,11 @@ class Lane:
         for what, cost, pending, remaining, reset, limit in pairs:
             if remaining is None or reset is None or reset <= 0:
                 continue
-            rate = (limit - remaining) / reset if limit and limit > remaining else None
+            # ``remaining`` is whole units, rounded down (the bucket may hold up to one
+            # more than it says), so count one more as used (at most 1% of the limit):
+            # a credit paced by the refill rate then does not run ahead of the server.
+            used = limit - remaining - min(1.0, limit / 100) if limit else 0.0
+            rate = used / reset if used > 0 else None
             # The refill since, capped at the bucket's size, then what the calls sent
             # since took (they came in while it refilled: capping after taking them
             # would count refill the full bucket could not hold).
@@ -1055,6 +1073,8 @@ class Lane:
                 wait = reset if rate is None else min(reset, (cost - left) / rate)
                 self._hold(now + wait)
                 continue
+            if what == "requests" and self._credit_rate:
+                continue  # the credit spaces them at the refill rate (decision 0176)
             if limit and remaining < _LOW_REMAINING * limit:
                 self._simple = False
                 if rate:
@@ -1071,11 +1091,12 @@ class Lane:
     ) -> None:
         """Requests left at the server (``left``: its ``remaining`` plus the refill
         since, less the calls sent since) become the credit the next sends take from
-        (:meth:`_take_credit`). It refills at the server's rate, as the hold on an
-        empty bucket does (decision 0159; near empty, the spacing of ``_observe`` adds
-        the margin). So a wave of calls larger than what is left (the first one after
-        the cold start, or items arriving all at once) goes as far as the credit
-        reaches and then at the refill rate, instead of drawing a 429 each."""
+        (:meth:`_take_credit`, and the rate buckets' turn: :meth:`_credit_time`). It
+        refills at the server's rate, as the hold on an empty bucket does (decisions
+        0159 and 0176: no margin; the server says what is left). So a wave of calls
+        larger than what is left (a first wave, or items arriving all at once) goes
+        as far as the credit reaches and then at the refill rate, instead of drawing a
+        429 each."""
         if rate:
             self._credit_rate = rate
         if not self._credit_rate:

@@ -135,6 +135,11 @@ class RateBucket:
             t = self._last  # FIFO: never overtake an earlier reservation
         return self._window_time(t, cost)
 
+    def window_time(self, t: float, cost: float) -> float:
+        """When ``cost`` units may be sent by the sliding window alone (the limit per
+        period; no pacing, no burst), in FIFO order."""
+        return self._window_time(max(t, self._last), cost)
+
     def _window_time(self, t: float, cost: float) -> float:
         """The earliest time >= t at which the window has room for ``cost``."""
         log = self._log

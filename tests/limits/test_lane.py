@@ -182,10 +182,12 @@ async def test_headers_with_nothing_remaining_hold_sends_until_it_refills(
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     # The headers count at the request's arrival: with no latency the reply says
-    # "nothing left" as of now, so the next call waits 1 s for one request to refill.
+    # "nothing left" as of now, so the next call waits for one request to refill.
+    # ``remaining`` is rounded down (the bucket may hold up to one more), so fanflow
+    # counts 1% of the limit less as used (decision 0176): 7.92 in 8 s.
     llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
     await fanflow.map(llm, "{input}", ["a", "b"])
-    assert llm.started_at == [0.0, 1.0]
+    assert llm.started_at == [0.0, pytest.approx(8 / 7.92)]
 
 
 async def test_headers_count_the_refill_since_the_request_arrived(looptime: float) -> None:
@@ -193,11 +195,12 @@ async def test_headers_count_the_refill_since_the_request_arrived(looptime: floa
         state = _State(requests_limit=8, requests_remaining=0, requests_reset=8.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
-    # "Nothing left" was counted when the request arrived, 1 s before the reply: one
-    # request has refilled since, so the next call goes at once.
+    # "Nothing left" was counted when the request arrived, 1 s before the reply: 0.99
+    # of a request has refilled since (``remaining`` is rounded down, so fanflow counts
+    # 1% of the limit less as used, decision 0176); the rest of one comes just after.
     llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1))
     await fanflow.map(llm, "{input}", ["a", "b"])
-    assert llm.started_at == [0.0, 1.0]
+    assert llm.started_at == [0.0, pytest.approx(8 / 7.92)]
 
 
 async def test_headers_without_a_limit_hold_until_the_reset(looptime: float) -> None:
@@ -210,7 +213,7 @@ async def test_headers_without_a_limit_hold_until_the_reset(looptime: float) -> 
     assert llm.started_at == [0.0, 8.0]
 
 
-async def test_headers_with_little_remaining_pace_at_the_refill_rate(
+async def test_headers_with_little_remaining_send_what_is_left_without_a_margin(
     looptime: float,
 ) -> None:
     def reply(request: Request) -> Response:
@@ -220,9 +223,9 @@ async def test_headers_with_little_remaining_pace_at_the_refill_rate(
 
     llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
     await fanflow.map(llm, "{input}", ["a", "b", "c", "d"])
-    # At the refill rate less the 3% margin: one every 1 / (5 x 0.97) s.
-    step = 1 / (5 * 0.97)
-    assert llm.started_at == pytest.approx([0.0, 0.0, step, 2 * step], abs=1e-5)
+    # Each reply says 5 are left: they are (decision 0176; before, they were spaced
+    # at the refill rate less the 3% margin, one every 1 / (5 x 0.97) s).
+    assert llm.started_at == [0.0, 0.0, 0.0, 0.0]
 
 
 class _CapacityServer(fanflow.BaseLLM):

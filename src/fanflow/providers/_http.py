@@ -385,6 +385,32 @@ class _Sessions:
                     future.exception()  # seen: a failed close leaves nothing to undo
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, reporting how long its first connection took to open (the
+    handle's cold start paces its first wave by it; see fanflow._cold)."""
+
+    def __init__(self, report: Callable[[float], None] | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._report = report
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.connector.Connection:
+        report = self._report
+        if report is None:  # every call after the first connection: nothing to time
+            return await super().connect(req, traces, timeout)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        connection = await super().connect(req, traces, timeout)
+        if self._report is not None:
+            self._report = None
+            report(loop.time() - start)
+        return connection
+
+
 class _WireHeaders(dict[str, str]):
     """A request's headers, the key's among them: shown by name only."""
 
@@ -399,13 +425,19 @@ class AiohttpTransport:
     request without copying them); a request carrying that same mapping adds none.
     """
 
-    __slots__ = ("_connect_timeout", "_headers", "_sessions")
+    __slots__ = ("_connect_timeout", "_headers", "_on_connect", "_sessions")
 
     def __init__(
-        self, headers: Callable[[], Mapping[str, str]], connect_timeout: float | None
+        self,
+        headers: Callable[[], Mapping[str, str]],
+        connect_timeout: float | None,
+        on_connect: Callable[[], Callable[[float], None] | None] | None = None,
     ) -> None:
+        """``on_connect()``, asked when a session is made, gives the function told how
+        long the session's first connection took to open (None: nobody asks)."""
         self._headers = headers
         self._connect_timeout = connect_timeout
+        self._on_connect = on_connect
         self._sessions = _Sessions(self._new_session)
 
     async def send(self, request: HttpRequest) -> HttpReply:
@@ -423,7 +455,8 @@ class AiohttpTransport:
     def _new_session(self) -> aiohttp.ClientSession:
         # Capped below the open-file limit: calls beyond it wait for a free connection
         # instead of failing with "Too many open files" (see _openfiles).
-        connector = aiohttp.TCPConnector(limit=connection_cap(), keepalive_timeout=30.0)
+        report = self._on_connect() if self._on_connect is not None else None
+        connector = _Connector(report, limit=connection_cap(), keepalive_timeout=30.0)
         return aiohttp.ClientSession(
             connector=connector,
             headers=self._headers(),
@@ -495,7 +528,11 @@ class HttpLLM(BaseLLM):
             self.transport = self._default_transport()
 
     def _default_transport(self) -> AiohttpTransport:
-        return AiohttpTransport(self.wire_headers, self._connect_timeout)
+        return AiohttpTransport(self.wire_headers, self._connect_timeout, self._first_connection)
+
+    def _first_connection(self) -> Callable[[float], None] | None:
+        breaker = self.breaker
+        return breaker.connected if breaker is not None and breaker.active else None
 
     def wire_headers(self) -> Mapping[str, str]:
         """Every header of this handle's requests, the key's included (made once)."""

@@ -1,0 +1,214 @@
+"""A new handle's first wave: small while a refusal could still come back (decision 0175).
+
+A refusal (a wrong key's 401, a 429 from a concurrency cap or an empty bucket) comes
+back about one round trip after the request; an answer only after the whole
+generation. So a cold handle sends its first :data:`COLD_CALLS` calls at once and then
+doubles the wave every *step*: three times the time its first connection took to open
+(at least :data:`COLD_STEP`), counted from the last call sent, i.e. longer than a
+refusal of the calls already sent takes to return.
+
+- Answers that may trip the breaker (401, 403, 404, a spent quota, nothing listening)
+  stop the doubling until it trips (the held calls are then skipped) or a call
+  succeeds.
+- A 429, or any other answer that is neither a success nor one of those, ends it: the
+  adaptive limit has been lowered by then (:mod:`fanflow._limits`) and governs.
+- A success does not end it: the key is right, but the server's capacity is still
+  unknown, so the wave goes on doubling until a 429 or until it is :data:`_ENOUGH`.
+  A success does make the wave at least as large as steps of :data:`COLD_STEP` would
+  have made it by then (on a loaded machine the steps run late).
+
+With a right key a large server has the whole wave in flight after ``log2(C / 16)``
+steps (tens of milliseconds near the server), not one generation later; a wrong key
+or a small server meets the first wave and a step's worth more. A server whose
+refusals take longer than a step (a 401 after 0.2 s on loopback) meets more: the wave
+doubles once per step until the first refusal returns.
+
+It holds calls back for :data:`COLD_WAIT` at most (the answers are just slow, or the
+machine too loaded for its steps); while only answers that may trip come back it waits
+at most :data:`COLD_EXTENSIONS` more such periods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+
+__all__ = ["COLD_CALLS", "COLD_STEP", "ColdStart"]
+
+#: A new HTTP handle sends this many calls first.
+COLD_CALLS = 16
+#: The shortest time between two doublings of the first wave, in seconds.
+COLD_STEP = 0.01
+#: A step is this many times the first connection's opening time (its round trips),
+#: when that is longer than COLD_STEP.
+COLD_FACTOR = 3.0
+#: With no connection opened in this long (or while only answers that may trip the
+#: breaker come back), stop holding calls back.
+COLD_WAIT = 1.0
+#: How many times COLD_WAIT is extended while only such answers come back.
+COLD_EXTENSIONS = 3
+# Timers may fire a hair early, and a virtual clock steps in microseconds.
+_EPSILON = 1e-6
+#: A wave this large is no wave: the cold start ends (its timer stops).
+_ENOUGH = 1 << 16
+
+
+class ColdStart:
+    """The first wave of one handle (held by its :class:`fanflow.Breaker`).
+
+    Args:
+        first: the calls sent before the first step.
+        held: whether answers that may trip the breaker came back (then the wave stops
+            growing).
+    """
+
+    __slots__ = (
+        "_due",
+        "_extended",
+        "_first",
+        "_held",
+        "_late",
+        "_let",
+        "_loop",
+        "_sent",
+        "_started",
+        "_step",
+        "_timer",
+        "_waiters",
+        "_window",
+        "over",
+    )
+
+    def __init__(self, first: int, held: Callable[[], bool]) -> None:
+        self._first = first
+        self._window = first
+        self._held = held
+        self._let: set[int] = set()  # ids of the calls let through (their retries too)
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = 0.0
+        self._sent = 0.0  # when the last call let through was sent
+        self._due = 0.0  # when the timer was set to fire
+        self._step: float | None = None  # seconds between doublings, once measured
+        self._timer: asyncio.TimerHandle | None = None
+        self._extended = 0
+        self._late = False  # the last tick was put off because the loop ran late
+        self.over = False
+
+    async def wait(self, call: object) -> None:
+        """Return when ``call`` may be sent (at once if the wave has room)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._restart(loop)
+        ident = id(call)
+        if ident in self._let:
+            return
+        if not self._waiters and len(self._let) < self._window:
+            self._let.add(ident)
+            return
+        fut = loop.create_future()
+        entry = (fut, ident)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+            raise
+
+    def sent(self, now: float) -> None:
+        """A call let through is being sent now: the next step counts from here."""
+        self._sent = now
+
+    def connected(self, seconds: float) -> None:
+        """The first connection took ``seconds`` to open: the steps start."""
+        if self._step is not None or self.over or self._loop is None:
+            return
+        self._step = max(COLD_STEP, COLD_FACTOR * seconds)
+        self._arm(self._started + self._step)
+
+    def succeeded(self) -> None:
+        """A call succeeded: the wave is at least as large as its steps would have made
+        it by now at :data:`COLD_STEP` each (a loaded machine's timers and its inflated
+        first connection time must not hold it back longer than an answer takes)."""
+        loop = self._loop
+        if self.over or loop is None:
+            return
+        steps = (loop.time() - self._started) / COLD_STEP
+        if steps >= _ENOUGH.bit_length():
+            self.end()
+            return
+        self._grow(max(self._window, int(self._first * 2**steps)))
+
+    def end(self) -> None:
+        """The first answers are in: every call may go."""
+        self.over = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiters, self._waiters = self._waiters, deque()
+        for fut, _ in waiters:
+            if not fut.done() and not fut.get_loop().is_closed():
+                fut.set_result(None)
+
+    def _restart(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The first call on ``loop`` (a handle's first, or its first since the loop it
+        was cold on ended: that loop's calls and timers are gone with it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._loop = loop
+        self._let.clear()
+        self._waiters.clear()
+        self._started = self._sent = loop.time()
+        self._extended = 0
+        self._timer = None
+        self._arm(self._started + (self._step if self._step is not None else COLD_WAIT))
+
+    def _arm(self, when: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._due = when
+        self._timer = loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        if self._held():  # refusals that may trip it came back: wait for the trip
+            self._extended += 1
+            if self._extended > COLD_EXTENSIONS:
+                self.end()
+            else:
+                self._arm(now + COLD_WAIT)
+            return
+        step = self._step
+        if step is None or now >= self._started + COLD_WAIT:
+            self.end()  # no connection opened, or held long enough: the answers are slow
+            return
+        late = now - self._due > step  # refusals may be queued behind what delayed it
+        if (late and not self._late) or self._sent + step > now + _EPSILON:
+            # (late once in a row at most: a loaded machine is late at every tick)
+            self._late = late
+            self._arm(max(now, self._sent) + step)
+            return
+        self._late = False
+        if self._grow(self._window * 2):
+            self._arm(now + step)
+
+    def _grow(self, window: int) -> bool:
+        """Let the wave grow to ``window`` calls; False if that ended the cold start."""
+        self._window = window
+        if window >= _ENOUGH:
+            self.end()
+            return False
+        while self._waiters and len(self._let) < window:
+            fut, ident = self._waiters.popleft()
+            if not fut.done():
+                self._let.add(ident)
+                fut.set_result(None)
+        return True
