@@ -19,6 +19,7 @@ __all__ = [
     "Attempt",
     "BatchResult",
     "CallRecord",
+    "Deployment",
     "Message",
     "RateLimitState",
     "Request",
@@ -241,12 +242,23 @@ class RateLimitState:
 
 
 @dataclass(frozen=True, slots=True)
+class Deployment:
+    """Which deployment of a router (``fanflow.router``) or tier of a cascade answered:
+    its name, model and base URL (never its key)."""
+
+    name: str
+    model: str | None = None
+    base_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Response:
     """What a model returned for one request.
 
     ``batch_id`` names the provider batch that answered it (None: a real-time call);
     ``saved`` is what the batch price saved against the real-time price, in dollars
-    (None: not batched, or the price is unknown).
+    (None: not batched, or the price is unknown). ``deployment`` names the router's
+    deployment (or cascade's tier) that answered (None: not routed).
     """
 
     text: str
@@ -260,6 +272,7 @@ class Response:
     rate_limit: RateLimitState | None = field(default=None, repr=False, compare=False)
     batch_id: str | None = None
     saved: float | None = None
+    deployment: Deployment | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +306,10 @@ class CallRecord(Generic[T]):
     ``value`` is the result on success (a :class:`Response` for raw calls, the parsed
     output for patterns); ``error`` the exception otherwise. Times are event-loop
     times (``loop.time()``), so they are exact in virtual-time tests.
+
+    ``routes`` holds, in order, the calls a router made for this item on deployments
+    that could not answer, or a cascade's tiers whose answers were not accepted; this
+    record's attempts and cost include theirs.
     """
 
     status: Status
@@ -308,6 +325,7 @@ class CallRecord(Generic[T]):
     index: int | None = None
     response: Response | None = field(default=None, repr=False)
     cached: bool = False
+    routes: tuple[CallRecord[Any], ...] = field(default=(), repr=False)
 
     def _fields(self) -> Iterator[tuple[str, Any, str]]:
         """What a person wants to see: ``(name, value, text)``; loop timestamps left out."""
@@ -353,6 +371,11 @@ class CallRecord(Generic[T]):
     @property
     def ok(self) -> bool:
         return self.status is Status.SUCCEEDED
+
+    @property
+    def deployment(self) -> Deployment | None:
+        """The router's deployment (or cascade's tier) that answered (None: not routed)."""
+        return self.response.deployment if self.response is not None else None
 
     @property
     def retries(self) -> int:

@@ -1,0 +1,14 @@
+"""Deployments: a router over several handles and a cascade of models.
+
+``fanflow.router(...)`` and ``fanflow.cascade(...)`` make them; this module holds the
+names a user may want beyond those: the handle classes, what a record says answered
+(``CallRecord.deployment``), and the error of an item every deployment failed.
+"""
+
+from __future__ import annotations
+
+from ._exceptions import DeploymentsFailed
+from ._router import FAILING_AFTER, Router
+from ._types import Deployment
+
+__all__ = ["FAILING_AFTER", "Deployment", "DeploymentsFailed", "Router"]
