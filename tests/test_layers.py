@@ -72,7 +72,6 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._engine": "engine",
     "fanflow._breaker": "engine",
     "fanflow._router": "engine",
-    "fanflow._cascade": "engine",
     "fanflow.routing": "interfaces",
     "fanflow._durable": "durability",
 }

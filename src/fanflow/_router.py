@@ -29,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+from abc import abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
 
 from ._breaker import PROBE_AFTER, is_failing
 from ._engine import CallOptions, execute
@@ -52,7 +54,7 @@ from ._llm import BaseLLM
 from ._pricing import Price
 from ._types import Attempt, CallRecord, Deployment, Request, Response, Status, Usage
 
-__all__ = ["FAILING_AFTER", "Router", "router"]
+__all__ = ["FAILING_AFTER", "Item", "Routed", "Router", "call_on", "merge", "router"]
 
 T = TypeVar("T")
 
@@ -78,6 +80,21 @@ def describe(llm: BaseLLM, name: str | None) -> Deployment:
         host = base_url.split("://", 1)[-1] if base_url else type(llm).__name__
         name = f"{llm.model}@{host}" if llm.model else host
     return Deployment(name=name, model=llm.model, base_url=base_url)
+
+
+def describe_all(
+    kind: str, llms: Sequence[BaseLLM], names: Sequence[str] | None
+) -> list[Deployment]:
+    """Each handle's :class:`Deployment`, with ``names`` (one each) or the defaults."""
+    if names is not None and len(names) != len(llms):
+        raise ConfigError(f"names= has {len(names)} entries for {len(llms)} handles; give one each")
+    infos = [describe(llm, names[i] if names else None) for i, llm in enumerate(llms)]
+    if len({d.name for d in infos}) != len(infos):
+        raise ConfigError(
+            f"fanflow.{kind}(): two handles have the same name "
+            f"({[d.name for d in infos]}); pass names="
+        )
+    return infos
 
 
 def check_handles(kind: str, handles: Sequence[object]) -> tuple[BaseLLM, ...]:
@@ -184,10 +201,95 @@ def _attempts_only(hooks: tuple[Hook, ...]) -> Hook:
     return forward
 
 
-class Router(BaseLLM):
-    """One handle over several deployments; made by :func:`router`."""
+@dataclass(frozen=True, slots=True)
+class Item(Generic[T]):
+    """One call as the engine handed it to a router or cascade."""
+
+    request: Request
+    opts: CallOptions
+    index: int | None
+    label: str | None
+    parse: Callable[[Response], T] | None
+
+    def who(self) -> str:
+        return "the call" if self.index is None else f"item {self.index}"
+
+
+async def call_on(
+    llm: BaseLLM,
+    info: Deployment,
+    item: Item[T],
+    *,
+    request: Request | None = None,
+    observe: Hook | None = None,
+    prices: Mapping[str, Price] | None = None,
+) -> CallRecord[T]:
+    """``item``'s call (or ``request``) on one handle with the engine; its record says
+    ``info`` answered. ``observe`` sees its events; ``prices`` go over the pattern's."""
+    opts = item.opts
+    hooks: tuple[Hook, ...] = () if observe is None else (observe,)
+    if opts.hooks:
+        hooks += (_attempts_only(opts.hooks),)
+    if prices:
+        prices = {**(opts.prices or {}), **prices}
+    inner = dataclasses.replace(opts, hooks=hooks, prices=prices or opts.prices)
+    record = await execute(
+        llm, request or item.request, inner, index=item.index, label=item.label, parse=item.parse
+    )
+    return tag(record, info)
+
+
+class Routed(BaseLLM):
+    """Base of the router and the cascade: handles that run each call on other
+    handles (``BaseLLM.routed``), reporting its start and end once."""
 
     routed = True
+
+    def __init__(self, handles: Sequence[BaseLLM], infos: Sequence[Deployment]) -> None:
+        concurrency = [llm.limits.concurrency for llm in handles]
+        total = None if None in concurrency else sum(c or 0 for c in concurrency)
+        super().__init__(limits=Limits(concurrency=total))
+        self.handles = tuple(handles)
+        self.infos = tuple(infos)
+
+    async def route(
+        self,
+        request: Request,
+        opts: CallOptions,
+        *,
+        index: int | None,
+        label: str | None,
+        parse: Callable[[Response], T] | None,
+    ) -> CallRecord[T]:
+        """Run one call on the handles (the engine's ``execute`` hands it here)."""
+        start = asyncio.get_running_loop().time()
+        if opts.hooks:
+            emit(opts.hooks, CallStarted(start, request, index, label))
+        final = await self.run(Item(request, opts, index, label, parse), start)
+        if opts.hooks:
+            emit(opts.hooks, CallEnded(final.end or start, final))
+        return final
+
+    @abstractmethod
+    async def run(self, item: Item[T], start: float) -> CallRecord[T]:
+        """The item's record, its calls on the handles merged (:func:`merge`)."""
+
+    async def complete(self, request: Request) -> Response:
+        """One call (with the engine's retries on each handle)."""
+        item: Item[Response] = Item(request, CallOptions(), None, None, None)
+        record = await self.run(item, asyncio.get_running_loop().time())
+        if record.response is None:
+            assert record.error is not None
+            raise record.error
+        return record.response
+
+    async def aclose(self) -> None:
+        for llm in self.handles:
+            await llm.aclose()
+
+
+class Router(Routed):
+    """One handle over several deployments; made by :func:`router`."""
 
     def __init__(
         self,
@@ -203,7 +305,7 @@ class Router(BaseLLM):
         if strategy not in ("spread", "fallback"):
             raise ConfigError(f"strategy must be 'spread' or 'fallback', got {strategy!r}")
         n = len(llms)
-        for what, given in (("weights", weights), ("names", names), ("prices", prices)):
+        for what, given in (("weights", weights), ("prices", prices)):
             if given is not None and len(given) != n:
                 raise ConfigError(
                     f"{what}= has {len(given)} entries for {n} handles; give one each"
@@ -212,14 +314,8 @@ class Router(BaseLLM):
             raise ConfigError(f"weights must be > 0, got {list(weights)}")
         if patience < 0:
             raise ConfigError(f"patience must be >= 0 seconds, got {patience}")
-        infos = [describe(llm, names[i] if names else None) for i, llm in enumerate(llms)]
-        if len({d.name for d in infos}) != n:
-            raise ConfigError(
-                f"two deployments have the same name ({[d.name for d in infos]}); pass names="
-            )
-        concurrency = [llm.limits.concurrency for llm in llms]
-        total = None if None in concurrency else sum(c or 0 for c in concurrency)
-        super().__init__(limits=Limits(concurrency=total))
+        infos = describe_all("router", llms, names)
+        super().__init__(llms, infos)
         self.strategy = strategy
         self.patience = patience
         self.members = tuple(
@@ -236,41 +332,23 @@ class Router(BaseLLM):
         names = ", ".join(repr(m.info.name) for m in self.members)
         return f"fanflow.router({names}, strategy={self.strategy!r})"
 
-    @property
-    def handles(self) -> tuple[BaseLLM, ...]:
-        return tuple(m.llm for m in self.members)
-
     def cache_identity(self) -> dict[str, Any]:
         """Every deployment's identity (a store looks up each one's own key instead:
         :meth:`cache_choices`)."""
         return {
             "protocol": "fanflow.router",
-            "deployments": [m.llm.cache_identity() for m in self.members],
+            "deployments": [llm.cache_identity() for llm in self.handles],
         }
 
     def cache_choices(self, request: Request) -> list[tuple[BaseLLM, Request]]:
         """Each deployment with the request as it would send it: an answer stored under
         any of them may serve the router."""
-        return [(m.llm, m.llm.prepare(request)) for m in self.members]
+        return [(llm, llm.prepare(request)) for llm in self.handles]
 
     def answered_by(self, record: CallRecord[Any]) -> BaseLLM | None:
         """The deployment whose answer ``record`` holds (None: none answered)."""
         info = record.deployment
         return next((m.llm for m in self.members if m.info == info), None)
-
-    async def complete(self, request: Request) -> Response:
-        """One call through the router (with the engine's retries on each deployment)."""
-        record: CallRecord[Response] = await self.route(
-            request, CallOptions(), index=None, label=None, parse=None
-        )
-        if record.response is None:
-            assert record.error is not None
-            raise record.error
-        return record.response
-
-    async def aclose(self) -> None:
-        for m in self.members:
-            await m.llm.aclose()
 
     # -- choosing ----------------------------------------------------------------
 
@@ -299,23 +377,19 @@ class Router(BaseLLM):
 
     # -- one call ----------------------------------------------------------------
 
-    async def route(
-        self,
-        request: Request,
-        opts: CallOptions,
-        *,
-        index: int | None,
-        label: str | None,
-        parse: Callable[[Response], T] | None,
-    ) -> CallRecord[T]:
-        """Run one call on the deployments (the engine's ``execute`` hands it here)."""
+    async def run(self, item: Item[T], start: float) -> CallRecord[T]:
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        if opts.hooks:
-            emit(opts.hooks, CallStarted(start, request, index, label))
         tried: list[tuple[_Member, CallRecord[T]]] = []
         for member in self.order(start):
-            record = await self._on(member, request, opts, index, label, parse)
+            member.outstanding += 1
+            member.sent += 1
+            try:
+                record = await call_on(
+                    member.llm, member.info, item, observe=member.observe, prices=member.prices
+                )
+            finally:
+                member.outstanding -= 1
+            member.observe(CallEnded(record.end or 0.0, record))
             tried.append((member, record))
             if not moves(record):
                 break
@@ -323,38 +397,8 @@ class Router(BaseLLM):
                 member.down_until = max(member.down_until, loop.time() + PROBE_AFTER)
         final = merge([r for _, r in tried], start, loop.time())
         if not final.ok and moves(tried[-1][1]):
-            final = _all_failed(final, tried, index)
-        if opts.hooks:
-            emit(opts.hooks, CallEnded(final.end or start, final))
+            final = _all_failed(final, tried, item.who())
         return final
-
-    async def _on(
-        self,
-        member: _Member,
-        request: Request,
-        opts: CallOptions,
-        index: int | None,
-        label: str | None,
-        parse: Callable[[Response], T] | None,
-    ) -> CallRecord[T]:
-        """The call on one deployment, with its record saying which one answered."""
-        hooks: tuple[Hook, ...] = (member.observe,)
-        if opts.hooks:
-            hooks += (_attempts_only(opts.hooks),)
-        prices = opts.prices
-        if member.prices is not None:
-            prices = {**(prices or {}), **member.prices}
-        inner = dataclasses.replace(opts, hooks=hooks, prices=prices)
-        member.outstanding += 1
-        member.sent += 1
-        try:
-            record = await execute(
-                member.llm, request, inner, index=index, label=label, parse=parse
-            )
-        finally:
-            member.outstanding -= 1
-        member.observe(CallEnded(record.end or 0.0, record))
-        return tag(record, member.info)
 
 
 def tag(record: CallRecord[T], info: Deployment) -> CallRecord[T]:
@@ -394,9 +438,8 @@ def merge(records: Sequence[CallRecord[T]], start: float, end: float) -> CallRec
 
 
 def _all_failed(
-    final: CallRecord[T], tried: Sequence[tuple[_Member, CallRecord[T]]], index: int | None
+    final: CallRecord[T], tried: Sequence[tuple[_Member, CallRecord[T]]], who: str
 ) -> CallRecord[T]:
-    who = "the call" if index is None else f"item {index}"
     failures = [(f"{m.info.name!r}", r.error) for m, r in tried if r.error is not None]
     error = DeploymentsFailed(
         f"{who}: every deployment failed ({len(tried)} tried); fix one of them (each "

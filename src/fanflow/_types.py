@@ -309,7 +309,9 @@ class CallRecord(Generic[T]):
 
     ``routes`` holds, in order, the calls a router made for this item on deployments
     that could not answer, or a cascade's tiers whose answers were not accepted; this
-    record's attempts and cost include theirs.
+    record's attempts and cost include theirs. ``cascade_saved`` is what a cascade
+    saved on this item against asking only its last tier, in dollars (negative: what
+    the tiers it rejected cost; None: not a cascade, or a price is unknown).
     """
 
     status: Status
@@ -326,6 +328,7 @@ class CallRecord(Generic[T]):
     response: Response | None = field(default=None, repr=False)
     cached: bool = False
     routes: tuple[CallRecord[Any], ...] = field(default=(), repr=False)
+    cascade_saved: float | None = None
 
     def _fields(self) -> Iterator[tuple[str, Any, str]]:
         """What a person wants to see: ``(name, value, text)``; loop timestamps left out."""
@@ -412,7 +415,9 @@ class Summary:
     ``batched`` counts items answered by a provider batch, ``realtime`` items answered
     by real-time calls (cache hits are neither); ``saved`` is what the batch price saved
     against all-real-time, in dollars (None when nothing was batched or a price is
-    unknown).
+    unknown). ``answered_by`` counts the items each deployment of a router (or tier of
+    a cascade) answered, by name; ``cascade_saved`` is what a cascade saved against
+    sending every item to its last tier (None: no cascade, or a price is unknown).
     """
 
     items: int
@@ -430,6 +435,8 @@ class Summary:
     batched: int = 0
     realtime: int = 0
     saved: float | None = None
+    answered_by: tuple[tuple[str, int], ...] = ()
+    cascade_saved: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -450,6 +457,10 @@ class Summary:
         yield "cost", cost, "None" if self.cost is None else money(self.cost)
         yield "makespan", round(self.makespan, 3), seconds(self.makespan)
         yield "busy_time", round(self.busy_time, 3), seconds(self.busy_time)
+        if self.answered_by:
+            yield "answered_by", dict(self.answered_by), repr(dict(self.answered_by))
+        if self.cascade_saved is not None:
+            yield "cascade_saved", float(money(self.cascade_saved)), money(self.cascade_saved)
 
     def __repr__(self) -> str:
         return render("results.Summary", ((name, text) for name, _, text in self._fields()))
@@ -529,7 +540,14 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
     calls = retries = batched = realtime = 0
     busy = 0.0
     saved: float | None = None
+    answered_by: dict[str, int] = {}
+    cascade_saved: float | None = None
     for r in records:
+        deployment = r.deployment
+        if deployment is not None and r.ok:
+            answered_by[deployment.name] = answered_by.get(deployment.name, 0) + 1
+        if r.cascade_saved is not None:
+            cascade_saved = (cascade_saved or 0.0) + r.cascade_saved
         response = r.response
         if response is not None and response.batch_id is not None:
             batched += 1
@@ -563,4 +581,6 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
         batched=batched,
         realtime=realtime,
         saved=saved,
+        answered_by=tuple(sorted(answered_by.items())),
+        cascade_saved=cascade_saved,
     )

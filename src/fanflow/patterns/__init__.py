@@ -9,6 +9,7 @@ engine's own type, shared with the Ray backend and the CLI), ``as_completed`` a
 ``race`` the values of their calls.
 """
 
+from ._cascade import Agreement, Cascade, agreement, cascade
 from ._combine import split_text
 from ._estimate import EstimateResult, estimate
 from ._evaluate import EvaluateResult, Score, evaluate
@@ -26,8 +27,10 @@ from ._skill import Skill, SkillResult
 from ._vote import VoteResult, vote
 
 __all__ = [
+    "Agreement",
     "BestOfNResult",
     "Call",
+    "Cascade",
     "Chain",
     "EstimateResult",
     "EvaluateResult",
@@ -51,9 +54,11 @@ __all__ = [
     "StepRecord",
     "VoteResult",
     "Worker",
+    "agreement",
     "as_completed",
     "best_of_n",
     "call",
+    "cascade",
     "estimate",
     "evaluate",
     "fan_out",
