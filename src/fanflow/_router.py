@@ -33,6 +33,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from ._breaker import PROBE_AFTER, is_failing
 from ._engine import CallOptions, execute
@@ -72,10 +73,19 @@ _NOW = 1e-3
 _STAYS = (BadRequest, ContentFiltered, ParseError, TemplateError, BudgetExceeded, Skipped)
 
 
+def _public(url: str) -> str:
+    """``url`` without what may hold a secret (user info, query, fragment)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def describe(llm: BaseLLM, name: str | None) -> Deployment:
     """A deployment's name, model and base URL (never its key) for records."""
     url = getattr(llm, "base_url", None)
-    base_url = url if isinstance(url, str) else None
+    base_url = _public(url) if isinstance(url, str) else None
     if name is None:
         host = base_url.split("://", 1)[-1] if base_url else type(llm).__name__
         name = f"{llm.model}@{host}" if llm.model else host
