@@ -17,6 +17,7 @@ import fanflow.events
 from fanflow import ConfigError, Limits, Status
 from fanflow.routing import FAILING_AFTER, Deployment, DeploymentsFailed
 from fanflow.testing import SimServer
+from fanflow.testing._simwire import SimRequest
 
 pytestmark = pytest.mark.looptime
 
@@ -203,3 +204,30 @@ async def test_the_store_keys_an_answer_by_the_deployment_that_gave_it(tmp_path:
         again = await fanflow.map(routed, "{input}", items, store=store)
     assert all(r.cached for r in again.records)
     store.close()
+
+
+async def test_weights_share_the_calls_while_both_have_room() -> None:
+    async with SimServer(latency=0.1, reply="ok") as a, SimServer(latency=0.1, reply="ok") as b:
+        llm = fanflow.router(oai(a), oai(b), weights=[3, 1])
+        async with llm:
+            result = await fanflow.map(llm, "{input}", ITEMS, concurrency=8)
+    answered_once(result, a, b)
+    assert a.stats().requests >= 2.5 * b.stats().requests
+
+
+async def test_a_deployment_that_recovers_is_probed_back_into_rotation() -> None:
+    def down_at_first(request: SimRequest) -> str | None:
+        return "503" if request.at < 5.0 else None  # the server's (virtual) clock
+
+    async with (
+        SimServer(latency=0.5, reply="ok", fault_on=down_at_first) as a,
+        SimServer(latency=0.5, reply="ok") as b,
+    ):
+        llm = fanflow.router(oai(a), oai(b), names=["flaky", "steady"])
+        async with llm:
+            result = await fanflow.map(llm, "{input}", ITEMS * 2, concurrency=4)
+        failed = a.stats().responses.get(503, 0)
+    assert result.ok
+    served = dict(result.summary.answered_by)
+    assert served["flaky"] >= 100  # back in rotation after its probe
+    assert failed <= 4 * 4 + FAILING_AFTER
