@@ -202,8 +202,8 @@ def _answer_key(llm: LLM, record: CallRecord[Any], default: str) -> str:
     answered_by = getattr(llm, "answered_by", None)
     if callable(answered_by) and record.request is not None:
         answered = answered_by(record)
-        if answered is not None:
-            return cache_key(answered, record.request)
+        if answered is not None:  # the key its lookup uses (Router.cache_choices)
+            return cache_key(answered, answered.prepare(record.request))
     return default
 
 

@@ -200,13 +200,14 @@ class _Member:
                     self.latency = 0.8 * self.latency + 0.2 * a.duration
 
 
-def _attempts_only(hooks: tuple[Hook, ...]) -> Hook:
-    """The pattern's hooks, given only attempt events: the router reports the call's
-    start and end itself, once, however many deployments it tried."""
+def _attempts_only(hooks: tuple[Hook, ...], request: Request) -> Hook:
+    """The pattern's hooks, given only attempt events, as of ``request`` (the call the
+    pattern made: the progress display follows it by identity); the router reports the
+    call's start and end itself, once, however many deployments it tried."""
 
     def forward(event: Event) -> None:
         if isinstance(event, AttemptStarted | AttemptFailed):
-            emit(hooks, event)
+            emit(hooks, dataclasses.replace(event, request=request))
 
     return forward
 
@@ -239,7 +240,7 @@ async def call_on(
     opts = item.opts
     hooks: tuple[Hook, ...] = () if observe is None else (observe,)
     if opts.hooks:
-        hooks += (_attempts_only(opts.hooks),)
+        hooks += (_attempts_only(opts.hooks, item.request),)
     if prices:
         prices = {**(opts.prices or {}), **prices}
     inner = dataclasses.replace(opts, hooks=hooks, prices=prices or opts.prices)
@@ -276,6 +277,9 @@ class Routed(BaseLLM):
         if opts.hooks:
             emit(opts.hooks, CallStarted(start, request, index, label))
         final = await self.run(Item(request, opts, index, label, parse), start)
+        # The request as the pattern made it (the deployment's model is in
+        # ``final.deployment`` and the response): hooks and the caller see one call.
+        final = dataclasses.replace(final, request=request)
         if opts.hooks:
             emit(opts.hooks, CallEnded(final.end or start, final))
         return final

@@ -13,6 +13,7 @@ import pytest
 
 import fanflow
 from fanflow import ConfigError, Price, Request
+from fanflow._progress import Tracker
 from fanflow.testing import SimServer
 
 pytestmark = pytest.mark.looptime
@@ -61,7 +62,7 @@ async def test_a_parser_runs_on_whichever_model_answered() -> None:
             parse=lambda r: json.loads(r.text)["v"],
         )
     assert result.ok
-    by_model = {r.request.model: r.value for r in result.records if r.request is not None}
+    by_model = {r.deployment.model: r.value for r in result.records if r.deployment}
     assert by_model == {"model-a": "a", "model-b": "b"}
 
 
@@ -96,3 +97,18 @@ def test_a_router_pickles_with_its_deployments() -> None:
     assert [m.info for m in copy.members] == [m.info for m in llm.members]
     assert copy.strategy == "fallback"
     assert repr(copy) == repr(llm)
+
+
+async def test_the_progress_display_counts_each_item_once_when_calls_move() -> None:
+    tracker = Tracker(40, clock=lambda: 0.0)
+    async with (
+        SimServer(latency=0.1, api_key="sk-right-key-000") as a,
+        SimServer(latency=0.1, reply="ok") as b,
+        two(a, b) as llm,
+    ):
+        result = await fanflow.map(llm, "{input}", [str(i) for i in range(40)], hooks=[tracker])
+    stats = tracker.snapshot()
+    assert result.ok
+    assert (stats.done, stats.succeeded, stats.in_flight, stats.queued) == (40, 40, 0, 0)
+    assert stats.requests == a.stats().requests + b.stats().requests
+    assert a.stats().requests > 0  # some calls moved
