@@ -25,7 +25,7 @@ from typing import IO, Any, ParamSpec, TypeVar
 
 from ._events import AMBIENT_HOOKS, AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
 from ._exceptions import RateLimited
-from ._types import Status
+from ._types import CallRecord, Status
 
 __all__ = [
     "PLAIN_INTERVAL",
@@ -71,6 +71,8 @@ class ProgressStats:
     bad_lines: int = 0
     batched: int = 0
     saved: float | None = None
+    answered_by: Mapping[str, int] = field(default_factory=dict)
+    cascade_saved: float | None = None
 
     @property
     def tokens(self) -> int:
@@ -119,6 +121,8 @@ class Tracker:
         self._failures = Counter[str]()
         self._cost: float | None = None
         self._saved: float | None = None
+        self._answered_by = Counter[str]()  # items per deployment of a router or cascade
+        self._cascade_saved: float | None = None
         self._busy = 0.0
         self.bad_lines = 0
 
@@ -164,6 +168,15 @@ class Tracker:
                 if response.saved is not None:
                     self._saved = (self._saved or 0.0) + response.saved
             self._busy += record.busy_time  # attempts only: queueing is not work
+            self._routed(record)
+
+    def _routed(self, record: CallRecord[Any]) -> None:
+        """Count what a router's deployment or a cascade's tier answered."""
+        deployment = record.deployment
+        if deployment is not None and record.status is Status.SUCCEEDED:
+            self._answered_by[deployment.name] += 1
+        if record.cascade_saved is not None:
+            self._cascade_saved = (self._cascade_saved or 0.0) + record.cascade_saved
 
     def stop(self) -> None:
         """Freeze the elapsed time (the makespan) at now."""
@@ -196,6 +209,8 @@ class Tracker:
             bad_lines=self.bad_lines,
             batched=c["batched"],
             saved=self._saved,
+            answered_by=dict(self._answered_by),
+            cascade_saved=self._cascade_saved,
         )
 
 
@@ -292,6 +307,10 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
         table.add_row("batched", f"{s.batched} ({s.done - s.batched} other)")
         if s.saved is not None:
             table.add_row("saved vs real time", _cost(s.saved))
+    for name, n in sorted(s.answered_by.items()):
+        table.add_row(f"answered by {name}", f"{n}")
+    if s.cascade_saved is not None:
+        table.add_row("saved vs the last tier", _cost(s.cascade_saved))
     table.add_row("makespan", format_duration(s.elapsed))
     speedup = s.speedup if s.requests else None  # nothing was sent: no speed-up to show
     table.add_row("speed-up", "n/a" if speedup is None else f"{speedup:.1f}x")

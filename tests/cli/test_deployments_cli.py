@@ -45,6 +45,7 @@ def test_deployments_spread_a_map_and_the_records_name_them(run: Run, tmp_path: 
     records = [json.loads(line) for line in (tmp_path / "rec.jsonl").read_text().splitlines()]
     names = {r["deployment"]["name"] for r in records if r.get("deployment")}
     assert names == {"east", "west"}
+    assert "answered by east" in done.stderr  # the summary counts items per deployment
     text = done.stdout + done.stderr + (tmp_path / "rec.jsonl").read_text()
     for key in (KEY_A, KEY_B):
         assert key[:12] not in text

@@ -112,3 +112,5 @@ async def test_the_progress_display_counts_each_item_once_when_calls_move() -> N
     assert (stats.done, stats.succeeded, stats.in_flight, stats.queued) == (40, 40, 0, 0)
     assert stats.requests == a.stats().requests + b.stats().requests
     assert a.stats().requests > 0  # some calls moved
+    assert stats.answered_by == dict(result.summary.answered_by)
+    assert sum(stats.answered_by.values()) == 40
