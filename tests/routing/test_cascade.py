@@ -13,7 +13,7 @@ import pytest
 
 import fanflow
 from fanflow import ConfigError, Price
-from fanflow.patterns import agreement
+from fanflow.routing import agreement
 from fanflow.testing import SimServer
 from fanflow.testing._simwire import SimRequest
 

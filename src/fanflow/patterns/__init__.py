@@ -9,7 +9,7 @@ engine's own type, shared with the Ray backend and the CLI), ``as_completed`` a
 ``race`` the values of their calls.
 """
 
-from ._cascade import Agreement, Cascade, agreement, cascade
+from ._cascade import cascade
 from ._combine import split_text
 from ._estimate import EstimateResult, estimate
 from ._evaluate import EvaluateResult, Score, evaluate
@@ -27,10 +27,8 @@ from ._skill import Skill, SkillResult
 from ._vote import VoteResult, vote
 
 __all__ = [
-    "Agreement",
     "BestOfNResult",
     "Call",
-    "Cascade",
     "Chain",
     "EstimateResult",
     "EvaluateResult",
@@ -54,7 +52,6 @@ __all__ = [
     "StepRecord",
     "VoteResult",
     "Worker",
-    "agreement",
     "as_completed",
     "best_of_n",
     "call",

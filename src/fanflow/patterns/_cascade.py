@@ -4,7 +4,7 @@
 router is): each call goes to the first tier; its answer is kept when ``accept(value)``
 holds (``value``: the parsed value when the pattern parses, else the reply's text),
 otherwise the next tier is asked, and the last tier's answer is kept whatever it is. A
-tier whose call fails escalates too. ``accept=fanflow.patterns.agreement(...)`` is the
+tier whose call fails escalates too. ``accept=fanflow.routing.agreement(...)`` is the
 ready rule from ``vote``: the tier is sampled a few times and its answer kept when the
 samples agree. The item's record holds every tier's calls (``routes``), their attempts
 and cost, and ``cascade_saved``: the last tier's price for the answer's tokens less
@@ -85,7 +85,7 @@ class Cascade(Routed):
         if not isinstance(accept, Agreement) and not callable(accept):
             raise ConfigError(
                 f"accept must be a function of the answer returning True to keep it, or "
-                f"fanflow.patterns.agreement(...); got {type(accept).__name__}"
+                f"fanflow.routing.agreement(...); got {type(accept).__name__}"
             )
         super().__init__(llms, describe_all("cascade", llms, names))
         self.accept = accept
