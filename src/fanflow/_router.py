@@ -53,6 +53,7 @@ from ._exceptions import (
 from ._limits import Limits
 from ._llm import BaseLLM
 from ._pricing import Price
+from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Deployment, Request, Response, Status, Usage
 
 __all__ = ["FAILING_AFTER", "Item", "Routed", "Router", "call_on", "merge", "router"]
@@ -171,14 +172,19 @@ class _Member:
     def healthy(self, now: float) -> bool:
         return self.llm.breaker.tripped is None or now >= self.down_until
 
-    def wait(self, now: float) -> float:
-        """Seconds before one more call sent here now would likely go."""
+    def wait(self, now: float, tokens: tuple[int, int]) -> float:
+        """Seconds before one more call of ``tokens`` sent here now would likely go."""
         lane = self.llm.lane()
         queued = max(0, self.outstanding - lane.in_flight)
-        wait = max(0.0, lane.ready_at(now) - now)
+        wait = max(0.0, lane.ready_at(now, tokens) - now)
         limits = lane.limits
-        if limits.rpm is not None:
-            wait += queued * limits.period / limits.rpm
+        # The calls queued here go first, each at the rate limits' pace.
+        per_call = [
+            cost * limits.period / limit
+            for cost, limit in ((1, limits.rpm), (sum(tokens), limits.tpm))
+            if limit is not None
+        ]
+        wait += queued * max(per_call, default=0.0)
         gate = lane.gate.statistics()
         if gate.limit is not None and gate.in_flight + gate.waiting >= gate.limit:
             wait = max(wait, (gate.waiting + 1) * self.latency / gate.limit)
@@ -330,6 +336,8 @@ class Router(Routed):
             raise ConfigError(f"patience must be >= 0 seconds, got {patience}")
         infos = describe_all("router", llms, names)
         super().__init__(llms, infos)
+        # Whether a deployment counts tokens: then each call's estimate steers the choice.
+        self.metered = any(llm.limits.tpm is not None for llm in llms)
         self.strategy = strategy
         self.patience = patience
         self.members = tuple(
@@ -366,17 +374,17 @@ class Router(Routed):
 
     # -- choosing ----------------------------------------------------------------
 
-    def order(self, now: float) -> list[_Member]:
-        """The deployments to try, best first (unhealthy ones last)."""
+    def order(self, now: float, tokens: tuple[int, int] = (0, 0)) -> list[_Member]:
+        """The deployments to try for a call of ``tokens``, best first (unhealthy last)."""
         healthy = [m for m in self.members if m.healthy(now)]
         rest = [m for m in self.members if not m.healthy(now)]
         if self.strategy == "fallback":
-            first = next((m for m in healthy if m.wait(now) <= self.patience), None)
+            first = next((m for m in healthy if m.wait(now, tokens) <= self.patience), None)
             if first is None and healthy:
-                first = min(healthy, key=lambda m: m.wait(now))
+                first = min(healthy, key=lambda m: m.wait(now, tokens))
             chosen = [] if first is None else [first]
             return chosen + [m for m in healthy if m is not first] + rest
-        waits = {id(m): m.wait(now) for m in healthy}
+        waits = {id(m): m.wait(now, tokens) for m in healthy}
         room = [m for m in healthy if waits[id(m)] <= _NOW]
         if room:
             first = min(
@@ -394,7 +402,8 @@ class Router(Routed):
     async def run(self, item: Item[T], start: float) -> CallRecord[T]:
         loop = asyncio.get_running_loop()
         tried: list[tuple[_Member, CallRecord[T]]] = []
-        for member in self.order(start):
+        tokens = request_tokens(item.request) if self.metered else (0, 0)
+        for member in self.order(start, tokens):
             member.outstanding += 1
             member.sent += 1
             try:

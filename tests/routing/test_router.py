@@ -235,3 +235,20 @@ async def test_a_deployment_that_recovers_is_probed_back_into_rotation() -> None
     served = dict(result.summary.answered_by)
     assert served["flaky"] >= 100  # back in rotation after its probe
     assert failed <= 4 * 4 + FAILING_AFTER
+
+
+async def test_spread_fills_two_token_limits_together_with_no_429() -> None:
+XX
+    # estimate is what it books; the server counts what it used).
+    limits = Limits(tpm=400, period=1.0)
+    async with (
+        SimServer(tpm=400, period=1.0, latency=0.2, reply="ok") as a,
+        SimServer(tpm=400, period=1.0, latency=0.2, reply="ok") as b,
+    ):
+        llm = fanflow.router(oai(a, limits=limits), oai(b, limits=limits))
+        async with llm:
+            result = await fanflow.map(llm, "{input}", ITEMS, max_tokens=16)
+    answered_once(result, a, b)
+    for server in (a, b):
+        assert server.stats().responses == {200: server.stats().requests}
+    assert min(a.stats().requests, b.stats().requests) >= 60
