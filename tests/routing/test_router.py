@@ -238,8 +238,8 @@ async def test_a_deployment_that_recovers_is_probed_back_into_rotation() -> None
 
 
 async def test_spread_fills_two_token_limits_together_with_no_429() -> None:
-XX
-    # estimate is what it books; the server counts what it used).
+    # Each handle books a call's estimate (prompt + max_tokens), the server counts what
+    # it used: the token buckets, not the requests, decide where calls go.
     limits = Limits(tpm=400, period=1.0)
     async with (
         SimServer(tpm=400, period=1.0, latency=0.2, reply="ok") as a,
