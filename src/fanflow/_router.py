@@ -404,6 +404,10 @@ class Router(Routed):
         tried: list[tuple[_Member, CallRecord[T]]] = []
         tokens = request_tokens(item.request) if self.metered else (0, 0)
         for member in self.order(start, tokens):
+            if member.llm.breaker.tripped is not None:
+                # Its probe: the other calls go elsewhere until it answers (they would
+                # wait for its outcome in the breaker otherwise).
+                member.down_until = loop.time() + PROBE_AFTER
             member.outstanding += 1
             member.sent += 1
             try:
