@@ -102,7 +102,7 @@ def dead_port() -> str:
 
 
 @pytest.mark.parametrize("strategy", ["spread", "fallback"])
-@pytest.mark.parametrize("fault", ["unreachable", "401", "503"])
+@pytest.mark.parametrize("fault", ["unreachable", "401", "503", "hang"])
 async def test_a_broken_deployment_from_the_start_costs_few_requests(
     strategy: str, fault: str
 ) -> None:
@@ -111,14 +111,14 @@ async def test_a_broken_deployment_from_the_start_costs_few_requests(
             latency=0.1,
             reply="ok",
             api_key="sk-right-key-0000" if fault == "401" else None,
-            faults={"503": 1.0} if fault == "503" else None,
+            faults={fault: 1.0} if fault in ("503", "hang") else None,
         ) as bad,
         SimServer(latency=0.1, reply="ok") as good,
     ):
         if fault == "unreachable":
             broken = fanflow.openai("m", base_url=dead_port(), api_key="sk-test-key-0123")
-        else:
-            broken = oai(bad)
+        else:  # a hung call times out after 2 s (virtual time)
+            broken = oai(bad, timeout=2.0)
         llm = fanflow.router(broken, oai(good), strategy=strategy)  # type: ignore[arg-type]
         async with llm:
             result = await fanflow.map(llm, "{input}", ITEMS, concurrency=8)
