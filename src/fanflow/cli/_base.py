@@ -209,7 +209,11 @@ def interrupts(args: argparse.Namespace) -> Interrupts:
     return found
 
 
-def plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> ProviderPlan:
+def plan(
+    args: argparse.Namespace, env: Mapping[str, str], settings: Settings, *, routed: bool = True
+) -> ProviderPlan:
+    """The command's handle (``routed=False``: a pipeline's named model, which keeps its
+    own settings rather than the ``--deployment`` router)."""
     from ._deployments import parse_deployment
     from ._providers import parse_sim_spec, plan_llm
 
@@ -226,7 +230,9 @@ def plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -
                 f"is {settings.provider!r}; pass --provider sim, or drop --sim"
             )
     given = getattr(args, "deployment", None) or []
-    if given:
+    if not routed:
+        settings = dataclasses.replace(settings, deployments=(), route=None)
+    elif given:
         specs = tuple(parse_deployment(text) for text in given)
         settings = dataclasses.replace(settings, deployments=specs)
     return plan_llm(settings, env, sim=sim, max_tokens=args.max_tokens, api_key=args.api_key)
