@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 import fanflow
-from fanflow import Limits, RayBackend
+from fanflow import Limits
+from fanflow.backends import RayBackend
 from fanflow.testing import SimServer
 
 ray = pytest.importorskip("ray")
