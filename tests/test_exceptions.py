@@ -19,6 +19,8 @@ def _instance(cls: type[BaseException]) -> BaseException:
         return cls("boom", status_code=429, retry_after=1.5)
     if cls is ex.AllFailed:
         return ex.AllFailed("all failed", [ex.ServerError("a"), ex.BadRequest("b")])
+    if cls is ex.DeploymentsFailed:
+        return ex.DeploymentsFailed("every deployment failed", [("'a'", ex.ServerError("a"))])
     if cls is ex.QuorumNotMet:
         return ex.QuorumNotMet("quorum", succeeded=1, required=2, metadata={"w": [1]})
     if cls is ex.BatchError:
@@ -46,7 +48,11 @@ def test_errors_round_trip_through_pickle(cls: type[BaseException]) -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is cls
     assert str(copy) == str(error)
-    assert copy.__dict__ == error.__dict__ or cls in (ex.AllFailed, ex.BatchError)
+    assert copy.__dict__ == error.__dict__ or cls in (
+        ex.AllFailed,
+        ex.DeploymentsFailed,
+        ex.BatchError,
+    )
     if isinstance(error, ex.ProviderError):
         assert isinstance(copy, ex.ProviderError)
         assert (copy.status_code, copy.retry_after) == (429, 1.5)

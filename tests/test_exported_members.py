@@ -10,6 +10,7 @@ import fanflow.limits
 import fanflow.patterns
 import fanflow.providers
 import fanflow.results
+import fanflow.routing
 import fanflow.testing
 
 
@@ -23,6 +24,7 @@ def test_all_matches_public_names() -> None:
         fanflow.patterns,
         fanflow.providers,
         fanflow.results,
+        fanflow.routing,
         fanflow.testing,
     ):
         public = {

@@ -73,6 +73,8 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._batchapi": "engine",
     "fanflow._engine": "engine",
     "fanflow._breaker": "engine",
+    "fanflow._router": "engine",
+    "fanflow.routing": "interfaces",
     "fanflow._durable": "durability",
 }
 

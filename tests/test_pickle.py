@@ -66,6 +66,7 @@ SAMPLES: dict[str, Callable[[], Any]] = {
         2, 1.0, 2.0, Status.FAILED, fanflow.errors.ServerError("x")
     ),
     "BaseLLM": _llm,
+    "Deployment": lambda: fanflow.results.Deployment("east", "m", "https://east.example/v1"),
     "BatchBackend": lambda: fanflow.backends.BatchBackend(
         "auto", fanflow.backends.BatchOptions(poll=2.0)
     ),
@@ -155,6 +156,7 @@ KWARG_TYPES = {"Options"}
 # Values that hold no error, handle or function, so their copies compare equal.
 VALUES = {
     "Adaptive",
+    "Deployment",
     "EstimateResult",
     "Limits",
     "Pacing",

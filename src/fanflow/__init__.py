@@ -35,6 +35,7 @@ from ._limits import Limits
 from ._llm import LLM, BaseLLM
 from ._pricing import Price
 from ._retry import RetryPolicy
+from ._router import router
 from ._sync import run
 from ._types import BatchResult, CallRecord, Message, Request, Response, Status, Usage
 from ._version import __version__  # the one source: hatch reads it for the package too
@@ -49,6 +50,7 @@ from .patterns import (
     as_completed,
     best_of_n,
     call,
+    cascade,
     estimate,
     evaluate,
     fan_out,
@@ -117,6 +119,7 @@ __all__ = [
     "as_completed",
     "best_of_n",
     "call",
+    "cascade",
     "estimate",
     "evaluate",
     "fan_out",
@@ -128,6 +131,7 @@ __all__ = [
     "openai",
     "race",
     "read_requests",
+    "router",
     "run",
     "sections",
     "split_text",

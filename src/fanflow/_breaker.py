@@ -59,16 +59,21 @@ from ._cold import COLD_CALLS, ColdStart
 from ._exceptions import (
     RETRYABLE,
     AuthenticationError,
+    CallTimeout,
     CircuitOpen,
     NotFound,
+    Overloaded,
     PermissionDenied,
+    ProtocolError,
     ProviderConnectionError,
+    ProviderTimeout,
     QuotaExceeded,
     RateLimited,
+    ServerError,
 )
 from ._types import Request
 
-__all__ = ["COLD_CALLS", "PROBE_AFTER", "TRIP_AFTER", "Breaker", "fatal_scope"]
+__all__ = ["COLD_CALLS", "PROBE_AFTER", "TRIP_AFTER", "Breaker", "fatal_scope", "is_failing"]
 
 #: Failures of the same kind in a row (no success between) that trip the breaker.
 TRIP_AFTER = 3
@@ -95,7 +100,19 @@ _FIX = {
     "refused": "every request was refused with 429 since the start, even with no other "
     "call in flight: the limit may be 0 for this key or model (or other clients use it "
     "all); check the key's rate limits for the model, or use another key or model",
+    "failing": "the server answered every recent attempt with a 5xx error or not in "
+    "time, so a router took it out of rotation; it is probed again later",
 }
+
+
+def is_failing(error: BaseException) -> bool:
+    """Whether ``error`` says the server is failing (a 5xx other than an overload, no
+    answer in time, a broken reply or connection): what :meth:`Breaker.trip` is for."""
+    if isinstance(error, Overloaded):
+        return False
+    return isinstance(
+        error, ServerError | ProviderTimeout | CallTimeout | ProtocolError | ProviderConnectionError
+    )
 
 
 def fatal_scope(error: BaseException, request: Request) -> tuple[str, Scope] | None:
@@ -256,6 +273,10 @@ class Breaker:
             for scope, opened in list(self._open.items()):
                 if opened.prober is not None and opened.prober is call:
                     opened.settle()
+                    if opened.kind == "failing" and is_failing(error):  # still failing
+                        opened.probe_at = now + PROBE_AFTER
+                        self.trips += 1
+                        continue
                     del self._open[scope]
                     self._streaks.pop(scope, None)
             self.active = bool(self._open or self._streaks)
@@ -293,6 +314,20 @@ class Breaker:
         self._open[scope] = _Trip(kind, _stop(kind, scope, error, count), now + PROBE_AFTER)
         self.trips += 1
         self._warm_up()  # the calls held back go on to be skipped
+
+    def trip(self, cause: BaseException, now: float, *, count: int) -> None:
+        """Open it from outside (kind ``"failing"``): a router saw ``count`` attempts in
+        a row fail as :func:`is_failing` says (``cause``: the last). Calls not yet sent
+        are skipped until a probe, due :data:`PROBE_AFTER` seconds later, answers."""
+        scope: Scope = ("handle", None)
+        if scope in self._open:
+            return
+        self.active = True
+        self._open[scope] = _Trip(
+            "failing", _stop("failing", scope, cause, count), now + PROBE_AFTER
+        )
+        self.trips += 1
+        self._warm_up()
 
     def succeeded(self, request: Request) -> None:
         """An attempt at ``request`` succeeded: the key, the endpoint and its model work

@@ -171,20 +171,40 @@ async def execute_stored(
         return await execute(llm, request, opts, index=index, label=label, parse=parse)
     if isinstance(llm, BaseLLM):
         request = llm.prepare(request)
-    key = cache_key(llm, request)
+    keys = _cache_keys(llm, request)
     if reuse:
-        response = store.lookup(key)
-        if response is not None:
-            hit: CallRecord[T] = cached_record(
-                request, response, parse=parse, index=index, label=label, opts=opts
-            )
-            if item is not None:
-                await store.save(hit, key=key, item=item)
-            return hit
+        for key in keys:
+            response = store.lookup(key)
+            if response is not None:
+                hit: CallRecord[T] = cached_record(
+                    request, response, parse=parse, index=index, label=label, opts=opts
+                )
+                if item is not None:
+                    await store.save(hit, key=key, item=item)
+                return hit
     record = await execute(llm, request, opts, index=index, label=label, parse=parse)
     if record.response is not None or item is not None:
-        await store.save(record, key=key, item=item)
+        await store.save(record, key=_answer_key(llm, record, keys[0]), item=item)
     return record
+
+
+def _cache_keys(llm: LLM, request: Request) -> list[str]:
+    """The keys an answer to ``request`` may be stored under: one per deployment of a
+    router (``fanflow.router``: any of them may answer), else the handle's own."""
+    choices = getattr(llm, "cache_choices", None)
+    if callable(choices):
+        return [cache_key(one, prepared) for one, prepared in choices(request)]
+    return [cache_key(llm, request)]
+
+
+def _answer_key(llm: LLM, record: CallRecord[Any], default: str) -> str:
+    """The key an answer is stored under: a router's answering deployment's own."""
+    answered_by = getattr(llm, "answered_by", None)
+    if callable(answered_by) and record.request is not None:
+        answered = answered_by(record)
+        if answered is not None:  # the key its lookup uses (Router.cache_choices)
+            return cache_key(answered, answered.prepare(record.request))
+    return default
 
 
 def input_id(item: Any, index: int) -> Any:

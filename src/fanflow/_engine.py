@@ -23,7 +23,7 @@ import asyncio
 import dataclasses
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ._breaker import Breaker
 from ._budget import Budget, as_budget
@@ -835,6 +835,8 @@ def execute(
             ends as failed with the reason (the model's answer stays in ``response``).
     """
     if isinstance(llm, BaseLLM):
+        if llm.routed:  # a router or cascade: it runs the call on its own handles
+            return cast(_Routed, llm).route(request, opts, index=index, label=label, parse=parse)
         request = llm.prepare(request)
     # Not _Call[T](...): calling a subscripted generic goes through typing's slow path.
     # Return run()'s coroutine rather than awaiting it here: one frame fewer per call,
@@ -845,3 +847,18 @@ def execute(
 
 def _uses_cache(usage: Usage) -> bool:
     return bool(usage.cached_input_tokens or usage.cache_write_input_tokens)
+
+class _Routed(Protocol):
+    """A handle whose calls run on other handles (``BaseLLM.routed``: fanflow/_router.py)."""
+
+    def route(
+        self,
+        request: Request,
+        opts: CallOptions,
+        *,
+        index: int | None,
+        label: str | None,
+        parse: Callable[[Response], T] | None,
+    ) -> Coroutine[Any, Any, CallRecord[T]]: ...
+
+

@@ -59,6 +59,7 @@ __all__ = [
     "CircuitOpen",
     "ConfigError",
     "ContentFiltered",
+    "DeploymentsFailed",
     "FanflowError",
     "NotFound",
     "Overloaded",
@@ -291,8 +292,9 @@ class Skipped(FanflowError):
 class CircuitOpen(Skipped):
     """Not sent: the handle's breaker tripped, because every further call would fail the
     same way (``kind``: ``"key"``, ``"quota"``, ``"forbidden"``, ``"missing"``,
-    ``"unreachable"`` or ``"refused"``). The message says what to fix; ``__cause__`` is
-    the last error."""
+    ``"unreachable"`` or ``"refused"``; ``"failing"`` when a router took it out of
+    rotation after 5xx errors). The message says what to fix; ``__cause__`` is the last
+    error."""
 
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message, kind)
@@ -328,6 +330,19 @@ class AllFailed(FanflowError):
         lines += [f"  [{i}] {type(e).__name__}: {e}" for i, e in enumerate(failures)]
         super().__init__("\n".join(lines), list(failures))
         self.failures = list(failures)
+
+
+class DeploymentsFailed(AllFailed):
+    """Every deployment of a router (``fanflow.router``) failed this item.
+    ``failures`` holds each one's error and ``names`` the deployments, in the order
+    they were tried."""
+
+    def __init__(self, message: str, failures: Sequence[tuple[str, BaseException]]) -> None:
+        lines = [message]
+        lines += [f"  {name}: {type(e).__name__}: {e}" for name, e in failures]
+        FanflowError.__init__(self, "\n".join(lines), list(failures))
+        self.failures = [e for _, e in failures]
+        self.names = [name for name, _ in failures]
 
 
 class QuorumNotMet(FanflowError):

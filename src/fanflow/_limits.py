@@ -696,6 +696,17 @@ class Lane:
         self._sent += 1
         return None if ramp is None else Permit(0, 0, [], ramp)
 
+    def ready_at(self, now: float, tokens: tuple[int, int] = (0, 0)) -> float:
+        """When one more call of ``tokens`` could be sent by the pause, the headers'
+        spacing and the rate buckets (calls already queued for them not counted): a
+        router (fanflow/_router.py) reads it to send where there is room now."""
+        t = max(now, self._pause_until)
+        if now < self._hint_until:
+            t = max(t, self._hint_next)
+        for bucket, kind in self._buckets:
+            t = bucket.send_time(t, _cost(kind, *tokens))
+        return t
+
     @property
     def paused_until(self) -> float:
         """Event-loop time before which this lane sends nothing (0.0: never paused)."""

@@ -65,6 +65,9 @@ class BaseLLM(ABC):
     # more request and cuts the tail; off for local models and Python functions, where
     # it would double the work on the same machine (decision 0133).
     hedges: ClassVar[bool] = False
+    # True for a router or cascade (fanflow/_router.py, _cascade.py): the engine hands
+    # the whole call to its ``route`` method, which runs it on its own handles.
+    routed: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -74,6 +74,8 @@ class ProgressStats:
     cached_input_tokens: int = 0
     cache_saved: float | None = None
     cost_estimated: bool = False
+    answered_by: Mapping[str, int] = field(default_factory=dict)
+    cascade_saved: float | None = None
 
     @property
     def tokens(self) -> int:
@@ -124,6 +126,8 @@ class Tracker:
         self._saved: float | None = None
         self._cache_saved: float | None = None
         self._estimated = False
+        self._answered_by = Counter[str]()  # items per deployment of a router or cascade
+        self._cascade_saved: float | None = None
         self._busy = 0.0
         self.bad_lines = 0
 
@@ -170,6 +174,15 @@ class Tracker:
                 if response.saved is not None:
                     self._saved = (self._saved or 0.0) + response.saved
             self._busy += record.busy_time  # attempts only: queueing is not work
+            self._routed(record)
+
+    def _routed(self, record: CallRecord[Any]) -> None:
+        """Count what a router's deployment or a cascade's tier answered."""
+        deployment = record.deployment
+        if deployment is not None and record.status is Status.SUCCEEDED:
+            self._answered_by[deployment.name] += 1
+        if record.cascade_saved is not None:
+            self._cascade_saved = (self._cascade_saved or 0.0) + record.cascade_saved
 
     def _cache(self, record: CallRecord[Any]) -> None:
         """Count what the provider's prompt cache read and saved on this call."""
@@ -212,6 +225,8 @@ class Tracker:
             cached_input_tokens=c["cached_input_tokens"],
             cache_saved=self._cache_saved,
             cost_estimated=self._estimated,
+            answered_by=dict(self._answered_by),
+            cascade_saved=self._cascade_saved,
         )
 
 
@@ -312,6 +327,10 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
         table.add_row("batched", f"{s.batched} ({s.done - s.batched} other)")
         if s.saved is not None:
             table.add_row("saved vs real time", _cost(s.saved))
+    for name, n in sorted(s.answered_by.items()):
+        table.add_row(f"answered by {name}", f"{n}")
+    if s.cascade_saved is not None:
+        table.add_row("saved vs the last tier", _cost(s.cascade_saved))
     table.add_row("makespan", format_duration(s.elapsed))
     speedup = s.speedup if s.requests else None  # nothing was sent: no speed-up to show
     table.add_row("speed-up", "n/a" if speedup is None else f"{speedup:.1f}x")

@@ -19,6 +19,7 @@ __all__ = [
     "Attempt",
     "BatchResult",
     "CallRecord",
+    "Deployment",
     "Message",
     "RateLimitState",
     "Request",
@@ -251,12 +252,23 @@ class RateLimitState:
 
 
 @dataclass(frozen=True, slots=True)
+class Deployment:
+    """Which deployment of a router (``fanflow.router``) or tier of a cascade answered:
+    its name, model and base URL (never its key)."""
+
+    name: str
+    model: str | None = None
+    base_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Response:
     """What a model returned for one request.
 
     ``batch_id`` names the provider batch that answered it (None: a real-time call);
     ``saved`` is what the batch price saved against the real-time price, in dollars
-    (None: not batched, or the price is unknown).
+    (None: not batched, or the price is unknown). ``deployment`` names the router's
+    deployment (or cascade's tier) that answered (None: not routed).
     """
 
     text: str
@@ -270,6 +282,7 @@ class Response:
     rate_limit: RateLimitState | None = field(default=None, repr=False, compare=False)
     batch_id: str | None = None
     saved: float | None = None
+    deployment: Deployment | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +318,13 @@ class CallRecord(Generic[T]):
     times (``loop.time()``), so they are exact in virtual-time tests. ``cache_saved``
     is what the provider's prompt cache saved on this call, in dollars (None: no price);
     ``cost_estimated`` says a cache price was unknown and ``cost`` is an upper bound.
+    times (``loop.time()``), so they are exact in virtual-time tests.
+
+    ``routes`` holds, in order, the calls a router made for this item on deployments
+    that could not answer, or a cascade's tiers whose answers were not accepted; this
+    record's attempts and cost include theirs. ``cascade_saved`` is what a cascade
+    saved on this item against asking only its last tier, in dollars (negative: what
+    the tiers it rejected cost; None: not a cascade, or a price is unknown).
     """
 
     status: Status
@@ -322,6 +342,8 @@ class CallRecord(Generic[T]):
     cached: bool = False
     cache_saved: float | None = None
     cost_estimated: bool = False
+    routes: tuple[CallRecord[Any], ...] = field(default=(), repr=False)
+    cascade_saved: float | None = None
 
     def _fields(self) -> Iterator[tuple[str, Any, str]]:
         """What a person wants to see: ``(name, value, text)``; loop timestamps left out."""
@@ -376,6 +398,11 @@ class CallRecord(Generic[T]):
         return self.status is Status.SUCCEEDED
 
     @property
+    def deployment(self) -> Deployment | None:
+        """The router's deployment (or cascade's tier) that answered (None: not routed)."""
+        return self.response.deployment if self.response is not None else None
+
+    @property
     def retries(self) -> int:
         """Attempts beyond the first that were not hedges."""
         return max(0, sum(1 for a in self.attempts if not a.hedge) - 1)
@@ -414,6 +441,9 @@ class Summary:
     tokens uncached (None: no call read or wrote the cache, or no price; negative when
     cache writes cost more than reads saved); ``cost_estimated``: a cache price was
     unknown and ``cost`` is an upper bound.
+    unknown). ``answered_by`` counts the items each deployment of a router (or tier of
+    a cascade) answered, by name; ``cascade_saved`` is what a cascade saved against
+    sending every item to its last tier (None: no cascade, or a price is unknown).
     """
 
     items: int
@@ -433,6 +463,8 @@ class Summary:
     saved: float | None = None
     cache_saved: float | None = None
     cost_estimated: bool = False
+    answered_by: tuple[tuple[str, int], ...] = ()
+    cascade_saved: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -459,6 +491,10 @@ class Summary:
             yield "cache_saved", float(money(self.cache_saved)), money(self.cache_saved)
         yield "makespan", round(self.makespan, 3), seconds(self.makespan)
         yield "busy_time", round(self.busy_time, 3), seconds(self.busy_time)
+        if self.answered_by:
+            yield "answered_by", dict(self.answered_by), repr(dict(self.answered_by))
+        if self.cascade_saved is not None:
+            yield "cascade_saved", float(money(self.cascade_saved)), money(self.cascade_saved)
 
     def __repr__(self) -> str:
         return render("results.Summary", ((name, text) for name, _, text in self._fields()))
@@ -544,6 +580,14 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
         if r.cache_saved is not None and not r.cached:
             cache_saved = (cache_saved or 0.0) + r.cache_saved
         estimated = estimated or (r.cost_estimated and not r.cached)
+    answered_by: dict[str, int] = {}
+    cascade_saved: float | None = None
+    for r in records:
+        deployment = r.deployment
+        if deployment is not None and r.ok:
+            answered_by[deployment.name] = answered_by.get(deployment.name, 0) + 1
+        if r.cascade_saved is not None:
+            cascade_saved = (cascade_saved or 0.0) + r.cascade_saved
         response = r.response
         if response is not None and response.batch_id is not None:
             batched += 1
@@ -579,4 +623,6 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
         saved=saved,
         cache_saved=cache_saved,
         cost_estimated=estimated,
+        answered_by=tuple(sorted(answered_by.items())),
+        cascade_saved=cascade_saved,
     )

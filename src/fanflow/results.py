@@ -4,7 +4,7 @@
 :class:`Summary`); every other pattern a result named after it.
 """
 
-from ._types import Attempt, BatchResult, CallRecord, RateLimitState, Summary
+from ._types import Attempt, BatchResult, CallRecord, Deployment, RateLimitState, Summary
 from .patterns import (
     BestOfNResult,
     Call,
@@ -32,6 +32,7 @@ __all__ = [
     "BestOfNResult",
     "Call",
     "CallRecord",
+    "Deployment",
     "EstimateResult",
     "EvaluateResult",
     "FanOutResult",

@@ -24,6 +24,7 @@ from .._exceptions import CircuitOpen, ConfigError, StoreError
 from .._pricing import Price, load_prices
 from .._progress import ProgressStats, Tracker, render_summary
 from ._console import make_display
+from ._deployments import DEPLOYMENT_EXAMPLE
 from ._interrupt import Interrupts
 from ._io import BadLine, OutputWriter
 from ._providers import SIM_EXAMPLE, ProviderPlan, sim_keys
@@ -143,6 +144,14 @@ def model_options(parser: argparse.ArgumentParser) -> None:
         "gpt-5=1.25/10), or a prices file (.toml, the format of fanflow's prices.toml); "
         "repeat for more; overrides the built-in table",
     )
+    group.add_argument(
+        "--deployment",
+        action="append",
+        metavar="NAME=URL,...",
+        help=f"a deployment of the model, e.g. {DEPLOYMENT_EXAMPLE} (keys: model, key-env, "
+        "provider, rpm, tpm, concurrency, weight); repeat for more: the calls are spread "
+        "over them (see --route); the key is read from the key-env variable",
+    )
     group.add_argument("--system", help="a system prompt for every call")
     group.add_argument("--temperature", type=float, help="sampling temperature")
     group.add_argument("--max-tokens", type=int, metavar="N", help="output token limit per call")
@@ -200,7 +209,12 @@ def interrupts(args: argparse.Namespace) -> Interrupts:
     return found
 
 
-def plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> ProviderPlan:
+def plan(
+    args: argparse.Namespace, env: Mapping[str, str], settings: Settings, *, routed: bool = True
+) -> ProviderPlan:
+    """The command's handle (``routed=False``: a pipeline's named model, which keeps its
+    own settings rather than the ``--deployment`` router)."""
+    from ._deployments import parse_deployment
     from ._providers import parse_sim_spec, plan_llm
 
     spec = args.sim or env.get("FANFLOW_SIM")
@@ -215,6 +229,12 @@ def plan(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -
                 f"--sim (or FANFLOW_SIM) sets the simulated model's knobs, but the provider "
                 f"is {settings.provider!r}; pass --provider sim, or drop --sim"
             )
+    given = getattr(args, "deployment", None) or []
+    if not routed:
+        settings = dataclasses.replace(settings, deployments=(), route=None)
+    elif given:
+        specs = tuple(parse_deployment(text) for text in given)
+        settings = dataclasses.replace(settings, deployments=specs)
     return plan_llm(settings, env, sim=sim, max_tokens=args.max_tokens, api_key=args.api_key)
 
 
@@ -306,8 +326,15 @@ def finish(
 
 
 def tripped(llms: Any) -> list[CircuitOpen]:
-    """The breakers that stopped a run's handles (each one's error says what to fix)."""
-    return [b for llm in llms if (b := llm.breaker.tripped) is not None]
+    """The breakers that stopped a run's handles (each one's error says what to fix);
+    a router stopped only when every deployment's breaker did."""
+    stops: list[CircuitOpen] = []
+    for llm in llms:
+        handles = llm.handles if getattr(llm, "routed", False) else (llm,)
+        found = [b for h in handles if (b := h.breaker.tripped) is not None]
+        if len(found) == len(handles):
+            stops += found
+    return stops
 
 
 def stopped(

@@ -28,6 +28,7 @@ from .._exceptions import ConfigError
 from .._limits import DEFAULT_LIMITS, Limits
 from .._llm import BaseLLM
 from .._retry import RetryPolicy
+from ._deployments import build_router
 from ._settings import Settings
 
 __all__ = [
@@ -138,9 +139,13 @@ class ProviderPlan:
     api_key: str | None = field(default=None, repr=False)
     base_url: str | None = None
     api_version: str | None = None
+    # The deployments' keys are read from it (``key-env``) when the router is built.
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def build(self, sim_url: str | None) -> BaseLLM:
         s = self.settings
+        if self.provider == "router":
+            return build_router(s, self.env, self.max_tokens)
         kwargs: dict[str, Any] = {"limits": _limits(s)}
         if s.timeout is not None:
             kwargs["timeout"] = s.timeout
@@ -227,6 +232,17 @@ def plan_llm(
     """
     api_key = api_key or env.get("FANFLOW_API_KEY") or None
     provider = settings.provider
+    if settings.deployments:
+        if provider not in (None, "openai", "anthropic"):
+            raise ConfigError(
+                f"--deployment makes a router over the deployments given; --provider "
+                f"{provider} cannot go with it (give each deployment's provider= instead)"
+            )
+        return ProviderPlan("router", settings, max_tokens, env=dict(env))
+    if settings.route is not None:
+        raise ConfigError(
+            "--route says how calls go to the deployments; give them with --deployment"
+        )
     if provider is None:
         if settings.base_url or env.get("OPENAI_BASE_URL"):
             provider = "openai"  # --base-url means an OpenAI-compatible server

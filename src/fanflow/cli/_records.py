@@ -77,6 +77,12 @@ def item_fields(line: int | None, value: Any) -> dict[str, Any]:
     }
 
 
+def _deployment(record: CallRecord[Any]) -> dict[str, Any] | None:
+    """Which deployment of a router answered (name, model, base URL; never the key)."""
+    d = record.deployment
+    return None if d is None else {"name": d.name, "model": d.model, "base_url": d.base_url}
+
+
 def record_to_json(
     record: CallRecord[Any], item: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -97,6 +103,7 @@ def record_to_json(
         "cost_estimated": record.cost_estimated,
         "cached": record.cached,
         "batch_id": record.batch_id,
+        "deployment": _deployment(record),
         "error": _error_name(record.error),
         "message": None if record.error is None else for_cli(str(record.error))[:300],
         "attempts": [

@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         merged = _base.fit_open_files(
             args, resolve_settings({**pipe.settings, **spec, **flags}, env=env, config=args.config)
         )
-        plans[name] = _base.plan(args, env, merged)
+        plans[name] = _base.plan(args, env, merged, routed=False)  # its own model
     source = args.input or pipe.input
     if source is None:
         raise ConfigError(

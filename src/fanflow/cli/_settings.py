@@ -3,7 +3,8 @@ file, then defaults, in that order (the first that sets a value wins).
 
 The config file is TOML (read with the standard library's ``tomllib``): ``--config PATH``,
 else ``$FANFLOW_CONFIG``, else ``./fanflow.toml`` when it exists. Keys are the long flag
-names (``concurrency = 16``, ``base-url = "http://..."``). API keys are never settings:
+names (``concurrency = 16``, ``base-url = "http://..."``); a ``[[deployment]]`` table per
+deployment makes a router (``cli/_deployments.py``). API keys are never settings:
 they stay in the provider's own environment variables and are never printed.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from .._budget import UNPRICED_FIX
 from .._exceptions import ConfigError
+from ._deployments import DeploymentSpec, from_table
 
 __all__ = ["OPTIONS", "Option", "Settings", "for_cli", "resolve_settings"]
 
@@ -62,6 +64,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("retries", int, "retries after the first attempt (default 3)", minimum=0),
     Option("budget", float, "the most money to spend, in USD", minimum=0.0),
     Option("store", str, "the result store for --job (default .fanflow/store.db)"),
+    Option("route", str, "how calls go to the --deployment's: spread (where there is "
+           "room now, the default) or fallback (the first while it is healthy)",
+           choices=("spread", "fallback")),
 )  # fmt: skip
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -116,6 +121,9 @@ class Settings:
     retries: int | None = None
     budget: float | None = None
     store: str | None = None
+    route: str | None = None
+    #: The config file's ``[[deployment]]`` tables (``--deployment`` flags replace them).
+    deployments: tuple[DeploymentSpec, ...] = ()
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -170,10 +178,16 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
     out: dict[str, Any] = {}
     for key, raw in data.items():
+        if key == "deployment":  # [[deployment]] tables: a router over them
+            tables = raw if isinstance(raw, list) else [raw]
+            out["deployments"] = tuple(
+                from_table(t, f"{path}: deployment {i + 1}") for i, t in enumerate(tables)
+            )
+            continue
         name = key.replace("-", "_")
         option = _BY_NAME.get(name)
         if option is None:
-            known = ", ".join(o.flag[2:] for o in OPTIONS)
+            known = ", ".join([*(o.flag[2:] for o in OPTIONS), "deployment"])
             raise ConfigError(f"{path}: unknown setting {key!r}; known settings: {known}")
         out[name] = _convert(option, raw, f"{path}: {key}")
     return out
@@ -213,4 +227,7 @@ def resolve_settings(
         elif option.name in from_file:
             values[option.name] = from_file[option.name]
             sources[option.name] = str(path)
+    if "deployments" in from_file:
+        values["deployments"] = from_file["deployments"]
+        sources["deployments"] = str(path)
     return Settings(**values, sources=sources)

@@ -9,6 +9,7 @@ engine's own type, shared with the Ray backend and the CLI), ``as_completed`` a
 ``race`` the values of their calls.
 """
 
+from ._cascade import cascade
 from ._combine import split_text
 from ._estimate import EstimateResult, estimate
 from ._evaluate import EvaluateResult, Score, evaluate
@@ -54,6 +55,7 @@ __all__ = [
     "as_completed",
     "best_of_n",
     "call",
+    "cascade",
     "estimate",
     "evaluate",
     "fan_out",
