@@ -50,6 +50,7 @@ from ._exceptions import (
     Skipped,
     is_retryable,
 )
+from ._hedge import Hedger
 from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
 from ._log import log_attempt_failed, log_attempt_sent, log_succeeded
@@ -329,49 +330,28 @@ class _Call(Generic[T]):
     async def attempt(
         self, *, hedge: bool, wait_before: float, sent: asyncio.Event | None = None
     ) -> Response:
+        """One attempt, the engine's hot path: admission, the breaker, the send.
+
+        Admission is the pattern's gate, the handle's lane and the budget (nothing to
+        wait for on the fast path); the breaker may end a call admitted while it
+        tripped; the send runs under the attempt's timeout or the deadline, watched by
+        the hedger. Every attempt leaves one :class:`Attempt` in ``self.attempts`` and
+        gives its admission back (``_leave``), whatever happens.
+        """
         loop = self.loop
         self.number += 1
         number = self.number
-        deadline = self.deadline
-        if deadline is None:
-            opts = self.opts
-            if opts.gate is None and opts.budget is None and self.lane.try_acquire():
-                permit, reserved = None, None  # the fast path: nothing to wait for
-            else:
-                permit, reserved = await self._admit()
+        opts = self.opts
+        if (
+            self.deadline is None
+            and opts.gate is None
+            and opts.budget is None
+            and self.lane.try_acquire()
+        ):
+            permit, reserved = None, None  # the fast path: nothing to wait for
         else:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    permit, reserved = await self._admit()
-            except TimeoutError:
-                now = loop.time()
-                if self.lane.metered or self.opts.budget is not None:
-                    error = CallTimeout(
-                        f"{self._who()} was still waiting for admission (a concurrency "
-                        "slot, its turn under the rate limits, or budget) when the deadline "
-                        "passed; raise the deadline, or expect the limits to take longer",
-                    )
-                else:
-                    error = CallTimeout(
-                        f"{self._who()} was still waiting for a concurrency slot when the "
-                        "deadline passed; raise the deadline or the concurrency",
-                    )
-                self.attempts.append(
-                    Attempt(number, now, now, Status.TIMED_OUT, error, hedge, wait_before)
-                )
-                raise error from None
-        start = loop.time()
-        breaker = self.breaker
-        if breaker is not None and breaker.active:
-            try:
-                stop = await breaker.admit(self.request, self, admitted=True)
-            except BaseException:
-                self._unsent(permit, reserved, start)
-                raise
-            if stop is not None:  # it tripped while this call waited: never sent
-                self._unsent(permit, reserved, start)
-                raise stop
-            start = loop.time()
+            permit, reserved = await self._admit_by_deadline(number, hedge, wait_before)
+        start = await self._past_breaker(permit, reserved, loop.time())
         if sent is not None:
             sent.set()
         log_attempt_sent(self._who, number, self.request, hedge=hedge)
@@ -382,35 +362,9 @@ class _Call(Generic[T]):
             )
         response: Response | None = None
         failure: BaseException | None = None
+        breaker = self.breaker
         try:
-            limit = None if self.timeout is None else start + self.timeout
-            if deadline is not None and (limit is None or deadline < limit):
-                limit = deadline
-            delay = self.hedge_delay
-            if limit is None and (delay is None or hedge):
-                response = await self.llm.complete(self.request)
-            else:
-                cm = asyncio.timeout_at(limit)
-                watched = delay is not None and not hedge
-                if watched:
-                    # The hedging policy: a duplicate if this attempt is still running
-                    # ``delay`` after it was sent; if the duplicate wins, it expires this
-                    # attempt's timeout (asyncio's own race-free cancellation).
-                    self.cm = cm
-                    self.lane.hedger.watch(self, start + (delay or 0.0))
-                try:
-                    async with cm:
-                        response = await self.llm.complete(self.request)
-                except TimeoutError:
-                    if not cm.expired():
-                        raise  # the model itself raised TimeoutError: not ours
-                    if self.won is not None and cm is self.cm:
-                        raise _HedgeWon from None
-                    raise self._timeout_error(limit == deadline) from None
-                finally:
-                    if watched:
-                        self.lane.hedger.unwatch(self)
-                        self.cm = None
+            response = await self._send(start, hedge)
         except (asyncio.CancelledError, _HedgeWon):
             self.attempts.append(
                 Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
@@ -435,6 +389,83 @@ class _Call(Generic[T]):
         if breaker is not None and breaker.active:
             breaker.succeeded(self.request)
         return response
+
+    async def _admit_by_deadline(
+        self, number: int, hedge: bool, wait_before: float
+    ) -> tuple[Permit | None, float | None]:
+        """Wait for admission, until the call's deadline (a timed-out attempt if not)."""
+        deadline = self.deadline
+        if deadline is None:
+            return await self._admit()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._admit()
+        except TimeoutError:
+            now = self.loop.time()
+            if self.lane.metered or self.opts.budget is not None:
+                error = CallTimeout(
+                    f"{self._who()} was still waiting for admission (a concurrency "
+                    "slot, its turn under the rate limits, or budget) when the deadline "
+                    "passed; raise the deadline, or expect the limits to take longer",
+                )
+            else:
+                error = CallTimeout(
+                    f"{self._who()} was still waiting for a concurrency slot when the "
+                    "deadline passed; raise the deadline or the concurrency",
+                )
+            self.attempts.append(
+                Attempt(number, now, now, Status.TIMED_OUT, error, hedge, wait_before)
+            )
+            raise error from None
+
+    async def _past_breaker(
+        self, permit: Permit | None, reserved: float | None, start: float
+    ) -> float:
+        """Let a cold or tripped breaker hold or end the admitted call; the send time."""
+        breaker = self.breaker
+        if breaker is None or not breaker.active:
+            return start
+        try:
+            stop = await breaker.admit(self.request, self, admitted=True)
+        except BaseException:
+            self._unsent(permit, reserved, start)
+            raise
+        if stop is not None:  # it tripped while this call waited: never sent
+            self._unsent(permit, reserved, start)
+            raise stop
+        return self.loop.time()
+
+    async def _send(self, start: float, hedge: bool) -> Response:
+        """Send the request, under the attempt's timeout or the deadline (the sooner);
+        a first attempt is watched by the hedger once it has a hedging delay."""
+        deadline = self.deadline
+        limit = None if self.timeout is None else start + self.timeout
+        if deadline is not None and (limit is None or deadline < limit):
+            limit = deadline
+        delay = self.hedge_delay
+        if limit is None and (delay is None or hedge):
+            return await self.llm.complete(self.request)
+        cm = asyncio.timeout_at(limit)
+        watched = delay is not None and not hedge
+        if watched:
+            # The hedging policy: a duplicate if this attempt is still running ``delay``
+            # after it was sent; if the duplicate wins, it expires this attempt's
+            # timeout (asyncio's own race-free cancellation).
+            self.cm = cm
+            self.lane.hedger.watch(self, start + (delay or 0.0))
+        try:
+            async with cm:
+                return await self.llm.complete(self.request)
+        except TimeoutError:
+            if not cm.expired():
+                raise  # the model itself raised TimeoutError: not ours
+            if self.won is not None and cm is self.cm:
+                raise _HedgeWon from None
+            raise self._timeout_error(limit == deadline) from None
+        finally:
+            if watched:
+                self.lane.hedger.unwatch(self)
+                self.cm = None
 
     def _unsent(self, permit: Permit | None, reserved: float | None, admitted: float) -> None:
         """Give back an admission (made at ``admitted``) that was not used: nothing
@@ -508,17 +539,11 @@ class _Call(Generic[T]):
     # -- the whole call -------------------------------------------------------------
 
     async def run(self, parse: Callable[[Response], T] | None) -> CallRecord[T]:
+        """The call's attempts until one succeeds or the retry policy, the deadline or
+        the breaker ends it; its record, emitted as ``CallEnded``."""
         loop = self.loop
-        policy = self.opts.retry
-        handle = self.handle
-        if policy is None:
-            policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
+        policy, hedger = self._policies()
         hedge_after = self.opts.hedge_after
-        hedger = None
-        if hedge_after is None and handle is not None:
-            hedge = policy.hedge if policy.hedge is not None else handle.hedges
-            if hedge:
-                hedger = self.lane.hedger
         start = loop.time()
         if self.hooks:
             emit(self.hooks, CallStarted(start, self.request, self.index, self.label, self.llm))
@@ -560,31 +585,41 @@ class _Call(Generic[T]):
                 wait = self._wait_after(exc, policy, seen, called)
                 log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
-                    emit(
-                        self.hooks,
-                        AttemptFailed(
-                            loop.time(),
-                            self.request,
-                            self.index,
-                            self.label,
-                            self.number,
-                            exc,
-                            wait,
-                        ),
-                    )
+                    emit(self.hooks, self._attempt_failed(exc, wait))
                 if wait is None:
                     break
                 wait_before = wait
                 await asyncio.sleep(wait)
                 continue
             return self._finish(start, response, parse)
+        return self._failed(error, start)
+
+    def _policies(self) -> tuple[RetryPolicy, Hedger | None]:
+        """The retry policy (the pattern's, else the handle's) and the hedger of the
+        handle's hedging policy (None: no hedging, or ``hedge_after`` instead)."""
+        policy = self.opts.retry
+        handle = self.handle
+        if policy is None:
+            policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
+        if self.opts.hedge_after is not None or handle is None:
+            return policy, None
+        hedge = policy.hedge if policy.hedge is not None else handle.hedges
+        return policy, self.lane.hedger if hedge else None
+
+    def _attempt_failed(self, exc: Exception, wait: float | None) -> AttemptFailed:
+        return AttemptFailed(
+            self.loop.time(), self.request, self.index, self.label, self.number, exc, wait
+        )
+
+    def _failed(self, error: BaseException, start: float) -> CallRecord[T]:
+        """The record of a call that ended without a success."""
         record: CallRecord[T] = CallRecord(
             status=status_of(error),
             request=self.request,
             error=error,
             attempts=self._ordered_attempts(),
             start=start,
-            end=loop.time(),
+            end=self.loop.time(),
             label=self.label,
             index=self.index,
         )
@@ -848,6 +883,7 @@ def execute(
 def _uses_cache(usage: Usage) -> bool:
     return bool(usage.cached_input_tokens or usage.cache_write_input_tokens)
 
+
 class _Routed(Protocol):
     """A handle whose calls run on other handles (``BaseLLM.routed``: fanflow/_router.py)."""
 
@@ -860,5 +896,3 @@ class _Routed(Protocol):
         label: str | None,
         parse: Callable[[Response], T] | None,
     ) -> Coroutine[Any, Any, CallRecord[T]]: ...
-
-
