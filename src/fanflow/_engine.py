@@ -409,8 +409,11 @@ class _Call(Generic[T]):
         except BaseException as exc:
             failure = exc
             end = loop.time()
+            service = self._service(end - start, None)
             self.attempts.append(
-                Attempt(number, start, end, status_of(exc), exc, hedge, wait_before)
+                Attempt(
+                    number, start, end, status_of(exc), exc, hedge, wait_before, service=service
+                )
             )
             if breaker is not None:
                 breaker.failed(self.request, exc, number, end, self)
@@ -418,13 +421,21 @@ class _Call(Generic[T]):
         finally:
             self._leave(permit, reserved, start, response, failure)
         end = loop.time()
+        service = self._service(end - start, response)
         self.attempts.append(
-            Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before)
+            Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before, service=service)
         )
         log_succeeded(self._who, number, end - start)
         if breaker is not None and breaker.active:
             breaker.succeeded(self.request)
         return response
+
+    def _service(self, duration: float, response: Response | None) -> float | None:
+        """The model's time on an attempt (``Attempt.service``): what the reply says, or
+        the round trip where the handle's round trip is all work; else unknown."""
+        if response is not None and response.service_time is not None:
+            return response.service_time
+        return duration if getattr(self.llm, "round_trip_is_work", True) else None
 
     def _unsent(self, permit: Permit | None, reserved: float | None, now: float) -> None:
         """Give back an admission that was not used (nothing sent, nothing spent)."""

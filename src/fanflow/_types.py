@@ -9,9 +9,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ._repr import money, render, seconds, short
 
@@ -26,6 +26,9 @@ __all__ = [
     "Status",
     "Summary",
     "Usage",
+    "add_work",
+    "speedup_of",
+    "work_of",
 ]
 
 T = TypeVar("T")
@@ -242,7 +245,11 @@ class Response:
 
     ``batch_id`` names the provider batch that answered it (None: a real-time call);
     ``saved`` is what the batch price saved against the real-time price, in dollars
-    (None: not batched, or the price is unknown).
+    (None: not batched, or the price is unknown). ``service_time`` is the seconds the
+    model spent producing it, measured where the work was done (a local worker's
+    generation, a server's reported processing time); None when it did not say, and then
+    the call's round trip stands for it only if the handle's round trip is all work
+    (:attr:`fanflow.BaseLLM.round_trip_is_work`).
     """
 
     text: str
@@ -256,6 +263,7 @@ class Response:
     rate_limit: RateLimitState | None = field(default=None, repr=False, compare=False)
     batch_id: str | None = None
     saved: float | None = None
+    service_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +273,9 @@ class Attempt:
     ``requeued`` marks a 429/529 that did not use up one of the call's attempts (the
     handle's other calls were succeeding, so the rejection was the handle's own load);
     ``note`` says why the wait after it was what it was, when that needs saying.
+    ``service`` is the seconds the model spent on it, where that is known (the reply's
+    ``service_time``, or the round trip of a handle whose round trip is all work); a
+    queue in front of the model (a worker pool's, a server's) is not in it.
     """
 
     number: int
@@ -276,10 +287,48 @@ class Attempt:
     wait_before: float = 0.0
     requeued: bool = False
     note: str | None = None
+    service: float | None = None
 
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+
+class _AttemptLike(Protocol):
+    """What :func:`work_of` reads of an attempt (an :class:`Attempt`, or the report's
+    row of one)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def hedge(self) -> bool: ...
+    @property
+    def requeued(self) -> bool: ...
+    @property
+    def service(self) -> float | None: ...
+
+
+def work_of(attempts: Iterable[_AttemptLike]) -> float | None:
+    """The model's time on a call's attempts: what they would take one after another.
+
+    An attempt cut off (a hedge that lost, a cancelled call), a hedge that failed and a
+    requeued 429/529 (the handle's own load) would not happen one after another: not
+    work. A failed attempt counts its ``service`` when known, else nothing (so the
+    total may fall short, never overshoot). None when the answer's time is not known
+    (decision 0170).
+    """
+    total = 0.0
+    for a in attempts:
+        if a.status == Status.CANCELLED or a.requeued:
+            continue
+        answered = a.status == Status.SUCCEEDED
+        if a.hedge and not answered:
+            continue
+        if a.service is not None:
+            total += a.service
+        elif answered:
+            return None
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,16 +412,18 @@ class CallRecord(Generic[T]):
         return self.end - self.start
 
     @property
-    def busy_time(self) -> float:
-        """Seconds the call spent being answered: the sum of its attempts' durations.
+    def busy_time(self) -> float | None:
+        """Seconds the model spent on the call: what it would take one after another.
 
-        Waiting for a concurrency slot, a rate limit or a backoff is not work: run one
-        after another, those waits would not happen. A cache hit and a skipped call (never
-        sent) did no work (0); a record without attempts (a plain awaitable in
-        ``gather``) counts its latency.
+        Waiting for a concurrency slot, a rate limit, a backoff or in a queue in front of
+        the model is not work, nor are hedges that lost and requeued 429s
+        (:func:`work_of`). None when the model's time on the answer is not known (a
+        server that does not report it). A cache hit and a skipped call (never sent) did
+        no work (0); a record without attempts (a plain awaitable in ``gather``) counts
+        its latency.
         """
         if self.attempts:
-            return sum(a.end - a.start for a in self.attempts)
+            return work_of(self.attempts)
         if self.cached or self.status is Status.SKIPPED:
             return 0.0
         return self.latency or 0.0
@@ -399,16 +450,17 @@ class Summary:
     usage: Usage
     cost: float | None
     makespan: float
-    busy_time: float
+    busy_time: float | None
     batched: int = 0
     realtime: int = 0
     saved: float | None = None
 
     @property
     def speedup(self) -> float | None:
-        """Time spent answering calls (``busy_time``) over makespan: how much faster the
-        batch ran than the same calls one after another."""
-        return self.busy_time / self.makespan if self.makespan > 0 else None
+        """How much faster the batch ran than the same calls one after another on the
+        same model: ``busy_time`` over makespan. None (n/a) when the model's time on
+        some answer is not known, or no work was done."""
+        return speedup_of(self.busy_time, self.makespan)
 
     def _fields(self) -> Iterator[tuple[str, Any, str]]:
         for name in ("items", "succeeded", "failed", "timed_out", "cancelled", "skipped"):
@@ -422,7 +474,9 @@ class Summary:
         cost = None if self.cost is None else float(money(self.cost))
         yield "cost", cost, "None" if self.cost is None else money(self.cost)
         yield "makespan", round(self.makespan, 3), seconds(self.makespan)
-        yield "busy_time", round(self.busy_time, 3), seconds(self.busy_time)
+        busy = self.busy_time
+        if busy is not None:
+            yield "busy_time", round(busy, 3), seconds(busy)
 
     def __repr__(self) -> str:
         return render("Summary", ((name, text) for name, _, text in self._fields()))
@@ -494,13 +548,23 @@ class BatchResult(Generic[T]):
         return self._summary
 
 
+def add_work(total: float | None, work: float | None) -> float | None:
+    """A running total of work: unknown once any part is."""
+    return None if total is None or work is None else total + work
+
+
+def speedup_of(busy_time: float | None, makespan: float) -> float | None:
+    """Work over makespan; None when the work is unknown or none was done."""
+    return busy_time / makespan if busy_time and makespan > 0 else None
+
+
 def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary:
     """Add up a sequence of records."""
     counts = dict.fromkeys(Status, 0)
     usage = Usage()
     cost: float | None = 0.0
     calls = retries = batched = realtime = 0
-    busy = 0.0
+    busy: float | None = 0.0
     saved: float | None = None
     for r in records:
         response = r.response
@@ -519,7 +583,7 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
             cost += r.cost
         calls += len(r.attempts)
         retries += r.retries
-        busy += r.busy_time
+        busy = add_work(busy, r.busy_time)
     return Summary(
         items=len(records),
         succeeded=counts[Status.SUCCEEDED],

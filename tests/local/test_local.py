@@ -131,6 +131,23 @@ async def test_map_over_instances_equals_sequential_calls(llm: LocalLLM) -> None
     assert any("negative" in text.lower() for text in sequential)
 
 
+async def test_the_speed_up_counts_the_workers_time_not_the_wait_for_one() -> None:
+    # Issue 28.4: with no limit in the engine, calls wait in the pool for one of the two
+    # workers. The speed-up is the workers' own time generating over the makespan: two
+    # workers, each generating one call at a time, cannot do more than 2x.
+    items = [{"text": t} for t in REVIEWS * 2]
+    async with fanflow.local(instances=2, threads=1, limits=fanflow.Limits()) as llm:
+        result = await fanflow.map(llm, PROMPT, items, temperature=0.0, seed=7, max_tokens=4)
+    assert result.ok
+    attempts = [a for r in result.records for a in r.attempts]
+    assert all(a.service is not None and 0 < a.service <= a.duration for a in attempts)
+    s = result.summary
+    assert s.busy_time == pytest.approx(sum(a.service or 0 for a in attempts))
+    assert s.busy_time < sum(a.duration for a in attempts)  # the wait was there
+    assert s.speedup is not None
+    assert s.speedup <= llm.instances * 1.05
+
+
 async def test_generation_runs_in_worker_processes_never_here(llm: LocalLLM) -> None:
     await llm.complete(greedy("Hi", max_tokens=2))
     pids = llm.pool_statistics().pids
