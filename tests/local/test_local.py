@@ -148,6 +148,18 @@ async def test_the_speed_up_counts_the_workers_time_not_the_wait_for_one() -> No
     assert s.speedup <= llm.instances * 1.05
 
 
+def test_the_command_keeps_the_local_model_to_one_call_per_instance() -> None:
+    # Without --concurrency the command gave it the adaptive default (up to 1,024 in
+    # flight), so calls waited in its pool, where per-attempt timeouts also ran.
+    from fanflow.cli._providers import plan_llm
+    from fanflow.cli._settings import Settings
+
+    own = plan_llm(Settings(provider="local"), {}).build(None)
+    assert own.limits.concurrency == own.instances  # type: ignore[attr-defined]
+    given = plan_llm(Settings(provider="local", concurrency=8), {}).build(None)
+    assert given.limits.concurrency == 8
+
+
 async def test_generation_runs_in_worker_processes_never_here(llm: LocalLLM) -> None:
     await llm.complete(greedy("Hi", max_tokens=2))
     pids = llm.pool_statistics().pids
