@@ -247,7 +247,7 @@ class Response:
     ``saved`` is what the batch price saved against the real-time price, in dollars
     (None: not batched, or the price is unknown). ``service_time`` is the seconds the
     model spent producing it, measured where the work was done (a local worker's
-    generation, a server's reported processing time); None when it did not say, and then
+    generation, the time a server reports in its reply); None when it did not say, and then
     the call's round trip stands for it only if the handle's round trip is all work
     (:attr:`fanflow.BaseLLM.round_trip_is_work`).
     """
