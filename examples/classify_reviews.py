@@ -67,7 +67,9 @@ async def main(out: Path) -> None:
             f.write(json.dumps(row) + "\n")
     s = result.summary
     right = sum(r["label"] == v for r, v in zip(reviews, result.outputs, strict=True))
-    print(f"{s.succeeded}/{s.items} succeeded in {s.makespan:.2f} s ({s.speedup:.1f}x parallel)")
+    # The workers' own time generating, over the makespan: at most the instances.
+    speedup = "n/a" if s.speedup is None else f"{s.speedup:.1f}x"
+    print(f"{s.succeeded}/{s.items} succeeded in {s.makespan:.2f} s (speed-up {speedup})")
     print(f"tokens: {s.usage.input_tokens} in, {s.usage.output_tokens} out")
     print(f"agrees with the human label on {right}/{s.items}; results in {out}")
 

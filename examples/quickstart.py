@@ -26,7 +26,8 @@ async def main() -> None:
     result = await fanflow.map(llm, "Sentiment of this review: {text}", reviews)
     s = result.summary
     print(f"{s.succeeded}/{s.items} items succeeded in {s.makespan:.2f} s")
-    print(f"one after another would take {s.busy_time:.1f} s: {s.speedup:.0f}x faster")
+    if s.busy_time is not None and s.speedup is not None:  # None: the model did not say
+        print(f"one after another would take {s.busy_time:.1f} s: {s.speedup:.0f}x faster")
     print("first five:", result.outputs[:5])
 
 

@@ -307,5 +307,6 @@ async def test_skipped_items_did_no_work_so_they_add_no_speed_up() -> None:
     assert any((r.latency or 0) > 0.1 for r in skipped)  # they did wait
     sent = [r for r in result.records if r.status is not Status.SKIPPED]
     assert result.summary.busy_time == pytest.approx(sum(r.busy_time for r in sent))
-    # The 16 calls sent ran side by side for 0.2 s each: 16x, not 300x.
-    assert result.summary.speedup == pytest.approx(len(sent))
+    # The 16 cold-start calls ran side by side, but the server did not say its time on
+    # them (its round trips may be queueing): no speed-up is claimed, not 300x.
+    assert result.summary.speedup is None

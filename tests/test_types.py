@@ -56,7 +56,7 @@ def test_batch_result_views_and_summary() -> None:
         end=2.0,
         usage=Usage(1, 1),
         cost=0.5,
-        attempts=(fanflow.results.Attempt(1, 0.0, 2.0, Status.SUCCEEDED),),
+        attempts=(fanflow.results.Attempt(1, 0.0, 2.0, Status.SUCCEEDED, service=2.0),),
     )
     bad = CallRecord(
         status=Status.FAILED,
@@ -64,8 +64,8 @@ def test_batch_result_views_and_summary() -> None:
         start=0.0,
         end=1.0,
         attempts=(
-            fanflow.results.Attempt(1, 0.0, 0.5, Status.FAILED),
-            fanflow.results.Attempt(2, 0.5, 1.0, Status.FAILED),
+            fanflow.results.Attempt(1, 0.0, 0.5, Status.FAILED, service=0.5),
+            fanflow.results.Attempt(2, 0.5, 1.0, Status.FAILED, service=0.5),
         ),
     )
     result: BatchResult[str] = BatchResult([ok, bad], makespan=2.0)

@@ -373,8 +373,11 @@ class _Call(Generic[T]):
         except BaseException as exc:
             failure = exc
             end = loop.time()
+            service = self._service(end - start, None)
             self.attempts.append(
-                Attempt(number, start, end, status_of(exc), exc, hedge, wait_before)
+                Attempt(
+                    number, start, end, status_of(exc), exc, hedge, wait_before, service=service
+                )
             )
             if breaker is not None:
                 breaker.failed(self.request, exc, number, end, self)
@@ -382,8 +385,9 @@ class _Call(Generic[T]):
         finally:
             self._leave(permit, reserved, start, response, failure)
         end = loop.time()
+        service = self._service(end - start, response)
         self.attempts.append(
-            Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before)
+            Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before, service=service)
         )
         log_succeeded(self._who, number, end - start)
         if breaker is not None and breaker.active:
@@ -466,6 +470,13 @@ class _Call(Generic[T]):
             if watched:
                 self.lane.hedger.unwatch(self)
                 self.cm = None
+
+    def _service(self, duration: float, response: Response | None) -> float | None:
+        """The model's time on an attempt (``Attempt.service``): what the reply says, or
+        the round trip where the handle's round trip is all work; else unknown."""
+        if response is not None and response.service_time is not None:
+            return response.service_time
+        return duration if getattr(self.llm, "round_trip_is_work", True) else None
 
     def _unsent(self, permit: Permit | None, reserved: float | None, admitted: float) -> None:
         """Give back an admission (made at ``admitted``) that was not used: nothing

@@ -117,6 +117,14 @@ class BaseLLM(ABC):
     def __repr__(self) -> str:
         return f"fanflow.{type(self).__name__}(model={self.model!r})"
 
+    @property
+    def round_trip_is_work(self) -> bool:
+        """Whether an attempt's round trip is all work, so it stands for the model's time
+        on a reply that does not say it (``Response.service_time``): true where nothing
+        queues in front of the model; false where a pool's or a server's queue may (the
+        speed-up is then unknown rather than overstated, decision 0170)."""
+        return True
+
     @abstractmethod
     async def complete(self, request: Request) -> Response:
         """Make one attempt at ``request``. Raise a ``ProviderError`` on failure."""

@@ -25,7 +25,7 @@ from typing import IO, Any, ParamSpec, TypeVar
 
 from ._events import AMBIENT_HOOKS, AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
 from ._exceptions import RateLimited
-from ._types import CallRecord, Status
+from ._types import CallRecord, Status, add_work, speedup_of
 
 __all__ = [
     "PLAIN_INTERVAL",
@@ -66,7 +66,7 @@ class ProgressStats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float | None = None
-    busy_time: float = 0.0
+    busy_time: float | None = 0.0
     failures: Mapping[str, int] = field(default_factory=dict)
     bad_lines: int = 0
     batched: int = 0
@@ -98,8 +98,9 @@ class ProgressStats:
 
     @property
     def speedup(self) -> float | None:
-        """Sum of call latencies over the elapsed time (vs. one call after another)."""
-        return self.busy_time / self.elapsed if self.elapsed > 0 else None
+        """The model's time on the calls over the elapsed time: against the same calls
+        one after another (None: unknown, decision 0170)."""
+        return speedup_of(self.busy_time, self.elapsed)
 
 
 def _is_429(error: BaseException) -> bool:
@@ -128,7 +129,7 @@ class Tracker:
         self._estimated = False
         self._answered_by = Counter[str]()  # items per deployment of a router or cascade
         self._cascade_saved: float | None = None
-        self._busy = 0.0
+        self._busy: float | None = 0.0
         self.bad_lines = 0
 
     def __repr__(self) -> str:
@@ -173,7 +174,7 @@ class Tracker:
                 counts["batched"] += 1
                 if response.saved is not None:
                     self._saved = (self._saved or 0.0) + response.saved
-            self._busy += record.busy_time  # attempts only: queueing is not work
+            self._busy = add_work(self._busy, record.busy_time)  # queueing is not work
             self._routed(record)
 
     def _routed(self, record: CallRecord[Any]) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ._repr import money, render, seconds, short
 
@@ -27,6 +27,9 @@ __all__ = [
     "Status",
     "Summary",
     "Usage",
+    "add_work",
+    "speedup_of",
+    "work_of",
 ]
 
 T = TypeVar("T")
@@ -268,7 +271,11 @@ class Response:
     ``batch_id`` names the provider batch that answered it (None: a real-time call);
     ``saved`` is what the batch price saved against the real-time price, in dollars
     (None: not batched, or the price is unknown). ``deployment`` names the router's
-    deployment (or cascade's tier) that answered (None: not routed).
+    deployment (or cascade's tier) that answered (None: not routed). ``service_time``
+    is the seconds the model spent producing it, measured where the work was done (a
+    local worker's generation, the time a server reports in its reply); None when it
+    did not say, and then the call's round trip stands for it only if the handle's
+    round trip is all work (:attr:`fanflow.BaseLLM.round_trip_is_work`).
     """
 
     text: str
@@ -283,6 +290,7 @@ class Response:
     batch_id: str | None = None
     saved: float | None = None
     deployment: Deployment | None = None
+    service_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +300,9 @@ class Attempt:
     ``requeued`` marks a 429/529 that did not use up one of the call's attempts (the
     handle's other calls were succeeding, so the rejection was the handle's own load);
     ``note`` says why the wait after it was what it was, when that needs saying.
+    ``service`` is the seconds the model spent on it, where that is known (the reply's
+    ``service_time``, or the round trip of a handle whose round trip is all work); a
+    queue in front of the model (a worker pool's, a server's) is not in it.
     """
 
     number: int
@@ -303,10 +314,48 @@ class Attempt:
     wait_before: float = 0.0
     requeued: bool = False
     note: str | None = None
+    service: float | None = None
 
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+
+class _AttemptLike(Protocol):
+    """What :func:`work_of` reads of an attempt (an :class:`Attempt`, or the report's
+    row of one)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def hedge(self) -> bool: ...
+    @property
+    def requeued(self) -> bool: ...
+    @property
+    def service(self) -> float | None: ...
+
+
+def work_of(attempts: Iterable[_AttemptLike]) -> float | None:
+    """The model's time on a call's attempts: what they would take one after another.
+
+    An attempt cut off (a hedge that lost, a cancelled call), a hedge that failed and a
+    requeued 429/529 (the handle's own load) would not happen one after another: not
+    work. A failed attempt counts its ``service`` when known, else nothing (so the
+    total may fall short, never overshoot). None when the answer's time is not known
+    (decision 0170).
+    """
+    total = 0.0
+    for a in attempts:
+        if a.status == Status.CANCELLED or a.requeued:
+            continue
+        answered = a.status == Status.SUCCEEDED
+        if a.hedge and not answered:
+            continue
+        if a.service is not None:
+            total += a.service
+        elif answered:
+            return None
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,16 +464,18 @@ class CallRecord(Generic[T]):
         return self.end - self.start
 
     @property
-    def busy_time(self) -> float:
-        """Seconds the call spent being answered: the sum of its attempts' durations.
+    def busy_time(self) -> float | None:
+        """Seconds the model spent on the call: what it would take one after another.
 
-        Waiting for a concurrency slot, a rate limit or a backoff is not work: run one
-        after another, those waits would not happen. A cache hit and a skipped call (never
-        sent) did no work (0); a record without attempts (a plain awaitable in
-        ``gather``) counts its latency.
+        Waiting for a concurrency slot, a rate limit, a backoff or in a queue in front of
+        the model is not work, nor are hedges that lost and requeued 429s
+        (:func:`work_of`). None when the model's time on the answer is not known (a
+        server that does not report it). A cache hit and a skipped call (never sent) did
+        no work (0); a record without attempts (a plain awaitable in ``gather``) counts
+        its latency.
         """
         if self.attempts:
-            return sum(a.end - a.start for a in self.attempts)
+            return work_of(self.attempts)
         if self.cached or self.status is Status.SKIPPED:
             return 0.0
         return self.latency or 0.0
@@ -457,7 +508,7 @@ class Summary:
     usage: Usage
     cost: float | None
     makespan: float
-    busy_time: float
+    busy_time: float | None
     batched: int = 0
     realtime: int = 0
     saved: float | None = None
@@ -468,9 +519,10 @@ class Summary:
 
     @property
     def speedup(self) -> float | None:
-        """Time spent answering calls (``busy_time``) over makespan: how much faster the
-        batch ran than the same calls one after another."""
-        return self.busy_time / self.makespan if self.makespan > 0 else None
+        """How much faster the batch ran than the same calls one after another on the
+        same model: ``busy_time`` over makespan. None (n/a) when the model's time on
+        some answer is not known, or no work was done."""
+        return speedup_of(self.busy_time, self.makespan)
 
     def _fields(self) -> Iterator[tuple[str, Any, str]]:
         for name in ("items", "succeeded", "failed", "timed_out", "cancelled", "skipped"):
@@ -490,7 +542,9 @@ class Summary:
         if self.cache_saved is not None:
             yield "cache_saved", float(money(self.cache_saved)), money(self.cache_saved)
         yield "makespan", round(self.makespan, 3), seconds(self.makespan)
-        yield "busy_time", round(self.busy_time, 3), seconds(self.busy_time)
+        busy = self.busy_time
+        if busy is not None:
+            yield "busy_time", round(busy, 3), seconds(busy)
         if self.answered_by:
             yield "answered_by", dict(self.answered_by), repr(dict(self.answered_by))
         if self.cascade_saved is not None:
@@ -566,13 +620,23 @@ class BatchResult(Generic[T]):
         return self._summary
 
 
+def add_work(total: float | None, work: float | None) -> float | None:
+    """A running total of work: unknown once any part is."""
+    return None if total is None or work is None else total + work
+
+
+def speedup_of(busy_time: float | None, makespan: float) -> float | None:
+    """Work over makespan; None when the work is unknown or none was done."""
+    return busy_time / makespan if busy_time and makespan > 0 else None
+
+
 def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary:
     """Add up a sequence of records."""
     counts = dict.fromkeys(Status, 0)
     usage = Usage()
     cost: float | None = 0.0
     calls = retries = batched = realtime = 0
-    busy = 0.0
+    busy: float | None = 0.0
     saved: float | None = None
     cache_saved: float | None = None
     estimated = False
@@ -604,7 +668,7 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
             cost += r.cost
         calls += len(r.attempts)
         retries += r.retries
-        busy += r.busy_time
+        busy = add_work(busy, r.busy_time)
     return Summary(
         items=len(records),
         succeeded=counts[Status.SUCCEEDED],

@@ -198,7 +198,7 @@ def test_a_skipped_row_did_no_work() -> None:
 
     sent = CallRow(
         0, None, "failed", 0.0, 0.2, 0, 0, None, "AuthenticationError", None,
-        (AttemptRow(0.0, 0.2, "failed", "AuthenticationError", False, False),),
+        (AttemptRow(0.0, 0.2, "failed", "AuthenticationError", False, False, service=0.2),),
     )  # fmt: skip
     skipped = CallRow(1, None, "skipped", 0.0, 0.2, 0, 0, None, "CircuitOpen", None, ())
     assert skipped.busy_time == 0.0

@@ -136,6 +136,35 @@ async def test_map_over_instances_equals_sequential_calls(llm: LocalLLM) -> None
     assert llm.statistics().concurrency.max_in_flight == 2
 
 
+async def test_the_speed_up_counts_the_workers_time_not_the_wait_for_one() -> None:
+    # Issue 28.4: with no limit in the engine, calls wait in the pool for one of the two
+    # workers. The speed-up is the workers' own time generating over the makespan: two
+    # workers, each generating one call at a time, cannot do more than 2x.
+    items = [{"text": t} for t in REVIEWS * 2]
+    async with fanflow.local(instances=2, threads=1, limits=fanflow.Limits()) as llm:
+        result = await fanflow.map(llm, PROMPT, items, temperature=0.0, seed=7, max_tokens=4)
+    assert result.ok
+    attempts = [a for r in result.records for a in r.attempts]
+    assert all(a.service is not None and 0 < a.service <= a.duration for a in attempts)
+    s = result.summary
+    assert s.busy_time == pytest.approx(sum(a.service or 0 for a in attempts))
+    assert s.busy_time < sum(a.duration for a in attempts)  # the wait was there
+    assert s.speedup is not None
+    assert s.speedup <= llm.instances * 1.05
+
+
+def test_the_command_keeps_the_local_model_to_one_call_per_instance() -> None:
+    # Without --concurrency the command gave it the adaptive default (up to 1,024 in
+    # flight), so calls waited in its pool, where per-attempt timeouts also ran.
+    from fanflow.cli._providers import plan_llm
+    from fanflow.cli._settings import Settings
+
+    own = plan_llm(Settings(provider="local"), {}).build(None)
+    assert own.limits.concurrency == own.instances  # type: ignore[attr-defined]
+    given = plan_llm(Settings(provider="local", concurrency=8), {}).build(None)
+    assert given.limits.concurrency == 8
+
+
 async def test_generation_runs_in_worker_processes_never_here(llm: LocalLLM) -> None:
     await llm.complete(greedy("Hi", max_tokens=2))
     pids = llm.pool_statistics().pids

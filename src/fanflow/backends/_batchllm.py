@@ -60,6 +60,11 @@ class BatchLLM(BaseLLM):
         return f"fanflow.BatchLLM({self.inner!r})"
 
     @property
+    def round_trip_is_work(self) -> bool:
+        """No: an attempt's round trip is mostly its wait for the batch to run."""
+        return False
+
+    @property
     def batch_priced(self) -> bool:
         """Batch price until an ``auto`` switch sends the rest in real time."""
         return not self.queue.switched

@@ -176,6 +176,10 @@ class ProviderPlan:
         # The embedded model (issue 8): --model, when given, is the path of a GGUF file.
         if "max_tokens" in kwargs:
             kwargs["defaults"] = {"max_tokens": kwargs.pop("max_tokens")}
+        if s.concurrency is None and s.rpm is None and s.tpm is None:
+            # Its own default, one call per instance, as in the library (decision 0158):
+            # more would wait in its pool, where per-attempt timeouts run too.
+            del kwargs["limits"]
         built: BaseLLM = fanflow.local(s.model, **kwargs)
         return built
 

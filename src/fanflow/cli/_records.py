@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from .._exceptions import ConfigError
 from .._progress import _is_429
-from .._types import CallRecord
+from .._types import CallRecord, work_of
 from ..store._lock import job_file_stem
 from ._settings import for_cli
 
@@ -117,6 +117,7 @@ def record_to_json(
                 "hedge": a.hedge,
                 "requeued": a.requeued,
                 "note": a.note,
+                "service": a.service,
             }
             for a in record.attempts
         ],
@@ -240,6 +241,7 @@ class AttemptRow:
     hedge: bool
     requeued: bool = False
     note: str | None = None
+    service: float | None = None  # the model's time on it (None: unknown, older files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,11 +277,11 @@ class CallRow:
         return next((a.note for a in reversed(self.attempts) if a.note), None)
 
     @property
-    def busy_time(self) -> float:
-        """Time spent being answered (attempts only; queueing and backoff excluded; a
-        skipped call was never sent: 0)."""
+    def busy_time(self) -> float | None:
+        """The model's time on the call, as :attr:`fanflow.CallRecord.busy_time` counts
+        it (None: unknown; a skipped call was never sent: 0)."""
         if self.attempts:
-            return sum(a.end - a.start for a in self.attempts)
+            return work_of(self.attempts)
         if self.status == "skipped":
             return 0.0
         return self.latency or 0.0
@@ -314,6 +316,7 @@ def read_records(path: str) -> Iterator[CallRow]:
                         bool(a.get("hedge")),
                         bool(a.get("requeued")),
                         a.get("note"),
+                        _seconds(a.get("service")),
                     )
                     for a in d.get("attempts", ())
                 )
@@ -342,3 +345,7 @@ def read_records(path: str) -> Iterator[CallRow]:
                     f"{path}:{number}: not a fanflow call record ({type(exc).__name__}: {exc}); "
                     "give a file written by --records"
                 ) from None
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -24,6 +24,7 @@ from typing import Any
 
 from .._exceptions import ConfigError
 from .._progress import format_duration
+from .._types import add_work, speedup_of
 from . import _base
 from ._records import CallRow, read_records
 from ._settings import resolve_settings
@@ -64,7 +65,7 @@ class ReportSummary:
     output_tokens: int
     cost: float | None
     makespan: float
-    busy_time: float
+    busy_time: float | None
     cached_input_tokens: int = 0
     cache_saved: float | None = None
 
@@ -74,7 +75,7 @@ class ReportSummary:
 
     @property
     def speedup(self) -> float | None:
-        return self.busy_time / self.makespan if self.makespan > 0 else None
+        return speedup_of(self.busy_time, self.makespan)
 
 
 def summarize_rows(rows: Sequence[CallRow]) -> ReportSummary:
@@ -95,7 +96,7 @@ def summarize_rows(rows: Sequence[CallRow]) -> ReportSummary:
         output_tokens=sum(r.output_tokens for r in rows),
         cost=sum(costs) if costs else None,
         makespan=(max(ends) - min(starts)) if starts and ends else 0.0,
-        busy_time=sum(r.busy_time for r in rows),
+        busy_time=_work(rows),
         cached_input_tokens=sum(r.cached_input_tokens for r in rows),
         cache_saved=sum(saved) if saved else None,
     )
@@ -107,6 +108,13 @@ def _cache_rows(s: ReportSummary) -> list[tuple[str, Any]]:
         return []
     saved = "" if s.cache_saved is None else f", saved ${s.cache_saved:,.4f}"
     return [("prompt cache", f"{s.cached_input_tokens:,} input tokens read{saved}")]
+
+
+def _work(rows: Sequence[CallRow]) -> float | None:
+    total: float | None = 0.0
+    for r in rows:
+        total = add_work(total, r.busy_time)
+    return total
 
 
 def _pyplot() -> Any:

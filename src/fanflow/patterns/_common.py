@@ -241,8 +241,9 @@ def describe(record: CallRecord[Any]) -> str:
 class PatternResult:
     """What a pattern did: every call it made (``records``) and how long it took.
 
-    ``summary`` adds the calls up (tokens, retries, failures, ``busy_time`` = the time
-    spent answering calls, queueing excluded); ``speedup`` is that over ``makespan``.
+    ``summary`` adds the calls up (tokens, retries, failures, ``busy_time`` = the
+    model's time on the calls, what they would take one after another; None when not
+    known); ``speedup`` is that over ``makespan``.
     """
 
     records: tuple[CallRecord[Any], ...] = field(default=(), repr=False)
@@ -269,8 +270,8 @@ class PatternResult:
         return summarize(self.records, makespan=self.makespan)
 
     @property
-    def busy_time(self) -> float:
-        """The sum of the calls' latencies (what running them one by one would take)."""
+    def busy_time(self) -> float | None:
+        """The model's time on the calls: what running them one by one would take."""
         return self.summary.busy_time
 
     @property

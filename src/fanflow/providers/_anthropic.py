@@ -39,6 +39,7 @@ class AnthropicLLM(HttpLLM):
     """A handle on the Anthropic Messages API. Make one with :func:`fanflow.anthropic`."""
 
     provider: ClassVar[str] = "anthropic"
+    hosted: ClassVar[str | None] = DEFAULT_BASE_URL
 
     def __init__(
         self,

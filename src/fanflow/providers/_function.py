@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -53,20 +55,33 @@ class FunctionLLM(BaseLLM):
         return {"protocol": "function", "function": where, "name": self.name}
 
     async def complete(self, request: Request) -> Response:
+        service: float | None = None  # async: the round trip is the function's time
         if self._async:
             result: Any = await self.fn(request)  # type: ignore[misc]
         else:
-            result = await asyncio.to_thread(self.fn, request)
+            # Timed in the thread: the wait for one of asyncio's threads is not work.
+            result, took = await asyncio.to_thread(self._timed, request)
             if inspect.isawaitable(result):
+                loop = asyncio.get_running_loop()
+                began = loop.time()
                 result = await result
+                took += loop.time() - began
+            service = took
         if isinstance(result, str):
-            return Response(result, model=self.name)
+            return Response(result, model=self.name, service_time=service)
         if isinstance(result, Response):
+            if result.service_time is None and service is not None:
+                return dataclasses.replace(result, service_time=service)
             return result
         raise ProviderError(
             f"function {self.name} returned {type(result).__name__}; "
             "return a str or a fanflow.Response"
         )
+
+    def _timed(self, request: Request) -> tuple[Any, float]:
+        began = time.perf_counter()
+        result = self.fn(request)
+        return result, time.perf_counter() - began
 
 
 def _adapt(model: Any) -> tuple[Fn, str] | None:

@@ -469,6 +469,9 @@ class HttpLLM(BaseLLM):
 
     provider: ClassVar[str] = "http"
     hedges: ClassVar[bool] = True  # a duplicate is one more request: the hedging policy
+    # The provider's own API (its default base URL), where a round trip is the model's
+    # time: it refuses a key's calls beyond its limits (429), it does not queue them.
+    hosted: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -489,6 +492,8 @@ class HttpLLM(BaseLLM):
             model=model, limits=limits, retry=retry, timeout=timeout, defaults=defaults
         )
         self.base_url = base_url.rstrip("/")
+        hosted = self.hosted
+        self._at_hosted = hosted is not None and normalise_url(base_url) == normalise_url(hosted)
         #: The endpoint's name in the cache identity (None: the normalised base URL).
         #: Set it when several URLs serve the same model, to share one cache.
         self.cache_endpoint: str | None = None
@@ -514,6 +519,13 @@ class HttpLLM(BaseLLM):
 
     def __repr__(self) -> str:
         return f"fanflow.{self.provider}(model={self.model!r}, base_url={self.base_url!r})"
+
+    @property
+    def round_trip_is_work(self) -> bool:
+        """Only against the provider's own API. Elsewhere (a server of your own: vLLM,
+        llama.cpp, Ollama) a call may wait in the server's queue behind our other calls,
+        and only a time the server reports in the reply is the model's (decision 0170)."""
+        return self._at_hosted
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

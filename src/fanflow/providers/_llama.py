@@ -19,6 +19,7 @@ import ctypes
 import random
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,10 @@ class Instance:
             should_stop: asked before each token; True ends the generation early (its
                 finish reason is then ``"cancelled"``).
             on_token: called with each generated token's id, as it is generated.
+
+        The reply's ``service_time`` is this generation's time, from here to the end.
         """
+        began = time.perf_counter()
         if request.response_format is not None:
             raise BadRequest(
                 "fanflow.local() does not support response_format yet; "
@@ -214,6 +218,7 @@ class Instance:
             usage=Usage(len(prompt), len(out)),
             model=self.name,
             finish_reason=finish,
+            service_time=time.perf_counter() - began,
         )
 
 

@@ -301,6 +301,12 @@ class LocalLLM(BaseLLM):
         super().__setstate__(state)
         self._start()
 
+    @property
+    def round_trip_is_work(self) -> bool:
+        """No: a call may wait in the pool for a worker. A reply's time is the worker's,
+        measured as it generated (``Response.service_time``)."""
+        return False
+
     # -- the event-loop side ------------------------------------------------------
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -348,6 +354,7 @@ class LocalLLM(BaseLLM):
             model=response.model,
             finish_reason=response.finish_reason,
             latency=loop.time() - start,
+            service_time=response.service_time,
         )
 
     async def load(self) -> None:

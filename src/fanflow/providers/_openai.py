@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import urllib.parse
 from collections.abc import AsyncIterable, Mapping, Sequence
@@ -33,6 +34,7 @@ class OpenAILLM(HttpLLM):
     :func:`fanflow.openai`."""
 
     provider: ClassVar[str] = "openai"
+    hosted: ClassVar[str | None] = DEFAULT_BASE_URL
 
     def __init__(
         self,
@@ -161,6 +163,7 @@ class OpenAILLM(HttpLLM):
             latency=latency,
             raw=data,
             rate_limit=rate_limit,
+            service_time=generation_time(data.get("timings")),
         )
 
     async def read_stream(
@@ -319,3 +322,15 @@ def openai(
         timeout=timeout,
         defaults=defaults,
     )
+
+
+def generation_time(timings: Any) -> float | None:
+    """Seconds from llama.cpp's ``timings`` (its server's reply field): the time it spent
+    on the prompt and on the reply, its queue left out. None when absent or unreadable."""
+    if not isinstance(timings, dict):
+        return None
+    try:
+        ms = float(timings["prompt_ms"]) + float(timings["predicted_ms"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return ms / 1000 if 0 <= ms < math.inf else None

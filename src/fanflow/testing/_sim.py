@@ -17,6 +17,10 @@ Rate limits are token buckets, as the hosted APIs document theirs: a bucket hold
 a request is refused with 429 when its bucket lacks what it needs. Tokens are counted
 at admission as input plus output (the reply is known in advance). Token counts use
 one token per whitespace-separated word.
+
+An OpenAI reply (not streamed) says the time the server spent on it in llama.cpp's
+``timings`` field (``prompt_ms``: the latency, ``predicted_ms``: the per-token time), so
+a client can tell the model's time from a queue's (decision 0170).
 """
 
 from __future__ import annotations
@@ -773,10 +777,14 @@ class SimServer:
             if not isinstance(streamed, _Gone):
                 self._completed(sim)
             return streamed
+        prompt_part = delay  # the rest is the reply's tokens
         delay += self.per_token * done.output_tokens
         if delay > 0:
             await asyncio.sleep(delay)
-        payload = (openai_body if api == "openai" else anthropic_body)(sim, done, ident)
+        if api == "openai":  # its time on the call, as llama.cpp's server says it
+            payload = openai_body(sim, done, ident, (prompt_part, delay - prompt_part))
+        else:
+            payload = anthropic_body(sim, done, ident)
         if fault == "slow_stream":
             step = max(1, len(payload) // 8)
             parts = [payload[i : i + step] for i in range(0, len(payload), step)]

@@ -225,24 +225,35 @@ def complete(request: SimRequest, text: str) -> Completion:
 # --------------------------------------------------------------------------- OpenAI
 
 
-def openai_body(request: SimRequest, c: Completion, ident: str) -> bytes:
+def openai_body(
+    request: SimRequest, c: Completion, ident: str, timings: tuple[float, float] | None = None
+) -> bytes:
+    """A Chat Completions reply; ``timings`` (seconds on the prompt, on the reply), when
+    given, are reported as llama.cpp's server reports them (so a client can tell the
+    model's time from a queue's)."""
     n = request.body.get("n") or 1
     choice = {
         "message": {"role": "assistant", "content": c.text, "refusal": None},
         "logprobs": None,
         "finish_reason": c.finish,
     }
-    return _dumps(
-        {
-            "id": f"chatcmpl-{ident}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": request.model,
-            "choices": [{"index": i, **choice} for i in range(int(n))],
-            "usage": _openai_usage(c, c.output_tokens * int(n)),
-            "system_fingerprint": "fp_fanflow_sim",
+    body = {
+        "id": f"chatcmpl-{ident}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": [{"index": i, **choice} for i in range(int(n))],
+        "usage": _openai_usage(c, c.output_tokens * int(n)),
+        "system_fingerprint": "fp_fanflow_sim",
+    }
+    if timings is not None:
+        body["timings"] = {
+            "prompt_n": c.input_tokens,
+            "prompt_ms": timings[0] * 1000,
+            "predicted_n": c.output_tokens * int(n),
+            "predicted_ms": timings[1] * 1000,
         }
-    ).encode()
+    return _dumps(body).encode()
 
 
 def openai_chunks(request: SimRequest, c: Completion, ident: str) -> tuple[list[bytes], int]:
