@@ -23,6 +23,9 @@ __all__ = ["HEDGE_EXTRA", "HEDGE_QUANTILE", "Hedger", "Watched"]
 # successful attempts, and never before this multiple of their median.
 HEDGE_QUANTILE = 0.99
 HEDGE_MEDIAN_FACTOR = 1.5
+# ... and never before this many seconds: a duplicate sent sooner cannot beat an answer
+# already on its way (and latencies of 0, a clock that did not move, would hedge all).
+HEDGE_MIN_DELAY = 0.01
 
 # Duplicates are at most this share of the calls started (the policy's cost cap).
 HEDGE_EXTRA = 0.05
@@ -108,11 +111,12 @@ class Hedger:
 def hedge_delay(latencies: list[float]) -> float | None:
     """The hedging delay for these latencies: their ``HEDGE_QUANTILE`` quantile, at
     least ``HEDGE_MEDIAN_FACTOR`` times their median (a tight distribution, where the
-    quantile sits a hair above the median, would hedge calls that are merely average)."""
+    quantile sits a hair above the median, would hedge calls that are merely average),
+    and at least ``HEDGE_MIN_DELAY``."""
     if len(latencies) < _WARMUP:
         return None
     ordered = sorted(latencies)
     n = len(ordered)
     high = ordered[min(n - 1, int(HEDGE_QUANTILE * n))]
     median = ordered[n // 2]
-    return max(high, HEDGE_MEDIAN_FACTOR * median)
+    return max(high, HEDGE_MEDIAN_FACTOR * median, HEDGE_MIN_DELAY)

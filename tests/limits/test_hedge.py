@@ -7,7 +7,7 @@ import pytest
 
 import fanflow
 from fanflow import Limits, RetryPolicy
-from fanflow._hedge import HEDGE_EXTRA, Hedger, hedge_delay
+from fanflow._hedge import HEDGE_EXTRA, HEDGE_MIN_DELAY, Hedger, hedge_delay
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -20,6 +20,13 @@ def test_the_delay_is_a_high_quantile_and_never_near_the_median() -> None:
     assert hedge_delay(wide) == pytest.approx(10.0)
     # A tight one: 1.5 x the median, not a hair above it.
     assert hedge_delay([1.0] * 99 + [1.01]) == pytest.approx(1.5)
+
+
+def test_the_delay_has_a_floor_so_instant_answers_are_never_hedged() -> None:
+    # Latencies of 0 (a clock that did not move during the calls) once gave a delay of
+    # 0: every watched attempt got a duplicate the moment it was sent.
+    assert hedge_delay([0.0] * 64) == HEDGE_MIN_DELAY
+    assert hedge_delay([0.001] * 64) == HEDGE_MIN_DELAY
 
 
 def test_hedges_stay_under_their_share_of_the_calls() -> None:
