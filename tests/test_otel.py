@@ -355,3 +355,12 @@ async def test_batch_mode_submission_and_polls_are_spans_and_items_link_to_their
         assert [link.context.span_id for link in chat.links] == [submit.context.span_id]
     [run] = telemetry.spans("fanflow.map")
     assert submit.context.trace_id == run.context.trace_id
+
+
+def test_without_the_extra_the_import_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "try:\n    import fanflow.otel\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'fanflow[otel]'" in out.stdout

@@ -27,10 +27,16 @@ from contextvars import ContextVar
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
-from opentelemetry import metrics, trace
-from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
-from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TracerProvider
+try:
+    from opentelemetry import metrics, trace
+    from opentelemetry.context import Context
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TracerProvider
+except ImportError:  # the extra is not installed: say how to install it
+    raise ImportError(
+        "fanflow.otel needs the OpenTelemetry API: pip install 'fanflow[otel]' (and your "
+        "application's OpenTelemetry SDK and exporter)"
+    ) from None
 
 from ._events import INSTALLED, CallEnded, CallStarted, Event, endpoint_of
 from ._exceptions import FanflowError, Overloaded, ProviderError, RateLimited
