@@ -258,6 +258,18 @@ class _Counters:
         self.prompt_completed: dict[str, int] = {}
 
 
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """What an admitted chat request is answered with."""
+
+    api: Api
+    sim: SimRequest
+    done: Completion
+    ident: str
+    fault: FaultKind | None
+    headers: list[tuple[str, str]]
+
+
 class SimServer:
     """An OpenAI- and Anthropic-compatible chat server on loopback, for tests.
 
@@ -705,40 +717,17 @@ class SimServer:
         return None if sent == self._api_key else sent
 
     async def _chat(self, api: Api, request: web.BaseRequest) -> web.StreamResponse:
+        """One chat request: checked, limited, faulted, then answered after its latency."""
         loop = self._loop
         assert loop is not None
         now = loop.time()
         row = self._second(now)
         row[0] += 1
-        body = await request.read()
-        wrong_key = self._authorised(api, request)
-        if wrong_key is not None:
-            return self._unauthorised(api, wrong_key)
-        if api == "anthropic" and "anthropic-version" not in request.headers:
-            return self._error(api, 400, "anthropic-version: header is required")
-        index = self._c.requests - 1
-        try:
-            sim = parse_request(api, body, index, now)
-        except WireError as exc:
-            return self._error(api, exc.status, exc.message)
-        if self.keep_requests:
-            self.requests.append(sim)
-            counts = self._c.prompt_requests
-            counts[sim.prompt] = counts.get(sim.prompt, 0) + 1
-        if self.models is not None and sim.model not in self.models:
-            return self._error(
-                api, 404, f"The model `{sim.model}` does not exist or you do not have access."
-            )
+        sim = await self._read(api, request, now)
+        if not isinstance(sim, SimRequest):
+            return sim  # refused before any limit: a wrong key, a bad body, no such model
         done = complete(sim, self._reply(sim))
-        late = 0.0
-        if self.connect_delay and id(request.protocol) not in self._connections:
-            self._connections[id(request.protocol)] = request.protocol
-            late = self.connect_delay
-        if self.arrival_jitter:
-            late += self._arrival_rng.uniform(0.0, self.arrival_jitter)
-        if late:
-            await asyncio.sleep(late)
-            now = loop.time()
+        now = await self._arrive(request, now)
         # ---- limits: in flight, then requests, then tokens (nothing charged on a 429)
         limited = self._limit(api, sim, done.input_tokens + done.output_tokens, now)
         if limited is not None:
@@ -760,44 +749,99 @@ class SimServer:
         delay = self.latency + (self._rng.uniform(0.0, self.jitter) if self.jitter else 0.0)
         if self._cache is not None:
             done = self._cached(sim, done, now, now + delay)
-        ident = f"sim{next(self._ids)}"
+        reply = _Reply(api, sim, done, f"sim{next(self._ids)}", fault, headers)
         if sim.stream:
-            make = openai_chunks if api == "openai" else anthropic_chunks
-            chunks, first = make(sim, done, ident)
-            if fault == "slow_stream":
-                gaps = [0.0] + [self.slow_delay] * (len(chunks) - 1)
-            else:  # each word takes per_token: the first arrives at latency + per_token
-                words = range(first, first + done.output_tokens)
-                gaps = [self.per_token if i in words else 0.0 for i in range(len(chunks))]
-            if fault == "malformed":  # an event whose data is not JSON
-                chunks[first] = b'data: {"choices": [{"delta": \n\n'
-            if delay > 0:
-                await asyncio.sleep(delay)
-            streamed = await self._stream(request, chunks, gaps, headers, "text/event-stream")
-            if not isinstance(streamed, _Gone):
-                self._completed(sim)
-            return streamed
+            return await self._answer_stream(request, reply, delay)
+        return await self._answer(request, reply, delay)
+
+    async def _read(
+        self, api: Api, request: web.BaseRequest, now: float
+    ) -> SimRequest | web.StreamResponse:
+        """The request parsed, or the error answer to a wrong key, a bad body or an
+        unknown model."""
+        body = await request.read()
+        wrong_key = self._authorised(api, request)
+        if wrong_key is not None:
+            return self._unauthorised(api, wrong_key)
+        if api == "anthropic" and "anthropic-version" not in request.headers:
+            return self._error(api, 400, "anthropic-version: header is required")
+        index = self._c.requests - 1
+        try:
+            sim = parse_request(api, body, index, now)
+        except WireError as exc:
+            return self._error(api, exc.status, exc.message)
+        if self.keep_requests:
+            self.requests.append(sim)
+            counts = self._c.prompt_requests
+            counts[sim.prompt] = counts.get(sim.prompt, 0) + 1
+        if self.models is not None and sim.model not in self.models:
+            return self._error(
+                api, 404, f"The model `{sim.model}` does not exist or you do not have access."
+            )
+        return sim
+
+    async def _arrive(self, request: web.BaseRequest, now: float) -> float:
+        """Wait for a new connection's set-up and the arrival jitter; the time after."""
+        late = 0.0
+        if self.connect_delay and id(request.protocol) not in self._connections:
+            self._connections[id(request.protocol)] = request.protocol
+            late = self.connect_delay
+        if self.arrival_jitter:
+            late += self._arrival_rng.uniform(0.0, self.arrival_jitter)
+        if not late:
+            return now
+        await asyncio.sleep(late)
+        assert self._loop is not None
+        return self._loop.time()
+
+    async def _answer_stream(
+        self, request: web.BaseRequest, reply: _Reply, delay: float
+    ) -> web.StreamResponse:
+        """A streamed answer: the first event after ``delay``, then one word per token."""
+        sim, done, fault = reply.sim, reply.done, reply.fault
+        make = openai_chunks if reply.api == "openai" else anthropic_chunks
+        chunks, first = make(sim, done, reply.ident)
+        if fault == "slow_stream":
+            gaps = [0.0] + [self.slow_delay] * (len(chunks) - 1)
+        else:  # each word takes per_token: the first arrives at latency + per_token
+            words = range(first, first + done.output_tokens)
+            gaps = [self.per_token if i in words else 0.0 for i in range(len(chunks))]
+        if fault == "malformed":  # an event whose data is not JSON
+            chunks[first] = b'data: {"choices": [{"delta": \n\n'
+        if delay > 0:
+            await asyncio.sleep(delay)
+        streamed = await self._stream(request, chunks, gaps, reply.headers, "text/event-stream")
+        if not isinstance(streamed, _Gone):
+            self._completed(sim)
+        return streamed
+
+    async def _answer(
+        self, request: web.BaseRequest, reply: _Reply, delay: float
+    ) -> web.StreamResponse:
+        """A whole JSON answer after ``delay`` and the reply's tokens."""
+        sim, done, fault = reply.sim, reply.done, reply.fault
         prompt_part = delay  # the rest is the reply's tokens
         delay += self.per_token * done.output_tokens
         if delay > 0:
             await asyncio.sleep(delay)
-        if api == "openai":  # its time on the call, as llama.cpp's server says it
-            payload = openai_body(sim, done, ident, (prompt_part, delay - prompt_part))
+        if reply.api == "openai":  # its time on the call, as llama.cpp's server says it
+            payload = openai_body(sim, done, reply.ident, (prompt_part, delay - prompt_part))
         else:
-            payload = anthropic_body(sim, done, ident)
+            payload = anthropic_body(sim, done, reply.ident)
         if fault == "slow_stream":
             step = max(1, len(payload) // 8)
             parts = [payload[i : i + step] for i in range(0, len(payload), step)]
             gaps = [0.0] + [self.slow_delay] * (len(parts) - 1)
-            streamed = await self._stream(request, parts, gaps, headers, "application/json")
+            streamed = await self._stream(request, parts, gaps, reply.headers, "application/json")
             if not isinstance(streamed, _Gone):
                 self._completed(sim)
             return streamed
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
-        self._second(loop.time())[4] += 1
+        assert self._loop is not None
+        self._second(self._loop.time())[4] += 1
         response = web.Response(body=payload, content_type="application/json")
-        for k, v in headers:
+        for k, v in reply.headers:
             response.headers[k] = v
         try:
             await response.prepare(request)
