@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
 from ._hedge import Hedger
 from ._log import log_pause
-from ._rate import RateBucket, Slot
+from ._rate import Credit, RateBucket, Slot
 from ._types import RateLimitState
 
 __all__ = [
@@ -530,6 +530,7 @@ class Lane:
         "_rate_limited",
         "_sent",
         "_simple",
+        "_tokens",
         "_tokens_in_flight",
         "_turn",
         "_wake",
@@ -607,6 +608,8 @@ class Lane:
             self._clock = asyncio.get_running_loop().time() - time.monotonic()
         except RuntimeError:
             self._clock = 0.0
+        # Tokens the headers say are left, for the ``tpm`` bucket (decision 0218).
+        self._tokens = Credit()
         self._tokens_in_flight = 0
         self._last_cost = 0
         # The delay-based throttle (Limits.paced): the delay now, the next send time.
@@ -830,6 +833,9 @@ class Lane:
                 for bucket, cost, kind in costs:
                     if kind == _REQUESTS and self._credit_rate:
                         t = self._credit_time(bucket, t, now)
+                    elif kind == _TOTAL and self._tokens.live:
+                        t = max(t, now + self._tokens.wait(now, cost))
+                        t = bucket.window_time(t, cost)
                     else:
                         t = bucket.send_time(t, cost)
                 if t - now <= _EPSILON:
@@ -839,6 +845,8 @@ class Lane:
             if self._credit_rate and any(kind == _REQUESTS for _, kind in self._buckets):
                 self._credit = self._credit_now(now) - 1.0
                 self._credit_at = now
+            if self._tokens.live:
+                self._tokens.take(now, input + output)
             if now < self._hint_until:
                 self._hint_next = now + self._hint_interval
             if self.pacing is not None:
@@ -929,10 +937,10 @@ class Lane:
             if kind != _REQUESTS:
                 cost = _cost(kind, input, output)
                 if refund or cost > slot.cost:
+                    if kind == _TOTAL and self._tokens.live:
+                        self._tokens.give(slot.cost - cost)
                     bucket.settle(slot, cost)
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)  # tokens came back: the head of the queue may go sooner
+        self._wake_head()  # tokens came back: the head of the queue may go sooner
 
     # -- reactions ------------------------------------------------------------------
 
@@ -1080,6 +1088,8 @@ class Lane:
             left -= pending
             if what == "requests":
                 self._steer_by_credit(left, rate, limit, now, start)
+            elif self._steer_tokens(left, rate, limit, now, start):
+                continue  # the token credit holds and spaces them (decision 0218)
             if left < cost:
                 wait = reset if rate is None else min(reset, (cost - left) / rate)
                 self._hold(now + wait)
@@ -1124,9 +1134,27 @@ class Lane:
         if limit:
             self._credit_cap = float(limit)
         self._simple = False
+        self._wake_head()
+
+    def _wake_head(self) -> None:
+        """Wake the head of the queue (asleep in :meth:`_sleep_or_wake`) to look again:
+        tokens came back, or new headers changed a credit."""
         wake = self._wake
         if wake is not None and not wake.done():
-            wake.set_result(None)  # the head of the queue looks again
+            wake.set_result(None)
+
+    def _steer_tokens(
+        self, left: float, rate: float | None, limit: int | None, now: float, start: float
+    ) -> bool:
+        """Tokens left at the server become the credit the ``tpm`` bucket's turn takes
+        from, as :meth:`_steer_by_credit` does for requests (decision 0218). Returns
+        whether the credit is live (then it, not a hold, waits for the refill)."""
+        if self._admission is not None or not any(k == _TOTAL for _, k in self._buckets):
+            return False  # no tpm bucket of this lane's own to give way to
+        if self._tokens.observe(left, rate, limit, now, start):
+            self._simple = False
+            self._wake_head()
+        return self._tokens.live
 
     def inherit(self, other: Lane) -> None:
         """Start from what ``other`` (this handle's lane on an earlier event loop) learnt

@@ -29,9 +29,10 @@ settled later against the cost the server reported (see :meth:`RateBucket.settle
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
-__all__ = ["RateBucket", "Slot", "gcra_send_time"]
+__all__ = ["Credit", "RateBucket", "Slot", "gcra_send_time"]
 
 # A slot leaves the window this long after ``period``: clocks and timers are not exact to
 # the last bit (a timer may fire a hair early), and a window edge must never be shared.
@@ -194,3 +195,65 @@ class RateBucket:
     def fits(self, cost: float) -> bool:
         """Whether one request of ``cost`` units can ever be admitted."""
         return cost <= self.limit
+
+
+class Credit:
+    """Units a server's rate-limit headers say are left (decision 0218): the amount at
+    the last reading, refilling at the server's rate up to its limit, less what was sent
+    since. While it is live (a refill rate known), it decides a send's turn in place of
+    a bucket's margin and burst, which are for a limiter fanflow cannot see.
+    """
+
+    __slots__ = ("amount", "at", "cap", "rate", "since")
+
+    def __init__(self) -> None:
+        self.amount = math.inf
+        self.at = 0.0  # when ``amount`` was counted
+        self.rate = 0.0  # units per second; 0 until a reading gives one
+        self.cap = math.inf
+        self.since = -math.inf  # when the attempt whose reply set it was sent
+
+    def __repr__(self) -> str:
+        return f"Credit({self.amount:g} at {self.at:g}, +{self.rate:g}/s, cap {self.cap:g})"
+
+    @property
+    def live(self) -> bool:
+        return self.rate > 0
+
+    def left(self, now: float) -> float:
+        """The credit at ``now``: as last set, plus the refill since, at most the cap."""
+        return min(self.cap, self.amount + self.rate * (now - self.at))
+
+    def wait(self, now: float, cost: float) -> float:
+        """Seconds from ``now`` until the credit holds ``cost`` (0: it does now)."""
+        return max(0.0, (cost - self.left(now)) / self.rate)
+
+    def take(self, now: float, cost: float) -> None:
+        """``cost`` units sent at ``now``."""
+        self.amount = self.left(now) - cost
+        self.at = now
+
+    def give(self, units: float) -> None:
+        """A send used ``units`` fewer than it took (negative: more)."""
+        self.amount += units
+
+    def observe(
+        self, left: float, rate: float | None, limit: float | None, now: float, start: float
+    ) -> bool:
+        """A reading of the headers: ``left`` units at ``now`` (the server's remaining
+        plus its refill since, less what was sent since), refilling at ``rate``, from
+        the reply to an attempt sent at ``start``. Returns whether it set the credit."""
+        if rate:
+            self.rate = rate
+        if not self.rate or start < self.since:
+            # no refill rate known yet; or an older reading: the sends after it that
+            # are already done are in neither its remaining nor what was sent since
+            return False
+        if start == self.since:  # sent together: the lowest reading is the latest
+            left = min(left, self.left(now))
+        self.amount = left
+        self.at = now
+        self.since = start
+        if limit:
+            self.cap = float(limit)
+        return True

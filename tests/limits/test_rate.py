@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fanflow._rate import RateBucket, gcra_send_time
+from fanflow._rate import Credit, RateBucket, gcra_send_time
 
 
 def schedule(bucket: RateBucket, arrivals: list[tuple[float, float]]) -> list[float]:
@@ -117,3 +117,33 @@ def test_no_window_exceeds_its_limit(
         for tj, _ in sent[i:]:
             between = sum(c for t, c in sent if ti - eps <= t <= tj + eps)
             assert between <= max(capacity, 50) + rate * (tj - ti) + eps
+
+
+# -- the headers' credit (decision 0218) ---------------------------------------------
+
+
+def test_a_credit_refills_at_the_server_rate_up_to_its_limit() -> None:
+    credit = Credit()
+    assert not credit.live
+    assert credit.observe(left=70.0, rate=700.0, limit=700, now=1.0, start=0.9)
+    assert credit.wait(1.0, 7) == 0.0
+    credit.take(1.0, 140)  # two tokens' worth more than left: 70 short
+    assert credit.wait(1.0, 7) == pytest.approx(77 / 700)
+    credit.give(70)  # the sends used 70 fewer than they took
+    assert credit.left(1.0) == pytest.approx(0.0)
+    assert credit.left(100.0) == 700.0  # full, never more
+
+
+def test_an_older_reading_does_not_set_the_credit_and_one_sent_together_lowers_it() -> None:
+    credit = Credit()
+    credit.observe(left=100.0, rate=10.0, limit=1000, now=2.0, start=1.0)
+    assert not credit.observe(left=900.0, rate=10.0, limit=1000, now=2.0, start=0.5)
+    assert credit.left(2.0) == 100.0
+    assert credit.observe(left=300.0, rate=10.0, limit=1000, now=2.0, start=1.0)
+    assert credit.left(2.0) == 100.0  # the lower of two replies to sends at once
+
+
+def test_no_refill_rate_known_keeps_the_credit_off() -> None:
+    credit = Credit()
+    assert not credit.observe(left=5.0, rate=None, limit=None, now=0.0, start=0.0)
+    assert not credit.live
