@@ -3,7 +3,8 @@
 ``Response`` and the errors have no batch fields of their own: a batched answer carries a
 :class:`fanflow.backends.BatchInfo` in ``Response.extra``, a batched failure in
 ``ProviderError.extra`` (given to its constructor or to a copy, never set afterwards), and
-the summary's batch counts are derived from them.
+the summary's batch counts are derived from them. A Pool's model steps get their batching
+handle as an argument, not from a context variable.
 """
 
 from __future__ import annotations
@@ -54,3 +55,21 @@ async def test_a_batched_answer_and_a_batched_failure_carry_batch_info() -> None
     assert batch_info(broke.error.extra) == BatchInfo(info.batch_id)
     assert broke.batch_id == info.batch_id
     assert (result.summary.batched, result.summary.saved) == (1, info.saved)
+
+
+async def test_a_skill_calls_the_handle_its_pool_passes_it() -> None:
+    """A Pool with mode="batch" gives its steps their batching handle explicitly
+    (``handle_for``); without one a skill calls its own handle."""
+    own = fanflow.function(lambda request: "own")
+    other = fanflow.function(lambda request: "other")
+    skill = fanflow.Skill(own, "say {x}")
+    swapped = await skill.execute(
+        {"x": 1},
+        index=None,
+        label=None,
+        hooks=(),
+        handle_for=lambda llm: other if llm is own else llm,
+    )
+    assert swapped.value == "other"
+    plain = await skill.execute({"x": 1}, index=None, label=None, hooks=())
+    assert plain.value == "own"
