@@ -44,6 +44,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow": "interfaces",
     "fanflow.__main__": "interfaces",
     "fanflow._types": "core",
+    "fanflow._batchinfo": "core",
     "fanflow._exceptions": "core",
     "fanflow._util": "core",
     "fanflow._version": "core",

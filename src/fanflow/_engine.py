@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
+from ._batchinfo import batch_info
 from ._breaker import Breaker
 from ._budget import Budget, as_budget
 from ._events import (
@@ -306,7 +307,7 @@ class _Call(Generic[T]):
         if usage is not None and usage.total_tokens > 0:
             model = response.model if response is not None and response.model else None
             try:
-                batch = response is not None and response.batch_id is not None
+                batch = response is not None and batch_info(response.extra) is not None
                 actual = budget.amount(
                     model or self.request.model,
                     usage.input_tokens,
@@ -785,7 +786,7 @@ class _Call(Generic[T]):
         price = price_of(response.model or self.request.model, self.opts.prices)
         if price is None:
             return None if response.cost is None else Cost(response.cost)
-        cost = priced(usage, price, batch=response.batch_id is not None)
+        cost = priced(usage, price, batch=batch_info(response.extra) is not None)
         if response.cost is not None:
             return Cost(response.cost, cost.cache_saved, cost.estimated)
         return cost

@@ -42,7 +42,10 @@ Messages say what happened, to which item, and what to do.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from ._batchinfo import batch_extra
 
 if TYPE_CHECKING:
     from ._types import RateLimitState
@@ -98,9 +101,10 @@ class FanflowError(Exception):
         return (_rebuild_error, (type(self), self.args, self.__dict__))
 
 
-def _rebuild_error(
-    cls: type[FanflowError], args: tuple[Any, ...], state: dict[str, Any]
-) -> FanflowError:
+_E = TypeVar("_E", bound="FanflowError")
+
+
+def _rebuild_error(cls: type[_E], args: tuple[Any, ...], state: dict[str, Any]) -> _E:
     error = cls.__new__(cls)
     Exception.__init__(error, *args)
     error.__dict__.update(state)
@@ -117,6 +121,8 @@ class ProviderError(FanflowError):
         message: what happened and what to do (never contains secrets).
         status_code: the HTTP status, when there was one.
         retry_after: seconds the server asked us to wait, when it said.
+        extra: what a backend adds, by key (the batch backend's
+            :class:`fanflow.backends.BatchInfo`: the batch that answered with this error).
 
     Attributes:
         rate_limit: the rate-limit headers of the failed HTTP response, when it had any
@@ -125,6 +131,7 @@ class ProviderError(FanflowError):
 
     retryable: bool = False
     rate_limit: RateLimitState | None = None
+    extra: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(
         self,
@@ -132,11 +139,19 @@ class ProviderError(FanflowError):
         *,
         status_code: int | None = None,
         retry_after: float | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.retry_after = retry_after
+        if extra is not None:
+            self.extra = dict(extra)
+
+    def with_extra(self, extra: Mapping[str, Any]) -> Self:
+        """A copy of this error with ``extra`` added to its own (this one is unchanged)."""
+        state = {**self.__dict__, "extra": {**self.extra, **extra}}
+        return _rebuild_error(type(self), self.args, state)
 
 
 class BatchIncomplete(ProviderError):
@@ -154,7 +169,8 @@ class BatchIncomplete(ProviderError):
         status_code: int | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, status_code=status_code, retry_after=retry_after)
+        extra = batch_extra(batch_id) if batch_id is not None else None
+        super().__init__(message, status_code=status_code, retry_after=retry_after, extra=extra)
         self.batch_id = batch_id
 
 

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import IO, Any, ParamSpec, TypeVar
 
+from ._batchinfo import batch_info
 from ._events import AMBIENT_HOOKS, AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event
 from ._exceptions import RateLimited
 from ._types import CallRecord, Status, add_work, speedup_of
@@ -170,10 +171,11 @@ class Tracker:
                 self._cost = (self._cost or 0.0) + record.cost
                 self._cache(record)
             response = record.response
-            if response is not None and response.batch_id is not None and not record.cached:
+            batch = batch_info(response.extra) if response is not None else None
+            if batch is not None and not record.cached:
                 counts["batched"] += 1
-                if response.saved is not None:
-                    self._saved = (self._saved or 0.0) + response.saved
+                if batch.saved is not None:
+                    self._saved = (self._saved or 0.0) + batch.saved
             self._busy = add_work(self._busy, record.busy_time)  # queueing is not work
             self._routed(record)
 

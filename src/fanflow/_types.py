@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from ._batchinfo import batch_info
+from ._exceptions import ProviderError
 from ._repr import money, render, seconds, short
 
 __all__ = [
@@ -268,9 +270,9 @@ class Deployment:
 class Response:
     """What a model returned for one request.
 
-    ``batch_id`` names the provider batch that answered it (None: a real-time call);
-    ``saved`` is what the batch price saved against the real-time price, in dollars
-    (None: not batched, or the price is unknown). ``deployment`` names the router's
+    ``extra`` holds what a backend adds, by key (the batch backend's
+    :class:`fanflow.backends.BatchInfo`; read it with :func:`fanflow.backends.batch_info`);
+    it is not compared. ``deployment`` names the router's
     deployment (or cascade's tier) that answered (None: not routed). ``service_time``
     is the seconds the model spent producing it, measured where the work was done (a
     local worker's generation, the time a server reports in its reply); None when it
@@ -287,8 +289,7 @@ class Response:
     time_to_first_token: float | None = None
     raw: Any = field(default=None, repr=False, compare=False)
     rate_limit: RateLimitState | None = field(default=None, repr=False, compare=False)
-    batch_id: str | None = None
-    saved: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
     deployment: Deployment | None = None
     service_time: float | None = None
 
@@ -438,9 +439,10 @@ class CallRecord(Generic[T]):
     @property
     def batch_id(self) -> str | None:
         """The provider batch that answered this call, or that it was last sent in."""
-        if self.response is not None and self.response.batch_id is not None:
-            return self.response.batch_id
-        return getattr(self.error, "batch_id", None)
+        info = batch_info(self.response.extra) if self.response is not None else None
+        if info is None and isinstance(self.error, ProviderError):
+            info = batch_info(self.error.extra)
+        return info.batch_id if info is not None else None
 
     @property
     def ok(self) -> bool:
@@ -652,11 +654,11 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
             answered_by[deployment.name] = answered_by.get(deployment.name, 0) + 1
         if r.cascade_saved is not None:
             cascade_saved = (cascade_saved or 0.0) + r.cascade_saved
-        response = r.response
-        if response is not None and response.batch_id is not None:
+        batch = batch_info(r.response.extra) if r.response is not None else None
+        if batch is not None:
             batched += 1
-            if response.saved is not None:
-                saved = (saved or 0.0) + response.saved
+            if batch.saved is not None:
+                saved = (saved or 0.0) + batch.saved
         elif r.attempts and not r.cached:
             realtime += 1
         counts[r.status] += 1

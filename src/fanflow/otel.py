@@ -38,6 +38,7 @@ except ImportError:  # the extra is not installed: say how to install it
         "application's OpenTelemetry SDK and exporter)"
     ) from None
 
+from ._batchinfo import batch_info
 from ._events import INSTALLED, CallEnded, CallStarted, Event, endpoint_of
 from ._exceptions import FanflowError, Overloaded, ProviderError, RateLimited
 from ._types import Attempt, CallRecord, Request, Status
@@ -224,8 +225,9 @@ class Instrumentation:
         model = request.model
         links = None
         response = record.response
-        if response is not None and response.batch_id is not None:
-            batch = self._batches.get(response.batch_id)
+        info = batch_info(response.extra) if response is not None else None
+        if info is not None:
+            batch = self._batches.get(info.batch_id)
             links = [Link(batch)] if batch is not None else None
         span = self._tracer.start_span(
             f"chat {model}" if model else "chat",
@@ -278,8 +280,9 @@ class Instrumentation:
                 out["gen_ai.usage.input_tokens"] = usage.input_tokens
                 out["gen_ai.usage.output_tokens"] = usage.output_tokens
             out.update(_raw_attributes(response.raw))
-            if response.batch_id is not None:
-                out["fanflow.batch.id"] = response.batch_id
+            info = batch_info(response.extra)
+            if info is not None:
+                out["fanflow.batch.id"] = info.batch_id
         if self.capture_content:
             out.update(_content(request, response.text if response is not None else None))
         return out

@@ -14,7 +14,7 @@ import pytest
 
 import fanflow
 from fanflow import ConfigError, Status
-from fanflow.backends import BatchOptions
+from fanflow.backends import BatchOptions, batch_info
 from fanflow.errors import BatchIncomplete
 from fanflow.testing import ScriptedLLM, SimBatches, SimServer
 
@@ -50,7 +50,9 @@ async def test_batch_mode_answers_in_input_order_at_the_batch_price(api: str) ->
     full = price.cost(r0.usage.input_tokens, r0.usage.output_tokens)
     assert r0.cost == pytest.approx(full / 2)
     assert r0.response is not None
-    assert r0.response.saved == pytest.approx(full / 2)
+    info = batch_info(r0.response.extra)
+    assert info is not None
+    assert info.saved == pytest.approx(full / 2)
     summary = result.summary
     assert (summary.batched, summary.realtime) == (20, 0)
     assert summary.saved == pytest.approx(summary.cost)
@@ -461,7 +463,7 @@ async def test_after_an_auto_switch_calls_are_priced_as_real_time() -> None:
         await llm.aclose()
         stats = server.stats()
     assert response.text == "echo: x"
-    assert response.batch_id is None
+    assert batch_info(response.extra) is None
     assert (stats.requests, stats.batches) == (1, 0)
 
 

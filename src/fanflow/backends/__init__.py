@@ -16,6 +16,7 @@ store protocols; nothing here imports ``fanflow.patterns``.
 
 from __future__ import annotations
 
+from .._batchinfo import BatchInfo, batch_info
 from ._base import Backend, BatchRun, MapSpec, PoolSpec
 from ._batch import BatchOptions
 from ._batchrun import BatchBackend
@@ -25,10 +26,12 @@ from ._local import LocalBackend
 __all__ = [
     "Backend",
     "BatchBackend",
+    "BatchInfo",
     "BatchOptions",
     "BatchRun",
     "LocalBackend",
     "MapSpec",
     "PoolSpec",
     "RayBackend",
+    "batch_info",
 ]

@@ -59,12 +59,23 @@ from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import JobStore
 
-__all__ = ["Backend", "BatchRun", "Deliver", "FirstCheck", "Items", "MapSpec", "PoolSpec"]
+__all__ = [
+    "Backend",
+    "BatchRun",
+    "Deliver",
+    "FirstCheck",
+    "HandleFor",
+    "Items",
+    "MapSpec",
+    "PoolSpec",
+]
 
 Items: TypeAlias = Iterable[Any] | AsyncIterable[Any]
 
 # Where a backend hands each finished record; await what it returns (back-pressure).
 Deliver: TypeAlias = Callable[[CallRecord[Any]], Awaitable[None] | None]
+#: What a pool's model step calls, given its own handle.
+HandleFor: TypeAlias = Callable[[LLM], LLM]
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,8 @@ class PoolSpec:
             calls are then served from the store whatever ``cache`` says).
         budget: one spending cap for the whole run.
         prices: model prices beyond the built-in table.
+        handle_for: the handle a model step calls in place of its own (a Pool with
+            ``mode="batch"``: the batching handle); None: its own.
         shared: call options every skill without its own takes (timeout, retry,
             hedge_after, one deadline for the whole run). Ray sends them to its
             workers (the deadline as wall-clock time); ``max_flows`` bounds the calls
@@ -165,6 +178,7 @@ class PoolSpec:
     budget: Budget | None = None
     prices: Mapping[str, Price] | None = None
     shared: CallOptions | None = None
+    handle_for: HandleFor | None = None
 
 
 @runtime_checkable

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
+from .._batchinfo import batch_extra
 from .._events import observing
 from .._exceptions import (
     BadRequest,
@@ -587,17 +588,18 @@ class BatchQueue:
         # Answers are committed before they are handed out (promise 5).
         await self.journal.settle_batch(batch_id, state.status, answered, unanswered)
 
+        named = batch_extra(batch_id)  # a line's error names the batch it came from
+
         def line_for(key: str) -> BatchLine:
             line = by_key.get(key)
             if line is not None:
-                if line.error is not None:
-                    line.error.batch_id = batch_id  # type: ignore[attr-defined]
-                return replace(line, batch_id=batch_id)
+                error = line.error.with_extra(named) if line.error is not None else None
+                return replace(line, error=error, batch_id=batch_id)
             if state.failed_reason is not None:
                 error = BadRequest(
-                    f"{self.api.provider}: batch {batch_id} failed: {state.failed_reason}"
+                    f"{self.api.provider}: batch {batch_id} failed: {state.failed_reason}",
+                    extra=named,
                 )
-                error.batch_id = batch_id  # type: ignore[attr-defined]
                 return BatchLine(key, "errored", error=error, batch_id=batch_id)
             kind: Literal["expired", "canceled"] = (
                 "expired" if state.status == "expired" else "canceled"

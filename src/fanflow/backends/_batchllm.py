@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .._batchinfo import BATCH, BatchInfo, batch_info
 from .._durable import cache_identity, cache_key
 from .._exceptions import BatchIncomplete
 from .._limits import Limits
@@ -104,8 +105,7 @@ class BatchLLM(BaseLLM):
             latency=response.latency,
             cost=cost,
             raw=response.raw,
-            batch_id=response.batch_id,
-            saved=full - cost,
+            extra=_saved(response, full - cost),
         )
 
     async def _realtime(self, request: Request) -> Response:
@@ -138,6 +138,14 @@ class BatchLLM(BaseLLM):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _saved(response: Response, saved: float) -> dict[str, Any]:
+    """The extension of a batched response, with what its batch price saved added."""
+    info = batch_info(response.extra)
+    if info is None:
+        return dict(response.extra)
+    return {**response.extra, BATCH: BatchInfo(info.batch_id, saved)}
 
 
 def realtime_reserve(llm: BaseLLM, n: int, options: BatchOptions, tokens: int = 0) -> float:

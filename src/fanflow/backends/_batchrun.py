@@ -5,7 +5,7 @@ the local backend's batch over a :class:`~fanflow.backends._batch.BatchLLM` that
 the caller's handle, inside the life of one :class:`BatchQueue` (and, for ``auto``, a
 watcher that moves what is left to real time before the deadline). Nothing else of the
 pattern changes: records, order, stores and sinks are the real-time ones. A Pool's model
-steps reach their batching handle through a context variable (:func:`swapped`).
+steps are given their batching handle in ``PoolSpec.handle_for``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +22,7 @@ from .._exceptions import ConfigError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
 from .._types import CallRecord, Status
-from ._base import BatchRun, Deliver, MapSpec, PoolSpec
+from ._base import BatchRun, Deliver, HandleFor, MapSpec, PoolSpec
 from ._batch import (
     MODES,
     BatchOptions,
@@ -35,7 +34,7 @@ from ._batch import (
 from ._batchllm import BatchLLM, realtime_reserve
 from ._local import LOCAL
 
-__all__ = ["BatchBackend", "batch_backend", "check_pool_mode", "pool_batching", "swapped"]
+__all__ = ["BatchBackend", "batch_backend", "check_pool_mode", "pool_batching"]
 
 log = logging.getLogger("fanflow")
 
@@ -94,8 +93,8 @@ class BatchBackend:
     ) -> None:
         if self.mode != "batch":
             raise ConfigError("mode='auto' is for map and as_completed; use mode='batch' in a Pool")
-        async with pool_batching(spec.store, self.options, spec.prices):
-            await LOCAL.run_pool(spec, deliver, on_step)
+        async with pool_batching(spec.store, self.options, spec.prices) as handle_for:
+            await LOCAL.run_pool(replace(spec, handle_for=handle_for), deliver, on_step)
 
 
 def batch_backend(
@@ -227,15 +226,6 @@ async def _watch(
 
 # --------------------------------------------------------------------------- Pool
 
-#: While a Pool runs with mode="batch": the batching handle for each model handle.
-_SWAP: ContextVar[Callable[[LLM], LLM] | None] = ContextVar("fanflow_batch_swap", default=None)
-
-
-def swapped(llm: LLM) -> LLM:
-    """The handle a model step calls: ``llm``, or its batching handle in a batch Pool."""
-    swap = _SWAP.get()
-    return llm if swap is None else swap(llm)
-
 
 def check_pool_mode(mode: str, llms: Iterable[LLM], backend: object) -> None:
     """Refuse a Pool's ``mode`` that cannot work, before anything runs."""
@@ -259,9 +249,10 @@ def check_pool_mode(mode: str, llms: Iterable[LLM], backend: object) -> None:
 @contextlib.asynccontextmanager
 async def pool_batching(
     store: object, options: BatchOptions | None, prices: Mapping[str, Price] | None
-) -> AsyncIterator[None]:
-    """Model steps of a Pool go through batches while the block runs: one queue per
-    handle with a batch API (steps on other handles stay real time)."""
+) -> AsyncIterator[HandleFor]:
+    """The handle each model step of a Pool calls while the block runs: a batching one
+    (one queue per handle with a batch API), or its own (steps on other handles stay
+    real time). The backend passes it to the steps in ``PoolSpec.handle_for``."""
     opts = options or BatchOptions()
     journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
     wrapped: dict[int, BatchLLM] = {}
@@ -285,11 +276,9 @@ async def pool_batching(
         )
         return made
 
-    token = _SWAP.set(swap)
     try:
-        yield
+        yield swap
     finally:
-        _SWAP.reset(token)
         for made in wrapped.values():
             await made.queue.__aexit__(None, None, None)
             if isinstance(journal, MemoryJournal):

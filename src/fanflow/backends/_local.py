@@ -368,6 +368,7 @@ class LocalBackend:
                     budget=spec.budget,
                     prices=spec.prices,
                     shared=spec.shared,
+                    handle_for=spec.handle_for,
                 )
                 await deliver(index, result)
 

@@ -44,6 +44,7 @@ from .._progress import shown
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
 from .._util import is_async_callable
+from ..backends._base import HandleFor
 from ..store import Store
 from ._common import PatternResult, now
 from ._options import Options, Resolved, fill, option_attributes, resolve
@@ -205,6 +206,7 @@ class Step:
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
         shared: CallOptions | None = None,
+        handle_for: HandleFor | None = None,
     ) -> StepRecord:
         start = now()
         args = self.arguments(context)
@@ -221,6 +223,7 @@ class Step:
                 budget=budget,
                 prices=prices,
                 shared=shared,
+                handle_for=handle_for,
             )
             status, value, error, calls = got.status, got.value, got.error, got.calls
         elif isinstance(runner, Chain | Flow):
@@ -233,6 +236,7 @@ class Step:
                 budget=budget,
                 prices=prices,
                 shared=shared,
+                handle_for=handle_for,
             )
             status, value, error, calls = sub.status, sub.output, sub.error, sub.records
         else:
@@ -326,6 +330,7 @@ class _Graph:
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
         shared: CallOptions | None = None,
+        handle_for: HandleFor | None = None,
     ) -> FlowResult:
         """Run the steps over ``inputs``.
 
@@ -371,6 +376,7 @@ class _Graph:
                 budget=cap,
                 prices=prices,
                 shared=shared,
+                handle_for=handle_for,
             )
             running[loop.create_task(step)] = i
 

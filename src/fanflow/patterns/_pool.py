@@ -29,7 +29,7 @@ from .._pricing import Price
 from .._progress import with_progress
 from .._sync import run as run_sync
 from .._types import CallRecord, Status
-from ..backends._base import Backend, PoolSpec
+from ..backends._base import Backend, HandleFor, PoolSpec
 from ..backends._batch import BatchOptions
 from ..backends._batchrun import BatchBackend, check_pool_mode
 from ..backends._config import resolve_backend
@@ -205,6 +205,7 @@ class _Single:
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
         shared: CallOptions | None = None,
+        handle_for: HandleFor | None = None,
     ) -> FlowResult:
         return await self.chain.execute(
             inputs,
@@ -216,6 +217,7 @@ class _Single:
             budget=budget,
             prices=prices,
             shared=shared,
+            handle_for=handle_for,
         )
 
 

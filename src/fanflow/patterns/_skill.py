@@ -24,7 +24,7 @@ from .._pricing import Price
 from .._progress import shown
 from .._sync import run as run_sync
 from .._types import CallRecord, Message, Request, Response, Status
-from ..backends._batchrun import swapped
+from ..backends._base import HandleFor
 from ..store import Store
 from ._common import check_model
 from ._options import Options, fill, option_attributes, resolve
@@ -195,12 +195,14 @@ class Skill:
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
         shared: CallOptions | None = None,
+        handle_for: HandleFor | None = None,
     ) -> SkillResult:
         """Run once on ``inputs`` (used by chains, flows and pools).
 
         ``store``, ``cache``, ``budget`` and ``prices`` (a pool's, chain's or flow's)
         override the skill's own when given; ``shared`` (the enclosing run's engine
-        options) gives the timing options the skill does not set.
+        options) gives the timing options the skill does not set; ``handle_for`` (a
+        Pool's with ``mode="batch"``) gives the handle to call in place of ``self.llm``.
         """
         try:
             prompt = render(self.prompt, inputs, index)
@@ -219,7 +221,7 @@ class Skill:
             own.given,
             shared,
         )
-        llm = swapped(self.llm)  # a batching handle while a Pool runs with mode="batch"
+        llm = handle_for(self.llm) if handle_for is not None else self.llm
         if llm is not self.llm:  # a batched attempt waits for its batch: no attempt timeout
             opts = replace(opts, timeout=None)
         store = store if store is not None else own.store

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
+from .._batchinfo import batch_extra
 from .._exceptions import RETRYABLE, ProtocolError, ProviderError
 from .._transport import HttpRequest
 from .._types import Request, Response, Usage
@@ -309,5 +310,5 @@ def _with_batch(response: Response, batch_id: str) -> Response:
         finish_reason=response.finish_reason,
         latency=None,
         raw=response.raw,
-        batch_id=batch_id,
+        extra={**response.extra, **batch_extra(batch_id)},
     )
