@@ -146,3 +146,19 @@ async def test_the_records_file_sinks_and_the_summary_carry_the_hour_writes() ->
     assert record_to_json(record)["cache_write_1h_input_tokens"] == 2000
     assert row_of(record, "a")["usage"]["cache_write_1h_input_tokens"] == 2000
     assert "cache_write_1h=2000" in repr(result.summary)
+
+
+def test_the_estimate_prices_a_batch_with_the_hour_cache() -> None:
+    llm = fanflow.anthropic("claude-sonnet-4-5", base_url="http://127.0.0.1:9", api_key="k")
+    system = "Follow these rules. " * 400  # ~2,000 tokens
+    items = [f"item {i}" for i in range(100)]
+    estimate = fanflow.estimate(llm, "{input}", items, system=system, max_tokens=10)
+    assert estimate.batch_cost is not None
+    assert estimate.batch_cached_cost is not None
+    tokens = estimate.cached_prefix_tokens
+    assert tokens >= 2000
+    # At half price: 99 lines read the prefix (0.1x), the first writes it for an hour (2x).
+    saved = (99 * tokens * (3.00 - 0.30) - tokens * (6.00 - 3.00)) / 2e6
+    assert estimate.batch_cached_cost == pytest.approx(estimate.batch_cost - saved)
+    short = fanflow.estimate(llm, "{input}", items, system="Be brief.", max_tokens=10)
+    assert short.batch_cached_cost is None
