@@ -120,11 +120,12 @@ class Budget:
         batch: bool = False,
         cached: float = 0,
         written: float = 0,
+        written_1h: float = 0,
     ) -> float:
         """What ``input_tokens`` + ``output_tokens`` on ``model`` cost in this budget's unit
         (``batch``: at the batch price of the provider's batch API; ``cached`` and
-        ``written``: input tokens read from and written to the prompt cache, at the
-        cache's prices when known, else as plain input).
+        ``written``: input tokens read from and written to the prompt cache, ``written_1h``
+        of them for an hour, at the cache's prices when known, else as plain input).
 
         Raises:
             BudgetExceeded: a money budget and a model with no known price.
@@ -137,9 +138,10 @@ class Budget:
                 f"the price of model {model!r} is unknown, so a budget in dollars cannot "
                 f"cover it; {UNPRICED_FIX}"
             )
-        if batch:
-            return price.batch_cost(input_tokens, output_tokens, cached=cached, written=written)
-        return price.cost(input_tokens, output_tokens, cached=cached, written=written)
+        dollars = price.cost(
+            input_tokens, output_tokens, cached=cached, written=written, written_1h=written_1h
+        )
+        return dollars * price.batch if batch else dollars
 
     async def reserve(self, amount: float, who: str, output_tokens: int | None = None) -> float:
         """Reserve ``amount`` before an attempt; wait while pending reservations may

@@ -315,6 +315,7 @@ class _Call(Generic[T]):
                     batch=batch,
                     cached=usage.cached_input_tokens,
                     written=usage.cache_write_input_tokens,
+                    written_1h=usage.cache_write_1h_input_tokens,
                 )
             except BudgetExceeded:  # the reply names a model we have no price for
                 actual = reserved

@@ -11,8 +11,10 @@ Each price carries the batch APIs' rate (``Price.batch``, 0.5 for every model in
 table: OpenAI's Batch API and Anthropic's Message Batches both charge half), and the
 prompt cache's: ``cached_input`` for tokens read from the cache, ``cache_write`` for
 tokens written to it (Anthropic's five-minute writes; OpenAI charges writes as plain
-input). A model whose cache price is unknown has its cached tokens charged at the full
-input price, an upper bound, and the cost is marked estimated (:class:`Cost`).
+input) and ``cache_write_1h`` for Anthropic's one-hour writes. A model whose cache price
+is unknown has its cached tokens charged at the full input price (an hour's writes at
+the five-minute price when only that is known), and the cost is marked estimated
+(:class:`Cost`).
 
 A model is priced only when its name is in the table exactly, or is a dated snapshot of
 a name in it (``gpt-4o-2024-08-06``, ``claude-3-5-haiku-20241022``, ``...-latest``).
@@ -49,6 +51,9 @@ class Price:
             (None: unknown).
         cache_write: dollars per million input tokens written to the prompt cache
             (None: unknown; OpenAI's writes are plain input, give ``input``).
+        cache_write_1h: dollars per million input tokens written for an hour
+            (Anthropic's ``"ttl": "1h"``, 2x input; None: unknown, charged as
+            ``cache_write``).
     """
 
     input: float
@@ -56,14 +61,15 @@ class Price:
     batch: float = 0.5
     cached_input: float | None = None
     cache_write: float | None = None
+    cache_write_1h: float | None = None
 
     def __post_init__(self) -> None:
-        numbers = (self.input, self.output, self.cached_input or 0, self.cache_write or 0)
-        if min(numbers) < 0:
+        cache = (self.cached_input, self.cache_write, self.cache_write_1h)
+        if min(self.input, self.output, *(n or 0 for n in cache)) < 0:
             raise ConfigError(
                 f"prices must be >= 0 dollars per million tokens, got input={self.input}, "
                 f"output={self.output}, cached_input={self.cached_input}, "
-                f"cache_write={self.cache_write}"
+                f"cache_write={self.cache_write}, cache_write_1h={self.cache_write_1h}"
             )
         if not 0 <= self.batch <= 1:
             raise ConfigError(
@@ -76,19 +82,29 @@ class Price:
             extra += f", cached_input={self.cached_input:g}"
         if self.cache_write is not None:
             extra += f", cache_write={self.cache_write:g}"
+        if self.cache_write_1h is not None:
+            extra += f", cache_write_1h={self.cache_write_1h:g}"
         return f"fanflow.Price(input={self.input:g}, output={self.output:g}{extra})"
 
     def cost(
-        self, input_tokens: float, output_tokens: float, *, cached: float = 0, written: float = 0
+        self,
+        input_tokens: float,
+        output_tokens: float,
+        *,
+        cached: float = 0,
+        written: float = 0,
+        written_1h: float = 0,
     ) -> float:
         """Dollars for the given token counts; ``cached`` and ``written`` are the input
-        tokens read from and written to the prompt cache (an unknown cache price counts
-        them as plain input)."""
+        tokens read from and written to the prompt cache, ``written_1h`` the part of
+        ``written`` cached for an hour (an unknown cache price counts them as plain
+        input; an unknown hour price, at the five-minute one)."""
         read = self.input if self.cached_input is None else self.cached_input
         write = self.input if self.cache_write is None else self.cache_write
+        hour = write if self.cache_write_1h is None else self.cache_write_1h
         plain = input_tokens - cached - written
-        dollars = plain * self.input + cached * read + written * write
-        return (dollars + output_tokens * self.output) / 1_000_000
+        cache = cached * read + (written - written_1h) * write + written_1h * hour
+        return (plain * self.input + cache + output_tokens * self.output) / 1_000_000
 
     def batch_cost(
         self, input_tokens: float, output_tokens: float, *, cached: float = 0, written: float = 0
@@ -99,7 +115,9 @@ class Price:
     def knows(self, usage: Usage) -> bool:
         """Whether every token of ``usage`` has a known price (its cache tokens too)."""
         read_known = self.cached_input is not None or not usage.cached_input_tokens
-        return read_known and (self.cache_write is not None or not usage.cache_write_input_tokens)
+        write_known = self.cache_write is not None or not usage.cache_write_input_tokens
+        hour_known = self.cache_write_1h is not None or not usage.cache_write_1h_input_tokens
+        return read_known and write_known and hour_known
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +134,13 @@ class Cost:
 def priced(usage: Usage, price: Price, *, batch: bool = False) -> Cost:
     """The :class:`Cost` of ``usage`` at ``price`` (``batch``: through a batch API)."""
     share = price.batch if batch else 1.0
-    cached, written = usage.cached_input_tokens, usage.cache_write_input_tokens
-    dollars = price.cost(usage.input_tokens, usage.output_tokens, cached=cached, written=written)
+    dollars = price.cost(
+        usage.input_tokens,
+        usage.output_tokens,
+        cached=usage.cached_input_tokens,
+        written=usage.cache_write_input_tokens,
+        written_1h=usage.cache_write_1h_input_tokens,
+    )
     uncached = price.cost(usage.input_tokens, usage.output_tokens)
     return Cost(dollars * share, (uncached - dollars) * share, not price.knows(usage))
 
@@ -154,11 +177,13 @@ def load_prices(source: str | Path | None = None) -> dict[str, Price]:
                 float(entry["output"]),
                 cached_input=_optional(entry, "cached_input"),
                 cache_write=_optional(entry, "cache_write"),
+                cache_write_1h=_optional(entry, "cache_write_1h"),
             )
         except (KeyError, TypeError, ValueError):
             raise ConfigError(
                 f"{where}: the price of {model!r} must be {{ input = <number>, output = "
-                "<number> }, optionally with cached_input = and cache_write = <number> "
+                "<number> }, optionally with cached_input =, cache_write = and cache_write_1h = "
+                "<number> "
                 f"(dollars per million tokens), got {entry!r}"
             ) from None
     return out

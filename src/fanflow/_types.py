@@ -214,7 +214,9 @@ class Usage:
     ``input_tokens`` counts every prompt token, cached or not (as OpenAI's
     ``prompt_tokens`` does; Anthropic's three counts are added up). Of those,
     ``cached_input_tokens`` were read from the provider's prompt cache and
-    ``cache_write_input_tokens`` were written to it (Anthropic charges writes extra).
+    ``cache_write_input_tokens`` were written to it (Anthropic charges writes extra);
+    ``cache_write_1h_input_tokens`` of those were written for an hour (Anthropic's
+    ``"ttl": "1h"``, charged more than its 5-minute writes).
     """
 
     input_tokens: int = 0
@@ -222,6 +224,7 @@ class Usage:
     estimated: bool = False
     cached_input_tokens: int = 0
     cache_write_input_tokens: int = 0
+    cache_write_1h_input_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -234,6 +237,7 @@ class Usage:
             self.estimated or other.estimated,
             self.cached_input_tokens + other.cached_input_tokens,
             self.cache_write_input_tokens + other.cache_write_input_tokens,
+            self.cache_write_1h_input_tokens + other.cache_write_1h_input_tokens,
         )
 
 
@@ -538,6 +542,9 @@ class Summary:
         if u.cached_input_tokens or u.cache_write_input_tokens:
             yield "cached_input", u.cached_input_tokens, f"{u.cached_input_tokens}"
             yield "cache_write", u.cache_write_input_tokens, f"{u.cache_write_input_tokens}"
+        if u.cache_write_1h_input_tokens:
+            hour = u.cache_write_1h_input_tokens
+            yield "cache_write_1h", hour, f"{hour}"
         cost = None if self.cost is None else float(money(self.cost))
         mark = "~" if self.cost_estimated else ""
         yield "cost", cost, "None" if self.cost is None else mark + money(self.cost)

@@ -73,3 +73,17 @@ def test_the_cli_primes_by_default_and_takes_no_prime(run: Any, tmp_path: Path) 
     assert (primed.cache_misses, primed.cache_hits) == (1, 19)
     lines = [json.loads(x) for x in (tmp_path / "primed.jsonl").read_text().splitlines()]
     assert sum(line["cached_input_tokens"] > 0 for line in lines) == 19
+
+
+def test_the_dry_run_gives_the_batch_cost_with_the_cache(run: Any, tmp_path: Path) -> None:
+    system = "Follow these rules. " * 400  # ~2,000 tokens
+    (tmp_path / "in.txt").write_text("".join(f"item {i}\n" for i in range(20)))
+    done = run(
+        "map", "in.txt", "-p", "{input}", "--provider", "anthropic",
+        "--base-url", "http://127.0.0.1:9", "--model", "claude-sonnet-4-5",
+        "--system", system, "--max-tokens", "10", "--dry-run",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    batch = [line for line in done.stdout.splitlines() if "the first line writes" in line]
+    assert len(batch) == 1
+    assert batch[0].startswith("  with the cache about $")

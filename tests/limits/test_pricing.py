@@ -19,8 +19,14 @@ from fanflow.testing import ScriptedLLM
         ("gpt-4o-mini", Price(0.15, 0.60, cached_input=0.075)),
         ("gpt-4o-mini-2024-07-18", Price(0.15, 0.60, cached_input=0.075)),
         ("gpt-4o", Price(2.50, 10.00, cached_input=1.25)),
-        ("claude-3-5-haiku-20241022", Price(0.80, 4.00, cached_input=0.08, cache_write=1.0)),
-        ("claude-3-5-sonnet-latest", Price(3.00, 15.00, cached_input=0.3, cache_write=3.75)),
+        (
+            "claude-3-5-haiku-20241022",
+            Price(0.80, 4.00, cached_input=0.08, cache_write=1.0, cache_write_1h=1.6),
+        ),
+        (
+            "claude-3-5-sonnet-latest",
+            Price(3.00, 15.00, cached_input=0.3, cache_write=3.75, cache_write_1h=6.0),
+        ),
         ("gpt-4o-audio-preview", None),  # a different model: never guessed
         ("llama-3-8b", None),
         (None, None),
@@ -86,9 +92,15 @@ def test_dry_run_estimate() -> None:
         ("gpt-5", Price(1.25, 10.00, cached_input=0.125)),
         ("gpt-5-2025-08-07", Price(1.25, 10.00, cached_input=0.125)),
         ("gpt-5-mini", Price(0.25, 2.00, cached_input=0.025)),
-        ("claude-sonnet-4-5", Price(3.00, 15.00, cached_input=0.3, cache_write=3.75)),
-        ("claude-sonnet-4-5-20250929", Price(3.00, 15.00, 0.5, 0.3, 3.75)),
-        ("claude-haiku-4-5", Price(1.00, 5.00, cached_input=0.1, cache_write=1.25)),
+        (
+            "claude-sonnet-4-5",
+            Price(3.00, 15.00, cached_input=0.3, cache_write=3.75, cache_write_1h=6.0),
+        ),
+        ("claude-sonnet-4-5-20250929", Price(3.00, 15.00, 0.5, 0.3, 3.75, 6.0)),
+        (
+            "claude-haiku-4-5",
+            Price(1.00, 5.00, cached_input=0.1, cache_write=1.25, cache_write_1h=2.0),
+        ),
         ("gemini-2.5-flash", Price(0.30, 2.50)),
     ],
 )

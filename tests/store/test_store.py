@@ -13,6 +13,7 @@ from fanflow import Request, Response, Status, Store
 from fanflow.errors import StoreError
 from fanflow.events import CallEnded
 from fanflow.store import JobInfo
+from fanflow.store._sqlite import SCHEMA_VERSION
 from fanflow.testing import ScriptedLLM
 
 
@@ -377,4 +378,4 @@ async def test_requeues_and_the_last_note_persist_in_a_store_from_earlier_today(
         new = store.items("old")[1]
         assert (new.requeues, new.note) == (1, "waited 4 s: Retry-After")
     assert rows(path, "SELECT key, requeues FROM calls ORDER BY key") == [("k0", 0), ("k1", 1)]
-    assert rows(path, "PRAGMA user_version") == [(3,)]
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]

@@ -200,6 +200,11 @@ def describe_dry_run(
                 f"  batch cost     at most ${e.batch_cost:,.4f} with --batch "
                 f"(saves ${e.cost - e.batch_cost:,.4f}; answers within 24 h)"
             )
+        if e.batch_cost is not None and e.batch_cached_cost is not None:
+            lines.append(
+                f"  with the cache about ${e.batch_cached_cost:,.4f}: the first line writes "
+                "the prefix, the others read it (best effort in a batch)"
+            )
     bounds = []
     if rpm:
         bounds.append(e.items / rpm * 60.0)

@@ -98,6 +98,7 @@ def record_to_json(
         "output_tokens": record.usage.output_tokens,
         "cached_input_tokens": record.usage.cached_input_tokens,
         "cache_write_input_tokens": record.usage.cache_write_input_tokens,
+        "cache_write_1h_input_tokens": record.usage.cache_write_1h_input_tokens,
         "cost": record.cost,
         "cache_saved": record.cache_saved,
         "cost_estimated": record.cost_estimated,

@@ -33,6 +33,10 @@ class EstimateResult:
     real-time cost when the prefix the items share is read from the provider's prompt
     cache, as a primed map reads it (``cached_prefix_tokens`` per call after the first;
     on Anthropic the first writes it); None when nothing can be cached.
+    ``batch_cached_cost`` is ``batch_cost`` with the same prefix read from the cache
+    after the first line, which on Anthropic writes it for an hour (fanflow's batch
+    breakpoints ask for the 1-hour cache, 2x input); a batch's cache reads are best
+    effort at the providers, so it is the lower end.
     """
 
     items: int
@@ -44,6 +48,7 @@ class EstimateResult:
     by_model: Mapping[str | None, tuple[int, float | None]] = field(default_factory=dict)
     cached_cost: float | None = None
     cached_prefix_tokens: int = 0
+    batch_cached_cost: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -125,8 +130,13 @@ def estimate(
     tokens = prefix.tokens
     written = tokens if cache_provider(llm) == "anthropic" else 0
     # The same calls with the shared prefix read from the cache (and written once).
-    saved = (n - 1) * (price.cost(tokens, 0) - price.cost(tokens, 0, cached=tokens))
-    saved += price.cost(tokens, 0) - price.cost(tokens, 0, written=written)
+    whole = price.cost(tokens, 0)
+    reads = (n - 1) * (whole - price.cost(tokens, 0, cached=tokens))
+    saved = reads + whole - price.cost(tokens, 0, written=written)
+    # A batch: its first line writes for an hour (fanflow's batch breakpoints), at the
+    # batch share.
+    hour = price.cost(tokens, 0, written=written, written_1h=written)
+    batch_saved = (reads + whole - hour) * price.batch
     return EstimateResult(
         n,
         input_total,
@@ -137,4 +147,5 @@ def estimate(
         by_model,
         cost - saved,
         tokens,
+        None if batch_cost is None else batch_cost - batch_saved,
     )

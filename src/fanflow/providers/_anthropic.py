@@ -213,14 +213,19 @@ def place_breakpoints(body: dict[str, Any], request: Request, ttl: str | None) -
 
 def usage_of(usage: Mapping[str, Any]) -> Usage:
     """The API's ``usage``, where ``input_tokens`` excludes the tokens read from the
-    prompt cache and those written to it: fanflow's ``input_tokens`` is all three."""
+    prompt cache and those written to it: fanflow's ``input_tokens`` is all three
+    (``cache_creation``, where sent, says how many writes were for an hour)."""
     read = usage.get("cache_read_input_tokens") or 0
     written = usage.get("cache_creation_input_tokens") or 0
+    # Newer versions split the writes by TTL; an hour's are priced apart.
+    split = usage.get("cache_creation")
+    hour = (split.get("ephemeral_1h_input_tokens") or 0) if isinstance(split, Mapping) else 0
     return Usage(
         (usage.get("input_tokens") or 0) + read + written,
         usage.get("output_tokens") or 0,
         cached_input_tokens=read,
         cache_write_input_tokens=written,
+        cache_write_1h_input_tokens=min(hour, written),
     )
 
 

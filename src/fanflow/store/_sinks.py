@@ -69,6 +69,7 @@ def row_of(record: CallRecord[Any], input_id: Any) -> dict[str, Any]:
     if u.cached_input_tokens or u.cache_write_input_tokens:  # the prompt cache was used
         usage["cached_input_tokens"] = u.cached_input_tokens
         usage["cache_write_input_tokens"] = u.cache_write_input_tokens
+        usage["cache_write_1h_input_tokens"] = u.cache_write_1h_input_tokens
     return {
         "index": record.index,
         "id": input_id,
@@ -114,7 +115,8 @@ class JsonlSink:
     Each line holds ``index``, ``id`` (the input's ``id`` field, else its index),
     ``status``, ``output``, ``error``, ``usage``, ``cost``, ``cached`` and ``key`` (the
     request's idempotency key; never a secret). ``usage`` has the prompt cache's counts
-    (``cached_input_tokens``, ``cache_write_input_tokens``) when the call used it.
+    (``cached_input_tokens``, ``cache_write_input_tokens`` and, of those,
+    ``cache_write_1h_input_tokens``) when the call used it.
 
     Args:
         path: the file. If it exists, it is resumed: a torn last line is removed, items

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,17 +38,26 @@ __all__ = ["DEFAULT_PATH", "ItemInfo", "JobInfo", "Store", "StoreStatistics"]
 
 DEFAULT_PATH = Path(".fanflow") / "store.db"
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # What each version added to a store written by the one before it; _migrate runs the
 # steps a store lacks, so a store from an earlier fanflow opens and keeps its rows.
 # 2: the batch tables (in _SCHEMA, created if missing). 3: requeued 429s and the last
-# attempt's note (Attempt.requeued/note).
+# attempt's note (Attempt.requeued/note). 4: the prompt cache's counts (Usage's
+# cached_input_tokens, cache_write_input_tokens, cache_write_1h_input_tokens).
 _ADDED_COLUMNS: dict[int, tuple[str, ...]] = {
     3: (
         "ALTER TABLE calls ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0;",
         "ALTER TABLE items ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0;",
         "ALTER TABLE items ADD COLUMN note TEXT;",
+    ),
+    4: (
+        "ALTER TABLE calls ADD COLUMN cached_input_tokens INTEGER NOT NULL DEFAULT 0;",
+        "ALTER TABLE calls ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;",
+        "ALTER TABLE calls ADD COLUMN cache_write_1h_input_tokens INTEGER NOT NULL DEFAULT 0;",
+        "ALTER TABLE items ADD COLUMN cached_input_tokens INTEGER NOT NULL DEFAULT 0;",
+        "ALTER TABLE items ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;",
+        "ALTER TABLE items ADD COLUMN cache_write_1h_input_tokens INTEGER NOT NULL DEFAULT 0;",
     ),
 }
 
@@ -68,7 +77,10 @@ CREATE TABLE IF NOT EXISTS calls (
     duration REAL,
     attempts INTEGER NOT NULL,
     created REAL NOT NULL,
-    requeues INTEGER NOT NULL DEFAULT 0
+    requeues INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_1h_input_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY,
@@ -92,6 +104,9 @@ CREATE TABLE IF NOT EXISTS items (
     updated REAL NOT NULL,
     requeues INTEGER NOT NULL DEFAULT 0,
     note TEXT,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_1h_input_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
@@ -113,16 +128,19 @@ CREATE TABLE IF NOT EXISTS batch_items (
 _INSERT_CALL = (
     "INSERT OR REPLACE INTO calls (key, model, text, response_model, finish_reason, "
     "input_tokens, output_tokens, usage_estimated, cost, latency, time_to_first_token, "
-    "duration, attempts, created, requeues) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    "duration, attempts, created, requeues, cached_input_tokens, cache_write_input_tokens, "
+    "cache_write_1h_input_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_ITEM = (
     "INSERT OR REPLACE INTO items (job, idx, input_id, key, status, error_type, error, "
-    "cached, input_tokens, output_tokens, cost, updated, requeues, note) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    "cached, input_tokens, output_tokens, cost, updated, requeues, note, cached_input_tokens, "
+    "cache_write_input_tokens, cache_write_1h_input_tokens) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _SELECT_CALL = (
     "SELECT text, response_model, finish_reason, input_tokens, output_tokens, "
-    "usage_estimated, cost, latency, time_to_first_token FROM calls WHERE key = ?"
+    "usage_estimated, cost, latency, time_to_first_token, cached_input_tokens, "
+    "cache_write_input_tokens, cache_write_1h_input_tokens FROM calls WHERE key = ?"
 )
 _UPSERT_JOB = (
     "INSERT INTO jobs (name, total, runs, created, updated) VALUES (?, ?, 1, ?, ?) "
@@ -512,10 +530,10 @@ class Store:
             self._misses += 1
             return None
         self._hits += 1
-        text, model, finish, n_in, n_out, estimated, cost, latency, ttft = rows[0]
+        text, model, finish, n_in, n_out, estimated, cost, latency, ttft, *cache = rows[0]
         return Response(
             text,
-            usage=Usage(n_in, n_out, bool(estimated)),
+            usage=_usage(n_in, n_out, bool(estimated), cache),
             model=model,
             finish_reason=finish,
             latency=latency,
@@ -554,7 +572,8 @@ class Store:
         """
         sql = (
             "SELECT idx, input_id, key, status, error_type, error, cached, input_tokens, "
-            "output_tokens, cost, updated, requeues, note FROM items WHERE job = ?"
+            "output_tokens, cost, updated, requeues, note, cached_input_tokens, "
+            "cache_write_input_tokens, cache_write_1h_input_tokens FROM items WHERE job = ?"
         )
         params: tuple[Any, ...] = (job,)
         if status is not None:
@@ -571,7 +590,7 @@ class Store:
                 error_type=r[4],
                 error=r[5],
                 cached=bool(r[6]),
-                usage=Usage(r[7], r[8]),
+                usage=_usage(r[7], r[8], False, r[13:16]),
                 cost=r[9],
                 updated=r[10],
                 requeues=r[11],
@@ -788,6 +807,7 @@ def _call_row(
         attempts,
         now,
         requeues,
+        *_cache_counts(usage),
     )
 
 
@@ -815,7 +835,30 @@ def _item_op(record: CallRecord[Any], item: ItemRef, key: str | None, now: float
             now,
             _requeues(record),
             _last_note(record),
+            *_cache_counts(record.usage),
         ),
+    )
+
+
+def _usage(n_in: int, n_out: int, estimated: bool, cache: Sequence[int]) -> Usage:
+    """A row's usage: its token counts and the prompt cache's three columns."""
+    read, written, hour = cache
+    return Usage(
+        n_in,
+        n_out,
+        estimated,
+        cached_input_tokens=read,
+        cache_write_input_tokens=written,
+        cache_write_1h_input_tokens=hour,
+    )
+
+
+def _cache_counts(usage: Usage) -> tuple[int, int, int]:
+    """The prompt cache's columns of a row."""
+    return (
+        usage.cached_input_tokens,
+        usage.cache_write_input_tokens,
+        usage.cache_write_1h_input_tokens,
     )
 
 

@@ -284,7 +284,7 @@ class BatchDesk:
             due = start + (batch.processed + 1) / n * config.time
             if due > stop:
                 break
-            self._process(batch, batch.lines[batch.processed])
+            self._process(batch, batch.lines[batch.processed], due)
             batch.processed += 1
         if batch.processed == n:
             self._end(batch, "completed", start + config.time)
@@ -293,7 +293,9 @@ class BatchDesk:
         elif expire is not None and now >= expire:
             self._end(batch, "expired", expire)
 
-    def _process(self, batch: _Batch, line: _Line) -> None:
+    def _process(self, batch: _Batch, line: _Line, at: float) -> None:
+        """Answer ``line``, processed at ``at`` (server time; its prompt cache entries
+        are readable by the lines processed after it)."""
         server = self.server
         api = batch.api
         index = self.lines_submitted  # only for SimRequest.index
@@ -318,6 +320,8 @@ class BatchDesk:
             line.result = self._line_error(batch, line, 404, message)
             return
         done = complete(sim, server._reply(sim))
+        if server._cache is not None:
+            done = server._cached(sim, done, at, at)
         server._c.tokens_in += done.input_tokens
         server._c.tokens_out += done.output_tokens
         server._completed(sim)

@@ -14,7 +14,8 @@ The two APIs' rules (``fanflow._promptcache``):
 - Anthropic caches at ``cache_control`` breakpoints (on a system block or a content
   block; at most 4): the prefix ending at a breakpoint, when at least the model's
   minimum. The longest cached breakpoint prefix is read; the prompt up to the last
-  breakpoint beyond it is written (``cache_creation_input_tokens``).
+  breakpoint beyond it is written (``cache_creation_input_tokens``; ``cache_creation``
+  splits it into the 5-minute and the 1-hour breakpoints' parts).
 """
 
 from __future__ import annotations
@@ -47,19 +48,25 @@ class SimCache:
 
 @dataclass(frozen=True, slots=True)
 class CacheUse:
-    """One request's use of the cache: tokens ``read`` and ``written``; ``cacheable``:
-    some prefix of it was long enough to cache."""
+    """One request's use of the cache: tokens ``read`` and ``written`` (``written_1h`` of
+    them at ``"ttl": "1h"`` breakpoints); ``cacheable``: some prefix of it was long
+    enough to cache."""
 
     read: int = 0
     written: int = 0
     cacheable: bool = False
+    written_1h: int = 0
 
     def applied(self, done: Completion) -> Completion:
         """``done`` with this use in its usage (never more than its prompt's tokens)."""
         read = min(self.read, done.input_tokens)
         written = min(self.written, done.input_tokens - read)
         return dataclasses.replace(
-            done, cached_tokens=read, cache_write_tokens=written, caching=True
+            done,
+            cached_tokens=read,
+            cache_write_tokens=written,
+            cache_write_1h_tokens=min(self.written_1h, written),
+            caching=True,
         )
 
 
@@ -72,8 +79,9 @@ class _Entry:
 # Expired entries are dropped once this many more have been added since the last purge.
 _PURGE_EVERY = 10_000
 
-# A breakpoint: the prompt's first `end` tokens, cached for `ttl` seconds.
-_Breakpoint = tuple[int, float]
+# A breakpoint: the prompt's first `end` tokens, cached for `ttl` seconds (an hour when
+# it says "ttl": "1h", the third item).
+_Breakpoint = tuple[int, float, bool]
 
 
 class PromptCache:
@@ -93,18 +101,18 @@ class PromptCache:
         minimum = self.config.min_tokens or minimum_tokens(sim.api, sim.model)
         if sim.api == "openai":
             ends = range(minimum, len(tokens) + 1, OPENAI_STEP)
-            breakpoints = [(end, self.config.ttl) for end in ends]
+            breakpoints = [(end, self.config.ttl, False) for end in ends]
         breakpoints = [b for b in breakpoints if b[0] >= minimum]
         if not breakpoints:
             return CacheUse()
-        keys = _keys(sim.model, tokens, [end for end, _ in breakpoints])
+        keys = _keys(sim.model, tokens, [end for end, _, _ in breakpoints])
         read = 0
-        for key, (end, ttl) in zip(keys, breakpoints, strict=True):
+        for key, (end, ttl, _) in zip(keys, breakpoints, strict=True):
             entry = self._entries.get(key)
             if entry is not None and entry.ready <= now < entry.expires:
                 read = end
                 entry.expires = max(entry.expires, now + ttl)
-        for key, (end, ttl) in zip(keys, breakpoints, strict=True):
+        for key, (end, ttl, _) in zip(keys, breakpoints, strict=True):
             if end <= read:
                 continue
             entry = self._entries.get(key)
@@ -116,9 +124,20 @@ class PromptCache:
         if len(self._entries) >= self._purge_at:
             self._entries = {k: e for k, e in self._entries.items() if e.expires > now}
             self._purge_at = len(self._entries) + _PURGE_EVERY
-        last = breakpoints[-1][0]
-        written = 0 if sim.api == "openai" else last - read
-        return CacheUse(read, written, cacheable=True)
+        if sim.api == "openai":  # OpenAI reports no writes
+            return CacheUse(read, 0, cacheable=True)
+        return CacheUse(read, breakpoints[-1][0] - read, True, _hour_writes(breakpoints, read))
+
+
+def _hour_writes(breakpoints: list[_Breakpoint], read: int) -> int:
+    """The tokens after ``read`` written at 1-hour breakpoints: each breakpoint writes
+    the stretch from the one before it."""
+    hour, start = 0, 0
+    for end, _, long in breakpoints:
+        if long:
+            hour += max(0, end - max(start, read))
+        start = end
+    return hour
 
 
 def _keys(model: str, tokens: list[str], ends: list[int]) -> list[int]:
@@ -147,7 +166,8 @@ def _layout(sim: SimRequest, ttl: float) -> tuple[list[str], list[_Breakpoint]]:
                 tokens.extend(str(block.get("text", "")).split())
                 control = block.get("cache_control")
                 if isinstance(control, Mapping):
-                    marks.append((len(tokens), 3600.0 if control.get("ttl") == "1h" else ttl))
+                    hour = control.get("ttl") == "1h"
+                    marks.append((len(tokens), 3600.0 if hour else ttl, hour))
 
     if sim.api == "anthropic" and "system" in sim.body:
         add(sim.body["system"])

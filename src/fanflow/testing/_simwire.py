@@ -188,6 +188,7 @@ class Completion:
     input_tokens: int
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0  # of cache_write_tokens, at "ttl": "1h" breakpoints
     caching: bool = False  # the server models prompt caching: report its usage fields
 
     @property
@@ -343,6 +344,10 @@ def _anthropic_usage(c: Completion, output_tokens: int) -> dict[str, Any]:
     return {
         "input_tokens": c.input_tokens - c.cached_tokens - c.cache_write_tokens,
         "cache_creation_input_tokens": c.cache_write_tokens,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": c.cache_write_tokens - c.cache_write_1h_tokens,
+            "ephemeral_1h_input_tokens": c.cache_write_1h_tokens,
+        },
         "cache_read_input_tokens": c.cached_tokens,
         "output_tokens": output_tokens,
     }
