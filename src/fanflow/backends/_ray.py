@@ -93,9 +93,16 @@ def _connect(backend: RayBackend) -> ModuleType:
 _BROKER: tuple[str, Any] | None = None
 
 
+def _connection(ray: ModuleType) -> str:
+    """This process's Ray connection: the job, and the node the driver runs on (a new
+    ``ray.init`` after ``ray.shutdown`` starts its job ids again, its node is new)."""
+    context = ray.get_runtime_context()
+    return f"{context.get_job_id()}@{context.get_node_id()}"
+
+
 def _broker(ray: ModuleType) -> Any:
     global _BROKER
-    job = ray.get_runtime_context().get_job_id()
+    job = _connection(ray)
     if _BROKER is None or _BROKER[0] != job:
         actor = (
             ray.remote(BrokerActor)
@@ -134,7 +141,7 @@ class _Slot:
 
 # The workers of the cluster this process is connected to, kept between batches: starting
 # a worker process costs a second or two, so only a driver's first batch pays it. Keyed by
-# the Ray job (a new ray.init gets new workers) and the CPUs per worker. Module state, as
+# the Ray connection (a new ray.init gets new workers) and the CPUs per worker. Module state, as
 # _BROKER, because it lives as long as the Ray connection, which is process-wide too;
 # owner: this module (_workers() makes them, worker_pids() reports them).
 _WORKERS: tuple[str, float, list[_Slot]] | None = None
@@ -143,7 +150,7 @@ _WORKERS: tuple[str, float, list[_Slot]] | None = None
 def _workers(ray: ModuleType, broker: Any, n: int, cpus: float) -> list[_Slot]:
     """``n`` workers of this driver (started now if there are fewer)."""
     global _WORKERS
-    job = ray.get_runtime_context().get_job_id()
+    job = _connection(ray)
     if _WORKERS is None or _WORKERS[0] != job or _WORKERS[1] != cpus:
         _WORKERS = (job, cpus, [])
     pool = _WORKERS[2]
