@@ -79,6 +79,10 @@ class BatchAPI(ABC):
         """The provider's name, for messages."""
         return str(getattr(self.llm, "provider", type(self.llm).__name__))
 
+    def takes_id(self, custom_id: str) -> bool:
+        """Whether the API accepts ``custom_id`` as a line's id (else the cache key goes)."""
+        return bool(custom_id)
+
     @abstractmethod
     def line(self, custom_id: str, request: Request) -> bytes:
         """One request as it goes into the batch (a JSONL line, or a JSON object)."""

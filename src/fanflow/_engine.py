@@ -230,7 +230,9 @@ class _Call(Generic[T]):
         self.deadline = opts.deadline
         self.handle = llm if isinstance(llm, BaseLLM) else None
         self.breaker = self.handle.breaker if self.handle is not None else None
-        self.lane: Lane = self.handle.lane() if self.handle is not None else lane_of(llm)
+        self.lane: Lane = (
+            self.handle.lane(request.model) if self.handle is not None else lane_of(llm)
+        )
         self.timeout = opts.timeout
         if self.timeout is None and self.handle is not None:
             self.timeout = self.handle.timeout

@@ -96,6 +96,11 @@ class BaseLLM(ABC):
             weakref.WeakKeyDictionary()
         )
         self._last: tuple[asyncio.AbstractEventLoop, Lane] | None = None
+        # The lanes of models other than ``model`` that requests name (decision 0211).
+        self._model_lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Lane]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._model_last: dict[str, Lane] = {}
         # Who this handle's limits belong to, the same in every copy of it (pickled to
         # other processes too): the Ray backend's cluster-wide limiter is keyed by it.
         self.limit_id = uuid.uuid4().hex
@@ -108,11 +113,14 @@ class BaseLLM(ABC):
         state = self.__dict__.copy()
         state["_lanes"] = None
         state["_last"] = None
+        state["_model_lanes"] = None
+        state["_model_last"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lanes = weakref.WeakKeyDictionary()
+        self._model_lanes = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"fanflow.{type(self).__name__}(model={self.model!r})"
@@ -164,8 +172,11 @@ class BaseLLM(ABC):
             changes["stop"] = tuple(changes["stop"])
         return request.with_options(**changes)
 
-    def lane(self) -> Lane:
-        """This handle's limiter on the running event loop."""
+    def lane(self, model: str | None = None) -> Lane:
+        """This handle's limiter on the running event loop; for a ``model`` other than
+        the handle's own, that model's (the same limits, booked and steered apart)."""
+        if model is not None and model != self.model:
+            return self._model_lane(model)
         loop = asyncio.get_running_loop()
         last = self._last
         if last is not None and last[0] is loop:
@@ -184,6 +195,25 @@ class BaseLLM(ABC):
                 # learnt of the server, not from scratch (decision 0159).
                 lane.inherit(last[1])
         self._last = (loop, lane)
+        return lane
+
+    def _model_lane(self, model: str) -> Lane:
+        """The lane of ``model``'s calls: a local lane of the handle's limits. Where the
+        handle's lanes are booked elsewhere (shared limits, the Ray backend's broker),
+        every model draws from the handle's one lane, as their limits are one key's."""
+        if self.limits.shared is not None or _lane_factory is not None:
+            return self.lane()
+        loop = asyncio.get_running_loop()
+        lanes = self._model_lanes.get(loop)
+        if lanes is None:
+            lanes = self._model_lanes[loop] = {}
+        lane = lanes.get(model)
+        if lane is None:
+            lane = lanes[model] = Lane(self.limits)
+            last = self._model_last.get(model)
+            if last is not None:  # a new loop starts from what the last one learnt
+                lane.inherit(last)
+            self._model_last[model] = lane
         return lane
 
     def statistics(self) -> LaneStatistics:

@@ -197,6 +197,7 @@ class _Entry:
     line: bytes
     futures: list[asyncio.Future[BatchLine | None]] = field(default_factory=list)
     tokens: int = 0
+    wire: str = ""  # the line's custom_id
 
 
 @dataclass
@@ -238,6 +239,9 @@ class BatchQueue:
         self.switched = False
         self._pending: dict[str, _Entry] = {}
         self._pending_bytes = 0
+        self._pending_ids: set[str] = set()  # the custom_ids of the pending lines
+        # Cache key -> the user's custom_id its line carries (where it is not the key).
+        self._wire: dict[str, str] = {}
         self._waiting: dict[str, dict[str, list[asyncio.Future[BatchLine | None]]]] = {}
         self._polling: set[str] = set()
         self._followed: set[str] = set()
@@ -316,6 +320,8 @@ class BatchQueue:
                 if not self._pending[key].futures:
                     gone = self._pending.pop(key)
                     self._pending_bytes -= len(gone.line) + 1
+                    self._pending_ids.discard(gone.wire)
+                    self._wire.pop(key, None)
             raise
 
     def _enqueue(
@@ -324,7 +330,8 @@ class BatchQueue:
         """Add ``request`` to the next batch (its line, if it is too large for one)."""
         entry = self._pending.get(key)
         if entry is None:
-            line = self.api.line(key, request)
+            wire = self._wire_id(key, request)
+            line = self.api.line(wire, request)
             if len(line) + self.api.line_overhead > self.max_bytes:
                 return BatchLine(
                     key,
@@ -335,8 +342,10 @@ class BatchQueue:
                         "it or send it with mode='realtime'"
                     ),
                 )
-            entry = self._pending[key] = _Entry(key, line, tokens=sum(request_tokens(request)))
+            tokens = sum(request_tokens(request))
+            entry = self._pending[key] = _Entry(key, line, tokens=tokens, wire=wire)
             self._pending_bytes += len(line) + 1
+            self._pending_ids.add(wire)
         entry.futures.extend(futures)
         if len(self._pending) >= self.max_requests or self._pending_bytes >= self.max_bytes:
             self._flush_now()
@@ -345,6 +354,16 @@ class BatchQueue:
             self._flush = loop.call_later(self.options.linger, self._flush_now)
         return None
 
+    def _wire_id(self, key: str, request: Request) -> str:
+        """The custom_id of ``request``'s line: the user's where it has one no other
+        pending line carries (ids are unique within a batch), else the cache key."""
+        wanted = users_id(self.api, request)
+        if wanted is None or wanted in self._pending_ids:
+            self._wire.pop(key, None)
+            return key
+        self._wire[key] = wanted
+        return wanted
+
     def _flush_now(self) -> None:
         if self._flush is not None:
             self._flush.cancel()
@@ -352,6 +371,7 @@ class BatchQueue:
         entries = list(self._pending.values())
         self._pending.clear()
         self._pending_bytes = 0
+        self._pending_ids.clear()
         chunk: list[_Entry] = []
         size = 0
         for entry in entries:
@@ -449,6 +469,9 @@ class BatchQueue:
         fut: asyncio.Future[BatchLine | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(batch_id, {}).setdefault(key, []).append(fut)
         self._requests[key] = request
+        wanted = users_id(self.api, request)
+        if wanted is not None:  # maybe its line's id (or the key, if it was taken)
+            self._wire[key] = wanted
         if batch_id not in self._polling:
             self._polling.add(batch_id)
             self.stats.resumed += 1
@@ -552,12 +575,8 @@ class BatchQueue:
         batch_id = state.id
         waiting = self._waiting.pop(batch_id, {})
         self._polling.discard(batch_id)
-        by_key: dict[str, BatchLine] = {}
-        for line in lines:
-            if line.custom_id in by_key:
-                self.stats.duplicate_lines += 1
-                continue
-            by_key[line.custom_id] = line
+        by_key, repeated = _match(lines, waiting, self._wire)
+        self.stats.duplicate_lines += repeated
         known = set(waiting)
         unknown = [cid for cid in by_key if cid not in known and self.journal.batch_of(cid) is None]
         if unknown:
@@ -640,6 +659,7 @@ class BatchQueue:
         pending = {e.key: e.futures for e in self._pending.values()}
         self._pending.clear()
         self._pending_bytes = 0
+        self._pending_ids.clear()
         _resolve(pending, lambda _key: None)
         self.stats.moved_to_realtime += len(pending)
         for batch_id in list(self._waiting):
@@ -667,6 +687,44 @@ class BatchQueue:
             await self._control("cancelling a batch", lambda: self.api.cancel(batch_id), batch_id)
         except ProviderError as exc:
             log.warning("fanflow: could not cancel batch %s: %s", batch_id, exc)
+
+
+def _match(
+    lines: list[BatchLine], waiting: Mapping[str, object], wire: dict[str, str]
+) -> tuple[dict[str, BatchLine], int]:
+    """A batch's result lines by cache key, and how many lines repeated one. A line's
+    custom_id is its request's cache key, or the user's custom_id the request carries
+    (``wire``, whose entries for ``waiting`` are taken); a line whose id is neither
+    stays under its own id (unknown to fanflow)."""
+    named: dict[str, list[str]] = {}
+    for key in waiting:
+        users = wire.pop(key, None)
+        if users is not None:
+            named.setdefault(users, []).append(key)
+    by_key: dict[str, BatchLine] = {}
+    repeated = 0
+    later = []
+    for line in lines:
+        if line.custom_id in waiting or line.custom_id not in named:
+            repeated += line.custom_id in by_key
+            by_key.setdefault(line.custom_id, line)
+        else:
+            later.append(line)
+    # After the keys: a user's id two requests carried went with the one whose line did
+    # not fall back to its cache key.
+    for line in later:
+        keys = named[line.custom_id]
+        key = next((k for k in keys if k not in by_key), keys[0])
+        repeated += key in by_key
+        by_key.setdefault(key, line)
+    return by_key, repeated
+
+
+def users_id(api: BatchAPI, request: Request) -> str | None:
+    """The custom_id the user gave ``request`` (``read_requests`` keeps a Batch API
+    line's in its metadata), if ``api`` takes it as a line's id."""
+    wanted = request.metadata.get("custom_id")
+    return wanted if isinstance(wanted, str) and api.takes_id(wanted) else None
 
 
 def _resolve(

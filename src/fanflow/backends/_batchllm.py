@@ -111,7 +111,7 @@ class BatchLLM(BaseLLM):
     async def _realtime(self, request: Request) -> Response:
         """One real-time attempt through the caller's handle, within its limits."""
         inner = self.inner
-        lane = inner.lane()
+        lane = inner.lane(request.model)
         tokens = request_tokens(request) if lane.needs_tokens else None
         if self._gate is not None:
             await self._gate.acquire()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AnthropicBatches", "BatchAPI", "BatchLine", "BatchState", "OpenAIBatches"]
 
+_ANTHROPIC_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -223,6 +225,10 @@ class AnthropicBatches(HttpBatchAPI):
 
     max_requests = 100_000
     max_bytes = 256 * 1024 * 1024
+
+    def takes_id(self, custom_id: str) -> bool:
+        """Anthropic's documented custom_id: 1 to 64 letters, digits, ``_`` or ``-``."""
+        return _ANTHROPIC_ID.fullmatch(custom_id) is not None
 
     def line(self, custom_id: str, request: Request) -> bytes:
         body = self.llm.batch_body(request)
