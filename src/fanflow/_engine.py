@@ -368,7 +368,26 @@ class _Call(Generic[T]):
         failure: BaseException | None = None
         breaker = self.breaker
         try:
-            response = await self._send(start, hedge)
+            limit = self._limit(start)
+            delay = self.hedge_delay
+            if limit is None and (delay is None or hedge):
+                response = await self.llm.complete(self.request)
+            else:
+                cm = asyncio.timeout_at(limit)
+                watched = delay is not None and not hedge
+                if watched:
+                    self._watch(cm, start + (delay or 0.0))
+                try:
+                    async with cm:
+                        response = await self.llm.complete(self.request)
+                except TimeoutError:
+                    if not cm.expired():
+                        raise  # the model itself raised TimeoutError: not ours
+                    raise self._expired(cm, limit) from None
+                finally:
+                    if watched:
+                        self.lane.hedger.unwatch(self)
+                        self.cm = None
         except (asyncio.CancelledError, _HedgeWon):
             self.attempts.append(
                 Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
@@ -443,37 +462,26 @@ class _Call(Generic[T]):
             raise stop
         return self.loop.time()
 
-    async def _send(self, start: float, hedge: bool) -> Response:
-        """Send the request, under the attempt's timeout or the deadline (the sooner);
-        a first attempt is watched by the hedger once it has a hedging delay."""
+    def _limit(self, start: float) -> float | None:
+        """When an attempt sent at ``start`` times out: its timeout or the deadline."""
         deadline = self.deadline
         limit = None if self.timeout is None else start + self.timeout
         if deadline is not None and (limit is None or deadline < limit):
             limit = deadline
-        delay = self.hedge_delay
-        if limit is None and (delay is None or hedge):
-            return await self.llm.complete(self.request)
-        cm = asyncio.timeout_at(limit)
-        watched = delay is not None and not hedge
-        if watched:
-            # The hedging policy: a duplicate if this attempt is still running ``delay``
-            # after it was sent; if the duplicate wins, it expires this attempt's
-            # timeout (asyncio's own race-free cancellation).
-            self.cm = cm
-            self.lane.hedger.watch(self, start + (delay or 0.0))
-        try:
-            async with cm:
-                return await self.llm.complete(self.request)
-        except TimeoutError:
-            if not cm.expired():
-                raise  # the model itself raised TimeoutError: not ours
-            if self.won is not None and cm is self.cm:
-                raise _HedgeWon from None
-            raise self._timeout_error(limit == deadline) from None
-        finally:
-            if watched:
-                self.lane.hedger.unwatch(self)
-                self.cm = None
+        return limit
+
+    def _watch(self, cm: asyncio.Timeout, due: float) -> None:
+        """The hedging policy: a duplicate if this attempt is still running at ``due``;
+        if the duplicate wins, it expires this attempt's timeout (asyncio's own
+        race-free cancellation)."""
+        self.cm = cm
+        self.lane.hedger.watch(self, due)
+
+    def _expired(self, cm: asyncio.Timeout, limit: float | None) -> BaseException:
+        """What an attempt whose timeout expired raises: the hedge won, or it timed out."""
+        if self.won is not None and cm is self.cm:
+            return _HedgeWon()
+        return self._timeout_error(limit == self.deadline)
 
     def _service(self, duration: float, response: Response | None) -> float | None:
         """The model's time on an attempt (``Attempt.service``): what the reply says, or

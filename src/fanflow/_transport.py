@@ -10,7 +10,7 @@ events). The default transport is aiohttp's connection pool (``providers/_http.p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -62,10 +62,11 @@ class HttpReply(Protocol):
 class Transport(Protocol):
     """Sends HTTP requests for a handle; one transport serves every event loop."""
 
-    async def send(self, request: HttpRequest) -> HttpReply:
-        """Send ``request``; the reply is used in ``async with`` (leaving it releases
-        the connection). Raise ``OSError`` (or ``aiohttp.ClientError``,
-        ``TimeoutError``) when the request could not be sent or the reply not read."""
+    def send(self, request: HttpRequest) -> Awaitable[HttpReply]:
+        """Send ``request`` (an ``async def send`` does); the reply is used in
+        ``async with`` (leaving it releases the connection). Raise ``OSError`` (or
+        ``aiohttp.ClientError``, ``TimeoutError``) when the request could not be sent or
+        the reply not read."""
         ...
 
     async def aclose(self) -> None:

@@ -25,7 +25,7 @@ import json
 import time
 import weakref
 from abc import abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -340,6 +340,13 @@ class _Sessions:
         ] = weakref.WeakKeyDictionary()
         self._last: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
 
+    def current(self) -> aiohttp.ClientSession | None:
+        """The session of the running loop, if :meth:`get` made it and it is the last used."""
+        last = self._last
+        if last is not None and last[0] is asyncio.get_running_loop():
+            return last[1]
+        return None
+
     async def get(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         last = self._last
@@ -408,6 +415,7 @@ class _Connector(aiohttp.TCPConnector):
         if self._report is not None:
             self._report = None
             report(loop.time() - start)
+            self.connect = super().connect  # type: ignore[method-assign]  # timed: plain from now
         return connection
 
 
@@ -440,10 +448,22 @@ class AiohttpTransport:
         self._on_connect = on_connect
         self._sessions = _Sessions(self._new_session)
 
-    async def send(self, request: HttpRequest) -> HttpReply:
-        session = await self._sessions.get()
+    def send(self, request: HttpRequest) -> Awaitable[HttpReply]:
+        # Not a coroutine: on the hot path (a session on this loop already) the reply is
+        # aiohttp's own awaitable, with no frame of ours around it.
+        session = self._sessions.current()
+        if session is None:
+            return self._send_new(request)
+        return self._request(session, request)
+
+    async def _send_new(self, request: HttpRequest) -> HttpReply:
+        return await self._request(await self._sessions.get(), request)
+
+    def _request(
+        self, session: aiohttp.ClientSession, request: HttpRequest
+    ) -> Awaitable[HttpReply]:
         extra = None if request.headers is self._headers() else request.headers
-        return await session.request(request.method, request.url, data=request.body, headers=extra)
+        return session.request(request.method, request.url, data=request.body, headers=extra)
 
     async def session(self) -> aiohttp.ClientSession:
         """The session on the running loop (made on first use)."""
