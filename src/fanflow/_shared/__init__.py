@@ -56,7 +56,7 @@ class Store(Protocol):
 
     async def grant_many(
         self, ident: str, caps: list[float], window: float, costs: list[list[int]], horizon: float
-    ) -> list[tuple[float, int]]: ...
+    ) -> tuple[float, list[tuple[float, int]]]: ...
 
     def settle(self, ident: str, settles: list[tuple[int, list[int]]]) -> None: ...
 
@@ -197,16 +197,18 @@ class SharedMeter:
         it = iter(costs)
         return [next(it) if getattr(self.limits, name) is not None else 0 for name in _RATES]
 
-    async def grant_many(self, costs: list[list[int]]) -> list[tuple[float, int]]:
+    async def grant_many(self, costs: list[list[int]]) -> tuple[float, list[tuple[float, int]]]:
+        """(the store's now, the answers): the queue places each grant on this loop's
+        clock by a :class:`~fanflow._leases.FarClock`."""
         await self._ready()
         full = [self._full(c) for c in costs]
-        answers = await self.store.grant_many(
+        now, answers = await self.store.grant_many(
             self.ident, self._caps(), self.window, full, self.horizon
         )
         for (_, grant), cost in zip(answers, full, strict=True):
             if grant:
                 self._booked[grant] = cost
-        return answers
+        return now, answers
 
     def settle(self, grant: int, costs: list[int] | None) -> None:
         """Correct a grant to ``costs`` (None: keep it). A call that cost what it booked
