@@ -223,6 +223,8 @@ class RedisStore:
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
+        if isinstance(task.exception(), ConfigError):
+            return  # unreachable: the meter says so, once, and goes on at a local share
         if not self._failed:
             self._failed = True
             log.warning("shared limits: an update to %s failed: %s", self.shown, task.exception())
