@@ -50,6 +50,7 @@ class LocalShare:
         0 for one due more than ``horizon`` away."""
         cut = now - self.window
         self._rows = [row for row in self._rows if row[0] > cut]
+        self.sent = [row for row in self.sent if row[0] > cut]
         answers: list[tuple[float, int]] = []
         for cost in costs:
             t = max(now, earliest(self._rows, cost, self.caps, self.window))
