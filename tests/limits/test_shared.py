@@ -167,14 +167,33 @@ def test_a_killed_process_slots_come_back_within_the_ttl(store: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_redis_that_dies_mid_run_leaves_a_local_share_and_is_rejoined(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "limit",
+    [
+        "rate",
+        pytest.param(
+            "concurrency",
+            marks=pytest.mark.xfail(
+                reason="open (decision 0214): slots a process took at Redis before it was "
+                "lost are kept beside the others' local shares (seen: 3 in flight of 2)"
+            ),
+        ),
+    ],
+)
+def test_a_redis_that_dies_mid_run_leaves_a_local_share_and_is_rejoined(
+    tmp_path: Path, limit: str
+) -> None:
     redis = pytest.importorskip("redis")
     port = _free_port()
     redis_server = _start_redis(port, tmp_path)
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        with SimServer(latency=0.02, rpm=RATE, period=1.0, keep_requests=False) as server:
-            procs = [_start(url, server, f"p{i}", 100, RATE, 0) for i in range(2)]
+        if limit == "rate":
+            sim, (rpm, concurrency) = SimServer(latency=0.02, rpm=RATE, period=1.0), (RATE, 0)
+        else:  # 1 slot each at the local share
+            sim, (rpm, concurrency) = SimServer(latency=0.1, max_in_flight=2), (0, 2)
+        with sim as server:
+            procs = [_start(url, server, f"p{i}", 100, rpm, concurrency) for i in range(2)]
             # Both have declared at Redis (a process that never reached it fails its calls).
             client = redis.Redis(port=port)
             _wait_for(lambda: [client.hlen(k) for k in client.scan_iter("fanflow:*:d")] == [2])
@@ -182,7 +201,7 @@ def test_a_redis_that_dies_mid_run_leaves_a_local_share_and_is_rejoined(tmp_path
             redis_server.terminate()
             redis_server.wait(10)
             down = server.stats().requests
-            _wait_for(lambda: server.stats().requests >= down + 20)  # they go on without it
+            _wait_for(lambda: server.stats().requests >= down + 40)  # they go on without it
             redis_server = _start_redis(port, tmp_path)
             outs = [p.communicate(timeout=90) for p in procs]
             stats = server.stats()
@@ -195,10 +214,13 @@ def test_a_redis_that_dies_mid_run_leaves_a_local_share_and_is_rejoined(tmp_path
         assert proc.returncode == 0, err
         assert '"ok": true' in out.strip().splitlines()[-1], out  # nothing lost
         lost = [line for line in err.splitlines() if "cannot reach Redis" in line]
-        assert len(lost) == 1, err  # one warning each
-        assert "a local share" in lost[0]
+        # One warning each. Under a concurrency alone, a process that holds its slots
+        # and reuses them may never ask the store during the outage, nor notice it.
+        assert len(lost) == 1 or (limit == "concurrency" and not lost), err
+        assert all("a local share" in line for line in lost)
     assert stats.responses.get(200, 0) == 200
     assert stats.responses.get(429, 0) == 0  # the shares together kept within the limit
+    assert stats.max_in_flight <= 2 or limit == "rate"
     assert served > 10
 
 

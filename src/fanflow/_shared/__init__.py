@@ -46,6 +46,10 @@ _RATES = ("rpm", "tpm", "input_tpm", "output_tpm")
 # trips per call at 50 sends/s spaced evenly (decision 0200).
 _AHEAD = 5
 
+# A process declares its limits again at least this often (seconds), so it knows how
+# many processes share the identity if the store is lost (decision 0214).
+_DECLARE_EVERY = 1.0
+
 
 class Store(Protocol):
     """Where the shared bookings live (SQLite or Redis); every time is the store's."""
@@ -170,7 +174,8 @@ class SharedMeter:
     async def _ready(self) -> None:
         """Declare this process's limits (again, when half the TTL has passed) and take
         the stricter of every live declaration of the identity."""
-        if time.monotonic() - self._declared_at < self.ttl / 2:
+        # At least once a second: a local share divides by the processes seen (_most).
+        if time.monotonic() - self._declared_at < min(self.ttl / 2, _DECLARE_EVERY):
             return
         self._declared_at = time.monotonic()
         others = await self.store.declare(self.ident, self.holder, self.mine, self.ttl)
@@ -314,8 +319,7 @@ class SharedMeter:
                     if slot:
                         self._hold(slot)
                         return True
-            if local is not None and local.taken < local.slots:
-                local.taken += 1
+            if local is not None and len(self.held) < local.slots:  # the store's count too
                 self._hold(-1)
                 return True
             await asyncio.sleep(wait * (0.5 + random.random()))  # jitter: pollers spread out
@@ -332,8 +336,6 @@ class SharedMeter:
         slot = self.held.pop()
         if slot > 0:
             self.store.release(self.ident, slot)
-        elif self._local is not None:
-            self._local.taken -= 1
 
     async def _renew(self) -> None:
         """Renew the held slots every third of the TTL while any are held."""

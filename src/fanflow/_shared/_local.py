@@ -29,7 +29,7 @@ class LocalShare:
         now: when the store was lost.
     """
 
-    __slots__ = ("_rows", "caps", "retry_at", "sent", "slots", "taken", "window")
+    __slots__ = ("_rows", "caps", "retry_at", "sent", "slots", "window")
 
     def __init__(
         self, caps: list[float], share: int, window: float, concurrency: int | None, now: float
@@ -41,8 +41,8 @@ class LocalShare:
         full = [0 if math.isinf(c) else math.ceil(c) for c in self.caps]
         self._rows: list[tuple[float, ...]] = [(now, *full)]
         self.sent: list[tuple[float, ...]] = []  # the sends booked here: (time, costs)
+        # Slots this process may hold, those taken at the store before it was lost too.
         self.slots = max(1, concurrency // share) if concurrency else 0
-        self.taken = 0
         self.retry_at = now + RETRY
 
     def book(self, costs: list[list[int]], horizon: float, now: float) -> list[tuple[float, int]]:
