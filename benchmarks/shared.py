@@ -14,7 +14,9 @@ declares the same ``Limits(rpm=RATE, period=1.0)``:
 The workers start together at an agreed time (their imports excluded). Counted at the
 server: 429s. Throughput: the items over the time from the first worker's start to the
 last one's end, against RATE (>= 0.9 is the target). Round trips: store calls (SQLite
-transactions, Redis scripts) per call, summed over the workers.
+transactions, Redis scripts) per call, summed over the workers. CPU: the workers'
+process time (``time.process_time()``, their threads included) over the map, per call;
+the unshared row is the local meter's, the baseline for the shared meter's cost.
 """
 
 from __future__ import annotations
@@ -41,16 +43,17 @@ async def _work(shared: str, base: str, tag: str, n: int, rate: float, start_at:
         "gpt-sim", base_url=base, api_key="sk-bench", limits=limits, retry=RetryPolicy(seed=1)
     )
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     async with llm:
         result = await fanflow.map(llm, "{input}", [f"{tag}-{i}" for i in range(n)])
+    cpu = time.process_time() - cpu
     trips = 0
     if shared:
         from fanflow._shared import open_store
         from fanflow._shared._url import parse_url
 
         trips = open_store(parse_url(shared), shared).round_trips
-    return {"ok": result.ok, "start": start, "end": time.time(), "trips": trips}
+    return {"ok": result.ok, "start": start, "end": time.time(), "trips": trips, "cpu": cpu}
 
 
 def _free_port() -> int:
@@ -81,6 +84,7 @@ def _run(shared: str, rate: float, procs: int, n: int) -> dict:
         "429": stats.responses.get(429, 0),
         "ratio": n / elapsed / rate,
         "trips_per_call": sum(o["trips"] for o in outs) / n,
+        "cpu_ms_per_call": 1000 * sum(o["cpu"] for o in outs) / n,
     }
 
 
@@ -122,13 +126,14 @@ def main() -> None:
             stores.append(("redis", f"redis://127.0.0.1:{port}/0"))
         try:
             print(f"{procs} processes, {seconds} s of items at the rate, SimServer bucket of 1 s")
-            print(f"{'store':>9} {'rate/s':>7} {'429s':>6} {'of bound':>9} {'trips/call':>11} ok")
+            head = f"{'store':>9} {'rate/s':>7} {'429s':>6} {'of bound':>9} {'trips/call':>11}"
+            print(f"{head} {'CPU ms/call':>12} ok")
             for rate in (float(r) for r in args.rates.split(",")):
                 for name, url in stores:
                     r = _run(url, rate, procs, int(rate * seconds))
                     print(
                         f"{name:>9} {rate:>7g} {r['429']:>6} {r['ratio']:>9.2f} "
-                        f"{r['trips_per_call']:>11.3f} {r['ok']}"
+                        f"{r['trips_per_call']:>11.3f} {r['cpu_ms_per_call']:>12.2f} {r['ok']}"
                     )
         finally:
             if redis is not None:

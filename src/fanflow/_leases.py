@@ -33,6 +33,7 @@ __all__ = [
     "LINGER",
     "REUSE",
     "BrokerAdmission",
+    "FarClock",
     "GlobalLane",
     "GlobalPermit",
     "GrantQueue",
@@ -228,6 +229,38 @@ class LeasedGate(Gate):
         Gate.release(self)
 
 
+Answers = list[tuple[float, int]]
+
+
+class FarClock:
+    """What a far side's clock reads against this loop's, from the round trips seen.
+
+    A far side that read its clock at ``far_now`` during a round trip from ``asked`` to
+    ``answered`` (loop times) is ahead of the loop by at least ``far_now - answered``
+    and at most ``far_now - asked``. The tightest of the last :data:`KEEP` round trips'
+    bounds hold: one quick round trip places the bookings of the slow ones after it.
+    """
+
+    KEEP = 32  # round trips: a few seconds of them, so a slewing clock drifts little
+
+    __slots__ = ("_high", "_low")
+
+    def __init__(self) -> None:
+        self._low: deque[float] = deque(maxlen=self.KEEP)
+        self._high: deque[float] = deque(maxlen=self.KEEP)
+
+    def sample(self, asked: float, answered: float, far_now: float) -> None:
+        self._low.append(far_now - answered)
+        self._high.append(far_now - asked)
+        if max(self._low) > min(self._high):  # the far clock stepped: start again
+            self._low = deque([far_now - answered], maxlen=self.KEEP)
+            self._high = deque([far_now - asked], maxlen=self.KEEP)
+
+    def place(self, far_time: float) -> tuple[float, float]:
+        """(the earliest, the latest) loop time that ``far_time`` can be."""
+        return far_time - max(self._low), far_time - min(self._high)
+
+
 class GrantQueue:
     """A worker's way to the broker's rate buckets for one handle.
 
@@ -240,13 +273,15 @@ class GrantQueue:
     Args:
         grant_many: books a list of sends; returns (delay, grant id) for each, with
             id 0 for a send not booked because it is due more than ``horizon`` away.
+            A far side that reads its own clock returns (its time, those answers): each
+            grant is then placed by a :class:`FarClock`, not by its round trip alone.
         settle: corrects (or with zeros gives back) one grant; fire and forget.
         horizon: how far ahead the broker books (the lease).
     """
 
     def __init__(
         self,
-        grant_many: Callable[[list[list[int]]], Awaitable[list[tuple[float, int]]]],
+        grant_many: Callable[[list[list[int]]], Awaitable[Answers | tuple[float, Answers]]],
         settle: Callable[[int, list[int] | None], None],
         horizon: float,
         max_batch: int = 256,
@@ -255,14 +290,16 @@ class GrantQueue:
         self._horizon = horizon
         self.settle = settle
         self._max_batch = max_batch
-        self._queue: deque[tuple[list[int], asyncio.Future[tuple[float, int, float]]]] = deque()
+        self._queue: deque[tuple[list[int], asyncio.Future[tuple[float, float, int]]]] = deque()
         self._pump: asyncio.Task[None] | None = None
+        self.clock = FarClock()
         self.messages = 0
 
-    async def grant(self, costs: list[int]) -> tuple[float, int, float]:
-        """Book one send; return (delay, grant id, when the booking message was sent)."""
+    async def grant(self, costs: list[int]) -> tuple[float, float, int]:
+        """Book one send; return (the loop time it may go at, the loop time it was booked
+        for at the latest, its grant id): it must go within a lease of the second."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[float, int, float]] = loop.create_future()
+        fut: asyncio.Future[tuple[float, float, int]] = loop.create_future()
         self._queue.append((costs, fut))
         if self._pump is None:
             self._pump = loop.create_task(self._run())
@@ -278,13 +315,20 @@ class GrantQueue:
                 asked = loop.time()
                 self.messages += 1
                 try:
-                    answers = await self._grant_many([costs for costs, _ in batch])
+                    reply = await self._grant_many([costs for costs, _ in batch])
                 except Exception as exc:
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
-                later: list[tuple[list[int], asyncio.Future[tuple[float, int, float]]]] = []
+                answered = loop.time()
+                far_now = None
+                if isinstance(reply, tuple):
+                    far_now, answers = reply
+                    self.clock.sample(asked, answered, far_now)
+                else:
+                    answers = reply
+                later: list[tuple[list[int], asyncio.Future[tuple[float, float, int]]]] = []
                 due = 0.0
                 for (costs, fut), (delay, grant) in zip(batch, answers, strict=True):
                     if grant == 0:  # not due yet: ask again, first in line
@@ -293,8 +337,13 @@ class GrantQueue:
                         due = delay
                     elif fut.done():  # the call was cancelled meanwhile: give it back
                         self.settle(grant, [0] * len(costs))
+                    elif far_now is None:
+                        # Booked at (the far side's now) + delay, and its now fell between
+                        # asking and answering: answered + delay is never early.
+                        fut.set_result((answered + delay, asked + delay, grant))
                     else:
-                        fut.set_result((delay, grant, asked))
+                        earliest, latest = self.clock.place(far_now + delay)
+                        fut.set_result((max(answered, earliest), latest, grant))
                 if later:
                     self._queue.extendleft(reversed(later))
                     # Ask again when the first unbooked send is half a lease away: the
@@ -348,12 +397,8 @@ class BrokerAdmission:
         costs = lane.costs(input, output)
         while True:
             await lane.wait_unpaused()  # this worker's own pause (429) and header pacing
-            delay, grant, asked = await grants.grant(costs)
-            # The broker booked the send at (its now) + delay, and its now fell between
-            # asking and answering: sending ``delay`` after the answer is never early,
-            # and the send must go before asked + delay + lease to stay in its booking.
-            send_at = loop.time() + delay
-            latest = asked + delay + self.lease_time
+            send_at, booked, grant = await grants.grant(costs)
+            latest = booked + self.lease_time  # to stay in its booking
             pause = lane.paused_until
             try:
                 if send_at > loop.time():

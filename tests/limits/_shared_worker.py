@@ -31,7 +31,9 @@ def main() -> None:
     items = [f"{tag}-{i}" for i in range(int(n))]
     options = {"max_tokens": 20} if tpm else {}
     result = fanflow.run(fanflow.map(llm, "{input}", items, **options))
-    print(json.dumps({"ok": result.ok, "errors": len(result.errors), "makespan": result.makespan}))
+    first = next((str(e) for e in result.errors.values()), None)
+    out = {"ok": result.ok, "errors": len(result.errors), "first": first}
+    print(json.dumps({**out, "makespan": result.makespan}))
 
 
 if __name__ == "__main__":

@@ -62,14 +62,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A shared-limits URL (without query): a SQLite file, or a real redis-server on a
-    free loopback port, started for the test and stopped after it."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'limits.db'}"
-        return
-    port = _free_port()
+def _start_redis(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    """A real redis-server on a loopback ``port``, once it accepts connections."""
     args = [
         require_redis(),
         "--port",
@@ -81,17 +75,28 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         "--appendonly",
         "no",
         "--dir",
-        str(tmp_path),
+        str(folder),
     ]
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.02)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A shared-limits URL (without query): a SQLite file, or a real redis-server on a
+    free loopback port, started for the test and stopped after it."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'limits.db'}"
+        return
+    port = _free_port()
+    server = _start_redis(port, tmp_path)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.terminate()
@@ -159,6 +164,64 @@ def test_a_killed_process_slots_come_back_within_the_ttl(store: str) -> None:
     assert '"ok": true' in line
     assert stats.max_in_flight <= 2
     assert stats.responses.get(429, 0) == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "limit",
+    [
+        "rate",
+        pytest.param(
+            "concurrency",
+            marks=pytest.mark.xfail(
+                reason="open (decision 0214): slots a process took at Redis before it was "
+                "lost are kept beside the others' local shares (seen: 3 in flight of 2)"
+            ),
+        ),
+    ],
+)
+def test_a_redis_that_dies_mid_run_leaves_a_local_share_and_is_rejoined(
+    tmp_path: Path, limit: str
+) -> None:
+    redis = pytest.importorskip("redis")
+    port = _free_port()
+    redis_server = _start_redis(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        if limit == "rate":
+            sim, (rpm, concurrency) = SimServer(latency=0.02, rpm=RATE, period=1.0), (RATE, 0)
+        else:  # 1 slot each at the local share
+            sim, (rpm, concurrency) = SimServer(latency=0.1, max_in_flight=2), (0, 2)
+        with sim as server:
+            procs = [_start(url, server, f"p{i}", 100, rpm, concurrency) for i in range(2)]
+            # Both have declared at Redis (a process that never reached it fails its calls).
+            client = redis.Redis(port=port)
+            _wait_for(lambda: [client.hlen(k) for k in client.scan_iter("fanflow:*:d")] == [2])
+            _wait_for(lambda: server.stats().requests >= 20)
+            redis_server.terminate()
+            redis_server.wait(10)
+            down = server.stats().requests
+            _wait_for(lambda: server.stats().requests >= down + 40)  # they go on without it
+            redis_server = _start_redis(port, tmp_path)
+            outs = [p.communicate(timeout=90) for p in procs]
+            stats = server.stats()
+        # The restarted Redis (empty, no persistence) was booked in again.
+        served = redis.Redis(port=port).info("stats")["total_commands_processed"]
+    finally:
+        redis_server.terminate()
+        redis_server.wait(10)
+    for proc, (out, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err
+        assert '"ok": true' in out.strip().splitlines()[-1], out  # nothing lost
+        lost = [line for line in err.splitlines() if "cannot reach Redis" in line]
+        # One warning each. Under a concurrency alone, a process that holds its slots
+        # and reuses them may never ask the store during the outage, nor notice it.
+        assert len(lost) == 1 or (limit == "concurrency" and not lost), err
+        assert all("a local share" in line for line in lost)
+    assert stats.responses.get(200, 0) == 200
+    assert stats.responses.get(429, 0) == 0  # the shares together kept within the limit
+    assert stats.max_in_flight <= 2 or limit == "rate"
+    assert served > 10
 
 
 def test_an_unknown_scheme_lists_the_forms_allowed() -> None:

@@ -18,6 +18,7 @@ come back within the TTL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -27,9 +28,11 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._exceptions import ConfigError
 from .._leases import GlobalLane, GrantQueue, SlotLease, lease_time
 from .._limits import Lane, Limits
 from .._log import log
+from ._local import RETRY, LocalShare
 from ._url import StoreURL, parse_url, redact
 
 if TYPE_CHECKING:
@@ -42,6 +45,10 @@ _RATES = ("rpm", "tpm", "input_tpm", "output_tpm")
 # How many leases ahead a process books its grants: 1 (the broker's) cost 1.6 round
 # trips per call at 50 sends/s spaced evenly (decision 0200).
 _AHEAD = 5
+
+# A process declares its limits again at least this often (seconds), so it knows how
+# many processes share the identity if the store is lost (decision 0214).
+_DECLARE_EVERY = 1.0
 
 
 class Store(Protocol):
@@ -56,7 +63,7 @@ class Store(Protocol):
 
     async def grant_many(
         self, ident: str, caps: list[float], window: float, costs: list[list[int]], horizon: float
-    ) -> list[tuple[float, int]]: ...
+    ) -> tuple[float, list[tuple[float, int]]]: ...
 
     def settle(self, ident: str, settles: list[tuple[int, list[int]]]) -> None: ...
 
@@ -159,14 +166,20 @@ class SharedMeter:
         self._declared_at = -float("inf")
         self._warned: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._reached = False  # the store answered once: losing it later is an outage
+        self._local: LocalShare | None = None  # while the store is unreachable
+        self._most = 1  # the most processes seen declared under the identity
+        self._lost_warned = False
 
     async def _ready(self) -> None:
         """Declare this process's limits (again, when half the TTL has passed) and take
         the stricter of every live declaration of the identity."""
-        if time.monotonic() - self._declared_at < self.ttl / 2:
+        # At least once a second: a local share divides by the processes seen (_most).
+        if time.monotonic() - self._declared_at < min(self.ttl / 2, _DECLARE_EVERY):
             return
         self._declared_at = time.monotonic()
         others = await self.store.declare(self.ident, self.holder, self.mine, self.ttl)
+        self._most = max(self._most, 1 + len(others))
         effective = self.mine
         for other in others:
             effective = stricter(effective, other)
@@ -197,16 +210,76 @@ class SharedMeter:
         it = iter(costs)
         return [next(it) if getattr(self.limits, name) is not None else 0 for name in _RATES]
 
-    async def grant_many(self, costs: list[list[int]]) -> list[tuple[float, int]]:
-        await self._ready()
+    async def grant_many(
+        self, costs: list[list[int]]
+    ) -> list[tuple[float, int]] | tuple[float, list[tuple[float, int]]]:
+        """(the store's now, the answers): the queue places each grant on this loop's
+        clock by a :class:`~fanflow._leases.FarClock`. Booked at a local share: the
+        answers alone, on this process's clock."""
         full = [self._full(c) for c in costs]
-        answers = await self.store.grant_many(
-            self.ident, self._caps(), self.window, full, self.horizon
-        )
+        local = self._local
+        if local is not None and time.monotonic() < local.retry_at:
+            return local.book(full, self.horizon, time.monotonic())
+        try:
+            await self._rejoin()
+            now, answers = await self.store.grant_many(
+                self.ident, self._caps(), self.window, full, self.horizon
+            )
+        except ConfigError:
+            if not self._reached:
+                raise  # never reached: the calls fail, nothing goes unmetered
+            return self._go_local().book(full, self.horizon, time.monotonic())
+        self._reached = True
         for (_, grant), cost in zip(answers, full, strict=True):
             if grant:
                 self._booked[grant] = cost
-        return answers
+        return now, answers
+
+    async def _rejoin(self) -> None:
+        """Declare (again, if the store was lost: it may have restarted empty), and book
+        at the store, as one reservation at its now, what was sent locally in the last
+        window: the store knew nothing of it."""
+        local = self._local
+        if local is not None:
+            self._declared_at = -float("inf")
+        await self._ready()
+        if local is None:
+            return
+        recent = local.recent(time.monotonic())
+        if any(recent):
+            # It fits within two windows: one for the store's own bookings to leave it,
+            # one for the spacing after the last of them.
+            caps, window = self._caps(), self.window
+            await self.store.grant_many(self.ident, caps, window, [recent], 3 * window)
+        self._local = None
+        log.info(
+            "shared limits for %s: %s is back; booking there again", self.label, self.store.shown
+        )
+
+    def _go_local(self) -> LocalShare:
+        """Go on at a local share of the limits (one warning per process)."""
+        now = time.monotonic()
+        if self._local is not None:
+            self._local.retry_at = now + RETRY
+            return self._local
+        concurrency = self.effective["concurrency"]
+        self._local = LocalShare(
+            self._caps(),
+            self._most,
+            self.window,
+            None if concurrency is None else int(concurrency),
+            now,
+        )
+        if not self._lost_warned:
+            self._lost_warned = True
+            log.warning(
+                "shared limits for %s: cannot reach Redis at %s; going on at a local share "
+                "(1/%d of each limit, the most processes seen) until it is back",
+                self.label,
+                self.store.shown,
+                self._most,
+            )
+        return self._local
 
     def settle(self, grant: int, costs: list[int] | None) -> None:
         """Correct a grant to ``costs`` (None: keep it). A call that cost what it booked
@@ -227,31 +300,52 @@ class SharedMeter:
         self.store.settle(self.ident, settles)
 
     async def ask(self) -> bool:
-        """Wait for one concurrency slot (polling the store, 2 ms doubling to 50 ms)."""
-        await self._ready()
+        """Wait for one concurrency slot (polling the store, 2 ms doubling to 50 ms; a
+        slot of the local share while the store is unreachable)."""
         wait = 0.002
         while True:
-            limit = int(self.effective["concurrency"])
-            slot = await self.store.try_slot(self.ident, self.holder, limit, self.ttl)
-            if slot:
-                self.held.append(slot)
-                if self._heartbeat is None:
-                    self._heartbeat = asyncio.get_running_loop().create_task(self._renew())
+            local = self._local
+            if local is None or time.monotonic() >= local.retry_at:
+                try:
+                    await self._rejoin()
+                    limit = int(self.effective["concurrency"])
+                    slot = await self.store.try_slot(self.ident, self.holder, limit, self.ttl)
+                except ConfigError:
+                    if not self._reached:
+                        raise
+                    local = self._go_local()
+                else:
+                    self._reached, local = True, None
+                    if slot:
+                        self._hold(slot)
+                        return True
+            if local is not None and len(self.held) < local.slots:  # the store's count too
+                self._hold(-1)
                 return True
             await asyncio.sleep(wait * (0.5 + random.random()))  # jitter: pollers spread out
             wait = min(0.05, wait * 2)
 
+    def _hold(self, slot: int) -> None:
+        self.held.append(slot)
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._renew())
+
     def give_back(self) -> None:
-        if self.held:
-            self.store.release(self.ident, self.held.pop())
+        if not self.held:
+            return
+        slot = self.held.pop()
+        if slot > 0:
+            self.store.release(self.ident, slot)
 
     async def _renew(self) -> None:
         """Renew the held slots every third of the TTL while any are held."""
         try:
             while self.held:
                 await asyncio.sleep(self.ttl / 3)
-                if self.held:
-                    await self.store.renew(self.ident, list(self.held), self.ttl)
+                slots = [slot for slot in self.held if slot > 0]
+                if slots and self._local is None:
+                    with contextlib.suppress(ConfigError):  # lost: they expire there
+                        await self.store.renew(self.ident, slots, self.ttl)
         finally:
             self._heartbeat = None
 

@@ -28,9 +28,9 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
 # KEYS: grants zset, costs hash, id counter. ARGV: window, horizon, 4 caps (-1: none),
-# the number of sends, then 4 costs per send. Returns delay, id pairs (id 0: not booked,
-# due more than a horizon away). Times go through string.format: Lua's own number to
-# string conversion keeps 14 digits, 0.1 ms of an epoch time.
+# the number of sends, then 4 costs per send. Returns Redis's now, then delay, id pairs
+# (id 0: not booked, due more than a horizon away). Times go through string.format:
+# Lua's own number to string conversion keeps 14 digits, 0.1 ms of an epoch time.
 _GRANT = (
     _NOW
     + """
@@ -50,7 +50,7 @@ for i = 1, #live, 2 do
   end
   rows[#rows + 1] = row
 end
-local out = {}
+local out = {string.format('%.6f', now)}
 for j = 0, count - 1 do
   local cost = {}
   for k = 1, 4 do cost[k] = tonumber(ARGV[7 + 4 * j + k]) end
@@ -223,6 +223,8 @@ class RedisStore:
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
+        if isinstance(task.exception(), ConfigError):
+            return  # unreachable: the meter says so, once, and goes on at a local share
         if not self._failed:
             self._failed = True
             log.warning("shared limits: an update to %s failed: %s", self.shown, task.exception())
@@ -236,14 +238,14 @@ class RedisStore:
 
     async def grant_many(
         self, ident: str, caps: list[float], window: float, costs: list[list[int]], horizon: float
-    ) -> list[tuple[float, int]]:
+    ) -> tuple[float, list[tuple[float, int]]]:
         keys = [f"fanflow:{{{ident}}}:{k}" for k in ("g", "c", "n")]
         args: list[Any] = [window, horizon, *(-1 if math.isinf(c) else c for c in caps)]
         args.append(len(costs))
         for cost in costs:
             args.extend(cost)
         out = await self._call("grant", keys, args)
-        return [(float(out[i]), int(out[i + 1])) for i in range(0, len(out), 2)]
+        return float(out[0]), [(float(out[i]), int(out[i + 1])) for i in range(1, len(out), 2)]
 
     def settle(self, ident: str, settles: list[tuple[int, list[int]]]) -> None:
         keys = [f"fanflow:{{{ident}}}:g", f"fanflow:{{{ident}}}:c"]

@@ -131,7 +131,7 @@ class SQLiteStore:
         window: float,
         costs: list[list[int]],
         horizon: float,
-    ) -> list[tuple[float, int]]:
+    ) -> tuple[float, list[tuple[float, int]]]:
         return await self._run(_grant_many, ident, caps, window, costs, horizon)
 
     def settle(self, ident: str, settles: list[tuple[int, list[int]]]) -> None:
@@ -170,7 +170,8 @@ def _grant_many(
     window: float,
     costs: list[list[int]],
     horizon: float,
-) -> list[tuple[float, int]]:
+) -> tuple[float, list[tuple[float, int]]]:
+    """(the store's now, (delay, grant id) per send: id 0 when not booked)."""
     db.execute("DELETE FROM grants WHERE ident = ? AND at <= ?", (ident, now - window))
     rows: list[tuple[float, ...]] = db.execute(
         "SELECT at, c0, c1, c2, c3 FROM grants WHERE ident = ? ORDER BY at, id", (ident,)
@@ -187,7 +188,7 @@ def _grant_many(
         )
         rows.append((t, *cost))
         answers.append((t - now, int(cur.lastrowid or 0)))
-    return answers
+    return now, answers
 
 
 def _settle(db: sqlite3.Connection, now: float, grant: int, costs: list[int]) -> None:

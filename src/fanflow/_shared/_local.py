@@ -1,0 +1,69 @@
+"""A process's own pacing while its shared store is unreachable: a local share.
+
+When Redis dies mid-run, the processes that shared its limits cannot see each other's
+bookings. Each goes on at its share: each limit divided by the most processes it has
+seen declared under the identity, booked by the stores' own rule
+(:func:`~fanflow._shared._sqlite.earliest`) on this process's clock. Decision 0214.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._sqlite import earliest
+
+__all__ = ["RETRY", "LocalShare"]
+
+# While local, the store is tried again at most this often (seconds).
+RETRY = 1.0
+
+
+class LocalShare:
+    """This process's share of one identity's limits, from ``now`` (a monotonic time).
+
+    Args:
+        caps: the identity's caps per rate (inf: none), margin taken.
+        share: the processes among which the limits are divided.
+        window: the stores' booking window (period + lease).
+        concurrency: the identity's concurrency limit (None: none).
+        now: when the store was lost.
+    """
+
+    __slots__ = ("_rows", "caps", "retry_at", "sent", "slots", "window")
+
+    def __init__(
+        self, caps: list[float], share: int, window: float, concurrency: int | None, now: float
+    ) -> None:
+        self.caps = [c / share for c in caps]
+        self.window = window
+        # As if this share's window were full when the store was lost: the store's
+        # bookings of the last window are still being sent, by every process.
+        full = [0 if math.isinf(c) else math.ceil(c) for c in self.caps]
+        self._rows: list[tuple[float, ...]] = [(now, *full)]
+        self.sent: list[tuple[float, ...]] = []  # the sends booked here: (time, costs)
+        # Slots this process may hold, those taken at the store before it was lost too.
+        self.slots = max(1, concurrency // share) if concurrency else 0
+        self.retry_at = now + RETRY
+
+    def book(self, costs: list[list[int]], horizon: float, now: float) -> list[tuple[float, int]]:
+        """(delay, grant id) per send, as a store answers: id -1 for one booked here,
+        0 for one due more than ``horizon`` away."""
+        cut = now - self.window
+        self._rows = [row for row in self._rows if row[0] > cut]
+        self.sent = [row for row in self.sent if row[0] > cut]
+        answers: list[tuple[float, int]] = []
+        for cost in costs:
+            t = max(now, earliest(self._rows, cost, self.caps, self.window))
+            if t - now > horizon:
+                answers.append((t - now, 0))
+                continue
+            row = (t, *cost)
+            self._rows.append(row)
+            self.sent.append(row)
+            answers.append((t - now, -1))
+        return answers
+
+    def recent(self, now: float) -> list[int]:
+        """The summed costs of the sends booked here in the last window."""
+        rows = [row for row in self.sent if row[0] > now - self.window]
+        return [int(sum(row[k] for row in rows)) for k in range(1, 5)]
