@@ -355,7 +355,10 @@ class _Call(Generic[T]):
             permit, reserved = None, None  # the fast path: nothing to wait for
         else:
             permit, reserved = await self._admit_by_deadline(number, hedge, wait_before)
-        start = await self._past_breaker(permit, reserved, loop.time())
+        start = loop.time()
+        breaker = self.breaker
+        if breaker is not None and breaker.active:
+            start = await self._past_breaker(breaker, permit, reserved, start)
         if sent is not None:
             sent.set()
         log_attempt_sent(self._who, number, self.request, hedge=hedge)
@@ -366,7 +369,6 @@ class _Call(Generic[T]):
             )
         response: Response | None = None
         failure: BaseException | None = None
-        breaker = self.breaker
         try:
             limit = self._limit(start)
             delay = self.hedge_delay
@@ -446,12 +448,9 @@ class _Call(Generic[T]):
             raise error from None
 
     async def _past_breaker(
-        self, permit: Permit | None, reserved: float | None, start: float
+        self, breaker: Breaker, permit: Permit | None, reserved: float | None, start: float
     ) -> float:
         """Let a cold or tripped breaker hold or end the admitted call; the send time."""
-        breaker = self.breaker
-        if breaker is None or not breaker.active:
-            return start
         try:
             stop = await breaker.admit(self.request, self, admitted=True)
         except BaseException:
