@@ -364,3 +364,21 @@ def test_without_the_extra_the_import_says_what_to_install() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'fanflow[otel]'" in out.stdout
+
+
+async def test_cached_input_tokens_from_the_prompt_cache_are_on_the_chat_spans(
+    telemetry: Telemetry,
+) -> None:
+    rules = "Label the review as positive or negative. " * 200  # well over 1,024 tokens
+    items = [f"review {i}" for i in range(12)]  # primed: the first call goes alone
+    async with (
+        SimServer(api_key=KEY, latency=1.0, prompt_cache=True) as server,
+        _openai(server) as llm,
+    ):
+        result = await fanflow.map(llm, "{input}", items, system=rules)
+    assert result.ok
+    chats = telemetry.spans("chat m")
+    cached = [s.attributes.get("gen_ai.usage.cache_read.input_tokens", 0) for s in chats]
+    read = [r.usage.cached_input_tokens for r in result.records]
+    assert sorted(cached) == sorted(read)
+    assert sum(1 for n in cached if n > 0) >= len(items) - 1  # all but the one that wrote it
