@@ -264,6 +264,8 @@ class CallRow:
     id: str | None = None
     input: str | None = None
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    cache_write_1h_input_tokens: int = 0
     cache_saved: float | None = None
 
     @property
@@ -337,6 +339,8 @@ def read_records(path: str) -> Iterator[CallRow]:
                     id=d.get("id"),
                     input=d.get("input"),
                     cached_input_tokens=int(d.get("cached_input_tokens") or 0),
+                    cache_write_input_tokens=int(d.get("cache_write_input_tokens") or 0),
+                    cache_write_1h_input_tokens=int(d.get("cache_write_1h_input_tokens") or 0),
                     cache_saved=d.get("cache_saved"),
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
