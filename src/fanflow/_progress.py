@@ -35,6 +35,7 @@ __all__ = [
     "ProgressStats",
     "Tracker",
     "cache_rows",
+    "cost_cell",
     "displaying",
     "format_duration",
     "plain_line",
@@ -268,17 +269,24 @@ def _cost(cost: float | None) -> str:
     return f"${cost:,.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.6f}"
 
 
+def cost_cell(cost: float | None, estimated: bool) -> str:
+    """A summary table's cost: ``n/a`` when unknown, marked when a cache price was
+    unknown (its tokens charged as plain input, so the cost is an upper bound)."""
+    return _cost(cost) + (" (estimated: a cache price is unknown)" if estimated else "")
+
+
 def _signed_cost(cost: float) -> str:
     return "-" + _cost(-cost) if cost < 0 else _cost(cost)
 
 
 def cache_rows(
-    read: int, written: int, written_1h: int, saved: float | None
+    read: int, written: int, written_1h: int, saved: float | None, *, estimated: bool = False
 ) -> list[tuple[str, str]]:
     """The prompt cache's rows of a summary table (the end-of-run summary and ``fanflow
     report``): tokens read, tokens written (for 5 minutes and for an hour), and what the
     cache saved against the same tokens uncached, as ``Summary.cache_saved`` counts it
-    (negative: the writes cost more than the reads saved). None when no call used it."""
+    (negative: the writes cost more than the reads saved; ``estimated``: a cache price
+    was unknown, its tokens counted as plain input). None when no call used it."""
     if not read and not written and saved is None:
         return []
     hour, five = written_1h, written - written_1h
@@ -290,6 +298,7 @@ def cache_rows(
         net = "n/a (no price, or no call made this run)"
     else:
         net = _signed_cost(saved) + (" (writes cost more than reads saved)" if saved < 0 else "")
+        net += " (estimated: a cache price is unknown)" if estimated else ""
     return [
         ("cache reads", f"{read:,} input tokens"),
         ("cache writes", f"{written:,} input tokens{ttl}"),
@@ -363,11 +372,10 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
     table.add_row("retries", f"{s.retries}")
     table.add_row("429s", f"{s.rate_limited}")
     table.add_row("tokens", f"{s.tokens:,} ({s.input_tokens:,} in, {s.output_tokens:,} out)")
-    mark = " (estimated: a cache price is unknown)" if s.cost_estimated else ""
-    table.add_row("cost", _cost(s.cost) + mark)
+    table.add_row("cost", cost_cell(s.cost, s.cost_estimated))
     cache = cache_rows(
         s.cached_input_tokens, s.cache_write_input_tokens, s.cache_write_1h_input_tokens,
-        s.cache_saved,
+        s.cache_saved, estimated=s.cost_estimated,
     )  # fmt: skip
     for name, value in cache:
         table.add_row(name, value)

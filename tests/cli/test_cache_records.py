@@ -14,7 +14,7 @@ import fanflow
 from fanflow import Request, Response, Usage
 from fanflow._progress import Tracker, render_summary
 from fanflow.cli._records import read_records, record_to_json
-from fanflow.cli._report import _cache_rows, summarize_rows
+from fanflow.cli._report import _cache_rows, render_html, summarize_rows
 from fanflow.testing import ScriptedLLM
 
 from .test_progress import render
@@ -146,3 +146,31 @@ def test_the_dry_run_gives_the_batch_cost_with_the_cache(run: Any, tmp_path: Pat
     batch = [line for line in done.stdout.splitlines() if "the first line writes" in line]
     assert len(batch) == 1
     assert batch[0].startswith("  with the cache about $")
+
+
+async def test_a_model_without_a_cache_price_is_marked_estimated_in_both_tables(
+    tmp_path: Path,
+) -> None:
+    # gemini-2.5-flash has no cache price: its cached tokens are charged as plain input
+    # (an upper bound), never as zero, and both tables say the cost is estimated.
+    def reply(request: Request) -> Response:
+        usage = Usage(3010, 5, cached_input_tokens=3000)
+        return Response("ok", usage=usage, model="gemini-2.5-flash")
+
+    tracker = Tracker(2, clock=asyncio.get_running_loop().time)
+    result = await fanflow.map(ScriptedLLM(reply), "{input}", ["a", "b"], hooks=[tracker])
+    assert result.summary.cost_estimated
+    assert result.summary.cost == pytest.approx(2 * (3010 * 0.30 + 5 * 2.50) / 1e6)
+    text = render(render_summary(tracker.snapshot()), width=120)
+    assert "(estimated: a cache price is unknown)" in text
+    # What the cache saved is unknown too: counted as nothing, and said so.
+    assert _rows(text)["cache saved"] == "$0.0000 (estimated: a cache price is unknown)"
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(record_to_json(r)) + "\n" for r in result.records))
+    summary = summarize_rows(list(read_records(str(path))))
+    assert summary.cost_estimated
+    assert dict(_cache_rows(summary))["cache saved"].endswith(
+        "(estimated: a cache price is unknown)"
+    )
+    page = render_html(list(read_records(str(path))), title="t")
+    assert "(estimated: a cache price is unknown)" in page

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
-from .._progress import cache_rows, format_duration
+from .._progress import cache_rows, cost_cell, format_duration
 from .._types import add_work, speedup_of
 from . import _base
 from ._records import CallRow, read_records
@@ -70,6 +70,7 @@ class ReportSummary:
     cache_write_input_tokens: int = 0
     cache_write_1h_input_tokens: int = 0
     cache_saved: float | None = None
+    cost_estimated: bool = False
 
     @property
     def failed(self) -> int:
@@ -103,6 +104,7 @@ def summarize_rows(rows: Sequence[CallRow]) -> ReportSummary:
         cache_write_input_tokens=sum(r.cache_write_input_tokens for r in rows),
         cache_write_1h_input_tokens=sum(r.cache_write_1h_input_tokens for r in rows),
         cache_saved=sum(saved) if saved else None,
+        cost_estimated=any(r.cost_estimated for r in rows),
     )
 
 
@@ -112,7 +114,7 @@ def _cache_rows(s: ReportSummary) -> list[tuple[str, Any]]:
     return list(
         cache_rows(
             s.cached_input_tokens, s.cache_write_input_tokens,
-            s.cache_write_1h_input_tokens, s.cache_saved,
+            s.cache_write_1h_input_tokens, s.cache_saved, estimated=s.cost_estimated,
         )
     )  # fmt: skip
 
@@ -394,7 +396,7 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline: Chart | None =
             f"{s.input_tokens + s.output_tokens:,} ({s.input_tokens:,} in, "
             f"{s.output_tokens:,} out)",
         ),
-        ("cost", "n/a" if s.cost is None else f"${s.cost:,.4f}"),
+        ("cost", cost_cell(s.cost, s.cost_estimated)),
         *_cache_rows(s),
         ("makespan", format_duration(s.makespan)),
         ("speed-up", "n/a" if s.speedup is None else f"{s.speedup:.1f}x"),
