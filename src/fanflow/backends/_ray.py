@@ -223,7 +223,7 @@ class _Driver:
         self.running = 0
         self.changed = asyncio.Event()
         self.restarts = 0
-        self.primed = False  # the first item runs alone before any shard (decision 0190)
+        self.primed = False  # the first item runs alone before any shard (decision 0275)
 
     async def run(self) -> int:
         """Run every item; return how many the source gave."""

@@ -111,11 +111,9 @@ def summarize_rows(rows: Sequence[CallRow]) -> ReportSummary:
 def _cache_rows(s: ReportSummary) -> list[tuple[str, Any]]:
     """The prompt cache's rows of the summary table, as the end-of-run summary shows
     them (none when no call used the cache)."""
-    return list(
-        cache_rows(
-            s.cached_input_tokens, s.cache_write_input_tokens,
-            s.cache_write_1h_input_tokens, s.cache_saved, estimated=s.cost_estimated,
-        )
+    return cache_rows(
+        s.cached_input_tokens, s.cache_write_input_tokens, s.cache_write_1h_input_tokens,
+        s.cache_saved, estimated=s.cost_estimated,
     )  # fmt: skip
 
 
