@@ -60,8 +60,13 @@ async def run(api: str, caching: bool, prime: bool | None, args: argparse.Namesp
         )
         makespan = loop.time() - t0
         stats = server.stats()
-    s = result.summary
-    assert s.succeeded == len(items), s
+    return {"makespan": makespan, **costs(api, result.summary, stats, args)}
+
+
+def costs(api: str, s: Any, stats: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """A run's input cost, the prefix's share of it, its misses and writes (``s``: the
+    batch's summary; ``stats``: the server's)."""
+    assert s.succeeded == args.items, s
     u = s.usage
     price = price_of(MODELS[api])
     assert price is not None
@@ -69,7 +74,6 @@ async def run(api: str, caching: bool, prime: bool | None, args: argparse.Namesp
     input_cost = price.cost(u.input_tokens, 0, cached=cached, written=written)
     own = price.cost(u.input_tokens - args.items * args.prefix, 0)  # the items' own text
     return {
-        "makespan": makespan,
         "input": input_cost,
         "prefix": input_cost - own,
         "misses": stats.cache_misses,
@@ -78,13 +82,26 @@ async def run(api: str, caching: bool, prime: bool | None, args: argparse.Namesp
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=1000)
-    parser.add_argument("--prefix", type=int, default=3000, help="shared tokens")
+#: The three cases of each API: (label, the server caches, prime=).
+CASES = (
+    ("no caching", False, False),
+    ("caching, no priming", True, False),
+    ("caching, priming", True, None),
+)
+
+
+def arguments(doc: str, items: int, prefix: int) -> tuple[argparse.Namespace, float]:
+    """The command line (--items, --prefix, --concurrency), and the makespan's bound."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--items", type=int, default=items)
+    parser.add_argument("--prefix", type=int, default=prefix, help="shared tokens")
     parser.add_argument("--concurrency", type=int, default=100)
     args = parser.parse_args()
-    bound = math.ceil(args.items / args.concurrency) * LATENCY
+    return args, math.ceil(args.items / args.concurrency) * LATENCY
+
+
+def main() -> None:
+    args, bound = arguments(__doc__, 1000, 3000)
     print(
         f"{args.items:,} items, {args.prefix:,}-token shared system prompt, "
         f"{args.concurrency} in flight, {LATENCY:g} s per call (bound {bound:g} s)"
@@ -93,11 +110,7 @@ def main() -> None:
           f"{'misses':>7} {'writes':>7} {'makespan':>9} {'vs bound':>9} {'CPU s':>6}")  # fmt: skip
     for api in ("openai", "anthropic"):
         base: dict[str, Any] | None = None
-        for label, caching, prime in (
-            ("no caching", False, False),
-            ("caching, no priming", True, False),
-            ("caching, priming", True, None),
-        ):
+        for label, caching, prime in CASES:
             loop = looptime.new_event_loop(start=0.0)
             cpu = time.process_time()
             try:

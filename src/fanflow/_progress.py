@@ -34,6 +34,8 @@ __all__ = [
     "PlainDisplay",
     "ProgressStats",
     "Tracker",
+    "cache_rows",
+    "cost_cell",
     "displaying",
     "format_duration",
     "plain_line",
@@ -73,6 +75,8 @@ class ProgressStats:
     batched: int = 0
     saved: float | None = None
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    cache_write_1h_input_tokens: int = 0
     cache_saved: float | None = None
     cost_estimated: bool = False
     answered_by: Mapping[str, int] = field(default_factory=dict)
@@ -165,8 +169,7 @@ class Tracker:
                 else:
                     reason = type(record.error).__name__
                 self._failures[reason] += 1
-            counts["input_tokens"] += record.usage.input_tokens
-            counts["output_tokens"] += record.usage.output_tokens
+            self._tokens(record)
             if record.cost is not None and not record.cached:  # a store hit costs nothing
                 self._cost = (self._cost or 0.0) + record.cost
                 self._cache(record)
@@ -187,9 +190,18 @@ class Tracker:
         if record.cascade_saved is not None:
             self._cascade_saved = (self._cascade_saved or 0.0) + record.cascade_saved
 
+    def _tokens(self, record: CallRecord[Any]) -> None:
+        """Count the call's tokens, the prompt cache's among them, as ``Summary.usage``
+        does (a store hit's too: its stored counts)."""
+        usage, counts = record.usage, self._counts
+        counts["input_tokens"] += usage.input_tokens
+        counts["output_tokens"] += usage.output_tokens
+        counts["cached_input_tokens"] += usage.cached_input_tokens
+        counts["cache_write_input_tokens"] += usage.cache_write_input_tokens
+        counts["cache_write_1h_input_tokens"] += usage.cache_write_1h_input_tokens
+
     def _cache(self, record: CallRecord[Any]) -> None:
-        """Count what the provider's prompt cache read and saved on this call."""
-        self._counts["cached_input_tokens"] += record.usage.cached_input_tokens
+        """Count what the provider's prompt cache saved on this call (made this run)."""
         if record.cache_saved is not None:
             self._cache_saved = (self._cache_saved or 0.0) + record.cache_saved
         self._estimated = self._estimated or record.cost_estimated
@@ -226,6 +238,8 @@ class Tracker:
             batched=c["batched"],
             saved=self._saved,
             cached_input_tokens=c["cached_input_tokens"],
+            cache_write_input_tokens=c["cache_write_input_tokens"],
+            cache_write_1h_input_tokens=c["cache_write_1h_input_tokens"],
             cache_saved=self._cache_saved,
             cost_estimated=self._estimated,
             answered_by=dict(self._answered_by),
@@ -253,6 +267,43 @@ def _cost(cost: float | None) -> str:
     if cost is None:
         return "n/a"
     return f"${cost:,.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.6f}"
+
+
+def cost_cell(cost: float | None, estimated: bool) -> str:
+    """A summary table's cost: ``n/a`` when unknown, marked when a cache price was
+    unknown (its tokens charged as plain input, so the cost is an upper bound)."""
+    return _cost(cost) + (" (estimated: a cache price is unknown)" if estimated else "")
+
+
+def _signed_cost(cost: float) -> str:
+    return "-" + _cost(-cost) if cost < 0 else _cost(cost)
+
+
+def cache_rows(
+    read: int, written: int, written_1h: int, saved: float | None, *, estimated: bool = False
+) -> list[tuple[str, str]]:
+    """The prompt cache's rows of a summary table (the end-of-run summary and ``fanflow
+    report``): tokens read, tokens written (for 5 minutes and for an hour), and what the
+    cache saved against the same tokens uncached, as ``Summary.cache_saved`` counts it
+    (negative: the writes cost more than the reads saved; ``estimated``: a cache price
+    was unknown, its tokens counted as plain input). None when no call used it."""
+    if not read and not written and saved is None:
+        return []
+    hour, five = written_1h, written - written_1h
+    if hour and five:
+        ttl = f" ({five:,} for 5 minutes, {hour:,} for 1 hour)"
+    else:
+        ttl = ", for 1 hour" if hour else ", for 5 minutes" if five else ""
+    if saved is None:
+        net = "n/a (no price, or no call made this run)"
+    else:
+        net = _signed_cost(saved) + (" (writes cost more than reads saved)" if saved < 0 else "")
+        net += " (estimated: a cache price is unknown)" if estimated else ""
+    return [
+        ("cache reads", f"{read:,} input tokens"),
+        ("cache writes", f"{written:,} input tokens{ttl}"),
+        ("cache saved", net),
+    ]
 
 
 def _done(s: ProgressStats) -> str:
@@ -321,11 +372,13 @@ def render_summary(s: ProgressStats, *, title: str = "fanflow summary", unit: st
     table.add_row("retries", f"{s.retries}")
     table.add_row("429s", f"{s.rate_limited}")
     table.add_row("tokens", f"{s.tokens:,} ({s.input_tokens:,} in, {s.output_tokens:,} out)")
-    mark = " (estimated: a cache price is unknown)" if s.cost_estimated else ""
-    table.add_row("cost", _cost(s.cost) + mark)
-    if s.cached_input_tokens or s.cache_saved is not None:
-        saved = "" if s.cache_saved is None else f", saved {_cost(s.cache_saved)}"
-        table.add_row("prompt cache", f"{s.cached_input_tokens:,} input tokens read{saved}")
+    table.add_row("cost", cost_cell(s.cost, s.cost_estimated))
+    cache = cache_rows(
+        s.cached_input_tokens, s.cache_write_input_tokens, s.cache_write_1h_input_tokens,
+        s.cache_saved, estimated=s.cost_estimated,
+    )  # fmt: skip
+    for name, value in cache:
+        table.add_row(name, value)
     if s.batched:
         table.add_row("batched", f"{s.batched} ({s.done - s.batched} other)")
         if s.saved is not None:

@@ -207,6 +207,32 @@ async def test_a_field_no_item_has_is_found_before_any_call_on_ray_too() -> None
     assert result.outputs == [f"echo: t{i}" for i in range(50)]
 
 
+async def test_a_primed_map_on_ray_misses_the_prompt_cache_once() -> None:
+    # Priming (decision 0190) on Ray: the first item runs alone on one worker before
+    # any shard is sent, so every other call, on either worker, reads the prefix it
+    # cached. The server makes a prefix readable when a call's 0.5 s are over.
+    system = " ".join(f"rule{i}" for i in range(2000))  # 2,000 SimServer tokens
+    items = ITEMS[:30]
+    async with SimServer(latency=0.5, prompt_cache=True) as server:
+        llm = _handle(server)
+        backend = RayBackend(workers=2, shard_size=7)
+        primed = await fanflow.map(llm, "Say {input}", items, system=system, backend=backend)
+        stats = server.stats()
+        server.reset()  # counters and cache afresh
+        naive = await fanflow.map(
+            llm, "Say {input}", items, system=system, backend=backend, prime=False
+        )
+        unprimed = server.stats()
+        await llm.aclose()
+    assert primed.ok, [str(e) for e in primed.errors.values()][:1]
+    assert (stats.cache_misses, stats.cache_hits) == (1, len(items) - 1)
+    assert primed.records[0].usage.cached_input_tokens == 0
+    assert all(r.usage.cached_input_tokens > 0 for r in primed.records[1:])
+    # Unprimed, each worker sends its first shard's 7 calls at once: all of them miss.
+    assert naive.ok
+    assert unprimed.cache_misses >= 7
+
+
 async def _wait_for(condition: Any, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         # Polls another process's state (the server's counters), not a local event.

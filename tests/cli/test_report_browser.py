@@ -130,3 +130,48 @@ def test_screenshot_of_the_report(report: Path, tmp_path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (WIDTH, 2400)
+
+
+def test_the_prompt_cache_rows_are_on_the_page(run: Run, tmp_path: Path) -> None:
+    # An Anthropic-style run with a 2,000-token system prompt, primed (the default): the
+    # first call writes the prefix, the other 19 read it. The end-of-run summary and the
+    # report, read in the browser, show the same reads, writes and saving.
+    from fanflow.testing import SimServer
+
+    system = " ".join(f"rule{i}" for i in range(2000))
+    (tmp_path / "in.txt").write_text("".join(f"item {i}\n" for i in range(20)))
+    with SimServer(latency=0.02, prompt_cache=True) as server:
+        done = run(
+            "map", "in.txt", "-p", "{input}", "--provider", "anthropic", "--base-url",
+            server.url, "--model", "claude-sonnet-4-5", "--system", system,
+            "--max-tokens", "10", "--records", "calls.jsonl", "-o", "out.jsonl",
+            env={"ANTHROPIC_API_KEY": "sk-ant-test-SECRET"},
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    read = sum(line["cached_input_tokens"] for line in lines)
+    written = sum(line["cache_write_input_tokens"] for line in lines)
+    saved = sum(line["cache_saved"] for line in lines)
+    assert sum(line["cache_write_input_tokens"] > 0 for line in lines) == 1
+    assert read == 19 * written > 0
+    expected = {
+        "cache reads": f"{read:,} input tokens",
+        "cache writes": f"{written:,} input tokens, for 5 minutes",
+        "cache saved": f"${saved:,.4f}",
+    }
+    summary = {
+        name: value.strip()
+        for name, _, value in (x.strip().partition("  ") for x in done.stderr.splitlines())
+        if name.startswith("cache ")
+    }
+    assert summary == expected
+    assert "sk-ant-test-SECRET" not in done.stderr
+    done = run("report", "calls.jsonl", "-o", "report.html")
+    assert done.returncode == 0, done.stderr
+    m = measure(tmp_path / "report.html", tmp_path)
+    texts = [t["text"] for t in m["texts"]]
+    for name, value in expected.items():
+        at = texts.index(name)
+        assert texts[at + 1] == value, texts[at : at + 2]
+    small = [t for t in m["texts"] if t["size"] < READABLE_PX]
+    assert not small, small[:5]

@@ -133,6 +133,33 @@ async def test_constant_text_after_a_field_is_said_once_and_not_primed(
     said = [r.getMessage() for r in caplog.records if "constant text" in r.getMessage()]
     assert len(said) == 1
     assert "after its first field {input}" in said[0]
+    # What to do, and why fanflow does not do it itself; never the prompt's text.
+    assert "put that text before the first field (or in system=)" in said[0]
+    assert "fanflow does not reorder a prompt" in said[0]
+    assert "not primed" in said[0]
+    assert "rule1" not in said[0]
+
+
+async def test_constant_text_after_a_field_is_said_when_moving_it_would_make_it_cacheable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 600 words of system prompt and 600 of instructions after the field: by fanflow's
+    # estimate (600 to 900 tokens each) neither is long enough to cache alone, both
+    # together are (OpenAI: from 1,024).
+    half = " ".join(["rules"] * 600)
+    server = SimServer(latency=LATENCY, prompt_cache=True, keep_requests=False)
+    caplog.set_level(logging.WARNING, logger="fanflow")
+    async with server, _warm(server) as llm:
+        await fanflow.map(llm, "{input}\n\n" + half, ITEMS, system=half, concurrency=100)
+    said = [r.getMessage() for r in caplog.records if "constant text" in r.getMessage()]
+    assert len(said) == 1
+    assert "under the 1024 the provider caches from" in said[0]
+    # The same template without the system prompt could not be cached either way.
+    caplog.clear()
+    server = SimServer(latency=LATENCY, prompt_cache=True, keep_requests=False)
+    async with server, _warm(server) as llm:
+        await fanflow.map(llm, "{input}\n\n" + half, ITEMS, concurrency=100)
+    assert not [r for r in caplog.records if "constant text" in r.getMessage()]
 
 
 @pytest.mark.parametrize(("prime", "misses"), [(None, 1), (False, 20)])

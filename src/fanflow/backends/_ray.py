@@ -223,6 +223,7 @@ class _Driver:
         self.running = 0
         self.changed = asyncio.Event()
         self.restarts = 0
+        self.primed = False  # the first item runs alone before any shard (decision 0275)
 
     async def run(self) -> int:
         """Run every item; return how many the source gave."""
@@ -245,6 +246,8 @@ class _Driver:
         self.ray = ray
         slots = _workers(ray, self.broker, n, backend.worker_cpus)
         try:
+            if self.primed:
+                await self._prime(slots[0])
             async with asyncio.TaskGroup() as tg:
                 for slot in slots:
                     for _ in range(_IN_FLIGHT_PER_WORKER):
@@ -265,6 +268,18 @@ class _Driver:
         ending = [slot.actor.end_run.remote(self.run_id) for slot in slots]
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*ending, return_exceptions=True), 30.0)
+
+    async def _prime(self, slot: _Slot) -> None:
+        """A primed batch's first item, a shard of its own on one worker, before any
+        other shard is sent: its prompt's prefix enters the provider's cache once, and
+        every later call, on any worker, reads it (the workers share no gate to release
+        the others at the first token, so they wait for the whole call)."""
+        source = self.source
+        got = await source.next() if source.is_async else source.next_sync()
+        if got is None:
+            self.exhausted = True
+            return
+        await self._run_shard(slot, [got])
 
     async def _next_shard(self) -> list[tuple[int, Any]] | None:
         while True:
@@ -391,6 +406,7 @@ class RayMapBatch:
         self.hooks: tuple[Hook, ...] = (*spec.hooks, *INSTALLED)
         self.fail_fast = spec.fail_fast
         self.check_first = spec.check_first
+        self.prime = spec.prime
         durable = self.durable = spec.durable
         self.n_workers, per_worker = _workers_for(backend, concurrency)
         self.window = per_worker if per_worker is not None else window(spec.llm, None, None)
@@ -454,6 +470,9 @@ class RayMapBatch:
             # As the local backend does: a field none of the first items has is a
             # mistake in the template, found before any shard goes to a worker.
             check.check(await driver.source.peek(check.count))
+        prime = self.prime
+        if prime is not None and isinstance(driver.source, Source):
+            driver.primed = bool(prime.check(await driver.source.peek(prime.count)))
         try:
             if durable is None:
                 await driver.run()

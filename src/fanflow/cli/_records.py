@@ -264,7 +264,10 @@ class CallRow:
     id: str | None = None
     input: str | None = None
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    cache_write_1h_input_tokens: int = 0
     cache_saved: float | None = None
+    cost_estimated: bool = False
 
     @property
     def latency(self) -> float | None:
@@ -337,7 +340,10 @@ def read_records(path: str) -> Iterator[CallRow]:
                     id=d.get("id"),
                     input=d.get("input"),
                     cached_input_tokens=int(d.get("cached_input_tokens") or 0),
+                    cache_write_input_tokens=int(d.get("cache_write_input_tokens") or 0),
+                    cache_write_1h_input_tokens=int(d.get("cache_write_1h_input_tokens") or 0),
                     cache_saved=d.get("cache_saved"),
+                    cost_estimated=bool(d.get("cost_estimated")),
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 if not line.endswith("\n") and isinstance(exc, json.JSONDecodeError):

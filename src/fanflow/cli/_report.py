@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
-from .._progress import format_duration
+from .._progress import cache_rows, cost_cell, format_duration
 from .._types import add_work, speedup_of
 from . import _base
 from ._records import CallRow, read_records
@@ -67,7 +67,10 @@ class ReportSummary:
     makespan: float
     busy_time: float | None
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    cache_write_1h_input_tokens: int = 0
     cache_saved: float | None = None
+    cost_estimated: bool = False
 
     @property
     def failed(self) -> int:
@@ -98,16 +101,20 @@ def summarize_rows(rows: Sequence[CallRow]) -> ReportSummary:
         makespan=(max(ends) - min(starts)) if starts and ends else 0.0,
         busy_time=_work(rows),
         cached_input_tokens=sum(r.cached_input_tokens for r in rows),
+        cache_write_input_tokens=sum(r.cache_write_input_tokens for r in rows),
+        cache_write_1h_input_tokens=sum(r.cache_write_1h_input_tokens for r in rows),
         cache_saved=sum(saved) if saved else None,
+        cost_estimated=any(r.cost_estimated for r in rows),
     )
 
 
 def _cache_rows(s: ReportSummary) -> list[tuple[str, Any]]:
-    """The prompt cache's line of the summary table (none when no call used it)."""
-    if not s.cached_input_tokens and s.cache_saved is None:
-        return []
-    saved = "" if s.cache_saved is None else f", saved ${s.cache_saved:,.4f}"
-    return [("prompt cache", f"{s.cached_input_tokens:,} input tokens read{saved}")]
+    """The prompt cache's rows of the summary table, as the end-of-run summary shows
+    them (none when no call used the cache)."""
+    return cache_rows(
+        s.cached_input_tokens, s.cache_write_input_tokens, s.cache_write_1h_input_tokens,
+        s.cache_saved, estimated=s.cost_estimated,
+    )  # fmt: skip
 
 
 def _work(rows: Sequence[CallRow]) -> float | None:
@@ -387,7 +394,7 @@ def render_html(rows: Sequence[CallRow], *, title: str, timeline: Chart | None =
             f"{s.input_tokens + s.output_tokens:,} ({s.input_tokens:,} in, "
             f"{s.output_tokens:,} out)",
         ),
-        ("cost", "n/a" if s.cost is None else f"${s.cost:,.4f}"),
+        ("cost", cost_cell(s.cost, s.cost_estimated)),
         *_cache_rows(s),
         ("makespan", format_duration(s.makespan)),
         ("speed-up", "n/a" if s.speedup is None else f"{s.speedup:.1f}x"),

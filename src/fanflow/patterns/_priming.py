@@ -12,8 +12,9 @@ prefix at least the model's cache minimum long, the handle's provider caches pro
 (OpenAI's API and the servers that speak it; Anthropic's, with its ``cache_control``
 placed by fanflow), and there are more than :data:`PRIME_MIN_ITEMS` items. A system
 prompt that differs between items while each is long enough to cache (a timestamp in
-it), or a template whose long constant text comes after a field, means nothing can be
-cached: said once, on the ``fanflow`` logger, and not primed.
+it), or a template whose constant text after a field would, put first, make the shared
+prefix long enough, means nothing can be cached: said once, on the ``fanflow`` logger,
+and not primed. fanflow never reorders a prompt to fix it (decision 0276).
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def _common_prefix(texts: Sequence[str]) -> str:
     return first[:n]
 
 
-def _late_constant(prompt: object, minimum: int) -> tuple[int, str] | None:
-    """A template's constant text after its first field, when that alone is long enough
-    to cache: its estimated tokens and the field (None otherwise)."""
+def _late_constant(prompt: object, prefix: Prefix) -> tuple[int, str] | None:
+    """A template's constant text after its first field, when moving it before the
+    field would give the calls a prefix long enough to cache: its estimated tokens and
+    the field (None otherwise)."""
     if not isinstance(prompt, str):
         return None
     parts = list(string.Formatter().parse(prompt))
@@ -113,7 +115,7 @@ def _late_constant(prompt: object, minimum: int) -> tuple[int, str] | None:
         return None
     after = "".join(literal for literal, _, _, _ in parts[1:])
     tokens = estimate_tokens(after)
-    return (tokens, first) if tokens >= minimum else None
+    return (tokens, first) if tokens and prefix.tokens + tokens >= prefix.minimum else None
 
 
 def _system_varies(requests: Sequence[Request], minimum: int) -> int | None:
@@ -144,13 +146,19 @@ def should_prime(
         return False
     if prefix.cacheable:
         return True
-    late = _late_constant(getattr(build, "prompt", None), prefix.minimum)
+    late = _late_constant(getattr(build, "prompt", None), prefix)
     if late is not None:
+        # Advice, never a rewrite: moving the user's text would change the prompt
+        # (decision 0276).
         log.warning(
-            "fanflow.%s: the prompt template has ~%d tokens of constant text after its "
-            "first field {%s}, so the provider can cache none of it; put the constant "
-            "text first (or in system=) and the fields after it",
+            "fanflow.%s: the calls share ~%d tokens of prompt, under the %d the provider "
+            "caches from, because ~%d tokens of the template's constant text come after "
+            "its first field {%s}; put that text before the first field (or in system=) "
+            "to have it cached. fanflow does not reorder a prompt (that would change what "
+            "the model is asked); the calls are not primed",
             pattern,
+            prefix.tokens,
+            prefix.minimum,
             *late,
         )
     varies = _system_varies(requests, prefix.minimum)
