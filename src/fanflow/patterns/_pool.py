@@ -346,8 +346,8 @@ class Pool:
 
     def _check_first_inputs(self, first: Sequence[Mapping[str, Any]]) -> None:
         """A key that the runner needs from its input and that none of the first inputs
-        has is a mistake in the steps (or the data), found before any call (issue 13.2;
-        the rule of ``patterns._prompt.check_first_items``)."""
+        has is a mistake in the steps (or the data), found before any call (the rule of
+        ``patterns._prompt.check_first_items``)."""
         chain = self._run.chain if isinstance(self._run, _Single) else self._run
         if not first:
             return
