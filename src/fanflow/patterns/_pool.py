@@ -27,7 +27,7 @@ from .._events import Hook, observed
 from .._exceptions import ConfigError, StepInputError
 from .._pricing import Price
 from .._progress import with_progress
-from .._sync import run as run_sync
+from .._sync import blocking
 from .._types import CallRecord, Status
 from ..backends._base import Backend, HandleFor, PoolSpec
 from ..backends._batch import BatchOptions
@@ -367,10 +367,6 @@ class Pool:
                     field=key,
                 )
 
-    def run(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
-        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
-        return run_sync(lambda: self.arun(only_failed=only_failed, progress=progress))
-
     @with_progress
     @observed("pool")
     async def arun(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
@@ -440,6 +436,8 @@ class Pool:
             records=tuple(c for r in items for c in r.records),
             makespan=now() - started,
         )
+
+    run = blocking(arun)
 
     def _moved(self, index: int, step: str, started: bool) -> None:
         """The backend moved input ``index`` into or out of ``step``."""
