@@ -19,7 +19,7 @@ import pytest
 import fanflow
 from fanflow import Status
 from fanflow._breaker import COLD_CALLS
-from fanflow._exceptions import RateLimited
+from fanflow.errors import RateLimited
 from fanflow.testing import SimServer
 
 pytestmark = pytest.mark.looptime

@@ -5,7 +5,7 @@ import pickle
 import pytest
 
 import fanflow
-from fanflow import _exceptions as ex
+from fanflow import errors as ex
 
 ALL_ERRORS = [
     getattr(ex, name)

@@ -8,6 +8,7 @@ the test's); they wait on real events, bounded.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import threading
 import time
@@ -97,3 +98,18 @@ async def test_interrupting_a_notebook_run_cancels_its_calls(notebook: Interacti
     # helper still running would start about 30 more calls meanwhile.
     time.sleep(0.3)  # noqa: ASYNC251
     assert len(started) == at_interrupt
+
+
+def test_sync_run_is_the_async_run_of_the_object_it_is_called_on() -> None:
+    # One helper makes every sync run(); it must call the object's own arun (a
+    # subclass's too) with the arguments given, and keep arun's signature for help().
+    class Loud(fanflow.Skill):
+        async def arun(self, *args: object, **kwargs: object) -> fanflow.results.SkillResult:
+            result = await super().arun(*args, **kwargs)  # type: ignore[arg-type]
+            return fanflow.results.SkillResult(result.status, value=f"{result.value}!")
+
+    llm = fanflow.function(lambda r: r.prompt.upper())
+    assert fanflow.Skill(llm, "{x}").run({"x": "hi"}).value == "HI"
+    assert Loud(llm, "{x}").run(x="hi").value == "HI!"
+    assert fanflow.Skill.run.__name__ == "run"
+    assert "progress" in inspect.signature(fanflow.Pool.run).parameters

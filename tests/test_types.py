@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -40,6 +41,18 @@ def test_key_is_independent_of_mapping_order() -> None:
     a = Request.of("x", response_format={"type": "json", "schema": {"a": 1, "b": 2}})
     b = Request.of("x", response_format={"schema": {"b": 2, "a": 1}, "type": "json"})
     assert a.key == b.key
+
+
+def test_with_options_is_dataclasses_replace() -> None:
+    # The slot copy (decision 0265) must give what replace gives, key included.
+    r = Request.of("hi", system="s", temperature=0.5, metadata={"m": 1})
+    r.key  # noqa: B018 - caches the key on r
+    copy = r.with_options(temperature=0.9, max_tokens=7)
+    assert copy == dataclasses.replace(r, temperature=0.9, max_tokens=7)
+    assert copy.key == dataclasses.replace(r, temperature=0.9, max_tokens=7).key != r.key
+    assert copy.metadata == {"m": 1}
+    with pytest.raises(TypeError, match="no field"):
+        r.with_options(temprature=1)
 
 
 def test_usage_adds_up() -> None:

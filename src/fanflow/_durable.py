@@ -52,9 +52,7 @@ T = TypeVar("T")
 
 
 #: Bumped whenever what goes into a cache key changes: entries stored under an older
-#: version are never served (they stay in the file, unused). v2 added the handle's
-#: identity (protocol, endpoint, options): v1 keys let one server's answers be served
-#: for another's.
+#: version are never served (they stay in the file, unused; docs/decisions/0090).
 CACHE_KEY_VERSION = 2
 
 

@@ -50,40 +50,6 @@ from ._batchinfo import batch_extra
 if TYPE_CHECKING:
     from ._types import RateLimitState
 
-__all__ = [
-    "RETRYABLE",
-    "AllFailed",
-    "AuthenticationError",
-    "BadRequest",
-    "BatchError",
-    "BatchIncomplete",
-    "BudgetExceeded",
-    "CallTimeout",
-    "CircuitOpen",
-    "ConfigError",
-    "ContentFiltered",
-    "DeploymentsFailed",
-    "FanflowError",
-    "NotFound",
-    "Overloaded",
-    "ParseError",
-    "PermissionDenied",
-    "ProtocolError",
-    "ProviderConnectionError",
-    "ProviderError",
-    "ProviderTimeout",
-    "QuorumNotMet",
-    "QuotaExceeded",
-    "RateLimited",
-    "RequestTooLarge",
-    "ServerError",
-    "Skipped",
-    "StepInputError",
-    "StoreError",
-    "TemplateError",
-    "is_retryable",
-]
-
 #: What a retryable error's message says about retrying. Neutral on purpose: whether it
 #: is sent again depends on the call's retry policy (none, or attempts used up).
 RETRYABLE = "retryable: sent again if the retry policy allows"

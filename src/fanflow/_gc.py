@@ -1,15 +1,11 @@
 """Python's cyclic GC during a batch: fewer young-generation collections.
 
-A call in flight holds a few dozen container objects (its coroutine frames, the request,
-aiohttp's response, futures, timer handles). At CPython's default first threshold (700
-allocations net of deallocations) a batch with 100 calls in flight runs a generation-0
-collection every few calls, and each one walks every young object of every call still in
-flight: about 10% of the client's CPU per call in ``benchmarks/providers.py``, for
-almost nothing collected (the calls' objects are freed by reference counting). While at
-least one batch runs, :func:`batch_gc` raises the first threshold to
-``BATCH_GC_THRESHOLD`` (a few MB more of young objects at most) and puts the previous
-one back when the last batch ends; a threshold the user set higher, or changed during
-the batch, is left alone. See docs/decisions/0150-gc-during-batches.md.
+Each call in flight holds a few dozen young container objects that reference counting
+frees; at CPython's default first threshold (700) a batch runs a generation-0 collection
+every few calls, each walking every call still in flight. While at least one batch runs,
+:func:`batch_gc` raises the first threshold to ``BATCH_GC_THRESHOLD`` and puts the
+previous one back when the last batch ends; a threshold the user set higher, or changed
+during the batch, is left alone. See docs/decisions/0150-gc-during-batches.md.
 """
 
 from __future__ import annotations

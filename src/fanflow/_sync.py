@@ -20,17 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._exceptions import ConfigError
 
-__all__ = ["in_notebook", "run"]
+__all__ = ["blocking", "in_notebook", "run"]
 
 T = TypeVar("T")
+S = TypeVar("S")
+P = ParamSpec("P")
 
 # Seconds an interrupted run waits for its helper thread's work to stop (cancellation
 # is prompt; this bounds a call stuck in native code).
@@ -154,6 +157,24 @@ class _Helper:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def blocking(method: Callable[Concatenate[S, P], Awaitable[T]]) -> Callable[Concatenate[S, P], T]:
+    """The synchronous twin of an async method (``run = blocking(arun)``), by :func:`run`."""
+
+    name = method.__name__
+
+    @functools.wraps(method)
+    def sync(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        bound: Callable[P, Awaitable[T]] = getattr(self, name)  # a subclass's own, if any
+        return run(lambda: bound(*args, **kwargs))
+
+    sync.__name__ = "run"
+    sync.__qualname__ = method.__qualname__.rpartition(".")[0] + ".run"
+    sync.__doc__ = (
+        f"Synchronous :meth:`{name}` for scripts and notebooks (see :func:`fanflow.run`)."
+    )
+    return sync
 
 
 async def _as_coroutine(

@@ -5,14 +5,11 @@ the most the reply may use (``max_tokens``, else :data:`DEFAULT_OUTPUT_TOKENS`).
 the reply, reservations are settled against the usage the server reports.
 
 The prompt is counted by tiktoken's ``o200k_base`` encoding when tiktoken is installed
-*and* its encoding file is already in tiktoken's cache: tiktoken downloads encodings at
-first use, which fails offline (checked on this machine: a ``ConnectionError``), so
-fanflow never lets it try. Otherwise it uses the documented rule of thumb "one token is
-about four characters of English text" (OpenAI's tokenizer guide), rounded up, for ASCII
-text, and one token per character outside ASCII (where tokenizers spend a token or more
-per character: CJK, emoji), plus the
-chat format's overhead of 3 tokens per message and 3 to prime the reply (OpenAI
-cookbook, "How to count tokens with tiktoken"). See docs/decisions/0041-token-estimates.md.
+*and* its encoding file is already in tiktoken's cache (tiktoken downloads encodings at
+first use, which fails offline, so fanflow never lets it try). Otherwise: one token per
+four ASCII characters (OpenAI's tokenizer guide), rounded up, one per character outside
+ASCII (CJK, emoji), plus 3 tokens per message and 3 to prime the reply (OpenAI cookbook).
+See docs/decisions/0041-token-estimates.md.
 """
 
 from __future__ import annotations

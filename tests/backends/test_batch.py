@@ -395,8 +395,8 @@ async def test_a_batch_created_just_before_a_crash_is_found_by_its_token(tmp_pat
     """The journal held only the intent (the process died while the batch was being
     created): the next run finds the batch by the token in its metadata, not anew."""
     from fanflow._durable import cache_key
+    from fanflow.backends import BatchOptions as Opts
     from fanflow.backends._batch import INTENT, BatchQueue, MemoryJournal
-    from fanflow.backends._batch import BatchOptions as Opts
 
     items = ["a", "b", "c"]
     async with SimServer(batches=SimBatches(time=5.0)) as server:

@@ -72,7 +72,7 @@ class _FullDisk(io.StringIO):
 
 
 def test_a_full_disk_is_reported_once_and_closing_never_raises() -> None:
-    from fanflow._types import CallRecord, Status
+    from fanflow import CallRecord, Status
 
     said: list[str] = []
     writer = RecordsWriter(_FullDisk(), paths=["records/j.jsonl"], warn=said.append)

@@ -237,8 +237,6 @@ def test_a_new_event_loop_keeps_the_rate_limits_reservations() -> None:
     # burst. Real time, as above; the second loop starts well within the 1 s window.
     import asyncio
 
-    from fanflow._llm import lane_of
-
     with SimServer(latency=0.05, rpm=50, period=1.0, keep_requests=False) as server:
         llm = _llm(server, limits=Limits(rpm=50, period=1.0))
 
@@ -247,7 +245,7 @@ def test_a_new_event_loop_keeps_the_rate_limits_reservations() -> None:
             return result.ok
 
         async def counted() -> float:
-            bucket = lane_of(llm)._buckets[0][0]
+            bucket = llm.lane()._buckets[0][0]
             now = asyncio.get_running_loop().time()
             return sum(s.cost for s in bucket._log if s.time <= now < s.time + bucket.period)
 

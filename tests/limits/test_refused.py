@@ -12,14 +12,12 @@ from dataclasses import dataclass
 import pytest
 
 import fanflow
-from fanflow import Limits, RetryPolicy
+from fanflow import Limits, Request, Response, RetryPolicy, Status
 from fanflow._breaker import PROBE_AFTER, Breaker
-from fanflow._exceptions import CircuitOpen, RateLimited
 from fanflow._llm import lane_of
-from fanflow._types import Request, Response, Status
-from fanflow.testing import ScriptedLLM, SimServer
+from fanflow.errors import CircuitOpen, RateLimited
+from fanflow.testing import ScriptedLLM, SimRequest, SimServer
 from fanflow.testing._sim import FaultKind
-from fanflow.testing._simwire import SimRequest
 
 pytestmark = pytest.mark.looptime
 

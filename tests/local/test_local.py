@@ -259,7 +259,7 @@ async def test_response_format_is_refused_clearly(llm: LocalLLM) -> None:
 async def test_a_written_body_runs_or_is_refused_naming_what_it_cannot_send(
     llm: LocalLLM,
 ) -> None:
-    from fanflow._exceptions import BadRequest
+    from fanflow.errors import BadRequest
     from fanflow.patterns._requests import request_of
 
     messages = [{"role": "user", "content": "Hi"}]

@@ -14,8 +14,7 @@ import pytest
 import fanflow
 from fanflow import ConfigError, Price
 from fanflow.routing import agreement
-from fanflow.testing import SimServer
-from fanflow.testing._simwire import SimRequest
+from fanflow.testing import SimRequest, SimServer
 
 pytestmark = pytest.mark.looptime
 

@@ -16,8 +16,7 @@ import fanflow
 import fanflow.events
 from fanflow import ConfigError, Limits, Status
 from fanflow.routing import FAILING_AFTER, Deployment, DeploymentsFailed
-from fanflow.testing import SimServer
-from fanflow.testing._simwire import SimRequest
+from fanflow.testing import SimRequest, SimServer
 
 pytestmark = pytest.mark.looptime
 

@@ -17,12 +17,12 @@ import dataclasses
 import logging
 import shlex
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._exceptions import CircuitOpen, ConfigError, StoreError
 from .._pricing import Price, load_prices
-from .._progress import ProgressStats, Tracker, render_summary
+from .._progress import ProgressStats, Tracker, drive, render_summary
 from ._console import make_display
 from ._deployments import DEPLOYMENT_EXAMPLE
 from ._interrupt import Interrupts
@@ -44,6 +44,7 @@ __all__ = [
     "Parser",
     "common_options",
     "display",
+    "driving",
     "finish",
     "flags",
     "io_options",
@@ -468,3 +469,32 @@ def display(args: argparse.Namespace, console: Any, tracker: Tracker, bad: Bad) 
     bad.note = note
     bad.tracker = tracker
     return display
+
+
+@dataclasses.dataclass
+class Driven:
+    """Whether a Ctrl-C ended the block :func:`driving` ran."""
+
+    interrupted: bool = False
+
+
+@contextlib.asynccontextmanager
+async def driving(tracker: Tracker, display: Any) -> AsyncIterator[Driven]:
+    """Draw ``display`` while the block runs, and stop the tracker after it.
+
+    Only the command's Ctrl-C cancels the block: it ends there, ``interrupted`` is set and
+    the cancellation is not re-raised, so the command can report and exit 130.
+    """
+    driven = Driven()
+    driver = asyncio.ensure_future(drive(display))
+    try:
+        yield driven
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        driven.interrupted = True
+    finally:
+        tracker.stop()
+        driver.cancel()
+        await asyncio.gather(driver, return_exceptions=True)

@@ -1,20 +1,9 @@
 """Ctrl-C for the command line: delivered by the event loop, never in mid-statement.
 
-``asyncio.run`` (Python 3.11) handles SIGINT with a Python-level signal handler, and
-Python runs such a handler between any two bytecodes of the main thread: it cancels the
-main task right there. When that lands inside ``asyncio.Queue.put_nowait``, between
-``if not waiter.done()`` and ``waiter.set_result(None)`` in ``Queue._wakeup_next``, the
-getter being woken (the CLI's main task, waiting for the next record of the map's
-result stream) is cancelled under the producer's feet; ``set_result`` then raises
-``InvalidStateError`` in the producer and the run ends in a traceback with exit 1
-instead of 130 (issue 13: about one Ctrl-C in 160). Any other check-then-act on a
-future the main task waits for has the same window.
-
-Here the loop's own signal handling is used instead (``loop.add_signal_handler``: the
-signal only writes a byte to the loop's wakeup pipe, and the handler runs as an ordinary
-callback between two callbacks), so the main task is cancelled at a point where every
-asyncio primitive is consistent. A second Ctrl-C stops at once (KeyboardInterrupt), as
-``asyncio.run`` does. Once the loop is done, a Ctrl-C is only counted: closing the
+SIGINT goes through ``loop.add_signal_handler``, so the main task is cancelled between
+two callbacks, where every asyncio primitive is consistent (``asyncio.run``'s handler
+can cancel it between any two bytecodes: docs/decisions/0096). A second Ctrl-C stops at
+once (KeyboardInterrupt). Once the loop is done, a Ctrl-C is only counted: closing the
 output, records and store files is never cut short, and the command still exits 130.
 """
 

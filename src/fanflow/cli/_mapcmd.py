@@ -8,7 +8,6 @@ small reorder buffer), and feeds the engine's events to the progress display.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 from .._exceptions import CircuitOpen, ConfigError, TemplateError
 from .._llm import BaseLLM
-from .._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, Tracker, drive
+from .._progress import LiveDisplay, PlainDisplay, ProgressStats, QuietDisplay, Tracker
 from .._types import CallRecord
 from ..patterns import as_completed
 from ..patterns._prompt import Prompt
@@ -107,21 +106,14 @@ async def run_map(
             writer.write(ready.pop(next_row))
             next_row += 1
 
-    driver = asyncio.ensure_future(drive(display))
     try:
-        async with as_completed(llm, prompt, values(), hooks=hooks, **(options or {})) as stream:
-            async for record in stream:
-                deliver(record)
-    except asyncio.CancelledError:
-        # Only the Ctrl-C of asyncio.run cancels us: stop here and report, don't re-raise.
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        outcome.interrupted = True
+        async with _base.driving(tracker, display) as run:
+            stream = as_completed(llm, prompt, values(), hooks=hooks, **(options or {}))
+            async with stream as finished:
+                async for record in finished:
+                    deliver(record)
+        outcome.interrupted = run.interrupted
     finally:
-        tracker.stop()
-        driver.cancel()
-        await asyncio.gather(driver, return_exceptions=True)
         # Rows that finished after a still-missing earlier one: keep them (no lost work).
         for index in sorted(ready):
             writer.write(ready.pop(index))

@@ -8,7 +8,6 @@ every detail), progress and the summary to standard error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 from .._events import Hook
 from .._exceptions import AllFailed, CircuitOpen, ConfigError, QuorumNotMet
 from .._llm import BaseLLM
-from .._progress import ProgressStats, Tracker, drive, render_summary
+from .._progress import ProgressStats, Tracker, render_summary
 from .._types import CallRecord
 from . import _base
 from ._console import make_console, require_rich
@@ -56,20 +55,12 @@ async def run_pattern(
 ) -> PatternRun:
     """Await the pattern with the tracker as its hook, driving the display meanwhile."""
     out = PatternRun()
-    driver = asyncio.ensure_future(drive(display))
-    try:
-        out.result = await make([tracker])
-    except (AllFailed, QuorumNotMet) as exc:
-        out.error = exc
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        out.interrupted = True
-    finally:
-        tracker.stop()
-        driver.cancel()
-        await asyncio.gather(driver, return_exceptions=True)
+    async with _base.driving(tracker, display) as run:
+        try:
+            out.result = await make([tracker])
+        except (AllFailed, QuorumNotMet) as exc:
+            out.error = exc
+    out.interrupted = run.interrupted
     out.stats = tracker.snapshot()
     return out
 

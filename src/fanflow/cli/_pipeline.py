@@ -106,8 +106,8 @@ def _loader_class() -> Any:
     """PyYAML's safe loader, stopping at :data:`MAX_DEPTH` levels while it composes.
 
     Its composer recurses once per level and its scanner does work per open level for
-    each token, so ``[[[[...`` 5,000 deep took seconds before a RecursionError; here it
-    stops at once, naming the line.
+    each token, so deep nesting would end in a RecursionError; here it stops at once,
+    naming the line (docs/decisions/0099).
     """
     import yaml
 

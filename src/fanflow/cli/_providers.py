@@ -173,7 +173,7 @@ class ProviderPlan:
             else:
                 llm = fanflow.openai(s.model, api_version=self.api_version, **kwargs)
             return llm
-        # The embedded model (issue 8): --model, when given, is the path of a GGUF file.
+        # The embedded model: --model, when given, is the path of a GGUF file.
         if "max_tokens" in kwargs:
             kwargs["defaults"] = {"max_tokens": kwargs.pop("max_tokens")}
         if s.concurrency is None and s.rpm is None and s.tpm is None:

@@ -37,9 +37,9 @@ __all__ = [
 def job_records_path(store_path: str | Path, job: str) -> Path:
     """Where a job's call records live: ``records/<job>.jsonl`` beside the store file.
 
-    Distinct job names get distinct files (``x/y`` and ``x_y`` no longer share one):
-    names that are not plain file names get a hash of the exact name
-    (:func:`fanflow.store._lock.job_file_stem`).
+    Distinct job names get distinct files (``x/y`` and ``x_y`` too): names that are not
+    plain file names get a hash of the exact name (:func:`fanflow.store._lock.job_file_stem`;
+    docs/decisions/0098).
     """
     return _records_dir(store_path) / f"{job_file_stem(job)}.jsonl"
 

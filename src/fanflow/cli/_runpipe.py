@@ -4,7 +4,6 @@ with ``Pool`` (a thin adapter: the patterns do the work)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from typing import Any
 
 from .._exceptions import CircuitOpen, ConfigError
 from .._llm import BaseLLM
-from .._progress import ProgressStats, Tracker, drive
+from .._progress import ProgressStats, Tracker
 from .._types import Status
 from . import _base
 from ._console import make_console, require_rich
@@ -81,21 +80,12 @@ async def run_pipeline(
     inputs = [i.value if isinstance(i.value, dict) else {"input": i.value} for i in items]
     pool = Pool(runner, inputs, pipe.max_flows, hooks=[tracker], **(pool_options or {}))
     outcome = PipelineOutcome(items=len(items))
-    driver = asyncio.ensure_future(drive(display))
-    try:
+    async with _base.driving(tracker, display) as driven:
         result = await pool.arun()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
+    if driven.interrupted:
         outcome.interrupted = True
-        status = pool.status
-        outcome.succeeded = status.succeeded
+        outcome.succeeded = pool.status.succeeded
         return outcome
-    finally:
-        tracker.stop()
-        driver.cancel()
-        await asyncio.gather(driver, return_exceptions=True)
     for index, (item, run) in enumerate(zip(items, result.items, strict=True)):
         writer.write(_row(item, index, run))
         outcome.succeeded += run.status is Status.SUCCEEDED

@@ -116,8 +116,7 @@ class FanOutResult(PatternResult):
 
     @property
     def unsuccessful(self) -> list[Worker]:
-        """Every worker that did not succeed: ``failed`` and ``timed_out`` together
-        (what ``failed`` meant before this release; see the CHANGELOG)."""
+        """Every worker that did not succeed: ``failed`` and ``timed_out`` together."""
         return [w for w in self.workers if w.status is not Status.SUCCEEDED]
 
     @property

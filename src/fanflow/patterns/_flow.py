@@ -41,7 +41,7 @@ from .._events import Hook, observed
 from .._exceptions import ConfigError, Skipped, StepInputError
 from .._pricing import Price
 from .._progress import shown
-from .._sync import run as run_sync
+from .._sync import blocking
 from .._types import CallRecord, Status
 from .._util import is_async_callable
 from ..backends._base import HandleFor
@@ -300,12 +300,6 @@ class _Graph:
         names = [s.name for s in self.steps]
         return f"fanflow.{type(self).__name__}({names})"
 
-    def run(
-        self, inputs: Mapping[str, Any] | None = None, /, *, progress: bool = False, **kwargs: Any
-    ) -> FlowResult:
-        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
-        return run_sync(lambda: self.arun(inputs, progress=progress, **kwargs))
-
     async def arun(
         self, inputs: Mapping[str, Any] | None = None, /, *, progress: bool = False, **kwargs: Any
     ) -> FlowResult:
@@ -316,6 +310,8 @@ class _Graph:
         """
         run = self.execute({**(inputs or {}), **kwargs}, index=None, hooks=())
         return await shown(run, progress=progress)
+
+    run = blocking(arun)
 
     @observed("flow")
     async def execute(

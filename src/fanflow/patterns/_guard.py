@@ -44,7 +44,7 @@ from ._prompt import check_fields, fill
 
 __all__ = ["DEFAULT_GUARD_PROMPT", "DEFAULT_REFUSAL", "GuardedResult", "guarded", "read_verdict"]
 
-# The question guardrail examples ask (issue 28): is the query harmful? YES blocks it.
+# The question guardrail examples ask: is the query harmful? YES blocks it.
 DEFAULT_GUARD_PROMPT = (
     "You are a safety filter. Is this query requesting anything harmful, illegal, or "
     "inappropriate? Query: {query}\nAnswer YES or NO with brief explanation."

@@ -27,7 +27,7 @@ from .._events import Hook, observed
 from .._exceptions import ConfigError, StepInputError
 from .._pricing import Price
 from .._progress import with_progress
-from .._sync import run as run_sync
+from .._sync import blocking
 from .._types import CallRecord, Status
 from ..backends._base import Backend, HandleFor, PoolSpec
 from ..backends._batch import BatchOptions
@@ -346,8 +346,8 @@ class Pool:
 
     def _check_first_inputs(self, first: Sequence[Mapping[str, Any]]) -> None:
         """A key that the runner needs from its input and that none of the first inputs
-        has is a mistake in the steps (or the data), found before any call (issue 13.2;
-        the rule of ``patterns._prompt.check_first_items``)."""
+        has is a mistake in the steps (or the data), found before any call (the rule of
+        ``patterns._prompt.check_first_items``)."""
         chain = self._run.chain if isinstance(self._run, _Single) else self._run
         if not first:
             return
@@ -366,10 +366,6 @@ class Pool:
                     step=error.step,
                     field=key,
                 )
-
-    def run(self, *, only_failed: bool = False, progress: bool = False) -> PoolResult:
-        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
-        return run_sync(lambda: self.arun(only_failed=only_failed, progress=progress))
 
     @with_progress
     @observed("pool")
@@ -440,6 +436,8 @@ class Pool:
             records=tuple(c for r in items for c in r.records),
             makespan=now() - started,
         )
+
+    run = blocking(arun)
 
     def _moved(self, index: int, step: str, started: bool) -> None:
         """The backend moved input ``index`` into or out of ``step``."""

@@ -15,16 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Unpack
 
+from .._engine import CallOptions
 from .._events import observed
 from .._exceptions import ConfigError
 from .._llm import LLM
 from .._progress import with_progress
-from .._sync import run as run_sync
+from .._sync import blocking
 from .._types import BatchResult, CallRecord, Request
 from ._combine import CodeAggregator, Splitter, aggregator, chunks_of
 from ._common import PatternResult, check_model, now, run_calls, run_function, run_items
 from ._map import map as map_items
-from ._options import Options, option_attributes, resolve
+from ._options import Options, Resolved, option_attributes, resolve
 from ._prompt import check_fields, fill, render
 
 __all__ = [
@@ -150,14 +151,7 @@ async def sections(
             fill(synthesis_prompt, {"sections": _joined(outputs)}, "synthesis_prompt"),
             metadata={"pattern": "sections", "role": "synthesis"},
         )
-        [synthesis_record] = await run_calls(
-            synthesizer,
-            [request],
-            opts,
-            labels=["synthesis"],
-            store=o.store,
-            cache=o.cache,
-        )
+        synthesis_record = await _one_call(synthesizer, request, opts, o, "synthesis")
     return SectionsResult(
         sections=outputs,
         section_records=by_name,
@@ -232,30 +226,6 @@ class ParallelCalls:
     def __repr__(self) -> str:
         return f"fanflow.ParallelCalls(llm={self.llm!r}, max_workers={self.max_workers})"
 
-    def run(
-        self,
-        chunks: Sequence[Any] | None = None,
-        branch_prompt: str = "{input}",
-        aggregate_prompt: str | None = None,
-        *,
-        aggregate: CodeAggregator | Callable[..., Any] | None = None,
-        text: str | None = None,
-        split: Splitter | None = None,
-        progress: bool = False,
-    ) -> ParallelCallsResult:
-        """Synchronous :meth:`arun`."""
-        return run_sync(
-            lambda: self.arun(
-                chunks,
-                branch_prompt,
-                aggregate_prompt,
-                aggregate=aggregate,
-                text=text,
-                split=split,
-                progress=progress,
-            )
-        )
-
     @with_progress
     async def arun(
         self,
@@ -325,14 +295,7 @@ class ParallelCalls:
                 system=self.system,
                 metadata={"pattern": "parallel_calls", "role": "aggregate"},
             )
-            [record] = await run_calls(
-                self.llm,
-                [request],
-                opts,
-                labels=["aggregate"],
-                store=o.store,
-                cache=o.cache,
-            )
+            record = await _one_call(self.llm, request, opts, o, "aggregate")
         return ParallelCallsResult(
             outputs=outputs,
             aggregated=record.value if record is not None else None,
@@ -343,3 +306,13 @@ class ParallelCalls:
             records=branches.records + ((record,) if record is not None else ()),
             makespan=now() - started,
         )
+
+    run = blocking(arun)
+
+
+async def _one_call(
+    llm: LLM, request: Request, opts: CallOptions, o: Resolved, label: str
+) -> CallRecord[Any]:
+    """One call (a synthesis, an aggregation) through the pattern's store."""
+    [record] = await run_calls(llm, [request], opts, labels=[label], store=o.store, cache=o.cache)
+    return record

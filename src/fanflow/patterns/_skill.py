@@ -22,7 +22,7 @@ from .._exceptions import ConfigError, ParseError
 from .._llm import LLM
 from .._pricing import Price
 from .._progress import shown
-from .._sync import run as run_sync
+from .._sync import blocking
 from .._types import CallRecord, Message, Request, Response, Status
 from ..backends._base import HandleFor
 from ..store import Store
@@ -164,12 +164,6 @@ class Skill:
             raise result.error
         return result.value
 
-    def run(
-        self, inputs: Mapping[str, Any] | None = None, /, *, progress: bool = False, **kwargs: Any
-    ) -> SkillResult:
-        """Synchronous :meth:`arun` for scripts and notebooks (see :func:`fanflow.run`)."""
-        return run_sync(lambda: self.arun(inputs, progress=progress, **kwargs))
-
     async def arun(
         self, inputs: Mapping[str, Any] | None = None, /, *, progress: bool = False, **kwargs: Any
     ) -> SkillResult:
@@ -182,6 +176,8 @@ class Skill:
         return await shown(
             self.execute(merged, index=None, label=self.name, hooks=()), progress=progress
         )
+
+    run = blocking(arun)
 
     async def execute(
         self,

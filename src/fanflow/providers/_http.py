@@ -249,7 +249,7 @@ def connection_error(
             f"{provider}: the reply from {url} was cut off ({detail}); {RETRYABLE}"
         )
     if is_out_of_files(exc):
-        # The process's own limit, not the server: the advice must say so (issue 13).
+        # The process's own limit, not the server: the advice must say so.
         # Not "unreachable" either: the breaker must not take it for nothing listening.
         soft = open_file_limits().soft
         return ProviderConnectionError(

@@ -7,9 +7,7 @@ token instead of running to ``max_tokens``.
 
 A call reuses the KV cache for the prefix its prompt shares with the previous call on the
 same instance (llama.cpp's ``generate`` does this): a map's prompts share the chat template
-and the system prompt, and re-reading them for every item tripled the time per item on this
-machine. Greedy outputs were identical with and without the reuse in every run we made
-(tests and benchmarks compare a map with sequential calls).
+and the system prompt (docs/decisions/0050).
 """
 
 from __future__ import annotations
@@ -49,8 +47,7 @@ MIN_P = 0.05
 
 # llama-cpp-python silences loading by pointing file descriptors 1 and 2 at /dev/null and
 # back again, and the extra-buffer switch below patches a module attribute while loading:
-# both are process-wide, so loads in one process go one at a time. (A worker process
-# loads one instance; the in-process baseline of benchmarks/local.py loads several.)
+# both are process-wide, so loads in one process go one at a time.
 _LOADING = threading.Lock()
 
 # "load_tensors:   CPU_REPACK model buffer size =    27.00 MiB": which buffer types the

@@ -1,15 +1,14 @@
 """The process's open-file limit (RLIMIT_NOFILE) and how many connections fit under it.
 
-Every connection is a file descriptor. With ``ulimit -n 1024`` and 5,000 calls at once,
-thousands of connects fail with EMFILE ("Too many open files"), which used to be
-reported as "check that the server is up" (issue 13). So:
+Every connection is a file descriptor, so a concurrency above the limit would make
+connects fail with EMFILE ("Too many open files"). So (docs/decisions/0097):
 
 - each HTTP handle's connection pool is capped below the soft limit, with room left
   for everything else the process has open (:func:`connection_cap`); calls beyond the
   cap wait for a free connection instead of failing;
 - the command line, which owns its process, first raises the soft limit to the hard
-  limit (:func:`raise_open_file_limit`), as Go's runtime does for every Go program
-  since Go 1.19; the library itself never changes a process-wide limit;
+  limit (:func:`raise_open_file_limit`); the library itself never changes a
+  process-wide limit;
 - an EMFILE that still happens is reported as what it is (:func:`is_out_of_files`).
 """
 

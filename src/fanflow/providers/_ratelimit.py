@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 
@@ -103,40 +103,53 @@ def _int(value: str | None) -> int | None:
 
 def parse_openai(headers: Mapping[str, str], observed_at: float) -> RateLimitState | None:
     """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``; None if absent."""
-    get = headers.get
-    rl, tl = get("x-ratelimit-limit-requests"), get("x-ratelimit-limit-tokens")
-    if rl is None and tl is None:
-        return None
-    rr, tr = get("x-ratelimit-reset-requests"), get("x-ratelimit-reset-tokens")
-    return RateLimitState(
-        requests_limit=_int(rl),
-        requests_remaining=_int(get("x-ratelimit-remaining-requests")),
-        requests_reset=parse_duration(rr) if rr is not None else None,
-        tokens_limit=_int(tl),
-        tokens_remaining=_int(get("x-ratelimit-remaining-tokens")),
-        tokens_reset=parse_duration(tr) if tr is not None else None,
-        observed_at=observed_at,
-    )
+    return _state(headers, "x-ratelimit-{field}-{bucket}", observed_at, parse_duration)
 
 
 def parse_anthropic(
     headers: Mapping[str, str], observed_at: float, wall_now: float
 ) -> RateLimitState | None:
     """Anthropic's ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``."""
-    get = headers.get
-    rl, tl = get("anthropic-ratelimit-requests-limit"), get("anthropic-ratelimit-tokens-limit")
+    return _state(
+        headers,
+        "anthropic-ratelimit-{bucket}-{field}",
+        observed_at,
+        lambda value: parse_rfc3339(value, wall_now),
+    )
+
+
+def _state(
+    headers: Mapping[str, str],
+    name: str,
+    observed_at: float,
+    read_reset: Callable[[str], float | None],
+) -> RateLimitState | None:
+    """The state in the headers ``name`` names (None when neither limit is given)."""
+
+    def header(field: str, bucket: str) -> str | None:
+        return headers.get(_header_name(name, field, bucket))
+
+    def reset(bucket: str) -> float | None:
+        value = header("reset", bucket)
+        return read_reset(value) if value is not None else None
+
+    rl, tl = header("limit", "requests"), header("limit", "tokens")
     if rl is None and tl is None:
         return None
-    rr, tr = get("anthropic-ratelimit-requests-reset"), get("anthropic-ratelimit-tokens-reset")
     return RateLimitState(
         requests_limit=_int(rl),
-        requests_remaining=_int(get("anthropic-ratelimit-requests-remaining")),
-        requests_reset=parse_rfc3339(rr, wall_now) if rr is not None else None,
+        requests_remaining=_int(header("remaining", "requests")),
+        requests_reset=reset("requests"),
         tokens_limit=_int(tl),
-        tokens_remaining=_int(get("anthropic-ratelimit-tokens-remaining")),
-        tokens_reset=parse_rfc3339(tr, wall_now) if tr is not None else None,
+        tokens_remaining=_int(header("remaining", "tokens")),
+        tokens_reset=reset("tokens"),
         observed_at=observed_at,
     )
+
+
+@functools.cache
+def _header_name(name: str, field: str, bucket: str) -> str:
+    return name.format(field=field, bucket=bucket)
 
 
 def wait_from_state(state: RateLimitState | None) -> float | None:

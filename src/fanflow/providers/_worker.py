@@ -5,14 +5,11 @@ model instance (``_llama.Instance``) and runs one generation at a time, streamin
 token back as it is generated. The user's process never runs llama.cpp code for
 generation, so a native crash (SIGSEGV, abort, the OOM killer) ends only the worker:
 the user's side sees the connection close, reads the exit status and raises
-:class:`WorkerDied`. This is how the robust local runtimes work (Ollama's runner
-process, llama.cpp's own server).
+:class:`WorkerDied` (docs/decisions/0081).
 
-Why not ``multiprocessing``'s spawn context: it runs the caller's ``__main__`` module
-again in every child, so a script without an ``if __name__ == "__main__":`` guard
-starts workers from its workers and each dies with a RuntimeError (docs/decisions/0081).
-A worker here starts from a three-line bootstrap (:data:`BOOT`) that takes ``sys.path``
-from its parent and imports only fanflow. The two ends talk over a socket pair with
+A worker starts from a three-line bootstrap (:data:`BOOT`) that takes ``sys.path`` from
+its parent and imports only fanflow (never the caller's ``__main__``, as
+``multiprocessing``'s spawn would). The two ends talk over a socket pair with
 ``multiprocessing.connection.Connection`` (pickled messages):
 
     user's process                         worker
