@@ -168,6 +168,8 @@ class SimStats:
         cache_misses: admitted requests long enough to cache that read nothing from it.
         cached_tokens: input tokens read from the prompt cache.
         cache_write_tokens: input tokens written to it (reported by Anthropic's API).
+        cache_write_1h_tokens: of ``cache_write_tokens``, those written at ``"ttl": "1h"``
+            breakpoints (Anthropic's ``cache_creation.ephemeral_1h_input_tokens``).
     """
 
     requests: int
@@ -189,6 +191,7 @@ class SimStats:
     cache_misses: int = 0
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -221,6 +224,7 @@ class SimStats:
             "cache_misses": self.cache_misses,
             "cached_tokens": self.cached_tokens,
             "cache_write_tokens": self.cache_write_tokens,
+            "cache_write_1h_tokens": self.cache_write_1h_tokens,
         }
 
 
@@ -228,6 +232,7 @@ class _Counters:
     __slots__ = (
         "cache_hits",
         "cache_misses",
+        "cache_write_1h_tokens",
         "cache_write_tokens",
         "cached_tokens",
         "disconnects",
@@ -244,7 +249,8 @@ class _Counters:
     )
 
     def __init__(self) -> None:
-        self.cache_hits = self.cache_misses = self.cached_tokens = self.cache_write_tokens = 0
+        self.cache_hits = self.cache_misses = self.cached_tokens = 0
+        self.cache_write_tokens = self.cache_write_1h_tokens = 0
         self.requests = 0
         self.responses: dict[int, int] = {}
         self.in_flight = 0
@@ -632,6 +638,7 @@ class SimServer:
             cache_misses=c.cache_misses,
             cached_tokens=c.cached_tokens,
             cache_write_tokens=c.cache_write_tokens,
+            cache_write_1h_tokens=c.cache_write_1h_tokens,
         )
 
     def _second(self, now: float) -> list[int]:
@@ -863,6 +870,7 @@ class SimServer:
         c.cache_misses += use.cacheable and not done.cached_tokens
         c.cached_tokens += done.cached_tokens
         c.cache_write_tokens += done.cache_write_tokens
+        c.cache_write_1h_tokens += done.cache_write_1h_tokens
         return done
 
     def _completed(self, sim: SimRequest) -> None:
