@@ -697,15 +697,6 @@ class Store:
         )
         await self._commit(ops)
 
-    def open_batches(self) -> list[tuple[str, str]]:
-        """Batches submitted and not yet settled: ``(id, provider)``, oldest first."""
-        rows = self._read(
-            "SELECT id, provider FROM batches WHERE status = 'submitted' ORDER BY created",
-            (),
-            "listing open batches",
-        )
-        return [(r[0], r[1]) for r in rows]
-
     async def save_item(self, record: CallRecord[Any], item: ItemRef) -> None:
         """Commit the terminal status of a job item that made no call (a bad input)."""
         await self._commit([_item_op(record, item, None, time.time())])
