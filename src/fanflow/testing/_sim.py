@@ -173,16 +173,8 @@ class SimServer:
         self.host = host
         self.port = port
         self._counters = Counters(keep_prompts=keep_requests)
-        self._limiter = Limiter(
-            rpm=rpm,
-            tpm=tpm,
-            max_in_flight=max_in_flight,
-            period=period,
-            arrival_jitter=arrival_jitter,
-            connect_delay=connect_delay,
-            rate_headers=rate_headers,
-            seed=seed,
-        )
+        late = (arrival_jitter, connect_delay)
+        self._limiter = Limiter(rpm, tpm, max_in_flight, period, late, rate_headers, seed)
         cache = SimCache() if prompt_cache is True else prompt_cache or None
         self._chat = ChatDesk(
             timing=Timing(latency, per_token, jitter, slow_delay),

@@ -41,9 +41,9 @@ class BatchDesk:
 
     def __init__(self, chat: ChatDesk, config: SimBatches, root: Callable[[], str]) -> None:
         self._chat = chat
-        self.state = BatchState(chat, config)
+        self.state = BatchState(chat, config, root)
         self._openai = OpenAIBatches(self.state)
-        self._anthropic = AnthropicBatches(self.state, root)
+        self._anthropic = AnthropicBatches(self.state)
         self._control_used: dict[str, int] = {}
 
     @property

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,11 +20,15 @@ __all__ = ["AnthropicBatches", "OpenAIBatches"]
 _DAY = 24 * 3600
 
 
-class OpenAIBatches:
-    """OpenAI's Files (``/v1/files``) and Batch API (``/v1/batches``)."""
+class _Endpoints:
+    """One API's batch endpoints over the server's batches and files."""
 
     def __init__(self, state: BatchState) -> None:
         self.state = state
+
+
+class OpenAIBatches(_Endpoints):
+    """OpenAI's Files (``/v1/files``) and Batch API (``/v1/batches``)."""
 
     async def files(
         self, request: web.BaseRequest, method: str, rest: list[str]
@@ -237,13 +240,8 @@ class OpenAIBatches:
         }
 
 
-class AnthropicBatches:
-    """Anthropic's Message Batches (``/v1/messages/batches``); ``root`` gives the
-    server's root URL, for the results URL."""
-
-    def __init__(self, state: BatchState, root: Callable[[], str]) -> None:
-        self.state = state
-        self._root = root
+class AnthropicBatches(_Endpoints):
+    """Anthropic's Message Batches (``/v1/messages/batches``)."""
 
     async def handle(
         self, request: web.BaseRequest, method: str, rest: list[str]
@@ -326,7 +324,7 @@ class AnthropicBatches:
         status = (
             "ended" if ended else ("canceling" if batch.cancel_at is not None else "in_progress")
         )
-        root = self._root()
+        root = self.state.root()
         return {
             "id": batch.ident,
             "type": "message_batch",

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,11 +142,13 @@ class File:
 
 
 class BatchState:
-    """The batches and files of one SimServer; ``chat`` answers their requests."""
+    """The batches and files of one SimServer; ``chat`` answers their requests and
+    ``root`` gives the server's root URL."""
 
-    def __init__(self, chat: ChatDesk, config: SimBatches) -> None:
+    def __init__(self, chat: ChatDesk, config: SimBatches, root: Callable[[], str]) -> None:
         self.chat = chat
         self.config = config
+        self.root = root
         self.batches: dict[str, Batch] = {}
         self.files: dict[str, File] = {}
         self._ids = itertools.count()

@@ -42,17 +42,16 @@ class _Bucket:
 
 
 class Limiter:
-    """The limits of one SimServer (its arguments of the same names)."""
+    """The limits of one SimServer (its arguments of the same names; ``late`` is
+    ``(arrival_jitter, connect_delay)``)."""
 
     def __init__(
         self,
-        *,
         rpm: int | None,
         tpm: int | None,
         max_in_flight: int | None,
         period: float,
-        arrival_jitter: float,
-        connect_delay: float,
+        late: tuple[float, float],
         rate_headers: bool,
         seed: int,
     ) -> None:
@@ -62,8 +61,7 @@ class Limiter:
         if not period > 0:
             raise ValueError(f"period must be > 0 seconds, got {period}")
         self.rpm, self.tpm, self.max_in_flight, self.period = rpm, tpm, max_in_flight, period
-        self.arrival_jitter = arrival_jitter
-        self.connect_delay = connect_delay
+        self.arrival_jitter, self.connect_delay = late
         self.rate_headers = rate_headers
         # Connections seen (by their handler, kept so that an id is never reused).
         self._connections: dict[int, object] = {}

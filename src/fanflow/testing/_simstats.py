@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._simwire import Completion, SimRequest
@@ -87,14 +87,11 @@ class SimStats:
     cache_write_1h_tokens: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        out["responses"] = {str(k): v for k, v in sorted(self.responses.items())}
-        out["timeline"] = [
-            {name: getattr(s, name) for name in SimSecond.__dataclass_fields__}
-            for s in self.timeline
-        ]
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("faults", "prompt_requests", "prompt_completed", "batch_prompts"):
             out[name] = dict(out[name])
+        out["responses"] = {str(k): v for k, v in sorted(self.responses.items())}
+        out["timeline"] = [{f.name: getattr(s, f.name) for f in fields(s)} for s in self.timeline]
         return out
 
 
@@ -176,26 +173,9 @@ class Counters:
         self.cache_write_1h_tokens += done.cache_write_1h_tokens
 
     def snapshot(self) -> SimStats:
-        timeline = tuple(SimSecond(s, *self.timeline[s]) for s in sorted(self.timeline))
-        return SimStats(
-            requests=self.requests,
-            responses=dict(self.responses),
-            in_flight=self.in_flight,
-            max_in_flight=self.max_in_flight,
-            tokens_in=self.tokens_in,
-            tokens_out=self.tokens_out,
-            disconnects=self.disconnects,
-            faults=dict(self.faults),
-            timeline=timeline,
-            prompt_requests=dict(self.prompt_requests),
-            prompt_completed=dict(self.prompt_completed),
-            batches=self.batches,
-            batch_requests=self.batch_requests,
-            batch_cancels=self.batch_cancels,
-            batch_prompts=dict(self.batch_prompts),
-            cache_hits=self.cache_hits,
-            cache_misses=self.cache_misses,
-            cached_tokens=self.cached_tokens,
-            cache_write_tokens=self.cache_write_tokens,
-            cache_write_1h_tokens=self.cache_write_1h_tokens,
-        )
+        values: dict[str, Any] = {}
+        for f in fields(SimStats):  # each a counter of the same name, copied
+            value = getattr(self, f.name)
+            values[f.name] = dict(value) if isinstance(value, dict) else value
+        values["timeline"] = tuple(SimSecond(s, *self.timeline[s]) for s in sorted(self.timeline))
+        return SimStats(**values)
