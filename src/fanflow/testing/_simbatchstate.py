@@ -20,7 +20,7 @@ from typing import Any
 from ._simchat import ChatDesk
 from ._simwire import Api, WireError, anthropic_body, error_body, openai_body, parse_request
 
-__all__ = ["BatchState", "SimBatches", "dumps"]
+__all__ = ["Batch", "BatchState", "File", "Line", "SimBatches", "dumps"]
 
 dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

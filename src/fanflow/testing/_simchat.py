@@ -31,7 +31,7 @@ from ._simwire import (
     parse_request,
 )
 
-__all__ = ["ChatDesk", "EchoKey", "ReplySpec"]
+__all__ = ["ChatDesk", "EchoKey", "ReplySpec", "Timing"]
 
 EchoKey: TypeAlias = Literal["json", "text", "partial"]
 ReplySpec: TypeAlias = "str | Mapping[str, str] | Callable[[SimRequest], str]"
