@@ -31,9 +31,11 @@ import argparse
 import asyncio
 import math
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import looptime
@@ -43,7 +45,9 @@ from fanflow import Limits, RetryPolicy
 from fanflow._breaker import Breaker
 from fanflow._exceptions import RateLimited
 from fanflow.testing import SimServer
-from fanflow.testing._nginx import NginxLimitReq, nginx_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests/_nginx.py
+from tests._nginx import NginxLimitReq, nginx_path
 
 
 @dataclass

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
+from pathlib import Path
 from typing import Any
 
 import looptime
@@ -24,6 +26,8 @@ import looptime
 import fanflow
 from fanflow import Limits
 from fanflow.testing import SimServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests/_nginx.py
 
 
 async def spread(items: int, deployments: int, rate: float) -> tuple[float, int, list[int]]:
@@ -49,7 +53,7 @@ async def spread(items: int, deployments: int, rate: float) -> tuple[float, int,
 
 async def through_nginx(items: int = 240, rate: int = 40) -> tuple[float, int, int, list[int]]:
     """(bound / makespan, nginx 429s, SimServer 429s, requests per deployment), real time."""
-    from fanflow.testing._nginx import NginxLimitReq
+    from tests._nginx import NginxLimitReq
 
     async with SimServer(latency=0.05, keep_requests=False) as a, SimServer(latency=0.05) as b:
         port = int(b.url.split(":")[-1].split("/")[0])

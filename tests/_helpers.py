@@ -34,7 +34,7 @@ def require_nginx() -> None:
 
     import pytest
 
-    from fanflow.testing._nginx import nginx_path
+    from ._nginx import nginx_path
 
     if nginx_path() is not None:
         return
@@ -77,3 +77,15 @@ async def loopback_app(path: str, handler: Any) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def open_batches(store: Any) -> list[tuple[str, str]]:
+    """A ``fanflow.Store``'s provider batches submitted and not yet settled, as ``(id,
+    provider)``, oldest first: read from its file, since the store has no query for them
+    (the batch backend needs none)."""
+    import sqlite3
+
+    store.flush()
+    with contextlib.closing(sqlite3.connect(store.path)) as conn:
+        sql = "SELECT id, provider FROM batches WHERE status = 'submitted' ORDER BY created"
+        return [(row[0], row[1]) for row in conn.execute(sql)]

@@ -18,6 +18,8 @@ from fanflow.backends import BatchOptions, batch_info
 from fanflow.errors import BatchIncomplete
 from fanflow.testing import ScriptedLLM, SimBatches, SimServer
 
+from .._helpers import open_batches
+
 pytestmark = pytest.mark.looptime
 
 PRICES = {"gpt-sim": fanflow.Price(input=2.0, output=8.0), "claude-sim": fanflow.Price(3.0, 15.0)}
@@ -410,7 +412,7 @@ async def test_a_batch_created_just_before_a_crash_is_found_by_its_token(tmp_pat
             lines = [queue.api.line(k, r) for k, r in zip(keys, requests, strict=True)]
             await llm.batches().submit(lines, {"fanflow_token": "tok1"})
             result = await fanflow.map(llm, "{input}", items, mode="batch", store=store)
-            assert store.open_batches() == []
+            assert open_batches(store) == []
         await llm.aclose()
         stats = server.stats()
     assert result.outputs == ["echo: a", "echo: b", "echo: c"]
@@ -492,7 +494,7 @@ async def test_a_journalled_batch_the_provider_does_not_know_is_submitted_again(
             await store.record_batch("batch_from_elsewhere", "openai", [key])
             result = await fanflow.map(llm, "{input}", ["a", "b"], mode="batch", store=store)
             assert store.batch_of(key) is not None
-            assert store.open_batches() == []
+            assert open_batches(store) == []
         await llm.aclose()
         stats = server.stats()
     assert result.outputs == ["echo: a", "echo: b"]

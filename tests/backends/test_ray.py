@@ -159,9 +159,8 @@ async def test_one_rate_limit_for_all_workers_draws_no_429_from_nginx(workers: i
     # a burst of one second, nodelay) in front of SimServer, the handle's limit the same.
     # Each worker alone would send its burst at once: only one limit for the cluster,
     # with its margin, keeps nginx from refusing.
-    from fanflow.testing._nginx import NginxLimitReq
-
     from .._helpers import require_nginx
+    from .._nginx import NginxLimitReq
 
     require_nginx()
     n, rate = 90, 30

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from fanflow.testing import SimServer
-from fanflow.testing._nginx import NginxLimitReq
 
 from .._helpers import require_nginx
+from .._nginx import NginxLimitReq
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -2,7 +2,7 @@
 
 Debian's nginx runs as a reverse proxy in front of SimServer on loopback (started and
 stopped by each test, config and logs in a temporary directory; see
-``fanflow.testing._nginx``). Its limiter is a leaky bucket measured in milliseconds that
+``tests/_nginx.py``). Its limiter is a leaky bucket measured in milliseconds that
 answers 429 (``limit_req_status``) without a Retry-After. fanflow's handle is given the
 same nominal rate. Real time: nginx is a real process, so these tests wait on real
 events (bounded by the pacing itself, a few seconds each).
@@ -18,9 +18,9 @@ import pytest
 import fanflow
 from fanflow import Limits, RetryPolicy
 from fanflow.testing import SimServer
-from fanflow.testing._nginx import NginxLimitReq
 
 from .._helpers import require_nginx
+from .._nginx import NginxLimitReq
 
 require_nginx()  # skipped without nginx, an error in CI (.ci/run installs it)
 

@@ -14,6 +14,8 @@ import pytest
 import fanflow
 from fanflow.testing import SimBatches, SimServer
 
+from .._helpers import open_batches
+
 pytestmark = pytest.mark.looptime
 
 
@@ -73,7 +75,7 @@ async def test_a_run_killed_after_submitting_polls_its_batch_with_the_users_ids(
                 result = await fanflow.map(
                     llm, fanflow.read_requests(path), mode="batch", store=store
                 )
-                assert store.open_batches() == []
+                assert open_batches(store) == []
         stats = server.stats()
     assert result.ok, [r.error for r in result.records]
     assert [r.value for r in result.records] == ["echo: q0", "echo: q1", "echo: q2"]

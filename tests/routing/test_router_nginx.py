@@ -11,9 +11,9 @@ import pytest
 import fanflow
 from fanflow import Limits
 from fanflow.testing import SimServer
-from fanflow.testing._nginx import NginxLimitReq
 
 from .._helpers import require_nginx
+from .._nginx import NginxLimitReq
 
 require_nginx()  # skipped without nginx, an error in CI (.ci/run installs it)
 

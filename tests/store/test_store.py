@@ -13,7 +13,7 @@ from fanflow import Request, Response, Status, Store
 from fanflow.errors import StoreError
 from fanflow.events import CallEnded
 from fanflow.store import JobInfo
-from fanflow.store._sqlite import SCHEMA_VERSION
+from fanflow.store._schema import SCHEMA_VERSION
 from fanflow.testing import ScriptedLLM
 
 

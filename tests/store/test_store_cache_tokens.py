@@ -8,7 +8,7 @@ from pathlib import Path
 
 import fanflow
 from fanflow import Request, Response, Store, Usage
-from fanflow.store._sqlite import SCHEMA_VERSION
+from fanflow.store._schema import SCHEMA_VERSION
 from fanflow.testing import ScriptedLLM
 
 from .test_store import _SCHEMA_2, rows

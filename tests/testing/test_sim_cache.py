@@ -11,6 +11,7 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -188,3 +189,33 @@ def test_expired_entries_are_dropped() -> None:
         body = json.dumps({"model": "m", "messages": [message]}).encode()
         cache.use(parse_request("openai", body, n), now=float(n), prefilled=float(n))
     assert len(cache._entries) <= _PURGE_EVERY + 1  # not one per prompt ever sent
+
+
+async def test_stats_count_the_one_hour_writes_apart() -> None:
+    """A 1-hour breakpoint then a 5-minute one: of the 2,500 tokens written, the 1,500
+    up to the first breakpoint are written for an hour (``ephemeral_1h_input_tokens``),
+    and the stats (and ``GET /stats``) count them apart from the total."""
+    hour = {
+        "type": "text",
+        "text": "h " * 1500,
+        "cache_control": {"type": "ephemeral", "ttl": "1h"},
+    }
+    five = {"type": "text", "text": "f " * 1000, "cache_control": {"type": "ephemeral"}}
+    async with SimServer(latency=1.0, prompt_cache=True) as server, _anthropic(server) as client:
+        usages = []
+        for _ in range(2):  # the second reads what the first wrote
+            message = await client.messages.create(
+                model="claude-sim",
+                max_tokens=10,
+                system=[hour, five],  # type: ignore[list-item]
+                messages=[{"role": "user", "content": "a"}],
+            )
+            usages.append(message.usage)
+        assert usages[0].cache_creation is not None
+        assert usages[0].cache_creation.ephemeral_1h_input_tokens == 1500
+        assert usages[1].cache_read_input_tokens == 2500
+        stats = server.stats()
+        async with aiohttp.ClientSession() as http, http.get(f"{server.root}/stats") as reply:
+            wire = await reply.json()
+    assert (stats.cache_write_tokens, stats.cache_write_1h_tokens) == (2500, 1500)
+    assert (wire["cache_write_tokens"], wire["cache_write_1h_tokens"]) == (2500, 1500)

@@ -1,16 +1,14 @@
 """One running copy of a job at a time: an OS file lock per job, beside the store.
 
-Two processes that run the same job of the same store would both see the same items
-as not done and both call the model for each (issue 13: 11 of 12 trials duplicated
-every call). So a run holds an exclusive ``flock`` on ``<store>-locks/<job>.lock``
-while it runs, and a second run is refused with a :class:`StoreError` that names the
-process holding it (pid, host, start time, written into the lock file).
+Two processes running the same job of one store would both see the same items as not
+done and both call the model for each. So a run holds an exclusive ``flock`` on
+``<store>-locks/<job>.lock`` while it runs, and a second run is refused with a
+:class:`StoreError` naming the process holding it (pid, host, start time, written into
+the lock file).
 
-The kernel drops a ``flock`` when its process ends, however it ends (SIGKILL, a crash,
-a power cut), so a killed run never leaves a lock behind that someone must clean up or
-that a pid-liveness guess could get wrong (pids are reused; another host's pids cannot be
-checked): the next run simply gets the lock and notes that the last holder did not
-finish. The reasons, and why refusing beats cooperating, are in
+The kernel drops a ``flock`` when its process ends, however it ends, so a killed run
+leaves no lock behind: the next run gets it and notes that the last holder did not
+finish. Why a lock and not a pid check, and why refusing beats cooperating:
 docs/decisions/0095-one-run-per-job.md.
 """
 

@@ -1,14 +1,34 @@
-"""SimServer's connection tricks, shared by the chat and the batch endpoints."""
+"""SimServer's HTTP pieces shared by the chat and the batch endpoints: error answers
+and connection tricks."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import struct
+from collections.abc import Iterable
 
 from aiohttp import web
 
-__all__ = ["_Gone", "_reset"]
+from ._simwire import Api, error_body
+
+__all__ = ["_Gone", "_reset", "error_response"]
+
+
+def error_response(
+    api: Api,
+    status: int,
+    message: str,
+    kind: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+) -> web.Response:
+    """The API's JSON error (``error_body``) as a response, with ``headers``."""
+    response = web.Response(
+        status=status, body=error_body(api, status, message, kind), content_type="application/json"
+    )
+    for k, v in headers:
+        response.headers[k] = v
+    return response
 
 
 class _Gone(web.Response):

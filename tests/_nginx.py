@@ -1,9 +1,9 @@
 """nginx's ``limit_req`` in front of an upstream: a third-party rate limiter for tests.
 
-docs/architecture.md, promise 13: limits are proven against a limiter fanflow did not write. This
-starts Debian's nginx (``/usr/sbin/nginx``) as a reverse proxy on a free loopback port,
-with a configuration generated into a temporary directory (pid file, error log and
-temp paths there too), and stops it afterwards.
+Limits are proven against a limiter fanflow did not write (docs/architecture.md,
+promise 13). This starts Debian's nginx (``/usr/sbin/nginx``) as a reverse proxy on a
+free loopback port, with a configuration generated into a temporary directory (pid
+file, error log and temp paths there too), and stops it afterwards.
 
 nginx's ``limit_req`` is a leaky bucket (``ngx_http_limit_req_module.c``): each request
 adds 1 to an "excess" that drains at ``rate``, measured in whole milliseconds; a
@@ -14,7 +14,8 @@ refused. With ``burst=0`` two requests closer than ``1 / rate`` apart are refuse
 are given per second or per minute (``r/s``, ``r/m``). nginx answers its 429 itself,
 without a Retry-After.
 
-Not public API: fanflow's own tests and benchmarks use it.
+A test harness, not shipped: fanflow's tests import it as ``.._nginx`` and the
+benchmarks as ``tests._nginx`` (with the repository on ``sys.path``).
 """
 
 from __future__ import annotations
