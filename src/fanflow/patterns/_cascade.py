@@ -68,6 +68,18 @@ def agreement(
 Accept = Callable[[Any], bool] | Agreement
 
 
+def _rule(accept: Accept) -> str:
+    """The acceptance rule as the cache identity names it: the same in every process
+    (a function by its name, an object by its repr, never an address)."""
+    if isinstance(accept, Agreement):
+        normalize = getattr(accept.normalize, "__qualname__", "")
+        return (
+            f"agreement(samples={accept.samples}, share={accept.share}, "
+            f"temperature={accept.temperature}, normalize={normalize})"
+        )
+    return getattr(accept, "__qualname__", None) or repr(accept)
+
+
 def _value(record: CallRecord[Any]) -> Any:
     value = record.value
     return value.text if isinstance(value, Response) else value
@@ -96,14 +108,10 @@ class Cascade(Routed):
 
     def cache_identity(self) -> dict[str, Any]:
         """The tiers and the acceptance rule: the answer depends on all of them."""
-        accept = self.accept
-        rule = (
-            repr(accept) if isinstance(accept, Agreement) else getattr(accept, "__qualname__", "")
-        )
         return {
             "protocol": "fanflow.cascade",
             "tiers": [llm.cache_identity() for llm in self.handles],
-            "accept": rule,
+            "accept": _rule(self.accept),
         }
 
     async def run(self, item: Item[T], start: float) -> CallRecord[T]:
