@@ -294,6 +294,14 @@ class Routed(BaseLLM):
     async def run(self, item: Item[T], start: float) -> CallRecord[T]:
         """The item's record, its calls on the handles merged (:func:`merge`)."""
 
+    @abstractmethod
+    def with_handles(
+        self, handles: Sequence[BaseLLM], prices: Sequence[Price | None] | None = None
+    ) -> Routed:
+        """The same routing over ``handles`` (one for each of this one's, in order, e.g.
+        each wrapped to batch its calls), the records naming the same deployments;
+        ``prices``: each one's own price, where it is not this one's."""
+
     async def complete(self, request: Request) -> Response:
         """One call (with the engine's retries on each handle)."""
         item: Item[Response] = Item(request, CallOptions(), None, None, None)
@@ -349,10 +357,33 @@ class Router(Routed):
             )
             for i, llm in enumerate(llms)
         )
+        # The deployment a request should go to first, whatever has room (None: none):
+        # batch mode sets it so a resumed item rejoins the batch it is already in.
+        self.prefer: Callable[[Request], BaseLLM | None] | None = None
 
     def __repr__(self) -> str:
         names = ", ".join(repr(m.info.name) for m in self.members)
         return f"fanflow.router({names}, strategy={self.strategy!r})"
+
+    def own_prices(self) -> list[Price | None]:
+        """Each deployment's own price (None: the pattern's)."""
+        return [next(iter(m.prices.values())) if m.prices else None for m in self.members]
+
+    def with_handles(
+        self, handles: Sequence[BaseLLM], prices: Sequence[Price | None] | None = None
+    ) -> Router:
+        made = Router(
+            handles,
+            strategy=self.strategy,
+            weights=[m.weight for m in self.members],
+            names=[d.name for d in self.infos],
+            prices=self.own_prices() if prices is None else prices,
+            patience=self.patience,
+        )
+        made.infos = self.infos
+        for member, info in zip(made.members, self.infos, strict=True):
+            member.info = info
+        return made
 
     def cache_identity(self) -> dict[str, Any]:
         """Every deployment's identity (a store looks up each one's own key instead:
@@ -403,7 +434,11 @@ class Router(Routed):
         loop = asyncio.get_running_loop()
         tried: list[tuple[_Member, CallRecord[T]]] = []
         tokens = request_tokens(item.request) if self.metered else (0, 0)
-        for member in self.order(start, tokens):
+        order = self.order(start, tokens)
+        first = None if self.prefer is None else self.prefer(item.request)
+        if first is not None:
+            order.sort(key=lambda m: m.llm is not first)  # stable: the rest keep their order
+        for member in order:
             if member.llm.breaker.tripped is not None:
                 # Its probe: the other calls go elsewhere until it answers (they would
                 # wait for its outcome in the breaker otherwise).

@@ -32,6 +32,7 @@ from ._batch import (
     batch_api_of,
 )
 from ._batchllm import BatchLLM, realtime_reserve
+from ._batchroute import Queues, batch_apis, batching
 from ._local import LOCAL
 
 __all__ = ["BatchBackend", "batch_backend", "check_pool_mode", "pool_batching"]
@@ -62,7 +63,7 @@ class BatchBackend:
     def check(self, llm: LLM, *, deadline: float | None, hedge_after: float | None) -> None:
         """Refuse what cannot work, before anything is sent."""
         mode, options = self.mode, self.options
-        batch_api_of(llm, mode)
+        batch_apis(llm, mode)
         if hedge_after is not None:
             raise ConfigError(
                 f"hedge_after has no meaning with mode={mode!r} (a batched request is sent "
@@ -124,9 +125,9 @@ class _BatchedRun:
         self.backend = backend
         self.spec = spec
         self.deliver = deliver
-        api = batch_api_of(spec.llm, backend.mode)
+        most = min(api.max_requests for api in batch_apis(spec.llm, backend.mode))
         size = spec.size
-        per_batch = min(backend.options.max_requests or api.max_requests, api.max_requests)
+        per_batch = min(backend.options.max_requests or most, most)
         self.window = 2 * per_batch if size is None else max(1, min(size, 2 * per_batch))
         self.workers = self.window
         self._seen = 0
@@ -164,22 +165,34 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
     """``spec`` with the handle swapped for a batching one, valid while the block runs."""
     options, mode = backend.options, backend.mode
     llm = spec.llm
-    assert isinstance(llm, BaseLLM)  # batch_api_of checked it
-    api = batch_api_of(llm, mode)
+    assert isinstance(llm, BaseLLM)  # batch_apis checked it
     store = spec.durable.store if spec.durable is not None else None
     journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
     prices = spec.prices
     if spec.budget is not None:  # records are priced as the budget charges them
         prices = spec.budget.with_prices(prices).prices
-    queue = BatchQueue(api, journal, options)
-    wrapped = BatchLLM(
-        llm,
-        queue,
-        window=window,
-        prices=prices,
-        realtime_timeout=spec.timeout or llm.timeout,
-        realtime_concurrency=spec.concurrency,
-    )
+    made: list[BatchQueue] = []
+    # One gate for the real-time calls after an ``auto`` switch, whichever deployment.
+    gate = None if spec.concurrency is None else asyncio.Semaphore(spec.concurrency)
+
+    def wrap(handle: BaseLLM, price: Price | None) -> BaseLLM:
+        queue = BatchQueue(batch_api_of(handle, mode), journal, options)
+        made.append(queue)
+        own = prices
+        if price is not None and handle.model is not None:  # the deployment's own price
+            own = {**(prices or {}), handle.model: price}
+        return BatchLLM(
+            handle,
+            queue,
+            window=window,
+            prices=own,
+            realtime_timeout=spec.timeout or handle.timeout,
+            gate=gate,
+        )
+
+    # A router's or cascade's deployments each batch their own calls (decision 0272).
+    wrapped = batching(llm, wrap)
+    queue = Queues(made)
     async with queue:
         watcher = None
         if mode == "auto":
@@ -197,7 +210,7 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
 
 
 async def _watch(
-    queue: BatchQueue, llm: BaseLLM, deadline_at: float, options: BatchOptions, size: int | None
+    queue: Queues, llm: BaseLLM, deadline_at: float, options: BatchOptions, size: int | None
 ) -> None:
     """Move to real time once the time left is what real-time calls need for what is
     still unanswered."""

@@ -106,6 +106,13 @@ class Cascade(Routed):
         names = ", ".join(repr(d.name) for d in self.infos)
         return f"fanflow.cascade({names})"
 
+    def with_handles(
+        self, handles: Sequence[BaseLLM], prices: Sequence[Price | None] | None = None
+    ) -> Cascade:
+        made = Cascade(handles, accept=self.accept, names=[d.name for d in self.infos])
+        made.infos = self.infos
+        return made
+
     def cache_identity(self) -> dict[str, Any]:
         """The tiers and the acceptance rule: the answer depends on all of them."""
         return {
