@@ -21,7 +21,10 @@ not move. When every deployment fails, the record's error is a
 A deployment's breaker takes it out of rotation: its own (401, quota, 403/404,
 unreachable), or the router's :data:`FAILING_AFTER` attempts in a row failing with 5xx
 or timeouts (``Breaker.trip``). Its calls not yet sent end at once (skipped) and move;
-the breaker probes it back later (``fanflow._breaker.PROBE_AFTER``).
+the breaker probes it back later (``fanflow._breaker.PROBE_AFTER``). Where copies of
+one router run in several processes (Ray workers), a :class:`HealthBoard` installed in
+each (:func:`set_health_board`) tells the others: a deployment out of rotation in one is
+tried last in all, until its probe is due.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ._breaker import PROBE_AFTER, is_failing
@@ -56,7 +59,17 @@ from ._pricing import Price
 from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Deployment, Request, Response, Status, Usage
 
-__all__ = ["FAILING_AFTER", "Item", "Routed", "Router", "call_on", "merge", "router"]
+__all__ = [
+    "FAILING_AFTER",
+    "HealthBoard",
+    "Item",
+    "Routed",
+    "Router",
+    "call_on",
+    "merge",
+    "router",
+    "set_health_board",
+]
 
 T = TypeVar("T")
 
@@ -72,6 +85,33 @@ _NOW = 1e-3
 
 # Errors that are the item's own: another deployment would fail it the same way.
 _STAYS = (BadRequest, ContentFiltered, ParseError, TemplateError, BudgetExceeded, Skipped)
+
+
+class HealthBoard(Protocol):
+    """Where copies of a router in other processes learn which deployments are out of
+    rotation (the Ray backend's broker, ``backends/_health.py``)."""
+
+    def report(self, router: str, name: str, seconds: float) -> None:
+        """Deployment ``name`` of router ``router`` is out of rotation here for
+        ``seconds`` more (sent without waiting)."""
+
+    def down(self, router: str) -> Mapping[str, float]:
+        """The deployments of ``router`` out of rotation in other processes, with the
+        seconds each stays out (from what was last heard: never waits)."""
+
+
+# Set only in a Ray worker process (as ``_llm._lane_factory`` is), so the routers
+# unpickled there share their deployments' health through the broker.
+_BOARD: HealthBoard | None = None
+
+# The least seconds between two reports of one deployment from one router.
+_REPORT_EVERY = 1.0
+
+
+def set_health_board(board: HealthBoard | None) -> None:
+    """Install ``board`` for every router of this process (None: none)."""
+    global _BOARD
+    _BOARD = board
 
 
 def _public(url: str) -> str:
@@ -146,12 +186,14 @@ class _Member:
     """One deployment and what the router knows of it."""
 
     __slots__ = (
+        "away_until",
         "down_until",
         "info",
         "latency",
         "llm",
         "outstanding",
         "prices",
+        "reported",
         "sent",
         "streak",
         "weight",
@@ -168,8 +210,12 @@ class _Member:
         self.streak = 0  # attempts in a row that failed with 5xx or timeouts
         self.latency = 1.0  # a moving average of its attempts' seconds
         self.down_until = -math.inf  # loop time before which its open breaker holds
+        self.away_until = -math.inf  # loop time before which it is out in another process
+        self.reported = -math.inf  # loop time of the last report to the health board
 
     def healthy(self, now: float) -> bool:
+        if now < self.away_until:
+            return False
         return self.llm.breaker.tripped is None or now >= self.down_until
 
     def wait(self, now: float, tokens: tuple[int, int]) -> float:
@@ -433,6 +479,9 @@ class Router(Routed):
     async def run(self, item: Item[T], start: float) -> CallRecord[T]:
         loop = asyncio.get_running_loop()
         tried: list[tuple[_Member, CallRecord[T]]] = []
+        board = _BOARD
+        if board is not None:
+            self._learn(board, start)
         tokens = request_tokens(item.request) if self.metered else (0, 0)
         order = self.order(start, tokens)
         first = None if self.prefer is None else self.prefer(item.request)
@@ -452,6 +501,8 @@ class Router(Routed):
             finally:
                 member.outstanding -= 1
             member.observe(CallEnded(record.end or 0.0, record))
+            if board is not None and member.llm.breaker.tripped is not None:
+                self._report(board, member, loop.time())
             tried.append((member, record))
             if not moves(record):
                 break
@@ -461,6 +512,23 @@ class Router(Routed):
         if not final.ok and moves(tried[-1][1]):
             final = _all_failed(final, tried, item.who())
         return final
+
+    def _learn(self, board: HealthBoard, now: float) -> None:
+        """Take the deployments other processes have out of rotation out here too."""
+        down = board.down(self.limit_id)
+        if not down:
+            return
+        for member in self.members:
+            seconds = down.get(member.info.name)
+            if seconds is not None:
+                member.away_until = max(member.away_until, now + seconds)
+
+    def _report(self, board: HealthBoard, member: _Member, now: float) -> None:
+        """Tell the other processes ``member`` is out of rotation until its probe."""
+        if now - member.reported < _REPORT_EVERY:
+            return
+        member.reported = now
+        board.report(self.limit_id, member.info.name, max(member.down_until - now, PROBE_AFTER))
 
 
 def tag(record: CallRecord[T], info: Deployment) -> CallRecord[T]:
