@@ -173,3 +173,18 @@ async def test_auto_moves_every_deployments_batches_to_real_time_near_the_deadli
     # What the batches answered before the cancel took hold is kept, the rest real time.
     assert summary.batched + summary.realtime == 40
     assert summary.realtime > 0
+
+
+async def test_a_pool_batches_a_router_steps_calls_on_each_deployment() -> None:
+    async with (
+        SimServer(batches=SimBatches(time=20.0)) as a,
+        SimServer(batches=SimBatches(time=20.0)) as b,
+    ):
+        llm = fanflow.router(oai(a), oai(b))
+        skill = fanflow.Skill(llm, "say {x}")
+        pool = fanflow.Pool(skill, [{"x": i} for i in range(8)], max_flows=8, mode="batch")
+        result = await pool.arun()
+        await llm.aclose()
+        seen = sent(a), sent(b)
+    assert result.outputs == [f"echo: say {i}" for i in range(8)]
+    assert seen == ((1, 4, 0), (1, 4, 0))

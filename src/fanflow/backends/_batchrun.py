@@ -178,14 +178,11 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
     def wrap(handle: BaseLLM, price: Price | None) -> BaseLLM:
         queue = BatchQueue(batch_api_of(handle, mode), journal, options)
         made.append(queue)
-        own = prices
-        if price is not None and handle.model is not None:  # the deployment's own price
-            own = {**(prices or {}), handle.model: price}
         return BatchLLM(
             handle,
             queue,
             window=window,
-            prices=own,
+            prices=_with_price(prices, handle, price),
             realtime_timeout=spec.timeout or handle.timeout,
             gate=gate,
         )
@@ -251,7 +248,7 @@ def check_pool_mode(mode: str, llms: Iterable[LLM], backend: object) -> None:
     if backend not in ("local", None):
         raise ConfigError(f"mode={mode!r} chooses the batch backend; drop backend={backend!r}")
     handles = list(llms)
-    if not any(callable(getattr(llm, "batches", None)) for llm in handles):
+    if not any(_batchable(llm) for llm in handles):
         raise ConfigError(
             "mode='batch' needs a model step whose handle has a batch API "
             "(fanflow.openai(...) or fanflow.anthropic(...)); this pool's steps use "
@@ -268,31 +265,55 @@ async def pool_batching(
     real time). The backend passes it to the steps in ``PoolSpec.handle_for``."""
     opts = options or BatchOptions()
     journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
-    wrapped: dict[int, BatchLLM] = {}
+    wrapped: dict[int, BaseLLM] = {}
+    queues: list[BatchQueue] = []
+
+    def wrap(handle: BaseLLM, price: Price | None) -> BaseLLM:
+        api = batch_api_of(handle, "batch")
+        queue = BatchQueue(api, journal, opts)
+        queues.append(queue)
+        window = 2 * min(opts.max_requests or api.max_requests, api.max_requests)
+        return BatchLLM(
+            handle,
+            queue,
+            window=window,
+            prices=_with_price(prices, handle, price),
+            realtime_timeout=handle.timeout,
+            realtime_concurrency=None,
+        )
 
     def swap(llm: LLM) -> LLM:
         got = wrapped.get(id(llm))
         if got is not None:
             return got
-        if not isinstance(llm, BaseLLM) or not callable(getattr(llm, "batches", None)):
+        if not isinstance(llm, BaseLLM) or not _batchable(llm):
             return llm
-        api = batch_api_of(llm, "batch")
-        queue = BatchQueue(api, journal, opts)
-        window = 2 * min(opts.max_requests or api.max_requests, api.max_requests)
-        made = wrapped[id(llm)] = BatchLLM(
-            llm,
-            queue,
-            window=window,
-            prices=prices,
-            realtime_timeout=llm.timeout,
-            realtime_concurrency=None,
-        )
+        # A router's or cascade's deployments each batch their own calls (decision 0272).
+        made = wrapped[id(llm)] = batching(llm, wrap)
         return made
 
     try:
         yield swap
     finally:
-        for made in wrapped.values():
-            await made.queue.__aexit__(None, None, None)
+        for queue in queues:
+            await queue.__aexit__(None, None, None)
             if isinstance(journal, MemoryJournal):
-                await made.queue.cancel_running()
+                await queue.cancel_running()
+
+
+def _batchable(llm: LLM) -> bool:
+    """Whether every handle ``llm``'s calls run on has a batch API."""
+    try:
+        batch_apis(llm, "batch")
+    except ConfigError:
+        return False
+    return True
+
+
+def _with_price(
+    prices: Mapping[str, Price] | None, handle: BaseLLM, price: Price | None
+) -> Mapping[str, Price] | None:
+    """``prices`` with a router's own ``price`` for ``handle``'s model over them."""
+    if price is None or handle.model is None:
+        return prices
+    return {**(prices or {}), handle.model: price}
