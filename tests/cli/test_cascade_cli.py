@@ -135,3 +135,20 @@ def test_unclear_cascades_say_what_to_fix(run: Run, tmp_path: Path) -> None:
         assert done.returncode == 2, (case, text)
         assert said in text, (case, text)
         assert "Traceback" not in text, case
+
+
+def test_a_config_file_names_the_tiers_and_the_rule(run: Run, tmp_path: Path) -> None:
+    rows(tmp_path)
+    with (
+        SimServer(latency=0.01, reply=unsure_on_hard) as small,
+        SimServer(latency=0.01, reply="sure") as big,
+    ):
+        (tmp_path / "fanflow.toml").write_text(
+            f'cascade = "small,big"\naccept = "match:^fine$"\n\n'
+            f'[[deployment]]\nname = "small"\nurl = "{small.url}"\nmodel = "small"\n\n'
+            f'[[deployment]]\nname = "big"\nurl = "{big.url}"\nmodel = "big"\n'
+        )
+        done = run("map", "in.txt", "-p", "{input}")
+        escalated = set(big.stats().prompt_completed)
+    assert done.returncode == 0, done.stderr
+    assert escalated == {r for r in ROWS if r.startswith("hard")}, done.stderr
