@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import marshal
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -77,6 +80,12 @@ def _rule(accept: Accept) -> str:
             f"agreement(samples={accept.samples}, share={accept.share}, "
             f"temperature={accept.temperature}, normalize={normalize})"
         )
+    code = getattr(accept, "__code__", None)
+    if isinstance(code, types.CodeType):
+        # Two lambdas share a name: their code tells them apart (not the values a
+        # closure holds: a rule that reads one should be a function of its own).
+        digest = hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+        return f"{accept.__module__}.{accept.__qualname__}:{digest}"
     return getattr(accept, "__qualname__", None) or repr(accept)
 
 
