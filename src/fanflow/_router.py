@@ -23,8 +23,8 @@ unreachable), or the router's :data:`FAILING_AFTER` attempts in a row failing wi
 or timeouts (``Breaker.trip``). Its calls not yet sent end at once (skipped) and move;
 the breaker probes it back later (``fanflow._breaker.PROBE_AFTER``). Where copies of
 one router run in several processes (Ray workers), a :class:`HealthBoard` installed in
-each (:func:`set_health_board`) tells the others: a deployment out of rotation in one is
-tried last in all, until its probe is due.
+each (:func:`set_health_board`) tells the others: a deployment out of rotation in one
+copy is tried last in all, until its probe is due.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,13 +92,16 @@ class HealthBoard(Protocol):
     """Where copies of a router in other processes learn which deployments are out of
     rotation (the Ray backend's broker, ``backends/_health.py``)."""
 
-    def report(self, router: str, name: str, seconds: float) -> None:
-        """Deployment ``name`` of router ``router`` is out of rotation here for
-        ``seconds`` more (sent without waiting)."""
+    def report(self, router: str, name: str, seconds: float, copy: str) -> None:
+        """Deployment ``name`` of router ``router`` is out of rotation in its ``copy``
+        for ``seconds`` more (sent without waiting)."""
 
-    def down(self, router: str) -> Mapping[str, float]:
-        """The deployments of ``router`` out of rotation in other processes, with the
-        seconds each stays out (from what was last heard: never waits)."""
+    async def sync(self, router: str) -> None:
+        """Hear the latest about ``router`` (a copy's first calls wait for it once)."""
+
+    def down(self, router: str, copy: str) -> Mapping[str, float]:
+        """The deployments of ``router`` other copies than ``copy`` have out of
+        rotation, with the seconds each stays out (what was last heard: never waits)."""
 
 
 # Set only in a Ray worker process (as ``_llm._lane_factory`` is), so the routers
@@ -403,6 +407,10 @@ class Router(Routed):
             )
             for i, llm in enumerate(llms)
         )
+        # This copy of the router (each process's unpickled one is another): its own
+        # reports to a health board are not read back (its breakers know them).
+        self.copy = uuid.uuid4().hex
+        self.synced = False  # whether it has heard the health board once
         # The deployment a request should go to first, whatever has room (None: none):
         # batch mode sets it so a resumed item rejoins the batch it is already in.
         self.prefer: Callable[[Request], BaseLLM | None] | None = None
@@ -410,6 +418,11 @@ class Router(Routed):
     def __repr__(self) -> str:
         names = ", ".join(repr(m.info.name) for m in self.members)
         return f"fanflow.router({names}, strategy={self.strategy!r})"
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.copy = uuid.uuid4().hex  # a copy of its own, in a process of its own
+        self.synced = False
 
     def own_prices(self) -> list[Price | None]:
         """Each deployment's own price (None: the pattern's)."""
@@ -481,7 +494,10 @@ class Router(Routed):
         tried: list[tuple[_Member, CallRecord[T]]] = []
         board = _BOARD
         if board is not None:
-            self._learn(board, start)
+            if not self.synced:  # a new copy: what the others know, before its first call
+                await board.sync(self.limit_id)
+                self.synced = True
+            self._learn(board, loop.time())
         tokens = request_tokens(item.request) if self.metered else (0, 0)
         order = self.order(start, tokens)
         first = None if self.prefer is None else self.prefer(item.request)
@@ -515,7 +531,7 @@ class Router(Routed):
 
     def _learn(self, board: HealthBoard, now: float) -> None:
         """Take the deployments other processes have out of rotation out here too."""
-        down = board.down(self.limit_id)
+        down = board.down(self.limit_id, self.copy)
         if not down:
             return
         for member in self.members:
@@ -528,7 +544,8 @@ class Router(Routed):
         if now - member.reported < _REPORT_EVERY:
             return
         member.reported = now
-        board.report(self.limit_id, member.info.name, max(member.down_until - now, PROBE_AFTER))
+        seconds = max(member.down_until - now, PROBE_AFTER)
+        board.report(self.limit_id, member.info.name, seconds, self.copy)
 
 
 def tag(record: CallRecord[T], info: Deployment) -> CallRecord[T]:

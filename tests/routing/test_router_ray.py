@@ -66,6 +66,6 @@ def test_a_deployment_a_worker_takes_out_is_on_the_brokers_board() -> None:
         )
     assert result.ok
     assert dict(result.summary.answered_by) == {"fine": 40}
-    # What the workers told the broker (the driver reads as a worker of its own).
-    down = ray.get(_broker(ray).health.remote(llm.limit_id, "driver"))
+    # What the workers' copies told the broker.
+    down = ray.get(_broker(ray).health.remote(llm.limit_id))
     assert set(down) == {"broken"}

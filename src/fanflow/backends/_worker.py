@@ -100,11 +100,11 @@ class BrokerActor:
     async def statistics(self, handle_id: str) -> Any:
         return self.broker.statistics(handle_id)
 
-    async def report_down(self, router: str, name: str, until: float, worker: str) -> None:
-        self.health_table.report(router, name, until, worker)
+    async def report_down(self, router: str, name: str, until: float, copy: str) -> None:
+        self.health_table.report(router, name, until, copy)
 
-    async def health(self, router: str, worker: str) -> dict[str, float]:
-        return self.health_table.read(router, worker)
+    async def health(self, router: str) -> dict[str, dict[str, float]]:
+        return self.health_table.read(router)
 
 
 # The shard a worker's task is running, so its events go back with its results.
@@ -204,7 +204,7 @@ class FanflowWorker:
         self.runs: dict[str, _Run] = {}
         set_lane_factory(self._lane)
         # Its routers share their deployments' health with the other workers'.
-        set_health_board(BrokerHealth(broker, worker_id))
+        set_health_board(BrokerHealth(broker))
 
     def _lane(self, handle: BaseLLM) -> Lane:
         limits = handle.limits
