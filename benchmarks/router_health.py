@@ -38,15 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     items = [f"item {i}" for i in range(args.items)]
+    # The first server expects another key than its handle sends: 401 to everything.
+    bad, good = SimServer(latency=0.05, api_key="sk-right-key-000"), SimServer(latency=0.05)
+    keys = {"broken": "sk-wrong-key-111", "fine": "sk-b"}
     try:
-        with (
-            SimServer(latency=0.05, api_key="sk-right-key-000") as bad,
-            SimServer(latency=0.05, reply="ok") as good,
-        ):
-            llm = fanflow.router(
-                fanflow.openai("m", base_url=bad.url, api_key="sk-wrong-key-111"),
-                fanflow.openai("m", base_url=good.url, api_key="sk-b"),
-            )
+        with bad, good:
+            urls = {"broken": bad.url, "fine": good.url}
+            handles = [fanflow.openai("m", base_url=urls[n], api_key=keys[n]) for n in keys]
+            llm = fanflow.router(*handles, names=list(keys))
             seen = 0
             print("| batch | requests to the broken one | items answered |")
             print("|---|---|---|")
