@@ -55,6 +55,7 @@ def test_the_big_tier_answers_only_what_the_accept_rule_rejects(run: Run, tmp_pa
     records = [json.loads(line) for line in (tmp_path / "rec.jsonl").read_text().splitlines()]
     assert sorted(r["deployment"]["name"] for r in records) == ["big"] * 4 + ["small"] * 12
     assert "answered by big" in done.stderr, done.stderr
+    assert "saved vs the last tier" in done.stderr  # priced: the cascade's saving shown
 
 
 def test_a_tier_of_two_is_spread_over_them(run: Run, tmp_path: Path) -> None:
