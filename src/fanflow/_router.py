@@ -21,7 +21,10 @@ not move. When every deployment fails, the record's error is a
 A deployment's breaker takes it out of rotation: its own (401, quota, 403/404,
 unreachable), or the router's :data:`FAILING_AFTER` attempts in a row failing with 5xx
 or timeouts (``Breaker.trip``). Its calls not yet sent end at once (skipped) and move;
-the breaker probes it back later (``fanflow._breaker.PROBE_AFTER``).
+the breaker probes it back later (``fanflow._breaker.PROBE_AFTER``). Where copies of
+one router run in several processes (Ray workers), a :class:`HealthBoard` installed in
+each (:func:`set_health_board`) tells the others: a deployment out of rotation in one
+copy is tried last in all, until its probe is due.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ._breaker import PROBE_AFTER, is_failing
@@ -56,7 +60,17 @@ from ._pricing import Price
 from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Deployment, Request, Response, Status, Usage
 
-__all__ = ["FAILING_AFTER", "Item", "Routed", "Router", "call_on", "merge", "router"]
+__all__ = [
+    "FAILING_AFTER",
+    "HealthBoard",
+    "Item",
+    "Routed",
+    "Router",
+    "call_on",
+    "merge",
+    "router",
+    "set_health_board",
+]
 
 T = TypeVar("T")
 
@@ -72,6 +86,36 @@ _NOW = 1e-3
 
 # Errors that are the item's own: another deployment would fail it the same way.
 _STAYS = (BadRequest, ContentFiltered, ParseError, TemplateError, BudgetExceeded, Skipped)
+
+
+class HealthBoard(Protocol):
+    """Where copies of a router in other processes learn which deployments are out of
+    rotation (the Ray backend's broker, ``backends/_health.py``)."""
+
+    def report(self, router: str, name: str, seconds: float, copy: str) -> None:
+        """Deployment ``name`` of router ``router`` is out of rotation in its ``copy``
+        for ``seconds`` more (sent without waiting)."""
+
+    async def sync(self, router: str) -> None:
+        """Hear the latest about ``router`` (a copy's first calls wait for it once)."""
+
+    def down(self, router: str, copy: str) -> Mapping[str, float]:
+        """The deployments of ``router`` other copies than ``copy`` have out of
+        rotation, with the seconds each stays out (what was last heard: never waits)."""
+
+
+# Set only in a Ray worker process (as ``_llm._lane_factory`` is), so the routers
+# unpickled there share their deployments' health through the broker.
+_BOARD: HealthBoard | None = None
+
+# The least seconds between two reports of one deployment from one router.
+_REPORT_EVERY = 1.0
+
+
+def set_health_board(board: HealthBoard | None) -> None:
+    """Install ``board`` for every router of this process (None: none)."""
+    global _BOARD
+    _BOARD = board
 
 
 def _public(url: str) -> str:
@@ -146,12 +190,14 @@ class _Member:
     """One deployment and what the router knows of it."""
 
     __slots__ = (
+        "away_until",
         "down_until",
         "info",
         "latency",
         "llm",
         "outstanding",
         "prices",
+        "reported",
         "sent",
         "streak",
         "weight",
@@ -168,8 +214,12 @@ class _Member:
         self.streak = 0  # attempts in a row that failed with 5xx or timeouts
         self.latency = 1.0  # a moving average of its attempts' seconds
         self.down_until = -math.inf  # loop time before which its open breaker holds
+        self.away_until = -math.inf  # loop time before which it is out in another process
+        self.reported = -math.inf  # loop time of the last report to the health board
 
     def healthy(self, now: float) -> bool:
+        if now < self.away_until:
+            return False
         return self.llm.breaker.tripped is None or now >= self.down_until
 
     def wait(self, now: float, tokens: tuple[int, int]) -> float:
@@ -294,6 +344,14 @@ class Routed(BaseLLM):
     async def run(self, item: Item[T], start: float) -> CallRecord[T]:
         """The item's record, its calls on the handles merged (:func:`merge`)."""
 
+    @abstractmethod
+    def with_handles(
+        self, handles: Sequence[BaseLLM], prices: Sequence[Price | None] | None = None
+    ) -> Routed:
+        """The same routing over ``handles`` (one for each of this one's, in order, e.g.
+        each wrapped to batch its calls), the records naming the same deployments;
+        ``prices``: each one's own price, where it is not this one's."""
+
     async def complete(self, request: Request) -> Response:
         """One call (with the engine's retries on each handle)."""
         item: Item[Response] = Item(request, CallOptions(), None, None, None)
@@ -349,10 +407,42 @@ class Router(Routed):
             )
             for i, llm in enumerate(llms)
         )
+        # This copy of the router (each process's unpickled one is another): its own
+        # reports to a health board are not read back (its breakers know them).
+        self.copy = uuid.uuid4().hex
+        self.synced = False  # whether it has heard the health board once
+        # The deployment a request should go to first, whatever has room (None: none):
+        # batch mode sets it so a resumed item rejoins the batch it is already in.
+        self.prefer: Callable[[Request], BaseLLM | None] | None = None
 
     def __repr__(self) -> str:
         names = ", ".join(repr(m.info.name) for m in self.members)
         return f"fanflow.router({names}, strategy={self.strategy!r})"
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.copy = uuid.uuid4().hex  # a copy of its own, in a process of its own
+        self.synced = False
+
+    def own_prices(self) -> list[Price | None]:
+        """Each deployment's own price (None: the pattern's)."""
+        return [next(iter(m.prices.values())) if m.prices else None for m in self.members]
+
+    def with_handles(
+        self, handles: Sequence[BaseLLM], prices: Sequence[Price | None] | None = None
+    ) -> Router:
+        made = Router(
+            handles,
+            strategy=self.strategy,
+            weights=[m.weight for m in self.members],
+            names=[d.name for d in self.infos],
+            prices=self.own_prices() if prices is None else prices,
+            patience=self.patience,
+        )
+        made.infos = self.infos
+        for member, info in zip(made.members, self.infos, strict=True):
+            member.info = info
+        return made
 
     def cache_identity(self) -> dict[str, Any]:
         """Every deployment's identity (a store looks up each one's own key instead:
@@ -402,8 +492,18 @@ class Router(Routed):
     async def run(self, item: Item[T], start: float) -> CallRecord[T]:
         loop = asyncio.get_running_loop()
         tried: list[tuple[_Member, CallRecord[T]]] = []
+        board = _BOARD
+        if board is not None:
+            if not self.synced:  # a new copy: what the others know, before its first call
+                await board.sync(self.limit_id)
+                self.synced = True
+            self._learn(board, loop.time())
         tokens = request_tokens(item.request) if self.metered else (0, 0)
-        for member in self.order(start, tokens):
+        order = self.order(start, tokens)
+        first = None if self.prefer is None else self.prefer(item.request)
+        if first is not None:
+            order.sort(key=lambda m: m.llm is not first)  # stable: the rest keep their order
+        for member in order:
             if member.llm.breaker.tripped is not None:
                 # Its probe: the other calls go elsewhere until it answers (they would
                 # wait for its outcome in the breaker otherwise).
@@ -417,6 +517,8 @@ class Router(Routed):
             finally:
                 member.outstanding -= 1
             member.observe(CallEnded(record.end or 0.0, record))
+            if board is not None and member.llm.breaker.tripped is not None:
+                self._report(board, member, loop.time())
             tried.append((member, record))
             if not moves(record):
                 break
@@ -426,6 +528,24 @@ class Router(Routed):
         if not final.ok and moves(tried[-1][1]):
             final = _all_failed(final, tried, item.who())
         return final
+
+    def _learn(self, board: HealthBoard, now: float) -> None:
+        """Take the deployments other processes have out of rotation out here too."""
+        down = board.down(self.limit_id, self.copy)
+        if not down:
+            return
+        for member in self.members:
+            seconds = down.get(member.info.name)
+            if seconds is not None:
+                member.away_until = max(member.away_until, now + seconds)
+
+    def _report(self, board: HealthBoard, member: _Member, now: float) -> None:
+        """Tell the other processes ``member`` is out of rotation until its probe."""
+        if now - member.reported < _REPORT_EVERY:
+            return
+        member.reported = now
+        seconds = max(member.down_until - now, PROBE_AFTER)
+        board.report(self.limit_id, member.info.name, seconds, self.copy)
 
 
 def tag(record: CallRecord[T], info: Deployment) -> CallRecord[T]:

@@ -102,3 +102,20 @@ def test_bad_cascades_are_config_errors() -> None:
         fanflow.cascade(one, fanflow.function(lambda r: "y"), accept="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="samples >= 2"):
         agreement(samples=1)
+
+
+def test_the_cache_identity_names_the_rule_the_same_way_in_every_process() -> None:
+    def tiers(accept: Any) -> fanflow.BaseLLM:
+        return fanflow.cascade(
+            fanflow.openai("cheap", base_url="http://127.0.0.1:9/v1", api_key="sk-a"),
+            fanflow.openai("strong", base_url="http://127.0.0.1:10/v1", api_key="sk-b"),
+            accept=accept,
+        )
+
+    short = tiers(lambda text: len(text) < 5).cache_identity()
+    anything = tiers(lambda text: True).cache_identity()
+    assert short["accept"] != anything["accept"]  # two lambdas are two rules
+    voted = tiers(agreement(samples=3)).cache_identity()
+    assert voted == tiers(agreement(samples=3)).cache_identity()
+    assert "0x" not in json.dumps(voted)  # no address: the same in another process
+    assert voted != tiers(agreement(samples=5)).cache_identity()

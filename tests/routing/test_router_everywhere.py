@@ -1,6 +1,6 @@
 """Issue 23: a router is one handle, usable wherever a handle is: every pattern, a
-parser over deployments of different models, prices per deployment, pickling; batch
-mode refuses it with a ConfigError. Two SimServers on loopback; virtual time.
+parser over deployments of different models, prices per deployment, pickling (batch
+mode: test_router_batch.py). Two SimServers on loopback; virtual time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow import ConfigError, Price, Request
+from fanflow import Price, Request
 from fanflow._progress import Tracker
 from fanflow.testing import SimServer
 
@@ -77,13 +77,6 @@ async def test_costs_use_the_answering_deployments_price() -> None:
         assert r.deployment is not None
         per_token[r.deployment.model] = r.cost / r.usage.total_tokens
     assert per_token["model-b"] == pytest.approx(100 * per_token["model-a"])
-
-
-async def test_batch_mode_refuses_a_router_with_the_fix() -> None:
-    async with SimServer() as a, SimServer() as b:
-        llm = two(a, b)
-        with pytest.raises(ConfigError, match="batch API"):
-            await fanflow.map(llm, "{input}", ["x"], mode="batch")
 
 
 def test_a_router_pickles_with_its_deployments() -> None:

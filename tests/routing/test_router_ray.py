@@ -46,3 +46,26 @@ def test_a_router_spreads_a_ray_batch_over_both_deployments() -> None:
     assert sum(served) == len(items)
     assert min(served) > 0
     assert {r.deployment.base_url for r in result.records if r.deployment} == urls
+
+
+def test_a_deployment_a_worker_takes_out_is_on_the_brokers_board() -> None:
+    from fanflow.backends._ray import _broker
+
+    items = [f"item {i}" for i in range(40)]
+    with (
+        SimServer(latency=0.01, api_key="sk-right-key-000") as a,
+        SimServer(latency=0.01, reply="ok") as b,
+    ):
+        llm = fanflow.router(
+            fanflow.openai("m", base_url=a.url, api_key="sk-wrong-key-111"),
+            fanflow.openai("m", base_url=b.url, api_key="sk-b"),
+            names=["broken", "fine"],
+        )
+        result = fanflow.run(
+            fanflow.map(llm, "{input}", items, backend=RayBackend(workers=2, shard_size=10))
+        )
+    assert result.ok
+    assert dict(result.summary.answered_by) == {"fine": 40}
+    # What the workers' copies told the broker.
+    down = ray.get(_broker(ray).health.remote(llm.limit_id))
+    assert set(down) == {"broken"}

@@ -40,7 +40,8 @@ class BatchLLM(BaseLLM):
         window: int,
         prices: Mapping[str, Price] | None,
         realtime_timeout: float | None,
-        realtime_concurrency: int | None,
+        realtime_concurrency: int | None = None,
+        gate: asyncio.Semaphore | None = None,
     ) -> None:
         super().__init__(
             model=inner.model,
@@ -53,8 +54,9 @@ class BatchLLM(BaseLLM):
         self.queue = queue
         self.prices = prices
         self.realtime_timeout = realtime_timeout
+        # ``gate``: one shared by the batching handles of a router's deployments.
         self._gate = (
-            asyncio.Semaphore(realtime_concurrency) if realtime_concurrency is not None else None
+            asyncio.Semaphore(realtime_concurrency) if realtime_concurrency is not None else gate
         )
 
     def __repr__(self) -> str:

@@ -32,6 +32,7 @@ from ._batch import (
     batch_api_of,
 )
 from ._batchllm import BatchLLM, realtime_reserve
+from ._batchroute import Queues, batch_apis, batching
 from ._local import LOCAL
 
 __all__ = ["BatchBackend", "batch_backend", "check_pool_mode", "pool_batching"]
@@ -62,7 +63,7 @@ class BatchBackend:
     def check(self, llm: LLM, *, deadline: float | None, hedge_after: float | None) -> None:
         """Refuse what cannot work, before anything is sent."""
         mode, options = self.mode, self.options
-        batch_api_of(llm, mode)
+        batch_apis(llm, mode)
         if hedge_after is not None:
             raise ConfigError(
                 f"hedge_after has no meaning with mode={mode!r} (a batched request is sent "
@@ -124,9 +125,9 @@ class _BatchedRun:
         self.backend = backend
         self.spec = spec
         self.deliver = deliver
-        api = batch_api_of(spec.llm, backend.mode)
+        most = min(api.max_requests for api in batch_apis(spec.llm, backend.mode))
         size = spec.size
-        per_batch = min(backend.options.max_requests or api.max_requests, api.max_requests)
+        per_batch = min(backend.options.max_requests or most, most)
         self.window = 2 * per_batch if size is None else max(1, min(size, 2 * per_batch))
         self.workers = self.window
         self._seen = 0
@@ -164,22 +165,31 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
     """``spec`` with the handle swapped for a batching one, valid while the block runs."""
     options, mode = backend.options, backend.mode
     llm = spec.llm
-    assert isinstance(llm, BaseLLM)  # batch_api_of checked it
-    api = batch_api_of(llm, mode)
+    assert isinstance(llm, BaseLLM)  # batch_apis checked it
     store = spec.durable.store if spec.durable is not None else None
     journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
     prices = spec.prices
     if spec.budget is not None:  # records are priced as the budget charges them
         prices = spec.budget.with_prices(prices).prices
-    queue = BatchQueue(api, journal, options)
-    wrapped = BatchLLM(
-        llm,
-        queue,
-        window=window,
-        prices=prices,
-        realtime_timeout=spec.timeout or llm.timeout,
-        realtime_concurrency=spec.concurrency,
-    )
+    made: list[BatchQueue] = []
+    # One gate for the real-time calls after an ``auto`` switch, whichever deployment.
+    gate = None if spec.concurrency is None else asyncio.Semaphore(spec.concurrency)
+
+    def wrap(handle: BaseLLM, price: Price | None) -> BaseLLM:
+        queue = BatchQueue(batch_api_of(handle, mode), journal, options)
+        made.append(queue)
+        return BatchLLM(
+            handle,
+            queue,
+            window=window,
+            prices=_with_price(prices, handle, price),
+            realtime_timeout=spec.timeout or handle.timeout,
+            gate=gate,
+        )
+
+    # A router's or cascade's deployments each batch their own calls (decision 0272).
+    wrapped = batching(llm, wrap)
+    queue = Queues(made)
     async with queue:
         watcher = None
         if mode == "auto":
@@ -197,7 +207,7 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
 
 
 async def _watch(
-    queue: BatchQueue, llm: BaseLLM, deadline_at: float, options: BatchOptions, size: int | None
+    queue: Queues, llm: BaseLLM, deadline_at: float, options: BatchOptions, size: int | None
 ) -> None:
     """Move to real time once the time left is what real-time calls need for what is
     still unanswered."""
@@ -238,7 +248,7 @@ def check_pool_mode(mode: str, llms: Iterable[LLM], backend: object) -> None:
     if backend not in ("local", None):
         raise ConfigError(f"mode={mode!r} chooses the batch backend; drop backend={backend!r}")
     handles = list(llms)
-    if not any(callable(getattr(llm, "batches", None)) for llm in handles):
+    if not any(_batchable(llm) for llm in handles):
         raise ConfigError(
             "mode='batch' needs a model step whose handle has a batch API "
             "(fanflow.openai(...) or fanflow.anthropic(...)); this pool's steps use "
@@ -255,31 +265,55 @@ async def pool_batching(
     real time). The backend passes it to the steps in ``PoolSpec.handle_for``."""
     opts = options or BatchOptions()
     journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
-    wrapped: dict[int, BatchLLM] = {}
+    wrapped: dict[int, BaseLLM] = {}
+    queues: list[BatchQueue] = []
+
+    def wrap(handle: BaseLLM, price: Price | None) -> BaseLLM:
+        api = batch_api_of(handle, "batch")
+        queue = BatchQueue(api, journal, opts)
+        queues.append(queue)
+        window = 2 * min(opts.max_requests or api.max_requests, api.max_requests)
+        return BatchLLM(
+            handle,
+            queue,
+            window=window,
+            prices=_with_price(prices, handle, price),
+            realtime_timeout=handle.timeout,
+            realtime_concurrency=None,
+        )
 
     def swap(llm: LLM) -> LLM:
         got = wrapped.get(id(llm))
         if got is not None:
             return got
-        if not isinstance(llm, BaseLLM) or not callable(getattr(llm, "batches", None)):
+        if not isinstance(llm, BaseLLM) or not _batchable(llm):
             return llm
-        api = batch_api_of(llm, "batch")
-        queue = BatchQueue(api, journal, opts)
-        window = 2 * min(opts.max_requests or api.max_requests, api.max_requests)
-        made = wrapped[id(llm)] = BatchLLM(
-            llm,
-            queue,
-            window=window,
-            prices=prices,
-            realtime_timeout=llm.timeout,
-            realtime_concurrency=None,
-        )
+        # A router's or cascade's deployments each batch their own calls (decision 0272).
+        made = wrapped[id(llm)] = batching(llm, wrap)
         return made
 
     try:
         yield swap
     finally:
-        for made in wrapped.values():
-            await made.queue.__aexit__(None, None, None)
+        for queue in queues:
+            await queue.__aexit__(None, None, None)
             if isinstance(journal, MemoryJournal):
-                await made.queue.cancel_running()
+                await queue.cancel_running()
+
+
+def _batchable(llm: LLM) -> bool:
+    """Whether every handle ``llm``'s calls run on has a batch API."""
+    try:
+        batch_apis(llm, "batch")
+    except ConfigError:
+        return False
+    return True
+
+
+def _with_price(
+    prices: Mapping[str, Price] | None, handle: BaseLLM, price: Price | None
+) -> Mapping[str, Price] | None:
+    """``prices`` with a router's own ``price`` for ``handle``'s model over them."""
+    if price is None or handle.model is None:
+        return prices
+    return {**(prices or {}), handle.model: price}

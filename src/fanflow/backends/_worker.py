@@ -29,8 +29,10 @@ from .._events import CallStarted, Event, Hook, endpoint_of
 from .._limits import Gate, Lane
 from .._llm import LLM, BaseLLM, set_lane_factory
 from .._retry import RetryPolicy
+from .._router import set_health_board
 from .._types import CallRecord, Request, Response
 from ..store import JobStore
+from ._health import BrokerHealth, HealthTable
 from ._limiter import (
     BudgetSpec,
     GlobalLane,
@@ -61,6 +63,7 @@ class BrokerActor:
 
     def __init__(self) -> None:
         self.broker = LimitBroker()
+        self.health_table = HealthTable()  # routers' deployments out of rotation
 
     async def acquire(self, handle_id: str, limits: Any, worker: str) -> bool:
         return await self.broker.acquire(handle_id, limits, worker)
@@ -96,6 +99,12 @@ class BrokerActor:
 
     async def statistics(self, handle_id: str) -> Any:
         return self.broker.statistics(handle_id)
+
+    async def report_down(self, router: str, name: str, until: float, copy: str) -> None:
+        self.health_table.report(router, name, until, copy)
+
+    async def health(self, router: str) -> dict[str, dict[str, float]]:
+        return self.health_table.read(router)
 
 
 # The shard a worker's task is running, so its events go back with its results.
@@ -194,6 +203,8 @@ class FanflowWorker:
         self.broker = broker
         self.runs: dict[str, _Run] = {}
         set_lane_factory(self._lane)
+        # Its routers share their deployments' health with the other workers'.
+        set_health_board(BrokerHealth(broker))
 
     def _lane(self, handle: BaseLLM) -> Lane:
         limits = handle.limits

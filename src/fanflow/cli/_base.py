@@ -232,7 +232,9 @@ def plan(
             )
     given = getattr(args, "deployment", None) or []
     if not routed:
-        settings = dataclasses.replace(settings, deployments=(), route=None)
+        settings = dataclasses.replace(
+            settings, deployments=(), route=None, cascade=None, accept=None
+        )
     elif given:
         specs = tuple(parse_deployment(text) for text in given)
         settings = dataclasses.replace(settings, deployments=specs)
@@ -331,11 +333,19 @@ def tripped(llms: Any) -> list[CircuitOpen]:
     a router stopped only when every deployment's breaker did."""
     stops: list[CircuitOpen] = []
     for llm in llms:
-        handles = llm.handles if getattr(llm, "routed", False) else (llm,)
+        handles = _leaves(llm)
         found = [b for h in handles if (b := h.breaker.tripped) is not None]
         if len(found) == len(handles):
             stops += found
     return stops
+
+
+def _leaves(llm: Any) -> list[Any]:
+    """The handles a router's or cascade's calls run on (those of a router in a cascade's
+    tier too); a plain handle's own."""
+    if not getattr(llm, "routed", False):
+        return [llm]
+    return [leaf for h in llm.handles for leaf in _leaves(h)]
 
 
 def stopped(

@@ -163,14 +163,36 @@ def dry_run_requests(llm: BaseLLM, items: Iterator[Item], options: dict[str, Any
     return DryRun(estimate(llm, ready_request, values, **prices), [])
 
 
+# How a dry run says a router's or cascade's items were priced (decision 0270).
+_PLANNED = {
+    "spread": (
+        "spread over the deployments by weight",
+        "all on the cheapest to all on the dearest",
+    ),
+    "fallback": ("all on the first deployment", "all on the cheapest to all on the dearest"),
+    "cascade": (
+        "if the first tier's answers are all kept",
+        "the first tier alone to every tier asked",
+    ),
+}
+
+
 def describe_dry_run(
-    result: DryRun, *, model: str | None, rpm: float | None, tpm: float | None
+    result: DryRun,
+    *,
+    model: str | None,
+    rpm: float | None,
+    tpm: float | None,
+    routing: str | None = None,
 ) -> list[str]:
-    """The lines ``--dry-run`` prints."""
+    """The lines ``--dry-run`` prints (``routing``: spread, fallback or cascade, for
+    deployments)."""
     from .._progress import format_duration
 
     e = result.estimate
-    lines = [f"dry run: {e.items:,} calls would be sent (one per item, before retries)"]
+    calls = e.items if e.calls is None else e.calls
+    each = "one per item" if calls == e.items else f"{calls // max(e.items, 1)} per item"
+    lines = [f"dry run: {calls:,} calls would be sent ({each}, before retries)"]
     lines.append(f"  input tokens   ~{e.input_tokens:,} (estimated)")
     lines.append(f"  output tokens  at most {e.output_tokens:,} (max_tokens per call)")
     if e.cost is None:
@@ -179,6 +201,8 @@ def describe_dry_run(
             f"  cost           unknown: no price for model {unpriced} (give one: "
             "--price MODEL=IN/OUT)"
         )
+    elif routing is not None:
+        lines += _routed_cost(e, routing)
     else:
         lines.append(f"  cost           at most ${e.cost:,.4f} (model {model})")
         if e.cached_cost is not None:
@@ -207,6 +231,21 @@ def describe_dry_run(
     if result.template_errors:
         lines.append(f"  {len(result.template_errors)} items would fail (template):")
         lines.extend(f"    {text}" for text in result.template_errors[:10])
+    return lines
+
+
+def _routed_cost(e: Any, routing: str) -> list[str]:
+    """A router's or cascade's priced dry run: the plan, its range, each deployment's part."""
+    planned, spans = _PLANNED[routing]
+    lines = [f"  cost           at most ${e.cost:,.4f} ({planned})"]
+    if e.cost_range is not None:
+        low, high = e.cost_range
+        lines.append(f"  cost range     ${low:,.4f} to ${high:,.4f} ({spans})")
+    for name, (n, cost) in e.by_deployment.items():
+        priced = "unknown" if cost is None else f"${cost:,.4f}"
+        lines.append(f"    {name}: {n:,} calls, {priced}")
+    if e.batch_cost is not None:
+        lines.append(f"  batch cost     at most ${e.batch_cost:,.4f} with --batch")
     return lines
 
 
@@ -421,7 +460,10 @@ def _dry_run(
     result = _base.interrupts(args).run(go)
     s = plan.settings
     model = s.model or plan.provider if source is None else "of each line, below"
-    for line in describe_dry_run(result, model=model, rpm=s.rpm, tpm=s.tpm):
+    routing = None
+    if plan.provider == "router":
+        routing = "cascade" if s.cascade is not None else s.route or "spread"
+    for line in describe_dry_run(result, model=model, rpm=s.rpm, tpm=s.tpm, routing=routing):
         print(line)
     if source is not None:
         for line in describe_models(dict(result.estimate.by_model)):

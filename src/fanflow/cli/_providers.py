@@ -28,7 +28,7 @@ from .._exceptions import ConfigError
 from .._limits import DEFAULT_LIMITS, Limits
 from .._llm import BaseLLM
 from .._retry import RetryPolicy
-from ._deployments import build_router
+from ._deployments import build_router, check_routing
 from ._settings import Settings
 
 __all__ = [
@@ -236,6 +236,7 @@ def plan_llm(
     """
     api_key = api_key or env.get("FANFLOW_API_KEY") or None
     provider = settings.provider
+    check_routing(settings)
     if settings.deployments:
         if provider not in (None, "openai", "anthropic"):
             raise ConfigError(

@@ -67,6 +67,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("route", str, "how calls go to the --deployment's: spread (where there is "
            "room now, the default) or fallback (the first while it is healthy)",
            choices=("spread", "fallback")),
+    Option("cascade", str, "ask the --deployment's in tiers, cheapest first, e.g. "
+           "small,big (a tier of several, spread over them: a+b,big); the next tier gets "
+           "what --accept rejects"),
+    Option("accept", str, "with --cascade, when a tier's answer is kept: agreement "
+           "(its samples agree; agreement:5>=0.8: 4 of 5 samples agree), match:REGEX, "
+           "reject:REGEX or json"),
 )  # fmt: skip
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -122,6 +128,8 @@ class Settings:
     budget: float | None = None
     store: str | None = None
     route: str | None = None
+    cascade: str | None = None
+    accept: str | None = None
     #: The config file's ``[[deployment]]`` tables (``--deployment`` flags replace them).
     deployments: tuple[DeploymentSpec, ...] = ()
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import marshal
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -68,6 +71,24 @@ def agreement(
 Accept = Callable[[Any], bool] | Agreement
 
 
+def _rule(accept: Accept) -> str:
+    """The acceptance rule as the cache identity names it: the same in every process
+    (a function by its name, an object by its repr, never an address)."""
+    if isinstance(accept, Agreement):
+        normalize = getattr(accept.normalize, "__qualname__", "")
+        return (
+            f"agreement(samples={accept.samples}, share={accept.share}, "
+            f"temperature={accept.temperature}, normalize={normalize})"
+        )
+    code = getattr(accept, "__code__", None)
+    if isinstance(code, types.CodeType):
+        # Two lambdas share a name: their code tells them apart (not the values a
+        # closure holds: a rule that reads one should be a function of its own).
+        digest = hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+        return f"{accept.__module__}.{accept.__qualname__}:{digest}"
+    return getattr(accept, "__qualname__", None) or repr(accept)
+
+
 def _value(record: CallRecord[Any]) -> Any:
     value = record.value
     return value.text if isinstance(value, Response) else value
@@ -94,16 +115,19 @@ class Cascade(Routed):
         names = ", ".join(repr(d.name) for d in self.infos)
         return f"fanflow.cascade({names})"
 
+    def with_handles(
+        self, handles: Sequence[BaseLLM], prices: Sequence[Price | None] | None = None
+    ) -> Cascade:
+        made = Cascade(handles, accept=self.accept, names=[d.name for d in self.infos])
+        made.infos = self.infos
+        return made
+
     def cache_identity(self) -> dict[str, Any]:
         """The tiers and the acceptance rule: the answer depends on all of them."""
-        accept = self.accept
-        rule = (
-            repr(accept) if isinstance(accept, Agreement) else getattr(accept, "__qualname__", "")
-        )
         return {
             "protocol": "fanflow.cascade",
             "tiers": [llm.cache_identity() for llm in self.handles],
-            "accept": rule,
+            "accept": _rule(self.accept),
         }
 
     async def run(self, item: Item[T], start: float) -> CallRecord[T]:

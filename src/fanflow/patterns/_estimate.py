@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Unpack
@@ -13,6 +14,7 @@ from .._types import Request
 from ._options import Options, resolve
 from ._priming import PRIME_MIN_ITEMS, cache_provider, prefix_of
 from ._prompt import Prompt, build_request
+from ._routecost import Call, Planner, bounds
 
 __all__ = ["EstimateResult", "estimate"]
 
@@ -37,6 +39,14 @@ class EstimateResult:
     after the first line, which on Anthropic writes it for an hour (fanflow's batch
     breakpoints ask for the 1-hour cache, 2x input); a batch's cache reads are best
     effort at the providers, so it is the lower end.
+
+    For a router or cascade (decision 0270), ``cost`` is the plan with every deployment
+    healthy: a router's items spread by its weights (``fallback``: all on the first), a
+    cascade's on its first tier; ``by_deployment`` gives each deployment's (or tier's)
+    calls and cost in that plan, and ``cost_range`` the least and most the items may
+    cost: all on the cheapest deployment to all on the dearest, or the first tier alone
+    to every tier asked. ``calls`` counts the calls planned (a cascade's
+    ``agreement`` samples its first tier several times an item).
     """
 
     items: int
@@ -49,6 +59,9 @@ class EstimateResult:
     cached_cost: float | None = None
     cached_prefix_tokens: int = 0
     batch_cached_cost: float | None = None
+    cost_range: tuple[float, float] | None = None
+    by_deployment: Mapping[str, tuple[int, float | None]] = field(default_factory=dict)
+    calls: int | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -91,40 +104,29 @@ def estimate(
         for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
         if v is not None
     }
-    n = input_total = output_total = 0
-    cost: float | None = 0.0
-    batch_cost: float | None = 0.0
-    unpriced: list[str | None] = []
-    by_model: dict[str | None, tuple[int, float | None]] = {}
+    routed = isinstance(llm, BaseLLM) and llm.routed
+    tally = _Tally()
+    planner = Planner()
     first: list[Request] = []
     for index, item in enumerate(items):
         request = build_request(prompt, item, index, system=system, params=params)
         if isinstance(llm, BaseLLM):
-            request = llm.prepare(request)
-        if len(first) <= PRIME_MIN_ITEMS:
-            first.append(request)
-        input_tokens, output_tokens = request_tokens(request)
-        n += 1
-        input_total += input_tokens
-        output_total += output_tokens
-        price = price_of(request.model, prices)
-        calls, spent = by_model.get(request.model, (0, 0.0))
-        if price is None or spent is None:
-            by_model[request.model] = (calls + 1, None)
+            calls = planner.calls(llm, request, prices)
         else:
-            by_model[request.model] = (calls + 1, spent + price.cost(input_tokens, output_tokens))
-        if price is None:
-            if request.model not in unpriced:
-                unpriced.append(request.model)
-            cost = batch_cost = None
-        elif cost is not None and batch_cost is not None:
-            cost += price.cost(input_tokens, output_tokens)
-            batch_cost += price.batch_cost(input_tokens, output_tokens)
-    prefix = prefix_of(llm, first) if n > PRIME_MIN_ITEMS else None
+            calls = [Call(request, 1, prices, None)]
+        if len(first) <= PRIME_MIN_ITEMS:
+            first.append(calls[0].request)
+        tally.item(calls)
+        if routed:
+            assert isinstance(llm, BaseLLM)
+            tally.spread(bounds(llm, request, prices))
+    result = tally.result(routed)
+    n, cost, batch_cost = result.items, result.cost, result.batch_cost
+    # A router's or cascade's deployments would each fill their own prompt cache: none
+    # is planned for them.
+    prefix = prefix_of(llm, first) if n > PRIME_MIN_ITEMS and not routed else None
     if prefix is None or not prefix.cacheable or cost is None:
-        return EstimateResult(
-            n, input_total, output_total, cost, tuple(unpriced), batch_cost, by_model
-        )
+        return result
     price = price_of(first[0].model, prices)
     assert price is not None  # every model was priced (cost is not None)
     tokens = prefix.tokens
@@ -137,15 +139,72 @@ def estimate(
     # batch share.
     hour = price.cost(tokens, 0, written=written, written_1h=written)
     batch_saved = (reads + whole - hour) * price.batch
-    return EstimateResult(
-        n,
-        input_total,
-        output_total,
-        cost,
-        tuple(unpriced),
-        batch_cost,
-        by_model,
-        cost - saved,
-        tokens,
-        None if batch_cost is None else batch_cost - batch_saved,
+    return dataclasses.replace(
+        result,
+        cached_cost=cost - saved,
+        cached_prefix_tokens=tokens,
+        batch_cached_cost=None if batch_cost is None else batch_cost - batch_saved,
     )
+
+
+def _add(
+    table: dict[Any, tuple[int, float | None]], key: Any, calls: int, cost: float | None
+) -> None:
+    had, spent = table.get(key, (0, 0.0))
+    table[key] = (had + calls, None if cost is None or spent is None else spent + cost)
+
+
+class _Tally:
+    """The sums of an estimate, call by call."""
+
+    def __init__(self) -> None:
+        self.items = self.calls = self.input_tokens = self.output_tokens = 0
+        self.cost: float | None = 0.0
+        self.batch_cost: float | None = 0.0
+        self.unpriced: list[str | None] = []
+        self.by_model: dict[str | None, tuple[int, float | None]] = {}
+        self.by_deployment: dict[str, tuple[int, float | None]] = {}
+        self.range: tuple[float, float] | None = (0.0, 0.0)
+
+    def item(self, calls: list[Call]) -> None:
+        """One item's calls (one, unless a cascade samples its first tier)."""
+        self.items += 1
+        for call in calls:
+            k, model = call.calls, call.request.model
+            input_tokens, output_tokens = request_tokens(call.request)
+            self.calls += k
+            self.input_tokens += k * input_tokens
+            self.output_tokens += k * output_tokens
+            price = price_of(model, call.prices)
+            cost = None if price is None else k * price.cost(input_tokens, output_tokens)
+            _add(self.by_model, model, k, cost)
+            if call.deployment is not None:
+                _add(self.by_deployment, call.deployment, k, cost)
+            if price is None or cost is None:
+                if model not in self.unpriced:
+                    self.unpriced.append(model)
+                self.cost = self.batch_cost = None
+            elif self.cost is not None and self.batch_cost is not None:
+                self.cost += cost
+                self.batch_cost += k * price.batch_cost(input_tokens, output_tokens)
+
+    def spread(self, found: tuple[float, float] | None) -> None:
+        """One item's least and most cost on a router or cascade (None: unknown)."""
+        if found is None or self.range is None:
+            self.range = None
+        else:
+            self.range = (self.range[0] + found[0], self.range[1] + found[1])
+
+    def result(self, routed: bool) -> EstimateResult:
+        return EstimateResult(
+            self.items,
+            self.input_tokens,
+            self.output_tokens,
+            self.cost,
+            tuple(self.unpriced),
+            self.batch_cost,
+            self.by_model,
+            cost_range=self.range if routed else None,
+            by_deployment=self.by_deployment,
+            calls=self.calls,
+        )
