@@ -89,3 +89,13 @@ def open_batches(store: Any) -> list[tuple[str, str]]:
     with contextlib.closing(sqlite3.connect(store.path)) as conn:
         sql = "SELECT id, provider FROM batches WHERE status = 'submitted' ORDER BY created"
         return [(row[0], row[1]) for row in conn.execute(sql)]
+
+
+def busiest_second(stats: Any) -> int:
+    """The most requests a SimServer admitted in one whole second of its timeline.
+
+    Tests against real servers in real time check that a limit is used with this,
+    not with a makespan: one late timer on a loaded machine moves a makespan, not
+    the busiest second. Makespans are measured in benchmarks/.
+    """
+    return max((second.admitted for second in stats.timeline), default=0)

@@ -26,6 +26,8 @@ from fanflow.backends import RayBackend
 from fanflow.backends._ray import worker_pids
 from fanflow.testing import SimServer
 
+from .._helpers import busiest_second
+
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.timeout(180)
@@ -136,8 +138,8 @@ async def test_one_rate_limit_for_all_workers(workers: int) -> None:
         stats = server.stats()
     assert result.ok, [str(e) for e in result.errors.values()][:1]
     assert stats.responses == {200: n}  # zero 429s
-    # The limit is used: 20 at once, then about 20/s (less a lease per window).
-    assert result.summary.makespan < 2.5 + 1.0
+    # The limit is used (not one lease window at a time): some second admits most of it.
+    assert busiest_second(stats) >= 20 * 3 // 4
 
 
 async def test_map_concurrency_is_split_between_workers() -> None:
@@ -182,11 +184,11 @@ async def test_one_rate_limit_for_all_workers_draws_no_429_from_nginx(workers: i
             )
             await llm.aclose()
             refused = nginx.refused()
+        stats = server.stats()
     assert result.ok, [str(e) for e in result.errors.values()][:1]
     assert refused == 0
-    # The limit is used: n / rate is 3 s; the workers' start-up and a lease per window
-    # come on top (the same allowance as the SimServer test above).
-    assert result.summary.makespan < n / rate + 1.5
+    # The limit is used, as in the SimServer test above.
+    assert busiest_second(stats) >= rate * 3 // 4
 
 
 async def test_a_field_no_item_has_is_found_before_any_call_on_ray_too() -> None:

@@ -19,7 +19,7 @@ import fanflow
 from fanflow import Limits, RetryPolicy
 from fanflow.testing import SimServer
 
-from .._helpers import require_nginx
+from .._helpers import busiest_second, require_nginx
 from .._nginx import NginxLimitReq
 
 require_nginx()  # skipped without nginx, an error in CI (.ci/run installs it)
@@ -28,8 +28,8 @@ RATE = 40  # requests per second, at nginx and in the handle's Limits
 N = 120  # 3 s at the rate
 
 
-async def _through_nginx(burst: int, nodelay: bool, limits: Limits) -> tuple[int, float, bool]:
-    """(429s from nginx, makespan / (N / RATE), every item succeeded)."""
+async def _through_nginx(burst: int, nodelay: bool, limits: Limits) -> tuple[int, int, bool]:
+    """(429s from nginx, the busiest second's requests at SimServer, every item succeeded)."""
     async with SimServer(latency=0.05, keep_requests=False) as server:
         port = int(server.url.split(":")[-1].split("/")[0])
         async with NginxLimitReq(port, f"{RATE}r/s", burst=burst, nodelay=nodelay) as nginx:
@@ -43,31 +43,31 @@ async def _through_nginx(burst: int, nodelay: bool, limits: Limits) -> tuple[int
             async with llm:
                 result = await fanflow.map(llm, "{input}", [str(i) for i in range(N)])
             refused = nginx.refused()
-    return refused, result.makespan / (N / RATE), result.ok
+        busiest = busiest_second(server.stats())
+    return refused, busiest, result.ok
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("nodelay", [True, False], ids=["nodelay", "delay"])
 async def test_the_default_pacing_draws_no_429_from_nginx_limit_req(nodelay: bool) -> None:
     # The same nominal size as fanflow's limit: RATE per second, a burst of one second.
-    refused, ratio, ok = await _through_nginx(RATE, nodelay, Limits(rpm=RATE, period=1.0))
+    refused, busiest, ok = await _through_nginx(RATE, nodelay, Limits(rpm=RATE, period=1.0))
     assert ok
     assert refused == 0
-    # Half a second of burst, then 97% of the rate: under the rate bound N / rate
-    # (the burst is ahead of it), and never 5% over.
-    assert ratio <= 1.05
+    # The limit is used (the makespan against the bound is in benchmarks/limits.py).
+    assert busiest >= RATE * 3 // 4
 
 
 @pytest.mark.timeout(60)
 async def test_a_smaller_nginx_burst_needs_a_smaller_burst_in_limits() -> None:
     # nginx allows half a second of burst: fanflow's must be smaller than that (the
     # default, half a second, equals it and leaves no room for jitter at the start).
-    refused, ratio, ok = await _through_nginx(
+    refused, busiest, ok = await _through_nginx(
         RATE // 2, True, Limits(rpm=RATE, period=1.0, burst=0.25)
     )
     assert ok
     assert refused == 0
-    assert ratio <= 1.05
+    assert busiest >= RATE * 3 // 4
 
 
 @pytest.mark.timeout(60)
