@@ -46,6 +46,16 @@ async def test_retry_after_is_never_undercut() -> None:
     assert llm.started_at == [0.0, 7.0]
 
 
+async def test_a_5xx_retry_after_is_waited_exactly_even_below_the_backoff() -> None:
+    # Decision 0240: one Retry-After rule for every status. The third attempt's backoff
+    # would be 1 s; the server asked for 0.2 s, and 0.2 s it is.
+    after = fanflow.errors.ServerError("HTTP 503", status_code=503, retry_after=0.2)
+    llm = ScriptedLLM(failures={0: Fault.server_error(), 1: Fault.raises(after)})
+    record = await fanflow.call(llm, "x", retry=NO_JITTER).record()
+    assert record.ok
+    assert llm.started_at == [0.0, 0.5, pytest.approx(0.7)]
+
+
 async def test_jittered_waits_stay_under_the_ceiling() -> None:
     llm = ScriptedLLM(failures={i: Fault.server_error() for i in range(3)})
     policy = RetryPolicy(attempts=4, initial=1.0, multiplier=2.0, seed=3)

@@ -28,6 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from ._batchinfo import batch_info
 from ._breaker import Breaker
 from ._budget import Budget, as_budget
+from ._decide import Seen, Verdict, decide
 from ._events import (
     AMBIENT_HOOKS,
     INSTALLED,
@@ -43,13 +44,9 @@ from ._exceptions import (
     CallTimeout,
     CircuitOpen,
     ConfigError,
-    Overloaded,
     ParseError,
-    ProviderError,
     RateLimited,
-    ServerError,
     Skipped,
-    is_retryable,
 )
 from ._hedge import Hedger
 from ._limits import Gate, Lane, Permit
@@ -63,20 +60,6 @@ from ._types import Attempt, CallRecord, Request, Response, Status, Usage
 __all__ = ["CallOptions", "execute", "status_of"]
 
 T = TypeVar("T")
-
-# The most 429/529s one call may have requeued without using up an attempt (the
-# deadline bounds them too).
-MAX_REQUEUES = 100
-
-# A 5xx in a batch's tail is retried at once (decision 0151); False only for A/B
-# measurements (benchmarks/limits_servers.py).
-TAIL_RETRY = True
-# The note on an attempt whose 5xx was retried at once in a batch's tail.
-TAIL_RETRY_NOTE = (
-    "retried at once (no backoff): a 5xx in the batch's tail (every item started, or "
-    "free slots), the handle's other calls succeeding"
-)
-
 
 class Tail:
     """Whether a batch has handed out its last item (set by the batch; decision 0157).
@@ -604,7 +587,7 @@ class _Call(Generic[T]):
                 break
             except Exception as exc:
                 error = exc
-                wait = self._wait_after(exc, policy, seen, called)
+                wait = self._verdict(exc, policy, seen, called).wait
                 log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
                     emit(self.hooks, self._attempt_failed(exc, wait))
@@ -695,84 +678,35 @@ class _Call(Generic[T]):
             cm.reschedule(self.loop.time())  # stop the first attempt: the duplicate won
         return response
 
-    def _wait_after(
-        self, exc: Exception, policy: RetryPolicy, seen: int, called: int
-    ) -> float | None:
-        """How long to wait before the next attempt after ``exc`` (None: stop now).
-
-        A 429/529 of the handle's own load (:func:`_own_load`; ``seen``: the handle's
-        successes when this attempt began) is requeued without using up an attempt (at
-        most ``MAX_REQUEUES``); any other uses one up (a 429 may go to the breaker:
-        :func:`_report_refusal`).
-        A 5xx in a batch's tail may go again at once (``called``: the handle's successes
-        when this call began; :meth:`_tail_retry`).
-        A Retry-After is waited exactly, never longer, and at most ``policy.max_wait``;
-        without a usable one, the backoff. The reason goes into the attempt's ``note``
-        when the wait is not simply what the server asked.
-        """
-        if not is_retryable(exc):
-            return None
-        overload = isinstance(exc, RateLimited | Overloaded)
-        if overload and self.requeues < MAX_REQUEUES and _own_load(self.lane, seen):
-            self.requeues += 1
-            self._annotate(requeued=True)
-        else:
-            if self.breaker is not None and isinstance(exc, RateLimited):
-                _report_refusal(self.breaker, self.lane, exc, self.loop.time())
-            if len(self._tries()) >= policy.attempts:
-                return None
-        asked = exc.retry_after if isinstance(exc, ProviderError) else None
-        note = None
-        if overload and asked is not None and asked > 0:
-            wait = asked  # the server said when: no more, no less
-        elif self._tail_retry(exc, asked, called):
-            wait = 0.0
-            note = TAIL_RETRY_NOTE
-        else:
-            wait = policy.backoff(max(1, len(self._tries())), asked)
-            if overload:
-                note = (
-                    f"no usable Retry-After (missing, zero, negative, a past date or "
-                    f"unreadable): waited {wait:.3g} s (backoff)"
-                )
-        if wait > policy.max_wait and asked is not None and asked > policy.max_wait:
-            note = (
-                f"the server asked to wait {asked:g} s (Retry-After); waited "
-                f"{policy.max_wait:g} s, the retry policy's max_wait"
-            )
-            wait = policy.max_wait
-        deadline = self.deadline
-        if deadline is not None and self.loop.time() + wait >= deadline:
-            self._annotate(note=f"the deadline would pass during the {wait:.3g} s wait: stopped")
-            return None
-        if note is not None:
-            self._annotate(note=note)
-        return wait
-
-    def _tail_retry(self, exc: Exception, asked: float | None, called: int) -> bool:
-        """Whether a 5xx is retried at once, without backoff (decision 0151).
-
-        Only in a batch's tail: the error is a plain 5xx (not a 429/529 overload) with
-        no Retry-After, other calls of the handle succeeded since this call began (the
-        server is up: this error is the item's bad luck, not an outage), and either the
-        batch has handed out its last item (decision 0157: from then on the load only
-        falls, and the retry waits for a slot like any call) or there are free slots
-        nobody waits for, both in the pattern's gate and in the handle's lane (so the
-        retry only takes load the server was carrying a moment ago). Mid-batch, where
-        slots are contended, and against a failing server, the backoff stands.
-        """
-        if not TAIL_RETRY or type(exc) is not ServerError or asked is not None:
-            return False
+    def _verdict(self, exc: Exception, policy: RetryPolicy, sent_at: int, called: int) -> Verdict:
+        """Decide what follows ``exc`` (:func:`fanflow._decide.decide`) and apply what
+        the verdict says besides the wait: the breaker hears of a refusal, the attempt
+        is marked requeued and annotated. ``sent_at`` and ``called``: the handle's
+        successes when this attempt and this call began."""
         lane = self.lane
-        if lane.successes <= called:
-            return False
         tail = self.opts.tail
-        if tail is not None and tail.draining:
-            return True
-        if not lane.gate.idle():
-            return False
         gate = self.opts.gate
-        return gate is None or gate.idle()
+        deadline = self.deadline
+        seen = Seen(
+            tries=len(self._tries()),
+            requeues=self.requeues,
+            succeeded_since_sent=lane.successes > sent_at,
+            accepted_in_flight=lane.in_flight > 0 and lane.accepted_in_flight,
+            alone_unanswered=lane.in_flight == 0 and not lane.answered,
+            succeeded_since_call=lane.successes > called,
+            draining=tail is not None and tail.draining,
+            idle=lane.gate.idle() and (gate is None or gate.idle()),
+            time_left=None if deadline is None else deadline - self.loop.time(),
+        )
+        verdict = decide(exc, seen, policy)
+        if verdict.refused and self.breaker is not None:
+            assert isinstance(exc, RateLimited)
+            self.breaker.refused(exc, self.loop.time())
+        if verdict.requeued:
+            self.requeues += 1
+        if verdict.requeued or verdict.note is not None:
+            self._annotate(requeued=verdict.requeued or None, note=verdict.note)
+        return verdict
 
     def _annotate(self, *, requeued: bool | None = None, note: str | None = None) -> None:
         """Mark the attempt that just failed (the latest one that was not a hedge)."""
@@ -849,24 +783,6 @@ class _Call(Generic[T]):
         if self.hooks:
             emit(self.hooks, CallEnded(end, record))
         return record
-
-
-def _own_load(lane: Lane, seen: int) -> bool:
-    """Whether the 429/529 that just came back was caused by the handle's own load
-    (decision 0165): another call succeeded while it was out (``seen``: the handle's
-    successes when it was sent), or a call that was in flight when the server first
-    refused (since the last success) is still in flight: a refusal comes back in one
-    round trip, so the server took that call and is full. A server refusing everything
-    keeps no call, so there each refusal uses up an attempt."""
-    return lane.successes > seen or (lane.in_flight > 0 and lane.accepted_in_flight)
-
-
-def _report_refusal(breaker: Breaker, lane: Lane, exc: RateLimited, now: float) -> None:
-    """A 429 not of the handle's own load: the breaker counts it if the call was alone
-    in flight and no call of the handle has succeeded (three trip it: the limit may be
-    0 for this key or model)."""
-    if lane.in_flight == 0 and not lane.answered:
-        breaker.refused(exc, now)
 
 
 def execute(

@@ -42,13 +42,13 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
 from .._batchinfo import batch_extra
+from .._decide import Seen, decide
 from .._events import observing
 from .._exceptions import (
     BadRequest,
     ConfigError,
     NotFound,
     ProviderError,
-    is_retryable,
 )
 from .._llm import LLM
 from .._retry import DEFAULT_RETRY
@@ -385,47 +385,57 @@ class BatchQueue:
             self._spawn(self._run(chunk))
 
     async def _control(
-        self, what: str, call: Callable[[], Awaitable[T]], batch_id: str | None = None
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        batch_id: str | None = None,
+        *,
+        observe: bool = True,
+        recover: Callable[[], Awaitable[T | None]] | None = None,
     ) -> T:
-        """A control call (poll, results, cancel, find), retried on transient errors."""
+        """A call to the batch endpoints, retried on transient errors as the engine's
+        calls are (:func:`fanflow._decide.decide`; never requeued, never a tail retry).
+
+        ``observe``: wrap each try in the instrumentation's span (False: ``call`` does).
+        ``recover``: after each wait, what the lost try may have done anyway (not None:
+        that is the result)."""
         policy = self.api.llm.retry or DEFAULT_RETRY
+        attempts = max(policy.attempts, self.retry_attempts)
         number = 0
         while True:
             number += 1
             try:
+                if not observe:
+                    return await call()
                 with observing(what, self.api.provider, batch_id):
                     return await call()
             except ProviderError as exc:
-                if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
+                wait = decide(exc, Seen(tries=number), policy, attempts=attempts).wait
+                if wait is None:
                     raise
-                wait = policy.backoff(number, exc.retry_after)
                 log.info("fanflow: %s failed (%s); retrying in %.1f s", what, exc, wait)
                 await asyncio.sleep(wait)
+            if recover is not None:
+                with contextlib.suppress(ProviderError):
+                    found = await recover()
+                    if found is not None:
+                        return found
 
     async def _create(self, lines: list[bytes], token: str) -> BatchState:
         """Create a batch, retrying transient errors. Before a retry, a batch whose
         create reply was lost is looked for by its token (OpenAI keeps metadata), so a
         retry never submits the same requests twice where the API allows telling."""
         metadata = {"fanflow_token": token}
-        policy = self.api.llm.retry or DEFAULT_RETRY
-        number = 0
-        while True:
-            number += 1
-            try:
-                with observing("submitting a batch", self.api.provider) as created:
-                    state = await self.api.submit(lines, metadata)
-                    created(state.id)
-                return state
-            except ProviderError as exc:
-                if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
-                    raise
-                wait = policy.backoff(number, exc.retry_after)
-                log.info("fanflow: submitting a batch failed (%s); retrying in %.1f s", exc, wait)
-                await asyncio.sleep(wait)
-                with contextlib.suppress(ProviderError):
-                    found = await self.api.find(token)
-                    if found is not None:
-                        return found
+
+        async def submit() -> BatchState:
+            with observing("submitting a batch", self.api.provider) as created:
+                state = await self.api.submit(lines, metadata)
+                created(state.id)
+            return state
+
+        return await self._control(
+            "submitting a batch", submit, observe=False, recover=lambda: self.api.find(token)
+        )
 
     async def _run(self, entries: list[_Entry]) -> None:
         keys = [e.key for e in entries]
