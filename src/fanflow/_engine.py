@@ -61,6 +61,7 @@ __all__ = ["CallOptions", "execute", "status_of"]
 
 T = TypeVar("T")
 
+
 class Tail:
     """Whether a batch has handed out its last item (set by the batch; decision 0157).
 
