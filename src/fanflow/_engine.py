@@ -192,6 +192,7 @@ class _Call(Generic[T]):
         "request",
         "requeues",
         "timeout",
+        "timer",
         "tokens",
         "won",
     )
@@ -225,7 +226,8 @@ class _Call(Generic[T]):
         self.requeues = 0
         self.tokens: tuple[int, int] | None = None
         # The hedging policy's state for the current attempt (see spawn_hedge).
-        self.hedge_delay: float | None = None
+        self.hedge_delay: float | None = opts.hedge_after
+        self.timer: asyncio.TimerHandle | None = None
         self.cm: asyncio.Timeout | None = None
         self.hedge_task: asyncio.Task[Response | None] | None = None
         self.won: Response | None = None
@@ -372,8 +374,7 @@ class _Call(Generic[T]):
                     raise self._expired(cm, limit) from None
                 finally:
                     if watched:
-                        self.lane.hedger.unwatch(self)
-                        self.cm = None
+                        self._unwatch()
         except (asyncio.CancelledError, _HedgeWon):
             self.attempts.append(
                 Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
@@ -454,11 +455,22 @@ class _Call(Generic[T]):
         return limit
 
     def _watch(self, cm: asyncio.Timeout, due: float) -> None:
-        """The hedging policy: a duplicate if this attempt is still running at ``due``;
-        if the duplicate wins, it expires this attempt's timeout (asyncio's own
-        race-free cancellation)."""
+        """A duplicate if this attempt is still running at ``due`` (:meth:`spawn_hedge`:
+        a timer of its own for ``hedge_after``, the lane's one timer for the policy)."""
         self.cm = cm
-        self.lane.hedger.watch(self, due)
+        if self.opts.hedge_after is not None:
+            self.timer = self.loop.call_at(due, self.spawn_hedge)
+        else:
+            self.lane.hedger.watch(self, due)
+
+    def _unwatch(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
+        else:
+            self.lane.hedger.unwatch(self)
+        self.cm = None
 
     def _expired(self, cm: asyncio.Timeout, limit: float | None) -> BaseException:
         """What an attempt whose timeout expired raises: the hedge won, or it timed out."""
@@ -502,46 +514,6 @@ class _Call(Generic[T]):
             timeout=self.timeout,
         )
 
-    async def hedged(self, hedge_after: float, wait_before: float) -> Response:
-        """Run an attempt; if it has not answered ``hedge_after`` seconds after it was
-        sent, start a duplicate. The first success wins; the other is cancelled."""
-        # Every task started here is kept and awaited before this returns (structured,
-        # as a task group would; a group cannot be used because one attempt's failure
-        # must not cancel the other).
-        loop = self.loop
-        sent = asyncio.Event()
-        primary = loop.create_task(self.attempt(hedge=False, wait_before=wait_before, sent=sent))
-        tasks: set[asyncio.Task[Response]] = {primary}
-        try:
-            waiter = loop.create_task(sent.wait())
-            try:
-                await asyncio.wait({primary, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                await asyncio.gather(waiter, return_exceptions=True)
-            if not primary.done():
-                await asyncio.wait({primary}, timeout=hedge_after)
-            if primary.done():
-                return primary.result()
-            tasks.add(loop.create_task(self.attempt(hedge=True, wait_before=0.0)))
-            last_error: BaseException | None = None
-            pending = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    error = task.exception()
-                    if error is None:
-                        return task.result()
-                    last_error = error
-            assert last_error is not None
-            raise last_error
-        finally:
-            for task in tasks:
-                task.cancel()
-            # Wait for the loser to stop; its outcome is already in the attempts. (gather
-            # still propagates a cancellation of this task itself.)
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     # -- the whole call -------------------------------------------------------------
 
     async def run(self, parse: Callable[[Response], T] | None) -> CallRecord[T]:
@@ -549,7 +521,6 @@ class _Call(Generic[T]):
         the breaker ends it; its record, emitted as ``CallEnded``."""
         loop = self.loop
         policy, hedger = self._policies()
-        hedge_after = self.opts.hedge_after
         start = loop.time()
         if self.hooks:
             emit(self.hooks, CallStarted(start, self.request, self.index, self.label, self.llm))
@@ -572,12 +543,12 @@ class _Call(Generic[T]):
                     break
             seen = self.lane.successes
             try:
-                if hedge_after is not None:
-                    response = await self.hedged(hedge_after, wait_before)
-                elif hedger is not None:
+                if hedger is not None:
                     hedger.calls += 1
                     self.hedge_delay = hedger.delay()
-                    response = await self._policy_attempt(wait_before)
+                    response = await self._raced(wait_before)
+                elif self.hedge_delay is not None:
+                    response = await self._raced(wait_before)
                 else:
                     response = await self.attempt(hedge=False, wait_before=wait_before)
             except asyncio.CancelledError:
@@ -633,9 +604,11 @@ class _Call(Generic[T]):
             emit(self.hooks, CallEnded(record.end or start, record))
         return record
 
-    async def _policy_attempt(self, wait_before: float) -> Response:
-        """An attempt under the hedging policy: the first success of it and its
-        duplicate (if :meth:`spawn_hedge` started one) wins."""
+    async def _raced(self, wait_before: float) -> Response:
+        """An attempt that may get a duplicate (``hedge_after``, or the hedging policy):
+        the first success of the two wins. A duplicate that wins expires the attempt's
+        timeout (asyncio's own race-free cancellation: :meth:`_expired`); an attempt
+        that wins cancels the duplicate; when both fail, the attempt's error stands."""
         self._clear_hedge()
         try:
             response = await self.attempt(hedge=False, wait_before=wait_before)
@@ -662,9 +635,11 @@ class _Call(Generic[T]):
         self.hedge_task = None
 
     def spawn_hedge(self) -> None:
-        """The attempt is slower than the handle's hedging delay: start a duplicate,
-        if the policy's cap allows one."""
-        if self.cm is None or not self.lane.hedger.allow():
+        """The attempt is slower than its hedging delay: start a duplicate (under the
+        policy, if its cap allows one)."""
+        if self.cm is None:
+            return
+        if self.opts.hedge_after is None and not self.lane.hedger.allow():
             return
         self.hedge_task = self.loop.create_task(self._hedge())
 
