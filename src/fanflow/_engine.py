@@ -317,50 +317,49 @@ class _Call(Generic[T]):
 
     # -- one attempt --------------------------------------------------------------
 
-    async def attempt(
-        self, *, hedge: bool, wait_before: float, sent: asyncio.Event | None = None
-    ) -> Response:
-        """One attempt, the engine's hot path: admission, the breaker, the send.
-
-        Admission is the pattern's gate, the handle's lane and the budget (nothing to
-        wait for on the fast path); the breaker may end a call admitted while it
-        tripped; the send runs under the attempt's timeout or the deadline, watched by
-        the hedger. Every attempt leaves one :class:`Attempt` in ``self.attempts`` and
-        gives its admission back (``_leave``), whatever happens.
-        """
+    async def attempt(self, *, hedge: bool, wait_before: float) -> Response:
+        """One attempt, the engine's hot path. Every attempt leaves one
+        :class:`Attempt` in ``self.attempts`` and gives its admission back, whatever
+        happens."""
         loop = self.loop
         self.number += 1
         number = self.number
         opts = self.opts
+        # 1. Admission: with no deadline, pattern gate or budget, a free slot in a lane
+        # that meters nothing is taken at once; else wait for the pattern's gate, the
+        # lane (its slot and rate buckets) and the budget, until the deadline.
         if (
             self.deadline is None
             and opts.gate is None
             and opts.budget is None
             and self.lane.try_acquire()
         ):
-            permit, reserved = None, None  # the fast path: nothing to wait for
+            permit, reserved = None, None
+        elif self.deadline is None:
+            permit, reserved = await self._admit()
         else:
             permit, reserved = await self._admit_by_deadline(number, hedge, wait_before)
         start = loop.time()
+        # 2. The breaker: a cold one holds the first wave, a tripped one ends the call.
         breaker = self.breaker
         if breaker is not None and breaker.active:
             start = await self._past_breaker(breaker, permit, reserved, start)
-        if sent is not None:
-            sent.set()
         log_attempt_sent(self._who, number, self.request, hedge=hedge)
         if self.hooks:
             emit(
                 self.hooks,
                 AttemptStarted(start, self.request, self.index, self.label, number, hedge),
             )
+        # 3. The send: bare when nothing bounds it; else under the attempt's timeout (or
+        # the deadline), watched for a duplicate (:meth:`_raced`) unless it is one.
         response: Response | None = None
         failure: BaseException | None = None
         try:
-            limit = self._limit(start)
             delay = self.hedge_delay
-            if limit is None and (delay is None or hedge):
+            if self.timeout is None and self.deadline is None and (delay is None or hedge):
                 response = await self.llm.complete(self.request)
-            else:
+            else:  # inline, not a coroutine of its own: one frame fewer per call
+                limit = self._limit(start)
                 cm = asyncio.timeout_at(limit)
                 watched = delay is not None and not hedge
                 if watched:
@@ -381,28 +380,46 @@ class _Call(Generic[T]):
             )
             raise
         except BaseException as exc:
+            # 4a. A failure: recorded, and counted by the breaker; run() decides what next.
             failure = exc
-            end = loop.time()
-            service = self._service(end - start, None)
-            self.attempts.append(
-                Attempt(
-                    number, start, end, status_of(exc), exc, hedge, wait_before, service=service
-                )
-            )
+            self._attempt_ended(number, start, hedge, wait_before, None, exc)
             if breaker is not None:
-                breaker.failed(self.request, exc, number, end, self)
+                breaker.failed(self.request, exc, number, loop.time(), self)
             raise
         finally:
+            # 5. The admission goes back: the lane learns from the outcome and settles
+            # its reservation, the budget is charged, the pattern's gate is released.
             self._leave(permit, reserved, start, response, failure)
-        end = loop.time()
-        service = self._service(end - start, response)
-        self.attempts.append(
-            Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before, service=service)
-        )
-        log_succeeded(self._who, number, end - start)
+        # 4b. A success: recorded; it closes what the breaker had counted.
+        self._attempt_ended(number, start, hedge, wait_before, response, None)
         if breaker is not None and breaker.active:
             breaker.succeeded(self.request)
         return response
+
+    def _attempt_ended(
+        self,
+        number: int,
+        start: float,
+        hedge: bool,
+        wait_before: float,
+        response: Response | None,
+        error: BaseException | None,
+    ) -> None:
+        """Record an attempt that got an answer or an error, with the model's time on
+        it (``Attempt.service``): what the reply says, or the round trip where the
+        handle's round trip is all work; else unknown."""
+        end = self.loop.time()
+        service = None if response is None else response.service_time
+        if service is None and getattr(self.llm, "round_trip_is_work", True):
+            service = end - start
+        if error is None:
+            status = Status.SUCCEEDED
+            log_succeeded(self._who, number, end - start)
+        else:
+            status = status_of(error)
+        self.attempts.append(
+            Attempt(number, start, end, status, error, hedge, wait_before, service=service)
+        )
 
     async def _admit_by_deadline(
         self, number: int, hedge: bool, wait_before: float
@@ -478,13 +495,6 @@ class _Call(Generic[T]):
             return _HedgeWon()
         return self._timeout_error(limit == self.deadline)
 
-    def _service(self, duration: float, response: Response | None) -> float | None:
-        """The model's time on an attempt (``Attempt.service``): what the reply says, or
-        the round trip where the handle's round trip is all work; else unknown."""
-        if response is not None and response.service_time is not None:
-            return response.service_time
-        return duration if getattr(self.llm, "round_trip_is_work", True) else None
-
     def _unsent(self, permit: Permit | None, reserved: float | None, admitted: float) -> None:
         """Give back an admission (made at ``admitted``) that was not used: nothing
         sent, nothing spent."""
@@ -520,7 +530,7 @@ class _Call(Generic[T]):
         """The call's attempts until one succeeds or the retry policy, the deadline or
         the breaker ends it; its record, emitted as ``CallEnded``."""
         loop = self.loop
-        policy, hedger = self._policies()
+        hedger = self._hedger()
         start = loop.time()
         if self.hooks:
             emit(self.hooks, CallStarted(start, self.request, self.index, self.label, self.llm))
@@ -559,7 +569,7 @@ class _Call(Generic[T]):
                 break
             except Exception as exc:
                 error = exc
-                wait = self._verdict(exc, policy, seen, called).wait
+                wait = self._verdict(exc, seen, called).wait
                 log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
                     emit(self.hooks, self._attempt_failed(exc, wait))
@@ -571,17 +581,23 @@ class _Call(Generic[T]):
             return self._finish(start, response, parse)
         return self._failed(error, start)
 
-    def _policies(self) -> tuple[RetryPolicy, Hedger | None]:
-        """The retry policy (the pattern's, else the handle's) and the hedger of the
-        handle's hedging policy (None: no hedging, or ``hedge_after`` instead)."""
+    def _policy(self) -> RetryPolicy:
+        """The retry policy: the pattern's, else the handle's, else the default."""
         policy = self.opts.retry
-        handle = self.handle
         if policy is None:
+            handle = self.handle
             policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
-        if self.opts.hedge_after is not None or handle is None:
-            return policy, None
-        hedge = policy.hedge if policy.hedge is not None else handle.hedges
-        return policy, self.lane.hedger if hedge else None
+        return policy
+
+    def _hedger(self) -> Hedger | None:
+        """The hedger of the handle's hedging policy (None: no hedging, or
+        ``hedge_after`` instead)."""
+        handle = self.handle
+        if handle is None or self.hedge_delay is not None:
+            return None
+        policy = self.opts.retry or handle.retry
+        hedge = policy.hedge if policy is not None and policy.hedge is not None else handle.hedges
+        return self.lane.hedger if hedge else None
 
     def _attempt_failed(self, exc: Exception, wait: float | None) -> AttemptFailed:
         return AttemptFailed(
@@ -654,7 +670,7 @@ class _Call(Generic[T]):
             cm.reschedule(self.loop.time())  # stop the first attempt: the duplicate won
         return response
 
-    def _verdict(self, exc: Exception, policy: RetryPolicy, sent_at: int, called: int) -> Verdict:
+    def _verdict(self, exc: Exception, sent_at: int, called: int) -> Verdict:
         """Decide what follows ``exc`` (:func:`fanflow._decide.decide`) and apply what
         the verdict says besides the wait: the breaker hears of a refusal, the attempt
         is marked requeued and annotated. ``sent_at`` and ``called``: the handle's
@@ -674,7 +690,7 @@ class _Call(Generic[T]):
             idle=lane.gate.idle() and (gate is None or gate.idle()),
             time_left=None if deadline is None else deadline - self.loop.time(),
         )
-        verdict = decide(exc, seen, policy)
+        verdict = decide(exc, seen, self._policy())
         if verdict.refused and self.breaker is not None:
             assert isinstance(exc, RateLimited)
             self.breaker.refused(exc, self.loop.time())
