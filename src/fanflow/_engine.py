@@ -48,7 +48,7 @@ from ._exceptions import (
     RateLimited,
     Skipped,
 )
-from ._hedge import Hedger
+from ._hedge import Hedger, HedgeWon, Race
 from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
 from ._log import log_attempt_failed, log_attempt_sent, log_succeeded
@@ -155,10 +155,6 @@ def make_options(
     )
 
 
-class _HedgeWon(Exception):
-    """Raised in an attempt that lost the race to its duplicate (never leaves _Call)."""
-
-
 def status_of(error: BaseException) -> Status:
     """The terminal status that an error stands for."""
     if isinstance(error, CallTimeout):
@@ -176,11 +172,8 @@ class _Call(Generic[T]):
     __slots__ = (
         "attempts",
         "breaker",
-        "cm",
         "deadline",
         "handle",
-        "hedge_delay",
-        "hedge_task",
         "hooks",
         "index",
         "label",
@@ -189,12 +182,11 @@ class _Call(Generic[T]):
         "loop",
         "number",
         "opts",
+        "race",
         "request",
         "requeues",
         "timeout",
-        "timer",
         "tokens",
-        "won",
     )
 
     def __init__(
@@ -225,12 +217,7 @@ class _Call(Generic[T]):
         self.number = 0
         self.requeues = 0
         self.tokens: tuple[int, int] | None = None
-        # The hedging policy's state for the current attempt (see spawn_hedge).
-        self.hedge_delay: float | None = opts.hedge_after
-        self.timer: asyncio.TimerHandle | None = None
-        self.cm: asyncio.Timeout | None = None
-        self.hedge_task: asyncio.Task[Response | None] | None = None
-        self.won: Response | None = None
+        self.race: Race | None = None  # the attempt's race against a duplicate, if any
 
     # -- admission ----------------------------------------------------------------
 
@@ -280,40 +267,12 @@ class _Call(Generic[T]):
     ) -> None:
         self.lane.finish(permit, start, response, error)
         if reserved is not None:
-            self._charge(reserved, response, error)
+            budget = self.opts.budget
+            assert budget is not None
+            _charge(budget, self.request, self._estimate, reserved, response, error)
         gate = self.opts.gate
         if gate is not None:
             gate.release()
-
-    def _charge(
-        self, reserved: float, response: Response | None, error: BaseException | None
-    ) -> None:
-        """Settle a budget reservation: every attempt that was sent counts."""
-        budget = self.opts.budget
-        assert budget is not None
-        usage = response.usage if response is not None else None
-        if usage is not None and usage.total_tokens > 0:
-            model = response.model if response is not None and response.model else None
-            try:
-                batch = response is not None and batch_info(response.extra) is not None
-                actual = budget.amount(
-                    model or self.request.model,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    batch=batch,
-                    cached=usage.cached_input_tokens,
-                    written=usage.cache_write_input_tokens,
-                    written_1h=usage.cache_write_1h_input_tokens,
-                )
-            except BudgetExceeded:  # the reply names a model we have no price for
-                actual = reserved
-        elif response is None and error is not None and not isinstance(error, CallTimeout):
-            # The server answered with an error: it read the prompt, not a reply.
-            input_tokens, _ = self._estimate()
-            actual = budget.amount(self.request.model, input_tokens, 0)
-        else:
-            actual = reserved  # cut off (timeout, cancelled) or no usage reported
-        budget.settle(reserved, actual)
 
     # -- one attempt --------------------------------------------------------------
 
@@ -351,30 +310,32 @@ class _Call(Generic[T]):
                 AttemptStarted(start, self.request, self.index, self.label, number, hedge),
             )
         # 3. The send: bare when nothing bounds it; else under the attempt's timeout (or
-        # the deadline), watched for a duplicate (:meth:`_raced`) unless it is one.
+        # the deadline), watched for a duplicate (:class:`Race`) unless it is one.
         response: Response | None = None
         failure: BaseException | None = None
         try:
-            delay = self.hedge_delay
-            if self.timeout is None and self.deadline is None and (delay is None or hedge):
+            race = self.race
+            if self.timeout is None and self.deadline is None and (race is None or hedge):
                 response = await self.llm.complete(self.request)
             else:  # inline, not a coroutine of its own: one frame fewer per call
                 limit = self._limit(start)
                 cm = asyncio.timeout_at(limit)
-                watched = delay is not None and not hedge
-                if watched:
-                    self._watch(cm, start + (delay or 0.0))
+                watcher = None if hedge else race
+                if watcher is not None:
+                    watcher.watch(cm, start)
                 try:
                     async with cm:
                         response = await self.llm.complete(self.request)
                 except TimeoutError:
                     if not cm.expired():
                         raise  # the model itself raised TimeoutError: not ours
-                    raise self._expired(cm, limit) from None
+                    if watcher is not None and watcher.beaten(cm):
+                        raise HedgeWon from None
+                    raise _timed_out(self, limit == self.deadline) from None
                 finally:
-                    if watched:
-                        self._unwatch()
-        except (asyncio.CancelledError, _HedgeWon):
+                    if watcher is not None:
+                        watcher.unwatch()
+        except (asyncio.CancelledError, HedgeWon):
             self.attempts.append(
                 Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
             )
@@ -433,17 +394,7 @@ class _Call(Generic[T]):
                 return await self._admit()
         except TimeoutError:
             now = self.loop.time()
-            if self.lane.metered or self.opts.budget is not None:
-                error = CallTimeout(
-                    f"{self._who()} was still waiting for admission (a concurrency "
-                    "slot, its turn under the rate limits, or budget) when the deadline "
-                    "passed; raise the deadline, or expect the limits to take longer",
-                )
-            else:
-                error = CallTimeout(
-                    f"{self._who()} was still waiting for a concurrency slot when the "
-                    "deadline passed; raise the deadline or the concurrency",
-                )
+            error = _late_admission(self._who(), self.lane.metered or self.opts.budget is not None)
             self.attempts.append(
                 Attempt(number, now, now, Status.TIMED_OUT, error, hedge, wait_before)
             )
@@ -471,30 +422,6 @@ class _Call(Generic[T]):
             limit = deadline
         return limit
 
-    def _watch(self, cm: asyncio.Timeout, due: float) -> None:
-        """A duplicate if this attempt is still running at ``due`` (:meth:`spawn_hedge`:
-        a timer of its own for ``hedge_after``, the lane's one timer for the policy)."""
-        self.cm = cm
-        if self.opts.hedge_after is not None:
-            self.timer = self.loop.call_at(due, self.spawn_hedge)
-        else:
-            self.lane.hedger.watch(self, due)
-
-    def _unwatch(self) -> None:
-        timer = self.timer
-        if timer is not None:
-            timer.cancel()
-            self.timer = None
-        else:
-            self.lane.hedger.unwatch(self)
-        self.cm = None
-
-    def _expired(self, cm: asyncio.Timeout, limit: float | None) -> BaseException:
-        """What an attempt whose timeout expired raises: the hedge won, or it timed out."""
-        if self.won is not None and cm is self.cm:
-            return _HedgeWon()
-        return self._timeout_error(limit == self.deadline)
-
     def _unsent(self, permit: Permit | None, reserved: float | None, admitted: float) -> None:
         """Give back an admission (made at ``admitted``) that was not used: nothing
         sent, nothing spent."""
@@ -512,25 +439,13 @@ class _Call(Generic[T]):
             return "the call" if label is None else f"the {label!r} call"
         return f"item {index}" if label is None else f"item {index} ({label})"
 
-    def _timeout_error(self, by_deadline: bool) -> CallTimeout:
-        if by_deadline:
-            return CallTimeout(
-                f"{self._who()} did not finish before the deadline; raise deadline= "
-                "or lower the work per call",
-            )
-        return CallTimeout(
-            f"{self._who()}: attempt {self.number} got no answer within "
-            f"{self.timeout:g} s; raise timeout= if the model is just slow",
-            timeout=self.timeout,
-        )
-
     # -- the whole call -------------------------------------------------------------
 
     async def run(self, parse: Callable[[Response], T] | None) -> CallRecord[T]:
         """The call's attempts until one succeeds or the retry policy, the deadline or
         the breaker ends it; its record, emitted as ``CallEnded``."""
         loop = self.loop
-        hedger = self._hedger()
+        hedger = _hedger(self)
         start = loop.time()
         if self.hooks:
             emit(self.hooks, CallStarted(start, self.request, self.index, self.label, self.llm))
@@ -553,14 +468,14 @@ class _Call(Generic[T]):
                     break
             seen = self.lane.successes
             try:
+                delay = self.opts.hedge_after
                 if hedger is not None:
                     hedger.calls += 1
-                    self.hedge_delay = hedger.delay()
-                    response = await self._raced(wait_before)
-                elif self.hedge_delay is not None:
-                    response = await self._raced(wait_before)
-                else:
+                    delay = hedger.delay()
+                if delay is None:
                     response = await self.attempt(hedge=False, wait_before=wait_before)
+                else:
+                    response = await Race(self, delay, hedger, loop).run(wait_before)
             except asyncio.CancelledError:
                 raise
             except CircuitOpen as exc:  # stopped once admitted: this attempt was not made
@@ -569,163 +484,28 @@ class _Call(Generic[T]):
                 break
             except Exception as exc:
                 error = exc
-                wait = self._verdict(exc, seen, called).wait
+                wait = _verdict(self, exc, seen, called).wait
                 log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
-                    emit(self.hooks, self._attempt_failed(exc, wait))
+                    emit(
+                        self.hooks,
+                        AttemptFailed(
+                            loop.time(),
+                            self.request,
+                            self.index,
+                            self.label,
+                            self.number,
+                            exc,
+                            wait,
+                        ),
+                    )
                 if wait is None:
                     break
                 wait_before = wait
                 await asyncio.sleep(wait)
                 continue
-            return self._finish(start, response, parse)
-        return self._failed(error, start)
-
-    def _policy(self) -> RetryPolicy:
-        """The retry policy: the pattern's, else the handle's, else the default."""
-        policy = self.opts.retry
-        if policy is None:
-            handle = self.handle
-            policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
-        return policy
-
-    def _hedger(self) -> Hedger | None:
-        """The hedger of the handle's hedging policy (None: no hedging, or
-        ``hedge_after`` instead)."""
-        handle = self.handle
-        if handle is None or self.hedge_delay is not None:
-            return None
-        policy = self.opts.retry or handle.retry
-        hedge = policy.hedge if policy is not None and policy.hedge is not None else handle.hedges
-        return self.lane.hedger if hedge else None
-
-    def _attempt_failed(self, exc: Exception, wait: float | None) -> AttemptFailed:
-        return AttemptFailed(
-            self.loop.time(), self.request, self.index, self.label, self.number, exc, wait
-        )
-
-    def _failed(self, error: BaseException, start: float) -> CallRecord[T]:
-        """The record of a call that ended without a success."""
-        record: CallRecord[T] = CallRecord(
-            status=status_of(error),
-            request=self.request,
-            error=error,
-            attempts=self._ordered_attempts(),
-            start=start,
-            end=self.loop.time(),
-            label=self.label,
-            index=self.index,
-        )
-        if self.hooks:
-            emit(self.hooks, CallEnded(record.end or start, record))
-        return record
-
-    async def _raced(self, wait_before: float) -> Response:
-        """An attempt that may get a duplicate (``hedge_after``, or the hedging policy):
-        the first success of the two wins. A duplicate that wins expires the attempt's
-        timeout (asyncio's own race-free cancellation: :meth:`_expired`); an attempt
-        that wins cancels the duplicate; when both fail, the attempt's error stands."""
-        self._clear_hedge()
-        try:
-            response = await self.attempt(hedge=False, wait_before=wait_before)
-        except _HedgeWon:
-            assert self.won is not None
-            return self.won
-        except Exception:
-            task = self.hedge_task
-            if task is None:
-                raise
-            won = await task  # the duplicate may still succeed
-            if won is None:
-                raise
-            return won
-        finally:
-            task = self.hedge_task
-            if task is not None and not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        return response
-
-    def _clear_hedge(self) -> None:
-        self.won = None
-        self.hedge_task = None
-
-    def spawn_hedge(self) -> None:
-        """The attempt is slower than its hedging delay: start a duplicate (under the
-        policy, if its cap allows one)."""
-        if self.cm is None:
-            return
-        if self.opts.hedge_after is None and not self.lane.hedger.allow():
-            return
-        self.hedge_task = self.loop.create_task(self._hedge())
-
-    async def _hedge(self) -> Response | None:
-        try:
-            response = await self.attempt(hedge=True, wait_before=0.0)
-        except Exception:
-            return None  # recorded in the attempts; the first attempt goes on
-        self.won = response
-        cm = self.cm
-        if cm is not None and not cm.expired():
-            cm.reschedule(self.loop.time())  # stop the first attempt: the duplicate won
-        return response
-
-    def _verdict(self, exc: Exception, sent_at: int, called: int) -> Verdict:
-        """Decide what follows ``exc`` (:func:`fanflow._decide.decide`) and apply what
-        the verdict says besides the wait: the breaker hears of a refusal, the attempt
-        is marked requeued and annotated. ``sent_at`` and ``called``: the handle's
-        successes when this attempt and this call began."""
-        lane = self.lane
-        tail = self.opts.tail
-        gate = self.opts.gate
-        deadline = self.deadline
-        seen = Seen(
-            tries=len(self._tries()),
-            requeues=self.requeues,
-            succeeded_since_sent=lane.successes > sent_at,
-            accepted_in_flight=lane.in_flight > 0 and lane.accepted_in_flight,
-            alone_unanswered=lane.in_flight == 0 and not lane.answered,
-            succeeded_since_call=lane.successes > called,
-            draining=tail is not None and tail.draining,
-            idle=lane.gate.idle() and (gate is None or gate.idle()),
-            time_left=None if deadline is None else deadline - self.loop.time(),
-        )
-        verdict = decide(exc, seen, self._policy())
-        if verdict.refused and self.breaker is not None:
-            assert isinstance(exc, RateLimited)
-            self.breaker.refused(exc, self.loop.time())
-        if verdict.requeued:
-            self.requeues += 1
-        if verdict.requeued or verdict.note is not None:
-            self._annotate(requeued=verdict.requeued or None, note=verdict.note)
-        return verdict
-
-    def _annotate(self, *, requeued: bool | None = None, note: str | None = None) -> None:
-        """Mark the attempt that just failed (the latest one that was not a hedge)."""
-        for i in range(len(self.attempts) - 1, -1, -1):
-            a = self.attempts[i]
-            if not a.hedge:
-                changes: dict[str, Any] = {}
-                if requeued is not None:
-                    changes["requeued"] = requeued
-                if note is not None:
-                    changes["note"] = note
-                self.attempts[i] = dataclasses.replace(a, **changes)
-                return
-
-    def _cost(self, response: Response) -> Cost | None:
-        """The response's usage at the model's price (None: unknown); a response that
-        carries its own cost (a batch line) keeps it."""
-        usage = response.usage
-        if usage is None or usage.total_tokens <= 0:
-            return None if response.cost is None else Cost(response.cost)
-        price = price_of(response.model or self.request.model, self.opts.prices)
-        if price is None:
-            return None if response.cost is None else Cost(response.cost)
-        cost = priced(usage, price, batch=batch_info(response.extra) is not None)
-        if response.cost is not None:
-            return Cost(response.cost, cost.cache_saved, cost.estimated)
-        return cost
+            return _succeeded(self, start, response, parse)
+        return _ended(self, error, start)
 
     def _ordered_attempts(self) -> tuple[Attempt, ...]:
         # Attempts are appended as they end; a record lists them as they were started.
@@ -737,44 +517,210 @@ class _Call(Generic[T]):
         """Attempts that count against the retry budget (hedges and requeues do not)."""
         return [a for a in self.attempts if not a.hedge and not a.requeued]
 
-    def _finish(
-        self, start: float, response: Response, parse: Callable[[Response], T] | None
-    ) -> CallRecord[T]:
-        end = self.loop.time()
-        status = Status.SUCCEEDED
-        value: Any = response
-        error: BaseException | None = None
-        if parse is not None:
-            try:
-                value = parse(response)
-            except Exception as exc:
-                status, value = Status.FAILED, None
-                error = ParseError(
-                    f"{self._who()}: the model answered but its reply could not be used: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-                error.__cause__ = exc
-        usage = response.usage if response.usage is not None else Usage()
-        cost = self._cost(response)
-        record: CallRecord[T] = CallRecord(
-            status=status,
-            request=self.request,
-            value=value,
-            error=error,
-            attempts=self._ordered_attempts(),
-            start=start,
-            end=end,
-            usage=usage,
-            cost=None if cost is None else cost.dollars,
-            label=self.label,
-            index=self.index,
-            response=response,
-            cache_saved=cost.cache_saved if cost is not None and _uses_cache(usage) else None,
-            cost_estimated=cost is not None and cost.estimated,
+
+def _verdict(call: _Call[Any], exc: Exception, sent_at: int, called: int) -> Verdict:
+    """Decide what follows ``exc`` (:func:`fanflow._decide.decide`) and apply what
+    the verdict says besides the wait: the breaker hears of a refusal, the attempt
+    is marked requeued and annotated. ``sent_at`` and ``called``: the handle's
+    successes when this attempt and this call began."""
+    lane = call.lane
+    tail = call.opts.tail
+    gate = call.opts.gate
+    deadline = call.deadline
+    seen = Seen(
+        tries=len(call._tries()),
+        requeues=call.requeues,
+        succeeded_since_sent=lane.successes > sent_at,
+        accepted_in_flight=lane.in_flight > 0 and lane.accepted_in_flight,
+        alone_unanswered=lane.in_flight == 0 and not lane.answered,
+        succeeded_since_call=lane.successes > called,
+        draining=tail is not None and tail.draining,
+        idle=lane.gate.idle() and (gate is None or gate.idle()),
+        time_left=None if deadline is None else deadline - call.loop.time(),
+    )
+    verdict = decide(exc, seen, _policy(call))
+    if verdict.refused and call.breaker is not None:
+        assert isinstance(exc, RateLimited)
+        call.breaker.refused(exc, call.loop.time())
+    if verdict.requeued:
+        call.requeues += 1
+    if verdict.requeued or verdict.note is not None:
+        _annotate(call.attempts, requeued=verdict.requeued or None, note=verdict.note)
+    return verdict
+
+
+def _policy(call: _Call[Any]) -> RetryPolicy:
+    """The retry policy: the pattern's, else the handle's, else the default."""
+    policy = call.opts.retry
+    if policy is None:
+        handle = call.handle
+        policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
+    return policy
+
+
+def _hedger(call: _Call[Any]) -> Hedger | None:
+    """The hedger of the handle's hedging policy (None: no hedging, or
+    ``hedge_after`` instead)."""
+    handle = call.handle
+    if handle is None or call.opts.hedge_after is not None:
+        return None
+    policy = call.opts.retry or handle.retry
+    hedge = policy.hedge if policy is not None and policy.hedge is not None else handle.hedges
+    return call.lane.hedger if hedge else None
+
+
+def _succeeded(
+    call: _Call[T], start: float, response: Response, parse: Callable[[Response], T] | None
+) -> CallRecord[T]:
+    """The record of a call that got an answer (failed if ``parse`` raises), emitted."""
+    end = call.loop.time()
+    status = Status.SUCCEEDED
+    value: Any = response
+    error: BaseException | None = None
+    if parse is not None:
+        try:
+            value = parse(response)
+        except Exception as exc:
+            status, value = Status.FAILED, None
+            error = ParseError(
+                f"{call._who()}: the model answered but its reply could not be used: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+    usage = response.usage if response.usage is not None else Usage()
+    cost = _cost_of(response, call.request.model, call.opts.prices)
+    record: CallRecord[T] = CallRecord(
+        status=status,
+        request=call.request,
+        value=value,
+        error=error,
+        attempts=call._ordered_attempts(),
+        start=start,
+        end=end,
+        usage=usage,
+        cost=None if cost is None else cost.dollars,
+        label=call.label,
+        index=call.index,
+        response=response,
+        cache_saved=cost.cache_saved if cost is not None and _uses_cache(usage) else None,
+        cost_estimated=cost is not None and cost.estimated,
+    )
+    if call.hooks:
+        emit(call.hooks, CallEnded(end, record))
+    return record
+
+
+def _ended(call: _Call[T], error: BaseException, start: float) -> CallRecord[T]:
+    """The record of a call that ended without a success, emitted."""
+    record: CallRecord[T] = CallRecord(
+        status=status_of(error),
+        request=call.request,
+        error=error,
+        attempts=call._ordered_attempts(),
+        start=start,
+        end=call.loop.time(),
+        label=call.label,
+        index=call.index,
+    )
+    if call.hooks:
+        emit(call.hooks, CallEnded(record.end or start, record))
+    return record
+
+
+def _timed_out(call: _Call[Any], by_deadline: bool) -> CallTimeout:
+    """The error of an attempt cut off by its timeout or by the call's deadline."""
+    if by_deadline:
+        return CallTimeout(
+            f"{call._who()} did not finish before the deadline; raise deadline= "
+            "or lower the work per call",
         )
-        if self.hooks:
-            emit(self.hooks, CallEnded(end, record))
-        return record
+    return CallTimeout(
+        f"{call._who()}: attempt {call.number} got no answer within "
+        f"{call.timeout:g} s; raise timeout= if the model is just slow",
+        timeout=call.timeout,
+    )
+
+
+def _charge(
+    budget: Budget,
+    request: Request,
+    estimate: Callable[[], tuple[int, int]],
+    reserved: float,
+    response: Response | None,
+    error: BaseException | None,
+) -> None:
+    """Settle a budget reservation for an attempt that was sent: what the reply says it
+    used, the prompt alone for an error the server answered, else the reservation."""
+    usage = response.usage if response is not None else None
+    if usage is not None and usage.total_tokens > 0:
+        model = response.model if response is not None and response.model else None
+        try:
+            batch = response is not None and batch_info(response.extra) is not None
+            actual = budget.amount(
+                model or request.model,
+                usage.input_tokens,
+                usage.output_tokens,
+                batch=batch,
+                cached=usage.cached_input_tokens,
+                written=usage.cache_write_input_tokens,
+                written_1h=usage.cache_write_1h_input_tokens,
+            )
+        except BudgetExceeded:  # the reply names a model we have no price for
+            actual = reserved
+    elif response is None and error is not None and not isinstance(error, CallTimeout):
+        # The server answered with an error: it read the prompt, not a reply.
+        input_tokens, _ = estimate()
+        actual = budget.amount(request.model, input_tokens, 0)
+    else:
+        actual = reserved  # cut off (timeout, cancelled) or no usage reported
+    budget.settle(reserved, actual)
+
+
+def _cost_of(
+    response: Response, model: str | None, prices: Mapping[str, Price] | None
+) -> Cost | None:
+    """The response's usage at its model's price (None: unknown); a response that
+    carries its own cost (a batch line) keeps it."""
+    usage = response.usage
+    if usage is None or usage.total_tokens <= 0:
+        return None if response.cost is None else Cost(response.cost)
+    price = price_of(response.model or model, prices)
+    if price is None:
+        return None if response.cost is None else Cost(response.cost)
+    cost = priced(usage, price, batch=batch_info(response.extra) is not None)
+    if response.cost is not None:
+        return Cost(response.cost, cost.cache_saved, cost.estimated)
+    return cost
+
+
+def _annotate(
+    attempts: list[Attempt], *, requeued: bool | None = None, note: str | None = None
+) -> None:
+    """Mark the attempt that just failed (the latest one that was not a hedge)."""
+    for i in range(len(attempts) - 1, -1, -1):
+        a = attempts[i]
+        if not a.hedge:
+            changes: dict[str, Any] = {}
+            if requeued is not None:
+                changes["requeued"] = requeued
+            if note is not None:
+                changes["note"] = note
+            attempts[i] = dataclasses.replace(a, **changes)
+            return
+
+
+def _late_admission(who: str, metered: bool) -> CallTimeout:
+    """The error of a call still waiting for admission at its deadline."""
+    if metered:
+        return CallTimeout(
+            f"{who} was still waiting for admission (a concurrency slot, its turn under "
+            "the rate limits, or budget) when the deadline passed; raise the deadline, or "
+            "expect the limits to take longer",
+        )
+    return CallTimeout(
+        f"{who} was still waiting for a concurrency slot when the deadline passed; "
+        "raise the deadline or the concurrency",
+    )
 
 
 def execute(
