@@ -200,6 +200,49 @@ class _Entry:
     wire: str = ""  # the line's custom_id
 
 
+class _Pending:
+    """The requests collected for the next batch: their entries by cache key, the bytes
+    of their lines and the custom_ids the lines carry."""
+
+    __slots__ = ("entries", "ids", "size")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _Entry] = {}
+        self.size = 0
+        self.ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: _Entry) -> _Entry:
+        self.entries[entry.key] = entry
+        self.size += len(entry.line) + 1
+        self.ids.add(entry.wire)
+        return entry
+
+    def drop(self, key: str, fut: asyncio.Future[BatchLine | None]) -> bool:
+        """Forget a waiter that was cancelled; whether its entry went with it (no
+        waiter left)."""
+        entry = self.entries.get(key)
+        if entry is None or fut not in entry.futures:
+            return False
+        entry.futures.remove(fut)
+        if entry.futures:
+            return False
+        del self.entries[key]
+        self.size -= len(entry.line) + 1
+        self.ids.discard(entry.wire)
+        return True
+
+    def take(self) -> list[_Entry]:
+        """Every entry, in the order they came; none is left."""
+        entries = list(self.entries.values())
+        self.entries.clear()
+        self.size = 0
+        self.ids.clear()
+        return entries
+
+
 @dataclass
 class QueueStatistics:
     """What a :class:`BatchQueue` did."""
@@ -237,9 +280,7 @@ class BatchQueue:
         self.retry_attempts = retry_attempts
         self.stats = QueueStatistics()
         self.switched = False
-        self._pending: dict[str, _Entry] = {}
-        self._pending_bytes = 0
-        self._pending_ids: set[str] = set()  # the custom_ids of the pending lines
+        self._pending = _Pending()
         # Cache key -> the user's custom_id its line carries (where it is not the key).
         self._wire: dict[str, str] = {}
         self._waiting: dict[str, dict[str, list[asyncio.Future[BatchLine | None]]]] = {}
@@ -262,7 +303,7 @@ class BatchQueue:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for entry in self._pending.values():
+        for entry in self._pending.entries.values():
             for fut in entry.futures:
                 fut.cancel()
 
@@ -315,20 +356,15 @@ class BatchQueue:
         try:
             return await fut
         except asyncio.CancelledError:
-            if key in self._pending and fut in self._pending[key].futures:
-                self._pending[key].futures.remove(fut)
-                if not self._pending[key].futures:
-                    gone = self._pending.pop(key)
-                    self._pending_bytes -= len(gone.line) + 1
-                    self._pending_ids.discard(gone.wire)
-                    self._wire.pop(key, None)
+            if self._pending.drop(key, fut):
+                self._wire.pop(key, None)
             raise
 
     def _enqueue(
         self, key: str, request: Request, futures: list[asyncio.Future[BatchLine | None]]
     ) -> BatchLine | None:
         """Add ``request`` to the next batch (its line, if it is too large for one)."""
-        entry = self._pending.get(key)
+        entry = self._pending.entries.get(key)
         if entry is None:
             wire = self._wire_id(key, request)
             line = self.api.line(wire, request)
@@ -343,11 +379,9 @@ class BatchQueue:
                     ),
                 )
             tokens = sum(request_tokens(request))
-            entry = self._pending[key] = _Entry(key, line, tokens=tokens, wire=wire)
-            self._pending_bytes += len(line) + 1
-            self._pending_ids.add(wire)
+            entry = self._pending.add(_Entry(key, line, tokens=tokens, wire=wire))
         entry.futures.extend(futures)
-        if len(self._pending) >= self.max_requests or self._pending_bytes >= self.max_bytes:
+        if len(self._pending) >= self.max_requests or self._pending.size >= self.max_bytes:
             self._flush_now()
         elif self._flush is None:
             loop = asyncio.get_running_loop()
@@ -358,7 +392,7 @@ class BatchQueue:
         """The custom_id of ``request``'s line: the user's where it has one no other
         pending line carries (ids are unique within a batch), else the cache key."""
         wanted = users_id(self.api, request)
-        if wanted is None or wanted in self._pending_ids:
+        if wanted is None or wanted in self._pending.ids:
             self._wire.pop(key, None)
             return key
         self._wire[key] = wanted
@@ -368,10 +402,7 @@ class BatchQueue:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        entries = list(self._pending.values())
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._pending_ids.clear()
+        entries = self._pending.take()
         chunk: list[_Entry] = []
         size = 0
         for entry in entries:
@@ -384,59 +415,6 @@ class BatchQueue:
         if chunk:
             self._spawn(self._run(chunk))
 
-    async def _control(
-        self,
-        what: str,
-        call: Callable[[], Awaitable[T]],
-        batch_id: str | None = None,
-        *,
-        observe: bool = True,
-        recover: Callable[[], Awaitable[T | None]] | None = None,
-    ) -> T:
-        """A call to the batch endpoints, retried on transient errors as the engine's
-        calls are (:func:`fanflow._decide.decide`; never requeued, never a tail retry).
-
-        ``observe``: wrap each try in the instrumentation's span (False: ``call`` does).
-        ``recover``: after each wait, what the lost try may have done anyway (not None:
-        that is the result)."""
-        policy = self.api.llm.retry or DEFAULT_RETRY
-        attempts = max(policy.attempts, self.retry_attempts)
-        number = 0
-        while True:
-            number += 1
-            try:
-                if not observe:
-                    return await call()
-                with observing(what, self.api.provider, batch_id):
-                    return await call()
-            except ProviderError as exc:
-                wait = decide(exc, Seen(tries=number), policy, attempts=attempts).wait
-                if wait is None:
-                    raise
-                log.info("fanflow: %s failed (%s); retrying in %.1f s", what, exc, wait)
-                await asyncio.sleep(wait)
-            if recover is not None:
-                with contextlib.suppress(ProviderError):
-                    found = await recover()
-                    if found is not None:
-                        return found
-
-    async def _create(self, lines: list[bytes], token: str) -> BatchState:
-        """Create a batch, retrying transient errors. Before a retry, a batch whose
-        create reply was lost is looked for by its token (OpenAI keeps metadata), so a
-        retry never submits the same requests twice where the API allows telling."""
-        metadata = {"fanflow_token": token}
-
-        async def submit() -> BatchState:
-            with observing("submitting a batch", self.api.provider) as created:
-                state = await self.api.submit(lines, metadata)
-                created(state.id)
-            return state
-
-        return await self._control(
-            "submitting a batch", submit, observe=False, recover=lambda: self.api.find(token)
-        )
-
     async def _run(self, entries: list[_Entry]) -> None:
         keys = [e.key for e in entries]
         waiting = {e.key: e.futures for e in entries}
@@ -447,7 +425,7 @@ class BatchQueue:
             # The intent first: a process killed while the batch is being created finds
             # it again by its token on restart (where the API keeps metadata).
             await self.journal.record_batch(intent, provider, keys)
-            state = await self._create([e.line for e in entries], token)
+            state = await _create(self.api, self.retry_attempts, [e.line for e in entries], token)
         except ProviderError as exc:
             await self.journal.settle_batch(intent, "not created", [], keys)
             line = BatchLine("", "errored", error=exc)
@@ -617,23 +595,7 @@ class BatchQueue:
         # Answers are committed before they are handed out (promise 5).
         await self.journal.settle_batch(batch_id, state.status, answered, unanswered)
 
-        named = batch_extra(batch_id)  # a line's error names the batch it came from
-
-        def line_for(key: str) -> BatchLine:
-            line = by_key.get(key)
-            if line is not None:
-                error = line.error.with_extra(named) if line.error is not None else None
-                return replace(line, error=error, batch_id=batch_id)
-            if state.failed_reason is not None:
-                error = BadRequest(
-                    f"{self.api.provider}: batch {batch_id} failed: {state.failed_reason}",
-                    extra=named,
-                )
-                return BatchLine(key, "errored", error=error, batch_id=batch_id)
-            kind: Literal["expired", "canceled"] = (
-                "expired" if state.status == "expired" else "canceled"
-            )
-            return BatchLine(key, kind, batch_id=batch_id)
+        line_for = _lines_of(self.api.provider, state, by_key)
 
         def after_switch(key: str) -> BatchLine | None:
             line = line_for(key)
@@ -649,6 +611,12 @@ class BatchQueue:
         self._polling.discard(batch_id)
         line = BatchLine("", "errored", error=error)
         _resolve(waiting, lambda _key: line)
+
+    def _control(
+        self, what: str, call: Callable[[], Awaitable[T]], batch_id: str | None = None
+    ) -> Awaitable[T]:
+        """A call to the batch endpoints, retried on transient errors (:func:`_retried`)."""
+        return _retried(self.api, self.retry_attempts, what, call, batch_id)
 
     # -- moving to real time ------------------------------------------------------
 
@@ -666,10 +634,7 @@ class BatchQueue:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        pending = {e.key: e.futures for e in self._pending.values()}
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._pending_ids.clear()
+        pending = {e.key: e.futures for e in self._pending.take()}
         _resolve(pending, lambda _key: None)
         self.stats.moved_to_realtime += len(pending)
         for batch_id in list(self._waiting):
@@ -697,6 +662,89 @@ class BatchQueue:
             await self._control("cancelling a batch", lambda: self.api.cancel(batch_id), batch_id)
         except ProviderError as exc:
             log.warning("fanflow: could not cancel batch %s: %s", batch_id, exc)
+
+
+async def _retried(
+    api: BatchAPI,
+    at_least: int,
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    batch_id: str | None = None,
+    *,
+    observe: bool = True,
+    recover: Callable[[], Awaitable[T | None]] | None = None,
+) -> T:
+    """A call to the batch endpoints, retried on transient errors as the engine's calls
+    are (:func:`fanflow._decide.decide`; never requeued, never a tail retry), with at
+    least ``at_least`` attempts.
+
+    ``observe``: wrap each try in the instrumentation's span (False: ``call`` does).
+    ``recover``: after each wait, what the lost try may have done anyway (not None:
+    that is the result)."""
+    policy = api.llm.retry or DEFAULT_RETRY
+    attempts = max(policy.attempts, at_least)
+    number = 0
+    while True:
+        number += 1
+        try:
+            if not observe:
+                return await call()
+            with observing(what, api.provider, batch_id):
+                return await call()
+        except ProviderError as exc:
+            wait = decide(exc, Seen(tries=number), policy, attempts=attempts).wait
+            if wait is None:
+                raise
+            log.info("fanflow: %s failed (%s); retrying in %.1f s", what, exc, wait)
+            await asyncio.sleep(wait)
+        if recover is not None:
+            with contextlib.suppress(ProviderError):
+                found = await recover()
+                if found is not None:
+                    return found
+
+
+async def _create(api: BatchAPI, at_least: int, lines: list[bytes], token: str) -> BatchState:
+    """Create a batch, retrying transient errors. Before a retry, a batch whose create
+    reply was lost is looked for by its token (OpenAI keeps metadata), so a retry never
+    submits the same requests twice where the API allows telling."""
+    metadata = {"fanflow_token": token}
+
+    async def submit() -> BatchState:
+        with observing("submitting a batch", api.provider) as created:
+            state = await api.submit(lines, metadata)
+            created(state.id)
+        return state
+
+    return await _retried(
+        api, at_least, "submitting a batch", submit, observe=False, recover=lambda: api.find(token)
+    )
+
+
+def _lines_of(
+    provider: str, state: BatchState, by_key: Mapping[str, BatchLine]
+) -> Callable[[str], BatchLine]:
+    """The line each request of an ended batch gets: its own result line (its error
+    naming the batch), else the batch's failure, else expired or canceled."""
+    batch_id = state.id
+    named = batch_extra(batch_id)
+
+    def line_for(key: str) -> BatchLine:
+        line = by_key.get(key)
+        if line is not None:
+            error = line.error.with_extra(named) if line.error is not None else None
+            return replace(line, error=error, batch_id=batch_id)
+        if state.failed_reason is not None:
+            error = BadRequest(
+                f"{provider}: batch {batch_id} failed: {state.failed_reason}", extra=named
+            )
+            return BatchLine(key, "errored", error=error, batch_id=batch_id)
+        kind: Literal["expired", "canceled"] = (
+            "expired" if state.status == "expired" else "canceled"
+        )
+        return BatchLine(key, kind, batch_id=batch_id)
+
+    return line_for
 
 
 def _match(
