@@ -499,12 +499,8 @@ class BatchQueue:
                 )
                 await self._resubmit(batch_id)
                 return
-        except ProviderError as exc:
+        except Exception as exc:
             self._fail_batch(batch_id, exc)
-            return
-        except Exception as exc:  # a bug or a store error: fail the items, never hang them
-            self._polling.discard(batch_id)
-            _resolve(self._waiting.pop(batch_id, {}), _failed(self.api.provider, exc))
             return
         await self._follow(state)
 
@@ -520,25 +516,8 @@ class BatchQueue:
                 if not fut.done():
                     fut.set_result(too_large)
 
-    def _next_poll(self, state: BatchState, elapsed: float) -> float:
-        """Seconds to the next poll: a tenth of the time the batch has run, within
-        [poll, max_poll]; sooner if its progress says it is about to end."""
-        opts = self.options
-        wait = elapsed * 0.1
-        if 0 < state.done < state.total:
-            eta = (state.total - state.done) * elapsed / state.done
-            wait = min(wait, eta)
-        return min(max(wait, opts.poll), opts.max_poll)
-
     async def _follow(self, state: BatchState) -> None:
-        try:
-            await self._follow_to_end(state)
-        except Exception as exc:  # a bug or a store error: fail the items, never hang them
-            waiting = self._waiting.pop(state.id, {})
-            self._polling.discard(state.id)
-            _resolve(waiting, _failed(self.api.provider, exc))
-
-    async def _follow_to_end(self, state: BatchState) -> None:
+        """Poll a batch until it ends, then hand out its lines."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         batch_id = state.id
@@ -550,14 +529,13 @@ class BatchQueue:
                 state = await self._control(
                     "polling a batch", lambda: self.api.poll(batch_id), batch_id
                 )
-                wait = self._next_poll(state, loop.time() - start)
+                wait = _next_poll(self.options, state, loop.time() - start)
             lines = await self._control(
                 "reading batch results", lambda: self.api.results(state), batch_id
             )
-        except ProviderError as exc:
+            await self._settle(state, lines)
+        except Exception as exc:
             self._fail_batch(batch_id, exc)
-            return
-        await self._settle(state, lines)
 
     async def _settle(self, state: BatchState, lines: list[BatchLine]) -> None:
         batch_id = state.id
@@ -606,11 +584,13 @@ class BatchQueue:
 
         _resolve(waiting, after_switch if self.switched else line_for)
 
-    def _fail_batch(self, batch_id: str, error: ProviderError) -> None:
+    def _fail_batch(self, batch_id: str, error: Exception) -> None:
+        """Fail every request waiting for ``batch_id``, never leave them hanging: with
+        the provider's error, or (a bug, a store error) one saying the batch could not
+        be followed."""
         waiting = self._waiting.pop(batch_id, {})
         self._polling.discard(batch_id)
-        line = BatchLine("", "errored", error=error)
-        _resolve(waiting, lambda _key: line)
+        _resolve(waiting, _failed(self.api.provider, error))
 
     def _control(
         self, what: str, call: Callable[[], Awaitable[T]], batch_id: str | None = None
@@ -747,6 +727,16 @@ def _lines_of(
     return line_for
 
 
+def _next_poll(options: BatchOptions, state: BatchState, elapsed: float) -> float:
+    """Seconds to the next poll of a batch that has run ``elapsed`` seconds: a tenth of
+    that, within [poll, max_poll]; sooner if its progress says it is about to end."""
+    wait = elapsed * 0.1
+    if 0 < state.done < state.total:
+        eta = (state.total - state.done) * elapsed / state.done
+        wait = min(wait, eta)
+    return min(max(wait, options.poll), options.max_poll)
+
+
 def _match(
     lines: list[BatchLine], waiting: Mapping[str, object], wire: dict[str, str]
 ) -> tuple[dict[str, BatchLine], int]:
@@ -797,7 +787,11 @@ def _resolve(
 
 
 def _failed(provider: str, exc: Exception) -> Callable[[str], BatchLine]:
-    """The line of every request of a batch that failed on our side."""
+    """The line of every request of a batch that failed: the provider's error, or one
+    saying the batch could not be followed (a failure on our side)."""
+    if isinstance(exc, ProviderError):
+        line = BatchLine("", "errored", error=exc)
+        return lambda _key: line
     error = ProviderError(
         f"{provider}: the batch could not be followed ({type(exc).__name__}: {exc}); its "
         "id is in the store's journal if there is one, and a rerun of the job polls it again"
