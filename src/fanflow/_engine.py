@@ -2,15 +2,13 @@
 
 For each call: fill in the handle's defaults, then for each attempt wait for admission
 (the pattern's gate, then the handle's lane), send it under the per-attempt timeout,
-and on a retryable error wait a backoff (never less than the server's Retry-After)
-before the next. A 429/529 answered while the handle's other calls were succeeding, or
-while a call the server accepted before it was still in flight, was caused by the
-handle's own load: it waits exactly the Retry-After and does not use up an attempt
-(decisions 0132, 0165). With ``hedge_after``, a second attempt starts if the first has
-not answered in that time; with the hedging policy (HTTP handles, by default), once it
-is slower than a high quantile of the handle's recent latencies, within a cap of extra
-calls (decision 0133). The first success wins and the other is cancelled. An overall
-``deadline`` bounds everything, admission waits and backoffs included.
+and after a failure do what :func:`fanflow._decide.decide` says: wait and try again
+(a requeued 429/529 of the handle's own load uses up no attempt), or stop. With
+``hedge_after``, a duplicate starts if the attempt has not answered in that time; with
+the hedging policy (HTTP handles, by default), once it is slower than a high quantile
+of the handle's recent latencies, within a cap of extra calls (:class:`fanflow._hedge.Race`
+for both). The first success wins and the other is cancelled. An overall ``deadline``
+bounds everything, admission waits and backoffs included.
 
 All waiting goes through the event loop (``asyncio.sleep``, ``asyncio.timeout``), so
 tests run it in virtual time. ``asyncio.CancelledError`` always propagates: cancelling
@@ -66,7 +64,7 @@ class Tail:
     """Whether a batch has handed out its last item (set by the batch; decision 0157).
 
     From then on every item is started and the batch only waits for its slowest: a 5xx
-    there is retried at once (:meth:`_Call._tail_retry`), since a backoff would be added
+    there is retried at once (:func:`fanflow._decide.decide`), since a backoff would be added
     to the makespan.
     """
 
