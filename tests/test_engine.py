@@ -168,6 +168,25 @@ async def test_hedge_survives_a_failing_primary(looptime: float) -> None:
     assert looptime == 5.0
 
 
+async def test_when_a_hedged_attempt_and_its_duplicate_both_fail_the_attempts_error_stands(
+    looptime: float,
+) -> None:
+    # Decision 0241: the attempt fails at t=3, its duplicate (sent at t=1) at t=6; the
+    # call waits for the duplicate, then ends with the attempt's error.
+    first = fanflow.errors.ServerError("the attempt's 500", status_code=500)
+    second = fanflow.errors.ServerError("the duplicate's 502", status_code=502)
+    llm = ScriptedLLM(
+        failures={0: Fault.raises(first, after=3.0), 1: Fault.raises(second, after=5.0)}
+    )
+    record = await fanflow.call(llm, "x", hedge_after=1.0, retry=RetryPolicy.none()).record()
+    assert record.error is first
+    assert looptime == 6.0
+    assert [(a.hedge, a.status) for a in record.attempts] == [
+        (False, Status.FAILED),
+        (True, Status.FAILED),
+    ]
+
+
 async def test_events_tell_the_story(looptime: float) -> None:
     events: list[Event] = []
     llm = ScriptedLLM(failures={0: Fault.rate_limited(retry_after=3.0)}, latency=1.0)
