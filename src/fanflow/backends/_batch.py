@@ -369,15 +369,7 @@ class BatchQueue:
             wire = self._wire_id(key, request)
             line = self.api.line(wire, request)
             if len(line) + self.api.line_overhead > self.max_bytes:
-                return BatchLine(
-                    key,
-                    "errored",
-                    error=BadRequest(
-                        f"{self.api.provider}: the request is {len(line):,} bytes as a batch "
-                        f"line, more than a batch may hold ({self.max_bytes:,} bytes); shorten "
-                        "it or send it with mode='realtime'"
-                    ),
-                )
+                return _too_large(self.api.provider, key, len(line), self.max_bytes)
             tokens = sum(request_tokens(request))
             entry = self._pending.add(_Entry(key, line, tokens=tokens, wire=wire))
         entry.futures.extend(futures)
@@ -554,13 +546,8 @@ class BatchQueue:
                 len(unknown),
                 unknown[0],
             )
-        answered: list[tuple[str, str | None, Response]] = [
-            (k, None, line.response)
-            for k, line in by_key.items()
-            if line.kind == "succeeded" and line.response is not None and k not in unknown
-        ]
+        answered, unanswered = _answered(by_key, known, unknown)
         done_keys = {k for k, _, _ in answered}
-        unanswered = [k for k in known if k not in done_keys]
         late = len(done_keys - known) if self.switched else 0
         if late:  # answered by the batch after they had moved to real time: paid twice
             self.stats.answered_twice += late
@@ -735,6 +722,29 @@ def _next_poll(options: BatchOptions, state: BatchState, elapsed: float) -> floa
         eta = (state.total - state.done) * elapsed / state.done
         wait = min(wait, eta)
     return min(max(wait, options.poll), options.max_poll)
+
+
+def _too_large(provider: str, key: str, size: int, max_bytes: int) -> BatchLine:
+    """The line of a request too large for any batch."""
+    error = BadRequest(
+        f"{provider}: the request is {size:,} bytes as a batch line, more than a batch may "
+        f"hold ({max_bytes:,} bytes); shorten it or send it with mode='realtime'"
+    )
+    return BatchLine(key, "errored", error=error)
+
+
+def _answered(
+    by_key: Mapping[str, BatchLine], known: set[str], unknown: list[str]
+) -> tuple[list[tuple[str, str | None, Response]], list[str]]:
+    """A batch's answers to commit (key, no custom id, response), lines fanflow did not
+    send left out, and the keys it sent that got none."""
+    answered: list[tuple[str, str | None, Response]] = [
+        (k, None, line.response)
+        for k, line in by_key.items()
+        if line.kind == "succeeded" and line.response is not None and k not in unknown
+    ]
+    done = {k for k, _, _ in answered}
+    return answered, [k for k in known if k not in done]
 
 
 def _match(
