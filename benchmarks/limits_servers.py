@@ -256,12 +256,12 @@ def tails(quick: bool, have_nginx: bool) -> None:
     n, c, latency = 1000, 50, 1.0
     faults = {"500": 0.05, "503": 0.02, "hang": 0.01}
     bound = math.ceil(n / c) * latency
-    for label, retry, tail in (
-        ("hedging policy (default)", RetryPolicy(seed=1), True),
-        ("hedging policy, no tail retry", RetryPolicy(seed=1), False),
-        ("hedging off", RetryPolicy(seed=1, hedge=False), True),
+    # The tail retry (decision 0151) is always on; its A/B row was dropped with the
+    # switch that turned it off (decision 0240).
+    for label, retry in (
+        ("hedging policy (default)", RetryPolicy(seed=1)),
+        ("hedging off", RetryPolicy(seed=1, hedge=False)),
     ):
-        fanflow._engine.TAIL_RETRY = tail  # the A/B of decision 0151
         for name, kw in (
             ("faults", {"latency": latency, "faults": faults, "seed": 7}),
             ("plain", {"latency": latency, "jitter": 0.1, "seed": 7}),
@@ -273,12 +273,10 @@ def tails(quick: bool, have_nginx: bool) -> None:
             )
             row(label, f"SimServer {name}", out, bound, f"{out.hedges} hedges")
     if have_nginx and not quick:
-        for label, retry, tail in (
-            ("hedging policy (default)", RetryPolicy(seed=1), True),
-            ("hedging policy, no tail retry", RetryPolicy(seed=1), False),
-            ("hedging off", RetryPolicy(seed=1, hedge=False), True),
+        for label, retry in (
+            ("hedging policy (default)", RetryPolicy(seed=1)),
+            ("hedging off", RetryPolicy(seed=1, hedge=False)),
         ):
-            fanflow._engine.TAIL_RETRY = tail
             out = real(
                 lambda retry=retry: _sim(  # type: ignore[misc]
                     {"latency": 0.5, "faults": faults, "seed": 7},
@@ -297,7 +295,6 @@ def tails(quick: bool, have_nginx: bool) -> None:
                 math.ceil(n / c) * 0.5,
                 f"{out.hedges} hedges",
             )
-        fanflow._engine.TAIL_RETRY = True
 
 
 def first_wave(quick: bool, have_nginx: bool) -> None:

@@ -46,6 +46,16 @@ async def test_retry_after_is_never_undercut() -> None:
     assert llm.started_at == [0.0, 7.0]
 
 
+async def test_a_5xx_retry_after_is_waited_exactly_even_below_the_backoff() -> None:
+    # Decision 0240: one Retry-After rule for every status. The third attempt's backoff
+    # would be 1 s; the server asked for 0.2 s, and 0.2 s it is.
+    after = fanflow.errors.ServerError("HTTP 503", status_code=503, retry_after=0.2)
+    llm = ScriptedLLM(failures={0: Fault.server_error(), 1: Fault.raises(after)})
+    record = await fanflow.call(llm, "x", retry=NO_JITTER).record()
+    assert record.ok
+    assert llm.started_at == [0.0, 0.5, pytest.approx(0.7)]
+
+
 async def test_jittered_waits_stay_under_the_ceiling() -> None:
     llm = ScriptedLLM(failures={i: Fault.server_error() for i in range(3)})
     policy = RetryPolicy(attempts=4, initial=1.0, multiplier=2.0, seed=3)
@@ -156,6 +166,25 @@ async def test_hedge_survives_a_failing_primary(looptime: float) -> None:
     # hedge's 4 s end exactly at 5: whichever wins, the call succeeds at t=5.
     assert record.ok
     assert looptime == 5.0
+
+
+async def test_when_a_hedged_attempt_and_its_duplicate_both_fail_the_attempts_error_stands(
+    looptime: float,
+) -> None:
+    # Decision 0241: the attempt fails at t=3, its duplicate (sent at t=1) at t=6; the
+    # call waits for the duplicate, then ends with the attempt's error.
+    first = fanflow.errors.ServerError("the attempt's 500", status_code=500)
+    second = fanflow.errors.ServerError("the duplicate's 502", status_code=502)
+    llm = ScriptedLLM(
+        failures={0: Fault.raises(first, after=3.0), 1: Fault.raises(second, after=5.0)}
+    )
+    record = await fanflow.call(llm, "x", hedge_after=1.0, retry=RetryPolicy.none()).record()
+    assert record.error is first
+    assert looptime == 6.0
+    assert [(a.hedge, a.status) for a in record.attempts] == [
+        (False, Status.FAILED),
+        (True, Status.FAILED),
+    ]
 
 
 async def test_events_tell_the_story(looptime: float) -> None:

@@ -59,6 +59,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow.otel": "core",
     "fanflow._rate": "core",
     "fanflow._transport": "core",
+    "fanflow._decide": "core",
     "fanflow._hedge": "core",
     "fanflow._gc": "core",
     "fanflow._retry": "core",

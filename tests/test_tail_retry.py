@@ -8,7 +8,7 @@ import pytest
 
 import fanflow
 from fanflow import Limits, RetryPolicy, Status
-from fanflow._engine import TAIL_RETRY_NOTE
+from fanflow._decide import TAIL_RETRY_NOTE
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime

@@ -2,15 +2,13 @@
 
 For each call: fill in the handle's defaults, then for each attempt wait for admission
 (the pattern's gate, then the handle's lane), send it under the per-attempt timeout,
-and on a retryable error wait a backoff (never less than the server's Retry-After)
-before the next. A 429/529 answered while the handle's other calls were succeeding, or
-while a call the server accepted before it was still in flight, was caused by the
-handle's own load: it waits exactly the Retry-After and does not use up an attempt
-(decisions 0132, 0165). With ``hedge_after``, a second attempt starts if the first has
-not answered in that time; with the hedging policy (HTTP handles, by default), once it
-is slower than a high quantile of the handle's recent latencies, within a cap of extra
-calls (decision 0133). The first success wins and the other is cancelled. An overall
-``deadline`` bounds everything, admission waits and backoffs included.
+and after a failure do what :func:`fanflow._decide.decide` says: wait and try again
+(a requeued 429/529 of the handle's own load uses up no attempt), or stop. With
+``hedge_after``, a duplicate starts if the attempt has not answered in that time; with
+the hedging policy (HTTP handles, by default), once it is slower than a high quantile
+of the handle's recent latencies, within a cap of extra calls (:class:`fanflow._hedge.Race`
+for both). The first success wins and the other is cancelled. An overall ``deadline``
+bounds everything, admission waits and backoffs included.
 
 All waiting goes through the event loop (``asyncio.sleep``, ``asyncio.timeout``), so
 tests run it in virtual time. ``asyncio.CancelledError`` always propagates: cancelling
@@ -28,6 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from ._batchinfo import batch_info
 from ._breaker import Breaker
 from ._budget import Budget, as_budget
+from ._decide import Seen, Verdict, decide
 from ._events import (
     AMBIENT_HOOKS,
     INSTALLED,
@@ -43,15 +42,11 @@ from ._exceptions import (
     CallTimeout,
     CircuitOpen,
     ConfigError,
-    Overloaded,
     ParseError,
-    ProviderError,
     RateLimited,
-    ServerError,
     Skipped,
-    is_retryable,
 )
-from ._hedge import Hedger
+from ._hedge import Hedger, HedgeWon, Race
 from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
 from ._log import log_attempt_failed, log_attempt_sent, log_succeeded
@@ -64,25 +59,12 @@ __all__ = ["CallOptions", "execute", "status_of"]
 
 T = TypeVar("T")
 
-# The most 429/529s one call may have requeued without using up an attempt (the
-# deadline bounds them too).
-MAX_REQUEUES = 100
-
-# A 5xx in a batch's tail is retried at once (decision 0151); False only for A/B
-# measurements (benchmarks/limits_servers.py).
-TAIL_RETRY = True
-# The note on an attempt whose 5xx was retried at once in a batch's tail.
-TAIL_RETRY_NOTE = (
-    "retried at once (no backoff): a 5xx in the batch's tail (every item started, or "
-    "free slots), the handle's other calls succeeding"
-)
-
 
 class Tail:
     """Whether a batch has handed out its last item (set by the batch; decision 0157).
 
     From then on every item is started and the batch only waits for its slowest: a 5xx
-    there is retried at once (:meth:`_Call._tail_retry`), since a backoff would be added
+    there is retried at once (:func:`fanflow._decide.decide`), since a backoff would be added
     to the makespan.
     """
 
@@ -171,10 +153,6 @@ def make_options(
     )
 
 
-class _HedgeWon(Exception):
-    """Raised in an attempt that lost the race to its duplicate (never leaves _Call)."""
-
-
 def status_of(error: BaseException) -> Status:
     """The terminal status that an error stands for."""
     if isinstance(error, CallTimeout):
@@ -192,11 +170,8 @@ class _Call(Generic[T]):
     __slots__ = (
         "attempts",
         "breaker",
-        "cm",
         "deadline",
         "handle",
-        "hedge_delay",
-        "hedge_task",
         "hooks",
         "index",
         "label",
@@ -205,11 +180,11 @@ class _Call(Generic[T]):
         "loop",
         "number",
         "opts",
+        "race",
         "request",
         "requeues",
         "timeout",
         "tokens",
-        "won",
     )
 
     def __init__(
@@ -240,11 +215,7 @@ class _Call(Generic[T]):
         self.number = 0
         self.requeues = 0
         self.tokens: tuple[int, int] | None = None
-        # The hedging policy's state for the current attempt (see spawn_hedge).
-        self.hedge_delay: float | None = None
-        self.cm: asyncio.Timeout | None = None
-        self.hedge_task: asyncio.Task[Response | None] | None = None
-        self.won: Response | None = None
+        self.race: Race | None = None  # the attempt's race against a duplicate, if any
 
     # -- admission ----------------------------------------------------------------
 
@@ -294,130 +265,120 @@ class _Call(Generic[T]):
     ) -> None:
         self.lane.finish(permit, start, response, error)
         if reserved is not None:
-            self._charge(reserved, response, error)
+            budget = self.opts.budget
+            assert budget is not None
+            _charge(budget, self.request, self._estimate, reserved, response, error)
         gate = self.opts.gate
         if gate is not None:
             gate.release()
 
-    def _charge(
-        self, reserved: float, response: Response | None, error: BaseException | None
-    ) -> None:
-        """Settle a budget reservation: every attempt that was sent counts."""
-        budget = self.opts.budget
-        assert budget is not None
-        usage = response.usage if response is not None else None
-        if usage is not None and usage.total_tokens > 0:
-            model = response.model if response is not None and response.model else None
-            try:
-                batch = response is not None and batch_info(response.extra) is not None
-                actual = budget.amount(
-                    model or self.request.model,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    batch=batch,
-                    cached=usage.cached_input_tokens,
-                    written=usage.cache_write_input_tokens,
-                    written_1h=usage.cache_write_1h_input_tokens,
-                )
-            except BudgetExceeded:  # the reply names a model we have no price for
-                actual = reserved
-        elif response is None and error is not None and not isinstance(error, CallTimeout):
-            # The server answered with an error: it read the prompt, not a reply.
-            input_tokens, _ = self._estimate()
-            actual = budget.amount(self.request.model, input_tokens, 0)
-        else:
-            actual = reserved  # cut off (timeout, cancelled) or no usage reported
-        budget.settle(reserved, actual)
-
     # -- one attempt --------------------------------------------------------------
 
-    async def attempt(
-        self, *, hedge: bool, wait_before: float, sent: asyncio.Event | None = None
-    ) -> Response:
-        """One attempt, the engine's hot path: admission, the breaker, the send.
-
-        Admission is the pattern's gate, the handle's lane and the budget (nothing to
-        wait for on the fast path); the breaker may end a call admitted while it
-        tripped; the send runs under the attempt's timeout or the deadline, watched by
-        the hedger. Every attempt leaves one :class:`Attempt` in ``self.attempts`` and
-        gives its admission back (``_leave``), whatever happens.
-        """
+    async def attempt(self, *, hedge: bool, wait_before: float) -> Response:
+        """One attempt, the engine's hot path. Every attempt leaves one
+        :class:`Attempt` in ``self.attempts`` and gives its admission back, whatever
+        happens."""
         loop = self.loop
         self.number += 1
         number = self.number
         opts = self.opts
+        # 1. Admission: with no deadline, pattern gate or budget, a free slot in a lane
+        # that meters nothing is taken at once; else wait for the pattern's gate, the
+        # lane (its slot and rate buckets) and the budget, until the deadline.
         if (
             self.deadline is None
             and opts.gate is None
             and opts.budget is None
             and self.lane.try_acquire()
         ):
-            permit, reserved = None, None  # the fast path: nothing to wait for
+            permit, reserved = None, None
+        elif self.deadline is None:
+            permit, reserved = await self._admit()
         else:
             permit, reserved = await self._admit_by_deadline(number, hedge, wait_before)
         start = loop.time()
+        # 2. The breaker: a cold one holds the first wave, a tripped one ends the call.
         breaker = self.breaker
         if breaker is not None and breaker.active:
             start = await self._past_breaker(breaker, permit, reserved, start)
-        if sent is not None:
-            sent.set()
         log_attempt_sent(self._who, number, self.request, hedge=hedge)
         if self.hooks:
             emit(
                 self.hooks,
                 AttemptStarted(start, self.request, self.index, self.label, number, hedge),
             )
+        # 3. The send: bare when nothing bounds it; else under the attempt's timeout (or
+        # the deadline), watched for a duplicate (:class:`Race`) unless it is one.
         response: Response | None = None
         failure: BaseException | None = None
         try:
-            limit = self._limit(start)
-            delay = self.hedge_delay
-            if limit is None and (delay is None or hedge):
+            race = self.race
+            if self.timeout is None and self.deadline is None and (race is None or hedge):
                 response = await self.llm.complete(self.request)
-            else:
+            else:  # inline, not a coroutine of its own: one frame fewer per call
+                limit = self._limit(start)
                 cm = asyncio.timeout_at(limit)
-                watched = delay is not None and not hedge
-                if watched:
-                    self._watch(cm, start + (delay or 0.0))
+                watcher = None if hedge else race
+                if watcher is not None:
+                    watcher.watch(cm, start)
                 try:
                     async with cm:
                         response = await self.llm.complete(self.request)
                 except TimeoutError:
                     if not cm.expired():
                         raise  # the model itself raised TimeoutError: not ours
-                    raise self._expired(cm, limit) from None
+                    if watcher is not None and watcher.beaten(cm):
+                        raise HedgeWon from None
+                    raise _timed_out(self, limit == self.deadline) from None
                 finally:
-                    if watched:
-                        self.lane.hedger.unwatch(self)
-                        self.cm = None
-        except (asyncio.CancelledError, _HedgeWon):
+                    if watcher is not None:
+                        watcher.unwatch()
+        except (asyncio.CancelledError, HedgeWon):
             self.attempts.append(
                 Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
             )
             raise
         except BaseException as exc:
+            # 4a. A failure: recorded, and counted by the breaker; run() decides what next.
             failure = exc
-            end = loop.time()
-            service = self._service(end - start, None)
-            self.attempts.append(
-                Attempt(
-                    number, start, end, status_of(exc), exc, hedge, wait_before, service=service
-                )
-            )
+            self._attempt_ended(number, start, hedge, wait_before, None, exc)
             if breaker is not None:
-                breaker.failed(self.request, exc, number, end, self)
+                breaker.failed(self.request, exc, number, loop.time(), self)
             raise
         finally:
+            # 5. The admission goes back: the lane learns from the outcome and settles
+            # its reservation, the budget is charged, the pattern's gate is released.
             self._leave(permit, reserved, start, response, failure)
-        end = loop.time()
-        service = self._service(end - start, response)
-        self.attempts.append(
-            Attempt(number, start, end, Status.SUCCEEDED, None, hedge, wait_before, service=service)
-        )
-        log_succeeded(self._who, number, end - start)
+        # 4b. A success: recorded; it closes what the breaker had counted.
+        self._attempt_ended(number, start, hedge, wait_before, response, None)
         if breaker is not None and breaker.active:
             breaker.succeeded(self.request)
         return response
+
+    def _attempt_ended(
+        self,
+        number: int,
+        start: float,
+        hedge: bool,
+        wait_before: float,
+        response: Response | None,
+        error: BaseException | None,
+    ) -> None:
+        """Record an attempt that got an answer or an error, with the model's time on
+        it (``Attempt.service``): what the reply says, or the round trip where the
+        handle's round trip is all work; else unknown."""
+        end = self.loop.time()
+        service = None if response is None else response.service_time
+        if service is None and getattr(self.llm, "round_trip_is_work", True):
+            service = end - start
+        if error is None:
+            status = Status.SUCCEEDED
+            log_succeeded(self._who, number, end - start)
+        else:
+            status = status_of(error)
+        self.attempts.append(
+            Attempt(number, start, end, status, error, hedge, wait_before, service=service)
+        )
 
     async def _admit_by_deadline(
         self, number: int, hedge: bool, wait_before: float
@@ -431,17 +392,7 @@ class _Call(Generic[T]):
                 return await self._admit()
         except TimeoutError:
             now = self.loop.time()
-            if self.lane.metered or self.opts.budget is not None:
-                error = CallTimeout(
-                    f"{self._who()} was still waiting for admission (a concurrency "
-                    "slot, its turn under the rate limits, or budget) when the deadline "
-                    "passed; raise the deadline, or expect the limits to take longer",
-                )
-            else:
-                error = CallTimeout(
-                    f"{self._who()} was still waiting for a concurrency slot when the "
-                    "deadline passed; raise the deadline or the concurrency",
-                )
+            error = _late_admission(self._who(), self.lane.metered or self.opts.budget is not None)
             self.attempts.append(
                 Attempt(number, now, now, Status.TIMED_OUT, error, hedge, wait_before)
             )
@@ -469,26 +420,6 @@ class _Call(Generic[T]):
             limit = deadline
         return limit
 
-    def _watch(self, cm: asyncio.Timeout, due: float) -> None:
-        """The hedging policy: a duplicate if this attempt is still running at ``due``;
-        if the duplicate wins, it expires this attempt's timeout (asyncio's own
-        race-free cancellation)."""
-        self.cm = cm
-        self.lane.hedger.watch(self, due)
-
-    def _expired(self, cm: asyncio.Timeout, limit: float | None) -> BaseException:
-        """What an attempt whose timeout expired raises: the hedge won, or it timed out."""
-        if self.won is not None and cm is self.cm:
-            return _HedgeWon()
-        return self._timeout_error(limit == self.deadline)
-
-    def _service(self, duration: float, response: Response | None) -> float | None:
-        """The model's time on an attempt (``Attempt.service``): what the reply says, or
-        the round trip where the handle's round trip is all work; else unknown."""
-        if response is not None and response.service_time is not None:
-            return response.service_time
-        return duration if getattr(self.llm, "round_trip_is_work", True) else None
-
     def _unsent(self, permit: Permit | None, reserved: float | None, admitted: float) -> None:
         """Give back an admission (made at ``admitted``) that was not used: nothing
         sent, nothing spent."""
@@ -506,66 +437,13 @@ class _Call(Generic[T]):
             return "the call" if label is None else f"the {label!r} call"
         return f"item {index}" if label is None else f"item {index} ({label})"
 
-    def _timeout_error(self, by_deadline: bool) -> CallTimeout:
-        if by_deadline:
-            return CallTimeout(
-                f"{self._who()} did not finish before the deadline; raise deadline= "
-                "or lower the work per call",
-            )
-        return CallTimeout(
-            f"{self._who()}: attempt {self.number} got no answer within "
-            f"{self.timeout:g} s; raise timeout= if the model is just slow",
-            timeout=self.timeout,
-        )
-
-    async def hedged(self, hedge_after: float, wait_before: float) -> Response:
-        """Run an attempt; if it has not answered ``hedge_after`` seconds after it was
-        sent, start a duplicate. The first success wins; the other is cancelled."""
-        # Every task started here is kept and awaited before this returns (structured,
-        # as a task group would; a group cannot be used because one attempt's failure
-        # must not cancel the other).
-        loop = self.loop
-        sent = asyncio.Event()
-        primary = loop.create_task(self.attempt(hedge=False, wait_before=wait_before, sent=sent))
-        tasks: set[asyncio.Task[Response]] = {primary}
-        try:
-            waiter = loop.create_task(sent.wait())
-            try:
-                await asyncio.wait({primary, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                await asyncio.gather(waiter, return_exceptions=True)
-            if not primary.done():
-                await asyncio.wait({primary}, timeout=hedge_after)
-            if primary.done():
-                return primary.result()
-            tasks.add(loop.create_task(self.attempt(hedge=True, wait_before=0.0)))
-            last_error: BaseException | None = None
-            pending = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    error = task.exception()
-                    if error is None:
-                        return task.result()
-                    last_error = error
-            assert last_error is not None
-            raise last_error
-        finally:
-            for task in tasks:
-                task.cancel()
-            # Wait for the loser to stop; its outcome is already in the attempts. (gather
-            # still propagates a cancellation of this task itself.)
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     # -- the whole call -------------------------------------------------------------
 
     async def run(self, parse: Callable[[Response], T] | None) -> CallRecord[T]:
         """The call's attempts until one succeeds or the retry policy, the deadline or
         the breaker ends it; its record, emitted as ``CallEnded``."""
         loop = self.loop
-        policy, hedger = self._policies()
-        hedge_after = self.opts.hedge_after
+        hedger = _hedger(self)
         start = loop.time()
         if self.hooks:
             emit(self.hooks, CallStarted(start, self.request, self.index, self.label, self.llm))
@@ -588,14 +466,14 @@ class _Call(Generic[T]):
                     break
             seen = self.lane.successes
             try:
-                if hedge_after is not None:
-                    response = await self.hedged(hedge_after, wait_before)
-                elif hedger is not None:
+                delay = self.opts.hedge_after
+                if hedger is not None:
                     hedger.calls += 1
-                    self.hedge_delay = hedger.delay()
-                    response = await self._policy_attempt(wait_before)
-                else:
+                    delay = hedger.delay()
+                if delay is None:
                     response = await self.attempt(hedge=False, wait_before=wait_before)
+                else:
+                    response = await Race(self, delay, hedger, loop).run(wait_before)
             except asyncio.CancelledError:
                 raise
             except CircuitOpen as exc:  # stopped once admitted: this attempt was not made
@@ -604,202 +482,28 @@ class _Call(Generic[T]):
                 break
             except Exception as exc:
                 error = exc
-                wait = self._wait_after(exc, policy, seen, called)
+                wait = _verdict(self, exc, seen, called).wait
                 log_attempt_failed(self._who, self.number, exc, wait)
                 if self.hooks:
-                    emit(self.hooks, self._attempt_failed(exc, wait))
+                    emit(
+                        self.hooks,
+                        AttemptFailed(
+                            loop.time(),
+                            self.request,
+                            self.index,
+                            self.label,
+                            self.number,
+                            exc,
+                            wait,
+                        ),
+                    )
                 if wait is None:
                     break
                 wait_before = wait
                 await asyncio.sleep(wait)
                 continue
-            return self._finish(start, response, parse)
-        return self._failed(error, start)
-
-    def _policies(self) -> tuple[RetryPolicy, Hedger | None]:
-        """The retry policy (the pattern's, else the handle's) and the hedger of the
-        handle's hedging policy (None: no hedging, or ``hedge_after`` instead)."""
-        policy = self.opts.retry
-        handle = self.handle
-        if policy is None:
-            policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
-        if self.opts.hedge_after is not None or handle is None:
-            return policy, None
-        hedge = policy.hedge if policy.hedge is not None else handle.hedges
-        return policy, self.lane.hedger if hedge else None
-
-    def _attempt_failed(self, exc: Exception, wait: float | None) -> AttemptFailed:
-        return AttemptFailed(
-            self.loop.time(), self.request, self.index, self.label, self.number, exc, wait
-        )
-
-    def _failed(self, error: BaseException, start: float) -> CallRecord[T]:
-        """The record of a call that ended without a success."""
-        record: CallRecord[T] = CallRecord(
-            status=status_of(error),
-            request=self.request,
-            error=error,
-            attempts=self._ordered_attempts(),
-            start=start,
-            end=self.loop.time(),
-            label=self.label,
-            index=self.index,
-        )
-        if self.hooks:
-            emit(self.hooks, CallEnded(record.end or start, record))
-        return record
-
-    async def _policy_attempt(self, wait_before: float) -> Response:
-        """An attempt under the hedging policy: the first success of it and its
-        duplicate (if :meth:`spawn_hedge` started one) wins."""
-        self._clear_hedge()
-        try:
-            response = await self.attempt(hedge=False, wait_before=wait_before)
-        except _HedgeWon:
-            assert self.won is not None
-            return self.won
-        except Exception:
-            task = self.hedge_task
-            if task is None:
-                raise
-            won = await task  # the duplicate may still succeed
-            if won is None:
-                raise
-            return won
-        finally:
-            task = self.hedge_task
-            if task is not None and not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        return response
-
-    def _clear_hedge(self) -> None:
-        self.won = None
-        self.hedge_task = None
-
-    def spawn_hedge(self) -> None:
-        """The attempt is slower than the handle's hedging delay: start a duplicate,
-        if the policy's cap allows one."""
-        if self.cm is None or not self.lane.hedger.allow():
-            return
-        self.hedge_task = self.loop.create_task(self._hedge())
-
-    async def _hedge(self) -> Response | None:
-        try:
-            response = await self.attempt(hedge=True, wait_before=0.0)
-        except Exception:
-            return None  # recorded in the attempts; the first attempt goes on
-        self.won = response
-        cm = self.cm
-        if cm is not None and not cm.expired():
-            cm.reschedule(self.loop.time())  # stop the first attempt: the duplicate won
-        return response
-
-    def _wait_after(
-        self, exc: Exception, policy: RetryPolicy, seen: int, called: int
-    ) -> float | None:
-        """How long to wait before the next attempt after ``exc`` (None: stop now).
-
-        A 429/529 of the handle's own load (:func:`_own_load`; ``seen``: the handle's
-        successes when this attempt began) is requeued without using up an attempt (at
-        most ``MAX_REQUEUES``); any other uses one up (a 429 may go to the breaker:
-        :func:`_report_refusal`).
-        A 5xx in a batch's tail may go again at once (``called``: the handle's successes
-        when this call began; :meth:`_tail_retry`).
-        A Retry-After is waited exactly, never longer, and at most ``policy.max_wait``;
-        without a usable one, the backoff. The reason goes into the attempt's ``note``
-        when the wait is not simply what the server asked.
-        """
-        if not is_retryable(exc):
-            return None
-        overload = isinstance(exc, RateLimited | Overloaded)
-        if overload and self.requeues < MAX_REQUEUES and _own_load(self.lane, seen):
-            self.requeues += 1
-            self._annotate(requeued=True)
-        else:
-            if self.breaker is not None and isinstance(exc, RateLimited):
-                _report_refusal(self.breaker, self.lane, exc, self.loop.time())
-            if len(self._tries()) >= policy.attempts:
-                return None
-        asked = exc.retry_after if isinstance(exc, ProviderError) else None
-        note = None
-        if overload and asked is not None and asked > 0:
-            wait = asked  # the server said when: no more, no less
-        elif self._tail_retry(exc, asked, called):
-            wait = 0.0
-            note = TAIL_RETRY_NOTE
-        else:
-            wait = policy.backoff(max(1, len(self._tries())), asked)
-            if overload:
-                note = (
-                    f"no usable Retry-After (missing, zero, negative, a past date or "
-                    f"unreadable): waited {wait:.3g} s (backoff)"
-                )
-        if wait > policy.max_wait and asked is not None and asked > policy.max_wait:
-            note = (
-                f"the server asked to wait {asked:g} s (Retry-After); waited "
-                f"{policy.max_wait:g} s, the retry policy's max_wait"
-            )
-            wait = policy.max_wait
-        deadline = self.deadline
-        if deadline is not None and self.loop.time() + wait >= deadline:
-            self._annotate(note=f"the deadline would pass during the {wait:.3g} s wait: stopped")
-            return None
-        if note is not None:
-            self._annotate(note=note)
-        return wait
-
-    def _tail_retry(self, exc: Exception, asked: float | None, called: int) -> bool:
-        """Whether a 5xx is retried at once, without backoff (decision 0151).
-
-        Only in a batch's tail: the error is a plain 5xx (not a 429/529 overload) with
-        no Retry-After, other calls of the handle succeeded since this call began (the
-        server is up: this error is the item's bad luck, not an outage), and either the
-        batch has handed out its last item (decision 0157: from then on the load only
-        falls, and the retry waits for a slot like any call) or there are free slots
-        nobody waits for, both in the pattern's gate and in the handle's lane (so the
-        retry only takes load the server was carrying a moment ago). Mid-batch, where
-        slots are contended, and against a failing server, the backoff stands.
-        """
-        if not TAIL_RETRY or type(exc) is not ServerError or asked is not None:
-            return False
-        lane = self.lane
-        if lane.successes <= called:
-            return False
-        tail = self.opts.tail
-        if tail is not None and tail.draining:
-            return True
-        if not lane.gate.idle():
-            return False
-        gate = self.opts.gate
-        return gate is None or gate.idle()
-
-    def _annotate(self, *, requeued: bool | None = None, note: str | None = None) -> None:
-        """Mark the attempt that just failed (the latest one that was not a hedge)."""
-        for i in range(len(self.attempts) - 1, -1, -1):
-            a = self.attempts[i]
-            if not a.hedge:
-                changes: dict[str, Any] = {}
-                if requeued is not None:
-                    changes["requeued"] = requeued
-                if note is not None:
-                    changes["note"] = note
-                self.attempts[i] = dataclasses.replace(a, **changes)
-                return
-
-    def _cost(self, response: Response) -> Cost | None:
-        """The response's usage at the model's price (None: unknown); a response that
-        carries its own cost (a batch line) keeps it."""
-        usage = response.usage
-        if usage is None or usage.total_tokens <= 0:
-            return None if response.cost is None else Cost(response.cost)
-        price = price_of(response.model or self.request.model, self.opts.prices)
-        if price is None:
-            return None if response.cost is None else Cost(response.cost)
-        cost = priced(usage, price, batch=batch_info(response.extra) is not None)
-        if response.cost is not None:
-            return Cost(response.cost, cost.cache_saved, cost.estimated)
-        return cost
+            return _succeeded(self, start, response, parse)
+        return _ended(self, error, start)
 
     def _ordered_attempts(self) -> tuple[Attempt, ...]:
         # Attempts are appended as they end; a record lists them as they were started.
@@ -811,62 +515,210 @@ class _Call(Generic[T]):
         """Attempts that count against the retry budget (hedges and requeues do not)."""
         return [a for a in self.attempts if not a.hedge and not a.requeued]
 
-    def _finish(
-        self, start: float, response: Response, parse: Callable[[Response], T] | None
-    ) -> CallRecord[T]:
-        end = self.loop.time()
-        status = Status.SUCCEEDED
-        value: Any = response
-        error: BaseException | None = None
-        if parse is not None:
-            try:
-                value = parse(response)
-            except Exception as exc:
-                status, value = Status.FAILED, None
-                error = ParseError(
-                    f"{self._who()}: the model answered but its reply could not be used: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-                error.__cause__ = exc
-        usage = response.usage if response.usage is not None else Usage()
-        cost = self._cost(response)
-        record: CallRecord[T] = CallRecord(
-            status=status,
-            request=self.request,
-            value=value,
-            error=error,
-            attempts=self._ordered_attempts(),
-            start=start,
-            end=end,
-            usage=usage,
-            cost=None if cost is None else cost.dollars,
-            label=self.label,
-            index=self.index,
-            response=response,
-            cache_saved=cost.cache_saved if cost is not None and _uses_cache(usage) else None,
-            cost_estimated=cost is not None and cost.estimated,
+
+def _verdict(call: _Call[Any], exc: Exception, sent_at: int, called: int) -> Verdict:
+    """Decide what follows ``exc`` (:func:`fanflow._decide.decide`) and apply what
+    the verdict says besides the wait: the breaker hears of a refusal, the attempt
+    is marked requeued and annotated. ``sent_at`` and ``called``: the handle's
+    successes when this attempt and this call began."""
+    lane = call.lane
+    tail = call.opts.tail
+    gate = call.opts.gate
+    deadline = call.deadline
+    seen = Seen(
+        tries=len(call._tries()),
+        requeues=call.requeues,
+        succeeded_since_sent=lane.successes > sent_at,
+        accepted_in_flight=lane.in_flight > 0 and lane.accepted_in_flight,
+        alone_unanswered=lane.in_flight == 0 and not lane.answered,
+        succeeded_since_call=lane.successes > called,
+        draining=tail is not None and tail.draining,
+        idle=lane.gate.idle() and (gate is None or gate.idle()),
+        time_left=None if deadline is None else deadline - call.loop.time(),
+    )
+    verdict = decide(exc, seen, _policy(call))
+    if verdict.refused and call.breaker is not None:
+        assert isinstance(exc, RateLimited)
+        call.breaker.refused(exc, call.loop.time())
+    if verdict.requeued:
+        call.requeues += 1
+    if verdict.requeued or verdict.note is not None:
+        _annotate(call.attempts, requeued=verdict.requeued or None, note=verdict.note)
+    return verdict
+
+
+def _policy(call: _Call[Any]) -> RetryPolicy:
+    """The retry policy: the pattern's, else the handle's, else the default."""
+    policy = call.opts.retry
+    if policy is None:
+        handle = call.handle
+        policy = handle.retry if handle is not None and handle.retry else DEFAULT_RETRY
+    return policy
+
+
+def _hedger(call: _Call[Any]) -> Hedger | None:
+    """The hedger of the handle's hedging policy (None: no hedging, or
+    ``hedge_after`` instead)."""
+    handle = call.handle
+    if handle is None or call.opts.hedge_after is not None:
+        return None
+    policy = call.opts.retry or handle.retry
+    hedge = policy.hedge if policy is not None and policy.hedge is not None else handle.hedges
+    return call.lane.hedger if hedge else None
+
+
+def _succeeded(
+    call: _Call[T], start: float, response: Response, parse: Callable[[Response], T] | None
+) -> CallRecord[T]:
+    """The record of a call that got an answer (failed if ``parse`` raises), emitted."""
+    end = call.loop.time()
+    status = Status.SUCCEEDED
+    value: Any = response
+    error: BaseException | None = None
+    if parse is not None:
+        try:
+            value = parse(response)
+        except Exception as exc:
+            status, value = Status.FAILED, None
+            error = ParseError(
+                f"{call._who()}: the model answered but its reply could not be used: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+    usage = response.usage if response.usage is not None else Usage()
+    cost = _cost_of(response, call.request.model, call.opts.prices)
+    record: CallRecord[T] = CallRecord(
+        status=status,
+        request=call.request,
+        value=value,
+        error=error,
+        attempts=call._ordered_attempts(),
+        start=start,
+        end=end,
+        usage=usage,
+        cost=None if cost is None else cost.dollars,
+        label=call.label,
+        index=call.index,
+        response=response,
+        cache_saved=cost.cache_saved if cost is not None and _uses_cache(usage) else None,
+        cost_estimated=cost is not None and cost.estimated,
+    )
+    if call.hooks:
+        emit(call.hooks, CallEnded(end, record))
+    return record
+
+
+def _ended(call: _Call[T], error: BaseException, start: float) -> CallRecord[T]:
+    """The record of a call that ended without a success, emitted."""
+    record: CallRecord[T] = CallRecord(
+        status=status_of(error),
+        request=call.request,
+        error=error,
+        attempts=call._ordered_attempts(),
+        start=start,
+        end=call.loop.time(),
+        label=call.label,
+        index=call.index,
+    )
+    if call.hooks:
+        emit(call.hooks, CallEnded(record.end or start, record))
+    return record
+
+
+def _timed_out(call: _Call[Any], by_deadline: bool) -> CallTimeout:
+    """The error of an attempt cut off by its timeout or by the call's deadline."""
+    if by_deadline:
+        return CallTimeout(
+            f"{call._who()} did not finish before the deadline; raise deadline= "
+            "or lower the work per call",
         )
-        if self.hooks:
-            emit(self.hooks, CallEnded(end, record))
-        return record
+    return CallTimeout(
+        f"{call._who()}: attempt {call.number} got no answer within "
+        f"{call.timeout:g} s; raise timeout= if the model is just slow",
+        timeout=call.timeout,
+    )
 
 
-def _own_load(lane: Lane, seen: int) -> bool:
-    """Whether the 429/529 that just came back was caused by the handle's own load
-    (decision 0165): another call succeeded while it was out (``seen``: the handle's
-    successes when it was sent), or a call that was in flight when the server first
-    refused (since the last success) is still in flight: a refusal comes back in one
-    round trip, so the server took that call and is full. A server refusing everything
-    keeps no call, so there each refusal uses up an attempt."""
-    return lane.successes > seen or (lane.in_flight > 0 and lane.accepted_in_flight)
+def _charge(
+    budget: Budget,
+    request: Request,
+    estimate: Callable[[], tuple[int, int]],
+    reserved: float,
+    response: Response | None,
+    error: BaseException | None,
+) -> None:
+    """Settle a budget reservation for an attempt that was sent: what the reply says it
+    used, the prompt alone for an error the server answered, else the reservation."""
+    usage = response.usage if response is not None else None
+    if usage is not None and usage.total_tokens > 0:
+        model = response.model if response is not None and response.model else None
+        try:
+            batch = response is not None and batch_info(response.extra) is not None
+            actual = budget.amount(
+                model or request.model,
+                usage.input_tokens,
+                usage.output_tokens,
+                batch=batch,
+                cached=usage.cached_input_tokens,
+                written=usage.cache_write_input_tokens,
+                written_1h=usage.cache_write_1h_input_tokens,
+            )
+        except BudgetExceeded:  # the reply names a model we have no price for
+            actual = reserved
+    elif response is None and error is not None and not isinstance(error, CallTimeout):
+        # The server answered with an error: it read the prompt, not a reply.
+        input_tokens, _ = estimate()
+        actual = budget.amount(request.model, input_tokens, 0)
+    else:
+        actual = reserved  # cut off (timeout, cancelled) or no usage reported
+    budget.settle(reserved, actual)
 
 
-def _report_refusal(breaker: Breaker, lane: Lane, exc: RateLimited, now: float) -> None:
-    """A 429 not of the handle's own load: the breaker counts it if the call was alone
-    in flight and no call of the handle has succeeded (three trip it: the limit may be
-    0 for this key or model)."""
-    if lane.in_flight == 0 and not lane.answered:
-        breaker.refused(exc, now)
+def _cost_of(
+    response: Response, model: str | None, prices: Mapping[str, Price] | None
+) -> Cost | None:
+    """The response's usage at its model's price (None: unknown); a response that
+    carries its own cost (a batch line) keeps it."""
+    usage = response.usage
+    if usage is None or usage.total_tokens <= 0:
+        return None if response.cost is None else Cost(response.cost)
+    price = price_of(response.model or model, prices)
+    if price is None:
+        return None if response.cost is None else Cost(response.cost)
+    cost = priced(usage, price, batch=batch_info(response.extra) is not None)
+    if response.cost is not None:
+        return Cost(response.cost, cost.cache_saved, cost.estimated)
+    return cost
+
+
+def _annotate(
+    attempts: list[Attempt], *, requeued: bool | None = None, note: str | None = None
+) -> None:
+    """Mark the attempt that just failed (the latest one that was not a hedge)."""
+    for i in range(len(attempts) - 1, -1, -1):
+        a = attempts[i]
+        if not a.hedge:
+            changes: dict[str, Any] = {}
+            if requeued is not None:
+                changes["requeued"] = requeued
+            if note is not None:
+                changes["note"] = note
+            attempts[i] = dataclasses.replace(a, **changes)
+            return
+
+
+def _late_admission(who: str, metered: bool) -> CallTimeout:
+    """The error of a call still waiting for admission at its deadline."""
+    if metered:
+        return CallTimeout(
+            f"{who} was still waiting for admission (a concurrency slot, its turn under "
+            "the rate limits, or budget) when the deadline passed; raise the deadline, or "
+            "expect the limits to take longer",
+        )
+    return CallTimeout(
+        f"{who} was still waiting for a concurrency slot when the deadline passed; "
+        "raise the deadline or the concurrency",
+    )
 
 
 def execute(

@@ -1,4 +1,8 @@
-"""The hedging policy's measurements: when a duplicate attempt is worth sending.
+"""Hedging: a duplicate attempt races one that is slow, and the first success wins.
+
+:class:`Race` is the one mechanism, for a pattern's ``hedge_after`` and for the hedging
+policy alike; :class:`Hedger` holds the policy's measurements: when a duplicate is worth
+sending.
 
 "The Tail at Scale" (Dean and Barroso, CACM 2013): send a second copy of a request once
 the first has been outstanding longer than a high quantile of the latencies seen, and
@@ -17,7 +21,9 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-__all__ = ["HEDGE_EXTRA", "HEDGE_QUANTILE", "Hedger", "Watched"]
+from ._types import Response
+
+__all__ = ["HEDGE_EXTRA", "HEDGE_QUANTILE", "HedgeWon", "Hedger", "Race", "Racer", "Watched"]
 
 # A duplicate goes once an attempt is slower than this quantile of the handle's recent
 # successful attempts, and never before this multiple of their median.
@@ -120,3 +126,107 @@ def hedge_delay(latencies: list[float]) -> float | None:
     high = ordered[min(n - 1, int(HEDGE_QUANTILE * n))]
     median = ordered[n // 2]
     return max(high, HEDGE_MEDIAN_FACTOR * median, HEDGE_MIN_DELAY)
+
+
+class HedgeWon(Exception):
+    """Raised in an attempt that lost the race to its duplicate (never leaves the engine)."""
+
+
+class Racer(Protocol):
+    """A call whose attempts may race a duplicate (the engine's)."""
+
+    race: Race | None
+
+    async def attempt(self, *, hedge: bool, wait_before: float) -> Response: ...
+
+
+class Race:
+    """One attempt raced by a duplicate started ``delay`` seconds after it was sent.
+
+    The attempt runs inline in the call's task and, while it is sent, is watched: by a
+    timer of its own (``hedge_after``), or by the policy's :class:`Hedger` (one timer for
+    every attempt, and a cap on duplicates). A duplicate runs in a task. The first
+    success wins: a duplicate that wins expires the attempt's timeout (asyncio's own
+    race-free cancellation), which then raises :class:`HedgeWon`; an attempt that wins
+    cancels the duplicate. When both fail, the attempt's error stands.
+    """
+
+    __slots__ = ("call", "cm", "delay", "hedger", "loop", "task", "timer", "won")
+
+    def __init__(
+        self, call: Racer, delay: float, hedger: Hedger | None, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.call = call
+        self.delay = delay
+        self.hedger = hedger  # None: ``hedge_after`` (no cap, a timer of its own)
+        self.loop = loop
+        self.cm: asyncio.Timeout | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[Response | None] | None = None
+        self.won: Response | None = None
+
+    async def run(self, wait_before: float) -> Response:
+        """The attempt, or its duplicate's answer if that came first."""
+        call = self.call
+        call.race = self
+        try:
+            return await call.attempt(hedge=False, wait_before=wait_before)
+        except HedgeWon:
+            assert self.won is not None
+            return self.won
+        except Exception:
+            task = self.task
+            if task is None:
+                raise
+            won = await task  # the duplicate may still succeed
+            if won is None:
+                raise
+            return won
+        finally:
+            call.race = None
+            task = self.task
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def watch(self, cm: asyncio.Timeout, start: float) -> None:
+        """The attempt was sent at ``start`` under ``cm``: a duplicate if it is still
+        running ``delay`` seconds later."""
+        self.cm = cm
+        due = start + self.delay
+        if self.hedger is None:
+            self.timer = self.loop.call_at(due, self.spawn_hedge)
+        else:
+            self.hedger.watch(self, due)
+
+    def unwatch(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        elif self.hedger is not None:
+            self.hedger.unwatch(self)
+        self.cm = None
+
+    def beaten(self, cm: asyncio.Timeout) -> bool:
+        """Whether ``cm`` expired because the duplicate won."""
+        return self.won is not None and cm is self.cm
+
+    def spawn_hedge(self) -> None:
+        """The attempt is slower than the delay: start a duplicate (under the policy, if
+        its cap allows one)."""
+        if self.cm is None or self.task is not None:
+            return
+        if self.hedger is not None and not self.hedger.allow():
+            return
+        self.task = self.loop.create_task(self._duplicate())
+
+    async def _duplicate(self) -> Response | None:
+        try:
+            response = await self.call.attempt(hedge=True, wait_before=0.0)
+        except Exception:
+            return None  # recorded in the attempts; the first attempt goes on
+        self.won = response
+        cm = self.cm
+        if cm is not None and not cm.expired():
+            cm.reschedule(self.loop.time())  # stop the first attempt: the duplicate won
+        return response

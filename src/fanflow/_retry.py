@@ -6,7 +6,8 @@ random generator and sleeps through the event loop, so virtual time applies.
 
 Full jitter ("Exponential Backoff And Jitter", AWS Architecture Blog, 2015): the wait
 before retry *n* is uniform in ``[0, min(max_wait, initial * multiplier ** (n - 1))]``.
-A server's Retry-After is a floor: we never retry sooner than it says.
+What follows a failure (whether to retry, and a server's Retry-After, which the engine
+waits exactly) is decided in :mod:`fanflow._decide`; this module is the backoff alone.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def compute_backoff(
         max_wait: the cap on the ceiling.
         jitter: a number in [0, 1) drawn by the caller (full jitter), or None for the
             ceiling itself (no jitter).
-        retry_after: seconds the server asked for; the result is never below it.
+        retry_after: seconds the server asked for; the result is never below it (for
+            callers of their own: the engine waits a Retry-After exactly instead).
 
     Returns:
         The wait in seconds.

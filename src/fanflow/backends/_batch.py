@@ -42,13 +42,13 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
 from .._batchinfo import batch_extra
+from .._decide import Seen, decide
 from .._events import observing
 from .._exceptions import (
     BadRequest,
     ConfigError,
     NotFound,
     ProviderError,
-    is_retryable,
 )
 from .._llm import LLM
 from .._retry import DEFAULT_RETRY
@@ -200,6 +200,49 @@ class _Entry:
     wire: str = ""  # the line's custom_id
 
 
+class _Pending:
+    """The requests collected for the next batch: their entries by cache key, the bytes
+    of their lines and the custom_ids the lines carry."""
+
+    __slots__ = ("entries", "ids", "size")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _Entry] = {}
+        self.size = 0
+        self.ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: _Entry) -> _Entry:
+        self.entries[entry.key] = entry
+        self.size += len(entry.line) + 1
+        self.ids.add(entry.wire)
+        return entry
+
+    def drop(self, key: str, fut: asyncio.Future[BatchLine | None]) -> bool:
+        """Forget a waiter that was cancelled; whether its entry went with it (no
+        waiter left)."""
+        entry = self.entries.get(key)
+        if entry is None or fut not in entry.futures:
+            return False
+        entry.futures.remove(fut)
+        if entry.futures:
+            return False
+        del self.entries[key]
+        self.size -= len(entry.line) + 1
+        self.ids.discard(entry.wire)
+        return True
+
+    def take(self) -> list[_Entry]:
+        """Every entry, in the order they came; none is left."""
+        entries = list(self.entries.values())
+        self.entries.clear()
+        self.size = 0
+        self.ids.clear()
+        return entries
+
+
 @dataclass
 class QueueStatistics:
     """What a :class:`BatchQueue` did."""
@@ -237,9 +280,7 @@ class BatchQueue:
         self.retry_attempts = retry_attempts
         self.stats = QueueStatistics()
         self.switched = False
-        self._pending: dict[str, _Entry] = {}
-        self._pending_bytes = 0
-        self._pending_ids: set[str] = set()  # the custom_ids of the pending lines
+        self._pending = _Pending()
         # Cache key -> the user's custom_id its line carries (where it is not the key).
         self._wire: dict[str, str] = {}
         self._waiting: dict[str, dict[str, list[asyncio.Future[BatchLine | None]]]] = {}
@@ -262,7 +303,7 @@ class BatchQueue:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for entry in self._pending.values():
+        for entry in self._pending.entries.values():
             for fut in entry.futures:
                 fut.cancel()
 
@@ -315,39 +356,24 @@ class BatchQueue:
         try:
             return await fut
         except asyncio.CancelledError:
-            if key in self._pending and fut in self._pending[key].futures:
-                self._pending[key].futures.remove(fut)
-                if not self._pending[key].futures:
-                    gone = self._pending.pop(key)
-                    self._pending_bytes -= len(gone.line) + 1
-                    self._pending_ids.discard(gone.wire)
-                    self._wire.pop(key, None)
+            if self._pending.drop(key, fut):
+                self._wire.pop(key, None)
             raise
 
     def _enqueue(
         self, key: str, request: Request, futures: list[asyncio.Future[BatchLine | None]]
     ) -> BatchLine | None:
         """Add ``request`` to the next batch (its line, if it is too large for one)."""
-        entry = self._pending.get(key)
+        entry = self._pending.entries.get(key)
         if entry is None:
             wire = self._wire_id(key, request)
             line = self.api.line(wire, request)
             if len(line) + self.api.line_overhead > self.max_bytes:
-                return BatchLine(
-                    key,
-                    "errored",
-                    error=BadRequest(
-                        f"{self.api.provider}: the request is {len(line):,} bytes as a batch "
-                        f"line, more than a batch may hold ({self.max_bytes:,} bytes); shorten "
-                        "it or send it with mode='realtime'"
-                    ),
-                )
+                return _too_large(self.api.provider, key, len(line), self.max_bytes)
             tokens = sum(request_tokens(request))
-            entry = self._pending[key] = _Entry(key, line, tokens=tokens, wire=wire)
-            self._pending_bytes += len(line) + 1
-            self._pending_ids.add(wire)
+            entry = self._pending.add(_Entry(key, line, tokens=tokens, wire=wire))
         entry.futures.extend(futures)
-        if len(self._pending) >= self.max_requests or self._pending_bytes >= self.max_bytes:
+        if len(self._pending) >= self.max_requests or self._pending.size >= self.max_bytes:
             self._flush_now()
         elif self._flush is None:
             loop = asyncio.get_running_loop()
@@ -358,7 +384,7 @@ class BatchQueue:
         """The custom_id of ``request``'s line: the user's where it has one no other
         pending line carries (ids are unique within a batch), else the cache key."""
         wanted = users_id(self.api, request)
-        if wanted is None or wanted in self._pending_ids:
+        if wanted is None or wanted in self._pending.ids:
             self._wire.pop(key, None)
             return key
         self._wire[key] = wanted
@@ -368,10 +394,7 @@ class BatchQueue:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        entries = list(self._pending.values())
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._pending_ids.clear()
+        entries = self._pending.take()
         chunk: list[_Entry] = []
         size = 0
         for entry in entries:
@@ -384,49 +407,6 @@ class BatchQueue:
         if chunk:
             self._spawn(self._run(chunk))
 
-    async def _control(
-        self, what: str, call: Callable[[], Awaitable[T]], batch_id: str | None = None
-    ) -> T:
-        """A control call (poll, results, cancel, find), retried on transient errors."""
-        policy = self.api.llm.retry or DEFAULT_RETRY
-        number = 0
-        while True:
-            number += 1
-            try:
-                with observing(what, self.api.provider, batch_id):
-                    return await call()
-            except ProviderError as exc:
-                if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
-                    raise
-                wait = policy.backoff(number, exc.retry_after)
-                log.info("fanflow: %s failed (%s); retrying in %.1f s", what, exc, wait)
-                await asyncio.sleep(wait)
-
-    async def _create(self, lines: list[bytes], token: str) -> BatchState:
-        """Create a batch, retrying transient errors. Before a retry, a batch whose
-        create reply was lost is looked for by its token (OpenAI keeps metadata), so a
-        retry never submits the same requests twice where the API allows telling."""
-        metadata = {"fanflow_token": token}
-        policy = self.api.llm.retry or DEFAULT_RETRY
-        number = 0
-        while True:
-            number += 1
-            try:
-                with observing("submitting a batch", self.api.provider) as created:
-                    state = await self.api.submit(lines, metadata)
-                    created(state.id)
-                return state
-            except ProviderError as exc:
-                if not is_retryable(exc) or number >= max(policy.attempts, self.retry_attempts):
-                    raise
-                wait = policy.backoff(number, exc.retry_after)
-                log.info("fanflow: submitting a batch failed (%s); retrying in %.1f s", exc, wait)
-                await asyncio.sleep(wait)
-                with contextlib.suppress(ProviderError):
-                    found = await self.api.find(token)
-                    if found is not None:
-                        return found
-
     async def _run(self, entries: list[_Entry]) -> None:
         keys = [e.key for e in entries]
         waiting = {e.key: e.futures for e in entries}
@@ -437,7 +417,7 @@ class BatchQueue:
             # The intent first: a process killed while the batch is being created finds
             # it again by its token on restart (where the API keeps metadata).
             await self.journal.record_batch(intent, provider, keys)
-            state = await self._create([e.line for e in entries], token)
+            state = await _create(self.api, self.retry_attempts, [e.line for e in entries], token)
         except ProviderError as exc:
             await self.journal.settle_batch(intent, "not created", [], keys)
             line = BatchLine("", "errored", error=exc)
@@ -511,12 +491,8 @@ class BatchQueue:
                 )
                 await self._resubmit(batch_id)
                 return
-        except ProviderError as exc:
+        except Exception as exc:
             self._fail_batch(batch_id, exc)
-            return
-        except Exception as exc:  # a bug or a store error: fail the items, never hang them
-            self._polling.discard(batch_id)
-            _resolve(self._waiting.pop(batch_id, {}), _failed(self.api.provider, exc))
             return
         await self._follow(state)
 
@@ -532,25 +508,8 @@ class BatchQueue:
                 if not fut.done():
                     fut.set_result(too_large)
 
-    def _next_poll(self, state: BatchState, elapsed: float) -> float:
-        """Seconds to the next poll: a tenth of the time the batch has run, within
-        [poll, max_poll]; sooner if its progress says it is about to end."""
-        opts = self.options
-        wait = elapsed * 0.1
-        if 0 < state.done < state.total:
-            eta = (state.total - state.done) * elapsed / state.done
-            wait = min(wait, eta)
-        return min(max(wait, opts.poll), opts.max_poll)
-
     async def _follow(self, state: BatchState) -> None:
-        try:
-            await self._follow_to_end(state)
-        except Exception as exc:  # a bug or a store error: fail the items, never hang them
-            waiting = self._waiting.pop(state.id, {})
-            self._polling.discard(state.id)
-            _resolve(waiting, _failed(self.api.provider, exc))
-
-    async def _follow_to_end(self, state: BatchState) -> None:
+        """Poll a batch until it ends, then hand out its lines."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         batch_id = state.id
@@ -562,14 +521,13 @@ class BatchQueue:
                 state = await self._control(
                     "polling a batch", lambda: self.api.poll(batch_id), batch_id
                 )
-                wait = self._next_poll(state, loop.time() - start)
+                wait = _next_poll(self.options, state, loop.time() - start)
             lines = await self._control(
                 "reading batch results", lambda: self.api.results(state), batch_id
             )
-        except ProviderError as exc:
+            await self._settle(state, lines)
+        except Exception as exc:
             self._fail_batch(batch_id, exc)
-            return
-        await self._settle(state, lines)
 
     async def _settle(self, state: BatchState, lines: list[BatchLine]) -> None:
         batch_id = state.id
@@ -588,13 +546,8 @@ class BatchQueue:
                 len(unknown),
                 unknown[0],
             )
-        answered: list[tuple[str, str | None, Response]] = [
-            (k, None, line.response)
-            for k, line in by_key.items()
-            if line.kind == "succeeded" and line.response is not None and k not in unknown
-        ]
+        answered, unanswered = _answered(by_key, known, unknown)
         done_keys = {k for k, _, _ in answered}
-        unanswered = [k for k in known if k not in done_keys]
         late = len(done_keys - known) if self.switched else 0
         if late:  # answered by the batch after they had moved to real time: paid twice
             self.stats.answered_twice += late
@@ -607,23 +560,7 @@ class BatchQueue:
         # Answers are committed before they are handed out (promise 5).
         await self.journal.settle_batch(batch_id, state.status, answered, unanswered)
 
-        named = batch_extra(batch_id)  # a line's error names the batch it came from
-
-        def line_for(key: str) -> BatchLine:
-            line = by_key.get(key)
-            if line is not None:
-                error = line.error.with_extra(named) if line.error is not None else None
-                return replace(line, error=error, batch_id=batch_id)
-            if state.failed_reason is not None:
-                error = BadRequest(
-                    f"{self.api.provider}: batch {batch_id} failed: {state.failed_reason}",
-                    extra=named,
-                )
-                return BatchLine(key, "errored", error=error, batch_id=batch_id)
-            kind: Literal["expired", "canceled"] = (
-                "expired" if state.status == "expired" else "canceled"
-            )
-            return BatchLine(key, kind, batch_id=batch_id)
+        line_for = _lines_of(self.api.provider, state, by_key)
 
         def after_switch(key: str) -> BatchLine | None:
             line = line_for(key)
@@ -634,11 +571,19 @@ class BatchQueue:
 
         _resolve(waiting, after_switch if self.switched else line_for)
 
-    def _fail_batch(self, batch_id: str, error: ProviderError) -> None:
+    def _fail_batch(self, batch_id: str, error: Exception) -> None:
+        """Fail every request waiting for ``batch_id``, never leave them hanging: with
+        the provider's error, or (a bug, a store error) one saying the batch could not
+        be followed."""
         waiting = self._waiting.pop(batch_id, {})
         self._polling.discard(batch_id)
-        line = BatchLine("", "errored", error=error)
-        _resolve(waiting, lambda _key: line)
+        _resolve(waiting, _failed(self.api.provider, error))
+
+    def _control(
+        self, what: str, call: Callable[[], Awaitable[T]], batch_id: str | None = None
+    ) -> Awaitable[T]:
+        """A call to the batch endpoints, retried on transient errors (:func:`_retried`)."""
+        return _retried(self.api, self.retry_attempts, what, call, batch_id)
 
     # -- moving to real time ------------------------------------------------------
 
@@ -656,10 +601,7 @@ class BatchQueue:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        pending = {e.key: e.futures for e in self._pending.values()}
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._pending_ids.clear()
+        pending = {e.key: e.futures for e in self._pending.take()}
         _resolve(pending, lambda _key: None)
         self.stats.moved_to_realtime += len(pending)
         for batch_id in list(self._waiting):
@@ -687,6 +629,122 @@ class BatchQueue:
             await self._control("cancelling a batch", lambda: self.api.cancel(batch_id), batch_id)
         except ProviderError as exc:
             log.warning("fanflow: could not cancel batch %s: %s", batch_id, exc)
+
+
+async def _retried(
+    api: BatchAPI,
+    at_least: int,
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    batch_id: str | None = None,
+    *,
+    observe: bool = True,
+    recover: Callable[[], Awaitable[T | None]] | None = None,
+) -> T:
+    """A call to the batch endpoints, retried on transient errors as the engine's calls
+    are (:func:`fanflow._decide.decide`; never requeued, never a tail retry), with at
+    least ``at_least`` attempts.
+
+    ``observe``: wrap each try in the instrumentation's span (False: ``call`` does).
+    ``recover``: after each wait, what the lost try may have done anyway (not None:
+    that is the result)."""
+    policy = api.llm.retry or DEFAULT_RETRY
+    attempts = max(policy.attempts, at_least)
+    number = 0
+    while True:
+        number += 1
+        try:
+            if not observe:
+                return await call()
+            with observing(what, api.provider, batch_id):
+                return await call()
+        except ProviderError as exc:
+            wait = decide(exc, Seen(tries=number), policy, attempts=attempts).wait
+            if wait is None:
+                raise
+            log.info("fanflow: %s failed (%s); retrying in %.1f s", what, exc, wait)
+            await asyncio.sleep(wait)
+        if recover is not None:
+            with contextlib.suppress(ProviderError):
+                found = await recover()
+                if found is not None:
+                    return found
+
+
+async def _create(api: BatchAPI, at_least: int, lines: list[bytes], token: str) -> BatchState:
+    """Create a batch, retrying transient errors. Before a retry, a batch whose create
+    reply was lost is looked for by its token (OpenAI keeps metadata), so a retry never
+    submits the same requests twice where the API allows telling."""
+    metadata = {"fanflow_token": token}
+
+    async def submit() -> BatchState:
+        with observing("submitting a batch", api.provider) as created:
+            state = await api.submit(lines, metadata)
+            created(state.id)
+        return state
+
+    return await _retried(
+        api, at_least, "submitting a batch", submit, observe=False, recover=lambda: api.find(token)
+    )
+
+
+def _lines_of(
+    provider: str, state: BatchState, by_key: Mapping[str, BatchLine]
+) -> Callable[[str], BatchLine]:
+    """The line each request of an ended batch gets: its own result line (its error
+    naming the batch), else the batch's failure, else expired or canceled."""
+    batch_id = state.id
+    named = batch_extra(batch_id)
+
+    def line_for(key: str) -> BatchLine:
+        line = by_key.get(key)
+        if line is not None:
+            error = line.error.with_extra(named) if line.error is not None else None
+            return replace(line, error=error, batch_id=batch_id)
+        if state.failed_reason is not None:
+            error = BadRequest(
+                f"{provider}: batch {batch_id} failed: {state.failed_reason}", extra=named
+            )
+            return BatchLine(key, "errored", error=error, batch_id=batch_id)
+        kind: Literal["expired", "canceled"] = (
+            "expired" if state.status == "expired" else "canceled"
+        )
+        return BatchLine(key, kind, batch_id=batch_id)
+
+    return line_for
+
+
+def _next_poll(options: BatchOptions, state: BatchState, elapsed: float) -> float:
+    """Seconds to the next poll of a batch that has run ``elapsed`` seconds: a tenth of
+    that, within [poll, max_poll]; sooner if its progress says it is about to end."""
+    wait = elapsed * 0.1
+    if 0 < state.done < state.total:
+        eta = (state.total - state.done) * elapsed / state.done
+        wait = min(wait, eta)
+    return min(max(wait, options.poll), options.max_poll)
+
+
+def _too_large(provider: str, key: str, size: int, max_bytes: int) -> BatchLine:
+    """The line of a request too large for any batch."""
+    error = BadRequest(
+        f"{provider}: the request is {size:,} bytes as a batch line, more than a batch may "
+        f"hold ({max_bytes:,} bytes); shorten it or send it with mode='realtime'"
+    )
+    return BatchLine(key, "errored", error=error)
+
+
+def _answered(
+    by_key: Mapping[str, BatchLine], known: set[str], unknown: list[str]
+) -> tuple[list[tuple[str, str | None, Response]], list[str]]:
+    """A batch's answers to commit (key, no custom id, response), lines fanflow did not
+    send left out, and the keys it sent that got none."""
+    answered: list[tuple[str, str | None, Response]] = [
+        (k, None, line.response)
+        for k, line in by_key.items()
+        if line.kind == "succeeded" and line.response is not None and k not in unknown
+    ]
+    done = {k for k, _, _ in answered}
+    return answered, [k for k in known if k not in done]
 
 
 def _match(
@@ -739,7 +797,11 @@ def _resolve(
 
 
 def _failed(provider: str, exc: Exception) -> Callable[[str], BatchLine]:
-    """The line of every request of a batch that failed on our side."""
+    """The line of every request of a batch that failed: the provider's error, or one
+    saying the batch could not be followed (a failure on our side)."""
+    if isinstance(exc, ProviderError):
+        line = BatchLine("", "errored", error=exc)
+        return lambda _key: line
     error = ProviderError(
         f"{provider}: the batch could not be followed ({type(exc).__name__}: {exc}); its "
         "id is in the store's journal if there is one, and a rerun of the job polls it again"
