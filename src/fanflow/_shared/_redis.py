@@ -134,6 +134,25 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
 """
 )
 
+# KEYS: slots zset, id counter. ARGV: the TTL, the number of slots to take whatever the
+# limit, then the ids of the slots they replace. Returns the new slots' ids.
+_ADOPT = (
+    _NOW
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+local out = {}
+for _ = 1, tonumber(ARGV[2]) do
+  local id = redis.call('INCR', KEYS[2])
+  redis.call('ZADD', KEYS[1], string.format('%.6f', now + ttl), id)
+  out[#out + 1] = id
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
+redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 2000))
+return out
+"""
+)
+
 # KEYS: declarations hash, their expiry zset. ARGV: holder, body, TTL. Returns the
 # other live holders' bodies.
 _DECLARE = (
@@ -179,6 +198,7 @@ class RedisStore:
                 ("settle", _SETTLE),
                 ("try_slot", _TRY_SLOT),
                 ("renew", _RENEW),
+                ("adopt", _ADOPT),
                 ("release", "redis.call('ZREM', KEYS[1], ARGV[1])"),
                 ("declare", _DECLARE),
             )
@@ -260,3 +280,9 @@ class RedisStore:
 
     async def renew(self, ident: str, slots: list[int], ttl: float) -> None:
         await self._call("renew", [f"fanflow:{{{ident}}}:s"], [ttl, *slots])
+
+    async def adopt(self, ident: str, old: list[int], count: int, ttl: float) -> list[int]:
+        """Take ``count`` slots whatever the limit, in place of the slots ``old``: those
+        a process held while the store was lost."""
+        keys = [f"fanflow:{{{ident}}}:s", f"fanflow:{{{ident}}}:sn"]
+        return [int(i) for i in await self._call("adopt", keys, [ttl, count, *old])]

@@ -148,6 +148,10 @@ class SQLiteStore:
     async def renew(self, ident: str, slots: list[int], ttl: float) -> None:
         await self._run(_renew, slots, ttl)
 
+    async def adopt(self, ident: str, old: list[int], count: int, ttl: float) -> list[int]:
+        """Take ``count`` slots whatever the limit, in place of the slots ``old``."""
+        return await self._run(_adopt, ident, old, count, ttl)
+
 
 def _declare(
     db: sqlite3.Connection, now: float, ident: str, holder: str, body: str, ttl: float
@@ -217,3 +221,11 @@ def _release(db: sqlite3.Connection, now: float, slot: int) -> None:
 
 def _renew(db: sqlite3.Connection, now: float, slots: list[int], ttl: float) -> None:
     db.executemany("UPDATE slots SET expires = ? WHERE id = ?", [(now + ttl, s) for s in slots])
+
+
+def _adopt(
+    db: sqlite3.Connection, now: float, ident: str, old: list[int], count: int, ttl: float
+) -> list[int]:
+    db.executemany("DELETE FROM slots WHERE id = ?", [(s,) for s in old])
+    insert = "INSERT INTO slots (ident, holder, expires) VALUES (?, '', ?)"
+    return [int(db.execute(insert, (ident, now + ttl)).lastrowid or 0) for _ in range(count)]
