@@ -210,10 +210,40 @@ def test_a_redis_that_dies_mid_run_leaves_a_local_share_and_is_rejoined(
         # and reuses them may never ask the store during the outage, nor notice it.
         assert len(lost) == 1 or (limit == "concurrency" and not lost), err
         assert all("a local share" in line for line in lost)
+        assert "Task was destroyed" not in err, err  # updates left pending at the end
     assert stats.responses.get(200, 0) == 200
     assert stats.responses.get(429, 0) == 0  # the shares together kept within the limit
     assert stats.max_in_flight <= 2 or limit == "rate"
     assert served > 10
+
+
+@pytest.mark.timeout(90)
+def test_a_process_that_ends_gives_its_slots_back_at_redis_with_nothing_left_pending(
+    tmp_path: Path,
+) -> None:
+    # The last calls' releases are fire and forget. A process that ends at once must
+    # still send them: not cancel them when its loop ends ("Task was destroyed but it
+    # is pending!"), nor leave its slots at Redis until their TTL runs out.
+    redis = pytest.importorskip("redis")
+    port = _free_port()
+    redis_server = _start_redis(port, tmp_path)
+    try:
+        with SimServer(latency=0.02, keep_requests=False) as server:
+            for rpm in (0, 400):  # the concurrency alone, and with a rate
+                proc = _start(f"redis://127.0.0.1:{port}/0", server, f"r{rpm}", 10, rpm, 2)
+                out, err = proc.communicate(timeout=60)
+                assert proc.returncode == 0, err
+                assert '"ok": true' in out, out
+                assert "Task was destroyed" not in err, err
+                assert "Exception ignored" not in err, err
+                client = redis.Redis(port=port)
+                assert list(client.scan_iter("fanflow:*:sn"))  # slots were taken there
+                slots = [client.zcard(k) for k in client.scan_iter("fanflow:*:s")]
+                assert sum(slots) == 0, slots  # and every one given back
+                client.flushall()
+    finally:
+        redis_server.terminate()
+        redis_server.wait(10)
 
 
 def test_an_unknown_scheme_lists_the_forms_allowed() -> None:

@@ -12,6 +12,7 @@ expire by themselves when no process uses them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections.abc import AsyncGenerator
@@ -21,6 +22,9 @@ from .._exceptions import ConfigError
 from .._log import log
 
 __all__ = ["RedisStore"]
+
+# At shutdown, the updates still pending are sent within this many seconds, or dropped.
+_LAST_FLUSH = 2.0
 
 _NOW = """
 local t = redis.call('TIME')
@@ -203,7 +207,10 @@ class RedisStore:
                 ("declare", _DECLARE),
             )
         }
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        # Fire-and-forget updates (settlements, releases), sent together by one task.
+        self._pending: list[tuple[str, list[str], list[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._failed = False
         self._closer: AsyncGenerator[None, None] | None = None
         self.round_trips = 0
@@ -224,30 +231,71 @@ class RedisStore:
             ) from None
 
     async def _close_at_shutdown(self) -> AsyncGenerator[None, None]:
-        """Close the client's connections when the loop shuts down. The loop finalizes
-        the async generators still open (``asyncio.run`` does it before it closes the
-        loop), and nothing else tells a store that its loop is ending."""
+        """Send the updates still pending, then close the client's connections, when
+        the loop shuts down. The loop finalizes the async generators still open
+        (``asyncio.run`` does it after it cancelled the tasks, before it closes the
+        loop), and nothing else tells a store that its loop is ending. A process that
+        ends at once so still gives its last slots back (and leaves no task pending)."""
         try:
             yield
         finally:
+            self._closing = True
+            flusher = self._flusher
+            if flusher is not None:  # made while the loop cancelled the tasks
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            with contextlib.suppress(Exception):
+                # A Redis that does not answer may not hold up the process's exit.
+                await asyncio.wait_for(self._flush(), _LAST_FLUSH)
             await self._client.aclose()
 
     def _later(self, name: str, keys: list[str], args: list[Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._call(name, keys, args))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        self._pending.append((name, keys, args))
+        if self._flusher is None and not self._closing:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        """A fire-and-forget update ended: a failure is logged once (a lost release
-        comes back with the TTL; a lost settlement keeps its booking)."""
-        self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        if isinstance(task.exception(), ConfigError):
-            return  # unreachable: the meter says so, once, and goes on at a local share
-        if not self._failed:
-            self._failed = True
-            log.warning("shared limits: an update to %s failed: %s", self.shown, task.exception())
+    async def _flush(self) -> None:
+        """Send the pending updates, all those gathered in one pipeline. They leave the
+        list once sent: an update cancelled in flight (the loop is ending) is sent at
+        shutdown, again (each is idempotent). A failure is logged once; a lost release
+        comes back with the TTL, a lost settlement keeps its booking."""
+        import redis.exceptions
+
+        try:
+            while self._pending:
+                batch = list(self._pending)
+                try:
+                    await self._send(batch)
+                except (redis.exceptions.ConnectionError, OSError):
+                    pass  # unreachable: the meter says so, once, and goes local
+                except redis.exceptions.RedisError as exc:
+                    if not self._failed:
+                        self._failed = True
+                        log.warning("shared limits: an update to %s failed: %s", self.shown, exc)
+                del self._pending[: len(batch)]
+        finally:
+            if asyncio.current_task() is self._flusher:
+                self._flusher = None
+
+    async def _send(self, batch: list[tuple[str, list[str], list[Any]]]) -> None:
+        """One round trip of scripts (loaded first, and sent again, if a restarted
+        Redis does not know them)."""
+        import redis.exceptions
+
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for name, keys, args in batch:
+                pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            self.round_trips += 1
+            results = await pipe.execute(raise_on_error=False)
+            errors = [r for r in results if isinstance(r, Exception)]
+            if not any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
+                if errors:
+                    raise errors[0]
+                return
+            for name in {name for name, _, _ in batch}:
+                await self._client.script_load(self._scripts[name].script)
 
     async def declare(
         self, ident: str, holder: str, body: dict[str, Any], ttl: float
