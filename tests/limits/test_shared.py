@@ -246,6 +246,20 @@ def test_a_process_that_ends_gives_its_slots_back_at_redis_with_nothing_left_pen
         redis_server.wait(10)
 
 
+@pytest.mark.timeout(120)
+def test_a_new_process_starts_from_the_capacity_another_learnt(store: str) -> None:
+    # No limits given (the default adaptive concurrency) against a 40-in-flight server:
+    # the first process finds its capacity with a burst of 429s (343 of them, seen),
+    # and keeps what it learnt in the store; the second starts from it.
+    with SimServer(latency=0.3, max_in_flight=40, keep_requests=False) as server:
+        assert '"ok": true' in _finish(_start(store, server, "first", 300, 0, 0))
+        first = server.stats().responses.get(429, 0)
+        assert '"ok": true' in _finish(_start(store, server, "second", 300, 0, 0))
+        second = server.stats().responses.get(429, 0) - first
+    assert first >= 20  # the first wave overshot: there was something to learn
+    assert second * 10 <= first
+
+
 def test_an_unknown_scheme_lists_the_forms_allowed() -> None:
     with pytest.raises(ConfigError, match=r"unknown scheme 'memcached'.*sqlite:///.*redis://"):
         Limits(rpm=10, shared="memcached://localhost:11211")

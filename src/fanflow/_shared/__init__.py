@@ -28,9 +28,10 @@ import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import ConfigError
-from .._leases import GlobalLane, GrantQueue, SlotLease, lease_time
+from .._leases import GrantQueue, SlotLease, lease_time
 from .._limits import Lane, Limits
 from .._log import log
+from ._capacity import LearningLane
 from ._local import RETRY, LocalShare
 from ._url import StoreURL, parse_url, redact
 
@@ -73,6 +74,10 @@ class Store(Protocol):
     async def renew(self, ident: str, slots: list[int], ttl: float) -> None: ...
 
     async def adopt(self, ident: str, old: list[int], count: int, ttl: float) -> list[int]: ...
+
+    def publish_capacity(self, ident: str, learnt: dict[str, float], keep: float) -> None: ...
+
+    async def read_capacity(self, ident: str) -> tuple[dict[str, float], float] | None: ...
 
 
 # SQLite stores serve every loop of the process (their calls run on a thread of their
@@ -401,6 +406,15 @@ class SharedMeter:
                         await self.store.renew(self.ident, slots, self.ttl)
                 except ConfigError:
                     self._go_local()  # the store's slots expire there
+        except asyncio.CancelledError:
+            # The loop is ending (nothing else cancels this). Give the slots still held
+            # back: a spare one waits LINGER in its SlotLease, and that timer will not
+            # fire. A Redis store sends them before the loop closes (decision 0281).
+            for slot in self.held:
+                if slot > 0:
+                    self.store.release(self.ident, slot)
+            self.held.clear()
+            raise
         finally:
             self._heartbeat = None
 
@@ -418,4 +432,4 @@ def shared_lane(handle: BaseLLM) -> Lane:
     grants = None
     if limits.rated:
         grants = GrantQueue(meter.grant_many, meter.settle, meter.horizon)
-    return GlobalLane(limits, lease, grants)
+    return LearningLane(limits, lease, grants, meter.store, ident)  # decision 0282

@@ -157,6 +157,27 @@ return out
 """
 )
 
+# KEYS: the capacity learnt (a string: Redis's time, a space, the JSON). ARGV: the
+# JSON, how long it is kept (seconds).
+_PUBLISH = (
+    _NOW
+    + """
+local keep = math.ceil(tonumber(ARGV[2]) * 1000)
+redis.call('SET', KEYS[1], string.format('%.6f', now) .. ' ' .. ARGV[1], 'PX', keep)
+"""
+)
+
+# KEYS: the capacity learnt. Returns its age in seconds and the JSON, or nothing.
+_READ = (
+    _NOW
+    + """
+local v = redis.call('GET', KEYS[1])
+if not v then return {} end
+local at, body = string.match(v, '^(%S+) (.*)$')
+return {string.format('%.6f', math.max(0, now - tonumber(at))), body}
+"""
+)
+
 # KEYS: declarations hash, their expiry zset. ARGV: holder, body, TTL. Returns the
 # other live holders' bodies.
 _DECLARE = (
@@ -205,6 +226,8 @@ class RedisStore:
                 ("adopt", _ADOPT),
                 ("release", "redis.call('ZREM', KEYS[1], ARGV[1])"),
                 ("declare", _DECLARE),
+                ("publish", _PUBLISH),
+                ("read", _READ),
             )
         }
         self._closing = False
@@ -334,3 +357,12 @@ class RedisStore:
         a process held while the store was lost."""
         keys = [f"fanflow:{{{ident}}}:s", f"fanflow:{{{ident}}}:sn"]
         return [int(i) for i in await self._call("adopt", keys, [ttl, count, *old])]
+
+    def publish_capacity(self, ident: str, learnt: dict[str, float], keep: float) -> None:
+        """Keep what a lane learnt of the server for ``keep`` seconds (fire and forget)."""
+        self._later("publish", [f"fanflow:{{{ident}}}:k"], [json.dumps(learnt), keep])
+
+    async def read_capacity(self, ident: str) -> tuple[dict[str, float], float] | None:
+        """(what was learnt, its age in seconds), or None: nothing kept."""
+        out = await self._call("read", [f"fanflow:{{{ident}}}:k"], [])
+        return (json.loads(out[1]), float(out[0])) if out else None
