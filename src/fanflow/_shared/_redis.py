@@ -46,10 +46,12 @@ local cut = string.format('%.6f', now - window)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', g, '-inf', cut)) do redis.call('HDEL', c, id) end
 redis.call('ZREMRANGEBYSCORE', g, '-inf', cut)
 local live = redis.call('ZRANGE', g, 0, -1, 'WITHSCORES')
+local all, costs = redis.call('HGETALL', c), {}  -- one call, not one HGET per booking
+for i = 1, #all, 2 do costs[all[i]] = all[i + 1] end
 local rows = {}
 for i = 1, #live, 2 do
   local row = {tonumber(live[i + 1])}
-  for v in string.gmatch(redis.call('HGET', c, live[i]) or '0 0 0 0', '%S+') do
+  for v in string.gmatch(costs[live[i]] or '0 0 0 0', '%S+') do
     row[#row + 1] = tonumber(v)
   end
   rows[#rows + 1] = row
