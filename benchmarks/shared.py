@@ -1,6 +1,9 @@
 """Shared limits benchmark: several processes on one request rate, through one store.
 
 Run: ``python benchmarks/shared.py`` (about a minute; ``--quick`` for a smoke run).
+``--capacity``: capacity learnt once instead (decision 0282). Two processes run one after
+the other, with no limits given, against a 40-in-flight server. It reports the 429s
+each drew; "unshared" learns nothing across processes.
 
 P worker processes (this file, ``--worker``) each map N/P items through
 ``fanflow.openai`` against one SimServer in this process, whose token bucket holds
@@ -34,11 +37,15 @@ import time
 
 import fanflow
 from fanflow import Limits, RetryPolicy
+from fanflow.limits import DEFAULT_LIMITS
 from fanflow.testing import SimServer
 
 
 async def _work(shared: str, base: str, tag: str, n: int, rate: float, start_at: float) -> dict:
-    limits = Limits(rpm=rate, period=1.0, shared=shared or None)
+    if rate:
+        limits = Limits(rpm=rate, period=1.0, shared=shared or None)
+    else:  # no limits given: the default adaptive concurrency (as the CLI makes it)
+        limits = Limits(controller=DEFAULT_LIMITS.controller, shared=shared or None)
     llm = fanflow.openai(
         "gpt-sim", base_url=base, api_key="sk-bench", limits=limits, retry=RetryPolicy(seed=1)
     )
@@ -88,11 +95,31 @@ def _run(shared: str, rate: float, procs: int, n: int) -> dict:
     }
 
 
+def _capacity(shared: str, n: int) -> list[tuple[int, float]]:
+    """Two processes one after the other, no limits given, against a 40-in-flight
+    server: (429s, makespan) of each. The second starts from what the first learnt."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = []
+    with SimServer(latency=0.3, max_in_flight=40, keep_requests=False) as server:
+        for tag in ("first", "second"):
+            args = [sys.executable, __file__, "--worker", shared, server.url, tag, str(n), "0"]
+            worker = subprocess.run(
+                [*args, str(time.time())], stdout=subprocess.PIPE, text=True, env=env, check=True
+            )
+            o = json.loads(worker.stdout.strip().splitlines()[-1])
+            before = sum(refused for refused, _ in out)
+            out.append((server.stats().responses.get(429, 0) - before, o["end"] - o["start"]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rates", default="50,200", help="requests per second, comma-separated")
     parser.add_argument("--worker", nargs=6)
+    parser.add_argument(
+        "--capacity", action="store_true", help="capacity learnt once (decision 0282) instead"
+    )
     args = parser.parse_args()
     if args.worker:
         shared, base, tag, n, rate, start_at = args.worker
@@ -125,6 +152,13 @@ def main() -> None:
             time.sleep(0.5)
             stores.append(("redis", f"redis://127.0.0.1:{port}/0"))
         try:
+            if args.capacity:
+                print("400 items, no limits given, SimServer(max_in_flight=40, latency=0.3)")
+                print(f"{'store':>9} {'429s 1st':>9} {'429s 2nd':>9} {'time 1st':>9} {'2nd':>6}")
+                for name, url in stores:
+                    (r1, t1), (r2, t2) = _capacity(url, 400)
+                    print(f"{name:>9} {r1:>9} {r2:>9} {t1:>8.1f}s {t2:>5.1f}s")
+                return
             print(f"{procs} processes, {seconds} s of items at the rate, SimServer bucket of 1 s")
             head = f"{'store':>9} {'rate/s':>7} {'429s':>6} {'of bound':>9} {'trips/call':>11}"
             print(f"{head} {'CPU ms/call':>12} ok")

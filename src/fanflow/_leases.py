@@ -65,6 +65,8 @@ class SlotLease:
             slots than that, so it cannot queue ahead of other workers at the broker.
         ask: waits for one slot from the broker (True when granted).
         give_back: returns one slot to the broker (fire and forget).
+        over: whether the worker holds more slots than it may now (a shared store's
+            local share in an outage): a slot then goes back as its call ends.
     """
 
     __slots__ = (
@@ -72,6 +74,7 @@ class SlotLease:
         "_asking",
         "_give_back",
         "_limit",
+        "_over",
         "_reuses",
         "_tasks",
         "_timer",
@@ -81,11 +84,16 @@ class SlotLease:
     )
 
     def __init__(
-        self, limit: int, ask: Callable[[], Awaitable[bool]], give_back: Callable[[], None]
+        self,
+        limit: int,
+        ask: Callable[[], Awaitable[bool]],
+        give_back: Callable[[], None],
+        over: Callable[[], bool] | None = None,
     ) -> None:
         self._limit = limit
         self._ask = ask
         self._give_back = give_back
+        self._over = over
         self.held = 0  # slots leased from the broker
         self.used = 0  # of which taken by calls now
         self._asking = 0
@@ -121,6 +129,11 @@ class SlotLease:
     def give(self) -> None:
         """A call that took a slot has ended."""
         self.used -= 1
+        if self._over is not None and self._over():
+            self.held -= 1
+            self._give_back()
+            self._ask_more()
+            return
         if self._waiters:
             self._reuses += 1
             if self._reuses >= REUSE:

@@ -1185,6 +1185,41 @@ class Lane:
             self._credit_mono = time.monotonic()
             self._simple = False
 
+    def learnt(self) -> dict[str, float]:
+        """What this lane learnt of the server, for a shared store to keep (decision
+        0282): the adaptive level and floor once the server pushed back, the refill
+        rate and cap its rate-limit headers gave, and whether a call succeeded."""
+        out: dict[str, float] = {}
+        if self._level is not None and self._floor != math.inf:
+            out["level"], out["floor"] = self._level, self._floor
+        if self._credit_rate:
+            out["credit_rate"], out["credit_cap"] = self._credit_rate, self._credit_cap
+        if self.answered:
+            out["answered"] = 1.0
+        return out
+
+    def start_from(self, learnt: dict[str, float], age: float) -> None:
+        """Start from what :meth:`learnt` gave in another process ``age`` seconds ago,
+        as :meth:`inherit` does from a lane of this process. Its headers' credit is
+        taken as spent then: other processes may be drawing on it."""
+        level = learnt.get("level")
+        c = self.controller
+        if level is not None and c is not None and self._floor == math.inf:
+            self._level = min(float(c.max), max(float(c.min), level))
+            self._floor = learnt.get("floor", self._level)
+            self._grown_at = asyncio.get_running_loop().time()  # probe up from now
+            self._simple = False
+            self.gate.set_limit(self._limit())
+        rate = learnt.get("credit_rate")
+        if rate and not self._credit_rate:
+            self._credit_rate, self._credit_cap = rate, learnt.get("credit_cap", math.inf)
+            self._credit = min(self._credit_cap, rate * max(0.0, age))
+            self._credit_at = asyncio.get_running_loop().time()
+            self._credit_mono = time.monotonic()
+            self._simple = False
+        if learnt.get("answered"):
+            self.answered_before = True
+
     def statistics(self) -> LaneStatistics:
         pause = self._pause_until
         return LaneStatistics(

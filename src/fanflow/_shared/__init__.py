@@ -18,7 +18,6 @@ come back within the TTL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -29,9 +28,10 @@ import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import ConfigError
-from .._leases import GlobalLane, GrantQueue, SlotLease, lease_time
+from .._leases import GrantQueue, SlotLease, lease_time
 from .._limits import Lane, Limits
 from .._log import log
+from ._capacity import LearningLane
 from ._local import RETRY, LocalShare
 from ._url import StoreURL, parse_url, redact
 
@@ -72,6 +72,12 @@ class Store(Protocol):
     def release(self, ident: str, slot: int) -> None: ...
 
     async def renew(self, ident: str, slots: list[int], ttl: float) -> None: ...
+
+    async def adopt(self, ident: str, old: list[int], count: int, ttl: float) -> list[int]: ...
+
+    def publish_capacity(self, ident: str, learnt: dict[str, float], keep: float) -> None: ...
+
+    async def read_capacity(self, ident: str) -> tuple[dict[str, float], float] | None: ...
 
 
 # SQLite stores serve every loop of the process (their calls run on a thread of their
@@ -161,6 +167,7 @@ class SharedMeter:
         # its booked time): evenly spaced bookings, a few per message.
         self.horizon = _AHEAD * lease_time(limits.period)
         self.held: list[int] = []
+        self._trying = 0  # slots being asked of the store now
         self._booked: dict[int, list[int]] = {}  # grant -> its costs, until settled
         self._settles: list[tuple[int, list[int]]] = []
         self._declared_at = -float("inf")
@@ -170,6 +177,9 @@ class SharedMeter:
         self._local: LocalShare | None = None  # while the store is unreachable
         self._most = 1  # the most processes seen declared under the identity
         self._lost_warned = False
+        self._joining = asyncio.Lock()
+        # After a rejoin, at most this many slots until then (others may still be local).
+        self._capped: tuple[float, int] = (-float("inf"), 0)
 
     async def _ready(self) -> None:
         """Declare this process's limits (again, when half the TTL has passed) and take
@@ -237,24 +247,54 @@ class SharedMeter:
 
     async def _rejoin(self) -> None:
         """Declare (again, if the store was lost: it may have restarted empty), and book
-        at the store, as one reservation at its now, what was sent locally in the last
-        window: the store knew nothing of it."""
+        at the store what was sent and is held locally: the store knew nothing of it."""
         local = self._local
-        if local is not None:
-            self._declared_at = -float("inf")
-        await self._ready()
         if local is None:
+            await self._ready()
             return
-        recent = local.recent(time.monotonic())
-        if any(recent):
-            # It fits within two windows: one for the store's own bookings to leave it,
-            # one for the spacing after the last of them.
-            caps, window = self._caps(), self.window
-            await self.store.grant_many(self.ident, caps, window, [recent], 3 * window)
-        self._local = None
+        async with self._joining:
+            if self._local is not local:
+                return  # another call rejoined meanwhile
+            self._declared_at = -float("inf")
+            await self._ready()
+            recent = local.recent(time.monotonic())
+            if any(recent):
+                # One reservation at the store's now. It fits within two windows: one for
+                # the store's own bookings to leave it, one for the spacing after them.
+                caps, window = self._caps(), self.window
+                await self.store.grant_many(self.ident, caps, window, [recent], 3 * window)
+            if self.held:
+                await self._adopt()
+            self._local = None
+            # The others may still be local for up to a TTL (they notice at a renewal).
+            self._capped = (time.monotonic() + self.ttl, local.slots)
         log.info(
             "shared limits for %s: %s is back; booking there again", self.label, self.store.shown
         )
+
+    async def _adopt(self) -> None:
+        """Take the slots held here at the store, so that its count includes them (the
+        local ones, and those of a store that may have restarted empty)."""
+        old = list(self.held)
+        ids = await self.store.adopt(self.ident, [s for s in old if s > 0], len(old), self.ttl)
+        n = len(self.held)  # calls may have ended meanwhile
+        self.held[:] = ids[:n] + self.held[len(ids) :]
+        for slot in ids[n:]:
+            self.store.release(self.ident, slot)
+
+    def _cap(self) -> int | None:
+        """The most slots this process may hold now (None: as the store counts): its
+        share while the store is lost, and for one TTL after it is back."""
+        if self._local is not None:
+            return self._local.slots
+        until, slots = self._capped
+        return slots if time.monotonic() < until else None
+
+    def over(self) -> bool:
+        """Whether this process holds more slots than it may now: it sheds the excess
+        as its calls end (its :class:`SlotLease` gives them back)."""
+        cap = self._cap()
+        return cap is not None and len(self.held) > cap
 
     def _go_local(self) -> LocalShare:
         """Go on at a local share of the limits (one warning per process)."""
@@ -269,6 +309,7 @@ class SharedMeter:
             self.window,
             None if concurrency is None else int(concurrency),
             now,
+            self.ttl,
         )
         if not self._lost_warned:
             self._lost_warned = True
@@ -308,8 +349,9 @@ class SharedMeter:
             if local is None or time.monotonic() >= local.retry_at:
                 try:
                     await self._rejoin()
-                    limit = int(self.effective["concurrency"])
-                    slot = await self.store.try_slot(self.ident, self.holder, limit, self.ttl)
+                    limit, cap, slot = int(self.effective["concurrency"]), self._cap(), 0
+                    if cap is None or len(self.held) + self._trying < cap:
+                        slot = await self._try_slot(limit)
                 except ConfigError:
                     if not self._reached:
                         raise
@@ -319,11 +361,18 @@ class SharedMeter:
                     if slot:
                         self._hold(slot)
                         return True
-            if local is not None and len(self.held) < local.slots:  # the store's count too
-                self._hold(-1)
+            if local is not None and local.may_take(len(self.held), time.monotonic()):
+                self._hold(-1)  # held: the store's slots too
                 return True
             await asyncio.sleep(wait * (0.5 + random.random()))  # jitter: pollers spread out
             wait = min(0.05, wait * 2)
+
+    async def _try_slot(self, limit: int) -> int:
+        self._trying += 1
+        try:
+            return await self.store.try_slot(self.ident, self.holder, limit, self.ttl)
+        finally:
+            self._trying -= 1
 
     def _hold(self, slot: int) -> None:
         self.held.append(slot)
@@ -338,14 +387,34 @@ class SharedMeter:
             self.store.release(self.ident, slot)
 
     async def _renew(self) -> None:
-        """Renew the held slots every third of the TTL while any are held."""
+        """Renew the held slots every third of the TTL while any are held, and declare
+        at least once a second: a process that only reuses its slots asks the store
+        nothing else, yet must count the processes and learn of an outage (its renewal
+        fails). A local process tries to rejoin here too."""
+        renewed = time.monotonic()
         try:
             while self.held:
-                await asyncio.sleep(self.ttl / 3)
-                slots = [slot for slot in self.held if slot > 0]
-                if slots and self._local is None:
-                    with contextlib.suppress(ConfigError):  # lost: they expire there
+                await asyncio.sleep(min(self.ttl / 3, _DECLARE_EVERY))
+                local = self._local
+                if local is not None and time.monotonic() < local.retry_at:
+                    continue
+                try:
+                    await self._rejoin()
+                    slots = [slot for slot in self.held if slot > 0]
+                    if slots and (local is not None or time.monotonic() - renewed >= self.ttl / 3):
+                        renewed = time.monotonic()
                         await self.store.renew(self.ident, slots, self.ttl)
+                except ConfigError:
+                    self._go_local()  # the store's slots expire there
+        except asyncio.CancelledError:
+            # The loop is ending (nothing else cancels this). Give the slots still held
+            # back: a spare one waits LINGER in its SlotLease, and that timer will not
+            # fire. A Redis store sends them before the loop closes (decision 0281).
+            for slot in self.held:
+                if slot > 0:
+                    self.store.release(self.ident, slot)
+            self.held.clear()
+            raise
         finally:
             self._heartbeat = None
 
@@ -359,8 +428,8 @@ def shared_lane(handle: BaseLLM) -> Lane:
     meter = SharedMeter(open_store(url, redact(limits.shared)), ident, label, limits, url.ttl)
     lease = None
     if limits.concurrency is not None:
-        lease = SlotLease(limits.concurrency, meter.ask, meter.give_back)
+        lease = SlotLease(limits.concurrency, meter.ask, meter.give_back, meter.over)
     grants = None
     if limits.rated:
         grants = GrantQueue(meter.grant_many, meter.settle, meter.horizon)
-    return GlobalLane(limits, lease, grants)
+    return LearningLane(limits, lease, grants, meter.store, ident)  # decision 0282

@@ -27,12 +27,19 @@ class LocalShare:
         window: the stores' booking window (period + lease).
         concurrency: the identity's concurrency limit (None: none).
         now: when the store was lost.
+        ttl: the lease time of the store's concurrency slots.
     """
 
-    __slots__ = ("_rows", "caps", "retry_at", "sent", "slots", "window")
+    __slots__ = ("_rows", "caps", "retry_at", "sent", "slots", "slots_from", "window")
 
     def __init__(
-        self, caps: list[float], share: int, window: float, concurrency: int | None, now: float
+        self,
+        caps: list[float],
+        share: int,
+        window: float,
+        concurrency: int | None,
+        now: float,
+        ttl: float,
     ) -> None:
         self.caps = [c / share for c in caps]
         self.window = window
@@ -43,7 +50,15 @@ class LocalShare:
         self.sent: list[tuple[float, ...]] = []  # the sends booked here: (time, costs)
         # Slots this process may hold, those taken at the store before it was lost too.
         self.slots = max(1, concurrency // share) if concurrency else 0
+        # No new slot here for one TTL: another process may still hold more than its
+        # share of the store's slots, until it notices the loss (its renewal, every
+        # third of the TTL, fails) and sheds the excess as its calls end.
+        self.slots_from = now + ttl
         self.retry_at = now + RETRY
+
+    def may_take(self, held: int, now: float) -> bool:
+        """Whether a process holding ``held`` slots may take one more here."""
+        return held < self.slots and now >= self.slots_from
 
     def book(self, costs: list[list[int]], horizon: float, now: float) -> list[tuple[float, int]]:
         """(delay, grant id) per send, as a store answers: id -1 for one booked here,

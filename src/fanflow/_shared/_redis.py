@@ -12,6 +12,7 @@ expire by themselves when no process uses them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections.abc import AsyncGenerator
@@ -21,6 +22,9 @@ from .._exceptions import ConfigError
 from .._log import log
 
 __all__ = ["RedisStore"]
+
+# At shutdown, the updates still pending are sent within this many seconds, or dropped.
+_LAST_FLUSH = 2.0
 
 _NOW = """
 local t = redis.call('TIME')
@@ -42,10 +46,12 @@ local cut = string.format('%.6f', now - window)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', g, '-inf', cut)) do redis.call('HDEL', c, id) end
 redis.call('ZREMRANGEBYSCORE', g, '-inf', cut)
 local live = redis.call('ZRANGE', g, 0, -1, 'WITHSCORES')
+local all, costs = redis.call('HGETALL', c), {}  -- one call, not one HGET per booking
+for i = 1, #all, 2 do costs[all[i]] = all[i + 1] end
 local rows = {}
 for i = 1, #live, 2 do
   local row = {tonumber(live[i + 1])}
-  for v in string.gmatch(redis.call('HGET', c, live[i]) or '0 0 0 0', '%S+') do
+  for v in string.gmatch(costs[live[i]] or '0 0 0 0', '%S+') do
     row[#row + 1] = tonumber(v)
   end
   rows[#rows + 1] = row
@@ -134,6 +140,46 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
 """
 )
 
+# KEYS: slots zset, id counter. ARGV: the TTL, the number of slots to take whatever the
+# limit, then the ids of the slots they replace. Returns the new slots' ids.
+_ADOPT = (
+    _NOW
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+local out = {}
+for _ = 1, tonumber(ARGV[2]) do
+  local id = redis.call('INCR', KEYS[2])
+  redis.call('ZADD', KEYS[1], string.format('%.6f', now + ttl), id)
+  out[#out + 1] = id
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
+redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 2000))
+return out
+"""
+)
+
+# KEYS: the capacity learnt (a string: Redis's time, a space, the JSON). ARGV: the
+# JSON, how long it is kept (seconds).
+_PUBLISH = (
+    _NOW
+    + """
+local keep = math.ceil(tonumber(ARGV[2]) * 1000)
+redis.call('SET', KEYS[1], string.format('%.6f', now) .. ' ' .. ARGV[1], 'PX', keep)
+"""
+)
+
+# KEYS: the capacity learnt. Returns its age in seconds and the JSON, or nothing.
+_READ = (
+    _NOW
+    + """
+local v = redis.call('GET', KEYS[1])
+if not v then return {} end
+local at, body = string.match(v, '^(%S+) (.*)$')
+return {string.format('%.6f', math.max(0, now - tonumber(at))), body}
+"""
+)
+
 # KEYS: declarations hash, their expiry zset. ARGV: holder, body, TTL. Returns the
 # other live holders' bodies.
 _DECLARE = (
@@ -179,11 +225,17 @@ class RedisStore:
                 ("settle", _SETTLE),
                 ("try_slot", _TRY_SLOT),
                 ("renew", _RENEW),
+                ("adopt", _ADOPT),
                 ("release", "redis.call('ZREM', KEYS[1], ARGV[1])"),
                 ("declare", _DECLARE),
+                ("publish", _PUBLISH),
+                ("read", _READ),
             )
         }
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        # Fire-and-forget updates (settlements, releases), sent together by one task.
+        self._pending: list[tuple[str, list[str], list[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._failed = False
         self._closer: AsyncGenerator[None, None] | None = None
         self.round_trips = 0
@@ -204,30 +256,71 @@ class RedisStore:
             ) from None
 
     async def _close_at_shutdown(self) -> AsyncGenerator[None, None]:
-        """Close the client's connections when the loop shuts down. The loop finalizes
-        the async generators still open (``asyncio.run`` does it before it closes the
-        loop), and nothing else tells a store that its loop is ending."""
+        """Send the updates still pending, then close the client's connections, when
+        the loop shuts down. The loop finalizes the async generators still open
+        (``asyncio.run`` does it after it cancelled the tasks, before it closes the
+        loop), and nothing else tells a store that its loop is ending. A process that
+        ends at once so still gives its last slots back (and leaves no task pending)."""
         try:
             yield
         finally:
+            self._closing = True
+            flusher = self._flusher
+            if flusher is not None:  # made while the loop cancelled the tasks
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            with contextlib.suppress(Exception):
+                # A Redis that does not answer may not hold up the process's exit.
+                await asyncio.wait_for(self._flush(), _LAST_FLUSH)
             await self._client.aclose()
 
     def _later(self, name: str, keys: list[str], args: list[Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._call(name, keys, args))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        self._pending.append((name, keys, args))
+        if self._flusher is None and not self._closing:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        """A fire-and-forget update ended: a failure is logged once (a lost release
-        comes back with the TTL; a lost settlement keeps its booking)."""
-        self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        if isinstance(task.exception(), ConfigError):
-            return  # unreachable: the meter says so, once, and goes on at a local share
-        if not self._failed:
-            self._failed = True
-            log.warning("shared limits: an update to %s failed: %s", self.shown, task.exception())
+    async def _flush(self) -> None:
+        """Send the pending updates, all those gathered in one pipeline. They leave the
+        list once sent: an update cancelled in flight (the loop is ending) is sent at
+        shutdown, again (each is idempotent). A failure is logged once; a lost release
+        comes back with the TTL, a lost settlement keeps its booking."""
+        import redis.exceptions
+
+        try:
+            while self._pending:
+                batch = list(self._pending)
+                try:
+                    await self._send(batch)
+                except (redis.exceptions.ConnectionError, OSError):
+                    pass  # unreachable: the meter says so, once, and goes local
+                except redis.exceptions.RedisError as exc:
+                    if not self._failed:
+                        self._failed = True
+                        log.warning("shared limits: an update to %s failed: %s", self.shown, exc)
+                del self._pending[: len(batch)]
+        finally:
+            if asyncio.current_task() is self._flusher:
+                self._flusher = None
+
+    async def _send(self, batch: list[tuple[str, list[str], list[Any]]]) -> None:
+        """One round trip of scripts (loaded first, and sent again, if a restarted
+        Redis does not know them)."""
+        import redis.exceptions
+
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for name, keys, args in batch:
+                pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            self.round_trips += 1
+            results = await pipe.execute(raise_on_error=False)
+            errors = [r for r in results if isinstance(r, Exception)]
+            if not any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
+                if errors:
+                    raise errors[0]
+                return
+            for name in {name for name, _, _ in batch}:
+                await self._client.script_load(self._scripts[name].script)
 
     async def declare(
         self, ident: str, holder: str, body: dict[str, Any], ttl: float
@@ -260,3 +353,18 @@ class RedisStore:
 
     async def renew(self, ident: str, slots: list[int], ttl: float) -> None:
         await self._call("renew", [f"fanflow:{{{ident}}}:s"], [ttl, *slots])
+
+    async def adopt(self, ident: str, old: list[int], count: int, ttl: float) -> list[int]:
+        """Take ``count`` slots whatever the limit, in place of the slots ``old``: those
+        a process held while the store was lost."""
+        keys = [f"fanflow:{{{ident}}}:s", f"fanflow:{{{ident}}}:sn"]
+        return [int(i) for i in await self._call("adopt", keys, [ttl, count, *old])]
+
+    def publish_capacity(self, ident: str, learnt: dict[str, float], keep: float) -> None:
+        """Keep what a lane learnt of the server for ``keep`` seconds (fire and forget)."""
+        self._later("publish", [f"fanflow:{{{ident}}}:k"], [json.dumps(learnt), keep])
+
+    async def read_capacity(self, ident: str) -> tuple[dict[str, float], float] | None:
+        """(what was learnt, its age in seconds), or None: nothing kept."""
+        out = await self._call("read", [f"fanflow:{{{ident}}}:k"], [])
+        return (json.loads(out[1]), float(out[0])) if out else None

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS slots (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ident TEXT NOT NULL, holder TEXT NOT NULL,
     expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS slots_ident ON slots (ident, expires);
+CREATE TABLE IF NOT EXISTS capacity (
+    ident TEXT PRIMARY KEY, body TEXT NOT NULL, at REAL NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS declared (
     ident TEXT NOT NULL, holder TEXT NOT NULL, body TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (ident, holder));
@@ -148,6 +150,20 @@ class SQLiteStore:
     async def renew(self, ident: str, slots: list[int], ttl: float) -> None:
         await self._run(_renew, slots, ttl)
 
+    async def adopt(self, ident: str, old: list[int], count: int, ttl: float) -> list[int]:
+        """Take ``count`` slots whatever the limit, in place of the slots ``old``."""
+        return await self._run(_adopt, ident, old, count, ttl)
+
+    # -- capacity learnt ---------------------------------------------------------------
+
+    def publish_capacity(self, ident: str, learnt: dict[str, float], keep: float) -> None:
+        """Keep what a lane learnt of the server for ``keep`` seconds (fire and forget)."""
+        self._later(_publish, ident, json.dumps(learnt), keep)
+
+    async def read_capacity(self, ident: str) -> tuple[dict[str, float], float] | None:
+        """(what was learnt, its age in seconds), or None: nothing kept."""
+        return await self._run(_read, ident)
+
 
 def _declare(
     db: sqlite3.Connection, now: float, ident: str, holder: str, body: str, ttl: float
@@ -217,3 +233,23 @@ def _release(db: sqlite3.Connection, now: float, slot: int) -> None:
 
 def _renew(db: sqlite3.Connection, now: float, slots: list[int], ttl: float) -> None:
     db.executemany("UPDATE slots SET expires = ? WHERE id = ?", [(now + ttl, s) for s in slots])
+
+
+def _adopt(
+    db: sqlite3.Connection, now: float, ident: str, old: list[int], count: int, ttl: float
+) -> list[int]:
+    db.executemany("DELETE FROM slots WHERE id = ?", [(s,) for s in old])
+    insert = "INSERT INTO slots (ident, holder, expires) VALUES (?, '', ?)"
+    return [int(db.execute(insert, (ident, now + ttl)).lastrowid or 0) for _ in range(count)]
+
+
+def _publish(db: sqlite3.Connection, now: float, ident: str, body: str, keep: float) -> None:
+    row = (ident, body, now, now + keep)
+    db.execute("INSERT OR REPLACE INTO capacity VALUES (?, ?, ?, ?)", row)
+
+
+def _read(db: sqlite3.Connection, now: float, ident: str) -> tuple[dict[str, float], float] | None:
+    row = db.execute(
+        "SELECT body, at FROM capacity WHERE ident = ? AND expires > ?", (ident, now)
+    ).fetchone()
+    return None if row is None else (json.loads(row[0]), max(0.0, now - row[1]))

@@ -1,11 +1,12 @@
 """The ``Limits(shared=URL)`` forms: which store a URL names, checked when limits are made.
 
 Kept apart from the stores so :mod:`fanflow._limits` can check a URL without importing
-them (nor redis-py).
+them. A Redis URL imports redis-py here (see :func:`_import_redis`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import urllib.parse
 from dataclasses import dataclass
 
@@ -45,6 +46,14 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, ""))
 
 
+def _import_redis() -> None:
+    """Import redis-py now, when the limits are made: it takes 0.3 to 0.8 s, which a
+    process's first call would otherwise wait (benchmarks/RESULTS.md). Without it,
+    the store says what to install when it is first used."""
+    with contextlib.suppress(ImportError):
+        import redis.asyncio  # noqa: F401
+
+
 def parse_url(url: str) -> StoreURL:
     """Parse ``url``; raise ConfigError naming the allowed forms for any other."""
     if not isinstance(url, str) or not url:
@@ -71,6 +80,7 @@ def parse_url(url: str) -> StoreURL:
         return StoreURL("sqlite", parts.path[1:], ttl)
     if scheme in ("redis", "rediss", "unix"):
         target = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, rest, ""))
+        _import_redis()
         return StoreURL("redis", target, ttl)
     if scheme == "" or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):  # a plain path
         return StoreURL("sqlite", parts.path if scheme == "" else url, ttl)
