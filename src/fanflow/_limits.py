@@ -354,6 +354,9 @@ class _Booked:
     def __init__(self, admission: Admission, lane: Lane) -> None:
         self.admission, self.lane = admission, lane
 
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
+        return None  # booking elsewhere takes a round trip
+
     async def acquire(self, permit: Permit) -> Permit:
         booked = await self.admission.book(self.lane, (permit.input, permit.output))
         booked.ramp = permit.ramp  # the pause meter's slot, taken before
@@ -500,14 +503,16 @@ class Lane:
         Returns:
             The permit to pass to :meth:`finish` (None when no meter holds anything).
         """
-        if self.try_acquire():
-            return None  # nothing steers: a free slot is all it takes
+        if self.turn.simple and self.gate.try_acquire():
+            self._sent += 1
+            return None  # nothing steers: a free slot is all it takes (try_acquire)
         input, output = tokens or (0, 0)
         permit = Permit(input, output, [])
         taken = 0
         try:
             for meter in self._acquire:
-                permit = await meter.acquire(permit)
+                admitted = meter.acquire_nowait(permit)
+                permit = await meter.acquire(permit) if admitted is None else admitted
                 taken += 1
         except BaseException:
             for meter in reversed(self._acquire[:taken]):

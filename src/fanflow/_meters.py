@@ -1,10 +1,11 @@
 """Admission as a stack of small meters: the rules a lane is made of.
 
-Every meter has the same two methods (:class:`Meter`): ``acquire(permit)`` waits until
-its rule admits the call the permit describes and records in it what it holds;
+Every meter has the same methods (:class:`Meter`): ``acquire(permit)`` waits until its
+rule admits the call the permit describes and records in it what it holds
+(``acquire_nowait``: the same when it need not wait, as trio's ``acquire_nowait``);
 ``release(permit, outcome)`` gives that back and learns from how the call ended. A
-:class:`~fanflow._limits.Lane` is the stack its ``Limits`` describe, acquired top to
-bottom and released in the order of :attr:`Lane._release`.
+:class:`~fanflow._limits.Lane` is the stack its ``Limits`` describe: acquired in
+order (the gate's slot first), released with the outcome (the gate's slot last).
 
 The meters that space sends in time (a pause, the pacing, the rate buckets, the
 headers' credit) share one :class:`Turn`: calls take it in FIFO order and only the
@@ -82,6 +83,9 @@ class Permit:
         self.ramp = ramp
 
 
+_REFUSALS = (RateLimited, Overloaded)
+
+
 class Outcome:
     """How an admitted attempt ended, as every meter's ``release`` reads it."""
 
@@ -96,7 +100,7 @@ class Outcome:
         self.error = error  # its error, on failure (None: cancelled, or never sent)
         self.sent = sent  # the lane's calls in flight, this one included
         # A 429/529: the server refused for load.
-        self.refused = isinstance(error, RateLimited | Overloaded)
+        self.refused = error is not None and isinstance(error, _REFUSALS)
         if response is not None:
             self.state = getattr(response, "rate_limit", None)
         else:  # a refusal's rate-limit headers (a RateLimitState), if any
@@ -105,6 +109,11 @@ class Outcome:
 
 class Meter(Protocol):
     """One rule of admission."""
+
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
+        """:meth:`acquire` when this rule admits the call at once; None when it must
+        wait (then nothing was taken, and :meth:`acquire` is called)."""
+        ...
 
     async def acquire(self, permit: Permit) -> Permit:
         """Wait until this rule admits the call ``permit`` describes; record in it
@@ -121,11 +130,12 @@ class Turn:
     """The FIFO turn the clocked meters share, and whether any of them steers yet
     (``simple``: nothing to wait for but a free slot, the engine's fast path)."""
 
-    __slots__ = ("_wake", "lock", "simple")
+    __slots__ = ("_wake", "lock", "queued", "simple")
 
     def __init__(self, simple: bool) -> None:
         self.simple = simple
         self.lock = asyncio.Lock()
+        self.queued = 0  # calls holding or waiting for the lock: none, no need to queue
         self._wake: asyncio.Future[None] | None = None
 
     def steer(self) -> None:
@@ -158,6 +168,9 @@ class GateMeter:
     def __init__(self, gate: Any) -> None:
         self.gate = gate  # a Gate, or a LeasedGate (fanflow._leases)
 
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
+        return permit if self.gate.try_acquire() else None
+
     async def acquire(self, permit: Permit) -> Permit:
         await self.gate.acquire()
         return permit
@@ -183,6 +196,15 @@ class PauseMeter:
         # until it reaches ``_goal``; calls already in flight do not count.
         self.ramp: Gate | None = None
         self._goal = 1
+
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
+        ramp = self.ramp
+        if ramp is None:
+            return permit
+        if not ramp.try_acquire():
+            return None
+        permit.ramp = ramp
+        return permit
 
     async def acquire(self, permit: Permit) -> Permit:
         ramp = self.ramp
@@ -252,8 +274,11 @@ class PaceMeter:
         self.next = max(t, now) + self.delay
         return t
 
-    async def acquire(self, permit: Permit) -> Permit:
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
         return permit  # it learns only
+
+    async def acquire(self, permit: Permit) -> Permit:
+        return permit
 
     def release(self, permit: Permit | None, outcome: Outcome | None) -> None:
         if outcome is None:
@@ -285,8 +310,11 @@ class AdaptiveMeter:
         level = self.level
         return None if level is None else math.ceil(level - 1e-9)
 
-    async def acquire(self, permit: Permit) -> Permit:
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
         return permit  # it learns only
+
+    async def acquire(self, permit: Permit) -> Permit:
+        return permit
 
     def release(self, permit: Permit | None, outcome: Outcome | None) -> None:
         if outcome is None:
@@ -378,7 +406,7 @@ class RateMeter:
     allow its estimated cost, reserves it, and settles it against the reported usage.
     A 429 widens the buckets' margin (decision 0130)."""
 
-    __slots__ = ("_last_cut", "_pace", "_pause", "_turn", "buckets", "limits")
+    __slots__ = ("_counts_tokens", "_last_cut", "_pace", "_pause", "_turn", "buckets", "limits")
 
     def __init__(
         self,
@@ -400,6 +428,7 @@ class RateMeter:
         ]
         self._pause, self._pace, self._turn = pause, pace, turn
         self._last_cut = -math.inf
+        self._counts_tokens = any(m.kind != REQUESTS for m in self.buckets)
 
     def check(self, input: int, output: int, who: str) -> None:
         """Raise ``RequestTooLarge`` if a request of this size can never be admitted."""
@@ -422,32 +451,58 @@ class RateMeter:
             t = m.bucket.send_time(t, cost_of(m.kind, *tokens))
         return t
 
+    def _time(self, now: float, costs: list[tuple[BucketMeter, int]]) -> float:
+        """When the call may go by the pause, the pacing and every bucket."""
+        t = max(now, self._pause.until)
+        pace = self._pace
+        if pace is not None and pace.next > t:
+            t = pace.next
+        for meter, cost in costs:
+            t = meter.time(t, now, cost)
+        return t
+
+    def _take(self, permit: Permit, now: float, costs: list[tuple[BucketMeter, int]]) -> Permit:
+        permit.slots = [(m.bucket, m.take(now, cost), m.kind) for m, cost in costs]
+        if self._pace is not None:
+            self._pace.next = now + self._pace.delay
+        return permit
+
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
+        if self._turn.queued:
+            return None  # others are before it in the turn
+        now = asyncio.get_running_loop().time()
+        costs = [(m, cost_of(m.kind, permit.input, permit.output)) for m in self.buckets]
+        if self._time(now, costs) - now > EPSILON:
+            return None
+        return self._take(permit, now, costs)
+
     async def acquire(self, permit: Permit) -> Permit:
         """Wait for this call's turn, then reserve its cost. Only the head of the queue
         sleeps, and it wakes on every settlement or new headers to look again."""
         loop = asyncio.get_running_loop()
         costs = [(m, cost_of(m.kind, permit.input, permit.output)) for m in self.buckets]
-        pause, pace, turn = self._pause, self._pace, self._turn
-        async with turn.lock:
-            while True:
-                now = loop.time()
-                t = max(now, pause.until)
-                if pace is not None and pace.next > t:
-                    t = pace.next
-                for meter, cost in costs:
-                    t = meter.time(t, now, cost)
-                if t - now <= EPSILON:
-                    break
-                await turn.sleep_or_wake(t - now)
-            permit.slots = [(m.bucket, m.take(now, cost), m.kind) for m, cost in costs]
-            if pace is not None:
-                pace.next = now + pace.delay
-        return permit
+        turn = self._turn
+        turn.queued += 1
+        try:
+            async with turn.lock:
+                while True:
+                    now = loop.time()
+                    t = self._time(now, costs)
+                    if t - now <= EPSILON:
+                        return self._take(permit, now, costs)
+                    await turn.sleep_or_wake(t - now)
+        finally:
+            turn.queued -= 1
 
     def release(self, permit: Permit | None, outcome: Outcome | None) -> None:
         if outcome is None:
             return
-        if permit is not None and permit.slots and outcome.response is not None:
+        if (
+            self._counts_tokens
+            and permit is not None
+            and permit.slots  # none: booked elsewhere (a broker's permit)
+            and outcome.response is not None
+        ):
             self._settle(permit, outcome.response.usage)
         if isinstance(outcome.error, RateLimited) and outcome.start >= self._last_cut:
             # Our model of the server's limit was too generous: pace further under it

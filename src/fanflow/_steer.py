@@ -59,11 +59,14 @@ class HeaderMeter:
         self._tokens_in_flight = 0  # estimated tokens of the calls sent, not yet ended
         self._last_cost = 0  # the latest call's estimate: what the next one may need
 
-    async def acquire(self, permit: Permit) -> Permit:
+    def acquire_nowait(self, permit: Permit) -> Permit:
         tokens = permit.input + permit.output
         self._tokens_in_flight += tokens
         self._last_cost = tokens
         return permit
+
+    async def acquire(self, permit: Permit) -> Permit:
+        return self.acquire_nowait(permit)
 
     def release(self, permit: Permit | None, outcome: Outcome | None) -> None:
         if permit is not None:
@@ -145,11 +148,23 @@ class SteerMeter:
     ) -> None:
         self._pause, self._pace, self._credit, self._turn = pause, pace, credit, turn
 
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
+        pause, pace = self._pause, self._pace
+        if not (pause.until or self._credit.live or pace is not None):
+            return permit
+        # Most calls have nothing to wait for: no coroutine for them.
+        now = asyncio.get_running_loop().time()
+        t = pause.until if pace is None else max(pause.until, pace.next)
+        if t - now > EPSILON or not self._try_take(now):
+            return None
+        if pace is not None:
+            pace.claim(t, now)
+        return permit
+
     async def acquire(self, permit: Permit) -> Permit:
         if self._pause.until or self._credit.live or self._pace is not None:
             now = asyncio.get_running_loop().time()
             t = self._claim(now)
-            # Most calls have nothing to wait for: no coroutine for them.
             if max(t, self._pause.until) - now > EPSILON or not self._try_take(now):
                 await self.wait(t)
         return permit
@@ -190,12 +205,16 @@ class SteerMeter:
         """Calls take turns in FIFO order; only the head waits for the refill. A new
         reading wakes it to look again, so a misread rate costs one wait at most."""
         loop = asyncio.get_running_loop()
-        credit = self._credit
-        async with self._turn.lock:
-            while True:
-                now = loop.time()
-                wait = credit.wait(now, 1) if credit.live else 0.0
-                if wait <= EPSILON:
-                    credit.take(now, 1)
-                    return
-                await self._turn.sleep_or_wake(wait)
+        credit, turn = self._credit, self._turn
+        turn.queued += 1
+        try:
+            async with turn.lock:
+                while True:
+                    now = loop.time()
+                    wait = credit.wait(now, 1) if credit.live else 0.0
+                    if wait <= EPSILON:
+                        credit.take(now, 1)
+                        return
+                    await turn.sleep_or_wake(wait)
+        finally:
+            turn.queued -= 1
