@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from fanflow import Limits, Response, Usage
+import fanflow
+from fanflow import Limits, Request, Response, Usage
 from fanflow._gate import Gate
 from fanflow._leases import GlobalLane, GrantQueue, LeasedGate, SlotLease
 from fanflow._limits import Lane
@@ -28,6 +29,7 @@ from fanflow._rate import Credit
 from fanflow._steer import HeaderMeter, SteerMeter
 from fanflow.errors import RateLimited
 from fanflow.limits import Adaptive, Pacing
+from fanflow.testing import ScriptedLLM
 
 pytestmark = pytest.mark.looptime
 
@@ -264,3 +266,22 @@ async def test_a_broker_lane_ramping_after_a_pause_holds_the_ramps_slot(
     lane.finish(permit, 1.0, Response("ok", usage=Usage(1, 1)))
     assert (ramp.statistics().in_flight, ramp.limit) == (0, 3)
     await grants.aclose()
+
+
+async def test_token_headers_near_empty_hold_only_when_too_few_are_left(
+    looptime: float,
+) -> None:
+    @dataclass(frozen=True)
+    class _Reply(Response):
+        rate_limit: _State | None = None
+
+    def reply(request: Request) -> Response:
+        # 50 of 1,000 tokens left (5%), refilling at (1000 - 50 - 1) / 10 per second.
+        state = _State(tokens_limit=1000, tokens_remaining=50, tokens_reset=10.0)
+        return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
+
+    # One law (decision 0230): enough is left for the next send, so it goes; the
+    # spacing below 10% remaining of the two-law days is gone.
+    llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
+    await fanflow.map(llm, "{input}", ["a", "b", "c"])
+    assert llm.started_at == [0.0, 0.0, 0.0]
