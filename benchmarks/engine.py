@@ -9,7 +9,8 @@
    the items vs at the end (target: flat, ratio ~1.0).
 4. With ``--lanes``: CPU per call of fanflow.map with no limits and with the handle's
    ``Limits(concurrency=100, rpm=...)`` (an rpm that never binds: the bucket work only),
-   against the bare loop, best of 5 interleaved rounds.
+   against the bare loop, best of 5 interleaved rounds; and the lane alone (``acquire``
+   + ``finish`` in a loop, no engine) with each.
 5. With ``--otel`` (needs the SDK: the dev extra): CPU per call of fanflow.map with
    tracing off, with fanflow.otel.instrument() and only the API (no SDK: nothing
    recorded), and with the SDK keeping spans and metrics in memory (decision 0185).
@@ -25,6 +26,7 @@ import time
 from collections.abc import Iterator
 
 import fanflow
+import fanflow.limits
 
 
 async def _zero(request: fanflow.Request) -> str:
@@ -148,6 +150,19 @@ def otel_cpu(n: int, rounds: int = 3) -> None:
         print(f"  cpu/call {label:28s} {us:8.1f} us  ({best[mode] / off:5.2f}x off)")
 
 
+async def lane_loop(limits: fanflow.Limits, n: int) -> float:
+    """CPU of ``n`` admissions and finishes on a handle's lane alone (no engine)."""
+    from fanflow._limits import Lane
+
+    lane = Lane(limits)
+    response = fanflow.Response("ok", usage=fanflow.Usage(1, 1))
+    start = time.process_time()
+    for _ in range(n):
+        permit = await lane.acquire((10, 10))
+        lane.finish(permit, 0.0, response)
+    return time.process_time() - start
+
+
 def lanes_cpu(n: int, rounds: int = 5) -> None:
     """CPU per call with no limits and with a handle's concurrency and rpm (best of rounds)."""
     limited = fanflow.Limits(concurrency=100, rpm=1e9)
@@ -155,6 +170,8 @@ def lanes_cpu(n: int, rounds: int = 5) -> None:
         "bare": lambda: bare_loop(n, 100),
         "none": lambda: fanflow_map(n, 100),
         "limited": lambda: fanflow_map(n, None, limited),
+        "lane": lambda: lane_loop(fanflow.limits.DEFAULT_LIMITS, n),
+        "lane limited": lambda: lane_loop(limited, n),
     }
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):  # interleaved: load on a shared machine drifts
@@ -165,6 +182,8 @@ def lanes_cpu(n: int, rounds: int = 5) -> None:
         ("bare", "bare semaphore+gather"),
         ("none", "map concurrency=100, no limits"),
         ("limited", "Limits(concurrency=100, rpm=1e9)"),
+        ("lane", "the lane alone, default limits"),
+        ("lane limited", "the lane alone, the limits above"),
     ):
         us = best[name] / n * 1e6
         print(f"  cpu/call {label:34s} {us:8.1f} us  ({best[name] / best['bare']:5.2f}x bare)")
