@@ -7,7 +7,11 @@
 2. 10,000 calls in flight with 1 s latency: makespan / 1 s (target: <= 1.10).
 3. 1,000,000 items through as_completed from a generator: resident memory after 10% of
    the items vs at the end (target: flat, ratio ~1.0).
-4. With ``--otel`` (needs the SDK: the dev extra): CPU per call of fanflow.map with
+4. With ``--lanes``: CPU per call of fanflow.map with no limits and with the handle's
+   ``Limits(concurrency=100, rpm=...)`` (an rpm that never binds: the bucket work only),
+   against the bare loop, best of 5 interleaved rounds; and the lane alone (``acquire``
+   + ``finish`` in a loop, no engine) with each.
+5. With ``--otel`` (needs the SDK: the dev extra): CPU per call of fanflow.map with
    tracing off, with fanflow.otel.instrument() and only the API (no SDK: nothing
    recorded), and with the SDK keeping spans and metrics in memory (decision 0185).
 """
@@ -22,6 +26,7 @@ import time
 from collections.abc import Iterator
 
 import fanflow
+import fanflow.limits
 
 
 async def _zero(request: fanflow.Request) -> str:
@@ -50,8 +55,10 @@ async def bare_loop(n: int, concurrency: int) -> float:
     return time.process_time() - start
 
 
-async def fanflow_map(n: int, concurrency: int) -> float:
-    llm = fanflow.function(_zero)
+async def fanflow_map(
+    n: int, concurrency: int | None, limits: fanflow.Limits | None = None
+) -> float:
+    llm = fanflow.function(_zero, limits=limits)
     start = time.process_time()
     result = await fanflow.map(llm, "{input}", range(n), concurrency=concurrency)
     elapsed = time.process_time() - start
@@ -143,13 +150,58 @@ def otel_cpu(n: int, rounds: int = 3) -> None:
         print(f"  cpu/call {label:28s} {us:8.1f} us  ({best[mode] / off:5.2f}x off)")
 
 
+async def lane_loop(limits: fanflow.Limits, n: int) -> float:
+    """CPU of ``n`` admissions and finishes on a handle's lane alone (no engine)."""
+    from fanflow._limits import Lane
+
+    lane = Lane(limits)
+    response = fanflow.Response("ok", usage=fanflow.Usage(1, 1))
+    start = time.process_time()
+    for _ in range(n):
+        permit = await lane.acquire((10, 10))
+        lane.finish(permit, 0.0, response)
+    return time.process_time() - start
+
+
+def lanes_cpu(n: int, rounds: int = 5) -> None:
+    """CPU per call with no limits and with a handle's concurrency and rpm (best of rounds)."""
+    limited = fanflow.Limits(concurrency=100, rpm=1e9)
+    runs = {
+        "bare": lambda: bare_loop(n, 100),
+        "none": lambda: fanflow_map(n, 100),
+        "limited": lambda: fanflow_map(n, None, limited),
+        "lane": lambda: lane_loop(fanflow.limits.DEFAULT_LIMITS, n),
+        "lane limited": lambda: lane_loop(limited, n),
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):  # interleaved: load on a shared machine drifts
+        for name, run in runs.items():
+            best[name] = min(best[name], asyncio.run(run()))
+    print(f"fanflow lanes, {n} calls, best of {rounds}:")
+    for name, label in (
+        ("bare", "bare semaphore+gather"),
+        ("none", "map concurrency=100, no limits"),
+        ("limited", "Limits(concurrency=100, rpm=1e9)"),
+        ("lane", "the lane alone, default limits"),
+        ("lane limited", "the lane alone, the limits above"),
+    ):
+        us = best[name] / n * 1e6
+        print(f"  cpu/call {label:34s} {us:8.1f} us  ({best[name] / best['bare']:5.2f}x bare)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     parser.add_argument(
         "--otel", action="store_true", help="only the tracing cost (section 4; needs the SDK)"
     )
+    parser.add_argument(
+        "--lanes", action="store_true", help="only CPU per call with and without limits"
+    )
     args = parser.parse_args()
+    if args.lanes:
+        lanes_cpu(5_000 if args.quick else 20_000)
+        return
     if args.otel:
         otel_cpu(5_000 if args.quick else 20_000)
         return

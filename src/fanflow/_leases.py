@@ -27,7 +27,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._limits import Gate, Lane, Limits, Permit
+from ._gate import Gate, GateStatistics
+from ._limits import Lane, Limits, Permit
 
 __all__ = [
     "LINGER",
@@ -198,48 +199,53 @@ class SlotLease:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class LeasedGate(Gate):
-    """A lane's gate whose slots are also leased from the broker: the lane's own limit
-    (the ramp after a pause, the adaptive controller) and the cluster's both hold."""
+class LeasedGate:
+    """A lane's gate whose slots are also leased from the far side: a local
+    :class:`Gate` (the ramp after a pause, the adaptive controller move its limit) and
+    the lease both hold. It has the gate's methods, so a lane uses it as its gate."""
 
-    __slots__ = ("lease",)
+    __slots__ = ("lease", "local")
 
     def __init__(self, limit: int | None, lease: SlotLease) -> None:
-        super().__init__(limit)
+        self.local = Gate(limit)
         self.lease = lease
 
-    # Gate's own methods call self.try_acquire()/self.release(), which here also take
-    # and give the lease; so the local half is spelled out with Gate's methods.
+    @property
+    def limit(self) -> int | None:
+        return self.local.limit
+
+    @property
+    def waiting(self) -> int:
+        return self.local.waiting
+
+    def set_limit(self, limit: int | None) -> None:
+        self.local.set_limit(limit)
+
+    def idle(self) -> bool:
+        return self.local.idle()
 
     def try_acquire(self) -> bool:
-        if not Gate.try_acquire(self):
+        if not self.local.try_acquire():
             return False
         if self.lease.try_take():
             return True
-        Gate.release(self)
+        self.local.release()
         return False
 
     async def acquire(self) -> None:
-        if not Gate.try_acquire(self):
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    Gate.release(self)  # handed a local slot just as we were cancelled
-                else:
-                    self._remove(fut)
-                raise
+        await self.local.acquire()
         try:
             await self.lease.take()
         except BaseException:
-            Gate.release(self)
+            self.local.release()
             raise
 
     def release(self) -> None:
         self.lease.give()
-        Gate.release(self)
+        self.local.release()
+
+    def statistics(self) -> GateStatistics:
+        return self.local.statistics()
 
 
 Answers = list[tuple[float, int]]
@@ -453,9 +459,9 @@ class GlobalLane(Lane):
     __slots__ = ()
 
     def __init__(self, limits: Limits, lease: SlotLease | None, grants: GrantQueue | None) -> None:
-        super().__init__(limits, None if grants is None else BrokerAdmission(grants, limits.period))
-        if lease is not None:
-            self.gate = LeasedGate(self.gate.limit, lease)
+        admission = None if grants is None else BrokerAdmission(grants, limits.period)
+        gate = None if lease is None else (lambda limit: LeasedGate(limit, lease))
+        super().__init__(limits, admission, gate)
 
     def __repr__(self) -> str:
         return f"fanflow.GlobalLane({self.limits!r})"
