@@ -46,6 +46,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._types": "core",
     "fanflow._batchinfo": "core",
     "fanflow._exceptions": "core",
+    "fanflow._checks": "core",
     "fanflow._util": "core",
     "fanflow._version": "core",
     "fanflow._pricing": "core",

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ._batchinfo import batch_info
 from ._breaker import Breaker
 from ._budget import Budget, as_budget
+from ._checks import check_concurrency, check_seconds
 from ._events import (
     AMBIENT_HOOKS,
     INSTALLED,
@@ -42,7 +43,6 @@ from ._exceptions import (
     BudgetExceeded,
     CallTimeout,
     CircuitOpen,
-    ConfigError,
     Overloaded,
     ParseError,
     ProviderError,
@@ -60,7 +60,7 @@ from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Request, Response, Status, Usage
 
-__all__ = ["CallOptions", "execute", "status_of"]
+__all__ = ["NO_RUN", "TIMING", "CallOptions", "Run", "execute", "status_of"]
 
 T = TypeVar("T")
 
@@ -78,97 +78,135 @@ TAIL_RETRY_NOTE = (
 )
 
 
-class Tail:
-    """Whether a batch has handed out its last item (set by the batch; decision 0157).
-
-    From then on every item is started and the batch only waits for its slowest: a 5xx
-    there is retried at once (:meth:`_Call._tail_retry`), since a backoff would be added
-    to the makespan.
-    """
-
-    __slots__ = ("draining",)
-
-    def __init__(self) -> None:
-        self.draining = False
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CallOptions:
-    """Per-pattern options for the calls it makes.
+    """The engine's call options, checked once: what every call of a pattern shares.
+
+    The patterns' keyword options (``fanflow.Options``) become one of these in
+    ``patterns/_options.resolve``; a backend carries it unchanged (``MapSpec.options``).
+    What depends on when a run starts (its gate, its deadline, a new budget cap) is
+    added by :meth:`start`, which makes the :class:`Run` the engine reads.
 
     Args:
+        concurrency: the most of the run's calls in flight (None: the handle's limit).
         timeout: seconds per attempt (None: the handle's; the handle's None: no limit).
+        deadline: seconds from the run's start by which every call must end.
         retry: the retry policy (None: the handle's, else the default policy).
         hedge_after: seconds after which a duplicate attempt starts (None: no hedging).
-        deadline: absolute event-loop time by which every call must end.
         hooks: callables receiving each event.
-        gate: the pattern's own concurrency gate (None: only the handle's limit).
-        budget: the spending cap the calls draw on (None: no cap).
+        budget: the spending cap: a :class:`Budget` (shared as given) or dollars (a
+            new cap for each run).
         prices: model prices beyond the built-in table, for costs and budgets.
-        tail: set by a batch once its item source is exhausted (None: not a batch).
     """
 
+    concurrency: int | None = None
     timeout: float | None = None
+    deadline: float | None = None
     retry: RetryPolicy | None = None
     hedge_after: float | None = None
-    deadline: float | None = None
     hooks: tuple[Hook, ...] = ()
-    gate: Gate | None = None
-    budget: Budget | None = None
+    budget: float | Budget | None = None
     prices: Mapping[str, Price] | None = None
-    tail: Tail | None = None
 
     def __post_init__(self) -> None:
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}; use None")
-        if self.hedge_after is not None and self.hedge_after <= 0:
-            raise ConfigError(
-                f"hedge_after must be > 0 seconds, got {self.hedge_after}; use None for no hedging"
-            )
+        check_concurrency(self.concurrency)
+        for name in ("timeout", "deadline", "hedge_after"):
+            check_seconds(name, getattr(self, name))
+        as_budget(self.budget)  # a budget that is neither dollars nor a Budget fails here
+
+    def start(
+        self,
+        *,
+        drained: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+        budget: Budget | None = None,
+    ) -> Run:
+        """The run these options start now: a gate for ``concurrency``, the deadline as
+        a loop time, the budget's cap (a number: a new one), the ambient hooks.
+
+        ``drained`` tells a batch's calls whether it has handed out its last item
+        (:meth:`Run.drained`); ``deadline`` (seconds from now) and ``budget`` replace
+        the options' own (a Ray worker's: the driver's deadline and budget)."""
+        cap = budget if budget is not None else as_budget(self.budget)
+        prices = self.prices
+        if cap is not None:
+            # Records are priced as the budget charges them (its prices, then the call's).
+            prices = cap.with_prices(prices).prices
+        seconds = deadline if deadline is not None else self.deadline
+        return Run(
+            options=self,
+            gate=Gate(self.concurrency) if self.concurrency is not None else None,
+            deadline=None if seconds is None else asyncio.get_running_loop().time() + seconds,
+            budget=cap,
+            prices=dict(prices) if prices else None,
+            hooks=(*self.hooks, *AMBIENT_HOOKS.get(), *INSTALLED),
+            drained=drained,
+        )
 
 
-def make_options(
-    *,
-    concurrency: int | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    retry: RetryPolicy | None = None,
-    hedge_after: float | None = None,
-    hooks: Sequence[Hook] = (),
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
-    tail: bool = False,
-) -> CallOptions:
-    """Build the options of one pattern call; ``deadline`` is in seconds from now.
+#: The options that time a call (an enclosing run's apply where a call sets none).
+TIMING: tuple[str, ...] = ("timeout", "retry", "hedge_after")
 
-    ``budget`` is a :class:`Budget` (used as given, so calls sharing it draw on one cap)
-    or a number of dollars (a new cap for these options alone). A pattern that builds
-    options more than once converts a number with ``as_budget`` first, so all its calls
-    share one cap. ``tail``: the options are a batch's, which marks its tail on them
-    (:class:`Tail`).
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Run:
+    """One run of a pattern's calls, as the engine reads it: its :class:`CallOptions`
+    and what was added when the run started.
+
+    Args:
+        options: the run's call options (``timeout``, ``retry`` and ``hedge_after`` are
+            read through: ``run.timeout``).
+        gate: the run's own concurrency gate (None: only the handle's limit).
+        deadline: absolute event-loop time by which every call must end.
+        budget: the spending cap the calls draw on (None: no cap).
+        prices: model prices beyond the built-in table, for costs and budgets.
+        hooks: callables receiving each event (the ambient ones included).
+        drained: whether the batch that runs these calls has handed out its last item
+            (asked by the engine, answered by the backend; None: not a batch). From then
+            on a 5xx is retried at once (:meth:`_Call._tail_retry`, decision 0157).
     """
-    cap = as_budget(budget)
-    if cap is not None:
-        # Records are priced as the budget charges them (its prices, then the call's).
-        prices = cap.with_prices(prices).prices
-    if deadline is not None and deadline <= 0:
-        raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
-    if concurrency is not None and concurrency < 1:
-        raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
-    deadline_at = None
-    if deadline is not None:
-        deadline_at = asyncio.get_running_loop().time() + deadline
-    return CallOptions(
-        timeout=timeout,
-        retry=retry,
-        hedge_after=hedge_after,
-        deadline=deadline_at,
-        hooks=(*hooks, *AMBIENT_HOOKS.get(), *INSTALLED),
-        gate=Gate(concurrency) if concurrency is not None else None,
-        budget=cap,
-        prices=dict(prices) if prices else None,
-        tail=Tail() if tail else None,
-    )
+
+    options: CallOptions = CallOptions()
+    gate: Gate | None = None
+    deadline: float | None = None
+    budget: Budget | None = None
+    prices: Mapping[str, Price] | None = None
+    hooks: tuple[Hook, ...] = ()
+    drained: Callable[[], bool] | None = None
+
+    @property
+    def timeout(self) -> float | None:
+        return self.options.timeout
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        return self.options.retry
+
+    @property
+    def hedge_after(self) -> float | None:
+        return self.options.hedge_after
+
+    def within(self, outer: Run | None, given: frozenset[str]) -> Run:
+        """This run inside ``outer`` (a skill in a pool, a call in a gather): the timing
+        options, the deadline and the gate of ``outer`` apply where this one's options
+        did not set them (``given``: the option names they did); the sooner deadline
+        wins. Budget, prices and hooks stay this run's."""
+        if outer is None:
+            return self
+        taken = {name: getattr(outer.options, name) for name in TIMING if name not in given}
+        deadline = self.deadline if "deadline" in given else None
+        if outer.deadline is not None:
+            deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
+        return dataclasses.replace(
+            self,
+            options=dataclasses.replace(self.options, **taken) if taken else self.options,
+            deadline=deadline,
+            gate=self.gate if "concurrency" in given else outer.gate,
+        )
+
+
+#: The run of a call made with no options (nothing to wait for but the handle's lane).
+NO_RUN = Run()
 
 
 class _HedgeWon(Exception):
@@ -216,7 +254,7 @@ class _Call(Generic[T]):
         self,
         llm: LLM,
         request: Request,
-        opts: CallOptions,
+        opts: Run,
         index: int | None,
         label: str | None,
     ) -> None:
@@ -766,8 +804,8 @@ class _Call(Generic[T]):
         lane = self.lane
         if lane.successes <= called:
             return False
-        tail = self.opts.tail
-        if tail is not None and tail.draining:
+        drained = self.opts.drained
+        if drained is not None and drained():
             return True
         if not lane.gate.idle():
             return False
@@ -872,7 +910,7 @@ def _report_refusal(breaker: Breaker, lane: Lane, exc: RateLimited, now: float) 
 def execute(
     llm: LLM,
     request: Request,
-    opts: CallOptions = CallOptions(),
+    opts: Run = NO_RUN,
     *,
     index: int | None = None,
     label: str | None = None,
@@ -885,7 +923,7 @@ def execute(
     Args:
         llm: the model.
         request: the request (the handle's defaults are filled in first).
-        opts: the pattern's options.
+        opts: the pattern run's options (:meth:`CallOptions.start`).
         index: the item index, for records, events and messages.
         label: a free-form label (worker, step) for records and events.
         parse: turns the response into the record's value; if it raises, the call
@@ -912,7 +950,7 @@ class _Routed(Protocol):
     def route(
         self,
         request: Request,
-        opts: CallOptions,
+        opts: Run,
         *,
         index: int | None,
         label: str | None,

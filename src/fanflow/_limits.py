@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._checks import check_concurrency
 from ._exceptions import ConfigError, Overloaded, RateLimited, RequestTooLarge
 from ._hedge import Hedger
 from ._log import log_pause
@@ -192,10 +193,7 @@ class Limits:
             from ._shared._url import parse_url
 
             parse_url(self.shared)  # an unknown form: a ConfigError naming those allowed
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ConfigError(
-                f"concurrency must be >= 1, got {self.concurrency}; use None for no limit"
-            )
+        check_concurrency(self.concurrency)
         for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
             _positive(name, getattr(self, name))
         if not self.burst >= 0:
@@ -317,8 +315,7 @@ class Gate:
     __slots__ = ("_in_flight", "_limit", "_max_in_flight", "_waiters")
 
     def __init__(self, limit: int | None) -> None:
-        if limit is not None and limit < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {limit}; use None for no limit")
+        check_concurrency(limit)
         self._limit = limit
         self._in_flight = 0
         self._max_in_flight = 0
@@ -330,8 +327,7 @@ class Gate:
 
     def set_limit(self, limit: int | None) -> None:
         """Change the limit; raising it admits waiters at once."""
-        if limit is not None and limit < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {limit}; use None for no limit")
+        check_concurrency(limit)
         self._limit = limit
         self._wake()
 

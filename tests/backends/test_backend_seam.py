@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 import fanflow
+from fanflow._engine import CallOptions
 from fanflow.backends import Backend, BatchRun, LocalBackend, MapSpec, PoolSpec
 from fanflow.backends._base import Deliver
 from fanflow.backends._config import resolve_backend
@@ -59,7 +60,8 @@ async def test_map_and_as_completed_run_on_the_backend_they_are_given(looptime: 
     assert looptime == 2.0  # two at a time, 1 s each: the spec's concurrency held
     (spec,) = backend.specs
     assert isinstance(spec, MapSpec)
-    assert spec.concurrency == 2
+    assert spec.options.concurrency == 2  # the call options, checked once, as one value
+    assert spec.options.hooks == ()
     assert spec.size == 3
     assert spec.build({"input": "z"}, 7).prompt == "Q: z"
     assert spec.build("z", 7).temperature == 0.5
@@ -68,6 +70,22 @@ async def test_map_and_as_completed_run_on_the_backend_they_are_given(looptime: 
         got = sorted([r.value async for r in results])
     assert got == ["echo: x", "echo: y"]
     assert len(backend.specs) == 2
+
+
+def test_a_map_specs_old_option_fields_warn_and_read_the_options() -> None:
+    spec = MapSpec(
+        llm=ScriptedLLM(),
+        build=lambda item, index: fanflow.Request.of(str(item)),
+        items=[],
+        parse=str,
+        options=CallOptions(concurrency=3, deadline=9.0),
+    )
+    with pytest.warns(DeprecationWarning, match=r"spec\.options\.concurrency"):
+        assert spec.concurrency == 3
+    with pytest.warns(DeprecationWarning, match=r"spec\.options\.deadline"):
+        assert spec.deadline == 9.0
+    with pytest.raises(AttributeError, match="no attribute 'concurrence'"):
+        spec.concurrence  # noqa: B018 - a name that never was a field
 
 
 async def test_a_pool_runs_on_the_backend_it_is_given() -> None:

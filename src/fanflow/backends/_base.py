@@ -27,13 +27,14 @@ check it gives the same results):
   delivering, and run the whole batch inside ``durable.around(...)`` (the job's start,
   end and sink); with ``durable.prior``, an item that succeeded in an earlier run of
   the job is served from the store.
-- **Honour the budget and the limits**: every call reserves from ``spec.budget`` (one
-  cap for the whole batch, wherever its calls run) and goes through the handle's lane
-  (``Limits``: concurrency, rpm, tpm), so the limits hold across the batch, together
-  with whatever else uses the same handle; ``spec.concurrency`` narrows it further;
-  ``spec.timeout``, ``retry``, ``hedge_after`` and ``deadline`` mean what they mean
-  for the engine (:func:`fanflow._engine.make_options`).
-- **Emit events** to ``spec.hooks`` on the caller's event loop, as the local engine does.
+- **Honour the options and the limits**: ``spec.options`` are the call options, checked
+  (:class:`fanflow._engine.CallOptions`); ``spec.options.start()`` makes the run the
+  engine's ``execute`` takes when the batch starts: one concurrency gate, the deadline
+  counted from then, one budget cap for the whole batch, wherever its calls run. Every
+  call goes through the handle's lane (``Limits``: concurrency, rpm, tpm), so the
+  limits hold across the batch, together with whatever else uses the same handle.
+- **Emit events** to ``spec.options.hooks`` on the caller's event loop, as the local
+  engine does.
 - **Fail fast on request**: with ``spec.fail_fast``, the first record that did not
   succeed stops the batch (in-flight items cancelled) and its error is raised.
 - **Cancel cleanly** (promise 6): when ``run()`` is cancelled, stop sending, cancel
@@ -45,17 +46,17 @@ A backend that cannot run pools (a batch API has no multi-step chains) raises
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from .._budget import Budget
 from .._durable import Durability
-from .._engine import CallOptions
+from .._engine import CallOptions, Run
 from .._events import Hook
 from .._llm import LLM
 from .._pricing import Price
-from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import JobStore
 
@@ -101,17 +102,13 @@ class MapSpec:
             run in another process); it raises for a bad item (that item fails).
         items: the inputs, a sequence or a (async) iterator, pulled lazily.
         parse: turns a response into the record's value (it may raise: the item fails).
-        concurrency: the most items in flight (None: the handle's limit alone).
-        timeout: seconds per attempt (None: the handle's).
-        deadline: seconds from the start by which every item must end (None: none).
-        retry: the retry policy (None: the handle's).
-        hedge_after: seconds before a duplicate attempt (None: off).
-        hooks: receive each event, on the caller's event loop.
+        options: the call options (``concurrency``: the most items in flight;
+            ``deadline``: seconds from the start by which every item must end;
+            ``budget``: one cap for every call of the batch; ``hooks`` receive each
+            event, on the caller's event loop).
         label: a label for every record.
         fail_fast: the first failure stops the batch and is raised.
         durable: the batch's store, job and sink (None: nothing is kept).
-        budget: one spending cap for every call of the batch (None: none).
-        prices: model prices beyond the built-in table.
         check_first: a check of the first items, run before any call (None: none).
         prime: whether to prime the batch, decided from its first ``prime.count`` items
             before any call: the first item is sent alone and the others wait until it
@@ -123,17 +120,10 @@ class MapSpec:
     build: Callable[[Any, int], Request]
     items: Items
     parse: Callable[[Response], Any]
-    concurrency: int | None = None
-    timeout: float | None = None
-    deadline: float | None = None
-    retry: RetryPolicy | None = None
-    hedge_after: float | None = None
-    hooks: tuple[Hook, ...] = ()
+    options: CallOptions = field(default_factory=CallOptions)
     label: str | None = None
     fail_fast: bool = False
     durable: Durability | None = None
-    budget: Budget | None = None
-    prices: Mapping[str, Price] | None = None
     check_first: FirstCheck | None = None
     prime: FirstCheck | None = None
 
@@ -141,6 +131,25 @@ class MapSpec:
     def size(self) -> int | None:
         """How many items there are, when ``items`` is a sequence (else None)."""
         return len(self.items) if isinstance(self.items, Sequence) else None
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for a name that is not a field: the fields the options replaced
+        # are read from them, with a warning, for one release.
+        if name in _IN_OPTIONS:
+            warnings.warn(
+                f"MapSpec.{name} is deprecated and will be removed in the next release; "
+                f"read spec.options.{name} (the call options, fanflow._engine.CallOptions)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+# MapSpec's fields before the call options were gathered in ``MapSpec.options``.
+_IN_OPTIONS = frozenset(
+    ("concurrency", "timeout", "deadline", "retry", "hedge_after", "hooks", "budget", "prices")
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,10 +171,11 @@ class PoolSpec:
         prices: model prices beyond the built-in table.
         handle_for: the handle a model step calls in place of its own (a Pool with
             ``mode="batch"``: the batching handle); None: its own.
-        shared: call options every skill without its own takes (timeout, retry,
-            hedge_after, one deadline for the whole run). Ray sends them to its
-            workers (the deadline as wall-clock time); ``max_flows`` bounds the calls
-            in flight there, as it is split between the workers.
+        shared: the run every skill without options of its own runs within (its
+            timeout, retry, hedge_after, one deadline for the whole run). Ray sends
+            its options to its workers (the deadline as wall-clock time);
+            ``max_flows`` bounds the calls in flight there, as it is split between
+            the workers.
     """
 
     runner: Any
@@ -177,7 +187,7 @@ class PoolSpec:
     replay: Callable[[int], bool] = lambda index: False
     budget: Budget | None = None
     prices: Mapping[str, Price] | None = None
-    shared: CallOptions | None = None
+    shared: Run | None = None
     handle_for: HandleFor | None = None
 
 

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import replace
 from typing import Any
 
+from .._budget import as_budget
+from .._engine import CallOptions
 from .._exceptions import ConfigError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
@@ -59,11 +61,11 @@ class BatchBackend:
     def __repr__(self) -> str:
         return f"fanflow.backends.BatchBackend(mode={self.mode!r})"
 
-    def check(self, llm: LLM, *, deadline: float | None, hedge_after: float | None) -> None:
+    def check(self, llm: LLM, calls: CallOptions) -> None:
         """Refuse what cannot work, before anything is sent."""
-        mode, options = self.mode, self.options
+        mode, options, deadline = self.mode, self.options, calls.deadline
         batch_api_of(llm, mode)
-        if hedge_after is not None:
+        if calls.hedge_after is not None:
             raise ConfigError(
                 f"hedge_after has no meaning with mode={mode!r} (a batched request is sent "
                 "once); drop it"
@@ -82,7 +84,7 @@ class BatchBackend:
             )
 
     def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
-        self.check(spec.llm, deadline=spec.deadline, hedge_after=spec.hedge_after)
+        self.check(spec.llm, spec.options)
         return _BatchedRun(self, spec, deliver)
 
     async def run_pool(
@@ -102,9 +104,7 @@ def batch_backend(
     options: BatchOptions | None,
     backend: object,
     llm: LLM,
-    *,
-    deadline: float | None,
-    hedge_after: float | None,
+    calls: CallOptions,
 ) -> BatchBackend:
     """The backend of ``mode="batch"``/``"auto"`` (checked now, before anything runs)."""
     if mode not in MODES:
@@ -112,7 +112,7 @@ def batch_backend(
     if backend not in ("local", None):
         raise ConfigError(f"mode={mode!r} chooses the batch backend; drop backend={backend!r}")
     made = BatchBackend(mode, options)
-    made.check(llm, deadline=deadline, hedge_after=hedge_after)
+    made.check(llm, calls)
     return made
 
 
@@ -168,26 +168,30 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
     api = batch_api_of(llm, mode)
     store = spec.durable.store if spec.durable is not None else None
     journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
-    prices = spec.prices
-    if spec.budget is not None:  # records are priced as the budget charges them
-        prices = spec.budget.with_prices(prices).prices
+    calls = spec.options
+    prices = calls.prices
+    budget = as_budget(calls.budget)
+    if budget is not None:  # records are priced as the budget charges them
+        prices = budget.with_prices(prices).prices
+        calls = replace(calls, budget=budget)  # the same cap for the batch's calls
     queue = BatchQueue(api, journal, options)
     wrapped = BatchLLM(
         llm,
         queue,
         window=window,
         prices=prices,
-        realtime_timeout=spec.timeout or llm.timeout,
-        realtime_concurrency=spec.concurrency,
+        realtime_timeout=calls.timeout or llm.timeout,
+        realtime_concurrency=calls.concurrency,
     )
     async with queue:
         watcher = None
         if mode == "auto":
-            assert spec.deadline is not None
-            deadline_at = asyncio.get_running_loop().time() + spec.deadline
+            assert calls.deadline is not None
+            deadline_at = asyncio.get_running_loop().time() + calls.deadline
             watcher = asyncio.ensure_future(_watch(queue, llm, deadline_at, options, spec.size))
         try:
-            yield replace(spec, llm=wrapped, timeout=None, concurrency=None)
+            inner = replace(calls, timeout=None, concurrency=None)
+            yield replace(spec, llm=wrapped, options=inner)
         finally:
             if watcher is not None:
                 watcher.cancel()

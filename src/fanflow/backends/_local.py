@@ -21,7 +21,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from .._durable import Durability
-from .._engine import CallOptions, execute, make_options
+from .._engine import CallOptions, execute
 from .._events import CallEnded, emit
 from .._gc import batch_gc
 from .._limits import DEFAULT_CONCURRENCY
@@ -71,10 +71,11 @@ def window(llm: LLM, concurrency: int | None, size: int | None) -> int:
 class Source:
     """Hands out (index, item) pairs from a sync or async iterable, one at a time."""
 
-    __slots__ = ("_ait", "_index", "_it", "_lock", "_peeked")
+    __slots__ = ("_ait", "_drained", "_index", "_it", "_lock", "_peeked")
 
     def __init__(self, items: Items) -> None:
         self._index = 0
+        self._drained = False
         self._it: Any = None
         self._ait: AsyncIterator[Any] | None = None
         self._lock: asyncio.Lock | None = None
@@ -109,6 +110,7 @@ class Source:
         try:
             item = next(self._it)
         except StopIteration:
+            self._drained = True
             return None
         index = self._index
         self._index += 1
@@ -125,6 +127,7 @@ class Source:
                 try:
                     item = await anext(self._ait)
                 except StopAsyncIteration:
+                    self._drained = True
                     return None
         index = self._index
         self._index += 1
@@ -134,6 +137,11 @@ class Source:
     def seen(self) -> int:
         """How many items were handed out."""
         return self._index
+
+    def drained(self) -> bool:
+        """Whether the last item was handed out: the batch's tail, where every item is
+        started and the batch only waits for its slowest (``Run.drained``)."""
+        return self._drained
 
 
 class FailFast(Exception):
@@ -153,7 +161,7 @@ class Batch(Generic[T]):
         build: Callable[[Any, int], Request],
         items: Items,
         *,
-        opts: CallOptions,
+        options: CallOptions,
         workers: int,
         parse: Callable[[Response], T],
         deliver: Deliver,
@@ -167,7 +175,8 @@ class Batch(Generic[T]):
         self.llm = llm
         self.build = build
         self.source = Source(items)
-        self.opts = opts
+        # The run starts now: its gate, its deadline, its budget cap.
+        self.opts = options.start(drained=self.source.drained)
         self.workers = workers
         self.parse = parse
         self.deliver = deliver
@@ -219,12 +228,9 @@ class Batch(Generic[T]):
         then starts the other workers in that task group."""
         source = self.source
         is_async = source.is_async
-        tail = self.opts.tail
         while True:
             got = await source.next() if is_async else source.next_sync()
             if got is None:
-                if tail is not None:
-                    tail.draining = True  # every item is started: the batch's tail
                 return
             index, item = got
             if primer is None:
@@ -315,25 +321,14 @@ class LocalBackend:
 
     def map_batch(self, spec: MapSpec, deliver: Deliver) -> Batch[Any]:
         size = spec.size
-        opts = make_options(
-            # Workers outnumber slots (see WORKERS_PER_SLOT): the gate bounds what is in
-            # flight.
-            concurrency=spec.concurrency,
-            timeout=spec.timeout,
-            deadline=spec.deadline,
-            retry=spec.retry,
-            hedge_after=spec.hedge_after,
-            hooks=spec.hooks,
-            budget=spec.budget,
-            prices=spec.prices,
-            tail=True,
-        )
         return Batch[Any](
             spec.llm,
             spec.build,
             spec.items,
-            opts=opts,
-            workers=window(spec.llm, spec.concurrency, size),
+            # Workers outnumber slots (see WORKERS_PER_SLOT): the run's gate bounds what
+            # is in flight.
+            options=spec.options,
+            workers=window(spec.llm, spec.options.concurrency, size),
             parse=spec.parse,
             deliver=deliver,
             label=spec.label,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .._budget import Budget
+from .._budget import Budget, as_budget
 from .._events import INSTALLED, Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._types import Status
@@ -374,12 +374,9 @@ class RayMapBatch:
     Ray counterpart of the local ``Batch``; ``RayBackend.map_batch`` makes it)."""
 
     def __init__(self, backend: RayBackend, spec: MapSpec, deliver: Deliver) -> None:
-        concurrency, deadline = spec.concurrency, spec.deadline
-        self.budget = spec.budget
-        if concurrency is not None and concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
-        if deadline is not None and deadline <= 0:
-            raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
+        options = spec.options
+        concurrency, deadline = options.concurrency, options.deadline
+        self.budget = as_budget(options.budget)  # one cap, kept by the broker
         _connect(backend)
         self.backend = backend
         self.items = spec.items
@@ -388,7 +385,7 @@ class RayMapBatch:
         self.deadline = deadline
         # The installed instrumentation (fanflow.otel) hears the workers' events here:
         # their calls' spans join this process's trace, under the pattern run's span.
-        self.hooks: tuple[Hook, ...] = (*spec.hooks, *INSTALLED)
+        self.hooks: tuple[Hook, ...] = (*options.hooks, *INSTALLED)
         self.fail_fast = spec.fail_fast
         self.check_first = spec.check_first
         durable = self.durable = spec.durable
@@ -403,15 +400,12 @@ class RayMapBatch:
         self.work = MapWork(
             spec.llm,
             spec.build,
-            timeout=spec.timeout,
+            options=options,
             deadline_wall=None,
-            retry=spec.retry,
-            hedge_after=spec.hedge_after,
             parse=spec.parse,
             events=bool(self.hooks),
             label=spec.label,
             store=store,
-            prices=spec.prices,
         )
         self.seen = 0
 
@@ -505,9 +499,7 @@ async def run_pool_on_ray(
             spec.store,
             spec.cache,
             spec.prices,
-            timeout=None if shared is None else shared.timeout,
-            retry=None if shared is None else shared.retry,
-            hedge_after=None if shared is None else shared.hedge_after,
+            options=None if shared is None else shared.options,
             deadline_wall=deadline_wall,
         ),
         list(spec.todo),

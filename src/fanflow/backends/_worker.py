@@ -19,16 +19,15 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._budget import Budget
 from .._durable import Durability
-from .._engine import CallOptions, make_options
+from .._engine import CallOptions, Run
 from .._events import CallStarted, Event, Hook, endpoint_of
 from .._limits import Gate, Lane
 from .._llm import LLM, BaseLLM, set_lane_factory
-from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import JobStore
 from ._limiter import (
@@ -332,50 +331,56 @@ class StoreSpec:
     cache: bool
 
 
+def _on_worker(options: CallOptions) -> CallOptions:
+    """Call options as they travel to the workers: no hooks (the workers' events go
+    back to the driver's), no budget (the broker keeps it), no deadline (it travels as
+    wall-clock time)."""
+    return replace(options, hooks=(), budget=None, deadline=None)
+
+
+def _left(deadline_wall: float | None) -> float | None:
+    """A run's deadline as seconds from now on this machine (None: no deadline)."""
+    if deadline_wall is None:
+        return None
+    # Wall clocks agree across machines (NTP); loop clocks need not.
+    return max(deadline_wall - time.time(), 1e-9)
+
+
 class MapWork(Work):
+    """A map's items on a worker: the local backend's workers (``Batch.run_item``)
+    under the map's call options."""
+
     def __init__(
         self,
         llm: LLM,
         build: Callable[[Any, int], Request],
         *,
-        timeout: float | None,
+        options: CallOptions,
         deadline_wall: float | None,  # set when the batch starts
-        retry: RetryPolicy | None,
-        hedge_after: float | None,
         parse: Callable[[Response], Any],
         events: bool,
         label: str | None,
         store: StoreSpec | None,
-        prices: Mapping[str, Any] | None = None,
     ) -> None:
         self.llm = llm
         self.build = build
-        self.timeout = timeout
+        self.options = _on_worker(options)
         self.deadline_wall = deadline_wall
-        self.retry = retry
-        self.hedge_after = hedge_after
         self.parse = parse
         self.events = events
         self.label = label
         self.store = store
-        self.prices = prices
         self._batch: Batch[Any] | None = None
         self._durable: Durability | None = None
 
     async def start(self, window: int, budget: Budget | None) -> None:
-        deadline = None
-        if self.deadline_wall is not None:
-            # Wall clocks agree across machines (NTP); loop clocks need not.
-            deadline = max(self.deadline_wall - time.time(), 1e-9)
-        opts = make_options(
-            concurrency=window if self.hedge_after is not None else None,
-            timeout=self.timeout,
-            deadline=deadline,
-            retry=self.retry,
-            hedge_after=self.hedge_after,
+        options = self.options
+        options = replace(
+            options,
+            concurrency=window if options.hedge_after is not None else None,
+            deadline=_left(self.deadline_wall),
             hooks=(_collect,) if self.events else (),
             budget=budget,
-            prices=self.prices,
         )
         spec = self.store
         if spec is not None:
@@ -390,7 +395,7 @@ class MapWork(Work):
             self.llm,
             self.build,
             (),
-            opts=opts,
+            options=options,
             workers=window,
             parse=self.parse,
             deliver=lambda record: None,
@@ -413,9 +418,10 @@ class MapWork(Work):
 
 
 class PoolWork(Work):
-    """A pool's inputs on a worker. ``timeout``, ``retry``, ``hedge_after`` and
-    ``deadline_wall`` (the run's deadline as wall-clock time) are the pool's own call
-    options, which every skill without its own takes, as on the local backend."""
+    """A pool's inputs on a worker. ``options`` (the timing ones: timeout, retry,
+    hedge_after) and ``deadline_wall`` (the run's deadline as wall-clock time) are the
+    pool's own run, which every skill without options of its own runs within, as on the
+    local backend."""
 
     def __init__(
         self,
@@ -425,9 +431,7 @@ class PoolWork(Work):
         cache: bool,
         prices: Mapping[str, Any] | None,
         *,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        hedge_after: float | None = None,
+        options: CallOptions | None = None,
         deadline_wall: float | None = None,
     ) -> None:
         self.prices = prices
@@ -436,11 +440,9 @@ class PoolWork(Work):
         self.events = events
         self.store = store  # pickled: it opens the same store in the worker (JobStore)
         self.cache = cache
-        self.timeout = timeout
-        self.retry = retry
-        self.hedge_after = hedge_after
+        self.options = _on_worker(options or CallOptions())
         self.deadline_wall = deadline_wall
-        self.shared: CallOptions | None = None
+        self.shared: Run | None = None
 
     async def run_one(self, index: int, item: Any, prior: Any) -> Any:
         # ``prior`` is True for an input that succeeded in an earlier run of the job:
@@ -466,17 +468,8 @@ class PoolWork(Work):
 
     async def start(self, window: int, budget: Budget | None) -> None:
         self.cap = budget
-        deadline = None
-        if self.deadline_wall is not None:
-            # Wall clocks agree across machines (NTP); loop clocks need not.
-            deadline = max(self.deadline_wall - time.time(), 1e-9)
-        # One set for every input this worker runs: one deadline for the whole run.
-        self.shared = make_options(
-            timeout=self.timeout,
-            deadline=deadline,
-            retry=self.retry,
-            hedge_after=self.hedge_after,
-        )
+        # One run for every input this worker runs: one deadline for the whole run.
+        self.shared = self.options.start(deadline=_left(self.deadline_wall))
 
     async def close(self) -> None:
         if self.store is not None:

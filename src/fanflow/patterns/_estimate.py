@@ -85,7 +85,7 @@ def estimate(
     Raises:
         TemplateError: an item lacks a field the prompt needs (as ``map`` would record).
     """
-    prices = resolve("estimate", options).prices
+    prices = resolve("estimate", options).call.prices
     params = {
         k: v
         for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))

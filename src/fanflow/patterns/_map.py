@@ -17,8 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, Unpack
 
-from .._budget import as_budget
-from .._durable import Durability
+from .._engine import CallOptions
 from .._events import AMBIENT_HOOKS, observed
 from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM
@@ -99,14 +98,12 @@ def _backend(
     mode: Mode,
     batch: BatchOptions | None,
     llm: LLM,
-    *,
-    deadline: float | None,
-    hedge_after: float | None,
+    options: CallOptions,
 ) -> Backend:
     """The backend ``backend=`` names, or the batch backend ``mode=`` asks for."""
     if mode == "realtime":
         return resolve_backend(backend)
-    return batch_backend(mode, batch, backend, llm, deadline=deadline, hedge_after=hedge_after)
+    return batch_backend(mode, batch, backend, llm, options)
 
 
 def _requests_or_items(
@@ -162,19 +159,10 @@ def _spec(
         build=build,
         items=items,
         parse=parse or _text,
-        concurrency=o.concurrency,
-        timeout=o.timeout,
-        deadline=o.deadline,
-        retry=o.retry,
-        hedge_after=o.hedge_after,
-        hooks=tuple(o.hooks),
+        options=o.call,
         label=label,
         fail_fast=fail_fast,
-        durable=Durability.of(
-            store=o.store, job=o.job, only_failed=only_failed, cache=o.cache, sink=o.sink
-        ),
-        budget=as_budget(o.budget_spec),
-        prices=o.prices,
+        durable=o.durability(only_failed=only_failed),
         check_first=_first_check(prompt),
         prime=_priming(llm, build, prime, name),
     )
@@ -262,9 +250,7 @@ async def map(
         max_tokens=max_tokens, seed=seed, parse=parse, label=label, fail_fast=fail_fast,
         only_failed=only_failed, prime=prime if mode == "realtime" else False,
     )  # fmt: skip
-    runner = _backend(
-        backend, mode, batch, llm, deadline=spec.deadline, hedge_after=spec.hedge_after
-    )
+    runner = _backend(backend, mode, batch, llm, spec.options)
     loop = asyncio.get_running_loop()
     size = spec.size
     records: list[CallRecord[Any] | None] = [None] * size if size is not None else []
@@ -482,9 +468,7 @@ def as_completed(
         max_tokens=max_tokens, seed=seed, parse=parse, label=label, fail_fast=False,
         only_failed=only_failed, prime=prime if mode == "realtime" else False,
     )  # fmt: skip
-    runner = _backend(
-        backend, mode, batch, llm, deadline=spec.deadline, hedge_after=spec.hedge_after
-    )
+    runner = _backend(backend, mode, batch, llm, spec.options)
 
     def make_batch(deliver: Deliver) -> BatchRun:
         return runner.map_batch(spec, deliver)

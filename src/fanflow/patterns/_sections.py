@@ -130,8 +130,7 @@ async def sections(
     if synthesize is not None:
         check_fields(synthesis_prompt, ("sections",), "synthesis_prompt")
     started = now()
-    o = o.start()
-    opts = o.calls()
+    opts = o.run()
     requests = [
         Request.of(
             prompt if input is None else render(prompt, input, None),
@@ -303,15 +302,15 @@ class ParallelCalls:
         if aggregate_prompt is not None:
             check_fields(aggregate_prompt, ("input",), "aggregate_prompt")
         started = now()
-        o = self.options.start()
-        opts = o.calls()
+        o = self.options
+        opts = o.run()
         branches = await map_items(
             self.llm,
             branch_prompt,
             items,
             system=self.system,
             label="branch",
-            **o.as_kwargs(),
+            **o.as_kwargs(budget=opts.budget),  # one cap for the branches and the aggregate
         )
         outputs: list[str | None] = list(branches.outputs)
         done = [out for out in outputs if out is not None]
