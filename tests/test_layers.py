@@ -264,7 +264,7 @@ def test_imports_are_read_from_source_relative_lazy_and_type_only() -> None:
         "from typing import TYPE_CHECKING\n"
         "from .. import _types\n"
         "if TYPE_CHECKING:\n"
-        "    from ._ray import RayMapBatch\n"
+        "    from ._ray import RayMapRun\n"
         "def f():\n"
         "    import fanflow.backends._ray\n"
     )

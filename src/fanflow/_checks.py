@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from ._exceptions import ConfigError
@@ -11,7 +12,7 @@ __all__ = ["check_concurrency", "check_seconds"]
 
 def check_concurrency(value: Any, name: str = "concurrency") -> None:
     """Refuse a concurrency limit that is not a whole number >= 1 (None: no limit)."""
-    if value is not None and (not isinstance(value, int) or value < 1):
+    if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
         raise ConfigError(f"{name} must be >= 1, got {value!r}; use None for no limit")
 
 

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow._engine import CallOptions
-from fanflow.backends import Backend, BatchRun, LocalBackend, MapSpec, PoolSpec
+from fanflow.backends import Backend, CallOptions, LocalBackend, MapRun, MapSpec, PoolSpec
 from fanflow.backends._base import Deliver
 from fanflow.backends._config import resolve_backend
 from fanflow.testing import ScriptedLLM
@@ -25,9 +24,9 @@ class Recording:
         self.local = LocalBackend()
         self.specs: list[MapSpec | PoolSpec] = []
 
-    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> MapRun:
         self.specs.append(spec)
-        return self.local.map_batch(spec, deliver)
+        return self.local.map_run(spec, deliver)
 
     async def run_pool(
         self,
@@ -98,3 +97,32 @@ async def test_a_pool_runs_on_the_backend_it_is_given() -> None:
     assert isinstance(spec, PoolSpec)
     assert spec.max_flows == 3
     assert [i for i, _ in spec.todo] == [0, 1]
+
+
+class Older:
+    """A backend written before ``map_batch`` was renamed ``map_run``."""
+
+    def __init__(self) -> None:
+        self.specs: list[MapSpec] = []
+
+    def map_batch(self, spec: MapSpec, deliver: Deliver) -> MapRun:
+        self.specs.append(spec)
+        return LocalBackend().map_run(spec, deliver)
+
+    async def run_pool(self, spec: PoolSpec, deliver: Any, on_step: Any) -> None:
+        await LocalBackend().run_pool(spec, deliver, on_step)
+
+
+async def test_a_backend_with_the_old_method_name_still_runs_with_a_warning() -> None:
+    backend = Older()
+    with pytest.warns(DeprecationWarning, match=r"Older\.map_batch is deprecated.*map_run"):
+        result = await fanflow.map(ScriptedLLM(), "{input}", ["a", "b"], backend=backend)
+    assert result.outputs == ["echo: a", "echo: b"]
+    assert len(backend.specs) == 1
+
+
+def test_the_old_name_of_the_map_run_protocol_warns() -> None:
+    with pytest.warns(DeprecationWarning, match="BatchRun is deprecated.*fanflow.backends.MapRun"):
+        assert fanflow.backends.BatchRun is MapRun  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError, match="no attribute 'BatchRunner'"):
+        fanflow.backends.BatchRunner  # type: ignore[attr-defined]  # noqa: B018

@@ -1,7 +1,7 @@
-"""The backend seam: what a place that runs a batch's items must do.
+"""The backend seam: what a place that runs a map's or a pool's items must do.
 
 ``fanflow.map``, ``fanflow.as_completed`` and ``fanflow.Pool`` never ask *where* their
-items run: they describe the batch (a :class:`MapSpec` or a :class:`PoolSpec`) and hand
+items run: they describe the run (a :class:`MapSpec` or a :class:`PoolSpec`) and hand
 it to the :class:`Backend` that ``backend=`` names (:func:`fanflow.backends._config.
 resolve_backend`). The local backend (``_local.py``) runs the items on this event loop;
 the Ray backend (``_ray.py``) shards them over Ray worker processes. A third backend (a
@@ -13,30 +13,30 @@ check it gives the same results):
 
 - **Run every item to exactly one record** (promise 4): for ``map``, build each item's
   request with ``spec.build(item, index)`` (an exception there is that item's failed
-  record, not the batch's), call the model, ``spec.parse`` the response, and hand the
+  record, not the map's), call the model, ``spec.parse`` the response, and hand the
   :class:`~fanflow.CallRecord` (``index`` set) to ``deliver``; await what ``deliver``
   returns before taking more work (it is how a slow consumer of ``as_completed``
   applies back-pressure). Records may come in any order.
 - **Stream, in bounded memory** (promise 7): pull items from ``spec.items`` (maybe an
-  endless iterator) only as there is room, never all at once; ``BatchRun.workers``
+  endless iterator) only as there is room, never all at once; ``MapRun.workers``
   says how many records may be in flight, and ``seen`` how many items were pulled.
 - **Honour the store** (promise 5): with ``spec.durable``, run each item through
   ``spec.durable`` (:meth:`fanflow._durable.Durability.run`, or its store by the
   :class:`~fanflow.store.JobStore` protocol in another process), so a record is
   committed before it is delivered; call ``durable.emit(record, item)`` before
-  delivering, and run the whole batch inside ``durable.around(...)`` (the job's start,
+  delivering, and run the whole map inside ``durable.around(...)`` (the job's start,
   end and sink); with ``durable.prior``, an item that succeeded in an earlier run of
   the job is served from the store.
 - **Honour the options and the limits**: ``spec.options`` are the call options, checked
-  (:class:`fanflow._engine.CallOptions`); ``spec.options.start()`` makes the run the
-  engine's ``execute`` takes when the batch starts: one concurrency gate, the deadline
-  counted from then, one budget cap for the whole batch, wherever its calls run. Every
+  (:class:`fanflow.backends.CallOptions`); ``spec.options.start()`` makes the run the
+  engine's ``execute`` takes when the map starts: one concurrency gate, the deadline
+  counted from then, one budget cap for the whole map, wherever its calls run. Every
   call goes through the handle's lane (``Limits``: concurrency, rpm, tpm), so the
-  limits hold across the batch, together with whatever else uses the same handle.
+  limits hold across the map, together with whatever else uses the same handle.
 - **Emit events** to ``spec.options.hooks`` on the caller's event loop, as the local
   engine does.
 - **Fail fast on request**: with ``spec.fail_fast``, the first record that did not
-  succeed stops the batch (in-flight items cancelled) and its error is raised.
+  succeed stops the map (in-flight items cancelled) and its error is raised.
 - **Cancel cleanly** (promise 6): when ``run()`` is cancelled, stop sending, cancel
   what is in flight, and return only when it has stopped.
 
@@ -62,11 +62,11 @@ from ..store import JobStore
 
 __all__ = [
     "Backend",
-    "BatchRun",
     "Deliver",
     "FirstCheck",
     "HandleFor",
     "Items",
+    "MapRun",
     "MapSpec",
     "PoolSpec",
 ]
@@ -81,11 +81,11 @@ HandleFor: TypeAlias = Callable[[LLM], LLM]
 
 @dataclass(frozen=True)
 class FirstCheck:
-    """A check of a batch's first ``count`` items before any call is made.
+    """A check of a map's first ``count`` items before any call is made.
 
     ``check(items)`` raises (a ``TemplateError``, say) when the items show that every
     call would fail the same way; the local and Ray backends run it on the first items
-    before any call. As ``MapSpec.prime`` it returns whether to prime the batch.
+    before any call. As ``MapSpec.prime`` it returns whether to prime the map.
     """
 
     count: int
@@ -104,13 +104,13 @@ class MapSpec:
         parse: turns a response into the record's value (it may raise: the item fails).
         options: the call options (``concurrency``: the most items in flight;
             ``deadline``: seconds from the start by which every item must end;
-            ``budget``: one cap for every call of the batch; ``hooks`` receive each
+            ``budget``: one cap for every call of the map; ``hooks`` receive each
             event, on the caller's event loop).
         label: a label for every record.
-        fail_fast: the first failure stops the batch and is raised.
-        durable: the batch's store, job and sink (None: nothing is kept).
+        fail_fast: the first failure stops the map and is raised.
+        durable: the map's store, job and sink (None: nothing is kept).
         check_first: a check of the first items, run before any call (None: none).
-        prime: whether to prime the batch, decided from its first ``prime.count`` items
+        prime: whether to prime the map, decided from its first ``prime.count`` items
             before any call: the first item is sent alone and the others wait until it
             is done, so that they read the prefix it put in the provider's prompt
             cache (None: never; the local backend honours it, others may not).
@@ -138,7 +138,7 @@ class MapSpec:
         if name in _IN_OPTIONS:
             warnings.warn(
                 f"MapSpec.{name} is deprecated and will be removed in the next release; "
-                f"read spec.options.{name} (the call options, fanflow._engine.CallOptions)",
+                f"read spec.options.{name} (fanflow.backends.CallOptions)",
                 DeprecationWarning,
                 stacklevel=2,
             )
@@ -192,8 +192,8 @@ class PoolSpec:
 
 
 @runtime_checkable
-class BatchRun(Protocol):
-    """A map's batch on a backend, made by :meth:`Backend.map_batch`, run once."""
+class MapRun(Protocol):
+    """A map's run on a backend, made by :meth:`Backend.map_run`, run once."""
 
     # How many records may be in flight at once (a result stream sizes its queue by it).
     workers: int
@@ -210,10 +210,10 @@ class BatchRun(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """Where a batch's items run (see the module docstring for what it must do)."""
+    """Where a map's or a pool's items run (see the module docstring for what it must do)."""
 
-    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
-        """The batch of a ``map`` / ``as_completed`` call (not started yet)."""
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> MapRun:
+        """The run of a ``map`` / ``as_completed`` call (not started yet)."""
         ...
 
     async def run_pool(

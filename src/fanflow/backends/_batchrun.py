@@ -24,7 +24,7 @@ from .._exceptions import ConfigError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
 from .._types import CallRecord, Status
-from ._base import BatchRun, Deliver, HandleFor, MapSpec, PoolSpec
+from ._base import Deliver, HandleFor, MapRun, MapSpec, PoolSpec
 from ._batch import (
     MODES,
     BatchOptions,
@@ -83,7 +83,7 @@ class BatchBackend:
                 "real time, or mode='realtime'"
             )
 
-    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> MapRun:
         self.check(spec.llm, spec.options)
         return _BatchedRun(self, spec, deliver)
 
@@ -144,7 +144,7 @@ class _BatchedRun:
             return self.deliver(record)
 
         async with _batched(self.backend, self.spec, self.window) as spec:
-            inner = LOCAL.map_batch(spec, deliver)
+            inner = LOCAL.map_run(spec, deliver)
             try:
                 await inner.run()
             finally:

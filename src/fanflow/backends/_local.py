@@ -1,10 +1,11 @@
-"""The local backend: a batch's items on this event loop (the default, ``backend="local"``).
+"""The local backend: a map's items on this event loop (the default, ``backend="local"``).
 
-It also holds the batch machinery the other backends reuse: :class:`Source` hands out
-(index, item) pairs lazily, :func:`window` sizes the set of workers, :class:`Batch` runs
-items to records with a fixed set of workers, and :class:`FailFast` stops a batch at the
-first failure. The Ray backend runs a ``Batch`` in each worker process (its
-``run_item``) and feeds it shards pulled from a ``Source`` on the driver.
+It also holds the machinery the other backends reuse: :class:`Source` hands out
+(index, item) pairs lazily, :func:`crew_size` says how many workers a map runs, a
+:class:`Crew` (the map's workers) runs items to records, and :class:`FailFast` stops a
+map at the first failure. The Ray backend runs a ``Crew`` in each worker process (its
+``run_item``) and feeds it shards pulled from a ``Source`` on the driver. ("Batch" in
+fanflow means a provider's batch API: ``backends/_batch*.py``.)
 
 Items are pulled lazily by a fixed set of workers, as many as the concurrency allows,
 so an iterator of a million items is never materialised: memory grows with the
@@ -31,22 +32,16 @@ from .._types import CallRecord, Request, Response, Status
 from ._base import Deliver, FirstCheck, Items, MapSpec, PoolSpec
 
 __all__ = [
-    "DEFAULT_WINDOW",
     "LOCAL",
     "WORKERS_PER_SLOT",
-    "Batch",
+    "Crew",
     "FailFast",
     "LocalBackend",
     "Source",
-    "window",
+    "crew_size",
 ]
 
 T = TypeVar("T")
-
-# With no concurrency limit anywhere (neither the call's nor the handle's), a batch runs
-# at most this many items at once, so an unbounded iterator cannot exhaust memory: the
-# default concurrency, one constant (fanflow.limits.DEFAULT_CONCURRENCY).
-DEFAULT_WINDOW = DEFAULT_CONCURRENCY
 
 # Workers per concurrency slot. Slots are taken per attempt (the pattern's gate, the
 # handle's lane), so an item waiting out a backoff holds its worker but not its slot; the
@@ -55,14 +50,16 @@ DEFAULT_WINDOW = DEFAULT_CONCURRENCY
 WORKERS_PER_SLOT = 2
 
 
-def window(llm: LLM, concurrency: int | None, size: int | None) -> int:
-    """How many workers a batch runs: twice the concurrency, at most one per item."""
+def crew_size(llm: LLM, concurrency: int | None, size: int | None) -> int:
+    """How many workers a map runs: twice the concurrency, at most one per item. With
+    no concurrency limit anywhere (neither the call's nor the handle's), the default
+    concurrency, so an unbounded iterator cannot exhaust memory."""
     if concurrency is not None:
         n = concurrency * WORKERS_PER_SLOT
     elif isinstance(llm, BaseLLM) and llm.limits.concurrency is not None:
         n = llm.limits.concurrency * WORKERS_PER_SLOT
     else:
-        n = DEFAULT_WINDOW
+        n = DEFAULT_CONCURRENCY
     if size is not None:
         n = min(n, max(size, 1))
     return n
@@ -139,20 +136,20 @@ class Source:
         return self._index
 
     def drained(self) -> bool:
-        """Whether the last item was handed out: the batch's tail, where every item is
-        started and the batch only waits for its slowest (``Run.drained``)."""
+        """Whether the last item was handed out: the map's tail, where every item is
+        started and the map only waits for its slowest (``Run.drained``)."""
         return self._drained
 
 
 class FailFast(Exception):
-    """Raised by a worker to stop its batch at the first record that did not succeed."""
+    """Raised by a worker to stop its map at the first record that did not succeed."""
 
     def __init__(self, record: CallRecord[Any]) -> None:
         super().__init__(record)
         self.record = record
 
 
-class Batch(Generic[T]):
+class Crew(Generic[T]):
     """Workers that pull items, run each as a call, and deliver its record."""
 
     def __init__(
@@ -223,7 +220,7 @@ class Batch(Generic[T]):
         return self.source.seen
 
     async def _worker(self, primer: asyncio.TaskGroup | None = None) -> None:
-        """Run items until there are none. The ``primer`` (a primed batch's one worker)
+        """Run items until there are none. The ``primer`` (a primed map's one worker)
         runs the first item alone, so its prompt's prefix enters the provider's cache,
         then starts the other workers in that task group."""
         source = self.source
@@ -247,7 +244,7 @@ class Batch(Generic[T]):
                 raise FailFast(record)
 
     async def _first(self, index: int, item: Any, tg: asyncio.TaskGroup) -> CallRecord[T]:
-        """A primed batch's first item; the other workers start in ``tg`` when its
+        """A primed map's first item; the other workers start in ``tg`` when its
         streamed reply's first text arrives (the prompt is read), else when it ends."""
         started = False
         outer = contextvars.copy_context()  # the workers' context: without PREFILLED set
@@ -314,21 +311,21 @@ class Batch(Generic[T]):
 
 
 class LocalBackend:
-    """Runs a batch's items on the caller's event loop (``backend="local"``)."""
+    """Runs a map's items on the caller's event loop (``backend="local"``)."""
 
     def __repr__(self) -> str:
         return "fanflow.backends.LocalBackend()"
 
-    def map_batch(self, spec: MapSpec, deliver: Deliver) -> Batch[Any]:
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> Crew[Any]:
         size = spec.size
-        return Batch[Any](
+        return Crew[Any](
             spec.llm,
             spec.build,
             spec.items,
             # Workers outnumber slots (see WORKERS_PER_SLOT): the run's gate bounds what
             # is in flight.
             options=spec.options,
-            workers=window(spec.llm, spec.options.concurrency, size),
+            workers=crew_size(spec.llm, spec.options.concurrency, size),
             parse=spec.parse,
             deliver=deliver,
             label=spec.label,
@@ -372,5 +369,5 @@ class LocalBackend:
                 tg.create_task(worker())
 
 
-# The one local backend: it holds no state, so every batch may share it.
+# The one local backend: it holds no state, so every map may share it.
 LOCAL = LocalBackend()

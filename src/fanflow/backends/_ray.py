@@ -4,7 +4,7 @@ The driver (the process that called ``map`` or ``Pool.arun``) pulls items lazily
 them into shards and streams each shard to one of ``workers`` Ray actors
 (``FanflowWorker``), two shards per worker at a time so a worker never idles between
 shards. A worker runs its shard on its own event loop with the local engine, many calls
-in flight (``_Batch.run_item`` for ``map``, the chain/flow for ``Pool``), and streams
+in flight (``Crew.run_item`` for ``map``, the chain/flow for ``Pool``), and streams
 results back as they finish, batched by whatever finished since the last message (a
 Ray streaming generator). The driver puts them in input order and emits the workers'
 events to the caller's hooks, so records, statuses, errors, progress and the summary
@@ -43,7 +43,7 @@ from .._exceptions import ConfigError, FanflowError
 from .._types import Status
 from ._base import Deliver, MapSpec, PoolSpec
 from ._limiter import spec_of
-from ._local import FailFast, Source, window
+from ._local import FailFast, Source, crew_size
 
 if TYPE_CHECKING:
     # Type-only: ``RayBackend`` (the settings) imports this module when a batch runs.
@@ -58,7 +58,7 @@ from ._worker import (
     Work,
 )
 
-__all__ = ["RayMapBatch", "run_pool_on_ray", "worker_pids"]
+__all__ = ["RayMapRun", "run_pool_on_ray", "worker_pids"]
 
 INSTALL = "pip install 'fanflow[ray]'"
 BROKER_NAME = "fanflow-limits"
@@ -369,9 +369,9 @@ def _workers_for(backend: RayBackend, limit: int | None) -> tuple[int | None, in
     return len(shares), min(shares)
 
 
-class RayMapBatch:
+class RayMapRun:
     """A map's items on Ray, each record handed to ``deliver`` as it comes back (the
-    Ray counterpart of the local ``Batch``; ``RayBackend.map_batch`` makes it)."""
+    Ray counterpart of the local ``Crew``; ``RayBackend.map_run`` makes it)."""
 
     def __init__(self, backend: RayBackend, spec: MapSpec, deliver: Deliver) -> None:
         options = spec.options
@@ -390,7 +390,7 @@ class RayMapBatch:
         self.check_first = spec.check_first
         durable = self.durable = spec.durable
         self.n_workers, per_worker = _workers_for(backend, concurrency)
-        self.window = per_worker if per_worker is not None else window(spec.llm, None, None)
+        self.window = per_worker if per_worker is not None else crew_size(spec.llm, None, None)
         self.workers = self.window  # what ResultStream sizes its queue by
         store = None
         if durable is not None and durable.store is not None:

@@ -1,10 +1,10 @@
 """The worker side of the Ray backend: the broker actor and the worker actors.
 
 A ``FanflowWorker`` is one long-lived Ray actor (one process, one event loop). It runs
-shards of batches with fanflow's own engine, many calls in flight, and streams results
+shards of maps and pools with fanflow's own engine, many calls in flight, and streams results
 back as they finish. Its handles' lanes draw from the broker (``_limiter.py``) through
-the lane factory it installs in its process. Per-batch state (the work, the per-worker
-window, leases, grant queues, the budget view) lives in a ``_Run`` keyed by the batch.
+the lane factory it installs in its process. Per-run state (the work, the per-worker
+window, leases, grant queues, the budget view) lives in a ``_Run`` keyed by the run.
 Nothing here imports Ray: the driver (``_ray.py``) wraps these classes with
 ``ray.remote``.
 """
@@ -40,7 +40,7 @@ from ._limiter import (
     lease_time,
     needs_broker,
 )
-from ._local import Batch
+from ._local import Crew
 
 __all__ = [
     "BrokerActor",
@@ -135,7 +135,7 @@ class StepMoved:
 
 
 class _Run:
-    """One batch's state in a worker process (a worker serves batch after batch)."""
+    """One run's state in a worker process (a worker serves run after run)."""
 
     def __init__(self, work_box: list[Any], window: int, broker: Any) -> None:
         self.window = window
@@ -177,15 +177,15 @@ class _Run:
             await (await self.ready).close()
 
 
-# The batch a worker's task belongs to, so the lanes it makes are closed with it.
+# The run a worker's task belongs to, so the lanes it makes are closed with it.
 _RUN: contextvars.ContextVar[_Run] = contextvars.ContextVar("fanflow_ray_run")
 
 
 class FanflowWorker:
-    """One worker process: runs shards of batches with the local engine.
+    """One worker process: runs shards of maps and pools with the local engine.
 
     A driver keeps its workers for the life of its Ray connection, so only its first
-    batch pays for starting them (a second or two per process).
+    run pays for starting them (a second or two per process).
     """
 
     def __init__(self, worker_id: str, broker: Any) -> None:
@@ -242,7 +242,7 @@ class FanflowWorker:
         pairs: list[tuple[int, Any]],
         prior: dict[int, Any],
     ) -> AsyncIterator[tuple[list[tuple[int, Any]], list[Event | StepMoved]]]:
-        """Run a shard of batch ``run_id``; yield (results, events) as items finish."""
+        """Run a shard of run ``run_id``; yield (results, events) as items finish."""
         run = self.runs.get(run_id)
         if run is None:
             run = self.runs[run_id] = _Run(work_box, window, self.broker)
@@ -294,7 +294,7 @@ class FanflowWorker:
                     await task
 
     async def end_run(self, run_id: str) -> None:
-        """Batch ``run_id`` is over: give back its slots, close its handles and store."""
+        """Run ``run_id`` is over: give back its slots, close its handles and store."""
         run = self.runs.pop(run_id, None)
         if run is not None:
             await run.close()
@@ -304,9 +304,9 @@ class FanflowWorker:
 
 
 class Work(ABC):
-    """What a worker does with each item of a batch."""
+    """What a worker does with each item of a run."""
 
-    # The batch's budget, kept by the broker (set by the driver before sending the work).
+    # The run's budget, kept by the broker (set by the driver before sending the work).
     budget: BudgetSpec | None = None
 
     async def start(self, window: int, budget: Budget | None) -> None:  # noqa: B027 - optional
@@ -347,7 +347,7 @@ def _left(deadline_wall: float | None) -> float | None:
 
 
 class MapWork(Work):
-    """A map's items on a worker: the local backend's workers (``Batch.run_item``)
+    """A map's items on a worker: the local backend's workers (``Crew.run_item``)
     under the map's call options."""
 
     def __init__(
@@ -356,7 +356,7 @@ class MapWork(Work):
         build: Callable[[Any, int], Request],
         *,
         options: CallOptions,
-        deadline_wall: float | None,  # set when the batch starts
+        deadline_wall: float | None,  # set when the map starts
         parse: Callable[[Response], Any],
         events: bool,
         label: str | None,
@@ -370,7 +370,7 @@ class MapWork(Work):
         self.events = events
         self.label = label
         self.store = store
-        self._batch: Batch[Any] | None = None
+        self._crew: Crew[Any] | None = None
         self._durable: Durability | None = None
 
     async def start(self, window: int, budget: Budget | None) -> None:
@@ -391,7 +391,7 @@ class MapWork(Work):
                 cache=spec.cache,
                 sink=None,
             )
-        self._batch = Batch[Any](
+        self._crew = Crew[Any](
             self.llm,
             self.build,
             (),
@@ -405,10 +405,10 @@ class MapWork(Work):
         )
 
     async def run_one(self, index: int, item: Any, prior: Any) -> CallRecord[Any]:
-        assert self._batch is not None
+        assert self._crew is not None
         if prior is not None and self._durable is not None:
             self._durable.prior[index] = prior
-        return await self._batch.run_item(index, item)
+        return await self._crew.run_item(index, item)
 
     async def close(self) -> None:
         if self._durable is not None and self._durable.store is not None:

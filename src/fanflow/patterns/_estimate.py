@@ -19,10 +19,7 @@ __all__ = ["EstimateResult", "estimate"]
 
 @dataclass(frozen=True, slots=True)
 class EstimateResult:
-    """The expected size of a batch (one attempt per item, no retries).
-
-    Named ``Estimate`` before; that name still works for one release, with a
-    ``DeprecationWarning``.
+    """The expected size of a map (one attempt per item, no retries).
 
     ``output_tokens`` is an upper bound: each request's ``max_tokens`` (or the default
     reservation when it sets none). ``cost`` is the real-time cost and ``batch_cost``

@@ -53,8 +53,7 @@ class Score(RecordView):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class EvaluateResult(PatternResult):
-    """Every criterion's :class:`Score`, in the order given (named ``Evaluation``
-    before; that name still works for one release, with a ``DeprecationWarning``)."""
+    """Every criterion's :class:`Score`, in the order given."""
 
     criteria: tuple[Score, ...]
 

@@ -85,8 +85,7 @@ class StepRecord:
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class FlowResult(PatternResult):
-    """One input's run through a chain, flow or skill (named ``RunResult`` before; that
-    name still works for one release, with a ``DeprecationWarning``).
+    """One input's run through a chain, flow or skill.
 
     Attributes:
         status: ``succeeded`` when every step succeeded, else the first failed step's.

@@ -23,11 +23,10 @@ from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM
 from .._progress import Tracker, displaying, size_of, with_progress
 from .._types import BatchResult, CallRecord, Request, Response
-from ..backends._base import Backend, BatchRun, Deliver, FirstCheck, Items, MapSpec
+from ..backends._base import Backend, Deliver, FirstCheck, Items, MapRun, MapSpec
 from ..backends._batch import BatchOptions, Mode
 from ..backends._batchrun import batch_backend
 from ..backends._config import resolve_backend
-from ..backends._local import DEFAULT_WINDOW
 from ._common import check_model
 from ._options import Options, resolve
 from ._priming import PRIME_MIN_ITEMS, should_prime
@@ -41,7 +40,7 @@ from ._prompt import (
 )
 from ._requests import ready_request
 
-__all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
+__all__ = ["ResultStream", "as_completed", "map"]
 
 T = TypeVar("T")
 
@@ -262,7 +261,7 @@ async def map(
             records.append(None)
         records[index] = record
 
-    run = runner.map_batch(spec, deliver)
+    run = runner.map_run(spec, deliver)
     start = loop.time()
     await run.run()
     missing = [i for i, r in enumerate(records) if r is None]
@@ -279,12 +278,10 @@ class _Producer(Generic[T]):
     ``finally`` stops the task (see :meth:`ResultStream.__aiter__`).
     """
 
-    def __init__(self, make_batch: Callable[[Deliver], BatchRun]) -> None:
-        batch = make_batch(self.put)
-        self.queue: asyncio.Queue[CallRecord[T] | None] = asyncio.Queue(
-            maxsize=max(batch.workers, 1)
-        )
-        self.task = asyncio.get_running_loop().create_task(self._produce(batch))
+    def __init__(self, make_run: Callable[[Deliver], MapRun]) -> None:
+        run = make_run(self.put)
+        self.queue: asyncio.Queue[CallRecord[T] | None] = asyncio.Queue(maxsize=max(run.workers, 1))
+        self.task = asyncio.get_running_loop().create_task(self._produce(run))
 
     async def put(self, record: CallRecord[T]) -> None:
         # asyncio.run's SIGINT handler (Python 3.11) runs between any two bytecodes: it
@@ -296,9 +293,9 @@ class _Producer(Generic[T]):
             await self.queue.put(record)
 
     @observed("as_completed")
-    async def _produce(self, batch: BatchRun) -> None:
+    async def _produce(self, run: MapRun) -> None:
         try:
-            await batch.run()
+            await run.run()
         finally:
             # Wake the consumer whatever happened; it re-raises the task's error.
             try:
@@ -336,12 +333,12 @@ class ResultStream(Generic[T]):
 
     def __init__(
         self,
-        make_batch: Callable[[Deliver], BatchRun],
+        make_run: Callable[[Deliver], MapRun],
         *,
         progress: bool = False,
         total: int | None = None,
     ):
-        self._make_batch = make_batch
+        self._make_run = make_run
         self._progress = progress
         self._total = total
         self._producer: _Producer[T] | None = None
@@ -365,10 +362,10 @@ class ResultStream(Generic[T]):
             )
         if not self._entered:
             warnings.warn(
-                "iterating fanflow.as_completed(...) outside 'async with' is deprecated: "
-                "write 'async with fanflow.as_completed(...) as results: async for record "
-                "in results: ...' so that leaving the loop early waits for the calls in "
-                "flight to stop",
+                "iterating fanflow.as_completed(...) outside 'async with' is deprecated and "
+                "will be removed in the next release: write 'async with "
+                "fanflow.as_completed(...) as results: async for record in results: ...' "
+                "so that leaving the loop early waits for the calls in flight to stop",
                 DeprecationWarning,
                 stacklevel=2,
             )
@@ -394,7 +391,7 @@ class ResultStream(Generic[T]):
                 hooks = (await stack.enter_async_context(displaying(total=self._total)),)
             token = AMBIENT_HOOKS.set((*AMBIENT_HOOKS.get(), *hooks))
             try:
-                producer = self._producer = _Producer[T](self._make_batch)
+                producer = self._producer = _Producer[T](self._make_run)
             finally:
                 AMBIENT_HOOKS.reset(token)
             try:
@@ -470,7 +467,7 @@ def as_completed(
     )  # fmt: skip
     runner = _backend(backend, mode, batch, llm, spec.options)
 
-    def make_batch(deliver: Deliver) -> BatchRun:
-        return runner.map_batch(spec, deliver)
+    def make_run(deliver: Deliver) -> MapRun:
+        return runner.map_run(spec, deliver)
 
-    return ResultStream(make_batch, progress=progress, total=size_of(spec.items))
+    return ResultStream(make_run, progress=progress, total=size_of(spec.items))

@@ -112,8 +112,9 @@ async def sections(
     check_model(llm, "sections")
     if synthesize is None:
         warnings.warn(
-            "sections(synthesize=None) is deprecated: sections now synthesise by default; "
-            "use synthesize=False for no synthesis call",
+            "sections(synthesize=None) is deprecated and will be removed in the next "
+            "release: sections now synthesise by default; use synthesize=False for no "
+            "synthesis call",
             DeprecationWarning,
             stacklevel=2,
         )
