@@ -63,13 +63,16 @@ def test_the_options_a_pattern_is_given_become_one_frozen_value() -> None:
     assert call == CallOptions(concurrency=4, timeout=3.0, retry=retry)
     with pytest.raises(dataclasses.FrozenInstanceError):
         call.timeout = 5.0  # type: ignore[misc]
+    assert repr(CallOptions(timeout=2.0, concurrency=3)) == (
+        "fanflow.backends.CallOptions(concurrency=3, timeout=2.0)"  # what was given only
+    )
 
 
 async def test_a_run_adds_its_gate_deadline_and_budget_when_it_starts(looptime: float) -> None:
     options = CallOptions(concurrency=2, deadline=10.0, budget=1.5)
     first, second = options.start(), options.start()
-    assert first.options is options
-    assert second.options is options
+    assert first.timeout is None
+    assert CallOptions(timeout=4.0).start().timeout == 4.0
     assert first.gate is not None
     assert first.gate.limit == 2
     assert first.gate is not second.gate  # each run has its own gate

@@ -56,6 +56,7 @@ from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
 from ._log import log_attempt_failed, log_attempt_sent, log_succeeded
 from ._pricing import Cost, Price, price_of, priced
+from ._repr import render
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Request, Response, Status, Usage
@@ -76,6 +77,10 @@ TAIL_RETRY_NOTE = (
     "retried at once (no backoff): a 5xx in the batch's tail (every item started, or "
     "free slots), the handle's other calls succeeding"
 )
+
+
+#: The options that time a call (an enclosing run's apply where a call sets none).
+TIMING: tuple[str, ...] = ("timeout", "retry", "hedge_after")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +119,14 @@ class CallOptions:
             check_seconds(name, getattr(self, name))
         as_budget(self.budget)  # a budget that is neither dollars nor a Budget fails here
 
+    def __repr__(self) -> str:
+        given = (
+            (f.name, repr(value))
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) != f.default
+        )
+        return render("backends.CallOptions", given)
+
     def start(
         self,
         *,
@@ -134,7 +147,7 @@ class CallOptions:
             prices = cap.with_prices(prices).prices
         seconds = deadline if deadline is not None else self.deadline
         return Run(
-            options=self,
+            **{name: getattr(self, name) for name in TIMING},
             gate=Gate(self.concurrency) if self.concurrency is not None else None,
             deadline=None if seconds is None else asyncio.get_running_loop().time() + seconds,
             budget=cap,
@@ -144,29 +157,30 @@ class CallOptions:
         )
 
 
-#: The options that time a call (an enclosing run's apply where a call sets none).
-TIMING: tuple[str, ...] = ("timeout", "retry", "hedge_after")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Run:
-    """One run of a pattern's calls, as the engine reads it: its :class:`CallOptions`
-    and what was added when the run started.
+    """One run of a pattern's calls, as the engine reads it: the timing options of its
+    :class:`CallOptions` and what was added when the run started
+    (:meth:`CallOptions.start`). Nothing in it changes after it is made.
 
     Args:
-        options: the run's call options (``timeout``, ``retry`` and ``hedge_after`` are
-            read through: ``run.timeout``).
+        timeout: seconds per attempt (None: the handle's; the handle's None: no limit).
+        retry: the retry policy (None: the handle's, else the default policy).
+        hedge_after: seconds after which a duplicate attempt starts (None: no hedging).
         gate: the run's own concurrency gate (None: only the handle's limit).
         deadline: absolute event-loop time by which every call must end.
         budget: the spending cap the calls draw on (None: no cap).
         prices: model prices beyond the built-in table, for costs and budgets.
         hooks: callables receiving each event (the ambient ones included).
-        drained: whether the batch that runs these calls has handed out its last item
-            (asked by the engine, answered by the backend; None: not a batch). From then
-            on a 5xx is retried at once (:meth:`_Call._tail_retry`, decision 0157).
+        drained: whether the map that runs these calls has handed out its last item
+            (asked by the engine, answered by the map's item source; None: not a map).
+            From then on a 5xx is retried at once (:meth:`_Call._tail_retry`, decision
+            0157).
     """
 
-    options: CallOptions = CallOptions()
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    hedge_after: float | None = None
     gate: Gate | None = None
     deadline: float | None = None
     budget: Budget | None = None
@@ -174,17 +188,9 @@ class Run:
     hooks: tuple[Hook, ...] = ()
     drained: Callable[[], bool] | None = None
 
-    @property
-    def timeout(self) -> float | None:
-        return self.options.timeout
-
-    @property
-    def retry(self) -> RetryPolicy | None:
-        return self.options.retry
-
-    @property
-    def hedge_after(self) -> float | None:
-        return self.options.hedge_after
+    def timing(self) -> CallOptions:
+        """The run's timing options (to start a run like it elsewhere: a Ray worker)."""
+        return CallOptions(**{name: getattr(self, name) for name in TIMING})
 
     def within(self, outer: Run | None, given: frozenset[str]) -> Run:
         """This run inside ``outer`` (a skill in a pool, a call in a gather): the timing
@@ -193,13 +199,13 @@ class Run:
         wins. Budget, prices and hooks stay this run's."""
         if outer is None:
             return self
-        taken = {name: getattr(outer.options, name) for name in TIMING if name not in given}
+        taken = {name: getattr(outer, name) for name in TIMING if name not in given}
         deadline = self.deadline if "deadline" in given else None
         if outer.deadline is not None:
             deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
         return dataclasses.replace(
             self,
-            options=dataclasses.replace(self.options, **taken) if taken else self.options,
+            **taken,
             deadline=deadline,
             gate=self.gate if "concurrency" in given else outer.gate,
         )

@@ -499,7 +499,7 @@ async def run_pool_on_ray(
             spec.store,
             spec.cache,
             spec.prices,
-            options=None if shared is None else shared.options,
+            options=None if shared is None else shared.timing(),
             deadline_wall=deadline_wall,
         ),
         list(spec.todo),

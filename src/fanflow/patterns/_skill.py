@@ -220,7 +220,7 @@ class Skill:
         )
         opts = call.start(budget=budget).within(shared, own.given)
         if llm is not self.llm:  # a batched attempt waits for its batch: no attempt timeout
-            opts = replace(opts, options=replace(opts.options, timeout=None))
+            opts = replace(opts, timeout=None)
         store = store if store is not None else own.store
         reuse = cache if cache is not None else own.cache
         async with primed_step(self, llm, self.system, self.prompt):
