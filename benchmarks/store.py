@@ -77,11 +77,11 @@ class AiosqliteStore:
 
 async def run_aiosqlite(args: argparse.Namespace, items: list[str], folder: Path) -> float:
     from fanflow._durable import execute_stored
-    from fanflow._engine import make_options
+    from fanflow._engine import CallOptions
 
     store = await AiosqliteStore.open(folder / "aiosqlite.db")
     llm = make_llm(args.latency)
-    opts = make_options(concurrency=args.concurrency)
+    opts = CallOptions(concurrency=args.concurrency).start()
     try:
 
         async def one(i: int, text: str) -> None:

@@ -46,6 +46,7 @@ TOP_LEVEL: dict[str, str] = {
     "fanflow._types": "core",
     "fanflow._batchinfo": "core",
     "fanflow._exceptions": "core",
+    "fanflow._checks": "core",
     "fanflow._util": "core",
     "fanflow._version": "core",
     "fanflow._pricing": "core",
@@ -267,7 +268,7 @@ def test_imports_are_read_from_source_relative_lazy_and_type_only() -> None:
         "from typing import TYPE_CHECKING\n"
         "from .. import _types\n"
         "if TYPE_CHECKING:\n"
-        "    from ._ray import RayMapBatch\n"
+        "    from ._ray import RayMapRun\n"
         "def f():\n"
         "    import fanflow.backends._ray\n"
     )

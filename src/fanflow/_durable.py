@@ -29,7 +29,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from ._engine import CallOptions, execute
+from ._engine import Run, execute
 from ._events import CallEnded, emit
 from ._exceptions import ConfigError, ParseError, Skipped
 from ._llm import LLM, BaseLLM
@@ -94,7 +94,7 @@ def cached_record(
     parse: Callable[[Response], T] | None,
     index: int | None,
     label: str | None,
-    opts: CallOptions,
+    opts: Run,
 ) -> CallRecord[T]:
     """The record of a call served from the store: no attempts, no usage, no cost."""
     now = asyncio.get_running_loop().time()
@@ -134,7 +134,7 @@ def cached_record(
 async def execute_stored(
     llm: LLM,
     request: Request,
-    opts: CallOptions,
+    opts: Run,
     *,
     store: ResultStore | None,
     index: int | None = None,
@@ -312,7 +312,7 @@ class Durability:
         self,
         llm: LLM,
         request: Request,
-        opts: CallOptions,
+        opts: Run,
         *,
         index: int,
         item: Any,

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ._batchinfo import batch_info
 from ._breaker import Breaker
 from ._budget import Budget, as_budget
+from ._checks import check_concurrency, check_seconds
 from ._decide import Seen, Verdict, decide
 from ._events import (
     AMBIENT_HOOKS,
@@ -41,7 +42,6 @@ from ._exceptions import (
     BudgetExceeded,
     CallTimeout,
     CircuitOpen,
-    ConfigError,
     ParseError,
     RateLimited,
     Skipped,
@@ -51,106 +51,150 @@ from ._limits import Gate, Lane, Permit
 from ._llm import LLM, BaseLLM, lane_of
 from ._log import log_attempt_failed, log_attempt_sent, log_succeeded
 from ._pricing import Cost, Price, price_of, priced
+from ._repr import render
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Request, Response, Status, Usage
 
-__all__ = ["CallOptions", "execute", "status_of"]
+__all__ = ["NO_RUN", "TIMING", "CallOptions", "Run", "execute", "status_of"]
 
 T = TypeVar("T")
 
 
-class Tail:
-    """Whether a batch has handed out its last item (set by the batch; decision 0157).
+#: The options that time a call (an enclosing run's apply where a call sets none).
+TIMING: tuple[str, ...] = ("timeout", "retry", "hedge_after")
 
-    From then on every item is started and the batch only waits for its slowest: a 5xx
-    there is retried at once (:func:`fanflow._decide.decide`), since a backoff would be added
-    to the makespan.
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallOptions:
+    """The engine's call options, checked once: what every call of a pattern shares.
+
+    The patterns' keyword options (``fanflow.Options``) become one of these in
+    ``patterns/_options.resolve``; a backend carries it unchanged (``MapSpec.options``).
+    What depends on when a run starts (its gate, its deadline, a new budget cap) is
+    added by :meth:`start`, which makes the :class:`Run` the engine reads.
+
+    Args:
+        concurrency: the most of the run's calls in flight (None: the handle's limit).
+        timeout: seconds per attempt (None: the handle's; the handle's None: no limit).
+        deadline: seconds from the run's start by which every call must end.
+        retry: the retry policy (None: the handle's, else the default policy).
+        hedge_after: seconds after which a duplicate attempt starts (None: no hedging).
+        hooks: callables receiving each event.
+        budget: the spending cap: a :class:`Budget` (shared as given) or dollars (a
+            new cap for each run).
+        prices: model prices beyond the built-in table, for costs and budgets.
     """
 
-    __slots__ = ("draining",)
+    concurrency: int | None = None
+    timeout: float | None = None
+    deadline: float | None = None
+    retry: RetryPolicy | None = None
+    hedge_after: float | None = None
+    hooks: tuple[Hook, ...] = ()
+    budget: float | Budget | None = None
+    prices: Mapping[str, Price] | None = None
 
-    def __init__(self) -> None:
-        self.draining = False
+    def __post_init__(self) -> None:
+        check_concurrency(self.concurrency)
+        for name in ("timeout", "deadline", "hedge_after"):
+            check_seconds(name, getattr(self, name))
+        as_budget(self.budget)  # a budget that is neither dollars nor a Budget fails here
+
+    def __repr__(self) -> str:
+        given = (
+            (f.name, repr(value))
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) != f.default
+        )
+        return render("backends.CallOptions", given)
+
+    def start(
+        self,
+        *,
+        drained: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+        budget: Budget | None = None,
+    ) -> Run:
+        """The run these options start now: a gate for ``concurrency``, the deadline as
+        a loop time, the budget's cap (a number: a new one), the ambient hooks.
+
+        ``drained`` tells a batch's calls whether it has handed out its last item
+        (:meth:`Run.drained`); ``deadline`` (seconds from now) and ``budget`` replace
+        the options' own (a Ray worker's: the driver's deadline and budget)."""
+        cap = budget if budget is not None else as_budget(self.budget)
+        prices = self.prices
+        if cap is not None:
+            # Records are priced as the budget charges them (its prices, then the call's).
+            prices = cap.with_prices(prices).prices
+        seconds = deadline if deadline is not None else self.deadline
+        return Run(
+            **{name: getattr(self, name) for name in TIMING},
+            gate=Gate(self.concurrency) if self.concurrency is not None else None,
+            deadline=None if seconds is None else asyncio.get_running_loop().time() + seconds,
+            budget=cap,
+            prices=dict(prices) if prices else None,
+            hooks=(*self.hooks, *AMBIENT_HOOKS.get(), *INSTALLED),
+            drained=drained,
+        )
 
 
-@dataclass(frozen=True, slots=True)
-class CallOptions:
-    """Per-pattern options for the calls it makes.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Run:
+    """One run of a pattern's calls, as the engine reads it: the timing options of its
+    :class:`CallOptions` and what was added when the run started
+    (:meth:`CallOptions.start`). Nothing in it changes after it is made.
 
     Args:
         timeout: seconds per attempt (None: the handle's; the handle's None: no limit).
         retry: the retry policy (None: the handle's, else the default policy).
         hedge_after: seconds after which a duplicate attempt starts (None: no hedging).
+        gate: the run's own concurrency gate (None: only the handle's limit).
         deadline: absolute event-loop time by which every call must end.
-        hooks: callables receiving each event.
-        gate: the pattern's own concurrency gate (None: only the handle's limit).
         budget: the spending cap the calls draw on (None: no cap).
         prices: model prices beyond the built-in table, for costs and budgets.
-        tail: set by a batch once its item source is exhausted (None: not a batch).
+        hooks: callables receiving each event (the ambient ones included).
+        drained: whether the map that runs these calls has handed out its last item
+            (asked by the engine, answered by the map's item source; None: not a map).
+            From then on a 5xx is retried at once (:func:`fanflow._decide.decide`,
+            decision 0157).
     """
 
     timeout: float | None = None
     retry: RetryPolicy | None = None
     hedge_after: float | None = None
-    deadline: float | None = None
-    hooks: tuple[Hook, ...] = ()
     gate: Gate | None = None
+    deadline: float | None = None
     budget: Budget | None = None
     prices: Mapping[str, Price] | None = None
-    tail: Tail | None = None
+    hooks: tuple[Hook, ...] = ()
+    drained: Callable[[], bool] | None = None
 
-    def __post_init__(self) -> None:
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}; use None")
-        if self.hedge_after is not None and self.hedge_after <= 0:
-            raise ConfigError(
-                f"hedge_after must be > 0 seconds, got {self.hedge_after}; use None for no hedging"
-            )
+    def timing(self) -> CallOptions:
+        """The run's timing options (to start a run like it elsewhere: a Ray worker)."""
+        return CallOptions(**{name: getattr(self, name) for name in TIMING})
+
+    def within(self, outer: Run | None, given: frozenset[str]) -> Run:
+        """This run inside ``outer`` (a skill in a pool, a call in a gather): the timing
+        options, the deadline and the gate of ``outer`` apply where this one's options
+        did not set them (``given``: the option names they did); the sooner deadline
+        wins. Budget, prices and hooks stay this run's."""
+        if outer is None:
+            return self
+        taken = {name: getattr(outer, name) for name in TIMING if name not in given}
+        deadline = self.deadline if "deadline" in given else None
+        if outer.deadline is not None:
+            deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
+        return dataclasses.replace(
+            self,
+            **taken,
+            deadline=deadline,
+            gate=self.gate if "concurrency" in given else outer.gate,
+        )
 
 
-def make_options(
-    *,
-    concurrency: int | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    retry: RetryPolicy | None = None,
-    hedge_after: float | None = None,
-    hooks: Sequence[Hook] = (),
-    budget: float | Budget | None = None,
-    prices: Mapping[str, Price] | None = None,
-    tail: bool = False,
-) -> CallOptions:
-    """Build the options of one pattern call; ``deadline`` is in seconds from now.
-
-    ``budget`` is a :class:`Budget` (used as given, so calls sharing it draw on one cap)
-    or a number of dollars (a new cap for these options alone). A pattern that builds
-    options more than once converts a number with ``as_budget`` first, so all its calls
-    share one cap. ``tail``: the options are a batch's, which marks its tail on them
-    (:class:`Tail`).
-    """
-    cap = as_budget(budget)
-    if cap is not None:
-        # Records are priced as the budget charges them (its prices, then the call's).
-        prices = cap.with_prices(prices).prices
-    if deadline is not None and deadline <= 0:
-        raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
-    if concurrency is not None and concurrency < 1:
-        raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
-    deadline_at = None
-    if deadline is not None:
-        deadline_at = asyncio.get_running_loop().time() + deadline
-    return CallOptions(
-        timeout=timeout,
-        retry=retry,
-        hedge_after=hedge_after,
-        deadline=deadline_at,
-        hooks=(*hooks, *AMBIENT_HOOKS.get(), *INSTALLED),
-        gate=Gate(concurrency) if concurrency is not None else None,
-        budget=cap,
-        prices=dict(prices) if prices else None,
-        tail=Tail() if tail else None,
-    )
+#: The run of a call made with no options (nothing to wait for but the handle's lane).
+NO_RUN = Run()
 
 
 def status_of(error: BaseException) -> Status:
@@ -191,7 +235,7 @@ class _Call(Generic[T]):
         self,
         llm: LLM,
         request: Request,
-        opts: CallOptions,
+        opts: Run,
         index: int | None,
         label: str | None,
     ) -> None:
@@ -522,7 +566,7 @@ def _verdict(call: _Call[Any], exc: Exception, sent_at: int, called: int) -> Ver
     is marked requeued and annotated. ``sent_at`` and ``called``: the handle's
     successes when this attempt and this call began."""
     lane = call.lane
-    tail = call.opts.tail
+    drained = call.opts.drained
     gate = call.opts.gate
     deadline = call.deadline
     seen = Seen(
@@ -532,7 +576,7 @@ def _verdict(call: _Call[Any], exc: Exception, sent_at: int, called: int) -> Ver
         accepted_in_flight=lane.in_flight > 0 and lane.accepted_in_flight,
         alone_unanswered=lane.in_flight == 0 and not lane.answered,
         succeeded_since_call=lane.successes > called,
-        draining=tail is not None and tail.draining,
+        draining=drained is not None and drained(),
         idle=lane.gate.idle() and (gate is None or gate.idle()),
         time_left=None if deadline is None else deadline - call.loop.time(),
     )
@@ -724,7 +768,7 @@ def _late_admission(who: str, metered: bool) -> CallTimeout:
 def execute(
     llm: LLM,
     request: Request,
-    opts: CallOptions = CallOptions(),
+    opts: Run = NO_RUN,
     *,
     index: int | None = None,
     label: str | None = None,
@@ -737,7 +781,7 @@ def execute(
     Args:
         llm: the model.
         request: the request (the handle's defaults are filled in first).
-        opts: the pattern's options.
+        opts: the pattern run's options (:meth:`CallOptions.start`).
         index: the item index, for records, events and messages.
         label: a free-form label (worker, step) for records and events.
         parse: turns the response into the record's value; if it raises, the call
@@ -764,7 +808,7 @@ class _Routed(Protocol):
     def route(
         self,
         request: Request,
-        opts: CallOptions,
+        opts: Run,
         *,
         index: int | None,
         label: str | None,

@@ -40,7 +40,7 @@ R = TypeVar("R")
 log = logging.getLogger("fanflow")
 
 #: Hooks added to every pattern started in this context (``progress=True`` puts its
-#: tracker here; the engine's ``make_options`` reads it). Tasks inherit it.
+#: tracker here; ``CallOptions.start`` reads it). Tasks inherit it.
 AMBIENT_HOOKS: contextvars.ContextVar[tuple[Hook, ...]] = contextvars.ContextVar(
     "fanflow_ambient_hooks", default=()
 )
@@ -132,7 +132,7 @@ class Instrument(Protocol):
 
 #: The installed instrumentation (at most one; empty, the default: nothing observes).
 #: Process-wide, as the tracer and meter providers it reports to are; the engine's
-#: ``make_options`` adds it to every pattern's hooks.
+#: ``CallOptions.start`` adds it to every pattern's hooks.
 INSTALLED: list[Instrument] = []
 
 

@@ -12,7 +12,7 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass
 
-from ._exceptions import ConfigError
+from ._checks import check_concurrency
 
 __all__ = ["Gate", "GateStatistics"]
 
@@ -27,11 +27,6 @@ class GateStatistics:
     max_in_flight: int
 
 
-def _check(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise ConfigError(f"concurrency must be >= 1, got {limit}; use None for no limit")
-
-
 class Gate:
     """A FIFO counting gate with an adjustable limit (None: no limit).
 
@@ -42,7 +37,7 @@ class Gate:
     __slots__ = ("_in_flight", "_limit", "_max_in_flight", "_waiters")
 
     def __init__(self, limit: int | None) -> None:
-        _check(limit)
+        check_concurrency(limit)
         self._limit = limit
         self._in_flight = 0
         self._max_in_flight = 0
@@ -59,7 +54,7 @@ class Gate:
 
     def set_limit(self, limit: int | None) -> None:
         """Change the limit; raising it admits waiters at once."""
-        _check(limit)
+        check_concurrency(limit)
         self._limit = limit
         self._wake()
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._checks import check_concurrency
 from ._exceptions import ConfigError, Overloaded, RateLimited
 from ._gate import Gate, GateStatistics
 from ._hedge import Hedger
@@ -194,10 +195,7 @@ class Limits:
             from ._shared._url import parse_url
 
             parse_url(self.shared)  # an unknown form: a ConfigError naming those allowed
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ConfigError(
-                f"concurrency must be >= 1, got {self.concurrency}; use None for no limit"
-            )
+        check_concurrency(self.concurrency)
         for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
             _positive(name, getattr(self, name))
         if not self.burst >= 0:

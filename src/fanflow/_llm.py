@@ -18,6 +18,7 @@ from dataclasses import fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ._breaker import Breaker
+from ._checks import check_seconds
 from ._exceptions import ConfigError
 from ._limits import DEFAULT_LIMITS, Lane, LaneStatistics, Limits
 from ._retry import RetryPolicy
@@ -78,8 +79,7 @@ class BaseLLM(ABC):
         timeout: float | None = None,
         defaults: Mapping[str, Any] | None = None,
     ) -> None:
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {timeout}; use None for none")
+        check_seconds("timeout", timeout)
         unknown = set(defaults or {}) - _REQUEST_PARAMS
         if unknown:
             raise ConfigError(

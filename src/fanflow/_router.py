@@ -40,7 +40,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ._breaker import PROBE_AFTER, is_failing
-from ._engine import CallOptions, execute
+from ._engine import NO_RUN, Run, execute
 from ._events import AttemptFailed, AttemptStarted, CallEnded, CallStarted, Event, Hook, emit
 from ._exceptions import (
     BadRequest,
@@ -273,7 +273,7 @@ class Item(Generic[T]):
     """One call as the engine handed it to a router or cascade."""
 
     request: Request
-    opts: CallOptions
+    opts: Run
     index: int | None
     label: str | None
     parse: Callable[[Response], T] | None
@@ -322,7 +322,7 @@ class Routed(BaseLLM):
     async def route(
         self,
         request: Request,
-        opts: CallOptions,
+        opts: Run,
         *,
         index: int | None,
         label: str | None,
@@ -354,7 +354,7 @@ class Routed(BaseLLM):
 
     async def complete(self, request: Request) -> Response:
         """One call (with the engine's retries on each handle)."""
-        item: Item[Response] = Item(request, CallOptions(), None, None, None)
+        item: Item[Response] = Item(request, NO_RUN, None, None, None)
         record = await self.run(item, asyncio.get_running_loop().time())
         if record.response is None:
             assert record.error is not None

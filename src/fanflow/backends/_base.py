@@ -1,7 +1,7 @@
-"""The backend seam: what a place that runs a batch's items must do.
+"""The backend seam: what a place that runs a map's or a pool's items must do.
 
 ``fanflow.map``, ``fanflow.as_completed`` and ``fanflow.Pool`` never ask *where* their
-items run: they describe the batch (a :class:`MapSpec` or a :class:`PoolSpec`) and hand
+items run: they describe the run (a :class:`MapSpec` or a :class:`PoolSpec`) and hand
 it to the :class:`Backend` that ``backend=`` names (:func:`fanflow.backends._config.
 resolve_backend`). The local backend (``_local.py``) runs the items on this event loop;
 the Ray backend (``_ray.py``) shards them over Ray worker processes. A third backend (a
@@ -13,29 +13,30 @@ check it gives the same results):
 
 - **Run every item to exactly one record** (promise 4): for ``map``, build each item's
   request with ``spec.build(item, index)`` (an exception there is that item's failed
-  record, not the batch's), call the model, ``spec.parse`` the response, and hand the
+  record, not the map's), call the model, ``spec.parse`` the response, and hand the
   :class:`~fanflow.CallRecord` (``index`` set) to ``deliver``; await what ``deliver``
   returns before taking more work (it is how a slow consumer of ``as_completed``
   applies back-pressure). Records may come in any order.
 - **Stream, in bounded memory** (promise 7): pull items from ``spec.items`` (maybe an
-  endless iterator) only as there is room, never all at once; ``BatchRun.workers``
+  endless iterator) only as there is room, never all at once; ``MapRun.workers``
   says how many records may be in flight, and ``seen`` how many items were pulled.
 - **Honour the store** (promise 5): with ``spec.durable``, run each item through
   ``spec.durable`` (:meth:`fanflow._durable.Durability.run`, or its store by the
   :class:`~fanflow.store.JobStore` protocol in another process), so a record is
   committed before it is delivered; call ``durable.emit(record, item)`` before
-  delivering, and run the whole batch inside ``durable.around(...)`` (the job's start,
+  delivering, and run the whole map inside ``durable.around(...)`` (the job's start,
   end and sink); with ``durable.prior``, an item that succeeded in an earlier run of
   the job is served from the store.
-- **Honour the budget and the limits**: every call reserves from ``spec.budget`` (one
-  cap for the whole batch, wherever its calls run) and goes through the handle's lane
-  (``Limits``: concurrency, rpm, tpm), so the limits hold across the batch, together
-  with whatever else uses the same handle; ``spec.concurrency`` narrows it further;
-  ``spec.timeout``, ``retry``, ``hedge_after`` and ``deadline`` mean what they mean
-  for the engine (:func:`fanflow._engine.make_options`).
-- **Emit events** to ``spec.hooks`` on the caller's event loop, as the local engine does.
+- **Honour the options and the limits**: ``spec.options`` are the call options, checked
+  (:class:`fanflow.backends.CallOptions`); ``spec.options.start()`` makes the run the
+  engine's ``execute`` takes when the map starts: one concurrency gate, the deadline
+  counted from then, one budget cap for the whole map, wherever its calls run. Every
+  call goes through the handle's lane (``Limits``: concurrency, rpm, tpm), so the
+  limits hold across the map, together with whatever else uses the same handle.
+- **Emit events** to ``spec.options.hooks`` on the caller's event loop, as the local
+  engine does.
 - **Fail fast on request**: with ``spec.fail_fast``, the first record that did not
-  succeed stops the batch (in-flight items cancelled) and its error is raised.
+  succeed stops the map (in-flight items cancelled) and its error is raised.
 - **Cancel cleanly** (promise 6): when ``run()`` is cancelled, stop sending, cancel
   what is in flight, and return only when it has stopped.
 
@@ -45,27 +46,27 @@ A backend that cannot run pools (a batch API has no multi-step chains) raises
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from .._budget import Budget
 from .._durable import Durability
-from .._engine import CallOptions
+from .._engine import CallOptions, Run
 from .._events import Hook
 from .._llm import LLM
 from .._pricing import Price
-from .._retry import RetryPolicy
 from .._types import CallRecord, Request, Response
 from ..store import JobStore
 
 __all__ = [
     "Backend",
-    "BatchRun",
     "Deliver",
     "FirstCheck",
     "HandleFor",
     "Items",
+    "MapRun",
     "MapSpec",
     "PoolSpec",
 ]
@@ -80,11 +81,11 @@ HandleFor: TypeAlias = Callable[[LLM], LLM]
 
 @dataclass(frozen=True)
 class FirstCheck:
-    """A check of a batch's first ``count`` items before any call is made.
+    """A check of a map's first ``count`` items before any call is made.
 
     ``check(items)`` raises (a ``TemplateError``, say) when the items show that every
     call would fail the same way; the local and Ray backends run it on the first items
-    before any call. As ``MapSpec.prime`` it returns whether to prime the batch.
+    before any call. As ``MapSpec.prime`` it returns whether to prime the map.
     """
 
     count: int
@@ -101,19 +102,15 @@ class MapSpec:
             run in another process); it raises for a bad item (that item fails).
         items: the inputs, a sequence or a (async) iterator, pulled lazily.
         parse: turns a response into the record's value (it may raise: the item fails).
-        concurrency: the most items in flight (None: the handle's limit alone).
-        timeout: seconds per attempt (None: the handle's).
-        deadline: seconds from the start by which every item must end (None: none).
-        retry: the retry policy (None: the handle's).
-        hedge_after: seconds before a duplicate attempt (None: off).
-        hooks: receive each event, on the caller's event loop.
+        options: the call options (``concurrency``: the most items in flight;
+            ``deadline``: seconds from the start by which every item must end;
+            ``budget``: one cap for every call of the map; ``hooks`` receive each
+            event, on the caller's event loop).
         label: a label for every record.
-        fail_fast: the first failure stops the batch and is raised.
-        durable: the batch's store, job and sink (None: nothing is kept).
-        budget: one spending cap for every call of the batch (None: none).
-        prices: model prices beyond the built-in table.
+        fail_fast: the first failure stops the map and is raised.
+        durable: the map's store, job and sink (None: nothing is kept).
         check_first: a check of the first items, run before any call (None: none).
-        prime: whether to prime the batch, decided from its first ``prime.count`` items
+        prime: whether to prime the map, decided from its first ``prime.count`` items
             before any call: the first item is sent alone and the others wait until it
             is done, so that they read the prefix it put in the provider's prompt
             cache (None: never; the local backend honours it, others may not).
@@ -123,17 +120,10 @@ class MapSpec:
     build: Callable[[Any, int], Request]
     items: Items
     parse: Callable[[Response], Any]
-    concurrency: int | None = None
-    timeout: float | None = None
-    deadline: float | None = None
-    retry: RetryPolicy | None = None
-    hedge_after: float | None = None
-    hooks: tuple[Hook, ...] = ()
+    options: CallOptions = field(default_factory=CallOptions)
     label: str | None = None
     fail_fast: bool = False
     durable: Durability | None = None
-    budget: Budget | None = None
-    prices: Mapping[str, Price] | None = None
     check_first: FirstCheck | None = None
     prime: FirstCheck | None = None
 
@@ -141,6 +131,25 @@ class MapSpec:
     def size(self) -> int | None:
         """How many items there are, when ``items`` is a sequence (else None)."""
         return len(self.items) if isinstance(self.items, Sequence) else None
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for a name that is not a field: the fields the options replaced
+        # are read from them, with a warning, for one release.
+        if name in _IN_OPTIONS:
+            warnings.warn(
+                f"MapSpec.{name} is deprecated and will be removed in the next release; "
+                f"read spec.options.{name} (fanflow.backends.CallOptions)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+# MapSpec's fields before the call options were gathered in ``MapSpec.options``.
+_IN_OPTIONS = frozenset(
+    ("concurrency", "timeout", "deadline", "retry", "hedge_after", "hooks", "budget", "prices")
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,10 +171,11 @@ class PoolSpec:
         prices: model prices beyond the built-in table.
         handle_for: the handle a model step calls in place of its own (a Pool with
             ``mode="batch"``: the batching handle); None: its own.
-        shared: call options every skill without its own takes (timeout, retry,
-            hedge_after, one deadline for the whole run). Ray sends them to its
-            workers (the deadline as wall-clock time); ``max_flows`` bounds the calls
-            in flight there, as it is split between the workers.
+        shared: the run every skill without options of its own runs within (its
+            timeout, retry, hedge_after, one deadline for the whole run). Ray sends
+            its options to its workers (the deadline as wall-clock time);
+            ``max_flows`` bounds the calls in flight there, as it is split between
+            the workers.
     """
 
     runner: Any
@@ -177,13 +187,13 @@ class PoolSpec:
     replay: Callable[[int], bool] = lambda index: False
     budget: Budget | None = None
     prices: Mapping[str, Price] | None = None
-    shared: CallOptions | None = None
+    shared: Run | None = None
     handle_for: HandleFor | None = None
 
 
 @runtime_checkable
-class BatchRun(Protocol):
-    """A map's batch on a backend, made by :meth:`Backend.map_batch`, run once."""
+class MapRun(Protocol):
+    """A map's run on a backend, made by :meth:`Backend.map_run`, run once."""
 
     # How many records may be in flight at once (a result stream sizes its queue by it).
     workers: int
@@ -200,10 +210,10 @@ class BatchRun(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """Where a batch's items run (see the module docstring for what it must do)."""
+    """Where a map's or a pool's items run (see the module docstring for what it must do)."""
 
-    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
-        """The batch of a ``map`` / ``as_completed`` call (not started yet)."""
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> MapRun:
+        """The run of a ``map`` / ``as_completed`` call (not started yet)."""
         ...
 
     async def run_pool(

@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import replace
 from typing import Any
 
+from .._budget import as_budget
+from .._engine import CallOptions
 from .._exceptions import ConfigError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
 from .._types import CallRecord, Status
-from ._base import BatchRun, Deliver, HandleFor, MapSpec, PoolSpec
+from ._base import Deliver, HandleFor, MapRun, MapSpec, PoolSpec
 from ._batch import (
     MODES,
     BatchOptions,
@@ -60,11 +62,11 @@ class BatchBackend:
     def __repr__(self) -> str:
         return f"fanflow.backends.BatchBackend(mode={self.mode!r})"
 
-    def check(self, llm: LLM, *, deadline: float | None, hedge_after: float | None) -> None:
+    def check(self, llm: LLM, calls: CallOptions) -> None:
         """Refuse what cannot work, before anything is sent."""
-        mode, options = self.mode, self.options
+        mode, options, deadline = self.mode, self.options, calls.deadline
         batch_apis(llm, mode)
-        if hedge_after is not None:
+        if calls.hedge_after is not None:
             raise ConfigError(
                 f"hedge_after has no meaning with mode={mode!r} (a batched request is sent "
                 "once); drop it"
@@ -82,8 +84,8 @@ class BatchBackend:
                 "real time, or mode='realtime'"
             )
 
-    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
-        self.check(spec.llm, deadline=spec.deadline, hedge_after=spec.hedge_after)
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> MapRun:
+        self.check(spec.llm, spec.options)
         return _BatchedRun(self, spec, deliver)
 
     async def run_pool(
@@ -103,9 +105,7 @@ def batch_backend(
     options: BatchOptions | None,
     backend: object,
     llm: LLM,
-    *,
-    deadline: float | None,
-    hedge_after: float | None,
+    calls: CallOptions,
 ) -> BatchBackend:
     """The backend of ``mode="batch"``/``"auto"`` (checked now, before anything runs)."""
     if mode not in MODES:
@@ -113,7 +113,7 @@ def batch_backend(
     if backend not in ("local", None):
         raise ConfigError(f"mode={mode!r} chooses the batch backend; drop backend={backend!r}")
     made = BatchBackend(mode, options)
-    made.check(llm, deadline=deadline, hedge_after=hedge_after)
+    made.check(llm, calls)
     return made
 
 
@@ -145,7 +145,7 @@ class _BatchedRun:
             return self.deliver(record)
 
         async with _batched(self.backend, self.spec, self.window) as spec:
-            inner = LOCAL.map_batch(spec, deliver)
+            inner = LOCAL.map_run(spec, deliver)
             try:
                 await inner.run()
             finally:
@@ -168,12 +168,15 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
     assert isinstance(llm, BaseLLM)  # batch_apis checked it
     store = spec.durable.store if spec.durable is not None else None
     journal: Journal = store if isinstance(store, Journal) else MemoryJournal()
-    prices = spec.prices
-    if spec.budget is not None:  # records are priced as the budget charges them
-        prices = spec.budget.with_prices(prices).prices
+    calls = spec.options
+    prices = calls.prices
+    budget = as_budget(calls.budget)
+    if budget is not None:  # records are priced as the budget charges them
+        prices = budget.with_prices(prices).prices
+        calls = replace(calls, budget=budget)  # the same cap for the batch's calls
     made: list[BatchQueue] = []
     # One gate for the real-time calls after an ``auto`` switch, whichever deployment.
-    gate = None if spec.concurrency is None else asyncio.Semaphore(spec.concurrency)
+    gate = None if calls.concurrency is None else asyncio.Semaphore(calls.concurrency)
 
     def wrap(handle: BaseLLM, price: Price | None) -> BaseLLM:
         queue = BatchQueue(batch_api_of(handle, mode), journal, options)
@@ -183,7 +186,7 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
             queue,
             window=window,
             prices=_with_price(prices, handle, price),
-            realtime_timeout=spec.timeout or handle.timeout,
+            realtime_timeout=calls.timeout or handle.timeout,
             gate=gate,
         )
 
@@ -193,11 +196,12 @@ async def _batched(backend: BatchBackend, spec: MapSpec, window: int) -> AsyncIt
     async with queue:
         watcher = None
         if mode == "auto":
-            assert spec.deadline is not None
-            deadline_at = asyncio.get_running_loop().time() + spec.deadline
+            assert calls.deadline is not None
+            deadline_at = asyncio.get_running_loop().time() + calls.deadline
             watcher = asyncio.ensure_future(_watch(queue, llm, deadline_at, options, spec.size))
         try:
-            yield replace(spec, llm=wrapped, timeout=None, concurrency=None)
+            inner = replace(calls, timeout=None, concurrency=None)
+            yield replace(spec, llm=wrapped, options=inner)
         finally:
             if watcher is not None:
                 watcher.cancel()

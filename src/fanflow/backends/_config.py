@@ -1,15 +1,16 @@
-"""The ``backend=`` option of batch patterns: ``"local"``, ``"ray"``, a RayBackend, or
-any other :class:`~fanflow.backends.Backend`; :func:`resolve_backend` is the one place
-it is read."""
+"""The ``backend=`` option of ``map``, ``as_completed`` and ``Pool``: ``"local"``,
+``"ray"``, a RayBackend, or any other :class:`~fanflow.backends.Backend`;
+:func:`resolve_backend` is the one place it is read."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import ConfigError
-from ._base import Backend, BatchRun, Deliver, MapSpec, PoolSpec
+from ._base import Backend, Deliver, MapRun, MapSpec, PoolSpec
 from ._local import LOCAL
 
 __all__ = ["RayBackend", "resolve_backend"]
@@ -17,7 +18,7 @@ __all__ = ["RayBackend", "resolve_backend"]
 
 @dataclass(frozen=True)
 class RayBackend:
-    """Run a batch on Ray: shards of items on worker processes, one limit for all.
+    """Run a map or a pool on Ray: shards of items on worker processes, one limit for all.
 
     Args:
         address: the cluster to join (``"auto"``, ``"ray://head:10001"``, ...). None:
@@ -31,7 +32,7 @@ class RayBackend:
         worker_cpus: CPUs Ray reserves for each worker (0: workers are packed by
             count alone; LLM calls mostly wait on the network).
         max_worker_restarts: worker processes that may die (killed, node lost) and be
-            replaced during one batch before it fails; None: twice ``workers``.
+            replaced during one run before it fails; None: twice ``workers``.
         ray_init: extra keyword arguments for ``ray.init`` when fanflow starts or
             joins the cluster (``runtime_env``, ``namespace``, ...).
     """
@@ -59,12 +60,12 @@ class RayBackend:
             f"shard_size={self.shard_size})"
         )
 
-    # The Backend protocol. Ray itself is imported only when a batch runs here.
+    # The Backend protocol. Ray itself is imported only when a map or a pool runs here.
 
-    def map_batch(self, spec: MapSpec, deliver: Deliver) -> BatchRun:
-        from ._ray import RayMapBatch
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> MapRun:
+        from ._ray import RayMapRun
 
-        return RayMapBatch(self, spec, deliver)
+        return RayMapRun(self, spec, deliver)
 
     async def run_pool(
         self,
@@ -90,7 +91,31 @@ def resolve_backend(backend: object) -> Backend:
         return RayBackend()
     if isinstance(backend, Backend):
         return backend
+    if callable(getattr(backend, "map_batch", None)) and callable(
+        getattr(backend, "run_pool", None)
+    ):
+        return _Renamed(backend)
     raise ConfigError(
         f"unknown backend {backend!r}; use 'local', 'ray', fanflow.backends.RayBackend(...) or an "
-        "object with the fanflow.backends.Backend methods (map_batch, run_pool)"
+        "object with the fanflow.backends.Backend methods (map_run, run_pool)"
     )
+
+
+class _Renamed:
+    """A backend written before ``map_batch`` was renamed ``map_run`` (served, with a
+    warning, for one release)."""
+
+    def __init__(self, backend: Any) -> None:
+        warnings.warn(
+            f"{type(backend).__name__}.map_batch is deprecated and will be removed in the "
+            "next release; rename it map_run (fanflow.backends.Backend): 'batch' now "
+            "means only a provider's batch API",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        self.backend = backend
+        self.run_pool = backend.run_pool
+
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> MapRun:
+        run: MapRun = self.backend.map_batch(spec, deliver)
+        return run

@@ -1,10 +1,11 @@
-"""The local backend: a batch's items on this event loop (the default, ``backend="local"``).
+"""The local backend: a map's items on this event loop (the default, ``backend="local"``).
 
-It also holds the batch machinery the other backends reuse: :class:`Source` hands out
-(index, item) pairs lazily, :func:`window` sizes the set of workers, :class:`Batch` runs
-items to records with a fixed set of workers, and :class:`FailFast` stops a batch at the
-first failure. The Ray backend runs a ``Batch`` in each worker process (its
-``run_item``) and feeds it shards pulled from a ``Source`` on the driver.
+It also holds the machinery the other backends reuse: :class:`Source` hands out
+(index, item) pairs lazily, :func:`crew_size` says how many workers a map runs, a
+:class:`Crew` (the map's workers) runs items to records, and :class:`FailFast` stops a
+map at the first failure. The Ray backend runs a ``Crew`` in each worker process (its
+``run_item``) and feeds it shards pulled from a ``Source`` on the driver. ("Batch" in
+fanflow means a provider's batch API: ``backends/_batch*.py``.)
 
 Items are pulled lazily by a fixed set of workers, as many as the concurrency allows,
 so an iterator of a million items is never materialised: memory grows with the
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from .._durable import Durability
-from .._engine import CallOptions, execute, make_options
+from .._engine import CallOptions, execute
 from .._events import CallEnded, emit
 from .._gc import batch_gc
 from .._limits import DEFAULT_CONCURRENCY
@@ -31,22 +32,16 @@ from .._types import CallRecord, Request, Response, Status
 from ._base import Deliver, FirstCheck, Items, MapSpec, PoolSpec
 
 __all__ = [
-    "DEFAULT_WINDOW",
     "LOCAL",
     "WORKERS_PER_SLOT",
-    "Batch",
+    "Crew",
     "FailFast",
     "LocalBackend",
     "Source",
-    "window",
+    "crew_size",
 ]
 
 T = TypeVar("T")
-
-# With no concurrency limit anywhere (neither the call's nor the handle's), a batch runs
-# at most this many items at once, so an unbounded iterator cannot exhaust memory: the
-# default concurrency, one constant (fanflow.limits.DEFAULT_CONCURRENCY).
-DEFAULT_WINDOW = DEFAULT_CONCURRENCY
 
 # Workers per concurrency slot. Slots are taken per attempt (the pattern's gate, the
 # handle's lane), so an item waiting out a backoff holds its worker but not its slot; the
@@ -55,14 +50,16 @@ DEFAULT_WINDOW = DEFAULT_CONCURRENCY
 WORKERS_PER_SLOT = 2
 
 
-def window(llm: LLM, concurrency: int | None, size: int | None) -> int:
-    """How many workers a batch runs: twice the concurrency, at most one per item."""
+def crew_size(llm: LLM, concurrency: int | None, size: int | None) -> int:
+    """How many workers a map runs: twice the concurrency, at most one per item. With
+    no concurrency limit anywhere (neither the call's nor the handle's), the default
+    concurrency, so an unbounded iterator cannot exhaust memory."""
     if concurrency is not None:
         n = concurrency * WORKERS_PER_SLOT
     elif isinstance(llm, BaseLLM) and llm.limits.concurrency is not None:
         n = llm.limits.concurrency * WORKERS_PER_SLOT
     else:
-        n = DEFAULT_WINDOW
+        n = DEFAULT_CONCURRENCY
     if size is not None:
         n = min(n, max(size, 1))
     return n
@@ -71,10 +68,11 @@ def window(llm: LLM, concurrency: int | None, size: int | None) -> int:
 class Source:
     """Hands out (index, item) pairs from a sync or async iterable, one at a time."""
 
-    __slots__ = ("_ait", "_index", "_it", "_lock", "_peeked")
+    __slots__ = ("_ait", "_drained", "_index", "_it", "_lock", "_peeked")
 
     def __init__(self, items: Items) -> None:
         self._index = 0
+        self._drained = False
         self._it: Any = None
         self._ait: AsyncIterator[Any] | None = None
         self._lock: asyncio.Lock | None = None
@@ -109,6 +107,7 @@ class Source:
         try:
             item = next(self._it)
         except StopIteration:
+            self._drained = True
             return None
         index = self._index
         self._index += 1
@@ -125,6 +124,7 @@ class Source:
                 try:
                     item = await anext(self._ait)
                 except StopAsyncIteration:
+                    self._drained = True
                     return None
         index = self._index
         self._index += 1
@@ -135,16 +135,21 @@ class Source:
         """How many items were handed out."""
         return self._index
 
+    def drained(self) -> bool:
+        """Whether the last item was handed out: the map's tail, where every item is
+        started and the map only waits for its slowest (``Run.drained``)."""
+        return self._drained
+
 
 class FailFast(Exception):
-    """Raised by a worker to stop its batch at the first record that did not succeed."""
+    """Raised by a worker to stop its map at the first record that did not succeed."""
 
     def __init__(self, record: CallRecord[Any]) -> None:
         super().__init__(record)
         self.record = record
 
 
-class Batch(Generic[T]):
+class Crew(Generic[T]):
     """Workers that pull items, run each as a call, and deliver its record."""
 
     def __init__(
@@ -153,7 +158,7 @@ class Batch(Generic[T]):
         build: Callable[[Any, int], Request],
         items: Items,
         *,
-        opts: CallOptions,
+        options: CallOptions,
         workers: int,
         parse: Callable[[Response], T],
         deliver: Deliver,
@@ -167,7 +172,8 @@ class Batch(Generic[T]):
         self.llm = llm
         self.build = build
         self.source = Source(items)
-        self.opts = opts
+        # The run starts now: its gate, its deadline, its budget cap.
+        self.opts = options.start(drained=self.source.drained)
         self.workers = workers
         self.parse = parse
         self.deliver = deliver
@@ -214,17 +220,14 @@ class Batch(Generic[T]):
         return self.source.seen
 
     async def _worker(self, primer: asyncio.TaskGroup | None = None) -> None:
-        """Run items until there are none. The ``primer`` (a primed batch's one worker)
+        """Run items until there are none. The ``primer`` (a primed map's one worker)
         runs the first item alone, so its prompt's prefix enters the provider's cache,
         then starts the other workers in that task group."""
         source = self.source
         is_async = source.is_async
-        tail = self.opts.tail
         while True:
             got = await source.next() if is_async else source.next_sync()
             if got is None:
-                if tail is not None:
-                    tail.draining = True  # every item is started: the batch's tail
                 return
             index, item = got
             if primer is None:
@@ -241,7 +244,7 @@ class Batch(Generic[T]):
                 raise FailFast(record)
 
     async def _first(self, index: int, item: Any, tg: asyncio.TaskGroup) -> CallRecord[T]:
-        """A primed batch's first item; the other workers start in ``tg`` when its
+        """A primed map's first item; the other workers start in ``tg`` when its
         streamed reply's first text arrives (the prompt is read), else when it ends."""
         started = False
         outer = contextvars.copy_context()  # the workers' context: without PREFILLED set
@@ -308,32 +311,21 @@ class Batch(Generic[T]):
 
 
 class LocalBackend:
-    """Runs a batch's items on the caller's event loop (``backend="local"``)."""
+    """Runs a map's items on the caller's event loop (``backend="local"``)."""
 
     def __repr__(self) -> str:
         return "fanflow.backends.LocalBackend()"
 
-    def map_batch(self, spec: MapSpec, deliver: Deliver) -> Batch[Any]:
+    def map_run(self, spec: MapSpec, deliver: Deliver) -> Crew[Any]:
         size = spec.size
-        opts = make_options(
-            # Workers outnumber slots (see WORKERS_PER_SLOT): the gate bounds what is in
-            # flight.
-            concurrency=spec.concurrency,
-            timeout=spec.timeout,
-            deadline=spec.deadline,
-            retry=spec.retry,
-            hedge_after=spec.hedge_after,
-            hooks=spec.hooks,
-            budget=spec.budget,
-            prices=spec.prices,
-            tail=True,
-        )
-        return Batch[Any](
+        return Crew[Any](
             spec.llm,
             spec.build,
             spec.items,
-            opts=opts,
-            workers=window(spec.llm, spec.concurrency, size),
+            # Workers outnumber slots (see WORKERS_PER_SLOT): the run's gate bounds what
+            # is in flight.
+            options=spec.options,
+            workers=crew_size(spec.llm, spec.options.concurrency, size),
             parse=spec.parse,
             deliver=deliver,
             label=spec.label,
@@ -377,5 +369,5 @@ class LocalBackend:
                 tg.create_task(worker())
 
 
-# The one local backend: it holds no state, so every batch may share it.
+# The one local backend: it holds no state, so every map may share it.
 LOCAL = LocalBackend()

@@ -4,7 +4,7 @@ The driver (the process that called ``map`` or ``Pool.arun``) pulls items lazily
 them into shards and streams each shard to one of ``workers`` Ray actors
 (``FanflowWorker``), two shards per worker at a time so a worker never idles between
 shards. A worker runs its shard on its own event loop with the local engine, many calls
-in flight (``_Batch.run_item`` for ``map``, the chain/flow for ``Pool``), and streams
+in flight (``Crew.run_item`` for ``map``, the chain/flow for ``Pool``), and streams
 results back as they finish, batched by whatever finished since the last message (a
 Ray streaming generator). The driver puts them in input order and emits the workers'
 events to the caller's hooks, so records, statuses, errors, progress and the summary
@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .._budget import Budget
+from .._budget import Budget, as_budget
 from .._events import INSTALLED, Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._types import Status
 from ._base import Deliver, MapSpec, PoolSpec
 from ._limiter import spec_of
-from ._local import FailFast, Source, window
+from ._local import FailFast, Source, crew_size
 
 if TYPE_CHECKING:
     # Type-only: ``RayBackend`` (the settings) imports this module when a batch runs.
@@ -58,7 +58,7 @@ from ._worker import (
     Work,
 )
 
-__all__ = ["RayMapBatch", "run_pool_on_ray", "worker_pids"]
+__all__ = ["RayMapRun", "run_pool_on_ray", "worker_pids"]
 
 INSTALL = "pip install 'fanflow[ray]'"
 BROKER_NAME = "fanflow-limits"
@@ -384,17 +384,14 @@ def _workers_for(backend: RayBackend, limit: int | None) -> tuple[int | None, in
     return len(shares), min(shares)
 
 
-class RayMapBatch:
+class RayMapRun:
     """A map's items on Ray, each record handed to ``deliver`` as it comes back (the
-    Ray counterpart of the local ``Batch``; ``RayBackend.map_batch`` makes it)."""
+    Ray counterpart of the local ``Crew``; ``RayBackend.map_run`` makes it)."""
 
     def __init__(self, backend: RayBackend, spec: MapSpec, deliver: Deliver) -> None:
-        concurrency, deadline = spec.concurrency, spec.deadline
-        self.budget = spec.budget
-        if concurrency is not None and concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {concurrency}; use None for no limit")
-        if deadline is not None and deadline <= 0:
-            raise ConfigError(f"deadline must be > 0 seconds, got {deadline}; use None for none")
+        options = spec.options
+        concurrency, deadline = options.concurrency, options.deadline
+        self.budget = as_budget(options.budget)  # one cap, kept by the broker
         _connect(backend)
         self.backend = backend
         self.items = spec.items
@@ -403,13 +400,13 @@ class RayMapBatch:
         self.deadline = deadline
         # The installed instrumentation (fanflow.otel) hears the workers' events here:
         # their calls' spans join this process's trace, under the pattern run's span.
-        self.hooks: tuple[Hook, ...] = (*spec.hooks, *INSTALLED)
+        self.hooks: tuple[Hook, ...] = (*options.hooks, *INSTALLED)
         self.fail_fast = spec.fail_fast
         self.check_first = spec.check_first
         self.prime = spec.prime
         durable = self.durable = spec.durable
         self.n_workers, per_worker = _workers_for(backend, concurrency)
-        self.window = per_worker if per_worker is not None else window(spec.llm, None, None)
+        self.window = per_worker if per_worker is not None else crew_size(spec.llm, None, None)
         self.workers = self.window  # what ResultStream sizes its queue by
         store = None
         if durable is not None and durable.store is not None:
@@ -419,15 +416,12 @@ class RayMapBatch:
         self.work = MapWork(
             spec.llm,
             spec.build,
-            timeout=spec.timeout,
+            options=options,
             deadline_wall=None,
-            retry=spec.retry,
-            hedge_after=spec.hedge_after,
             parse=spec.parse,
             events=bool(self.hooks),
             label=spec.label,
             store=store,
-            prices=spec.prices,
         )
         self.seen = 0
 
@@ -524,9 +518,7 @@ async def run_pool_on_ray(
             spec.store,
             spec.cache,
             spec.prices,
-            timeout=None if shared is None else shared.timeout,
-            retry=None if shared is None else shared.retry,
-            hedge_after=None if shared is None else shared.hedge_after,
+            options=None if shared is None else shared.timing(),
             deadline_wall=deadline_wall,
         ),
         list(spec.todo),

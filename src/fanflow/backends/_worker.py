@@ -1,10 +1,10 @@
 """The worker side of the Ray backend: the broker actor and the worker actors.
 
 A ``FanflowWorker`` is one long-lived Ray actor (one process, one event loop). It runs
-shards of batches with fanflow's own engine, many calls in flight, and streams results
+shards of maps and pools with fanflow's own engine, many calls in flight, and streams results
 back as they finish. Its handles' lanes draw from the broker (``_limiter.py``) through
-the lane factory it installs in its process. Per-batch state (the work, the per-worker
-window, leases, grant queues, the budget view) lives in a ``_Run`` keyed by the batch.
+the lane factory it installs in its process. Per-run state (the work, the per-worker
+window, leases, grant queues, the budget view) lives in a ``_Run`` keyed by the run.
 Nothing here imports Ray: the driver (``_ray.py``) wraps these classes with
 ``ray.remote``.
 """
@@ -19,16 +19,15 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._budget import Budget
 from .._durable import Durability
-from .._engine import CallOptions, make_options
+from .._engine import CallOptions, Run
 from .._events import CallStarted, Event, Hook, endpoint_of
 from .._limits import Gate, Lane
 from .._llm import LLM, BaseLLM, set_lane_factory
-from .._retry import RetryPolicy
 from .._router import set_health_board
 from .._types import CallRecord, Request, Response
 from ..store import JobStore
@@ -43,7 +42,7 @@ from ._limiter import (
     lease_time,
     needs_broker,
 )
-from ._local import Batch
+from ._local import Crew
 
 __all__ = [
     "BrokerActor",
@@ -145,7 +144,7 @@ class StepMoved:
 
 
 class _Run:
-    """One batch's state in a worker process (a worker serves batch after batch)."""
+    """One run's state in a worker process (a worker serves run after run)."""
 
     def __init__(self, work_box: list[Any], window: int, broker: Any) -> None:
         self.window = window
@@ -187,15 +186,15 @@ class _Run:
             await (await self.ready).close()
 
 
-# The batch a worker's task belongs to, so the lanes it makes are closed with it.
+# The run a worker's task belongs to, so the lanes it makes are closed with it.
 _RUN: contextvars.ContextVar[_Run] = contextvars.ContextVar("fanflow_ray_run")
 
 
 class FanflowWorker:
-    """One worker process: runs shards of batches with the local engine.
+    """One worker process: runs shards of maps and pools with the local engine.
 
     A driver keeps its workers for the life of its Ray connection, so only its first
-    batch pays for starting them (a second or two per process).
+    run pays for starting them (a second or two per process).
     """
 
     def __init__(self, worker_id: str, broker: Any) -> None:
@@ -254,7 +253,7 @@ class FanflowWorker:
         pairs: list[tuple[int, Any]],
         prior: dict[int, Any],
     ) -> AsyncIterator[tuple[list[tuple[int, Any]], list[Event | StepMoved]]]:
-        """Run a shard of batch ``run_id``; yield (results, events) as items finish."""
+        """Run a shard of run ``run_id``; yield (results, events) as items finish."""
         run = self.runs.get(run_id)
         if run is None:
             run = self.runs[run_id] = _Run(work_box, window, self.broker)
@@ -306,7 +305,7 @@ class FanflowWorker:
                     await task
 
     async def end_run(self, run_id: str) -> None:
-        """Batch ``run_id`` is over: give back its slots, close its handles and store."""
+        """Run ``run_id`` is over: give back its slots, close its handles and store."""
         run = self.runs.pop(run_id, None)
         if run is not None:
             await run.close()
@@ -316,9 +315,9 @@ class FanflowWorker:
 
 
 class Work(ABC):
-    """What a worker does with each item of a batch."""
+    """What a worker does with each item of a run."""
 
-    # The batch's budget, kept by the broker (set by the driver before sending the work).
+    # The run's budget, kept by the broker (set by the driver before sending the work).
     budget: BudgetSpec | None = None
 
     async def start(self, window: int, budget: Budget | None) -> None:  # noqa: B027 - optional
@@ -343,50 +342,56 @@ class StoreSpec:
     cache: bool
 
 
+def _on_worker(options: CallOptions) -> CallOptions:
+    """Call options as they travel to the workers: no hooks (the workers' events go
+    back to the driver's), no budget (the broker keeps it), no deadline (it travels as
+    wall-clock time)."""
+    return replace(options, hooks=(), budget=None, deadline=None)
+
+
+def _left(deadline_wall: float | None) -> float | None:
+    """A run's deadline as seconds from now on this machine (None: no deadline)."""
+    if deadline_wall is None:
+        return None
+    # Wall clocks agree across machines (NTP); loop clocks need not.
+    return max(deadline_wall - time.time(), 1e-9)
+
+
 class MapWork(Work):
+    """A map's items on a worker: the local backend's workers (``Crew.run_item``)
+    under the map's call options."""
+
     def __init__(
         self,
         llm: LLM,
         build: Callable[[Any, int], Request],
         *,
-        timeout: float | None,
-        deadline_wall: float | None,  # set when the batch starts
-        retry: RetryPolicy | None,
-        hedge_after: float | None,
+        options: CallOptions,
+        deadline_wall: float | None,  # set when the map starts
         parse: Callable[[Response], Any],
         events: bool,
         label: str | None,
         store: StoreSpec | None,
-        prices: Mapping[str, Any] | None = None,
     ) -> None:
         self.llm = llm
         self.build = build
-        self.timeout = timeout
+        self.options = _on_worker(options)
         self.deadline_wall = deadline_wall
-        self.retry = retry
-        self.hedge_after = hedge_after
         self.parse = parse
         self.events = events
         self.label = label
         self.store = store
-        self.prices = prices
-        self._batch: Batch[Any] | None = None
+        self._crew: Crew[Any] | None = None
         self._durable: Durability | None = None
 
     async def start(self, window: int, budget: Budget | None) -> None:
-        deadline = None
-        if self.deadline_wall is not None:
-            # Wall clocks agree across machines (NTP); loop clocks need not.
-            deadline = max(self.deadline_wall - time.time(), 1e-9)
-        opts = make_options(
-            concurrency=window if self.hedge_after is not None else None,
-            timeout=self.timeout,
-            deadline=deadline,
-            retry=self.retry,
-            hedge_after=self.hedge_after,
+        options = self.options
+        options = replace(
+            options,
+            concurrency=window if options.hedge_after is not None else None,
+            deadline=_left(self.deadline_wall),
             hooks=(_collect,) if self.events else (),
             budget=budget,
-            prices=self.prices,
         )
         spec = self.store
         if spec is not None:
@@ -397,11 +402,11 @@ class MapWork(Work):
                 cache=spec.cache,
                 sink=None,
             )
-        self._batch = Batch[Any](
+        self._crew = Crew[Any](
             self.llm,
             self.build,
             (),
-            opts=opts,
+            options=options,
             workers=window,
             parse=self.parse,
             deliver=lambda record: None,
@@ -411,10 +416,10 @@ class MapWork(Work):
         )
 
     async def run_one(self, index: int, item: Any, prior: Any) -> CallRecord[Any]:
-        assert self._batch is not None
+        assert self._crew is not None
         if prior is not None and self._durable is not None:
             self._durable.prior[index] = prior
-        return await self._batch.run_item(index, item)
+        return await self._crew.run_item(index, item)
 
     async def close(self) -> None:
         if self._durable is not None and self._durable.store is not None:
@@ -424,9 +429,10 @@ class MapWork(Work):
 
 
 class PoolWork(Work):
-    """A pool's inputs on a worker. ``timeout``, ``retry``, ``hedge_after`` and
-    ``deadline_wall`` (the run's deadline as wall-clock time) are the pool's own call
-    options, which every skill without its own takes, as on the local backend."""
+    """A pool's inputs on a worker. ``options`` (the timing ones: timeout, retry,
+    hedge_after) and ``deadline_wall`` (the run's deadline as wall-clock time) are the
+    pool's own run, which every skill without options of its own runs within, as on the
+    local backend."""
 
     def __init__(
         self,
@@ -436,9 +442,7 @@ class PoolWork(Work):
         cache: bool,
         prices: Mapping[str, Any] | None,
         *,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        hedge_after: float | None = None,
+        options: CallOptions | None = None,
         deadline_wall: float | None = None,
     ) -> None:
         self.prices = prices
@@ -447,11 +451,9 @@ class PoolWork(Work):
         self.events = events
         self.store = store  # pickled: it opens the same store in the worker (JobStore)
         self.cache = cache
-        self.timeout = timeout
-        self.retry = retry
-        self.hedge_after = hedge_after
+        self.options = _on_worker(options or CallOptions())
         self.deadline_wall = deadline_wall
-        self.shared: CallOptions | None = None
+        self.shared: Run | None = None
 
     async def run_one(self, index: int, item: Any, prior: Any) -> Any:
         # ``prior`` is True for an input that succeeded in an earlier run of the job:
@@ -477,17 +479,8 @@ class PoolWork(Work):
 
     async def start(self, window: int, budget: Budget | None) -> None:
         self.cap = budget
-        deadline = None
-        if self.deadline_wall is not None:
-            # Wall clocks agree across machines (NTP); loop clocks need not.
-            deadline = max(self.deadline_wall - time.time(), 1e-9)
-        # One set for every input this worker runs: one deadline for the whole run.
-        self.shared = make_options(
-            timeout=self.timeout,
-            deadline=deadline,
-            retry=self.retry,
-            hedge_after=self.hedge_after,
-        )
+        # One run for every input this worker runs: one deadline for the whole run.
+        self.shared = self.options.start(deadline=_left(self.deadline_wall))
 
     async def close(self) -> None:
         if self.store is not None:

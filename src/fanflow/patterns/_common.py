@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from .._durable import Durability, execute_stored
-from .._engine import CallOptions, status_of
+from .._engine import Run, status_of
 from .._exceptions import ConfigError
 from .._llm import LLM
 from .._repr import render, seconds, short
@@ -104,7 +104,7 @@ async def call_user(fn: Callable[..., Any], *args: Any) -> Any:
 async def run_calls(
     llm: LLM,
     requests: Sequence[Request],
-    opts: CallOptions | Sequence[CallOptions],
+    opts: Run | Sequence[Run],
     *,
     models: Sequence[LLM] | None = None,
     labels: Sequence[str | None] | None = None,
@@ -135,7 +135,7 @@ async def run_calls(
             index = indices[i] if indices is not None else i
             label = labels[i] if labels is not None else None
             model = models[i] if models is not None else llm
-            these = opts if isinstance(opts, CallOptions) else opts[i]
+            these = opts if isinstance(opts, Run) else opts[i]
             if durable is not None:
                 call = durable.run(
                     model, request, these, index=index, item=None, label=label, parse=parse
@@ -162,7 +162,7 @@ async def run_calls(
 async def run_items(
     llm: LLM,
     requests: Sequence[Request],
-    opts: CallOptions,
+    opts: Run,
     options: Resolved,
     *,
     labels: Sequence[str | None],

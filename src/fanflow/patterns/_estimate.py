@@ -21,10 +21,7 @@ __all__ = ["EstimateResult", "estimate"]
 
 @dataclass(frozen=True, slots=True)
 class EstimateResult:
-    """The expected size of a batch (one attempt per item, no retries).
-
-    Named ``Estimate`` before; that name still works for one release, with a
-    ``DeprecationWarning``.
+    """The expected size of a map (one attempt per item, no retries).
 
     ``output_tokens`` is an upper bound: each request's ``max_tokens`` (or the default
     reservation when it sets none). ``cost`` is the real-time cost and ``batch_cost``
@@ -98,7 +95,7 @@ def estimate(
     Raises:
         TemplateError: an item lacks a field the prompt needs (as ``map`` would record).
     """
-    prices = resolve("estimate", options).prices
+    prices = resolve("estimate", options).call.prices
     params = {
         k: v
         for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))

@@ -53,8 +53,7 @@ class Score(RecordView):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class EvaluateResult(PatternResult):
-    """Every criterion's :class:`Score`, in the order given (named ``Evaluation``
-    before; that name still works for one release, with a ``DeprecationWarning``)."""
+    """Every criterion's :class:`Score`, in the order given."""
 
     criteria: tuple[Score, ...]
 
@@ -136,7 +135,6 @@ async def evaluate(
     fields = ("criterion", "content", "low", "high")
     check_fields(prompt, fields, "evaluate's prompt")
     started = now()
-    o = o.start()
     requests = [
         Request.of(
             fill(prompt, dict(zip(fields, (c, content, low, high), strict=True))),
@@ -147,7 +145,7 @@ async def evaluate(
         for c in criteria
     ]
     records = await run_items(
-        llm, requests, o.calls(), o, labels=list(criteria), parse=_reader(low, high)
+        llm, requests, o.run(), o, labels=list(criteria), parse=_reader(low, high)
     )
     return EvaluateResult(
         criteria=tuple(Score(c, r) for c, r in zip(criteria, records, strict=True)),

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn, Unpack
 
-from .._engine import CallOptions
+from .._engine import Run
 from .._events import observed
 from .._exceptions import ConfigError, QuorumNotMet
 from .._llm import LLM, BaseLLM
@@ -224,8 +224,7 @@ async def fan_out(
     if previous is not None:
         done = {w.record.key: w.record for w in previous.workers if w.ok and w.record.key}
     todo = [i for i in range(n) if requests[i].key not in done]
-    o = o.start()
-    opts = o.calls()
+    opts = o.run()
     each = [_within(opts, started, limits[i]) for i in todo]
     fresh = await durably(
         durable,
@@ -336,7 +335,7 @@ def _worker_timeouts(
     return limits
 
 
-def _within(opts: CallOptions, started: float, limit: float | None) -> CallOptions:
+def _within(opts: Run, started: float, limit: float | None) -> Run:
     """``opts`` for one worker: its own time limit, or the deadline if that is sooner."""
     if limit is None:
         return opts
@@ -374,7 +373,7 @@ async def _aggregate(
     task: str,
     ok: Sequence[Worker],
     prompt: str,
-    opts: CallOptions,
+    opts: Run,
     store: Store | None,
     cache: bool,
 ) -> tuple[str, Aggregation, CallRecord[Any] | None, BaseException | None]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, Unpack
 
 from .._budget import Budget
-from .._engine import CallOptions
+from .._engine import Run
 from .._events import Hook, observed
 from .._exceptions import ConfigError, Skipped, StepInputError
 from .._pricing import Price
@@ -47,7 +47,7 @@ from .._util import is_async_callable
 from ..backends._base import HandleFor
 from ..store import Store
 from ._common import PatternResult, now
-from ._options import Options, Resolved, fill, option_attributes, resolve
+from ._options import Options, Resolved, option_attributes, resolve
 from ._skill import Skill
 
 __all__ = ["Chain", "Flow", "FlowResult", "Step", "StepRecord"]
@@ -85,8 +85,7 @@ class StepRecord:
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class FlowResult(PatternResult):
-    """One input's run through a chain, flow or skill (named ``RunResult`` before; that
-    name still works for one release, with a ``DeprecationWarning``).
+    """One input's run through a chain, flow or skill.
 
     Attributes:
         status: ``succeeded`` when every step succeeded, else the first failed step's.
@@ -205,7 +204,7 @@ class Step:
         cache: bool | None = None,
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
-        shared: CallOptions | None = None,
+        shared: Run | None = None,
         handle_for: HandleFor | None = None,
     ) -> StepRecord:
         start = now()
@@ -325,7 +324,7 @@ class _Graph:
         cache: bool | None = None,
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
-        shared: CallOptions | None = None,
+        shared: Run | None = None,
         handle_for: HandleFor | None = None,
     ) -> FlowResult:
         """Run the steps over ``inputs``.
@@ -337,13 +336,14 @@ class _Graph:
         and one concurrency gate for the whole run.
         """
         started = now()
-        own = self.options.start()
-        cap = budget if budget is not None else own.budget
-        prices = prices if prices is not None else own.prices
+        own = self.options
+        run = own.run()
+        cap = budget if budget is not None else run.budget
+        prices = prices if prices is not None else own.call.prices
         store = store if store is not None else own.store
         cache = cache if cache is not None else (own.cache if "cache" in own.given else None)
-        hooks = (*hooks, *own.hooks)
-        shared = fill(own.calls(budget=None, hooks=()), own.given, shared)
+        hooks = (*hooks, *own.call.hooks)
+        shared = run.within(shared, own.given)
         context = dict(inputs)
         problem = self.check(context.keys(), index)
         if problem is not None:

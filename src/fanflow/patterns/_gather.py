@@ -4,22 +4,50 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Generator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar, Unpack
 
 from .._durable import execute_stored
-from .._engine import status_of
+from .._engine import Run, status_of
 from .._events import observed
 from .._exceptions import AllFailed, CallTimeout
 from .._llm import LLM
 from .._progress import shown, with_progress
 from .._types import CallRecord, Request, Response, Status
 from ._common import check_model
-from ._options import Options, Resolved, Shared, resolve
+from ._options import Options, Resolved, resolve
 
 __all__ = ["Call", "call", "gather", "race"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shared:
+    """An enclosing ``gather``'s or ``race``'s options as its calls share them (one
+    run: one gate, one deadline, one budget cap)."""
+
+    options: Resolved
+    run: Run
+
+    @classmethod
+    def of(cls, options: Resolved) -> Shared:
+        return cls(options, options.run())
+
+    def inside(self, own: Resolved) -> Run:
+        """The run of a call with options ``own``: what it set wins, the rest is this
+        run's (the sooner deadline applies; hooks of both)."""
+        outer, given = self.run, own.given
+        if not given:
+            return outer  # the call set nothing of its own (the common case: no copy)
+        mine = own.run().within(outer, given)
+        return replace(
+            mine,
+            budget=mine.budget if "budget" in given else outer.budget,
+            # A budget prices its calls (CallOptions.start), so the call's prices go with it.
+            prices=mine.prices if {"prices", "budget"} & given else outer.prices,
+            hooks=tuple(dict.fromkeys((*outer.hooks, *mine.hooks))),
+        )
 
 
 class Call:
@@ -51,12 +79,12 @@ class Call:
         return await shown(self._record(outer), progress=self._progress, total=1)
 
     async def _record(self, outer: Shared | None) -> CallRecord[Response]:
-        own = self._options.start()
+        own = self._options
         store, cache = own.store, own.cache
         if outer is None:
-            opts = own.calls()
+            opts = own.run()
         else:
-            opts = outer.fill(own.calls() if own.given else outer.engine, own.given)
+            opts = outer.inside(own)
             store = own.store if "store" in own.given else outer.options.store
             cache = own.cache if "cache" in own.given else outer.options.cache
         label = self.request.metadata.get("label") if self.request.metadata else None
@@ -115,7 +143,7 @@ async def _outcome(aw: Awaitable[Any], index: int, outer: Shared | None = None) 
         return replace(await aw.record(outer), index=index)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    deadline = outer.engine.deadline if outer is not None else None
+    deadline = outer.run.deadline if outer is not None else None
     try:
         async with asyncio.timeout_at(deadline):
             value = await aw
@@ -210,8 +238,8 @@ async def race(*calls: Awaitable[Any], progress: bool = False, **options: Unpack
         raise AllFailed("race() needs at least one call", [])
     # The race's deadline is its own (no success by then raises CallTimeout), so it is
     # not handed to the calls, which would end timed_out first.
-    timeout = o.deadline
-    outer = Shared.of(replace(o, deadline=None))
+    timeout = o.call.deadline
+    outer = Shared.of(replace(o, call=replace(o.call, deadline=None)))
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(_outcome(aw, i, outer)) for i, aw in enumerate(calls)]
     failures: dict[int, BaseException] = {}

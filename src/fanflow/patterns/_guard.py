@@ -277,7 +277,7 @@ async def guarded(
             fail_closed,
             system,
             parse,
-            o.start(),
+            o,
             durable,
         ),
     )
@@ -296,7 +296,7 @@ async def _guarded(
     durable: Durability | None,
 ) -> GuardedResult:
     started = now()
-    opts = o.calls()
+    opts = o.run()
 
     def run(
         model: LLM, request: Request, label: str, parse: Callable[[Response], Any]

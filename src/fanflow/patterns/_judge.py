@@ -120,8 +120,7 @@ async def best_of_n(
         raise ConfigError(f"n must be >= 1, got {n}")
     check_fields(judge_prompt, ("task", "criteria", "count", "candidates"), "judge_prompt")
     started = now()
-    o = o.start()
-    opts = o.calls()
+    opts = o.run()
     requests = samples(
         task, n, system=system, temperature=temperature, pattern="best_of_n", role="candidate"
     )

@@ -17,18 +17,16 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, Unpack
 
-from .._budget import as_budget
-from .._durable import Durability
+from .._engine import CallOptions
 from .._events import AMBIENT_HOOKS, observed
 from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM
 from .._progress import Tracker, displaying, size_of, with_progress
 from .._types import BatchResult, CallRecord, Request, Response
-from ..backends._base import Backend, BatchRun, Deliver, FirstCheck, Items, MapSpec
+from ..backends._base import Backend, Deliver, FirstCheck, Items, MapRun, MapSpec
 from ..backends._batch import BatchOptions, Mode
 from ..backends._batchrun import batch_backend
 from ..backends._config import resolve_backend
-from ..backends._local import DEFAULT_WINDOW
 from ._common import check_model
 from ._options import Options, resolve
 from ._priming import PRIME_MIN_ITEMS, should_prime
@@ -42,7 +40,7 @@ from ._prompt import (
 )
 from ._requests import ready_request
 
-__all__ = ["DEFAULT_WINDOW", "ResultStream", "as_completed", "map"]
+__all__ = ["ResultStream", "as_completed", "map"]
 
 T = TypeVar("T")
 
@@ -99,14 +97,12 @@ def _backend(
     mode: Mode,
     batch: BatchOptions | None,
     llm: LLM,
-    *,
-    deadline: float | None,
-    hedge_after: float | None,
+    options: CallOptions,
 ) -> Backend:
     """The backend ``backend=`` names, or the batch backend ``mode=`` asks for."""
     if mode == "realtime":
         return resolve_backend(backend)
-    return batch_backend(mode, batch, backend, llm, deadline=deadline, hedge_after=hedge_after)
+    return batch_backend(mode, batch, backend, llm, options)
 
 
 def _requests_or_items(
@@ -162,19 +158,10 @@ def _spec(
         build=build,
         items=items,
         parse=parse or _text,
-        concurrency=o.concurrency,
-        timeout=o.timeout,
-        deadline=o.deadline,
-        retry=o.retry,
-        hedge_after=o.hedge_after,
-        hooks=tuple(o.hooks),
+        options=o.call,
         label=label,
         fail_fast=fail_fast,
-        durable=Durability.of(
-            store=o.store, job=o.job, only_failed=only_failed, cache=o.cache, sink=o.sink
-        ),
-        budget=as_budget(o.budget_spec),
-        prices=o.prices,
+        durable=o.durability(only_failed=only_failed),
         check_first=_first_check(prompt),
         prime=_priming(llm, build, prime, name),
     )
@@ -262,9 +249,7 @@ async def map(
         max_tokens=max_tokens, seed=seed, parse=parse, label=label, fail_fast=fail_fast,
         only_failed=only_failed, prime=prime if mode == "realtime" else False,
     )  # fmt: skip
-    runner = _backend(
-        backend, mode, batch, llm, deadline=spec.deadline, hedge_after=spec.hedge_after
-    )
+    runner = _backend(backend, mode, batch, llm, spec.options)
     loop = asyncio.get_running_loop()
     size = spec.size
     records: list[CallRecord[Any] | None] = [None] * size if size is not None else []
@@ -276,7 +261,7 @@ async def map(
             records.append(None)
         records[index] = record
 
-    run = runner.map_batch(spec, deliver)
+    run = runner.map_run(spec, deliver)
     start = loop.time()
     await run.run()
     missing = [i for i, r in enumerate(records) if r is None]
@@ -293,12 +278,10 @@ class _Producer(Generic[T]):
     ``finally`` stops the task (see :meth:`ResultStream.__aiter__`).
     """
 
-    def __init__(self, make_batch: Callable[[Deliver], BatchRun]) -> None:
-        batch = make_batch(self.put)
-        self.queue: asyncio.Queue[CallRecord[T] | None] = asyncio.Queue(
-            maxsize=max(batch.workers, 1)
-        )
-        self.task = asyncio.get_running_loop().create_task(self._produce(batch))
+    def __init__(self, make_run: Callable[[Deliver], MapRun]) -> None:
+        run = make_run(self.put)
+        self.queue: asyncio.Queue[CallRecord[T] | None] = asyncio.Queue(maxsize=max(run.workers, 1))
+        self.task = asyncio.get_running_loop().create_task(self._produce(run))
 
     async def put(self, record: CallRecord[T]) -> None:
         # asyncio.run's SIGINT handler (Python 3.11) runs between any two bytecodes: it
@@ -310,9 +293,9 @@ class _Producer(Generic[T]):
             await self.queue.put(record)
 
     @observed("as_completed")
-    async def _produce(self, batch: BatchRun) -> None:
+    async def _produce(self, run: MapRun) -> None:
         try:
-            await batch.run()
+            await run.run()
         finally:
             # Wake the consumer whatever happened; it re-raises the task's error.
             try:
@@ -350,12 +333,12 @@ class ResultStream(Generic[T]):
 
     def __init__(
         self,
-        make_batch: Callable[[Deliver], BatchRun],
+        make_run: Callable[[Deliver], MapRun],
         *,
         progress: bool = False,
         total: int | None = None,
     ):
-        self._make_batch = make_batch
+        self._make_run = make_run
         self._progress = progress
         self._total = total
         self._producer: _Producer[T] | None = None
@@ -379,10 +362,10 @@ class ResultStream(Generic[T]):
             )
         if not self._entered:
             warnings.warn(
-                "iterating fanflow.as_completed(...) outside 'async with' is deprecated: "
-                "write 'async with fanflow.as_completed(...) as results: async for record "
-                "in results: ...' so that leaving the loop early waits for the calls in "
-                "flight to stop",
+                "iterating fanflow.as_completed(...) outside 'async with' is deprecated and "
+                "will be removed in the next release: write 'async with "
+                "fanflow.as_completed(...) as results: async for record in results: ...' "
+                "so that leaving the loop early waits for the calls in flight to stop",
                 DeprecationWarning,
                 stacklevel=2,
             )
@@ -408,7 +391,7 @@ class ResultStream(Generic[T]):
                 hooks = (await stack.enter_async_context(displaying(total=self._total)),)
             token = AMBIENT_HOOKS.set((*AMBIENT_HOOKS.get(), *hooks))
             try:
-                producer = self._producer = _Producer[T](self._make_batch)
+                producer = self._producer = _Producer[T](self._make_run)
             finally:
                 AMBIENT_HOOKS.reset(token)
             try:
@@ -482,11 +465,9 @@ def as_completed(
         max_tokens=max_tokens, seed=seed, parse=parse, label=label, fail_fast=False,
         only_failed=only_failed, prime=prime if mode == "realtime" else False,
     )  # fmt: skip
-    runner = _backend(
-        backend, mode, batch, llm, deadline=spec.deadline, hedge_after=spec.hedge_after
-    )
+    runner = _backend(backend, mode, batch, llm, spec.options)
 
-    def make_batch(deliver: Deliver) -> BatchRun:
-        return runner.map_batch(spec, deliver)
+    def make_run(deliver: Deliver) -> MapRun:
+        return runner.map_run(spec, deliver)
 
-    return ResultStream(make_batch, progress=progress, total=size_of(spec.items))
+    return ResultStream(make_run, progress=progress, total=size_of(spec.items))

@@ -19,12 +19,12 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypedDict, TypeVar
 
-from .._budget import Budget, as_budget
+from .._budget import Budget
 from .._durable import Durability
-from .._engine import CallOptions, make_options
+from .._engine import CallOptions, Run
 from .._events import Hook
 from .._exceptions import ConfigError
 from .._pricing import Price
@@ -32,11 +32,10 @@ from .._retry import RetryPolicy
 from ..store import Sink, Store
 
 __all__ = [
+    "CALL_OPTION_NAMES",
     "OPTION_NAMES",
     "Options",
     "Resolved",
-    "Shared",
-    "fill",
     "option_attributes",
     "resolve",
 ]
@@ -92,52 +91,45 @@ class Options(TypedDict, total=False):
 OPTION_NAMES: tuple[str, ...] = tuple(Options.__annotations__)
 
 
+#: The options the engine reads (:class:`CallOptions`); the others are the store's.
+CALL_OPTION_NAMES: frozenset[str] = frozenset(f.name for f in fields(CallOptions))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Resolved:
-    """One pattern's options, checked, with defaults filled in (not public)."""
+    """One pattern's options, checked, with defaults filled in (not public): the
+    engine's :class:`CallOptions` and the store's options (store, cache, job, sink)."""
 
     pattern: str
     given: frozenset[str] = frozenset()
-    concurrency: int | None = None
-    timeout: float | None = None
-    deadline: float | None = None
-    retry: RetryPolicy | None = None
-    hedge_after: float | None = None
-    hooks: tuple[Hook, ...] = ()
-    budget: Budget | None = None
-    # The budget as given: a number becomes a new cap at each ``start()``.
-    budget_spec: float | Budget | None = field(default=None, repr=False)
-    prices: Mapping[str, Price] | None = None
+    call: CallOptions = field(default_factory=CallOptions)
     store: Store | None = None
     cache: bool = True
     job: str | None = None
     sink: Sink | str | os.PathLike[str] | None = None
 
-    def start(self) -> Resolved:
-        """These options for one run: a budget given as a number is a new cap."""
-        if self.budget_spec is None or isinstance(self.budget_spec, Budget):
-            return self  # nothing to renew (the common case: no copy)
-        return replace(self, budget=as_budget(self.budget_spec))
+    def run(self) -> Run:
+        """The engine's run of these options, starting now (every call of the run
+        shares its gate, deadline and budget cap)."""
+        return self.call.start()
 
-    def calls(self, **override: Any) -> CallOptions:
-        """The engine options of one run: a new concurrency gate, and the deadline
-        counted from now. Every call of the run should share them."""
-        values: dict[str, Any] = {
-            "concurrency": self.concurrency,
-            "timeout": self.timeout,
-            "deadline": self.deadline,
-            "retry": self.retry,
-            "hedge_after": self.hedge_after,
-            "hooks": self.hooks,
-            "budget": self.budget,
-            "prices": self.prices,
+    def as_kwargs(self, **override: Any) -> dict[str, Any]:
+        """Every option as keyword arguments, to hand to an inner pattern (``map``);
+        ``override`` replaces some (a run's budget cap, shared with the inner one)."""
+        kwargs = {
+            name: getattr(self.call if name in CALL_OPTION_NAMES else self, name)
+            for name in OPTION_NAMES
         }
-        values.update(override)
-        return make_options(**values)
+        return {**kwargs, **override}
 
-    def as_kwargs(self) -> dict[str, Any]:
-        """Every option as keyword arguments, to hand to an inner pattern (``map``)."""
-        return {name: getattr(self, name) for name in OPTION_NAMES}
+    def with_option(self, name: str, value: Any) -> Resolved:
+        """These options with option ``name`` set to ``value`` (as if it was given)."""
+        given = self.given | {name}
+        if name not in CALL_OPTION_NAMES:
+            return replace(self, given=given, **{name: value})
+        if name == "hooks":
+            value = tuple(value or ())
+        return replace(self, given=given, call=replace(self.call, **{name: value}))
 
     def durability(self, *, only_failed: bool = False) -> Durability | None:
         """The run's store, job and sink (None when it has none of them)."""
@@ -148,59 +140,6 @@ class Resolved:
             cache=self.cache,
             sink=self.sink,
         )
-
-
-@dataclass(frozen=True)
-class Shared:
-    """An enclosing pattern's options as its inner calls share them (one gate, one
-    deadline): what ``gather`` and ``race`` hand to each :func:`call`."""
-
-    options: Resolved
-    engine: CallOptions
-
-    @classmethod
-    def of(cls, options: Resolved) -> Shared:
-        started = options.start()
-        return cls(started, started.calls())
-
-    def fill(self, own: CallOptions, given: frozenset[str]) -> CallOptions:
-        """``own`` (a call's options) with what the call did not set taken from here."""
-        outer = self.engine
-        if not given:
-            return outer  # the call set nothing of its own (the common case: no copy)
-        return fill(
-            own,
-            given,
-            outer,
-            budget=own.budget if "budget" in given else outer.budget,
-            # A budget prices its calls (make_options), so the call's prices go with it.
-            prices=own.prices if {"prices", "budget"} & given else outer.prices,
-            hooks=tuple(dict.fromkeys((*outer.hooks, *own.hooks))),
-        )
-
-
-def fill(
-    own: CallOptions, given: frozenset[str], outer: CallOptions | None, **also: Any
-) -> CallOptions:
-    """``own`` with the timing options it was not given (``given``: the option names it
-    was) taken from an enclosing run's ``outer``: its timeout, retry, hedging, deadline
-    (the sooner of the two applies) and concurrency gate. Budget, prices and hooks
-    travel separately (an enclosing pool's budget overrides a skill's own); ``also``
-    sets further fields in the same copy."""
-    if outer is None:
-        return replace(own, **also) if also else own
-    deadline = own.deadline if "deadline" in given else None
-    if outer.deadline is not None:
-        deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
-    return replace(
-        own,
-        timeout=own.timeout if "timeout" in given else outer.timeout,
-        deadline=deadline,
-        retry=own.retry if "retry" in given else outer.retry,
-        hedge_after=own.hedge_after if "hedge_after" in given else outer.hedge_after,
-        gate=own.gate if "concurrency" in given else outer.gate,
-        **also,
-    )
 
 
 def resolve(
@@ -246,20 +185,13 @@ def resolve(
             code = sys._getframe(1).f_code
             params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
             raise TypeError(_unknown(pattern, name, (*allowed, *params)))
-    _check(given)
-    budget = given.get("budget")
+    call = {k: v for k, v in given.items() if k in CALL_OPTION_NAMES}
+    if "hooks" in call:
+        call["hooks"] = tuple(call["hooks"] or ())
     return Resolved(
         pattern=pattern,
         given=frozenset(k for k in given if k in OPTION_NAMES),
-        concurrency=given.get("concurrency"),
-        timeout=given.get("timeout"),
-        deadline=given.get("deadline"),
-        retry=given.get("retry"),
-        hedge_after=given.get("hedge_after"),
-        hooks=tuple(given.get("hooks") or ()),
-        budget=as_budget(budget),
-        budget_spec=budget,
-        prices=given.get("prices"),
+        call=CallOptions(**call),
         store=given.get("store"),
         cache=bool(given.get("cache", True)),
         job=given.get("job"),
@@ -270,19 +202,24 @@ def resolve(
 T = TypeVar("T")
 
 
-def option_attributes(*names: str) -> Callable[[type[T]], type[T]]:
+def option_attributes(*names: str, writable: bool = False) -> Callable[[type[T]], type[T]]:
     """Class decorator: the named options, given at construction and kept in
     ``self.options``, read back as attributes (``skill.timeout``, ``calls.budget``: the
-    budget as given), as these classes had them before the options were gathered."""
+    budget as given), as these classes had them before the options were gathered.
+    ``writable``: setting one replaces it in ``self.options`` (``pool.hooks = ...``)."""
 
     def decorate(cls: type[T]) -> type[T]:
         for name in names:
-            field_name = "budget_spec" if name == "budget" else name
 
-            def get(self: Any, field_name: str = field_name) -> Any:
-                return getattr(self.options, field_name)
+            def get(self: Any, name: str = name) -> Any:
+                options = self.options
+                return getattr(options.call if name in CALL_OPTION_NAMES else options, name)
 
-            setattr(cls, name, property(get, doc=f"The ``{name}`` option (read-only)."))
+            def put(self: Any, value: Any, name: str = name) -> None:
+                self.options = self.options.with_option(name, value)
+
+            doc = f"The ``{name}`` option{'' if writable else ' (read-only)'}."
+            setattr(cls, name, property(get, put if writable else None, doc=doc))
         return cls
 
     return decorate
@@ -302,13 +239,3 @@ def _unknown(pattern: str, name: str, allowed: Sequence[str]) -> str:
         f"{pattern}() got an unexpected keyword argument {name!r}{hint} "
         f"(the call options are: {', '.join(OPTION_NAMES)})"
     )
-
-
-def _check(given: Mapping[str, Any]) -> None:
-    concurrency = given.get("concurrency")
-    if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
-        raise ConfigError(f"concurrency must be >= 1, got {concurrency!r}; use None for no limit")
-    for name in ("timeout", "deadline", "hedge_after"):
-        value = given.get(name)
-        if value is not None and (not isinstance(value, int | float) or value <= 0):
-            raise ConfigError(f"{name} must be > 0 seconds, got {value!r}; use None for none")

@@ -22,7 +22,7 @@ from typing import Any, Literal, Unpack
 
 from .._budget import Budget
 from .._durable import Durability
-from .._engine import CallOptions
+from .._engine import Run
 from .._events import Hook, observed
 from .._exceptions import ConfigError, StepInputError
 from .._pricing import Price
@@ -36,7 +36,7 @@ from ..backends._config import resolve_backend
 from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, FlowResult, Step
-from ._options import Options, resolve
+from ._options import Options, option_attributes, resolve
 from ._priming import PRIME_MIN_ITEMS, STEP_PRIMERS, StepPrimers
 from ._prompt import FIRST_ITEMS
 from ._skill import Skill
@@ -204,7 +204,7 @@ class _Single:
         cache: bool | None = None,
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
-        shared: CallOptions | None = None,
+        shared: Run | None = None,
         handle_for: HandleFor | None = None,
     ) -> FlowResult:
         return await self.chain.execute(
@@ -230,6 +230,7 @@ def _models(runner: Any) -> list[Any]:
     return []
 
 
+@option_attributes("hooks", "store", "cache", "job", "budget", "prices", writable=True)
 class Pool:
     """Run ``runner`` over every input, up to ``max_flows`` at once.
 
@@ -305,8 +306,6 @@ class Pool:
         self.inputs = [dict(item) for item in inputs]
         self.max_flows = max_flows
         o = self.options
-        self.hooks, self.store, self.cache, self.job = o.hooks, o.store, o.cache, o.job
-        self.budget, self.prices = o.budget_spec, o.prices
         # Checks the store/job combination now rather than at the first run.
         Durability(store=o.store, job=o.job, only_failed=False, cache=o.cache, sink=None)
         self._results: list[FlowResult | None] = [None] * len(self.inputs)
@@ -386,10 +385,9 @@ class Pool:
         self._check_first_inputs([self.inputs[i] for i in todo[:FIRST_ITEMS]])
         for i in todo:
             self._results[i] = None
-        o = self.options.start()
-        cap = o.budget  # one cap for every input of this run
-        shared = o.calls(budget=None, hooks=())  # one deadline for the whole run
-        durable = o.durability()
+        # One run for every input: one deadline and one budget cap.
+        shared = self.options.run()
+        durable = self.options.durability()
 
         async def finish(i: int, result: FlowResult) -> None:
             if durable is not None:  # committed before the input counts as done
@@ -406,12 +404,12 @@ class Pool:
             runner=self._run,
             todo=[(i, self.inputs[i]) for i in todo],
             max_flows=self.max_flows,
-            hooks=self.hooks,
-            store=self.store,
-            cache=self.cache,
+            hooks=self.options.call.hooks,
+            store=self.options.store,
+            cache=self.options.cache,
             replay=lambda i: durable is not None and _succeeded(durable, i),
-            budget=cap,
-            prices=self.prices,
+            budget=shared.budget,
+            prices=self.options.call.prices,
             shared=shared,
         )
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Unpack
 
-from .._engine import CallOptions
+from .._engine import Run
 from .._events import observed
 from .._exceptions import ConfigError
 from .._llm import LLM
@@ -113,8 +113,9 @@ async def sections(
     check_model(llm, "sections")
     if synthesize is None:
         warnings.warn(
-            "sections(synthesize=None) is deprecated: sections now synthesise by default; "
-            "use synthesize=False for no synthesis call",
+            "sections(synthesize=None) is deprecated and will be removed in the next "
+            "release: sections now synthesise by default; use synthesize=False for no "
+            "synthesis call",
             DeprecationWarning,
             stacklevel=2,
         )
@@ -131,8 +132,7 @@ async def sections(
     if synthesize is not None:
         check_fields(synthesis_prompt, ("sections",), "synthesis_prompt")
     started = now()
-    o = o.start()
-    opts = o.calls()
+    opts = o.run()
     requests = [
         Request.of(
             prompt if input is None else render(prompt, input, None),
@@ -273,15 +273,15 @@ class ParallelCalls:
         if aggregate_prompt is not None:
             check_fields(aggregate_prompt, ("input",), "aggregate_prompt")
         started = now()
-        o = self.options.start()
-        opts = o.calls()
+        o = self.options
+        opts = o.run()
         branches = await map_items(
             self.llm,
             branch_prompt,
             items,
             system=self.system,
             label="branch",
-            **o.as_kwargs(),
+            **o.as_kwargs(budget=opts.budget),  # one cap for the branches and the aggregate
         )
         outputs: list[str | None] = list(branches.outputs)
         done = [out for out in outputs if out is not None]
@@ -311,7 +311,7 @@ class ParallelCalls:
 
 
 async def _one_call(
-    llm: LLM, request: Request, opts: CallOptions, o: Resolved, label: str
+    llm: LLM, request: Request, opts: Run, o: Resolved, label: str
 ) -> CallRecord[Any]:
     """One call (a synthesis, an aggregation) through the pattern's store."""
     [record] = await run_calls(llm, [request], opts, labels=[label], store=o.store, cache=o.cache)

@@ -16,7 +16,7 @@ from typing import Any, Unpack
 
 from .._budget import Budget
 from .._durable import execute_stored
-from .._engine import CallOptions
+from .._engine import Run
 from .._events import Hook
 from .._exceptions import ConfigError, ParseError
 from .._llm import LLM
@@ -27,7 +27,7 @@ from .._types import CallRecord, Message, Request, Response, Status
 from ..backends._base import HandleFor
 from ..store import Store
 from ._common import check_model
-from ._options import Options, fill, option_attributes, resolve
+from ._options import Options, option_attributes, resolve
 from ._parsing import find_json
 from ._priming import primed_step
 from ._prompt import constant_metadata, parse_template, render
@@ -190,7 +190,7 @@ class Skill:
         cache: bool | None = None,
         budget: Budget | None = None,
         prices: Mapping[str, Price] | None = None,
-        shared: CallOptions | None = None,
+        shared: Run | None = None,
         handle_for: HandleFor | None = None,
     ) -> SkillResult:
         """Run once on ``inputs`` (used by chains, flows and pools).
@@ -207,17 +207,14 @@ class Skill:
         metadata = {"pattern": "skill", "skill": self.name}
         metadata.update(constant_metadata(self.prompt, self.system))  # for prompt caches
         request = Request.of(prompt, system=self.system, metadata=metadata, **self.params)
-        own = self.options.start()
-        opts = fill(
-            own.calls(
-                hooks=own.hooks + tuple(hooks),
-                budget=budget if budget is not None else own.budget,
-                prices=prices if prices is not None else own.prices,
-            ),
-            own.given,
-            shared,
-        )
+        own = self.options
         llm = handle_for(self.llm) if handle_for is not None else self.llm
+        call = replace(
+            own.call,
+            hooks=own.call.hooks + tuple(hooks),
+            prices=prices if prices is not None else own.call.prices,
+        )
+        opts = call.start(budget=budget).within(shared, own.given)
         if llm is not self.llm:  # a batched attempt waits for its batch: no attempt timeout
             opts = replace(opts, timeout=None)
         store = store if store is not None else own.store
@@ -229,7 +226,7 @@ class Skill:
         self,
         llm: LLM,
         request: Request,
-        opts: CallOptions,
+        opts: Run,
         store: Store | None,
         reuse: bool,
         index: int | None,

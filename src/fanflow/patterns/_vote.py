@@ -218,8 +218,7 @@ async def vote(
         return norm(response.text) if norm is not None else response.text
 
     started = now()
-    o = o.start()
-    opts = o.calls()
+    opts = o.run()
     durable = o.durability()
     plain = None if temperature is None else float(temperature)  # not the marker type
     temps = spread(n, temperatures) if temperatures is not None else [plain] * n
