@@ -271,6 +271,8 @@ def test_batch_sends_the_lines_through_the_batch_api(run: Run, tmp_path: Path) -
     assert re.search(r"batched +5 \(0 other\)", done.stderr)
     for line in out:
         assert check_batch_output(line).choices[0].message.content.startswith("echo: q")
+    # The request_id of the provider batch's own result lines.
+    assert all(line["response"]["request_id"].startswith("req_sim") for line in out)
 
 
 def test_each_line_is_priced_at_its_models_price_and_named_by_the_providers_id(
