@@ -70,3 +70,13 @@ def test_a_model_name_with_a_colon_reads_as_written() -> None:
         "llama3:8b",
         {"rpm": 60, "concurrency": 2},
     )
+
+
+def test_model_limits_with_deployments_is_refused_with_the_fix(run: Run, tmp_path: Path) -> None:
+    requests_file(tmp_path / "r.jsonl")
+    done = run(
+        "map", "r.jsonl", "--deployment", "east=http://127.0.0.1:9/v1,model=m1",
+        "--model-limits", "m1:rpm=5",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "give each deployment its own rpm=N, tpm=N or concurrency=N" in done.stderr

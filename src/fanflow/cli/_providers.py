@@ -249,7 +249,7 @@ def plan_llm(
         if settings.model_limits:
             raise ConfigError(
                 "--model-limits gives one handle's models their own limits; with "
-                "--deployment give each deployment its own rpm=, tpm=, concurrency="
+                "--deployment give each deployment its own rpm=N, tpm=N or concurrency=N"
             )
         return ProviderPlan("router", settings, max_tokens, env=dict(env))
     if settings.route is not None:
