@@ -1,6 +1,7 @@
 """A handle's limits per model: requests that name other models than the handle's get a
-lane of their own (the same limits, their own admission and server feedback), in
-virtual time."""
+lane of their own (the handle's limits, or the model's own where ``limits=`` maps models
+to limits; their own admission and server feedback) and their own price, in virtual
+time."""
 
 from __future__ import annotations
 
