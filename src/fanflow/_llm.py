@@ -54,7 +54,11 @@ class BaseLLM(ABC):
         model: the model name filled into requests that name none.
         limits: the handle's limits, shared by every pattern using it (default:
             ``fanflow.limits.DEFAULT_LIMITS``, no limit until the server answers 429/529, then
-            adaptive; ``Limits()`` for no limit at all).
+            adaptive; ``Limits()`` for no limit at all). Each model its requests name has
+            a lane of its own with these numbers; to give models different limits, a
+            mapping of model name to ``Limits`` (``{"gpt-4o": Limits(rpm=500),
+            "gpt-4o-mini": Limits(rpm=5000)}``; a ``"*"`` entry for models not named,
+            else the default).
         retry: the handle's retry policy (a pattern's ``retry=`` overrides it).
         timeout: seconds per attempt (a pattern's ``timeout=`` overrides it).
         defaults: request parameters filled in when a request leaves them unset
@@ -74,7 +78,7 @@ class BaseLLM(ABC):
         self,
         *,
         model: str | None = None,
-        limits: Limits | None = None,
+        limits: Limits | Mapping[str, Limits] | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         defaults: Mapping[str, Any] | None = None,
@@ -86,7 +90,12 @@ class BaseLLM(ABC):
                 f"unknown request defaults {sorted(unknown)}; use any of {sorted(_REQUEST_PARAMS)}"
             )
         self.model = model
-        self.limits = limits if limits is not None else DEFAULT_LIMITS
+        #: Limits by model name (decision 0290); empty: every model has ``limits``.
+        self.model_limits: dict[str, Limits] = _by_model(limits)
+        #: The limits of the handle's own model.
+        self.limits = limits if isinstance(limits, Limits) else DEFAULT_LIMITS
+        if self.model_limits:
+            self.limits = self.limits_of(model)
         self.retry = retry
         self.timeout = timeout
         self.defaults: dict[str, Any] = dict(defaults or {})
@@ -183,36 +192,53 @@ class BaseLLM(ABC):
             return last[1]
         lane = self._lanes.get(loop)
         if lane is None:
-            make = _lane_factory
-            if self.limits.shared is not None:  # the store is the broker, on Ray too
-                from ._shared import shared_lane
-
-                make = shared_lane
-                last = None  # the store holds what is shared: nothing to inherit
-            lane = self._lanes[loop] = Lane(self.limits) if make is None else make(self)
-            if last is not None and make is None:
+            lane = self._lanes[loop] = self._new_lane(None, self.limits)
+            if last is not None and self._booked_here(self.limits):
                 # A new loop (each fanflow.run has one): start from what the last lane
                 # learnt of the server, not from scratch (decision 0159).
                 lane.inherit(last[1])
         self._last = (loop, lane)
         return lane
 
+    def limits_of(self, model: str | None) -> Limits:
+        """The limits of ``model``'s calls (None: the handle's own model)."""
+        if not self.model_limits:
+            return self.limits
+        if model is not None and model in self.model_limits:
+            return self.model_limits[model]
+        return self.model_limits.get("*", DEFAULT_LIMITS)
+
+    @staticmethod
+    def _booked_here(limits: Limits) -> bool:
+        """Whether a lane of ``limits`` books in this process (not in a shared store or
+        the Ray backend's broker, which hold what is learnt: nothing to inherit)."""
+        return limits.shared is None and _lane_factory is None
+
+    def _new_lane(self, model: str | None, limits: Limits) -> Lane:
+        """A lane of ``limits`` for ``model`` (None: the handle's own), booked where the
+        limits say: a shared store (on Ray too), the Ray broker, or this process."""
+        if limits.shared is not None:
+            from ._shared import shared_lane
+
+            return shared_lane(self, model, limits)
+        if _lane_factory is not None:
+            return _lane_factory(self, model, limits)
+        return Lane(limits)
+
     def _model_lane(self, model: str) -> Lane:
-        """The lane of ``model``'s calls: a local lane of the handle's limits. Where the
-        handle's lanes are booked elsewhere (shared limits, the Ray backend's broker),
-        every model draws from the handle's one lane, as their limits are one key's."""
-        if self.limits.shared is not None or _lane_factory is not None:
-            return self.lane()
+        """The lane of ``model``'s calls, with the model's limits: a lane of its own,
+        here, in a shared store or at the Ray broker, under the model's identity."""
         loop = asyncio.get_running_loop()
         lanes = self._model_lanes.get(loop)
         if lanes is None:
             lanes = self._model_lanes[loop] = {}
         lane = lanes.get(model)
         if lane is None:
-            lane = lanes[model] = Lane(self.limits)
+            limits = self.limits_of(model)
+            lane = lanes[model] = self._new_lane(model, limits)
             last = self._model_last.get(model)
-            if last is not None:  # a new loop starts from what the last one learnt
-                lane.inherit(last)
+            if last is not None and self._booked_here(limits):
+                lane.inherit(last)  # a new loop starts from what the last one learnt
             self._model_last[model] = lane
         return lane
 
@@ -237,11 +263,12 @@ class BaseLLM(ABC):
 # inside the user's own objects (a Skill, a Chain, a prompt callable), and make their
 # lane lazily on first use; nothing on that path could carry a factory. Owner: the
 # process's FanflowWorker actor (backends/_worker.py), the only caller of the setter.
-_lane_factory: Callable[[BaseLLM], Lane] | None = None
+_lane_factory: Callable[[BaseLLM, str | None, Limits], Lane] | None = None
 
 
-def set_lane_factory(factory: Callable[[BaseLLM], Lane] | None) -> None:
-    """Make this process's new lanes with ``factory`` (None: plain local lanes)."""
+def set_lane_factory(factory: Callable[[BaseLLM, str | None, Limits], Lane] | None) -> None:
+    """Make this process's new lanes with ``factory(handle, model, limits)`` (model None:
+    the handle's own; None: plain local lanes)."""
     global _lane_factory
     _lane_factory = factory
 
@@ -283,6 +310,23 @@ class _PlainLanes:
 _plain: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PlainLanes] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _by_model(limits: Limits | Mapping[str, Limits] | None) -> dict[str, Limits]:
+    """``limits=`` as a mapping of model name to limits (empty: one Limits for all)."""
+    if limits is None or isinstance(limits, Limits):
+        return {}
+    if not isinstance(limits, Mapping) or not limits:
+        raise ConfigError(
+            f"limits= must be a fanflow.Limits or a non-empty mapping of model name to "
+            f"Limits, got {limits!r}"
+        )
+    for name, value in limits.items():
+        if not isinstance(name, str) or not isinstance(value, Limits):
+            raise ConfigError(
+                f"limits= maps model names to fanflow.Limits; {name!r} maps to {value!r}"
+            )
+    return dict(limits)
 
 
 def lane_of(llm: LLM) -> Lane:

@@ -271,3 +271,26 @@ def test_batch_sends_the_lines_through_the_batch_api(run: Run, tmp_path: Path) -
     assert re.search(r"batched +5 \(0 other\)", done.stderr)
     for line in out:
         assert check_batch_output(line).choices[0].message.content.startswith("echo: q")
+    # The request_id of the provider batch's own result lines.
+    assert all(line["response"]["request_id"].startswith("req_sim") for line in out)
+
+
+def test_each_line_is_priced_at_its_models_price_and_named_by_the_providers_id(
+    run: Run, tmp_path: Path
+) -> None:
+    bodies = [
+        {"model": model, "messages": [{"role": "user", "content": "x " * 100}], "max_tokens": 10}
+        for model in ("cheap", "dear", "dear")
+    ]
+    batch_file(tmp_path / "b.jsonl", bodies)
+    prices = ["--price", "cheap=100/100", "--price", "dear=10000/10000"]
+    done = run("map", "b.jsonl", *SIM, *prices)
+    assert done.returncode == 0, done.stderr
+    out = lines_of(done.stdout)
+    # Each line 100 tokens in, 10 out: 110 at $100/M, then 220 at $10,000/M.
+    assert re.search(r"tokens\s+330 \(300 in, 30 out\)", done.stderr)
+    assert re.search(r"cost\s+\$2\.2110", done.stderr)
+    # The simulated API's x-request-id header, as OpenAI's names each request.
+    ids = [line["response"]["request_id"] for line in out]
+    assert all(i.startswith("req_sim") for i in ids)
+    assert len(set(ids)) == 3

@@ -1,13 +1,14 @@
 """A handle's limits per model: requests that name other models than the handle's get a
-lane of their own (the same limits, their own admission and server feedback), in
-virtual time."""
+lane of their own (the handle's limits, or the model's own where ``limits=`` maps models
+to limits; their own admission and server feedback) and their own price, in virtual
+time."""
 
 from __future__ import annotations
 
 import pytest
 
 import fanflow
-from fanflow import Limits, Request
+from fanflow import Limits, Price, Request
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -64,3 +65,56 @@ async def test_the_handles_own_model_keeps_the_handles_lane() -> None:
     assert llm.lane("m1") is llm.lane("m1")
     assert llm.lane("m1") is not llm.lane()
     assert llm.lane("m1").limits == llm.limits
+
+
+async def test_models_named_in_a_mapping_have_their_own_limits() -> None:
+    limits = {
+        "own": Limits(concurrency=1),
+        "m1": Limits(concurrency=2),
+        "*": Limits(concurrency=3),  # any other model
+    }
+    llm = ScriptedLLM(latency=1.0, model="own", limits=limits)
+    assert llm.limits == Limits(concurrency=1)
+    result = await fanflow.map(llm, mixed("own", "m1", "m2"), concurrency=12)
+    assert result.ok
+    assert starts(llm) == {"own": [0.0, 1.0, 2.0], "m1": [0.0, 0.0, 1.0], "m2": [0.0, 0.0, 0.0]}
+
+
+async def test_models_named_in_a_mapping_are_paced_at_their_own_rpm() -> None:
+    paced = {"burst": 0.0, "margin": 0.0}
+    limits = {"m1": Limits(rpm=60, **paced), "m2": Limits(rpm=120, **paced)}  # type: ignore[arg-type]
+    llm = ScriptedLLM(latency=0.1, model="own", limits=limits)
+    result = await fanflow.map(llm, mixed("m1", "m2"))
+    assert result.ok
+    assert starts(llm) == {"m1": [0.0, 1.0, 2.0], "m2": [0.0, 0.5, 1.0]}
+
+
+async def test_a_model_the_mapping_leaves_out_has_the_default_limits() -> None:
+    llm = ScriptedLLM(model="own", limits={"m1": Limits(rpm=60)})
+    assert llm.limits == fanflow.limits.DEFAULT_LIMITS  # its own model is not named
+    assert llm.lane("m2").limits == fanflow.limits.DEFAULT_LIMITS
+    assert llm.lane("m1").limits == Limits(rpm=60)
+
+
+@pytest.mark.parametrize("bad", [{}, {"m1": 500}, {3: Limits()}], ids=["empty", "value", "key"])
+def test_a_mapping_that_is_not_of_model_names_to_limits_is_refused(bad: object) -> None:
+    with pytest.raises(fanflow.errors.ConfigError, match=r"limits= .*model name"):
+        ScriptedLLM(limits=bad)  # type: ignore[arg-type]
+
+
+async def test_each_models_calls_are_priced_at_that_models_price() -> None:
+    prices = {"cheap": Price(input=1.0, output=2.0), "dear": Price(input=100.0, output=200.0)}
+    llm = ScriptedLLM(model="own")
+    result = await fanflow.map(llm, mixed("cheap", "dear", n=2), prices=prices)
+    assert result.ok
+    spent: dict[str, float] = {}
+    for record in result.records:
+        assert record.request is not None
+        model = record.request.model
+        assert model is not None
+        usage = record.usage
+        expected = prices[model].cost(usage.input_tokens, usage.output_tokens)
+        assert expected > 0
+        assert record.cost == pytest.approx(expected)
+        spent[model] = spent.get(model, 0.0) + expected
+    assert result.summary.cost == pytest.approx(spent["cheap"] + spent["dear"])

@@ -106,11 +106,14 @@ def open_store(url: StoreURL, shown: str) -> Store:
     return store
 
 
-def identity(handle: BaseLLM) -> tuple[str, str]:
-    """(the limit identity, a label for messages) of a handle: a hash of its endpoint,
-    model and a fingerprint of its API key. The key itself is never stored: only a
-    SHA-256 of it goes into the hash, which is all the store sees."""
+def identity(handle: BaseLLM, model: str | None = None) -> tuple[str, str]:
+    """(the limit identity, a label for messages) of a handle's calls to ``model`` (None:
+    the handle's own): a hash of its endpoint, the model and a fingerprint of its API
+    key. The key itself is never stored: only a SHA-256 of it goes into the hash, which
+    is all the store sees."""
     ident = dict(handle.cache_identity())
+    if model is not None:
+        ident["model"] = model
     secret = getattr(handle, "_secret", None)
     if secret is not None:
         key = secret.reveal().encode()
@@ -419,12 +422,13 @@ class SharedMeter:
             self._heartbeat = None
 
 
-def shared_lane(handle: BaseLLM) -> Lane:
-    """A lane of ``handle`` whose limits are booked in the store its limits name."""
-    limits = handle.limits
+def shared_lane(handle: BaseLLM, model: str | None = None, limits: Limits | None = None) -> Lane:
+    """A lane of ``handle``'s calls to ``model`` (None: the handle's own) whose
+    ``limits`` (default: the handle's) are booked in the store they name."""
+    limits = handle.limits if limits is None else limits
     assert limits.shared is not None
     url = parse_url(limits.shared)
-    ident, label = identity(handle)
+    ident, label = identity(handle, model)
     meter = SharedMeter(open_store(url, redact(limits.shared)), ident, label, limits, url.ttl)
     lease = None
     if limits.concurrency is not None:

@@ -57,7 +57,9 @@ def crew_size(llm: LLM, concurrency: int | None, size: int | None) -> int:
     if concurrency is not None:
         n = concurrency * WORKERS_PER_SLOT
     elif isinstance(llm, BaseLLM) and llm.limits.concurrency is not None:
-        n = llm.limits.concurrency * WORKERS_PER_SLOT
+        # With limits per model (decision 0290): room for each named model's slots.
+        caps = [x.concurrency for x in llm.model_limits.values()] or [llm.limits.concurrency]
+        n = DEFAULT_WINDOW if None in caps else sum(c or 0 for c in caps) * WORKERS_PER_SLOT
     else:
         n = DEFAULT_CONCURRENCY
     if size is not None:

@@ -26,7 +26,7 @@ from .._budget import Budget
 from .._durable import Durability
 from .._engine import CallOptions, Run
 from .._events import CallStarted, Event, Hook, endpoint_of
-from .._limits import Gate, Lane
+from .._limits import Gate, Lane, Limits
 from .._llm import LLM, BaseLLM, set_lane_factory
 from .._router import set_health_board
 from .._types import CallRecord, Request, Response
@@ -205,11 +205,12 @@ class FanflowWorker:
         # Its routers share their deployments' health with the other workers'.
         set_health_board(BrokerHealth(broker))
 
-    def _lane(self, handle: BaseLLM) -> Lane:
-        limits = handle.limits
+    def _lane(self, handle: BaseLLM, model: str | None, limits: Limits) -> Lane:
         if not needs_broker(limits):
             return Lane(limits)
-        broker, worker, handle_id = self.broker, self.worker_id, handle.limit_id
+        # Each model a handle's requests name is booked apart (decision 0290).
+        handle_id = handle.limit_id if model is None else f"{handle.limit_id}/{model}"
+        broker, worker = self.broker, self.worker_id
 
         async def ask() -> bool:
             granted: bool = await broker.acquire.remote(handle_id, limits, worker)

@@ -10,7 +10,9 @@
   (``metadata`` only when the line had one), and ``[request, [errors], metadata]``
   when it failed.
 
-``request_id`` is fanflow's id of the request (its key), not the provider's header.
+``request_id`` is the provider's id of the request where its reply named one (OpenAI's
+``x-request-id`` header, Anthropic's ``request-id``), else fanflow's (``req_`` and the
+request's key: a stored, batched or simulated answer).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from .._exceptions import ProviderError
 from .._types import CallRecord, Response
 from ..patterns._requests import RequestLine
+from ..providers._http import REQUEST_ID
 
 __all__ = ["answer", "completion_body"]
 
@@ -65,6 +68,15 @@ def _error_text(error: BaseException) -> str:
     return for_cli(f"{type(error).__name__}: {error}")
 
 
+def _provider_id(record: CallRecord[Any]) -> str | None:
+    """The provider's id of the request that answered (its reply's header), if it gave one."""
+    named = record.response.extra if record.response is not None else None
+    if named is None and isinstance(record.error, ProviderError):
+        named = record.error.extra
+    value = (named or {}).get(REQUEST_ID)
+    return value if isinstance(value, str) else None
+
+
 def _batch_answer(line: RequestLine, record: CallRecord[Any], index: int) -> dict[str, Any]:
     key = record.request.key if record.request is not None else line.request.key
     out: dict[str, Any] = {
@@ -73,8 +85,8 @@ def _batch_answer(line: RequestLine, record: CallRecord[Any], index: int) -> dic
         "response": None,
         "error": None,
     }
-    request_id = f"req_{key[:32]}"
     error = record.error
+    request_id = _provider_id(record) or f"req_{key[:32]}"
     if record.response is not None and error is None:
         body = completion_body(record.response, key)
         out["response"] = {"status_code": 200, "request_id": request_id, "body": body}

@@ -27,6 +27,7 @@ from ._console import make_display
 from ._deployments import DEPLOYMENT_EXAMPLE
 from ._interrupt import Interrupts
 from ._io import BadLine, OutputWriter
+from ._modellimits import MODEL_LIMITS_EXAMPLE, parse_model_limits
 from ._providers import SIM_EXAMPLE, ProviderPlan, sim_keys
 from ._settings import OPTIONS, Settings, for_cli, resolve_settings
 
@@ -153,6 +154,14 @@ def model_options(parser: argparse.ArgumentParser) -> None:
         "provider, rpm, tpm, concurrency, weight); repeat for more: the calls are spread "
         "over them (see --route); the key is read from the key-env variable",
     )
+    group.add_argument(
+        "--model-limits",
+        action="append",
+        metavar="MODEL:KEY=N,...",
+        help=f"limits of one model a request file names, e.g. {MODEL_LIMITS_EXAMPLE} "
+        "(keys: rpm, tpm, concurrency; the rest as --rpm/--tpm/--concurrency); repeat "
+        "for more; replaces the config file's [model-limits]",
+    )
     group.add_argument("--system", help="a system prompt for every call")
     group.add_argument("--temperature", type=float, help="sampling temperature")
     group.add_argument("--max-tokens", type=int, metavar="N", help="output token limit per call")
@@ -230,6 +239,10 @@ def plan(
                 f"--sim (or FANFLOW_SIM) sets the simulated model's knobs, but the provider "
                 f"is {settings.provider!r}; pass --provider sim, or drop --sim"
             )
+    per_model = getattr(args, "model_limits", None) or []
+    if per_model:
+        given_limits = tuple(parse_model_limits(text) for text in per_model)
+        settings = dataclasses.replace(settings, model_limits=given_limits)
     given = getattr(args, "deployment", None) or []
     if not routed:
         settings = dataclasses.replace(

@@ -369,7 +369,8 @@ def cmd_map(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     writer = open_output(args.output)
     prompt: Prompt = args.prompt if source is None else ready_request
     row = result_row if source is None else source.row(writer.flat)
-    if settings.concurrency is not None:
+    if settings.concurrency is not None and not plan.settings.model_limits:
+        # (With --model-limits it is the handle's, each model's lane holding its own.)
         options["concurrency"] = settings.concurrency
     if args.backend == "ray" or args.ray_address is not None:
         from ..backends import RayBackend

@@ -29,6 +29,7 @@ from .._limits import DEFAULT_LIMITS, Limits
 from .._llm import BaseLLM
 from .._retry import RetryPolicy
 from ._deployments import build_router, check_routing
+from ._modellimits import by_model
 from ._settings import Settings
 
 __all__ = [
@@ -147,6 +148,8 @@ class ProviderPlan:
         if self.provider == "router":
             return build_router(s, self.env, self.max_tokens)
         kwargs: dict[str, Any] = {"limits": _limits(s)}
+        if s.model_limits:
+            kwargs["limits"] = by_model(kwargs["limits"], s.model_limits)
         if s.timeout is not None:
             kwargs["timeout"] = s.timeout
         if s.retries is not None:
@@ -176,7 +179,7 @@ class ProviderPlan:
         # The embedded model: --model, when given, is the path of a GGUF file.
         if "max_tokens" in kwargs:
             kwargs["defaults"] = {"max_tokens": kwargs.pop("max_tokens")}
-        if s.concurrency is None and s.rpm is None and s.tpm is None:
+        if s.concurrency is None and s.rpm is None and s.tpm is None and not s.model_limits:
             # Its own default, one call per instance, as in the library (decision 0158):
             # more would wait in its pool, where per-attempt timeouts run too.
             del kwargs["limits"]
@@ -242,6 +245,11 @@ def plan_llm(
             raise ConfigError(
                 f"--deployment makes a router over the deployments given; --provider "
                 f"{provider} cannot go with it (give each deployment's provider= instead)"
+            )
+        if settings.model_limits:
+            raise ConfigError(
+                "--model-limits gives one handle's models their own limits; with "
+                "--deployment give each deployment its own rpm=N, tpm=N or concurrency=N"
             )
         return ProviderPlan("router", settings, max_tokens, env=dict(env))
     if settings.route is not None:

@@ -4,7 +4,8 @@ file, then defaults, in that order (the first that sets a value wins).
 The config file is TOML (read with the standard library's ``tomllib``): ``--config PATH``,
 else ``$FANFLOW_CONFIG``, else ``./fanflow.toml`` when it exists. Keys are the long flag
 names (``concurrency = 16``, ``base-url = "http://..."``); a ``[[deployment]]`` table per
-deployment makes a router (``cli/_deployments.py``). API keys are never settings:
+deployment makes a router (``cli/_deployments.py``); a ``[model-limits]`` table gives
+models their own limits (``cli/_modellimits.py``). API keys are never settings:
 they stay in the provider's own environment variables and are never printed.
 """
 
@@ -20,7 +21,9 @@ from typing import Any
 
 from .._budget import UNPRICED_FIX
 from .._exceptions import ConfigError
+from . import _modellimits
 from ._deployments import DeploymentSpec, from_table
+from ._modellimits import ModelLimits
 
 __all__ = ["OPTIONS", "Option", "Settings", "for_cli", "resolve_settings"]
 
@@ -132,6 +135,8 @@ class Settings:
     accept: str | None = None
     #: The config file's ``[[deployment]]`` tables (``--deployment`` flags replace them).
     deployments: tuple[DeploymentSpec, ...] = ()
+    #: Limits of the models named (``--model-limits``, the file's ``[model-limits]``).
+    model_limits: tuple[ModelLimits, ...] = ()
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -193,9 +198,12 @@ def read_config(path: Path) -> dict[str, Any]:
             )
             continue
         name = key.replace("-", "_")
+        if name == "model_limits":
+            out[name] = _modellimits.from_table(raw, f"{path}: [{key}]")
+            continue
         option = _BY_NAME.get(name)
         if option is None:
-            known = ", ".join([*(o.flag[2:] for o in OPTIONS), "deployment"])
+            known = ", ".join([*(o.flag[2:] for o in OPTIONS), "deployment", "model-limits"])
             raise ConfigError(f"{path}: unknown setting {key!r}; known settings: {known}")
         out[name] = _convert(option, raw, f"{path}: {key}")
     return out
@@ -235,7 +243,8 @@ def resolve_settings(
         elif option.name in from_file:
             values[option.name] = from_file[option.name]
             sources[option.name] = str(path)
-    if "deployments" in from_file:
-        values["deployments"] = from_file["deployments"]
-        sources["deployments"] = str(path)
+    for table in ("deployments", "model_limits"):
+        if table in from_file:
+            values[table] = from_file[table]
+            sources[table] = str(path)
     return Settings(**values, sources=sources)

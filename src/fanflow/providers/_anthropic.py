@@ -39,6 +39,7 @@ class AnthropicLLM(HttpLLM):
     """A handle on the Anthropic Messages API. Make one with :func:`fanflow.anthropic`."""
 
     provider: ClassVar[str] = "anthropic"
+    request_id_header: ClassVar[str | None] = "request-id"
     hosted: ClassVar[str | None] = DEFAULT_BASE_URL
 
     def __init__(
@@ -248,7 +249,7 @@ def anthropic(
     api_key: str | None = None,
     timeout: float | None = 600.0,
     retry: RetryPolicy | None = None,
-    limits: Limits | None = None,
+    limits: Limits | Mapping[str, Limits] | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
     stop: Sequence[str] | None = None,
@@ -269,7 +270,8 @@ def anthropic(
             endpoint. Never logged or shown.
         timeout: seconds per attempt (None: no limit).
         retry: the retry policy (default: :class:`fanflow.RetryPolicy` ()).
-        limits: the handle's limits, shared by every pattern using it.
+        limits: the handle's limits, shared by every pattern using it; or a mapping
+            of model name to limits for the models its requests name (``"*"``: the rest).
         temperature, max_tokens, stop, top_p: request defaults, used when a request leaves
             them unset. ``max_tokens`` falls back to :data:`DEFAULT_MAX_TOKENS`, since the
             API requires one.

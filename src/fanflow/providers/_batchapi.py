@@ -31,7 +31,7 @@ from .._batchinfo import batch_extra
 from .._exceptions import RETRYABLE, ProtocolError, ProviderError
 from .._transport import HttpRequest
 from .._types import Request, Response, Usage
-from ._http import TRANSPORT_ERRORS
+from ._http import REQUEST_ID, TRANSPORT_ERRORS
 
 if TYPE_CHECKING:
     from ._http import HttpLLM
@@ -209,7 +209,9 @@ class OpenAIBatches(HttpBatchAPI):
                     parsed = self.llm.parse(_dumps(body).encode(), 0.0, None)
                 except ProviderError as exc:
                     return BatchLine(custom_id, "errored", error=exc)
-                return BatchLine(custom_id, "succeeded", response=_with_batch(parsed, batch_id))
+                named = response.get("request_id")  # the provider's id of the request
+                answered = _with_batch(parsed, batch_id, named if isinstance(named, str) else None)
+                return BatchLine(custom_id, "succeeded", response=answered)
             code = (body or {}).get("error", {}).get("code") if isinstance(body, dict) else None
             if code == "batch_expired":
                 return BatchLine(custom_id, "expired")
@@ -307,8 +309,12 @@ _ANTHROPIC_STATUS = {
 }
 
 
-def _with_batch(response: Response, batch_id: str) -> Response:
-    """The response of a batched request: no latency of its own, its batch named."""
+def _with_batch(response: Response, batch_id: str, request_id: str | None = None) -> Response:
+    """The response of a batched request: no latency of its own, its batch named (and
+    the provider's id of the request, where its result line gave one)."""
+    extra = {**response.extra, **batch_extra(batch_id)}
+    if request_id:
+        extra[REQUEST_ID] = request_id
     return Response(
         response.text,
         usage=response.usage if response.usage is not None else Usage(),
@@ -316,5 +322,5 @@ def _with_batch(response: Response, batch_id: str) -> Response:
         finish_reason=response.finish_reason,
         latency=None,
         raw=response.raw,
-        extra={**response.extra, **batch_extra(batch_id)},
+        extra=extra,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import time
 import weakref
@@ -488,6 +489,8 @@ class HttpLLM(BaseLLM):
     """Base of the HTTP handles: a pooled session per loop, a key, a base URL."""
 
     provider: ClassVar[str] = "http"
+    #: The header in which the API names its id of a request (None: it names none).
+    request_id_header: ClassVar[str | None] = None
     hedges: ClassVar[bool] = True  # a duplicate is one more request: the hedging policy
     # The provider's own API (its default base URL), where a round trip is the model's
     # time: it refuses a key's calls beyond its limits (429), it does not queue them.
@@ -502,7 +505,7 @@ class HttpLLM(BaseLLM):
         stream: bool = False,
         headers: Mapping[str, str] | None = None,
         connect_timeout: float | None = 10.0,
-        limits: Limits | None = None,
+        limits: Limits | Mapping[str, Limits] | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         defaults: Mapping[str, Any] | None = None,
@@ -622,15 +625,29 @@ class HttpLLM(BaseLLM):
             async with await self.transport.send(wire) as reply:
                 status, headers = reply.status, reply.headers
                 if status == 200 and self.stream:
-                    return await self.read_stream(reply.content, start, headers)
+                    streamed = await self.read_stream(reply.content, start, headers)
+                    return self._named(streamed, headers)
                 raw = await reply.read()
         except TRANSPORT_ERRORS as exc:
             raise self.broken(self.url, exc) from None
         end = asyncio.get_running_loop().time()
         limits = self.rate_limits(headers, end)
         if status != 200:
-            raise self.fail(status, headers, raw, limits)
-        return self.parse(raw, end - start, limits)
+            error = self.fail(status, headers, raw, limits)
+            named = self._request_id(headers)
+            raise error.with_extra({REQUEST_ID: named}) if named else error
+        return self._named(self.parse(raw, end - start, limits), headers)
+
+    def _request_id(self, headers: Mapping[str, str]) -> str | None:
+        name = self.request_id_header
+        return headers.get(name) if name is not None else None
+
+    def _named(self, response: Response, headers: Mapping[str, str]) -> Response:
+        """``response`` with the API's id of its request in ``extra`` (when it gave one)."""
+        named = self._request_id(headers)
+        if not named:
+            return response
+        return dataclasses.replace(response, extra={**response.extra, REQUEST_ID: named})
 
     async def aclose(self) -> None:
         """Close the connection pool. The handle stays usable: a new pool opens on demand."""
@@ -653,6 +670,10 @@ class HttpLLM(BaseLLM):
     def broken(self, url: str, exc: BaseException) -> ProviderError:
         return connection_error(self.provider, url, exc, self._secret)
 
+
+#: The key in ``Response.extra`` (and ``ProviderError.extra``) of the API's id of the
+#: request, from its ``request_id_header`` (OpenAI's ``x-request-id``).
+REQUEST_ID = "request_id"
 
 #: Exceptions of aiohttp that mean the transport failed (not the HTTP exchange).
 TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)

@@ -34,6 +34,7 @@ class OpenAILLM(HttpLLM):
     :func:`fanflow.openai`."""
 
     provider: ClassVar[str] = "openai"
+    request_id_header: ClassVar[str | None] = "x-request-id"
     hosted: ClassVar[str | None] = DEFAULT_BASE_URL
 
     def __init__(
@@ -231,7 +232,7 @@ def openai(
     api_key: str | None = None,
     timeout: float | None = 600.0,
     retry: RetryPolicy | None = None,
-    limits: Limits | None = None,
+    limits: Limits | Mapping[str, Limits] | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
@@ -259,7 +260,8 @@ def openai(
             endpoint; optional for other servers. Never logged or shown.
         timeout: seconds per attempt (None: no limit).
         retry: the retry policy (default: :class:`fanflow.RetryPolicy` ()).
-        limits: the handle's limits, shared by every pattern using it.
+        limits: the handle's limits, shared by every pattern using it; or a mapping
+            of model name to limits for the models its requests name (``"*"``: the rest).
         temperature, max_tokens, seed, stop, top_p, response_format: request defaults,
             used when a request leaves them unset.
         n: choices per request; ``Response.text`` is the first, all are in

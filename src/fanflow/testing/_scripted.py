@@ -136,7 +136,7 @@ class ScriptedLLM(BaseLLM):
         failure_rate: float = 0.0,
         failure: FaultLike | None = None,
         model: str = "scripted",
-        limits: Limits | None = None,
+        limits: Limits | Mapping[str, Limits] | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         defaults: Mapping[str, Any] | None = None,

@@ -165,7 +165,9 @@ class ChatDesk:
         delay = t.latency + (self.faults.rng.uniform(0.0, t.jitter) if t.jitter else 0.0)
         if self.cache is not None:
             done = self.cached(sim, done, now, now + delay)
-        reply = _Reply(api, sim, done, f"sim{next(self._ids)}", fault, headers)
+        ident = f"sim{next(self._ids)}"
+        named = ("x-request-id" if api == "openai" else "request-id", f"req_{ident}")
+        reply = _Reply(api, sim, done, ident, fault, [*headers, named])  # the API's id of it
         if sim.stream:
             return await self._answer_stream(request, reply, delay)
         return await self._answer(request, reply, delay)
