@@ -59,7 +59,7 @@ def crew_size(llm: LLM, concurrency: int | None, size: int | None) -> int:
     elif isinstance(llm, BaseLLM) and llm.limits.concurrency is not None:
         # With limits per model (decision 0290): room for each named model's slots.
         caps = [x.concurrency for x in llm.model_limits.values()] or [llm.limits.concurrency]
-        n = DEFAULT_WINDOW if None in caps else sum(c or 0 for c in caps) * WORKERS_PER_SLOT
+        n = DEFAULT_CONCURRENCY if None in caps else sum(c or 0 for c in caps) * WORKERS_PER_SLOT
     else:
         n = DEFAULT_CONCURRENCY
     if size is not None:
