@@ -243,6 +243,58 @@ class _Pending:
         return entries
 
 
+class _Running:
+    """The submitted batches a queue follows, and per batch the futures waiting for
+    each of its keys' lines."""
+
+    __slots__ = ("followed", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, dict[str, list[asyncio.Future[BatchLine | None]]]] = {}
+        self.followed: set[str] = set()  # batches a poller follows now or did
+
+    def __contains__(self, batch_id: str) -> bool:
+        return batch_id in self.waiting
+
+    def ids(self) -> list[str]:
+        return list(self.waiting)
+
+    def count(self) -> int:
+        """Requests waiting for a submitted batch."""
+        return sum(len(keys) for keys in self.waiting.values())
+
+    def keys(self, batch_id: str) -> list[str]:
+        return list(self.waiting.get(batch_id, {}))
+
+    def wait(self, batch_id: str, key: str, fut: asyncio.Future[BatchLine | None]) -> None:
+        self.waiting.setdefault(batch_id, {}).setdefault(key, []).append(fut)
+
+    def pop(self, batch_id: str) -> dict[str, list[asyncio.Future[BatchLine | None]]]:
+        """Stop following ``batch_id``: what waited for it."""
+        return self.waiting.pop(batch_id, {})
+
+    def fail(self, batch_id: str, provider: str, error: Exception) -> None:
+        """Fail every request waiting for ``batch_id``, never leave them hanging: with
+        the provider's error, or (a bug, a store error) one saying the batch could not
+        be followed."""
+        _resolve(self.pop(batch_id), _failed(provider, error))
+
+    def release_all(self) -> int:
+        """Hand every waiting request None (it goes in real time); how many there were."""
+        n = 0
+        for waiting in self.waiting.values():
+            n += len(waiting)
+            _resolve(waiting, lambda _key: None)
+            waiting.clear()
+        return n
+
+    def move(self, old: str, new: str) -> None:
+        """An intent found as batch ``new``: its waiting requests wait for that."""
+        into = self.waiting.setdefault(new, {})
+        for key, futures in self.pop(old).items():
+            into.setdefault(key, []).extend(futures)
+
+
 @dataclass
 class QueueStatistics:
     """What a :class:`BatchQueue` did."""
@@ -283,9 +335,7 @@ class BatchQueue:
         self._pending = _Pending()
         # Cache key -> the user's custom_id its line carries (where it is not the key).
         self._wire: dict[str, str] = {}
-        self._waiting: dict[str, dict[str, list[asyncio.Future[BatchLine | None]]]] = {}
-        self._polling: set[str] = set()
-        self._followed: set[str] = set()
+        self._running = _Running()
         self._requests: dict[str, Request] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flush: asyncio.TimerHandle | None = None
@@ -311,7 +361,7 @@ class BatchQueue:
         """Ask the provider to cancel the batches still running (nothing will read their
         results: without a journal that outlives this run, they would be paid for and
         lost)."""
-        running = list(self._polling)
+        running = self._running.ids()
         if not running:
             return
         with contextlib.suppress(TimeoutError):
@@ -323,10 +373,7 @@ class BatchQueue:
     @property
     def unanswered(self) -> int:
         """Requests waiting for a batch (pending or submitted)."""
-        n = len(self._pending)
-        for keys in self._waiting.values():
-            n += len(keys)
-        return n
+        return len(self._pending) + self._running.count()
 
     # -- submitting ---------------------------------------------------------------
 
@@ -433,8 +480,7 @@ class BatchQueue:
         await self._adopt(intent, state.id, keys)
         self.stats.batches += 1
         self.stats.submitted += len(keys)
-        self._waiting[state.id] = waiting
-        self._polling.add(state.id)
+        self._running.waiting[state.id] = waiting
         if self.switched:
             self._spawn(self._cancel_batch(state.id))
         await self._follow(state)
@@ -447,13 +493,13 @@ class BatchQueue:
     async def _attach(self, batch_id: str, key: str, request: Request) -> BatchLine | None:
         """Wait for ``key``'s line in a batch submitted before (by an earlier run)."""
         fut: asyncio.Future[BatchLine | None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(batch_id, {}).setdefault(key, []).append(fut)
+        first = batch_id not in self._running
+        self._running.wait(batch_id, key, fut)
         self._requests[key] = request
         wanted = users_id(self.api, request)
         if wanted is not None:  # maybe its line's id (or the key, if it was taken)
             self._wire[key] = wanted
-        if batch_id not in self._polling:
-            self._polling.add(batch_id)
+        if first:
             self.stats.resumed += 1
             self._spawn(self._resume(batch_id))
         return await fut
@@ -465,17 +511,13 @@ class BatchQueue:
                 found = await self._control(
                     "looking for a batch", lambda: self.api.find(batch_id[len(INTENT) :])
                 )
-                keys = list(self._waiting.get(batch_id, {}))
+                keys = self._running.keys(batch_id)
                 if found is None:  # never created (or the API cannot tell): send again
                     await self._resubmit(batch_id)
                     return
                 await self._adopt(batch_id, found.id, keys)
-                self._polling.discard(batch_id)
-                self._polling.add(found.id)
-                moved = self._waiting.pop(batch_id, {})
-                for key, futures in moved.items():
-                    self._waiting.setdefault(found.id, {}).setdefault(key, []).extend(futures)
-                if found.id in self._followed:
+                self._running.move(batch_id, found.id)
+                if found.id in self._running.followed:
                     return
                 batch_id = found.id
             try:
@@ -492,16 +534,15 @@ class BatchQueue:
                 await self._resubmit(batch_id)
                 return
         except Exception as exc:
-            self._fail_batch(batch_id, exc)
+            self._running.fail(batch_id, self.api.provider, exc)
             return
         await self._follow(state)
 
     async def _resubmit(self, batch_id: str) -> None:
         """Forget a journalled batch that does not exist; its waiting requests go into
         the next batch."""
-        waiting = self._waiting.pop(batch_id, {})
+        waiting = self._running.pop(batch_id)
         await self.journal.settle_batch(batch_id, "not found", [], list(waiting))
-        self._polling.discard(batch_id)
         for key, futures in waiting.items():
             too_large = self._enqueue(key, self._requests.pop(key), futures)
             for fut in futures if too_large is not None else ():
@@ -513,7 +554,7 @@ class BatchQueue:
         loop = asyncio.get_running_loop()
         start = loop.time()
         batch_id = state.id
-        self._followed.add(batch_id)
+        self._running.followed.add(batch_id)
         try:
             wait = self.options.poll
             while not state.ended:
@@ -527,12 +568,11 @@ class BatchQueue:
             )
             await self._settle(state, lines)
         except Exception as exc:
-            self._fail_batch(batch_id, exc)
+            self._running.fail(batch_id, self.api.provider, exc)
 
     async def _settle(self, state: BatchState, lines: list[BatchLine]) -> None:
         batch_id = state.id
-        waiting = self._waiting.pop(batch_id, {})
-        self._polling.discard(batch_id)
+        waiting = self._running.pop(batch_id)
         by_key, repeated = _match(lines, waiting, self._wire)
         self.stats.duplicate_lines += repeated
         known = set(waiting)
@@ -571,14 +611,6 @@ class BatchQueue:
 
         _resolve(waiting, after_switch if self.switched else line_for)
 
-    def _fail_batch(self, batch_id: str, error: Exception) -> None:
-        """Fail every request waiting for ``batch_id``, never leave them hanging: with
-        the provider's error, or (a bug, a store error) one saying the batch could not
-        be followed."""
-        waiting = self._waiting.pop(batch_id, {})
-        self._polling.discard(batch_id)
-        _resolve(waiting, _failed(self.api.provider, error))
-
     def _control(
         self, what: str, call: Callable[[], Awaitable[T]], batch_id: str | None = None
     ) -> Awaitable[T]:
@@ -604,16 +636,13 @@ class BatchQueue:
         pending = {e.key: e.futures for e in self._pending.take()}
         _resolve(pending, lambda _key: None)
         self.stats.moved_to_realtime += len(pending)
-        for batch_id in list(self._waiting):
+        for batch_id in self._running.ids():
             self._spawn(self._cancel_batch(batch_id))
         self._release = loop.call_later(2 * self.options.poll, self._release_all)
 
     def _release_all(self) -> None:
         """Send whatever the cancelled batches have not answered yet in real time."""
-        for waiting in self._waiting.values():
-            self.stats.moved_to_realtime += len(waiting)
-            _resolve(waiting, lambda _key: None)
-            waiting.clear()
+        self.stats.moved_to_realtime += self._running.release_all()
 
     async def _nap(self, seconds: float) -> None:
         """Sleep between polls; cut short by a switch to real time (then poll often)."""
