@@ -22,30 +22,20 @@ any call of the handle succeeded                       ``refused``; decision 016
 
 "In a row" means with no successful attempt in between: a success clears the counts of
 the handle and of its model, and closes what they had tripped. Other errors (429s the
-engine does not report, 5xx, timeouts, resets, 400) neither count nor clear: they may
-pass. Calls already sent when
-it trips finish as they will; a call is stopped before each attempt and again once
-admitted, so a wrong key costs about the calls in flight (the concurrency) plus three,
-not one request per item.
+engine does not report, 5xx, timeouts, resets, 400) neither count nor clear. Calls
+already sent when it trips finish as they will; a call is stopped before each attempt
+and again once admitted, so a wrong key costs about the concurrency plus three calls.
 
 A new HTTP handle starts *cold* (:mod:`fanflow._cold`, decision 0175): its first
-:data:`COLD_CALLS` (16) calls go, and the wave doubles every few round trips that pass
-without an answer that may trip it; an answer that does not trip it ends the cold
-start (a 429 has lowered the adaptive limit by then), and so does a trip. A success
-does not: the wave goes on doubling, so a rate limit is met by a wave of a few dozen,
-not by every call held back.
-Without it, a batch with no concurrency limit puts every item in flight before the
-first 401 returns, and nothing could stop it. A right key costs a few round trips (tens
-of milliseconds near the server), not one generation.
+:data:`COLD_CALLS` calls go, and the wave doubles every few round trips without an
+answer that may trip it; an answer that does not trip it ends the cold start, and so
+does a trip (a success does not: the wave goes on doubling).
 
-A tripped breaker does not poison the handle: once :data:`PROBE_AFTER` seconds have
-passed since it tripped (or since the last probe), the next call goes as a probe while
-the others wait for its outcome. If it succeeds (or fails some other way: the server
-was reached), the breaker closes and they all go; if it fails the same way, they are
-skipped and the next probe is due :data:`PROBE_AFTER` seconds later. So a handle reused
-after the fix works, at the cost of one request while it is still broken;
-:meth:`Breaker.reset` closes it at once. A new handle (a new key, say) starts closed,
-and so does a copy in another process.
+A tripped breaker does not poison the handle: :data:`PROBE_AFTER` seconds after the trip
+(or the last probe), the next call goes as a probe while the others wait for it. A
+success (or another kind of failure: the server was reached) closes the breaker; the
+same failure keeps it open for another :data:`PROBE_AFTER`. :meth:`Breaker.reset`
+closes it at once; a new handle, or a copy in another process, starts closed.
 """
 
 from __future__ import annotations

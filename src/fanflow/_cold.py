@@ -18,10 +18,8 @@ refusal of the calls already sent takes to return.
   have made it by then (on a loaded machine the steps run late).
 
 With a right key a large server has the whole wave in flight after ``log2(C / 16)``
-steps (tens of milliseconds near the server), not one generation later; a wrong key
-or a small server meets the first wave and a step's worth more. A server whose
-refusals take longer than a step (a 401 after 0.2 s on loopback) meets more: the wave
-doubles once per step until the first refusal returns.
+steps; a wrong key or a small server meets the first wave and a step's worth more (what
+that costs when refusals are slow: decision 0175).
 
 It holds calls back for :data:`COLD_WAIT` at most (the answers are just slow, or the
 machine too loaded for its steps); while only answers that may trip come back it waits

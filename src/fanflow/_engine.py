@@ -792,8 +792,8 @@ def execute(
             return cast(_Routed, llm).route(request, opts, index=index, label=label, parse=parse)
         request = llm.prepare(request)
     # Not _Call[T](...): calling a subscripted generic goes through typing's slow path.
-    # Return run()'s coroutine rather than awaiting it here: one frame fewer per call,
-    # which matters when 10,000 calls are in flight (fewer objects for the GC to scan).
+    # Return run()'s coroutine rather than awaiting it here: one frame fewer per call
+    # in flight.
     call: _Call[T] = _Call(llm, request, opts, index, label)
     return call.run(parse)
 

@@ -10,10 +10,9 @@ the tail shrinks for a few percent more calls. A :class:`Hedger` belongs to one 
 handle on one event loop): it keeps the latencies of the handle's last successful
 attempts and a count of calls and hedges, so duplicates stay under a share of the calls.
 
-It also watches the running attempts with one timer for them all (:meth:`Hedger.watch`):
-a timer per call would cost a heap push and a cancellation on every call, for the few
-that ever need a duplicate. The timer fires at most every eighth of the delay, so a
-duplicate may start up to 12.5% late.
+It also watches the running attempts with one timer for them all (:meth:`Hedger.watch`,
+decision 0133), firing at most every eighth of the delay, so a duplicate may start up to
+12.5% late.
 """
 
 from __future__ import annotations

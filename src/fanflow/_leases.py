@@ -367,8 +367,7 @@ class GrantQueue:
                     self._queue.extendleft(reversed(later))
                     # Ask again when the first unbooked send is half a lease away: the
                     # answer still comes before it is due, and it books half a lease of
-                    # sends. (Asking as soon as it entered the horizon booked one send per
-                    # message: 270 messages for 1,000 sends at 200/s, 85 now.)
+                    # sends (docs/decisions/0071).
                     await asyncio.sleep(max(due - self._horizon / 2, 0.001))
         finally:
             self._pump = None

@@ -259,10 +259,9 @@ class BaseLLM(ABC):
 # How this process makes a handle's lane (None: a plain local Lane). The Ray backend sets
 # it in its worker processes, so every handle's lane there draws from the cluster-wide
 # limiter; it is read only when a lane is made, never on the path of a call.
-# Why process-wide state rather than an argument: handles arrive in a worker unpickled,
-# inside the user's own objects (a Skill, a Chain, a prompt callable), and make their
-# lane lazily on first use; nothing on that path could carry a factory. Owner: the
-# process's FanflowWorker actor (backends/_worker.py), the only caller of the setter.
+# Process-wide because handles arrive in a worker unpickled inside the user's own objects,
+# where no argument could carry a factory (decision 0101). Owner: the process's
+# FanflowWorker actor (backends/_worker.py), the only caller of the setter.
 _lane_factory: Callable[[BaseLLM, str | None, Limits], Lane] | None = None
 
 

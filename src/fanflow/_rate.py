@@ -12,10 +12,8 @@ limits over shorter periods too ("6,000 RPM may be enforced as 100 per second"):
    libraries): sends are spaced evenly at ``rate`` per second, with a burst of at most
    ``burst`` units (half a second of budget by default), never a whole minute's worth at
    once. The state is one number, the theoretical arrival time (TAT).
-   ``rate`` is the limit less a ``margin`` (3% by default; decision 0130): a limiter of
-   the same nominal size elsewhere (the server's bucket, nginx's ``limit_req``) then
-   gains a little budget every second, and the half of its burst we never use absorbs
-   the arrival jitter of the network and of our own event loop.
+   ``rate`` is the limit less a ``margin`` (3% by default), so a limiter of the same
+   nominal size elsewhere absorbs network and event-loop jitter (decision 0130).
 2. **A sliding window** of ``period`` seconds (60 s for per-minute limits): the sum of
    the costs sent in any half-open window ``(x - period, x]`` never exceeds ``limit``.
    GCRA alone would let ``burst + limit`` through in the first minute.

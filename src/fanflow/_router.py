@@ -77,8 +77,7 @@ T = TypeVar("T")
 Strategy = Literal["spread", "fallback"]
 
 #: Attempts in a row (no success between) failing with 5xx or timeouts that take a
-#: deployment out of rotation. Five, not three: at a 10% error rate three in a row
-#: happen once in a thousand attempts, five once in 100,000.
+#: deployment out of rotation (five, not three: decision 0195).
 FAILING_AFTER = 5
 
 # A send due within this many seconds counts as "now".

@@ -42,8 +42,8 @@ __all__ = ["Store", "identity", "open_store", "shared_lane"]
 
 _RATES = ("rpm", "tpm", "input_tpm", "output_tpm")
 
-# How many leases ahead a process books its grants: 1 (the broker's) cost 1.6 round
-# trips per call at 50 sends/s spaced evenly (decision 0200).
+# How many leases ahead a process books its grants (more than the broker's one: a store
+# is further away; decision 0200).
 _AHEAD = 5
 
 # A process declares its limits again at least this often (seconds), so it knows how

@@ -56,9 +56,8 @@ def earliest(
     all in the window) at which a send of ``cost`` keeps every ``window`` seconds
     within ``caps`` (per rate; inf: none). -inf when nothing is booked.
 
-    Sends are also spaced evenly, the last one's cost at the rate of ``caps``: bookings
-    made in bursts were late in the processes that got them (a loop waking a hundred
-    sends at once starts them over more than a lease) and had to be booked again."""
+    Sends are also spaced evenly, the last one's cost at the rate of ``caps``, so a
+    process can start its sends within their lease (decision 0200)."""
     t = rows[-1][0] if rows else -math.inf
     for k, cap in enumerate(caps):
         if math.isinf(cap):

@@ -47,9 +47,9 @@ def redact(url: str) -> str:
 
 
 def _import_redis() -> None:
-    """Import redis-py now, when the limits are made: it takes 0.3 to 0.8 s, which a
-    process's first call would otherwise wait (benchmarks/RESULTS.md). Without it,
-    the store says what to install when it is first used."""
+    """Import redis-py now, when the limits are made, so a process's first call does not
+    wait for it (decision 0214). Without it, the store says what to install when it is
+    first used."""
     with contextlib.suppress(ImportError):
         import redis.asyncio  # noqa: F401
 

@@ -1,47 +1,36 @@
 """The backend seam: what a place that runs a map's or a pool's items must do.
 
-``fanflow.map``, ``fanflow.as_completed`` and ``fanflow.Pool`` never ask *where* their
-items run: they describe the run (a :class:`MapSpec` or a :class:`PoolSpec`) and hand
-it to the :class:`Backend` that ``backend=`` names (:func:`fanflow.backends._config.
-resolve_backend`). The local backend (``_local.py``) runs the items on this event loop;
-the Ray backend (``_ray.py``) shards them over Ray worker processes. A third backend (a
-provider's batch API, say) implements the same two methods and is passed as
-``backend=MyBackend(...)``.
+``map``, ``as_completed`` and ``Pool`` describe a run (a :class:`MapSpec` or a
+:class:`PoolSpec`) and hand it to the :class:`Backend` that ``backend=`` names
+(:func:`fanflow.backends._config.resolve_backend`): ``_local.py`` runs the items on this
+event loop, ``_ray.py`` on Ray workers; another backend implements the same two methods.
+Why the seam is shaped so: docs/decisions/0100-backend-protocol.md.
 
-What a backend must do (the local backend is the reference; the Ray backend's tests
-check it gives the same results):
+A backend must (the local backend is the reference):
 
-- **Run every item to exactly one record** (promise 4): for ``map``, build each item's
-  request with ``spec.build(item, index)`` (an exception there is that item's failed
-  record, not the map's), call the model, ``spec.parse`` the response, and hand the
-  :class:`~fanflow.CallRecord` (``index`` set) to ``deliver``; await what ``deliver``
-  returns before taking more work (it is how a slow consumer of ``as_completed``
-  applies back-pressure). Records may come in any order.
-- **Stream, in bounded memory** (promise 7): pull items from ``spec.items`` (maybe an
-  endless iterator) only as there is room, never all at once; ``MapRun.workers``
-  says how many records may be in flight, and ``seen`` how many items were pulled.
-- **Honour the store** (promise 5): with ``spec.durable``, run each item through
-  ``spec.durable`` (:meth:`fanflow._durable.Durability.run`, or its store by the
-  :class:`~fanflow.store.JobStore` protocol in another process), so a record is
-  committed before it is delivered; call ``durable.emit(record, item)`` before
-  delivering, and run the whole map inside ``durable.around(...)`` (the job's start,
-  end and sink); with ``durable.prior``, an item that succeeded in an earlier run of
-  the job is served from the store.
-- **Honour the options and the limits**: ``spec.options`` are the call options, checked
-  (:class:`fanflow.backends.CallOptions`); ``spec.options.start()`` makes the run the
-  engine's ``execute`` takes when the map starts: one concurrency gate, the deadline
-  counted from then, one budget cap for the whole map, wherever its calls run. Every
-  call goes through the handle's lane (``Limits``: concurrency, rpm, tpm), so the
-  limits hold across the map, together with whatever else uses the same handle.
-- **Emit events** to ``spec.options.hooks`` on the caller's event loop, as the local
-  engine does.
-- **Fail fast on request**: with ``spec.fail_fast``, the first record that did not
-  succeed stops the map (in-flight items cancelled) and its error is raised.
-- **Cancel cleanly** (promise 6): when ``run()`` is cancelled, stop sending, cancel
-  what is in flight, and return only when it has stopped.
+- **Run every item to exactly one record**: ``spec.build(item, index)`` (an exception
+  is that item's failed record), call the model, ``spec.parse`` the response, and hand
+  the :class:`~fanflow.CallRecord` (``index`` set) to ``deliver``, awaiting what it
+  returns before taking more work (back-pressure). Records may come in any order.
+- **Stream in bounded memory**: pull from ``spec.items`` (maybe endless) only as there
+  is room; ``MapRun.workers`` is how many records may be in flight, ``seen`` how many
+  items were pulled.
+- **Honour the store**: with ``spec.durable``, run each item through it
+  (:meth:`fanflow._durable.Durability.run`, or its store by the
+  :class:`~fanflow.store.JobStore` protocol in another process), call
+  ``durable.emit(record, item)`` before delivering, run the map inside
+  ``durable.around(...)``, and serve from the store what ``durable.prior`` succeeded.
+- **Honour the options and limits**: ``spec.options.start()`` makes the run (one gate,
+  one deadline, one budget cap for the whole map, wherever its calls run); every call
+  goes through the handle's lane, so ``Limits`` hold across the map.
+- **Emit events** to ``spec.options.hooks`` on the caller's event loop.
+- **Fail fast** with ``spec.fail_fast``: the first record that did not succeed stops the
+  map (in-flight items cancelled) and its error is raised.
+- **Cancel cleanly**: a cancelled ``run()`` stops sending, cancels what is in flight and
+  returns once it has stopped.
 
-A backend that cannot run pools (a batch API has no multi-step chains) raises
-:class:`fanflow.ConfigError` from :meth:`Backend.run_pool` saying which backend to use.
+A backend that cannot run pools raises :class:`fanflow.ConfigError` from
+:meth:`Backend.run_pool` saying which backend to use.
 """
 
 from __future__ import annotations

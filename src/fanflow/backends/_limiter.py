@@ -20,10 +20,7 @@ when it has none. The broker never counts more slots out than the limit, so the 
 flight across the cluster never exceed it, whatever the number of workers. A dead
 worker's slots are reclaimed when the driver tells the broker it died (``forget``).
 
-Why a broker rather than splitting the limit between workers (``concurrency // W``
-each): a split wastes the share of a worker that is idle, starving or dead, and cannot
-follow workers that come and go; why leases rather than one broker call per call:
-under load a worker reuses its slots without a round trip. See
+Why a broker and leases rather than splitting the limit between workers:
 docs/decisions/0071-ray-global-limits.md.
 
 Nothing here imports Ray: the broker is plain asyncio (the actor wraps it), and the

@@ -270,8 +270,7 @@ class Crew(Generic[T]):
         """Run one item to its record (committed to the store first, if there is one).
 
         Not ``async def``: the common case hands back ``execute``'s coroutine itself, one
-        frame fewer per item in flight (10,000 in flight means 10,000 fewer frames for
-        the GC to scan). Await the result.
+        frame fewer per item in flight. Await the result.
         """
         try:
             request = self.build(item, index)

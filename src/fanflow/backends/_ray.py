@@ -139,8 +139,8 @@ class _Slot:
     generation: int = 0
 
 
-# The workers of the cluster this process is connected to, kept between batches: starting
-# a worker process costs a second or two, so only a driver's first batch pays it. Keyed by
+# The workers of the cluster this process is connected to, kept between batches, so only a
+# driver's first batch pays for starting them (decision 0070). Keyed by
 # the Ray connection (a new ray.init gets new workers) and the CPUs per worker. Module state, as
 # _BROKER, because it lives as long as the Ray connection, which is process-wide too;
 # owner: this module (_workers() makes them, worker_pids() reports them).

@@ -284,11 +284,9 @@ class _Producer(Generic[T]):
         self.task = asyncio.get_running_loop().create_task(self._produce(run))
 
     async def put(self, record: CallRecord[T]) -> None:
-        # asyncio.run's SIGINT handler (Python 3.11) runs between any two bytecodes: it
-        # can cancel the consumer's getter inside Queue._wakeup_next, between its done()
-        # check and set_result(), which then raises here. The record is already queued
-        # and the consumer is being cancelled: nothing to undo (issue 13;
-        # docs/decisions/0096-cli-ctrl-c-through-the-loop.md).
+        # A Ctrl-C through asyncio.run's SIGINT handler can cancel the consumer's getter
+        # mid-wakeup, and this put then raises: the record is already queued and the
+        # consumer is being cancelled, so nothing to undo (decision 0096).
         with contextlib.suppress(asyncio.InvalidStateError):
             await self.queue.put(record)
 
