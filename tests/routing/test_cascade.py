@@ -5,6 +5,7 @@ prompts it saw: the judge); virtual time throughout.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from typing import Any
@@ -119,3 +120,26 @@ def test_the_cache_identity_names_the_rule_the_same_way_in_every_process() -> No
     assert voted == tiers(agreement(samples=3)).cache_identity()
     assert "0x" not in json.dumps(voted)  # no address: the same in another process
     assert voted != tiers(agreement(samples=5)).cache_identity()
+
+
+def test_rules_that_differ_only_in_what_their_closure_holds_are_two_rules() -> None:
+    # A store must never serve one threshold's answers to another: the values a rule's
+    # closure and defaults hold are part of its identity.
+    def shorter_than(n: int) -> Any:
+        return lambda text: len(text) < n
+
+    def at_most(text: str, n: int = 5) -> bool:
+        return len(text) <= n
+
+    def rule(accept: Any) -> Any:
+        return fanflow.cascade(
+            fanflow.openai("cheap", base_url="http://127.0.0.1:9/v1", api_key="sk-a"),
+            fanflow.openai("strong", base_url="http://127.0.0.1:10/v1", api_key="sk-b"),
+            accept=accept,
+        ).cache_identity()["accept"]
+
+    assert rule(shorter_than(5)) == rule(shorter_than(5))
+    assert rule(shorter_than(5)) != rule(shorter_than(50))
+    at_most_ten = functools.partial(at_most, n=10)
+    assert rule(at_most) != rule(at_most_ten)
+    assert rule(at_most_ten) == rule(functools.partial(at_most, n=10))

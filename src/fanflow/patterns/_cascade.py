@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import marshal
 import types
@@ -80,11 +81,16 @@ def _rule(accept: Accept) -> str:
             f"agreement(samples={accept.samples}, share={accept.share}, "
             f"temperature={accept.temperature}, normalize={normalize})"
         )
+    if isinstance(accept, functools.partial):
+        return f"partial({_rule(accept.func)}, {accept.args!r}, {accept.keywords!r})"
     code = getattr(accept, "__code__", None)
     if isinstance(code, types.CodeType):
-        # Two lambdas share a name: their code tells them apart (not the values a
-        # closure holds: a rule that reads one should be a function of its own).
-        digest = hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+        # Two lambdas share a name: their code tells them apart, and the values their
+        # closure and defaults hold tell one threshold from another. (A value whose
+        # repr has an address differs in every process: a store miss, never a wrong hit.)
+        held = [cell.cell_contents for cell in getattr(accept, "__closure__", None) or ()]
+        held += [getattr(accept, "__defaults__", None), getattr(accept, "__kwdefaults__", None)]
+        digest = hashlib.sha256(marshal.dumps(code) + repr(held).encode()).hexdigest()[:16]
         return f"{accept.__module__}.{accept.__qualname__}:{digest}"
     return getattr(accept, "__qualname__", None) or repr(accept)
 
