@@ -153,3 +153,23 @@ def test_a_config_file_names_the_tiers_and_the_rule(run: Run, tmp_path: Path) ->
         escalated = set(big.stats().prompt_completed)
     assert done.returncode == 0, done.stderr
     assert escalated == {r for r in ROWS if r.startswith("hard")}, done.stderr
+
+
+def test_a_pipeline_run_escalates_through_the_cascade_too(run: Run, tmp_path: Path) -> None:
+    rows(tmp_path)
+    (tmp_path / "pipe.yaml").write_text("steps:\n  - prompt: '{input}'\n")
+    with (
+        SimServer(latency=0.01, reply=unsure_on_hard) as small,
+        SimServer(latency=0.01, reply="sure") as big,
+    ):
+        done = run(
+            "run", "pipe.yaml", "in.txt", "-o", "out.jsonl",
+            *deployments(small.url, big.url),
+            "--cascade", "small,big", "--accept", "reject:^unsure$",
+        )  # fmt: skip
+        escalated = set(big.stats().prompt_completed)
+    assert done.returncode == 0, done.stderr
+    assert escalated == {r for r in ROWS if r.startswith("hard")}, done.stderr
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(answers) == len(ROWS)
+    assert "unsure" not in json.dumps(answers)  # every hard row was answered by the big tier
