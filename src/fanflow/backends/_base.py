@@ -68,6 +68,8 @@ __all__ = [
     "Items",
     "MapRun",
     "MapSpec",
+    "PoolDeliver",
+    "PoolMoved",
     "PoolSpec",
 ]
 
@@ -77,6 +79,10 @@ Items: TypeAlias = Iterable[Any] | AsyncIterable[Any]
 Deliver: TypeAlias = Callable[[CallRecord[Any]], Awaitable[None] | None]
 #: What a pool's model step calls, given its own handle.
 HandleFor: TypeAlias = Callable[[LLM], LLM]
+# ``await deliver(index, result)``: a pool's input has ended with its FlowResult.
+PoolDeliver: TypeAlias = Callable[[int, Any], Awaitable[None]]
+# ``on_step(index, step, started)``: a pool's input entered or left a step.
+PoolMoved: TypeAlias = Callable[[int, str, bool], None]
 
 
 @dataclass(frozen=True)
@@ -216,12 +222,7 @@ class Backend(Protocol):
         """The run of a ``map`` / ``as_completed`` call (not started yet)."""
         ...
 
-    async def run_pool(
-        self,
-        spec: PoolSpec,
-        deliver: Callable[[int, Any], Awaitable[None]],
-        on_step: Callable[[int, str, bool], None],
-    ) -> None:
+    async def run_pool(self, spec: PoolSpec, deliver: PoolDeliver, on_step: PoolMoved) -> None:
         """Run a pool's inputs; ``await deliver(index, result)`` as each ends and call
         ``on_step(index, step, started)`` as inputs enter and leave steps."""
         ...
