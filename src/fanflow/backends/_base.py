@@ -63,6 +63,7 @@ from ..store import JobStore
 __all__ = [
     "Backend",
     "Deliver",
+    "Enclosing",
     "FirstCheck",
     "HandleFor",
     "Items",
@@ -83,6 +84,29 @@ HandleFor: TypeAlias = Callable[[LLM], LLM]
 PoolDeliver: TypeAlias = Callable[[int, Any], Awaitable[None]]
 # ``on_step(index, step, started)``: a pool's input entered or left a step.
 PoolMoved: TypeAlias = Callable[[int, str, bool], None]
+
+
+@dataclass(frozen=True)
+class Enclosing:
+    """What an enclosing pool, chain or flow gives the steps of a runner
+    (``runner.execute(..., enclosing=)``): each field set overrides the step's own.
+
+    ``store``, ``cache``, ``budget``, ``prices``: those its calls use. ``shared``: the
+    enclosing run, whose timing options (one deadline, one gate) apply to every skill
+    that sets none. ``handle_for``: the handle a model step calls in place of its own (a
+    Pool with ``mode="batch"``: the batching handle).
+    """
+
+    store: JobStore | None = None
+    cache: bool | None = None
+    budget: Budget | None = None
+    prices: Mapping[str, Price] | None = None
+    shared: Run | None = None
+    handle_for: HandleFor | None = None
+
+
+#: The steps' own of everything.
+OWN = Enclosing()
 
 
 @dataclass(frozen=True)
@@ -164,7 +188,7 @@ class PoolSpec:
 
     Attributes:
         runner: what runs one input: ``await runner.execute(item, index=, hooks=,
-            on_step=, store=, cache=, budget=, prices=)`` returns its ``FlowResult``
+            on_step=, enclosing=)`` returns its ``FlowResult``
             (a ``Chain``, a ``Flow``, or a wrapped function; it pickles).
         todo: the inputs to run, as (index, input) pairs.
         max_flows: the most inputs in progress at once (across the whole backend).
@@ -195,6 +219,18 @@ class PoolSpec:
     prices: Mapping[str, Price] | None = None
     shared: Run | None = None
     handle_for: HandleFor | None = None
+
+    def enclosing(self, index: int) -> Enclosing:
+        """What input ``index``'s steps run within (a replayed input is served from the
+        store whatever ``cache`` says)."""
+        return Enclosing(
+            store=self.store,
+            cache=self.cache or self.replay(index),
+            budget=self.budget,
+            prices=self.prices,
+            shared=self.shared,
+            handle_for=self.handle_for,
+        )
 
 
 @runtime_checkable

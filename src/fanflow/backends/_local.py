@@ -352,12 +352,7 @@ class LocalBackend:
                     index=index,
                     hooks=spec.hooks,
                     on_step=moved,
-                    store=spec.store,
-                    cache=spec.cache or spec.replay(index),
-                    budget=spec.budget,
-                    prices=spec.prices,
-                    shared=spec.shared,
-                    handle_for=spec.handle_for,
+                    enclosing=spec.enclosing(index),
                 )
                 await deliver(index, result)
 
