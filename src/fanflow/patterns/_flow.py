@@ -39,7 +39,7 @@ from .._events import Hook, observed
 from .._exceptions import ConfigError, Skipped, StepInputError
 from .._progress import shown
 from .._sync import blocking
-from .._types import CallRecord, Status
+from .._types import CallRecord, Status, elapsed
 from .._util import is_async_callable
 from ..backends._base import OWN, Enclosing
 from ._common import PatternResult, now
@@ -74,9 +74,7 @@ class StepRecord:
 
     @property
     def latency(self) -> float | None:
-        if self.start is None or self.end is None:
-            return None
-        return self.end - self.start
+        return elapsed(self.start, self.end)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
