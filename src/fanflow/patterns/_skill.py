@@ -22,6 +22,7 @@ from .._llm import LLM
 from .._progress import shown
 from .._sync import blocking
 from .._types import CallRecord, Message, Request, Response, Status
+from .._util import given
 from ..backends._base import OWN, Enclosing
 from ..store import ResultStore
 from ._common import check_model
@@ -127,11 +128,9 @@ class Skill:
         self.name = name or " ".join(prompt.split()[:3])
         self.fields = list(parse_template(prompt, f"the prompt of skill {self.name!r}").fields)
         self.validation_retries = validation_retries
-        self.params: dict[str, Any] = {
-            k: v
-            for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
-            if v is not None
-        }
+        self.params: dict[str, Any] = given(
+            temperature=temperature, max_tokens=max_tokens, seed=seed
+        )
         self._parse: Callable[[Response], Any] | None = None
         self._again = "Reply again with the corrected answer only."
         if _is_model(output):
