@@ -29,9 +29,9 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from ._engine import Run, execute
+from ._engine import Run, execute, parsed
 from ._events import CallEnded, emit
-from ._exceptions import ConfigError, ParseError, Skipped
+from ._exceptions import ConfigError, Skipped
 from ._llm import LLM, BaseLLM
 from ._types import CallRecord, Request, Response, Status, Usage
 from .store import ItemRef, JobStore, ResultStore, Sink, sink_for
@@ -98,20 +98,15 @@ def cached_record(
 ) -> CallRecord[T]:
     """The record of a call served from the store: no attempts, no usage, no cost."""
     now = asyncio.get_running_loop().time()
-    status = Status.SUCCEEDED
-    value: Any = response
-    error: BaseException | None = None
-    if parse is not None:
-        try:
-            value = parse(response)
-        except Exception as exc:
-            who = f"item {index}" if index is not None else "the call"
-            status, value = Status.FAILED, None
-            error = ParseError(
-                f"{who}: the stored reply could not be used: {type(exc).__name__}: {exc}; "
-                "fix the parser, or pass cache=False to ask the model again"
-            )
-            error.__cause__ = exc
+    who = f"item {index}" if index is not None else "the call"
+    status, value, error = parsed(
+        response,
+        parse,
+        lambda exc: (
+            f"{who}: the stored reply could not be used: {type(exc).__name__}: {exc}; "
+            "fix the parser, or pass cache=False to ask the model again"
+        ),
+    )
     record: CallRecord[T] = CallRecord(
         status=status,
         request=request,

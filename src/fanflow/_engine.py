@@ -611,24 +611,34 @@ def _hedger(call: _Call[Any]) -> Hedger | None:
     return call.lane.hedger if hedge else None
 
 
+def parsed(
+    response: Response, parse: Callable[[Response], T] | None, problem: Callable[[Exception], str]
+) -> tuple[Status, Any, ParseError | None]:
+    """``parse(response)`` (without ``parse``: the response) and its status; when
+    ``parse`` raises, no value and a ParseError saying ``problem(exc)``."""
+    if parse is None:
+        return Status.SUCCEEDED, response, None
+    try:
+        return Status.SUCCEEDED, parse(response), None
+    except Exception as exc:
+        error = ParseError(problem(exc))
+        error.__cause__ = exc
+        return Status.FAILED, None, error
+
+
 def _succeeded(
     call: _Call[T], start: float, response: Response, parse: Callable[[Response], T] | None
 ) -> CallRecord[T]:
     """The record of a call that got an answer (failed if ``parse`` raises), emitted."""
     end = call.loop.time()
-    status = Status.SUCCEEDED
-    value: Any = response
-    error: BaseException | None = None
-    if parse is not None:
-        try:
-            value = parse(response)
-        except Exception as exc:
-            status, value = Status.FAILED, None
-            error = ParseError(
-                f"{call._who()}: the model answered but its reply could not be used: "
-                f"{type(exc).__name__}: {exc}"
-            )
-            error.__cause__ = exc
+    status, value, error = parsed(
+        response,
+        parse,
+        lambda exc: (
+            f"{call._who()}: the model answered but its reply could not be used: "
+            f"{type(exc).__name__}: {exc}"
+        ),
+    )
     usage = response.usage if response.usage is not None else Usage()
     cost = _cost_of(response, call.request.model, call.opts.prices)
     record: CallRecord[T] = CallRecord(

@@ -257,7 +257,19 @@ class PauseMeter:
             self.until = until
 
 
-class PaceMeter:
+class _Learner:
+    """A meter that learns from outcomes only: it admits every call at once."""
+
+    __slots__ = ()
+
+    def acquire_nowait(self, permit: Permit) -> Permit | None:
+        return permit
+
+    async def acquire(self, permit: Permit) -> Permit:
+        return permit
+
+
+class PaceMeter(_Learner):
     """The delay-based throttle (``Limits.paced``): sends spaced by a delay, longer
     after a 429/529, shorter after a success."""
 
@@ -274,12 +286,6 @@ class PaceMeter:
         self.next = max(t, now) + self.delay
         return t
 
-    def acquire_nowait(self, permit: Permit) -> Permit | None:
-        return permit  # it learns only
-
-    async def acquire(self, permit: Permit) -> Permit:
-        return permit
-
     def release(self, permit: Permit | None, outcome: Outcome | None) -> None:
         if outcome is None:
             return
@@ -290,7 +296,7 @@ class PaceMeter:
             self.delay = min(s.max, self.delay * s.backoff)
 
 
-class AdaptiveMeter:
+class AdaptiveMeter(_Learner):
     """The adaptive concurrency controller (``fanflow.limits.Adaptive``, decision
     0131): it moves the gate's limit, slow start below the level where the server
     last pushed back, a slow probe above it."""
@@ -309,12 +315,6 @@ class AdaptiveMeter:
     def limit(self) -> int | None:
         level = self.level
         return None if level is None else math.ceil(level - 1e-9)
-
-    def acquire_nowait(self, permit: Permit) -> Permit | None:
-        return permit  # it learns only
-
-    async def acquire(self, permit: Permit) -> Permit:
-        return permit
 
     def release(self, permit: Permit | None, outcome: Outcome | None) -> None:
         if outcome is None:

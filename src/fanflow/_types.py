@@ -340,6 +340,13 @@ class _AttemptLike(Protocol):
     def service(self) -> float | None: ...
 
 
+def elapsed(start: float | None, end: float | None) -> float | None:
+    """Seconds from ``start`` to ``end`` (None when either is unknown)."""
+    if start is None or end is None:
+        return None
+    return end - start
+
+
 def work_of(attempts: Iterable[_AttemptLike]) -> float | None:
     """The model's time on a call's attempts: what they would take one after another.
 
@@ -465,9 +472,7 @@ class CallRecord(Generic[T]):
     @property
     def latency(self) -> float | None:
         """Seconds from the call's start to its end: queueing and backoff included."""
-        if self.start is None or self.end is None:
-            return None
-        return self.end - self.start
+        return elapsed(self.start, self.end)
 
     @property
     def busy_time(self) -> float | None:

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["is_async_callable"]
+__all__ = ["given", "is_async_callable"]
 
 
 def is_async_callable(fn: Callable[..., Any]) -> bool:
@@ -19,3 +19,8 @@ def is_async_callable(fn: Callable[..., Any]) -> bool:
         return True
     call = getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None, in order."""
+    return {k: v for k, v in values.items() if v is not None}

@@ -15,7 +15,7 @@ import pickle
 import pytest
 
 import fanflow
-from fanflow.backends import BatchInfo, batch_info
+from fanflow.backends import BatchInfo, Enclosing, batch_info
 from fanflow.errors import BadRequest, ServerError
 from fanflow.testing import SimServer
 
@@ -59,7 +59,7 @@ async def test_a_batched_answer_and_a_batched_failure_carry_batch_info() -> None
 
 async def test_a_skill_calls_the_handle_its_pool_passes_it() -> None:
     """A Pool with mode="batch" gives its steps their batching handle explicitly
-    (``handle_for``); without one a skill calls its own handle."""
+    (``Enclosing.handle_for``); without one a skill calls its own handle."""
     own = fanflow.function(lambda request: "own")
     other = fanflow.function(lambda request: "other")
     skill = fanflow.Skill(own, "say {x}")
@@ -68,7 +68,7 @@ async def test_a_skill_calls_the_handle_its_pool_passes_it() -> None:
         index=None,
         label=None,
         hooks=(),
-        handle_for=lambda llm: other if llm is own else llm,
+        enclosing=Enclosing(handle_for=lambda llm: other if llm is own else llm),
     )
     assert swapped.value == "other"
     plain = await skill.execute({"x": 1}, index=None, label=None, hooks=())

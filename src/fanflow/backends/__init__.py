@@ -23,7 +23,7 @@ from typing import Any as _Any
 
 from .._batchinfo import BatchInfo, batch_info
 from .._engine import CallOptions
-from ._base import Backend, MapRun, MapSpec, PoolSpec
+from ._base import Backend, Enclosing, MapRun, MapSpec, PoolSpec
 from ._batch import BatchOptions
 from ._batchrun import BatchBackend
 from ._config import RayBackend
@@ -35,6 +35,7 @@ __all__ = [
     "BatchInfo",
     "BatchOptions",
     "CallOptions",
+    "Enclosing",
     "LocalBackend",
     "MapRun",
     "MapSpec",

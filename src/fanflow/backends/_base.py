@@ -52,11 +52,14 @@ from ..store import JobStore
 __all__ = [
     "Backend",
     "Deliver",
+    "Enclosing",
     "FirstCheck",
     "HandleFor",
     "Items",
     "MapRun",
     "MapSpec",
+    "PoolDeliver",
+    "PoolMoved",
     "PoolSpec",
 ]
 
@@ -66,6 +69,33 @@ Items: TypeAlias = Iterable[Any] | AsyncIterable[Any]
 Deliver: TypeAlias = Callable[[CallRecord[Any]], Awaitable[None] | None]
 #: What a pool's model step calls, given its own handle.
 HandleFor: TypeAlias = Callable[[LLM], LLM]
+# ``await deliver(index, result)``: a pool's input has ended with its FlowResult.
+PoolDeliver: TypeAlias = Callable[[int, Any], Awaitable[None]]
+# ``on_step(index, step, started)``: a pool's input entered or left a step.
+PoolMoved: TypeAlias = Callable[[int, str, bool], None]
+
+
+@dataclass(frozen=True)
+class Enclosing:
+    """What an enclosing pool, chain or flow gives the steps of a runner
+    (``runner.execute(..., enclosing=)``): each field set overrides the step's own.
+
+    ``store``, ``cache``, ``budget``, ``prices``: those its calls use. ``shared``: the
+    enclosing run, whose timing options (one deadline, one gate) apply to every skill
+    that sets none. ``handle_for``: the handle a model step calls in place of its own (a
+    Pool with ``mode="batch"``: the batching handle).
+    """
+
+    store: JobStore | None = None
+    cache: bool | None = None
+    budget: Budget | None = None
+    prices: Mapping[str, Price] | None = None
+    shared: Run | None = None
+    handle_for: HandleFor | None = None
+
+
+#: The steps' own of everything.
+OWN = Enclosing()
 
 
 @dataclass(frozen=True)
@@ -147,7 +177,7 @@ class PoolSpec:
 
     Attributes:
         runner: what runs one input: ``await runner.execute(item, index=, hooks=,
-            on_step=, store=, cache=, budget=, prices=)`` returns its ``FlowResult``
+            on_step=, enclosing=)`` returns its ``FlowResult``
             (a ``Chain``, a ``Flow``, or a wrapped function; it pickles).
         todo: the inputs to run, as (index, input) pairs.
         max_flows: the most inputs in progress at once (across the whole backend).
@@ -179,6 +209,18 @@ class PoolSpec:
     shared: Run | None = None
     handle_for: HandleFor | None = None
 
+    def enclosing(self, index: int) -> Enclosing:
+        """What input ``index``'s steps run within (a replayed input is served from the
+        store whatever ``cache`` says)."""
+        return Enclosing(
+            store=self.store,
+            cache=self.cache or self.replay(index),
+            budget=self.budget,
+            prices=self.prices,
+            shared=self.shared,
+            handle_for=self.handle_for,
+        )
+
 
 @runtime_checkable
 class MapRun(Protocol):
@@ -205,12 +247,7 @@ class Backend(Protocol):
         """The run of a ``map`` / ``as_completed`` call (not started yet)."""
         ...
 
-    async def run_pool(
-        self,
-        spec: PoolSpec,
-        deliver: Callable[[int, Any], Awaitable[None]],
-        on_step: Callable[[int, str, bool], None],
-    ) -> None:
+    async def run_pool(self, spec: PoolSpec, deliver: PoolDeliver, on_step: PoolMoved) -> None:
         """Run a pool's inputs; ``await deliver(index, result)`` as each ends and call
         ``on_step(index, step, started)`` as inputs enter and leave steps."""
         ...

@@ -38,7 +38,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 from .._batchapi import BatchAPI, BatchLine, BatchState
 from .._batchinfo import batch_extra
@@ -136,6 +136,9 @@ def batch_api_of(llm: LLM, mode: str) -> BatchAPI:
 
 # --------------------------------------------------------------------------- journal
 
+# A batch's answers to commit: (key, custom id or None, response).
+Answered: TypeAlias = list[tuple[str, str | None, Response]]
+
 
 @runtime_checkable
 class Journal(Protocol):
@@ -148,11 +151,7 @@ class Journal(Protocol):
     async def record_batch(self, batch_id: str, provider: str, keys: list[str]) -> None: ...
 
     async def settle_batch(
-        self,
-        batch_id: str,
-        status: str,
-        answered: list[tuple[str, str | None, Response]],
-        unanswered: list[str],
+        self, batch_id: str, status: str, answered: Answered, unanswered: list[str]
     ) -> None: ...
 
 
@@ -174,11 +173,7 @@ class MemoryJournal:
             self.items[key] = (batch_id, "submitted")
 
     async def settle_batch(
-        self,
-        batch_id: str,
-        status: str,
-        answered: list[tuple[str, str | None, Response]],
-        unanswered: list[str],
+        self, batch_id: str, status: str, answered: Answered, unanswered: list[str]
     ) -> None:
         for key, _, response in answered:
             self.answers[key] = response
@@ -764,10 +759,10 @@ def _too_large(provider: str, key: str, size: int, max_bytes: int) -> BatchLine:
 
 def _answered(
     by_key: Mapping[str, BatchLine], known: set[str], unknown: list[str]
-) -> tuple[list[tuple[str, str | None, Response]], list[str]]:
+) -> tuple[Answered, list[str]]:
     """A batch's answers to commit (key, no custom id, response), lines fanflow did not
     send left out, and the keys it sent that got none."""
-    answered: list[tuple[str, str | None, Response]] = [
+    answered: Answered = [
         (k, None, line.response)
         for k, line in by_key.items()
         if line.kind == "succeeded" and line.response is not None and k not in unknown

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +24,7 @@ from .._exceptions import ConfigError
 from .._llm import LLM, BaseLLM
 from .._pricing import Price
 from .._types import CallRecord, Status
-from ._base import Deliver, HandleFor, MapRun, MapSpec, PoolSpec
+from ._base import Deliver, HandleFor, MapRun, MapSpec, PoolDeliver, PoolMoved, PoolSpec
 from ._batch import (
     MODES,
     BatchOptions,
@@ -88,12 +88,7 @@ class BatchBackend:
         self.check(spec.llm, spec.options)
         return _BatchedRun(self, spec, deliver)
 
-    async def run_pool(
-        self,
-        spec: PoolSpec,
-        deliver: Callable[[int, Any], Awaitable[None]],
-        on_step: Callable[[int, str, bool], None],
-    ) -> None:
+    async def run_pool(self, spec: PoolSpec, deliver: PoolDeliver, on_step: PoolMoved) -> None:
         if self.mode != "batch":
             raise ConfigError("mode='auto' is for map and as_completed; use mode='batch' in a Pool")
         async with pool_batching(spec.store, self.options, spec.prices) as handle_for:

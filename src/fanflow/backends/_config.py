@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import ConfigError
-from ._base import Backend, Deliver, MapRun, MapSpec, PoolSpec
+from ._base import Backend, Deliver, MapRun, MapSpec, PoolDeliver, PoolMoved, PoolSpec
 from ._local import LOCAL
 
 __all__ = ["RayBackend", "resolve_backend"]
@@ -67,12 +66,7 @@ class RayBackend:
 
         return RayMapRun(self, spec, deliver)
 
-    async def run_pool(
-        self,
-        spec: PoolSpec,
-        deliver: Callable[[int, Any], Awaitable[None]],
-        on_step: Callable[[int, str, bool], None],
-    ) -> None:
+    async def run_pool(self, spec: PoolSpec, deliver: PoolDeliver, on_step: PoolMoved) -> None:
         from ._ray import run_pool_on_ray
 
         await run_pool_on_ray(self, spec, deliver, on_step)

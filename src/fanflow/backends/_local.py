@@ -29,7 +29,7 @@ from .._limits import DEFAULT_CONCURRENCY
 from .._llm import LLM, BaseLLM
 from .._promptcache import PREFILLED
 from .._types import CallRecord, Request, Response, Status
-from ._base import Deliver, FirstCheck, Items, MapSpec, PoolSpec
+from ._base import Deliver, FirstCheck, Items, MapSpec, PoolDeliver, PoolMoved, PoolSpec
 
 __all__ = [
     "LOCAL",
@@ -337,12 +337,7 @@ class LocalBackend:
             prime=spec.prime,
         )
 
-    async def run_pool(
-        self,
-        spec: PoolSpec,
-        deliver: Callable[[int, Any], Awaitable[None]],
-        on_step: Callable[[int, str, bool], None],
-    ) -> None:
+    async def run_pool(self, spec: PoolSpec, deliver: PoolDeliver, on_step: PoolMoved) -> None:
         queue = iter(spec.todo)
 
         async def worker() -> None:
@@ -356,12 +351,7 @@ class LocalBackend:
                     index=index,
                     hooks=spec.hooks,
                     on_step=moved,
-                    store=spec.store,
-                    cache=spec.cache or spec.replay(index),
-                    budget=spec.budget,
-                    prices=spec.prices,
-                    shared=spec.shared,
-                    handle_for=spec.handle_for,
+                    enclosing=spec.enclosing(index),
                 )
                 await deliver(index, result)
 

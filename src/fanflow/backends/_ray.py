@@ -41,7 +41,7 @@ from .._budget import Budget, as_budget
 from .._events import INSTALLED, Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError
 from .._types import Status
-from ._base import Deliver, MapSpec, PoolSpec
+from ._base import Deliver, MapSpec, PoolDeliver, PoolMoved, PoolSpec
 from ._limiter import spec_of
 from ._local import FailFast, Source, crew_size
 
@@ -481,10 +481,7 @@ class RayMapRun:
 
 
 async def run_pool_on_ray(
-    backend: RayBackend,
-    spec: PoolSpec,
-    deliver: Callable[[int, Any], Awaitable[None]],
-    on_step: Callable[[int, str, bool], None],
+    backend: RayBackend, spec: PoolSpec, deliver: PoolDeliver, on_step: PoolMoved
 ) -> None:
     """Run a pool's inputs on Ray; ``await deliver(index, FlowResult)`` as each ends;
     ``on_step(index, step, started)`` as the workers move inputs through steps."""

@@ -31,6 +31,7 @@ from .._llm import LLM, BaseLLM, set_lane_factory
 from .._router import set_health_board
 from .._types import CallRecord, Request, Response
 from ..store import JobStore
+from ._base import Enclosing
 from ._health import BrokerHealth, HealthTable
 from ._limiter import (
     BudgetSpec,
@@ -471,11 +472,13 @@ class PoolWork(Work):
             index=index,
             hooks=hooks,
             on_step=on_step,
-            store=self.store,
-            cache=self.cache or bool(prior),
-            budget=self.cap,
-            prices=self.prices,
-            shared=self.shared,
+            enclosing=Enclosing(
+                store=self.store,
+                cache=self.cache or bool(prior),
+                budget=self.cap,
+                prices=self.prices,
+                shared=self.shared,
+            ),
         )
 
     async def start(self, window: int, budget: Budget | None) -> None:

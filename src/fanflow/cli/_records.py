@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from .._exceptions import ConfigError
 from .._progress import _is_429
-from .._types import CallRecord, work_of
+from .._types import CallRecord, elapsed, work_of
 from ..store._lock import job_file_stem
 from ._settings import for_cli
 
@@ -271,9 +271,7 @@ class CallRow:
 
     @property
     def latency(self) -> float | None:
-        if self.start is None or self.end is None:
-            return None
-        return self.end - self.start
+        return elapsed(self.start, self.end)
 
     @property
     def note(self) -> str | None:

@@ -11,6 +11,7 @@ from .._llm import LLM, BaseLLM
 from .._pricing import price_of
 from .._tokens import request_tokens
 from .._types import Request
+from .._util import given
 from ._options import Options, resolve
 from ._priming import PRIME_MIN_ITEMS, cache_provider, prefix_of
 from ._prompt import Prompt, build_request
@@ -96,11 +97,7 @@ def estimate(
         TemplateError: an item lacks a field the prompt needs (as ``map`` would record).
     """
     prices = resolve("estimate", options).call.prices
-    params = {
-        k: v
-        for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
-        if v is not None
-    }
+    params = given(temperature=temperature, max_tokens=max_tokens, seed=seed)
     routed = isinstance(llm, BaseLLM) and llm.routed
     tally = _Tally()
     planner = Planner()

@@ -32,20 +32,16 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias, Unpack
 
-from .._budget import Budget
-from .._engine import Run
 from .._events import Hook, observed
 from .._exceptions import ConfigError, Skipped, StepInputError
-from .._pricing import Price
 from .._progress import shown
 from .._sync import blocking
-from .._types import CallRecord, Status
+from .._types import CallRecord, Status, elapsed
 from .._util import is_async_callable
-from ..backends._base import HandleFor
-from ..store import Store
+from ..backends._base import OWN, Enclosing
 from ._common import PatternResult, now
 from ._options import Options, Resolved, option_attributes, resolve
 from ._skill import Skill
@@ -78,9 +74,7 @@ class StepRecord:
 
     @property
     def latency(self) -> float | None:
-        if self.start is None or self.end is None:
-            return None
-        return self.end - self.start
+        return elapsed(self.start, self.end)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -200,12 +194,7 @@ class Step:
         *,
         index: int | None,
         hooks: Sequence[Hook],
-        store: Store | None = None,
-        cache: bool | None = None,
-        budget: Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
-        shared: Run | None = None,
-        handle_for: HandleFor | None = None,
+        enclosing: Enclosing = OWN,
     ) -> StepRecord:
         start = now()
         args = self.arguments(context)
@@ -213,30 +202,11 @@ class Step:
         calls: tuple[CallRecord[Any], ...] = ()
         if isinstance(runner, Skill):
             got = await runner.execute(
-                args,
-                index=index,
-                label=self.name,
-                hooks=hooks,
-                store=store,
-                cache=cache,
-                budget=budget,
-                prices=prices,
-                shared=shared,
-                handle_for=handle_for,
+                args, index=index, label=self.name, hooks=hooks, enclosing=enclosing
             )
             status, value, error, calls = got.status, got.value, got.error, got.calls
         elif isinstance(runner, Chain | Flow):
-            sub = await runner.execute(
-                args,
-                index=index,
-                hooks=hooks,
-                store=store,
-                cache=cache,
-                budget=budget,
-                prices=prices,
-                shared=shared,
-                handle_for=handle_for,
-            )
+            sub = await runner.execute(args, index=index, hooks=hooks, enclosing=enclosing)
             status, value, error, calls = sub.status, sub.output, sub.error, sub.records
         else:
             try:
@@ -320,30 +290,29 @@ class _Graph:
         index: int | None,
         hooks: Sequence[Hook],
         on_step: OnStep | None = None,
-        store: Store | None = None,
-        cache: bool | None = None,
-        budget: Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
-        shared: Run | None = None,
-        handle_for: HandleFor | None = None,
+        enclosing: Enclosing = OWN,
     ) -> FlowResult:
         """Run the steps over ``inputs``.
 
-        ``store``/``cache``/``budget``/``prices`` (an enclosing pool's or flow's) apply
-        to its skills, else the graph's own; without ``budget``, the graph's own (a
-        number: a new cap for this run) caps every step. The graph's timing options
-        (its own, else ``shared``'s) apply to every skill that sets none: one deadline
-        and one concurrency gate for the whole run.
+        ``enclosing``'s ``store``/``cache``/``budget``/``prices`` (an enclosing pool's or
+        flow's) apply to its skills, else the graph's own; without ``budget``, the
+        graph's own (a number: a new cap for this run) caps every step. The graph's
+        timing options (its own, else ``enclosing.shared``'s) apply to every skill that
+        sets none: one deadline and one concurrency gate for the whole run.
         """
         started = now()
-        own = self.options
+        own, outer = self.options, enclosing
         run = own.run()
-        cap = budget if budget is not None else run.budget
-        prices = prices if prices is not None else own.call.prices
-        store = store if store is not None else own.store
-        cache = cache if cache is not None else (own.cache if "cache" in own.given else None)
+        given_cache = own.cache if "cache" in own.given else None
+        steps_within = replace(
+            outer,
+            budget=outer.budget if outer.budget is not None else run.budget,
+            prices=outer.prices if outer.prices is not None else own.call.prices,
+            store=outer.store if outer.store is not None else own.store,
+            cache=outer.cache if outer.cache is not None else given_cache,
+            shared=run.within(outer.shared, own.given),
+        )
         hooks = (*hooks, *own.call.hooks)
-        shared = run.within(shared, own.given)
         context = dict(inputs)
         problem = self.check(context.keys(), index)
         if problem is not None:
@@ -363,17 +332,7 @@ class _Graph:
         def launch(i: int) -> None:
             if on_step is not None:
                 on_step(self.steps[i].name, True)
-            step = self.steps[i].execute(
-                context,
-                index=index,
-                hooks=hooks,
-                store=store,
-                cache=cache,
-                budget=cap,
-                prices=prices,
-                shared=shared,
-                handle_for=handle_for,
-            )
+            step = self.steps[i].execute(context, index=index, hooks=hooks, enclosing=steps_within)
             running[loop.create_task(step)] = i
 
         def start_ready() -> None:

@@ -23,6 +23,7 @@ from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM
 from .._progress import Tracker, displaying, size_of, with_progress
 from .._types import BatchResult, CallRecord, Request, Response
+from .._util import given
 from ..backends._base import Backend, Deliver, FirstCheck, Items, MapRun, MapSpec
 from ..backends._batch import BatchOptions, Mode
 from ..backends._batchrun import batch_backend
@@ -151,7 +152,7 @@ def _spec(
     prompt, items = _requests_or_items(name, prompt, items, system)
     if isinstance(prompt, str):
         parse_template(prompt)  # a bad template fails here, before any call
-    params = _params(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    params = given(temperature=temperature, max_tokens=max_tokens, seed=seed)
     build = _Template(prompt, system, params)
     return MapSpec(
         llm=llm,
@@ -165,10 +166,6 @@ def _spec(
         check_first=_first_check(prompt),
         prime=_priming(llm, build, prime, name),
     )
-
-
-def _params(**kwargs: Any) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 @with_progress

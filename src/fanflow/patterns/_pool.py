@@ -20,20 +20,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Unpack
 
-from .._budget import Budget
 from .._durable import Durability
-from .._engine import Run
 from .._events import Hook, observed
 from .._exceptions import ConfigError, StepInputError
-from .._pricing import Price
 from .._progress import with_progress
 from .._sync import blocking
 from .._types import CallRecord, Status
-from ..backends._base import Backend, HandleFor, PoolSpec
+from ..backends._base import OWN, Backend, Enclosing, PoolSpec
 from ..backends._batch import BatchOptions
 from ..backends._batchrun import BatchBackend, check_pool_mode
 from ..backends._config import resolve_backend
-from ..store import Store
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, FlowResult, Step
 from ._options import Options, option_attributes, resolve
@@ -200,24 +196,14 @@ class _Single:
         index: int | None,
         hooks: Sequence[Hook],
         on_step: Callable[[str, bool], None] | None = None,
-        store: Store | None = None,
-        cache: bool | None = None,
-        budget: Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
-        shared: Run | None = None,
-        handle_for: HandleFor | None = None,
+        enclosing: Enclosing = OWN,
     ) -> FlowResult:
         return await self.chain.execute(
             inputs,
             index=index,
             hooks=hooks,
             on_step=on_step,
-            store=store,
-            cache=cache,
-            budget=budget,
-            prices=prices,
-            shared=shared,
-            handle_for=handle_for,
+            enclosing=enclosing,
         )
 
 

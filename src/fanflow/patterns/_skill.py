@@ -14,18 +14,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Unpack
 
-from .._budget import Budget
 from .._durable import execute_stored
 from .._engine import Run
 from .._events import Hook
 from .._exceptions import ConfigError, ParseError
 from .._llm import LLM
-from .._pricing import Price
 from .._progress import shown
 from .._sync import blocking
 from .._types import CallRecord, Message, Request, Response, Status
-from ..backends._base import HandleFor
-from ..store import Store
+from .._util import given
+from ..backends._base import OWN, Enclosing
+from ..store import ResultStore
 from ._common import check_model
 from ._options import Options, option_attributes, resolve
 from ._parsing import find_json
@@ -129,11 +128,9 @@ class Skill:
         self.name = name or " ".join(prompt.split()[:3])
         self.fields = list(parse_template(prompt, f"the prompt of skill {self.name!r}").fields)
         self.validation_retries = validation_retries
-        self.params: dict[str, Any] = {
-            k: v
-            for k, v in (("temperature", temperature), ("max_tokens", max_tokens), ("seed", seed))
-            if v is not None
-        }
+        self.params: dict[str, Any] = given(
+            temperature=temperature, max_tokens=max_tokens, seed=seed
+        )
         self._parse: Callable[[Response], Any] | None = None
         self._again = "Reply again with the corrected answer only."
         if _is_model(output):
@@ -186,20 +183,10 @@ class Skill:
         index: int | None,
         label: str | None,
         hooks: Sequence[Hook],
-        store: Store | None = None,
-        cache: bool | None = None,
-        budget: Budget | None = None,
-        prices: Mapping[str, Price] | None = None,
-        shared: Run | None = None,
-        handle_for: HandleFor | None = None,
+        enclosing: Enclosing = OWN,
     ) -> SkillResult:
-        """Run once on ``inputs`` (used by chains, flows and pools).
-
-        ``store``, ``cache``, ``budget`` and ``prices`` (a pool's, chain's or flow's)
-        override the skill's own when given; ``shared`` (the enclosing run's engine
-        options) gives the timing options the skill does not set; ``handle_for`` (a
-        Pool's with ``mode="batch"``) gives the handle to call in place of ``self.llm``.
-        """
+        """Run once on ``inputs`` (used by chains, flows and pools), within what
+        ``enclosing`` (a pool's, chain's or flow's) sets in place of the skill's own."""
         try:
             prompt = render(self.prompt, inputs, index)
         except Exception as exc:
@@ -207,18 +194,18 @@ class Skill:
         metadata = {"pattern": "skill", "skill": self.name}
         metadata.update(constant_metadata(self.prompt, self.system))  # for prompt caches
         request = Request.of(prompt, system=self.system, metadata=metadata, **self.params)
-        own = self.options
-        llm = handle_for(self.llm) if handle_for is not None else self.llm
+        own, outer = self.options, enclosing
+        llm = outer.handle_for(self.llm) if outer.handle_for is not None else self.llm
         call = replace(
             own.call,
             hooks=own.call.hooks + tuple(hooks),
-            prices=prices if prices is not None else own.call.prices,
+            prices=outer.prices if outer.prices is not None else own.call.prices,
         )
-        opts = call.start(budget=budget).within(shared, own.given)
+        opts = call.start(budget=outer.budget).within(outer.shared, own.given)
         if llm is not self.llm:  # a batched attempt waits for its batch: no attempt timeout
             opts = replace(opts, timeout=None)
-        store = store if store is not None else own.store
-        reuse = cache if cache is not None else own.cache
+        store = outer.store if outer.store is not None else own.store
+        reuse = outer.cache if outer.cache is not None else own.cache
         async with primed_step(self, llm, self.system, self.prompt):
             return await self._calls(llm, request, opts, store, reuse, index, label)
 
@@ -227,7 +214,7 @@ class Skill:
         llm: LLM,
         request: Request,
         opts: Run,
-        store: Store | None,
+        store: ResultStore | None,
         reuse: bool,
         index: int | None,
         label: str | None,

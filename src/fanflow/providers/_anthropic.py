@@ -9,21 +9,21 @@ are not sent.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
-import os
 from collections.abc import AsyncIterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from .._exceptions import ConfigError, ContentFiltered
+from .._exceptions import ContentFiltered
 from .._limits import Limits
 from .._promptcache import CONSTANT_CHARS, minimum_tokens
 from .._retry import RetryPolicy
 from .._tokens import estimate_tokens
 from .._transport import Transport
 from .._types import RateLimitState, Request, Response, Usage
+from .._util import given
 from ._batchapi import AnthropicBatches, BatchAPI
-from ._http import HttpLLM, StreamText, protocol_error, wall_clock
+from ._http import HttpLLM, StreamText, endpoint, protocol_error, wall_clock
 from ._ratelimit import parse_anthropic
 from ._written import check_translatable
 
@@ -163,16 +163,9 @@ class AnthropicLLM(HttpLLM):
                     raise self.fail(529 if _overloaded(event) else 500, {}, data, None)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise protocol_error("anthropic", f"bad stream event: {type(exc).__name__}") from None
-        end = asyncio.get_running_loop().time()
         _check_refusal(stop)
-        return Response(
-            stream.text,
-            usage=usage_of(counts),
-            model=model,
-            finish_reason=stop,
-            latency=end - start,
-            time_to_first_token=stream.first,
-            rate_limit=self.rate_limits(headers, end),
+        return stream.reply(
+            usage_of(counts), model, stop, functools.partial(self.rate_limits, headers)
         )
 
 
@@ -294,23 +287,8 @@ def anthropic(
     Raises:
         ConfigError: no API key for Anthropic's own endpoint.
     """
-    base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
-    key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
-    if not key and base.rstrip("/").removesuffix("/v1") == DEFAULT_BASE_URL:
-        raise ConfigError(
-            "no Anthropic API key: pass api_key= or set ANTHROPIC_API_KEY "
-            "(or point base_url= at a server that needs none)"
-        )
-    defaults = {
-        k: v
-        for k, v in {
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "stop": stop,
-            "top_p": top_p,
-        }.items()
-        if v is not None
-    }
+    base, key = endpoint("Anthropic", "ANTHROPIC", base_url, api_key, DEFAULT_BASE_URL, "/v1")
+    defaults = given(temperature=temperature, max_tokens=max_tokens, stop=stop, top_p=top_p)
     return AnthropicLLM(
         model,
         base_url=base,

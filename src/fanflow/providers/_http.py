@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import os
 import time
 import weakref
 from abc import abstractmethod
@@ -37,6 +38,7 @@ from .._exceptions import (
     RETRYABLE,
     AuthenticationError,
     BadRequest,
+    ConfigError,
     ContentFiltered,
     NotFound,
     Overloaded,
@@ -54,7 +56,7 @@ from .._llm import BaseLLM
 from .._promptcache import PREFILLED
 from .._retry import RetryPolicy
 from .._transport import HttpReply, HttpRequest, Transport
-from .._types import RateLimitState, Request, Response
+from .._types import RateLimitState, Request, Response, Usage
 from .._version import __version__
 from ._openfiles import connection_cap, is_out_of_files, open_file_limits
 from ._ratelimit import parse_retry_after, wait_from_state
@@ -273,6 +275,22 @@ def protocol_error(provider: str, what: str) -> ProtocolError:
     return ProtocolError(f"{provider}: the reply was not the expected JSON ({what}); {RETRYABLE}")
 
 
+def endpoint(
+    api: str, env: str, base_url: str | None, api_key: str | None, hosted: str, suffix: str = ""
+) -> tuple[str, str | None]:
+    """A handle's base URL and key: the arguments, else ``$<env>_BASE_URL`` (else
+    ``hosted``) and ``$<env>_API_KEY``. ConfigError when the base URL (less a trailing
+    ``suffix``) is ``hosted`` and no key is given."""
+    base = base_url or os.environ.get(f"{env}_BASE_URL") or hosted
+    key = api_key if api_key is not None else os.environ.get(f"{env}_API_KEY")
+    if not key and base.rstrip("/").removesuffix(suffix) == hosted:
+        raise ConfigError(
+            f"no {api} API key: pass api_key= or set {env}_API_KEY "
+            "(or point base_url= at a server that needs none)"
+        )
+    return base, key
+
+
 def normalise_url(url: str) -> str:
     """``url`` as an endpoint's identity: scheme and host in lower case, no default port,
     no trailing slash, and nothing that may hold a secret (user info, query, fragment)."""
@@ -327,6 +345,26 @@ class StreamText:
     @property
     def text(self) -> str:
         return "".join(self._parts)
+
+    def reply(
+        self,
+        usage: Usage,
+        model: str | None,
+        finish_reason: str | None,
+        rate_limit: Callable[[float], RateLimitState | None],
+    ) -> Response:
+        """The whole reply, now that the stream has ended; ``rate_limit(end)`` reads the
+        reply's headers as of the end."""
+        end = self._loop.time()
+        return Response(
+            self.text,
+            usage=usage,
+            model=model,
+            finish_reason=finish_reason,
+            latency=end - self._start,
+            time_to_first_token=self.first,
+            rate_limit=rate_limit(end),
+        )
 
 
 class _Sessions:

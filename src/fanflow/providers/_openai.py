@@ -6,10 +6,9 @@ Response. Connections, errors and secrets are in ``_http.py``.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import math
-import os
 import urllib.parse
 from collections.abc import AsyncIterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -20,8 +19,9 @@ from .._promptcache import TEMPLATE_KEY
 from .._retry import RetryPolicy
 from .._transport import Transport
 from .._types import RateLimitState, Request, Response, Usage
+from .._util import given
 from ._batchapi import BatchAPI, OpenAIBatches
-from ._http import HttpLLM, StreamText, protocol_error
+from ._http import HttpLLM, StreamText, endpoint, protocol_error
 from ._ratelimit import parse_openai
 
 __all__ = ["OpenAILLM", "openai"]
@@ -193,17 +193,8 @@ class OpenAILLM(HttpLLM):
                     tokens = _usage(usage)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise protocol_error("openai", f"bad stream event: {type(exc).__name__}") from None
-        end = asyncio.get_running_loop().time()
         _check_filter(finish)
-        return Response(
-            stream.text,
-            usage=tokens,
-            model=model,
-            finish_reason=finish,
-            latency=end - start,
-            time_to_first_token=stream.first,
-            rate_limit=parse_openai(headers, end),
-        )
+        return stream.reply(tokens, model, finish, functools.partial(parse_openai, headers))
 
 
 def _usage(usage: Mapping[str, Any]) -> Usage:
@@ -288,25 +279,15 @@ def openai(
     Raises:
         ConfigError: no API key for OpenAI's own endpoint, or an invalid option.
     """
-    base = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-    key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-    if not key and base.rstrip("/") == DEFAULT_BASE_URL:
-        raise ConfigError(
-            "no OpenAI API key: pass api_key= or set OPENAI_API_KEY "
-            "(or point base_url= at a server that needs none)"
-        )
-    defaults = {
-        k: v
-        for k, v in {
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "seed": seed,
-            "stop": stop,
-            "top_p": top_p,
-            "response_format": response_format,
-        }.items()
-        if v is not None
-    }
+    base, key = endpoint("OpenAI", "OPENAI", base_url, api_key, DEFAULT_BASE_URL)
+    defaults = given(
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=stop,
+        top_p=top_p,
+        response_format=response_format,
+    )
     return OpenAILLM(
         model,
         base_url=base,
