@@ -593,8 +593,6 @@ class Lane:
         for meter in self._learn:
             meter.release(None, outcome)
 
-    _overloaded = overloaded  # the name before the meters (kept for one release)
-
     @property
     def accepted_in_flight(self) -> bool:
         """Whether a call in flight when the server first refused (with no success

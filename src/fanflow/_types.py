@@ -494,7 +494,7 @@ class CallRecord(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """Totals over a batch.
+    """Totals over a map's items.
 
     ``batched`` counts items answered by a provider batch, ``realtime`` items answered
     by real-time calls (cache hits are neither); ``saved`` is what the batch price saved
@@ -502,10 +502,10 @@ class Summary:
     unknown). ``cache_saved`` is what the provider's prompt cache saved against the same
     tokens uncached (None: no call read or wrote the cache, or no price; negative when
     cache writes cost more than reads saved); ``cost_estimated``: a cache price was
-    unknown and ``cost`` is an upper bound.
-    unknown). ``answered_by`` counts the items each deployment of a router (or tier of
-    a cascade) answered, by name; ``cascade_saved`` is what a cascade saved against
-    sending every item to its last tier (None: no cascade, or a price is unknown).
+    unknown and ``cost`` is an upper bound. ``answered_by`` counts the items each
+    deployment of a router (or tier of a cascade) answered, by name; ``cascade_saved``
+    is what a cascade saved against sending every item to its last tier (None: no
+    cascade, or a price is unknown).
     """
 
     items: int

@@ -132,7 +132,7 @@ class MapSpec:
         prime: whether to prime the map, decided from its first ``prime.count`` items
             before any call: the first item is sent alone and the others wait until it
             is done, so that they read the prefix it put in the provider's prompt
-            cache (None: never; the local backend honours it, others may not).
+            cache (None: never; the local and Ray backends honour it).
     """
 
     llm: LLM
