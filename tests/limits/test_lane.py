@@ -10,6 +10,7 @@ import pytest
 
 import fanflow
 from fanflow import Limits, Request, Response, RetryPolicy, Usage
+from fanflow.results import RateLimitState
 from fanflow.testing import Fault, ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -157,18 +158,6 @@ async def test_cancelling_a_waiter_gives_back_its_reservation(looptime: float) -
 
 
 @dataclass(frozen=True)
-class _State:
-    """A stand-in for the providers' RateLimitState (same attribute names)."""
-
-    requests_limit: int | None = None
-    requests_remaining: int | None = None
-    requests_reset: float | None = None
-    tokens_limit: int | None = None
-    tokens_remaining: int | None = None
-    tokens_reset: float | None = None
-
-
-@dataclass(frozen=True)
 class _Reply(Response):
     rate_limit: Any = None
 
@@ -178,7 +167,7 @@ async def test_headers_with_nothing_remaining_hold_sends_until_it_refills(
 ) -> None:
     def reply(request: Request) -> Response:
         # Full again in 8 s: 8 requests refill at 1 per second.
-        state = _State(requests_limit=8, requests_remaining=0, requests_reset=8.0)
+        state = RateLimitState(requests_limit=8, requests_remaining=0, requests_reset=8.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     # The headers count at the request's arrival: with no latency the reply says
@@ -192,7 +181,7 @@ async def test_headers_with_nothing_remaining_hold_sends_until_it_refills(
 
 async def test_headers_count_the_refill_since_the_request_arrived(looptime: float) -> None:
     def reply(request: Request) -> Response:
-        state = _State(requests_limit=8, requests_remaining=0, requests_reset=8.0)
+        state = RateLimitState(requests_limit=8, requests_remaining=0, requests_reset=8.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     # "Nothing left" was counted when the request arrived, 1 s before the reply: 0.99
@@ -205,7 +194,7 @@ async def test_headers_count_the_refill_since_the_request_arrived(looptime: floa
 
 async def test_headers_without_a_limit_hold_until_the_reset(looptime: float) -> None:
     def reply(request: Request) -> Response:
-        state = _State(requests_remaining=0, requests_reset=7.0)
+        state = RateLimitState(requests_remaining=0, requests_reset=7.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     llm = ScriptedLLM(reply, latency=1.0, limits=Limits(concurrency=1))
@@ -218,7 +207,7 @@ async def test_headers_with_little_remaining_send_what_is_left_without_a_margin(
 ) -> None:
     def reply(request: Request) -> Response:
         # 5 of 100 left, full in 19 s: refilling at 5 per second.
-        state = _State(requests_limit=100, requests_remaining=5, requests_reset=19.0)
+        state = RateLimitState(requests_limit=100, requests_remaining=5, requests_reset=19.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     llm = ScriptedLLM(reply, latency=0.0, limits=Limits(concurrency=1))
@@ -289,7 +278,7 @@ def test_limits_validate_with_the_fix_in_the_message() -> None:
 
 async def test_headers_with_too_few_tokens_left_hold_until_the_reset(looptime: float) -> None:
     def reply(request: Request) -> Response:
-        state = _State(tokens_remaining=20, tokens_reset=3.0)
+        state = RateLimitState(tokens_remaining=20, tokens_reset=3.0)
         return _Reply("ok", usage=Usage(5, 5), rate_limit=state)
 
     # Metered: each call reserves 7 + 50 = 57 tokens, more than the 20 remaining.

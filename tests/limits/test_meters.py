@@ -29,6 +29,7 @@ from fanflow._rate import Credit
 from fanflow._steer import HeaderMeter, SteerMeter
 from fanflow.errors import RateLimited
 from fanflow.limits import Adaptive, Pacing
+from fanflow.results import RateLimitState
 from fanflow.testing import ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -46,16 +47,6 @@ def _ok(start: float = 0.0, sent: int = 1, usage: Usage | None = None) -> Outcom
 def _refused(start: float = 0.0, sent: int = 1, retry_after: float | None = None) -> Outcome:
     error = RateLimited("429", status_code=429, retry_after=retry_after)
     return Outcome(start, _now(), None, error, sent)
-
-
-@dataclass(frozen=True)
-class _State:
-    requests_limit: int | None = None
-    requests_remaining: int | None = None
-    requests_reset: float | None = None
-    tokens_limit: int | None = None
-    tokens_remaining: int | None = None
-    tokens_reset: float | None = None
 
 
 async def test_the_gate_meter_holds_one_slot_per_call(looptime: float) -> None:
@@ -189,7 +180,7 @@ def _headers(tokens_governed: bool = False) -> tuple[HeaderMeter, PauseMeter]:
 async def test_headers_with_a_rate_make_a_request_credit(looptime: float) -> None:
     headers, pause = _headers()
     # 0 of 8 left, full in 8 s: (8 - 0 - 0.08) / 8 per second, and a hold for one.
-    headers.observe(_State(8, 0, 8.0), start=0.0, now=0.0, others=0)
+    headers.observe(RateLimitState(8, 0, 8.0), start=0.0, now=0.0, others=0)
     assert headers.requests.rate == pytest.approx(7.92 / 8)
     assert headers.requests.left(0.0) == 0.0
     assert pause.until == pytest.approx(8 / 7.92)
@@ -197,13 +188,13 @@ async def test_headers_with_a_rate_make_a_request_credit(looptime: float) -> Non
 
 async def test_headers_without_a_limit_hold_until_the_reset(looptime: float) -> None:
     headers, pause = _headers()
-    headers.observe(_State(requests_remaining=0, requests_reset=7.0), 1.0, 1.0, 0)
+    headers.observe(RateLimitState(requests_remaining=0, requests_reset=7.0), 1.0, 1.0, 0)
     assert not headers.requests.live
     assert pause.until == 8.0
 
 
 async def test_token_headers_make_a_credit_only_for_a_tpm_bucket(looptime: float) -> None:
-    state = _State(tokens_limit=1000, tokens_remaining=0, tokens_reset=10.0)
+    state = RateLimitState(tokens_limit=1000, tokens_remaining=0, tokens_reset=10.0)
     governed, held = _headers(tokens_governed=True)
     governed.observe(state, 0.0, 0.0, 0)
     assert governed.tokens.live
@@ -216,7 +207,7 @@ async def test_token_headers_make_a_credit_only_for_a_tpm_bucket(looptime: float
 
 async def test_the_steer_meter_takes_one_request_of_the_credit(looptime: float) -> None:
     headers, pause = _headers()
-    headers.observe(_State(100, 1, 19.0), 0.0, 0.0, 0)  # 1 left, (100 - 1 - 1) / 19 per s
+    headers.observe(RateLimitState(100, 1, 19.0), 0.0, 0.0, 0)  # 1 left, (100 - 1 - 1) / 19 per s
     steer = SteerMeter(pause, None, headers.requests, Turn(simple=False))
     await steer.acquire(Permit(0, 0, []))
     assert looptime == 0.0
@@ -273,11 +264,11 @@ async def test_token_headers_near_empty_hold_only_when_too_few_are_left(
 ) -> None:
     @dataclass(frozen=True)
     class _Reply(Response):
-        rate_limit: _State | None = None
+        rate_limit: RateLimitState | None = None
 
     def reply(request: Request) -> Response:
         # 50 of 1,000 tokens left (5%), refilling at (1000 - 50 - 1) / 10 per second.
-        state = _State(tokens_limit=1000, tokens_remaining=50, tokens_reset=10.0)
+        state = RateLimitState(tokens_limit=1000, tokens_remaining=50, tokens_reset=10.0)
         return _Reply("ok", usage=Usage(1, 1), rate_limit=state)
 
     # One law (decision 0230): enough is left for the next send, so it goes; the
