@@ -7,10 +7,12 @@ Retry-After waits are exact and instant.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import pickle
 import socket
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -365,6 +367,23 @@ async def test_a_handle_never_closed_is_closed_with_its_loop(server: SimServer) 
     # ends, so filterwarnings=error sees no "Unclosed client session".
     llm = make_openai(server)
     assert (await fanflow.call(llm, "left open")).text == "echo: left open"
+
+
+async def test_a_handle_dropped_mid_run_leaves_nothing_for_the_collector(server: SimServer) -> None:
+    # A handle dropped without aclose() while its loop runs on: the garbage collector
+    # must find no open session to finalise (aiohttp would warn "Unclosed connector",
+    # an error here) and the loop no task left closing it. The next session opened on
+    # the loop closes the dropped one's first.
+    dropped = make_openai(server)
+    assert (await fanflow.call(dropped, "dropped")).text == "echo: dropped"
+    session = weakref.ref(await dropped.transport.session())
+    del dropped
+    gc.collect()
+    kept = session()
+    assert kept is not None and not kept.closed  # kept, not finalised by the collector
+    async with make_openai(server) as later:
+        assert (await fanflow.call(later, "later")).text == "echo: later"
+    assert kept.closed
 
 
 def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:

@@ -9,8 +9,8 @@ An adapter (``_openai.py``, ``_anthropic.py``) only translates between a
   loop** (``fanflow.run`` may run work on a fresh loop in another thread, and a session
   belongs to the loop that made it),
   with a keep-alive pool that does not cap concurrency (admission is the engine's job).
-  A session is closed by :meth:`HttpLLM.aclose`, or when its loop shuts down: it is
-  held by an async generator, which ``asyncio.run`` closes in ``shutdown_asyncgens``.
+  A session is closed by :meth:`HttpLLM.aclose`, or when its loop shuts down, and a
+  handle dropped without closing leaves nothing to the garbage collector (``_sessions``).
 - Every failure becomes a classified :class:`fanflow.errors.ProviderError` (docs/architecture.md,
   "Core types"): status, the server's own message, ``retry_after`` and the rate-limit
   headers.
@@ -20,12 +20,10 @@ An adapter (``_openai.py``, ``_anthropic.py``) only translates between a
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import json
 import os
 import time
-import weakref
 from abc import abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar
@@ -60,6 +58,7 @@ from .._types import RateLimitState, Request, Response, Usage
 from .._version import __version__
 from ._openfiles import connection_cap, is_out_of_files, open_file_limits
 from ._ratelimit import parse_retry_after, wait_from_state
+from ._sessions import Sessions
 
 __all__ = ["AiohttpTransport", "HttpLLM", "Secret", "StreamText", "classify", "normalise_url"]
 
@@ -67,8 +66,6 @@ __all__ = ["AiohttpTransport", "HttpLLM", "Secret", "StreamText", "classify", "n
 wall_clock: Callable[[], float] = time.time
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-# Seconds aclose() waits for sessions on other event loops to close.
-_CLOSE_ELSEWHERE = 5.0
 
 _QUOTA_WORDS = ("quota", "billing", "spend limit", "usage limit", "credit balance")
 _FILTER_CODES = ("content_filter", "content_policy_violation")
@@ -367,70 +364,6 @@ class StreamText:
         )
 
 
-class _Sessions:
-    """One ClientSession per event loop, each closed by ``aclose`` or with its loop."""
-
-    __slots__ = ("_by_loop", "_factory", "_last")
-
-    def __init__(self, factory: Callable[[], aiohttp.ClientSession]) -> None:
-        self._factory = factory
-        self._by_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncIterator[None]]
-        ] = weakref.WeakKeyDictionary()
-        self._last: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
-
-    def current(self) -> aiohttp.ClientSession | None:
-        """The session of the running loop, if :meth:`get` made it and it is the last used."""
-        last = self._last
-        if last is not None and last[0] is asyncio.get_running_loop():
-            return last[1]
-        return None
-
-    async def get(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        last = self._last
-        if last is not None and last[0] is loop:
-            return last[1]
-        entry = self._by_loop.get(loop)
-        if entry is None:
-            session = self._factory()
-            keeper = self._keep(loop, session)
-            await anext(keeper)  # registers with the loop: shutdown_asyncgens closes it
-            entry = self._by_loop[loop] = (session, keeper)
-        self._last = (loop, entry[0])
-        return entry[0]
-
-    async def _keep(
-        self, loop: asyncio.AbstractEventLoop, session: aiohttp.ClientSession
-    ) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            self._by_loop.pop(loop, None)
-            if self._last is not None and self._last[0] is loop:
-                self._last = None
-            await session.close()
-
-    async def aclose(self) -> None:
-        """Close this loop's session now; ask other running loops to close theirs."""
-        loop = asyncio.get_running_loop()
-        elsewhere: list[concurrent.futures.Future[None]] = []
-        for other, (_, keeper) in list(self._by_loop.items()):
-            if other is loop:
-                await keeper.aclose()  # type: ignore[attr-defined]
-            elif other.is_running() and not other.is_closed():
-                closing = asyncio.run_coroutine_threadsafe(keeper.aclose(), other)  # type: ignore[attr-defined]
-                elsewhere.append(closing)
-        if elsewhere:
-            # Wait for the other loops to close their sessions, for a bounded real time
-            # (in a worker thread: their loops run on their own clocks, not ours); a
-            # loop that stops first closes its own session at shutdown_asyncgens.
-            await asyncio.to_thread(concurrent.futures.wait, elsewhere, _CLOSE_ELSEWHERE)
-            for future in elsewhere:
-                if future.done() and not future.cancelled():
-                    future.exception()  # seen: a failed close leaves nothing to undo
-
-
 class _Connector(aiohttp.TCPConnector):
     """aiohttp's connector, reporting how long its first connection took to open (the
     handle's cold start paces its first wave by it; see fanflow._cold)."""
@@ -485,7 +418,7 @@ class AiohttpTransport:
         self._headers = headers
         self._connect_timeout = connect_timeout
         self._on_connect = on_connect
-        self._sessions = _Sessions(self._new_session)
+        self._sessions = Sessions(self._new_session)
 
     def send(self, request: HttpRequest) -> Awaitable[HttpReply]:
         # Not a coroutine: on the hot path (a session on this loop already) the reply is
