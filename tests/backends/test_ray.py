@@ -234,6 +234,32 @@ async def test_a_primed_map_on_ray_misses_the_prompt_cache_once() -> None:
     assert unprimed.cache_misses >= 7
 
 
+@pytest.mark.parametrize("prime", [None, True])
+async def test_a_pool_on_ray_primes_its_model_steps(prime: bool | None) -> None:
+    # A Pool's steps on Ray: each worker sends a step's first call alone and its other
+    # calls of that step once it has ended: one miss per worker at most. Unprimed, each
+    # worker sends its shard's calls at once and they all miss.
+    system = " ".join(f"rule{i}" for i in range(2000))  # 2,000 SimServer tokens
+    inputs = [{"text": f"doc {i}"} for i in range(30)]
+    async with SimServer(latency=0.5, prompt_cache=True) as server:
+        llm = _handle(server)
+        skill = fanflow.Skill(llm, "Summarize {text}", system=system, name="summary")
+        backend = RayBackend(workers=2, shard_size=7)
+        primed = await fanflow.Pool(
+            skill, inputs, max_flows=14, prime=prime, backend=backend
+        ).arun()
+        stats = server.stats()
+        server.reset()
+        naive = await fanflow.Pool(skill, inputs, max_flows=14, prime=False, backend=backend).arun()
+        unprimed = server.stats()
+        await llm.aclose()
+    assert primed.ok
+    assert naive.ok
+    assert 1 <= stats.cache_misses <= 2  # the workers
+    assert stats.cache_hits == len(inputs) - stats.cache_misses
+    assert unprimed.cache_misses >= 7
+
+
 async def _wait_for(condition: Any, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         # Polls another process's state (the server's counters), not a local event.

@@ -33,7 +33,7 @@ from ..backends._config import resolve_backend
 from ._common import PatternResult, now
 from ._flow import Chain, Flow, FlowResult, Step
 from ._options import Options, option_attributes, resolve
-from ._priming import PRIME_MIN_ITEMS, STEP_PRIMERS, StepPrimers
+from ._priming import PRIME_MIN_ITEMS, PrimedRunner
 from ._prompt import FIRST_ITEMS
 from ._skill import Skill
 
@@ -238,7 +238,8 @@ class Pool:
             calls once it has ended, so they read the prompt prefix it put in the
             provider's cache. None (the default): with more than 8 inputs, for the
             steps whose system prompt and constant leading text the model caches; True:
-            every model step; False: never. Local backend, real time only.
+            every model step; False: never. Real time only; on Ray, each worker primes
+            its own calls (one miss per worker and step at most).
         **options: the call options (:class:`fanflow.Options`). ``store``, ``cache``,
             ``budget`` and ``prices`` override the skills' and chains' own; ``budget``
             caps one run of the pool, every call of every input together (a number: a
@@ -386,8 +387,9 @@ class Pool:
             self._running[i].clear()  # steps of an attempt on a worker that died
             await finish(i, result)
 
+        primed = self.prime is True or (self.prime is None and len(todo) > PRIME_MIN_ITEMS)
         spec = PoolSpec(
-            runner=self._run,
+            runner=PrimedRunner(self._run, self.prime is True) if primed else self._run,
             todo=[(i, self.inputs[i]) for i in todo],
             max_flows=self.max_flows,
             hooks=self.options.call.hooks,
@@ -403,15 +405,12 @@ class Pool:
             await self.backend.run_pool(spec, delivered, self._moved)
             return len(self.inputs)
 
-        primers = self.prime is True or (self.prime is None and len(todo) > PRIME_MIN_ITEMS)
-        token = STEP_PRIMERS.set(StepPrimers(self.prime is True) if primers else None)
         try:
             if durable is None:
                 await run_all()
             else:
                 await durable.around(run_all, len(self.inputs))
         finally:
-            STEP_PRIMERS.reset(token)
             for steps in self._running:
                 steps.clear()
         items = tuple(r for r in self._results if r is not None)

@@ -37,6 +37,7 @@ __all__ = [
     "PRIME_MIN_ITEMS",
     "STEP_PRIMERS",
     "Prefix",
+    "PrimedRunner",
     "StepPrimers",
     "cache_provider",
     "prefix_of",
@@ -186,8 +187,33 @@ class StepPrimers:
         self.gates: dict[int, asyncio.Event] = {}
 
 
-#: Set while a Pool runs its inputs in real time (``Pool(prime=)``, decision 0190).
+#: Set while a Pool's runner runs an input (``Pool(prime=)``, decision 0190).
 STEP_PRIMERS: ContextVar[StepPrimers | None] = ContextVar("fanflow_step_primers", default=None)
+
+
+class PrimedRunner:
+    """A Pool's runner whose model steps are primed, in whichever process runs it: one
+    :class:`StepPrimers` per process and run (a Ray worker unpickles its own copy, so
+    each worker sends a step's first call alone: one miss per worker at most)."""
+
+    __slots__ = ("_primers", "force", "runner")
+
+    def __init__(self, runner: Any, force: bool) -> None:
+        self.runner = runner
+        self.force = force
+        self._primers: StepPrimers | None = None
+
+    def __reduce__(self) -> tuple[type[PrimedRunner], tuple[Any, bool]]:
+        return (PrimedRunner, (self.runner, self.force))  # the gates stay in this process
+
+    async def execute(self, inputs: Any, **kw: Any) -> Any:
+        if self._primers is None:
+            self._primers = StepPrimers(self.force)
+        token = STEP_PRIMERS.set(self._primers)
+        try:
+            return await self.runner.execute(inputs, **kw)
+        finally:
+            STEP_PRIMERS.reset(token)
 
 
 def _step_caches(llm: LLM, system: str | None, prompt: str) -> bool:
