@@ -51,7 +51,17 @@ class Watched(Protocol):
 class Hedger:
     """Recent latencies of one handle, the hedges it has sent, the attempts it watches."""
 
-    __slots__ = ("_delay", "_fresh", "_i", "_lat", "_running", "_timer", "calls", "hedges")
+    __slots__ = (
+        "_delay",
+        "_fresh",
+        "_i",
+        "_lat",
+        "_own",
+        "_running",
+        "_timer",
+        "calls",
+        "hedges",
+    )
 
     def __init__(self) -> None:
         self._running: dict[Watched, float] = {}  # attempt -> when it is due (FIFO)
@@ -60,6 +70,7 @@ class Hedger:
         self._i = 0
         self._fresh = 0
         self._delay: float | None = None
+        self._own = False  # _delay is from this hedger's latencies (not learnt elsewhere)
         self.calls = 0  # first attempts started under the policy
         self.hedges = 0  # duplicates started by the policy
 
@@ -72,13 +83,25 @@ class Hedger:
             lat[self._i] = latency
             self._i = (self._i + 1) % _WINDOW
         self._fresh += 1
-        if self._fresh >= _REFRESH or (self._delay is None and len(lat) >= _WARMUP):
+        if self._fresh >= _REFRESH or (not self._own and len(lat) >= _WARMUP):
             self._fresh = 0
             self._delay = hedge_delay(lat)
+            self._own = self._delay is not None
 
     def delay(self) -> float | None:
         """Seconds after which an attempt gets a duplicate (None: not enough data)."""
         return self._delay
+
+    def learnt(self) -> dict[str, float]:
+        """The delay this hedger hedges after (its own, or the one it started from), for
+        another lane to start from."""
+        return {} if self._delay is None else {"hedge_delay": self._delay}
+
+    def start_from(self, learnt: dict[str, float]) -> None:
+        """Hedge after the delay another lane measured until this one has its own."""
+        delay = learnt.get("hedge_delay")
+        if not self._own and delay is not None and delay >= HEDGE_MIN_DELAY:
+            self._delay = delay
 
     def watch(self, attempt: Watched, due: float) -> None:
         """Call ``attempt.spawn_hedge()`` at about ``due`` unless :meth:`unwatch` first."""

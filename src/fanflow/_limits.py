@@ -615,7 +615,7 @@ class Lane:
     def inherit(self, other: Lane) -> None:
         """Start from what ``other`` (this handle's lane on an earlier event loop) learnt
         of the server: the adaptive level, the rate buckets' reservations and margins,
-        and the headers' credit, refilled for the time since (each ``fanflow.run`` has
+        the hedging delay, and the headers' credit, refilled for the time since (each ``fanflow.run`` has
         a loop of its own; decision 0159)."""
         if self.adaptive is not None and other.adaptive is not None:
             self.adaptive.inherit(other.adaptive)
@@ -623,15 +623,18 @@ class Lane:
             self.rates.carry_from(other.rates, self._clock - other._clock)
         self.answered_before = other.answered
         self.headers.inherit(other.headers)
+        self.hedger.start_from(other.hedger.learnt())
 
     def learnt(self) -> dict[str, float]:
         """What this lane learnt of the server, for a shared store to keep (decision
         0282): the adaptive level and floor once the server pushed back, the refill
-        rate and cap its rate-limit headers gave, and whether a call succeeded."""
+        rate and cap its rate-limit headers gave, the hedging delay its latencies gave,
+        and whether a call succeeded."""
         out: dict[str, float] = {}
         if self.adaptive is not None:
             out.update(self.adaptive.learnt())
         out.update(self.headers.learnt())
+        out.update(self.hedger.learnt())
         if self.answered:
             out["answered"] = 1.0
         return out
@@ -643,6 +646,7 @@ class Lane:
         if self.adaptive is not None:
             self.adaptive.start_from(learnt)
         self.headers.start_from(learnt, age)
+        self.hedger.start_from(learnt)
         if learnt.get("answered"):
             self.answered_before = True
 
