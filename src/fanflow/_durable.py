@@ -22,6 +22,7 @@ item to the sink.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,8 +32,10 @@ from typing import Any, TypeVar
 
 from ._engine import Run, execute, parsed
 from ._events import CallEnded, emit
-from ._exceptions import ConfigError, Skipped
+from ._exceptions import ConfigError, Skipped, StoreError
 from ._llm import LLM, BaseLLM
+from ._shared import identity
+from ._shared._capacity import KEEP
 from ._types import CallRecord, Request, Response, Status, Usage
 from .store import ItemRef, JobStore, ResultStore, Sink, sink_for
 
@@ -209,6 +212,49 @@ def input_id(item: Any, index: int) -> Any:
     return index if custom_id is None else custom_id
 
 
+class Learning:
+    """Capacity learnt once, in a job's store (issue 27 part 2; decision 0282 keeps it in a
+    shared store): the lanes of a job's handles that name no shared store start from what
+    the job's last run learnt of their server, and keep there what this run learnt."""
+
+    __slots__ = ("lanes", "store")
+
+    def __init__(self, store: Any, lanes: list[tuple[Any, str]]) -> None:
+        self.store = store
+        self.lanes = lanes  # (lane, limit identity)
+
+    @classmethod
+    async def start(cls, store: JobStore, llm: LLM | None) -> Learning | None:
+        if llm is None or not callable(getattr(store, "read_capacity", None)):
+            return None  # a store of the user's own that keeps no capacity
+        lanes = []
+        for handle in _leaves(llm):
+            ident, _ = identity(handle)
+            lane = handle.lane()
+            found = await store.read_capacity(ident)  # type: ignore[attr-defined]
+            if found is not None and found[1] < KEEP:  # stale knowledge ages out
+                lane.start_from(*found)
+            lanes.append((lane, ident))
+        return cls(store, lanes)
+
+    async def keep(self) -> None:
+        for lane, ident in self.lanes:
+            learnt = lane.learnt()
+            if learnt:
+                with contextlib.suppress(StoreError):  # the run's outcome matters more
+                    await self.store.keep_capacity(ident, learnt)
+
+
+def _leaves(llm: LLM) -> list[BaseLLM]:
+    """The handles whose lanes meet a server: a router's or a cascade's own handles, and
+    none whose limits are shared (their shared store keeps what they learn)."""
+    if not isinstance(llm, BaseLLM):
+        return []
+    if llm.routed:
+        return [leaf for h in getattr(llm, "handles", ()) for leaf in _leaves(h)]
+    return [] if llm.limits.shared is not None else [llm]
+
+
 class Durability:
     """The store, job and sink of one batch.
 
@@ -266,15 +312,21 @@ class Durability:
             return None
         return cls(store=store, job=job, only_failed=only_failed, cache=cache, sink=sink)
 
-    async def around(self, run: Callable[[], Awaitable[int]], total: int | None) -> None:
-        """Run the batch (``run`` returns how many inputs it saw) within this job."""
+    async def around(
+        self, run: Callable[[], Awaitable[int]], total: int | None, llm: LLM | None = None
+    ) -> None:
+        """Run the batch (``run`` returns how many inputs it saw) within this job; ``llm``'s
+        lanes start from what the job's store kept of its server, and keep there what
+        they learnt (:class:`Learning`)."""
         store, job = self.store, self.job
         # One run of a job at a time (two would both call the model for every item):
         # a second run is refused here, before any call, naming the process running it.
         lock = store.lock_job(job) if store is not None and job is not None else None
+        learning = None
         try:
             if store is not None and job is not None:
                 self.prior = await store.start_job(job, total)
+                learning = await Learning.start(store, llm)
             if self.sink is not None:
                 self.sink.open()
             try:
@@ -288,6 +340,8 @@ class Durability:
             if store is not None and job is not None:
                 await store.finish_job(job, seen)
         finally:
+            if learning is not None:
+                await learning.keep()
             if lock is not None:
                 lock.release()
 

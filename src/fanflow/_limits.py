@@ -615,8 +615,8 @@ class Lane:
     def inherit(self, other: Lane) -> None:
         """Start from what ``other`` (this handle's lane on an earlier event loop) learnt
         of the server: the adaptive level, the rate buckets' reservations and margins,
-        the hedging delay, and the headers' credit, refilled for the time since (each ``fanflow.run`` has
-        a loop of its own; decision 0159)."""
+        the hedging delay, and the headers' credit, refilled for the time since (each
+        ``fanflow.run`` has a loop of its own; decision 0159)."""
         if self.adaptive is not None and other.adaptive is not None:
             self.adaptive.inherit(other.adaptive)
         if self.limits == other.limits:  # the same buckets: carry their reservations

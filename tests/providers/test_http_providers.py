@@ -380,7 +380,8 @@ async def test_a_handle_dropped_mid_run_leaves_nothing_for_the_collector(server:
     del dropped
     gc.collect()
     kept = session()
-    assert kept is not None and not kept.closed  # kept, not finalised by the collector
+    assert kept is not None  # kept, not finalised by the collector
+    assert not kept.closed
     async with make_openai(server) as later:
         assert (await fanflow.call(later, "later")).text == "echo: later"
     assert kept.closed

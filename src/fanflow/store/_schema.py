@@ -15,10 +15,10 @@ from .._exceptions import StoreError
 
 __all__ = ["SCHEMA_VERSION", "connect", "describe"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The statements each version adds to a store of the version before it (the tables
-# 2 added are in _SCHEMA, created if missing).
+# 2 and 5 added are in _SCHEMA, created if missing).
 _ADDED_COLUMNS: dict[int, tuple[str, ...]] = {
     3: (
         "ALTER TABLE calls ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0;",
@@ -96,6 +96,11 @@ CREATE TABLE IF NOT EXISTS batch_items (
     batch_id TEXT NOT NULL,
     state TEXT NOT NULL,
     updated REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS capacity (
+    ident TEXT PRIMARY KEY,
+    learnt TEXT NOT NULL,
+    at REAL NOT NULL
 ) WITHOUT ROWID;
 """
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import sqlite3
 import threading
@@ -353,6 +354,24 @@ class Store:
     async def finish_job(self, name: str, total: int) -> None:
         """Record that a run of job ``name`` saw all ``total`` inputs."""
         await self._commit([(FINISH_JOB, (total, time.time(), name))])
+
+    async def read_capacity(self, ident: str) -> tuple[dict[str, float], float] | None:
+        """What a job's handle learnt of its server under the limit identity ``ident``
+        (``Lane.learnt``), and its age in seconds; None: nothing kept."""
+        rows = self._read(
+            "SELECT learnt, at FROM capacity WHERE ident = ?",
+            (ident,),
+            "reading what a job learnt of its server",
+        )
+        if not rows:
+            return None
+        learnt, at = rows[0]
+        return json.loads(learnt), max(0.0, time.time() - at)
+
+    async def keep_capacity(self, ident: str, learnt: dict[str, float]) -> None:
+        """Keep what a job's handle learnt of its server, for the job's next run."""
+        row = (ident, json.dumps(learnt), time.time())
+        await self._commit([("INSERT OR REPLACE INTO capacity VALUES (?, ?, ?)", row)])
 
     def flush(self) -> None:
         """Block until every write queued so far is committed.

@@ -1,0 +1,56 @@
+"""Capacity learnt once, in a job's result store (issue 27 part 2): a job's next run, in
+a new process (here a new handle), starts from what the last run learnt of the server
+under the same limit identity, when no shared store is named."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+import fanflow
+from fanflow.testing import SimServer
+
+pytestmark = pytest.mark.looptime
+
+ITEMS = [f"x{i}" for i in range(300)]
+
+
+async def _refusals(server: SimServer, store: fanflow.Store, job: str) -> int:
+    before = server.stats().responses.get(429, 0)
+    llm = fanflow.openai("sim", base_url=server.url, api_key="sk-test")  # a new process's
+    async with llm:
+        result = await fanflow.map(llm, "{input}", ITEMS, store=store, job=job, cache=False)
+    assert result.ok
+    return server.stats().responses.get(429, 0) - before
+
+
+async def test_a_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
+    tmp_path: Path,
+) -> None:
+    # No limits given, a 100-in-flight server: the first run finds its capacity with a
+    # burst of 429s; the next (another job on the same store, the same key and
+    # endpoint) starts at the level the first one kept.
+    store = fanflow.Store(tmp_path / "s.db")
+    async with SimServer(latency=0.3, max_in_flight=100, keep_requests=False) as server:
+        first = await _refusals(server, store, "first")
+        second = await _refusals(server, store, "second")
+    store.close()
+    assert first >= 10  # there was something to learn
+    assert second * 10 <= first
+
+
+async def test_what_a_job_learnt_ages_out(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = fanflow.Store(path)
+    async with SimServer(latency=0.3, max_in_flight=100, keep_requests=False) as server:
+        first = await _refusals(server, store, "first")
+        store.flush()
+        with sqlite3.connect(path) as db:  # as if the last run were an hour ago
+            db.execute("UPDATE capacity SET at = ?", (time.time() - 3600,))
+        again = await _refusals(server, store, "second")
+    store.close()
+    assert first >= 10
+    assert again * 2 >= first  # found again, as by a first run
