@@ -231,9 +231,12 @@ class Learning:
         for handle in _leaves(llm):
             ident, _ = identity(handle)
             lane = handle.lane()
-            found = await store.read_capacity(ident)  # type: ignore[attr-defined]
-            if found is not None and found[1] < KEEP:  # stale knowledge ages out
-                lane.start_from(*found)
+            try:
+                found = await store.read_capacity(ident)  # type: ignore[attr-defined]
+                if found is not None and found[1] < KEEP:  # stale knowledge ages out
+                    lane.start_from(*found)
+            except (StoreError, ValueError, TypeError) as exc:  # start from nothing
+                log.warning("fanflow: what the store kept of the server was not read: %s", exc)
             lanes.append((lane, ident))
         return cls(store, lanes)
 

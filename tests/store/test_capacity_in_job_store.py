@@ -54,3 +54,18 @@ async def test_what_a_job_learnt_ages_out(tmp_path: Path) -> None:
     store.close()
     assert first >= 10
     assert again * 2 >= first  # found again, as by a first run
+
+
+async def test_a_damaged_capacity_row_is_said_and_the_job_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.db"
+    store = fanflow.Store(path)
+    async with SimServer(latency=0.3, max_in_flight=100, keep_requests=False) as server:
+        await _refusals(server, store, "first")
+        store.flush()
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE capacity SET learnt = 'not json'")
+        await _refusals(server, store, "second")  # every item succeeds
+    store.close()
+    assert any("was not read" in r.getMessage() for r in caplog.records)
