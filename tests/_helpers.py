@@ -99,3 +99,41 @@ def busiest_second(stats: Any) -> int:
     the busiest second. Makespans are measured in benchmarks/.
     """
     return max((second.admitted for second in stats.timeline), default=0)
+
+
+def default_of(function: Any, name: str) -> Any:
+    """The default of ``function``'s keyword ``name``, read from its public signature
+    (the value a test compares with, without importing the private module holding it)."""
+    import inspect
+
+    default = inspect.signature(function).parameters[name].default
+    assert default is not inspect.Parameter.empty, f"{name} has no default"
+    return default
+
+
+# The question a guard asks "the other way round" (YES clears), for block_on="NO".
+SAFE_QUESTION = "Is this request safe to answer?\n{query}\nAnswer YES or NO with brief explanation."
+
+
+async def guard_verdict(reply: str, block_on: str | None = None) -> bool | None:
+    """What ``fanflow.guarded`` reads from a guard model replying ``reply`` (its default
+    reader, through the public pattern): True flags the query, False allows it, None:
+    the reply could not be read (``guard_error`` is the ParseError; raised here).
+
+    ``block_on="NO"`` goes with a guard prompt asking whether the query is safe."""
+    import fanflow
+    from fanflow.testing import ScriptedLLM
+
+    guard = ScriptedLLM(reply)
+    options: dict[str, Any] = {}
+    if block_on is not None:
+        options["block_on"] = block_on
+        if block_on == "NO":
+            options["guard_prompt"] = SAFE_QUESTION
+    result = await fanflow.guarded(ScriptedLLM("answer"), "q", guard=guard, **options)
+    assert guard.calls == 1
+    if result.flagged is None:
+        assert result.guard_error is not None
+        raise result.guard_error
+    assert result.allowed is (not result.flagged)
+    return result.flagged
