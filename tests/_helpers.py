@@ -137,3 +137,20 @@ async def guard_verdict(reply: str, block_on: str | None = None) -> bool | None:
         raise result.guard_error
     assert result.allowed is (not result.flagged)
     return result.flagged
+
+
+# Numbers the docs promise, which tests hold the code to (the code's own constants are
+# private; these are the documented values, so a change to either fails a test):
+#: docs/errors.md: "after 3 in a row ... it trips".
+TRIP_AFTER = 3
+#: docs/errors.md: "for a connection that cannot be made: once a call has also tried 3 times".
+CONNECT_ATTEMPTS = 3
+#: docs/errors.md: "10 seconds after the trip the next call goes as a probe".
+PROBE_AFTER = 10.0
+#: docs/errors.md: "A new HTTP handle sends its first 16 calls".
+COLD_CALLS = 16
+#: docs/decisions/0175: "COLD_STEP = 10 ms", the shortest time between two doublings.
+COLD_STEP = 0.01
+#: docs/architecture.md (the life of a map, step 2): a map runs "twice the concurrency"
+#: of workers.
+WORKERS_PER_SLOT = 2
