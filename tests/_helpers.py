@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from typing import Any, Protocol, TypeVar
 
 import looptime
 
@@ -154,3 +154,18 @@ COLD_STEP = 0.01
 #: docs/architecture.md (the life of a map, step 2): a map runs "twice the concurrency"
 #: of workers.
 WORKERS_PER_SLOT = 2
+
+
+class SentRequest(Protocol):
+    """What a ``fanflow.testing.MockTransport`` handler receives: one HTTP request as a
+    handle sends it (its method, URL, every header, the body). fanflow's own type for it
+    is not public; this names the fields the tests read."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def body(self) -> Any: ...
