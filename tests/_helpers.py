@@ -169,3 +169,15 @@ class SentRequest(Protocol):
     def headers(self) -> Mapping[str, str]: ...
     @property
     def body(self) -> Any: ...
+
+
+def gate_of(limit: int | None) -> Any:
+    """The FIFO gate a run of ``concurrency=limit`` starts with: the ``gate`` of
+    ``fanflow.backends.CallOptions(concurrency=limit).start()``, the run a backend
+    receives (the gate's class itself is not a public name)."""
+    from fanflow.backends import CallOptions
+
+    gate = CallOptions(concurrency=limit).start().gate
+    assert gate is not None
+    assert gate.limit == limit
+    return gate
