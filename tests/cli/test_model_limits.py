@@ -65,7 +65,7 @@ def test_a_bad_model_limit_is_named_with_the_fix(
 
 @pytest.mark.timeout(60)
 def test_a_model_name_with_a_colon_reads_as_written(run: Run, tmp_path: Path) -> None:
-    """``llama3:8b:concurrency=3`` gives model ``llama3:8b`` (split at the last colon
+    """``llama3:8b:rpm=6000,concurrency=3`` gives model ``llama3:8b`` (split at the last colon
     before the first ``=``) its limit: read as ``llama3`` with a key ``8b:concurrency``,
     the command would refuse it, and read as any other model, the limit would not show."""
     lines = [
@@ -77,7 +77,7 @@ def test_a_model_name_with_a_colon_reads_as_written(run: Run, tmp_path: Path) ->
     with SimServer(latency=0.5, keep_requests=False) as server:
         done = run(
             "map", "r.jsonl", "--provider", "openai", "--model", "m1", "--base-url",
-            server.url, "--concurrency", "1", "--model-limits", "llama3:8b:concurrency=3",
+            server.url, "--concurrency", "1", "--model-limits", "llama3:8b:rpm=6000,concurrency=3",
             env={"OPENAI_API_KEY": "sk-test"},
         )  # fmt: skip
         stats = server.stats()
