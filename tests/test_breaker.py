@@ -15,12 +15,18 @@ import pytest
 
 import fanflow
 from fanflow import Request, RetryPolicy, Status
-from fanflow._breaker import CONNECT_ATTEMPTS, PROBE_AFTER, TRIP_AFTER
-from fanflow.backends._local import WORKERS_PER_SLOT
 from fanflow.errors import CircuitOpen
 from fanflow.testing import SimServer
 
-from ._helpers import loopback_app
+from ._helpers import (
+    COLD_CALLS,
+    COLD_STEP,
+    CONNECT_ATTEMPTS,
+    PROBE_AFTER,
+    TRIP_AFTER,
+    WORKERS_PER_SLOT,
+    loopback_app,
+)
 
 pytestmark = pytest.mark.looptime
 
@@ -234,9 +240,6 @@ async def test_a_pool_refuses_a_key_none_of_its_first_inputs_has() -> None:
 async def test_with_no_concurrency_limit_a_cold_handle_still_stops_early() -> None:
     """No limit anywhere: without the cold start, all 300 would be in flight before the
     first 401 came back."""
-    from fanflow._breaker import COLD_CALLS
-    from fanflow._cold import COLD_STEP
-
     async with (
         SimServer(api_key="sk-right", latency=0.2) as server,
         fanflow.openai("m", base_url=server.url, api_key="sk-wrong") as llm,

@@ -18,9 +18,10 @@ import pytest
 
 import fanflow
 from fanflow import Status
-from fanflow._breaker import COLD_CALLS
 from fanflow.errors import RateLimited
 from fanflow.testing import SimServer
+
+from ._helpers import COLD_CALLS
 
 pytestmark = pytest.mark.looptime
 

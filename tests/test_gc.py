@@ -9,10 +9,12 @@ from collections.abc import Iterator
 import pytest
 
 import fanflow
-from fanflow._gc import BATCH_GC_THRESHOLD, batch_gc
 from fanflow.testing import ScriptedLLM
 
 pytestmark = pytest.mark.looptime
+
+#: Decision 0150: "the GC's generation-0 threshold is max(current, 10_000)" while a batch runs.
+BATCH_GC_THRESHOLD = 10_000
 
 
 @pytest.fixture(autouse=True)
@@ -57,15 +59,24 @@ async def test_a_failing_map_restores_the_threshold(looptime: float) -> None:
     assert gc.get_threshold() == (700, 10, 10)
 
 
-def test_a_higher_or_disabled_threshold_is_left_alone() -> None:
-    for user in ((50_000, 10, 10), (0, 10, 10)):
-        gc.set_threshold(*user)
-        with batch_gc():
-            assert gc.get_threshold() == user
-        assert gc.get_threshold() == user
+@pytest.mark.parametrize("user", [(50_000, 10, 10), (0, 10, 10)])
+async def test_a_higher_or_disabled_threshold_is_left_alone(user: tuple[int, int, int]) -> None:
+    gc.set_threshold(*user)
+    seen: list[tuple[int, int, int]] = []
+
+    def reply(request: fanflow.Request) -> str:
+        seen.append(gc.get_threshold())
+        return "ok"
+
+    assert (await fanflow.map(ScriptedLLM(reply), "{input}", range(3))).ok
+    assert seen == [user] * 3
+    assert gc.get_threshold() == user
 
 
-def test_a_threshold_changed_during_the_batch_is_kept() -> None:
-    with batch_gc():
+async def test_a_threshold_changed_during_the_batch_is_kept() -> None:
+    def reply(request: fanflow.Request) -> str:
         gc.set_threshold(2000, 10, 10)
+        return "ok"
+
+    assert (await fanflow.map(ScriptedLLM(reply), "{input}", range(2))).ok
     assert gc.get_threshold() == (2000, 10, 10)

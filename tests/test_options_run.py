@@ -1,7 +1,7 @@
 """The call options are resolved once into one frozen value; a run adds its gate,
 deadline and budget cap when it starts (issue 22, item 3).
 
-``fanflow._engine.CallOptions`` is what every pattern's keyword options become and
+``fanflow.backends.CallOptions`` is what every pattern's keyword options become and
 what a backend receives (``MapSpec.options``); ``CallOptions.start()`` makes the
 frozen ``Run`` the engine reads. The batch's tail is asked of the batch's item source,
 not written into the options.
@@ -16,10 +16,10 @@ import pytest
 
 import fanflow
 from fanflow import Budget, Limits, RetryPolicy
-from fanflow._engine import Run
-from fanflow._limits import Gate
 from fanflow.backends import CallOptions, LocalBackend, MapSpec
 from fanflow.testing import ScriptedLLM
+
+from ._helpers import gate_of
 
 pytestmark = pytest.mark.looptime
 
@@ -40,8 +40,8 @@ async def test_the_concurrency_check_says_one_thing_wherever_it_is_given() -> No
     llm = ScriptedLLM()
     makers = [
         lambda: Limits(concurrency=0),
-        lambda: Gate(0),
-        lambda: Gate(2).set_limit(0),
+        lambda: type(gate_of(1))(0),
+        lambda: gate_of(2).set_limit(0),
         lambda: CallOptions(concurrency=0),
         lambda: fanflow.Skill(llm, "{x}", concurrency=0),
     ]
@@ -96,14 +96,14 @@ async def test_a_run_inside_another_takes_what_it_did_not_set(looptime: float) -
     assert inner.gate is outer.gate  # one gate for both: it set no concurrency
     assert print in inner.hooks
     assert own.start().within(None, frozenset()) is not None
-    alone = Run()
+    alone = type(outer)()  # a Run made with nothing set
     assert alone.within(outer, frozenset()).gate is outer.gate
 
 
 async def test_a_batch_tells_its_calls_when_its_last_item_is_handed_out() -> None:
     seen: list[bool] = []
     crew = LocalBackend().map_run(_spec([1, 2, 3], CallOptions(concurrency=1)), seen.append)
-    run: Run = crew.opts
+    run = crew.opts
     assert run.drained is not None
     assert run.drained() is False
     await crew.run()

@@ -1,34 +1,34 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fanflow import ConfigError, RetryPolicy
-from fanflow._retry import compute_backoff
 
 
 def test_ceiling_grows_then_caps() -> None:
-    waits = [
-        compute_backoff(n, initial=0.5, multiplier=2.0, max_wait=3.0, jitter=None)
-        for n in range(1, 6)
-    ]
+    policy = RetryPolicy(initial=0.5, multiplier=2.0, max_wait=3.0, jitter=False)
+    waits = [policy.backoff(n) for n in range(1, 6)]
     assert waits == [0.5, 1.0, 2.0, 3.0, 3.0]
 
 
-def test_full_jitter_scales_the_ceiling() -> None:
-    assert compute_backoff(3, initial=1, multiplier=2, max_wait=60, jitter=0.25) == 1.0
+@pytest.mark.parametrize("seed", [0, 7, 12345])
+def test_full_jitter_scales_the_ceiling(seed: int) -> None:
+    """The wait is the ceiling (4 s before retry 3) times the policy's draw in [0, 1)
+    from its seeded generator."""
+    policy = RetryPolicy(initial=1, multiplier=2, max_wait=60, seed=seed)
+    assert policy.backoff(3) == 4.0 * random.Random(seed).random()
 
 
 def test_retry_after_is_a_floor() -> None:
-    assert compute_backoff(1, initial=0.5, multiplier=2, max_wait=30, jitter=0.0, retry_after=7)
-    assert (
-        compute_backoff(1, initial=0.5, multiplier=2, max_wait=30, jitter=0.0, retry_after=7) == 7
-    )
+    jittered = RetryPolicy(initial=0.5, multiplier=2, max_wait=30, seed=0)
+    assert jittered.backoff(1, retry_after=7) == 7  # any draw is under 0.5 s
     # A Retry-After shorter than the backoff does not shorten it.
-    assert (
-        compute_backoff(4, initial=1, multiplier=2, max_wait=30, jitter=None, retry_after=0.1) == 8
-    )
+    plain = RetryPolicy(initial=1, multiplier=2, max_wait=30, jitter=False)
+    assert plain.backoff(4, retry_after=0.1) == 8
 
 
 @given(
@@ -36,7 +36,7 @@ def test_retry_after_is_a_floor() -> None:
     initial=st.floats(0, 10),
     multiplier=st.floats(1, 4),
     max_wait=st.floats(0, 120),
-    jitter=st.floats(0, 1, exclude_max=True),
+    seed=st.integers(0, 2**32),
     retry_after=st.none() | st.floats(0, 600),
 )
 def test_wait_is_within_bounds(
@@ -44,17 +44,11 @@ def test_wait_is_within_bounds(
     initial: float,
     multiplier: float,
     max_wait: float,
-    jitter: float,
+    seed: int,
     retry_after: float | None,
 ) -> None:
-    wait = compute_backoff(
-        n,
-        initial=initial,
-        multiplier=multiplier,
-        max_wait=max_wait,
-        jitter=jitter,
-        retry_after=retry_after,
-    )
+    policy = RetryPolicy(initial=initial, multiplier=multiplier, max_wait=max_wait, seed=seed)
+    wait = policy.backoff(n, retry_after=retry_after)
     ceiling = min(max_wait, initial * multiplier ** (n - 1))
     assert wait >= 0
     if retry_after is None:
@@ -84,6 +78,6 @@ def test_policy_validates_with_the_fix(kwargs: dict[str, float], message: str) -
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
 
 
-def test_compute_backoff_rejects_retry_zero() -> None:
+def test_backoff_rejects_retry_zero() -> None:
     with pytest.raises(ValueError, match="starts at 1"):
-        compute_backoff(0, initial=1, multiplier=2, max_wait=3, jitter=None)
+        RetryPolicy(jitter=False).backoff(0)

@@ -8,9 +8,14 @@ import pytest
 
 import fanflow
 from fanflow import Limits, RetryPolicy, Status
-from fanflow._decide import TAIL_RETRY_NOTE
 from fanflow.testing import Fault, ScriptedLLM
 
+# The note a tail retry leaves on its failed attempt (Attempt.note, shown in records and
+# reports; decision 0151), word for word.
+TAIL_RETRY_NOTE = (
+    "retried at once (no backoff): a 5xx in the batch's tail (every item started, or "
+    "free slots), the handle's other calls succeeding"
+)
 pytestmark = pytest.mark.looptime
 
 # No jitter: the backoff before the first retry is exactly 0.5 s.

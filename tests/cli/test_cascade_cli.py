@@ -10,8 +10,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from fanflow.testing import SimServer
-from fanflow.testing._simwire import SimRequest
+from fanflow.testing import SimRequest, SimServer
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 

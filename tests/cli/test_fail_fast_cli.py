@@ -154,4 +154,4 @@ def test_a_wrong_key_with_the_default_limits(run: Run, tmp_path: Path) -> None:
         )  # fmt: skip
         sent = server.stats().requests
     assert done.returncode == 2, done.stderr
-    assert sent <= 16, sent  # fanflow._breaker.COLD_CALLS, not 300
+    assert sent <= 16, sent  # docs/errors.md: a new handle's first 16 calls, not 300

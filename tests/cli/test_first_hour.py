@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,20 +109,41 @@ def test_no_key_for_openai_says_pass_api_key(run: Run, tmp_path: Path) -> None:
     assert "api_key=" not in done.stderr
 
 
-def test_resume_hint_never_repeats_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
+def _interrupted(folder: Path, key_args: list[str], env: dict[str, str]) -> str:
+    """The standard error of ``fanflow map ... KEY_ARGS --job j`` stopped with Ctrl-C
+    once it has written its first row (the resume hint is printed then)."""
+    import signal
 
-    from fanflow.cli._base import resume_hint
+    folder.mkdir()
+    items(folder / "in.jsonl", 400)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fanflow", "map", "in.jsonl", "-p", "{t}", "--provider", "sim",
+         "--sim", "latency=0.1", "--concurrency", "4", "--progress", "none", *key_args,
+         "--job", "j"],
+        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # the first row: the run is under way
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    return err
 
-    monkeypatch.setattr(
-        sys, "argv", ["fanflow", "map", "in.jsonl", "-p", "{t}", "--api-key", KEY, "--job", "j"]
-    )
-    hint = resume_hint(argparse.Namespace(job="j"))
+
+@pytest.mark.timeout(120)
+def test_resume_hint_never_repeats_the_key(tmp_path: Path, cli_env: Any) -> None:
+    env = cli_env(None)
+    hint = _interrupted(tmp_path / "spaced", ["--api-key", KEY], env)
+    assert "to resume (with the API key in FANFLOW_API_KEY): fanflow map in.jsonl -p" in hint
     assert KEY not in hint
     assert "--job j --resume" in hint
     assert "FANFLOW_API_KEY" in hint
-    monkeypatch.setattr(sys, "argv", ["fanflow", "map", "x", f"--api-key={KEY}", "--job", "j"])
-    assert KEY not in resume_hint(argparse.Namespace(job="j"))
+    assert KEY not in _interrupted(tmp_path / "joined", [f"--api-key={KEY}"], env)
 
 
 def test_timeout_message_names_the_flag(run: Run, tmp_path: Path) -> None:

@@ -63,13 +63,28 @@ def test_a_bad_model_limit_is_named_with_the_fix(
     assert "Traceback" not in done.stderr
 
 
-def test_a_model_name_with_a_colon_reads_as_written() -> None:
-    from fanflow.cli._modellimits import parse_model_limits
-
-    assert parse_model_limits("llama3:8b:rpm=60,concurrency=2") == (
-        "llama3:8b",
-        {"rpm": 60, "concurrency": 2},
-    )
+@pytest.mark.timeout(60)
+def test_a_model_name_with_a_colon_reads_as_written(run: Run, tmp_path: Path) -> None:
+    """``llama3:8b:rpm=6000,concurrency=3`` gives model ``llama3:8b`` (split at the last colon
+    before the first ``=``) its limit: read as ``llama3`` with a key ``8b:concurrency``,
+    the command would refuse it, and read as any other model, the limit would not show."""
+    lines = [
+        {"model": model, "messages": [{"role": "user", "content": f"{model} {i}"}]}
+        for i in range(3)
+        for model in ("m1", "llama3:8b")
+    ]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with SimServer(latency=0.5, keep_requests=False) as server:
+        done = run(
+            "map", "r.jsonl", "--provider", "openai", "--model", "m1", "--base-url",
+            server.url, "--concurrency", "1", "--model-limits", "llama3:8b:rpm=6000,concurrency=3",
+            env={"OPENAI_API_KEY": "sk-test"},
+        )  # fmt: skip
+        stats = server.stats()
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 6
+    # m1 (not named: --concurrency 1) one at a time beside llama3:8b's three.
+    assert stats.max_in_flight == 4
 
 
 def test_model_limits_with_deployments_is_refused_with_the_fix(run: Run, tmp_path: Path) -> None:

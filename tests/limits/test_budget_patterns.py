@@ -16,8 +16,9 @@ import pytest
 
 import fanflow
 from fanflow import Budget, BudgetExceeded, Price, Request, Response, Status, Usage
-from fanflow.patterns._guard import DEFAULT_REFUSAL
 from fanflow.testing import ScriptedLLM
+
+from .._helpers import default_of
 
 pytestmark = pytest.mark.looptime
 
@@ -153,7 +154,7 @@ async def test_guarded_with_a_skipped_guard_lets_fail_closed_decide(looptime: fl
     _check(budget, result.records)
     closed = await fanflow.guarded(llm, "hi", budget=Budget(usd=30, prices=PRICES))
     assert closed.refused
-    assert closed.output == DEFAULT_REFUSAL
+    assert closed.output == default_of(fanflow.guarded, "refusal")
     assert closed.answer.ok  # the answer was already paid for: its record is kept
     assert looptime == 2.0
 

@@ -7,8 +7,9 @@ import pytest
 import fanflow
 from fanflow import Request, Status
 from fanflow.errors import BadRequest, ParseError
-from fanflow.patterns._guard import read_verdict
 from fanflow.testing import Fault, ScriptedLLM
+
+from .._helpers import default_of, guard_verdict
 
 pytestmark = pytest.mark.looptime
 
@@ -49,7 +50,7 @@ async def test_answer_finishing_first_waits_for_the_guard(looptime: float) -> No
     assert looptime == 2.0
     assert result.time_saved == 1.0
     flagged = await fanflow.guarded(answer, "x", guard=ScriptedLLM("UNSAFE", latency=2.0))
-    assert flagged.output == fanflow.patterns._guard.DEFAULT_REFUSAL
+    assert flagged.output == default_of(fanflow.guarded, "refusal")
     assert flagged.answer.status is Status.SUCCEEDED  # done already, but withheld
 
 
@@ -84,14 +85,15 @@ async def test_function_guard(looptime: float) -> None:
     assert isinstance(bad.guard_error, TypeError)
 
 
-def test_read_verdict() -> None:
-    assert read_verdict("UNSAFE") is True
-    assert read_verdict("This is safe.") is False
-    assert read_verdict("This is not safe.") is True
-    assert read_verdict('{"flagged": true}') is True
-    assert read_verdict('{"safe": true}') is False
-    with pytest.raises(ValueError, match=r"neither SAFE/UNSAFE nor YES/NO: 'dunno'"):
-        read_verdict("dunno")
+async def test_read_verdict() -> None:
+    """guarded's default reader (read_verdict), through the pattern."""
+    assert await guard_verdict("UNSAFE") is True
+    assert await guard_verdict("This is safe.") is False
+    assert await guard_verdict("This is not safe.") is True
+    assert await guard_verdict('{"flagged": true}') is True
+    assert await guard_verdict('{"safe": true}') is False
+    with pytest.raises(ParseError, match=r"neither SAFE/UNSAFE nor YES/NO: 'dunno'"):
+        await guard_verdict("dunno")
 
 
 # ------------------------------------------------------------------------- evaluate

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow.patterns._guard import DEFAULT_GUARD_PROMPT, DEFAULT_REFUSAL, read_verdict
 from fanflow.testing import ScriptedLLM
+
+from .._helpers import SAFE_QUESTION, default_of, guard_verdict
 
 pytestmark = pytest.mark.looptime
 
@@ -25,7 +26,8 @@ SEED_PROMPT = (
     "or inappropriate? Query: {query}\n"
     "Answer YES or NO with brief explanation."
 )
-SAFE_QUESTION = "Is this request safe to answer?\n{query}\nAnswer YES or NO with brief explanation."
+DEFAULT_GUARD_PROMPT = default_of(fanflow.guarded, "guard_prompt")
+DEFAULT_REFUSAL = default_of(fanflow.guarded, "refusal")
 
 
 def _guard_says(reply: str) -> ScriptedLLM:
@@ -138,12 +140,13 @@ async def test_block_on_that_cannot_mean_anything_is_refused(
     assert llm.calls == 0
 
 
-def test_read_verdict_reads_yes_as_flagged_unless_told_otherwise() -> None:
-    assert read_verdict("YES - it asks for something illegal.") is True
-    assert read_verdict("NO, this is a harmless question.") is False
-    assert read_verdict("YES - it is safe to answer.", block_on="NO") is False
-    assert read_verdict("No, it is not safe.", block_on="NO") is True
+async def test_read_verdict_reads_yes_as_flagged_unless_told_otherwise() -> None:
+    """guarded's default reader (read_verdict), through the pattern."""
+    assert await guard_verdict("YES - it asks for something illegal.") is True
+    assert await guard_verdict("NO, this is a harmless question.") is False
+    assert await guard_verdict("YES - it is safe to answer.", block_on="NO") is False
+    assert await guard_verdict("No, it is not safe.", block_on="NO") is True
     # The words and JSON say which way they mean, whatever block_on says.
     for block_on in ("YES", "NO"):
-        assert read_verdict("UNSAFE", block_on=block_on) is True
-        assert read_verdict('{"safe": true}', block_on=block_on) is False
+        assert await guard_verdict("UNSAFE", block_on=block_on) is True
+        assert await guard_verdict('{"safe": true}', block_on=block_on) is False

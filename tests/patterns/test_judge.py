@@ -5,7 +5,6 @@ import pytest
 import fanflow
 from fanflow import AllFailed, Request, Status
 from fanflow.errors import BadRequest
-from fanflow.patterns._judge import parse_choice
 from fanflow.testing import ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -32,8 +31,19 @@ def candidates(request: Request) -> str:
         ('{"best": null}', 3, None),
     ],
 )
-def test_parse_choice(reply: str, count: int, expected: int | None) -> None:
-    assert parse_choice(reply, count) == expected
+async def test_parse_choice(reply: str, count: int, expected: int | None) -> None:
+    """How best_of_n reads its judge's reply: candidate ``expected`` (1-based), or None
+    (it named none of 1..count: the first candidate, as a fallback)."""
+    judge = ScriptedLLM(reply)
+    result = await fanflow.best_of_n(ScriptedLLM(candidates), "write", n=count, judge=judge)
+    assert judge.calls == 1
+    if expected is None:
+        assert (result.index, result.selection) == (0, "fallback")
+        assert result.fallback_reason is not None
+        assert f"named no candidate in 1..{count}" in result.fallback_reason
+    else:
+        assert (result.index, result.selection) == (expected - 1, "judge")
+        assert result.best == f"draft {expected - 1}"
 
 
 async def test_judge_picks_a_candidate(looptime: float) -> None:

@@ -12,8 +12,7 @@ import pytest
 
 import fanflow
 from fanflow import Request, Status
-from fanflow.patterns._requests import BadLine, RequestLine
-from fanflow.testing import SimServer
+from fanflow.testing import ScriptedLLM, SimServer
 
 pytestmark = pytest.mark.looptime
 
@@ -49,6 +48,19 @@ def batch_line(custom_id: str, content: str, **body: Any) -> dict[str, Any]:
 def write(path: Path, lines: list[Any]) -> Path:
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
     return path
+
+
+def request_of(directory: Path, body: dict[str, Any]) -> Request:
+    """The request ``read_requests`` makes of a request file's one line ``body``."""
+    path = write(directory / f"line{len(list(directory.iterdir()))}.jsonl", [body])
+    [line] = fanflow.read_requests(path)
+    return line.request
+
+
+def input_tokens(request: Request) -> int:
+    """The input tokens fanflow expects ``request`` to use (``fanflow.estimate``, the
+    estimate rate limits book)."""
+    return fanflow.estimate(ScriptedLLM(), lambda r: r, [request]).input_tokens
 
 
 def test_both_shapes_are_read_with_their_identity(tmp_path: Path) -> None:
@@ -90,7 +102,7 @@ BAD_LINES: list[tuple[Any, str]] = [
 def test_bad_lines_are_named_by_file_and_line_and_skipped(tmp_path: Path) -> None:
     lines = [batch_line("req-1", "first"), *(bad for bad, _ in BAD_LINES), batch_line("z", "ok")]
     path = write(tmp_path / "r.jsonl", lines)
-    bad: list[BadLine] = []
+    bad: list[Any] = []  # read_requests' BadLine (not a public name)
     good = list(fanflow.read_requests(path, on_bad=bad.append))
     assert [g.custom_id for g in good] == ["req-1", "z"]
     assert [b.line for b in bad] == list(range(2, 2 + len(BAD_LINES)))
@@ -102,7 +114,7 @@ def test_bad_lines_are_named_by_file_and_line_and_skipped(tmp_path: Path) -> Non
 
 def test_a_line_over_the_size_limit_is_skipped(tmp_path: Path) -> None:
     path = write(tmp_path / "r.jsonl", [batch_line("a", "x" * 500), batch_line("b", "y")])
-    bad: list[BadLine] = []
+    bad: list[Any] = []  # read_requests' BadLine (not a public name)
     good = list(fanflow.read_requests(path, on_bad=bad.append, max_bytes=300))
     assert [g.custom_id for g in good] == ["b"]
     assert bad[0].line == 1
@@ -225,13 +237,13 @@ async def test_a_bad_item_fails_alone_and_no_call_is_made() -> None:
     assert len(server.requests) == 1
 
 
-async def test_the_cache_key_tells_bodies_apart_and_keeps_old_keys() -> None:
+async def test_the_cache_key_tells_bodies_apart_and_keeps_old_keys(tmp_path: Path) -> None:
     plain = Request.of("x")
     assert "body" not in plain.canonical()  # keys of requests built as before are unchanged
     line = {"messages": [{"role": "user", "content": "x"}]}
     with_tools = {**line, "tools": TOOLS}
-    a = fanflow.patterns._requests.request_of(line)
-    b = fanflow.patterns._requests.request_of(with_tools)
+    a = request_of(tmp_path, line)
+    b = request_of(tmp_path, with_tools)
     assert a.key != b.key
 
 
@@ -272,17 +284,15 @@ async def test_a_rerun_finds_each_line_by_custom_id_not_position(tmp_path: Path)
     store.close()
 
 
-async def test_anthropic_refuses_what_it_cannot_send_as_written() -> None:
+async def test_anthropic_refuses_what_it_cannot_send_as_written(tmp_path: Path) -> None:
     async with SimServer() as server:
         llm = fanflow.anthropic("claude-d", base_url=server.root, api_key="sk-ant")
         async with llm:
-            lines = [
-                RequestLine(fanflow.patterns._requests.request_of(body))
-                for body in (
-                    {"messages": TOOL_TURNS[1:2], "tools": TOOLS},
-                    {"messages": TOOL_TURNS[1:2], "max_completion_tokens": 8},
-                )
+            bodies = [
+                {"messages": TOOL_TURNS[1:2], "tools": TOOLS},
+                {"messages": TOOL_TURNS[1:2], "max_completion_tokens": 8},
             ]
+            lines = list(fanflow.read_requests(write(tmp_path / "r.jsonl", bodies)))
             result = await fanflow.map(llm, lines)
     first, second = result.records
     assert first.status is Status.FAILED
@@ -291,15 +301,12 @@ async def test_anthropic_refuses_what_it_cannot_send_as_written() -> None:
     assert server.requests[0].body["max_tokens"] == 8
 
 
-def test_tools_and_tool_calls_count_in_the_token_estimate() -> None:
-    from fanflow._tokens import request_tokens
-    from fanflow.patterns._requests import request_of
-
+def test_tools_and_tool_calls_count_in_the_token_estimate(tmp_path: Path) -> None:
     plain = {"messages": TOOL_TURNS}
     tools = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "description": "w " * 400}}]
-    bare, _ = request_tokens(request_of({"messages": TOOL_TURNS[1:2]}))
-    with_calls, _ = request_tokens(request_of(plain))
-    with_tools, _ = request_tokens(request_of({**plain, "tools": tools}))
+    bare = input_tokens(request_of(tmp_path, {"messages": TOOL_TURNS[1:2]}))
+    with_calls = input_tokens(request_of(tmp_path, plain))
+    with_tools = input_tokens(request_of(tmp_path, {**plain, "tools": tools}))
     assert with_calls > bare
     assert with_tools > with_calls + 150  # 800 characters of description
 

@@ -17,6 +17,8 @@ from fanflow import Limits
 from fanflow.errors import BadRequest
 from fanflow.testing import Fault, ScriptedLLM
 
+from .._helpers import default_of
+
 pytestmark = pytest.mark.looptime
 
 
@@ -120,7 +122,7 @@ async def test_a_guard_answering_yes_or_no_is_read(reply: str, allowed: bool) ->
         llm, "hi", guard_prompt=YES_NO_GUARD, fail_closed=True, block_on="NO"
     )
     assert result.allowed is allowed
-    assert result.output == ("answer" if allowed else fanflow.patterns._guard.DEFAULT_REFUSAL)
+    assert result.output == ("answer" if allowed else default_of(fanflow.guarded, "refusal"))
 
 
 async def test_a_guard_reply_that_cannot_be_read_is_quoted_in_the_error() -> None:

@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 
 import fanflow
 from fanflow import Skill, Status
 from fanflow.errors import BadRequest, ParseError
-from fanflow.patterns._parsing import find_json
-from fanflow.patterns._skill import template_fields
 from fanflow.testing import ScriptedLLM
 
 pytestmark = pytest.mark.looptime
@@ -88,11 +87,25 @@ def test_skill_run_from_sync_code() -> None:
     assert result.value == Person(name="B", age=1)
 
 
-def test_template_fields_and_find_json() -> None:
-    assert template_fields("{a} {b} {a} {d} {{lit}}") == ["a", "b", "d"]
+class AnyJSON(RootModel[Any]):
+    """Any JSON value: what a skill with a structured output finds in a reply."""
+
+
+async def json_in(reply: str) -> Any:
+    """The JSON a skill with a structured output reads from ``reply`` (None: none)."""
+    result = await Skill(ScriptedLLM(reply), "x", output=AnyJSON, validation_retries=0).arun()
+    if not result.ok:
+        assert isinstance(result.error, ParseError)
+        assert "no JSON object" in str(result.error)
+        return None
+    return result.value.root
+
+
+async def test_template_fields_and_find_json() -> None:
+    assert Skill(ScriptedLLM(), "{a} {b} {a} {d} {{lit}}").fields == ["a", "b", "d"]
     with pytest.raises(fanflow.errors.TemplateError, match="attribute or index access"):
-        template_fields("{a} {b.c}")  # field names only (issue 13.7)
-    assert find_json('x {"a": [1, 2]} y') == {"a": [1, 2]}
-    assert find_json("```json\n[1]\n```") == [1]
-    assert find_json("{bad") is None
-    assert json.dumps(find_json('{"k": "v"} {"other": 1}')) == '{"k": "v"}'
+        Skill(ScriptedLLM(), "{a} {b.c}")  # field names only (issue 13.7)
+    assert await json_in('x {"a": [1, 2]} y') == {"a": [1, 2]}
+    assert await json_in("```json\n[1]\n```") == [1]
+    assert await json_in("{bad") is None
+    assert json.dumps(await json_in('{"k": "v"} {"other": 1}')) == '{"k": "v"}'

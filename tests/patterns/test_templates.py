@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 import fanflow
 from fanflow.patterns import Chain, ParallelCalls, Skill, Step
-from fanflow.patterns._prompt import parse_template, render
 from fanflow.testing import ScriptedLLM
 
 from .._helpers import run_virtual
@@ -80,7 +79,7 @@ async def test_plain_fields_literal_braces_and_odd_names_keep_working() -> None:
     result = await fanflow.map(llm, 'JSON: {{"t": "{text}"}} {first name} {user-id} {text}', items)
     assert result.outputs == ['JSON: {"t": "hi"} Ada 7 hi']
     assert (await fanflow.map(llm, "{input}!", ["x"])).outputs == ["x!"]
-    assert parse_template("{a} {b} {a} {{c}}").fields == ("a", "b")
+    assert Skill(llm, "{a} {b} {a} {{c}}").fields == ["a", "b"]
 
 
 _TEMPLATE_CHARS = st.sampled_from(
@@ -99,19 +98,21 @@ def test_fuzz_templates_fail_only_with_template_error_and_never_grow(
 ) -> None:
     template = "".join(parts)
     item: dict[str, Any] = {"a": a, "b": b}
+    echo = ScriptedLLM(lambda r: r.prompt)  # the prompt the template made, as sent
     try:
-        parsed = parse_template(template)
-        prompt = render(template, item, 0)
+        skill = Skill(echo, template)
+        prompt = run_virtual(skill(item))
     except fanflow.errors.TemplateError as exc:
         message = str(exc)
     else:
         message = ""
+        assert echo.requests[0].prompt == prompt
     if message:
         assert "{{ and }}" in message or "no field" in message  # says how to fix it
         return
     # Only the template's own text and the values it names, once per use.
     budget = len(template) + sum(
-        template.count("{" + f + "}") * len(str(item[f])) for f in parsed.fields
+        template.count("{" + f + "}") * len(str(item[f])) for f in skill.fields
     )
     assert len(prompt) <= budget
     assert "<class" not in prompt or "<class" in a + template  # no Python internals

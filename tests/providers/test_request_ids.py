@@ -9,8 +9,9 @@ import pytest
 
 import fanflow
 from fanflow import Request
-from fanflow._transport import HttpRequest
 from fanflow.testing import MockReply, MockTransport, SimServer
+
+from .._helpers import SentRequest
 
 pytestmark = pytest.mark.looptime
 
@@ -24,7 +25,7 @@ CHAT = {
 
 
 def mocked(reply: MockReply) -> fanflow.BaseLLM:
-    def server(request: HttpRequest) -> MockReply:
+    def server(request: SentRequest) -> MockReply:
         return reply
 
     return fanflow.openai(

@@ -1,7 +1,8 @@
 """Issue 13.4: no piece of an API key (8 characters or more) ever leaves the client,
 whatever the server echoes back and wherever the error ends up.
 
-Unit tests drive the redaction as a pure function; the end-to-end tests run a real
+The first tests drive the redaction through a handle whose transport answers 401 with
+a given body (``fanflow.testing.MockTransport``: no server); the end-to-end tests run a real
 SimServer that echoes the wrong key (JSON, plain text straddling the old 300-byte cut, a
 cut key), a real SQLite store and a JSONL sink, and look for every 8-character piece of
 the key in each place the error is kept.
@@ -19,8 +20,9 @@ from hypothesis import strategies as st
 
 import fanflow
 from fanflow import RetryPolicy
-from fanflow.providers._http import Secret, classify
-from fanflow.testing import SimServer
+from fanflow.testing import MockReply, MockTransport, SimServer
+
+from .._helpers import run_virtual
 
 KEY = "sk-proj-Zq8vN3xLw5Tb7Kc1Rm9Hy2Ud4Fs6Gj0PaEiOoQ"  # 45 characters, all distinct-ish
 PIECE = 8
@@ -37,20 +39,41 @@ def leaked(text: str | bytes, key: str = KEY) -> list[str]:
     return sorted(p for p in pieces(key) if p in text)
 
 
-# --------------------------------------------------------------------------- pure
+def refused(key: str, body: str, *, json_body: bool = False) -> BaseException:
+    """The error of one call by a handle with ``api_key=key`` whose server answers 401
+    with ``body`` (what a server echoing the key sends back)."""
+
+    def server(request: object) -> MockReply:
+        if json_body:
+            return MockReply(401, {"Content-Type": "application/json"}, body.encode())
+        return MockReply(401, body=body.encode())
+
+    async def go() -> BaseException:
+        llm = fanflow.openai(
+            "m", base_url="http://test/v1", api_key=key, transport=MockTransport(server),
+            retry=RetryPolicy.none(),
+        )  # fmt: skip
+        async with llm:
+            record = await fanflow.call(llm, "x").record()
+        assert record.error is not None
+        return record.error
+
+    return run_virtual(go())
+
+
+# ----------------------------------------------------------------- through a handle
 
 
 def test_scrub_removes_every_run_of_eight_characters_of_the_key() -> None:
-    secret = Secret(KEY)
     text = f"a {KEY[:20]} b {KEY[10:18]} c {KEY[-9:]} d {KEY} e {KEY[3:10]}"
-    out = secret.scrub(text)
+    out = str(refused(KEY, text))
     assert leaked(out) == []
     assert KEY[3:10] in out  # seven characters are not a piece: kept (and harmless)
     assert out.count("[redacted]") == 4
 
 
 def test_scrub_of_a_short_key_removes_the_whole_key() -> None:
-    assert Secret("abc").scrub("key abc here") == "key [redacted] here"
+    assert "HTTP 401: key [redacted] here (" in str(refused("abc", "key abc here"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -64,7 +87,7 @@ def test_scrub_property(key: str, cuts: list[tuple[int, int]], noise: list[str])
     for (start, length), filler in zip(cuts, noise[1:], strict=False):
         parts.append(key[start : start + length])
         parts.append(filler)
-    out = Secret(key).scrub("".join(parts))
+    out = str(refused(key, "".join(parts)))
     assert leaked(out, key) == []
 
 
@@ -73,8 +96,8 @@ def test_the_body_is_scrubbed_before_it_is_cut(json_body: bool) -> None:
     # The key starts at byte 290: cutting at 300 bytes first kept 10 characters of it.
     head = "Unauthorized: invalid API key. ".ljust(290, ".")
     text = head + KEY + " was refused"
-    body = ('{"error": {"message": "' + text + '"}}').encode() if json_body else text.encode()
-    error = classify("openai", 401, {}, body, secret=Secret(KEY), rate_limit=None)
+    body = '{"error": {"message": "' + text + '"}}' if json_body else text
+    error = refused(KEY, body, json_body=json_body)
     assert isinstance(error, fanflow.errors.AuthenticationError)
     assert leaked(str(error)) == []
     assert len(str(error)) < 500  # still cut: a huge body makes no huge message

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 import fanflow
-from fanflow._transport import HttpRequest
 from fanflow.errors import AuthenticationError, ProviderConnectionError, RateLimited
 from fanflow.testing import MockReply, MockTransport
+
+from .._helpers import SentRequest
 
 pytestmark = pytest.mark.looptime
 
@@ -42,9 +43,9 @@ def handle(handler: Any, **kwargs: Any) -> fanflow.BaseLLM:
 
 
 async def test_the_handle_sends_the_api_s_request_and_reads_its_reply() -> None:
-    seen: list[HttpRequest] = []
+    seen: list[SentRequest] = []
 
-    def server(request: HttpRequest) -> MockReply:
+    def server(request: SentRequest) -> MockReply:
         seen.append(request)
         body = json.loads(request.body)
         return chat(body["messages"][-1]["content"].upper())
@@ -81,7 +82,7 @@ async def test_a_429_with_retry_after_is_waited_then_retried(looptime: float) ->
 
 
 async def test_a_refused_key_fails_without_the_key_in_the_message() -> None:
-    def server(request: HttpRequest) -> MockReply:
+    def server(request: SentRequest) -> MockReply:
         return MockReply.json({"error": {"message": f"bad key {KEY}"}}, status=401)
 
     result = await fanflow.map(handle(server), "x {i}", [{"i": i} for i in range(3)])
@@ -91,7 +92,7 @@ async def test_a_refused_key_fails_without_the_key_in_the_message() -> None:
 
 
 async def test_an_oserror_in_the_transport_is_a_connection_failure() -> None:
-    def server(request: HttpRequest) -> MockReply:
+    def server(request: SentRequest) -> MockReply:
         raise ConnectionRefusedError("refused")
 
     llm = handle(server, retry=fanflow.RetryPolicy(attempts=1))
@@ -110,7 +111,7 @@ async def test_a_stream_is_read_event_by_event() -> None:
         "[DONE]",
     ]
 
-    async def server(request: HttpRequest) -> MockReply:
+    async def server(request: SentRequest) -> MockReply:
         assert json.loads(request.body)["stream"] is True
         return MockReply.events(events)
 
@@ -121,7 +122,7 @@ async def test_a_stream_is_read_event_by_event() -> None:
 
 
 async def test_anthropic_goes_through_the_same_seam() -> None:
-    def server(request: HttpRequest) -> MockReply:
+    def server(request: SentRequest) -> MockReply:
         assert request.url == "http://mock.test/v1/messages"
         assert request.headers["x-api-key"] == KEY
         return MockReply.json(

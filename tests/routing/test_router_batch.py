@@ -12,8 +12,7 @@ import pytest
 
 import fanflow
 from fanflow import ConfigError, Price
-from fanflow.testing import SimBatches, SimServer
-from fanflow.testing._simwire import SimRequest
+from fanflow.testing import SimBatches, SimRequest, SimServer
 
 pytestmark = pytest.mark.looptime
 

@@ -26,7 +26,6 @@ import pytest
 
 from fanflow.errors import StoreError
 from fanflow.store import Store
-from fanflow.store._lock import JobLock, lock_path
 
 FANFLOW = [sys.executable, "-m", "fanflow"]
 
@@ -66,7 +65,9 @@ def _wait(condition: Callable[[], bool], what: str, proc: subprocess.Popen[str])
 
 
 def _lock_info(tmp_path: Path, job: str) -> dict[str, Any]:
-    path = lock_path(tmp_path / "store.db", job)
+    """What the lock file of ``job`` says of its holder (decision 0095: a run holds
+    ``<store file>-locks/<job>.lock``, for a job name that is a plain file name)."""
+    path = tmp_path / "store.db-locks" / f"{job}.lock"
     try:
         text = path.read_text()
         return dict(json.loads(text)) if text.strip() else {}
@@ -141,10 +142,11 @@ def test_the_lock_is_per_job_and_per_store(tmp_path: Path) -> None:
         held.release()
         held.release()  # twice is fine
         a.lock_job("x/y")  # free again; close() releases it
-    lock = JobLock(tmp_path / "a.db", "x/y")
-    lock.acquire()
-    assert lock.held
-    lock.release()
+    with Store(tmp_path / "a.db") as a:
+        lock = a.lock_job("x/y")  # free again after close()
+        assert lock.held
+        lock.release()
+        assert not lock.held
 
 
 HOLD = r"""

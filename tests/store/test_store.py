@@ -13,7 +13,6 @@ from fanflow import Request, Response, Status, Store
 from fanflow.errors import StoreError
 from fanflow.events import CallEnded
 from fanflow.store import JobInfo
-from fanflow.store._schema import SCHEMA_VERSION
 from fanflow.testing import ScriptedLLM
 
 
@@ -30,6 +29,19 @@ def rows(path: Path, sql: str) -> list[Any]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+def current_schema(directory: Path) -> int:
+    """The schema version a new store is made with (``PRAGMA user_version``): the
+    version an older store must be upgraded to, and one this fanflow opens as it is."""
+    path = directory / "fresh.db"
+    with Store(path):
+        pass
+    [(version,)] = rows(path, "PRAGMA user_version")
+    with Store(path):  # the current version opens unchanged, not as newer or older
+        pass
+    assert rows(path, "PRAGMA user_version") == [(version,)]
+    return int(version)
 
 
 def read_all(folder: Path) -> bytes:
@@ -378,4 +390,6 @@ async def test_requeues_and_the_last_note_persist_in_a_store_from_earlier_today(
         new = store.items("old")[1]
         assert (new.requeues, new.note) == (1, "waited 4 s: Retry-After")
     assert rows(path, "SELECT key, requeues FROM calls ORDER BY key") == [("k0", 0), ("k1", 1)]
-    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    version = current_schema(tmp_path)
+    assert version > 2  # newer than _SCHEMA_2's
+    assert rows(path, "PRAGMA user_version") == [(version,)]
