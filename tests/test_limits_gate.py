@@ -80,7 +80,7 @@ async def test_waiter_cancelled_just_after_being_handed_a_slot_gives_it_back() -
 
 def test_gate_rejects_a_zero_limit() -> None:
     with pytest.raises(fanflow.ConfigError, match="use None for no limit"):
-        type(gate_of(1))(0)
+        Limits(concurrency=0)
     with pytest.raises(fanflow.ConfigError):
         gate_of(2).set_limit(0)
 
