@@ -234,11 +234,13 @@ class _Call(Generic[T]):
     def __init__(
         self,
         llm: LLM,
+        handle: BaseLLM | None,
         request: Request,
         opts: Run,
         index: int | None,
         label: str | None,
     ) -> None:
+        """``handle``: ``llm`` if it is a fanflow handle, else None."""
         self.loop = asyncio.get_running_loop()
         self.llm = llm
         self.request = request
@@ -247,7 +249,7 @@ class _Call(Generic[T]):
         self.label = label
         self.hooks = opts.hooks
         self.deadline = opts.deadline
-        self.handle = llm if isinstance(llm, BaseLLM) else None
+        self.handle = handle
         self.breaker = self.handle.breaker if self.handle is not None else None
         self.lane: Lane = (
             self.handle.lane(request.model) if self.handle is not None else lane_of(llm)
@@ -306,8 +308,9 @@ class _Call(Generic[T]):
         start: float,
         response: Response | None,
         error: BaseException | None,
+        end: float | None,
     ) -> None:
-        self.lane.finish(permit, start, response, error)
+        self.lane.finish(permit, start, response, error, end)
         if reserved is not None:
             budget = self.opts.budget
             assert budget is not None
@@ -355,6 +358,7 @@ class _Call(Generic[T]):
         # the deadline), watched for a duplicate (:class:`Race`) unless it is one.
         response: Response | None = None
         failure: BaseException | None = None
+        end: float | None = None  # when the answer or the error came (None: cancelled)
         try:
             race = self.race
             if self.timeout is None and self.deadline is None and (race is None or hedge):
@@ -377,6 +381,7 @@ class _Call(Generic[T]):
                 finally:
                     if watcher is not None:
                         watcher.unwatch()
+            end = loop.time()
         except (asyncio.CancelledError, HedgeWon):
             self.attempts.append(
                 Attempt(number, start, loop.time(), Status.CANCELLED, None, hedge, wait_before)
@@ -385,16 +390,17 @@ class _Call(Generic[T]):
         except BaseException as exc:
             # 4a. A failure: recorded, and counted by the breaker; run() decides what next.
             failure = exc
-            self._attempt_ended(number, start, hedge, wait_before, None, exc)
+            end = loop.time()
+            self._attempt_ended(number, start, end, hedge, wait_before, None, exc)
             if breaker is not None:
-                breaker.failed(self.request, exc, number, loop.time(), self)
+                breaker.failed(self.request, exc, number, end, self)
             raise
         finally:
             # 5. The admission goes back: the lane learns from the outcome and settles
             # its reservation, the budget is charged, the pattern's gate is released.
-            self._leave(permit, reserved, start, response, failure)
+            self._leave(permit, reserved, start, response, failure, end)
         # 4b. A success: recorded; it closes what the breaker had counted.
-        self._attempt_ended(number, start, hedge, wait_before, response, None)
+        self._attempt_ended(number, start, end, hedge, wait_before, response, None)
         if breaker is not None and breaker.active:
             breaker.succeeded(self.request)
         return response
@@ -403,6 +409,7 @@ class _Call(Generic[T]):
         self,
         number: int,
         start: float,
+        end: float,
         hedge: bool,
         wait_before: float,
         response: Response | None,
@@ -411,7 +418,6 @@ class _Call(Generic[T]):
         """Record an attempt that got an answer or an error, with the model's time on
         it (``Attempt.service``): what the reply says, or the round trip where the
         handle's round trip is all work; else unknown."""
-        end = self.loop.time()
         service = None if response is None else response.service_time
         if service is None and getattr(self.llm, "round_trip_is_work", True):
             service = end - start
@@ -797,14 +803,15 @@ def execute(
         parse: turns the response into the record's value; if it raises, the call
             ends as failed with the reason (the model's answer stays in ``response``).
     """
-    if isinstance(llm, BaseLLM):
-        if llm.routed:  # a router or cascade: it runs the call on its own handles
+    handle = llm if isinstance(llm, BaseLLM) else None
+    if handle is not None:
+        if handle.routed:  # a router or cascade: it runs the call on its own handles
             return cast(_Routed, llm).route(request, opts, index=index, label=label, parse=parse)
-        request = llm.prepare(request)
+        request = handle.prepare(request)
     # Not _Call[T](...): calling a subscripted generic goes through typing's slow path.
     # Return run()'s coroutine rather than awaiting it here: one frame fewer per call
     # in flight.
-    call: _Call[T] = _Call(llm, request, opts, index, label)
+    call: _Call[T] = _Call(llm, handle, request, opts, index, label)
     return call.run(parse)
 
 

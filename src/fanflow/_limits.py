@@ -552,6 +552,7 @@ class Lane:
         start: float,
         response: Any = None,
         error: BaseException | None = None,
+        end: float | None = None,
     ) -> None:
         """An attempt admitted by :meth:`acquire` has ended: every meter gives back
         what it held and learns from the outcome.
@@ -561,8 +562,9 @@ class Lane:
             start: when the attempt was sent.
             response: the :class:`fanflow.Response`, on success.
             error: the attempt's error, on failure (None for a cancellation).
+            end: when it ended, on the loop's clock (None: now).
         """
-        now = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time() if end is None else end
         outcome = Outcome(start, now, response, error, self._sent)
         if response is not None:
             self.successes += 1

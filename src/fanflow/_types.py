@@ -467,7 +467,10 @@ class CallRecord(Generic[T]):
     @property
     def retries(self) -> int:
         """Attempts beyond the first that were not hedges."""
-        return max(0, sum(1 for a in self.attempts if not a.hedge) - 1)
+        attempts = self.attempts
+        if len(attempts) == 1:  # most calls
+            return 0
+        return max(0, sum(1 for a in attempts if not a.hedge) - 1)
 
     @property
     def latency(self) -> float | None:
