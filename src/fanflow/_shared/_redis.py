@@ -3,10 +3,11 @@
 Every update is one Lua script, which Redis runs atomically, and each reads the time
 with ``redis.call('TIME')``: Redis's clock is the store's, so the clients' clocks (and
 their skew) never enter a booking. The bookings of one identity are a sorted set (the
-booked time of each grant) and a hash (its costs); its concurrency slots a sorted set of
-expiry times; its declared limits a hash with a sorted set of their expiry times. Keys
-are ``fanflow:{IDENTITY}:...`` (one hash slot per identity, for Redis Cluster), and
-expire by themselves when no process uses them.
+booked time of each grant) and a hash (its costs, and their running sums: a grant reads
+only the newest row and the oldest it needs, never the whole window; decision 0295); its
+concurrency slots a sorted set of expiry times; its declared limits a hash with a sorted
+set of their expiry times. Keys are ``fanflow:{IDENTITY}:...`` (one hash slot per
+identity, for Redis Cluster), and expire by themselves when no process uses them.
 """
 
 from __future__ import annotations
