@@ -20,6 +20,10 @@ last one's end, against RATE (>= 0.9 is the target). Round trips: store calls (S
 transactions, Redis scripts) per call, summed over the workers. CPU: the workers'
 process time (``time.process_time()``, their threads included) over the map, per call;
 the unshared row is the local meter's, the baseline for the shared meter's cost.
+
+``--stores redis,sqlite`` runs only those stores; ``--commandstats`` prints, after each
+Redis run, Redis's own time per command (``INFO commandstats``, then reset): the grant
+script's cost at the server, which all the processes share (decision 0295).
 """
 
 from __future__ import annotations
