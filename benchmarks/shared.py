@@ -20,6 +20,10 @@ last one's end, against RATE (>= 0.9 is the target). Round trips: store calls (S
 transactions, Redis scripts) per call, summed over the workers. CPU: the workers'
 process time (``time.process_time()``, their threads included) over the map, per call;
 the unshared row is the local meter's, the baseline for the shared meter's cost.
+
+``--stores redis,sqlite`` runs only those stores; ``--commandstats`` prints, after each
+Redis run, Redis's own time per command (``INFO commandstats``, then reset): the grant
+script's cost at the server, which all the processes share (decision 0295).
 """
 
 from __future__ import annotations
@@ -112,10 +116,35 @@ def _capacity(shared: str, n: int) -> list[tuple[int, float]]:
     return out
 
 
+def _commandstats(url: str) -> None:
+    """Print Redis's own time per command since the last call, then reset it."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    stats = client.info("commandstats")
+    client.config_resetstat()
+    client.close()
+    for name, row in sorted(stats.items(), key=lambda kv: -int(kv[1]["usec"])):
+        if name.startswith("cmdstat_") and row["calls"]:
+            per = row["usec"] / row["calls"]
+            print(
+                f"{'':>9} {name[8:]:>16} {row['calls']:>8} calls "
+                f"{row['usec'] / 1000:>9.1f} ms {per:>9.1f} us/call"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rates", default="50,200", help="requests per second, comma-separated")
+    parser.add_argument(
+        "--stores", default="unshared,sqlite,redis", help="which stores, comma-separated"
+    )
+    parser.add_argument(
+        "--commandstats",
+        action="store_true",
+        help="after each Redis run, Redis's own time per command (INFO commandstats)",
+    )
     parser.add_argument("--worker", nargs=6)
     parser.add_argument(
         "--capacity", action="store_true", help="capacity learnt once (decision 0282) instead"
@@ -151,6 +180,7 @@ def main() -> None:
             )
             time.sleep(0.5)
             stores.append(("redis", f"redis://127.0.0.1:{port}/0"))
+        stores = [(name, url) for name, url in stores if name in args.stores.split(",")]
         try:
             if args.capacity:
                 print("400 items, no limits given, SimServer(max_in_flight=40, latency=0.3)")
@@ -169,6 +199,8 @@ def main() -> None:
                         f"{name:>9} {rate:>7g} {r['429']:>6} {r['ratio']:>9.2f} "
                         f"{r['trips_per_call']:>11.3f} {r['cpu_ms_per_call']:>12.2f} {r['ok']}"
                     )
+                    if args.commandstats and name == "redis":
+                        _commandstats(url)
         finally:
             if redis is not None:
                 redis.terminate()

@@ -3,10 +3,11 @@
 Every update is one Lua script, which Redis runs atomically, and each reads the time
 with ``redis.call('TIME')``: Redis's clock is the store's, so the clients' clocks (and
 their skew) never enter a booking. The bookings of one identity are a sorted set (the
-booked time of each grant) and a hash (its costs); its concurrency slots a sorted set of
-expiry times; its declared limits a hash with a sorted set of their expiry times. Keys
-are ``fanflow:{IDENTITY}:...`` (one hash slot per identity, for Redis Cluster), and
-expire by themselves when no process uses them.
+booked time of each grant) and a hash (its costs, and their running sums: a grant reads
+only the newest row and the oldest it needs, never the whole window; decision 0295); its
+concurrency slots a sorted set of expiry times; its declared limits a hash with a sorted
+set of their expiry times. Keys are ``fanflow:{IDENTITY}:...`` (one hash slot per
+identity, for Redis Cluster), and expire by themselves when no process uses them.
 """
 
 from __future__ import annotations
@@ -31,51 +32,146 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
+# The running sums of one identity's bookings: the costs hash's field 'sum', "N S1 S2 S3
+# S4 D1 D2 D3 D4": the rows in the grants zset, the sum of their costs per rate, and
+# how many of them cost other than 1 of each rate. Every script that books, settles or
+# removes a row keeps it, so a grant reads only the rows it needs: the newest (the
+# spacing), and the oldest while the window's total is over a cap; when every row costs
+# 1 of a rate (its requests), the i oldest cost i, and only the i-th is read.
+_SUMS = """
+local function parse(v, n)  -- 'a b c d' -> {a, b, c, d}; nil (no such field): n zeros
+  local out = {}
+  if not v then
+    for k = 1, n do out[k] = 0 end
+    return out
+  end
+  for x in string.gmatch(v, '%S+') do out[#out + 1] = tonumber(x) end
+  return out
+end
+local function add(sums, v, sign)  -- a row's costs v into (or out of) the sums
+  sums[1] = sums[1] + sign
+  for k = 1, 4 do
+    sums[k + 1] = sums[k + 1] + sign * v[k]
+    if v[k] ~= 1 then sums[k + 5] = sums[k + 5] + sign end
+  end
+end
+local function shown(v)  -- integers (and any double) exactly
+  local out = {}
+  for k = 1, #v do out[k] = string.format('%.17g', v[k]) end
+  return table.concat(out, ' ')
+end
+"""
+
 # KEYS: grants zset, costs hash, id counter. ARGV: window, horizon, 4 caps (-1: none),
 # the number of sends, then 4 costs per send. Returns Redis's now, then delay, id pairs
 # (id 0: not booked, due more than a horizon away). Times go through string.format:
 # Lua's own number to string conversion keeps 14 digits, 0.1 ms of an epoch time.
+# Each send is booked by _sqlite.earliest's rule over every row in the window (read in
+# time order, the running sums standing for their total); decision 0295.
 _GRANT = (
     _NOW
+    + _SUMS
     + """
 local g, c, n = KEYS[1], KEYS[2], KEYS[3]
 local window, horizon = tonumber(ARGV[1]), tonumber(ARGV[2])
 local caps = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
 local count = tonumber(ARGV[7])
 local cut = string.format('%.6f', now - window)
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', g, '-inf', cut)) do redis.call('HDEL', c, id) end
-redis.call('ZREMRANGEBYSCORE', g, '-inf', cut)
-local live = redis.call('ZRANGE', g, 0, -1, 'WITHSCORES')
-local all, costs = redis.call('HGETALL', c), {}  -- one call, not one HGET per booking
-for i = 1, #all, 2 do costs[all[i]] = all[i + 1] end
-local rows = {}
-for i = 1, #live, 2 do
-  local row = {tonumber(live[i + 1])}
-  for v in string.gmatch(costs[live[i]] or '0 0 0 0', '%S+') do
-    row[#row + 1] = tonumber(v)
+local kept = redis.call('HGET', c, 'sum')
+local sums = parse(kept, 9)  -- the rows; their costs of rate k (k + 1); not 1 (k + 5)
+if #sums ~= 9 then kept, sums = nil, parse(nil, 9) end  -- another layout: count again
+-- The rows that left the window, taken out of the sums (a few hundred at a time: unpack).
+local gone = redis.call('ZRANGEBYSCORE', g, '-inf', cut)
+for a = 1, #gone, 256 do
+  local ids = {unpack(gone, a, math.min(a + 255, #gone))}
+  local costs = redis.call('HMGET', c, unpack(ids))
+  for x = 1, #ids do
+    add(sums, parse(costs[x], 4), -1)
   end
-  rows[#rows + 1] = row
+  redis.call('HDEL', c, unpack(ids))
 end
+redis.call('ZREMRANGEBYSCORE', g, '-inf', cut)
+local live = redis.call('ZCARD', g)
+if not kept or sums[1] ~= live or redis.call('HLEN', c) ~= live + 1 then
+  -- No sums, or rows changed without them (keys lost, another version): count them all.
+  local all, costs = redis.call('HGETALL', c), {}
+  for x = 1, #all, 2 do costs[all[x]] = all[x + 1] end
+  sums = parse(nil, 9)
+  for _, id in ipairs(redis.call('ZRANGE', g, 0, -1)) do
+    if not costs[id] then redis.call('HSET', c, id, '0 0 0 0') end  -- as it was read
+    add(sums, parse(costs[id], 4), 1)
+    costs[id] = nil
+  end
+  costs['sum'] = nil
+  for id in pairs(costs) do redis.call('HDEL', c, id) end  -- costs of no row
+end
+-- Row i (time order) is the i-th oldest of the live rows, then the i - live-th of those
+-- booked here. The oldest are read as the window's total needs them, 32 to 256 at once.
+local old, new, ats = {}, {}, {}
+local function row(i)
+  if i > live then return new[i - live] end
+  while #old < i do
+    local a = #old
+    local b = math.min(live, a + math.min(256, math.max(32, a))) - 1
+    local part = redis.call('ZRANGE', g, a, b, 'WITHSCORES')
+    local ids = {}
+    for x = 1, #part, 2 do ids[#ids + 1] = part[x] end
+    local costs = redis.call('HMGET', c, unpack(ids))
+    for x = 1, #ids do
+      local v = parse(costs[x], 4)
+      table.insert(v, 1, tonumber(part[2 * x]))
+      old[#old + 1] = v
+    end
+  end
+  return old[i]
+end
+local function at(i)  -- row i's time alone
+  if i > live then return new[i - live][1] end
+  if not old[i] and not ats[i] then
+    ats[i] = tonumber(redis.call('ZRANGE', g, i - 1, i - 1, 'WITHSCORES')[2])
+  end
+  return old[i] and old[i][1] or ats[i]
+end
+local last = nil  -- the newest row: {at, c1..c4}
+if live > 0 then
+  local top = redis.call('ZRANGE', g, -1, -1, 'WITHSCORES')
+  last = parse(redis.call('HGET', c, top[1]), 4)
+  table.insert(last, 1, tonumber(top[2]))
+end
+-- Per rate: how many of the oldest rows the window's total has left out so far, and
+-- their costs. A total only grows from one send to the next, so neither goes back.
+local dropped, freed = {0, 0, 0, 0}, {0, 0, 0, 0}
 local out = {string.format('%.6f', now)}
 for j = 0, count - 1 do
   local cost = {}
   for k = 1, 4 do cost[k] = tonumber(ARGV[7 + 4 * j + k]) end
+  local rows = live + #new
   local t = now
-  if #rows > 0 and rows[#rows][1] > t then t = rows[#rows][1] end
+  if last and last[1] > t then t = last[1] end
   for k = 1, 4 do
-    if caps[k] > 0 and #rows > 0 then  -- spaced evenly: see _sqlite.earliest
-      local spaced = rows[#rows][1] + rows[#rows][k + 1] * window / caps[k]
+    if caps[k] > 0 and last then  -- spaced evenly: see _sqlite.earliest
+      local spaced = last[1] + last[k + 1] * window / caps[k]
       if spaced > t then t = spaced end
     end
-    if caps[k] >= 0 and cost[k] > 0 then
-      local total = cost[k]
-      for _, r in ipairs(rows) do total = total + r[k + 1] end
-      local i = 0
-      while total > caps[k] and i < #rows do
-        i = i + 1
-        total = total - rows[i][k + 1]
+    local total = cost[k] + sums[k + 1]
+    if caps[k] >= 0 and cost[k] > 0 and total > caps[k] then
+      local i
+      if sums[k + 5] == 0 then  -- every row costs 1: the i oldest cost i
+        i = math.min(rows, math.ceil(total - caps[k]))
+        while i > 0 and total - (i - 1) <= caps[k] do i = i - 1 end
+        while i < rows and total - i > caps[k] do i = i + 1 end
+      else
+        total = total - freed[k]
+        i = dropped[k]
+        while total > caps[k] and i < rows do
+          i = i + 1
+          local v = row(i)[k + 1]
+          total = total - v
+          freed[k] = freed[k] + v
+        end
+        dropped[k] = i
       end
-      if i > 0 and rows[i][1] + window + 0.000001 > t then t = rows[i][1] + window + 0.000001 end
+      if i > 0 and at(i) + window + 0.000001 > t then t = at(i) + window + 0.000001 end
     end
   end
   if t - now > horizon then
@@ -88,10 +184,13 @@ for j = 0, count - 1 do
   local id = redis.call('INCR', n)
   redis.call('ZADD', g, string.format('%.6f', t), id)
   redis.call('HSET', c, id, table.concat(cost, ' '))
-  rows[#rows + 1] = {t, cost[1], cost[2], cost[3], cost[4]}
+  last = {t, cost[1], cost[2], cost[3], cost[4]}
+  new[#new + 1] = last
+  add(sums, cost, 1)
   out[#out + 1] = string.format('%.6f', t - now)
   out[#out + 1] = id
 end
+redis.call('HSET', c, 'sum', shown(sums))
 local keep = math.ceil((window + horizon) * 2000)
 redis.call('PEXPIRE', g, keep)
 redis.call('PEXPIRE', c, keep)
@@ -101,19 +200,34 @@ return out
 )
 
 # KEYS: grants zset, costs hash. ARGV: per grant, its id and 4 costs (all 0: give it
-# back, it was never sent).
-_SETTLE = """
+# back, it was never sent). The running sums follow (none kept: the next grant counts).
+_SETTLE = (
+    _SUMS
+    + """
+local g, c = KEYS[1], KEYS[2]
+local kept = redis.call('HGET', c, 'sum')
+local sums = parse(kept, 9)
+if #sums ~= 9 then kept, sums = nil, parse(nil, 9) end
 for i = 1, #ARGV, 5 do
   local id = ARGV[i]
   local cost = ARGV[i + 1] .. ' ' .. ARGV[i + 2] .. ' ' .. ARGV[i + 3] .. ' ' .. ARGV[i + 4]
+  local was = redis.call('HGET', c, id)
+  local booked = redis.call('ZSCORE', g, id)
   if cost == '0 0 0 0' then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
-  elseif redis.call('HEXISTS', KEYS[2], id) == 1 then
-    redis.call('HSET', KEYS[2], id, cost)
+    redis.call('ZREM', g, id)
+    redis.call('HDEL', c, id)
+    if booked then add(sums, parse(was, 4), -1) end
+  elseif was then
+    redis.call('HSET', c, id, cost)
+    if booked then
+      add(sums, parse(was, 4), -1)
+      add(sums, parse(cost, 4), 1)
+    end
   end
 end
+if kept then redis.call('HSET', c, 'sum', shown(sums)) end
 """
+)
 
 # KEYS: slots zset, id counter. ARGV: the limit, the TTL. Returns the slot's id, or 0.
 _TRY_SLOT = (
