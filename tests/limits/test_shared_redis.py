@@ -188,4 +188,6 @@ async def test_redis_time_per_grant_does_not_grow_with_the_bookings_in_the_windo
         medians[rows] = statistics.median(spent)
     client.close()
     await store._client.aclose()
-    assert medians[20_000] < 3 * medians[20] + 200, medians
+    # The bound is loose (a loaded machine delays Redis itself): the scan it guards
+    # against took 750 times as long (148,755 against 199 us), running sums about the same.
+    assert medians[20_000] < 20 * medians[20] + 2_000, medians
