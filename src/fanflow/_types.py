@@ -650,7 +650,8 @@ def speedup_of(busy_time: float | None, makespan: float) -> float | None:
 def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary:
     """Add up a sequence of records."""
     counts = dict.fromkeys(Status, 0)
-    usage = Usage()
+    tokens = [0, 0, 0, 0, 0]  # Usage's counts, added up in place (no Usage per record)
+    estimated_usage = False
     cost: float | None = 0.0
     calls = retries = batched = realtime = 0
     busy: float | None = 0.0
@@ -669,7 +670,8 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
             answered_by[deployment.name] = answered_by.get(deployment.name, 0) + 1
         if r.cascade_saved is not None:
             cascade_saved = (cascade_saved or 0.0) + r.cascade_saved
-        batch = batch_info(r.response.extra) if r.response is not None else None
+        extra = r.response.extra if r.response is not None else None
+        batch = batch_info(extra) if extra else None
         if batch is not None:
             batched += 1
             if batch.saved is not None:
@@ -677,7 +679,13 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
         elif r.attempts and not r.cached:
             realtime += 1
         counts[r.status] += 1
-        usage = usage + r.usage
+        u = r.usage
+        tokens[0] += u.input_tokens
+        tokens[1] += u.output_tokens
+        tokens[2] += u.cached_input_tokens
+        tokens[3] += u.cache_write_input_tokens
+        tokens[4] += u.cache_write_1h_input_tokens
+        estimated_usage = estimated_usage or u.estimated
         if r.cost is None:
             if r.attempts and not r.cached:
                 cost = None
@@ -695,7 +703,14 @@ def summarize(records: Sequence[CallRecord[Any]], *, makespan: float) -> Summary
         skipped=counts[Status.SKIPPED],
         calls=calls,
         retries=retries,
-        usage=usage,
+        usage=Usage(
+            tokens[0],
+            tokens[1],
+            estimated_usage,
+            cached_input_tokens=tokens[2],
+            cache_write_input_tokens=tokens[3],
+            cache_write_1h_input_tokens=tokens[4],
+        ),
         cost=cost,
         makespan=makespan,
         busy_time=busy,

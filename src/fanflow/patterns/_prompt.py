@@ -161,9 +161,12 @@ def _fields(item: Any) -> Mapping[str, Any]:
     kind = type(item)
     if kind is dict:  # the common kinds first: isinstance against Mapping is slow
         return cast(Mapping[str, Any], item)
-    if kind is not str and isinstance(item, Mapping):
+    if kind not in _SCALARS and isinstance(item, Mapping):
         return item
     return {"input": item}
+
+
+_SCALARS = (str, int, float)
 
 
 def render(template: str, item: Any, index: int | None) -> str:
