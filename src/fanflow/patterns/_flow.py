@@ -241,18 +241,22 @@ class _Graph:
     def __init__(
         self,
         steps: Sequence[Step],
-        deps: list[set[int]],
-        options: Resolved,
+        **options: Unpack[Options],
     ) -> None:
+        self.options: Resolved = resolve(self.kind.capitalize(), options)
+        _unique_outputs(steps, self.kind)
         self.steps = tuple(steps)
-        self.deps = deps
-        self.options = options
+        self.deps = self._dependencies(self.steps)
         produced = {s.output for s in self.steps}
         self.required_keys: list[str] = []
         for s in self.steps:
             for _, key in s.needs():
                 if key not in produced and key not in self.required_keys:
                     self.required_keys.append(key)
+
+    def _dependencies(self, steps: tuple[Step, ...]) -> list[set[int]]:
+        """Each step's dependencies (indexes of steps), once the steps are checked."""
+        raise NotImplementedError  # pragma: no cover - each kind of graph says its own
 
     def check(self, keys: Collection[str], index: int | None) -> StepInputError | None:
         """The first step input that the given input keys cannot provide, or None."""
@@ -465,13 +469,7 @@ class Chain(_Graph):
 
     kind = "chain"
 
-    def __init__(
-        self,
-        steps: Sequence[Step],
-        **options: Unpack[Options],
-    ) -> None:
-        resolved = resolve("Chain", options)
-        _unique_outputs(steps, "chain")
+    def _dependencies(self, steps: tuple[Step, ...]) -> list[set[int]]:
         for i, s in enumerate(steps):
             if s.after:
                 raise ConfigError(
@@ -488,8 +486,7 @@ class Chain(_Graph):
                         step=s.name,
                         field=key,
                     )
-        chained = [{i - 1} if i else set() for i in range(len(steps))]
-        super().__init__(steps, chained, resolved)
+        return [{i - 1} if i else set() for i in range(len(steps))]
 
     def _output(self, steps: Sequence[StepRecord]) -> Any:
         return steps[-1].value
@@ -516,13 +513,7 @@ class Flow(_Graph):
 
     kind = "flow"
 
-    def __init__(
-        self,
-        steps: Sequence[Step],
-        **options: Unpack[Options],
-    ) -> None:
-        resolved = resolve("Flow", options)
-        _unique_outputs(steps, "flow")
+    def _dependencies(self, steps: tuple[Step, ...]) -> list[set[int]]:
         producer = {s.output: i for i, s in enumerate(steps)}
         deps: list[set[int]] = []
         for s in steps:
@@ -536,7 +527,7 @@ class Flow(_Graph):
                 wanted.add(producer[key])
             deps.append(wanted)
         _no_cycle(steps, deps)
-        super().__init__(steps, deps, resolved)
+        return deps
 
 
 def _no_cycle(steps: Sequence[Step], deps: list[set[int]]) -> None:
