@@ -68,7 +68,7 @@ def _port(url: str) -> int:
 
 async def _map(
     url: str, n: int, limits: Limits | None, retry: RetryPolicy, **map_kw: Any
-) -> tuple[fanflow.BatchResult[Any], int]:
+) -> tuple[fanflow.MapResult[Any], int]:
     llm = fanflow.openai("gpt-sim", base_url=url, api_key="sk-bench", limits=limits, retry=retry)
     if not COLD:
         llm.breaker = Breaker()  # the A/B of decision 0175: no cold start at all

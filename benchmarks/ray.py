@@ -76,7 +76,7 @@ def refused(port: int) -> int:
 
 async def run(
     port: int, items: list[str], limits: Limits | None, backend: Any, concurrency: int | None
-) -> tuple[float, fanflow.BatchResult[Any]]:
+) -> tuple[float, fanflow.MapResult[Any]]:
     llm = fanflow.openai(
         "sim", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-bench", limits=limits
     )

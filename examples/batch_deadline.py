@@ -21,7 +21,7 @@ ITEMS = [{"text": f"review number {i}: works fine"} for i in range(200)]
 PRICES = {"sim-mini": fanflow.Price(input=0.15, output=0.60)}  # batch=0.5 by default
 
 
-async def run(mode: str, deadline: float | None) -> fanflow.BatchResult[str]:
+async def run(mode: str, deadline: float | None) -> fanflow.MapResult[str]:
     async with SimServer(latency=0.5, rpm=600, batches=SimBatches(time=120.0)) as server:
         llm = fanflow.openai(
             "sim-mini",

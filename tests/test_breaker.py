@@ -34,11 +34,11 @@ ITEMS = [f"row {i}" for i in range(300)]
 C = 8  # concurrency
 
 
-def statuses(result: fanflow.BatchResult[object]) -> Counter[Status]:
+def statuses(result: fanflow.MapResult[object]) -> Counter[Status]:
     return Counter(r.status for r in result.records)
 
 
-def skipped_errors(result: fanflow.BatchResult[object]) -> list[CircuitOpen]:
+def skipped_errors(result: fanflow.MapResult[object]) -> list[CircuitOpen]:
     out = [r.error for r in result.records if r.status is Status.SKIPPED]
     assert all(isinstance(e, CircuitOpen) for e in out)
     return out  # type: ignore[return-value]

@@ -34,14 +34,14 @@ def _llm(server: SimServer) -> fanflow.BaseLLM:
     return fanflow.openai("gpt-sim", base_url=server.url, api_key="sk-test")
 
 
-def first_wave_refusals(result: fanflow.BatchResult[object]) -> int:
+def first_wave_refusals(result: fanflow.MapResult[object]) -> int:
     """429s that came back before the first answer: the first wave's overshoot."""
     attempts = [a for r in result.records for a in r.attempts]
     first = min(a.end for a in attempts if a.status is Status.SUCCEEDED)
     return sum(1 for a in attempts if isinstance(a.error, RateLimited) and a.end <= first)
 
 
-def first_sends(result: fanflow.BatchResult[object]) -> list[float]:
+def first_sends(result: fanflow.MapResult[object]) -> list[float]:
     """When each item's first attempt was sent, from the start of the map."""
     start = min(r.attempts[0].start for r in result.records)
     return sorted(r.attempts[0].start - start for r in result.records)

@@ -1,6 +1,6 @@
 """Every deprecated spelling still served warns, names its replacement and says it
 goes in the next release (issue 22: deprecated aliases kept for exactly one release);
-none is served from the top level."""
+none is served from the top level but ``fanflow.BatchResult``, renamed ``MapResult``."""
 
 from __future__ import annotations
 
@@ -44,12 +44,24 @@ async def _protocol() -> Any:
     return fanflow.backends.BatchRun  # type: ignore[attr-defined]
 
 
+async def _old_result() -> Any:
+    return fanflow.BatchResult  # type: ignore[attr-defined]
+
+
+async def _old_result_in_results() -> Any:
+    import fanflow.results
+
+    return fanflow.results.BatchResult  # type: ignore[attr-defined]
+
+
 USES: dict[str, tuple[Callable[[], Awaitable[Any]], str]] = {
     "race(timeout=)": (_race, "use deadline="),
     "sections(synthesize=None)": (_sections, "use synthesize=False"),
     "as_completed without async with": (_stream, "write 'async with"),
     "MapSpec.timeout": (_spec_field, "spec.options.timeout"),
     "backends.BatchRun": (_protocol, "fanflow.backends.MapRun"),
+    "fanflow.BatchResult": (_old_result, "use fanflow.MapResult"),
+    "fanflow.results.BatchResult": (_old_result_in_results, "use fanflow.MapResult"),
 }
 
 
@@ -66,3 +78,9 @@ def test_no_deprecated_name_is_served_from_the_top_level() -> None:
     for name in ("BatchRun", "MapRun", "RunResult", "Estimate", "Evaluation", "DEFAULT_WINDOW"):
         with pytest.raises(AttributeError):
             getattr(fanflow, name)
+
+
+def test_the_old_result_name_is_the_new_class() -> None:
+    with pytest.warns(DeprecationWarning, match=NEXT_RELEASE):
+        old = fanflow.BatchResult  # type: ignore[attr-defined]
+    assert old is fanflow.MapResult

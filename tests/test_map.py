@@ -282,7 +282,7 @@ def test_every_item_ends_once_and_in_order(
         if isinstance(event, fanflow.events.CallEnded) and event.record.index is not None:
             ended.append(event.record.index)
 
-    async def go() -> fanflow.BatchResult[str]:
+    async def go() -> fanflow.MapResult[str]:
         return await fanflow.map(
             llm, "{input}", [str(i) for i in range(len(latencies))], timeout=20.0, hooks=[hook]
         )

@@ -71,7 +71,7 @@ SAMPLES: dict[str, Callable[[], Any]] = {
         "auto", fanflow.backends.BatchOptions(poll=2.0)
     ),
     "BatchOptions": lambda: fanflow.backends.BatchOptions(poll=2.0, max_requests=10),
-    "BatchResult": lambda: fanflow.BatchResult(
+    "MapResult": lambda: fanflow.MapResult(
         [_record(0), _record(1, fanflow.errors.BadRequest("no"))], makespan=2.0
     ),
     "BestOfNResult": lambda: fanflow.results.BestOfNResult(
@@ -110,7 +110,7 @@ SAMPLES: dict[str, Callable[[], Any]] = {
         outputs=["a", None],
         aggregated=None,
         errors={1: fanflow.errors.ServerError("x")},
-        branches=fanflow.BatchResult([_record()]),
+        branches=fanflow.MapResult([_record()]),
     ),
     "ParquetSink": lambda: fanflow.ParquetSink("out.parquet"),
     "Pool": lambda: fanflow.Pool(fanflow.Skill(_llm(), "Say {x}"), [{"x": 1}], max_flows=2),
@@ -133,7 +133,7 @@ SAMPLES: dict[str, Callable[[], Any]] = {
     "Status": lambda: Status.TIMED_OUT,
     "Step": lambda: fanflow.Step(_upper, output="y", name="up"),
     "StepRecord": _step_record,
-    "Summary": lambda: fanflow.BatchResult([_record()], makespan=1.0).summary,
+    "Summary": lambda: fanflow.MapResult([_record()], makespan=1.0).summary,
     "Usage": lambda: Usage(5, 6, estimated=True),
     "VoteResult": lambda: fanflow.results.VoteResult(
         winner="a",

@@ -100,7 +100,7 @@ async def test_a_failed_attempt_is_work_when_its_time_is_known(looptime: float) 
     assert result.summary.busy_time == 1.5
 
 
-async def _four_calls_on_one_slot(*, timings: bool) -> fanflow.BatchResult[str]:
+async def _four_calls_on_one_slot(*, timings: bool) -> fanflow.MapResult[str]:
     """4 calls at once to a server with one slot that queues the rest, as llama.cpp's
     and llama-cpp-python's servers do: each reply takes 1 s once its turn comes; with
     ``timings``, it says so in llama.cpp's field."""

@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 import fanflow
-from fanflow import BatchResult, CallRecord, Message, Request, Response, Status, Usage
+from fanflow import CallRecord, MapResult, Message, Request, Response, Status, Usage
 
 
 def test_request_of_builds_system_and_user_messages() -> None:
@@ -81,7 +81,7 @@ def test_batch_result_views_and_summary() -> None:
             fanflow.results.Attempt(2, 0.5, 1.0, Status.FAILED, service=0.5),
         ),
     )
-    result: BatchResult[str] = BatchResult([ok, bad], makespan=2.0)
+    result: MapResult[str] = MapResult([ok, bad], makespan=2.0)
     assert result.outputs == ["a", None]
     assert result.status == {0: Status.SUCCEEDED, 1: Status.FAILED}
     assert set(result.errors) == {1}
@@ -92,7 +92,7 @@ def test_batch_result_views_and_summary() -> None:
     assert s.speedup == 1.5
     # One record with unknown cost makes the total unknown, never a guess.
     assert s.cost is None
-    assert "fanflow.BatchResult" in repr(result)
+    assert "fanflow.MapResult" in repr(result)
     with pytest.raises(fanflow.errors.BatchError, match=r"1 of 2 items failed; first: item 1"):
         result.raise_for_errors()
 

@@ -37,7 +37,7 @@ from ._pricing import Price
 from ._retry import RetryPolicy
 from ._router import router
 from ._sync import run
-from ._types import BatchResult, CallRecord, Message, Request, Response, Status, Usage
+from ._types import CallRecord, MapResult, Message, Request, Response, Status, Usage
 from ._version import __version__  # the one source: hatch reads it for the package too
 from .patterns import (
     Chain,
@@ -76,6 +76,8 @@ _MOVED = {
 
 
 def __getattr__(name: str) -> _Any:
+    if name == "BatchResult":  # renamed: served with a warning for one release
+        return results._renamed(name)
     where = _MOVED.get(name)
     if where is None:
         raise AttributeError(f"module 'fanflow' has no attribute {name!r}")
@@ -89,7 +91,6 @@ __all__ = [
     "LLM",
     "AllFailed",
     "BaseLLM",
-    "BatchResult",
     "Budget",
     "BudgetExceeded",
     "CallRecord",
@@ -99,6 +100,7 @@ __all__ = [
     "Flow",
     "JsonlSink",
     "Limits",
+    "MapResult",
     "Message",
     "Options",
     "ParallelCalls",

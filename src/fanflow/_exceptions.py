@@ -23,7 +23,7 @@ Every error fanflow raises or records is a :class:`FanflowError`::
     │   └── StepInputError             a chain/flow step's input key is missing (``step``)
     ├── ConfigError                    an option is invalid (raised at construction)
     ├── StoreError                     the result store cannot be read or written
-    ├── BatchError                     opt-in: raised by ``BatchResult.raise_for_errors``
+    ├── BatchError                     opt-in: raised by ``MapResult.raise_for_errors``
     ├── AllFailed                      every alternative failed (``race``; ``failures``)
     ├── QuorumNotMet                   fewer successes than a pattern's quorum
     ├── BudgetExceeded                 the budget cannot cover the next call
@@ -288,7 +288,7 @@ class CircuitOpen(Skipped):
 
 
 class BatchError(FanflowError):
-    """Some items of a batch failed (raised only by ``BatchResult.raise_for_errors``)."""
+    """Some items of a batch failed (raised only by ``MapResult.raise_for_errors``)."""
 
     def __init__(self, errors: Mapping[int, BaseException], total: int) -> None:
         first = min(errors)

@@ -19,9 +19,9 @@ from ._repr import money, render, seconds, short
 
 __all__ = [
     "Attempt",
-    "BatchResult",
     "CallRecord",
     "Deployment",
+    "MapResult",
     "Message",
     "RateLimitState",
     "Request",
@@ -575,7 +575,7 @@ class Summary:
             yield name, value
 
 
-class BatchResult(Generic[T]):
+class MapResult(Generic[T]):
     """Outputs of a batch in input order, with one record per item.
 
     ``outputs[i]`` is item *i*'s value, or ``None`` if it did not succeed.
@@ -592,7 +592,7 @@ class BatchResult(Generic[T]):
     def __repr__(self) -> str:
         s = self.summary
         return (
-            f"fanflow.BatchResult(items={s.items}, succeeded={s.succeeded}, "
+            f"fanflow.MapResult(items={s.items}, succeeded={s.succeeded}, "
             f"failed={s.items - s.succeeded}, makespan={s.makespan:.3f})"
         )
 

@@ -1,10 +1,13 @@
 """What the patterns return: ``<Pattern>Result`` types and the records inside them.
 
-``map`` returns a :class:`BatchResult` (one :class:`CallRecord` per item and a
+``map`` returns a :class:`MapResult` (one :class:`CallRecord` per item and a
 :class:`Summary`); every other pattern a result named after it.
 """
 
-from ._types import Attempt, BatchResult, CallRecord, Deployment, RateLimitState, Summary
+import warnings as _warnings
+from typing import Any as _Any
+
+from ._types import Attempt, CallRecord, Deployment, MapResult, RateLimitState, Summary
 from .patterns import (
     BestOfNResult,
     Call,
@@ -28,7 +31,6 @@ from .patterns import (
 
 __all__ = [
     "Attempt",
-    "BatchResult",
     "BestOfNResult",
     "Call",
     "CallRecord",
@@ -39,6 +41,7 @@ __all__ = [
     "FlowResult",
     "GuardedResult",
     "ItemStatus",
+    "MapResult",
     "ParallelCallsResult",
     "PoolResult",
     "PoolStatus",
@@ -52,3 +55,21 @@ __all__ = [
     "VoteResult",
     "Worker",
 ]
+
+
+def _renamed(name: str, stacklevel: int = 2) -> _Any:
+    """An old name of a result type, served with a warning for one release."""
+    if name != "BatchResult":
+        raise AttributeError(f"module 'fanflow.results' has no attribute {name!r}")
+    _warnings.warn(
+        "fanflow.BatchResult is deprecated and will be removed in the next release; "
+        "use fanflow.MapResult (the same class: 'batch' now means only a provider's "
+        "batch API)",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return MapResult
+
+
+def __getattr__(name: str) -> _Any:
+    return _renamed(name)

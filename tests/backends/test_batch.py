@@ -237,7 +237,7 @@ async def test_bad_options_are_refused() -> None:
 
 async def _auto(
     server: SimServer, deadline: float, concurrency: int
-) -> tuple[fanflow.BatchResult[Any], float]:
+) -> tuple[fanflow.MapResult[Any], float]:
     """Map 10 items with mode="auto" (1 s real-time calls); the result and its makespan."""
     loop = asyncio.get_running_loop()
     llm = _openai(server, limits=fanflow.Limits(concurrency=concurrency))

@@ -58,7 +58,7 @@ def _handle(server: SimServer, limits: Limits | None = None) -> fanflow.BaseLLM:
     )
 
 
-def _shape(result: fanflow.BatchResult[Any]) -> list[tuple[Any, ...]]:
+def _shape(result: fanflow.MapResult[Any]) -> list[tuple[Any, ...]]:
     """What must be identical between backends: per item, status, output and error."""
     return [
         (

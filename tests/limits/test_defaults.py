@@ -39,7 +39,7 @@ async def test_with_no_limits_every_item_finishes_against_an_unknown_concurrency
     assert float(looptime) < 3.0 * 1.6 + 1.0
 
 
-async def _against_a_rate(**server_kw: object) -> tuple[fanflow.BatchResult[str], dict[int, int]]:
+async def _against_a_rate(**server_kw: object) -> tuple[fanflow.MapResult[str], dict[int, int]]:
     """300 items, no limits, against 50 requests per second (a bucket of one second,
     Retry-After when refused): the result and the server's responses by status."""
     async with SimServer(

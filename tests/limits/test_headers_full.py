@@ -23,7 +23,7 @@ N = 600
 RATE = 100  # requests per second at the server: a bucket of one second
 
 
-async def _run(server: SimServer, limits: Limits) -> fanflow.BatchResult[str]:
+async def _run(server: SimServer, limits: Limits) -> fanflow.MapResult[str]:
     llm = fanflow.openai(
         "gpt-sim",
         base_url=server.url,

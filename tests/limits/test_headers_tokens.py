@@ -24,7 +24,7 @@ PER_CALL = 7  # SimServer counts words: "item 17" (2) + "a b c d e" (5)
 CALLS = 100  # calls per second the server's tokens allow: a bucket of one second
 
 
-async def _run(server: SimServer, limits: Limits) -> fanflow.BatchResult[str]:
+async def _run(server: SimServer, limits: Limits) -> fanflow.MapResult[str]:
     llm = fanflow.openai(
         "gpt-sim",
         base_url=server.url,

@@ -30,7 +30,7 @@ SLACK = 16 + 4
 
 async def _refused_job(
     limits: Limits | None, *, cold: bool = True
-) -> tuple[fanflow.BatchResult[str], int, float, fanflow.BaseLLM]:
+) -> tuple[fanflow.MapResult[str], int, float, fanflow.BaseLLM]:
     # A refusal comes back after a round trip (up to 0.2 s, seeded).
     async with SimServer(faults={"429": 1.0}, arrival_jitter=0.2, keep_requests=False) as server:
         kw: dict[str, object] = {} if limits is None else {"limits": limits}

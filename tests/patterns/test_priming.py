@@ -33,9 +33,7 @@ async def _warm(server: SimServer) -> AsyncIterator[OpenAILLM]:
         yield llm
 
 
-async def _run(
-    prime: bool | None, items: list[str] = ITEMS
-) -> tuple[fanflow.BatchResult, SimServer]:
+async def _run(prime: bool | None, items: list[str] = ITEMS) -> tuple[fanflow.MapResult, SimServer]:
     server = SimServer(latency=LATENCY, prompt_cache=True, keep_requests=False)
     async with server, _warm(server) as llm:
         loop = asyncio.get_running_loop()

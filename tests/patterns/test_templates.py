@@ -124,7 +124,7 @@ def test_fuzz_templates_through_map(parts: list[str], a: str) -> None:
     template = "".join(parts)
     llm = ScriptedLLM(lambda r: r.prompt)
 
-    async def go() -> fanflow.BatchResult[Any] | fanflow.errors.TemplateError:
+    async def go() -> fanflow.MapResult[Any] | fanflow.errors.TemplateError:
         try:
             return await fanflow.map(llm, template, [{"a": a, "b": 1}, {"a": a}])
         except fanflow.errors.TemplateError as exc:

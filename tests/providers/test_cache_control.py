@@ -20,7 +20,7 @@ CLAUDE = {"claude-sim": fanflow.Price(3.00, 15.00, cached_input=0.30, cache_writ
 
 async def _map(
     server: SimServer, prompt: str, system: str | None = SYSTEM, **handle: Any
-) -> fanflow.BatchResult:
+) -> fanflow.MapResult:
     async with fanflow.anthropic("claude-sim", base_url=server.root, api_key="k", **handle) as llm:
         await fanflow.call(llm, "warm up")  # past the breaker's cold start
         server.reset()

@@ -29,7 +29,7 @@ def prompt(request: SimRequest) -> str:
 
 async def run_tiers(
     cheap_reply: Any, strong_reply: str, items: list[str], **kwargs: Any
-) -> tuple[fanflow.BatchResult[Any], set[str], int]:
+) -> tuple[fanflow.MapResult[Any], set[str], int]:
     """The cascade's result over ``items``, the prompts the strong tier answered and
     the requests the cheap one saw."""
     parse = kwargs.pop("parse", None)

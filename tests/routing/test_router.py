@@ -27,7 +27,7 @@ def oai(server: SimServer, model: str = "m", **kwargs: object) -> fanflow.BaseLL
     return fanflow.openai(model, base_url=server.url, api_key="sk-test-key-0123", **kwargs)  # type: ignore[arg-type]
 
 
-def answered_once(result: fanflow.BatchResult[object], *servers: SimServer) -> None:
+def answered_once(result: fanflow.MapResult[object], *servers: SimServer) -> None:
     """Every item succeeded, and the servers together answered each prompt once."""
     assert result.ok, result.errors
     done: dict[str, int] = {}

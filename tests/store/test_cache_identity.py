@@ -23,7 +23,7 @@ pytestmark = pytest.mark.looptime
 ITEMS = ["alpha", "beta", "gamma"]
 
 
-async def run_map(llm: fanflow.BaseLLM, db: Path, **kw: Any) -> fanflow.BatchResult[Any]:
+async def run_map(llm: fanflow.BaseLLM, db: Path, **kw: Any) -> fanflow.MapResult[Any]:
     async with llm, fanflow.Store(db) as store:
         return await fanflow.map(llm, "{input}", ITEMS, store=store, **kw)
 

@@ -3,7 +3,7 @@ sections, ParallelCalls, and multi-step Skill/Step/Chain/Flow run over many inpu
 
 Every pattern takes the same call options (:class:`Options`). A pattern's result is
 named after it: ``<Pattern>Result`` (``VoteResult``, ``EvaluateResult``, ``FlowResult``
-for a Chain or Flow run, ...). The exceptions: ``map`` returns a ``BatchResult`` (the
+for a Chain or Flow run, ...). The exceptions: ``map`` returns a ``MapResult`` (the
 engine's own type, shared with the Ray backend and the CLI), ``as_completed`` a
 ``ResultStream``, ``call`` a ``Call`` (an awaitable, not yet run), and ``gather`` and
 ``race`` the values of their calls.

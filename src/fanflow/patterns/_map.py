@@ -22,7 +22,7 @@ from .._events import AMBIENT_HOOKS, observed
 from .._exceptions import ConfigError, FanflowError
 from .._llm import LLM
 from .._progress import Tracker, displaying, size_of, with_progress
-from .._types import BatchResult, CallRecord, Request, Response
+from .._types import CallRecord, MapResult, Request, Response
 from .._util import given
 from ..backends._base import Backend, Deliver, FirstCheck, Items, MapRun, MapSpec
 from ..backends._batch import BatchOptions, Mode
@@ -189,7 +189,7 @@ async def map(
     progress: bool = False,
     prime: bool | None = None,
     **options: Unpack[Options],
-) -> BatchResult[Any]:
+) -> MapResult[Any]:
     """Run ``prompt`` over every item at once, within limits; outputs in input order.
 
     Args:
@@ -239,7 +239,7 @@ async def map(
             cannot cover end ``skipped``.
 
     Returns:
-        A :class:`fanflow.BatchResult` with one record per item, in input order.
+        A :class:`fanflow.MapResult` with one record per item, in input order.
     """
     spec = _spec(
         "map", llm, prompt, items, options, system=system, temperature=temperature,
@@ -264,7 +264,7 @@ async def map(
     missing = [i for i, r in enumerate(records) if r is None]
     if missing:  # pragma: no cover - a broken promise, loudly
         raise FanflowError(f"internal error: items {missing[:10]} ended with no status")
-    return BatchResult([r for r in records if r is not None], makespan=loop.time() - start)
+    return MapResult([r for r in records if r is not None], makespan=loop.time() - start)
 
 
 class _Producer(Generic[T]):

@@ -21,7 +21,7 @@ from .._exceptions import ConfigError
 from .._llm import LLM
 from .._progress import with_progress
 from .._sync import blocking
-from .._types import BatchResult, CallRecord, Request
+from .._types import CallRecord, MapResult, Request
 from ._combine import CodeAggregator, Splitter, aggregator, chunks_of
 from ._common import PatternResult, check_model, now, run_calls, run_function, run_items
 from ._map import map as map_items
@@ -171,7 +171,7 @@ class ParallelCallsResult(PatternResult):
         aggregated: the aggregate: the aggregate call's output, or what the code
             aggregator returned (None without one, or if it failed).
         errors: failed branches by input index.
-        branches: the branches' :class:`fanflow.BatchResult`.
+        branches: the branches' :class:`fanflow.MapResult`.
         aggregate_record: the aggregate's record (a model call, or the function).
         chunks: the chunks the branches ran on (the split text, with ``text=``).
     """
@@ -179,7 +179,7 @@ class ParallelCallsResult(PatternResult):
     outputs: list[str | None]
     aggregated: Any
     errors: dict[int, BaseException]
-    branches: BatchResult[str] = field(repr=False)
+    branches: MapResult[str] = field(repr=False)
     aggregate_record: CallRecord[Any] | None = field(default=None, repr=False)
     chunks: tuple[Any, ...] = field(default=(), repr=False)
 
