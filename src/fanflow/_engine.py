@@ -555,15 +555,12 @@ class _Call(Generic[T]):
             return _succeeded(self, start, response, parse)
         return _ended(self, error, start)
 
-    def _ordered_attempts(self) -> tuple[Attempt, ...]:
-        # Attempts are appended as they end; a record lists them as they were started.
-        if len(self.attempts) == 1:
-            return (self.attempts[0],)
-        return tuple(sorted(self.attempts, key=lambda a: a.number))
 
-    def _tries(self) -> list[Attempt]:
-        """Attempts that count against the retry budget (hedges and requeues do not)."""
-        return [a for a in self.attempts if not a.hedge and not a.requeued]
+def _in_order(attempts: list[Attempt]) -> tuple[Attempt, ...]:
+    # Attempts are appended as they end; a record lists them as they were started.
+    if len(attempts) == 1:
+        return (attempts[0],)
+    return tuple(sorted(attempts, key=lambda a: a.number))
 
 
 def _verdict(call: _Call[Any], exc: Exception, sent_at: int, called: int) -> Verdict:
@@ -576,7 +573,8 @@ def _verdict(call: _Call[Any], exc: Exception, sent_at: int, called: int) -> Ver
     gate = call.opts.gate
     deadline = call.deadline
     seen = Seen(
-        tries=len(call._tries()),
+        # Hedges and requeues do not count against the retry budget.
+        tries=sum(1 for a in call.attempts if not a.hedge and not a.requeued),
         requeues=call.requeues,
         succeeded_since_sent=lane.successes > sent_at,
         accepted_in_flight=lane.in_flight > 0 and lane.accepted_in_flight,
@@ -652,7 +650,7 @@ def _succeeded(
         request=call.request,
         value=value,
         error=error,
-        attempts=call._ordered_attempts(),
+        attempts=_in_order(call.attempts),
         start=start,
         end=end,
         usage=usage,
@@ -674,7 +672,7 @@ def _ended(call: _Call[T], error: BaseException, start: float) -> CallRecord[T]:
         status=status_of(error),
         request=call.request,
         error=error,
-        attempts=call._ordered_attempts(),
+        attempts=_in_order(call.attempts),
         start=start,
         end=call.loop.time(),
         label=call.label,
