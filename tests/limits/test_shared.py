@@ -7,6 +7,7 @@ process (a background thread): they wait on real events, bounded by the pacing i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -94,8 +95,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'limits.db'}"
         return
+    with redis_url(tmp_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def redis_url(folder: Path) -> Iterator[str]:
+    """The URL of a real redis-server on a free loopback port, running for the block."""
     port = _free_port()
-    server = _start_redis(port, tmp_path)
+    server = _start_redis(port, folder)
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:

@@ -20,20 +20,15 @@ import pytest
 from fanflow._shared._redis import RedisStore
 from fanflow._shared._sqlite import earliest
 
-from .test_shared import _free_port, _start_redis
+from .test_shared import redis_url
 
 redis = pytest.importorskip("redis")
 
 
 @pytest.fixture
 def url(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(10)
+    with redis_url(tmp_path) as found:
+        yield found
 
 
 def _keys(ident: str) -> tuple[str, str, str]:
