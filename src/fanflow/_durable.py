@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ._engine import Run, execute, parsed
@@ -224,11 +224,12 @@ class Learning:
         self.lanes = lanes  # (lane, limit identity)
 
     @classmethod
-    async def start(cls, store: JobStore, llm: LLM | None) -> Learning | None:
-        if llm is None or not callable(getattr(store, "read_capacity", None)):
+    async def start(cls, store: JobStore, models: Sequence[LLM]) -> Learning | None:
+        if not models or not callable(getattr(store, "read_capacity", None)):
             return None  # a store of the user's own that keeps no capacity
         lanes = []
-        for handle in _leaves(llm):
+        handles = {id(h): h for m in models for h in _leaves(m)}  # each handle once
+        for handle in handles.values():
             ident, _ = identity(handle)
             lane = handle.lane()
             try:
@@ -316,11 +317,11 @@ class Durability:
         return cls(store=store, job=job, only_failed=only_failed, cache=cache, sink=sink)
 
     async def around(
-        self, run: Callable[[], Awaitable[int]], total: int | None, llm: LLM | None = None
+        self, run: Callable[[], Awaitable[int]], total: int | None, models: Sequence[LLM] = ()
     ) -> None:
-        """Run the batch (``run`` returns how many inputs it saw) within this job; ``llm``'s
-        lanes start from what the job's store kept of its server, and keep there what
-        they learnt (:class:`Learning`)."""
+        """Run the batch (``run`` returns how many inputs it saw) within this job; the
+        lanes of ``models`` start from what the job's store kept of their server, and
+        keep there what they learnt (:class:`Learning`)."""
         store, job = self.store, self.job
         # One run of a job at a time (two would both call the model for every item):
         # a second run is refused here, before any call, naming the process running it.
@@ -329,7 +330,7 @@ class Durability:
         try:
             if store is not None and job is not None:
                 self.prior = await store.start_job(job, total)
-                learning = await Learning.start(store, llm)
+                learning = await Learning.start(store, models)
             if self.sink is not None:
                 self.sink.open()
             try:

@@ -69,3 +69,25 @@ async def test_a_damaged_capacity_row_is_said_and_the_job_runs(
         await _refusals(server, store, "second")  # every item succeeds
     store.close()
     assert any("was not read" in r.getMessage() for r in caplog.records)
+
+
+async def _pool_refusals(server: SimServer, store: fanflow.Store, job: str) -> int:
+    before = server.stats().responses.get(429, 0)
+    llm = fanflow.openai("sim", base_url=server.url, api_key="sk-test")
+    inputs = [{"text": item} for item in ITEMS]
+    async with llm:
+        skill = fanflow.Skill(llm, "{text}")
+        pool = fanflow.Pool(skill, inputs, max_flows=300, store=store, job=job, cache=False)
+        result = await pool.arun()
+    assert result.ok
+    return server.stats().responses.get(429, 0) - before
+
+
+async def test_a_pool_jobs_next_run_starts_from_what_its_last_run_learnt(tmp_path: Path) -> None:
+    store = fanflow.Store(tmp_path / "s.db")
+    async with SimServer(latency=0.3, max_in_flight=100, keep_requests=False) as server:
+        first = await _pool_refusals(server, store, "first")
+        second = await _pool_refusals(server, store, "second")
+    store.close()
+    assert first >= 10
+    assert second * 10 <= first

@@ -201,7 +201,7 @@ class Crew(Generic[T]):
         if self.durable is None:
             await self._run()
         else:
-            await self.durable.around(self._run, self.size, self.llm)
+            await self.durable.around(self._run, self.size, (self.llm,))
 
     async def _run(self) -> int:
         try:

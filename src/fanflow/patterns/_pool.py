@@ -409,7 +409,7 @@ class Pool:
             if durable is None:
                 await run_all()
             else:
-                await durable.around(run_all, len(self.inputs))
+                await durable.around(run_all, len(self.inputs), _models(self.runner))
         finally:
             for steps in self._running:
                 steps.clear()
