@@ -53,8 +53,7 @@ def test_a_new_process_hedges_with_the_delay_another_measured(tmp_path: Path) ->
     assert second.ok
     slow = second.records[25]
     assert any(a.hedge for a in slow.attempts)
-    assert slow.latency is not None
-    assert slow.latency < 5.0  # answered by the hedge, not after the 30 s timeout
+    assert slow.retries == 0  # answered by the hedge, not retried after its 30 s timeout
 
 
 def test_a_handle_on_a_new_loop_hedges_with_the_delay_it_measured_before() -> None:
@@ -69,5 +68,4 @@ def test_a_handle_on_a_new_loop_hedges_with_the_delay_it_measured_before() -> No
     assert second.ok
     slow = second.records[25]
     assert any(a.hedge for a in slow.attempts)
-    assert slow.latency is not None
-    assert slow.latency < 5.0
+    assert slow.retries == 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias, Unpack
@@ -233,7 +234,7 @@ async def _call_kw(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
 
 
 @option_attributes("budget", "prices")
-class _Graph:
+class _Graph(ABC):
     """Steps with dependencies, run as soon as their dependencies are done."""
 
     kind = "flow"
@@ -254,9 +255,9 @@ class _Graph:
                 if key not in produced and key not in self.required_keys:
                     self.required_keys.append(key)
 
+    @abstractmethod
     def _dependencies(self, steps: tuple[Step, ...]) -> list[set[int]]:
         """Each step's dependencies (indexes of steps), once the steps are checked."""
-        raise NotImplementedError  # pragma: no cover - each kind of graph says its own
 
     def check(self, keys: Collection[str], index: int | None) -> StepInputError | None:
         """The first step input that the given input keys cannot provide, or None."""
