@@ -387,6 +387,21 @@ async def test_a_handle_dropped_mid_run_leaves_nothing_for_the_collector(server:
     assert kept.closed
 
 
+async def test_many_first_calls_close_a_dropped_session_once(server: SimServer) -> None:
+    # A new handle's first calls start at once, and each opens the handle's session:
+    # the dropped handle's session is closed by one of them, and no call fails for it
+    # (a second close of its generator raised "aclose(): asynchronous generator is
+    # already running" into a call, seen on the Ray workers, which drop a handle per run).
+    dropped = [make_openai(server) for _ in range(3)]
+    for llm in dropped:
+        assert (await fanflow.call(llm, "dropped")).text == "echo: dropped"
+    del dropped, llm
+    gc.collect()
+    async with make_openai(server) as later:
+        result = await fanflow.map(later, "{input}", [f"n{i}" for i in range(20)])
+    assert result.ok, [str(e) for e in result.errors.values()][:1]
+
+
 def test_sync_run_uses_a_session_per_loop_and_closes_it() -> None:
     with SimServer() as server:
         llm = make_openai(server)

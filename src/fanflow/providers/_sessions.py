@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import weakref
 from collections.abc import AsyncGenerator, Callable
@@ -46,12 +47,16 @@ def _drop(opened: list[int]) -> None:
 
 
 async def _close_dropped(loop: asyncio.AbstractEventLoop) -> None:
-    """Close the dropped sessions of ``loop``; forget those whose loop closed without them."""
+    """Close the dropped sessions of ``loop``; forget those whose loop closed without them.
+
+    Several calls may run this at once (a new handle's first calls): each entry is taken
+    out of ``_OPEN`` before its close is awaited, so only one of them closes it."""
     for key, entry in list(_OPEN.items()):
         if entry.loop.is_closed():
             _OPEN.pop(key, None)
-        elif entry.dropped and entry.loop is loop:
-            await entry.keeper.aclose()
+        elif entry.dropped and entry.loop is loop and _OPEN.pop(key, None) is entry:
+            with contextlib.suppress(Exception):  # another handle's close: not this call's
+                await entry.keeper.aclose()
 
 
 class Sessions:
@@ -82,13 +87,17 @@ class Sessions:
             return last[1]
         entry = self._by_loop.get(loop)
         if entry is None:
-            await _close_dropped(loop)
             session = self._factory()
             keeper = _keep(session, weakref.ref(self), loop)
             await anext(keeper)  # registers with the loop: shutdown_asyncgens closes it
             _OPEN[id(session)] = _Open(loop, keeper)
             self._opened.append(id(session))
             entry = self._by_loop[loop] = (session, keeper)
+            self._last = (loop, session)
+            # After the new session is in place (this may wait: the calls that start
+            # meanwhile find it), not before.
+            await _close_dropped(loop)
+            return session
         self._last = (loop, entry[0])
         return entry[0]
 
