@@ -97,3 +97,24 @@ async def test_a_rate_limited_server_refuses_few_of_the_first_wave(headers: bool
     assert first_wave_refusals(result) <= FEW_DOZEN
     # The whole run (the adaptive limit settling after the first wave): 277 before.
     assert server.stats().responses.get(429, 0) <= 2 * FEW_DOZEN
+
+
+async def test_a_limiter_that_says_nothing_but_429_refuses_a_few_dozen_in_all() -> None:
+    # nginx's limit_req: 50 a second with a burst of 50, and a 429 with neither rate-limit
+    # headers nor a Retry-After. A refusal comes back at once, so it keeps its slot for
+    # as long as an answer takes; else the adaptive limit bounds the calls in flight
+    # but not the refusals a second (50 in all before, where the limit is 36).
+    async with (
+        SimServer(
+            latency=0.1,
+            rpm=50,
+            period=1.0,
+            rate_headers=False,
+            retry_after=False,
+            keep_requests=False,
+        ) as server,
+        _llm(server) as llm,
+    ):
+        result = await fanflow.map(llm, "{input}", ITEMS)
+    assert result.ok, result.errors
+    assert server.stats().responses.get(429, 0) <= FEW_DOZEN

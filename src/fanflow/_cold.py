@@ -14,8 +14,8 @@ refusal of the calls already sent takes to return.
   adaptive limit has been lowered by then (:mod:`fanflow._limits`) and governs.
 - A success does not end it: the key is right, but the server's capacity is still
   unknown, so the wave goes on doubling until a 429 or until it is :data:`_ENOUGH`.
-  A success does make the wave at least as large as steps of :data:`COLD_STEP` would
-  have made it by then (on a loaded machine the steps run late).
+  A success does make the wave at least as large as its steps would have made it by
+  then (on a loaded machine the timers run late).
 
 With a right key a large server has the whole wave in flight after ``log2(C / 16)``
 steps; a wrong key or a small server meets the first wave and a step's worth more (what
@@ -129,12 +129,12 @@ class ColdStart:
 
     def succeeded(self) -> None:
         """A call succeeded: the wave is at least as large as its steps would have made
-        it by now at :data:`COLD_STEP` each (a loaded machine's timers and its inflated
-        first connection time must not hold it back longer than an answer takes)."""
+        it by now (a loaded machine's late timers must not hold it back longer than an
+        answer takes; an answer must not skip steps either: decision 0300)."""
         loop = self._loop
         if self.over or loop is None:
             return
-        steps = (loop.time() - self._started) / COLD_STEP
+        steps = (loop.time() - self._started) / (self._step or COLD_STEP)
         if steps >= _ENOUGH.bit_length():
             self.end()
             return
@@ -189,10 +189,14 @@ class ColdStart:
             self.end()  # no connection opened, or held long enough: the answers are slow
             return
         late = now - self._due > step  # refusals may be queued behind what delayed it
-        if (late and not self._late) or self._sent + step > now + _EPSILON:
+        if late and not self._late:
             # (late once in a row at most: a loaded machine is late at every tick)
-            self._late = late
-            self._arm(max(now, self._sent) + step)
+            self._late = True
+            self._arm(now + step)
+            return
+        if self._sent + step > now + _EPSILON:  # a call went out less than a step ago
+            self._late = False
+            self._arm(self._sent + step)
             return
         self._late = False
         if self._grow(self._window * 2):

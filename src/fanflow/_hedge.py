@@ -88,6 +88,11 @@ class Hedger:
             self._delay = hedge_delay(lat)
             self._own = self._delay is not None
 
+    def median(self) -> float | None:
+        """The median latency of the recent successful attempts (None: none yet)."""
+        lat = self._lat
+        return sorted(lat)[len(lat) // 2] if lat else None
+
     def delay(self) -> float | None:
         """Seconds after which an attempt gets a duplicate (None: not enough data)."""
         return self._delay

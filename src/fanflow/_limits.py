@@ -449,7 +449,7 @@ class Lane:
         rate: Meter = self.steer
         if self.metered:
             rate = self.rates if admission is None else _Booked(admission, self)
-        gate_meter = GateMeter(self.gate)
+        gate_meter = GateMeter(self.gate, self.hedger)
         self._acquire: tuple[Meter, ...] = (gate_meter, pause, rate, self.headers)
         learn: list[Meter] = [rate] if rate is not self.steer else []
         if self.metered and admission is not None:

@@ -161,12 +161,19 @@ class Turn:
 
 
 class GateMeter:
-    """The concurrency meter: one slot of the lane's gate per call in flight."""
+    """The concurrency meter: one slot of the lane's gate per call in flight.
 
-    __slots__ = ("gate",)
+    A refusal that says nothing (a 429/529 with no Retry-After and no rate-limit
+    headers) keeps its slot until an answer sent with it would typically have come
+    (the median latency of the lane's successes): a rate limiter refuses at once, and
+    the limit must bound the refused sends as it bounds the answered ones.
+    """
 
-    def __init__(self, gate: Any) -> None:
+    __slots__ = ("gate", "hedger")
+
+    def __init__(self, gate: Any, hedger: Any) -> None:
         self.gate = gate  # a Gate, or a LeasedGate (fanflow._leases)
+        self.hedger = hedger  # the lane's fanflow._hedge.Hedger: its median latency
 
     def acquire_nowait(self, permit: Permit) -> Permit | None:
         return permit if self.gate.try_acquire() else None
@@ -176,7 +183,21 @@ class GateMeter:
         return permit
 
     def release(self, permit: Permit | None, outcome: Outcome | None) -> None:
+        if outcome is not None and outcome.refused:
+            until = self._held_until(outcome)
+            if until is not None:
+                asyncio.get_running_loop().call_at(until, self.gate.release)
+                return
         self.gate.release()
+
+    def _held_until(self, refusal: Outcome) -> float | None:
+        """When a refusal's slot goes back (None: now, when the server said more)."""
+        if refusal.state is not None or refusal.error.retry_after:  # type: ignore[union-attr]
+            return None
+        median = self.hedger.median()
+        if median is None or refusal.start + median <= refusal.now:
+            return None
+        return float(refusal.start + median)
 
 
 class PauseMeter:

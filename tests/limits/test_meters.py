@@ -11,6 +11,7 @@ import pytest
 import fanflow
 from fanflow import Limits, Request, Response, Usage
 from fanflow._gate import Gate
+from fanflow._hedge import Hedger
 from fanflow._leases import GlobalLane, GrantQueue, LeasedGate, SlotLease
 from fanflow._limits import Lane
 from fanflow._meters import (
@@ -51,7 +52,7 @@ def _refused(start: float = 0.0, sent: int = 1, retry_after: float | None = None
 
 async def test_the_gate_meter_holds_one_slot_per_call(looptime: float) -> None:
     gate = Gate(1)
-    meter = GateMeter(gate)
+    meter = GateMeter(gate, Hedger())
     first = await meter.acquire(Permit(0, 0, []))
     waiter = asyncio.ensure_future(meter.acquire(Permit(0, 0, [])))
     await asyncio.sleep(1.0)
@@ -60,6 +61,59 @@ async def test_the_gate_meter_holds_one_slot_per_call(looptime: float) -> None:
     await waiter
     assert gate.statistics().in_flight == 1
     assert looptime == 1.0
+
+
+def _hedger(*latencies: float) -> Hedger:
+    hedger = Hedger()
+    for latency in latencies:
+        hedger.observe(latency)
+    return hedger
+
+
+async def test_a_refusal_that_says_nothing_keeps_its_slot_a_median_latency(
+    looptime: float,
+) -> None:
+    gate = Gate(1)
+    meter = GateMeter(gate, _hedger(0.5, 2.0, 3.0))  # median 2.0
+    permit = await meter.acquire(Permit(0, 0, []))
+    await asyncio.sleep(0.25)
+    meter.release(permit, _refused(start=0.0))
+    assert gate.statistics().in_flight == 1  # held: an answer would take 2 s
+    await meter.acquire(Permit(0, 0, []))
+    assert looptime == 2.0
+
+
+@pytest.mark.parametrize(
+    ("hedger", "outcome"),
+    [
+        (_hedger(2.0), lambda: _refused(retry_after=1.0)),  # the server said when
+        (_hedger(), lambda: _refused()),  # no answer yet: nothing to measure
+        (_hedger(0.1), lambda: _refused()),  # already longer than an answer
+        (_hedger(2.0), lambda: _ok()),
+    ],
+    ids=["retry-after", "no-latency-yet", "late-refusal", "success"],
+)
+async def test_other_endings_give_the_slot_back_at_once(
+    looptime: float, hedger: Hedger, outcome: object
+) -> None:
+    gate = Gate(1)
+    meter = GateMeter(gate, hedger)
+    permit = await meter.acquire(Permit(0, 0, []))
+    await asyncio.sleep(0.25)
+    meter.release(permit, outcome())  # type: ignore[operator]
+    assert gate.statistics().in_flight == 0
+
+
+async def test_a_refusal_with_rate_limit_headers_gives_the_slot_back_at_once(
+    looptime: float,
+) -> None:
+    gate = Gate(1)
+    meter = GateMeter(gate, _hedger(2.0))
+    permit = await meter.acquire(Permit(0, 0, []))
+    error = RateLimited("429", status_code=429)
+    error.rate_limit = RateLimitState(requests_limit=10, requests_remaining=0)
+    meter.release(permit, Outcome(0.0, _now(), None, error, 1))
+    assert gate.statistics().in_flight == 0
 
 
 async def test_a_retry_after_pauses_then_ramps_from_half_the_limit(looptime: float) -> None:

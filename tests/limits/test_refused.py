@@ -238,3 +238,51 @@ async def test_a_plain_model_refused_beside_a_handle_that_answers_is_not_requeue
         fanflow.map(llm, "{input}", [str(i) for i in range(50)], concurrency=2),
     )
     assert refusing.calls == 2
+
+
+# -- a new handle's first wave, step by step (decision 0175) ----------------------------
+
+
+async def _first_wave(breaker: Breaker, calls: int, admitted: list[float]) -> None:
+    """``calls`` calls through ``breaker``'s cold start, the i-th of the first 16 sent
+    i ms after the start (a wave takes time to write); when each was let through."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    request = Request("hi", model="m")
+
+    async def one(i: int) -> None:
+        call = object()
+        await breaker.admit(request, call)
+        admitted.append(loop.time() - start)
+        await asyncio.sleep(0.001 * i if i < 16 else 0.0)
+        await breaker.admit(request, call, admitted=True)
+        await asyncio.sleep(10.0)  # in flight: no answer comes back
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(calls)]
+    await asyncio.sleep(0.02)
+    breaker.connected(0.02)  # the first connection took 20 ms: a step is 60 ms
+    await asyncio.sleep(0.2)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_steps_wait_counts_from_the_last_call_sent() -> None:
+    # The first 16 went out over 15 ms: the wave doubles a step after the last of them
+    # (75 ms), not a step after the timer found it too early (120 ms, before).
+    admitted: list[float] = []
+    await _first_wave(Breaker(cold_start=16), 64, admitted)
+    assert sorted(admitted)[16] == pytest.approx(0.075)
+
+
+async def test_an_answer_catches_the_wave_up_by_the_steps_measured() -> None:
+    # An answer at 100 ms, with steps of 60 ms: the wave is what 100/60 steps make
+    # (50 calls), not what steps of 10 ms would have (16 x 2**10: all 300, before).
+    admitted: list[float] = []
+    breaker = Breaker(cold_start=16)
+    wave = asyncio.ensure_future(_first_wave(breaker, 300, admitted))
+    await asyncio.sleep(0.1)
+    breaker.succeeded(Request("hi", model="m"))
+    await asyncio.sleep(0)
+    assert len(admitted) == 50
+    await wave

@@ -20,7 +20,6 @@ An adapter (``_openai.py``, ``_anthropic.py``) only translates between a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import time
@@ -614,11 +613,12 @@ class HttpLLM(BaseLLM):
         return headers.get(name) if name is not None else None
 
     def _named(self, response: Response, headers: Mapping[str, str]) -> Response:
-        """``response`` with the API's id of its request in ``extra`` (when it gave one)."""
+        """``response`` (just parsed: nothing else holds it) with the API's id of its
+        request added to ``extra``, when it gave one."""
         named = self._request_id(headers)
-        if not named:
-            return response
-        return dataclasses.replace(response, extra={**response.extra, REQUEST_ID: named})
+        if named:  # in place, not a copy: the hot path
+            object.__setattr__(response, "extra", {**response.extra, REQUEST_ID: named})
+        return response
 
     async def aclose(self) -> None:
         """Close the connection pool. The handle stays usable: a new pool opens on demand."""

@@ -90,7 +90,9 @@ class SimServer:
             whose refill meanwhile is lost; requests on warm connections then catch up.
         rate_headers: send the rate-limit headers (``x-ratelimit-*`` /
             ``anthropic-ratelimit-*``) with ``rpm``/``tpm``; False for a server that
-            only answers 429 (nginx's ``limit_req``, many gateways).
+            only answers 429 (many gateways).
+        retry_after: send a Retry-After with the limits' 429s; False for a server that
+            says nothing but 429 (nginx's ``limit_req``).
         reply: the reply text: a string, ``{regex: text}`` matched on the prompt (first
             match wins; unmatched prompts get the echo), or ``fn(SimRequest) -> str``.
             Default: ``"echo: <prompt>"``. ``max_tokens`` and stop sequences apply.
@@ -147,6 +149,7 @@ class SimServer:
         arrival_jitter: float = 0.0,
         connect_delay: float = 0.0,
         rate_headers: bool = True,
+        retry_after: bool = True,
         reply: ReplySpec | None = None,
         faults: Mapping[str, float] | None = None,
         fault_on: FaultSpec | None = None,
@@ -174,7 +177,9 @@ class SimServer:
         self.port = port
         self._counters = Counters(keep_prompts=keep_requests)
         late = (arrival_jitter, connect_delay)
-        self._limiter = Limiter(rpm, tpm, max_in_flight, period, late, rate_headers, seed)
+        self._limiter = Limiter(
+            rpm, tpm, max_in_flight, period, late, rate_headers, seed, retry_after
+        )
         cache = SimCache() if prompt_cache is True else prompt_cache or None
         self._chat = ChatDesk(
             timing=Timing(latency, per_token, jitter, slow_delay),

@@ -54,6 +54,7 @@ class Limiter:
         late: tuple[float, float],
         rate_headers: bool,
         seed: int,
+        retry_after: bool = True,
     ) -> None:
         for name, limit in (("rpm", rpm), ("tpm", tpm), ("max_in_flight", max_in_flight)):
             if limit is not None and limit < 1:
@@ -63,6 +64,7 @@ class Limiter:
         self.rpm, self.tpm, self.max_in_flight, self.period = rpm, tpm, max_in_flight, period
         self.arrival_jitter, self.connect_delay = late
         self.rate_headers = rate_headers
+        self.retry_after = retry_after
         # Connections seen (by their handler, kept so that an id is never reused).
         self._connections: dict[int, object] = {}
         self._arrival_rng = random.Random(seed + 1)  # apart from the fault draws
@@ -99,7 +101,7 @@ class Limiter:
                 429,
                 f"Too many concurrent requests: limit {self.max_in_flight} in flight. "
                 "Lower your concurrency.",
-                headers=self.headers(api) + retry_headers(api, 1.0),
+                headers=self.headers(api) + self._retry_headers(api, 1.0),
             )
         rb, tb = self._requests, self._tokens
         if rb is not None:
@@ -127,13 +129,16 @@ class Limiter:
                 f"Rate limit reached for {sim.model} on {what} per min: Limit {limit}. "
                 f"Please try again in {wait * 1000:.0f}ms.",
                 kind=what,
-                headers=self.headers(api) + retry_headers(api, wait),
+                headers=self.headers(api) + self._retry_headers(api, wait),
             )
         if rb is not None:
             rb.level -= 1
         if tb is not None:
             tb.level -= tokens
         return None
+
+    def _retry_headers(self, api: Api, wait: float) -> list[tuple[str, str]]:
+        return retry_headers(api, wait) if self.retry_after else []
 
     def headers(self, api: Api) -> list[tuple[str, str]]:
         """The rate-limit headers of a reply (none without buckets or ``rate_headers``)."""
