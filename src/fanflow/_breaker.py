@@ -199,12 +199,12 @@ class Breaker:
             cold.end()
             self.active = bool(self._open or self._streaks)
 
-    def connected(self, seconds: float) -> None:
-        """The handle's first connection took ``seconds`` to open (the HTTP handles
-        report it): the cold start's wave grows at a pace of its round trips."""
+    def connected(self, seconds: float) -> bool:
+        """A connection of the handle was handed out after ``seconds`` (the HTTP handles
+        report them while it is cold): the cold start's wave grows at a pace of its round
+        trips. False once the cold start is over (no more reports needed)."""
         cold = self._cold
-        if cold is not None:
-            cold.connected(seconds)
+        return cold is not None and cold.connected(seconds)
 
     def _blocking(self, request: Request, call: object) -> _Trip | None:
         for scope in (("handle", None), ("model", request.model)):

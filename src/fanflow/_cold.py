@@ -14,8 +14,8 @@ refusal of the calls already sent takes to return.
   adaptive limit has been lowered by then (:mod:`fanflow._limits`) and governs.
 - A success does not end it: the key is right, but the server's capacity is still
   unknown, so the wave goes on doubling until a 429 or until it is :data:`_ENOUGH`.
-  A success does make the wave at least as large as its steps would have made it by
-  then (on a loaded machine the timers run late).
+  A success makes the doublings a late timer owes (on a loaded machine the timers run
+  late), and no more.
 
 With a right key a large server has the whole wave in flight after ``log2(C / 16)``
 steps; a wrong key or a small server meets the first wave and a step's worth more (what
@@ -120,25 +120,35 @@ class ColdStart:
         """A call let through is being sent now: the next step counts from here."""
         self._sent = now
 
-    def connected(self, seconds: float) -> None:
-        """The first connection took ``seconds`` to open: the steps start."""
-        if self._step is not None or self.over or self._loop is None:
-            return
-        self._step = max(COLD_STEP, COLD_FACTOR * seconds)
-        self._arm(self._started + self._step)
+    def connected(self, seconds: float) -> bool:
+        """A call's connection was handed out after ``seconds``: its request goes out
+        now, so the next step counts from here; the first one starts the steps. False
+        once the cold start is over."""
+        loop = self._loop
+        if self.over or loop is None:
+            return False
+        self._sent = max(self._sent, loop.time())
+        if self._step is None:
+            self._step = max(COLD_STEP, COLD_FACTOR * seconds)
+            self._arm(self._started + self._step)
+        return True
 
     def succeeded(self) -> None:
-        """A call succeeded: the wave is at least as large as its steps would have made
-        it by now (a loaded machine's late timers must not hold it back longer than an
-        answer takes; an answer must not skip steps either: decision 0300)."""
+        """A call succeeded: the doublings a late timer owes are made now (a loaded
+        machine's timers must not hold the wave back longer than an answer takes), and
+        no more (an answer says nothing of the refusals still on their way: decision
+        0300)."""
         loop = self._loop
         if self.over or loop is None:
             return
-        steps = (loop.time() - self._started) / (self._step or COLD_STEP)
+        # The steps overdue since the last call went out (a late timer's): never ahead
+        # of a timer that is on time.
+        now = loop.time()
+        steps = int((now - self._sent) / (self._step or COLD_STEP))
         if steps >= _ENOUGH.bit_length():
             self.end()
-            return
-        self._grow(max(self._window, int(self._first * 2**steps)))
+        elif steps > 0 and self._grow(self._window * 2**steps, now):
+            self._arm(now + (self._step or COLD_STEP))
 
     def end(self) -> None:
         """The first answers are in: every call may go."""
@@ -199,15 +209,16 @@ class ColdStart:
             self._arm(self._sent + step)
             return
         self._late = False
-        if self._grow(self._window * 2):
+        if self._grow(self._window * 2, now):
             self._arm(now + step)
 
-    def _grow(self, window: int) -> bool:
-        """Let the wave grow to ``window`` calls; False if that ended the cold start."""
+    def _grow(self, window: int, now: float) -> bool:
+        """Let the wave grow to ``window`` calls now; False if that ended the cold start."""
         self._window = window
         if window >= _ENOUGH:
             self.end()
             return False
+        self._sent = now  # the calls let through go now: the next step counts from here
         while self._waiters and len(self._let) < window:
             fut, ident = self._waiters.popleft()
             if not fut.done():

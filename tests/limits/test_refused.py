@@ -243,9 +243,12 @@ async def test_a_plain_model_refused_beside_a_handle_that_answers_is_not_requeue
 # -- a new handle's first wave, step by step (decision 0175) ----------------------------
 
 
-async def _first_wave(breaker: Breaker, calls: int, admitted: list[float]) -> None:
+async def _first_wave(
+    breaker: Breaker, calls: int, admitted: list[float], connected: float | None = 0.02
+) -> None:
     """``calls`` calls through ``breaker``'s cold start, the i-th of the first 16 sent
-    i ms after the start (a wave takes time to write); when each was let through."""
+    i ms after the start (a wave takes time to write), the first connection reported
+    as taking ``connected`` seconds (None: never); when each call was let through."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     request = Request("hi", model="m")
@@ -259,8 +262,9 @@ async def _first_wave(breaker: Breaker, calls: int, admitted: list[float]) -> No
         await asyncio.sleep(10.0)  # in flight: no answer comes back
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(calls)]
-    await asyncio.sleep(0.02)
-    breaker.connected(0.02)  # the first connection took 20 ms: a step is 60 ms
+    await asyncio.sleep(0.005)
+    if connected is not None:  # 20 ms: a step is 60 ms
+        breaker.connected(connected)
     await asyncio.sleep(0.2)
     for task in tasks:
         task.cancel()
@@ -275,14 +279,33 @@ async def test_a_steps_wait_counts_from_the_last_call_sent() -> None:
     assert sorted(admitted)[16] == pytest.approx(0.075)
 
 
-async def test_an_answer_catches_the_wave_up_by_the_steps_measured() -> None:
-    # An answer at 100 ms, with steps of 60 ms: the wave is what 100/60 steps make
-    # (50 calls), not what steps of 10 ms would have (16 x 2**10: all 300, before).
+async def test_an_answer_does_not_run_ahead_of_the_steps() -> None:
+    # Steps of 60 ms, the second wave sent at 75 ms. Answers at 100 and 130 ms: the wave
+    # stays at 32 until its step is up at 135 ms. Before, an answer made it what steps of
+    # 10 ms would have made by then (16 x 2**10: all 300 at 100 ms).
     admitted: list[float] = []
     breaker = Breaker(cold_start=16)
     wave = asyncio.ensure_future(_first_wave(breaker, 300, admitted))
-    await asyncio.sleep(0.1)
+    for at in (0.1, 0.13):
+        await asyncio.sleep(at - asyncio.get_running_loop().time())
+        breaker.succeeded(Request("hi", model="m"))
+        await asyncio.sleep(0)
+        assert len(admitted) == 32
+    await asyncio.sleep(0.006)
+    assert len(admitted) == 64
+    await wave
+
+
+async def test_many_answers_at_once_make_a_late_timers_doublings_once() -> None:
+    # No connection reported (steps of 10 ms, the timer a second away): answers at
+    # 35 ms owe two doublings since the last send at 15 ms, 16 -> 64. The second answer
+    # in the same instant owes none: before, each answer doubled again (up to 8,192).
+    admitted: list[float] = []
+    breaker = Breaker(cold_start=16)
+    wave = asyncio.ensure_future(_first_wave(breaker, 300, admitted, connected=None))
+    await asyncio.sleep(0.035)
+    breaker.succeeded(Request("hi", model="m"))
     breaker.succeeded(Request("hi", model="m"))
     await asyncio.sleep(0)
-    assert len(admitted) == 50
+    assert len(admitted) == 64
     await wave

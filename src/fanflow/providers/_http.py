@@ -364,10 +364,11 @@ class StreamText:
 
 
 class _Connector(aiohttp.TCPConnector):
-    """aiohttp's connector, reporting how long its first connection took to open (the
-    handle's cold start paces its first wave by it; see fanflow._cold)."""
+    """aiohttp's connector, reporting each connection it hands out while the handle is
+    cold, with the time it took (the cold start paces its first wave by them; see
+    fanflow._cold). ``report`` returns False once it needs no more."""
 
-    def __init__(self, report: Callable[[float], None] | None, **kw: Any) -> None:
+    def __init__(self, report: Callable[[float], bool] | None, **kw: Any) -> None:
         super().__init__(**kw)
         self._report = report
 
@@ -378,15 +379,14 @@ class _Connector(aiohttp.TCPConnector):
         timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.connector.Connection:
         report = self._report
-        if report is None:  # every call after the first connection: nothing to time
+        if report is None:  # every call once the handle is warm: nothing to time
             return await super().connect(req, traces, timeout)
         loop = asyncio.get_running_loop()
         start = loop.time()
         connection = await super().connect(req, traces, timeout)
-        if self._report is not None:
+        if self._report is not None and not report(loop.time() - start):
             self._report = None
-            report(loop.time() - start)
-            self.connect = super().connect  # type: ignore[method-assign]  # timed: plain from now
+            self.connect = super().connect  # type: ignore[method-assign]  # plain from now
         return connection
 
 
@@ -410,7 +410,7 @@ class AiohttpTransport:
         self,
         headers: Callable[[], Mapping[str, str]],
         connect_timeout: float | None,
-        on_connect: Callable[[], Callable[[float], None] | None] | None = None,
+        on_connect: Callable[[], Callable[[float], bool] | None] | None = None,
     ) -> None:
         """``on_connect()``, asked when a session is made, gives the function told how
         long the session's first connection took to open (None: nobody asks)."""
@@ -535,7 +535,7 @@ class HttpLLM(BaseLLM):
     def _default_transport(self) -> AiohttpTransport:
         return AiohttpTransport(self.wire_headers, self._connect_timeout, self._first_connection)
 
-    def _first_connection(self) -> Callable[[float], None] | None:
+    def _first_connection(self) -> Callable[[float], bool] | None:
         breaker = self.breaker
         return breaker.connected if breaker is not None and breaker.active else None
 
