@@ -90,7 +90,8 @@ async def test_nginx_without_a_burst_loses_nothing() -> None:
 async def test_no_limits_given_draw_a_few_dozen_refusals_from_nginx() -> None:
     # Issue 27 part 3: a new handle with no limits, 300 items, nginx 50 r/s with a burst
     # of 50. Before, the first answer released the whole map at once and nginx refused
-    # 258-272 of them; on an idle machine it is 24-67 now (benchmarks/RESULTS.md).
+    # 258-272 of them; 12-40 now in 40 runs (benchmarks/RESULTS.md, decision 0300). The
+    # bound leaves room for a loaded machine's late timers.
     async with SimServer(latency=0.1, keep_requests=False) as server:
         port = int(server.url.split(":")[-1].split("/")[0])
         async with NginxLimitReq(port, "50r/s", burst=50, nodelay=True) as nginx:
