@@ -21,7 +21,7 @@ import asyncio
 import dataclasses
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._batchinfo import batch_info
 from ._breaker import Breaker
@@ -55,6 +55,9 @@ from ._repr import render
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._tokens import request_tokens
 from ._types import Attempt, CallRecord, Request, Response, Status, Usage
+
+if TYPE_CHECKING:  # type only: _router imports this module
+    from ._router import Routed
 
 __all__ = ["NO_RUN", "TIMING", "CallOptions", "Run", "execute", "status_of"]
 
@@ -804,7 +807,7 @@ def execute(
     handle = llm if isinstance(llm, BaseLLM) else None
     if handle is not None:
         if handle.routed:  # a router or cascade: it runs the call on its own handles
-            return cast(_Routed, llm).route(request, opts, index=index, label=label, parse=parse)
+            return cast("Routed", llm).route(request, opts, index=index, label=label, parse=parse)
         request = handle.prepare(request)
     # Not _Call[T](...): calling a subscripted generic goes through typing's slow path.
     # Return run()'s coroutine rather than awaiting it here: one frame fewer per call
@@ -815,17 +818,3 @@ def execute(
 
 def _uses_cache(usage: Usage) -> bool:
     return bool(usage.cached_input_tokens or usage.cache_write_input_tokens)
-
-
-class _Routed(Protocol):
-    """A handle whose calls run on other handles (``BaseLLM.routed``: fanflow/_router.py)."""
-
-    def route(
-        self,
-        request: Request,
-        opts: Run,
-        *,
-        index: int | None,
-        label: str | None,
-        parse: Callable[[Response], T] | None,
-    ) -> Coroutine[Any, Any, CallRecord[T]]: ...

@@ -30,6 +30,7 @@ from ._types import CallRecord, Status, add_work, speedup_of
 
 __all__ = [
     "PLAIN_INTERVAL",
+    "CacheCounts",
     "LiveDisplay",
     "PlainDisplay",
     "ProgressStats",
@@ -50,8 +51,22 @@ __all__ = [
 _QUEUED, _SENDING, _BACKOFF = 0, 1, 2
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheCounts:
+    """What the prompt cache did for a call or a run (tokens read from it, written to
+    it, written to it for an hour; the dollars it saved) and whether the cost is an
+    estimate. The shared fields of the progress snapshot and of the report's rows and
+    summary; keyword-only, so each of those keeps its own fields' positions."""
+
+    cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    cache_write_1h_input_tokens: int = 0
+    cache_saved: float | None = None
+    cost_estimated: bool = False
+
+
 @dataclass(frozen=True, slots=True)
-class ProgressStats:
+class ProgressStats(CacheCounts):
     """A snapshot of a run, as the displays see it."""
 
     total: int | None
@@ -74,11 +89,6 @@ class ProgressStats:
     bad_lines: int = 0
     batched: int = 0
     saved: float | None = None
-    cached_input_tokens: int = 0
-    cache_write_input_tokens: int = 0
-    cache_write_1h_input_tokens: int = 0
-    cache_saved: float | None = None
-    cost_estimated: bool = False
     answered_by: Mapping[str, int] = field(default_factory=dict)
     cascade_saved: float | None = None
 

@@ -229,17 +229,26 @@ if kept then redis.call('HSET', c, 'sum', shown(sums)) end
 """
 )
 
+# Keeps the slots zset and the id counter (KEYS[1], KEYS[2]) for twice the slots' TTL
+# after the last change, so an identity nobody uses is dropped.
+_KEEP_SLOTS = """
+local function keep_slots(ttl)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
+  redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 2000))
+end
+"""
+
 # KEYS: slots zset, id counter. ARGV: the limit, the TTL. Returns the slot's id, or 0.
 _TRY_SLOT = (
     _NOW
+    + _KEEP_SLOTS
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now))
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 local id = redis.call('INCR', KEYS[2])
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], string.format('%.6f', now + ttl), id)
-redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
-redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 2000))
+keep_slots(ttl)
 return id
 """
 )
@@ -258,6 +267,7 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
 # limit, then the ids of the slots they replace. Returns the new slots' ids.
 _ADOPT = (
     _NOW
+    + _KEEP_SLOTS
     + """
 local ttl = tonumber(ARGV[1])
 for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
@@ -267,8 +277,7 @@ for _ = 1, tonumber(ARGV[2]) do
   redis.call('ZADD', KEYS[1], string.format('%.6f', now + ttl), id)
   out[#out + 1] = id
 end
-redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
-redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 2000))
+keep_slots(ttl)
 return out
 """
 )

@@ -19,6 +19,7 @@ from .._exceptions import AllFailed, CircuitOpen, ConfigError, QuorumNotMet
 from .._llm import BaseLLM
 from .._progress import ProgressStats, Tracker, render_summary
 from .._types import CallRecord
+from .._util import given
 from . import _base
 from ._console import make_console, require_rich
 from ._providers import open_llms
@@ -83,12 +84,15 @@ def _record(r: CallRecord[Any] | None) -> dict[str, Any] | None:
     }
 
 
+def _attributes(result: Any, *names: str) -> dict[str, Any]:
+    """The attributes ``names`` of a pattern's result, by name (part of its JSON form)."""
+    return {name: getattr(result, name) for name in names}
+
+
 def vote_payload(result: Any) -> tuple[str, dict[str, Any]]:
     """(the answer text, the JSON form) of a :class:`fanflow.patterns.VoteResult`."""
     payload = {
-        "winner": result.winner,
-        "confidence": result.confidence,
-        "count": result.count,
+        **_attributes(result, "winner", "confidence", "count"),
         "counted": result.n_counted,
         "samples_used": result.samples_used,
         "tied": list(result.tied),
@@ -114,10 +118,7 @@ def fanout_payload(result: Any) -> tuple[str, dict[str, Any]]:
 def best_of_payload(result: Any) -> tuple[str, dict[str, Any]]:
     """(the answer text, the JSON form) of a :class:`fanflow.patterns.BestOfNResult`."""
     payload = {
-        "best": result.best,
-        "index": result.index,
-        "selection": result.selection,
-        "fallback_reason": result.fallback_reason,
+        **_attributes(result, "best", "index", "selection", "fallback_reason"),
         "candidates": [{"output": c.value, **(_record(c) or {})} for c in result.candidates],
         "judge_reply": result.judge_reply,
     }
@@ -213,13 +214,7 @@ def cmd_pattern(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     task = read_task(args.task)
     plan = _base.plan(args, env, settings)
 
-    options: dict[str, Any] = {}
-    if settings.concurrency is not None:
-        options["concurrency"] = settings.concurrency
-    if args.system is not None:
-        options["system"] = args.system
-    if settings.budget is not None:
-        options["budget"] = settings.budget
+    options = given(concurrency=settings.concurrency, system=args.system, budget=settings.budget)
     prices = _base.prices(args)
     if prices:
         options["prices"] = prices

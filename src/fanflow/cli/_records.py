@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._exceptions import ConfigError
-from .._progress import _is_429
+from .._progress import CacheCounts, _is_429
 from .._types import CallRecord, elapsed, work_of
 from ..store._lock import job_file_stem
 from ._settings import for_cli
@@ -246,7 +246,7 @@ class AttemptRow:
 
 
 @dataclass(frozen=True, slots=True)
-class CallRow:
+class CallRow(CacheCounts):
     """One call as the report sees it."""
 
     index: int | None
@@ -263,11 +263,6 @@ class CallRow:
     line: int | None = None
     id: str | None = None
     input: str | None = None
-    cached_input_tokens: int = 0
-    cache_write_input_tokens: int = 0
-    cache_write_1h_input_tokens: int = 0
-    cache_saved: float | None = None
-    cost_estimated: bool = False
 
     @property
     def latency(self) -> float | None:

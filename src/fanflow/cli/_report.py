@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
-from .._progress import cache_rows, cost_cell, format_duration
+from .._progress import CacheCounts, cache_rows, cost_cell, format_duration
 from .._types import add_work, speedup_of
 from . import _base
 from ._records import CallRow, read_records
@@ -52,7 +52,7 @@ STATUS_COLOURS = {
 
 
 @dataclass(frozen=True)
-class ReportSummary:
+class ReportSummary(CacheCounts):
     """Totals of a run, from its call rows."""
 
     items: int
@@ -66,11 +66,6 @@ class ReportSummary:
     cost: float | None
     makespan: float
     busy_time: float | None
-    cached_input_tokens: int = 0
-    cache_write_input_tokens: int = 0
-    cache_write_1h_input_tokens: int = 0
-    cache_saved: float | None = None
-    cost_estimated: bool = False
 
     @property
     def failed(self) -> int:
