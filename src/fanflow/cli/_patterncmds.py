@@ -84,15 +84,12 @@ def _record(r: CallRecord[Any] | None) -> dict[str, Any] | None:
     }
 
 
-def _attributes(result: Any, *names: str) -> dict[str, Any]:
-    """The attributes ``names`` of a pattern's result, by name (part of its JSON form)."""
-    return {name: getattr(result, name) for name in names}
-
-
 def vote_payload(result: Any) -> tuple[str, dict[str, Any]]:
     """(the answer text, the JSON form) of a :class:`fanflow.patterns.VoteResult`."""
     payload = {
-        **_attributes(result, "winner", "confidence", "count"),
+        "winner": result.winner,
+        "confidence": result.confidence,
+        "count": result.count,
         "counted": result.n_counted,
         "samples_used": result.samples_used,
         "tied": list(result.tied),
@@ -118,7 +115,10 @@ def fanout_payload(result: Any) -> tuple[str, dict[str, Any]]:
 def best_of_payload(result: Any) -> tuple[str, dict[str, Any]]:
     """(the answer text, the JSON form) of a :class:`fanflow.patterns.BestOfNResult`."""
     payload = {
-        **_attributes(result, "best", "index", "selection", "fallback_reason"),
+        "best": result.best,
+        "index": result.index,
+        "selection": result.selection,
+        "fallback_reason": result.fallback_reason,
         "candidates": [{"output": c.value, **(_record(c) or {})} for c in result.candidates],
         "judge_reply": result.judge_reply,
     }
