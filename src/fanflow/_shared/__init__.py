@@ -32,7 +32,7 @@ from .._leases import GrantQueue, SlotLease, lease_time
 from .._limits import Lane, Limits
 from .._log import log
 from ._capacity import LearningLane
-from ._local import RETRY, LocalShare
+from ._local import ALONE_AFTER, RETRY, LocalShare
 from ._url import StoreURL, parse_url, redact
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class Store(Protocol):
 
     async def declare(
         self, ident: str, holder: str, body: dict[str, Any], ttl: float
-    ) -> list[dict[str, Any]]: ...
+    ) -> dict[str, tuple[float, dict[str, Any]]]: ...
 
     async def grant_many(
         self, ident: str, caps: list[float], window: float, costs: list[list[int]], horizon: float
@@ -179,6 +179,11 @@ class SharedMeter:
         self._reached = False  # the store answered once: losing it later is an outage
         self._local: LocalShare | None = None  # while the store is unreachable
         self._most = 1  # the most processes seen declared under the identity
+        # How many live processes declared under the identity before this one, and when
+        # this process last declared (its rank holds for a TTL from then; decision 0309).
+        self._rank = 0
+        self._ranked_at = -float("inf")
+        self._alone_warned = False
         self._lost_warned = False
         self._joining = asyncio.Lock()
         # After a rejoin, at most this many slots until then (others may still be local).
@@ -190,8 +195,12 @@ class SharedMeter:
         # At least once a second: a local share divides by the processes seen (_most).
         if time.monotonic() - self._declared_at < min(self.ttl / 2, _DECLARE_EVERY):
             return
-        self._declared_at = time.monotonic()
-        others = await self.store.declare(self.ident, self.holder, self.mine, self.ttl)
+        asked = self._declared_at = time.monotonic()
+        declared = await self.store.declare(self.ident, self.holder, self.mine, self.ttl)
+        mine = (declared[self.holder][0] if self.holder in declared else -float("inf"), self.holder)
+        others = [body for name, (_, body) in declared.items() if name != self.holder]
+        self._rank = sum(1 for name, (t, _) in declared.items() if (t, name) < mine)
+        self._ranked_at = asked
         self._most = max(self._most, 1 + len(others))
         effective = self.mine
         for other in others:
@@ -270,7 +279,8 @@ class SharedMeter:
                 await self._adopt()
             self._local = None
             # The others may still be local for up to a TTL (they notice at a renewal).
-            self._capped = (time.monotonic() + self.ttl, local.slots)
+            now = time.monotonic()
+            self._capped = (now + self.ttl, local.slots_at(now))
         log.info(
             "shared limits for %s: %s is back; booking there again", self.label, self.store.shown
         )
@@ -289,7 +299,7 @@ class SharedMeter:
         """The most slots this process may hold now (None: as the store counts): its
         share while the store is lost, and for one TTL after it is back."""
         if self._local is not None:
-            return self._local.slots
+            return self._local.slots_at(time.monotonic())
         until, slots = self._capped
         return slots if time.monotonic() < until else None
 
@@ -306,6 +316,10 @@ class SharedMeter:
             self._local.retry_at = now + RETRY
             return self._local
         concurrency = self.effective["concurrency"]
+        # A declaration older than a TTL may have lapsed at the store: then a later
+        # process may rank before this one, and this one's rank is unknown (0309).
+        rank = self._rank if now - self._ranked_at < self.ttl else None
+        until, capped = self._capped
         self._local = LocalShare(
             self._caps(),
             self._most,
@@ -313,6 +327,8 @@ class SharedMeter:
             None if concurrency is None else int(concurrency),
             now,
             self.ttl,
+            rank,
+            capped if now < until else None,
         )
         if not self._lost_warned:
             self._lost_warned = True
@@ -365,6 +381,16 @@ class SharedMeter:
                         self._hold(slot)
                         return True
             if local is not None and local.may_take(len(self.held), time.monotonic()):
+                if not local.slots and not self._alone_warned:
+                    self._alone_warned = True
+                    log.warning(
+                        "shared limits for %s: %s is still unreachable after %gs; this "
+                        "process, ranked past the concurrency, had no slot of the local "
+                        "share and now takes one (the limit may be exceeded)",
+                        self.label,
+                        self.store.shown,
+                        ALONE_AFTER,
+                    )
                 self._hold(-1)  # held: the store's slots too
                 return True
             await asyncio.sleep(wait * (0.5 + random.random()))  # jitter: pollers spread out

@@ -303,25 +303,32 @@ return {string.format('%.6f', math.max(0, now - tonumber(at))), body}
 """
 )
 
-# KEYS: declarations hash, their expiry zset. ARGV: holder, body, TTL. Returns the
-# other live holders' bodies.
+# KEYS: declarations hash, their expiry zset, their first times (a hash). ARGV:
+# holder, body, TTL. Returns every live holder, its first time and its body: a holder's
+# first time is Redis's now when it declared with no live declaration, kept while it
+# renews (the processes' rank in an outage, decision 0309).
 _DECLARE = (
     _NOW
     + """
 local cut = string.format('%.6f', now)
 for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cut)) do
   redis.call('HDEL', KEYS[1], h)
+  redis.call('HDEL', KEYS[3], h)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cut)
 local ttl = tonumber(ARGV[3])
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) or not redis.call('HGET', KEYS[3], ARGV[1]) then
+  redis.call('HSET', KEYS[3], ARGV[1], cut)
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], string.format('%.6f', now + ttl), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 2000))
-redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 2000))
+for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], math.ceil(ttl * 2000)) end
 local out = {}
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  if all[i] ~= ARGV[1] then out[#out + 1] = all[i + 1] end
+  out[#out + 1] = all[i]
+  out[#out + 1] = redis.call('HGET', KEYS[3], all[i]) or ''
+  out[#out + 1] = all[i + 1]
 end
 return out
 """
@@ -447,10 +454,15 @@ class RedisStore:
 
     async def declare(
         self, ident: str, holder: str, body: dict[str, Any], ttl: float
-    ) -> list[dict[str, Any]]:
-        keys = [f"fanflow:{{{ident}}}:d", f"fanflow:{{{ident}}}:de"]
-        others = await self._call("declare", keys, [holder, json.dumps(body), ttl])
-        return [json.loads(o) for o in others]
+    ) -> dict[str, tuple[float, dict[str, Any]]]:
+        keys = [f"fanflow:{{{ident}}}:{k}" for k in ("d", "de", "dj")]
+        out = await self._call("declare", keys, [holder, json.dumps(body), ttl])
+        declared: dict[str, tuple[float, dict[str, Any]]] = {}
+        for i in range(0, len(out), 3):
+            name = out[i].decode() if isinstance(out[i], bytes) else str(out[i])
+            since = float(out[i + 1]) if out[i + 1] else -math.inf  # an older version's
+            declared[name] = (since, json.loads(out[i + 2]))
+        return declared
 
     async def grant_many(
         self, ident: str, caps: list[float], window: float, costs: list[list[int]], horizon: float

@@ -119,9 +119,10 @@ class SQLiteStore:
 
     async def declare(
         self, ident: str, holder: str, body: dict[str, Any], ttl: float
-    ) -> list[dict[str, Any]]:
-        """Record this holder's limits for ``ident`` (for ``ttl``); return the others'."""
-        return await self._run(_declare, ident, holder, json.dumps(body), ttl)
+    ) -> dict[str, tuple[float, dict[str, Any]]]:
+        """Record this holder's limits for ``ident`` (for ``ttl``); return every live
+        holder's (this one's too): its first time and its limits."""
+        return await self._run(_declare, ident, holder, body, ttl)
 
     # -- rates ----------------------------------------------------------------------------
 
@@ -165,16 +166,25 @@ class SQLiteStore:
 
 
 def _declare(
-    db: sqlite3.Connection, now: float, ident: str, holder: str, body: str, ttl: float
-) -> list[dict[str, Any]]:
+    db: sqlite3.Connection, now: float, ident: str, holder: str, body: dict[str, Any], ttl: float
+) -> dict[str, tuple[float, dict[str, Any]]]:
+    """A holder's first time (``since`` in its body) is the store's now when it declared
+    with no live declaration, kept while it renews (decision 0309)."""
     db.execute("DELETE FROM declared WHERE expires <= ?", (now,))
+    row = db.execute(
+        "SELECT body FROM declared WHERE ident = ? AND holder = ?", (ident, holder)
+    ).fetchone()
+    since = json.loads(row[0]).get("since", now) if row else now
     db.execute(
-        "INSERT OR REPLACE INTO declared VALUES (?, ?, ?, ?)", (ident, holder, body, now + ttl)
+        "INSERT OR REPLACE INTO declared VALUES (?, ?, ?, ?)",
+        (ident, holder, json.dumps({**body, "since": since}), now + ttl),
     )
-    rows = db.execute(
-        "SELECT body FROM declared WHERE ident = ? AND holder != ?", (ident, holder)
-    ).fetchall()
-    return [json.loads(row[0]) for row in rows]
+    rows = db.execute("SELECT holder, body FROM declared WHERE ident = ?", (ident,)).fetchall()
+    out: dict[str, tuple[float, dict[str, Any]]] = {}
+    for name, text in rows:
+        found = json.loads(text)
+        out[name] = (float(found.pop("since", -math.inf)), found)  # none: an older version's
+    return out
 
 
 def _grant_many(
