@@ -557,11 +557,12 @@ async def test_a_ray_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
     tmp_path: Any,
 ) -> None:
     # No limits given: each worker's lane meets the server and finds its share of a
-    # 28-in-flight server with 429s; the job's next run starts there (decision 0305).
+    # 12-in-flight server with 429s; the job's next run starts there (decision 0305).
+    # Before it, the next run drew a burst again (160 of 240 items failed on 429).
     store = fanflow.Store(tmp_path / "s.db")
-    async with SimServer(latency=0.05, max_in_flight=28, keep_requests=False) as server:
+    async with SimServer(latency=0.05, max_in_flight=12, keep_requests=False) as server:
         first = await _job_refusals(server, store, "first")
         second = await _job_refusals(server, store, "second")
     store.close()
-    assert first >= 10  # there was something to learn
-    assert second * 4 <= first
+    assert first >= 10, (first, second)  # there was something to learn
+    assert second * 4 <= first, (first, second)
