@@ -264,20 +264,6 @@ def test_a_concurrency_smaller_than_the_processes_holds_through_a_redis_outage(
     assert stats.responses.get(429, 0) == 0
 
 
-def test_a_process_ranked_past_the_concurrency_waits_a_bounded_time_for_a_slot() -> None:
-    # The local share of a concurrency of 2 among 4 processes: the first two by rank
-    # hold a slot, the others none, until the store has been lost ALONE_AFTER (then
-    # one: never stuck for ever); nothing is known of a rank: none either.
-    from fanflow._shared._local import ALONE_AFTER, LocalShare
-
-    shares = [LocalShare([], 4, 1.0, 2, 0.0, 3.0, rank) for rank in (0, 1, 2, 3, None)]
-    assert [s.slots_at(3.0) for s in shares] == [1, 1, 0, 0, 0]
-    assert [s.may_take(0, 3.0) for s in shares] == [True, True, False, False, False]
-    assert [s.slots_at(ALONE_AFTER) for s in shares] == [1, 1, 1, 1, 1]
-    assert LocalShare([], 2, 1.0, 4, 0.0, 3.0, None).slots_at(3.0) == 2  # 4 of 2: 2 each
-    assert LocalShare([], 4, 1.0, 2, 0.0, 3.0, 0, at_most=0).slots_at(3.0) == 0  # a rejoin's cap
-
-
 @pytest.mark.timeout(90)
 def test_a_process_that_ends_gives_its_slots_back_at_redis_with_nothing_left_pending(
     tmp_path: Path,

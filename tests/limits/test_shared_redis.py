@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from fanflow._shared._local import ALONE_AFTER, LocalShare
 from fanflow._shared._redis import RedisStore
 from fanflow._shared._sqlite import earliest
 
@@ -186,3 +187,15 @@ async def test_redis_time_per_grant_does_not_grow_with_the_bookings_in_the_windo
     # The bound is loose (a loaded machine delays Redis itself): the scan it guards
     # against took 750 times as long (148,755 against 199 us), running sums about the same.
     assert medians[20_000] < 20 * medians[20] + 2_000, medians
+
+
+def test_a_process_ranked_past_the_concurrency_waits_a_bounded_time_for_a_slot() -> None:
+    # The local share of a concurrency of 2 among 4 processes: the first two by rank
+    # hold a slot, the others none, until the store has been lost ALONE_AFTER (then
+    # one: never stuck for ever); nothing is known of a rank: none either.
+    shares = [LocalShare([], 4, 1.0, 2, 0.0, 3.0, rank) for rank in (0, 1, 2, 3, None)]
+    assert [s.slots_at(3.0) for s in shares] == [1, 1, 0, 0, 0]
+    assert [s.may_take(0, 3.0) for s in shares] == [True, True, False, False, False]
+    assert [s.slots_at(ALONE_AFTER) for s in shares] == [1, 1, 1, 1, 1]
+    assert LocalShare([], 2, 1.0, 4, 0.0, 3.0, None).slots_at(3.0) == 2  # 4 of 2: 2 each
+    assert LocalShare([], 4, 1.0, 2, 0.0, 3.0, 0, at_most=0).slots_at(3.0) == 0  # a rejoin's cap
