@@ -412,8 +412,9 @@ class AiohttpTransport:
         connect_timeout: float | None,
         on_connect: Callable[[], Callable[[float], bool] | None] | None = None,
     ) -> None:
-        """``on_connect()``, asked when a session is made, gives the function told how
-        long the session's first connection took to open (None: nobody asks)."""
+        """``on_connect()``, asked when a session is made, gives the function told of
+        each connection handed out while the handle is cold, with how long it took
+        (None: nobody asks)."""
         self._headers = headers
         self._connect_timeout = connect_timeout
         self._on_connect = on_connect
