@@ -16,8 +16,10 @@ failure                                scope           trips after
 404 ``NotFound``                       the model       3 in a row for that model
 could not connect (refused, DNS)       the handle      3 in a row, one of them a call's
                                                        3rd attempt (it retried first)
-429 to a call alone in flight, before  the handle      3 (the engine reports them:
-any call of the handle succeeded                       ``refused``; decision 0165)
+429 to a call alone in flight (or one  the handle      3 (the engine reports them:
+a call gives up on), before any call                   ``refused``; decision 0165),
+of the handle succeeded                                once a call has given up or
+                                                       after :data:`REFUSED_FOR` s
 =====================================  ==============  =================================
 
 "In a row" means with no successful attempt in between: a success clears the counts of
@@ -63,7 +65,15 @@ from ._exceptions import (
 )
 from ._types import Request
 
-__all__ = ["COLD_CALLS", "PROBE_AFTER", "TRIP_AFTER", "Breaker", "fatal_scope", "is_failing"]
+__all__ = [
+    "COLD_CALLS",
+    "PROBE_AFTER",
+    "REFUSED_FOR",
+    "TRIP_AFTER",
+    "Breaker",
+    "fatal_scope",
+    "is_failing",
+]
 
 #: Failures of the same kind in a row (no success between) that trip the breaker.
 TRIP_AFTER = 3
@@ -72,6 +82,9 @@ TRIP_AFTER = 3
 CONNECT_ATTEMPTS = 3
 #: Seconds after a trip (or a failed probe) before one call is let through as a probe.
 PROBE_AFTER = 10.0
+#: Seconds of refusals (429s to calls alone in flight, no success yet) after which
+#: they trip it even though no call has used up its attempts on them.
+REFUSED_FOR = 10.0
 
 Scope = tuple[str, str | None]
 _HANDLE: Scope = ("handle", None)
@@ -149,6 +162,7 @@ class Breaker:
         "_cold",
         "_cold_limit",
         "_open",
+        "_refused_from",
         "_streaks",
         "active",
         "trips",
@@ -161,6 +175,7 @@ class Breaker:
         """
         self._streaks: dict[Scope, int] = {}
         self._open: dict[Scope, _Trip] = {}
+        self._refused_from: float | None = None  # the first refusal since the last success
         self._cold_limit = cold_start
         self._cold: ColdStart | None = None
         if cold_start is not None:
@@ -188,6 +203,7 @@ class Breaker:
             trip.settle()
         self._streaks.clear()
         self._open.clear()
+        self._refused_from = None
         self._warm_up()
         self.active = False
 
@@ -272,24 +288,33 @@ class Breaker:
             self.active = bool(self._open or self._streaks)
             return
         kind, scope = fatal
-        self._count(kind, scope, error, attempt, now, call)
+        may_trip = kind != "unreachable" or attempt >= CONNECT_ATTEMPTS
+        self._count(kind, scope, error, now, call, may_trip=may_trip)
 
-    def refused(self, error: RateLimited, now: float) -> None:
+    def refused(self, error: RateLimited, now: float, *, gave_up: bool) -> None:
         """A 429 came back to a call alone in flight before any call of the handle had
         succeeded, and it is not the handle's own load (the engine judges: decision
-        0165): three of them trip it, as a limit of 0 for this key or model would."""
-        self._count("refused", _HANDLE, error, CONNECT_ATTEMPTS, now, None)
+        0165); ``gave_up``: the call stops on it. Three of them trip it, as a limit of 0
+        for this key or model would, once a call gives up on one or they have gone on
+        for :data:`REFUSED_FOR`: until then, another client filling the server looks the
+        same (decision 0310)."""
+        if self._refused_from is None:
+            self._refused_from = now
+        may_trip = gave_up or now - self._refused_from >= REFUSED_FOR
+        self._count("refused", _HANDLE, error, now, None, may_trip=may_trip)
 
     def _count(
         self,
         kind: str,
         scope: Scope,
         error: BaseException,
-        attempt: int,
         now: float,
         call: object,
+        *,
+        may_trip: bool,
     ) -> None:
-        """One more failure of ``kind`` in ``scope``, in a row: trip at the limit."""
+        """One more failure of ``kind`` in ``scope``, in a row: trip at the limit, if
+        this one ``may_trip``."""
         self.active = True
         count = self._streaks[scope] = self._streaks.get(scope, 0) + 1
         trip = self._open.get(scope)
@@ -299,7 +324,7 @@ class Breaker:
                 trip.probe_at = now + PROBE_AFTER
                 self.trips += 1
             return
-        if count < TRIP_AFTER or (kind == "unreachable" and attempt < CONNECT_ATTEMPTS):
+        if count < TRIP_AFTER or not may_trip:
             return
         self._open[scope] = _Trip(kind, _stop(kind, scope, error, count), now + PROBE_AFTER)
         self.trips += 1
@@ -325,6 +350,7 @@ class Breaker:
         cold = self._cold
         if cold is not None:
             cold.succeeded()
+        self._refused_from = None
         for scope in (("handle", None), ("model", request.model)):
             trip = self._open.pop(scope, None)
             if trip is not None:
