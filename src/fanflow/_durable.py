@@ -228,18 +228,27 @@ class Learning:
         if not models or not callable(getattr(store, "read_capacity", None)):
             return None  # a store of the user's own that keeps no capacity
         lanes = []
-        handles = {id(h): h for m in models for h in _leaves(m)}  # each handle once
-        for handle in handles.values():
-            ident, _ = identity(handle)
+        for handle, ident in learners(models):
             lane = handle.lane()
-            try:
-                found = await store.read_capacity(ident)  # type: ignore[attr-defined]
-                if found is not None and found[1] < KEEP:  # stale knowledge ages out
-                    lane.start_from(*found)
-            except (StoreError, ValueError, TypeError) as exc:  # start from nothing
-                log.warning("fanflow: what the store kept of the server was not read: %s", exc)
+            found = await cls.found(store, ident)
+            if found is not None:
+                lane.start_from(*found)
             lanes.append((lane, ident))
         return cls(store, lanes)
+
+    @staticmethod
+    async def found(store: Any, ident: str) -> tuple[dict[str, float], float] | None:
+        """What ``store`` kept of the server under ``ident``, and how long ago; None
+        when it keeps nothing, nothing fresh (stale knowledge ages out), or a row it
+        cannot read (said, and the run starts from nothing)."""
+        if not callable(getattr(store, "read_capacity", None)):
+            return None
+        try:
+            found: tuple[dict[str, float], float] | None = await store.read_capacity(ident)
+        except (StoreError, ValueError, TypeError) as exc:
+            log.warning("fanflow: what the store kept of the server was not read: %s", exc)
+            return None
+        return found if found is not None and found[1] < KEEP else None
 
     async def keep(self) -> None:
         for lane, ident in self.lanes:
@@ -247,6 +256,13 @@ class Learning:
             if learnt:
                 with contextlib.suppress(StoreError):  # the run's outcome matters more
                     await self.store.keep_capacity(ident, learnt)
+
+
+def learners(models: Sequence[LLM]) -> list[tuple[BaseLLM, str]]:
+    """The handles of ``models`` whose lanes meet a server and learn what a job's store
+    keeps, each once, with its limit identity."""
+    handles = {id(h): h for m in models for h in _leaves(m)}
+    return [(handle, identity(handle)[0]) for handle in handles.values()]
 
 
 def _leaves(llm: LLM) -> list[BaseLLM]:

@@ -534,3 +534,35 @@ async def test_the_workers_calls_are_spans_in_the_drivers_trace(pattern: str) ->
     assert {s.attributes["gen_ai.provider.name"] for s in chats} == {"openai"}
     assert {s.attributes["server.port"] for s in chats} == {server.port}
     assert {s.attributes["fanflow.status"] for s in chats} == {"succeeded"}
+
+
+async def _job_refusals(server: SimServer, store: fanflow.Store, job: str) -> int:
+    before = server.stats().responses.get(429, 0)
+    llm = _handle(server)  # a new handle, as a new driver process's
+    result = await fanflow.map(
+        llm,
+        "Say {input}",
+        [f"item {i}" for i in range(240)],
+        store=store,
+        job=job,
+        cache=False,
+        backend=RayBackend(workers=2, shard_size=40),
+    )
+    await llm.aclose()
+    assert result.ok, [str(e) for e in result.errors.values()][:1]
+    return server.stats().responses.get(429, 0) - before
+
+
+async def test_a_ray_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
+    tmp_path: Any,
+) -> None:
+    # No limits given: each worker's lane meets the server and finds its share of a
+    # 12-in-flight server with 429s; the job's next run starts there (decision 0305).
+    # Before it, the next run drew a burst again (160 of 240 items failed on 429).
+    store = fanflow.Store(tmp_path / "s.db")
+    async with SimServer(latency=0.05, max_in_flight=12, keep_requests=False) as server:
+        first = await _job_refusals(server, store, "first")
+        second = await _job_refusals(server, store, "second")
+    store.close()
+    assert first >= 10, (first, second)  # there was something to learn
+    assert second * 4 <= first, (first, second)

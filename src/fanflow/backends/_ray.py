@@ -38,8 +38,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .._budget import Budget, as_budget
+from .._durable import Learning, learners
 from .._events import INSTALLED, Event, Hook, emit
-from .._exceptions import ConfigError, FanflowError
+from .._exceptions import ConfigError, FanflowError, StoreError
 from .._types import Status
 from ._base import Deliver, MapSpec, PoolDeliver, PoolMoved, PoolSpec
 from ._limiter import spec_of
@@ -56,6 +57,7 @@ from ._worker import (
     StepMoved,
     StoreSpec,
     Work,
+    merged,
 )
 
 __all__ = ["RayMapRun", "run_pool_on_ray", "worker_pids"]
@@ -224,6 +226,7 @@ class _Driver:
         self.changed = asyncio.Event()
         self.restarts = 0
         self.primed = False  # the first item runs alone before any shard (decision 0275)
+        self.learnt: list[dict[str, dict[str, float]]] = []  # the workers', at the end
 
     async def run(self) -> int:
         """Run every item; return how many the source gave."""
@@ -241,6 +244,7 @@ class _Driver:
             spec = spec_of(self.budget, uuid.uuid4().hex)
             await self.broker.open_budget.remote(spec)
             self.work.budget = spec
+        self.work.share = n
         self.work_box = [ray.put(self.work)]
         self.run_id = uuid.uuid4().hex
         self.ray = ray
@@ -267,7 +271,8 @@ class _Driver:
     async def _stop(self, slots: Sequence[_Slot]) -> None:
         ending = [slot.actor.end_run.remote(self.run_id) for slot in slots]
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*ending, return_exceptions=True), 30.0)
+            ended = await asyncio.wait_for(asyncio.gather(*ending, return_exceptions=True), 30.0)
+            self.learnt = [got for got in ended if isinstance(got, dict)]
 
     async def _prime(self, slot: _Slot) -> None:
         """A primed batch's first item, a shard of its own on one worker, before any
@@ -470,14 +475,38 @@ class RayMapRun:
         try:
             if durable is None:
                 await driver.run()
-            else:
+            elif durable.store is None or durable.job is None:
                 await durable.around(driver.run, self.size)
+            else:
+                await durable.around(lambda: self._learning(driver), self.size)
         except FailFast as stop:
             if stop.record.error is not None:
                 raise stop.record.error from None
             raise  # pragma: no cover - a non-succeeded record always has an error
         finally:
             self.seen = driver.source.seen
+
+    async def _learning(self, driver: _Driver) -> int:
+        """Run a job's items with capacity learnt once (decision 0305): the workers' lanes
+        start from their share of what the job's store kept, and the store keeps what
+        they learnt together (the local backend's :class:`Learning`, over the cluster)."""
+        store = self.durable.store if self.durable is not None else None
+        idents = [ident for _, ident in learners((self.work.llm,))]
+        capacity = {}
+        for ident in idents:
+            found = await Learning.found(store, ident)
+            if found is not None:
+                capacity[ident] = found
+        self.work.capacity = capacity
+        try:
+            return await driver.run()
+        finally:
+            keep = getattr(store, "keep_capacity", None)
+            for ident in idents:
+                learnt = merged([got[ident] for got in driver.learnt if ident in got])
+                if learnt and keep is not None:
+                    with contextlib.suppress(StoreError):  # the run's outcome matters more
+                        await keep(ident, learnt)
 
 
 async def run_pool_on_ray(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._budget import Budget
-from .._durable import Durability
+from .._durable import Durability, learners
 from .._engine import CallOptions, Run
 from .._events import CallStarted, Event, Hook, endpoint_of
 from .._limits import Gate, Lane, Limits
@@ -156,6 +156,7 @@ class _Run:
         self.ready = asyncio.get_running_loop().create_task(self._load(work_box))
 
     async def _load(self, work_box: list[Any]) -> Work:
+        _RUN.set(self)  # this task's own context: lanes made in ``start`` close with the run
         work: Work = await work_box[0]
         await work.start(self.window, self._budget(work.budget))
         return work
@@ -176,7 +177,11 @@ class _Run:
 
         return RemoteBudget(spec, reserve, settle)
 
-    async def close(self) -> None:
+    async def close(self) -> dict[str, dict[str, float]]:
+        """End the run; return what its lanes learnt of their servers (:meth:`Work.learnt`)."""
+        learnt: dict[str, dict[str, float]] = {}
+        if self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None:
+            learnt = self.ready.result().learnt()
         for lease in self.leases:
             await lease.aclose()
         for grants in self.grants:
@@ -185,6 +190,7 @@ class _Run:
             self.ready.cancel()
         with contextlib.suppress(BaseException):
             await (await self.ready).close()
+        return learnt
 
 
 # The run a worker's task belongs to, so the lanes it makes are closed with it.
@@ -306,11 +312,11 @@ class FanflowWorker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def end_run(self, run_id: str) -> None:
-        """Run ``run_id`` is over: give back its slots, close its handles and store."""
+    async def end_run(self, run_id: str) -> dict[str, dict[str, float]]:
+        """Run ``run_id`` is over: give back its slots, close its handles and store;
+        return what its lanes learnt of their servers, by limit identity."""
         run = self.runs.pop(run_id, None)
-        if run is not None:
-            await run.close()
+        return {} if run is None else await run.close()
 
 
 # --------------------------------------------------------------------------- work
@@ -321,6 +327,14 @@ class Work(ABC):
 
     # The run's budget, kept by the broker (set by the driver before sending the work).
     budget: BudgetSpec | None = None
+    # What the job's store kept of the servers, by limit identity (learnt, age), for
+    # this worker's lanes to start from, and how many workers share it (decision 0305).
+    capacity: dict[str, tuple[dict[str, float], float]] | None = None
+    share: int = 1
+
+    def learnt(self) -> dict[str, dict[str, float]]:
+        """What this worker's lanes learnt of their servers in the run, by limit identity."""
+        return {}
 
     async def start(self, window: int, budget: Budget | None) -> None:  # noqa: B027 - optional
         """Build the per-process state (on the worker's event loop)."""
@@ -342,6 +356,30 @@ class StoreSpec:
     job: str | None
     only_failed: bool
     cache: bool
+
+
+# What a lane learnt that is its own share of the server's capacity (the calls in flight
+# the adaptive controller found): summed over the workers, split between them. The rest
+# (the rate-limit headers' refill rate, the hedging delay) is the server's: the largest.
+_SHARED = ("level", "floor")
+
+
+def merged(learnt: list[dict[str, float]]) -> dict[str, float]:
+    """What a run's workers learnt of one server, as one lane of the cluster would have."""
+    out: dict[str, float] = {}
+    for got in learnt:
+        for key, value in got.items():
+            if key in _SHARED:
+                out[key] = out.get(key, 0.0) + value
+            else:
+                out[key] = max(out.get(key, value), value)
+    return out
+
+
+def share_of(learnt: dict[str, float], workers: int) -> dict[str, float]:
+    """One worker's share of what the cluster learnt (:func:`merged`)."""
+    n = max(workers, 1)
+    return {k: v / n if k in _SHARED else v for k, v in learnt.items()}
 
 
 def _on_worker(options: CallOptions) -> CallOptions:
@@ -385,6 +423,7 @@ class MapWork(Work):
         self.store = store
         self._crew: Crew[Any] | None = None
         self._durable: Durability | None = None
+        self._lanes: list[tuple[Lane, str]] = []
 
     async def start(self, window: int, budget: Budget | None) -> None:
         options = self.options
@@ -404,6 +443,8 @@ class MapWork(Work):
                 cache=spec.cache,
                 sink=None,
             )
+            if spec.job is not None:
+                self._start_lanes()
         self._crew = Crew[Any](
             self.llm,
             self.build,
@@ -416,6 +457,20 @@ class MapWork(Work):
             fail_fast=False,
             durable=self._durable,
         )
+
+    def _start_lanes(self) -> None:
+        """This worker's lanes meet the server: each starts from its share of what the
+        job's last run kept (decision 0305)."""
+        capacity = self.capacity or {}
+        for handle, ident in learners((self.llm,)):
+            lane = handle.lane()
+            found = capacity.get(ident)
+            if found is not None:
+                lane.start_from(share_of(found[0], self.share), found[1])
+            self._lanes.append((lane, ident))
+
+    def learnt(self) -> dict[str, dict[str, float]]:
+        return {ident: got for lane, ident in self._lanes if (got := lane.learnt())}
 
     async def run_one(self, index: int, item: Any, prior: Any) -> CallRecord[Any]:
         assert self._crew is not None
