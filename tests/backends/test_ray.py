@@ -558,7 +558,7 @@ async def test_a_ray_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
 ) -> None:
     # No limits given: each worker's lane meets the server and finds its share of a
     # 12-in-flight server with 429s; the job's next run starts there (decision 0305).
-    # Before it, the next run drew a burst again (160 of 240 items failed on 429).
+    # Before it, the next run drew a burst again (24-59 429s, 3 runs).
     store = fanflow.Store(tmp_path / "s.db")
     async with SimServer(latency=0.05, max_in_flight=12, keep_requests=False) as server:
         first = await _job_refusals(server, store, "first")
