@@ -73,12 +73,39 @@ async def _nothing_listening(items: list[str], c: int, breaker: bool) -> int:
     return sum(len(r.attempts) for r in result.records)
 
 
+async def _limit_zero(items: list[str], c: int, breaker: bool) -> int:
+    # Every request refused with 429 (Retry-After 1 s), as for a key whose limit is 0.
+    async with (
+        SimServer(faults={"429": 1.0}, arrival_jitter=0.2, keep_requests=False) as server,
+        fanflow.openai("m", base_url=server.url, api_key="k") as llm,
+    ):
+        if not breaker:
+            llm.breaker = None  # type: ignore[assignment]
+        await fanflow.map(llm, "{input}", items, concurrency=c)
+    return server.stats().requests
+
+
+async def _second_client(items: list[str], latency: float) -> tuple[int, int]:
+    """Two handles on one key, no limits, a 12-in-flight server: the items each loses
+    when both start at once (decision 0310)."""
+    async with SimServer(latency=latency, max_in_flight=12, keep_requests=False) as server:
+        handles = [fanflow.openai("m", base_url=server.url, api_key="k") for _ in range(2)]
+        runs = [fanflow.map(llm, "{input}", items) for llm in handles]
+        results = await asyncio.gather(*runs)
+        for llm in handles:
+            await llm.aclose()
+    first, second = (r.summary.failed + r.summary.skipped for r in results)
+    return first, second
+
+
 SCENARIOS: dict[str, Callable[[list[str], int, bool], Awaitable[int]]] = {
     "wrong key (401)": _wrong_key,
     "wrong key, no concurrency limit": _wrong_key_no_limit,
     "quota spent (429 quota)": _quota,
     "unknown model (404)": _unknown_model,
     "nothing listening (refused)": _nothing_listening,
+    "limit 0 (429 to everything)": _limit_zero,
+    "limit 0, no concurrency limit": lambda items, c, on: _limit_zero(items, None, on),  # type: ignore[arg-type]
 }
 
 
@@ -125,6 +152,13 @@ def main() -> None:
             finally:
                 loop.close()
             print(f"  latency {latency:>4} s, concurrency {c!s:>4}: {ratio:.3f}")
+    print("\na second client on a full server (12 in flight, 50 ms): items lost, each")
+    loop = looptime.new_event_loop(start=0.0)
+    try:
+        lost = loop.run_until_complete(_second_client(items, 0.05))
+    finally:
+        loop.close()
+    print(f"  first {lost[0]}, second {lost[1]} (of {len(items)} each)")
 
 
 if __name__ == "__main__":
