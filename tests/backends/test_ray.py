@@ -566,3 +566,36 @@ async def test_a_ray_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
     store.close()
     assert first >= 10, (first, second)  # there was something to learn
     assert second * 4 <= first, (first, second)
+
+
+async def _pool_job_refusals(server: SimServer, store: fanflow.Store, job: str) -> int:
+    before = server.stats().responses.get(429, 0)
+    llm = _handle(server)  # a new handle, as a new driver process's
+    skill = fanflow.Skill(llm, "Say {text}", name="say")
+    inputs = [{"text": f"item {i}"} for i in range(240)]
+    result = await fanflow.Pool(
+        skill,
+        inputs,
+        max_flows=240,
+        store=store,
+        job=job,
+        cache=False,
+        backend=RayBackend(workers=2, shard_size=40),
+    ).arun()
+    await llm.aclose()
+    assert result.ok, [str(r.error) for r in result.items if not r.ok][:1]
+    return server.stats().responses.get(429, 0) - before
+
+
+async def test_a_ray_pool_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
+    tmp_path: Any,
+) -> None:
+    # The same for a Pool (decision 0311): its skills' handles' lanes on the workers start
+    # from their share of what the job's last run kept.
+    store = fanflow.Store(tmp_path / "s.db")
+    async with SimServer(latency=0.05, max_in_flight=12, keep_requests=False) as server:
+        first = await _pool_job_refusals(server, store, "first")
+        second = await _pool_job_refusals(server, store, "second")
+    store.close()
+    assert first >= 10, (first, second)  # there was something to learn
+    assert second * 4 <= first, (first, second)

@@ -195,6 +195,11 @@ class PoolSpec:
             its options to its workers (the deadline as wall-clock time);
             ``max_flows`` bounds the calls in flight there, as it is split between
             the workers.
+        learn: the handles whose lanes start from what the job's store kept of their
+            server, and keep there what they learnt (a Pool run as a job: its skills'
+            handles; :class:`fanflow._durable.Learning`, decisions 0282, 0305, 0311).
+            The backend does it where the calls run: the local backend around its run,
+            Ray's driver for its workers.
     """
 
     runner: Any
@@ -208,6 +213,7 @@ class PoolSpec:
     prices: Mapping[str, Price] | None = None
     shared: Run | None = None
     handle_for: HandleFor | None = None
+    learn: Sequence[LLM] = ()
 
     def enclosing(self, index: int) -> Enclosing:
         """What input ``index``'s steps run within (a replayed input is served from the
