@@ -20,6 +20,9 @@ A backend must (the local backend is the reference):
   :class:`~fanflow.store.JobStore` protocol in another process), call
   ``durable.emit(record, item)`` before delivering, run the map inside
   ``durable.around(...)``, and serve from the store what ``durable.prior`` succeeded.
+  A pool run as a job names in ``spec.learn`` the handles whose lanes start from what
+  the job's store kept of their server and keep there what they learnt
+  (:class:`fanflow._durable.Learning`, on the lanes that make the calls).
 - **Honour the options and limits**: ``spec.options.start()`` makes the run (one gate,
   one deadline, one budget cap for the whole map, wherever its calls run); every call
   goes through the handle's lane, so ``Limits`` hold across the map.
