@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -536,21 +536,52 @@ async def test_the_workers_calls_are_spans_in_the_drivers_trace(pattern: str) ->
     assert {s.attributes["fanflow.status"] for s in chats} == {"succeeded"}
 
 
-async def _job_refusals(server: SimServer, store: fanflow.Store, job: str) -> int:
-    before = server.stats().responses.get(429, 0)
-    llm = _handle(server)  # a new handle, as a new driver process's
+# A job's runs on Ray (decisions 0305, 0311): 240 inputs, 2 workers, no limits given.
+_JOB_INPUTS = [f"item {i}" for i in range(240)]
+
+
+async def _map_job(llm: fanflow.BaseLLM, store: fanflow.Store, job: str) -> None:
     result = await fanflow.map(
         llm,
         "Say {input}",
-        [f"item {i}" for i in range(240)],
+        _JOB_INPUTS,
         store=store,
         job=job,
         cache=False,
         backend=RayBackend(workers=2, shard_size=40),
     )
-    await llm.aclose()
     assert result.ok, [str(e) for e in result.errors.values()][:1]
-    return server.stats().responses.get(429, 0) - before
+
+
+async def _pool_job(llm: fanflow.BaseLLM, store: fanflow.Store, job: str) -> None:
+    skill = fanflow.Skill(llm, "Say {text}", name="say")
+    result = await fanflow.Pool(
+        skill,
+        [{"text": text} for text in _JOB_INPUTS],
+        max_flows=len(_JOB_INPUTS),  # each worker's half: its lane meets the server
+        store=store,
+        job=job,
+        cache=False,
+        backend=RayBackend(workers=2, shard_size=40),
+    ).arun()
+    assert result.ok, [str(r.error) for r in result.items if not r.ok][:1]
+
+
+async def _first_and_next_refusals(
+    tmp_path: Any, run: Callable[[fanflow.BaseLLM, fanflow.Store, str], Awaitable[None]]
+) -> tuple[int, int]:
+    """The 429s of a job's first run and of the next (a new handle, as a new driver
+    process's; a new job name, the same store) against a 12-in-flight server."""
+    store = fanflow.Store(tmp_path / "s.db")
+    refusals = []
+    async with SimServer(latency=0.05, max_in_flight=12, keep_requests=False) as server:
+        for job in ("first", "next"):
+            before = server.stats().responses.get(429, 0)
+            async with _handle(server) as llm:
+                await run(llm, store, job)
+            refusals.append(server.stats().responses.get(429, 0) - before)
+    store.close()
+    return refusals[0], refusals[1]
 
 
 async def test_a_ray_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
@@ -559,10 +590,17 @@ async def test_a_ray_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
     # No limits given: each worker's lane meets the server and finds its share of a
     # 12-in-flight server with 429s; the job's next run starts there (decision 0305).
     # Before it, the next run drew a burst again (24-59 429s, 3 runs).
-    store = fanflow.Store(tmp_path / "s.db")
-    async with SimServer(latency=0.05, max_in_flight=12, keep_requests=False) as server:
-        first = await _job_refusals(server, store, "first")
-        second = await _job_refusals(server, store, "second")
-    store.close()
+    first, second = await _first_and_next_refusals(tmp_path, _map_job)
+    assert first >= 10, (first, second)  # there was something to learn
+    assert second * 4 <= first, (first, second)
+
+
+async def test_a_ray_pool_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
+    tmp_path: Any,
+) -> None:
+    # The same for a Pool (decision 0311): its skill's handle's lane on each worker
+    # starts from its share of what the job's last run kept.
+    # Before it, the next run drew a burst again (20-69 429s, 6 runs; now 0).
+    first, second = await _first_and_next_refusals(tmp_path, _pool_job)
     assert first >= 10, (first, second)  # there was something to learn
     assert second * 4 <= first, (first, second)

@@ -20,6 +20,9 @@ A backend must (the local backend is the reference):
   :class:`~fanflow.store.JobStore` protocol in another process), call
   ``durable.emit(record, item)`` before delivering, run the map inside
   ``durable.around(...)``, and serve from the store what ``durable.prior`` succeeded.
+  A pool run as a job names in ``spec.learn`` the handles whose lanes start from what
+  the job's store kept of their server and keep there what they learnt
+  (:class:`fanflow._durable.Learning`, on the lanes that make the calls).
 - **Honour the options and limits**: ``spec.options.start()`` makes the run (one gate,
   one deadline, one budget cap for the whole map, wherever its calls run); every call
   goes through the handle's lane, so ``Limits`` hold across the map.
@@ -195,6 +198,11 @@ class PoolSpec:
             its options to its workers (the deadline as wall-clock time);
             ``max_flows`` bounds the calls in flight there, as it is split between
             the workers.
+        learn: the handles whose lanes start from what the job's store kept of their
+            server, and keep there what they learnt (a Pool run as a job: its skills'
+            handles; :class:`fanflow._durable.Learning`, decisions 0282, 0305, 0311).
+            The backend does it where the calls run: the local backend around its run,
+            Ray's driver for its workers.
     """
 
     runner: Any
@@ -208,6 +216,7 @@ class PoolSpec:
     prices: Mapping[str, Price] | None = None
     shared: Run | None = None
     handle_for: HandleFor | None = None
+    learn: Sequence[LLM] = ()
 
     def enclosing(self, index: int) -> Enclosing:
         """What input ``index``'s steps run within (a replayed input is served from the

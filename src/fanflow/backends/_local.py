@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from .._durable import Durability
+from .._durable import Durability, Learning
 from .._engine import CallOptions, execute
 from .._events import CallEnded, emit
 from .._gc import batch_gc
@@ -355,9 +355,15 @@ class LocalBackend:
                 )
                 await deliver(index, result)
 
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(min(spec.max_flows, len(spec.todo))):
-                tg.create_task(worker())
+        # The skills' lanes start from what the job's store kept (decision 0282).
+        learning = None if spec.store is None else await Learning.start(spec.store, spec.learn)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(spec.max_flows, len(spec.todo))):
+                    tg.create_task(worker())
+        finally:
+            if learning is not None:
+                await learning.keep()
 
 
 # The one local backend: it holds no state, so every map may share it.

@@ -41,6 +41,7 @@ from .._budget import Budget, as_budget
 from .._durable import Learning, learners
 from .._events import INSTALLED, Event, Hook, emit
 from .._exceptions import ConfigError, FanflowError, StoreError
+from .._llm import LLM
 from .._types import Status
 from ._base import Deliver, MapSpec, PoolDeliver, PoolMoved, PoolSpec
 from ._limiter import spec_of
@@ -227,6 +228,28 @@ class _Driver:
         self.restarts = 0
         self.primed = False  # the first item runs alone before any shard (decision 0275)
         self.learnt: list[dict[str, dict[str, float]]] = []  # the workers', at the end
+
+    async def learning(self, store: Any, models: Sequence[LLM]) -> int:
+        """:meth:`run` a job's items with capacity learnt once (decisions 0305, 0311):
+        the workers' lanes of ``models`` start from their share of what the job's store
+        kept, and the store keeps what they learnt together (the local backend's
+        :class:`Learning`, over the cluster; a map's handle, a pool's skills')."""
+        idents = [ident for _, ident in learners(models)]
+        capacity = {}
+        for ident in idents:
+            found = await Learning.found(store, ident)
+            if found is not None:
+                capacity[ident] = found
+        self.work.capacity = capacity
+        try:
+            return await self.run()
+        finally:
+            keep = getattr(store, "keep_capacity", None)
+            for ident in idents:
+                learnt = merged([got[ident] for got in self.learnt if ident in got])
+                if learnt and keep is not None:
+                    with contextlib.suppress(StoreError):  # the run's outcome matters more
+                        await keep(ident, learnt)
 
     async def run(self) -> int:
         """Run every item; return how many the source gave."""
@@ -478,35 +501,14 @@ class RayMapRun:
             elif durable.store is None or durable.job is None:
                 await durable.around(driver.run, self.size)
             else:
-                await durable.around(lambda: self._learning(driver), self.size)
+                store, llm = durable.store, self.work.llm
+                await durable.around(lambda: driver.learning(store, (llm,)), self.size)
         except FailFast as stop:
             if stop.record.error is not None:
                 raise stop.record.error from None
             raise  # pragma: no cover - a non-succeeded record always has an error
         finally:
             self.seen = driver.source.seen
-
-    async def _learning(self, driver: _Driver) -> int:
-        """Run a job's items with capacity learnt once (decision 0305): the workers' lanes
-        start from their share of what the job's store kept, and the store keeps what
-        they learnt together (the local backend's :class:`Learning`, over the cluster)."""
-        store = self.durable.store if self.durable is not None else None
-        idents = [ident for _, ident in learners((self.work.llm,))]
-        capacity = {}
-        for ident in idents:
-            found = await Learning.found(store, ident)
-            if found is not None:
-                capacity[ident] = found
-        self.work.capacity = capacity
-        try:
-            return await driver.run()
-        finally:
-            keep = getattr(store, "keep_capacity", None)
-            for ident in idents:
-                learnt = merged([got[ident] for got in driver.learnt if ident in got])
-                if learnt and keep is not None:
-                    with contextlib.suppress(StoreError):  # the run's outcome matters more
-                        await keep(ident, learnt)
 
 
 async def run_pool_on_ray(
@@ -546,6 +548,7 @@ async def run_pool_on_ray(
             spec.prices,
             options=None if shared is None else shared.timing(),
             deadline_wall=deadline_wall,
+            learn=spec.learn,
         ),
         list(spec.todo),
         window=per_worker,
@@ -555,4 +558,7 @@ async def run_pool_on_ray(
         numbered=True,
         budget=spec.budget,
     )
-    await driver.run()
+    if spec.store is not None and spec.learn:
+        await driver.learning(spec.store, spec.learn)  # a job's (decision 0311)
+    else:
+        await driver.run()

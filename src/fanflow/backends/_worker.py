@@ -18,7 +18,7 @@ import dataclasses
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -331,10 +331,25 @@ class Work(ABC):
     # this worker's lanes to start from, and how many workers share it (decision 0305).
     capacity: dict[str, tuple[dict[str, float], float]] | None = None
     share: int = 1
+    # The lanes of this worker that learn, with their limit identities (start_lanes).
+    lanes: tuple[tuple[Lane, str], ...] = ()
+
+    def start_lanes(self, models: Sequence[LLM]) -> None:
+        """This worker's lanes of ``models`` meet the server: each starts from its share
+        of what the job's last run kept (decision 0305; a map's handle, a pool's skills')."""
+        capacity = self.capacity or {}
+        lanes = []
+        for handle, ident in learners(models):
+            lane = handle.lane()
+            found = capacity.get(ident)
+            if found is not None:
+                lane.start_from(share_of(found[0], self.share), found[1])
+            lanes.append((lane, ident))
+        self.lanes = tuple(lanes)
 
     def learnt(self) -> dict[str, dict[str, float]]:
         """What this worker's lanes learnt of their servers in the run, by limit identity."""
-        return {}
+        return {ident: got for lane, ident in self.lanes if (got := lane.learnt())}
 
     async def start(self, window: int, budget: Budget | None) -> None:  # noqa: B027 - optional
         """Build the per-process state (on the worker's event loop)."""
@@ -423,7 +438,6 @@ class MapWork(Work):
         self.store = store
         self._crew: Crew[Any] | None = None
         self._durable: Durability | None = None
-        self._lanes: list[tuple[Lane, str]] = []
 
     async def start(self, window: int, budget: Budget | None) -> None:
         options = self.options
@@ -444,7 +458,7 @@ class MapWork(Work):
                 sink=None,
             )
             if spec.job is not None:
-                self._start_lanes()
+                self.start_lanes((self.llm,))
         self._crew = Crew[Any](
             self.llm,
             self.build,
@@ -457,20 +471,6 @@ class MapWork(Work):
             fail_fast=False,
             durable=self._durable,
         )
-
-    def _start_lanes(self) -> None:
-        """This worker's lanes meet the server: each starts from its share of what the
-        job's last run kept (decision 0305)."""
-        capacity = self.capacity or {}
-        for handle, ident in learners((self.llm,)):
-            lane = handle.lane()
-            found = capacity.get(ident)
-            if found is not None:
-                lane.start_from(share_of(found[0], self.share), found[1])
-            self._lanes.append((lane, ident))
-
-    def learnt(self) -> dict[str, dict[str, float]]:
-        return {ident: got for lane, ident in self._lanes if (got := lane.learnt())}
 
     async def run_one(self, index: int, item: Any, prior: Any) -> CallRecord[Any]:
         assert self._crew is not None
@@ -489,7 +489,9 @@ class PoolWork(Work):
     """A pool's inputs on a worker. ``options`` (the timing ones: timeout, retry,
     hedge_after) and ``deadline_wall`` (the run's deadline as wall-clock time) are the
     pool's own run, which every skill without options of its own runs within, as on the
-    local backend."""
+    local backend. ``learn`` are the skills' handles of a pool run as a job: their lanes
+    here start from this worker's share of what the job's store kept (decision 0311); in
+    the same pickle as ``runner``, they are the handles its skills call."""
 
     def __init__(
         self,
@@ -501,7 +503,9 @@ class PoolWork(Work):
         *,
         options: CallOptions | None = None,
         deadline_wall: float | None = None,
+        learn: Sequence[LLM] = (),
     ) -> None:
+        self.learn = tuple(learn)
         self.prices = prices
         self.cap: Budget | None = None
         self.runner = runner
@@ -540,6 +544,7 @@ class PoolWork(Work):
         self.cap = budget
         # One run for every input this worker runs: one deadline for the whole run.
         self.shared = self.options.start(deadline=_left(self.deadline_wall))
+        self.start_lanes(self.learn)
 
     async def close(self) -> None:
         if self.store is not None:

@@ -399,6 +399,8 @@ class Pool:
             budget=shared.budget,
             prices=self.options.call.prices,
             shared=shared,
+            # The backend starts the lanes where the calls run (on Ray, the workers').
+            learn=_models(self.runner) if durable is not None and durable.job else (),
         )
 
         async def run_all() -> int:
@@ -409,7 +411,7 @@ class Pool:
             if durable is None:
                 await run_all()
             else:
-                await durable.around(run_all, len(self.inputs), _models(self.runner))
+                await durable.around(run_all, len(self.inputs))
         finally:
             for steps in self._running:
                 steps.clear()
