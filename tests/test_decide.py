@@ -69,23 +69,16 @@ TABLE: list[tuple[str, BaseException, Seen, Verdict]] = [
     (
         "refused: alone, never answered",
         _429(1.0),
-        Seen(tries=1, alone=True, unanswered=True),
+        Seen(tries=1, alone_unanswered=True),
         Verdict(1.0, refused=True),
     ),
     (
         "refused on the last attempt",
         _429(),
-        Seen(tries=4, alone=True, unanswered=True),
+        Seen(tries=4, alone_unanswered=True),
         Verdict(None, refused=True),
     ),
-    (
-        "a call giving up, never answered, is a refusal though not alone",
-        _429(),
-        Seen(tries=4, unanswered=True),
-        Verdict(None, refused=True),
-    ),
-    ("not alone, attempts left: no refusal", _429(1.0), Seen(1, unanswered=True), Verdict(1.0)),
-    ("a 529 is never a refusal", _529(1.0), Seen(1, alone=True, unanswered=True), Verdict(1.0)),
+    ("a 529 is never a refusal", _529(1.0), Seen(1, alone_unanswered=True), Verdict(1.0)),
     # 3. A Retry-After is waited exactly, for a 5xx too, at most max_wait.
     ("503 with Retry-After: exact", _5xx(0.7, 503), Seen(tries=1), Verdict(0.7)),
     ("shorter than the backoff: exact", _5xx(0.1, 503), Seen(tries=3), Verdict(0.1)),

@@ -16,10 +16,10 @@ failure                                scope           trips after
 404 ``NotFound``                       the model       3 in a row for that model
 could not connect (refused, DNS)       the handle      3 in a row, one of them a call's
                                                        3rd attempt (it retried first)
-429 to a call alone in flight (or one  the handle      3 (the engine reports them:
-a call gives up on), before any call                   ``refused``; decision 0165),
-of the handle succeeded                                once a call has given up or
-                                                       after :data:`REFUSED_FOR` s
+429 to a call alone in flight, before  the handle      3 (the engine reports them:
+any call of the handle succeeded                       ``refused``; decision 0165);
+                                                       calls then wait for probes up
+                                                       to :data:`REFUSED_HOLD` s
 =====================================  ==============  =================================
 
 "In a row" means with no successful attempt in between: a success clears the counts of
@@ -34,7 +34,11 @@ answer that may trip it; an answer that does not trip it ends the cold start, an
 does a trip (a success does not: the wave goes on doubling).
 
 A tripped breaker does not poison the handle: :data:`PROBE_AFTER` seconds after the trip
-(or the last probe), the next call goes as a probe while the others wait for it. A
+(or the last probe), the next call goes as a probe while the others wait for it. After
+a trip on refusals from the start, the calls are not skipped at once: for
+:data:`REFUSED_HOLD` seconds they wait, while probes go after :data:`REFUSED_PROBE`
+seconds and then twice as long each time (another client filling the server looks the
+same as a limit of 0 until one of its slots frees: decision 0310). A
 success (or another kind of failure: the server was reached) closes the breaker; the
 same failure keeps it open for another :data:`PROBE_AFTER`. :meth:`Breaker.reset`
 closes it at once; a new handle, or a copy in another process, starts closed.
@@ -68,7 +72,7 @@ from ._types import Request
 __all__ = [
     "COLD_CALLS",
     "PROBE_AFTER",
-    "REFUSED_FOR",
+    "REFUSED_HOLD",
     "TRIP_AFTER",
     "Breaker",
     "fatal_scope",
@@ -82,9 +86,14 @@ TRIP_AFTER = 3
 CONNECT_ATTEMPTS = 3
 #: Seconds after a trip (or a failed probe) before one call is let through as a probe.
 PROBE_AFTER = 10.0
-#: Seconds of refusals (429s to calls alone in flight, no success yet) after which
-#: they trip it even though no call has used up its attempts on them.
-REFUSED_FOR = 10.0
+#: After a trip on refusals from the start, calls wait this long for a probe to be
+#: answered before they are skipped: another client filling the server looks the same
+#: as a limit of 0 until one of its slots frees (decision 0310).
+REFUSED_HOLD = 10.0
+#: The first probe of such a trip goes this long after it; each refused one doubles it.
+REFUSED_PROBE = 1.0
+
+_EPSILON = 1e-6
 
 Scope = tuple[str, str | None]
 _HANDLE: Scope = ("handle", None)
@@ -142,12 +151,19 @@ class _Trip:
     probe_at: float  # when the next probe may go (or a probe in flight is given up)
     prober: object = None  # the call sent as a probe, until its outcome is known
     settled: asyncio.Event | None = None  # set when the probe's outcome is known
+    hold_until: float = 0.0  # until then calls wait for a probe instead of being skipped
+    every: float = PROBE_AFTER  # seconds from a failed probe to the next
 
     def settle(self) -> None:
         if self.settled is not None:
             self.settled.set()
             self.settled = None
         self.prober = None
+
+    def probe_failed(self, now: float) -> None:
+        self.settle()
+        self.probe_at = now + self.every
+        self.every = min(2 * self.every, PROBE_AFTER)
 
 
 class Breaker:
@@ -162,7 +178,6 @@ class Breaker:
         "_cold",
         "_cold_limit",
         "_open",
-        "_refused_from",
         "_streaks",
         "active",
         "trips",
@@ -175,7 +190,6 @@ class Breaker:
         """
         self._streaks: dict[Scope, int] = {}
         self._open: dict[Scope, _Trip] = {}
-        self._refused_from: float | None = None  # the first refusal since the last success
         self._cold_limit = cold_start
         self._cold: ColdStart | None = None
         if cold_start is not None:
@@ -203,7 +217,6 @@ class Breaker:
             trip.settle()
         self._streaks.clear()
         self._open.clear()
-        self._refused_from = None
         self._warm_up()
         self.active = False
 
@@ -233,7 +246,8 @@ class Breaker:
         self, request: Request, call: object, *, admitted: bool = False
     ) -> CircuitOpen | None:
         """Wait while a probe is out (or, before admission, while the handle is cold);
-        then the error to skip ``request`` with, or None to send it."""
+        then the error to skip ``request`` with, or None to send it (before admission:
+        to be admitted and asked again)."""
         cold = self._cold
         if cold is not None and cold.over:  # it ended by itself (a wave that large)
             self._warm_up()
@@ -245,12 +259,19 @@ class Breaker:
         loop = asyncio.get_running_loop()
         while (trip := self._blocking(request, call)) is not None:
             now = loop.time()
-            if now >= trip.probe_at:  # a probe is due (or the last one never reported)
+            # A probe is due (or the last one never reported). A virtual clock steps in
+            # microseconds: a time that close counts as reached.
+            if now >= trip.probe_at - _EPSILON:
+                if not admitted:
+                    return None  # the probe is the first call admitted (it holds a slot)
                 trip.settle()
                 trip.prober = call
                 trip.settled = asyncio.Event()
                 trip.probe_at = now + PROBE_AFTER
                 continue
+            if trip.prober is None and now < trip.hold_until - _EPSILON:
+                await asyncio.sleep(min(trip.probe_at, trip.hold_until) - now)
+                continue  # a probe is due, or the hold is over
             if trip.prober is None:
                 error = CircuitOpen(trip.error.message, kind=trip.kind)
                 error.__cause__ = trip.error.__cause__
@@ -288,47 +309,43 @@ class Breaker:
             self.active = bool(self._open or self._streaks)
             return
         kind, scope = fatal
-        may_trip = kind != "unreachable" or attempt >= CONNECT_ATTEMPTS
-        self._count(kind, scope, error, now, call, may_trip=may_trip)
+        self._count(kind, scope, error, attempt, now, call)
 
-    def refused(self, error: RateLimited, now: float, *, gave_up: bool) -> None:
+    def refused(self, error: RateLimited, now: float) -> None:
         """A 429 came back to a call alone in flight before any call of the handle had
         succeeded, and it is not the handle's own load (the engine judges: decision
-        0165); ``gave_up``: the call stops on it. Three of them trip it, as a limit of 0
-        for this key or model would, once a call gives up on one or they have gone on
-        for :data:`REFUSED_FOR`: until then, another client filling the server looks the
-        same (decision 0310)."""
-        if self._refused_from is None:
-            self._refused_from = now
-        may_trip = gave_up or now - self._refused_from >= REFUSED_FOR
-        self._count("refused", _HANDLE, error, now, None, may_trip=may_trip)
+        0165): three of them trip it, as a limit of 0 for this key or model would."""
+        self._count("refused", _HANDLE, error, CONNECT_ATTEMPTS, now, None)
 
     def _count(
         self,
         kind: str,
         scope: Scope,
         error: BaseException,
+        attempt: int,
         now: float,
         call: object,
-        *,
-        may_trip: bool,
     ) -> None:
-        """One more failure of ``kind`` in ``scope``, in a row: trip at the limit, if
-        this one ``may_trip``."""
+        """One more failure of ``kind`` in ``scope``, in a row: trip at the limit."""
         self.active = True
         count = self._streaks[scope] = self._streaks.get(scope, 0) + 1
         trip = self._open.get(scope)
         if trip is not None:
             if trip.prober is not None and trip.prober is call:  # failed the same way
-                trip.settle()
-                trip.probe_at = now + PROBE_AFTER
+                trip.probe_failed(now)
                 self.trips += 1
             return
-        if count < TRIP_AFTER or not may_trip:
+        if count < TRIP_AFTER or (kind == "unreachable" and attempt < CONNECT_ATTEMPTS):
             return
-        self._open[scope] = _Trip(kind, _stop(kind, scope, error, count), now + PROBE_AFTER)
+        stop = _stop(kind, scope, error, count)
+        if kind == "refused":  # calls wait for probes a while before they are skipped
+            trip = _Trip(kind, stop, now + REFUSED_PROBE, hold_until=now + REFUSED_HOLD)
+            trip.every = 2 * REFUSED_PROBE
+        else:
+            trip = _Trip(kind, stop, now + PROBE_AFTER)
+        self._open[scope] = trip
         self.trips += 1
-        self._warm_up()  # the calls held back go on to be skipped
+        self._warm_up()  # the calls held back go on: to be skipped, or to wait for a probe
 
     def trip(self, cause: BaseException, now: float, *, count: int) -> None:
         """Open it from outside (kind ``"failing"``): a router saw ``count`` attempts in
@@ -350,7 +367,6 @@ class Breaker:
         cold = self._cold
         if cold is not None:
             cold.succeeded()
-        self._refused_from = None
         for scope in (("handle", None), ("model", request.model)):
             trip = self._open.pop(scope, None)
             if trip is not None:

@@ -13,10 +13,9 @@ The rules, in the order they apply (decisions 0132, 0151, 0157, 0165, 0240):
    attempt (at most :data:`MAX_REQUEUES` per call). Own load means another call
    succeeded while this one was out, or a call in flight when the server first refused
    is still in flight (a refusal comes back in one round trip: the server took that
-   call, so it is full). Any other failure uses up an attempt. With the attempts used
-   up, the call stops. Before any call of the handle has succeeded, a 429 to a call
-   alone in flight, or one the call gives up on, is reported to the breaker
-   (``refused``; what trips it: :meth:`fanflow.Breaker.refused`).
+   call, so it is full). Any other failure uses up an attempt; a 429 to a call alone in
+   flight before any call of the handle succeeded is reported to the breaker
+   (``refused``: three trip it). With the attempts used up, the call stops.
 3. A Retry-After is waited exactly, whatever the status (429, 529 or 5xx), and at most
    the policy's ``max_wait``: the server said when, no sooner and no later.
 4. A plain 5xx with no Retry-After in a batch's tail (the batch has handed out its last
@@ -58,8 +57,7 @@ class Seen:
         succeeded_since_sent: another call of the handle succeeded while it was out.
         accepted_in_flight: a call in flight when the server first refused (with no
             success since) is still in flight.
-        alone: no other call of the handle is in flight.
-        unanswered: no call of the handle has ever succeeded.
+        alone_unanswered: no other call is in flight and none has ever succeeded.
         succeeded_since_call: calls of the handle succeeded since this call began.
         draining: the batch has handed out its last item.
         idle: slots stand free that nobody waits for (the handle's and the pattern's).
@@ -70,8 +68,7 @@ class Seen:
     requeues: int = 0
     succeeded_since_sent: bool = False
     accepted_in_flight: bool = False
-    alone: bool = False
-    unanswered: bool = False
+    alone_unanswered: bool = False
     succeeded_since_call: bool = False
     draining: bool = False
     idle: bool = False
@@ -120,10 +117,9 @@ def decide(
     if requeued:
         tries -= 1
     else:
-        refused = isinstance(error, RateLimited) and seen.unanswered
+        refused = isinstance(error, RateLimited) and seen.alone_unanswered
         if tries >= (policy.attempts if attempts is None else attempts):
-            return Verdict(None, refused=refused)  # it gives up: alone or not
-        refused = refused and seen.alone
+            return Verdict(None, refused=refused)
     asked = error.retry_after if isinstance(error, ProviderError) else None
     note = None
     if asked is not None and asked > 0:

@@ -581,8 +581,7 @@ def _verdict(call: _Call[Any], exc: Exception, sent_at: int, called: int) -> Ver
         requeues=call.requeues,
         succeeded_since_sent=lane.successes > sent_at,
         accepted_in_flight=lane.in_flight > 0 and lane.accepted_in_flight,
-        alone=lane.in_flight == 0,
-        unanswered=not lane.answered,
+        alone_unanswered=lane.in_flight == 0 and not lane.answered,
         succeeded_since_call=lane.successes > called,
         draining=drained is not None and drained(),
         idle=lane.gate.idle() and (gate is None or gate.idle()),
@@ -591,7 +590,7 @@ def _verdict(call: _Call[Any], exc: Exception, sent_at: int, called: int) -> Ver
     verdict = decide(exc, seen, _policy(call))
     if verdict.refused and call.breaker is not None:
         assert isinstance(exc, RateLimited)
-        call.breaker.refused(exc, call.loop.time(), gave_up=verdict.wait is None)
+        call.breaker.refused(exc, call.loop.time())
     if verdict.requeued:
         call.requeues += 1
     if verdict.requeued or verdict.note is not None:

@@ -13,7 +13,7 @@ import pytest
 
 import fanflow
 from fanflow import Limits, Request, Response, RetryPolicy, Status
-from fanflow._breaker import PROBE_AFTER, REFUSED_FOR, Breaker
+from fanflow._breaker import PROBE_AFTER, REFUSED_HOLD, Breaker
 from fanflow._llm import lane_of
 from fanflow.errors import CircuitOpen, RateLimited
 from fanflow.testing import ScriptedLLM, SimRequest, SimServer
@@ -60,12 +60,12 @@ async def test_a_server_refusing_everything_ends_the_job_in_bounded_requests_and
     looptime: float, limits: Limits | None, cold: bool
 ) -> None:
     # Before decision 0165: up to 477 requests and 138 s (virtual) here; in the issue's
-    # run, 197 requests after 60 s, unfinished after 300 s. It trips once the refusals
-    # have gone on for REFUSED_FOR (decision 0310; 9.3-11.9 s measured).
+    # run, 197 requests after 60 s, unfinished after 300 s. The calls not sent wait
+    # REFUSED_HOLD for a probe to be answered before they are skipped (decision 0310).
     result, requests, took, llm = await _refused_job(limits, cold=cold)
     assert not any(r.ok for r in result.records)
     assert requests <= ATTEMPTS * len(ITEMS) + SLACK, requests
-    assert took < REFUSED_FOR + 5.0, took
+    assert took < REFUSED_HOLD + 5.0, took
     for r in result.records:
         # Tried: its own last error; never sent: the breaker's.
         if r.attempts:
@@ -79,13 +79,15 @@ async def test_a_server_refusing_everything_ends_the_job_in_bounded_requests_and
     assert tripped.kind == "refused"
     assert "every request was refused with 429 since the start" in str(tripped)
     assert "limit may be 0 for this key or model" in str(tripped)
+    if cold:  # the rest waited for the first answers: some were never sent
+        assert any(r.status is Status.SKIPPED for r in result.records)
 
 
 async def test_the_breaker_spares_most_of_a_large_job_refused_from_the_start(
     looptime: float,
 ) -> None:
-    # 1,000 items: it trips after REFUSED_FOR, and the rest are never sent (116
-    # requests measured; 18 when three refusals tripped it at once, decision 0310).
+    # 1,000 items: three refusals trip it, a few probes go while the rest wait, and
+    # then the rest are skipped, never sent (decision 0310).
     items = [f"row {i}" for i in range(1000)]
     result, requests, _, llm = await _refused_job(None, items=items)
     assert llm.breaker.tripped is not None
@@ -348,28 +350,54 @@ async def test_many_answers_at_once_make_a_late_timers_doublings_once() -> None:
     await wave
 
 
-def test_refusals_trip_the_breaker_once_a_call_gives_up_or_they_have_gone_on() -> None:
-    # Three refusals in a second are not enough: another client filling the server
-    # looks the same (decision 0310).
+async def test_after_refusals_from_the_start_calls_wait_for_probes_then_are_skipped(
+    looptime: float,
+) -> None:
+    # Three refusals trip it; the next call waits for the probe due REFUSED_PROBE later
+    # (it is the probe), then, refused again, for the next one twice as late; past
+    # REFUSED_HOLD, a call is skipped at once (decision 0310).
+    loop = asyncio.get_running_loop()
     request = Request.of("x", model="gpt-sim")
     error = RateLimited("429 Too Many Requests")
-    early = Breaker()
-    for now in (0.0, 0.1, 0.2, 0.3):
-        early.refused(error, now, gave_up=False)
-    assert early.tripped is None
-    early.refused(error, REFUSED_FOR, gave_up=False)  # they have gone on
-    assert early.tripped is not None
-    assert early.tripped.kind == "refused"
+    breaker = Breaker()
+    start = loop.time()
+    for _ in range(3):
+        breaker.refused(error, loop.time())
+    assert breaker.tripped is not None
+    call = object()
+    # Before admission a call waits until the probe is due, then goes to be admitted:
+    # the probe is a call that holds a slot.
+    assert await breaker.admit(request, object()) is None
+    assert loop.time() - start == pytest.approx(1.0)
+    assert await breaker.admit(request, call, admitted=True) is None  # sent as the probe
+    assert loop.time() - start == pytest.approx(1.0)
+    breaker.failed(request, error, 1, loop.time(), call)  # refused again
+    assert await breaker.admit(request, call, admitted=True) is None  # the next probe
+    assert loop.time() - start == pytest.approx(3.0)
+    breaker.failed(request, error, 2, loop.time(), call)
+    assert await breaker.admit(request, call, admitted=True) is None  # 4 s later
+    assert loop.time() - start == pytest.approx(7.0)
+    breaker.failed(request, error, 3, loop.time(), call)
+    skipped = await breaker.admit(
+        request, object(), admitted=True
+    )  # the next probe would be past it
+    assert isinstance(skipped, CircuitOpen)
+    assert loop.time() - start == pytest.approx(REFUSED_HOLD)
 
-    given_up = Breaker()
-    for now in (0.0, 0.1):
-        given_up.refused(error, now, gave_up=False)
-    given_up.refused(error, 0.2, gave_up=True)  # a call used up its attempts
-    assert given_up.tripped is not None
 
-    answered = Breaker()
-    answered.refused(error, 0.0, gave_up=False)
-    answered.succeeded(request)  # the clock starts again at the next refusal
-    for now in (REFUSED_FOR, REFUSED_FOR + 1.0, REFUSED_FOR + 2.0):
-        answered.refused(error, now, gave_up=False)
-    assert answered.tripped is None
+async def test_a_probe_answered_during_the_hold_lets_the_waiting_calls_go(
+    looptime: float,
+) -> None:
+    loop = asyncio.get_running_loop()
+    request = Request.of("x", model="gpt-sim")
+    breaker = Breaker()
+    for _ in range(3):
+        breaker.refused(RateLimited("429"), loop.time())
+    probe, waiting = object(), object()
+    assert await breaker.admit(request, probe, admitted=True) is None
+    later = asyncio.create_task(breaker.admit(request, waiting, admitted=True))
+    await asyncio.sleep(0.5)
+    assert not later.done()  # it waits for the probe's outcome
+    breaker.succeeded(request)
+    assert await later is None
+    assert breaker.tripped is None

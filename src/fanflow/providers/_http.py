@@ -379,13 +379,8 @@ class _Connector(aiohttp.TCPConnector):
         super().__init__(**kw)
         self._report = report
 
-    async def _create_connection(
-        self,
-        req: aiohttp.ClientRequest,
-        traces: list[aiohttp.tracing.Trace],
-        timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.client_proto.ResponseHandler:
-        protocol = await super()._create_connection(req, traces, timeout)
+    async def _create_connection(self, *args: Any) -> aiohttp.client_proto.ResponseHandler:
+        protocol = await super()._create_connection(*args)  # a new connection, not pooled
         transport = protocol.transport
         # TLS and uvloop transports have no such attribute (TLS reads into one buffer).
         if transport is not None and getattr(transport, "max_size", 0) > READ_SIZE:
