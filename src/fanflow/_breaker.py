@@ -67,6 +67,7 @@ from ._exceptions import (
     RateLimited,
     ServerError,
 )
+from ._log import log
 from ._types import Request
 
 __all__ = [
@@ -341,6 +342,11 @@ class Breaker:
         if kind == "refused":  # calls wait for probes a while before they are skipped
             trip = _Trip(kind, stop, now + REFUSED_PROBE, hold_until=now + REFUSED_HOLD)
             trip.every = 2 * REFUSED_PROBE
+            log.warning(
+                "fanflow: every request was refused with 429 since the start; the calls "
+                "wait up to %g s for the server to answer a probe, then are skipped",
+                REFUSED_HOLD,
+            )
         else:
             trip = _Trip(kind, stop, now + PROBE_AFTER)
         self._open[scope] = trip

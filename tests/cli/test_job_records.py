@@ -187,3 +187,24 @@ def test_disk_full_under_the_store_then_the_rerun_repairs_and_finishes(
             cwd=tmp_path, env=cli_env(None), capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert report.returncode == 0, report.stderr
+
+
+def test_the_librarys_warnings_say_fanflow_once_on_the_console() -> None:
+    # The library's messages start "fanflow: " for those who read its log; the command
+    # prefixes every line it prints with the same (the refused breaker's warning, a
+    # batch's, a store's).
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from fanflow.cli._base import library_log
+
+    out = io.StringIO()
+    with library_log(Console(file=out, width=200)):
+        logging.getLogger("fanflow").warning("fanflow: every request was refused")
+        logging.getLogger("fanflow").warning("a message of its own")
+    assert out.getvalue().splitlines() == [
+        "fanflow: every request was refused",
+        "fanflow: a message of its own",
+    ]

@@ -351,7 +351,7 @@ async def test_many_answers_at_once_make_a_late_timers_doublings_once() -> None:
 
 
 async def test_after_refusals_from_the_start_calls_wait_for_probes_then_are_skipped(
-    looptime: float,
+    looptime: float, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Three refusals trip it; the next call waits for the probe due REFUSED_PROBE later
     # (it is the probe), then, refused again, for the next one twice as late; past
@@ -364,6 +364,12 @@ async def test_after_refusals_from_the_start_calls_wait_for_probes_then_are_skip
     for _ in range(3):
         breaker.refused(error, loop.time())
     assert breaker.tripped is not None
+    # Said once, so the wait is not a mystery.
+    said = [r.getMessage() for r in caplog.records if "since the start" in r.getMessage()]
+    assert said == [
+        "fanflow: every request was refused with 429 since the start; the calls wait up "
+        "to 10 s for the server to answer a probe, then are skipped"
+    ]
     call = object()
     # Before admission a call waits until the probe is due, then goes to be admitted:
     # the probe is a call that holds a slot.

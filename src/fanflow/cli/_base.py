@@ -436,7 +436,8 @@ class _LibraryLog(logging.Handler):
         if "was interrupted" in str(record.msg):  # the Python-API phrasing of our hint
             return
         kind = "" if record.levelno >= logging.WARNING else f"{record.levelname.lower()}: "
-        self.console.print(f"fanflow: {kind}{for_cli(record.getMessage())}", markup=False)
+        message = for_cli(record.getMessage()).removeprefix("fanflow: ")  # said once
+        self.console.print(f"fanflow: {kind}{message}", markup=False)
 
 
 @contextlib.contextmanager
