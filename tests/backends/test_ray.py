@@ -584,23 +584,14 @@ async def _first_and_next_refusals(
     return refusals[0], refusals[1]
 
 
+@pytest.mark.parametrize("run", [_map_job, _pool_job], ids=["map", "pool"])
 async def test_a_ray_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
-    tmp_path: Any,
+    tmp_path: Any, run: Callable[[fanflow.BaseLLM, fanflow.Store, str], Awaitable[None]]
 ) -> None:
     # No limits given: each worker's lane meets the server and finds its share of a
-    # 12-in-flight server with 429s; the job's next run starts there (decision 0305).
-    # Before it, the next run drew a burst again (24-59 429s, 3 runs).
-    first, second = await _first_and_next_refusals(tmp_path, _map_job)
-    assert first >= 10, (first, second)  # there was something to learn
-    assert second * 4 <= first, (first, second)
-
-
-async def test_a_ray_pool_jobs_next_run_starts_from_the_capacity_its_last_run_learnt(
-    tmp_path: Any,
-) -> None:
-    # The same for a Pool (decision 0311): its skill's handle's lane on each worker
-    # starts from its share of what the job's last run kept.
-    # Before it, the next run drew a burst again (20-69 429s, 6 runs; now 0).
-    first, second = await _first_and_next_refusals(tmp_path, _pool_job)
+    # 12-in-flight server with 429s; the job's next run starts there (decisions 0305,
+    # 0311: a map's handle, a Pool's skill's). Before them, the next run drew a burst
+    # again (map 24-59 429s in 3 runs; pool 20-69 in 6; now 0).
+    first, second = await _first_and_next_refusals(tmp_path, run)
     assert first >= 10, (first, second)  # there was something to learn
     assert second * 4 <= first, (first, second)
