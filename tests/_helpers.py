@@ -151,6 +151,8 @@ PROBE_AFTER = 10.0
 COLD_CALLS = 16
 #: docs/decisions/0175: "COLD_STEP = 10 ms", the shortest time between two doublings.
 COLD_STEP = 0.01
+#: docs/decisions/0313: "a doubling goes in 4 parts", a quarter of a step apart.
+COLD_SPLIT = 4
 #: docs/architecture.md (the life of a map, step 2): a map runs "twice the concurrency"
 #: of workers.
 WORKERS_PER_SLOT = 2

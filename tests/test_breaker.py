@@ -8,6 +8,7 @@ SimServer over loopback counts the requests (the judge); virtual time throughout
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 from collections import Counter
 
@@ -20,6 +21,7 @@ from fanflow.testing import SimServer
 
 from ._helpers import (
     COLD_CALLS,
+    COLD_SPLIT,
     COLD_STEP,
     CONNECT_ATTEMPTS,
     PROBE_AFTER,
@@ -262,8 +264,11 @@ async def test_with_no_concurrency_limit_a_cold_handle_still_stops_early() -> No
         second = loop.time() - start
     assert result.ok
     assert again.ok
-    # 16 at once, then 32, 64, ..., 256 more: the last of the 300 after 5 steps.
-    assert first == pytest.approx(2.0 + 5 * COLD_STEP)
+    # 16 at once, then the wave doubles each step in 4 parts (16 * 2 ** (k / 4) after k
+    # parts): the last of the 300 after 17 parts, a little over 4 steps.
+    parts = math.ceil(COLD_SPLIT * math.log2(len(ITEMS) / COLD_CALLS))
+    assert parts == 17
+    assert first == pytest.approx(2.0 + parts * COLD_STEP / COLD_SPLIT)
     assert second == pytest.approx(2.0)
 
 

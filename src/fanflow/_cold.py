@@ -4,8 +4,11 @@ A refusal (a wrong key's 401, a 429 from a concurrency cap or an empty bucket) c
 back about one round trip after the request; an answer only after the whole
 generation. So a cold handle sends its first :data:`COLD_CALLS` calls at once and then
 doubles the wave every *step*: three times the time its first connection took to open
-(at least :data:`COLD_STEP`), counted from the last call sent, i.e. longer than a
-refusal of the calls already sent takes to return.
+(at least :data:`COLD_STEP`), i.e. longer than a refusal of the calls already sent
+takes to return (on a loop busy starting the map, or on a loaded machine, refusals are
+slow to be read too). A doubling goes in :data:`COLD_SPLIT` parts, a part of a step
+apart (counted from the last call sent), so a refusal stops the wave a part of a
+doubling past the server's capacity, not a whole doubling (decision 0313).
 
 - Answers that may trip the breaker (401, 403, 404, a spent quota, nothing listening)
   stop the doubling until it trips (the held calls are then skipped) or a call
@@ -21,19 +24,22 @@ With a right key a large server has the whole wave in flight after ``log2(C / 16
 steps; a wrong key or a small server meets the first wave and a step's worth more (what
 that costs when refusals are slow: decision 0175).
 
-It holds calls back for :data:`COLD_WAIT` at most (the answers are just slow, or the
-machine too loaded for its steps); while only answers that may trip come back it waits
-at most :data:`COLD_EXTENSIONS` more such periods.
+Past :data:`COLD_WAIT` it ends as soon as it holds no call back, or at once if no
+connection was opened; a wave still holding calls back goes on growing in parts
+(releasing them all at once would meet a rate limiter with all of them). While only
+answers that may trip come back it ends after :data:`COLD_EXTENSIONS` more such
+periods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["COLD_CALLS", "COLD_STEP", "ColdStart"]
+__all__ = ["COLD_CALLS", "COLD_SPLIT", "COLD_STEP", "ColdStart"]
 
 #: A new HTTP handle sends this many calls first.
 COLD_CALLS = 16
@@ -42,8 +48,10 @@ COLD_STEP = 0.01
 #: A step is this many times the first connection's opening time (its round trips),
 #: when that is longer than COLD_STEP.
 COLD_FACTOR = 3.0
-#: With no connection opened in this long (or while only answers that may trip the
-#: breaker come back), stop holding calls back.
+#: A doubling of the wave goes in this many parts, a part of a step apart.
+COLD_SPLIT = 4
+#: Past this long the cold start ends as soon as it holds no call back (at once if no
+#: connection was opened).
 COLD_WAIT = 1.0
 #: How many times COLD_WAIT is extended while only such answers come back.
 COLD_EXTENSIONS = 3
@@ -66,6 +74,7 @@ class ColdStart:
         "_due",
         "_extended",
         "_first",
+        "_grown",
         "_held",
         "_late",
         "_let",
@@ -82,6 +91,7 @@ class ColdStart:
     def __init__(self, first: int, held: Callable[[], bool]) -> None:
         self._first = first
         self._window = first
+        self._grown = 0  # parts of doublings made: the wave is first * 2 ** (grown / SPLIT)
         self._held = held
         self._let: set[int] = set()  # ids of the calls let through (their retries too)
         self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
@@ -130,7 +140,7 @@ class ColdStart:
         self._sent = max(self._sent, loop.time())
         if self._step is None:
             self._step = max(COLD_STEP, COLD_FACTOR * seconds)
-            self._arm(self._started + self._step)
+            self._arm(self._started + self._part())
         return True
 
     def succeeded(self) -> None:
@@ -141,14 +151,14 @@ class ColdStart:
         loop = self._loop
         if self.over or loop is None:
             return
-        # The steps overdue since the last call went out (a late timer's): never ahead
+        # The parts overdue since the last call went out (a late timer's): never ahead
         # of a timer that is on time.
         now = loop.time()
-        steps = int((now - self._sent) / (self._step or COLD_STEP))
-        if steps >= _ENOUGH.bit_length():
+        parts = int((now - self._sent) / self._part())
+        if parts >= _ENOUGH.bit_length() * COLD_SPLIT:
             self.end()
-        elif steps > 0 and self._grow(self._window * 2**steps, now):
-            self._arm(now + (self._step or COLD_STEP))
+        elif parts > 0 and self._grow(parts, now):
+            self._arm(now + self._part())
 
     def end(self) -> None:
         """The first answers are in: every call may go."""
@@ -172,7 +182,7 @@ class ColdStart:
         self._started = self._sent = loop.time()
         self._extended = 0
         self._timer = None
-        self._arm(self._started + (self._step if self._step is not None else COLD_WAIT))
+        self._arm(self._started + (self._part() if self._step is not None else COLD_WAIT))
 
     def _arm(self, when: float) -> None:
         loop = self._loop
@@ -195,25 +205,35 @@ class ColdStart:
                 self._arm(now + COLD_WAIT)
             return
         step = self._step
-        if step is None or now >= self._started + COLD_WAIT:
-            self.end()  # no connection opened, or held long enough: the answers are slow
+        if step is None or (now >= self._started + COLD_WAIT and not self._waiters):
+            # No connection opened in COLD_WAIT (nothing to pace the wave by), or nothing
+            # held back any more: ending releases nothing.
+            self.end()
             return
+        part = self._part()
         late = now - self._due > step  # refusals may be queued behind what delayed it
         if late and not self._late:
             # (late once in a row at most: a loaded machine is late at every tick)
             self._late = True
-            self._arm(now + step)
+            self._arm(now + part)
             return
-        if self._sent + step > now + _EPSILON:  # a call went out less than a step ago
+        if self._sent + part > now + _EPSILON:  # a call went out less than a part ago
             self._late = False
-            self._arm(self._sent + step)
+            self._arm(self._sent + part)
             return
         self._late = False
-        if self._grow(self._window * 2, now):
-            self._arm(now + step)
+        if self._grow(1, now):
+            self._arm(now + part)
 
-    def _grow(self, window: int, now: float) -> bool:
-        """Let the wave grow to ``window`` calls now; False if that ended the cold start."""
+    def _part(self) -> float:
+        """The time between two parts of a doubling."""
+        return (self._step or COLD_STEP) / COLD_SPLIT
+
+    def _grow(self, parts: int, now: float) -> bool:
+        """Let the wave grow by ``parts`` parts of a doubling now; False if that ended
+        the cold start."""
+        self._grown += parts
+        window = math.ceil(self._first * 2 ** (self._grown / COLD_SPLIT))
         self._window = window
         if window >= _ENOUGH:
             self.end()

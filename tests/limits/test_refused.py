@@ -311,25 +311,35 @@ async def _first_wave(
 
 
 async def test_a_steps_wait_counts_from_the_last_call_sent() -> None:
-    # The first 16 went out over 15 ms: the wave doubles a step after the last of them
-    # (75 ms), not a step after the timer found it too early (120 ms, before).
+    # Steps of 60 ms, each doubling in 4 parts of 15 ms (decision 0313). The first 16
+    # went out over 15 ms: the wave grows a part after the last of them (30 ms), not a
+    # part after the timer found it too early (45 ms, before decision 0300).
     admitted: list[float] = []
     await _first_wave(Breaker(cold_start=16), 64, admitted)
-    assert sorted(admitted)[16] == pytest.approx(0.075)
+    assert sorted(admitted)[16] == pytest.approx(0.03)
+    # ceil(16 * 2 ** (k / 4)) calls after k parts: 20, 23, 27, 32, 39, ...
+    assert [len([t for t in admitted if t <= 0.015 * k + 1e-9]) for k in range(2, 7)] == [
+        20,
+        23,
+        27,
+        32,
+        39,
+    ]
 
 
 async def test_an_answer_does_not_run_ahead_of_the_steps() -> None:
-    # Steps of 60 ms, the second wave sent at 75 ms. Answers at 100 and 130 ms: the wave
-    # stays at 32 until its step is up at 135 ms. Before, an answer made it what steps of
+    # Parts of 15 ms from the last send at 15 ms: the wave is 39 calls from 90 ms and 54
+    # from 120 ms. Answers at 100 and 130 ms add nothing (no part is overdue); the next
+    # part, at 135 ms, makes it 64. Before decision 0300 an answer made it what steps of
     # 10 ms would have made by then (16 x 2**10: all 300 at 100 ms).
     admitted: list[float] = []
     breaker = Breaker(cold_start=16)
     wave = asyncio.ensure_future(_first_wave(breaker, 300, admitted))
-    for at in (0.1, 0.13):
+    for at, wave_size in ((0.1, 39), (0.13, 54)):
         await asyncio.sleep(at - asyncio.get_running_loop().time())
         breaker.succeeded(Request("hi", model="m"))
         await asyncio.sleep(0)
-        assert len(admitted) == 32
+        assert len(admitted) == wave_size
     await asyncio.sleep(0.006)
     assert len(admitted) == 64
     await wave

@@ -295,16 +295,17 @@ def test_a_process_that_ends_gives_its_slots_back_at_redis_with_nothing_left_pen
 
 @pytest.mark.timeout(120)
 def test_a_new_process_starts_from_the_capacity_another_learnt(store: str) -> None:
-    # No limits given (the default adaptive concurrency) against a 40-in-flight server:
-    # the first process finds its capacity with a burst of 429s (343 of them, seen),
-    # and keeps what it learnt in the store; the second starts from it.
-    with SimServer(latency=0.3, max_in_flight=40, keep_requests=False) as server:
+    # No limits given (the default adaptive concurrency) against an 8-in-flight server:
+    # the first process finds its capacity when its first wave of 16 meets 8 refusals,
+    # and keeps what it learnt in the store; the second starts from it. (Against 40 in
+    # flight the first wave, split since decision 0313, overshoots by only 2-6.)
+    with SimServer(latency=0.1, max_in_flight=8, keep_requests=False) as server:
         assert '"ok": true' in _finish(_start(store, server, "first", 300, 0, 0))
         first = server.stats().responses.get(429, 0)
         assert '"ok": true' in _finish(_start(store, server, "second", 300, 0, 0))
         second = server.stats().responses.get(429, 0) - first
-    assert first >= 20  # the first wave overshot: there was something to learn
-    assert second * 10 <= first
+    assert first >= 8  # the first wave overshot: there was something to learn
+    assert second * 4 <= first
 
 
 def test_an_unknown_scheme_lists_the_forms_allowed() -> None:
