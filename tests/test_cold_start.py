@@ -107,7 +107,7 @@ def _slow_connections(monkeypatch: pytest.MonkeyPatch, seconds: float, *, every:
     ``seconds`` (``every=False``: a loop busy starting the map, as the command's is, which
     reads and builds every worker's first item before it reads a socket), or every one
     (a machine so loaded that every connection waits that long). The cold start's steps
-    are three times the shortest."""
+    are three times the first one's."""
     connect = aiohttp.TCPConnector.connect
     started: list[float] = []
 
