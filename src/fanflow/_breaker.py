@@ -254,7 +254,7 @@ class Breaker:
             self._warm_up()
         elif cold is not None:
             if admitted:
-                cold.sent(asyncio.get_running_loop().time())
+                cold.sent(call, asyncio.get_running_loop().time())
             else:
                 await cold.wait(call)
         loop = asyncio.get_running_loop()

@@ -24,11 +24,11 @@ With a right key a large server has the whole wave in flight after ``log2(C / 16
 steps; a wrong key or a small server meets the first wave and a step's worth more (what
 that costs when refusals are slow: decision 0175).
 
-Past :data:`COLD_WAIT` it ends as soon as it holds no call back, or at once if no
-connection was opened; a wave still holding calls back goes on growing in parts
-(releasing them all at once would meet a rate limiter with all of them). While only
-answers that may trip come back it ends after :data:`COLD_EXTENSIONS` more such
-periods.
+After :data:`COLD_WAIT` (the answers are just slow, or the machine too loaded for its
+steps) it ends once no call is held back; until then the wave grows a part at each tick
+of the shortest step (:data:`COLD_STEP` / :data:`COLD_SPLIT`), not all at once. While
+only answers that may trip come back it waits at most :data:`COLD_EXTENSIONS` more
+such periods.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ COLD_STEP = 0.01
 COLD_FACTOR = 3.0
 #: A doubling of the wave goes in this many parts, a part of a step apart.
 COLD_SPLIT = 4
-#: Past this long the cold start ends as soon as it holds no call back (at once if no
-#: connection was opened).
+#: With no connection opened in this long, the cold start ends; with calls held back,
+#: the wave grows at the shortest step from then on.
 COLD_WAIT = 1.0
 #: How many times COLD_WAIT is extended while only such answers come back.
 COLD_EXTENSIONS = 3
@@ -71,9 +71,11 @@ class ColdStart:
     """
 
     __slots__ = (
+        "_connecting",
         "_due",
         "_extended",
         "_first",
+        "_fresh",
         "_grown",
         "_held",
         "_late",
@@ -94,6 +96,8 @@ class ColdStart:
         self._grown = 0  # parts of doublings made: the wave is first * 2 ** (grown / SPLIT)
         self._held = held
         self._let: set[int] = set()  # ids of the calls let through (their retries too)
+        self._fresh: set[int] = set()  # those of them not sent yet
+        self._connecting = 0  # those sent and waiting for a connection
         self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = 0.0
@@ -115,6 +119,7 @@ class ColdStart:
             return
         if not self._waiters and len(self._let) < self._window:
             self._let.add(ident)
+            self._fresh.add(ident)
             return
         fut = loop.create_future()
         entry = (fut, ident)
@@ -126,9 +131,14 @@ class ColdStart:
                 self._waiters.remove(entry)
             raise
 
-    def sent(self, now: float) -> None:
-        """A call let through is being sent now: the next step counts from here."""
-        self._sent = now
+    def sent(self, call: object, now: float) -> None:
+        """``call``, let through, is being sent now: if the wave let it through since it
+        last grew (not a retry, nor a new call that took a finished one's id), the next
+        part counts from here."""
+        if id(call) in self._fresh:
+            self._fresh.discard(id(call))
+            self._sent = now
+            self._connecting += 1
 
     def connected(self, seconds: float) -> bool:
         """A call's connection was handed out after ``seconds``: its request goes out
@@ -137,7 +147,9 @@ class ColdStart:
         loop = self._loop
         if self.over or loop is None:
             return False
-        self._sent = max(self._sent, loop.time())
+        if self._connecting:  # (one of those calls' connection; not a retry's)
+            self._connecting -= 1
+            self._sent = max(self._sent, loop.time())
         if self._step is None:
             self._step = max(COLD_STEP, COLD_FACTOR * seconds)
             self._arm(self._started + self._part())
@@ -154,6 +166,8 @@ class ColdStart:
         # The parts overdue since the last call went out (a late timer's): never ahead
         # of a timer that is on time.
         now = loop.time()
+        if now >= self._started + COLD_WAIT:
+            return  # the timer's ticks of the shortest step make the wave
         parts = int((now - self._sent) / self._part())
         if parts >= _ENOUGH.bit_length() * COLD_SPLIT:
             self.end()
@@ -178,6 +192,8 @@ class ColdStart:
             self._timer.cancel()
         self._loop = loop
         self._let.clear()
+        self._fresh.clear()
+        self._connecting = 0
         self._waiters.clear()
         self._started = self._sent = loop.time()
         self._extended = 0
@@ -205,10 +221,17 @@ class ColdStart:
                 self._arm(now + COLD_WAIT)
             return
         step = self._step
-        if step is None or (now >= self._started + COLD_WAIT and not self._waiters):
-            # No connection opened in COLD_WAIT (nothing to pace the wave by), or nothing
-            # held back any more: ending releases nothing.
-            self.end()
+        hurry = now >= self._started + COLD_WAIT
+        if step is None or (hurry and not self._waiters):
+            self.end()  # no connection opened in COLD_WAIT, or no call held back
+            return
+        if hurry:
+            # Held long enough (the answers are slow, or the machine too loaded for its
+            # steps): the wave grows a part at each tick of the shortest step, whatever
+            # went out and with no catch-up, so a refusal still stops it a part or two
+            # past the server's capacity (releasing every call would meet it with all).
+            if self._grow(1, now):
+                self._arm(now + COLD_STEP / COLD_SPLIT)
             return
         part = self._part()
         late = now - self._due > step  # refusals may be queued behind what delayed it
@@ -217,7 +240,7 @@ class ColdStart:
             self._late = True
             self._arm(now + part)
             return
-        if self._sent + part > now + _EPSILON:  # a call went out less than a part ago
+        if self._sent + part > now + _EPSILON:  # a call it let through went out a part ago
             self._late = False
             self._arm(self._sent + part)
             return
@@ -243,5 +266,6 @@ class ColdStart:
             fut, ident = self._waiters.popleft()
             if not fut.done():
                 self._let.add(ident)
+                self._fresh.add(ident)
                 fut.set_result(None)
         return True
