@@ -240,7 +240,8 @@ class ColdStart:
             self._late = True
             self._arm(now + part)
             return
-        if self._sent + part > now + _EPSILON:  # a call it let through went out a part ago
+        # A call it let through went out less than a part ago: wait a part from then.
+        if self._sent + part > now + _EPSILON:
             self._late = False
             self._arm(self._sent + part)
             return
